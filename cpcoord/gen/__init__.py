@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs; nothing hand-written lives here."""

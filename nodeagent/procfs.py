@@ -1,0 +1,200 @@
+"""The process model read from /proc: mappings, identity (pid + start time), tasks, state.
+
+Everything here parses text the kernel wrote; nothing stops or changes a process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from cpcoord.errors import NoSuchProcess, PermissionDenied, PidReused, ProcessExited
+from cpcoord.ranges import AddressRange
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    dev: str  # "fd:01"
+    inode: int
+    path: str  # "" for anonymous; "[heap]", "[stack]", "/lib/...", "/memfd:x (deleted)"
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def deleted(self) -> bool:
+        return self.path.endswith(" (deleted)")
+
+    @property
+    def is_regular_file(self) -> bool:
+        """Backed by a named file on a filesystem (not anon, not [special], not memfd/shm)."""
+        if not self.path.startswith("/") or self.inode == 0:
+            return False
+        return not (self.path.startswith("/memfd:") or self.path.startswith("/SYSV"))
+
+    @property
+    def range(self) -> AddressRange:
+        return AddressRange(self.start, self.end)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @classmethod
+    def parse(cls, line: str) -> Mapping:
+        # "start-end perms offset dev inode   path"; the path may contain spaces.
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5:
+            raise ValueError(f"bad maps line: {line!r}")
+        lo, _, hi = fields[0].partition("-")
+        return cls(
+            start=int(lo, 16),
+            end=int(hi, 16),
+            perms=fields[1],
+            offset=int(fields[2], 16),
+            dev=fields[3],
+            inode=int(fields[4]),
+            path=fields[5].rstrip("\n") if len(fields) > 5 else "",
+        )
+
+    def format(self) -> str:
+        return (
+            f"{self.start:x}-{self.end:x} {self.perms} {self.offset:08x} {self.dev} "
+            f"{self.inode} {self.path}"
+        ).rstrip()
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    return [Mapping.parse(line) for line in text.splitlines() if line.strip()]
+
+
+@contextmanager
+def _proc_errors(pid: int, what: str) -> Iterator[None]:
+    """Translate OSError on /proc/PID/... into the cpcoord hierarchy."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise NoSuchProcess(pid) from None
+    except ProcessLookupError:
+        raise NoSuchProcess(pid) from None
+    except PermissionError as e:
+        raise PermissionDenied(what, pid, e.strerror) from None
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            raise NoSuchProcess(pid) from None
+        raise
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    with _proc_errors(pid, "read maps of"), open(f"/proc/{pid}/maps") as f:
+        text = f.read()
+    if not text and not os.path.exists(f"/proc/{pid}"):
+        raise NoSuchProcess(pid)
+    return parse_maps(text)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """The fields of /proc/PID/stat that cpcoord uses."""
+
+    pid: int
+    comm: str
+    state: str
+    start_time: int  # field 22, clock ticks after boot
+
+
+def parse_stat(text: str) -> Stat:
+    # comm is in parentheses and may itself contain ") ", so split at the last ')'.
+    lparen, rparen = text.index("("), text.rindex(")")
+    rest = text[rparen + 2 :].split()
+    # rest[0] is field 3 (state); field 22 is rest[19].
+    return Stat(
+        pid=int(text[:lparen]),
+        comm=text[lparen + 1 : rparen],
+        state=rest[0],
+        start_time=int(rest[19]),
+    )
+
+
+def read_stat(pid: int, tid: int | None = None) -> Stat:
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    with _proc_errors(pid, "read stat of"), open(path) as f:
+        return parse_stat(f.read())
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process: the pid plus its start time, so a reused pid is never mistaken for it."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity:
+        if pid <= 0:
+            raise NoSuchProcess(pid)
+        return cls(pid, read_stat(pid).start_time)
+
+    def check(self) -> None:
+        """Raise NoSuchProcess or PidReused unless the pid still names this process."""
+        now = read_stat(self.pid).start_time
+        if now != self.start_time:
+            raise PidReused(self.pid, self.start_time, now)
+
+    def alive(self) -> bool:
+        try:
+            self.check()
+        except (NoSuchProcess, PidReused):
+            return False
+        return read_stat(self.pid).state not in ("Z", "X")
+
+
+def list_tasks(pid: int) -> list[int]:
+    """Thread ids of a process, sorted."""
+    with _proc_errors(pid, "list threads of"):
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, D, T, t, Z, ...)."""
+    return read_stat(pid).state
+
+
+def task_states(pid: int) -> dict[int, str]:
+    """State letter of each thread; threads that vanish while reading are left out."""
+    out: dict[int, str] = {}
+    for tid in list_tasks(pid):
+        try:
+            out[tid] = read_stat(pid, tid).state
+        except NoSuchProcess:
+            continue
+    return out
+
+
+def check_alive(ident: ProcessIdentity, during: str) -> None:
+    """Raise ProcessExited when the process is gone or a zombie."""
+    try:
+        ident.check()
+        state = process_state(ident.pid)
+    except (NoSuchProcess, PidReused):
+        raise ProcessExited(ident.pid, during) from None
+    if state in ("Z", "X"):
+        raise ProcessExited(ident.pid, during)

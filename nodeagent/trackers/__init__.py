@@ -1,0 +1,1 @@
+"""Trackers: how an agent learns which pages changed since the last capture."""

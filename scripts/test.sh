@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): installs what the tests need, then lint + tests.
+# On CI (CI=true) a missing component is a failure, never a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt+=(linux-image-amd64)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
+command -v cpio >/dev/null || need_apt+=(cpio)
+command -v gcc >/dev/null || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+echo "== pip install -e .[dev]"
+python3 -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "as the 'root' user" || true
+
+echo "== ruff"
+python3 -m ruff check .
+echo "== mypy"
+python3 -m mypy
+echo "== pytest"
+python3 -m pytest "$@"

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from cpcoord import errors
+
+
+def _all(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all(sub))
+    return out
+
+
+def test_every_error_has_message_and_distinct_exit_code() -> None:
+    classes = _all(errors.CpcoordError)
+    codes = [c.exit_code for c in classes]
+    assert len(codes) == len(set(codes)), "exit codes must be distinct"
+    for c in classes:
+        assert c.__doc__ and c.__doc__.strip(), c
+        assert c.exit_code not in (0, 2), c  # 0 success, 2 argparse usage
+
+
+def test_message_formats_args() -> None:
+    e = errors.NoSuchProcess(4242)
+    assert str(e) == "no such process: pid 4242"
+    assert e.exit_code == 10
