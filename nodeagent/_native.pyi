@@ -1,0 +1,3 @@
+from collections.abc import Buffer
+
+def page_digests(src: Buffer, page_size: int, seed: int, out: Buffer, /) -> int: ...
