@@ -1,0 +1,256 @@
+"""Where the store's objects live: the Backend protocol and the local-directory backend.
+
+A backend holds named, immutable objects grouped by kind (packs, index, manifests,
+locks, config). It knows nothing of their contents. The protocol is shaped so that an S3
+bucket fits it as well as a directory: whole-object `put`, ranged `get`, flat `list`, no
+rename, no append, no directories visible to callers.
+
+Error contract (every backend):
+  put(kind, name, data)   Atomic and durable on return: a reader sees the old object, or
+                          no object, or all of `data`, never a part. Replaces an existing
+                          object of that name. I/O failure -> StoreError (nothing visible).
+  get(kind, name)         The whole object. Absent -> ObjectNotFound.
+  get_range(k, n, off, l) Exactly `l` bytes at `off`. Absent -> ObjectNotFound; object
+                          shorter than off+l -> DataCorrupted (a truncated object).
+  stat(kind, name)        ObjectInfo. Absent -> ObjectNotFound.
+  exists(kind, name)      bool; never raises for absence.
+  list(kind)              Every complete object of that kind, in no particular order.
+                          Leftovers of unfinished puts are never listed.
+  delete(kind, name)      Idempotent (absent is fine). Need not be durable on return: after
+                          a crash a deleted object may reappear whole, never partly.
+  discard_incomplete()    Remove traces of puts that never finished (temp files, aborted
+                          multipart uploads); call only while no put is in flight.
+  Names: one or more '/'-separated segments of [A-Za-z0-9._-], none starting with '.',
+  at most 255 characters; anything else -> InvalidArgument (no traversal possible).
+  Any other I/O failure -> StoreError naming the object and the cause.
+
+LocalBackend: one directory; packs fan out into 256 subdirectories by the first two hex
+digits. put writes a temp file (`.tmp-*`, owner-only 0600) in the target directory,
+fsyncs it, renames it over the name, and fsyncs the directory; directories are 0700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+
+Buffer = bytes | bytearray | memoryview
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_TMP_PREFIX = ".tmp-"
+
+
+class Kind(StrEnum):
+    PACKS = "packs"
+    INDEX = "index"
+    MANIFESTS = "manifests"
+    LOCKS = "locks"
+    CONFIG = "config"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    kind: Kind
+    name: str
+    size: int
+
+
+def check_name(name: str) -> str:
+    """Validate an object name (see the module docstring); return it unchanged."""
+    if not name or len(name) > 255 or not all(_SEGMENT.fullmatch(s) for s in name.split("/")):
+        raise InvalidArgument(f"bad store object name {name!r}")
+    return name
+
+
+class Backend(Protocol):
+    """Named immutable objects by kind; error contract in the module docstring."""
+
+    @property
+    def location(self) -> str: ...
+
+    def put(self, kind: Kind, name: str, data: Buffer) -> None: ...
+
+    def get(self, kind: Kind, name: str) -> bytes: ...
+
+    def get_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes: ...
+
+    def stat(self, kind: Kind, name: str) -> ObjectInfo: ...
+
+    def exists(self, kind: Kind, name: str) -> bool: ...
+
+    def list(self, kind: Kind) -> Iterator[ObjectInfo]: ...
+
+    def delete(self, kind: Kind, name: str) -> None: ...
+
+    def discard_incomplete(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or errno.errorcode.get(e.errno or 0, str(e))
+
+
+class LocalBackend:
+    """A directory on a local file system (see the module docstring)."""
+
+    def __init__(self, root: Path | str, *, create: bool = True) -> None:
+        self.root = Path(root)
+        try:
+            if create:
+                self._mkdirs(self.root)
+            elif not self.root.is_dir():
+                raise StoreError(f"{self.root} is not a store directory")
+            # Owner-only, even if the directory was made by someone with a wider umask.
+            os.chmod(self.root, 0o700)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.root}: {_why(e)}") from e
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def _path(self, kind: Kind, name: str) -> Path:
+        kind = Kind(kind)
+        check_name(name)
+        if kind is Kind.PACKS:
+            return self.root / kind.value / name[:2] / name
+        return self.root / kind.value / name
+
+    def _mkdirs(self, path: Path) -> None:
+        """Create path and missing parents (0700), fsyncing each parent of a new one."""
+        if path.is_dir():
+            return
+        self._mkdirs(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+        _fsync_dir(path.parent)
+
+    def put(self, kind: Kind, name: str, data: Buffer) -> None:
+        path = self._path(kind, name)
+        tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            self._mkdirs(path.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"cannot write {kind}/{name}: {_why(e)}") from e
+
+    def get(self, kind: Kind, name: str) -> bytes:
+        path = self._path(kind, name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(kind, name) from None
+        except OSError as e:
+            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+
+    def get_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"bad range {offset}+{length} of {kind}/{name}")
+        path = self._path(kind, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFound(kind, name) from None
+        except OSError as e:
+            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+        try:
+            parts: list[bytes] = []
+            got = 0
+            while got < length:
+                b = os.pread(fd, length - got, offset + got)
+                if not b:
+                    raise DataCorrupted(
+                        "object", f"{kind}/{name}", f"ends before {offset + length} bytes"
+                    )
+                parts.append(b)
+                got += len(b)
+            return b"".join(parts)
+        except OSError as e:
+            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+        finally:
+            os.close(fd)
+
+    def stat(self, kind: Kind, name: str) -> ObjectInfo:
+        try:
+            st = self._path(kind, name).stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(kind, name) from None
+        except OSError as e:
+            raise StoreError(f"cannot stat {kind}/{name}: {_why(e)}") from e
+        return ObjectInfo(Kind(kind), name, st.st_size)
+
+    def exists(self, kind: Kind, name: str) -> bool:
+        return self._path(kind, name).is_file()
+
+    def list(self, kind: Kind) -> Iterator[ObjectInfo]:
+        kind = Kind(kind)
+        base = self.root / kind.value
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith("."):
+                    continue
+                p = Path(dirpath) / fn
+                rel = fn if kind is Kind.PACKS else p.relative_to(base).as_posix()
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                yield ObjectInfo(kind, rel, size)
+
+    def delete(self, kind: Kind, name: str) -> None:
+        try:
+            self._path(kind, name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot delete {kind}/{name}: {_why(e)}") from e
+
+    def discard_incomplete(self) -> int:
+        n = 0
+        for dirpath, _dirs, filenames in os.walk(self.root):
+            for fn in filenames:
+                if fn.startswith(_TMP_PREFIX):
+                    try:
+                        (Path(dirpath) / fn).unlink()
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+        return n
+
+    def close(self) -> None:
+        pass

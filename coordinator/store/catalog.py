@@ -1,0 +1,333 @@
+"""The catalog: jobs, members and generations in SQLite (WAL mode, synchronous=FULL).
+
+A generation row is the single point of truth for visibility: a generation exists for
+readers exactly when its row says COMMITTED, and that flip is one transaction, made only
+after its packs and manifest are durable. States: PREPARING (allocated, in flight) ->
+COMMITTED | ABORTED (with a reason). Rows of generations dropped by retention are
+deleted; generation numbers come from a per-job counter and are never reused.
+
+Thread-safe: one connection, every call under one lock, each mutation one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from cpcoord.errors import GenerationStateError, NoSuchGeneration, StoreError, StoreInvalid
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    next_generation INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS members (
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS generations (
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    parent INTEGER,
+    state TEXT NOT NULL CHECK (state IN ('PREPARING', 'COMMITTED', 'ABORTED')),
+    reason TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    finished REAL,
+    manifest TEXT,
+    namespace TEXT NOT NULL DEFAULT '',
+    members INTEGER NOT NULL DEFAULT 0,
+    pages INTEGER NOT NULL DEFAULT 0,
+    zero_pages INTEGER NOT NULL DEFAULT 0,
+    bytes_logical INTEGER NOT NULL DEFAULT 0,
+    bytes_stored INTEGER NOT NULL DEFAULT 0,
+    bytes_new INTEGER NOT NULL DEFAULT 0,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, number)
+);
+CREATE INDEX IF NOT EXISTS generations_by_state ON generations (state);
+"""
+
+
+class State(StrEnum):
+    PREPARING = "PREPARING"
+    COMMITTED = "COMMITTED"
+    ABORTED = "ABORTED"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    members: int = 0
+    pages: int = 0  # pages in the manifest, zero pages included
+    zero_pages: int = 0
+    bytes_logical: int = 0  # pages * page size
+    bytes_stored: int = 0  # stored bytes of the distinct chunks it references
+    bytes_new: int = 0  # stored bytes of chunks this generation added
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    job: str
+    number: int
+    parent: int | None
+    state: State
+    reason: str
+    started: float
+    finished: float | None
+    manifest: str | None
+    namespace: str
+    pinned: bool
+    sizes: Sizes
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    job: str
+    name: str
+    created: float
+    info: str  # JSON, owned by the coordinator
+
+
+_GEN_COLS = (
+    "j.name, g.number, g.parent, g.state, g.reason, g.started, g.finished, g.manifest, "
+    "g.namespace, g.pinned, g.members, g.pages, g.zero_pages, g.bytes_logical, "
+    "g.bytes_stored, g.bytes_new"
+)
+
+
+def _gen(row: tuple) -> GenerationInfo:
+    return GenerationInfo(
+        job=row[0],
+        number=row[1],
+        parent=row[2],
+        state=State(row[3]),
+        reason=row[4],
+        started=row[5],
+        finished=row[6],
+        manifest=row[7],
+        namespace=row[8],
+        pinned=bool(row[9]),
+        sizes=Sizes(*row[10:16]),
+    )
+
+
+class Catalog:
+    """SQLite catalog (see the module docstring)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            fresh = not self.path.exists()
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if fresh:
+                self.path.chmod(0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: the commit flip must survive power loss, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreInvalid(self.path, f"catalog schema {row[0]}, expected {SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise StoreInvalid(self.path, f"cannot open the catalog: {e}") from e
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"catalog: {e}") from e
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"catalog: {e}") from e
+
+    # -- jobs and members ----------------------------------------------------------
+
+    def ensure_job(self, job: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (name, created) VALUES (?, ?)", (job, time.time())
+            )
+
+    def jobs(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT name FROM jobs ORDER BY name")]
+
+    def add_member(self, job: str, name: str, info: str = "{}") -> bool:
+        """Register a member; False if it already exists (nothing changed)."""
+        self.ensure_job(job)
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO members (job_id, name, created, info) "
+                "SELECT id, ?, ?, ? FROM jobs WHERE name = ?",
+                (name, time.time(), info, job),
+            )
+            return cur.rowcount == 1
+
+    def remove_member(self, job: str, name: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM members WHERE name = ? AND "
+                "job_id = (SELECT id FROM jobs WHERE name = ?)",
+                (name, job),
+            )
+            return cur.rowcount == 1
+
+    def members(self, job: str) -> list[MemberInfo]:
+        rows = self._query(
+            "SELECT j.name, m.name, m.created, m.info FROM members m "
+            "JOIN jobs j ON j.id = m.job_id WHERE j.name = ? ORDER BY m.name",
+            (job,),
+        )
+        return [MemberInfo(*r) for r in rows]
+
+    # -- generations ---------------------------------------------------------------
+
+    def allocate(self, job: str, parent: int | None, namespace: str) -> int:
+        """A new PREPARING generation; its number is never reused."""
+        self.ensure_job(job)
+        with self._tx() as db:
+            jid, number = db.execute(
+                "SELECT id, next_generation FROM jobs WHERE name = ?", (job,)
+            ).fetchone()
+            db.execute("UPDATE jobs SET next_generation = ? WHERE id = ?", (number + 1, jid))
+            db.execute(
+                "INSERT INTO generations (job_id, number, parent, state, started, namespace) "
+                "VALUES (?, ?, ?, 'PREPARING', ?, ?)",
+                (jid, number, parent, time.time(), namespace),
+            )
+            return int(number)
+
+    def get(self, job: str, number: int) -> GenerationInfo:
+        rows = self._query(
+            f"SELECT {_GEN_COLS} FROM generations g JOIN jobs j ON j.id = g.job_id "
+            "WHERE j.name = ? AND g.number = ?",
+            (job, number),
+        )
+        if not rows:
+            raise NoSuchGeneration(number, job)
+        return _gen(rows[0])
+
+    def generations(
+        self, job: str | None = None, state: State | None = None
+    ) -> list[GenerationInfo]:
+        where, args = [], []
+        if job is not None:
+            where.append("j.name = ?")
+            args.append(job)
+        if state is not None:
+            where.append("g.state = ?")
+            args.append(state.value)
+        sql = f"SELECT {_GEN_COLS} FROM generations g JOIN jobs j ON j.id = g.job_id"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [_gen(r) for r in self._query(sql + " ORDER BY j.name, g.number", tuple(args))]
+
+    def _set_state(
+        self, db: sqlite3.Connection, job: str, number: int, sql: str, args: tuple, verb: str
+    ) -> None:
+        row = db.execute(
+            "SELECT g.state FROM generations g JOIN jobs j ON j.id = g.job_id "
+            "WHERE j.name = ? AND g.number = ?",
+            (job, number),
+        ).fetchone()
+        if row is None:
+            raise NoSuchGeneration(number, job)
+        if row[0] != State.PREPARING:
+            raise GenerationStateError(number, job, verb, f"it is {row[0]}")
+        db.execute(
+            f"UPDATE generations SET {sql} WHERE number = ? AND "
+            "job_id = (SELECT id FROM jobs WHERE name = ?)",
+            (*args, number, job),
+        )
+
+    def commit(self, job: str, number: int, manifest: str, sizes: Sizes) -> None:
+        """PREPARING -> COMMITTED with its manifest name and sizes, in one transaction."""
+        with self._tx() as db:
+            self._set_state(
+                db, job, number,
+                "state='COMMITTED', finished=?, manifest=?, members=?, pages=?, zero_pages=?, "
+                "bytes_logical=?, bytes_stored=?, bytes_new=?",
+                (time.time(), manifest, sizes.members, sizes.pages, sizes.zero_pages,
+                 sizes.bytes_logical, sizes.bytes_stored, sizes.bytes_new),
+                "commit",
+            )  # fmt: skip
+
+    def abort(self, job: str, number: int, reason: str) -> None:
+        with self._tx() as db:
+            self._set_state(
+                db,
+                job,
+                number,
+                "state='ABORTED', finished=?, reason=?",
+                (time.time(), reason),
+                "abort",
+            )
+
+    def abort_all_preparing(self, reason: str) -> list[tuple[str, int]]:
+        """Abort every PREPARING generation (after a restart nothing can finish them)."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT j.name, g.number FROM generations g JOIN jobs j ON j.id = g.job_id "
+                "WHERE g.state = 'PREPARING'"
+            ).fetchall()
+            db.execute(
+                "UPDATE generations SET state='ABORTED', finished=?, reason=? "
+                "WHERE state='PREPARING'",
+                (time.time(), reason),
+            )
+            return [(r[0], int(r[1])) for r in rows]
+
+    def set_pinned(self, job: str, number: int, pinned: bool) -> None:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE generations SET pinned = ? WHERE number = ? AND state = 'COMMITTED' AND "
+                "job_id = (SELECT id FROM jobs WHERE name = ?)",
+                (int(pinned), number, job),
+            )
+            if cur.rowcount != 1:
+                raise NoSuchGeneration(number, job)
+
+    def delete(self, job: str, numbers: list[int]) -> None:
+        """Delete committed or aborted generation rows (retention); one transaction."""
+        with self._tx() as db:
+            for n in numbers:
+                db.execute(
+                    "DELETE FROM generations WHERE number = ? AND state != 'PREPARING' AND "
+                    "job_id = (SELECT id FROM jobs WHERE name = ?)",
+                    (n, job),
+                )
+
+    def committed_manifests(self) -> set[str]:
+        rows = self._query("SELECT manifest FROM generations WHERE state = 'COMMITTED'")
+        return {r[0] for r in rows if r[0]}

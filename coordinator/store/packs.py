@@ -1,0 +1,313 @@
+"""Packs: append-only files holding many chunks, each zstd-compressed or raw, with a
+trailer that lists them, so the index can always be rebuilt from the packs alone.
+
+Layout of a pack (all integers little-endian):
+
+    pack    = header blob* trailer tail
+    header  = "CPPK" version:u8(=1) reserved:3 bytes (zero)            8 bytes
+    blob    = the stored bytes of one chunk; blob i starts at 8 + sum(stored[:i])
+    trailer = ns_len:u16 namespace:utf8 count:u32 entry{count} checksum:32
+    entry   = id:32 method:u8 stored:u32 raw:u32                        41 bytes
+    tail    = trailer_len:u32 "CPPT"                                   8 bytes
+
+  method 0 = raw (stored == raw), 1 = one zstd frame (stored < raw). A chunk is stored
+  raw when zstd saves less than 1/32 of its size, or when a 4 KiB sample of it does not
+  compress (see _worth_trying): random data then costs neither a full compression
+  attempt on ingest nor decompression on read, and the trailer says which it is.
+  checksum = BLAKE3-256 of the trailer bytes before it; trailer_len counts ns_len through
+  checksum. The pack id (and object name) is the BLAKE3-256 of the whole file, so any
+  damage anywhere is found by re-hashing a pack; a single chunk is checked on read by
+  re-hashing its plain bytes against its id.
+
+A pack belongs to one dedup namespace (written in its trailer). PackWriter buffers one
+pack in memory (up to the target size) and seals it into bytes for one whole-object put.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from coordinator.store.backend import Backend, Buffer, Kind
+from coordinator.store.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
+from cpcoord.errors import DataCorrupted, InvalidArgument
+
+HEADER = b"CPPK\x01\x00\x00\x00"
+TAIL_MAGIC = b"CPPT"
+METHOD_RAW = 0
+METHOD_ZSTD = 1
+MAX_CHUNK_BYTES = 4 << 20  # a run of up to 1024 pages; bounds memory per chunk
+SAMPLE_MIN = 16 << 10  # chunks this big are sampled before a full compression attempt
+MAX_NAMESPACE = 255
+# Packed on disk (no alignment): 41 bytes per entry.
+ENTRY_DTYPE = np.dtype([("id", ID_DTYPE), ("method", "u1"), ("stored", "<u4"), ("raw", "<u4")])
+# In memory, with the blob's offset in the pack added.
+LOCATED_DTYPE = np.dtype(
+    [("id", ID_DTYPE), ("method", "u1"), ("stored", "<u4"), ("raw", "<u4"), ("offset", "<u4")]
+)
+_TAIL = struct.Struct("<I4s")
+
+Entries = npt.NDArray[np.void]
+
+
+@dataclass(frozen=True)
+class PackContents:
+    """What a pack's trailer says: its namespace and located entries (LOCATED_DTYPE)."""
+
+    namespace: str
+    entries: Entries
+
+    @property
+    def blob_bytes(self) -> int:
+        return int(self.entries["stored"].sum(dtype=np.uint64))
+
+
+@dataclass(frozen=True)
+class SealedPack:
+    id: PackId
+    data: bytes
+    contents: PackContents
+
+
+# -- compression ----------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _cctx(level: int) -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe: one reused context per thread and level.
+    key = f"c{level}"
+    c = getattr(_local, key, None)
+    if c is None:
+        c = zstandard.ZstdCompressor(level=level, write_checksum=False)
+        setattr(_local, key, c)
+    return c
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def _worth_trying(chunks: Sequence[Buffer], level: int, threads: int) -> npt.NDArray[np.bool_]:
+    """Which chunks may compress: for chunks of 16 KiB and more, zstd first sees a 4 KiB
+    sample (8 slices of 512 bytes spread over the chunk) and only a sample that shrinks
+    by 1/16 earns the whole chunk a try. Random data thus costs ~1/16 of a full attempt;
+    a chunk that is random exactly where sampled and compressible elsewhere is stored raw
+    (space, never correctness). Smaller chunks are always tried."""
+    n = len(chunks)
+    big = [i for i in range(n) if len(chunks[i]) >= SAMPLE_MIN]
+    worth = np.ones(n, dtype=bool)
+    if not big:
+        return worth
+    samples: list[Buffer] = []
+    for i in big:
+        mv = memoryview(chunks[i]).cast("B")
+        step = (len(mv) - 512) // 7
+        samples.append(b"".join([mv[k * step : k * step + 512] for k in range(8)]))
+    out = _cctx(level).multi_compress_to_buffer(samples, threads=threads or 1)
+    for j, i in enumerate(big):
+        worth[i] = len(out[j]) < 4096 - 256
+    return worth
+
+
+def compress_batch(
+    chunks: Sequence[Buffer], level: int = 1, threads: int = 0
+) -> tuple[npt.NDArray[np.uint8], list[Buffer]]:
+    """Compress a batch in one call (zstd's C threads, GIL released); return (methods,
+    blobs), choosing raw where zstd saves less than 1/32 (or a sample says it would)."""
+    n = len(chunks)
+    methods = np.full(n, METHOD_RAW, dtype=np.uint8)
+    # Own the bytes: the caller may reuse its buffers once add_chunks returns.
+    blobs: list[Buffer] = [c if isinstance(c, bytes) else bytes(c) for c in chunks]
+    if n == 0:
+        return methods, blobs
+    tries = np.flatnonzero(_worth_trying(chunks, level, threads))
+    if not tries.size:
+        return methods, blobs
+    out = _cctx(level).multi_compress_to_buffer(
+        [chunks[int(i)] for i in tries], threads=threads or 1
+    )
+    for j, i in enumerate(tries.tolist()):
+        c, raw_len = out[j], len(chunks[i])
+        if len(c) + (raw_len >> 5) < raw_len:
+            methods[i] = METHOD_ZSTD
+            blobs[i] = c.tobytes()
+    return methods, blobs
+
+
+def decode_chunk(method: int, blob: bytes, raw_len: int, chunk_id: bytes, where: str) -> bytes:
+    """Decompress a blob and check its BLAKE3 against its id; DataCorrupted otherwise."""
+    if method == METHOD_RAW:
+        data = blob
+    elif method == METHOD_ZSTD:
+        try:
+            data = _dctx().decompress(blob, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: {e}") from None
+    else:
+        raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: unknown method {method}")
+    if len(data) != raw_len or digest(data) != chunk_id:
+        raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: content does not match id")
+    return data
+
+
+# -- writing --------------------------------------------------------------------------
+
+
+class PackWriter:
+    """Accumulates chunks of one namespace; `seal()` returns the finished pack."""
+
+    def __init__(self, namespace: str) -> None:
+        ns = namespace.encode()
+        if len(ns) > MAX_NAMESPACE:
+            raise InvalidArgument(f"namespace {namespace!r} is longer than {MAX_NAMESPACE}")
+        self.namespace = namespace
+        self._blobs: list[Buffer] = [HEADER]
+        self._entries: list[Entries] = []
+        self._size = len(HEADER)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def count(self) -> int:
+        return sum(len(e) for e in self._entries)
+
+    def add(
+        self,
+        ids: IdArray,
+        methods: npt.NDArray[np.uint8],
+        blobs: Sequence[Buffer],
+        raw_sizes: npt.NDArray[np.integer],
+    ) -> None:
+        e = np.zeros(len(blobs), dtype=ENTRY_DTYPE)
+        e["id"] = ids
+        e["method"] = methods
+        e["stored"] = [len(b) for b in blobs]
+        e["raw"] = raw_sizes
+        self._entries.append(e)
+        self._blobs.extend(blobs)
+        self._size += int(e["stored"].sum(dtype=np.uint64))
+
+    def seal(self) -> SealedPack:
+        entries = np.concatenate(self._entries) if self._entries else np.zeros(0, ENTRY_DTYPE)
+        ns = self.namespace.encode()
+        body = b"".join(
+            [struct.pack("<H", len(ns)), ns, struct.pack("<I", len(entries)), entries.tobytes()]
+        )
+        trailer = body + digest(body)
+        data = b"".join([*self._blobs, trailer, _TAIL.pack(len(trailer), TAIL_MAGIC)])
+        return SealedPack(PackId.of(data), data, PackContents(self.namespace, _locate(entries)))
+
+
+def _locate(entries: Entries) -> Entries:
+    out = np.zeros(len(entries), dtype=LOCATED_DTYPE)
+    if not len(entries):
+        return out
+    for f in ENTRY_DTYPE.names or ():
+        out[f] = entries[f]
+    stored = entries["stored"].astype(np.uint64)
+    out["offset"] = len(HEADER) + np.concatenate([[0], np.cumsum(stored)[:-1]]).astype(np.uint64)
+    return out
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+def parse_trailer(tail: bytes, total_size: int, where: str) -> PackContents:
+    """Parse a pack's trailer from the last `len(tail)` bytes of a `total_size`-byte pack.
+    Raises DataCorrupted on any inconsistency."""
+    bad = lambda why: DataCorrupted("pack", where, why)  # noqa: E731
+    if len(tail) < _TAIL.size or total_size < len(HEADER) + _TAIL.size:
+        raise bad("too short to be a pack")
+    tlen, magic = _TAIL.unpack_from(tail, len(tail) - _TAIL.size)
+    if magic != TAIL_MAGIC:
+        raise bad("no trailer magic (truncated?)")
+    if tlen < 2 + 4 + 32 or tlen + _TAIL.size + len(HEADER) > total_size:
+        raise bad(f"trailer length {tlen} does not fit the pack")
+    if tlen + _TAIL.size > len(tail):
+        raise bad("trailer not inside the bytes given")
+    trailer = tail[len(tail) - _TAIL.size - tlen : len(tail) - _TAIL.size]
+    body, checksum = trailer[:-32], trailer[-32:]
+    if digest(body) != checksum:
+        raise bad("trailer checksum mismatch")
+    (ns_len,) = struct.unpack_from("<H", body, 0)
+    if 2 + ns_len + 4 > len(body):
+        raise bad("namespace overruns the trailer")
+    try:
+        namespace = body[2 : 2 + ns_len].decode()
+    except UnicodeDecodeError:
+        raise bad("namespace is not UTF-8") from None
+    (count,) = struct.unpack_from("<I", body, 2 + ns_len)
+    start = 2 + ns_len + 4
+    if len(body) - start != count * ENTRY_DTYPE.itemsize:
+        raise bad(f"trailer holds {len(body) - start} entry bytes for {count} entries")
+    entries = np.frombuffer(body, dtype=ENTRY_DTYPE, count=count, offset=start)
+    m, st, raw = entries["method"], entries["stored"], entries["raw"]
+    if np.any((m != METHOD_RAW) & (m != METHOD_ZSTD)):
+        raise bad("unknown compression method")
+    if np.any((raw == 0) | (raw > MAX_CHUNK_BYTES) | (st == 0)):
+        raise bad("chunk size out of bounds")
+    if np.any((m == METHOD_RAW) & (st != raw)) or np.any((m == METHOD_ZSTD) & (st >= raw)):
+        raise bad("stored size contradicts the method")
+    if len(HEADER) + int(st.sum(dtype=np.uint64)) + tlen + _TAIL.size != total_size:
+        raise bad("blob sizes do not add up to the pack size")
+    return PackContents(namespace, _locate(entries))
+
+
+def read_contents(backend: Backend, name: str, size: int | None = None) -> PackContents:
+    """Read only the trailer of a stored pack (one or two ranged reads)."""
+    if size is None:
+        size = backend.stat(Kind.PACKS, name).size
+    want = min(size, 64 << 10)
+    tail = backend.get_range(Kind.PACKS, name, size - want, want)
+    if len(tail) >= _TAIL.size:
+        tlen, _ = _TAIL.unpack_from(tail, len(tail) - _TAIL.size)
+        need = tlen + _TAIL.size
+        if want < need <= size - len(HEADER):
+            tail = backend.get_range(Kind.PACKS, name, size - need, need)
+    return parse_trailer(tail, size, name)
+
+
+def verify_pack(data: bytes, name: str) -> PackContents:
+    """Full check of a pack's bytes: hash equals its name, trailer parses, every chunk
+    decodes to its id. Returns its contents; DataCorrupted on the first defect."""
+    if PackId.of(data).format() != name:
+        raise DataCorrupted("pack", name, "content hash does not match its name")
+    contents = parse_trailer(data, len(data), name)
+    for chunk_id, blob, e in iter_blobs(data, contents.entries):
+        decode_chunk(int(e["method"]), blob, int(e["raw"]), chunk_id, name)
+    return contents
+
+
+def iter_blobs(data: bytes, entries: Entries) -> list[tuple[bytes, bytes, np.void]]:
+    """(id, stored bytes, entry) of each entry, sliced from a whole pack's bytes."""
+    raw_ids = np.ascontiguousarray(entries["id"]).tobytes()
+    out = []
+    for i, e in enumerate(entries):
+        off, st = int(e["offset"]), int(e["stored"])
+        out.append((raw_ids[32 * i : 32 * i + 32], data[off : off + st], e))
+    return out
+
+
+def check_chunks(ids: IdArray, chunks: Sequence[Buffer]) -> IdArray:
+    """BLAKE3 of every chunk; returns the actual ids (compare with the claimed ones)."""
+    too_big = [len(c) for c in chunks if not 0 < len(c) <= MAX_CHUNK_BYTES]
+    if too_big:
+        raise InvalidArgument(f"chunk of {too_big[0]} bytes: sizes must be 1..{MAX_CHUNK_BYTES}")
+    return digest_all(chunks)
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

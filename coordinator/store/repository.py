@@ -1,0 +1,389 @@
+"""The page store's facade: what the coordinator calls. Ingest, commit, read, and the
+entry points of gc, verify and stats (gc.py, verify.py hold those).
+
+Lifecycle of a generation in the store:
+    n = repo.begin(job)                           catalog row PREPARING, in flight
+    todo = repo.missing(job, n, ids)              ids the store lacks (sorted, unique)
+    repo.add_chunks(job, n, todo, chunks)         BLAKE3-checked; mismatch -> nothing stored
+    repo.commit(manifest)                         -> GenerationInfo (COMMITTED)
+    repo.abort(job, n, reason)                    on any failure instead
+Commit order: (1) seal and put the open packs (each put is fsynced), (2) check every
+referenced chunk is indexed and long enough, (3) write an index file for new packs,
+(4) put the manifest (fsynced), (5) flip the catalog row to COMMITTED in one transaction.
+A crash before (5) leaves the row PREPARING, which reopening the store turns ABORTED; the
+packs and manifest it left are unreferenced and `gc` removes them. Readers only ever
+see COMMITTED rows, so no partial generation is ever visible. A failed commit leaves the
+generation in flight: the caller may upload what is missing and retry, or abort.
+
+One process owns a store at a time (an exclusive flock on `lock` beside the catalog);
+within it, one RLock guards the index, open packs, in-flight registry and catalog steps.
+Hashing and compression run outside the lock, so uploads of several members overlap.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from coordinator.store import index_io, manifest_io, packs, reader
+from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
+from coordinator.store.catalog import Catalog, GenerationInfo, Sizes, State
+from coordinator.store.config import StoreConfig, load_or_init_identity
+from coordinator.store.gc import GcReport, collect
+from coordinator.store.ids import (
+    IdArray,
+    as_id_array,
+    zero_mask,
+)
+from coordinator.store.index import Index
+from coordinator.store.inflight import InFlight, Registry
+from coordinator.store.manifest import Manifest
+from coordinator.store.reader import PageRun
+from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
+from coordinator.store.writer import PackSink
+from cpcoord.errors import (
+    ChunkMismatch,
+    ChunkMissing,
+    GenerationStateError,
+    InvalidArgument,
+    ManifestInvalid,
+    StoreLocked,
+)
+from cpcoord.log import log_event
+from cpcoord.ranges import check_name
+
+log = logging.getLogger("cpcoord.store")
+Latest = Literal["latest"]
+
+
+@dataclass(frozen=True)
+class AddResult:
+    received: int
+    stored: int  # chunks newly stored (the rest were already present or repeated)
+    bytes_stored: int  # stored (compressed) bytes of those
+
+
+class Repository:
+    """See the module docstring. Open with `Repository.open_local(path)`."""
+
+    def __init__(
+        self, backend: Backend, state_dir: Path | str, config: StoreConfig | None = None
+    ) -> None:
+        self.backend = backend
+        self.config = config or StoreConfig()
+        # Tests only: called with the name of each commit and gc step just done.
+        self.fault: Callable[[str], None] | None = None
+        self._lock = threading.RLock()
+        self._sink = PackSink(backend, self.config.pack_size)
+        self._unindexed: list[int] = []  # pack numbers not yet in an index file
+        self.recent_puts: set[str] = set()  # packs stored since gc's mark (gc must not delete)
+        self._manifests: dict[str, Manifest] = {}  # small cache, names are immutable
+        self.inflight = Registry()
+        self.index = Index()
+        self.unreadable_packs: dict[str, str] = {}  # name -> why (found at open)
+        state = Path(state_dir)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreLocked(backend.location, f"lock {state / 'lock'} is held") from None
+        try:
+            self._open(state)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    @classmethod
+    def open_local(cls, root: Path | str, config: StoreConfig | None = None) -> Repository:
+        return cls(LocalBackend(root), root, config)
+
+    def _open(self, state: Path) -> None:
+        self.identity = load_or_init_identity(self.backend)
+        self.backend.discard_incomplete()
+        for stale in list(self.backend.list(Kind.LOCKS)):  # we hold the flock: all stale
+            self.backend.delete(Kind.LOCKS, stale.name)
+        self._lock_name = f"{socket.gethostname()}-{os.getpid()}"
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.backend.put(Kind.LOCKS, self._lock_name, json.dumps(owner).encode())
+        self.catalog = Catalog(state / "catalog.sqlite")
+        aborted = self.catalog.abort_all_preparing("interrupted: the store was reopened")
+        for job, n in aborted:
+            log_event(log, logging.WARNING, "aborted interrupted generation", job=job, generation=n)
+        self._load_index()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._lock_fd < 0:
+                return
+            self._sink.close()
+            self.backend.delete(Kind.LOCKS, self._lock_name)
+            self.catalog.close()
+            self.backend.close()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _step(self, name: str) -> None:
+        if self.fault is not None:
+            self.fault(name)
+
+    # -- index ---------------------------------------------------------------------
+
+    def _load_index(self) -> None:
+        index_io.load(self)
+
+    def _persist_index(self) -> None:
+        index_io.persist_new(self)
+
+    def rebuild_index(self) -> int:
+        """Forget the index files and re-read every pack's trailer; returns chunks indexed."""
+        with self._lock:
+            return index_io.rebuild(self)
+
+    def _integrate(self, block: bool) -> None:
+        """Index the packs the writer has stored; raise its first failure (if any) after
+        indexing the others."""
+        stored, error = self._sink.reap(block)
+        for sp in stored:
+            self.recent_puts.add(sp.id.hex())
+            self.index.add_pack(sp.id, sp.size, sp.contents)
+            no = self.index.pack_number(sp.id)
+            assert no is not None
+            self._unindexed.append(no)
+        if error is not None:
+            raise error
+
+    def flush(self) -> None:
+        """Seal every open pack and wait until all are stored and indexed."""
+        with self._lock:
+            self._sink.seal()
+            self._integrate(block=True)
+
+    # -- ingest --------------------------------------------------------------------
+
+    def begin(self, job: str, parent: int | Latest | None = "latest") -> int:
+        """Allocate a PREPARING generation; parent defaults to the latest committed one."""
+        check_name(job)
+        with self._lock:
+            if parent == "latest":
+                done = self.catalog.generations(job, State.COMMITTED)
+                parent = done[-1].number if done else None
+            elif parent is not None:
+                info = self.catalog.get(job, parent)
+                if info.state is not State.COMMITTED:
+                    raise GenerationStateError(parent, job, "be a parent", f"it is {info.state}")
+            ns = self.config.namespace(job)
+            n = self.catalog.allocate(job, parent, ns)
+            self.inflight.add(InFlight(job, n, parent, ns))
+        log_event(log, logging.INFO, "generation begun", job=job, generation=n, parent=parent)
+        return n
+
+    def missing(self, job: str, generation: int, ids: Any) -> IdArray:
+        """The ids (sorted, unique, ZERO excluded) the store lacks in the generation's
+        namespace. The ones it has are claimed for the generation (kept from gc)."""
+        arr = as_id_array(ids)
+        arr = arr[~zero_mask(arr)]
+        with self._lock:
+            g = self.inflight.get(job, generation, "ask for missing chunks")
+            self._integrate(block=False)
+            present = self.index.chunks(g.namespace).contains(arr)
+            present |= self._sink.contains(g.namespace, arr)
+            g.claim(arr[present])
+        return np.unique(arr[~present])
+
+    def add_chunks(
+        self, job: str, generation: int, ids: Any, chunks: Sequence[Buffer]
+    ) -> AddResult:
+        """Store chunks whose BLAKE3 equals their claimed id. Any mismatch (or a ZERO
+        id, or a bad size) refuses the whole batch: nothing of it is stored."""
+        arr = as_id_array(ids)
+        if arr.size != len(chunks):
+            raise InvalidArgument(f"{arr.size} chunk ids for {len(chunks)} chunks")
+        if zero_mask(arr).any():
+            raise InvalidArgument("the ZERO marker names all-zero pages and is never stored")
+        with self._lock:
+            g = self.inflight.get(job, generation, "accept chunks")
+        actual = packs.check_chunks(arr, chunks)
+        bad = np.flatnonzero(actual != arr)
+        if bad.size:
+            i = int(bad[0])
+            raise ChunkMismatch(arr[i].tobytes().hex(), actual[i].tobytes().hex())
+        with self._lock:
+            new = self._new_ids(g.namespace, arr)
+        sel = np.flatnonzero(new)
+        todo = [chunks[int(i)] for i in sel]
+        threads = self.config.threads or packs.default_threads()
+        methods, blobs = packs.compress_batch(todo, self.config.compression_level, threads)
+        raws = np.array([len(c) for c in todo], dtype=np.uint32)
+        stored = 0
+        with self._lock:
+            g.claim(arr)
+            still = self._new_ids(g.namespace, arr[sel])  # another upload may have won
+            keep = np.flatnonzero(still)
+            if keep.size:
+                kb = [blobs[i] for i in keep]
+                self._sink.add(g.namespace, arr[sel][keep], methods[keep], kb, raws[keep])
+                stored = sum(len(b) for b in kb)
+                g.chunks_new += int(keep.size)
+                g.bytes_new += stored
+            self._integrate(block=False)
+        return AddResult(len(chunks), int(keep.size), stored)
+
+    def _new_ids(self, namespace: str, arr: IdArray) -> np.ndarray:
+        """Mask of ids neither indexed nor pending nor repeated earlier in `arr`."""
+        _, first = np.unique(arr, return_index=True)
+        new = np.zeros(arr.size, dtype=bool)
+        new[first] = True
+        new &= ~self.index.chunks(namespace).contains(arr)
+        new &= ~self._sink.contains(namespace, arr)
+        return new
+
+    def abort(self, job: str, generation: int, reason: str) -> None:
+        with self._lock:
+            self.catalog.abort(job, generation, reason)
+            self.inflight.remove(job, generation)
+        log_event(
+            log, logging.INFO, "generation aborted", job=job, generation=generation, reason=reason
+        )
+
+    # -- commit --------------------------------------------------------------------
+
+    def commit(self, manifest: Manifest) -> GenerationInfo:
+        """Make a generation durable and visible (order in the module docstring)."""
+        job, n = manifest.job, manifest.generation
+        with self._lock:
+            g = self.inflight.get(job, n, "commit")
+            if manifest.parent != g.parent:
+                raise ManifestInvalid(n, job, f"parent {manifest.parent}, begun with {g.parent}")
+            m = replace(manifest, namespace=g.namespace)
+            m.validate()
+            self._sink.seal()
+            self._integrate(block=True)
+            self._step("packs")
+            sizes = self._check_references(m, g)
+            self._persist_index()
+            self._step("index")
+            name = f"{job}/{n:010d}"
+            self.backend.put(Kind.MANIFESTS, name, manifest_io.encode(m))
+            self._step("manifest")
+            self.catalog.commit(job, n, name, sizes)
+            self.inflight.remove(job, n)
+            self._step("catalog")
+        log_event(
+            log, logging.INFO, "generation committed", job=job, generation=n,
+            pages=sizes.pages, bytes_logical=sizes.bytes_logical, bytes_new=sizes.bytes_new,
+        )  # fmt: skip
+        return self.catalog.get(job, n)
+
+    def _check_references(self, m: Manifest, g: InFlight) -> Sizes:
+        ids = m.chunk_ids()
+        found, locs = self.index.chunks(m.namespace).lookup(ids)
+        if not found.all():
+            lost = ids[~found]
+            raise ChunkMissing(lost.size, m.generation, m.job, lost[0].tobytes().hex())
+        ps = m.page_size
+        for member, r in m.tables():
+            t = r.pages
+            nz = ~t.zero
+            raw = locs["raw"][np.searchsorted(ids, t.ids[nz])].astype(np.uint64)
+            need = (t.skips[nz].astype(np.uint64) + t.counts[nz]) * np.uint64(ps)
+            if np.any(need > raw):
+                raise ManifestInvalid(
+                    m.generation,
+                    m.job,
+                    f"member {member} region {r.name}: an entry reads past its chunk",
+                )
+        return Sizes(
+            members=len(m.members),
+            pages=m.page_count,
+            zero_pages=m.zero_pages,
+            bytes_logical=m.logical_bytes,
+            bytes_stored=int(locs["stored"].sum(dtype=np.uint64)),
+            bytes_new=g.bytes_new,
+        )
+
+    # -- reading -------------------------------------------------------------------
+
+    def generations(self, job: str | None = None) -> list[GenerationInfo]:
+        """Committed generations (the only visible ones), oldest first."""
+        return self.catalog.generations(job, State.COMMITTED)
+
+    def manifest(self, job: str, generation: int) -> Manifest:
+        info = self.catalog.get(job, generation)
+        if info.state is not State.COMMITTED or info.manifest is None:
+            raise GenerationStateError(generation, job, "read it", f"it is {info.state}")
+        return self.load_manifest(info.manifest)
+
+    def load_manifest(self, name: str) -> Manifest:
+        with self._lock:
+            m = self._manifests.get(name)
+        if m is None:
+            m = manifest_io.decode(self.backend.get(Kind.MANIFESTS, name), name)
+            with self._lock:
+                if len(self._manifests) >= 8:
+                    self._manifests.pop(next(iter(self._manifests)))
+                self._manifests[name] = m
+        return m
+
+    def read_chunks(self, namespace: str, ids: Any) -> list[bytes]:
+        """Plain bytes of each chunk, each re-hashed against its id (DataCorrupted)."""
+        return reader.read_chunks(self, namespace, ids)
+
+    def iter_pages(
+        self, job: str, generation: int, member: str | None = None, region: str | None = None
+    ) -> Iterator[PageRun]:
+        """Every page entry of a committed generation, in order, contents verified."""
+        return reader.iter_pages(self, job, generation, member, region)
+
+    def read_region(self, job: str, generation: int, member: str, region: str) -> bytearray:
+        """A whole region as bytes; pages without an entry read as zero."""
+        return reader.read_region(self, job, generation, member, region)
+
+    def pin(self, job: str, generation: int, pinned: bool = True) -> None:
+        """Pinned generations survive retention."""
+        self.catalog.set_pinned(job, generation, pinned)
+
+    def delete_generation(self, job: str, generation: int) -> None:
+        """Delete a committed (unpinned) or aborted generation now; gc reclaims its space."""
+        with self._lock:
+            info = self.catalog.get(job, generation)
+            if info.state is State.PREPARING:
+                raise GenerationStateError(generation, job, "delete it", "it is in flight")
+            if info.pinned:
+                raise GenerationStateError(generation, job, "delete it", "it is pinned")
+            if generation in self.inflight.protected_parents(job):
+                why = "it is the parent of a generation in flight"
+                raise GenerationStateError(generation, job, "delete it", why)
+            self.catalog.delete(job, [generation])
+            self._manifests.pop(info.manifest or "", None)
+        if info.manifest:
+            self.backend.delete(Kind.MANIFESTS, info.manifest)
+
+    def gc(self, keep: int = 5) -> GcReport:
+        """Retention (last `keep` committed per job, plus pinned ones and parents of
+        generations in flight), then remove everything no kept manifest references."""
+        return collect(self, keep)
+
+    def verify(self) -> VerifyReport:
+        """Re-read and re-hash every chunk of every committed manifest."""
+        return verify(self)
+
+    def stats(self) -> StoreStats:
+        return stats(self)

@@ -1,0 +1,133 @@
+"""The pack sink: open packs per namespace, sealed and stored by a background thread.
+
+Ingest appends compressed chunks to the open pack of their namespace. A full pack is
+handed to a writer thread (WRITERS of them), which joins it, hashes it (its id) and puts
+it (write + fsync); BLAKE3 and fsync release the GIL, so the next batch's hashing and
+compression overlap with the previous packs' I/O. At most MAX_IN_TRANSIT packs wait for the
+writer (backpressure: ingest blocks rather than buffering without bound).
+
+Until a pack is stored and indexed, its ids still count as present (`contains`), so a
+chunk is never uploaded twice. The sink does no locking of its own: the repository calls
+it under its lock; a writer thread only touches the pack it was given. Completed packs
+are collected with `reap()` (non-blocking) or `flush()` (barrier: every pack added so
+far is durable); both return the first failed put as a StoreError after forgetting that
+pack's ids (so they are reported missing and uploaded again, and a commit that needs
+them fails with ChunkMissing instead of referencing data that is not there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator.store.backend import Backend, Buffer, Kind
+from coordinator.store.ids import IdArray, member_of
+from coordinator.store.packs import PackContents, PackWriter
+from cpcoord.errors import StoreError
+
+WRITERS = 2  # two puts in flight overlap one's write with the other's fsync (~1.8x here)
+MAX_IN_TRANSIT = 3
+
+
+@dataclass(frozen=True)
+class StoredPack:
+    id: bytes
+    size: int
+    contents: PackContents
+
+
+class _Open:
+    """One namespace's open pack and the ids in it."""
+
+    def __init__(self, namespace: str) -> None:
+        self.writer = PackWriter(namespace)
+        self.ids: list[IdArray] = []
+        self._sorted: IdArray | None = None
+
+    def contains(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        if not self.ids:
+            return np.zeros(ids.size, dtype=bool)
+        if self._sorted is None:
+            self._sorted = np.unique(np.concatenate(self.ids))
+        return member_of(ids, self._sorted)
+
+
+class PackSink:
+    def __init__(self, backend: Backend, pack_size: int) -> None:
+        self._backend = backend
+        self._pack_size = pack_size
+        self._open: dict[str, _Open] = {}
+        self._transit: list[tuple[_Open, Future[StoredPack]]] = []
+        self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pack-writer")
+
+    def contains(self, namespace: str, ids: IdArray) -> npt.NDArray[np.bool_]:
+        """Ids held by an open or in-transit pack of the namespace."""
+        mask = np.zeros(ids.size, dtype=bool)
+        for o in [self._open.get(namespace), *(o for o, _ in self._transit)]:
+            if o is not None and o.writer.namespace == namespace:
+                mask |= o.contains(ids)
+        return mask
+
+    def add(
+        self,
+        namespace: str,
+        ids: IdArray,
+        methods: npt.NDArray[np.uint8],
+        blobs: Sequence[Buffer],
+        raw_sizes: npt.NDArray[np.integer],
+    ) -> None:
+        o = self._open.get(namespace)
+        if o is None:
+            o = self._open[namespace] = _Open(namespace)
+        o.writer.add(ids, methods, blobs, raw_sizes)
+        o.ids.append(ids)
+        o._sorted = None
+        if o.writer.size >= self._pack_size:
+            self.seal(namespace)
+
+    def seal(self, namespace: str | None = None) -> None:
+        """Hand the open pack of a namespace (of every one: None) to the writer."""
+        names = list(self._open) if namespace is None else [namespace]
+        for ns in names:
+            o = self._open.pop(ns, None)
+            if o is None or not o.writer.count:
+                continue
+            busy = [f for _, f in self._transit if not f.done()]
+            if len(busy) >= MAX_IN_TRANSIT:  # backpressure: wait for the writer
+                wait(busy, return_when=FIRST_COMPLETED)
+            self._transit.append((o, self._pool.submit(self._store, o.writer)))
+
+    def _store(self, w: PackWriter) -> StoredPack:
+        sealed = w.seal()
+        self._backend.put(Kind.PACKS, sealed.id.format(), sealed.data)
+        return StoredPack(sealed.id.digest, len(sealed.data), sealed.contents)
+
+    def reap(self, block: bool = False) -> tuple[list[StoredPack], StoreError | None]:
+        """(packs stored since the last reap, oldest first; the first failure if any).
+        With block, wait for every pack in transit. A failed pack's ids are forgotten."""
+        done: list[StoredPack] = []
+        error: StoreError | None = None
+        keep = []
+        for o, f in self._transit:
+            if not block and not f.done():
+                keep.append((o, f))
+                continue
+            e = f.exception()
+            if e is None:
+                done.append(f.result())
+            elif error is None:
+                error = e if isinstance(e, StoreError) else StoreError(f"cannot store a pack: {e}")
+        self._transit = keep
+        return done, error
+
+    def flush(self) -> tuple[list[StoredPack], StoreError | None]:
+        """Seal every open pack and wait until all are stored (the commit barrier)."""
+        self.seal()
+        return self.reap(block=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,82 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ManifestHeader(_message.Message):
+    __slots__ = ("format", "job", "generation", "parent", "time_ns", "page_size", "namespace", "member_count")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    format: int
+    job: str
+    generation: int
+    parent: int
+    time_ns: int
+    page_size: int
+    namespace: str
+    member_count: int
+    def __init__(self, format: _Optional[int] = ..., job: _Optional[str] = ..., generation: _Optional[int] = ..., parent: _Optional[int] = ..., time_ns: _Optional[int] = ..., page_size: _Optional[int] = ..., namespace: _Optional[str] = ..., member_count: _Optional[int] = ...) -> None: ...
+
+class ManifestMember(_message.Message):
+    __slots__ = ("name", "region_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    region_count: int
+    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ...) -> None: ...
+
+class ManifestRegion(_message.Message):
+    __slots__ = ("name", "start", "end", "entry_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    start: int
+    end: int
+    entry_count: int
+    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., entry_count: _Optional[int] = ...) -> None: ...
+
+class PageEntries(_message.Message):
+    __slots__ = ("page_offsets", "page_counts", "chunk_skips", "chunk_ids")
+    PAGE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SKIPS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    page_offsets: bytes
+    page_counts: bytes
+    chunk_skips: bytes
+    chunk_ids: bytes
+    def __init__(self, page_offsets: _Optional[bytes] = ..., page_counts: _Optional[bytes] = ..., chunk_skips: _Optional[bytes] = ..., chunk_ids: _Optional[bytes] = ...) -> None: ...
+
+class ManifestTrailer(_message.Message):
+    __slots__ = ("frame_count", "entry_count", "page_count")
+    FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    frame_count: int
+    entry_count: int
+    page_count: int
+    def __init__(self, frame_count: _Optional[int] = ..., entry_count: _Optional[int] = ..., page_count: _Optional[int] = ...) -> None: ...
+
+class ManifestFrame(_message.Message):
+    __slots__ = ("header", "member", "region", "entries", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: ManifestHeader
+    member: ManifestMember
+    region: ManifestRegion
+    entries: PageEntries
+    trailer: ManifestTrailer
+    def __init__(self, header: _Optional[_Union[ManifestHeader, _Mapping]] = ..., member: _Optional[_Union[ManifestMember, _Mapping]] = ..., region: _Optional[_Union[ManifestRegion, _Mapping]] = ..., entries: _Optional[_Union[PageEntries, _Mapping]] = ..., trailer: _Optional[_Union[ManifestTrailer, _Mapping]] = ...) -> None: ...
