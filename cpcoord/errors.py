@@ -124,6 +124,12 @@ class InvalidName(InvalidArgument):
     exit_code = 26
 
 
+class RangesOverlap(InvalidArgument):
+    """ranges {} and {} overlap: give each page to one range only"""
+
+    exit_code = 27
+
+
 # -- files and images (30-39) --------------------------------------------------------
 
 
@@ -148,6 +154,13 @@ class ImageMismatch(CpcoordError):
     status = "FAILED_PRECONDITION"
 
 
+class OutputNotEmpty(CpcoordError):
+    """output directory {} is not empty: refusing to overwrite what it holds"""
+
+    exit_code = 33
+    status = "ALREADY_EXISTS"
+
+
 # -- trackers (40-49) -----------------------------------------------------------------
 
 
@@ -163,3 +176,167 @@ class TrackerFailed(CpcoordError):
 
     exit_code = 41
     status = "INTERNAL"
+
+
+class NoKernelTracker(CpcoordError):
+    """no kernel-assisted tracker works here ({}): incremental captures would read every page"""
+
+    exit_code = 42
+    status = "FAILED_PRECONDITION"
+
+
+# uffd-wp tracker: 45-49 (40-44 belong to the generic and soft-dirty trackers).
+
+
+class InjectionFailed(TrackerFailed):
+    """syscall injection into pid {} failed at {}: {}"""
+
+    exit_code = 45
+    status = "INTERNAL"
+
+
+class UffdLost(TrackerFailed):
+    """uffd-wp lost track of pid {}: {} (the next capture must be full)"""
+
+    exit_code = 46
+    status = "FAILED_PRECONDITION"
+
+
+class UffdScanFailed(TrackerFailed):
+    """PAGEMAP_SCAN of pid {} failed over {}: {}"""
+
+    exit_code = 47
+    status = "INTERNAL"
+
+
+# -- store (60-69) --------------------------------------------------------------------
+
+
+class StoreError(CpcoordError):
+    """store error: {}"""
+
+    exit_code = 60
+    status = "INTERNAL"
+
+
+class ObjectNotFound(StoreError):
+    """store object {}/{} not found"""
+
+    exit_code = 61
+    status = "NOT_FOUND"
+
+
+class ChunkMismatch(StoreError):
+    """chunk {} does not match its content (BLAKE3 of the bytes is {}): nothing stored"""
+
+    exit_code = 62
+    status = "INVALID_ARGUMENT"
+
+
+class DataCorrupted(StoreError):
+    """damaged {} {}: {}"""
+
+    exit_code = 63
+    status = "DATA_LOSS"
+
+
+class ChunkMissing(StoreError):
+    """{} chunk(s) referenced by generation {} of job {} are not in the store (first: {})"""
+
+    exit_code = 64
+    status = "FAILED_PRECONDITION"
+
+
+class StoreLocked(StoreError):
+    """store {} is in use by another process: {}"""
+
+    exit_code = 65
+    status = "UNAVAILABLE"
+
+
+class NoSuchGeneration(StoreError):
+    """generation {} of job {} not found"""
+
+    exit_code = 66
+    status = "NOT_FOUND"
+
+
+class GenerationStateError(StoreError):
+    """generation {} of job {}: cannot {} ({})"""
+
+    exit_code = 67
+    status = "FAILED_PRECONDITION"
+
+
+class ManifestInvalid(StoreError):
+    """invalid manifest for generation {} of job {}: {}"""
+
+    exit_code = 68
+    status = "INVALID_ARGUMENT"
+
+
+class StoreInvalid(StoreError):
+    """store {} cannot be used: {}"""
+
+    exit_code = 69
+    status = "FAILED_PRECONDITION"
+
+
+# -- coordinator and protocol (50-59) -------------------------------------------------
+# 55 and 59 are free. An unknown generation is the store's NoSuchGeneration (66).
+
+
+class ProtocolViolation(CpcoordError):
+    """protocol: {} refused in state {} of job {} generation {}: {}"""
+
+    exit_code = 50
+    status = "FAILED_PRECONDITION"
+
+
+class UnknownMember(CpcoordError):
+    """job {} has no member {!r} {}"""
+
+    exit_code = 51
+    status = "NOT_FOUND"
+
+
+class GenerationAborted(CpcoordError):
+    """generation {} of job {} aborted: {} ({})"""
+
+    exit_code = 52
+    status = "ABORTED"
+
+
+class CancelTooLate(CpcoordError):
+    """cannot cancel generation {} of job {}: it is {}"""
+
+    exit_code = 53
+    status = "FAILED_PRECONDITION"
+
+
+class UnknownJob(CpcoordError):
+    """no such job: {!r}"""
+
+    exit_code = 54
+    status = "NOT_FOUND"
+
+
+class JobBusy(CpcoordError):
+    """job {} is busy: generation {} is in flight"""
+
+    exit_code = 56
+    status = "FAILED_PRECONDITION"
+
+
+class AgentUnavailable(CpcoordError):
+    """node {!r} has no connected agent"""
+
+    exit_code = 57
+    status = "UNAVAILABLE"
+
+
+class DuplicateMember(CpcoordError):
+    """job {} already has a member {!r}"""
+
+    exit_code = 58
+    status = "ALREADY_EXISTS"
