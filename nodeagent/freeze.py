@@ -11,7 +11,6 @@ frozen (register reads, syscall injection) and thaw must run on the same OS thre
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import signal
@@ -164,11 +163,49 @@ def thaw(fp: FrozenProcess) -> None:
     """Detach from every thread (re-injecting signals that arrived while frozen)."""
     if fp.thawed:
         return
+    dead: list[int] = []
     for tid in fp.tids:
-        # A thread that exited while frozen (e.g. killed) has nothing to release.
-        with contextlib.suppress(PtraceError):
+        try:
             ptrace(PTRACE_DETACH, tid, 0, fp.pending_signals.get(tid, 0))
+        except PtraceError:
+            # Not in a ptrace stop any more: it was killed while frozen.
+            dead.append(tid)
     fp.thawed = True
+    if dead:
+        _reap_dead_tracees(fp, dead)
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _reap_dead_tracees(fp: FrozenProcess, tids: list[int], timeout: float = 2.0) -> None:
+    """Collect threads that died while we traced them.
+
+    A traced thread that exits stays a zombie until its tracer waits for it, and the
+    process's leader cannot be reaped by its parent before every thread is: without
+    this, a target killed while frozen lingers as a zombie for as long as we live. The
+    tracer's wait on a leader it did not fork only hands it back to the real parent;
+    when we *are* the parent, the leader is left for our own wait (a test's Popen).
+    """
+    skip_leader = _parent_of(fp.pid) == os.getpid()
+    waiting = {t for t in tids if not (t == fp.pid and skip_leader)}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for tid in list(waiting):
+            try:
+                wpid, _ = os.waitpid(tid, os.WNOHANG | WALL)
+            except ChildProcessError:
+                waiting.discard(tid)
+                continue
+            if wpid:
+                waiting.discard(tid)
+        if waiting:
+            time.sleep(0.001)
 
 
 @contextmanager

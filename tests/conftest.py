@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# Target-process fixtures (target, target_factory): tests/helpers/fixtures.py;
+# SeaweedFS S3 servers (seaweed, seaweed_private): tests/helpers/seaweed.py.
+pytest_plugins = ["tests.helpers.fixtures", "tests.helpers.seaweed"]
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

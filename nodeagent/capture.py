@@ -1,0 +1,308 @@
+"""The capture engine: freeze a process, copy the selected pages into staging, thaw.
+
+Owns the sequence of one capture and its result value (DESIGN.md, step 4):
+
+1. *Prepare*, target running: read the maps, resolve regions, read pagemap, size and
+   prefault the staging buffer from that estimate (first-touch faults on our side would
+   otherwise land inside the frozen window).
+2. *Frozen*: read the maps and pagemap again (authoritative: this is the cut), ask the
+   hooks which pages changed (a tracker's ChangedSet restricts the copy: issue 3), grow
+   staging only if the estimate was short, copy with batched `process_vm_readv`, check
+   the process is still alive, let the hooks re-arm, thaw.
+3. After thaw: zero pages are detected (vectorised) and marked, and the result is built.
+
+The result aliases the staging buffer: a later capture into the same Staging overwrites it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import NoSuchProcess, ProcessExited
+from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE, AddressRange
+from nodeagent.freeze import FrozenProcess, frozen
+from nodeagent.pagemap import (
+    PagemapReader,
+    PageNumbers,
+    Runs,
+    empty_pages,
+    runs_from_pages,
+    taken_in,
+)
+from nodeagent.procfs import Mapping, ProcessIdentity, check_alive, read_maps
+from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
+from nodeagent.regions import RegionSpec, resolve_regions, segment_pages
+from nodeagent.trackers.base import ChangedSet
+
+log = logging.getLogger(__name__)
+
+# Staging headroom over the pre-pass estimate, for pages that appear before the freeze.
+SLACK_FRACTION = 1 / 16
+SLACK_MIN = 64 * PAGE_SIZE
+
+
+class CaptureHooks(Protocol):
+    """Called on the freezing thread while the target is frozen (issue 3 plugs in here)."""
+
+    def changed(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> ChangedSet | None:
+        """Page numbers to copy (intersected with the pages taken by the rule); None
+        copies every taken page (a full capture). Runs before the copy."""
+        ...
+
+    def after_copy(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> None:
+        """Runs after the copy, before the thaw: the place to arm or re-arm a tracker."""
+        ...
+
+
+@dataclass(frozen=True)
+class CapturedRegion:
+    """One region's pages at the cut. Offsets count pages from `start`, sorted."""
+
+    name: str
+    start: int
+    end: int
+    pages: npt.NDArray[np.uint64]  # offsets copied into staging (all of them if full)
+    all_pages: npt.NDArray[np.uint64]  # offsets taken by the rule (present or swapped)
+    zero: npt.NDArray[np.bool_]  # per entry of `pages`: the page is all zeros
+    data: npt.NDArray[np.uint8]  # (len(pages), PAGE_SIZE): row i holds page pages[i]
+    requested: AddressRange | None = None
+
+    @property
+    def runs(self) -> Runs:
+        return runs_from_pages(self.pages)
+
+    @property
+    def all_runs(self) -> Runs:
+        return runs_from_pages(self.all_pages)
+
+    @property
+    def zero_count(self) -> int:
+        return int(np.count_nonzero(self.zero))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.pages.size) * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class CaptureTimings:
+    """Seconds. `frozen` spans the first seize to the last detach (an upper bound)."""
+
+    prepare: float
+    freeze: float
+    select: float
+    copy: float
+    thaw: float
+    frozen: float
+    zero_scan: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Capture:
+    ident: ProcessIdentity
+    maps: tuple[Mapping, ...]  # the maps at the cut
+    regions: tuple[CapturedRegion, ...]
+    timings: CaptureTimings
+    incremental: bool  # hooks restricted the copy to a changed set
+    readv_calls: int
+    fallback_bytes: int  # read through /proc/PID/mem
+    unreadable_pages: int  # taken by the rule but readable by neither path: left out
+    staging: Staging
+
+    @property
+    def pages(self) -> int:
+        return sum(int(r.pages.size) for r in self.regions)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages * PAGE_SIZE
+
+    @property
+    def zero_pages(self) -> int:
+        return sum(r.zero_count for r in self.regions)
+
+    def region(self, name: str) -> CapturedRegion:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+def select_pages(
+    pm: PagemapReader, specs: Sequence[RegionSpec], maps: Sequence[Mapping]
+) -> list[PageNumbers]:
+    """Per region, the page numbers the seed's rule takes: fully inside the region, in a
+    readable mapping, present or swapped. Sorted; regions must be sorted and disjoint."""
+    lo, hi = segment_pages(specs, maps)
+    pages = taken_in(pm, lo, hi)
+    starts = np.array([s.start >> PAGE_SHIFT for s in specs], dtype=np.uint64)
+    ends = np.array([s.end >> PAGE_SHIFT for s in specs], dtype=np.uint64)
+    a = np.searchsorted(pages, starts, side="left")
+    b = np.searchsorted(pages, ends, side="left")
+    return [pages[i:j] for i, j in zip(a.tolist(), b.tolist(), strict=True)]
+
+
+def zero_rows(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """Which rows (pages) of `(n, PAGE_SIZE)` data are all zeros.
+
+    A page whose first and last words are not both zero cannot be a zero page: that
+    check reads two cache lines per page, and only the few candidates left are scanned
+    whole (in bounded chunks), so incompressible data costs almost nothing here.
+    """
+    n = data.shape[0]
+    zero = np.zeros(n, dtype=np.bool_)
+    if n == 0:
+        return zero
+    words = data.view(np.uint64).reshape(n, PAGE_SIZE // 8)
+    cand = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+    step = 8192  # 32 MiB of candidate pages per pass
+    for i in range(0, cand.size, step):
+        c = cand[i : i + step]
+        zero[c] = ~words[c].any(axis=1)
+    return zero
+
+
+def _intersect(taken: PageNumbers, changed: ChangedSet) -> PageNumbers:
+    return np.intersect1d(taken, changed.pages, assume_unique=True).astype(np.uint64)
+
+
+def capture(
+    ident: ProcessIdentity,
+    ranges: Sequence[AddressRange] | None = None,
+    *,
+    hooks: CaptureHooks | None = None,
+    staging: Staging | None = None,
+    freeze_timeout: float = 5.0,
+    readv: ReadvFn = _sys_readv,
+) -> Capture:
+    """Capture the process's regions (`ranges`, or the default set when None).
+
+    Raises NoSuchProcess / PidReused before anything happens, ProcessExited when it dies
+    on the way, PermissionDenied, FreezeFailed, RangeUnmapped, RangesOverlap. The target
+    is thawed on every path.
+    """
+    t0 = time.perf_counter()
+    ident.check()
+    check_alive(ident, "capture")
+    pid = ident.pid
+    staging = staging if staging is not None else Staging()
+    reader = MemoryReader(pid, readv)
+    with PagemapReader(pid) as pm:
+        try:
+            # -- prepare (running) -----------------------------------------------------
+            maps0 = read_maps(pid)
+            specs0 = resolve_regions(ranges, maps0, pid)
+            estimate = sum(int(p.size) for p in select_pages(pm, specs0, maps0)) * PAGE_SIZE
+            staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
+            t1 = time.perf_counter()
+            # -- frozen ----------------------------------------------------------------
+            with frozen(ident, freeze_timeout) as fp:
+                t2 = time.perf_counter()
+                maps = read_maps(pid)
+                specs = resolve_regions(ranges, maps, pid)
+                taken = select_pages(pm, specs, maps)
+                changed = hooks.changed(fp, maps) if hooks is not None else None
+                copied = taken if changed is None else [_intersect(t, changed) for t in taken]
+                allp = np.concatenate(copied) if copied else empty_pages()
+                if staging.reserve(allp.size * PAGE_SIZE):
+                    log.warning(
+                        "staging grown while frozen: pages appeared after the pre-pass",
+                        extra={"fields": {"pid": pid, "estimate": estimate, "pages": allp.size}},
+                    )
+                t3 = time.perf_counter()
+                remote = runs_from_pages(allp) << np.uint64(PAGE_SHIFT)
+                stats = reader.read_runs(remote, staging.address)
+                check_alive(ident, "capture")
+                if hooks is not None:
+                    hooks.after_copy(fp, maps)
+                t4 = time.perf_counter()
+            t5 = time.perf_counter()
+        except NoSuchProcess:
+            raise ProcessExited(pid, "capture") from None
+        finally:
+            reader.close()
+    regions = _build(specs, taken, copied, stats.unreadable, staging)
+    t6 = time.perf_counter()
+    timings = CaptureTimings(
+        prepare=t1 - t0,
+        freeze=t2 - t1,
+        select=t3 - t2,
+        copy=t4 - t3,
+        thaw=t5 - t4,
+        frozen=t5 - t1,
+        zero_scan=t6 - t5,
+        total=t6 - t0,
+    )
+    result = Capture(
+        ident=ident,
+        maps=tuple(maps),
+        regions=regions,
+        timings=timings,
+        incremental=changed is not None,
+        readv_calls=stats.readv_calls,
+        fallback_bytes=stats.fallback_bytes,
+        unreadable_pages=int(stats.unreadable.size),
+        staging=staging,
+    )
+    log.info(
+        "captured",
+        extra={
+            "fields": {
+                "pid": pid,
+                "regions": len(regions),
+                "pages": result.pages,
+                "zero_pages": result.zero_pages,
+                "unreadable": result.unreadable_pages,
+                "prepare_ms": round(timings.prepare * 1e3, 3),
+                "freeze_ms": round(timings.freeze * 1e3, 3),
+                "select_ms": round(timings.select * 1e3, 3),
+                "copy_ms": round(timings.copy * 1e3, 3),
+                "thaw_ms": round(timings.thaw * 1e3, 3),
+                "frozen_ms": round(timings.frozen * 1e3, 3),
+            }
+        },
+    )
+    return result
+
+
+def _build(
+    specs: Sequence[RegionSpec],
+    taken: Sequence[PageNumbers],
+    copied: Sequence[PageNumbers],
+    unreadable: PageNumbers,
+    staging: Staging,
+) -> tuple[CapturedRegion, ...]:
+    """Region values over the staging rows; unreadable pages are dropped (rare path:
+    that region's rows are compacted into a copy)."""
+    out: list[CapturedRegion] = []
+    row = 0
+    for spec, t, c in zip(specs, taken, copied, strict=True):
+        data = staging.pages(row, int(c.size))
+        row += int(c.size)
+        if unreadable.size:
+            keep = ~np.isin(c, unreadable, assume_unique=True)
+            if not keep.all():
+                data, c = data[keep], c[keep]
+                t = t[~np.isin(t, unreadable, assume_unique=True)]
+        base = np.uint64(spec.start >> PAGE_SHIFT)
+        out.append(
+            CapturedRegion(
+                name=spec.name,
+                start=spec.start,
+                end=spec.end,
+                pages=c - base,
+                all_pages=t - base,
+                zero=zero_rows(data),
+                data=data,
+                requested=spec.requested,
+            )
+        )
+    return tuple(out)

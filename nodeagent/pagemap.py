@@ -1,0 +1,231 @@
+"""Bulk reads of /proc/PID/pagemap and the vectorised page arithmetic built on them.
+
+Owns: the pagemap bit layout, reading pagemap words for a page range in large `preadv`
+calls straight into a reusable NumPy uint64 buffer, the seed's "present or swapped" mask,
+and conversions between sorted page-number arrays and runs `(start, count)`.
+
+Every function works on whole arrays: a Python loop per page is a bug here
+(DESIGN.md, Trackers). Runs are `(n, 2)` uint64 arrays of `[first_page, count]`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, ReadFailed
+from cpcoord.ranges import PAGE_SHIFT
+
+PageNumbers = npt.NDArray[np.uint64]
+Runs = npt.NDArray[np.uint64]  # shape (n, 2): [first page, count]
+
+# Bits of a pagemap word (Documentation/admin-guide/mm/pagemap.rst).
+PM_PRESENT = np.uint64(1 << 63)
+PM_SWAPPED = np.uint64(1 << 62)
+PM_FILE_SHARED = np.uint64(1 << 61)
+PM_GUARD_REGION = np.uint64(1 << 58)  # MADV_GUARD_INSTALL marker (Linux >= 6.15)
+PM_UFFD_WP = np.uint64(1 << 57)
+PM_EXCLUSIVE = np.uint64(1 << 56)
+PM_SOFT_DIRTY = np.uint64(1 << 55)
+PM_TAKEN = PM_PRESENT | PM_SWAPPED
+# A swapped word's low bits are swap type | offset << 5, shown only with CAP_SYS_ADMIN.
+# Type 31 (the last of 1 << MAX_SWAPFILES_SHIFT) is SWP_PTE_MARKER: a PTE marker (uffd-wp
+# on a never-touched page, guard, poison) that holds no data. Without the capability the
+# bits are 0 and a marker looks like swap: it is then read (as zeros), still correct.
+SWP_TYPE_MASK = np.uint64(0x1F)
+SWP_PTE_MARKER = np.uint64(0x1F)
+
+WORD = 8
+# Pages read per preadv: 1 Mi pages = 8 MiB of words = 4 GiB of address space. Bounds the
+# buffer for huge sparse mappings while keeping the syscall count tiny for real ones.
+CHUNK_PAGES = 1 << 20
+# Segments closer than this are read in one window; reading the gap's words costs less
+# than another syscall (4096 pages of gap = 32 KiB of words).
+GAP_PAGES = 4096
+
+
+def empty_pages() -> PageNumbers:
+    return np.zeros(0, dtype=np.uint64)
+
+
+def empty_runs() -> Runs:
+    return np.zeros((0, 2), dtype=np.uint64)
+
+
+class PagemapReader:
+    """An open /proc/PID/pagemap with a reusable word buffer (prefaulted on first use)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise NoSuchProcess(pid) from None
+        except PermissionError as e:
+            raise PermissionDenied("read pagemap of", pid, e.strerror) from None
+        self._buf = np.empty(0, dtype=np.uint64)
+
+    def __enter__(self) -> PagemapReader:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _buffer(self, npages: int) -> npt.NDArray[np.uint64]:
+        if self._buf.size < npages:
+            self._buf = np.empty(max(npages, min(CHUNK_PAGES, 1 << 16)), dtype=np.uint64)
+            self._buf.fill(0)  # touch it now, not while the target is frozen
+        return self._buf[:npages]
+
+    def words(self, first_page: int, npages: int) -> npt.NDArray[np.uint64]:
+        """Pagemap words of pages `[first_page, first_page + npages)`, npages <= CHUNK_PAGES.
+
+        The returned array is a view of the reader's buffer, valid until the next call.
+        """
+        out = self._buffer(npages)
+        view = out.data.cast("B")
+        want = npages * WORD
+        done = 0
+        while done < want:
+            try:
+                got = os.preadv(self._fd, [view[done:]], first_page * WORD + done)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    raise ProcessExited(self.pid, "capture") from None
+                if e.errno in (errno.EPERM, errno.EACCES):
+                    raise PermissionDenied("read pagemap of", self.pid, e.strerror) from None
+                raise ReadFailed(self.pid, f"pagemap page 0x{first_page:x}", e.strerror) from None
+            if got == 0:
+                # The kernel returns 0 once the mm is gone: the process exited.
+                raise ProcessExited(self.pid, "capture")
+            done += got
+        return out
+
+    def taken(self, start: int, end: int) -> PageNumbers:
+        """Page numbers in `[start, end)` (page-aligned addresses) that are present or
+        swapped, sorted."""
+        return self.taken_pages(start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+
+    def taken_pages(self, first: int, last: int) -> PageNumbers:
+        """Present-or-swapped page numbers in pages `[first, last)`, sorted."""
+        parts: list[PageNumbers] = []
+        for lo in range(first, last, CHUNK_PAGES):
+            n = min(CHUNK_PAGES, last - lo)
+            w = self.words(lo, n)
+            idx = np.flatnonzero(taken_mask(w))
+            if idx.size:
+                parts.append(idx.astype(np.uint64) + np.uint64(lo))
+        if not parts:
+            return empty_pages()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def taken_in(pm: PagemapReader, lo: PageNumbers, hi: PageNumbers) -> PageNumbers:
+    """Present-or-swapped pages inside the sorted, disjoint segments `[lo[i], hi[i])`.
+
+    Segments closer than GAP_PAGES are read as one window (one preadv instead of one per
+    mapping: a process has hundreds of small mappings side by side); pages that fall in
+    the gaps are then masked out with one searchsorted.
+    """
+    if lo.size == 0:
+        return empty_pages()
+    brk = np.flatnonzero(lo[1:] - hi[:-1] > np.uint64(GAP_PAGES)) + 1
+    wlo = lo[np.concatenate(([0], brk))]
+    whi = hi[np.concatenate((brk - 1, [lo.size - 1]))]
+    parts = [pm.taken_pages(int(a), int(b)) for a, b in zip(wlo, whi, strict=True)]
+    pages = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if len(parts) == lo.size:  # no window spans a gap: nothing to mask
+        return pages
+    k = np.searchsorted(lo, pages, side="right") - 1
+    return pages[pages < hi[k]]
+
+
+def taken_mask(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """The seed's rule on pagemap words: present (bit 63) or swapped (bit 62).
+
+    PTE markers are reported as swapped but hold nothing: guard pages of
+    MADV_GUARD_INSTALL (also bit 58) and userfaultfd write-protect markers on pages never
+    touched (uffd-wp with WP_UNPOPULATED). They are left out, recognised by bit 58 or by
+    their swap type (SWP_PTE_MARKER) when the kernel shows it.
+    """
+    present = (words & PM_PRESENT) != 0
+    swapped = (words & PM_SWAPPED) != 0
+    marker = ((words & PM_GUARD_REGION) != 0) | ((words & SWP_TYPE_MASK) == SWP_PTE_MARKER)
+    return present | (swapped & ~marker)
+
+
+def runs_from_pages(pages: PageNumbers) -> Runs:
+    """Sorted unique page numbers -> runs of consecutive pages, `(n, 2)` [start, count]."""
+    p = np.asarray(pages, dtype=np.uint64)
+    if p.size == 0:
+        return empty_runs()
+    # A run breaks wherever the next page is not this page + 1.
+    breaks = np.flatnonzero(np.diff(p) != 1) + 1
+    starts_idx = np.concatenate(([0], breaks))
+    ends_idx = np.concatenate((breaks, [p.size]))
+    out = np.empty((starts_idx.size, 2), dtype=np.uint64)
+    out[:, 0] = p[starts_idx]
+    out[:, 1] = ends_idx - starts_idx
+    return out
+
+
+def pages_from_runs(runs: Runs) -> PageNumbers:
+    """Runs `(n, 2)` -> sorted page numbers, without a loop per run or per page."""
+    r = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
+    counts = r[:, 1].astype(np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return empty_pages()
+    keep = counts > 0
+    r, counts = r[keep], counts[keep]
+    # Step array: 1 everywhere, and at each run's first slot the jump from the previous
+    # run's last page; a cumulative sum then yields every page number.
+    steps = np.ones(total, dtype=np.int64)
+    starts = r[:, 0].astype(np.int64)
+    steps[0] = starts[0]
+    firsts = np.cumsum(counts)[:-1]
+    steps[firsts] = starts[1:] - (starts[:-1] + counts[:-1] - 1)
+    return np.cumsum(steps).astype(np.uint64)
+
+
+def runs_to_list(runs: Runs) -> list[list[int]]:
+    """Runs as JSON-ready `[[offset, count], ...]`."""
+    out: list[list[int]] = np.asarray(runs, dtype=np.uint64).reshape(-1, 2).tolist()
+    return out
+
+
+def runs_from_list(items: object) -> Runs:
+    """Parse `[[offset, count], ...]`; raises ValueError when the shape or values are bad."""
+    if not isinstance(items, list):
+        raise ValueError("runs must be a list of [offset, count] pairs")
+    if not items:
+        return empty_runs()
+    try:
+        raw = np.array(items)
+    except ValueError:  # ragged
+        raise ValueError("each run must be [offset, count]") from None
+    if raw.ndim != 2 or raw.shape[1] != 2 or raw.dtype.kind not in "iu":
+        raise ValueError("each run must be [offset, count] with integers")
+    if raw.dtype.kind == "i" and np.any(raw < 0):
+        raise ValueError("run offsets and counts must not be negative")
+    arr = raw.astype(np.uint64)
+    if np.any(arr[:, 1] == 0):
+        raise ValueError("a run must hold at least one page")
+    if arr.shape[0] > 1 and np.any(arr[1:, 0] < arr[:-1, 0] + arr[:-1, 1]):
+        raise ValueError("runs must be sorted and must not overlap")
+    return arr
+
+
+def count_pages(runs: Runs) -> int:
+    return int(np.asarray(runs, dtype=np.uint64).reshape(-1, 2)[:, 1].sum())
