@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
-ls /boot/vmlinuz-* >/dev/null 2>&1 || need_apt+=(linux-image-amd64)
-[ -x /bin/busybox ] || need_apt+=(busybox-static)
+# Debian's stock kernel has CONFIG_MEM_SOFT_DIRTY: the soft-dirty tests boot it under qemu.
+dpkg -s linux-image-amd64 >/dev/null 2>&1 || need_apt+=(linux-image-amd64)
+dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v cpio >/dev/null || need_apt+=(cpio)
 command -v gcc >/dev/null || need_apt+=(gcc)
 if [ ${#need_apt[@]} -gt 0 ]; then
