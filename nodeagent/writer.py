@@ -1,0 +1,242 @@
+"""Writing pages into another process: batched `process_vm_writev`, `/proc/PID/mem` fallback.
+
+Owns the write side of restore, the mirror of reader.py. Callers hand in *pieces*, built in
+bulk with NumPy: `(n, 2)` remote iovecs `[address, length]` and `(n, 2)` local iovecs of
+the same lengths (one local per remote, so a short write maps back to its piece).
+
+- Pieces in mappings the target may write go out in `process_vm_writev` calls of at most
+  IOV_MAX pairs. A short write (a page the kernel refused) continues through
+  `/proc/PID/mem` from the byte where it stopped.
+- Pieces in mappings the target may not write (read-only private mappings) go straight
+  to `/proc/PID/mem`: its writes use FOLL_FORCE, like a debugger's breakpoint, and break
+  copy-on-write. Remote-contiguous pieces are written by one `pwritev` (iovecs in bulk).
+- Zero runs read from `zero_source()`: a read-only anonymous mapping that is never written,
+  so all of it is the kernel's shared zero page and costs no memory here.
+
+A byte neither path can write is an error (WriteFailed), never skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import PermissionDenied, ProcessExited, WriteFailed
+from nodeagent.reader import IOV_MAX
+
+ZERO_CHUNK = 8 << 20  # bytes of the zero source; longer zero runs are split into pieces
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_writev = _libc.process_vm_writev
+_writev.argtypes = [
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_writev.restype = ctypes.c_ssize_t
+_pwritev = _libc.pwritev
+_pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+_pwritev.restype = ctypes.c_ssize_t
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+
+# (pid, local iovecs ptr, nlocal, remote iovecs ptr, nremote) -> bytes or -1 (errno set).
+WritevFn = Callable[[int, int, int, int, int], int]
+
+
+def _sys_writev(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
+    return int(_writev(pid, local, nlocal, remote, nremote, 0))
+
+
+@cache
+def zero_source() -> int:
+    """Address of ZERO_CHUNK bytes that read as zeros for the life of this process."""
+    prot_read, map_private, map_anon = 1, 0x02, 0x20
+    addr = _libc.mmap(None, ZERO_CHUNK, prot_read, map_private | map_anon, -1, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of the zero source: {os.strerror(err)}")
+    return int(addr)
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    writev_calls: int
+    writev_bytes: int  # written by process_vm_writev
+    mem_bytes: int  # written through /proc/PID/mem (read-only mappings, short writes)
+
+
+def _ends(iov: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Cumulative byte offsets `(n + 1,)` of the pieces, from 0."""
+    offsets = np.zeros(iov.shape[0] + 1, dtype=np.uint64)
+    np.cumsum(iov[:, 1], out=offsets[1:])
+    return offsets
+
+
+class MemoryWriter:
+    """Writes pieces of local memory into another process (which should be frozen)."""
+
+    def __init__(self, pid: int, writev: WritevFn = _sys_writev) -> None:
+        self.pid = pid
+        self._writev = writev  # injectable so tests can make process_vm_writev fail
+        self._mem_fd = -1
+
+    def close(self) -> None:
+        if self._mem_fd >= 0:
+            os.close(self._mem_fd)
+            self._mem_fd = -1
+
+    def __enter__(self) -> MemoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(
+        self,
+        remote: npt.NDArray[np.uint64],
+        local: npt.NDArray[np.uint64],
+        forced: npt.NDArray[np.bool_],
+    ) -> WriteStats:
+        """Write every piece: `remote[i]` <- `local[i]` (same lengths); pieces with
+        `forced[i]` lie in mappings the target cannot write and go through /proc/PID/mem."""
+        remote = np.ascontiguousarray(remote, dtype=np.uint64).reshape(-1, 2)
+        local = np.ascontiguousarray(local, dtype=np.uint64).reshape(-1, 2)
+        if remote.shape != local.shape or np.any(remote[:, 1] != local[:, 1]):
+            raise ValueError("remote and local pieces must pair up with equal lengths")
+        keep = ~forced
+        calls, vbytes, fell = self._writev_pieces(
+            np.ascontiguousarray(remote[keep]), np.ascontiguousarray(local[keep])
+        )
+        mem = self._mem_pieces(remote[forced], local[forced])
+        return WriteStats(calls, vbytes - fell, fell + mem)
+
+    # -- process_vm_writev ------------------------------------------------------------
+
+    def _writev_pieces(
+        self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]
+    ) -> tuple[int, int, int]:
+        n = remote.shape[0]
+        offsets = _ends(remote)
+        calls = 0
+        fallback = 0
+        i = 0
+        while i < n:
+            k = min(IOV_MAX, n - i)
+            want = int(offsets[i + k] - offsets[i])
+            got = self._writev(self.pid, local[i:].ctypes.data, k, remote[i:].ctypes.data, k)
+            calls += 1
+            if got == want:
+                i += k
+                continue
+            if got < 0:
+                err = ctypes.get_errno()
+                if err == errno.ESRCH:
+                    raise ProcessExited(self.pid, "restore")
+                if err == errno.EPERM:
+                    raise PermissionDenied("write memory of", self.pid, os.strerror(err))
+                if err not in (errno.EFAULT, errno.EIO):
+                    raise WriteFailed(self.pid, f"0x{int(remote[i, 0]):x}", os.strerror(err))
+                got = 0
+            # Short: the rest of the piece it stopped in goes through /proc/PID/mem.
+            stop = int(offsets[i]) + got
+            j = int(np.searchsorted(offsets, stop, side="right")) - 1
+            into = stop - int(offsets[j])
+            rest = int(remote[j, 1]) - into
+            self._mem_write(int(remote[j, 0]) + into, rest, int(local[j, 0]) + into)
+            fallback += rest
+            i = j + 1
+        return calls, int(offsets[-1]), fallback
+
+    # -- /proc/PID/mem ----------------------------------------------------------------
+
+    def _mem(self) -> int:
+        if self._mem_fd < 0:
+            try:
+                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            except (FileNotFoundError, ProcessLookupError):
+                raise ProcessExited(self.pid, "restore") from None
+            except PermissionError as e:
+                raise PermissionDenied("write memory of", self.pid, e.strerror) from None
+        return self._mem_fd
+
+    def _mem_pieces(self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]) -> int:
+        """pwritev per group of remote-contiguous pieces (at most IOV_MAX each)."""
+        n = remote.shape[0]
+        if n == 0:
+            return 0
+        local = np.ascontiguousarray(local)
+        contiguous = remote[1:, 0] == remote[:-1, 0] + remote[:-1, 1]
+        starts = np.concatenate(([0], np.flatnonzero(~contiguous) + 1, [n]))
+        total = 0
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            for lo in range(a, b, IOV_MAX):
+                hi = min(b, lo + IOV_MAX)
+                total += self._mem_group(remote[lo:hi], local[lo:hi])
+        return total
+
+    def _mem_group(self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]) -> int:
+        fd = self._mem()
+        offsets = _ends(remote)
+        want = int(offsets[-1])
+        base = int(remote[0, 0])
+        got = int(_pwritev(fd, local.ctypes.data, local.shape[0], base))
+        if got == want:
+            return want
+        if got < 0:
+            err = ctypes.get_errno()
+            if err == errno.ESRCH:
+                raise ProcessExited(self.pid, "restore")
+            if err not in (errno.EIO, errno.EFAULT):
+                raise WriteFailed(self.pid, f"0x{base:x}", os.strerror(err))
+            got = 0
+        # Short: finish piece by piece from where it stopped (each raises if it cannot).
+        j = int(np.searchsorted(offsets, got, side="right")) - 1
+        into = got - int(offsets[j])
+        self._mem_write(int(remote[j, 0]) + into, int(remote[j, 1]) - into, int(local[j, 0]) + into)
+        for r in range(j + 1, remote.shape[0]):
+            self._mem_write(int(remote[r, 0]), int(remote[r, 1]), int(local[r, 0]))
+        return want
+
+    def _mem_write(self, addr: int, length: int, src: int) -> None:
+        fd = self._mem()
+        done = 0
+        while done < length:
+            buf = (ctypes.c_char * (length - done)).from_address(src + done)
+            try:
+                got = os.pwritev(fd, [buf], addr + done)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    raise ProcessExited(self.pid, "restore") from None
+                raise WriteFailed(self.pid, f"0x{addr + done:x}", e.strerror) from None
+            if got <= 0:
+                if not _alive(self.pid):
+                    raise ProcessExited(self.pid, "restore")
+                raise WriteFailed(self.pid, f"0x{addr + done:x}", "the kernel wrote nothing")
+            done += got
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")

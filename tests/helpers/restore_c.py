@@ -1,0 +1,149 @@
+"""Test-side drivers of the C restore target (tests/helpers/c/restore_target.c) and the C
+example (examples/c/checkpoint_self.c): building them, and talking to running ones.
+
+    exe = build_c(RESTORE_TARGET, tmp_dir)
+    with CmdTarget(exe, pages=64) as t:       # explicit-region mode
+        t.step(10); t.check(); t.stats()
+    with SpinTarget(exe) as t:                # whole-memory mode
+        t.counters()                          # {"main": ..., "fp_n": ..., ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from tests.conftest import require
+
+REPO = Path(__file__).resolve().parents[2]
+RESTORE_TARGET = REPO / "tests" / "helpers" / "c" / "restore_target.c"
+C_EXAMPLE = REPO / "examples" / "c" / "checkpoint_self.c"
+SPIN_FIELDS = ("main", "main_sum", "fp", "fp_n", "naps", "naps_sum", "waits", "waits_sum")
+
+
+def build_c(source: Path, out_dir: Path) -> Path:
+    require(shutil.which("gcc") is not None, "gcc is needed to build the C test programs")
+    out = out_dir / source.stem
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(out), str(source)], check=True
+    )
+    return out
+
+
+def read_mem(pid: int, addr: int, n: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(n)
+
+
+def digest(pid: int, spans: list[tuple[int, int]]) -> str:
+    """BLAKE2 of the bytes of `[start, end)` spans of a process (through /proc/PID/mem)."""
+    h = hashlib.blake2b()
+    for a, b in spans:
+        h.update(read_mem(pid, a, b - a))
+    return h.hexdigest()
+
+
+class _Proc:
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.pid = self.proc.pid
+        self.first = self.line().split()
+
+    def line(self, timeout: float = 20.0) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"pid {self.pid} did not answer in {timeout}s")
+        out = self.proc.stdout.readline().decode().strip()
+        if not out:
+            raise AssertionError(f"pid {self.pid} exited: {self.proc.wait()} {self.stderr()}")
+        return out
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read().decode()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class CmdTarget(_Proc):
+    """`restore_target cmd PAGES`: a state region changed only on command."""
+
+    def __init__(self, exe: Path, pages: int = 64) -> None:
+        super().__init__([str(exe), "cmd", str(pages)])
+        self.addr = int(self.first[1], 16)
+        self.pages = pages
+        self.end = self.addr + pages * 4096
+
+    def __enter__(self) -> CmdTarget:
+        return self
+
+    def send(self, text: str) -> dict[str, str]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        words = self.line().split()
+        out = dict(w.split("=", 1) for w in words[1:])
+        out["status"] = words[0]
+        return out
+
+    def step(self, k: int) -> dict[str, str]:
+        return self.send(f"step {k}")
+
+    def check(self) -> dict[str, str]:
+        return self.send("check")
+
+    def stats(self) -> dict[str, str]:
+        return self.send("stats")
+
+    def region(self) -> np.ndarray:
+        return np.frombuffer(read_mem(self.pid, self.addr, self.end - self.addr), np.uint8)
+
+
+class SpinTarget(_Proc):
+    """`restore_target spin`: threads whose registers must agree with their memory."""
+
+    def __init__(self, exe: Path) -> None:
+        super().__init__([str(exe), "spin"])
+        self.state = int(self.first[1], 16)
+
+    def __enter__(self) -> SpinTarget:
+        return self
+
+    def counters(self, raw: bytes | None = None) -> dict[str, float]:
+        data = raw if raw is not None else read_mem(self.pid, self.state, 64)
+        words = np.frombuffer(data[:64], dtype=np.uint64)
+        out: dict[str, float] = {k: int(v) for k, v in zip(SPIN_FIELDS, words, strict=True)}
+        out["fp"] = float(np.frombuffer(data[16:24], dtype=np.float64)[0])
+        return out
+
+    def wait_exit(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            time.sleep(0.02)
+        return None

@@ -1,0 +1,154 @@
+"""The restore write plan (nodeagent.restore_plan) against a simulated address space.
+
+A plan is applied to a NumPy model of memory by copying each piece's local bytes (real
+pointers into the contents' arrays and the zero source) to its remote place; the result
+must be the cut in every region up to its write end, untouched elsewhere, and never a
+write where none is needed (an absent page of a private mapping).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.procfs import Mapping
+from nodeagent.restore import RegionContents
+from nodeagent.restore_plan import build_plan
+from nodeagent.writer import ZERO_CHUNK, zero_source
+
+BASE = 0x7F0000000000
+PAGES = 96
+
+
+def mapping(first: int, count: int, perms: str) -> Mapping:
+    return Mapping(
+        BASE + first * PAGE_SIZE, BASE + (first + count) * PAGE_SIZE, perms, 0, "00:00", 0, ""
+    )
+
+
+@st.composite
+def worlds(
+    draw: st.DrawFn,
+) -> tuple[list[Mapping], list[tuple[RegionContents, int]], np.ndarray, int]:
+    # Mappings tile [0, PAGES) in pages, each with random perms (private/shared, r/w).
+    cuts = sorted(set(draw(st.lists(st.integers(1, PAGES - 1), max_size=6))))
+    bounds = [0, *cuts, PAGES]
+    perms = draw(
+        st.lists(
+            st.sampled_from(["rw-p", "r--p", "rw-s", "---p"]),
+            min_size=len(bounds) - 1,
+            max_size=len(bounds) - 1,
+        )
+    )
+    maps = [
+        mapping(a, b - a, p) for (a, b), p in zip(itertools.pairwise(bounds), perms, strict=True)
+    ]
+    # Regions: disjoint page ranges, some pages with data, maybe a clipped end.
+    edges = sorted(set(draw(st.lists(st.integers(0, PAGES), min_size=2, max_size=6))))
+    regions = []
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    for a, b in zip(edges[::2], edges[1::2], strict=False):
+        if b <= a:
+            continue
+        n = b - a
+        pages = np.flatnonzero(rng.random(n) < draw(st.floats(0, 1))).astype(np.uint64)
+        data = rng.integers(1, 255, size=(pages.size, PAGE_SIZE), dtype=np.uint8)
+        c = RegionContents(f"r{a}", BASE + a * PAGE_SIZE, BASE + b * PAGE_SIZE, pages, data)
+        clip = draw(st.integers(0, PAGE_SIZE - 1))
+        regions.append((c, c.end - clip))
+    present = np.flatnonzero(rng.random(PAGES) < 0.5).astype(np.uint64) + np.uint64(
+        BASE // PAGE_SIZE
+    )
+    return maps, regions, present, int(rng.integers(0, 2**31))
+
+
+def present_fn(present: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def fn(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(lo, present, side="right") - 1
+        ok = (k >= 0) & (present < hi[np.maximum(k, 0)])
+        return present[ok]
+
+    return fn
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds())
+def test_plan_writes_exactly_the_cut(world: tuple[Any, ...]) -> None:
+    maps, regions, present, seed = world
+    plan = build_plan(regions, maps, present_fn(present), "m")
+    mem = np.random.default_rng(seed).integers(0, 255, size=PAGES * PAGE_SIZE, dtype=np.uint8)
+    orig = mem.copy()
+    written = np.zeros(mem.size, dtype=bool)
+    for (ra, rl), (la, ll) in zip(plan.remote.tolist(), plan.local.tolist(), strict=True):
+        assert rl == ll and rl > 0
+        off = ra - BASE
+        assert not written[off : off + rl].any(), "pieces overlap"
+        mem[off : off + rl] = np.frombuffer(ctypes.string_at(la, ll), np.uint8)
+        written[off : off + rl] = True
+    assert np.all(np.diff(plan.remote[:, 0].astype(np.int64)) > 0), "pieces not sorted"
+    want = orig.copy()
+    need = np.zeros(mem.size, dtype=bool)  # bytes that must be written
+    page_present = np.zeros(PAGES, dtype=bool)
+    page_present[(present - np.uint64(BASE // PAGE_SIZE)).astype(np.int64)] = True
+    shared_page = np.zeros(PAGES, dtype=bool)
+    for m in maps:
+        shared_page[(m.start - BASE) // PAGE_SIZE : (m.end - BASE) // PAGE_SIZE] = m.shared
+    for c, wend in regions:
+        lo, hi = c.start - BASE, wend - BASE
+        full = np.zeros((c.size // PAGE_SIZE, PAGE_SIZE), dtype=np.uint8)
+        full[c.pages.astype(np.int64)] = c.data
+        region = full.reshape(-1)[: hi - lo]
+        first = lo // PAGE_SIZE
+        pages = np.arange(first, (hi + PAGE_SIZE - 1) // PAGE_SIZE)
+        has = np.zeros(pages.size, dtype=bool)
+        has[c.pages[c.pages < pages.size].astype(np.int64)] = True
+        must = has | page_present[pages] | shared_page[pages]
+        byte_must = np.repeat(must, PAGE_SIZE)[: hi - lo]
+        want[lo:hi][byte_must] = region[byte_must]
+        need[lo:hi] = byte_must
+    assert np.array_equal(written, need), "wrote where not needed, or missed a byte"
+    assert np.array_equal(mem, want)
+    # Routing: pieces in mappings we may not write go through /proc/PID/mem.
+    for (ra, _), forced in zip(plan.remote.tolist(), plan.forced.tolist(), strict=True):
+        m = next(m for m in maps if m.start <= ra < m.end)
+        assert forced == (not m.writable)
+    zero = plan.local[:, 0] == np.uint64(zero_source())
+    assert np.all(plan.remote[zero, 1] <= ZERO_CHUNK)
+    assert plan.zero_bytes == int(plan.remote[zero, 1].sum())
+    assert plan.total_bytes == int(need.sum())
+
+
+def test_long_zero_runs_split_and_data_runs_stay_whole() -> None:
+    n = (3 * ZERO_CHUNK) // PAGE_SIZE + 5
+    maps = [Mapping(BASE, BASE + n * PAGE_SIZE, "rw-s", 0, "00:05", 1, "/dev/zero (deleted)")]
+    data = np.full((3, PAGE_SIZE), 7, dtype=np.uint8)
+    c = RegionContents("z", BASE, BASE + n * PAGE_SIZE, np.array([0, 1, 2], dtype=np.uint64), data)
+    plan = build_plan([(c, c.end)], maps, present_fn(np.zeros(0, dtype=np.uint64)))
+    assert plan.remote[0].tolist() == [BASE, 3 * PAGE_SIZE]
+    assert plan.local[0, 0] == data.ctypes.data
+    assert plan.remote.shape[0] == 1 + 4  # 3 full zero chunks and the rest
+    assert plan.zero_bytes == (n - 3) * PAGE_SIZE
+
+
+def test_absent_private_pages_are_left_alone() -> None:
+    maps = [mapping(0, 16, "rw-p")]
+    c = RegionContents(
+        "p",
+        BASE,
+        BASE + 16 * PAGE_SIZE,
+        np.zeros(0, dtype=np.uint64),
+        np.zeros((0, PAGE_SIZE), np.uint8),
+    )
+    present = np.array([3, 4, 9], dtype=np.uint64) + np.uint64(BASE // PAGE_SIZE)
+    plan = build_plan([(c, c.end)], maps, present_fn(present))
+    assert plan.remote.tolist() == [
+        [BASE + 3 * PAGE_SIZE, 2 * PAGE_SIZE],
+        [BASE + 9 * PAGE_SIZE, PAGE_SIZE],
+    ]
