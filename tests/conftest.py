@@ -7,8 +7,9 @@ import os
 import pytest
 
 # Target-process fixtures (target, target_factory): tests/helpers/fixtures.py;
-# SeaweedFS S3 servers (seaweed, seaweed_private): tests/helpers/seaweed.py.
-pytest_plugins = ["tests.helpers.fixtures", "tests.helpers.seaweed"]
+# SeaweedFS S3 servers (seaweed, seaweed_private): tests/helpers/seaweed.py;
+# coordinators and agents (inproc, cluster_factory): tests/helpers/cluster.py.
+pytest_plugins = ["tests.helpers.fixtures", "tests.helpers.seaweed", "tests.helpers.cluster"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -203,6 +203,16 @@ class Catalog:
             )
             return cur.rowcount == 1
 
+    def set_member_info(self, job: str, name: str, info: str) -> bool:
+        """Replace a member's info JSON; False if there is no such member."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE members SET info = ? WHERE name = ? AND "
+                "job_id = (SELECT id FROM jobs WHERE name = ?)",
+                (info, name, job),
+            )
+            return cur.rowcount == 1
+
     def members(self, job: str) -> list[MemberInfo]:
         rows = self._query(
             "SELECT j.name, m.name, m.created, m.info FROM members m "
@@ -327,6 +337,34 @@ class Catalog:
                     "job_id = (SELECT id FROM jobs WHERE name = ?)",
                     (n, job),
                 )
+
+    def restore_committed(self, info: GenerationInfo) -> bool:
+        """Insert a COMMITTED row rebuilt from its manifest (rebuild.py). False, changing
+        nothing, if the job has a generation of that number; the job's counter moves
+        past it, so numbers stay unique."""
+        self.ensure_job(info.job)
+        z = info.sizes
+        with self._tx() as db:
+            jid, nxt = db.execute(
+                "SELECT id, next_generation FROM jobs WHERE name = ?", (info.job,)
+            ).fetchone()
+            if db.execute(
+                "SELECT 1 FROM generations WHERE job_id = ? AND number = ?", (jid, info.number)
+            ).fetchone():
+                return False
+            db.execute(
+                "INSERT INTO generations (job_id, number, parent, state, started, finished, "
+                "manifest, namespace, members, pages, zero_pages, bytes_logical, bytes_stored, "
+                "bytes_new, pinned) VALUES (?, ?, ?, 'COMMITTED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (jid, info.number, info.parent, info.started, info.finished, info.manifest,
+                 info.namespace, z.members, z.pages, z.zero_pages, z.bytes_logical,
+                 z.bytes_stored, z.bytes_new, int(info.pinned)),
+            )  # fmt: skip
+            if info.number >= nxt:
+                db.execute(
+                    "UPDATE jobs SET next_generation = ? WHERE id = ?", (info.number + 1, jid)
+                )
+            return True
 
     def committed_manifests(self) -> set[str]:
         rows = self._query("SELECT manifest FROM generations WHERE state = 'COMMITTED'")

@@ -15,10 +15,12 @@ from coordinator.store.backend import Backend, Kind, LocalBackend
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "local":
         b: Backend = LocalBackend(tmp_path / "store")
+    elif request.param == "s3":  # a real SeaweedFS server (tests/helpers/seaweed.py)
+        b = request.getfixturevalue("seaweed").backend()
     else:  # pragma: no cover - other backends join here
         raise AssertionError(request.param)
     yield b

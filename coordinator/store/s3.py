@@ -1,0 +1,374 @@
+"""The S3 backend of the page store: the Backend protocol on an S3-compatible bucket.
+
+Layout: the same relative names as LocalBackend under `s3://BUCKET/PREFIX/`:
+    PREFIX/config/store.json   PREFIX/packs/ab/ab12...   PREFIX/index/(64 hex)
+    PREFIX/manifests/JOB/0000000042                      PREFIX/locks/HOST-PID
+so a local store directory copied into a bucket (catalog and lock files aside) is an S3
+store, and the other way round.
+
+How the error contract of backend.py holds here:
+  put        One PutObject up to `multipart_threshold`, else a multipart upload whose
+             parts go up in parallel; S3 makes an object visible only when PutObject or
+             CompleteMultipartUpload succeeds, whole. Any failure aborts the multipart
+             upload (best effort: if even that fails, `discard_incomplete` removes it
+             later) and raises StoreError. A 200 from S3 means the object is durable.
+  get_range  A ranged GET; a body shorter than asked (or 416) -> DataCorrupted.
+  list       ListObjectsV2 by prefix, paginated; unfinished multipart uploads are not
+             objects, so they are never listed.
+  delete     DeleteObject (idempotent in S3).
+  discard_incomplete  ListMultipartUploads under PREFIX/KIND/, abort each.
+Every request is retried by botocore ("standard" mode: connection errors, throttling,
+5xx) a bounded number of times, then fails with StoreError naming the object and cause.
+
+Endpoint, region and credentials come from botocore's usual chain unless given: the
+AWS_ENDPOINT_URL(_S3), AWS_REGION / AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE variables and ~/.aws/config and
+~/.aws/credentials. AWS_MAX_ATTEMPTS / `max_attempts` there override our default of 5.
+Secrets are never logged nor put in messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from coordinator.store.backend import Buffer, Kind, ObjectInfo, check_name
+from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+MIN_PART = 5 << 20  # S3's smallest part (all but the last)
+MAX_PARTS = 10000
+
+
+@dataclass(frozen=True)
+class S3Options:
+    multipart_threshold: int = 8 << 20  # larger objects (packs) go up in parts
+    part_size: int = 8 << 20
+    part_threads: int = 4  # parts in flight per backend (shared by concurrent puts)
+    max_attempts: int | None = None  # None: AWS_MAX_ATTEMPTS / config file, else 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    create_bucket: bool = True
+    list_page_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.part_size < MIN_PART or self.multipart_threshold < MIN_PART:
+            raise InvalidArgument(f"S3 parts must be at least {MIN_PART} bytes")
+        if not 1 <= self.part_threads <= 64:
+            raise InvalidArgument(f"part threads {self.part_threads} is outside 1..64")
+        if self.max_attempts is not None and not 1 <= self.max_attempts <= 20:
+            raise InvalidArgument(f"max attempts {self.max_attempts} is outside 1..20")
+        if not 1 <= self.list_page_size <= 1000:
+            raise InvalidArgument(f"list page size {self.list_page_size} is outside 1..1000")
+
+
+def check_bucket(bucket: str) -> str:
+    """Validate an S3 bucket name (3-63 of [a-z0-9.-], no '..'); return it unchanged."""
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise InvalidArgument(f"bad S3 bucket name {bucket!r} (3-63 of a-z 0-9 . -)")
+    return bucket
+
+
+def check_prefix(prefix: str) -> str:
+    """A key prefix: '' or store-name segments joined by '/' (no leading or trailing /)."""
+    if prefix:
+        try:
+            check_name(prefix)
+        except InvalidArgument:
+            raise InvalidArgument(f"bad S3 key prefix {prefix!r}") from None
+    return prefix
+
+
+def _code(e: ClientError) -> str:
+    err = e.response.get("Error", {})
+    return str(err.get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {})
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"S3 {_code(e)} (HTTP {status}) {err.get('Message', '')}".rstrip()
+    return f"{type(e).__name__}: {e}"
+
+
+class S3Backend:
+    """Objects in an S3 bucket under a key prefix (see the module docstring)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        options: S3Options | None = None,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ) -> None:
+        self.bucket = check_bucket(bucket)
+        self.prefix = check_prefix(prefix)
+        self.options = opts = options or S3Options()
+        self._root = f"{prefix}/" if prefix else ""
+        core = botocore.session.get_session()
+        attempts = opts.max_attempts or core.get_config_variable("max_attempts") or 5
+        mode = core.get_config_variable("retry_mode") or "standard"
+        config = Config(
+            retries={"total_max_attempts": int(attempts), "mode": mode},  # first one included
+            connect_timeout=opts.connect_timeout,
+            read_timeout=opts.read_timeout,
+            max_pool_connections=2 * opts.part_threads + 4,
+        )
+        region = region or core.get_config_variable("region") or "us-east-1"
+        try:
+            session = boto3.session.Session(botocore_session=core)
+            self._s3: Any = session.client(
+                "s3",
+                endpoint_url=endpoint_url,  # None: AWS_ENDPOINT_URL(_S3), config file, AWS
+                region_name=region,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                config=config,
+            )
+        except (BotoCoreError, ValueError) as e:
+            raise StoreError(f"cannot open {self.location}: {_why(e)}") from e
+        self.region = region
+        self._pool = ThreadPoolExecutor(opts.part_threads, thread_name_prefix="s3-part")
+        try:
+            self._ensure_bucket()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def endpoint(self) -> str:
+        return str(self._s3.meta.endpoint_url)
+
+    def _ensure_bucket(self) -> None:
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as e:
+            if _code(e) not in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreError(f"cannot open {self.location}: {_why(e)}") from e
+        except BotoCoreError as e:
+            raise StoreError(f"cannot open {self.location}: {_why(e)}") from e
+        if not self.options.create_bucket:
+            raise StoreError(f"cannot open {self.location}: bucket {self.bucket} does not exist")
+        kw: dict[str, Any] = {}
+        if self.region != "us-east-1":  # us-east-1 refuses an explicit constraint
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._s3.create_bucket(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            if _code(e) != "BucketAlreadyOwnedByYou":  # a concurrent create is fine
+                raise StoreError(f"cannot create bucket {self.bucket}: {_why(e)}") from e
+        except BotoCoreError as e:
+            raise StoreError(f"cannot create bucket {self.bucket}: {_why(e)}") from e
+
+    def _key(self, kind: Kind, name: str) -> str:
+        kind = Kind(kind)
+        check_name(name)
+        if kind is Kind.PACKS:  # same fan-out as a local store (and spreads S3 partitions)
+            return f"{self._root}{kind.value}/{name[:2]}/{name}"
+        return f"{self._root}{kind.value}/{name}"
+
+    # -- writing -------------------------------------------------------------------
+
+    def put(self, kind: Kind, name: str, data: Buffer) -> None:
+        key = self._key(kind, name)
+        view = memoryview(data).cast("B")
+        try:
+            if view.nbytes <= self.options.multipart_threshold:
+                body = data if isinstance(data, bytes) else view.tobytes()
+                self._s3.put_object(Bucket=self.bucket, Key=key, Body=body)
+            else:
+                self._put_multipart(key, view)
+        except (ClientError, BotoCoreError) as e:
+            raise StoreError(f"cannot write {kind}/{name}: {_why(e)}") from e
+
+    def _put_multipart(self, key: str, view: memoryview) -> None:
+        size = view.nbytes
+        part = max(self.options.part_size, -(-size // MAX_PARTS))
+        upload = self._s3.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        futures: list[Future[dict[str, Any]]] = []
+        try:
+            for no, off in enumerate(range(0, size, part), start=1):
+                chunk = view[off : off + part]
+                futures.append(self._pool.submit(self._upload_part, key, upload, no, chunk))
+            _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            if pending:  # a part failed: stop what has not started, let the rest end
+                for f in pending:
+                    f.cancel()
+                wait(pending)
+            parts = [f.result() for f in futures]
+            self._complete(key, upload, parts, size)
+        except BaseException:
+            # Parts already stored stay invisible; abort frees them. If the server is
+            # gone this fails too, and discard_incomplete() aborts it later.
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            raise
+
+    def _upload_part(self, key: str, upload: str, no: int, chunk: memoryview) -> dict[str, Any]:
+        r = self._s3.upload_part(
+            Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=no, Body=chunk.tobytes()
+        )
+        return {"PartNumber": no, "ETag": r["ETag"]}
+
+    def _complete(self, key: str, upload: str, parts: list[dict[str, Any]], size: int) -> None:
+        try:
+            self._s3.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+            )
+        except ClientError as e:
+            # A retried Complete whose first attempt succeeded (response lost) finds no
+            # upload: the object is there if it has our size.
+            if _code(e) != "NoSuchUpload" or self._head_size(key) != size:
+                raise
+
+    # -- reading -------------------------------------------------------------------
+
+    def _head_size(self, key: str) -> int | None:
+        try:
+            return int(self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except ClientError as e:
+            if _code(e) in _NOT_FOUND:
+                return None
+            raise
+
+    def _read(self, kind: Kind, name: str, key: str, rng: str | None) -> tuple[bytes, int]:
+        """(body, HTTP status) of a GET. botocore retries the request but not a body cut
+        off mid-stream, so that is fetched again here (bounded)."""
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if rng is not None:
+            kw["Range"] = rng
+        for attempt in range(3):
+            try:
+                r = self._s3.get_object(**kw)
+            except ClientError as e:
+                if _code(e) in _NOT_FOUND:
+                    raise ObjectNotFound(kind, name) from None
+                if _code(e) in ("InvalidRange", "416"):
+                    why = f"no bytes at {rng}"
+                    raise DataCorrupted("object", f"{kind}/{name}", why) from None
+                raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+            except BotoCoreError as e:
+                raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+            try:
+                return r["Body"].read(), int(r["ResponseMetadata"]["HTTPStatusCode"])
+            except BotoCoreError as e:  # the body broke off (checked against its length)
+                if attempt == 2:
+                    raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+        raise AssertionError("unreachable")
+
+    def get(self, kind: Kind, name: str) -> bytes:
+        return self._read(kind, name, self._key(kind, name), None)[0]
+
+    def get_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"bad range {offset}+{length} of {kind}/{name}")
+        key = self._key(kind, name)
+        if length == 0:  # HTTP cannot ask for zero bytes; the object must still exist
+            self.stat(kind, name)
+            return b""
+        body, status = self._read(kind, name, key, f"bytes={offset}-{offset + length - 1}")
+        if status == 200:  # a server that ignored the Range sent the whole object
+            body = body[offset : offset + length]
+        if len(body) != length:
+            raise DataCorrupted("object", f"{kind}/{name}", f"ends before {offset + length} bytes")
+        return body
+
+    def stat(self, kind: Kind, name: str) -> ObjectInfo:
+        key = self._key(kind, name)
+        try:
+            size = self._head_size(key)
+        except (ClientError, BotoCoreError) as e:
+            raise StoreError(f"cannot stat {kind}/{name}: {_why(e)}") from e
+        if size is None:
+            raise ObjectNotFound(kind, name)
+        return ObjectInfo(Kind(kind), name, size)
+
+    def exists(self, kind: Kind, name: str) -> bool:
+        try:
+            self.stat(kind, name)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def list(self, kind: Kind) -> Iterator[ObjectInfo]:
+        kind = Kind(kind)
+        base = f"{self._root}{kind.value}/"
+        pages = self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket,
+            Prefix=base,
+            PaginationConfig={"PageSize": self.options.list_page_size},
+        )
+        try:
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(base) :]
+                    name = rel.rsplit("/", 1)[-1] if kind is Kind.PACKS else rel
+                    with contextlib.suppress(InvalidArgument):  # not ours (folder marker...)
+                        yield ObjectInfo(kind, check_name(name), int(obj["Size"]))
+        except (ClientError, BotoCoreError) as e:
+            raise StoreError(f"cannot list {kind} of {self.location}: {_why(e)}") from e
+
+    # -- removing ------------------------------------------------------------------
+
+    def delete(self, kind: Kind, name: str) -> None:
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=self._key(kind, name))
+        except ClientError as e:
+            if _code(e) not in _NOT_FOUND:
+                raise StoreError(f"cannot delete {kind}/{name}: {_why(e)}") from e
+        except BotoCoreError as e:
+            raise StoreError(f"cannot delete {kind}/{name}: {_why(e)}") from e
+
+    def incomplete_uploads(self) -> Sequence[tuple[str, str]]:
+        """(key, upload id) of every unfinished multipart upload to a key of this store
+        (under PREFIX/KIND/ only: other tenants of the bucket are left alone)."""
+        out: list[tuple[str, str]] = []
+        paginator = self._s3.get_paginator("list_multipart_uploads")
+        try:
+            for kind in Kind:
+                pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{self._root}{kind.value}/")
+                out += [(u["Key"], u["UploadId"]) for p in pages for u in p.get("Uploads", [])]
+        except (ClientError, BotoCoreError) as e:
+            raise StoreError(f"cannot list uploads of {self.location}: {_why(e)}") from e
+        return out
+
+    def discard_incomplete(self) -> int:
+        n = 0
+        for key, upload in self.incomplete_uploads():
+            try:
+                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+                n += 1
+            except ClientError as e:
+                if _code(e) != "NoSuchUpload":
+                    raise StoreError(f"cannot abort the upload of {key}: {_why(e)}") from e
+            except BotoCoreError as e:
+                raise StoreError(f"cannot abort the upload of {key}: {_why(e)}") from e
+        return n
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):
+            self._s3.close()

@@ -1,0 +1,162 @@
+"""The repository on the S3 backend (a real SeaweedFS server): the repository tests of
+tests/unit/test_store_repository.py that need nothing but a `repo`, run again here with
+an S3-backed one; crash after each commit and gc step; verify finding damage written
+into the bucket; reopening a store from the bucket alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.store import Repository, StoreConfig
+from coordinator.store.backend import Kind
+from coordinator.store.catalog import State
+from coordinator.store.ids import chunk_ids_of
+from cpcoord.errors import GenerationStateError, StoreLocked
+from tests.helpers.seaweed import Seaweed
+from tests.unit import test_store_crash as crash
+from tests.unit import test_store_repository as unit
+from tests.unit.store_support import assert_restores, checkpoint, rand, upload
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def repo(seaweed: Seaweed, tmp_path: Path) -> Iterator[Repository]:
+    """What the reused tests get: the same store config as in the unit tests, on S3."""
+    r = seaweed.repository(tmp_path / "state", StoreConfig(pack_size=1 << 20))
+    yield r
+    r.close()
+
+
+# Reused as they are (they take `repo`, this module's fixture, and touch no file):
+test_full_then_incremental_restore_exactly = unit.test_full_then_incremental_restore_exactly
+test_iter_pages_marks_zero_runs = unit.test_iter_pages_marks_zero_runs
+test_mismatching_chunk_refuses_the_whole_batch = unit.test_mismatching_chunk_refuses_the_whole_batch
+test_bad_ingest_arguments = unit.test_bad_ingest_arguments
+test_dedup_across_members_and_generations = unit.test_dedup_across_members_and_generations
+test_all_zero_region_stores_nothing = unit.test_all_zero_region_stores_nothing
+test_commit_refuses_missing_chunks_then_succeeds = (
+    unit.test_commit_refuses_missing_chunks_then_succeeds
+)
+test_commit_refuses_entries_reading_past_their_chunk = (
+    unit.test_commit_refuses_entries_reading_past_their_chunk
+)
+test_commit_checks_generation_state = unit.test_commit_checks_generation_state
+test_concurrent_uploads = unit.test_concurrent_uploads
+test_gc_retention_keeps_last_n_and_pinned = unit.test_gc_retention_keeps_last_n_and_pinned
+test_gc_alongside_a_checkpoint_in_flight = unit.test_gc_alongside_a_checkpoint_in_flight
+test_gc_keeps_the_parent_of_a_generation_in_flight = (
+    unit.test_gc_keeps_the_parent_of_a_generation_in_flight
+)
+test_gc_removes_aborted_leftovers = unit.test_gc_removes_aborted_leftovers
+test_stats = unit.test_stats
+test_gc_keeps_a_doomed_pack_stored_again_meanwhile = (
+    unit.test_gc_keeps_a_doomed_pack_stored_again_meanwhile
+)
+test_delete_generation = unit.test_delete_generation
+test_caller_may_reuse_its_buffer_after_add_chunks = (
+    unit.test_caller_may_reuse_its_buffer_after_add_chunks
+)
+test_gc_merges_small_packs = unit.test_gc_merges_small_packs
+
+
+# -- crash consistency on S3 (tests/unit/test_store_crash.py, same checks) ---------------
+
+
+@pytest.mark.parametrize("step", crash.COMMIT_STEPS)
+def test_crash_after_each_commit_step(seaweed: Seaweed, tmp_path: Path, step: str) -> None:
+    img1 = {"a": {"r": rand(64, 1)}, "b": {"r": rand(16, 2)}}
+    img2 = {"a": {"r": rand(64, 3)}, "b": {"r": rand(16, 2)}}
+    prefix = seaweed.backend().prefix
+    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
+    g1 = checkpoint(repo, "j", img1)
+    m2 = upload(repo, "j", img2)
+    repo.fault = crash.crash_at(step)
+    with pytest.raises(crash.Crash):
+        repo.commit(m2)
+    repo.close()
+
+    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
+    visible = [g.number for g in repo.generations("j")]
+    if step == "catalog":
+        assert visible == [g1, m2.generation]
+        assert_restores(repo, "j", m2.generation, img2)
+    else:
+        assert visible == [g1]
+        assert repo.catalog.get("j", m2.generation).state is State.ABORTED
+        with pytest.raises(GenerationStateError):
+            repo.manifest("j", m2.generation)
+        rep = repo.gc(keep=5)
+        assert rep.chunks_dropped == 16
+        assert rep.orphan_manifests == (1 if step == "manifest" else 0)
+    assert_restores(repo, "j", g1, img1)
+    crash.assert_clean(repo)
+    g3 = checkpoint(repo, "j", img2)
+    assert_restores(repo, "j", g3, img2)
+    crash.assert_clean(repo)
+    repo.close()
+
+
+@pytest.mark.parametrize("step", crash.GC_STEPS)
+def test_crash_after_each_gc_step(seaweed: Seaweed, tmp_path: Path, step: str) -> None:
+    shared = rand(16, 7)
+    imgs = [{"m": {"s": shared, "r": rand(48, i)}} for i in range(4)]
+    prefix = seaweed.backend().prefix
+    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
+    gens = [checkpoint(repo, "j", img) for img in imgs]
+    repo.fault = crash.crash_at(step)
+    with pytest.raises(crash.Crash):
+        repo.gc(keep=2)
+    repo.close()
+
+    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
+    for g, img in zip(gens[2:], imgs[2:], strict=True):
+        assert_restores(repo, "j", g, img)
+    repo.gc(keep=2)
+    assert [g.number for g in repo.generations("j")] == gens[2:]
+    assert repo.stats().chunk_bytes == (16 + 2 * 48) * 4096
+    crash.assert_clean(repo)
+    repo.close()
+
+
+# -- S3-specific ------------------------------------------------------------------------
+
+
+def test_verify_finds_damage_written_into_the_bucket(repo: Repository) -> None:
+    shared = rand(8, 1)
+    g1 = checkpoint(repo, "j", {"a": {"r": shared}, "b": {"r": rand(8, 3)}})
+    g2 = checkpoint(repo, "k", {"a": {"r": rand(8, 2)}})
+    assert repo.verify().ok
+    cid = chunk_ids_of(shared, 4 * 4096)[0][:1]
+    _found, loc = repo.index.chunks("job:j").lookup(cid)
+    pack = repo.index.pack(int(loc["pack"][0])).name
+    raw = bytearray(repo.backend.get(Kind.PACKS, pack))
+    raw[int(loc["offset"][0]) + 100] ^= 0xFF  # a bit flip at rest, in the bucket
+    repo.backend.put(Kind.PACKS, pack, bytes(raw))
+    man = f"k/{g2:010d}"
+    repo.backend.put(Kind.MANIFESTS, man, repo.backend.get(Kind.MANIFESTS, man)[:-3])
+    rep = repo.verify()
+    assert not rep.ok
+    got = {(d.job, d.generation, d.member) for d in rep.damage}
+    assert got == {("j", g1, "a"), ("k", g2, "*")}
+    assert [p for p, _ in rep.damaged_packs] == [pack]
+
+
+def test_reopen_from_the_bucket_rebuilds_the_index(seaweed: Seaweed, tmp_path: Path) -> None:
+    """A second coordinator run on the same bucket and state: the index files are a
+    cache, the packs in the bucket are the truth; the lock is the state directory's."""
+    prefix = seaweed.backend().prefix
+    img = {"m": {"r": rand(32, 1)}}
+    with Repository(seaweed.backend(prefix), tmp_path) as repo:
+        g1 = checkpoint(repo, "j", img)
+        with pytest.raises(StoreLocked):
+            Repository(seaweed.backend(prefix), tmp_path)
+        for o in list(repo.backend.list(Kind.INDEX)):
+            repo.backend.delete(Kind.INDEX, o.name)
+    with Repository(seaweed.backend(prefix), tmp_path) as repo:
+        assert_restores(repo, "j", g1, img)
+        assert len(list(repo.backend.list(Kind.INDEX))) == 1  # rebuilt from the trailers
+        assert repo.verify().ok
