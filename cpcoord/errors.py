@@ -8,7 +8,8 @@ point and in servicers (cpcoord.grpcutil), nowhere else.
 Exit codes (also in docs/exit-codes.md):
   0 success, 1 unexpected error, 2 usage error (argparse),
   10-19 process and capture errors, 20-29 ranges and input, 30-39 files and images,
-  40-49 trackers, 50-59 coordinator and protocol, 60-69 store.
+  40-49 trackers, 50-59 coordinator and protocol, 60-69 store,
+  70-79 coordinator service and clients.
 """
 
 from __future__ import annotations
@@ -340,3 +341,196 @@ class DuplicateMember(CpcoordError):
 
     exit_code = 58
     status = "ALREADY_EXISTS"
+
+
+# -- coordinator service and clients (70-79) ------------------------------------------
+
+
+class CoordinatorUnavailable(CpcoordError):
+    """cannot reach the coordinator at {}: {}"""
+
+    exit_code = 70
+    status = "UNAVAILABLE"
+
+
+class RemoteError(CpcoordError):
+    """{} failed: {} ({})"""
+
+    exit_code = 71
+    status = "INTERNAL"
+
+
+class MessageTooLarge(CpcoordError):
+    """message too large: {}"""
+
+    exit_code = 72
+    status = "RESOURCE_EXHAUSTED"
+
+
+class NotImplementedYet(CpcoordError):
+    """{} is not implemented yet: {}"""
+
+    exit_code = 73
+    status = "UNIMPLEMENTED"
+
+
+class MemberNotRunning(CpcoordError):
+    """member {!r} of job {} is not running: {}"""
+
+    exit_code = 74
+    status = "FAILED_PRECONDITION"
+
+
+class AgentTimeout(CpcoordError):
+    """the agent of node {!r} did not answer {} within {} s"""
+
+    exit_code = 75
+    status = "DEADLINE_EXCEEDED"
+
+
+class NoCoordinatorAddress(InvalidArgument):
+    """no coordinator address: pass --coordinator HOST:PORT or set CPCOORD_COORDINATOR"""
+
+    exit_code = 76
+
+
+class DuplicateAgent(CpcoordError):
+    """node {!r} already has a connected agent ({})"""
+
+    exit_code = 77
+    status = "ALREADY_EXISTS"
+
+
+class IncompatibleAgent(CpcoordError):
+    """the agent of node {!r} cannot be used: {}"""
+
+    exit_code = 78
+    status = "FAILED_PRECONDITION"
+
+
+class VerifyFailed(CpcoordError):
+    """verify found damage: {}"""
+
+    exit_code = 79
+    status = "DATA_LOSS"
+
+
+# -- node agent (80-89) ---------------------------------------------------------------
+
+
+class LeaseExpired(CpcoordError):
+    """member {!r} of job {} frozen {:.2f} s without a Capture, past its lease of {} ms: thawed"""
+
+    exit_code = 80
+    status = "ABORTED"
+
+
+class UploadFailed(CpcoordError):
+    """upload of member {!r} of job {} generation {} failed: {}"""
+
+    exit_code = 81
+    status = "UNAVAILABLE"
+
+
+class NotFrozen(CpcoordError):
+    """member {!r} of job {} is not frozen for generation {}: {}"""
+
+    exit_code = 82
+    status = "FAILED_PRECONDITION"
+
+
+class PidAttached(CpcoordError):
+    """pid {} is already attached as member {!r} of job {}"""
+
+    exit_code = 83
+    status = "ALREADY_EXISTS"
+
+
+# -- restore and local API (90-99) ----------------------------------------------------
+
+
+class RegionMismatch(CpcoordError):
+    """member {} does not fit the generation: region {} {}"""
+
+    exit_code = 90
+    status = "FAILED_PRECONDITION"
+
+
+class RestoreRefused(CpcoordError):
+    """cannot restore member {} in place: {}"""
+
+    exit_code = 91
+    status = "FAILED_PRECONDITION"
+
+
+class WriteFailed(CpcoordError):
+    """cannot write memory of pid {} at {}: {}"""
+
+    exit_code = 92
+    status = "INTERNAL"
+
+
+class ContentsInvalid(CpcoordError):
+    """restore contents of member {} region {} are invalid: {}"""
+
+    exit_code = 93
+    status = "INVALID_ARGUMENT"
+
+
+class ThreadStateInvalid(CpcoordError):
+    """saved thread registers are invalid: {}"""
+
+    exit_code = 94
+    status = "INVALID_ARGUMENT"
+
+
+class AgentSocketUnavailable(CpcoordError):
+    """cannot reach the cpcoord agent at {}: {} (is it running? see CPCOORD_AGENT_SOCKET)"""
+
+    exit_code = 95
+    status = "UNAVAILABLE"
+
+
+class LocalApiError(CpcoordError):
+    """local API: {}"""
+
+    exit_code = 96
+    status = "INVALID_ARGUMENT"
+
+
+class NotAMember(CpcoordError):
+    """pid {} is not a member of any job: register first (cpcoord.client.register, cpcoord run)"""
+
+    exit_code = 97
+    status = "FAILED_PRECONDITION"
+
+
+class NotPermitted(PermissionDenied):
+    """not permitted: {} (caller pid {}, uid {}; only root acts on other processes and jobs)"""
+
+    exit_code = 98
+    status = "PERMISSION_DENIED"
+
+
+class RegionNotRegistered(CpcoordError):
+    """pid {} has no registered region {!r}"""
+
+    exit_code = 99
+    status = "NOT_FOUND"
+
+
+# -- incremental chains (34-35, files and images: the parent of `capture --parent`) ---
+
+
+class ParentMismatch(ImageMismatch):
+    """parent image {} does not fit this capture: {}"""
+
+    exit_code = 34
+    status = "FAILED_PRECONDITION"
+
+
+class ParentStale(ImageMismatch):
+    """parent image {} cannot be continued: {}"""
+
+    exit_code = 35
+    status = "FAILED_PRECONDITION"

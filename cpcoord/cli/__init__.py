@@ -17,7 +17,21 @@ from cpcoord import log as cplog
 from cpcoord.errors import CpcoordError
 
 # Subcommand modules, in the order --help lists them.
-SUBCOMMANDS = ["capture", "check", "image"]
+SUBCOMMANDS = [
+    "capture",
+    "check",
+    "image",
+    "coordinator",
+    "agent",
+    "jobs",
+    "attach",
+    "detach",
+    "checkpoint",
+    "generations",
+    "export",
+    "verify",
+    "gc",
+]
 
 
 def _load(name: str) -> ModuleType:

@@ -200,7 +200,9 @@ mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# With the overlay, /tmp stays the host's (writes land in guest RAM): a checkout under
+# /tmp (CI clones anywhere) must stay visible. Without it, a fresh tmpfs makes /tmp writable.
+if [ "$OVERLAY" = 0 ]; then mount -t tmpfs -o mode=1777 tmp /newroot/tmp; fi
 mount -t tmpfs -o mode=755 run /newroot/run
 cp "/mnt/host$RUN" /newroot/run/cpcoord-guest.sh || finish 252
 chroot /newroot /bin/sh /run/cpcoord-guest.sh

@@ -1,0 +1,154 @@
+"""What an agent says on its control stream, turned into protocol events.
+
+One function per message kind: a report about a generation becomes the core's event
+for that generation's flight (reports about a generation no longer in flight are late
+and dropped, as the core would ignore them anyway); MemberGone is also recorded in the
+membership; CommandResults wake the waiting command; heartbeats only prove liveness.
+`Uploaded` is believed only if the member's UploadPages stream completed here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from coordinator import members_ops
+from coordinator.flight import Flight
+from coordinator.protocol_messages import (
+    AgentFrozen,
+    Event,
+    FreezeFailed,
+    MemberFailed,
+    MemberGone,
+    MemberStaged,
+    MemberUploaded,
+)
+from coordinator.protocol_values import AGENT_REASONS, AbortReason, Stats
+from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
+from cpcoord.gen.v1 import agent_pb2, common_pb2
+from cpcoord.log import log_event
+
+if TYPE_CHECKING:
+    from coordinator.agents import AgentSession
+    from coordinator.engine import Engine
+
+log = logging.getLogger("cpcoord.coordinator.agent")
+
+
+def stats_of(m: common_pb2.MemberStats, page_size: int) -> Stats:
+    pages = int(m.pages)
+    return Stats(
+        pages=pages,
+        bytes_logical=int(m.bytes_logical) or pages * page_size,
+        bytes_stored_new=int(m.bytes_stored_new),
+        frozen_seconds=max(0.0, float(m.frozen_seconds)),
+    )
+
+
+def reason_of(value: int) -> AbortReason | None:
+    try:
+        name = common_pb2.AbortReason.Name(value)
+    except ValueError:
+        return None
+    try:
+        return AbortReason(name.removeprefix("ABORT_REASON_").lower())
+    except ValueError:
+        return None
+
+
+def _flight(engine: Engine, job: str, n: int) -> Flight | None:
+    f = engine.flights.get(job)
+    return f if f is not None and f.number == n else None
+
+
+def handle(engine: Engine, s: AgentSession, msg: agent_pb2.AgentMessage) -> None:
+    """Dispatch one message (called by the stream's reader thread)."""
+    s.heard()
+    kind = msg.WhichOneof("body")
+    if kind == "heartbeat" or kind is None:
+        return
+    if kind == "result":
+        if not s.deliver(msg.result):
+            log_event(
+                log, logging.DEBUG, "unawaited result", node=s.node, command=msg.result.command_id
+            )
+        return
+    if kind == "hello":
+        raise ProtocolViolation("Hello", "attached", "-", 0, "a second Hello on one stream")
+    if kind == "member_gone":
+        g = msg.member_gone
+        members_ops.mark_gone(engine, g.job, g.member, g.detail or f"exit status {g.exit_status}")
+        log_event(
+            log,
+            logging.WARNING,
+            "member gone",
+            job=g.job,
+            member=g.member,
+            node=s.node,
+            detail=g.detail,
+        )
+        with engine.lock:
+            f = engine.flights.get(g.job)
+            if f is not None and f.gen.snapshot.member(g.member) is not None:
+                engine.feed(f, MemberGone(s.node, g.member, g.detail))
+        return
+    body = getattr(msg, kind)
+    with engine.lock:
+        f = _flight(engine, body.job, body.generation)
+        if f is None:
+            log_event(
+                log,
+                logging.DEBUG,
+                "late report",
+                node=s.node,
+                kind=kind,
+                job=body.job,
+                generation=body.generation,
+            )
+            return
+        try:
+            ev = _event(engine, f, s.node, kind, body)
+        except CpcoordError as e:
+            log_event(log, logging.WARNING, "report refused", node=s.node, kind=kind, why=str(e))
+            return
+        if ev is not None:
+            engine.feed(f, ev)
+
+
+def _event(engine: Engine, f: Flight, node: str, kind: str, body: object) -> Event | None:
+    ps = engine.opt.page_size
+    if kind == "frozen":
+        fr: agent_pb2.Frozen = body  # type: ignore[assignment]
+        return AgentFrozen(node, tuple(m.name for m in fr.members))
+    if kind == "staged":
+        st: agent_pb2.Staged = body  # type: ignore[assignment]
+        return MemberStaged(node, st.member, stats_of(st.stats, ps))
+    if kind == "uploaded":
+        up: agent_pb2.Uploaded = body  # type: ignore[assignment]
+        done = f.uploads.get(up.member)
+        if done is None:
+            why = "reported Uploaded without a completed UploadPages stream"
+            return MemberFailed(node, up.member, AbortReason.BAD_DATA, why)
+        agent = stats_of(up.stats, ps)
+        return MemberUploaded(
+            node,
+            up.member,
+            Stats(
+                pages=max(agent.pages, done.pages),
+                bytes_logical=max(agent.pages, done.pages) * ps,
+                bytes_stored_new=done.bytes_stored_new,
+                frozen_seconds=agent.frozen_seconds,
+            ),
+        )
+    if kind == "failed":
+        fl: agent_pb2.Failed = body  # type: ignore[assignment]
+        reason = reason_of(fl.reason)
+        detail = fl.detail or (fl.error.message if fl.HasField("error") else "")
+        if reason is AbortReason.FREEZE_FAILED:
+            return FreezeFailed(node, fl.member, detail)
+        if reason not in AGENT_REASONS or reason is None:
+            raise InvalidArgument(f"Failed with reason {fl.reason} is not an agent's to give")
+        return MemberFailed(node, fl.member, reason, detail)
+    if kind == "restored":
+        raise InvalidArgument("restore is not driven by this coordinator yet (issue 5)")
+    raise InvalidArgument(f"unknown message {kind}")

@@ -1,0 +1,112 @@
+"""Committing a generation, dropping an aborted one, and retention.
+
+The protocol core says *when* (`Commit` once every member is uploaded, `DropGeneration`
+on abort); this module does it against the store:
+- `run`: on its own thread, build the complete manifest from the members' finished
+  uploads (each already the parent's pages overlaid with the changed ones,
+  coordinator/uploads.py) and `repo.commit` it: packs fsynced, manifest fsynced, catalog
+  flip. The outcome goes back to the core as StoreCommitted or StoreFailed; then
+  retention runs.
+- `drop`: mark the catalog row ABORTED. The core's commit deadline can fire while the
+  store is flipping the row; the flip is conditional (only a PREPARING row flips), so
+  the race has one bad order left: flipped, then aborted. Then the generation is
+  deleted, because the client was told ABORTED and it must not be visible.
+- `retain`: keep the newest `keep` committed generations per job and the pinned ones;
+  delete the rest (their chunks go at the next gc).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from coordinator.flight import Flight
+from coordinator.protocol_messages import Event, StoreCommitted, StoreFailed
+from coordinator.protocol_values import AbortReason, GenState
+from coordinator.store import Manifest, State
+from cpcoord.errors import CpcoordError, GenerationStateError
+from cpcoord.log import log_event
+
+if TYPE_CHECKING:
+    from coordinator.engine import Engine
+
+log = logging.getLogger("cpcoord.coordinator.commit")
+
+
+def run(engine: Engine, f: Flight) -> None:
+    """Commit the flight's generation and tell the core how it went."""
+    ev: Event
+    try:
+        ev = StoreCommitted() if _write(engine, f) else StoreFailed("aborted meanwhile")
+    except CpcoordError as e:
+        ev = StoreFailed(str(e))
+    except Exception as e:
+        log.exception("commit failed")
+        ev = StoreFailed(f"{type(e).__name__}: {e}")
+    with engine.lock:
+        f.committing = False
+        engine.feed(f, ev)
+        committed = f.gen.state is GenState.COMMITTED
+    if committed:
+        retain(engine, f.job)
+
+
+def _write(engine: Engine, f: Flight) -> bool:
+    with engine.lock:
+        if not f.in_flight:
+            return False
+        spec = f.gen.snapshot.spec
+        uploads = [f.uploads[m] for m, _ in spec.members]
+    cuts = [u.cut_ns for u in uploads if u.cut_ns]
+    m = Manifest(
+        job=f.job,
+        generation=f.number,
+        parent=f.parent,
+        time_ns=max(cuts) if cuts else (f.barrier_ns or time.time_ns()),
+        page_size=engine.opt.page_size,
+        members=tuple(u.member_map() for u in uploads),
+    )
+    engine.repo.commit(m)
+    return True
+
+
+def drop(engine: Engine, f: Flight, reason: AbortReason) -> None:
+    """The catalog row becomes ABORTED (never a visible COMMITTED one)."""
+    f.uploads.clear()
+    try:
+        engine.repo.abort(f.job, f.number, reason.value)
+    except GenerationStateError:
+        info = engine.repo.catalog.get(f.job, f.number)
+        if info.state is State.COMMITTED:
+            log_event(
+                log,
+                logging.ERROR,
+                "deleting a generation committed after its abort",
+                job=f.job,
+                generation=f.number,
+            )
+            engine.repo.delete_generation(f.job, f.number)
+
+
+def retain(engine: Engine, job: str) -> list[int]:
+    """Delete committed generations beyond the newest `keep` (pinned ones stay)."""
+    gens = engine.repo.generations(job)
+    keep = {g.number for g in gens[-engine.opt.keep :]} | {g.number for g in gens if g.pinned}
+    dropped = []
+    for g in gens:
+        if g.number in keep:
+            continue
+        try:
+            engine.repo.delete_generation(job, g.number)
+            dropped.append(g.number)
+        except CpcoordError as e:
+            log_event(
+                log,
+                logging.WARNING,
+                "retention skipped a generation",
+                job=job,
+                generation=g.number,
+                why=str(e),
+            )
+    return dropped

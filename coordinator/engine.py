@@ -1,0 +1,431 @@
+"""The coordinator's driver: it runs one protocol core (`protocol.Generation`) per
+checkpoint, carries out its commands, and feeds it what it hears.
+
+Owns: the agent sessions (by control stream: a broken stream is AgentLost for every
+generation in flight), the generations in flight (one per job, numbers allocated by the
+store), their timers (`next_deadline()`; one timer thread, which also sends heartbeats
+and counts silent agents lost), and the dispatch of the core's commands. Helpers, each
+a module: membership and reconciliation (members_ops.py, membership.py), the agents'
+messages (agent_events.py), the page path into the store (ingest.py, uploads.py), the
+commit, aborts and retention (commit.py), reading generations (generations.py,
+pagestream.py), a flight and its progress (flight.py). Servicers only translate.
+
+Concurrency: one re-entrant lock guards all state. Events are queued and drained one at
+a time under it (a command may produce follow-up events, e.g. Freeze to a node that just
+vanished), so the core sees one event at a time. Nothing slow runs under the lock except
+short catalog transactions: commits run on their own thread, agents' answers are
+awaited outside it, uploads hash and compress outside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+from coordinator import commit
+from coordinator.agents import AgentSession, Registry
+from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
+    CheckpointOptions,
+    Flight,
+    Progress,
+    RunStats,
+    Subscription,
+    Summary,
+)
+from coordinator.membership import Membership
+from coordinator.protocol import Generation
+from coordinator.protocol_messages import (
+    AgentLost,
+    Begin,
+    Cancel,
+    Command,
+    Commit,
+    DropGeneration,
+    EmitProgress,
+    Event,
+    SendAbort,
+    SendCapture,
+    SendCommitted,
+    SendFreeze,
+    SendRestore,
+    SendThaw,
+    StoreFailed,
+    Tick,
+)
+from coordinator.protocol_values import (
+    AbortReason,
+    GenState,
+    ProgressKind,
+    Snapshot,
+    Spec,
+)
+from coordinator.store import Repository
+from coordinator.store.catalog import GenerationInfo
+from cpcoord import __version__
+from cpcoord.errors import (
+    AgentUnavailable,
+    CancelTooLate,
+    CpcoordError,
+    DuplicateAgent,
+    IncompatibleAgent,
+    InvalidArgument,
+    JobBusy,
+    MemberNotRunning,
+    UnknownJob,
+)
+from cpcoord.faults import fault_point
+from cpcoord.gen.v1 import agent_pb2
+from cpcoord.grpcutil import MAX_MESSAGE_BYTES
+from cpcoord.log import log_event
+from cpcoord.ranges import PAGE_SIZE, check_name
+
+log = logging.getLogger("cpcoord.coordinator")
+
+PROTOCOL_VERSION = 1
+RECENT = 4096  # run stats kept for listings (pages captured, downtime, seconds)
+_STORE_FAULTS = {"packs": "coordinator.commit.packs", "manifest": "coordinator.commit.manifest"}
+
+
+@dataclass(frozen=True)
+class Options:
+    keep: int = 5  # committed generations kept per job, plus pinned ones
+    heartbeat_s: float = 1.0  # agents are lost after 3 silent intervals
+    command_timeout_s: float = 15.0  # AttachMember/DetachMember answers
+    page_size: int = PAGE_SIZE
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # the transport's limit, both ways
+    # Told to agents as Welcome.max_message_bytes, so page batches stay small: messages
+    # over 32 MiB come from a fresh mmap each time (glibc), and their page faults cost
+    # 3-4x per byte here; 4-16 MiB messages pipeline and reuse memory (8 MiB measured best).
+    agent_message_bytes: int = 8 << 20
+    max_batch_entries: int = 65536
+
+
+class Engine:
+    def __init__(
+        self,
+        repo: Repository,
+        options: Options | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.repo = repo
+        self.opt = options or Options()
+        self.clock = clock
+        self.lock = threading.RLock()
+        self._wake = threading.Condition(self.lock)
+        self.agents = Registry()
+        self.members = Membership(repo.catalog)
+        self.flights: dict[str, Flight] = {}  # job -> its generation in flight
+        self.attaching: set[tuple[str, str]] = set()  # (job, member) being attached
+        self.recent: collections.OrderedDict[tuple[str, int], RunStats] = collections.OrderedDict()
+        self._queue: collections.deque[tuple[Flight, Event]] = collections.deque()
+        self._draining = False
+        self._stopping = False
+        self._timer: threading.Thread | None = None
+        self.on_progress: list[Callable[[Flight, Progress], None]] = []  # metrics, watch
+        repo.fault = lambda step: (
+            fault_point(_STORE_FAULTS[step]) if step in _STORE_FAULTS else None
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._timer = threading.Thread(target=self._timer_loop, name="engine-timer", daemon=True)
+        self._timer.start()
+
+    def close(self) -> None:
+        """Abort what is in flight (agents thaw and keep their pending sets), end every
+        agent stream, stop the timer."""
+        with self.lock:
+            self._stopping = True
+            for f in list(self.flights.values()):
+                self.feed(f, StoreFailed("the coordinator is shutting down"))
+            for s in self.agents.connected():
+                s.close("the coordinator is shutting down")
+            self._wake.notify_all()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+
+    # -- agents ----------------------------------------------------------------------
+
+    def welcome(self) -> agent_pb2.Welcome:
+        return agent_pb2.Welcome(
+            version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            heartbeat_interval_ms=int(self.opt.heartbeat_s * 1000),
+            max_message_bytes=min(self.opt.agent_message_bytes, self.opt.max_message_bytes),
+            max_batch_entries=self.opt.max_batch_entries,
+        )
+
+    def connect(self, hello: agent_pb2.Hello, peer: str) -> AgentSession:
+        """Register a new control stream (its Welcome is queued first)."""
+        check_name(hello.node)
+        if hello.protocol_version < 1:
+            raise IncompatibleAgent(hello.node, f"protocol version {hello.protocol_version}")
+        if hello.page_size and hello.page_size != self.opt.page_size:
+            why = f"page size {hello.page_size}, the coordinator uses {self.opt.page_size}"
+            raise IncompatibleAgent(hello.node, why)
+        with self.lock:
+            if self._stopping:
+                raise AgentUnavailable(hello.node)
+            old = self.agents.current(hello.node)
+            if old is not None:
+                raise DuplicateAgent(hello.node, f"connected from {old.peer}")
+            s = AgentSession(hello, peer, self.clock)
+            s.send(welcome=self.welcome())
+            self.agents.add(s)
+        log_event(log, logging.INFO, "agent connected", node=hello.node, peer=peer)
+        self._emit_watch("agent_connected", node=hello.node)
+        return s
+
+    def disconnect(self, s: AgentSession, detail: str) -> None:
+        """The stream is over (broken, ended, or silent): every generation in flight
+        hears AgentLost; the node's pending work is forgotten."""
+        with self.lock:
+            s.close(detail)
+            if not self.agents.drop(s):
+                return
+            for f in list(self.flights.values()):
+                self.feed(f, AgentLost(s.node, detail or "stream ended"))
+        log_event(log, logging.WARNING, "agent disconnected", node=s.node, detail=detail)
+        self._emit_watch("agent_disconnected", node=s.node, detail=detail)
+
+    # -- checkpoint ------------------------------------------------------------------
+
+    def checkpoint(self, opts: CheckpointOptions) -> Subscription:
+        """Begin a generation of `opts.job`; progress comes on the subscription. Errors
+        before it begins: UnknownJob, JobBusy, MemberNotRunning, AgentUnavailable."""
+        check_name(opts.job)
+        timing = opts.timing()
+        with self.lock:
+            if not self.members.has_job(opts.job):
+                raise UnknownJob(opts.job)
+            members = self.members.of_job(opts.job)
+            if not members:
+                raise InvalidArgument(f"job {opts.job} has no members: attach some first")
+            busy = self.flights.get(opts.job)
+            if busy is not None:
+                raise JobBusy(opts.job, busy.number)
+            for m in members:
+                if m.gone:
+                    why = f"{m.detail or 'its process exited'}; detach it or attach it anew"
+                    raise MemberNotRunning(m.name, m.job, why)
+                s = self.agents.current(m.node)
+                if s is None or not s.ready:
+                    raise AgentUnavailable(m.node)
+            n = self.repo.begin(opts.job)
+            parent = self.repo.catalog.get(opts.job, n).parent
+            full_nodes = frozenset(
+                m.node for m in members if opts.full or parent is None or m.committed != parent
+            )
+            spec = Spec(
+                opts.job,
+                n,
+                tuple((m.name, m.node) for m in members),
+                full=opts.full,
+                timing=timing,
+            )
+            f = Flight(Generation(spec), parent, full_nodes, pin=opts.pin, started=self.clock())
+            sub = f.subscribe()
+            self.flights[opts.job] = f
+            self.feed(f, Begin(self.clock()))
+            self._wake.notify_all()
+        return sub
+
+    def cancel(self, f: Flight, detail: str) -> bool:
+        """The client went away: abort unless the store is already committing."""
+        with self.lock:
+            if not f.in_flight:
+                return False
+            try:
+                cmds = f.gen.handle(Cancel(detail))
+            except CancelTooLate:
+                return False
+            self._run(f, cmds)
+            self._drain()
+            return True
+
+    # -- the core's events and commands ------------------------------------------------
+
+    def feed(self, f: Flight, event: Event) -> None:
+        """Queue an event for a flight and drain the queue (under the lock)."""
+        with self.lock:
+            self._queue.append((f, event))
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._draining:
+            return  # an outer frame is draining: it will get to it
+        self._draining = True
+        try:
+            while self._queue:
+                f, ev = self._queue.popleft()
+                try:
+                    cmds = f.gen.handle(ev)
+                except CpcoordError as e:
+                    log_event(
+                        log,
+                        logging.WARNING,
+                        "event refused",
+                        job=f.job,
+                        generation=f.number,
+                        event=type(ev).__name__,
+                        why=str(e),
+                    )
+                    continue
+                self._run(f, cmds)
+        finally:
+            self._draining = False
+
+    def _run(self, f: Flight, cmds: Iterable[Command]) -> None:
+        for c in cmds:
+            try:
+                self._do(f, c)
+            except Exception:
+                log.exception("command failed", extra={"fields": {"command": type(c).__name__}})
+
+    def _send(self, f: Flight, node: str, **body: object) -> None:
+        s = self.agents.current(node)
+        if s is None:
+            self._queue.append((f, AgentLost(node, "not connected")))
+            return
+        s.send(**body)
+
+    def _do(self, f: Flight, c: Command) -> None:
+        if isinstance(c, SendFreeze):
+            kind = "OPERATION_KIND_" + c.kind.name
+            lease_ms = round(c.lease_s * 1000)
+            msg = agent_pb2.Freeze(
+                job=c.job, generation=c.generation, kind=kind, lease_ms=lease_ms, members=c.members
+            )
+            self._send(f, c.node, freeze=msg)
+        elif isinstance(c, SendCapture):
+            full = c.full or c.node in f.full_nodes
+            cap = agent_pb2.Capture(
+                job=c.job, generation=c.generation, full=full, members=c.members
+            )
+            self._send(f, c.node, capture=cap)
+        elif isinstance(c, SendAbort):
+            reason = "ABORT_REASON_" + c.reason.name
+            abort = agent_pb2.Abort(
+                job=c.job, generation=c.generation, reason=reason, detail=c.detail
+            )
+            s = self.agents.current(c.node)
+            if s is not None:
+                s.send(abort=abort)
+        elif isinstance(c, SendCommitted):
+            s = self.agents.current(c.node)
+            if s is not None:
+                s.send(committed=agent_pb2.Committed(job=c.job, generation=c.generation))
+        elif isinstance(c, SendRestore | SendThaw):
+            raise InvalidArgument("restore is not driven by this engine yet (issue 5)")
+        elif isinstance(c, Commit):
+            f.committing = True
+            threading.Thread(
+                target=self._commit, args=(f,), name=f"commit-{f.job}-{f.number}", daemon=True
+            ).start()
+        elif isinstance(c, DropGeneration):
+            self._drop(f, c.reason)
+        elif isinstance(c, EmitProgress):
+            self._progress(f, c)
+
+    def _drop(self, f: Flight, reason: AbortReason) -> None:
+        commit.drop(self, f, reason)
+
+    def _progress(self, f: Flight, c: EmitProgress) -> None:
+        ev = c.event
+        if ev.kind is ProgressKind.BARRIER:
+            f.barrier_ns = time.time_ns()
+        summary = None
+        if ev.kind in (ProgressKind.COMMITTED, ProgressKind.ABORTED):
+            summary = self._finish(f)
+        p = Progress(ev, self.clock() - f.started, summary)
+        f.publish(p)
+        for hook in self.on_progress:
+            try:
+                hook(f, p)
+            except Exception:
+                log.exception("progress hook failed")
+
+    def _finish(self, f: Flight) -> Summary:
+        run = f.run_stats()
+        self.recent[(f.job, f.number)] = run
+        while len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
+        if self.flights.get(f.job) is f:
+            del self.flights[f.job]
+        snap = f.gen.snapshot
+        if snap.state is GenState.COMMITTED:
+            spec_members = [m for m, _ in snap.spec.members]
+            recs = [self.members.get(f.job, m) for m in spec_members]
+            self.members.update_all(replace(r, committed=f.number) for r in recs if r is not None)
+            if f.pin:
+                self.repo.pin(f.job, f.number, True)
+        f.summary = self.summary(f.job, f.number, snap.state.value, snap, run)
+        log_event(
+            log,
+            logging.INFO,
+            "generation ended",
+            job=f.job,
+            generation=f.number,
+            state=snap.state.value,
+            reason=snap.reason.value if snap.reason else "",
+            seconds=round(run.seconds, 3),
+            frozen_seconds=round(run.frozen_seconds, 4),
+        )
+        self._wake.notify_all()
+        return f.summary
+
+    def summary(
+        self,
+        job: str,
+        number: int,
+        state: str = "",
+        snap: Snapshot | None = None,
+        run: RunStats | None = None,
+        info: GenerationInfo | None = None,
+    ) -> Summary:
+        """A generation as clients see it: the catalog row plus the run's numbers."""
+        from coordinator.generations import summarize
+
+        return summarize(self, job, number, state, snap, run, info)
+
+    # -- commit (coordinator/commit.py) ---------------------------------------------------
+
+    def _commit(self, f: Flight) -> None:
+        commit.run(self, f)
+
+    def retain(self, job: str) -> list[int]:
+        """Delete committed generations beyond the newest `keep` (pinned ones stay)."""
+        return commit.retain(self, job)
+
+    # -- timers ----------------------------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        hb = self.opt.heartbeat_s
+        next_hb = self.clock()
+        with self.lock:
+            while not self._stopping:
+                now = self.clock()
+                for f in list(self.flights.values()):
+                    d = f.gen.next_deadline()
+                    if d is not None and d <= now:
+                        self.feed(f, Tick(now))
+                if now >= next_hb:
+                    next_hb = now + hb
+                    for s in self.agents.connected():
+                        if s.silent_for() > 3 * hb:
+                            self.disconnect(s, f"silent for {s.silent_for():.1f} s")
+                        else:
+                            s.heartbeat()
+                deadlines = [d for f in self.flights.values() if (d := f.gen.next_deadline())]
+                until = min([next_hb, *deadlines])
+                self._wake.wait(timeout=max(0.0, until - self.clock()) + 0.001)
+
+    # -- watch (issue 6 adds the stream; the hook is here) ------------------------------
+
+    def _emit_watch(self, kind: str, **fields: object) -> None:
+        log_event(log, logging.DEBUG, "watch", kind=kind, **fields)

@@ -1,0 +1,178 @@
+"""Reading and managing generations: list, get, delete, pin, gc, verify, stats.
+
+Only committed generations are visible, plus the one in flight (PREPARING) and, on
+request, aborted ones. Deleting a job's newest generation is allowed: members whose
+tracker counted from it no longer match the new newest one, so their next capture is
+full (engine.checkpoint compares each member's `committed` with the parent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from coordinator.flight import RunStats, Summary
+from coordinator.protocol_values import AbortReason, Snapshot
+from coordinator.store import GcReport, Manifest, State, StoreStats, VerifyReport
+from coordinator.store.catalog import GenerationInfo
+from cpcoord.errors import GenerationStateError, InvalidArgument, NoSuchGeneration, UnknownJob
+from cpcoord.ranges import check_name
+
+if TYPE_CHECKING:
+    from coordinator.engine import Engine
+
+
+def summarize(
+    engine: Engine,
+    job: str,
+    number: int,
+    state: str = "",
+    snap: Snapshot | None = None,
+    run: RunStats | None = None,
+    info: GenerationInfo | None = None,
+) -> Summary:
+    """A generation as clients see it: the catalog row (if it still has one), the abort
+    reason (from the core, or the catalog's text after a restart) and the run's numbers
+    (kept in memory for recent generations)."""
+    if info is None:
+        try:
+            info = engine.repo.catalog.get(job, number)
+        except NoSuchGeneration:
+            info = None
+    reason = detail = ""
+    if snap is not None and snap.reason is not None:
+        reason, detail = snap.reason.value, snap.detail
+    elif info is not None and info.state is State.ABORTED:
+        reason, detail = _reason_of(info.reason)
+    st = state or (info.state.value.lower() if info is not None else "aborted")
+    return Summary(
+        catalog=info,
+        job=job,
+        number=number,
+        parent=info.parent if info is not None else None,
+        state=st,
+        reason=reason,
+        detail=detail,
+        run=run or engine.recent.get((job, number), RunStats()),
+    )
+
+
+def _reason_of(text: str) -> tuple[str, str]:
+    """The catalog keeps an abort reason as text: an AbortReason value, or the store's
+    own words (e.g. "interrupted: the store was reopened" after a restart)."""
+    try:
+        return AbortReason(text).value, ""
+    except ValueError:
+        return AbortReason.STORE_ERROR.value, text
+
+
+def _job(engine: Engine, job: str) -> None:
+    check_name(job)
+    if not engine.members.has_job(job) and job not in engine.repo.catalog.jobs():
+        raise UnknownJob(job)
+
+
+def _committed(engine: Engine, job: str, n: int) -> GenerationInfo:
+    """Generation n of job if committed; n = 0: the newest committed one."""
+    _job(engine, job)
+    if n == 0:
+        gens = engine.repo.generations(job)
+        if not gens:
+            raise NoSuchGeneration("(latest committed)", job)
+        return gens[-1]
+    info = engine.repo.catalog.get(job, n)
+    if info.state is not State.COMMITTED:
+        raise GenerationStateError(n, job, "read it", f"it is {info.state.value.lower()}")
+    return info
+
+
+def list_generations(
+    engine: Engine, job: str, include_aborted: bool = False, limit: int = 0
+) -> list[Summary]:
+    """Newest first."""
+    _job(engine, job)
+    rows = engine.repo.catalog.generations(job)
+    shown = [r for r in rows if include_aborted or r.state is not State.ABORTED]
+    shown.reverse()
+    if limit:
+        shown = shown[:limit]
+    return [engine.summary(job, r.number, info=r) for r in shown]
+
+
+@dataclass(frozen=True)
+class Detail:
+    summary: Summary
+    manifest: Manifest
+    nodes: dict[str, str]  # member -> node (as the membership knows it now)
+
+
+def get_generation(engine: Engine, job: str, n: int) -> Detail:
+    info = _committed(engine, job, n)
+    m = engine.repo.manifest(job, info.number)
+    with engine.lock:
+        nodes = {r.name: r.node for r in engine.members.of_job(job)}
+    return Detail(engine.summary(job, info.number, info=info), m, nodes)
+
+
+def manifest(engine: Engine, job: str, n: int) -> tuple[Manifest, dict[str, str]]:
+    d = get_generation(engine, job, n)
+    return d.manifest, d.nodes
+
+
+def delete_generation(engine: Engine, job: str, n: int, force: bool = False) -> None:
+    _job(engine, job)
+    if n < 1:
+        raise InvalidArgument(f"generation must be >= 1, got {n}")
+    with engine.lock:
+        f = engine.flights.get(job)
+        if f is not None and f.number == n:
+            raise GenerationStateError(n, job, "delete it", "it is in flight")
+        info = engine.repo.catalog.get(job, n)
+        if info.pinned and force:
+            engine.repo.pin(job, n, False)
+        engine.repo.delete_generation(job, n)
+
+
+def pin(engine: Engine, job: str, n: int, pinned: bool) -> Summary:
+    info = _committed(engine, job, n) if n else _committed(engine, job, 0)
+    engine.repo.pin(job, info.number, pinned)
+    return engine.summary(job, info.number)
+
+
+def gc(engine: Engine, keep: int = 0, dry_run: bool = False) -> GcReport:
+    keep = keep or engine.opt.keep
+    if keep < 1:
+        raise InvalidArgument(f"keep must be at least 1, got {keep}")
+    if not dry_run:
+        return engine.repo.gc(keep)
+    dropped = []
+    for job in engine.repo.catalog.jobs():
+        gens = engine.repo.generations(job)
+        kept = {g.number for g in gens[-keep:]} | {g.number for g in gens if g.pinned}
+        dropped += [(job, g.number) for g in gens if g.number not in kept]
+    return GcReport(tuple(dropped), 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def verify(engine: Engine, job: str = "", n: int = 0) -> VerifyReport:
+    if n and not job:
+        raise InvalidArgument("a generation needs its job")
+    if job:
+        _job(engine, job)
+    if n:
+        _committed(engine, job, n)
+    report = engine.repo.verify()
+    if not job:
+        return report
+    damage = tuple(d for d in report.damage if d.job == job and (not n or d.generation == n))
+    return VerifyReport(
+        report.generations,
+        report.chunks,
+        report.packs,
+        report.bytes_read,
+        damage,
+        report.damaged_packs,
+    )
+
+
+def stats(engine: Engine) -> StoreStats:
+    return engine.repo.stats()

@@ -1,0 +1,205 @@
+"""Membership operations of the engine: attach, detach, reconcile an agent's members
+after it (re)connects, and the health of each member as clients see it.
+
+Attach asks the member's agent first (AttachMember, answered by a CommandResult: the
+agent checks the process and its regions) and records the member only if the agent
+agreed, so a refused attach changes nothing. After a (re)connect the agent's Hello lists
+the members it still holds; the coordinator re-attaches the ones it lacks (a restarted
+agent holds nothing, and its trackers start over: the next capture of those members is
+full), marks the ones whose process died as gone, and detaches the ones it no longer
+knows. Until that is done the node is not `ready` and checkpoints of its jobs wait.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from coordinator.agents import AgentSession
+from coordinator.membership import MemberRec, check_regions
+from cpcoord.errors import (
+    AgentTimeout,
+    AgentUnavailable,
+    CpcoordError,
+    DuplicateMember,
+    InvalidArgument,
+    JobBusy,
+    NoSuchProcess,
+    PidReused,
+)
+from cpcoord.gen.v1 import agent_pb2, types_pb2
+from cpcoord.grpcutil import from_error_detail
+from cpcoord.log import log_event
+from cpcoord.ranges import check_name
+
+if TYPE_CHECKING:
+    from coordinator.engine import Engine
+
+log = logging.getLogger("cpcoord.coordinator.members")
+
+
+@dataclass(frozen=True)
+class AttachRequest:
+    job: str
+    member: str
+    pid: int
+    start_time: int = 0
+    node: str = ""
+    regions: Sequence[tuple[str, int, int]] = ()
+    tracker: str = ""
+
+
+def _attach_msg(rec: MemberRec) -> agent_pb2.AttachMember:
+    return agent_pb2.AttachMember(
+        job=rec.job,
+        member=rec.name,
+        process=types_pb2.ProcessIdentity(pid=rec.pid, start_time=rec.start_time),
+        regions=[types_pb2.Region(name=r.name, start=r.start, end=r.end) for r in rec.regions],
+        tracker=rec.tracker,
+    )
+
+
+def _ask(s: AgentSession, what: str, timeout: float, **body: object) -> agent_pb2.CommandResult:
+    res = s.request(what, timeout, **body)
+    if res.HasField("error"):
+        e = res.error
+        raise from_error_detail(e.error, e.message, e.status)
+    return res
+
+
+def attach(engine: Engine, req: AttachRequest) -> tuple[MemberRec, types_pb2.Member]:
+    """Attach a process as a member; returns the record and the agent's view of it."""
+    check_name(req.job)
+    if req.pid < 1:
+        raise InvalidArgument(f"pid must be >= 1, got {req.pid}")
+    regions = check_regions(list(req.regions))
+    if req.tracker:
+        check_name(req.tracker)
+    with engine.lock:
+        engine.members.check_new(req.job, req.member)
+        node = req.node
+        if node:
+            check_name(node)
+        else:
+            live = [s.node for s in engine.agents.connected()]
+            if len(live) != 1:
+                raise InvalidArgument(
+                    f"give --node: {len(live)} agents are connected ({', '.join(live) or 'none'})"
+                )
+            node = live[0]
+        s = engine.agents.require(node)
+        key = (req.job, req.member)
+        if key in engine.attaching:
+            raise DuplicateMember(req.job, req.member)
+        engine.attaching.add(key)
+    try:
+        rec = MemberRec(req.job, req.member, node, req.pid, req.start_time, regions, req.tracker)
+        res = _ask(s, "AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec))
+        got = res.member
+        rec = replace(
+            rec, pid=got.process.pid or rec.pid, start_time=got.process.start_time or rec.start_time
+        )
+        with engine.lock:
+            rec = engine.members.add(rec)
+    except BaseException:
+        with engine.lock:
+            engine.attaching.discard(key)
+        raise
+    with engine.lock:
+        engine.attaching.discard(key)
+    log_event(
+        log, logging.INFO, "member attached", job=rec.job, member=rec.name, node=node, pid=rec.pid
+    )
+    return rec, res.member
+
+
+def detach(engine: Engine, job: str, member: str) -> MemberRec:
+    """Forget a member (its committed generations stay). Refused while the job has a
+    generation in flight."""
+    check_name(job)
+    check_name(member)
+    with engine.lock:
+        rec = engine.members.require(job, member)
+        busy = engine.flights.get(job)
+        if busy is not None:
+            raise JobBusy(job, busy.number)
+        s = engine.agents.current(rec.node)
+        engine.members.remove(job, member)
+    if s is not None:
+        try:
+            _ask(
+                s,
+                "DetachMember",
+                engine.opt.command_timeout_s,
+                detach_member=agent_pb2.DetachMember(job=job, member=member),
+            )
+        except CpcoordError as e:  # it is detached here; the agent forgets it at reconnect
+            log_event(
+                log,
+                logging.WARNING,
+                "agent did not detach",
+                job=job,
+                member=member,
+                node=rec.node,
+                why=str(e),
+            )
+    log_event(log, logging.INFO, "member detached", job=job, member=member)
+    return rec
+
+
+def mark_gone(engine: Engine, job: str, member: str, detail: str) -> MemberRec | None:
+    with engine.lock:
+        rec = engine.members.get(job, member)
+        if rec is None or rec.gone:
+            return rec
+        return engine.members.update(replace(rec, gone=True, detail=detail))
+
+
+def reconcile(engine: Engine, s: AgentSession) -> None:
+    """Bring the agent's members in line with the catalog; then the node is ready."""
+    held = {(h.job, h.member.name): h for h in s.hello.members}
+    with engine.lock:
+        recs = engine.members.on_node(s.node)
+    try:
+        for rec in recs:
+            h = held.pop((rec.job, rec.name), None)
+            if h is not None:
+                if not h.alive:
+                    mark_gone(engine, rec.job, rec.name, "exited while its agent was away")
+                continue
+            if rec.gone:
+                continue
+            try:
+                _ask(
+                    s, "AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec)
+                )
+            except (NoSuchProcess, PidReused) as e:
+                mark_gone(engine, rec.job, rec.name, str(e))
+                continue
+            with engine.lock:  # a fresh tracker: its next capture must be full
+                cur = engine.members.get(rec.job, rec.name)
+                if cur is not None:
+                    engine.members.update(replace(cur, committed=0))
+        for (job, name), _ in held.items():
+            s.send(detach_member=agent_pb2.DetachMember(job=job, member=name))
+    except (AgentUnavailable, AgentTimeout) as e:
+        log_event(log, logging.WARNING, "reconcile stopped", node=s.node, why=str(e))
+        return
+    except CpcoordError as e:
+        log_event(log, logging.ERROR, "reconcile failed", node=s.node, why=str(e))
+    s.ready = True
+    log_event(log, logging.INFO, "agent ready", node=s.node, members=len(recs))
+
+
+def health(engine: Engine, rec: MemberRec) -> tuple[str, str]:
+    """RUNNING, GONE or AGENT_DISCONNECTED, with a detail."""
+    if rec.gone:
+        return "GONE", rec.detail
+    s = engine.agents.current(rec.node)
+    if s is None:
+        return "AGENT_DISCONNECTED", f"node {rec.node} has no connected agent"
+    if not s.ready:
+        return "AGENT_DISCONNECTED", f"node {rec.node} is reconnecting"
+    return "RUNNING", ""

@@ -1,0 +1,122 @@
+"""A committed generation as a page stream (`PageData`): per member a header, then
+batches of page entries with the chunks they need. ReadGeneration (export) and
+DownloadPages (restore) both send this; the format is in common.proto.
+
+Batches hold at most `max_entries` entries and about `target_bytes` of chunk data; a
+chunk goes once per stream, with the first batch that names it. Chunks are read through
+the store's verified read path (re-hashed against their ids). Entries are sliced from
+the manifest's packed columns: no Python object per page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from coordinator.store import Manifest, Repository
+from coordinator.store.ids import ID_DTYPE, IdArray, member_of, zero_mask
+from coordinator.store.manifest import PageTable, RegionMap
+from cpcoord.errors import UnknownMember
+from cpcoord.gen.v1 import common_pb2, manifest_pb2, types_pb2
+from cpcoord.image import runs_of
+
+TARGET_BYTES = 4 << 20
+HARD_BYTES = 48 << 20  # a batch never carries more chunk bytes than this (limit 64 MiB)
+
+
+def region_runs(t: PageTable) -> list[types_pb2.PageRun]:
+    pages, _, _ = t.expand()
+    return [types_pb2.PageRun(offset=int(o), count=int(c)) for o, c in runs_of(pages).tolist()]
+
+
+def header(
+    m: Manifest, member: str, node: str, regions: Sequence[RegionMap]
+) -> common_pb2.PagesHeader:
+    rs = []
+    for r in regions:
+        runs = region_runs(r.pages)
+        rs.append(
+            types_pb2.Region(name=r.name, start=r.start, end=r.end, pages=runs, all_pages=runs)
+        )
+    return common_pb2.PagesHeader(
+        job=m.job,
+        generation=m.generation,
+        member=member,
+        node=node,
+        page_size=m.page_size,
+        regions=rs,
+        full=True,
+        cut_unix_ns=max(0, m.time_ns),
+    )
+
+
+def _entries(t: PageTable, lo: int, hi: int) -> manifest_pb2.PageEntries:
+    return manifest_pb2.PageEntries(
+        page_offsets=t.offsets[lo:hi].astype("<u8").tobytes(),
+        page_counts=t.counts[lo:hi].astype("<u4").tobytes(),
+        chunk_skips=t.skips[lo:hi].astype("<u4").tobytes(),
+        chunk_ids=np.ascontiguousarray(t.ids[lo:hi]).tobytes(),
+    )
+
+
+def _chunk_data(ids: IdArray, data: list[bytes]) -> common_pb2.ChunkData:
+    sizes = np.array([len(d) for d in data], dtype="<u4")
+    return common_pb2.ChunkData(
+        ids=np.ascontiguousarray(ids).tobytes(),
+        methods=bytes(len(data)),
+        raw_sizes=sizes.tobytes(),
+        stored_sizes=sizes.tobytes(),
+        data=b"".join(data),
+    )
+
+
+def stream(
+    repo: Repository,
+    m: Manifest,
+    members: Sequence[str] = (),
+    regions: Sequence[str] = (),
+    nodes: dict[str, str] | None = None,
+    max_entries: int = 65536,
+    target_bytes: int = TARGET_BYTES,
+) -> Iterator[common_pb2.PageData]:
+    """PageData messages of the chosen members (all, in name order) and regions."""
+    names = sorted(x.name for x in m.members) if not members else list(members)
+    for name in names:
+        try:
+            mm = m.member(name)
+        except KeyError:
+            raise UnknownMember(m.job, name, f"in generation {m.generation}") from None
+        chosen = [r for r in mm.regions if not regions or r.name in regions]
+        yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
+        sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
+        for ri, r in enumerate(chosen):
+            for batch in _batches(repo, m, r.pages, sent, max_entries, target_bytes):
+                batch.region = ri
+                yield common_pb2.PageData(batch=batch)
+
+
+def _batches(
+    repo: Repository, m: Manifest, t: PageTable, sent: list[IdArray], max_entries: int, target: int
+) -> Iterator[common_pb2.PageBatch]:
+    ps = m.page_size
+    cost = np.where(zero_mask(t.ids), 0, t.counts.astype(np.int64) * ps)
+    ends = np.cumsum(cost)
+    lo = 0
+    while lo < len(t):
+        base = int(ends[lo - 1]) if lo else 0
+        hi = int(np.searchsorted(ends, base + target, side="right"))
+        hi = min(max(hi, lo + 1), lo + max_entries, len(t))
+        while True:
+            ids = t.ids[lo:hi]
+            new = np.unique(ids[~zero_mask(ids)])
+            new = new[~member_of(new, sent[0])]
+            data = repo.read_chunks(m.namespace, new) if new.size else []
+            if hi - lo == 1 or sum(len(d) for d in data) <= HARD_BYTES:
+                break
+            # Entries naming small parts of big chunks: fewer entries per batch.
+            hi = lo + max(1, (hi - lo) // 4)
+        if new.size:
+            sent[0] = np.union1d(sent[0], new)
+        yield common_pb2.PageBatch(entries=_entries(t, lo, hi), chunks=_chunk_data(new, data))
+        lo = hi

@@ -1,0 +1,302 @@
+"""`cpcoord.v1.Coordinator`: the clients' API, a thin adapter over the engine.
+
+Each method validates nothing itself beyond message shape: the engine modules check and
+raise CpcoordErrors, which `rpc_errors` turns into statuses. Checkpoint streams the
+flight's progress; if the client goes away before the end, the generation is cancelled
+(unless the store is already committing it). Restore, Diff and Watch arrive with
+issues 5 and 6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from coordinator import generations, members_ops, pagestream
+from coordinator.engine import CheckpointOptions, Engine
+from coordinator.servicers import convert
+from coordinator.store import GcReport
+from cpcoord.errors import NotImplementedYet, UnknownJob
+from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, types_pb2
+from cpcoord.grpcutil import rpc_errors
+from cpcoord.ranges import check_name
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- jobs, members, agents -------------------------------------------------------
+
+    def _job_info(self, job: str) -> coordinator_pb2.JobInfo:
+        e = self.engine
+        with e.lock:
+            recs = e.members.of_job(job)
+            members = [convert.member_info(r, *members_ops.health(e, r)) for r in recs]
+            f = e.flights.get(job)
+            in_flight = f.number if f is not None else 0
+        gens = e.repo.generations(job)
+        out = coordinator_pb2.JobInfo(
+            name=job, members=members, in_flight=in_flight, generations=len(gens)
+        )
+        if gens:
+            out.last_committed.CopyFrom(
+                convert.generation_info(e.summary(job, gens[-1].number, info=gens[-1]))
+            )
+        return out
+
+    @rpc_errors
+    def ListJobs(
+        self, request: coordinator_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ListJobsResponse:
+        e = self.engine
+        with e.lock:
+            names = sorted(set(e.members.jobs()) | set(e.repo.catalog.jobs()))
+        if request.job:
+            check_name(request.job)
+            if request.job not in names:
+                raise UnknownJob(request.job)
+            names = [request.job]
+        return coordinator_pb2.ListJobsResponse(jobs=[self._job_info(n) for n in names])
+
+    @rpc_errors
+    def ListAgents(
+        self, request: coordinator_pb2.ListAgentsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ListAgentsResponse:
+        e = self.engine
+        out = []
+        with e.lock:
+            for rec in e.agents.records():
+                s, h = rec.session, rec.session.hello
+                out.append(
+                    coordinator_pb2.AgentInfo(
+                        node=s.node,
+                        version=h.version,
+                        capabilities=h.capabilities,
+                        trackers=h.trackers,
+                        connected=s.alive and not rec.disconnected_ms,
+                        connected_unix_ms=rec.disconnected_ms or s.connected_ms,
+                        members=len(e.members.on_node(s.node)),
+                        peer=s.peer,
+                    )
+                )
+        return coordinator_pb2.ListAgentsResponse(agents=out)
+
+    @rpc_errors
+    def AttachMember(
+        self, request: coordinator_pb2.AttachMemberRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.AttachMemberResponse:
+        req = members_ops.AttachRequest(
+            job=request.job,
+            member=request.member,
+            pid=request.process.pid,
+            start_time=request.process.start_time,
+            node=request.node,
+            regions=[(r.name, r.start, r.end) for r in request.regions],
+            tracker=request.tracker,
+        )
+        rec, seen = members_ops.attach(self.engine, req)
+        regions = [
+            types_pb2.Region(name=r.name, start=r.start, end=r.end) for r in seen.regions
+        ] or None
+        with self.engine.lock:
+            health = members_ops.health(self.engine, rec)
+        return coordinator_pb2.AttachMemberResponse(
+            member=convert.member_info(rec, *health, regions=regions)
+        )
+
+    @rpc_errors
+    def DetachMember(
+        self, request: coordinator_pb2.DetachMemberRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.DetachMemberResponse:
+        members_ops.detach(self.engine, request.job, request.member)
+        return coordinator_pb2.DetachMemberResponse()
+
+    # -- checkpoint ------------------------------------------------------------------
+
+    @rpc_errors
+    def Checkpoint(
+        self, request: coordinator_pb2.CheckpointRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.CheckpointEvent]:
+        opts = CheckpointOptions(
+            job=request.job,
+            full=request.full,
+            lease_ms=request.lease_ms,
+            freeze_timeout_ms=request.freeze_timeout_ms,
+            commit_timeout_ms=request.commit_timeout_ms,
+            pin=request.pin,
+        )
+        sub = self.engine.checkpoint(opts)
+
+        def gone() -> None:
+            if not sub.done:
+                self.engine.cancel(sub.flight, "the client cancelled the Checkpoint call")
+
+        context.add_callback(gone)
+        while True:
+            p = sub.get(timeout=1.0)
+            if p is None:
+                if not context.is_active():
+                    gone()
+                continue
+            yield convert.checkpoint_event(p)
+            if p.summary is not None:
+                return
+
+    # -- generations -----------------------------------------------------------------
+
+    @rpc_errors
+    def ListGenerations(
+        self, request: coordinator_pb2.ListGenerationsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ListGenerationsResponse:
+        rows = generations.list_generations(
+            self.engine, request.job, request.include_aborted, request.limit
+        )
+        return coordinator_pb2.ListGenerationsResponse(
+            generations=[convert.generation_info(s) for s in rows]
+        )
+
+    @rpc_errors
+    def GetGeneration(
+        self, request: coordinator_pb2.GetGenerationRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.GetGenerationResponse:
+        d = generations.get_generation(self.engine, request.job, request.generation)
+        members = []
+        for mm in d.manifest.members:
+            regions = [
+                types_pb2.Region(
+                    name=r.name, start=r.start, end=r.end, all_pages=pagestream.region_runs(r.pages)
+                )
+                for r in mm.regions
+            ]
+            pages = sum(r.pages.page_count for r in mm.regions)
+            zero = sum(r.pages.zero_pages for r in mm.regions)
+            members.append(
+                coordinator_pb2.MemberGeneration(
+                    member=mm.name,
+                    node=d.nodes.get(mm.name, ""),
+                    regions=regions,
+                    stats=common_pb2.MemberStats(
+                        pages=pages, zero_pages=zero, bytes_logical=pages * d.manifest.page_size
+                    ),
+                )
+            )
+        return coordinator_pb2.GetGenerationResponse(
+            info=convert.generation_info(d.summary), members=members
+        )
+
+    @rpc_errors
+    def DeleteGeneration(
+        self, request: coordinator_pb2.DeleteGenerationRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.DeleteGenerationResponse:
+        generations.delete_generation(self.engine, request.job, request.generation, request.force)
+        return coordinator_pb2.DeleteGenerationResponse()
+
+    @rpc_errors
+    def PinGeneration(
+        self, request: coordinator_pb2.PinGenerationRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.PinGenerationResponse:
+        s = generations.pin(self.engine, request.job, request.generation, request.pinned)
+        return coordinator_pb2.PinGenerationResponse(info=convert.generation_info(s))
+
+    @rpc_errors
+    def ReadGeneration(
+        self, request: coordinator_pb2.ReadGenerationRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.PageData]:
+        m, nodes = generations.manifest(self.engine, request.job, request.generation)
+        for name in request.members:
+            check_name(name)
+        yield from pagestream.stream(
+            self.engine.repo,
+            m,
+            list(request.members),
+            list(request.regions),
+            nodes,
+            self.engine.opt.max_batch_entries,
+        )
+
+    # -- store upkeep ----------------------------------------------------------------
+
+    @rpc_errors
+    def GarbageCollect(
+        self, request: coordinator_pb2.GarbageCollectRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.GarbageCollectEvent]:
+        yield coordinator_pb2.GarbageCollectEvent(phase="retention")
+        r: GcReport = generations.gc(self.engine, request.keep, request.dry_run)
+        yield coordinator_pb2.GarbageCollectEvent(
+            phase="done",
+            dropped=[coordinator_pb2.GenerationRef(job=j, generation=n) for j, n in r.dropped],
+            chunks_dropped=r.chunks_dropped,
+            packs_deleted=r.packs_deleted,
+            packs_repacked=r.packs_repacked,
+            bytes_freed=r.bytes_freed,
+            orphan_manifests=r.orphan_manifests,
+        )
+
+    @rpc_errors
+    def Verify(
+        self, request: coordinator_pb2.VerifyRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.VerifyEvent]:
+        r = generations.verify(self.engine, request.job, request.generation)
+        yield coordinator_pb2.VerifyEvent(
+            chunks_checked=r.chunks,
+            chunks_total=r.chunks,
+            bytes_read=r.bytes_read,
+            damage=[
+                coordinator_pb2.Damage(
+                    job=d.job,
+                    generation=d.generation,
+                    member=d.member,
+                    chunks=d.chunks,
+                    first_chunk=d.first_chunk,
+                    why=d.why,
+                )
+                for d in r.damage
+            ],
+            final=True,
+            generations=r.generations,
+            damaged_packs=[f"{name}: {why}" for name, why in r.damaged_packs],
+            ok=not r.damage and not r.damaged_packs,
+        )
+
+    @rpc_errors
+    def StoreStats(
+        self, request: coordinator_pb2.StoreStatsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.StoreStatsResponse:
+        s = generations.stats(self.engine)
+        return coordinator_pb2.StoreStatsResponse(
+            chunks=s.chunks,
+            packs=s.packs,
+            pack_bytes=s.pack_bytes,
+            chunk_bytes=s.chunk_bytes,
+            stored_chunk_bytes=s.stored_chunk_bytes,
+            generations=s.generations,
+            logical_bytes=s.logical_bytes,
+            index_memory_bytes=s.index_memory_bytes,
+            dedup_ratio=s.dedup_ratio or 0.0,
+            compression_ratio=s.compression_ratio or 0.0,
+        )
+
+    # -- later issues ----------------------------------------------------------------
+
+    @rpc_errors
+    def Restore(
+        self, request: coordinator_pb2.RestoreRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.RestoreEvent]:
+        raise NotImplementedYet("Restore", "restore arrives with issue 5; use export for now")
+        yield  # pragma: no cover
+
+    @rpc_errors
+    def Diff(
+        self, request: coordinator_pb2.DiffRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.DiffResponse]:
+        raise NotImplementedYet("Diff", "diff arrives with issue 5")
+        yield  # pragma: no cover
+
+    @rpc_errors
+    def Watch(
+        self, request: coordinator_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[coordinator_pb2.WatchEvent]:
+        raise NotImplementedYet("Watch", "the event stream arrives with issue 6")
+        yield  # pragma: no cover

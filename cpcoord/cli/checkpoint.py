@@ -1,0 +1,87 @@
+"""`cpcoord checkpoint`: take one coordinated checkpoint of a job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cpcoord import clientconn
+from cpcoord.errors import GenerationAborted, RemoteError
+from cpcoord.gen.v1 import common_pb2, coordinator_pb2
+from cpcoord.ranges import check_name
+
+NAME = "checkpoint"
+HELP = "checkpoint every member of a job as one generation"
+DESCRIPTION = """\
+Freeze every member of the job on every node, take the cut when all are frozen, copy each
+member's changed pages (all pages with --full) and let it run again, store the pages, and
+commit the generation once every member is stored. Either the whole generation commits
+or nothing of it is visible. Progress goes to stderr on a terminal; --json prints one
+object at the end: generation, state, members, pages_captured, bytes_logical,
+bytes_stored_new, frozen_seconds (the longest member downtime), seconds, and more.
+Exits 0 when committed, 52 when the generation aborted (the reason is printed)."""
+EPILOG = """\
+examples:
+  cpcoord checkpoint --job train-42
+  cpcoord checkpoint --job train-42 --full --json --lease-ms 5000"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--job", required=True, help="job name")
+    p.add_argument("--full", action="store_true", help="capture every page, not the changes")
+    p.add_argument(
+        "--lease-ms",
+        type=int,
+        default=0,
+        metavar="MS",
+        help="longest time any member stays frozen (default 10000)",
+    )
+    p.add_argument("--pin", action="store_true", help="pin the generation once committed")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    clientconn.add_arguments(p)
+
+
+def _kind(e: coordinator_pb2.CheckpointEvent) -> str:
+    return common_pb2.ProgressKind.Name(e.kind).removeprefix("PROGRESS_KIND_").lower()
+
+
+def run(args: argparse.Namespace) -> int:
+    check_name(args.job)
+    req = coordinator_pb2.CheckpointRequest(
+        job=args.job, full=args.full, lease_ms=args.lease_ms, pin=args.pin
+    )
+    show = sys.stderr.isatty() and not args.json
+    last = None
+    with clientconn.connect(args) as c:
+        for ev in c.stream("Checkpoint", req):
+            last = ev
+            if show:
+                who = f" {ev.member}@{ev.node}" if ev.member else ""
+                print(
+                    f"\r[{ev.elapsed_seconds:7.2f}s] generation {ev.generation}: {_kind(ev)}"
+                    f"{who} ({ev.members_done}/{ev.members_total})\x1b[K",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    if show:
+        print(file=sys.stderr)
+    if last is None or _kind(last) not in ("committed", "aborted"):
+        raise RemoteError("Checkpoint", "UNKNOWN", "the stream ended before the outcome")
+    out = clientconn.generation_dict(last.info)
+    out["state"] = _kind(last)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    elif out["state"] == "committed":
+        print(
+            f"generation {out['generation']} of {args.job} committed: {out['members']} members, "
+            f"{out['pages_captured']} pages captured, "
+            f"{clientconn.human_bytes(out['bytes_logical'])} logical, "
+            f"{clientconn.human_bytes(out['bytes_stored_new'])} new on disk, "
+            f"frozen {out['frozen_seconds'] * 1000:.1f} ms, {out['seconds']:.2f} s"
+        )
+    if out["state"] == "aborted":
+        reason = common_pb2.AbortReason.Name(last.reason).removeprefix("ABORT_REASON_").lower()
+        raise GenerationAborted(last.generation, args.job, reason, last.detail)
+    return 0

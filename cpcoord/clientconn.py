@@ -1,0 +1,138 @@
+"""The client end for CLI commands: where the coordinator is, the channel, the stub, and
+calls whose failures come back as CpcoordErrors (via cpcoord.grpcutil).
+
+Every client command takes `--coordinator HOST:PORT` (default `$CPCOORD_COORDINATOR`),
+`--insecure` (or CPCOORD_INSECURE=1; plaintext is all there is until TLS, issue 7) and
+`--timeout SECONDS` for unary calls. Streams (checkpoint, export, gc, verify) have no
+deadline of their own: the coordinator's protocol deadlines bound them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from cpcoord.errors import NoCoordinatorAddress
+from cpcoord.gen.v1 import coordinator_pb2_grpc
+from cpcoord.grpcutil import insecure_requested, make_channel, raise_from_rpc_error
+
+ENV_ADDRESS = "CPCOORD_COORDINATOR"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("coordinator connection")
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"the coordinator's address (default: ${ENV_ADDRESS})",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC (also CPCOORD_INSECURE=1); the only transport until TLS lands",
+    )
+    g.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of each call"
+    )
+
+
+def address(args: argparse.Namespace) -> str:
+    addr = getattr(args, "coordinator", None) or os.environ.get(ENV_ADDRESS, "")
+    if not addr.strip():
+        raise NoCoordinatorAddress()
+    return addr.strip()
+
+
+class Client:
+    """A channel to the coordinator and its `Coordinator` stub."""
+
+    def __init__(self, addr: str, insecure: bool = False, timeout: float = 30.0) -> None:
+        self.address = addr
+        self.timeout = timeout
+        self.insecure = insecure_requested(insecure)
+        self.channel = make_channel(addr, self.insecure)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A unary call; failures raise the CpcoordError they stand for."""
+        fn = getattr(self.stub, method)
+        try:
+            return fn(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e, method, self.address)
+
+    def stream(self, method: str, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        """A server-streaming call, iterated; failures raise CpcoordErrors. Closing the
+        iterator early cancels the call."""
+        fn = getattr(self.stub, method)
+        call = fn(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise_from_rpc_error(e, method, self.address)
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect(args: argparse.Namespace) -> Client:
+    return Client(address(args), getattr(args, "insecure", False), getattr(args, "timeout", 30.0))
+
+
+# -- shared output helpers of the client commands ---------------------------------------
+
+_STATE_PREFIX = "GENERATION_STATE_"
+_REASON_PREFIX = "ABORT_REASON_"
+
+
+def generation_dict(info: Any) -> dict[str, Any]:
+    """A GenerationInfo as the JSON object the commands print."""
+    from cpcoord.gen.v1 import common_pb2
+
+    state = common_pb2.GenerationState.Name(info.state).removeprefix(_STATE_PREFIX).lower()
+    reason = common_pb2.AbortReason.Name(info.reason).removeprefix(_REASON_PREFIX).lower()
+    return {
+        "job": info.job,
+        "generation": info.number,
+        "parent": info.parent or None,
+        "state": state,
+        "reason": "" if reason == "unspecified" else reason,
+        "detail": info.detail,
+        "started_unix_ms": info.started_unix_ms,
+        "finished_unix_ms": info.finished_unix_ms,
+        "pinned": info.pinned,
+        "members": info.members,
+        "pages": info.pages,
+        "zero_pages": info.zero_pages,
+        "pages_captured": info.pages_captured,
+        "bytes_logical": info.bytes_logical,
+        "bytes_stored": info.bytes_stored,
+        "bytes_stored_new": info.bytes_new,
+        "frozen_seconds": info.frozen_seconds,
+        "seconds": info.seconds,
+        "full": info.full,
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

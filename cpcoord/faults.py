@@ -1,0 +1,64 @@
+"""Fault hooks: named points where a daemon can be told to stop dead, for tests.
+
+Tests that kill a daemon "during upload" or "during commit" need the kill to land at a
+known moment. Both daemons call `fault_point(NAME)` at the points listed in
+docs/protocol.md ("Fault hooks"). Nothing happens unless the environment asks for it:
+
+    CPCOORD_FAULT_PAUSE=agent.upload,coordinator.commit.manifest
+    CPCOORD_FAULT_DIR=/tmp/faults        (default: the current directory)
+
+When a listed point is reached the first time (or the K-th time, for `NAME@K`), the
+daemon writes `$CPCOORD_FAULT_DIR/NAME.reached` (atomically: the test polls for it), logs
+it, and blocks that thread forever; the test then sends SIGKILL. Other threads keep
+running (heartbeats go on), so the process is exactly "in the middle of" that phase. A
+point pauses at most once per process: other passes go through.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from cpcoord.log import log_event
+
+log = logging.getLogger("cpcoord.faults")
+ENV_PAUSE = "CPCOORD_FAULT_PAUSE"
+ENV_DIR = "CPCOORD_FAULT_DIR"
+
+_passes: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def armed() -> dict[str, int]:
+    """Point names the environment asks to pause at, with the pass to pause on (1..)."""
+    out = {}
+    for item in os.environ.get(ENV_PAUSE, "").split(","):
+        name, _, nth = item.strip().partition("@")
+        if name:
+            out[name] = int(nth) if nth.isdigit() and int(nth) > 0 else 1
+    return out
+
+
+def marker(name: str, directory: str | Path | None = None) -> Path:
+    """The file a paused point creates (tests wait for it)."""
+    base = Path(directory if directory is not None else os.environ.get(ENV_DIR, "."))
+    return base / f"{name}.reached"
+
+
+def fault_point(name: str) -> None:
+    """Pause here forever if the environment names this point (on its chosen pass)."""
+    nth = armed().get(name)
+    if nth is None:
+        return
+    with _lock:
+        _passes[name] = _passes.get(name, 0) + 1
+        if _passes[name] != nth:
+            return
+    path = marker(name)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+    log_event(log, logging.WARNING, "fault point reached: pausing", point=name, pid=os.getpid())
+    threading.Event().wait()  # until SIGKILL

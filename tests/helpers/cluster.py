@@ -1,0 +1,334 @@
+"""Coordinators and agents for integration tests, torn down whatever happens.
+
+- `InProcessCoordinator`: the real server (engine, servicers, store) on a loopback port
+  inside the test process; fast, for API and protocol tests with scripted agents.
+- `Cluster`: real daemons as subprocesses, `cpcoord coordinator` and N `cpcoord agent`
+  (loopback, plaintext), with their logs in the test's tmp dir, fault hooks through the
+  environment (cpcoord/faults.py), kill/restart of any of them, and the `cpcoord` CLI
+  run as a subprocess against them (`cli(...)`, `cli_json(...)`).
+
+Fixtures (import them into a test module): `inproc` and `cluster_factory`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from coordinator.engine import Engine, Options
+from coordinator.server import Deps, create_server
+from coordinator.store import Repository
+from cpcoord.gen.v1 import coordinator_pb2_grpc
+from cpcoord.grpcutil import channel_options
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- in process -------------------------------------------------------------------------
+
+
+class InProcessCoordinator:
+    def __init__(self, store: Path, options: Options | None = None) -> None:
+        self.store = store
+        self.options = options or Options(heartbeat_s=0.5)
+        self.repo = Repository.open_local(store)
+        self.engine = Engine(self.repo, self.options)
+        self.server, self.port = create_server("127.0.0.1:0", Deps(self.engine))
+        self.engine.start()
+        self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address, options=channel_options())
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.engine.close()
+        self.server.stop(grace=1).wait()
+        self.repo.close()
+
+
+@pytest.fixture
+def inproc(tmp_path: Path) -> Iterator[InProcessCoordinator]:
+    c = InProcessCoordinator(tmp_path / "store")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+# -- subprocesses -------------------------------------------------------------------------
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    for k in ("CPCOORD_FAULT_PAUSE", "CPCOORD_COORDINATOR"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Daemon:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "ab")  # noqa: SIM115 - owned by the child
+        out.write(f"--- start {' '.join(self.argv)}\n".encode())
+        out.flush()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=REPO,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    """A coordinator and agents as real processes. Start with `start()`."""
+
+    root: Path
+    nodes: Sequence[str] = ("node-a", "node-b")
+    keep: int = 5
+    heartbeat_ms: int = 1000  # agents lost after 3 silent intervals: generous under load
+    log_level: str = "info"
+    coordinator: Daemon | None = None
+    agents: dict[str, Daemon] = field(default_factory=dict)
+    port: int = 0
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def faults(self) -> Path:
+        return self.root / "faults"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Cluster:
+        self.faults.mkdir(parents=True, exist_ok=True)
+        self.start_coordinator()
+        for n in self.nodes:
+            self.start_agent(n)
+        self.wait_agents(self.nodes)
+        return self
+
+    # -- coordinator ---------------------------------------------------------------------
+
+    def start_coordinator(self, pause: Sequence[str] = ()) -> None:
+        port_file = self.root / "coordinator.port"
+        port_file.unlink(missing_ok=True)
+        listen = f"127.0.0.1:{self.port}"  # the same port after a restart: agents redial it
+        argv = [
+            sys.executable,
+            "-m",
+            "cpcoord",
+            "--log-level",
+            self.log_level,
+            "coordinator",
+            "--listen",
+            listen,
+            "--store",
+            str(self.store),
+            "--keep",
+            str(self.keep),
+            "--port-file",
+            str(port_file),
+            "--heartbeat-ms",
+            str(self.heartbeat_ms),
+            "--insecure",
+        ]
+        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        if pause:
+            env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
+        if self.coordinator is None:
+            self.coordinator = Daemon("coordinator", argv, self.root / "coordinator.log", env)
+        else:
+            self.coordinator.argv, self.coordinator.env = argv, env
+        self.coordinator.start()
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            if not self.coordinator.alive() or time.monotonic() > deadline:
+                raise AssertionError("coordinator did not start:\n" + self.coordinator.tail())
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+
+    # -- agents --------------------------------------------------------------------------
+
+    def start_agent(self, node: str, pause: Sequence[str] = ()) -> Daemon:
+        argv = [
+            sys.executable,
+            "-m",
+            "cpcoord",
+            "--log-level",
+            "info",
+            "agent",
+            "--coordinator",
+            self.address,
+            "--node",
+            node,
+            "--insecure",
+        ]
+        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        if pause:
+            env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
+        d = self.agents.get(node)
+        if d is None:
+            d = Daemon(f"agent-{node}", argv, self.root / f"agent-{node}.log", env)
+            self.agents[node] = d
+        else:
+            d.argv, d.env = argv, env
+        d.start()
+        return d
+
+    def restart_agent(self, node: str, pause: Sequence[str] = ()) -> None:
+        self.agents[node].kill()
+        self.start_agent(node, pause)
+
+    def wait_agents(self, nodes: Sequence[str], timeout: float = 30) -> None:
+        def up() -> bool:
+            try:
+                got = self.cli_json("jobs")  # cheap liveness of the coordinator
+            except AssertionError:
+                return False
+            del got
+            agents = self.agents_json()
+            return all(a.get(n, False) for n in nodes for a in [agents])
+
+        wait_for(up, timeout, f"agents {list(nodes)} connected")
+
+    def agents_json(self) -> dict[str, bool]:
+        from cpcoord.gen.v1 import coordinator_pb2
+
+        with grpc.insecure_channel(self.address, options=channel_options()) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+            try:
+                resp = stub.ListAgents(coordinator_pb2.ListAgentsRequest(), timeout=5)
+            except grpc.RpcError:
+                return {}
+        return {a.node: a.connected for a in resp.agents}
+
+    def wait_fault(self, name: str, timeout: float = 30) -> None:
+        path = self.faults / f"{name}.reached"
+        wait_for(path.exists, timeout, f"fault point {name}")
+
+    # -- CLI -----------------------------------------------------------------------------
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "cpcoord", *args, "--coordinator", self.address]
+        r = subprocess.run(
+            argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"cpcoord {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+            )
+        return r
+
+    def cli_json(self, *args: str, check: bool = True) -> Any:
+        r = self.cli(*args, "--json", check=check)
+        return json.loads(r.stdout) if r.stdout.strip() else None
+
+    def members_running(self, job: str) -> bool:
+        jobs = self.cli_json("jobs", "--job", job)["jobs"]
+        return all(m["health"] == "running" for j in jobs for m in j["members"])
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for d in self.agents.values():
+            with contextlib.suppress(Exception):
+                d.kill()
+        if self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                self.coordinator.stop()
+            with contextlib.suppress(Exception):
+                self.coordinator.kill()
+
+    def logs(self) -> str:
+        parts = [f"== {d.name}\n{d.tail()}" for d in [self.coordinator, *self.agents.values()] if d]
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(**kw: Any) -> Cluster:
+        c = Cluster(tmp_path / f"cluster{len(made)}", **kw)
+        c.root.mkdir(parents=True, exist_ok=True)
+        made.append(c)
+        return c.start()
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.close()

@@ -1,0 +1,305 @@
+"""A scripted agent for coordinator tests: speaks the real AgentControl protocol over a
+real gRPC channel, but its members' "memory" is bytes the test owns.
+
+    agent = FakeAgent(address, "node-a")
+    agent.hold("job", "m1", {"r0": bytearray(64 * 4096)}, start=0x10000000)
+    ...                                     # cpcoord attach / checkpoint against it
+    agent.memory("m1")["r0"][0:4096] = ...  # change memory between generations
+    agent.close()
+
+It answers AttachMember (members must be `hold`-ed first, else NoSuchProcess), Freeze
+(Frozen), Capture (Staged, MissingChunks, UploadPages, Uploaded; incremental = the pages
+that differ from the last *committed* copy, which is what a tracker with pending sets
+amounts to), Abort and Committed, and sends heartbeats. `faults` bends it for bad-input
+tests: "bad_chunk" (a chunk's bytes do not match its id), "skip_chunk" (an entry names
+a chunk never sent), "no_freeze" (never answers Freeze), "uploaded_early" (Uploaded
+without an upload). Page size 4096, one chunk per page.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import grpc
+import numpy as np
+
+from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2, types_pb2
+from cpcoord.grpcutil import channel_options
+
+PAGE = 4096
+
+
+@dataclass
+class Held:
+    job: str
+    name: str
+    start: int
+    regions: dict[str, bytearray]
+    committed: dict[str, bytes] = field(default_factory=dict)  # copy at the last Committed
+    staged: dict[int, dict[str, bytes]] = field(default_factory=dict)  # generation -> copy
+
+
+class FakeAgent:
+    def __init__(
+        self, address: str, node: str, faults: set[str] | None = None, connect: bool = True
+    ) -> None:
+        self.node = node
+        self.faults = set(faults or ())
+        self.members: dict[str, Held] = {}
+        self.attached: set[str] = set()
+        self.events: list[tuple[str, Any]] = []  # commands received, in order
+        self.welcome: agent_pb2.Welcome | None = None
+        self.error: BaseException | None = None
+        self._out: queue.SimpleQueue[agent_pb2.AgentMessage | None] = queue.SimpleQueue()
+        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self.stub = agent_pb2_grpc.AgentControlStub(self._channel)
+        self._stop = threading.Event()
+        self._call: Any = None
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """Open the control stream (hold() members first to have them on reconnect)."""
+        self._out.put(self._hello())
+        self._call = self.stub.Attach(self._outgoing())
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    # -- test side -------------------------------------------------------------------
+
+    def hold(self, job: str, name: str, regions: dict[str, bytearray], start: int) -> Held:
+        h = Held(job, name, start, regions)
+        self.members[name] = h
+        return h
+
+    def memory(self, name: str) -> dict[str, bytearray]:
+        return self.members[name].regions
+
+    def region_list(self, name: str) -> list[types_pb2.Region]:
+        h, out, at = self.members[name], [], self.members[name].start
+        for rname, buf in h.regions.items():
+            out.append(types_pb2.Region(name=rname, start=at, end=at + len(buf)))
+            at += len(buf) + PAGE  # a guard gap between regions
+        return out
+
+    def wait_welcome(self, timeout: float = 10) -> agent_pb2.Welcome:
+        deadline = time.monotonic() + timeout
+        while self.welcome is None:
+            if self.error is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no Welcome: {self.error}")
+            time.sleep(0.01)
+        return self.welcome
+
+    def seen(self, kind: str) -> list[Any]:
+        return [m for k, m in self.events if k == kind]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._out.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()
+
+    # -- protocol side ---------------------------------------------------------------
+
+    def _hello(self) -> agent_pb2.AgentMessage:
+        return agent_pb2.AgentMessage(
+            hello=agent_pb2.Hello(
+                node=self.node,
+                version="test",
+                protocol_version=1,
+                page_size=PAGE,
+                trackers=[agent_pb2.TrackerBackend(name="none", available=True)],
+            )
+        )
+
+    def _outgoing(self) -> Iterator[agent_pb2.AgentMessage]:
+        while True:
+            m = self._out.get()
+            if m is None:
+                return
+            yield m
+
+    def send(self, **body: object) -> None:
+        self._out.put(agent_pb2.AgentMessage(**body))  # type: ignore[arg-type]
+
+    def _beat(self) -> None:
+        seq = 0
+        while not self._stop.wait(0.3):
+            seq += 1
+            self.send(heartbeat=agent_pb2.Heartbeat(sequence=seq))
+
+    def _read(self) -> None:
+        try:
+            for msg in self._call:
+                kind = msg.WhichOneof("body")
+                body = getattr(msg, kind)
+                self.events.append((kind, body))
+                if kind == "welcome":
+                    self.welcome = body
+                elif kind == "attach_member":
+                    self._attach(msg.command_id, body)
+                elif kind == "detach_member":
+                    self.attached.discard(body.member)
+                    self.send(result=agent_pb2.CommandResult(command_id=msg.command_id))
+                elif kind == "freeze" and "no_freeze" not in self.faults:
+                    self.send(frozen=agent_pb2.Frozen(job=body.job, generation=body.generation))
+                elif kind == "capture":
+                    threading.Thread(target=self._capture, args=(body,), daemon=True).start()
+                elif kind == "committed":
+                    for h in self.members.values():
+                        if body.generation in h.staged:
+                            h.committed = h.staged.pop(body.generation)
+                elif kind == "abort":
+                    for h in self.members.values():
+                        h.staged.pop(body.generation, None)
+        except grpc.RpcError as e:
+            if not self._stop.is_set():
+                self.error = e
+
+    def _attach(self, cid: int, a: agent_pb2.AttachMember) -> None:
+        if a.member not in self.members:
+            err = common_pb2.ErrorDetail(
+                status="NOT_FOUND",
+                exit_code=10,
+                error="NoSuchProcess",
+                message=f"no such process: pid {a.process.pid}",
+            )
+            self.send(result=agent_pb2.CommandResult(command_id=cid, error=err))
+            return
+        self.attached.add(a.member)
+        m = types_pb2.Member(
+            name=a.member,
+            regions=self.region_list(a.member),
+            process=types_pb2.ProcessIdentity(pid=a.process.pid, start_time=1),
+        )
+        self.send(result=agent_pb2.CommandResult(command_id=cid, member=m))
+
+    def _capture(self, c: agent_pb2.Capture) -> None:
+        for name in c.members:
+            h = self.members[name]
+            copy = {r: bytes(b) for r, b in h.regions.items()}
+            h.staged[c.generation] = copy
+            full = c.full or not h.committed
+            pages = sum(len(b) // PAGE for b in copy.values())
+            stats = common_pb2.MemberStats(pages=pages, frozen_seconds=0.001, full=full)
+            self.send(
+                staged=agent_pb2.Staged(
+                    job=c.job, generation=c.generation, member=name, stats=stats
+                )
+            )
+            if "uploaded_early" in self.faults:
+                self.send(
+                    uploaded=agent_pb2.Uploaded(job=c.job, generation=c.generation, member=name)
+                )
+                continue
+            try:
+                self.upload(c.job, c.generation, h, copy, full)
+            except grpc.RpcError as e:
+                self.events.append(("upload_error", e))
+                self.send(
+                    failed=agent_pb2.Failed(
+                        job=c.job,
+                        generation=c.generation,
+                        member=name,
+                        reason=common_pb2.ABORT_REASON_UPLOAD_FAILED,
+                        detail=str(e.details()),
+                    )
+                )
+                continue
+            self.send(
+                uploaded=agent_pb2.Uploaded(
+                    job=c.job, generation=c.generation, member=name, stats=stats
+                )
+            )
+
+    def upload(
+        self, job: str, gen: int, h: Held, copy: dict[str, bytes], full: bool
+    ) -> agent_pb2.UploadResponse:
+        regions, batches = [], []
+        for ri, (rname, r) in enumerate(zip(copy, self.region_list(h.name), strict=True)):
+            data = np.frombuffer(copy[rname], dtype=np.uint8).reshape(-1, PAGE)
+            n = data.shape[0]
+            if full or rname not in h.committed:
+                changed = np.arange(n)
+            else:
+                old = np.frombuffer(h.committed[rname], dtype=np.uint8).reshape(-1, PAGE)
+                changed = np.flatnonzero((data != old).any(axis=1))
+            runs = _runs(changed)
+            regions.append(
+                types_pb2.Region(
+                    name=rname,
+                    start=r.start,
+                    end=r.end,
+                    pages=runs,
+                    all_pages=[types_pb2.PageRun(offset=0, count=n)],
+                )
+            )
+            if not changed.size:
+                continue
+            zero: list[bool] = np.asarray(~data[changed].any(axis=1)).tolist()
+            ids = [
+                bytes(32) if z else blake3.blake3(data[p].tobytes()).digest()
+                for p, z in zip(changed.tolist(), zero, strict=True)
+            ]
+            entries = manifest_pb2.PageEntries(
+                page_offsets=changed.astype("<u8").tobytes(),
+                page_counts=np.ones(changed.size, "<u4").tobytes(),
+                chunk_skips=np.zeros(changed.size, "<u4").tobytes(),
+                chunk_ids=b"".join(ids),
+            )
+            nz = [
+                (i, p) for i, (p, z) in enumerate(zip(changed.tolist(), zero, strict=True)) if not z
+            ]
+            want = b"".join(ids[i] for i, _ in nz)
+            miss = self.stub.MissingChunks(
+                agent_pb2.MissingChunksRequest(job=job, generation=gen, member=h.name, ids=want)
+            ).missing
+            bits = np.unpackbits(np.frombuffer(miss, np.uint8), bitorder="little")[: len(nz)]
+            send = [(i, p) for (i, p), b in zip(nz, bits, strict=True) if b]
+            if "skip_chunk" in self.faults and send:
+                send = send[1:]
+            blobs = [data[p].tobytes() for _, p in send]
+            if "bad_chunk" in self.faults and blobs:
+                blobs[0] = bytes([blobs[0][0] ^ 1]) + blobs[0][1:]
+            sizes = np.full(len(send), PAGE, "<u4").tobytes()
+            chunks = common_pb2.ChunkData(
+                ids=b"".join(ids[i] for i, _ in send),
+                methods=bytes(len(send)),
+                raw_sizes=sizes,
+                stored_sizes=sizes,
+                data=b"".join(blobs),
+            )
+            batches.append(common_pb2.PageBatch(region=ri, entries=entries, chunks=chunks))
+        header = common_pb2.PagesHeader(
+            job=job,
+            generation=gen,
+            member=h.name,
+            node=self.node,
+            page_size=PAGE,
+            regions=regions,
+            tracker="none",
+            full=full,
+            cut_unix_ns=time.time_ns(),
+        )
+        reqs = [agent_pb2.UploadRequest(header=header)]
+        reqs += [agent_pb2.UploadRequest(batch=b) for b in batches]
+        return self.stub.UploadPages(iter(reqs))
+
+
+def _runs(pages: np.ndarray) -> list[types_pb2.PageRun]:
+    if not pages.size:
+        return []
+    brk = np.flatnonzero(np.diff(pages) != 1) + 1
+    lo = np.concatenate(([0], brk))
+    hi = np.concatenate((brk, [pages.size]))
+    return [
+        types_pb2.PageRun(offset=int(pages[a]), count=int(b - a))
+        for a, b in zip(lo, hi, strict=True)
+    ]
