@@ -12,10 +12,14 @@ Owns the sequence of one capture and its result value (DESIGN.md, step 4):
 3. After thaw: zero pages are detected (vectorised) and marked, and the result is built.
 
 The result aliases the staging buffer: a later capture into the same Staging overwrites it.
+A caller that already holds the freeze passes its FrozenProcess (`fp=`): then nothing is
+frozen or thawed here, and several captures can share one cut (an incremental capture and
+a full reference in the same frozen window: tests of issue 3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -38,7 +42,7 @@ from nodeagent.pagemap import (
 )
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
-from nodeagent.regions import RegionSpec, resolve_regions, segment_pages
+from nodeagent.regions import RegionSpec, resolve_regions, scan_safe, segment_pages
 from nodeagent.trackers.base import ChangedSet
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,22 @@ class CaptureHooks(Protocol):
 
     def after_copy(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> None:
         """Runs after the copy, before the thaw: the place to arm or re-arm a tracker."""
+        ...
+
+
+class SelectionHooks(CaptureHooks, Protocol):
+    """Hooks that also see the page selection (nodeagent.incremental). `capture` calls
+    `changed_among` instead of `changed`, and `expect` during the preparation."""
+
+    def changed_among(
+        self, fp: FrozenProcess, maps: Sequence[Mapping], taken: PageNumbers
+    ) -> ChangedSet | None:
+        """Like `changed`, given every page the rule takes at the cut (sorted)."""
+        ...
+
+    def expect(self, pid: int, maps: Sequence[Mapping], taken: PageNumbers) -> int | None:
+        """Before the freeze: how many pages the capture will likely copy (sizes the
+        staging buffer); None: all of `taken`."""
         ...
 
 
@@ -142,12 +162,38 @@ def select_pages(
     """Per region, the page numbers the seed's rule takes: fully inside the region, in a
     readable mapping, present or swapped. Sorted; regions must be sorted and disjoint."""
     lo, hi = segment_pages(specs, maps)
-    pages = taken_in(pm, lo, hi)
+    pages = _taken(pm, lo, hi, maps)
     starts = np.array([s.start >> PAGE_SHIFT for s in specs], dtype=np.uint64)
     ends = np.array([s.end >> PAGE_SHIFT for s in specs], dtype=np.uint64)
     a = np.searchsorted(pages, starts, side="left")
     b = np.searchsorted(pages, ends, side="left")
     return [pages[i:j] for i, j in zip(a.tolist(), b.tolist(), strict=True)]
+
+
+def _taken(
+    pm: PagemapReader, lo: PageNumbers, hi: PageNumbers, maps: Sequence[Mapping]
+) -> PageNumbers:
+    """Taken pages of the segments: PAGEMAP_SCAN for the mappings it walks (runs from the
+    kernel: ~1.5 ms per resident GiB), pagemap words for the others (device memory)."""
+    if lo.size == 0:
+        return empty_pages()
+    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
+    mstart = np.array([m.start >> PAGE_SHIFT for m in readable], dtype=np.uint64)
+    safe = np.array([scan_safe(m) for m in readable], dtype=np.bool_)
+    # Each segment lies in one readable mapping: the last one starting at or before it.
+    seg_safe = safe[np.searchsorted(mstart, lo, side="right") - 1]
+    if seg_safe.all():
+        return taken_in(pm, lo, hi, scan=True)
+    if not seg_safe.any():
+        return taken_in(pm, lo, hi)
+    both = np.concatenate(
+        (
+            taken_in(pm, lo[seg_safe], hi[seg_safe], scan=True),
+            taken_in(pm, lo[~seg_safe], hi[~seg_safe]),
+        )
+    )
+    both.sort()
+    return both
 
 
 def zero_rows(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
@@ -170,8 +216,25 @@ def zero_rows(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
     return zero
 
 
-def _intersect(taken: PageNumbers, changed: ChangedSet) -> PageNumbers:
-    return np.intersect1d(taken, changed.pages, assume_unique=True).astype(np.uint64)
+def restrict(taken: Sequence[PageNumbers], changed: ChangedSet) -> list[PageNumbers]:
+    """Per region, the taken pages that are in the changed set (both sorted, unique).
+
+    Binary search of the changed pages in the taken ones (never `np.intersect1d`, which
+    sorts both again): O(changed * log taken) per region, ~0.1 ms for 1% of 1 GiB.
+    """
+    c = changed.pages
+    out: list[PageNumbers] = []
+    for t in taken:
+        if t.size == 0 or c.size == 0:
+            out.append(empty_pages())
+            continue
+        a = int(np.searchsorted(c, t[0], side="left"))
+        b = int(np.searchsorted(c, t[-1], side="right"))
+        cc = c[a:b]
+        idx = np.searchsorted(t, cc)
+        idx[idx == t.size] = t.size - 1
+        out.append(cc[t[idx] == cc])
+    return out
 
 
 def capture(
@@ -182,8 +245,12 @@ def capture(
     staging: Staging | None = None,
     freeze_timeout: float = 5.0,
     readv: ReadvFn = _sys_readv,
+    fp: FrozenProcess | None = None,
 ) -> Capture:
     """Capture the process's regions (`ranges`, or the default set when None).
+
+    With `fp`, the process is already frozen by the caller (on this thread), who also
+    thaws it; otherwise it is frozen here for the copy only.
 
     Raises NoSuchProcess / PidReused before anything happens, ProcessExited when it dies
     on the way, PermissionDenied, FreezeFailed, RangeUnmapped, RangesOverlap. The target
@@ -192,26 +259,38 @@ def capture(
     t0 = time.perf_counter()
     ident.check()
     check_alive(ident, "capture")
+    if fp is not None and (fp.ident != ident or fp.thawed):
+        raise ValueError("fp must be the caller's live freeze of this very process")
     pid = ident.pid
     staging = staging if staging is not None else Staging()
     reader = MemoryReader(pid, readv)
+    changed_among = getattr(hooks, "changed_among", None)
+    expect = getattr(hooks, "expect", None)
     with PagemapReader(pid) as pm:
         try:
-            # -- prepare (running) -----------------------------------------------------
+            # -- prepare (running, unless the caller froze it) -----------------------------
             maps0 = read_maps(pid)
             specs0 = resolve_regions(ranges, maps0, pid)
-            estimate = sum(int(p.size) for p in select_pages(pm, specs0, maps0)) * PAGE_SIZE
+            taken0 = _concat(select_pages(pm, specs0, maps0))
+            guess = expect(pid, maps0, taken0) if expect is not None else None
+            estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
             staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
-            with frozen(ident, freeze_timeout) as fp:
+            held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)
+            with held as fz:
                 t2 = time.perf_counter()
                 maps = read_maps(pid)
                 specs = resolve_regions(ranges, maps, pid)
                 taken = select_pages(pm, specs, maps)
-                changed = hooks.changed(fp, maps) if hooks is not None else None
-                copied = taken if changed is None else [_intersect(t, changed) for t in taken]
-                allp = np.concatenate(copied) if copied else empty_pages()
+                if hooks is None:
+                    changed = None
+                elif changed_among is not None:
+                    changed = changed_among(fz, maps, _concat(taken))
+                else:
+                    changed = hooks.changed(fz, maps)
+                copied = taken if changed is None else restrict(taken, changed)
+                allp = _concat(copied)
                 if staging.reserve(allp.size * PAGE_SIZE):
                     log.warning(
                         "staging grown while frozen: pages appeared after the pre-pass",
@@ -222,7 +301,7 @@ def capture(
                 stats = reader.read_runs(remote, staging.address)
                 check_alive(ident, "capture")
                 if hooks is not None:
-                    hooks.after_copy(fp, maps)
+                    hooks.after_copy(fz, maps)
                 t4 = time.perf_counter()
             t5 = time.perf_counter()
         except NoSuchProcess:
@@ -271,6 +350,27 @@ def capture(
         },
     )
     return result
+
+
+def _concat(parts: Sequence[PageNumbers]) -> PageNumbers:
+    """The parts as one array. select_pages hands out consecutive slices of one array:
+    then that array is returned as a view (no 2 MB copy per GiB in the frozen window)."""
+    if not parts:
+        return empty_pages()
+    if len(parts) == 1:
+        return parts[0]
+    full = [p for p in parts if p.size]  # empty slices may point anywhere
+    base = full[0].base if full else None
+    if isinstance(base, np.ndarray) and base.flags.c_contiguous:
+        at = start = full[0].ctypes.data
+        ok = True
+        for p in full:
+            ok = ok and p.base is base and p.ctypes.data == at and p.flags.c_contiguous
+            at += p.nbytes
+        if ok:
+            n = (at - start) // 8
+            return np.ndarray((n,), dtype=np.uint64, buffer=base, offset=start - base.ctypes.data)
+    return np.concatenate(parts)
 
 
 def _build(

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PTRACE_PEEKDATA = 2
 PTRACE_POKEDATA = 5
+PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
@@ -59,6 +60,7 @@ PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_SETSIGINFO = 0x4203
 PTRACE_INTERRUPT = 0x4207
+PTRACE_EVENT_STOP = 128
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
 WALL = 0x40000000
@@ -283,6 +285,8 @@ class Injector:
                 self._hand_back_signals()
             if self._options_set:
                 ptrace(PTRACE_SETOPTIONS, self.tid, 0, 0)
+            if self.calls:
+                self._park()
         except PtraceError as e:
             if e.errno == errno.ESRCH:
                 raise ProcessExited(self.pid, "syscall injection") from None
@@ -304,6 +308,28 @@ class Injector:
             ptrace(PTRACE_SETSIGINFO, self.tid, 0, ctypes.addressof(buf))
         for h in held:
             self._requeue(h)
+
+    def _park(self) -> None:
+        """Leave the stepped thread in an interrupt stop with single-stepping off, as
+        freeze left it.
+
+        After the last step it sits in our SIGTRAP stop with the trap flag forced on.
+        PTRACE_DETACH clears both, but a tracer that *dies* does not (exit_ptrace skips
+        ptrace_disable): the target would take a SIGTRAP at its next system call return
+        and die. A dead agent must never take a member down, so the thread resumes with
+        no signal (which disables single-stepping) straight into a pending interrupt
+        stop, inside get_signal() still: registers and restart state are unchanged. A
+        signal the thaw was to hand back is queued again instead.
+        """
+        sig = self.fp.pending_signals.pop(self.tid, 0)
+        if sig:
+            self._requeue(HeldSignal(sig, _siginfo(self.tid)))
+        ptrace(PTRACE_INTERRUPT, self.tid, 0, 0)
+        ptrace(PTRACE_CONT, self.tid, 0, 0)
+        status = self._wait()
+        if (status >> 16) != PTRACE_EVENT_STOP:
+            # A signal arrived first: a signal-delivery stop, handed back at the thaw.
+            self.fp.pending_signals[self.tid] = os.WSTOPSIG(status)
 
     def _requeue(self, h: HeldSignal) -> None:
         buf = ctypes.create_string_buffer(h.info, 128)

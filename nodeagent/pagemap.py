@@ -2,7 +2,9 @@
 
 Owns: the pagemap bit layout, reading pagemap words for a page range in large `preadv`
 calls straight into a reusable NumPy uint64 buffer, the seed's "present or swapped" mask,
-and conversions between sorted page-number arrays and runs `(start, count)`.
+the same selection through the `PAGEMAP_SCAN` ioctl (Linux >= 6.7: the kernel returns
+runs of present/swapped pages instead of a word per page, ~20x cheaper on big resident
+mappings), and conversions between sorted page-number arrays and runs `(start, count)`.
 
 Every function works on whole arrays: a Python loop per page is a bug here
 (DESIGN.md, Trackers). Runs are `(n, 2)` uint64 arrays of `[first_page, count]`.
@@ -13,12 +15,16 @@ from __future__ import annotations
 import errno
 import os
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from nodeagent.uffd import PagemapScanner
 
 PageNumbers = npt.NDArray[np.uint64]
 Runs = npt.NDArray[np.uint64]  # shape (n, 2): [first page, count]
@@ -68,6 +74,8 @@ class PagemapReader:
         except PermissionError as e:
             raise PermissionDenied("read pagemap of", pid, e.strerror) from None
         self._buf = np.empty(0, dtype=np.uint64)
+        self._scanner: PagemapScanner | None = None
+        self._scan_ok = True  # until the kernel refuses PAGEMAP_SCAN
 
     def __enter__(self) -> PagemapReader:
         return self
@@ -81,6 +89,9 @@ class PagemapReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._scanner is not None:
+            self._scanner.close()
+            self._scanner = None
 
     def _buffer(self, npages: int) -> npt.NDArray[np.uint64]:
         if self._buf.size < npages:
@@ -130,25 +141,94 @@ class PagemapReader:
             return empty_pages()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def scanned_pages(self, first: int, last: int) -> PageNumbers | None:
+        """`taken_pages` through PAGEMAP_SCAN: the kernel hands back runs of present or
+        swapped pages, so resident memory costs a page-table walk, not a word per page.
+        None when this kernel lacks the ioctl (the caller reads words instead).
 
-def taken_in(pm: PagemapReader, lo: PageNumbers, hi: PageNumbers) -> PageNumbers:
+        Swapped runs are checked against their pagemap words: PTE markers (guard pages,
+        uffd-wp markers on never-touched pages) are reported as swapped by the scan too,
+        and only the words tell them apart (taken_mask). VM_PFNMAP mappings are skipped
+        by the scan: callers must not use it for them (regions.scan_safe).
+        """
+        if not self._scan_ok:
+            return None
+        from nodeagent import uffd  # lazily: uffd pulls in the tracker modules
+
+        if self._scanner is None:
+            self._scanner = uffd.PagemapScanner(self.pid, vec_len=1 << 12)
+        sc = self._scanner
+        sc.reset()
+        try:
+            regs = sc.scan(
+                first << PAGE_SHIFT,
+                last << PAGE_SHIFT,
+                anyof=uffd.PAGE_TAKEN,
+                returns=uffd.PAGE_TAKEN,
+            )
+        except OSError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                self._scan_ok = False
+                return None
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise PermissionDenied("scan pagemap of", self.pid, e.strerror) from None
+            raise ReadFailed(self.pid, f"PAGEMAP_SCAN 0x{first:x}", e.strerror) from None
+        if regs.shape[0] == 0:
+            return empty_pages()
+        swapped = (regs[:, 2] & np.uint64(uffd.PAGE_IS_SWAPPED)) != 0
+        if not swapped.any():
+            return uffd.pages_of_ranges(regs[:, 0], regs[:, 1])
+        # Rare (swap, guard pages, markers): decide swapped runs on their words.
+        present = regs[~swapped]
+        parts = [uffd.pages_of_ranges(present[:, 0], present[:, 1])]
+        for lo, hi in (regs[swapped, :2] >> np.uint64(PAGE_SHIFT)).tolist():
+            parts.append(self.taken_pages(lo, hi))
+        out = np.concatenate(parts)
+        out.sort()
+        return out
+
+
+def taken_in(
+    pm: PagemapReader, lo: PageNumbers, hi: PageNumbers, *, scan: bool = False
+) -> PageNumbers:
     """Present-or-swapped pages inside the sorted, disjoint segments `[lo[i], hi[i])`.
 
     Segments closer than GAP_PAGES are read as one window (one preadv instead of one per
     mapping: a process has hundreds of small mappings side by side); pages that fall in
-    the gaps are then masked out with one searchsorted.
+    the gaps are then masked out with one searchsorted. With `scan`, PAGEMAP_SCAN is
+    used where the kernel has it (only for segments of mappings the scan walks:
+    regions.scan_safe), one call per run of touching segments: a call costs microseconds,
+    while masking a window's pages costs a pass over all of them.
     """
     if lo.size == 0:
         return empty_pages()
+    if scan:
+        got = _scan_in(pm, lo, hi)
+        if got is not None:
+            return got
     brk = np.flatnonzero(lo[1:] - hi[:-1] > np.uint64(GAP_PAGES)) + 1
     wlo = lo[np.concatenate(([0], brk))]
     whi = hi[np.concatenate((brk - 1, [lo.size - 1]))]
-    parts = [pm.taken_pages(int(a), int(b)) for a, b in zip(wlo, whi, strict=True)]
+    parts = [pm.taken_pages(a, b) for a, b in zip(wlo.tolist(), whi.tolist(), strict=True)]
     pages = np.concatenate(parts) if len(parts) > 1 else parts[0]
     if len(parts) == lo.size:  # no window spans a gap: nothing to mask
         return pages
     k = np.searchsorted(lo, pages, side="right") - 1
     return pages[pages < hi[k]]
+
+
+def _scan_in(pm: PagemapReader, lo: PageNumbers, hi: PageNumbers) -> PageNumbers | None:
+    """taken_in through PAGEMAP_SCAN, or None where the kernel lacks it."""
+    brk = np.flatnonzero(lo[1:] != hi[:-1]) + 1  # merge only segments that touch
+    wlo = lo[np.concatenate(([0], brk))]
+    whi = hi[np.concatenate((brk - 1, [lo.size - 1]))]
+    parts = []
+    for a, b in zip(wlo.tolist(), whi.tolist(), strict=True):
+        got = pm.scanned_pages(a, b)
+        if got is None:
+            return None
+        parts.append(got)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def taken_mask(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import RangesOverlap, RangeUnmapped
 from cpcoord.ranges import PAGE_SHIFT, AddressRange
-from nodeagent.pagemap import pages_from_runs
+from nodeagent.pagemap import Runs, pages_from_runs
 from nodeagent.procfs import Mapping
 
 NAME_MAX = 64
@@ -179,15 +179,12 @@ def _identity(m: Mapping) -> tuple[str, int, str, int, str]:
     return (m.perms, m.offset, m.dev, m.inode, m.path)
 
 
-def new_or_changed_pages(
-    armed: Sequence[Mapping], now: Sequence[Mapping]
-) -> npt.NDArray[np.uint64]:
-    """Page numbers of readable mappings in `now` that a tracker armed on `armed` cannot
-    answer for, so they count as fully changed (trackers/base.py): mappings that are new,
-    moved (mremap), or changed in permissions, file, offset; and the grown tail of a
-    mapping that kept its start and identity (heap growth, mremap in place). Sorted.
-
-    One step per mapping (never per page); pages come out through one vectorised expand.
+def new_or_changed_runs(armed: Sequence[Mapping], now: Sequence[Mapping]) -> Runs:
+    """Runs `[first page, count]` of readable mappings in `now` that a tracker armed on
+    `armed` cannot answer for, so they count as fully changed (trackers/base.py): mappings
+    that are new, moved (mremap), or changed in permissions, file, offset; and the grown
+    tail of a mapping that kept its start and identity (heap growth, mremap in place).
+    Sorted. Runs, not pages: a new sparse mapping may span far more pages than it holds.
     """
     before = {m.start: m for m in armed}
     lo: list[int] = []
@@ -204,7 +201,32 @@ def new_or_changed_pages(
         lo.append(m.start)
         hi.append(m.end)
     if not lo:
-        return np.zeros(0, dtype=np.uint64)
+        return np.zeros((0, 2), dtype=np.uint64)
     runs = np.array([lo, hi], dtype=np.uint64).T >> np.uint64(PAGE_SHIFT)
     runs[:, 1] -= runs[:, 0]  # [first page, count]
-    return pages_from_runs(runs[np.argsort(runs[:, 0])])
+    return runs[np.argsort(runs[:, 0])]
+
+
+def new_or_changed_pages(
+    armed: Sequence[Mapping], now: Sequence[Mapping]
+) -> npt.NDArray[np.uint64]:
+    """`new_or_changed_runs` as sorted page numbers (one vectorised expand)."""
+    return pages_from_runs(new_or_changed_runs(armed, now))
+
+
+# Kinds of mapping PAGEMAP_SCAN walks like /proc/PID/pagemap reads them. The scan skips
+# VM_PFNMAP mappings (device memory) whose present pages the word read reports, and such
+# mappings only come from device files or driver-specific anonymous inodes.
+_SCAN_SAFE_SPECIAL = ("[heap]", "[stack]", "/dev/zero (deleted)")
+
+
+def scan_safe(m: Mapping) -> bool:
+    """Whether the present pages of `m` may be selected with PAGEMAP_SCAN: anonymous
+    memory, heap, stacks, named anonymous memory, memfd, SysV shm, shared anonymous
+    memory and regular files (not under /dev). Everything else reads words."""
+    p = m.path
+    if not p or p in _SCAN_SAFE_SPECIAL:
+        return True
+    if p.startswith(("[anon:", "[anon_shmem:", "/memfd:", "/SYSV")):
+        return True
+    return m.is_regular_file and not p.startswith("/dev/")

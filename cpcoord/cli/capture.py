@@ -1,8 +1,12 @@
 """`cpcoord capture`: checkpoint memory of a live local process into an image directory.
 
 No coordinator, no agent: freeze, copy, thaw (nodeagent.capture), then write the image
-(cpcoord.image). Arguments are checked, the process identified and the output directory
-prepared before anything is frozen, so bad input never stops the target.
+(cpcoord.image). Arguments are checked, the process identified, the parent checked and the
+output directory prepared before anything is frozen, so bad input never stops the target.
+
+Incremental chains (issue 3): every capture arms a tracker in the process (`--tracker`,
+default auto) and saves its state next to the image (nodeagent/chain.py); `--parent DIR`
+continues from such an image in a later command and stores only the changed pages.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cpcoord.errors import NoSuchProcess
+from cpcoord.errors import InvalidArgument, NoSuchProcess, TrackerUnavailable
 from cpcoord.ranges import PAGE_SIZE, AddressRange, check_name
 
 NAME = "capture"
@@ -35,6 +39,16 @@ examples:
 
   # refuse if pid 4242 is no longer the process that started at tick 1234567
   cpcoord capture --pid 4242 --start-time 1234567 --out ckpt
+
+  # an incremental chain: a full image that arms uffd-wp, then only the changed pages
+  cpcoord capture --pid 4242 --tracker uffd-wp --out ckpt-1
+  cpcoord capture --pid 4242 --parent ckpt-1 --out ckpt-2
+  cpcoord image flatten ckpt-2 --out ckpt-2-full
+
+trackers (--tracker): auto (default: uffd-wp, else soft-dirty, else hash), uffd-wp,
+soft-dirty, hash, none (no tracker: every capture is full). `cpcoord check` shows which
+work here. A parent can be continued once, by the same process (pid and start time) and
+the same tracker; its image must be the last capture of that process.
 
 regions: one per --range, named range-<start>-<end> after the whole pages it covers;
 without --range, one per mapping, named heap, stack, anon-<addr>, file-<name>-<addr>,
@@ -60,6 +74,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TICKS",
         help="expected start time (field 22 of /proc/PID/stat): detects a reused pid",
     )
+    p.add_argument(
+        "--tracker",
+        metavar="NAME",
+        help="auto, uffd-wp, soft-dirty, hash or none (default: auto; the parent's with --parent)",
+    )
+    p.add_argument(
+        "--parent",
+        metavar="DIR",
+        help="an earlier image of this process: store only the pages changed since",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -67,12 +91,21 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # Imported here: building the parser for any subcommand must not pay for NumPy and
     # ptrace (the CLI imports every subcommand module to build --help).
+    import shutil
+
+    from cpcoord.image_chain import parent_link
     from cpcoord.image_writer import ImageWriter
-    from nodeagent.capture import capture
+    from nodeagent import chain
     from nodeagent.procfs import ProcessIdentity
+    from nodeagent.trackers import registry
 
     ranges = [AddressRange.parse(r) for r in args.ranges] if args.ranges else None
     member = check_name(args.name if args.name is not None else str(args.pid))
+    tracker = registry.canonical(args.tracker) if args.tracker is not None else None
+    out = Path(args.out)
+    parent = Path(args.parent) if args.parent is not None else None
+    if parent is not None and parent.resolve() == out.resolve():
+        raise InvalidArgument("--parent and --out name the same directory")
     if args.pid <= 0:
         raise NoSuchProcess(args.pid)
     if args.start_time is not None:
@@ -80,37 +113,75 @@ def run(args: argparse.Namespace) -> int:
         ident.check()
     else:
         ident = ProcessIdentity.of(args.pid)
-    writer = ImageWriter(Path(args.out))
+    writer = ImageWriter(out)
     try:
-        cap = capture(ident, ranges)
-        t1 = time.perf_counter()
-        writer.add_member(member, ident.pid, ident.start_time)
-        for r in cap.regions:
-            writer.add_region(
-                member, ident.pid, ident.start_time, r.name, r.start, r.end, r.pages, r.data, r.zero
-            )
-        writer.commit()
+        link = chain.begin(ident, member, out, parent, tracker, ranges)
     except BaseException:
         writer.abort()
         raise
+    try:
+        res = link.tc.capture()
+        cap = res.capture
+        t1 = time.perf_counter()
+        incremental = parent is not None
+        writer.generation = link.generation
+        writer.parent = parent_link(out, parent) if parent is not None else None
+        writer.tracker = res.tracker if incremental else None
+        writer.add_member(member, ident.pid, ident.start_time)
+        for r in cap.regions:
+            writer.add_region(
+                member,
+                ident.pid,
+                ident.start_time,
+                r.name,
+                r.start,
+                r.end,
+                r.pages,
+                r.data,
+                r.zero,
+                all_pages=r.all_pages if incremental else None,
+            )
+        chain.save_new_state(link)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(out / chain.STATE_DIR, ignore_errors=True)
+        chain.fail(link)
+        raise
+    chain.finish(link)
     t2 = time.perf_counter()
+    all_pages = sum(int(r.all_pages.size) for r in cap.regions)
     summary = {
         "image": str(writer.out),
         "member": member,
         "pid": ident.pid,
         "start_time": ident.start_time,
+        "generation": link.generation,
+        "parent": writer.parent,
+        "tracker": link.tc.tracker_name,
+        "incremental": incremental and not res.full,
+        "full_reason": res.reason,
         "regions": [
             {
                 "name": r.name,
                 "start": f"0x{r.start:x}",
                 "end": f"0x{r.end:x}",
                 "pages": int(r.pages.size),
+                "all_pages": int(r.all_pages.size),
                 "zero_pages": r.zero_count,
             }
             for r in cap.regions
         ],
         "pages": cap.pages,
+        "all_pages": all_pages,
         "zero_pages": cap.zero_pages,
+        "changed": {
+            "tracker": res.counts.tracker,
+            "mappings": res.counts.mappings,
+            "appeared": res.counts.appeared,
+            "untracked": res.counts.untracked,
+            "pending": res.counts.pending,
+        },
         "bytes": cap.nbytes,
         "bytes_written": writer.bytes_written,
         "unreadable_pages": cap.unreadable_pages,
@@ -124,15 +195,24 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         mib = cap.nbytes / (1 << 20)
+        kind = f"incremental over {writer.parent}" if summary["incremental"] else "full"
         print(
             f"captured pid {ident.pid} as member {member}: {len(cap.regions)} regions, "
-            f"{cap.pages} pages ({mib:.1f} MiB, {cap.zero_pages} zero), "
-            f"page size {PAGE_SIZE}"
+            f"{cap.pages} of {all_pages} pages stored ({mib:.1f} MiB, {cap.zero_pages} zero), "
+            f"page size {PAGE_SIZE}, {kind}"
+            + (f" ({res.reason})" if incremental and res.full else "")
         )
         print(
             f"frozen {cap.timings.frozen * 1e3:.1f} ms, capture {cap.timings.total * 1e3:.1f} ms, "
-            f"image written in {(t2 - t1) * 1e3:.1f} ms -> {writer.out}"
+            f"image written in {(t2 - t1) * 1e3:.1f} ms -> {writer.out}; "
+            f"tracker {link.tc.tracker_name} armed"
         )
         if cap.unreadable_pages:
             print(f"warning: {cap.unreadable_pages} pages could not be read and are left out")
+    if res.arm_error:
+        # A named tracker that cannot be armed: the image is complete (full), but the
+        # user asked for a chain and must hear that it will not be incremental.
+        raise TrackerUnavailable(
+            tracker or "auto", f"{res.arm_error}; {writer.out} was written as a full image"
+        )
     return 0

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.errors import TrackerFailed
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent._native import page_digests
 from nodeagent.freeze import FrozenProcess
 from nodeagent.pagemap import PagemapReader, runs_from_pages
-from nodeagent.procfs import Mapping
+from nodeagent.procfs import Mapping, ProcessIdentity
 from nodeagent.reader import MemoryReader, Staging
 from nodeagent.trackers.base import ChangedSet, PageNumbers, empty_pages
 
@@ -70,6 +72,32 @@ class HashTracker:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
+
+    def save_state(self) -> tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]:
+        """The seed and the digest table (nodeagent/trackers/persist.py)."""
+        return {"seed": self._seed}, {"pages": self._pages, "digests": self._digests}
+
+    def load_state(
+        self, ident: ProcessIdentity, meta: dict[str, Any], arrays: dict[str, npt.NDArray[Any]]
+    ) -> None:
+        """Take over a saved table; TrackerFailed when it is damaged."""
+        try:
+            seed = int(meta["seed"])
+            pages = np.asarray(arrays["pages"])
+            digests = np.asarray(arrays["digests"])
+        except (KeyError, TypeError, ValueError):
+            raise TrackerFailed(self.name, ident.pid, "saved digest table is incomplete") from None
+        ok = (
+            0 <= seed < 1 << 64
+            and pages.dtype == np.uint64
+            and digests.dtype == np.uint64
+            and pages.ndim == 1
+            and digests.shape == (pages.size, 2)
+            and bool(np.all(pages[1:] > pages[:-1]))
+        )
+        if not ok:
+            raise TrackerFailed(self.name, ident.pid, "saved digest table is damaged")
+        self._seed, self._pages, self._digests = seed, pages, digests
 
     def _scan(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> tuple[PageNumbers, Digests]:
         """Present pages of the readable mappings, and their digests now."""

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -379,6 +380,47 @@ class UffdWpTracker:
             },
         )
         return ChangedSet(pages)
+
+    # -- saved state (nodeagent/trackers/persist.py) -------------------------------
+
+    def save_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What a later process needs to collect through the same uffd (which stays open
+        in the target): its number and inode, the registration mode, untracked mappings."""
+        if self._ident is None:
+            return {"armed": False}, {}
+        untracked = [[*k, why] for k, why in self._untracked.items()]
+        meta = {
+            "armed": True,
+            "fd": self._fd,
+            "inode": self._inode,
+            "registration": self.registration,
+            "untracked_as_changed": self.untracked_as_changed,
+            "untracked": untracked,
+        }
+        return meta, {}
+
+    def load_state(self, ident: ProcessIdentity, meta: dict[str, Any], arrays: object) -> None:
+        """Take over a saved state for `ident`. Raises UffdLost unless the fd still is
+        that userfaultfd in that process (link `anon_inode:[userfaultfd]`, same inode)."""
+        self._drop()
+        if not meta.get("armed"):
+            raise UffdLost(ident.pid, "the saved state was never armed")
+        fd, inode = int(meta["fd"]), int(meta["inode"])
+        path = f"/proc/{ident.pid}/fd/{fd}"
+        try:
+            link, ino = os.readlink(path), os.stat(path).st_ino
+        except OSError:
+            raise UffdLost(ident.pid, f"fd {fd} is closed in the target") from None
+        if link != "anon_inode:[userfaultfd]" or ino != inode:
+            raise UffdLost(ident.pid, f"fd {fd} is no longer our userfaultfd ({link})")
+        self.registration = str(meta.get("registration", "inject"))
+        self.untracked_as_changed = bool(meta.get("untracked_as_changed", True))
+        self._untracked = {
+            (int(u[0]), int(u[1]), str(u[2]), int(u[3]), str(u[4]), int(u[5]), str(u[6])): str(u[7])
+            for u in meta.get("untracked", [])
+        }
+        self._ident, self._fd, self._inode = ident, fd, inode
+        self._scanner = uffd.PagemapScanner(ident.pid)
 
     # -- forget ------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""Page-set arithmetic of incremental captures (nodeagent/incremental.py), vectorised.
+
+Owns: marking, among the sorted pages a capture takes, those in another sorted page set,
+inside page runs, or absent from the last capture's pages (binary searches and one
+cumulative sum: no set operation that sorts again, no loop per page); which mappings a
+tracker is armed on; and the estimate of written pages that sizes the staging buffer.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import TrackerFailed
+from cpcoord.ranges import PAGE_SHIFT, AddressRange
+from nodeagent.pagemap import PageNumbers, Runs
+from nodeagent.procfs import Mapping
+from nodeagent.regions import RegionSpec
+from nodeagent.trackers.base import Tracker
+
+
+def mark_pages(taken: PageNumbers, pages: PageNumbers, mask: npt.NDArray[np.bool_]) -> int:
+    """Set mask[i] where taken[i] is in `pages` (both sorted, unique); return how many."""
+    if taken.size == 0 or pages.size == 0:
+        return 0
+    idx = np.searchsorted(taken, pages)
+    ok = idx < taken.size
+    ok[ok] = taken[idx[ok]] == pages[ok]
+    mask[idx[ok]] = True
+    return int(np.count_nonzero(ok))
+
+
+def mark_runs(taken: PageNumbers, runs: Runs, mask: npt.NDArray[np.bool_]) -> int:
+    """Set mask[i] where taken[i] lies in one of the runs `[first, count]`; return how
+    many taken pages the runs hold. Runs may overlap; one cumulative sum, no loop."""
+    r = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
+    if taken.size == 0 or r.shape[0] == 0:
+        return 0
+    a = np.searchsorted(taken, r[:, 0], side="left")
+    b = np.searchsorted(taken, r[:, 0] + r[:, 1], side="left")
+    depth = np.zeros(taken.size + 1, dtype=np.int64)
+    np.add.at(depth, a, 1)
+    np.add.at(depth, b, -1)
+    inside = np.cumsum(depth[:-1]) > 0
+    mask |= inside
+    return int(np.count_nonzero(inside))
+
+
+def mark_appeared(taken: PageNumbers, previous: PageNumbers, mask: npt.NDArray[np.bool_]) -> int:
+    """Set mask[i] where taken[i] is not in `previous` (both sorted, unique)."""
+    if taken.size == 0:
+        return 0
+    if previous.size == taken.size and np.array_equal(previous, taken):
+        return 0  # the common case, ~0.1 ms for 1 GiB
+    if previous.size == 0:
+        mask[:] = True
+        return int(taken.size)
+    idx = np.searchsorted(previous, taken)
+    idx[idx == previous.size] = previous.size - 1
+    new = previous[idx] != taken
+    mask |= new
+    return int(np.count_nonzero(new))
+
+
+def ranges_runs(ranges: Sequence[AddressRange]) -> Runs:
+    """Address ranges -> sorted page runs `[first, count]` (whole pages they touch)."""
+    if not ranges:
+        return np.zeros((0, 2), dtype=np.uint64)
+    lo = np.array([r.start for r in ranges], dtype=np.uint64) >> np.uint64(PAGE_SHIFT)
+    hi = (
+        np.array([r.end for r in ranges], dtype=np.uint64) + np.uint64((1 << PAGE_SHIFT) - 1)
+    ) >> np.uint64(PAGE_SHIFT)
+    out = np.stack((lo, hi - lo), axis=1)
+    return out[np.argsort(out[:, 0])]
+
+
+def tracked_mappings(specs: Sequence[RegionSpec], maps: Sequence[Mapping]) -> list[Mapping]:
+    """Readable mappings that overlap a region (regions sorted and disjoint): what the
+    tracker is armed on. One bisect per mapping."""
+    starts = [s.start for s in specs]
+    out = []
+    for m in maps:
+        if not m.readable:
+            continue
+        i = bisect.bisect_left(starts, m.end) - 1
+        if i >= 0 and specs[i].end > m.start:
+            out.append(m)
+    return out
+
+
+def written_estimate(tracker: Tracker, pid: int, mine: Sequence[Mapping]) -> int | None:
+    """Pages written since the last collect, read without re-arming (target running):
+    sizes the staging buffer. None where only a full read would tell (hash)."""
+    try:
+        if tracker.name == "uffd-wp":
+            from nodeagent import uffd
+
+            sc = uffd.PagemapScanner(pid)
+            try:
+                n = 0
+                for m in mine:
+                    if m.writable:
+                        r = sc.scan(
+                            m.start, m.end, mask=uffd.PAGE_IS_WRITTEN, anyof=uffd.PAGE_TAKEN
+                        )
+                        n += int((r[:, 1] - r[:, 0]).sum()) >> PAGE_SHIFT
+                        sc.reset()
+                return n
+            finally:
+                sc.close()
+        if tracker.name == "soft-dirty":
+            from nodeagent.pagemap import PagemapReader
+            from nodeagent.trackers import softdirty
+
+            lo, hi = softdirty.segments(mine)
+            with PagemapReader(pid) as pm:
+                return int(softdirty.read_soft_dirty(pm, lo, hi).size)
+    except (OSError, TrackerFailed):
+        return None
+    return None
