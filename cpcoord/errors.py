@@ -322,6 +322,13 @@ class UnknownJob(CpcoordError):
     status = "NOT_FOUND"
 
 
+class RestoreAborted(CpcoordError):
+    """restore of generation {} of job {} aborted: {} ({}); the generation stays as it was"""
+
+    exit_code = 59
+    status = "ABORTED"
+
+
 class JobBusy(CpcoordError):
     """job {} is busy: generation {} is in flight"""
 
@@ -534,3 +541,13 @@ class ParentStale(ImageMismatch):
 
     exit_code = 35
     status = "FAILED_PRECONDITION"
+
+
+# -- demo (100-109) ---------------------------------------------------------------------
+
+
+class DemoFailed(CpcoordError):
+    """demo failed: {}"""
+
+    exit_code = 100
+    status = "INTERNAL"

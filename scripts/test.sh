@@ -11,10 +11,19 @@ dpkg -s linux-image-amd64 >/dev/null 2>&1 || need_apt+=(linux-image-amd64)
 dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)
 command -v cpio >/dev/null || need_apt+=(cpio)
 command -v gcc >/dev/null || need_apt+=(gcc)
+command -v prometheus >/dev/null || need_apt+=(prometheus)       # real scrape test, promtool
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)     # unit verification
+command -v ip >/dev/null || need_apt+=(iproute2)                 # network namespaces
+command -v setpriv >/dev/null || need_apt+=(util-linux)          # least-capability agent test
+command -v useradd >/dev/null || need_apt+=(passwd)              # second-user socket test
+command -v nft >/dev/null || need_apt+=(nftables)                # packet-drop faults
+command -v tc >/dev/null || need_apt+=(iproute2)                 # link throttling
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The tests start their own Prometheus; never leave the packaged service running.
+  (systemctl disable --now prometheus 2>/dev/null || true)
 fi
 
 echo "== pip install -e .[dev]"

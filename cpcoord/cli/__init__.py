@@ -18,6 +18,7 @@ from cpcoord.errors import CpcoordError
 
 # Subcommand modules, in the order --help lists them.
 SUBCOMMANDS = [
+    "demo",
     "capture",
     "check",
     "image",
@@ -29,6 +30,8 @@ SUBCOMMANDS = [
     "checkpoint",
     "generations",
     "export",
+    "diff",
+    "restore",
     "verify",
     "gc",
 ]
