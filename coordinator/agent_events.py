@@ -20,6 +20,7 @@ from coordinator.protocol_messages import (
     FreezeFailed,
     MemberFailed,
     MemberGone,
+    MemberRestored,
     MemberStaged,
     MemberUploaded,
 )
@@ -148,7 +149,11 @@ def _event(engine: Engine, f: Flight, node: str, kind: str, body: object) -> Eve
             return FreezeFailed(node, fl.member, detail)
         if reason not in AGENT_REASONS or reason is None:
             raise InvalidArgument(f"Failed with reason {fl.reason} is not an agent's to give")
+        if fl.member and fl.member not in detail:
+            # Clients see this detail (e.g. a MISMATCH): it must name the member.
+            detail = f"member {fl.member}: {detail}" if detail else f"member {fl.member}"
         return MemberFailed(node, fl.member, reason, detail)
     if kind == "restored":
-        raise InvalidArgument("restore is not driven by this coordinator yet (issue 5)")
+        rs: agent_pb2.Restored = body  # type: ignore[assignment]
+        return MemberRestored(node, rs.member, stats_of(rs.stats, ps))
     raise InvalidArgument(f"unknown message {kind}")

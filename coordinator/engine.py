@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from coordinator import commit
+from coordinator import commit, restore
 from coordinator.agents import AgentSession, Registry
 from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
     CheckpointOptions,
@@ -248,6 +248,10 @@ class Engine:
             self._drain()
             return True
 
+    def restore_in_place(self, opts: restore.RestoreOptions) -> Subscription:
+        """Restore in place (coordinator/restore.py); progress on the subscription."""
+        return restore.begin(self, opts)
+
     # -- the core's events and commands ------------------------------------------------
 
     def feed(self, f: Flight, event: Event) -> None:
@@ -320,8 +324,13 @@ class Engine:
             s = self.agents.current(c.node)
             if s is not None:
                 s.send(committed=agent_pb2.Committed(job=c.job, generation=c.generation))
-        elif isinstance(c, SendRestore | SendThaw):
-            raise InvalidArgument("restore is not driven by this engine yet (issue 5)")
+        elif isinstance(c, SendRestore):
+            rs = agent_pb2.Restore(job=c.job, generation=c.generation, members=c.members)
+            self._send(f, c.node, restore=rs)
+        elif isinstance(c, SendThaw):
+            s = self.agents.current(c.node)
+            if s is not None:
+                s.send(thaw=agent_pb2.Thaw(job=c.job, generation=c.generation))
         elif isinstance(c, Commit):
             f.committing = True
             threading.Thread(
@@ -344,6 +353,8 @@ class Engine:
             summary = self._finish(f)
         p = Progress(ev, self.clock() - f.started, summary)
         f.publish(p)
+        if restore.is_restore(f):
+            return  # the hooks (metrics) count checkpoints
         for hook in self.on_progress:
             try:
                 hook(f, p)
@@ -351,6 +362,8 @@ class Engine:
                 log.exception("progress hook failed")
 
     def _finish(self, f: Flight) -> Summary:
+        if restore.is_restore(f):
+            return restore.finish(self, f)
         run = f.run_stats()
         self.recent[(f.job, f.number)] = run
         while len(self.recent) > RECENT:

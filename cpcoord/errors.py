@@ -551,3 +551,48 @@ class DemoFailed(CpcoordError):
 
     exit_code = 100
     status = "INTERNAL"
+
+
+# -- security (110-119) -----------------------------------------------------------------
+
+
+class InsecureRefused(CpcoordError):
+    """refusing to start without TLS: give --tls-cert/--tls-key/--tls-ca, or --insecure"""
+
+    exit_code = 110
+    status = "FAILED_PRECONDITION"
+
+
+class PlaintextBindRefused(CpcoordError):
+    """plaintext gRPC binds only to loopback, not {}: use TLS or --insecure-bind-any"""
+
+    exit_code = 111
+    status = "FAILED_PRECONDITION"
+
+
+class TlsConfigInvalid(CpcoordError):
+    """TLS configuration invalid: {}"""
+
+    exit_code = 112
+    status = "INVALID_ARGUMENT"
+
+
+class Unauthenticated(CpcoordError):
+    """not authenticated: {}"""
+
+    exit_code = 113
+    status = "UNAUTHENTICATED"
+
+
+class Forbidden(CpcoordError):
+    """forbidden: role {} may not call {}"""
+
+    exit_code = 114
+    status = "PERMISSION_DENIED"
+
+
+class TokensInvalid(CpcoordError):
+    """token file {} invalid: {}"""
+
+    exit_code = 115
+    status = "INVALID_ARGUMENT"

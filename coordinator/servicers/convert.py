@@ -95,6 +95,25 @@ def checkpoint_event(p: Progress) -> coordinator_pb2.CheckpointEvent:
     return out
 
 
+def restore_event(p: Progress) -> coordinator_pb2.RestoreEvent:
+    e = p.event
+    out = coordinator_pb2.RestoreEvent(
+        kind="PROGRESS_KIND_" + e.kind.name,
+        job=e.job,
+        generation=e.generation,
+        member=e.member,
+        node=e.node,
+        members_done=e.done,
+        members_total=e.total,
+        reason=reason(e.reason.value if e.reason else ""),
+        detail=e.detail,
+        elapsed_seconds=p.elapsed,
+    )
+    if e.stats is not None:
+        out.stats.CopyFrom(member_stats(e.stats))
+    return out
+
+
 def region(name: str, start: int, end: int) -> types_pb2.Region:
     return types_pb2.Region(name=name, start=start, end=end)
 

@@ -3,24 +3,29 @@
 Each method validates nothing itself beyond message shape: the engine modules check and
 raise CpcoordErrors, which `rpc_errors` turns into statuses. Checkpoint streams the
 flight's progress; if the client goes away before the end, the generation is cancelled
-(unless the store is already committing it). Restore, Diff and Watch arrive with
-issues 5 and 6.
+(unless the store is already committing it). Diff compares two manifests
+(coordinator/diff.py). Restore streams a restore flight (coordinator/restore.py) or
+answers one RestoreInto. Watch arrives with issue 6.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
-from coordinator import generations, members_ops, pagestream
+from coordinator import diff, generations, members_ops, pagestream, restore
 from coordinator.engine import CheckpointOptions, Engine
+from coordinator.flight import Subscription
 from coordinator.servicers import convert
 from coordinator.store import GcReport
-from cpcoord.errors import NotImplementedYet, UnknownJob
+from cpcoord.errors import InvalidArgument, NotImplementedYet, UnknownJob
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from cpcoord.grpcutil import rpc_errors
 from cpcoord.ranges import check_name
+
+DIFF_RUNS_PER_MESSAGE = 65536
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -127,11 +132,17 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             commit_timeout_ms=request.commit_timeout_ms,
             pin=request.pin,
         )
-        sub = self.engine.checkpoint(opts)
+        yield from self._follow(self.engine.checkpoint(opts), context)
+
+    def _follow(
+        self, sub: Subscription, context: grpc.ServicerContext, restore_events: bool = False
+    ) -> Iterator[Any]:
+        """A flight's progress as the call's stream; the client going away cancels it."""
+        what = "Restore" if restore_events else "Checkpoint"
 
         def gone() -> None:
             if not sub.done:
-                self.engine.cancel(sub.flight, "the client cancelled the Checkpoint call")
+                self.engine.cancel(sub.flight, f"the client cancelled the {what} call")
 
         context.add_callback(gone)
         while True:
@@ -140,7 +151,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 if not context.is_active():
                     gone()
                 continue
-            yield convert.checkpoint_event(p)
+            yield convert.restore_event(p) if restore_events else convert.checkpoint_event(p)
             if p.summary is not None:
                 return
 
@@ -284,15 +295,74 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Restore(
         self, request: coordinator_pb2.RestoreRequest, context: grpc.ServicerContext
     ) -> Iterator[coordinator_pb2.RestoreEvent]:
-        raise NotImplementedYet("Restore", "restore arrives with issue 5; use export for now")
-        yield  # pragma: no cover
+        if request.HasField("into"):
+            t = request.into
+            n, stats = restore.into(
+                self.engine,
+                restore.IntoOptions(
+                    job=request.job,
+                    generation=request.generation,
+                    member=t.member,
+                    pid=t.process.pid,
+                    start_time=t.process.start_time,
+                    node=t.node,
+                    regions=tuple((r.name, r.start, r.end) for r in t.regions),
+                ),
+            )
+            yield coordinator_pb2.RestoreEvent(
+                kind="PROGRESS_KIND_MEMBER_RESTORED",
+                job=request.job,
+                generation=n,
+                node=t.node,
+                member=t.member,
+                stats=stats,
+                members_done=1,
+                members_total=1,
+            )
+            yield coordinator_pb2.RestoreEvent(
+                kind="PROGRESS_KIND_COMMITTED",
+                job=request.job,
+                generation=n,
+                members_done=1,
+                members_total=1,
+            )
+            return
+        sub = self.engine.restore_in_place(
+            restore.RestoreOptions(
+                job=request.job,
+                generation=request.generation,
+                members=tuple(request.members),
+                lease_ms=request.lease_ms,
+                freeze_timeout_ms=request.freeze_timeout_ms,
+            )
+        )
+        yield from self._follow(sub, context, restore_events=True)
 
     @rpc_errors
     def Diff(
         self, request: coordinator_pb2.DiffRequest, context: grpc.ServicerContext
     ) -> Iterator[coordinator_pb2.DiffResponse]:
-        raise NotImplementedYet("Diff", "diff arrives with issue 5")
-        yield  # pragma: no cover
+        if request.from_generation < 1 or request.to_generation < 1:
+            raise InvalidArgument("diff needs two committed generations, each >= 1")
+        for name in request.members:
+            check_name(name)
+        a, _ = generations.manifest(self.engine, request.job, request.from_generation)
+        b, _ = generations.manifest(self.engine, request.job, request.to_generation)
+        ps = b.page_size
+        for d in diff.diff(a, b, list(request.members)):
+            # A region with very many runs spans several messages (proto: runs continue).
+            for lo in range(0, max(1, len(d.runs)), DIFF_RUNS_PER_MESSAGE):
+                runs = d.runs[lo : lo + DIFF_RUNS_PER_MESSAGE]
+                n = int(runs[:, 1].sum()) if len(runs) else 0
+                yield coordinator_pb2.DiffResponse(
+                    member=d.member,
+                    region=d.region,
+                    added=d.added,
+                    removed=d.removed,
+                    changed=[types_pb2.PageRun(offset=o, count=c) for o, c in runs.tolist()],
+                    pages_changed=n,
+                    bytes_changed=n * ps,
+                )
 
     @rpc_errors
     def Watch(

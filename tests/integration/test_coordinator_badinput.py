@@ -173,9 +173,29 @@ def test_client_api_refusals(world: dict[str, Any]) -> None:
         lambda: s.Checkpoint(C.CheckpointRequest(job="j", lease_ms=1000, freeze_timeout_ms=5000)),
         INVALID,
     )
+    # bad restore and diff requests
+    refused(c, lambda: s.Restore(C.RestoreRequest(job="nope")), NOT_FOUND, "UnknownJob")
+    refused(
+        c,
+        lambda: s.Restore(C.RestoreRequest(job="j", generation=99)),
+        NOT_FOUND,
+        "NoSuchGeneration",
+    )
+    refused(
+        c,
+        lambda: s.Restore(C.RestoreRequest(job="j", members=["ghost"])),
+        NOT_FOUND,
+        "UnknownMember",
+    )
+    refused(c, lambda: s.Restore(C.RestoreRequest(job="j", lease_ms=50)), INVALID)
+    refused(c, lambda: s.Diff(C.DiffRequest(job="j")), INVALID)
+    refused(
+        c,
+        lambda: s.Diff(C.DiffRequest(job="j", from_generation=1, to_generation=99)),
+        NOT_FOUND,
+        "NoSuchGeneration",
+    )
     # not yet implemented: a clear UNIMPLEMENTED, not a hang
-    refused(c, lambda: s.Restore(C.RestoreRequest(job="j")), grpc.StatusCode.UNIMPLEMENTED)
-    refused(c, lambda: s.Diff(C.DiffRequest(job="j")), grpc.StatusCode.UNIMPLEMENTED)
     refused(c, lambda: s.Watch(C.WatchRequest()), grpc.StatusCode.UNIMPLEMENTED)
 
 

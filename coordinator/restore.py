@@ -1,0 +1,194 @@
+"""Restore, coordinator side: in place (a protocol generation of kind RESTORE) and into
+a new process (one RestoreInto command).
+
+In place: the chosen members (default: all of the job) are frozen like a checkpoint;
+each agent checks that its members' mappings still hold the generation's regions with
+the same sizes and answers Frozen or Failed(MISMATCH), so a member that does not fit
+aborts the restore before anything is written anywhere. After the barrier each agent
+gets Restore, downloads its members' pages (AgentControl.DownloadPages, every page of
+the complete manifest, zero pages as markers) and writes them, reports Restored per
+member, and when all are written every agent gets Thaw. The flight is the job's
+generation in flight (a checkpoint and a restore of one job exclude each other); its
+number is the generation written back, which stays committed whatever happens.
+
+A restored member's tracker state no longer describes its memory, so its next capture is
+full (its `committed` base is cleared).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from coordinator import generations
+from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
+from coordinator.members_ops import _ask
+from coordinator.protocol import Generation
+from coordinator.protocol_messages import Begin
+from coordinator.protocol_values import GenState, Kind, Spec
+from cpcoord.errors import (
+    AgentUnavailable,
+    InvalidArgument,
+    JobBusy,
+    MemberNotRunning,
+    UnknownJob,
+    UnknownMember,
+)
+from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
+from cpcoord.log import log_event
+from cpcoord.ranges import check_name
+
+if TYPE_CHECKING:
+    from coordinator.engine import Engine
+
+log = logging.getLogger("cpcoord.coordinator.restore")
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    job: str
+    generation: int = 0  # 0 = the newest committed
+    members: tuple[str, ...] = ()  # empty = every member of the job
+    lease_ms: int = 0
+    freeze_timeout_ms: int = 0
+
+
+@dataclass(frozen=True)
+class IntoOptions:
+    job: str
+    generation: int  # 0 = the newest committed
+    member: str
+    pid: int
+    start_time: int = 0
+    node: str = ""  # empty: the member's node
+    regions: tuple[tuple[str, int, int], ...] = ()  # (name, start, end) now; empty: as at the cut
+
+
+def is_restore(f: Flight) -> bool:
+    return f.gen.snapshot.spec.kind is Kind.RESTORE
+
+
+def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
+    """Start restoring in place; progress comes on the subscription. Errors before it
+    begins: UnknownJob, NoSuchGeneration, UnknownMember, JobBusy, MemberNotRunning,
+    AgentUnavailable."""
+    check_name(opts.job)
+    for name in opts.members:
+        check_name(name)
+    timing = CheckpointOptions(
+        opts.job, lease_ms=opts.lease_ms, freeze_timeout_ms=opts.freeze_timeout_ms
+    ).timing()
+    info = generations._committed(engine, opts.job, opts.generation)
+    manifest = engine.repo.manifest(opts.job, info.number)
+    in_gen = {m.name for m in manifest.members}
+    with engine.lock:
+        if not engine.members.has_job(opts.job):
+            raise UnknownJob(opts.job)
+        recs = engine.members.of_job(opts.job)
+        by_name = {r.name: r for r in recs}
+        names = list(opts.members) or sorted(by_name)
+        for n in names:
+            if n not in by_name:
+                raise UnknownMember(opts.job, n, "attached now")
+            if n not in in_gen:
+                raise UnknownMember(opts.job, n, f"in generation {info.number}")
+        busy = engine.flights.get(opts.job)
+        if busy is not None:
+            raise JobBusy(opts.job, busy.number)
+        chosen = [by_name[n] for n in names]
+        for m in chosen:
+            if m.gone:
+                raise MemberNotRunning(m.name, m.job, m.detail or "its process exited")
+            s = engine.agents.current(m.node)
+            if s is None or not s.ready:
+                raise AgentUnavailable(m.node)
+        spec = Spec(
+            opts.job,
+            info.number,
+            tuple((m.name, m.node) for m in chosen),
+            kind=Kind.RESTORE,
+            timing=timing,
+        )
+        f = Flight(Generation(spec), None, frozenset(), started=engine.clock())
+        sub = f.subscribe()
+        engine.flights[opts.job] = f
+        engine.feed(f, Begin(engine.clock()))
+        engine._wake.notify_all()
+    return sub
+
+
+def finish(engine: Engine, f: Flight) -> Summary:
+    """Under the lock, at a restore's end (COMMITTED or ABORTED): the flight is over;
+    written members capture in full next; the generation keeps its own record."""
+    if engine.flights.get(f.job) is f:
+        del engine.flights[f.job]
+    snap = f.gen.snapshot
+    if snap.state is GenState.COMMITTED:
+        for name, _ in snap.spec.members:
+            r = engine.members.get(f.job, name)
+            if r is not None and r.committed:
+                engine.members.update_all([replace(r, committed=0)])
+    f.summary = engine.summary(f.job, f.number, info=engine.repo.catalog.get(f.job, f.number))
+    log_event(
+        log,
+        logging.INFO,
+        "restore ended",
+        job=f.job,
+        generation=f.number,
+        state=snap.state.value,
+        reason=snap.reason.value if snap.reason else "",
+        detail=snap.detail,
+        seconds=round(engine.clock() - f.started, 3),
+    )
+    engine._wake.notify_all()
+    return f.summary
+
+
+def into(engine: Engine, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats]:
+    """Write one member's pages of a committed generation into a new process, through
+    the agent of its node (RestoreInto); returns the generation and what was written."""
+    check_name(opts.job)
+    check_name(opts.member)
+    if opts.pid < 1:
+        raise InvalidArgument(f"pid must be >= 1, got {opts.pid}")
+    info = generations._committed(engine, opts.job, opts.generation)
+    m = engine.repo.manifest(opts.job, info.number)
+    try:
+        mm = m.member(opts.member)
+    except KeyError:
+        raise UnknownMember(opts.job, opts.member, f"in generation {info.number}") from None
+    sizes = {r.name: r.end - r.start for r in mm.regions}
+    for name, start, end in opts.regions:
+        if name not in sizes:
+            raise InvalidArgument(f"region {name!r} is not in {opts.member}'s generation")
+        if end - start != sizes[name] or start % m.page_size or end <= start:
+            raise InvalidArgument(
+                f"region {name!r} at {start:#x}-{end:#x}: it must be page-aligned and "
+                f"{sizes[name]} bytes as at the cut"
+            )
+    node = opts.node
+    if node:
+        check_name(node)
+    else:
+        with engine.lock:
+            rec = engine.members.get(opts.job, opts.member)
+        if rec is None:
+            raise InvalidArgument(f"member {opts.member} is not attached: give its node")
+        node = rec.node
+    with engine.lock:
+        s = engine.agents.current(node)
+    if s is None or not s.ready:
+        raise AgentUnavailable(node)
+    msg = agent_pb2.RestoreInto(
+        job=opts.job,
+        generation=info.number,
+        member=opts.member,
+        target=types_pb2.ProcessIdentity(pid=opts.pid, start_time=opts.start_time),
+        regions=[types_pb2.Region(name=n, start=a, end=b) for n, a, b in opts.regions],
+    )
+    # Writing a whole member can take a while: at least the command timeout, more when big.
+    pages = sum(r.pages.page_count for r in mm.regions)
+    timeout = engine.opt.command_timeout_s + pages * m.page_size / (200 << 20)
+    res = _ask(s, "RestoreInto", timeout, restore_into=msg)
+    return info.number, res.stats
