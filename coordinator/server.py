@@ -2,10 +2,12 @@
 
 `create_server(addr, engine)` builds a server with both services, standard health
 checking (`grpc.health.v1`) and reflection (so `grpcurl` works), explicit message size
-limits, and binds it; it returns the server and the bound port (ask for port 0 to get a
-free one). `serve(...)` is the daemon: open the store, start the engine, serve, write the
-port file, and on SIGTERM/SIGINT stop gracefully: health NOT_SERVING, abort what is in
-flight (agents thaw and keep their pending sets), end the streams, close the store.
+limits, the auth interceptor when TLS or tokens are configured (coordinator/auth.py),
+and binds it (mTLS with `Deps.security.tls`); it returns the server and the bound port
+(ask for port 0 to get a free one). `serve(...)` is the daemon: check the transport
+(coordinator/auth.py), open the store, start the engine, serve, write the port file,
+and on SIGTERM/SIGINT stop gracefully: health NOT_SERVING, abort what is in flight
+(agents thaw and keep their pending sets), end the streams, close the store.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.auth import AuthInterceptor, Security, check_transport
 from coordinator.engine import Engine, Options
 from coordinator.servicers import AgentControl, CoordinatorService
 from coordinator.store import Repository
+from coordinator.store.config import StoreConfig
+from coordinator.store.crypt import Sealer
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import add_servicer, server_options
@@ -45,14 +50,20 @@ class Deps:
     engine: Engine
     health: health.HealthServicer = field(default_factory=health.HealthServicer)
     max_workers: int = 64
+    # None: a library/test server, plaintext and open as before; serve() always sets it.
+    security: Security | None = None
 
 
 def create_server(addr: str, deps: Deps) -> tuple[grpc.Server, int]:
     """A bound (not started) server; returns (server, port)."""
     engine = deps.engine
+    sec = deps.security
+    if sec is not None:
+        check_transport(addr, sec)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=deps.max_workers, thread_name_prefix="rpc"),
         options=server_options(engine.opt.max_message_bytes),
+        interceptors=[AuthInterceptor(sec)] if sec is not None and sec.enforced else None,
     )
     add_servicer(agent_pb2_grpc.add_AgentControlServicer_to_server, AgentControl(engine), server)
     add_servicer(
@@ -65,7 +76,12 @@ def create_server(addr: str, deps: Deps) -> tuple[grpc.Server, int]:
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(addr)
+        if sec is not None and sec.tls is not None:
+            from cpcoord.tls import server_credentials
+
+            port = server.add_secure_port(addr, server_credentials(sec.tls))
+        else:
+            port = server.add_insecure_port(addr)
     except RuntimeError as e:
         raise InvalidArgument(f"cannot listen on {addr}: {e}") from None
     if port == 0:
@@ -86,10 +102,14 @@ def serve(
     *,
     port_file: Path | None = None,
     metrics_port: int | None = None,
+    security: Security | None = None,
+    sealer: Sealer | None = None,
 ) -> int:
-    repo = Repository.open_local(store)
+    security = security or Security()
+    check_transport(listen, security)  # before the store is opened or created
+    repo = Repository.open_local(store, StoreConfig(sealer=sealer))
     engine = Engine(repo, options)
-    deps = Deps(engine)
+    deps = Deps(engine, security=security)
     try:
         server, port = create_server(listen, deps)
     except BaseException:
@@ -111,7 +131,15 @@ def serve(
     if port_file is not None:
         write_port_file(port_file, port)
     log_event(
-        log, logging.INFO, "coordinator listening", listen=listen, port=port, store=str(store)
+        log,
+        logging.INFO,
+        "coordinator listening",
+        listen=listen,
+        port=port,
+        store=str(store),
+        tls=security.tls is not None,
+        tokens=len(security.tokens),
+        encrypted=sealer is not None,
     )
     stop.wait()
     log_event(log, logging.INFO, "coordinator stopping")

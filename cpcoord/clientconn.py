@@ -2,9 +2,10 @@
 calls whose failures come back as CpcoordErrors (via cpcoord.grpcutil).
 
 Every client command takes `--coordinator HOST:PORT` (default `$CPCOORD_COORDINATOR`),
-`--insecure` (or CPCOORD_INSECURE=1; plaintext is all there is until TLS, issue 7) and
-`--timeout SECONDS` for unary calls. Streams (checkpoint, export, gc, verify) have no
-deadline of their own: the coordinator's protocol deadlines bound them.
+`--insecure` (or CPCOORD_INSECURE=1), `--tls-cert/--tls-key/--tls-ca` (or
+$CPCOORD_TLS_CERT/_KEY/_CA) for mTLS, `--token`/`--token-file` (or $CPCOORD_TOKEN) for the
+bearer token, and `--timeout SECONDS` for unary calls. Streams (checkpoint, export, gc,
+verify) have no deadline of their own: the coordinator's protocol deadlines bound them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -35,11 +37,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--insecure",
         action="store_true",
-        help="plaintext gRPC (also CPCOORD_INSECURE=1); the only transport until TLS lands",
+        help="plaintext gRPC (also CPCOORD_INSECURE=1); the coordinator must allow it",
     )
+    add_tls_arguments(g)
+    g.add_argument("--token", default=None, help="bearer token (default: $CPCOORD_TOKEN)")
+    g.add_argument("--token-file", type=Path, default=None, metavar="FILE", help="read it here")
     g.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of each call"
     )
+
+
+def add_tls_arguments(g: Any) -> None:
+    """--tls-cert/--tls-key/--tls-ca (shared by clients, agent and coordinator)."""
+    for what, help_ in (
+        ("cert", "this peer's certificate (PEM)"),
+        ("key", "this peer's private key (PEM)"),
+        ("ca", "the CA certificate that signs the peers it trusts"),
+    ):
+        g.add_argument(
+            f"--tls-{what}",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help=f"{help_} (default: $CPCOORD_TLS_{what.upper()})",
+        )
+
+
+def tls_from_args(args: argparse.Namespace) -> Any:
+    """The TlsFiles of --tls-* (or $CPCOORD_TLS_*), None when none was given."""
+    from cpcoord.tls import tls_files
+
+    def pick(what: str) -> Path | None:
+        v = getattr(args, f"tls_{what}", None)
+        if v is None and os.environ.get(f"CPCOORD_TLS_{what.upper()}"):
+            v = Path(os.environ[f"CPCOORD_TLS_{what.upper()}"])
+        return v
+
+    return tls_files(pick("cert"), pick("key"), pick("ca"))
 
 
 def address(args: argparse.Namespace) -> str:
@@ -52,11 +86,19 @@ def address(args: argparse.Namespace) -> str:
 class Client:
     """A channel to the coordinator and its `Coordinator` stub."""
 
-    def __init__(self, addr: str, insecure: bool = False, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        addr: str,
+        insecure: bool = False,
+        timeout: float = 30.0,
+        *,
+        tls: Any = None,
+        token: str | None = None,
+    ) -> None:
         self.address = addr
         self.timeout = timeout
         self.insecure = insecure_requested(insecure)
-        self.channel = make_channel(addr, self.insecure)
+        self.channel = make_channel(addr, self.insecure, tls=tls, token=token)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
@@ -92,7 +134,15 @@ class Client:
 
 
 def connect(args: argparse.Namespace) -> Client:
-    return Client(address(args), getattr(args, "insecure", False), getattr(args, "timeout", 30.0))
+    from cpcoord.tokens import client_token
+
+    return Client(
+        address(args),
+        getattr(args, "insecure", False),
+        getattr(args, "timeout", 30.0),
+        tls=tls_from_args(args),
+        token=client_token(getattr(args, "token", None), getattr(args, "token_file", None)),
+    )
 
 
 # -- shared output helpers of the client commands ---------------------------------------

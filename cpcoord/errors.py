@@ -596,3 +596,10 @@ class TokensInvalid(CpcoordError):
 
     exit_code = 115
     status = "INVALID_ARGUMENT"
+
+
+class AgentIdentityMismatch(CpcoordError):
+    """agent certificate is for node {!r}, but the agent says it is node {!r}"""
+
+    exit_code = 116
+    status = "PERMISSION_DENIED"

@@ -11,9 +11,9 @@ with the server's message, so `cpcoord` exits with the code the error would have
 locally. Statuses without the metadata (the transport's own: UNAVAILABLE, RESOURCE_
 EXHAUSTED for an oversized message, UNIMPLEMENTED, ...) map to classes of 70-79.
 
-Transport security: plaintext only for now. `--insecure` / CPCOORD_INSECURE=1 are
-accepted and recorded (`insecure_requested`); TLS arrives with issue 7 and will then be
-the default.
+Transport security: `make_channel(..., tls=TlsFiles)` speaks mTLS (cpcoord/tls.py) and
+`token=` adds a bearer token (cpcoord/tokens.py); without them, plaintext. `--insecure` /
+CPCOORD_INSECURE=1 are recorded by `insecure_requested` (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -85,11 +85,29 @@ def insecure_requested(flag: bool) -> bool:
 
 
 def make_channel(
-    address: str, insecure: bool = False, max_bytes: int = MAX_MESSAGE_BYTES
+    address: str,
+    insecure: bool = False,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    *,
+    tls: Any = None,
+    token: str | None = None,
 ) -> grpc.Channel:
-    """A channel to `address` (HOST:PORT). Plaintext until TLS lands (issue 7)."""
-    del insecure  # every channel is plaintext for now; the flag is accepted ahead of TLS
-    return grpc.insecure_channel(address, options=channel_options(max_bytes))
+    """A channel to `address` (HOST:PORT): mTLS when `tls` (a cpcoord.tls.TlsFiles) is
+    given, verifying the server against its CA; plaintext otherwise. A bearer `token`
+    rides on every call as `authorization` metadata."""
+    del insecure  # plaintext is the fallback; only the coordinator refuses to start without
+    if tls is not None:
+        from cpcoord.tls import channel_credentials
+
+        creds = channel_credentials(tls)
+        ch = grpc.secure_channel(address, creds, options=channel_options(max_bytes))
+    else:
+        ch = grpc.insecure_channel(address, options=channel_options(max_bytes))
+    if token:
+        from cpcoord.tokens import BearerInterceptor
+
+        ch = grpc.intercept_channel(ch, BearerInterceptor(token))
+    return ch
 
 
 # -- servicer side ---------------------------------------------------------------------

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from coordinator.store.backend import Backend, Kind
+from coordinator.store.crypt import Sealer
 from cpcoord.errors import InvalidArgument, ObjectNotFound, StoreInvalid
 
 STORE_FORMAT = 1
@@ -36,6 +37,8 @@ class StoreConfig:
     compression_level: int = 1  # zstd level: 1 favours ingest speed; 3+ packs tighter
     threads: int = 0  # zstd threads per ingest batch; 0 = min(4, cpus)
     repack_threshold: float = 0.25  # gc rewrites a pack when this share of it is dead
+    # Encryption at rest (crypt.py): None = plaintext packs and manifests.
+    sealer: Sealer | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.dedup not in ("job", "store"):

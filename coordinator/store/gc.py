@@ -233,7 +233,13 @@ def _repack(
             for cid, loc in zip(ids, locs, strict=True):
                 blob = data[int(loc["offset"]) : int(loc["offset"]) + int(loc["stored"])]
                 packs.decode_chunk(
-                    int(loc["method"]), blob, int(loc["raw"]), cid.tobytes(), info.name
+                    int(loc["method"]),
+                    blob,
+                    int(loc["raw"]),
+                    cid.tobytes(),
+                    info.name,
+                    repo.config.sealer,
+                    info.namespace,
                 )
                 blobs.append(blob)
         except StoreError as e:

@@ -36,6 +36,7 @@ import numpy.typing as npt
 import zstandard
 
 from coordinator.store.backend import Backend, Buffer, Kind
+from coordinator.store.crypt import Sealer
 from coordinator.store.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 from cpcoord.errors import DataCorrupted, InvalidArgument
 
@@ -43,6 +44,8 @@ HEADER = b"CPPK\x01\x00\x00\x00"
 TAIL_MAGIC = b"CPPT"
 METHOD_RAW = 0
 METHOD_ZSTD = 1
+METHOD_SEALED = 0x80  # flag: the blob is AES-GCM sealed (crypt.py) around method & 0x7f
+SEAL_OVERHEAD = 28  # nonce + tag
 MAX_CHUNK_BYTES = 4 << 20  # a run of up to 1024 pages; bounds memory per chunk
 SAMPLE_MIN = 16 << 10  # chunks this big are sampled before a full compression attempt
 MAX_NAMESPACE = 255
@@ -145,8 +148,22 @@ def compress_batch(
     return methods, blobs
 
 
-def decode_chunk(method: int, blob: bytes, raw_len: int, chunk_id: bytes, where: str) -> bytes:
-    """Decompress a blob and check its BLAKE3 against its id; DataCorrupted otherwise."""
+def decode_chunk(
+    method: int,
+    blob: bytes,
+    raw_len: int,
+    chunk_id: bytes,
+    where: str,
+    sealer: Sealer | None = None,
+    namespace: str = "",
+) -> bytes:
+    """Decrypt (sealed blobs), decompress a blob and check its BLAKE3 against its id;
+    DataCorrupted otherwise."""
+    if method & METHOD_SEALED:
+        if sealer is None:
+            raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: encrypted, no store key")
+        blob = sealer.open_chunk(namespace, chunk_id, blob, where)
+        method &= ~METHOD_SEALED
     if method == METHOD_RAW:
         data = blob
     elif method == METHOD_ZSTD:
@@ -254,14 +271,16 @@ def parse_trailer(tail: bytes, total_size: int, where: str) -> PackContents:
     if len(body) - start != count * ENTRY_DTYPE.itemsize:
         raise bad(f"trailer holds {len(body) - start} entry bytes for {count} entries")
     entries = np.frombuffer(body, dtype=ENTRY_DTYPE, count=count, offset=start)
-    m, st, raw = entries["method"], entries["stored"], entries["raw"]
+    sealed = (entries["method"] & METHOD_SEALED) != 0
+    m, raw = entries["method"] & ~np.uint8(METHOD_SEALED), entries["raw"]
+    st = entries["stored"].astype(np.int64) - np.where(sealed, SEAL_OVERHEAD, 0)
     if np.any((m != METHOD_RAW) & (m != METHOD_ZSTD)):
         raise bad("unknown compression method")
-    if np.any((raw == 0) | (raw > MAX_CHUNK_BYTES) | (st == 0)):
+    if np.any((raw == 0) | (raw > MAX_CHUNK_BYTES) | (st <= 0)):
         raise bad("chunk size out of bounds")
     if np.any((m == METHOD_RAW) & (st != raw)) or np.any((m == METHOD_ZSTD) & (st >= raw)):
         raise bad("stored size contradicts the method")
-    if len(HEADER) + int(st.sum(dtype=np.uint64)) + tlen + _TAIL.size != total_size:
+    if len(HEADER) + int(entries["stored"].sum(dtype=np.uint64)) + tlen + _TAIL.size != total_size:
         raise bad("blob sizes do not add up to the pack size")
     return PackContents(namespace, _locate(entries))
 
@@ -280,14 +299,16 @@ def read_contents(backend: Backend, name: str, size: int | None = None) -> PackC
     return parse_trailer(tail, size, name)
 
 
-def verify_pack(data: bytes, name: str) -> PackContents:
+def verify_pack(data: bytes, name: str, sealer: Sealer | None = None) -> PackContents:
     """Full check of a pack's bytes: hash equals its name, trailer parses, every chunk
     decodes to its id. Returns its contents; DataCorrupted on the first defect."""
     if PackId.of(data).format() != name:
         raise DataCorrupted("pack", name, "content hash does not match its name")
     contents = parse_trailer(data, len(data), name)
     for chunk_id, blob, e in iter_blobs(data, contents.entries):
-        decode_chunk(int(e["method"]), blob, int(e["raw"]), chunk_id, name)
+        decode_chunk(
+            int(e["method"]), blob, int(e["raw"]), chunk_id, name, sealer, contents.namespace
+        )
     return contents
 
 

@@ -78,7 +78,13 @@ def read_chunks(repo: Repository, namespace: str, ids: Any) -> list[bytes]:
             for i in idx:
                 o, n = int(locs["offset"][i]) - off, int(locs["stored"][i])
                 out[i] = packs.decode_chunk(
-                    int(locs["method"][i]), data[o : o + n], int(locs["raw"][i]), cids[i], pack
+                    int(locs["method"][i]),
+                    data[o : o + n],
+                    int(locs["raw"][i]),
+                    cids[i],
+                    pack,
+                    repo.config.sealer,
+                    namespace,
                 )
         start = end
     return out
@@ -91,7 +97,9 @@ def _read_again(repo: Repository, namespace: str, one: Any, cid: bytes, old_pack
     if pack == old_pack:
         raise ObjectNotFound(Kind.PACKS, old_pack)
     blob = repo.backend.get_range(Kind.PACKS, pack, int(loc["offset"][0]), int(loc["stored"][0]))
-    return packs.decode_chunk(int(loc["method"][0]), blob, int(loc["raw"][0]), cid, pack)
+    return packs.decode_chunk(
+        int(loc["method"][0]), blob, int(loc["raw"][0]), cid, pack, repo.config.sealer, namespace
+    )
 
 
 def iter_pages(

@@ -32,6 +32,7 @@ import numpy as np
 from coordinator.store import manifest_io
 from coordinator.store.backend import Kind
 from coordinator.store.catalog import GenerationInfo, Sizes, State
+from coordinator.store.crypt import open_manifest
 from coordinator.store.ids import ID_DTYPE, IdArray, member_of
 from coordinator.store.manifest import Manifest
 from coordinator.store.repository import Repository
@@ -87,7 +88,8 @@ def rebuild_catalog(repo: Repository) -> RebuildReport:
                 present += 1
                 continue
             try:
-                m = manifest_io.decode(repo.backend.get(Kind.MANIFESTS, name), name)
+                raw = repo.backend.get(Kind.MANIFESTS, name)
+                m = manifest_io.decode(open_manifest(repo.config.sealer, name, raw), name)
             except StoreError as e:  # DataCorrupted, ManifestInvalid, or gone meanwhile
                 skipped.append((name, f"unreadable: {e}"))
                 continue

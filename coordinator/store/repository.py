@@ -39,6 +39,7 @@ from coordinator.store import index_io, manifest_io, packs, reader
 from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
 from coordinator.store.catalog import Catalog, GenerationInfo, Sizes, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
+from coordinator.store.crypt import open_manifest
 from coordinator.store.gc import GcReport, collect
 from coordinator.store.ids import (
     IdArray,
@@ -231,6 +232,10 @@ class Repository:
         todo = [chunks[int(i)] for i in sel]
         threads = self.config.threads or packs.default_threads()
         methods, blobs = packs.compress_batch(todo, self.config.compression_level, threads)
+        if self.config.sealer is not None and sel.size:
+            sel_ids = [x.tobytes() for x in arr[sel]]
+            blobs = list(self.config.sealer.seal_chunks(g.namespace, sel_ids, blobs))
+            methods |= packs.METHOD_SEALED
         raws = np.array([len(c) for c in todo], dtype=np.uint32)
         stored = 0
         with self._lock:
@@ -281,7 +286,10 @@ class Repository:
             self._persist_index()
             self._step("index")
             name = f"{job}/{n:010d}"
-            self.backend.put(Kind.MANIFESTS, name, manifest_io.encode(m))
+            data = manifest_io.encode(m)
+            if self.config.sealer is not None:
+                data = self.config.sealer.seal_manifest(name, data)
+            self.backend.put(Kind.MANIFESTS, name, data)
             self._step("manifest")
             self.catalog.commit(job, n, name, sizes)
             self.inflight.remove(job, n)
@@ -335,7 +343,8 @@ class Repository:
         with self._lock:
             m = self._manifests.get(name)
         if m is None:
-            m = manifest_io.decode(self.backend.get(Kind.MANIFESTS, name), name)
+            raw = self.backend.get(Kind.MANIFESTS, name)
+            m = manifest_io.decode(open_manifest(self.config.sealer, name, raw), name)
             with self._lock:
                 if len(self._manifests) >= 8:
                     self._manifests.pop(next(iter(self._manifests)))

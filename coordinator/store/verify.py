@@ -19,6 +19,7 @@ import numpy as np
 from coordinator.store import manifest_io, packs
 from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
+from coordinator.store.crypt import open_manifest
 from coordinator.store.gc import _gc_lock
 from coordinator.store.ids import IdArray, PackId, ids_to_bytes, member_of
 from coordinator.store.index import BYTES_PER_ENTRY
@@ -65,6 +66,7 @@ def _verify(repo: Repository) -> VerifyReport:
     for g in gens:
         try:
             data = repo.backend.get(Kind.MANIFESTS, g.manifest or "")
+            data = open_manifest(repo.config.sealer, g.manifest or "", data)
             loaded.append((g.job, g.number, manifest_io.decode(data, g.manifest or "")))
         except StoreError as e:
             damage.append(Damage(g.job, g.number, "*", 0, "", f"manifest: {e}"))
@@ -105,7 +107,13 @@ def _verify(repo: Repository) -> VerifyReport:
                 off, st = int(loc["offset"]), int(loc["stored"])
                 try:
                     packs.decode_chunk(
-                        int(loc["method"]), data[off : off + st], int(loc["raw"]), cid, info.name
+                        int(loc["method"]),
+                        data[off : off + st],
+                        int(loc["raw"]),
+                        cid,
+                        info.name,
+                        repo.config.sealer,
+                        ns,
                     )
                 except StoreError as e:
                     bad[ns][cid] = str(e)

@@ -34,6 +34,7 @@ SUBCOMMANDS = [
     "restore",
     "verify",
     "gc",
+    "certs",
 ]
 
 

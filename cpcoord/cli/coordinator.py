@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cpcoord.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from coordinator.auth import Security
 
 NAME = "coordinator"
 HELP = "run the coordinator daemon"
@@ -16,7 +20,10 @@ gracefully on SIGTERM or SIGINT: checkpoints in flight are aborted (every member
 streams end, the store is closed."""
 EPILOG = """\
 examples:
-  cpcoord coordinator --listen 0.0.0.0:7420 --store /var/lib/cpcoord --insecure
+  cpcoord coordinator --listen 0.0.0.0:7420 --store /var/lib/cpcoord \
+      --tls-cert pki/coordinator.pem --tls-key pki/coordinator.key --tls-ca pki/ca.pem \
+      --tokens pki/tokens
+  cpcoord coordinator --listen 127.0.0.1:7420 --store /tmp/store --insecure
   # tests: any free port, written to a file once listening
   cpcoord coordinator --listen 127.0.0.1:0 --port-file /tmp/port --store /tmp/store"""
 
@@ -35,7 +42,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="plaintext gRPC (the only transport until TLS lands; also CPCOORD_INSECURE=1)",
+        help="allow plaintext gRPC without TLS (also CPCOORD_INSECURE=1); loopback only",
+    )
+    p.add_argument(
+        "--insecure-bind-any",
+        action="store_true",
+        help="with --insecure, allow a non-loopback listen address",
+    )
+    from cpcoord.clientconn import add_tls_arguments
+
+    g = p.add_argument_group("security (see docs/security.md)")
+    add_tls_arguments(g)
+    g.add_argument(
+        "--encryption-key-file",
+        type=Path,
+        metavar="FILE",
+        help="encrypt packs and manifests at rest with this 32-byte key (raw or 64 hex); "
+        "default $CPCOORD_STORE_KEY; none: plaintext store",
+    )
+    g.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="client tokens, `ROLE sha256:HEX` lines (cpcoord certs init writes one)",
     )
     p.add_argument(
         "--port-file",
@@ -55,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from coordinator.engine import Options
     from coordinator.server import serve
+    from coordinator.store.crypt import load_key
 
     if args.keep < 1:
         raise InvalidArgument(f"--keep must be at least 1, got {args.keep}")
@@ -64,5 +94,25 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--metrics-port must be 1..65535, got {args.metrics_port}")
     opts = Options(keep=args.keep, heartbeat_s=args.heartbeat_ms / 1000)
     return serve(
-        args.listen, args.store, opts, port_file=args.port_file, metrics_port=args.metrics_port
+        args.listen,
+        args.store,
+        opts,
+        port_file=args.port_file,
+        metrics_port=args.metrics_port,
+        security=security(args),
+        sealer=load_key(args.encryption_key_file),
+    )
+
+
+def security(args: argparse.Namespace) -> Security:
+    from coordinator.auth import Security
+    from cpcoord.clientconn import tls_from_args
+    from cpcoord.grpcutil import insecure_requested
+    from cpcoord.tokens import load_tokens
+
+    return Security(
+        tls=tls_from_args(args),
+        tokens=load_tokens(args.tokens) if args.tokens is not None else {},
+        insecure=insecure_requested(args.insecure),
+        bind_any=args.insecure_bind_any,
     )

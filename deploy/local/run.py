@@ -117,6 +117,7 @@ class Local:
         self.spawn("coordinator", self.coord_ns, [
             "coordinator", "--listen", f"{COORD_IP}:{GRPC_PORT}", "--store", str(self.store),
             "--metrics-port", str(COORD_METRICS), "--port-file", str(port_file), "--insecure",
+            "--insecure-bind-any",  # plaintext on the namespaces' private link (docs/security.md)
         ])  # fmt: skip
         deadline = time.monotonic() + 60
         while not port_file.exists():

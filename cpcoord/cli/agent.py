@@ -1,0 +1,151 @@
+"""`cpcoord agent`: run the node agent daemon (nodeagent/agent.py)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cpcoord.errors import InvalidArgument
+from cpcoord.ranges import check_name
+
+NAME = "agent"
+HELP = "run the node agent daemon"
+DESCRIPTION = """\
+Dial the coordinator at HOST:PORT as node NAME and hold one control stream: attach and
+detach members on command, freeze them for a checkpoint, copy their changed pages while
+frozen, thaw each as soon as its copy is staged, upload after the thaw. Reconnects with
+exponential backoff; a broken stream thaws everything at once. A member is never held
+frozen longer than its lease (the coordinator's, at most --lease), and if the agent dies
+the kernel releases every process it held.
+
+Trackers (--tracker): auto (uffd-wp, else soft-dirty, else hash), uffd-wp, soft-dirty,
+hash, none (every capture full). `--check` prints what this kernel supports and exits.
+Stops on SIGTERM or SIGINT: thaws everything, disarms trackers."""
+EPILOG = """\
+examples:
+  cpcoord agent --coordinator coord.example:7420 --node $(hostname) --insecure
+  cpcoord agent --coordinator 127.0.0.1:7420 --node n1 --insecure --lease 5 --tracker hash
+  cpcoord agent --check"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator to dial")
+    p.add_argument("--node", metavar="NAME", help="this node's name, unique per coordinator")
+    p.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus /metrics")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without TLS (also CPCOORD_INSECURE=1)",
+    )
+    _add_security_arguments(p)
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="longest any member stays frozen, seconds (default 10; the coordinator's "
+        "lease applies when shorter)",
+    )
+    p.add_argument(
+        "--tracker",
+        default="auto",
+        metavar="T",
+        help="default tracker for members that name none: auto, uffd-wp, soft-dirty, hash, none",
+    )
+    p.add_argument(
+        "--compress",
+        choices=("auto", "zstd", "none"),
+        default="auto",
+        help="compress uploaded chunks (auto: zstd unless the coordinator is on loopback)",
+    )
+    p.add_argument(
+        "--upload-threads", type=int, default=2, metavar="N", help="members uploaded at once"
+    )
+    p.add_argument("--check", action="store_true", help="print the tracker report and exit")
+
+
+def _add_security_arguments(p: argparse.ArgumentParser) -> None:
+    from cpcoord.clientconn import add_tls_arguments
+
+    g = p.add_argument_group("security (see docs/security.md)")
+    add_tls_arguments(g)
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="an `agent` role token, for a plaintext coordinator with --tokens",
+    )
+
+
+def _channel_factory(args: argparse.Namespace) -> Callable[[str, bool], Any]:
+    """mTLS (verifying the coordinator against --tls-ca) unless --insecure; refuses to
+    run with neither, so an agent never obeys a coordinator it cannot authenticate."""
+    from cpcoord import grpcutil
+    from cpcoord.clientconn import tls_from_args
+    from cpcoord.errors import InsecureRefused
+    from cpcoord.tokens import client_token
+
+    tls = tls_from_args(args)
+    if tls is None and not grpcutil.insecure_requested(args.insecure):
+        raise InsecureRefused()
+    token = client_token(None, args.token_file) if args.token_file is not None else None
+    return lambda addr, insecure: grpcutil.make_channel(addr, insecure, tls=tls, token=token)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.check:
+        from cpcoord.cli import check
+
+        return check.run(argparse.Namespace(json=False, verbose=True))
+    # Imported here: `cpcoord --help` must not pay for NumPy and gRPC.
+    from cpcoord import grpcutil
+    from nodeagent import metrics
+    from nodeagent.agent import Agent, AgentConfig
+    from nodeagent.trackers import registry
+
+    if not args.coordinator or not args.node:
+        raise InvalidArgument("--coordinator HOST:PORT and --node NAME are required")
+    check_name(args.node)
+    if ":" not in args.coordinator:
+        raise InvalidArgument(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+    if not 0.1 <= args.lease <= 600:
+        raise InvalidArgument(f"--lease must be 0.1..600 seconds, got {args.lease}")
+    if not 1 <= args.upload_threads <= 64:
+        raise InvalidArgument(f"--upload-threads must be 1..64, got {args.upload_threads}")
+    if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
+        raise InvalidArgument(f"--metrics-port must be 1..65535, got {args.metrics_port}")
+    tracker = registry.canonical(args.tracker)
+    if tracker != registry.AUTO:
+        registry.choose(tracker)  # TrackerUnavailable now, not at the first capture
+    factory = _channel_factory(args)  # InsecureRefused before anything starts
+    config = AgentConfig(
+        coordinator=args.coordinator,
+        node=args.node,
+        insecure=grpcutil.insecure_requested(args.insecure),
+        lease_s=args.lease,
+        tracker=tracker,
+        compress=args.compress,
+        upload_threads=args.upload_threads,
+    )
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, tracker=tracker)
+    agent = Agent(config, channel_factory=factory)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.start()
+    print(f"cpcoord agent: node {args.node} dialing {args.coordinator}", file=sys.stderr)
+    while not stopping.wait(0.5):
+        pass
+    agent.stop()
+    return 0
