@@ -24,3 +24,11 @@ def test_message_formats_args() -> None:
     e = errors.NoSuchProcess(4242)
     assert str(e) == "no such process: pid 4242"
     assert e.exit_code == 10
+
+
+def test_exit_codes_doc_lists_every_error() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "exit-codes.md").read_text()
+    for c in _all(errors.CpcoordError):
+        assert f"| {c.exit_code} | `{c.__name__}`" in doc, f"docs/exit-codes.md lacks {c.__name__}"
