@@ -2,8 +2,8 @@
 
 Owns: the staging buffer (page-aligned anonymous memory, transparent huge pages asked
 for, prefaulted *before* the target is frozen so the copy never takes first-touch faults
-on our side), `process_vm_readv` through ctypes with iovec arrays built in bulk from
-NumPy (one remote iovec per run of pages, at most IOV_MAX per call), and the fallback to
+on our side), reading runs with `process_vm_readv` (iovec arrays built in bulk from NumPy,
+one remote iovec per run of pages, batched by nodeagent/iovec.py), and the fallback to
 `/proc/PID/mem` for what `process_vm_readv` refuses (VM_IO/VM_PFNMAP mappings, a page that
 faults). A page neither path can read is reported back as unreadable, never invented.
 """
@@ -16,42 +16,28 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import PermissionDenied, ProcessExited, ReadFailed
+from cpcoord.errors import ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
+from nodeagent.iovec import IOV_MAX as IOV_MAX  # re-exported (bench/common.py)
+from nodeagent.iovec import READ, VmFn, alive, ends, transfer, vm_syscall
 from nodeagent.pagemap import PageNumbers, empty_pages
 
 log = logging.getLogger(__name__)
 
-IOV_MAX = 1024
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; faults pages in writable without touching them
 HUGE = 2 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_readv = _libc.process_vm_readv
-_readv.argtypes = [
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-_readv.restype = ctypes.c_ssize_t
 
-# (pid, local iovecs ptr, nlocal, remote iovecs ptr, nremote) -> bytes or -1 (errno set).
-ReadvFn = Callable[[int, int, int, int, int], int]
-
-
-def _sys_readv(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
-    return int(_readv(pid, local, nlocal, remote, nremote, 0))
+ReadvFn = VmFn
+_sys_readv: ReadvFn = vm_syscall("process_vm_readv")
 
 
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -153,69 +139,33 @@ class MemoryReader:
     def read_runs(self, remote: npt.NDArray[np.uint64], dest: int) -> ReadStats:
         """Copy remote runs `(n, 2)` [address, length] back to back into local memory at
         `dest`. Runs are page-aligned and page-sized multiples."""
-        n = remote.shape[0]
-        if n == 0:
+        if remote.shape[0] == 0:
             return ReadStats(0, 0, empty_pages())
         remote = np.ascontiguousarray(remote, dtype=np.uint64)
-        lens = remote[:, 1]
         # Where each run lands locally: runs are packed back to back.
-        offsets = np.zeros(n + 1, dtype=np.uint64)
-        np.cumsum(lens, out=offsets[1:])
         local = np.empty_like(remote)
-        local[:, 0] = offsets[:-1] + np.uint64(dest)
-        local[:, 1] = lens
-        calls = 0
+        local[:, 0] = ends(remote)[:-1] + np.uint64(dest)
+        local[:, 1] = remote[:, 1]
         fallback = 0
         bad: list[PageNumbers] = []
-        i = 0
-        while i < n:
-            k = min(IOV_MAX, n - i)
-            want = int(offsets[i + k] - offsets[i])
-            got = self._readv(self.pid, local[i:].ctypes.data, k, remote[i:].ctypes.data, k)
-            calls += 1
-            if got == want:
-                i += k
-                continue
-            if got < 0:
-                err = ctypes.get_errno()
-                if err == errno.ESRCH:
-                    raise ProcessExited(self.pid, "capture")
-                if err == errno.EPERM:
-                    raise PermissionDenied("read memory of", self.pid, os.strerror(err))
-                if err not in (errno.EFAULT, errno.EIO):
-                    raise ReadFailed(self.pid, f"0x{int(remote[i, 0]):x}", os.strerror(err))
-                got = 0
-            # Partial: find the run it stopped in and how far into it (page granular).
-            stop = int(offsets[i]) + got
-            j = int(np.searchsorted(offsets, stop, side="right")) - 1
-            into = stop - int(offsets[j])
+
+        def short(j: int, into: int) -> None:
+            # Partial: the rest of the run it stopped in goes through /proc/PID/mem.
+            nonlocal fallback
             addr = int(remote[j, 0]) + into
-            length = int(remote[j, 1]) - into
-            fb, unread = self._fallback(addr, length, int(local[j, 0]) + into)
+            fb, unread = self._fallback(addr, int(remote[j, 1]) - into, int(local[j, 0]) + into)
             fallback += fb
             if unread.size:
                 bad.append(unread)
-            i = j + 1
+
+        calls = transfer(self._readv, self.pid, remote, local, READ, short)
         unreadable = np.concatenate(bad) if bad else empty_pages()
         return ReadStats(calls, fallback, unreadable)
 
     def _mem(self) -> int:
         if self._mem_fd < 0:
-            try:
-                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            except (FileNotFoundError, ProcessLookupError):
-                raise ProcessExited(self.pid, "capture") from None
-            except PermissionError as e:
-                raise PermissionDenied("read memory of", self.pid, e.strerror) from None
+            self._mem_fd = READ.open_mem(self.pid)
         return self._mem_fd
-
-    def _alive(self) -> bool:
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in (b"Z", b"X")
 
     def _fallback(self, addr: int, length: int, dest: int) -> tuple[int, PageNumbers]:
         """Read `[addr, addr + length)` through /proc/PID/mem. Returns bytes read and the
@@ -237,7 +187,7 @@ class MemoryReader:
             # /proc/PID/mem copies whole pages; keep page granularity regardless.
             got -= got % PAGE_SIZE
             if got == 0:
-                if not unread and not self._alive():
+                if not unread and not alive(self.pid):
                     # /proc/PID/mem reads 0 bytes once the mm is gone.
                     raise ProcessExited(self.pid, "capture")
                 unread.append((addr + done) >> PAGE_SHIFT)

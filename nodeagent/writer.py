@@ -21,29 +21,18 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import PermissionDenied, ProcessExited, WriteFailed
-from nodeagent.reader import IOV_MAX
+from cpcoord.errors import ProcessExited, WriteFailed
+from nodeagent.iovec import IOV_MAX, WRITE, VmFn, alive, ends, transfer, vm_syscall
 
 ZERO_CHUNK = 8 << 20  # bytes of the zero source; longer zero runs are split into pieces
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_writev = _libc.process_vm_writev
-_writev.argtypes = [
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-_writev.restype = ctypes.c_ssize_t
 _pwritev = _libc.pwritev
 _pwritev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
 _pwritev.restype = ctypes.c_ssize_t
@@ -57,12 +46,8 @@ _libc.mmap.argtypes = [
     ctypes.c_long,
 ]
 
-# (pid, local iovecs ptr, nlocal, remote iovecs ptr, nremote) -> bytes or -1 (errno set).
-WritevFn = Callable[[int, int, int, int, int], int]
-
-
-def _sys_writev(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
-    return int(_writev(pid, local, nlocal, remote, nremote, 0))
+WritevFn = VmFn
+_sys_writev: WritevFn = vm_syscall("process_vm_writev")
 
 
 @cache
@@ -81,13 +66,6 @@ class WriteStats:
     writev_calls: int
     writev_bytes: int  # written by process_vm_writev
     mem_bytes: int  # written through /proc/PID/mem (read-only mappings, short writes)
-
-
-def _ends(iov: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """Cumulative byte offsets `(n + 1,)` of the pieces, from 0."""
-    offsets = np.zeros(iov.shape[0] + 1, dtype=np.uint64)
-    np.cumsum(iov[:, 1], out=offsets[1:])
-    return offsets
 
 
 class MemoryWriter:
@@ -133,48 +111,23 @@ class MemoryWriter:
     def _writev_pieces(
         self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]
     ) -> tuple[int, int, int]:
-        n = remote.shape[0]
-        offsets = _ends(remote)
-        calls = 0
         fallback = 0
-        i = 0
-        while i < n:
-            k = min(IOV_MAX, n - i)
-            want = int(offsets[i + k] - offsets[i])
-            got = self._writev(self.pid, local[i:].ctypes.data, k, remote[i:].ctypes.data, k)
-            calls += 1
-            if got == want:
-                i += k
-                continue
-            if got < 0:
-                err = ctypes.get_errno()
-                if err == errno.ESRCH:
-                    raise ProcessExited(self.pid, "restore")
-                if err == errno.EPERM:
-                    raise PermissionDenied("write memory of", self.pid, os.strerror(err))
-                if err not in (errno.EFAULT, errno.EIO):
-                    raise WriteFailed(self.pid, f"0x{int(remote[i, 0]):x}", os.strerror(err))
-                got = 0
+
+        def short(j: int, into: int) -> None:
             # Short: the rest of the piece it stopped in goes through /proc/PID/mem.
-            stop = int(offsets[i]) + got
-            j = int(np.searchsorted(offsets, stop, side="right")) - 1
-            into = stop - int(offsets[j])
+            nonlocal fallback
             rest = int(remote[j, 1]) - into
             self._mem_write(int(remote[j, 0]) + into, rest, int(local[j, 0]) + into)
             fallback += rest
-            i = j + 1
-        return calls, int(offsets[-1]), fallback
+
+        calls = transfer(self._writev, self.pid, remote, local, WRITE, short)
+        return calls, int(remote[:, 1].sum()), fallback
 
     # -- /proc/PID/mem ----------------------------------------------------------------
 
     def _mem(self) -> int:
         if self._mem_fd < 0:
-            try:
-                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-            except (FileNotFoundError, ProcessLookupError):
-                raise ProcessExited(self.pid, "restore") from None
-            except PermissionError as e:
-                raise PermissionDenied("write memory of", self.pid, e.strerror) from None
+            self._mem_fd = WRITE.open_mem(self.pid)
         return self._mem_fd
 
     def _mem_pieces(self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]) -> int:
@@ -194,7 +147,7 @@ class MemoryWriter:
 
     def _mem_group(self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]) -> int:
         fd = self._mem()
-        offsets = _ends(remote)
+        offsets = ends(remote)
         want = int(offsets[-1])
         base = int(remote[0, 0])
         got = int(_pwritev(fd, local.ctypes.data, local.shape[0], base))
@@ -227,16 +180,7 @@ class MemoryWriter:
                     raise ProcessExited(self.pid, "restore") from None
                 raise WriteFailed(self.pid, f"0x{addr + done:x}", e.strerror) from None
             if got <= 0:
-                if not _alive(self.pid):
+                if not alive(self.pid):
                     raise ProcessExited(self.pid, "restore")
                 raise WriteFailed(self.pid, f"0x{addr + done:x}", "the kernel wrote nothing")
             done += got
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")

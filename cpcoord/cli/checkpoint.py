@@ -7,7 +7,8 @@ import json
 import sys
 
 from cpcoord import clientconn
-from cpcoord.errors import GenerationAborted, RemoteError
+from cpcoord.cli import _progress
+from cpcoord.errors import GenerationAborted
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.ranges import check_name
 
@@ -42,10 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     clientconn.add_arguments(p)
 
 
-def _kind(e: coordinator_pb2.CheckpointEvent) -> str:
-    return common_pb2.ProgressKind.Name(e.kind).removeprefix("PROGRESS_KIND_").lower()
-
-
 def run(args: argparse.Namespace) -> int:
     check_name(args.job)
     req = coordinator_pb2.CheckpointRequest(
@@ -57,20 +54,10 @@ def run(args: argparse.Namespace) -> int:
         for ev in c.stream("Checkpoint", req):
             last = ev
             if show:
-                who = f" {ev.member}@{ev.node}" if ev.member else ""
-                print(
-                    f"\r[{ev.elapsed_seconds:7.2f}s] generation {ev.generation}: {_kind(ev)}"
-                    f"{who} ({ev.members_done}/{ev.members_total})\x1b[K",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    if show:
-        print(file=sys.stderr)
-    if last is None or _kind(last) not in ("committed", "aborted"):
-        raise RemoteError("Checkpoint", "UNKNOWN", "the stream ended before the outcome")
+                _progress.show_event(ev)
+    last = _progress.outcome("Checkpoint", last, show)
     out = clientconn.generation_dict(last.info)
-    out["state"] = _kind(last)
+    out["state"] = _progress.kind(last)
     if args.json:
         print(json.dumps(out, indent=1))
     elif out["state"] == "committed":

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from cpcoord import clientconn
-from cpcoord.errors import InvalidArgument, RemoteError, RestoreAborted
+from cpcoord.cli import _progress
+from cpcoord.errors import InvalidArgument, RestoreAborted
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 from cpcoord.ranges import check_name
 
@@ -71,10 +72,6 @@ def _region(text: str) -> types_pb2.Region:
     return types_pb2.Region(name=name, start=start, end=end)
 
 
-def _kind(e: Any) -> str:
-    return str(common_pb2.ProgressKind.Name(e.kind)).removeprefix("PROGRESS_KIND_").lower()
-
-
 def request(args: argparse.Namespace) -> coordinator_pb2.RestoreRequest:
     check_name(args.job)
     for m in args.member:
@@ -111,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     with clientconn.connect(args) as c:
         for ev in c.stream("Restore", req):
             last = ev
-            if _kind(ev) == "member_restored":
+            if _progress.kind(ev) == "member_restored":
                 restored.append(
                     {
                         "member": ev.member,
@@ -121,19 +118,9 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
             if show:
-                who = f" {ev.member}@{ev.node}" if ev.member else ""
-                print(
-                    f"\r[{ev.elapsed_seconds:7.2f}s] generation {ev.generation}: {_kind(ev)}"
-                    f"{who} ({ev.members_done}/{ev.members_total})\x1b[K",
-                    end="",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    if show:
-        print(file=sys.stderr)
-    if last is None or _kind(last) not in ("committed", "aborted"):
-        raise RemoteError("Restore", "UNKNOWN", "the stream ended before the outcome")
-    state = "restored" if _kind(last) == "committed" else "aborted"
+                _progress.show_event(ev)
+    last = _progress.outcome("Restore", last, show)
+    state = "restored" if _progress.kind(last) == "committed" else "aborted"
     reason = common_pb2.AbortReason.Name(last.reason).removeprefix("ABORT_REASON_").lower()
     out = {
         "job": args.job,

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,6 @@ from tests.helpers.driver import Target, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 JOB = "train"
-
-
-@pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    """Real daemons (tests/helpers/cluster.py), torn down whatever happens."""
-    made: list[Cluster] = []
-
-    def make(**kw: Any) -> Cluster:
-        c = Cluster(tmp_path / f"cluster{len(made)}", **kw)
-        c.root.mkdir(parents=True, exist_ok=True)
-        made.append(c)
-        return c.start()
-
-    try:
-        yield make
-    finally:
-        for c in made:
-            c.close()
 
 
 def attach(

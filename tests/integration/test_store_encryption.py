@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +24,6 @@ from tests.helpers.cluster import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "8f" * 32
-
-
-@pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    made: list[Cluster] = []
-
-    def make(**kw: Any) -> Cluster:
-        c = Cluster(tmp_path / f"cluster{len(made)}", **kw)
-        c.root.mkdir(parents=True, exist_ok=True)
-        made.append(c)
-        return c.start()
-
-    try:
-        yield make
-    finally:
-        for c in made:
-            c.close()
 
 
 def store_holds(store: Path, needle: bytes) -> list[str]:
