@@ -16,8 +16,11 @@ the next capture covers those pages). Then it reconnects with exponential backof
 full jitter (`backoff_initial_s` doubling to `backoff_max_s`, each wait uniform in
 [d/2, d]; reset after a Welcome).
 
-Restore in place and RestoreInto are issue 5: this agent answers them with
-`NotImplementedYet` (UNIMPLEMENTED) and does not advertise the capabilities.
+Restore (issue 5): a Freeze of kind RESTORE freezes and fits the members (Failed MISMATCH
+for one that cannot take the generation back, then no Frozen); a Restore downloads each
+member's pages on a thread of its own (`DownloadPages`) and the ptrace thread writes them
+while the member stays frozen (Restored); the Thaw thaws. RestoreInto downloads and
+writes into another process. Only members with explicit regions are restored.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from cpcoord import __version__, grpcutil
 from cpcoord.errors import ChunkMismatch, CpcoordError, NotImplementedYet
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import metrics
+from nodeagent import metrics, restore_ops
 from nodeagent.membership import Members
+from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from nodeagent.upload import Limits, StagedMember, UploadResult
 from nodeagent.upload_pool import Uploader
@@ -52,6 +56,8 @@ from nodeagent.worker_ops import (
     DisconnectOp,
     FreezeOp,
     R,
+    RestoreIntoOp,
+    RestoreOp,
     WorkerConfig,
     failed,
     result,
@@ -59,7 +65,7 @@ from nodeagent.worker_ops import (
 
 log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
-CAPABILITIES = ("zstd",)
+CAPABILITIES = ("zstd", "restore-in-place", "restore-into")
 SILENT_INTERVALS = 3
 LOOPBACK = ("localhost", "127.", "[::1]", "::1", "ip6-localhost")
 
@@ -351,11 +357,9 @@ class Agent:
             s.heard_heartbeat = True
         elif body == "freeze":
             f = msg.freeze
-            if f.kind == common_pb2.OPERATION_KIND_RESTORE:
-                err = NotImplementedYet("restore in place", "this agent cannot restore (issue 5)")
-                self._emit(failed(f.job, f.generation, "", R.ABORT_REASON_RESTORE_FAILED, err), e)
-                return
-            self.worker.submit(FreezeOp(f.job, f.generation, f.lease_ms, tuple(f.members), e))
+            restoring = f.kind == common_pb2.OPERATION_KIND_RESTORE
+            op = FreezeOp(f.job, f.generation, f.lease_ms, tuple(f.members), e, restoring)
+            self.worker.submit(op)
         elif body == "capture":
             c = msg.capture
             self.worker.submit(CaptureOp(c.job, c.generation, c.full, tuple(c.members), e))
@@ -374,20 +378,66 @@ class Agent:
             self.worker.submit(AbortOp(msg.thaw.job, msg.thaw.generation, e))
         elif body == "restore":
             r = msg.restore
-            err = NotImplementedYet("restore in place", "this agent cannot restore (issue 5)")
-            self._emit(failed(r.job, r.generation, "", R.ABORT_REASON_RESTORE_FAILED, err), e)
+            members = tuple(r.members) or tuple(m.name for m in self.members.of_job(r.job))
+            self._download(s, "restore", (r.job, r.generation, members))
         elif body == "attach_member":
             self.worker.submit(AttachOp(msg.command_id, msg.attach_member, e))
         elif body == "detach_member":
             d = msg.detach_member
             self.worker.submit(DetachOp(msg.command_id, d.job, d.member, e))
         elif body == "restore_into":
-            err = NotImplementedYet(
-                "restore into a new process", "this agent cannot restore (issue 5)"
-            )
-            self._emit(result(msg.command_id, err=err), e)
+            self._download(s, "restore-into", (msg.command_id, msg.restore_into))
         elif body == "welcome":
             log.warning("a second Welcome ignored")
         else:  # a command newer than this agent
             err = NotImplementedYet(f"command {body or 'unknown'}", f"agent {__version__}")
             self._emit(result(msg.command_id, err=err), e)
+
+    # -- restore -----------------------------------------------------------------------------
+
+    def _download(self, s: _Session, what: str, args: tuple[object, ...]) -> None:
+        """Download off the stream's reader thread; the ptrace thread writes."""
+        target = self._restore_download if what == "restore" else self._restore_into_download
+        threading.Thread(
+            target=target, args=(s, *args), name=f"cpcoord-{what}", daemon=True
+        ).start()
+
+    def _restore_download(self, s: _Session, job: str, gen: int, members: tuple[str, ...]) -> None:
+        for member in members:
+            if s.closed.is_set():
+                return
+            err: CpcoordError | None = None
+            contents: tuple[restore_ops.RegionContents, ...] = ()
+            try:
+                contents = restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s)
+            except grpc.RpcError as ex:
+                err = grpcutil.rpc_to_error(ex, "DownloadPages", self.config.coordinator)
+            except CpcoordError as ex:
+                err = ex
+            if err is not None:
+                log.warning(
+                    "restore download failed",
+                    extra={"fields": {"member": member, "error": str(err)}},
+                )
+            self.worker.submit(RestoreOp(job, gen, member, contents, err, s.epoch))
+
+    def _restore_into_download(
+        self, s: _Session, command_id: int, ri: agent_pb2.RestoreInto
+    ) -> None:
+        err: CpcoordError | None = None
+        contents: tuple[restore_ops.RegionContents, ...] = ()
+        try:
+            contents = restore_ops.download(
+                s.stub, ri.job, ri.generation, ri.member, s.limits.timeout_s
+            )
+        except grpc.RpcError as ex:
+            err = grpcutil.rpc_to_error(ex, "DownloadPages", self.config.coordinator)
+        except CpcoordError as ex:
+            err = ex
+        target: ProcessIdentity | int = ri.target.pid
+        if ri.target.start_time:
+            target = ProcessIdentity(ri.target.pid, ri.target.start_time)
+        now = tuple((r.name, r.start, r.end - r.start) for r in ri.regions)
+        self.worker.submit(
+            RestoreIntoOp(command_id, ri.member, target, now, contents, err, s.epoch)
+        )

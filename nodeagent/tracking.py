@@ -127,6 +127,18 @@ def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> N
     m.forget_tracking()
 
 
+def after_restore(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
+    """The member's memory was rewritten in place: what the tracker saw and what earlier
+    captures delivered describe another memory now, so its next capture is full. `fp`:
+    the member frozen by this thread; None freezes it briefly to disarm (release)."""
+    release(m, fp, freeze_timeout)
+    m.committed = 0
+    m.base_layout = None
+    m.pending = {}
+    m.layouts = {}
+    m.last_taken = empty_pages()
+
+
 def appeared(taken: PageNumbers, before: PageNumbers) -> PageNumbers:
     """Pages taken now that the previous capture did not take (both sorted, unique): a
     page can become present without a write the tracker sees (a read fault maps the zero

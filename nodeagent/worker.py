@@ -34,11 +34,12 @@ from cpcoord.errors import (
     NotFrozen,
     PidReused,
     ProcessExited,
+    RestoreRefused,
     UnknownMember,
 )
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import copyout, metrics, tracking
+from nodeagent import copyout, metrics, restore, restore_ops, tracking
 from nodeagent.freeze import freeze, thaw
 from nodeagent.membership import (
     DeathWatch,
@@ -49,6 +50,7 @@ from nodeagent.membership import (
     new_member,
     same_attach,
 )
+from nodeagent.procfs import ProcessIdentity
 from nodeagent.reader import ReadvFn, Staging, _sys_readv
 from nodeagent.upload import StagedMember
 from nodeagent.worker_ops import (
@@ -64,6 +66,8 @@ from nodeagent.worker_ops import (
     Op,
     PrepareOp,
     R,
+    RestoreIntoOp,
+    RestoreOp,
     StopOp,
     WorkerConfig,
     failed,
@@ -182,6 +186,10 @@ class Worker:
                 self._mark_gone(gone, self._epoch())
         elif isinstance(op, PrepareOp):
             self._prepare(op.key)
+        elif isinstance(op, RestoreOp):
+            self._restore(op)
+        elif isinstance(op, RestoreIntoOp):
+            self._restore_into(op)
         elif isinstance(op, DisconnectOp):
             for key in list(self._frozen):
                 self._thaw(key)
@@ -265,6 +273,9 @@ class Worker:
         # Size and prefault staging while everything still runs.
         ready: list[HeldMember] = []
         for m in targets:
+            if op.restore:  # nothing is copied out: no staging
+                ready.append(m)
+                continue
             try:
                 self._staging(m).reserve(copyout.estimate(m.ident.pid, m.regions))
                 ready.append(m)
@@ -273,6 +284,7 @@ class Worker:
             except CpcoordError as e:
                 self._fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
         done: list[agent_pb2.FrozenMember] = []
+        misfit = False  # restore: a member that cannot take the generation back
         lease_ms = int(lease_s * 1000)
         for m in ready:
             t0 = time.monotonic()
@@ -287,6 +299,8 @@ class Worker:
             fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)
             self._frozen[m.key] = fe
             metrics.FROZEN.set(len(self._frozen))
+            if op.restore and not self._fit(op, m, fe):
+                misfit = True
             done.append(
                 agent_pb2.FrozenMember(
                     name=m.name,
@@ -295,7 +309,7 @@ class Worker:
                     freeze_seconds=time.monotonic() - t0,
                 )
             )
-        if not done:
+        if not done or misfit:  # a misfit: Failed instead, all stay frozen until the Abort
             return
         if len(done) == len(targets):
             faults.fault_point("agent.freeze")
@@ -312,6 +326,75 @@ class Worker:
         )
         frozen_msg = agent_pb2.Frozen(job=op.job, generation=op.generation, members=done)
         self._emit(agent_pb2.AgentMessage(frozen=frozen_msg), op.epoch)
+
+    # -- Restore ---------------------------------------------------------------------------
+
+    def _fit(self, op: FreezeOp, m: HeldMember, fe: FrozenEntry) -> bool:
+        try:
+            fe.fitted = restore_ops.fit(m, fe.fp)
+            return True
+        except CpcoordError as e:
+            mismatch = restore_ops.fit_error(e)
+            reason = R.ABORT_REASON_MISMATCH if mismatch else R.ABORT_REASON_RESTORE_FAILED
+            log.warning("restore refused", extra={"fields": {"member": m.name, "error": str(e)}})
+            self._fail(op.job, op.generation, m.name, reason, e, op.epoch)
+            return False
+
+    def _restore(self, op: RestoreOp) -> None:
+        """Write the generation into a member frozen (and fitted) for it; do not thaw."""
+        with self._alock:
+            if (op.job, op.generation) in self._aborted:
+                return  # the queued AbortOp thaws it: nothing is written after an Abort
+        m = self.members.get(op.job, op.member)
+        fe = self._frozen.get((op.job, op.member))
+        fitted = fe.fitted if fe is not None and fe.generation == op.generation else None
+        err = op.error
+        if m is None or fe is None or fitted is None or err is not None:
+            why = "no restore Freeze for it, or its lease expired"
+            err = err or NotFrozen(op.member, op.job, op.generation, why)
+            self._fail(
+                op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, err, op.epoch
+            )
+            return
+        try:
+            st = restore.write(fitted, op.contents)
+        except CpcoordError as e:
+            if isinstance(e, STAGE_FAILED) or not m.ident.alive():
+                self._mark_gone(m, op.epoch)
+            else:  # perhaps written in part: what the tracker knows is stale
+                tracking.after_restore(m, fe.fp, self.config.freeze_timeout_s)
+            self._fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, e, op.epoch)
+            return
+        tracking.after_restore(m, fe.fp, self.config.freeze_timeout_s)
+        frozen_s = time.monotonic() - fe.started
+        msg = restore_ops.restored(op.job, op.generation, op.member, st, frozen_s)
+        self._emit(msg, op.epoch)
+
+    def _restore_into(self, op: RestoreIntoOp) -> None:
+        err = op.error
+        if err is None:
+            try:
+                ident = op.target
+                if isinstance(ident, int):
+                    ident = ProcessIdentity.of(ident)
+                if ident.pid in {fe.fp.pid for fe in self._frozen.values()}:
+                    raise RestoreRefused(op.member, f"process {ident.pid} is frozen for a job")
+                now = {n: (a, size) for n, a, size in op.regions_now} or {
+                    c.name: (c.start, c.size) for c in op.contents
+                }
+                restore.restore_into(
+                    ident,
+                    now,
+                    op.contents,
+                    member=op.member,
+                    freeze_timeout=self.config.freeze_timeout_s,
+                )
+                held = self.members.by_pid(ident.pid)
+                if held is not None:  # a held member rewritten: its next capture is full
+                    tracking.after_restore(held, None, self.config.freeze_timeout_s)
+            except CpcoordError as e:
+                err = e
+        self._emit(result(op.command_id, err=err), op.epoch)
 
     # -- Capture ---------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.grpcutil import error_detail_fields
 from nodeagent.freeze import FrozenProcess
 from nodeagent.membership import HeldMember, Key
+from nodeagent.procfs import ProcessIdentity
+from nodeagent.restore import Fitted, RegionContents
 from nodeagent.trackers import registry
 
 
@@ -28,6 +30,7 @@ class FreezeOp:
     lease_ms: int  # 0: the agent's lease
     members: tuple[str, ...]  # empty: every member of the job held here
     epoch: int
+    restore: bool = False  # OPERATION_KIND_RESTORE: check each member fits the generation
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,33 @@ class CaptureOp:
     generation: int
     full: bool
     members: tuple[str, ...]
+    epoch: int
+
+
+@dataclass(frozen=True)
+class RestoreOp:
+    """Write a downloaded generation into a member frozen by a restore Freeze (or report
+    `error`, the download's failure)."""
+
+    job: str
+    generation: int
+    member: str
+    contents: tuple[RegionContents, ...]
+    error: CpcoordError | None
+    epoch: int
+
+
+@dataclass(frozen=True)
+class RestoreIntoOp:
+    """Write a member's downloaded regions into another process, `regions_now[name] =
+    (address, size)`; answered with a CommandResult."""
+
+    command_id: int
+    member: str
+    target: ProcessIdentity | int
+    regions_now: tuple[tuple[str, int, int], ...]
+    contents: tuple[RegionContents, ...]
+    error: CpcoordError | None
     epoch: int
 
 
@@ -101,6 +131,8 @@ Op = (
     | PrepareOp
     | DisconnectOp
     | StopOp
+    | RestoreOp
+    | RestoreIntoOp
 )
 
 
@@ -115,6 +147,7 @@ class FrozenEntry:
     deadline: float  # monotonic: thawed by then, Capture or not
     lease_ms: int
     epoch: int
+    fitted: Fitted | None = None  # a restore Freeze's member that fits the generation
 
 
 # -- messages ------------------------------------------------------------------------------

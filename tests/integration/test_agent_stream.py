@@ -260,6 +260,8 @@ def test_hello_and_unimplemented_commands(scripted: tuple[Scripted, Server, Agen
     assert h.node == "n1" and h.protocol_version == 1 and h.page_size == PAGE
     assert [b.name for b in h.trackers] == [*registry.AUTO_ORDER, "none"]
     assert all(b.reason for b in h.trackers) and not h.members
+    assert {"restore-in-place", "restore-into"} <= set(h.capabilities)
+    # RestoreInto downloads first: this coordinator has no DownloadPages
     cid = s.send(restore_into=agent_pb2.RestoreInto(job=JOB, generation=1, member="m0"))
     r = s.wait("result", lambda x: x.command_id == cid)
     assert r.error.status == "UNIMPLEMENTED"
@@ -268,8 +270,8 @@ def test_hello_and_unimplemented_commands(scripted: tuple[Scripted, Server, Agen
     r = s.wait("result", lambda x: x.command_id == cid)
     assert r.error.status == "UNIMPLEMENTED"
     freeze(s, 3, 1000, kind=common_pb2.OPERATION_KIND_RESTORE)
-    f = s.wait("failed", lambda x: x.generation == 3)
-    assert f.reason == R.ABORT_REASON_RESTORE_FAILED and f.error.status == "UNIMPLEMENTED"
+    f = s.wait("failed", lambda x: x.generation == 3)  # a restore of a member not held
+    assert f.reason == R.ABORT_REASON_FREEZE_FAILED and f.error.status == "NOT_FOUND"
     time.sleep(0.5)
     assert len(s.of("heartbeat")) >= 1
 
