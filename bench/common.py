@@ -26,6 +26,16 @@ import numpy.typing as npt
 from nodeagent.reader import IOV_MAX, Staging
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# `python -m bench --results-dir DIR` (and its test) redirect every module's output here,
+# so a trial run never overwrites the committed results.
+RESULTS_ENV = "CPCOORD_BENCH_RESULTS"
+
+
+def results_dir() -> Path:
+    """Where results go: $CPCOORD_BENCH_RESULTS if set, else bench/results."""
+    env = os.environ.get(RESULTS_ENV)
+    return Path(env) if env else RESULTS
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _vm = {}
@@ -188,10 +198,12 @@ def write_results(
     notes: Sequence[str] = (),
     extra: dict[str, Any] | None = None,
     plot: Callable[[Any], None] | None = None,
-    out_dir: Path = RESULTS,
+    out_dir: Path | None = None,
 ) -> list[Path]:
     """Write NAME.json (everything), NAME.md (table + notes) and NAME.png (`plot(fig)`
-    draws into a matplotlib Figure, Agg backend). Returns the paths written."""
+    draws into a matplotlib Figure, Agg backend) under `out_dir` (default: results_dir()).
+    Returns the paths written."""
+    out_dir = results_dir() if out_dir is None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
     doc = {

@@ -14,6 +14,7 @@ path (missing() finds everything, nothing is uploaded).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -85,8 +86,8 @@ def run(kind: str, root: Path, total: int, chunk: int) -> dict[str, float]:
     return {**timing, "disk": disk, "stored": st.stored_chunk_bytes, "read_bytes": n}
 
 
-def baselines() -> list[str]:
-    """The bounds measured in the same run: hashing, compressing, durable writes."""
+def baseline_rates() -> dict[str, float]:
+    """The bounds measured in the same run, MiB/s: hashing, compressing, durable writes."""
     import blake3
     import zstandard
 
@@ -108,6 +109,11 @@ def baselines() -> list[str]:
             os.fsync(fd)
             os.close(fd)
         write_rate = 128 / (time.perf_counter() - t0)
+    return {"blake3": hash_rate, "zstd": zstd_rate, "write_fsync": write_rate}
+
+
+def baselines(rates: dict[str, float]) -> list[str]:
+    hash_rate, zstd_rate, write_rate = rates["blake3"], rates["zstd"], rates["write_fsync"]
     load = Path("/proc/loadavg").read_text().split()[0]
     return [
         f"Same run: BLAKE3 {hash_rate:.0f} MiB/s (1 thread, 64 KiB chunks); zstd-1 on random "
@@ -133,20 +139,25 @@ def main() -> int:
         "| on disk MiB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    results: dict[str, dict[str, float]] = {}
     for kind in ("random", "mostly-zero", "compressible"):
         root = Path(tempfile.mkdtemp(prefix="cpcoord-bench-", dir=a.dir))
         try:
-            r = run(kind, root, total, a.chunk)
+            r = results[kind] = run(kind, root, total, a.chunk)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         rows.append(
             f"| {kind} | {mib / r['ingest']:.0f} | {r['commit']:.3f} | {r['dedup']:.3f} "
             f"| {r['read_bytes'] / (1 << 20) / r['read']:.0f} | {r['disk'] / (1 << 20):.1f} |"
         )
-    rows += ["", *baselines()]
+    rates = baseline_rates()
+    rows += ["", *baselines(rates)]
     text = "\n".join(rows) + "\n"
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(text)
+    # The same numbers for `python -m bench`'s summary (bench/run_all.py).
+    doc = {"name": "store", "mib": mib, "chunk": a.chunk, "kinds": results, "baselines": rates}
+    a.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     print(text)
     return 0
 

@@ -1,0 +1,98 @@
+"""The benchmark suite keeps running (issue 8, must show 1): `python -m bench --quick
+--tiny` runs every landed benchmark module on tiny sizes into a temporary results
+directory, exits 0, writes each module's JSON and the plots, with numbers that make sense
+(limits measured, ratios in range, the workloads' zero/dedup/compression where their
+memory puts them), and leaves the committed bench/results untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.common import RESULTS, RESULTS_ENV
+from bench.run_all import PLANS, entries, landed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300  # the suite takes ~1 min on tiny sizes; hard cap for a loaded machine
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _snapshot(d: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in d.glob("*") if p.is_file()}
+
+
+def _png(path: Path) -> None:
+    assert path.exists(), f"{path.name} not written"
+    head = path.read_bytes()[:8]
+    assert head == PNG_MAGIC and path.stat().st_size > 10_000, f"{path.name} is not a plot"
+
+
+def test_quick_tiny_suite(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    before = _snapshot(RESULTS)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop(RESULTS_ENV, None)  # the flag alone must redirect every module
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--tiny", "--results-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    took = time.monotonic() - t0
+    assert res.returncode == 0, f"suite failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
+    assert took < TIMEOUT_S
+
+    # Every landed module ran and wrote its results; the others are reported as skipped.
+    summary = json.loads((out / "summary.json").read_text())
+    status = {o["name"]: o["status"] for o in summary["extra"]["outcomes"]}
+    for e in entries(PLANS["tiny"], out):
+        if landed(e.module):
+            assert status[e.name] == "ok", (e.name, status)
+            for name in e.expected():
+                assert (out / name).exists(), f"{e.name} did not write {name}"
+        else:
+            assert status[e.name] == "skipped", (e.name, status)
+    assert summary["rows"], "no headline read back from the modules' results"
+
+    for name in ("limits", "capture", "restore", "workloads", "downtime", "throughput"):
+        _png(out / f"{name}.png")
+
+    # The limits were measured, in the same run, at plausible rates.
+    limits = {r["limit"]: r for r in json.loads((out / "limits.json").read_text())["rows"]}
+    assert set(limits) == {"readv", "writev", "memcpy", "grpc-1MiB", "grpc-4MiB"}
+    for r in limits.values():
+        assert 0.01 < r["GB/s"] < 200, r
+        assert r["min s"] <= r["median s"] <= r["max s"], r
+
+    # Workloads: each kind of memory lands where it should.
+    rows = {r["workload"]: r for r in json.loads((out / "workloads.json").read_text())["rows"]}
+    assert set(rows) == {"stencil", "dict-heap", "sparse", "ranks"}
+    assert rows["sparse"]["zero %"] > 85  # 15/16 of its pages are zero
+    assert rows["sparse"]["reduction"] > 10
+    assert 1.6 < rows["ranks"]["dedup"] < 2.0  # 90% of two members is one copy
+    assert rows["ranks"]["members"] == 2
+    assert rows["dict-heap"]["compression"] > 2  # pointers, refcounts, small ints
+    assert rows["stencil"]["compression"] < 1.3  # float64 state barely compresses
+    assert rows["stencil"]["gen2 new %"] > 80  # a stencil step rewrites every page
+    assert rows["sparse"]["gen2 new %"] < 5  # fill-in of 1/256 of the pages
+    for r in rows.values():
+        assert 0 < r["% of raw"] < 200, r
+        assert r["stored MiB"] <= r["logical MiB"] * 1.01, r
+
+    # A redirected run never overwrites the committed results (the files it wrote).
+    after = _snapshot(RESULTS)
+    written = {p.name for p in out.glob("*")}
+    assert {n: after.get(n) for n in written} == {n: before.get(n) for n in written}
