@@ -28,9 +28,9 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.auth import AuthInterceptor, Security, check_transport
 from coordinator.engine import Engine, Options
 from coordinator.servicers import AgentControl, CoordinatorService
-from coordinator.store import Repository
 from coordinator.store.config import StoreConfig
 from coordinator.store.crypt import Sealer
+from coordinator.store.location import open_repository
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import add_servicer, server_options
@@ -97,7 +97,7 @@ def write_port_file(path: Path, port: int) -> None:
 
 def serve(
     listen: str,
-    store: Path,
+    store: Path | str,
     options: Options,
     *,
     port_file: Path | None = None,
@@ -107,7 +107,9 @@ def serve(
 ) -> int:
     security = security or Security()
     check_transport(listen, security)  # before the store is opened or created
-    repo = Repository.open_local(store, StoreConfig(sealer=sealer))
+    repo, rebuilt = open_repository(store, config=StoreConfig(sealer=sealer))
+    if rebuilt is not None:
+        log.warning("catalog rebuilt from the store", extra={"fields": {"report": str(rebuilt)}})
     engine = Engine(repo, options)
     deps = Deps(engine, security=security)
     try:

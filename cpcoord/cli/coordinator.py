@@ -30,7 +30,13 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on")
-    p.add_argument("--store", required=True, type=Path, metavar="DIR", help="store directory")
+    p.add_argument(
+        "--store",
+        required=True,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="store directory, or an S3 bucket and prefix (endpoint and credentials from "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... and ~/.aws; catalog under $CPCOORD_STATE_DIR)",
+    )
     p.add_argument(
         "--keep",
         type=int,

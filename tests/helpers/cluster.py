@@ -157,6 +157,8 @@ class Cluster:
     coordinator: Daemon | None = None
     agents: dict[str, Daemon] = field(default_factory=dict)
     port: int = 0
+    store_url: str | None = None  # e.g. s3://bucket/prefix; default: a directory under root
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the AWS variables
 
     @property
     def store(self) -> Path:
@@ -194,7 +196,7 @@ class Cluster:
             "--listen",
             listen,
             "--store",
-            str(self.store),
+            self.store_url or str(self.store),
             "--keep",
             str(self.keep),
             "--port-file",
@@ -203,7 +205,7 @@ class Cluster:
             str(self.heartbeat_ms),
             "--insecure",
         ]
-        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        env = _env({"CPCOORD_FAULT_DIR": str(self.faults), **self.extra_env})
         if pause:
             env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
         if self.coordinator is None:
