@@ -30,6 +30,7 @@ from nodeagent.worker_ops import (
     FreezeOp,
     WorkerConfig,
 )
+from tests.conftest import require
 from tests.helpers import patterns
 from tests.helpers.driver import PAGE, Target, task_states
 
@@ -350,8 +351,7 @@ def _uffds(pid: int) -> int:
 
 
 def test_detach_disarms_the_tracker(rig: Rig, target_factory: Any) -> None:
-    if not registry.availability("uffd-wp").available:
-        pytest.skip("uffd-wp not available here")
+    require(registry.availability("uffd-wp").available, "uffd-wp on this kernel")
     t = target_factory()
     rig.attach(t, maps=("data",), tracker="uffd-wp")
     rig.checkpoint(1)
@@ -385,8 +385,7 @@ def test_tracer_death_after_uffd_arm_leaves_the_member_alive(target_factory: Any
     """An agent killed right after arming uffd-wp (syscall injection, single-stepping) must
     leave the member running, not dying of a SIGTRAP at its next system call
     (nodeagent/inject.py, Injector._park)."""
-    if not registry.availability("uffd-wp").available:
-        pytest.skip("uffd-wp not available here")
+    require(registry.availability("uffd-wp").available, "uffd-wp on this kernel")
     t = target_factory()
     child = os.fork()
     if child == 0:  # the "agent": freeze, arm, die while the member is still frozen
