@@ -11,10 +11,15 @@ disk. In one run this measures:
 - the capture engine alone (nodeagent.capture, no agent, no coordinator): its frozen time;
 - raw gRPC streaming on loopback: a generic-handler server in its own process receiving a
   client stream of 1 MiB and 4 MiB `bytes` messages, SIZE in total;
+- the raw durable write rate of the store's disk: SIZE as 16 MiB objects through the
+  local backend's own `put` (O_DIRECT, fsync, rename, directory fsync): packs must be on
+  disk before the commit, so this bounds it too;
 - cpcoord: a full checkpoint, then one after writing `--dirty` of the pages (spread in
   runs over the whole member): frozen time (longest member downtime, as the agent
-  measured it), time from the Checkpoint call to COMMITTED, new bytes stored and the
-  store's size on disk (du).
+  measured it), time from the Checkpoint call to COMMITTED, new bytes stored, the
+  store's size on disk (du), and the CPU seconds the coordinator and agent processes
+  used during the full checkpoint (the machine is shared: CPU time is steadier than
+  wall time; docs/performance.md has the profile).
 
 Goal: the full commit of SIZE incompressible within 1.5x the time raw gRPC needs to move
 SIZE (best of the two message sizes); frozen time as the capture engine's.
@@ -37,7 +42,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.common import Stats, gbps, raw_readv, repeat, write_results
+from bench.common import Stats, gbps, raw_readv, repeat, results_dir, write_results
+from coordinator.store.backend import Kind, LocalBackend
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options, server_options
 from cpcoord.ranges import AddressRange
@@ -67,7 +73,9 @@ def raw_server(port_file: Path) -> None:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    port_file.write_text(str(port))
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(port_file)  # whole or absent: the client must never read it half written
     server.wait_for_termination()
 
 
@@ -79,7 +87,7 @@ def raw_grpc(total: int, msg_bytes: int, reps: int, tmp: Path) -> Stats:
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     try:
-        wait_for(port_file.exists, 30, "raw gRPC server")
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30, "raw gRPC")
         addr = f"127.0.0.1:{port_file.read_text().strip()}"
         payload = np.random.default_rng(5).bytes(msg_bytes)
         count = total // msg_bytes
@@ -94,6 +102,33 @@ def raw_grpc(total: int, msg_bytes: int, reps: int, tmp: Path) -> Stats:
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- raw disk -----------------------------------------------------------------------------
+
+
+def raw_disk(total: int, reps: int, tmp: Path) -> Stats:
+    """SIZE written as 16 MiB objects through the store's own durable put (temp file,
+    O_DIRECT bulk write, fsync, rename, directory fsync): the disk's limit for packs."""
+    backend = LocalBackend(tmp / "raw-disk")
+    payload = np.random.default_rng(6).bytes(16 << 20)
+    count = max(1, total // len(payload))
+
+    def once() -> None:
+        for i in range(count):
+            backend.put(Kind.PACKS, f"{i:064x}", payload)
+
+    try:
+        return repeat(once, reps, warmup=1)
+    finally:
+        backend.close()
+        shutil.rmtree(tmp / "raw-disk", ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- cpcoord ------------------------------------------------------------------------------
@@ -218,6 +253,14 @@ def main() -> int:
                 }
             )
         best_raw = min(s.median for s in raw.values())
+        disk = raw_disk(size, args.reps, tmp)
+        rows.append(
+            {
+                "what": "raw store put (disk), 16 MiB objects",
+                "seconds": disk.median,
+                "GB/s": gbps(size, disk.median),
+            }
+        )
 
         (tmp / "cluster").mkdir()
         cluster.start()
@@ -234,7 +277,11 @@ def main() -> int:
             "--range",
             f"{m.addr:#x}-{m.end:#x}",
         )
+        assert cluster.coordinator is not None
+        procs = {"coordinator": cluster.coordinator.pid, "agent": cluster.agents["node-a"].pid}
+        cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         full = checkpoint(cluster.address, "bench")
+        full["cpu_s"] = {k: round(cpu_seconds(p) - cpu0[k], 3) for k, p in procs.items()}
         full["store_bytes"] = du(cluster.store)
         rows.append(
             {
@@ -262,6 +309,8 @@ def main() -> int:
         full["coordinator_upload"], inc["coordinator_upload"] = [*timings, {}, {}][:2]
         ratio = full["commit_s"] / best_raw
         extra.update(
+            raw_disk_s=disk.median,
+            load_average=os.getloadavg(),
             full=full,
             incremental=inc,
             raw_grpc_best_s=best_raw,
@@ -276,6 +325,11 @@ def main() -> int:
     notes = [
         f"Full commit / raw gRPC (best message size) = {ratio:.2f}; goal <= {GOAL_RATIO}: "
         f"{verdict}.",
+        f"Disk: the raw store put of SIZE takes {disk.median:.2f} s; the commit cannot be "
+        f"faster than max(raw gRPC, raw disk) = {max(best_raw, disk.median):.2f} s "
+        f"(ratio to that: {full['commit_s'] / max(best_raw, disk.median):.2f}).",
+        f"CPU seconds during the full checkpoint: {full['cpu_s']} "
+        "(the machine is shared: CPU time is steadier than wall time).",
         f"Frozen: cpcoord full {full['frozen_s'] * 1e3:.0f} ms vs capture engine alone "
         f"{eng.median * 1e3:.0f} ms; incremental {inc['frozen_s'] * 1e3:.0f} ms.",
         f"Full, seconds since Begin: {full['phases']}; coordinator during the upload: "
@@ -293,7 +347,7 @@ def main() -> int:
         extra=extra,
     ):
         print(p)
-    print(Path(REPO / "bench/results/end_to_end.md").read_text())
+    print((results_dir() / "end_to_end.md").read_text())  # the file just written
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

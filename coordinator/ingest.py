@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cpcoord.coordinator.ingest")
 MAX_IDS = 65536
+STORE_BYTES = 8 << 20  # chunk bytes per call of the store (see _read)
 _BAD_DATA = (InvalidArgument, ChunkMismatch, ChunkMissing, ManifestInvalid)
 
 
@@ -148,6 +149,21 @@ def _read(
         stored[0] += r.stored
         stored[1] += r.bytes_stored
 
+    # Batches are stored in groups of STORE_BYTES: the store's cost per call (index
+    # lookups, sampling, locking) is paid once per group, not once per message.
+    group_ids: list[IdArray] = []
+    group: list[memoryview] = []
+    group_bytes = 0
+
+    def submit() -> Future[None] | None:
+        nonlocal group_ids, group, group_bytes
+        if not group:
+            return None
+        ids = group_ids[0] if len(group_ids) == 1 else np.concatenate(group_ids)
+        fut = pool.submit(store, ids, group)
+        group_ids, group, group_bytes = [], [], 0
+        return fut
+
     with ThreadPoolExecutor(1, thread_name_prefix=f"ingest-{job}") as pool:
         t0 = time.perf_counter()
         first = True
@@ -157,9 +173,14 @@ def _read(
                 raise InvalidArgument("an upload stream has exactly one header, first")
             ids, chunks = asm.add_batch(req.batch)
             t2 = time.perf_counter()
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(store, ids, chunks) if chunks else None
+            if chunks:
+                group_ids.append(ids)
+                group.extend(chunks)
+                group_bytes += sum(len(c) for c in chunks)
+            if first or group_bytes >= STORE_BYTES:
+                if pending is not None:
+                    pending.result()
+                pending = submit()
             if first:
                 first = False
                 if pending is not None:
@@ -168,6 +189,9 @@ def _read(
             t3 = time.perf_counter()
             t_wait, t_check, t_store = t_wait + t1 - t0, t_check + t2 - t1, t_store + t3 - t2
             t0 = time.perf_counter()
+        if pending is not None:
+            pending.result()
+        pending = submit()
         if pending is not None:
             pending.result()
     chunks_new, bytes_new = stored

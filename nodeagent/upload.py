@@ -42,7 +42,15 @@ from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.grpcutil import rpc_to_error
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.capture import zero_rows
-from nodeagent.chunks import ID_SIZE, MAX_IDS, batches, chunk_data, plan, windows
+from nodeagent.chunks import (
+    ID_SIZE,
+    MAX_IDS,
+    batches,
+    chunk_parts,
+    encode_batch,
+    plan,
+    windows,
+)
 from nodeagent.copyout import StagedRegion
 from nodeagent.pagemap import runs_from_pages
 from nodeagent.procfs import ProcessIdentity
@@ -80,7 +88,7 @@ class Limits:
     max_batch_entries: int = 65536
     # gRPC Python moves ~1 MiB messages 3-8x faster than tens of MiB: batches aim at
     # this, while MissingChunks is asked once per window of batches.
-    batch_bytes: int = 1 << 20
+    batch_bytes: int = 4 << 20
     window_bytes: int = 64 << 20
     compress: bool = False
     timeout_s: float = 600.0
@@ -167,6 +175,34 @@ class _Cancelled(Exception):
     """The upload was cancelled between two batches (internal to the generator)."""
 
 
+def _serialize(req: agent_pb2.UploadRequest | bytes) -> bytes:
+    """UploadPages' request serializer: messages, or batches already encoded."""
+    return req if isinstance(req, bytes) else req.SerializeToString()
+
+
+UPLOAD_PAGES = "/cpcoord.v1.AgentControl/UploadPages"
+
+
+def enable_frames(stub: Any, channel: grpc.Channel) -> Any:
+    """Give an AgentControl stub an UploadPages call that sends pre-encoded batches
+    (chunks.encode_batch) as they are. The generated stub serialises with
+    UploadRequest.SerializeToString, which refuses bytes; this call is built from the
+    channel with `_serialize` (same bytes on the wire for messages). Returns the stub."""
+    stub.UploadPages = channel.stream_unary(
+        UPLOAD_PAGES,
+        request_serializer=_serialize,
+        response_deserializer=agent_pb2.UploadResponse.FromString,
+    )
+    stub.framed_uploads = True
+    return stub
+
+
+def _accepts_frames(stub: Any) -> bool:
+    """Whether the stub's UploadPages sends pre-encoded batches (see enable_frames); any
+    other stub (the generated one, a fake in tests) is sent messages."""
+    return getattr(stub, "framed_uploads", False) is True
+
+
 def _hash_window(reg: _Region, window: list[tuple[int, int]]) -> None:
     a, b = window[0][0], window[-1][1]
     reg.hash(np.arange(a, b)[~reg.entries.zero[a:b]])
@@ -176,6 +212,7 @@ class _Attempt:
     def __init__(self, stub: Any, sm: StagedMember, regions: list[_Region], limits: Limits) -> None:
         self.stub, self.sm, self.regions, self.limits = stub, sm, regions, limits
         self.seen: set[bytes] = set()
+        self.framed = _accepts_frames(stub)
 
     def _missing(self, ids: list[bytes]) -> npt.NDArray[np.bool_]:
         req = agent_pb2.MissingChunksRequest(
@@ -198,7 +235,7 @@ class _Attempt:
             )
         ]
 
-    def requests(self, st: _Stream) -> Iterator[agent_pb2.UploadRequest]:
+    def requests(self, st: _Stream) -> Iterator[agent_pb2.UploadRequest | bytes]:
         # The next window is hashed on a helper thread while gRPC sends this one.
         pool = ThreadPoolExecutor(1, thread_name_prefix="cpcoord-hash")
         try:
@@ -252,7 +289,9 @@ class _Attempt:
             miss = self._missing(new_ids[k : k + MAX_IDS])
             reg.send[np.array(new[k : k + MAX_IDS], dtype=np.int64)[miss]] = True
 
-    def _batch(self, ri: int, reg: _Region, a: int, b: int, st: _Stream) -> agent_pb2.UploadRequest:
+    def _batch(
+        self, ri: int, reg: _Region, a: int, b: int, st: _Stream
+    ) -> agent_pb2.UploadRequest | bytes:
         # Filled in place: nested messages given to constructors are copied whole.
         req = agent_pb2.UploadRequest()
         batch = req.batch
@@ -264,13 +303,16 @@ class _Attempt:
         ent.chunk_skips = bytes(4 * (b - a))
         ent.chunk_ids = reg.ids[a:b].tobytes()
         send = np.flatnonzero(reg.send[a:b]) + a
-        if send.size:
-            parts = [reg.chunk(int(i)) for i in send]
-            _, nbytes = chunk_data(
-                parts, reg.ids[send].tobytes(), self.limits.compress, batch.chunks
-            )
-            st.chunks_sent += int(send.size)
-            st.bytes_sent += nbytes
+        if not send.size:
+            return req
+        chunks = [reg.chunk(int(i)) for i in send]
+        head, parts, nbytes = chunk_parts(chunks, reg.ids[send].tobytes(), self.limits.compress)
+        st.chunks_sent += int(send.size)
+        st.bytes_sent += nbytes
+        if self.framed:
+            return encode_batch(batch, head, parts)
+        batch.chunks.CopyFrom(head)
+        batch.chunks.data = b"".join(parts)
         return req
 
     def run(self, cancel: threading.Event) -> tuple[agent_pb2.UploadResponse, _Stream]:

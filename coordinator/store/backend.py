@@ -36,12 +36,13 @@ import errno
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from coordinator.store.directio import write_parts
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
 
 Buffer = bytes | bytearray | memoryview
@@ -147,15 +148,17 @@ class LocalBackend:
         _fsync_dir(path.parent)
 
     def put(self, kind: Kind, name: str, data: Buffer) -> None:
+        self.put_parts(kind, name, [data])
+
+    def put_parts(self, kind: Kind, name: str, parts: Sequence[Buffer]) -> None:
+        """`put` of the parts back to back, without joining them first (packs)."""
         path = self._path(kind, name)
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         try:
             self._mkdirs(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data).cast("B")
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_parts(fd, parts)  # O_DIRECT for big objects (directio.py)
                 os.fsync(fd)
             finally:
                 os.close(fd)

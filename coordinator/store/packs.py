@@ -31,6 +31,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 import zstandard
@@ -79,6 +80,16 @@ class SealedPack:
     contents: PackContents
 
 
+@dataclass(frozen=True)
+class SealedParts:
+    """A sealed pack as the parts that make it up, back to back (PackWriter.seal_parts)."""
+
+    id: PackId
+    parts: list[Buffer]
+    size: int
+    contents: PackContents
+
+
 # -- compression ----------------------------------------------------------------------
 
 _local = threading.local()
@@ -117,10 +128,17 @@ def _worth_trying(chunks: Sequence[Buffer], level: int, threads: int) -> npt.NDA
         mv = memoryview(chunks[i]).cast("B")
         step = (len(mv) - 512) // 7
         samples.append(b"".join([mv[k * step : k * step + 512] for k in range(8)]))
-    out = _cctx(level).multi_compress_to_buffer(samples, threads=threads or 1)
+    # One thread: the samples are 4 KiB each, starting zstd's workers would cost more.
+    out = _cctx(level).multi_compress_to_buffer(samples, threads=1)
     for j, i in enumerate(big):
         worth[i] = len(out[j]) < 4096 - 256
     return worth
+
+
+def _immutable(c: Buffer) -> bool:
+    return isinstance(c, bytes) or (
+        isinstance(c, memoryview) and c.readonly and isinstance(c.obj, bytes)
+    )
 
 
 def compress_batch(
@@ -130,22 +148,37 @@ def compress_batch(
     blobs), choosing raw where zstd saves less than 1/32 (or a sample says it would)."""
     n = len(chunks)
     methods = np.full(n, METHOD_RAW, dtype=np.uint8)
-    # Own the bytes: the caller may reuse its buffers once add_chunks returns.
-    blobs: list[Buffer] = [c if isinstance(c, bytes) else bytes(c) for c in chunks]
-    if n == 0:
-        return methods, blobs
-    tries = np.flatnonzero(_worth_trying(chunks, level, threads))
-    if not tries.size:
-        return methods, blobs
-    out = _cctx(level).multi_compress_to_buffer(
-        [chunks[int(i)] for i in tries], threads=threads or 1
-    )
-    for j, i in enumerate(tries.tolist()):
-        c, raw_len = out[j], len(chunks[i])
-        if len(c) + (raw_len >> 5) < raw_len:
-            methods[i] = METHOD_ZSTD
-            blobs[i] = c.tobytes()
+    # Own the bytes: the caller may reuse its buffers once add_chunks returns. A
+    # read-only view of a `bytes` object (an upload's chunks, sliced from the message)
+    # cannot change and keeps its object alive: copying it would cost a pass over the
+    # data (and fresh pages to fault in) for nothing.
+    blobs: list[Buffer] = [c if _immutable(c) else bytes(c) for c in chunks]
+    tries = np.flatnonzero(_worth_trying(chunks, level, threads)) if n else np.zeros(0, int)
+    if tries.size:
+        out = _cctx(level).multi_compress_to_buffer(
+            [chunks[int(i)] for i in tries], threads=threads or 1
+        )
+        for j, i in enumerate(tries.tolist()):
+            c, raw_len = out[j], len(chunks[i])
+            if len(c) + (raw_len >> 5) < raw_len:
+                methods[i] = METHOD_ZSTD
+                blobs[i] = c.tobytes()
+    _unpin(blobs)
     return methods, blobs
+
+
+def _unpin(blobs: list[Buffer]) -> None:
+    """A view kept in an open pack pins its whole message until the pack is written.
+    Keep views only where they hold at least half of their message (the usual case: an
+    upload carries only missing chunks); copy the others, so a message whose chunks were
+    mostly compressed or already stored is not held for a few raw chunks."""
+    kept: dict[int, int] = {}
+    for b in blobs:
+        if isinstance(b, memoryview):
+            kept[id(b.obj)] = kept.get(id(b.obj), 0) + b.nbytes
+    for i, b in enumerate(blobs):
+        if isinstance(b, memoryview) and 2 * kept[id(b.obj)] < memoryview(b.obj).nbytes:
+            blobs[i] = bytes(b)
 
 
 def decode_chunk(
@@ -218,14 +251,28 @@ class PackWriter:
         self._size += int(e["stored"].sum(dtype=np.uint64))
 
     def seal(self) -> SealedPack:
+        parts = self.seal_parts()
+        data = b"".join(parts.parts)
+        return SealedPack(parts.id, data, parts.contents)
+
+    def seal_parts(self) -> SealedParts:
+        """The finished pack as its parts (header, blobs, trailer, tail), not joined:
+        the pack id is hashed over them in order, and a backend with `put_parts` writes
+        them without building the whole pack in fresh memory first."""
         entries = np.concatenate(self._entries) if self._entries else np.zeros(0, ENTRY_DTYPE)
         ns = self.namespace.encode()
         body = b"".join(
             [struct.pack("<H", len(ns)), ns, struct.pack("<I", len(entries)), entries.tobytes()]
         )
         trailer = body + digest(body)
-        data = b"".join([*self._blobs, trailer, _TAIL.pack(len(trailer), TAIL_MAGIC)])
-        return SealedPack(PackId.of(data), data, PackContents(self.namespace, _locate(entries)))
+        parts = [*self._blobs, trailer, _TAIL.pack(len(trailer), TAIL_MAGIC)]
+        h = blake3.blake3()
+        for p in parts:
+            h.update(p)
+        return SealedParts(
+            PackId(h.digest()), parts, self._size + len(trailer) + _TAIL.size,
+            PackContents(self.namespace, _locate(entries)),
+        )  # fmt: skip
 
 
 def _locate(entries: Entries) -> Entries:
@@ -330,5 +377,8 @@ def check_chunks(ids: IdArray, chunks: Sequence[Buffer]) -> IdArray:
     return digest_all(chunks)
 
 
+_THREADS = max(1, min(4, os.cpu_count() or 1))  # os.cpu_count reads /sys: once
+
+
 def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    return _THREADS

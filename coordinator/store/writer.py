@@ -102,6 +102,11 @@ class PackSink:
             self._transit.append((o, self._pool.submit(self._store, o.writer)))
 
     def _store(self, w: PackWriter) -> StoredPack:
+        put_parts = getattr(self._backend, "put_parts", None)
+        if put_parts is not None:  # the local backend: no joined copy of the pack
+            sp = w.seal_parts()
+            put_parts(Kind.PACKS, sp.id.format(), sp.parts)
+            return StoredPack(sp.id.digest, sp.size, sp.contents)
         sealed = w.seal()
         self._backend.put(Kind.PACKS, sealed.id.format(), sealed.data)
         return StoredPack(sealed.id.digest, len(sealed.data), sealed.contents)
