@@ -113,8 +113,14 @@ def entries(p: Plan, out: Path) -> list[Entry]:
             "workloads_bench",
             ("--size-mib", str(p.workload_mib), "--reps", str(p.reps)),
         ),
-        Entry("scale", "scale", sr),  # coordinator overhead vs agents (issue: scale)
+        # Coordinator overhead vs agents: 1-64 agent processes, 2 MiB members (not SIZE).
+        Entry("scale", "scale", _scale_args(p), outputs=("scale.json", "scale.png")),
     ]
+
+
+def _scale_args(p: Plan) -> tuple[str, ...]:
+    mode = () if p.mode == "full" else (f"--{p.mode}",)  # agents 1,4,16,64 / 1,4,16 / 1,2
+    return (*mode, "--size-mib", "2", "--reps", str(3 if p.mode == "full" else 2))
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,24 @@ def _workloads(d: dict[str, Any]) -> list[Headline]:
     ]
 
 
+def _scale(d: dict[str, Any]) -> list[Headline]:
+    x = d["extra"]
+    top = max(x["points"], key=lambda p: p["agents"])
+    commit = top["commit_s"]["median"] * 1e3
+    return [
+        Headline(
+            "scale",
+            f"coordinator overhead at {top['agents']} agents (request to commit {commit:.0f} "
+            "ms, minus the slowest member's own work)",
+            top["overhead_s"]["median"] * 1e3,
+            x["raw"]["unary_rtt"]["median"] * 1e3,
+            "raw gRPC unary round trip",
+            "ms",
+            bound=False,
+        )
+    ]
+
+
 READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "restore": _restore,
     "incremental": _incremental,
@@ -206,6 +224,7 @@ READERS: dict[str, Callable[[dict[str, Any]], list[Headline]]] = {
     "store": _store,
     "store_s3": _store_s3,
     "workloads": _workloads,
+    "scale": _scale,
 }
 
 

@@ -43,6 +43,12 @@ SERVICES = (
 )
 
 
+# Threads of the gRPC server when run as a daemon. Every agent's control stream (and
+# every Watch) holds one for its whole life, so 64 agents on a 64-thread pool left none
+# for any other RPC (bench/scale.py found it). The executor starts threads on demand.
+RPC_THREADS = 1024
+
+
 @dataclass
 class Deps:
     """What the server serves: the engine, and the health servicer it flips on stop."""
@@ -104,6 +110,7 @@ def serve(
     metrics_port: int | None = None,
     security: Security | None = None,
     sealer: Sealer | None = None,
+    rpc_threads: int = RPC_THREADS,
 ) -> int:
     security = security or Security()
     check_transport(listen, security)  # before the store is opened or created
@@ -111,7 +118,7 @@ def serve(
     if rebuilt is not None:
         log.warning("catalog rebuilt from the store", extra={"fields": {"report": str(rebuilt)}})
     engine = Engine(repo, options)
-    deps = Deps(engine, security=security)
+    deps = Deps(engine, security=security, max_workers=rpc_threads)
     try:
         server, port = create_server(listen, deps)
     except BaseException:

@@ -85,11 +85,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="agents' heartbeat interval; an agent is lost after 3 silent ones (default 1000)",
     )
+    p.add_argument(
+        "--rpc-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="gRPC server threads; each connected agent holds one (default 1024)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.engine import Options
-    from coordinator.server import serve
+    from coordinator.server import RPC_THREADS, serve
     from coordinator.store.crypt import load_key
 
     if args.keep < 1:
@@ -98,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--heartbeat-ms must be 50..60000, got {args.heartbeat_ms}")
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise InvalidArgument(f"--metrics-port must be 1..65535, got {args.metrics_port}")
+    threads = RPC_THREADS if args.rpc_threads is None else args.rpc_threads
+    if not 16 <= threads <= 65536:
+        raise InvalidArgument(f"--rpc-threads must be 16..65536, got {threads}")
     opts = Options(keep=args.keep, heartbeat_s=args.heartbeat_ms / 1000)
     return serve(
         args.listen,
@@ -107,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         security=security(args),
         sealer=load_key(args.encryption_key_file),
+        rpc_threads=threads,
     )
 
 

@@ -22,7 +22,7 @@ from bench.run_all import PLANS, entries, landed
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 300  # the suite takes ~1 min on tiny sizes; hard cap for a loaded machine
+TIMEOUT_S = 600  # ~1-2 min on tiny sizes when idle, 4+ under load; hard cap
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -91,6 +91,31 @@ def test_quick_tiny_suite(tmp_path: Path) -> None:
     for r in rows.values():
         assert 0 < r["% of raw"] < 200, r
         assert r["stored MiB"] <= r["logical MiB"] * 1.01, r
+
+    # Coordinator overhead vs agents (bench/scale.py): agent counts 1 and 2, each
+    # measured from real checkpoints that committed, with the raw round trip beside it.
+    if landed("scale"):
+        _png(out / "scale.png")
+        sc = json.loads((out / "scale.json").read_text())["extra"]
+        assert [pt["agents"] for pt in sc["points"]] == [1, 2]
+        rtt = sc["raw"]["unary_rtt"]["median"]
+        assert 0 < rtt < 1.0, sc["raw"]
+        assert len(sc["load_avg_start"]) == 3 and len(sc["load_avg_end"]) == 3
+        for pt in sc["points"]:
+            assert len(pt["samples"]) == 2, pt  # --reps 2, each a committed checkpoint
+            assert len(pt["load_avg"]) == 3
+            for smp in pt["samples"]:
+                # Every member uploaded its 2 MiB of new random bytes.
+                assert smp["bytes_new"] >= pt["agents"] * (2 << 20), smp
+                assert 0 < smp["slowest_own_s"] < smp["commit_s"] < 120, smp
+                assert 0 < smp["frozen_s"] < smp["commit_s"], smp
+                assert smp["overhead_s"] == pytest.approx(smp["commit_s"] - smp["slowest_own_s"])
+            for k in ("overhead_s", "commit_s", "slowest_own_s"):
+                assert pt[k]["min"] <= pt[k]["median"] <= pt[k]["max"], (k, pt[k])
+            assert pt["rss"]["agents"] > 0 and pt["health_rtt"]["median"] > 0
+            # The stored bytes of the first and last member were read back and compared.
+            assert pt["verified_members"] == len({0, pt["agents"] - 1}), pt
+        assert any(r["benchmark"] == "scale" for r in summary["rows"]), summary["rows"]
 
     # A redirected run never overwrites the committed results (the files it wrote).
     after = _snapshot(RESULTS)
