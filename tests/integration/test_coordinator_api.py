@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +147,12 @@ def test_dedup_across_members_and_zero_pages(
     assert r["zero_pages"] == 256
 
 
-def test_retention_pin_and_delete_latest(capsys, tmp_path: Path) -> None:
-    c = InProcessCoordinator(tmp_path / "store", Options(keep=2, heartbeat_s=0.5))
+def test_retention_pin_and_delete_latest(
+    capsys, tmp_path: Path, store_select: Callable[[Path], dict[str, Any]]
+) -> None:
+    c = InProcessCoordinator(
+        tmp_path / "store", Options(keep=2, heartbeat_s=0.5), **store_select(tmp_path)
+    )
     a = FakeAgent(c.address, "node-a")
     try:
         a.wait_welcome()

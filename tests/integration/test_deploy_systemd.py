@@ -156,6 +156,42 @@ def test_execstart_parses_with_the_cli(name: str) -> None:
     assert args.metrics_port == (7421 if want == "coordinator" else 7422)
 
 
+def commented_insecure_execstart(name: str) -> str:
+    """The ExecStart of the unit's commented "trying it out" drop-in."""
+    lines = [x.strip().removeprefix("#").strip() for x in (UNITS / name).read_text().splitlines()]
+    (cmd,) = [x for x in lines if x.startswith("ExecStart=/") and "--insecure" in x]
+    return cmd.removeprefix("ExecStart=")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_units_speak_mtls_with_an_explicit_insecure_alternative(name: str) -> None:
+    """The shipped units never pass --insecure: ExecStart takes --tls-* (and the
+    coordinator --tokens) from systemd credentials loaded from /etc/cpcoord/tls; the
+    plaintext way of trying it out is a commented drop-in that parses as well."""
+    s = unit_settings(name)
+    live = "\n".join(f"{k}={v}" for k, vs in s.items() for v in vs)
+    assert "--insecure" not in live, f"{name} runs without TLS"
+    args = build_parser().parse_args(exec_argv(name)[1:])
+    assert not args.insecure
+    creds = dict(v.split(":", 1) for v in s["LoadCredential"])
+    files = [args.tls_cert, args.tls_key, args.tls_ca]
+    if args.command == "coordinator":
+        files.append(args.tokens)
+        assert args.listen.startswith("0.0.0.0:")  # TLS: reachable by other nodes
+    for f in files:
+        assert f is not None and str(f).startswith("%d/"), (name, f)
+        src = creds[str(f).removeprefix("%d/")]
+        assert src.startswith("/etc/cpcoord/tls/"), src
+    assert not any(v.endswith("ca.key") for v in creds.values()), "the CA key stays offline"
+    words = shlex.split(commented_insecure_execstart(name))
+    alt = build_parser().parse_args(
+        [re.sub(r"\$\{[A-Z_]+\}", "7", w) if "${" in w else w for w in words[1:]]
+    )
+    assert alt.insecure and alt.command == args.command and alt.tls_cert is None
+    if alt.command == "coordinator":
+        assert alt.listen.startswith("127.0.0.1:") and not alt.insecure_bind_any
+
+
 # -- the agent's capabilities, exercised ------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.store import Kind, Repository
+from coordinator.store import Kind
 from coordinator.store.catalog import State
 from cpcoord.image import load_image, region_bytes
 from tests.conftest import require
@@ -151,7 +151,7 @@ class Scene:
         gc = self.c.cli_json("gc")
         assert self.c.cli_json("verify")["ok"]
         self.c.coordinator.stop()  # type: ignore[union-attr]
-        with Repository.open_local(self.c.store) as repo:
+        with self.c.open_repository() as repo:
             live: set[bytes] = set()
             names = set()
             for g in repo.catalog.generations():

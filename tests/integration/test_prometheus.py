@@ -228,9 +228,12 @@ class Prometheus:
 
 
 @pytest.fixture
-def prom_cluster(tmp_path: Path) -> Iterator[tuple[MetricsCluster, Prometheus]]:
+def prom_cluster(
+    tmp_path: Path, store_select: Callable[[Path], dict[str, Any]]
+) -> Iterator[tuple[MetricsCluster, Prometheus]]:
     tool("prometheus")
-    c = MetricsCluster(tmp_path / "cluster", nodes=("node-a", "node-b"))
+    root = tmp_path / "cluster"
+    c = MetricsCluster(root, nodes=("node-a", "node-b"), **store_select(root))
     c.root.mkdir(parents=True)
     p: Prometheus | None = None
     try:

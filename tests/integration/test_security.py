@@ -10,7 +10,7 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -290,8 +290,11 @@ class TlsCluster(Cluster):
 
 
 @pytest.fixture
-def tls_cluster(tmp_path: Path, pki: Path) -> Iterator[TlsCluster]:
-    c = TlsCluster(tmp_path / "cluster", nodes=("node-a",))
+def tls_cluster(
+    tmp_path: Path, pki: Path, store_select: Callable[[Path], dict[str, Any]]
+) -> Iterator[TlsCluster]:
+    root = tmp_path / "cluster"
+    c = TlsCluster(root, nodes=("node-a",), **store_select(root))
     c.pki = pki
     c.root.mkdir(parents=True)
     try:

@@ -2,10 +2,12 @@
 and dies (os._exit after each commit step, or SIGKILL at a random moment of a busy
 ingest loop); the test then opens the store like a restarted coordinator and checks that
 no partial generation is visible, every committed one restores exactly, verify passes,
-and gc leaves only what is needed."""
+and gc leaves only what is needed. On a local store, or on SeaweedFS S3 with
+CPCOORD_TEST_STORE=s3 (tests/helpers/stores.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,33 +15,42 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
+from tests.helpers.stores import StoreArgs, open_store
 from tests.unit.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = "StoreConfig(pack_size=1 << 18)"
 
 
 def image(seed: int) -> dict[str, dict[str, bytes]]:
     return {"a": {"heap": rand(96, seed), "zero": bytes(32 * 4096)}, "b": {"heap": rand(16, 1)}}
 
 
-def child(code: str, root: Path) -> subprocess.Popen[bytes]:
+def open_repo(root: Path, where: StoreArgs) -> Repository:
+    """The store at `root`, or on S3 when store_select says so (tests/helpers/stores.py)."""
+    return open_store(
+        root, where.get("store_url"), where.get("extra_env"), StoreConfig(pack_size=1 << 18)
+    )
+
+
+def child(code: str, root: Path, where: StoreArgs) -> subprocess.Popen[bytes]:
     prelude = f"""
-        import os, sys
-        from coordinator.store import Repository, StoreConfig
+        import json, os, sys
+        from pathlib import Path
         from tests.unit.store_support import checkpoint, upload, rand
-        from tests.integration.test_store_crash import image
-        repo = Repository.open_local({str(root)!r}, {CONFIG})
+        from tests.integration.test_store_crash import image, open_repo
+        repo = open_repo(Path({str(root)!r}), json.loads(os.environ["CPCOORD_TEST_CRASH_STORE"]))
     """
     src = textwrap.dedent(prelude) + textwrap.dedent(code)
-    return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, stdout=subprocess.PIPE)
+    env = dict(os.environ, CPCOORD_TEST_CRASH_STORE=json.dumps(where))  # keys not in argv
+    return subprocess.Popen([sys.executable, "-c", src], cwd=ROOT, stdout=subprocess.PIPE, env=env)
 
 
 def assert_clean(repo: Repository) -> None:
@@ -52,8 +63,11 @@ def assert_clean(repo: Repository) -> None:
 
 
 @pytest.mark.parametrize("step", ["packs", "index", "manifest", "catalog"])
-def test_process_dies_after_each_commit_step(tmp_path: Path, step: str) -> None:
+def test_process_dies_after_each_commit_step(
+    tmp_path: Path, step: str, store_select: Callable[[Path], StoreArgs]
+) -> None:
     root = tmp_path / "store"
+    where = store_select(tmp_path)
     p = child(
         f"""
         g1 = checkpoint(repo, "j", image(1))
@@ -66,11 +80,12 @@ def test_process_dies_after_each_commit_step(tmp_path: Path, step: str) -> None:
         repo.commit(m)
         """,
         root,
+        where,
     )
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 137
     g2 = int(out)
-    with Repository.open_local(root, StoreConfig(pack_size=1 << 18)) as repo:
+    with open_repo(root, where) as repo:
         visible = [g.number for g in repo.generations("j")]
         assert visible == ([1, g2] if step == "catalog" else [1])
         assert_restores(repo, "j", 1, image(1))
@@ -83,8 +98,11 @@ def test_process_dies_after_each_commit_step(tmp_path: Path, step: str) -> None:
         assert_clean(repo)
 
 
-def test_sigkill_at_random_moments_of_a_busy_store(tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_of_a_busy_store(
+    tmp_path: Path, store_select: Callable[[Path], StoreArgs]
+) -> None:
     root = tmp_path / "store"
+    where = store_select(tmp_path)
     rng = random.Random(int(os.environ.get("CPCOORD_TEST_SEED", "7")))
     for round_ in range(4):  # each round reopens what the last one killed
         p = child(
@@ -99,13 +117,14 @@ def test_sigkill_at_random_moments_of_a_busy_store(tmp_path: Path) -> None:
                 print(n, flush=True)
             """,
             root,
+            where,
         )
         assert p.stdout is not None
         first = int(p.stdout.readline())  # committed in this round; now kill it anywhere
         time.sleep(rng.random())
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
-        with Repository.open_local(root, StoreConfig(pack_size=1 << 18)) as repo:
+        with open_repo(root, where) as repo:
             gens = [g.number for g in repo.generations("j")]
             assert gens and max(gens) >= first, f"round {round_}: lost {first}: {gens}"
             for g in gens:

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.store import Repository
 from coordinator.store.config import StoreConfig
 from coordinator.store.crypt import ENV_KEY, Sealer
 from cpcoord.errors import DataCorrupted
@@ -26,14 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "8f" * 32
 
 
-def store_holds(store: Path, needle: bytes) -> list[str]:
-    hits = []
-    for dirpath, _, names in os.walk(store):
-        for n in names:
-            p = Path(dirpath) / n
-            if needle in p.read_bytes():
-                hits.append(str(p.relative_to(store)))
-    return hits
+def store_holds(c: Cluster, needle: bytes) -> list[str]:
+    """Names of the store's files (or S3 objects and state files) that hold `needle`."""
+    return [name for name, data in c.store_objects() if needle in data]
 
 
 def checkpoint_and_export(c: Cluster, t: Any, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +58,7 @@ def test_no_page_content_in_an_encrypted_store(
     assert np.array_equal(got, want)
     markers = [want[p * 4096 + 100 : p * 4096 + 164].tobytes() for p in (0, 7, 31)]
     assert all(len(mk) == 64 for mk in markers) and want.size == 32 * 4096
-    assert all(store_holds(plain.store, mk) for mk in markers)  # the control
+    assert all(store_holds(plain, mk) for mk in markers)  # the control
     plain.close()
 
     monkeypatch.setenv(ENV_KEY, KEY)  # the coordinator daemon inherits it
@@ -73,9 +67,11 @@ def test_no_page_content_in_an_encrypted_store(
     assert np.array_equal(got, want)
     markers = [want[p * 4096 + 100 : p * 4096 + 164].tobytes() for p in (0, 7, 31)]
     for mk in markers:
-        assert store_holds(sealed.store, mk) == []
-    # Owner-only permissions on everything the store holds.
-    for dirpath, _, names in os.walk(sealed.store):
+        assert store_holds(sealed, mk) == []
+    # Owner-only permissions on everything the store keeps on this machine (S3 objects
+    # have no Unix permissions: there, the catalog's state directory).
+    assert sealed.local_dir.is_dir()
+    for dirpath, _, names in os.walk(sealed.local_dir):
         assert stat.S_IMODE(os.stat(dirpath).st_mode) & 0o077 == 0, dirpath
         for n in names:
             assert stat.S_IMODE(os.stat(Path(dirpath) / n).st_mode) & 0o077 == 0, n
@@ -86,7 +82,7 @@ def test_no_page_content_in_an_encrypted_store(
     # Offline: with the wrong key reading refuses (authenticated encryption), with the
     # right one the pages come back.
     for key, ok in ((b"\x01" * 32, False), (bytes.fromhex(KEY), True)):
-        repo = Repository.open_local(sealed.store, StoreConfig(sealer=Sealer(key)))
+        repo = sealed.open_repository(StoreConfig(sealer=Sealer(key)))
         try:
             g = repo.generations("j")[-1]
             if ok:

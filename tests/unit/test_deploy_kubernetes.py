@@ -111,7 +111,8 @@ def test_coordinator_args_ports_and_store() -> None:
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == ports["grpc"]  # grpc.health.v1 is served
+        # mTLS: the kubelet's (plaintext) gRPC probe cannot pass the handshake.
+        assert c[probe]["tcpSocket"]["port"] in ("grpc", ports["grpc"])
 
 
 def test_agent_args_reach_the_coordinator_and_caps_match_the_unit() -> None:
@@ -170,3 +171,39 @@ def test_prometheus_rule_is_the_alert_file() -> None:
     rule = one("PrometheusRule", "cpcoord")
     shipped = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
     assert rule["spec"]["groups"] == shipped["groups"]
+
+
+def _secret_file(workload: dict[str, Any], path: Path) -> tuple[str, str]:
+    """(Secret name, key) that a file path of the container comes from."""
+    c = container(workload)
+    vols = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    for m in c["volumeMounts"]:
+        if path.is_relative_to(m["mountPath"]) and "secret" in vols[m["name"]]:
+            assert m.get("readOnly") is True, m
+            return vols[m["name"]]["secret"]["secretName"], path.name
+    raise AssertionError(f"{path} is not in a mounted Secret")
+
+
+@pytest.mark.parametrize(
+    "kind,name,secret",
+    [
+        ("Deployment", "cpcoord-coordinator", "cpcoord-coordinator-tls"),
+        ("DaemonSet", "cpcoord-agent", "cpcoord-agent-tls"),
+    ],
+)
+def test_daemons_speak_mtls_from_a_mounted_secret(kind: str, name: str, secret: str) -> None:
+    """No --insecure anywhere in the shipped manifests (comments aside); the --tls-*
+    files (and the coordinator's --tokens) come from a Secret under /etc/cpcoord/tls."""
+    for p in sorted(K8S.glob("*.yaml")):
+        assert "--insecure" not in yaml.safe_dump_all(yaml.safe_load_all(p.read_text())), p
+    w = one(kind, name)
+    a = parse_args(container(w))
+    assert not a.insecure
+    files = [a.tls_cert, a.tls_key, a.tls_ca]
+    if a.command == "coordinator":
+        files.append(a.tokens)
+    else:  # this node's own certificate (CN cpcoord-agent:NODE)
+        assert a.tls_cert.name == f"agent-{a.node}.pem"
+    for f in files:
+        assert f is not None and f.is_relative_to("/etc/cpcoord/tls"), f
+        assert _secret_file(w, f)[0] == secret
