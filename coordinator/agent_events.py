@@ -5,11 +5,14 @@ for that generation's flight (reports about a generation no longer in flight are
 and dropped, as the core would ignore them anyway); MemberGone is also recorded in the
 membership; CommandResults wake the waiting command; heartbeats only prove liveness.
 `Uploaded` is believed only if the member's UploadPages stream completed here.
+A `Staged` of a whole-memory member carries every thread's registers at the cut: they
+are kept on the flight (checked, never logged) for the manifest (commit.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from coordinator import members_ops
@@ -25,6 +28,7 @@ from coordinator.protocol_messages import (
     MemberUploaded,
 )
 from coordinator.protocol_values import AGENT_REASONS, AbortReason, Stats
+from coordinator.store.manifest import ThreadRegs
 from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.log import log_event
@@ -44,6 +48,30 @@ def stats_of(m: common_pb2.MemberStats, page_size: int) -> Stats:
         bytes_stored_new=int(m.bytes_stored_new),
         frozen_seconds=max(0.0, float(m.frozen_seconds)),
     )
+
+
+def threads_of(
+    msgs: Sequence[common_pb2.ThreadRegisters], starts: Sequence[int] = ()
+) -> tuple[ThreadRegs, ...]:
+    """A Staged's registers (and start times, parallel or empty) as the manifest keeps
+    them, sorted by tid; InvalidArgument when they cannot be a process's threads."""
+    if starts and len(starts) != len(msgs):
+        raise InvalidArgument(f"Staged has {len(starts)} start times for {len(msgs)} threads")
+    times = list(starts) or [0] * len(msgs)
+    out = sorted(
+        (
+            ThreadRegs(t.tid, t.arch, bytes(t.regs), bytes(t.fpregs), int(st))
+            for t, st in zip(msgs, times, strict=True)
+        ),
+        key=lambda t: t.tid,
+    )
+    tids = [t.tid for t in out]
+    if len(set(tids)) != len(tids):
+        raise InvalidArgument("Staged lists a thread twice")
+    for t in out:
+        if why := t.problem():
+            raise InvalidArgument(f"Staged registers: {why}")
+    return tuple(out)
 
 
 def reason_of(value: int) -> AbortReason | None:
@@ -123,6 +151,11 @@ def _event(engine: Engine, f: Flight, node: str, kind: str, body: object) -> Eve
         return AgentFrozen(node, tuple(m.name for m in fr.members))
     if kind == "staged":
         st: agent_pb2.Staged = body  # type: ignore[assignment]
+        if st.threads and f.gen.snapshot.member(st.member) is not None:
+            try:
+                f.threads[st.member] = threads_of(st.threads, st.thread_start_times)
+            except InvalidArgument as e:
+                return MemberFailed(node, st.member, AbortReason.BAD_DATA, str(e))
         return MemberStaged(node, st.member, stats_of(st.stats, ps))
     if kind == "uploaded":
         up: agent_pb2.Uploaded = body  # type: ignore[assignment]

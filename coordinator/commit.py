@@ -4,7 +4,8 @@ The protocol core says *when* (`Commit` once every member is uploaded, `DropGene
 on abort); this module does it against the store:
 - `run`: on its own thread, build the complete manifest from the members' finished
   uploads (each already the parent's pages overlaid with the changed ones,
-  coordinator/uploads.py) and `repo.commit` it: packs fsynced, manifest fsynced, catalog
+  coordinator/uploads.py) plus the registers whole-memory members reported with their
+  Staged (agent_events.py), and `repo.commit` it: packs fsynced, manifest fsynced, catalog
   flip. The outcome goes back to the core as StoreCommitted or StoreFailed; then
   retention runs.
 - `drop`: mark the catalog row ABORTED. The core's commit deadline can fire while the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from coordinator.flight import Flight
@@ -58,6 +60,7 @@ def _write(engine: Engine, f: Flight) -> bool:
             return False
         spec = f.gen.snapshot.spec
         uploads = [f.uploads[m] for m, _ in spec.members]
+        threads = dict(f.threads)
     cuts = [u.cut_ns for u in uploads if u.cut_ns]
     m = Manifest(
         job=f.job,
@@ -65,7 +68,7 @@ def _write(engine: Engine, f: Flight) -> bool:
         parent=f.parent,
         time_ns=max(cuts) if cuts else (f.barrier_ns or time.time_ns()),
         page_size=engine.opt.page_size,
-        members=tuple(u.member_map() for u in uploads),
+        members=tuple(replace(u.member_map(), threads=threads.get(u.member, ())) for u in uploads),
     )
     engine.repo.commit(m)
     return True
@@ -100,6 +103,7 @@ def retain(engine: Engine, job: str) -> list[int]:
         try:
             engine.repo.delete_generation(job, g.number)
             dropped.append(g.number)
+            engine.events.publish("generation_deleted", job=job, generation=g.number)
         except CpcoordError as e:
             log_event(
                 log,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 
 from coordinator import commit, restore
 from coordinator.agents import AgentSession, Registry
+from coordinator.events import EventBus
 from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
     CheckpointOptions,
     Flight,
@@ -126,6 +127,7 @@ class Engine:
         self._stopping = False
         self._timer: threading.Thread | None = None
         self.on_progress: list[Callable[[Flight, Progress], None]] = []  # metrics, watch
+        self.events = EventBus()  # Watch streams (coordinator/events.py)
         repo.fault = lambda step: (
             fault_point(_STORE_FAULTS[step]) if step in _STORE_FAULTS else None
         )
@@ -146,6 +148,7 @@ class Engine:
             for s in self.agents.connected():
                 s.close("the coordinator is shutting down")
             self._wake.notify_all()
+        self.events.close()
         if self._timer is not None:
             self._timer.join(timeout=5)
 
@@ -188,10 +191,11 @@ class Engine:
             s.close(detail)
             if not self.agents.drop(s):
                 return
+            # Watchers hear the cause before its effects (the aborts it brings).
+            self._emit_watch("agent_disconnected", node=s.node, detail=detail)
             for f in list(self.flights.values()):
                 self.feed(f, AgentLost(s.node, detail or "stream ended"))
         log_event(log, logging.WARNING, "agent disconnected", node=s.node, detail=detail)
-        self._emit_watch("agent_disconnected", node=s.node, detail=detail)
 
     # -- checkpoint ------------------------------------------------------------------
 
@@ -305,6 +309,8 @@ class Engine:
             msg = agent_pb2.Freeze(
                 job=c.job, generation=c.generation, kind=kind, lease_ms=lease_ms, members=c.members
             )
+            if restore.is_restore(f):  # whole-memory members: regions and registers
+                msg.layouts.extend(restore.freeze_layouts(self, c.job, c.generation, c.members))
             self._send(f, c.node, freeze=msg)
         elif isinstance(c, SendCapture):
             full = c.full or c.node in f.full_nodes
@@ -353,6 +359,7 @@ class Engine:
             summary = self._finish(f)
         p = Progress(ev, self.clock() - f.started, summary)
         f.publish(p)
+        self.events.progress(p, restore=restore.is_restore(f))
         if restore.is_restore(f):
             return  # the hooks (metrics) count checkpoints
         for hook in self.on_progress:
@@ -442,3 +449,4 @@ class Engine:
 
     def _emit_watch(self, kind: str, **fields: object) -> None:
         log_event(log, logging.DEBUG, "watch", kind=kind, **fields)
+        self.events.publish(kind, **fields)

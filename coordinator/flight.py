@@ -18,7 +18,7 @@ from coordinator.protocol import Generation
 from coordinator.protocol_messages import ProgressEvent
 from coordinator.protocol_values import GenState, Timing
 from coordinator.store.catalog import GenerationInfo
-from coordinator.store.manifest import Manifest
+from coordinator.store.manifest import Manifest, ThreadRegs
 from coordinator.uploads import MemberUpload
 from cpcoord.errors import InvalidArgument
 
@@ -117,6 +117,8 @@ class Flight:
         self.started_unix = time.time()
         self.barrier_ns = 0
         self.uploads: dict[str, MemberUpload] = {}
+        # Registers at the cut of whole-memory members, from their Staged (agent_events.py)
+        self.threads: dict[str, tuple[ThreadRegs, ...]] = {}
         self.subscribers: list[Subscription] = []
         self.committing = False
         self.summary: Summary | None = None

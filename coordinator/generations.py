@@ -131,6 +131,7 @@ def delete_generation(engine: Engine, job: str, n: int, force: bool = False) -> 
         if info.pinned and force:
             engine.repo.pin(job, n, False)
         engine.repo.delete_generation(job, n)
+        engine.events.publish("generation_deleted", job=job, generation=n, detail="deleted")
 
 
 def pin(engine: Engine, job: str, n: int, pinned: bool) -> Summary:
@@ -144,7 +145,9 @@ def gc(engine: Engine, keep: int = 0, dry_run: bool = False) -> GcReport:
     if keep < 1:
         raise InvalidArgument(f"keep must be at least 1, got {keep}")
     if not dry_run:
-        return engine.repo.gc(keep)
+        report = engine.repo.gc(keep)
+        engine.events.gc_ran(report)
+        return report
     dropped = []
     for job in engine.repo.catalog.jobs():
         gens = engine.repo.generations(job)

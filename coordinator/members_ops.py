@@ -112,6 +112,7 @@ def attach(engine: Engine, req: AttachRequest) -> tuple[MemberRec, types_pb2.Mem
     log_event(
         log, logging.INFO, "member attached", job=rec.job, member=rec.name, node=node, pid=rec.pid
     )
+    engine.events.publish("member_attached", job=rec.job, member=rec.name, node=node)
     return rec, res.member
 
 
@@ -146,6 +147,7 @@ def detach(engine: Engine, job: str, member: str) -> MemberRec:
                 why=str(e),
             )
     log_event(log, logging.INFO, "member detached", job=job, member=member)
+    engine.events.publish("member_detached", job=job, member=member, node=rec.node)
     return rec
 
 
@@ -154,6 +156,7 @@ def mark_gone(engine: Engine, job: str, member: str, detail: str) -> MemberRec |
         rec = engine.members.get(job, member)
         if rec is None or rec.gone:
             return rec
+        engine.events.publish("member_gone", job=job, member=member, node=rec.node, detail=detail)
         return engine.members.update(replace(rec, gone=True, detail=detail))
 
 

@@ -11,6 +11,13 @@ member, and when all are written every agent gets Thaw. The flight is the job's
 generation in flight (a checkpoint and a restore of one job exclude each other); its
 number is the generation written back, which stays committed whatever happens.
 
+A member of the default (whole-memory) region set is restored only together with every
+thread's registers at the cut: its manifest holds them (saved by the agent while frozen
+for the capture, reported with Staged), and the restore Freeze carries them with the
+member's regions (`freeze_layouts`), because the agent's fit check, before anything is
+written anywhere, needs them (same threads as at the cut). A generation without them
+(an older one) is refused by the agent, with the reason.
+
 A restored member's tracker state no longer describes its memory, so its next capture is
 full (its `committed` base is cleared).
 """
@@ -18,6 +25,7 @@ full (its `committed` base is cleared).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -116,6 +124,36 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
         engine.feed(f, Begin(engine.clock()))
         engine._wake.notify_all()
     return sub
+
+
+def freeze_layouts(
+    engine: Engine, job: str, generation: int, members: Iterable[str]
+) -> list[agent_pb2.RestoreLayout]:
+    """The restore Freeze's layouts: regions and registers at the cut of each named
+    member that has registers in the generation (a whole-memory member)."""
+    manifest = engine.repo.manifest(job, generation)
+    out = []
+    for name in members:
+        try:
+            mm = manifest.member(name)
+        except KeyError:
+            continue
+        if not mm.threads:
+            continue
+        out.append(
+            agent_pb2.RestoreLayout(
+                member=name,
+                regions=[
+                    types_pb2.Region(name=r.name, start=r.start, end=r.end) for r in mm.regions
+                ],
+                threads=[
+                    common_pb2.ThreadRegisters(tid=t.tid, arch=t.arch, regs=t.regs, fpregs=t.fpregs)
+                    for t in mm.threads
+                ],
+                thread_start_times=[t.start_time for t in mm.threads],
+            )
+        )
+    return out
 
 
 def finish(engine: Engine, f: Flight) -> Summary:

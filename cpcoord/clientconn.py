@@ -24,10 +24,12 @@ from cpcoord.gen.v1 import coordinator_pb2_grpc
 from cpcoord.grpcutil import insecure_requested, make_channel, raise_from_rpc_error
 
 ENV_ADDRESS = "CPCOORD_COORDINATOR"
+# The option group of client commands; cpcoord.config applies its [client] table to them.
+GROUP_TITLE = "coordinator connection"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("coordinator connection")
+    g = p.add_argument_group(GROUP_TITLE)
     g.add_argument(
         "--coordinator",
         metavar="HOST:PORT",

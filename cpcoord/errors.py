@@ -603,3 +603,68 @@ class AgentIdentityMismatch(CpcoordError):
 
     exit_code = 116
     status = "PERMISSION_DENIED"
+
+
+# -- scheduler API client (120-124) -------------------------------------------------------
+
+
+class CoordinatorStopping(CpcoordError):
+    """the coordinator is shutting down: {}"""
+
+    exit_code = 120
+    status = "UNAVAILABLE"
+
+
+class StreamIncomplete(CpcoordError):
+    """the {} stream ended without its final event"""
+
+    exit_code = 121
+    status = "INTERNAL"
+
+
+class TooManyWatchers(CpcoordError):
+    """too many Watch streams: {} are open (the limit); close one or watch fewer"""
+
+    exit_code = 122
+    status = "RESOURCE_EXHAUSTED"
+
+
+# -- CLI configuration file (125-129) -----------------------------------------------------
+
+
+class ConfigInvalid(InvalidArgument):
+    """config file {}: {}"""
+
+    exit_code = 125
+    status = "INVALID_ARGUMENT"
+
+
+class ConfigUnreadable(CpcoordError):
+    """cannot read config file {}: {}"""
+
+    exit_code = 126
+    status = "FAILED_PRECONDITION"
+
+
+# -- cpcoord run and the agent's local API (84-89) -----------------------------------------
+
+
+class CommandNotFound(CpcoordError):
+    """cannot run {!r}: {}"""
+
+    exit_code = 84
+    status = "NOT_FOUND"
+
+
+class LocalCommandTimeout(CpcoordError):
+    """the agent's ptrace thread did not finish {} within {} s"""
+
+    exit_code = 85
+    status = "DEADLINE_EXCEEDED"
+
+
+class LocalApiSocketUnservable(CpcoordError):
+    """cannot serve the local API on {}: {}"""
+
+    exit_code = 86
+    status = "UNAVAILABLE"

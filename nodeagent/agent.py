@@ -37,14 +37,15 @@ from dataclasses import dataclass
 import grpc
 
 from cpcoord import __version__, grpcutil
-from cpcoord.errors import ChunkMismatch, CpcoordError, NotImplementedYet
+from cpcoord.errors import AgentUnavailable, ChunkMismatch, CpcoordError, NotImplementedYet
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent import metrics, restore_ops
+from nodeagent.localapi_backend import LocalCommands
 from nodeagent.membership import Members
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
-from nodeagent.upload import Limits, StagedMember, UploadResult
+from nodeagent.upload import Limits, StagedMember, UploadResult, enable_frames
 from nodeagent.upload_pool import Uploader
 from nodeagent.worker import Worker
 from nodeagent.worker_ops import (
@@ -134,6 +135,7 @@ class Agent:
         self.connected = threading.Event()
         self.sessions = 0  # Welcomes received, for tests and metrics
         self.members = Members()
+        self.local_commands = LocalCommands()  # the local API's own worker commands
         self.uploader = Uploader(self._uploaded, config.upload_threads)
         self.worker = Worker(
             self.members,
@@ -181,6 +183,15 @@ class Agent:
         with self._lock:
             return self._epoch
 
+    def control_stub(self) -> tuple[agent_pb2_grpc.AgentControlStub, float]:
+        """The welcomed control stream's stub and call timeout (the local API downloads
+        with it); AgentUnavailable while the agent is not connected."""
+        with self._lock:
+            s = self._session
+        if s is None or s.closed.is_set() or not self.connected.is_set():
+            raise AgentUnavailable(self.config.node)
+        return s.stub, s.limits.timeout_s
+
     # -- one session -----------------------------------------------------------------------
 
     def _hello(self) -> agent_pb2.Hello:
@@ -210,7 +221,7 @@ class Agent:
     def _serve_once(self) -> bool:
         """One control stream, from dial to break. True if it got as far as a Welcome."""
         channel = self._channel_factory(self.config.coordinator, self.config.insecure)
-        stub = agent_pb2_grpc.AgentControlStub(channel)
+        stub = enable_frames(agent_pb2_grpc.AgentControlStub(channel), channel)
         with self._lock:
             self._epoch += 1
             s = _Session(self._epoch, stub)
@@ -298,6 +309,8 @@ class Agent:
     # -- events up -------------------------------------------------------------------------
 
     def _emit(self, msg: agent_pb2.AgentMessage, epoch: int) -> None:
+        if self.local_commands.deliver(msg):
+            return
         with self._lock:
             s = self._session
             if s is None or s.epoch != epoch or s.closed.is_set():
@@ -358,7 +371,8 @@ class Agent:
         elif body == "freeze":
             f = msg.freeze
             restoring = f.kind == common_pb2.OPERATION_KIND_RESTORE
-            op = FreezeOp(f.job, f.generation, f.lease_ms, tuple(f.members), e, restoring)
+            layouts = restore_ops.layouts_of(f) if restoring else ()
+            op = FreezeOp(f.job, f.generation, f.lease_ms, tuple(f.members), e, restoring, layouts)
             self.worker.submit(op)
         elif body == "capture":
             c = msg.capture

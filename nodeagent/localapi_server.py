@@ -28,9 +28,9 @@ from types import TracebackType
 from typing import Any
 
 from cpcoord.errors import (
-    AgentSocketUnavailable,
     CpcoordError,
     LocalApiError,
+    LocalApiSocketUnservable,
     NoSuchProcess,
     PidReused,
 )
@@ -91,7 +91,10 @@ class LocalApiServer:
     # -- lifetime ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as e:
+            raise LocalApiSocketUnservable(str(self.path), e.strerror or str(e)) from None
         self._clear_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -101,7 +104,7 @@ class LocalApiServer:
             sock.settimeout(0.25)  # so the accept loop notices close()
         except OSError as e:
             sock.close()
-            raise AgentSocketUnavailable(str(self.path), e.strerror or str(e)) from None
+            raise LocalApiSocketUnservable(str(self.path), e.strerror or str(e)) from None
         self._sock = sock
         self._acceptor = threading.Thread(
             target=self._accept_loop, name="localapi-accept", daemon=True

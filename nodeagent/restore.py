@@ -12,7 +12,9 @@ Owns the fit check, the write plan and the two-phase sequence (DESIGN.md, Restor
    `contents`), every other page of the region becomes zeros (zero at the cut or absent
    then: "write all pages, including zero pages and pages written since"), then the
    registers of a default-set member. Pages of private mappings that are absent now
-   already read as zeros and are left alone, so a sparse region costs no memory.
+   already read as they did at the cut and are left alone, so a sparse region costs no
+   memory; in a private *file* mapping a page absent at the cut read as the file, so
+   where it is present now it gets the file's bytes back, not zeros (restore_plan.py).
 
 Explicit regions (given ranges, the client library) are restored alone: the process
 vouches for them. The default whole-memory set only with every thread's registers.
@@ -29,8 +31,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, replace
 
@@ -243,9 +246,9 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
         maps = tuple(read_maps(fp.pid))
     except NoSuchProcess:
         raise ProcessExited(fp.pid, "restore") from None
-    for r in layout.regions:
-        _fit_region(layout.member, r, maps, layout.explicit)
     if not layout.explicit:
+        # Threads first: a process with other threads never takes its memory back, and
+        # that is the reason to report even when its mappings changed as well.
         if layout.threads is None:
             raise RestoreRefused(
                 layout.member,
@@ -253,6 +256,8 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
                 "every thread's registers saved at the cut, and the generation has none",
             )
         check_threads(layout.member, fp, layout.threads)
+    for r in layout.regions:
+        _fit_region(layout.member, r, maps, layout.explicit)
     return Fitted(fp, layout, maps)
 
 
@@ -282,6 +287,28 @@ def _contents_for(
     return out
 
 
+def _file_reader(pid: int) -> Callable[[Mapping, int, int], bytes | None]:
+    """The file bytes behind a private file mapping of `pid` (through its map_files
+    link, so a renamed or replaced path still reads the mapped file); zeros past the
+    end of the file, as the mapping shows them; None when it cannot be read."""
+
+    def read(m: Mapping, addr: int, n: int) -> bytes | None:
+        path = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                got = os.pread(fd, n, m.offset + (addr - m.start))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            fields = {"pid": pid, "mapping": f"{m.start:x}-{m.end:x}", "error": e.strerror}
+            log.warning("file of a mapping unreadable: zeros", extra={"fields": fields})
+            return None
+        return got + bytes(n - len(got))
+
+    return read
+
+
 def write(
     fitted: Fitted,
     contents: Iterable[RegionContents] | MappingABC[str, RegionContents],
@@ -303,7 +330,13 @@ def write(
     order = sorted(range(len(regions)), key=lambda i: regions[i].start)
     ordered = [(regions[i], layout.regions[i].write_end) for i in order]
     with PagemapReader(fp.pid) as pm:
-        plan = build_plan(ordered, maps, lambda lo, hi: taken_in(pm, lo, hi), layout.member)
+        plan = build_plan(
+            ordered,
+            maps,
+            lambda lo, hi: taken_in(pm, lo, hi),
+            layout.member,
+            file_bytes=_file_reader(fp.pid),
+        )
     with MemoryWriter(fp.pid, writev) as w:
         stats = w.write(plan.remote, plan.local, plan.forced)
     threads = 0

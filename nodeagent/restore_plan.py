@@ -6,8 +6,12 @@ pages (each a contiguous block of rows of the contents' data) and the gaps betwe
 at mapping boundaries (a piece in a mapping the target cannot write goes through
 /proc/PID/mem, see writer.py); zero pieces in private mappings narrowed to the pages
 present (or swapped) now, since an absent private page already reads as zeros; zero
-pieces split to the size of the zero source. Everything is NumPy over runs and pieces;
-the only Python loop is per region.
+pieces split to the size of the zero source. A page absent at the cut in a private
+*file* mapping read as the file then, not as zeros: where such a page is present now
+(copied on write, or read in since), its piece gets the file's bytes (`FileFn`), so a
+library's data page first touched after the cut comes back as the file, never zeroed.
+Everything is NumPy over runs and pieces; the only Python loops are per region and per
+such file run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 # (first pages, end pages) of sorted, disjoint segments -> present-or-swapped pages in them
 PresentFn = Callable[[U64, U64], U64]
+# (a private file mapping, address, length) -> the file's bytes there (None: unreadable,
+# then zeros are written, as for an anonymous page)
+FileFn = Callable[[Mapping, int, int], bytes | None]
 _SHIFT = np.uint64(PAGE_SHIFT)
 
 
@@ -85,6 +92,7 @@ def build_plan(
     maps: Sequence[Mapping],
     present: PresentFn,
     member: str = "?",
+    file_bytes: FileFn | None = None,
 ) -> Plan:
     """Pieces for `(contents, write_end)` of every region, sorted by start and disjoint.
     The plan keeps the arrays its local addresses point into."""
@@ -123,10 +131,12 @@ def build_plan(
     # Zero pieces of private mappings: only the pages present now need zeros.
     narrow = z & ~shared[midx]
     ks, ke, km = _present_runs(s[narrow], e[narrow], midx[narrow], present)
+    kloc, kz, filed = _file_runs(ks, ke, km, maps, file_bytes)
+    kept: tuple[object, ...] = (*keep, *filed)
     s = np.concatenate((s[~narrow], ks))
     e = np.concatenate((e[~narrow], ke))
-    loc = np.concatenate((loc[~narrow], np.zeros_like(ks)))
-    z = np.concatenate((z[~narrow], np.ones(ks.size, bool)))
+    loc = np.concatenate((loc[~narrow], kloc))
+    z = np.concatenate((z[~narrow], kz))
     midx = np.concatenate((midx[~narrow], km))
 
     # Zero pieces longer than the zero source: several pieces, all reading from it.
@@ -150,8 +160,30 @@ def build_plan(
         forced=~writable[pm],
         total_bytes=int(length.sum()),
         zero_bytes=int(length[pz].sum()),
-        keep=keep,
+        keep=kept,
     )
+
+
+def _file_runs(
+    s: I64, e: I64, m: I64, maps: Sequence[Mapping], file_bytes: FileFn | None
+) -> tuple[I64, npt.NDArray[np.bool_], tuple[object, ...]]:
+    """Local addresses and zero flags of the pieces `[s, e)` (pages absent at the cut,
+    present now, in mapping `m`): the file's bytes for private file mappings, else
+    zeros. One read per run of pages, never per page."""
+    loc = np.zeros_like(s)
+    zero = np.ones(s.size, dtype=bool)
+    if file_bytes is None or s.size == 0:
+        return loc, zero, ()
+    is_file = np.array([mp.is_regular_file for mp in maps] + [False], dtype=bool)
+    bufs = []
+    for i in np.flatnonzero(is_file[m]).tolist():
+        got = file_bytes(maps[int(m[i])], int(s[i]), int(e[i] - s[i]))
+        if got is None:
+            continue
+        buf = np.frombuffer(got, dtype=np.uint8)
+        bufs.append(buf)
+        loc[i], zero[i] = int(buf.ctypes.data), False
+    return loc, zero, tuple(bufs)
 
 
 def _present_runs(s: I64, e: I64, m: I64, present: PresentFn) -> tuple[I64, I64, I64]:

@@ -13,8 +13,10 @@ is late by at most one member's copy.
 Per Capture, members are copied one after the other (all are frozen: the cut is taken),
 each thawed as soon as its copy is staged and its tracker re-armed (nodeagent/tracking.py);
 uploads start only after the last member of the Capture is thawed, so they never slow
-a copy. Events go out through `emit(message, epoch)`: the epoch names the control stream
-the command came on, so nothing is reported on a newer stream for an older one.
+a copy. A whole-memory member's registers are saved first, while frozen, and go out with
+its Staged (restore_ops.py); a restore Freeze's fit check uses the ones it brings back.
+Events go out through `emit(message, epoch)`: the epoch names the control stream the
+command came on, so nothing is reported on a newer stream for an older one.
 """
 
 from __future__ import annotations
@@ -331,7 +333,7 @@ class Worker:
 
     def _fit(self, op: FreezeOp, m: HeldMember, fe: FrozenEntry) -> bool:
         try:
-            fe.fitted = restore_ops.fit(m, fe.fp)
+            fe.fitted = restore_ops.fit(m, fe.fp, op.layouts)
             return True
         except CpcoordError as e:
             mismatch = restore_ops.fit_error(e)
@@ -429,9 +431,12 @@ class Worker:
     def _capture_member(
         self, op: CaptureOp, m: HeldMember, fe: FrozenEntry, cut_ns: int
     ) -> StagedMember | None:
+        t_copy = time.monotonic()  # the member's own copy and thaw, barrier wait excluded
         staging = self._staging(m)
         try:
             try:
+                # Registers first, before a tracker injects anything: the cut's (issue 5).
+                threads = restore_ops.cut_threads(m, fe.fp)
                 c = tracking.capture_frozen(m, fe.fp, op.generation, op.full, staging, self._readv)
                 faults.fault_point("agent.capture")
             finally:
@@ -443,6 +448,7 @@ class Worker:
             self._fail(op.job, op.generation, m.name, R.ABORT_REASON_CAPTURE_FAILED, e, op.epoch)
             return None
         frozen_s = time.monotonic() - fe.started
+        copy_s = time.monotonic() - t_copy
         stats = common_pb2.MemberStats(
             pages=c.result.pages,
             bytes_logical=c.result.pages * PAGE_SIZE,
@@ -450,7 +456,15 @@ class Worker:
             tracker=c.tracker,
             full=c.full,
         )
-        st = agent_pb2.Staged(job=op.job, generation=op.generation, member=m.name, stats=stats)
+        regs, starts = restore_ops.staged_threads(m.name, threads)
+        st = agent_pb2.Staged(
+            job=op.job,
+            generation=op.generation,
+            member=m.name,
+            stats=stats,
+            threads=regs,
+            thread_start_times=starts,
+        )
         self._emit(agent_pb2.AgentMessage(staged=st), op.epoch)
         log.info(
             "staged",
@@ -463,6 +477,7 @@ class Worker:
                     "full": c.full,
                     "tracker": c.tracker,
                     "frozen_ms": round(frozen_s * 1e3, 3),
+                    "copy_ms": round(copy_s * 1e3, 3),
                 }
             },
         )

@@ -12,6 +12,7 @@ from nodeagent.freeze import FrozenProcess
 from nodeagent.membership import HeldMember, Key
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.restore import Fitted, RegionContents
+from nodeagent.restore_ops import Layouts
 from nodeagent.trackers import registry
 
 
@@ -31,6 +32,7 @@ class FreezeOp:
     members: tuple[str, ...]  # empty: every member of the job held here
     epoch: int
     restore: bool = False  # OPERATION_KIND_RESTORE: check each member fits the generation
+    layouts: Layouts = ()  # restore: whole-memory members' regions and registers at the cut
 
 
 @dataclass(frozen=True)

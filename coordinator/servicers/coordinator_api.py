@@ -5,7 +5,7 @@ raise CpcoordErrors, which `rpc_errors` turns into statuses. Checkpoint streams 
 flight's progress; if the client goes away before the end, the generation is cancelled
 (unless the store is already committing it). Diff compares two manifests
 (coordinator/diff.py). Restore streams a restore flight (coordinator/restore.py) or
-answers one RestoreInto. Watch arrives with issue 6.
+answers one RestoreInto. Watch follows the event bus (coordinator/servicers/watch.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import grpc
 from coordinator import diff, generations, members_ops, pagestream, restore
 from coordinator.engine import CheckpointOptions, Engine
 from coordinator.flight import Subscription
-from coordinator.servicers import convert
+from coordinator.servicers import convert, watch
 from coordinator.store import GcReport
-from cpcoord.errors import InvalidArgument, NotImplementedYet, UnknownJob
+from cpcoord.errors import InvalidArgument, UnknownJob
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from cpcoord.grpcutil import rpc_errors
 from cpcoord.ranges import check_name
@@ -191,6 +191,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     stats=common_pb2.MemberStats(
                         pages=pages, zero_pages=zero, bytes_logical=pages * d.manifest.page_size
                     ),
+                    threads=len(mm.threads),
                 )
             )
         return coordinator_pb2.GetGenerationResponse(
@@ -368,5 +369,4 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Watch(
         self, request: coordinator_pb2.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[coordinator_pb2.WatchEvent]:
-        raise NotImplementedYet("Watch", "the event stream arrives with issue 6")
-        yield  # pragma: no cover
+        yield from watch.stream(self.engine.events, request, context)

@@ -10,6 +10,10 @@ entry were not captured (not present, or unreadable) and restore leaves them alo
 A manifest is complete: it lists every captured page of the generation, so restore and
 export read one manifest and never walk a parent chain.
 
+A member of the default (whole-memory) region set also carries every thread's registers
+at the cut (`MemberMap.threads`, opaque bytes to the store): restore in place of a whole
+address space puts them back. Explicit-region members and older manifests have none.
+
 Page tables are four aligned NumPy columns (offsets u64, counts u32, skips u32, ids V32),
 44 bytes per entry; validation and overlay are vectorised, never a loop per page.
 """
@@ -27,6 +31,30 @@ from cpcoord.errors import ManifestInvalid
 
 FORMAT = 1
 MAX_NAME = 1024
+MAX_REGS = 1 << 16  # bytes of one thread's register set (an XSAVE area is a few KiB)
+
+
+@dataclass(frozen=True)
+class ThreadRegs:
+    """One thread's registers at the cut (manifest.proto ManifestThread)."""
+
+    tid: int
+    arch: str
+    regs: bytes = field(repr=False)  # may hold secrets: never printed
+    fpregs: bytes = field(repr=False)
+    start_time: int = 0  # clock ticks since boot (tells a reused tid apart); 0 = unknown
+
+    def problem(self) -> str:
+        """Why this cannot be a thread's saved state (empty: fine)."""
+        if not 1 <= self.tid < 1 << 31:
+            return f"thread id {self.tid} out of range"
+        if not 0 <= self.start_time < 1 << 64:
+            return f"thread {self.tid}: start time out of range"
+        if not self.arch or len(self.arch) > 32:
+            return f"thread {self.tid}: empty or overlong arch"
+        if not self.regs or len(self.regs) > MAX_REGS or len(self.fpregs) > MAX_REGS:
+            return f"thread {self.tid}: register sets of {len(self.regs)}/{len(self.fpregs)} bytes"
+        return ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +150,7 @@ class RegionMap:
 class MemberMap:
     name: str
     regions: tuple[RegionMap, ...]
+    threads: tuple[ThreadRegs, ...] = ()  # sorted by tid; empty: no registers saved
 
     def region(self, name: str) -> RegionMap:
         for r in self.regions:
@@ -191,6 +220,12 @@ class Manifest:
         for m in self.members:
             if not m.name or len(m.name) > MAX_NAME:
                 raise bad("empty or overlong member name")
+            tids = [t.tid for t in m.threads]
+            if tids != sorted(set(tids)):
+                raise bad(f"member {m.name}: thread ids not sorted and unique")
+            for t in m.threads:
+                if why := t.problem():
+                    raise bad(f"member {m.name}: {why}")
             rnames = [r.name for r in m.regions]
             if len(set(rnames)) != len(rnames):
                 raise bad(f"member {m.name}: duplicate region name")

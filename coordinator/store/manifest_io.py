@@ -3,7 +3,7 @@
 Grammar of a manifest file (the reader below enforces every rule):
 
     manifest  = MAGIC frame<header> member{header.member_count} frame<trailer> checksum
-    member    = frame<member> region{member.region_count}
+    member    = frame<member> frame<thread>{member.thread_count} region{member.region_count}
     region    = frame<region> frame<entries>*     (their entries add up to entry_count)
     frame<K>  = length:u32le  ManifestFrame{kind = K}[length]     (length <= 16 MiB)
     MAGIC     = "CPMANIF" 0x01                                     8 bytes
@@ -26,7 +26,14 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from coordinator.store.ids import ID_DTYPE, digest
-from coordinator.store.manifest import FORMAT, Manifest, MemberMap, PageTable, RegionMap
+from coordinator.store.manifest import (
+    FORMAT,
+    Manifest,
+    MemberMap,
+    PageTable,
+    RegionMap,
+    ThreadRegs,
+)
 from cpcoord.errors import DataCorrupted, ManifestInvalid
 from cpcoord.gen.v1 import manifest_pb2 as pb
 
@@ -60,9 +67,19 @@ def encode(m: Manifest) -> bytes:
     frame(pb.ManifestFrame(header=header))
     entries = pages = 0
     for mem in m.members:
-        frame(
-            pb.ManifestFrame(member=pb.ManifestMember(name=mem.name, region_count=len(mem.regions)))
+        mf = pb.ManifestMember(
+            name=mem.name, region_count=len(mem.regions), thread_count=len(mem.threads)
         )
+        frame(pb.ManifestFrame(member=mf))
+        for th_ in mem.threads:
+            th = pb.ManifestThread(
+                tid=th_.tid,
+                arch=th_.arch,
+                regs=th_.regs,
+                fpregs=th_.fpregs,
+                start_time=th_.start_time,
+            )
+            frame(pb.ManifestFrame(thread=th))
         for r in mem.regions:
             t = r.pages
             frame(
@@ -133,6 +150,12 @@ def decode(data: bytes, where: str = "?") -> Manifest:
     entries = pages = 0
     for _ in range(h.member_count):
         mf = rd.next("member").member
+        threads = []
+        for _ in range(mf.thread_count):
+            th = rd.next("thread").thread
+            threads.append(
+                ThreadRegs(th.tid, th.arch, bytes(th.regs), bytes(th.fpregs), th.start_time)
+            )
         regions = []
         for _ in range(mf.region_count):
             rf = rd.next("region").region
@@ -167,7 +190,7 @@ def decode(data: bytes, where: str = "?") -> Manifest:
             regions.append(RegionMap(rf.name, rf.start, rf.end, t))
             entries += len(t)
             pages += t.page_count
-        members.append(MemberMap(mf.name, tuple(regions)))
+        members.append(MemberMap(mf.name, tuple(regions), tuple(threads)))
     frames_before = rd.frames
     tr = rd.next("trailer").trailer
     if (tr.frame_count, tr.entry_count, tr.page_count) != (frames_before, entries, pages):

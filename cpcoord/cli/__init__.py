@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from cpcoord import __version__
+from cpcoord import __version__, config
 from cpcoord import log as cplog
 from cpcoord.errors import CpcoordError
+
+log = logging.getLogger(__name__)
 
 # Subcommand modules, in the order --help lists them.
 SUBCOMMANDS = [
@@ -27,6 +30,7 @@ SUBCOMMANDS = [
     "jobs",
     "attach",
     "detach",
+    "run",
     "checkpoint",
     "generations",
     "export",
@@ -35,6 +39,7 @@ SUBCOMMANDS = [
     "verify",
     "gc",
     "certs",
+    "completion",
 ]
 
 
@@ -51,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cpcoord {__version__}")
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML config file (default: $CPCOORD_CONFIG, ~/.config/cpcoord/config.toml, "
+        "/etc/cpcoord/config.toml; see docs/config.md)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMANDS:
@@ -74,10 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_option(argv: Sequence[str]) -> str | None:
+    """--config given before the subcommand (it is a global option), without parsing the
+    rest: the file's values must be defaults before the real parse."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--log-level", default=None)
+    pre.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None  # e.g. `--config` without a value: the real parse reports it
+    return known.config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    try:
+        cfg = config.load(_config_option(argv))
+        config.apply(parser, cfg)
+    except CpcoordError as e:
+        print(f"cpcoord: error: {e.message()}", file=sys.stderr)
+        return e.exit_code
     args = parser.parse_args(argv)
     cplog.setup(args.log_level)
+    if cfg.path is not None:
+        log.debug("config file loaded", extra={"fields": config.describe(cfg)})
+    for w in cfg.warnings:
+        log.warning(w, extra={"fields": {"path": str(cfg.path)}})
     try:
         return int(args._run(args))
     except CpcoordError as e:

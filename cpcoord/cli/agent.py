@@ -26,7 +26,14 @@ the kernel releases every process it held.
 
 Trackers (--tracker): auto (uffd-wp, else soft-dirty, else hash), uffd-wp, soft-dirty,
 hash, none (every capture full). `--check` prints what this kernel supports and exits.
-Stops on SIGTERM or SIGINT: thaws everything, disarms trackers."""
+Stops on SIGTERM or SIGINT: thaws everything, disarms trackers.
+
+Local API (docs/local-api.md): processes on this node register their memory, checkpoint
+themselves or their job and restore after a restart over the Unix socket --socket
+(default /run/cpcoord/agent.sock; a default socket that cannot be served is a warning,
+an explicit one an error; --no-socket serves none). The agent takes attach and
+checkpoint requests to the coordinator's client API with --local-api-token-file (an
+admin token) when the coordinator enforces auth."""
 EPILOG = """\
 examples:
   cpcoord agent --coordinator coord.example:7420 --node $(hostname) --insecure
@@ -68,6 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--upload-threads", type=int, default=2, metavar="N", help="members uploaded at once"
     )
     p.add_argument("--check", action="store_true", help="print the tracker report and exit")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=None,
+        help="serve the local API here (default /run/cpcoord/agent.sock)",
+    )
+    p.add_argument("--no-socket", action="store_true", help="serve no local API")
 
 
 def _add_security_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +94,13 @@ def _add_security_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="an `agent` role token, for a plaintext coordinator with --tokens",
+    )
+    g.add_argument(
+        "--local-api-token-file",
+        type=Path,
+        metavar="FILE",
+        help="an `admin` token for the local API's attach and checkpoint requests "
+        "(default: the agent's own credential, which an enforcing coordinator refuses)",
     )
 
 
@@ -145,7 +166,49 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     agent.start()
     print(f"cpcoord agent: node {args.node} dialing {args.coordinator}", file=sys.stderr)
-    while not stopping.wait(0.5):
-        pass
-    agent.stop()
+    server = None if args.no_socket else _local_api(args, agent, config.insecure)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        if server is not None:
+            server.close()
+        agent.stop()
     return 0
+
+
+def _local_api(args: argparse.Namespace, agent: Any, insecure: bool) -> Any:
+    """Serve the local API socket; None when the default socket cannot be served."""
+    import logging
+
+    from cpcoord import clientconn
+    from cpcoord.errors import CpcoordError
+    from cpcoord.local_wire import DEFAULT_SOCKET
+    from cpcoord.tokens import client_token
+    from nodeagent.localapi_backend import AgentBackend, GrpcCoordinatorApi
+    from nodeagent.localapi_server import LocalApiServer
+
+    tls = clientconn.tls_from_args(args)
+    # Its own credential unless told otherwise: the coordinator then refuses what the
+    # `agent` role may not do (Forbidden), a clear answer to the calling process.
+    token_file = args.local_api_token_file or args.token_file
+    token = client_token(None, token_file) if token_file is not None else None
+
+    def connect() -> clientconn.Client:
+        return clientconn.Client(args.coordinator, insecure, tls=tls, token=token)
+
+    server = LocalApiServer(
+        args.socket or DEFAULT_SOCKET, AgentBackend(agent, GrpcCoordinatorApi(connect))
+    )
+    try:
+        server.start()
+    except CpcoordError as e:
+        if args.socket:
+            agent.stop()
+            raise
+        logging.getLogger("cpcoord.agent").warning(
+            "local API not served", extra={"fields": {"socket": DEFAULT_SOCKET, "error": str(e)}}
+        )
+        return None
+    print(f"cpcoord agent: local API on {server.path}", file=sys.stderr)
+    return server

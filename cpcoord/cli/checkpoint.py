@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from cpcoord import clientconn
 from cpcoord.cli import _progress
@@ -48,14 +47,17 @@ def run(args: argparse.Namespace) -> int:
     req = coordinator_pb2.CheckpointRequest(
         job=args.job, full=args.full, lease_ms=args.lease_ms, pin=args.pin
     )
-    show = sys.stderr.isatty() and not args.json
+    shown = _progress.display(f"checkpoint {args.job}", enabled=not args.json)
+    events = _progress.EventProgress(shown)
     last = None
-    with clientconn.connect(args) as c:
-        for ev in c.stream("Checkpoint", req):
-            last = ev
-            if show:
-                _progress.show_event(ev)
-    last = _progress.outcome("Checkpoint", last, show)
+    try:
+        with clientconn.connect(args) as c:
+            for ev in c.stream("Checkpoint", req):
+                last = ev
+                events.event(ev)
+    finally:
+        shown.close()  # the error message, if any, starts on a line of its own
+    last = _progress.outcome("Checkpoint", last, shown)
     out = clientconn.generation_dict(last.info)
     out["state"] = _progress.kind(last)
     if args.json:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from cpcoord import clientconn
@@ -102,24 +101,27 @@ def request(args: argparse.Namespace) -> coordinator_pb2.RestoreRequest:
 
 def run(args: argparse.Namespace) -> int:
     req = request(args)
-    show = sys.stderr.isatty() and not args.json
+    shown = _progress.display(f"restore {args.job}", enabled=not args.json)
+    events = _progress.EventProgress(shown)
     last = None
     restored: list[dict[str, Any]] = []
-    with clientconn.connect(args) as c:
-        for ev in c.stream("Restore", req):
-            last = ev
-            if _progress.kind(ev) == "member_restored":
-                restored.append(
-                    {
-                        "member": ev.member,
-                        "node": ev.node,
-                        "pages": ev.stats.pages,
-                        "bytes": ev.stats.bytes_logical,
-                    }
-                )
-            if show:
-                _progress.show_event(ev)
-    last = _progress.outcome("Restore", last, show)
+    try:
+        with clientconn.connect(args) as c:
+            for ev in c.stream("Restore", req):
+                last = ev
+                if _progress.kind(ev) == "member_restored":
+                    restored.append(
+                        {
+                            "member": ev.member,
+                            "node": ev.node,
+                            "pages": ev.stats.pages,
+                            "bytes": ev.stats.bytes_logical,
+                        }
+                    )
+                events.event(ev)
+    finally:
+        shown.close()  # the error message, if any, starts on a line of its own
+    last = _progress.outcome("Restore", last, shown)
     state = "restored" if _progress.kind(last) == "committed" else "aborted"
     reason = common_pb2.AbortReason.Name(last.reason).removeprefix("ABORT_REASON_").lower()
     out = {

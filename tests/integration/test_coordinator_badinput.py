@@ -195,8 +195,7 @@ def test_client_api_refusals(world: dict[str, Any]) -> None:
         NOT_FOUND,
         "NoSuchGeneration",
     )
-    # not yet implemented: a clear UNIMPLEMENTED, not a hang
-    refused(c, lambda: s.Watch(C.WatchRequest()), grpc.StatusCode.UNIMPLEMENTED)
+    refused(c, lambda: s.Watch(C.WatchRequest(jobs=["bad name"])), INVALID, "InvalidName")
 
 
 def test_malformed_and_huge_messages(world: dict[str, Any]) -> None:

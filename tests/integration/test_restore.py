@@ -272,3 +272,22 @@ def test_restore_into_a_new_process_at_another_address(target_factory: MakeTarge
     with pytest.raises(RegionMismatch, match="not mapped"):
         new.cmd("munmap", name="state", page=30, count=10)
         restore_into(new.pid, {c.name: (addr, size)}, cut)
+
+
+def test_file_pages_absent_at_the_cut_come_back_as_the_file(target_factory: MakeTarget) -> None:
+    """A private file mapping whose pages were never touched at the cut (so not
+    captured: they read as the file) and are copied on write since: restore gives them
+    the file's bytes again, not zeros."""
+    t = target_factory(maps=["data:8:file:none"])
+    m = t.mapping("data")
+    on_disk = np.random.default_rng(5).integers(1, 255, size=(8, PAGE_SIZE), dtype=np.uint8)
+    Path(m.path).write_bytes(on_disk.tobytes())  # the pages read through to the file
+    (c,) = snapshot(t, ["data"])
+    assert c.pages.size == 0, "untouched file pages are absent at the cut"
+    t.cmd("write", name="data", page=2, count=3, counter=5)  # private copies now
+    assert not np.array_equal(t.read("data", 2, 3), on_disk[2:5])
+    with frozen(ProcessIdentity.of(t.pid)) as fp:
+        (st,) = restore_members([(fp, layout("f", [c]), [c])])
+    assert st.zero_bytes == 0
+    assert np.array_equal(t.read("data"), on_disk), "not the file's bytes"
+    t.assert_running()

@@ -152,3 +152,42 @@ def test_absent_private_pages_are_left_alone() -> None:
         [BASE + 3 * PAGE_SIZE, 2 * PAGE_SIZE],
         [BASE + 9 * PAGE_SIZE, PAGE_SIZE],
     ]
+
+
+def test_absent_file_pages_present_now_get_the_file_back() -> None:
+    """A private file mapping's page absent at the cut read as the file: present now
+    (copied on write since), it gets the file's bytes, not zeros; an anonymous one gets
+    zeros; a listed page its data; absent pages nothing; an unreadable file zeros."""
+    file_map = Mapping(BASE, BASE + 8 * PAGE_SIZE, "rw-p", 3 * PAGE_SIZE, "fd:01", 42, "/lib/x")
+    anon = mapping(8, 8, "rw-p")
+    data = np.full((1, PAGE_SIZE), 9, dtype=np.uint8)
+    c = RegionContents("r", BASE, BASE + 16 * PAGE_SIZE, np.array([1], dtype=np.uint64), data)
+    present = np.array([1, 2, 3, 5, 10], dtype=np.uint64) + np.uint64(BASE // PAGE_SIZE)
+    asked: list[tuple[int, int, int]] = []
+
+    def file_bytes(m: Mapping, addr: int, n: int) -> bytes | None:
+        asked.append((m.inode, addr, n))
+        file_off = m.offset + addr - m.start
+        return b"".join(bytes([0xF0 + (file_off + i) // PAGE_SIZE]) * PAGE_SIZE
+                        for i in range(0, n, PAGE_SIZE))  # fmt: skip
+
+    plan = build_plan([(c, c.end)], [file_map, anon], present_fn(present), file_bytes=file_bytes)
+    assert asked == [
+        (42, BASE + 2 * PAGE_SIZE, 2 * PAGE_SIZE),
+        (42, BASE + 5 * PAGE_SIZE, PAGE_SIZE),
+    ]
+    got = {}
+    for (ra, rl), (la, _) in zip(plan.remote.tolist(), plan.local.tolist(), strict=True):
+        for k in range(0, rl, PAGE_SIZE):
+            got[(ra + k - BASE) // PAGE_SIZE] = ctypes.string_at(la + k, PAGE_SIZE)
+    assert sorted(got) == [1, 2, 3, 5, 10]
+    assert got[1] == bytes([9]) * PAGE_SIZE  # the cut's data
+    for page in (2, 3, 5):  # the file's pages 3 + page
+        assert got[page] == bytes([0xF0 + 3 + page]) * PAGE_SIZE, page
+    assert got[10] == bytes(PAGE_SIZE)  # anonymous: zeros
+    assert plan.zero_bytes == PAGE_SIZE
+    # The file cannot be read: zeros, as before.
+    plan = build_plan(
+        [(c, c.end)], [file_map, anon], present_fn(present), file_bytes=lambda m, a, n: None
+    )
+    assert plan.zero_bytes == 4 * PAGE_SIZE

@@ -30,6 +30,11 @@ class WatchEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WATCH_EVENT_KIND_GENERATION_ABORTED: _ClassVar[WatchEventKind]
     WATCH_EVENT_KIND_GENERATION_DELETED: _ClassVar[WatchEventKind]
     WATCH_EVENT_KIND_RESTORE_PROGRESS: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_GENERATION_STARTED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_GENERATION_FROZEN: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_GC_RAN: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_RESTORE_STARTED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_RESTORE_ENDED: _ClassVar[WatchEventKind]
 MEMBER_HEALTH_UNSPECIFIED: MemberHealth
 MEMBER_HEALTH_RUNNING: MemberHealth
 MEMBER_HEALTH_GONE: MemberHealth
@@ -45,6 +50,11 @@ WATCH_EVENT_KIND_GENERATION_COMMITTED: WatchEventKind
 WATCH_EVENT_KIND_GENERATION_ABORTED: WatchEventKind
 WATCH_EVENT_KIND_GENERATION_DELETED: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_PROGRESS: WatchEventKind
+WATCH_EVENT_KIND_GENERATION_STARTED: WatchEventKind
+WATCH_EVENT_KIND_GENERATION_FROZEN: WatchEventKind
+WATCH_EVENT_KIND_GC_RAN: WatchEventKind
+WATCH_EVENT_KIND_RESTORE_STARTED: WatchEventKind
+WATCH_EVENT_KIND_RESTORE_ENDED: WatchEventKind
 
 class MemberInfo(_message.Message):
     __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail")
@@ -535,7 +545,7 @@ class WatchRequest(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[str]] = ..., include_progress: _Optional[bool] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("kind", "time_unix_ms", "job", "member", "node", "generation", "reason", "detail", "info", "checkpoint", "restore")
+    __slots__ = ("kind", "time_unix_ms", "job", "member", "node", "generation", "reason", "detail", "info", "checkpoint", "restore", "lost", "seq", "gc")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
@@ -547,6 +557,9 @@ class WatchEvent(_message.Message):
     INFO_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    GC_FIELD_NUMBER: _ClassVar[int]
     kind: WatchEventKind
     time_unix_ms: int
     job: str
@@ -558,4 +571,7 @@ class WatchEvent(_message.Message):
     info: GenerationInfo
     checkpoint: CheckpointEvent
     restore: RestoreEvent
-    def __init__(self, kind: _Optional[_Union[WatchEventKind, str]] = ..., time_unix_ms: _Optional[int] = ..., job: _Optional[str] = ..., member: _Optional[str] = ..., node: _Optional[str] = ..., generation: _Optional[int] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., info: _Optional[_Union[GenerationInfo, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., restore: _Optional[_Union[RestoreEvent, _Mapping]] = ...) -> None: ...
+    lost: int
+    seq: int
+    gc: GarbageCollectEvent
+    def __init__(self, kind: _Optional[_Union[WatchEventKind, str]] = ..., time_unix_ms: _Optional[int] = ..., job: _Optional[str] = ..., member: _Optional[str] = ..., node: _Optional[str] = ..., generation: _Optional[int] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., info: _Optional[_Union[GenerationInfo, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., restore: _Optional[_Union[RestoreEvent, _Mapping]] = ..., lost: _Optional[int] = ..., seq: _Optional[int] = ..., gc: _Optional[_Union[GarbageCollectEvent, _Mapping]] = ...) -> None: ...

@@ -241,7 +241,8 @@ class CoordinatorServicer:
 
     def Watch(self, request, context):
         """Job events as they happen, for dashboards. The stream starts with the events after
-        the call; it never ends by itself.
+        the call; it never ends by itself. A watcher that reads too slowly loses the oldest
+        queued events (never slowing a checkpoint down); the next event says how many (`lost`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63pcoord/v1/manifest.proto\x12\ncpcoord.v1\"\xae\x01\n\x0eManifestHeader\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x13\n\x06parent\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07time_ns\x18\x05 \x01(\x03\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x11\n\tnamespace\x18\x07 \x01(\t\x12\x14\n\x0cmember_count\x18\x08 \x01(\rB\t\n\x07_parent\"4\n\x0eManifestMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cregion_count\x18\x02 \x01(\r\"O\n\x0eManifestRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\x13\n\x0b\x65ntry_count\x18\x04 \x01(\x04\"`\n\x0bPageEntries\x12\x14\n\x0cpage_offsets\x18\x01 \x01(\x0c\x12\x13\n\x0bpage_counts\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63hunk_skips\x18\x03 \x01(\x0c\x12\x11\n\tchunk_ids\x18\x04 \x01(\x0c\"O\n\x0fManifestTrailer\x12\x13\n\x0b\x66rame_count\x18\x01 \x01(\x04\x12\x13\n\x0b\x65ntry_count\x18\x02 \x01(\x04\x12\x12\n\npage_count\x18\x03 \x01(\x04\"\xfd\x01\n\rManifestFrame\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestHeaderH\x00\x12,\n\x06member\x18\x02 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestMemberH\x00\x12,\n\x06region\x18\x03 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestRegionH\x00\x12*\n\x07\x65ntries\x18\x04 \x01(\x0b\x32\x17.cpcoord.v1.PageEntriesH\x00\x12.\n\x07trailer\x18\x05 \x01(\x0b\x32\x1b.cpcoord.v1.ManifestTrailerH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63pcoord/v1/manifest.proto\x12\ncpcoord.v1\"\xae\x01\n\x0eManifestHeader\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\r\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12\x13\n\x06parent\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07time_ns\x18\x05 \x01(\x03\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x11\n\tnamespace\x18\x07 \x01(\t\x12\x14\n\x0cmember_count\x18\x08 \x01(\rB\t\n\x07_parent\"J\n\x0eManifestMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cregion_count\x18\x02 \x01(\r\x12\x14\n\x0cthread_count\x18\x03 \x01(\r\"O\n\x0eManifestRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\x13\n\x0b\x65ntry_count\x18\x04 \x01(\x04\"`\n\x0bPageEntries\x12\x14\n\x0cpage_offsets\x18\x01 \x01(\x0c\x12\x13\n\x0bpage_counts\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63hunk_skips\x18\x03 \x01(\x0c\x12\x11\n\tchunk_ids\x18\x04 \x01(\x0c\"]\n\x0eManifestThread\x12\x0b\n\x03tid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0c\n\x04regs\x18\x03 \x01(\x0c\x12\x0e\n\x06\x66pregs\x18\x04 \x01(\x0c\x12\x12\n\nstart_time\x18\x05 \x01(\x04\"O\n\x0fManifestTrailer\x12\x13\n\x0b\x66rame_count\x18\x01 \x01(\x04\x12\x13\n\x0b\x65ntry_count\x18\x02 \x01(\x04\x12\x12\n\npage_count\x18\x03 \x01(\x04\"\xab\x02\n\rManifestFrame\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestHeaderH\x00\x12,\n\x06member\x18\x02 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestMemberH\x00\x12,\n\x06region\x18\x03 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestRegionH\x00\x12*\n\x07\x65ntries\x18\x04 \x01(\x0b\x32\x17.cpcoord.v1.PageEntriesH\x00\x12.\n\x07trailer\x18\x05 \x01(\x0b\x32\x1b.cpcoord.v1.ManifestTrailerH\x00\x12,\n\x06thread\x18\x06 \x01(\x0b\x32\x1a.cpcoord.v1.ManifestThreadH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFESTHEADER']._serialized_start=42
   _globals['_MANIFESTHEADER']._serialized_end=216
   _globals['_MANIFESTMEMBER']._serialized_start=218
-  _globals['_MANIFESTMEMBER']._serialized_end=270
-  _globals['_MANIFESTREGION']._serialized_start=272
-  _globals['_MANIFESTREGION']._serialized_end=351
-  _globals['_PAGEENTRIES']._serialized_start=353
-  _globals['_PAGEENTRIES']._serialized_end=449
-  _globals['_MANIFESTTRAILER']._serialized_start=451
-  _globals['_MANIFESTTRAILER']._serialized_end=530
-  _globals['_MANIFESTFRAME']._serialized_start=533
-  _globals['_MANIFESTFRAME']._serialized_end=786
+  _globals['_MANIFESTMEMBER']._serialized_end=292
+  _globals['_MANIFESTREGION']._serialized_start=294
+  _globals['_MANIFESTREGION']._serialized_end=373
+  _globals['_PAGEENTRIES']._serialized_start=375
+  _globals['_PAGEENTRIES']._serialized_end=471
+  _globals['_MANIFESTTHREAD']._serialized_start=473
+  _globals['_MANIFESTTHREAD']._serialized_end=566
+  _globals['_MANIFESTTRAILER']._serialized_start=568
+  _globals['_MANIFESTTRAILER']._serialized_end=647
+  _globals['_MANIFESTFRAME']._serialized_start=650
+  _globals['_MANIFESTFRAME']._serialized_end=949
 # @@protoc_insertion_point(module_scope)

@@ -26,12 +26,14 @@ class ManifestHeader(_message.Message):
     def __init__(self, format: _Optional[int] = ..., job: _Optional[str] = ..., generation: _Optional[int] = ..., parent: _Optional[int] = ..., time_ns: _Optional[int] = ..., page_size: _Optional[int] = ..., namespace: _Optional[str] = ..., member_count: _Optional[int] = ...) -> None: ...
 
 class ManifestMember(_message.Message):
-    __slots__ = ("name", "region_count")
+    __slots__ = ("name", "region_count", "thread_count")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    THREAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     region_count: int
-    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ...) -> None: ...
+    thread_count: int
+    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ..., thread_count: _Optional[int] = ...) -> None: ...
 
 class ManifestRegion(_message.Message):
     __slots__ = ("name", "start", "end", "entry_count")
@@ -57,6 +59,20 @@ class PageEntries(_message.Message):
     chunk_ids: bytes
     def __init__(self, page_offsets: _Optional[bytes] = ..., page_counts: _Optional[bytes] = ..., chunk_skips: _Optional[bytes] = ..., chunk_ids: _Optional[bytes] = ...) -> None: ...
 
+class ManifestThread(_message.Message):
+    __slots__ = ("tid", "arch", "regs", "fpregs", "start_time")
+    TID_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    REGS_FIELD_NUMBER: _ClassVar[int]
+    FPREGS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    tid: int
+    arch: str
+    regs: bytes
+    fpregs: bytes
+    start_time: int
+    def __init__(self, tid: _Optional[int] = ..., arch: _Optional[str] = ..., regs: _Optional[bytes] = ..., fpregs: _Optional[bytes] = ..., start_time: _Optional[int] = ...) -> None: ...
+
 class ManifestTrailer(_message.Message):
     __slots__ = ("frame_count", "entry_count", "page_count")
     FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -68,15 +84,17 @@ class ManifestTrailer(_message.Message):
     def __init__(self, frame_count: _Optional[int] = ..., entry_count: _Optional[int] = ..., page_count: _Optional[int] = ...) -> None: ...
 
 class ManifestFrame(_message.Message):
-    __slots__ = ("header", "member", "region", "entries", "trailer")
+    __slots__ = ("header", "member", "region", "entries", "trailer", "thread")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
+    THREAD_FIELD_NUMBER: _ClassVar[int]
     header: ManifestHeader
     member: ManifestMember
     region: ManifestRegion
     entries: PageEntries
     trailer: ManifestTrailer
-    def __init__(self, header: _Optional[_Union[ManifestHeader, _Mapping]] = ..., member: _Optional[_Union[ManifestMember, _Mapping]] = ..., region: _Optional[_Union[ManifestRegion, _Mapping]] = ..., entries: _Optional[_Union[PageEntries, _Mapping]] = ..., trailer: _Optional[_Union[ManifestTrailer, _Mapping]] = ...) -> None: ...
+    thread: ManifestThread
+    def __init__(self, header: _Optional[_Union[ManifestHeader, _Mapping]] = ..., member: _Optional[_Union[ManifestMember, _Mapping]] = ..., region: _Optional[_Union[ManifestRegion, _Mapping]] = ..., entries: _Optional[_Union[PageEntries, _Mapping]] = ..., trailer: _Optional[_Union[ManifestTrailer, _Mapping]] = ..., thread: _Optional[_Union[ManifestThread, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,197 @@
+"""The agent's local API backend, its pure parts: register/unregister as coordinator calls
+(with a scripted CoordinatorApi and member table), local command results, retry while a
+job is busy, and `cpcoord run`'s exit status mapping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from cpcoord.cli.run import exit_code
+from cpcoord.errors import (
+    DuplicateMember,
+    InvalidArgument,
+    JobBusy,
+    NotAMember,
+    RegionNotRegistered,
+)
+from cpcoord.gen.v1 import agent_pb2
+from nodeagent import localapi_backend as lb
+from nodeagent.localapi import LocalRegion
+from nodeagent.procfs import ProcessIdentity
+
+ME = ProcessIdentity.of(os.getpid())
+
+
+@dataclass
+class FakeApi:
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    remote: dict[tuple[str, str], lb.RemoteMember] = field(default_factory=dict)
+    members: Any = None  # the FakeMembers the attach fills, as the agent's worker would
+
+    def member(self, job: str, member: str) -> lb.RemoteMember | None:
+        return self.remote.get((job, member))
+
+    def attach(
+        self,
+        job: str,
+        member: str,
+        process: ProcessIdentity,
+        node: str,
+        regions: Sequence[tuple[str, int, int]],
+    ) -> None:
+        self.calls.append(("attach", job, member, process.pid, node, tuple(regions)))
+        if any(n == "unmapped" for n, _, _ in regions):
+            raise InvalidArgument("region unmapped is not mapped")
+        self.remote[(job, member)] = lb.RemoteMember(node, process.pid, True)
+        spans = tuple(SimpleNamespace(name=n, start=s, end=e) for n, s, e in regions)
+        self.members.add(job, member, process, spans)
+
+    def detach(self, job: str, member: str) -> None:
+        self.calls.append(("detach", job, member))
+        self.remote.pop((job, member), None)
+        self.members.table.pop((job, member), None)
+
+    def checkpoint(self, job: str) -> int:
+        self.calls.append(("checkpoint", job))
+        return 7
+
+    def generation(self, job: str, number: int) -> tuple[int, frozenset[str]]:
+        return number or 7, frozenset()
+
+
+class FakeMembers:
+    def __init__(self) -> None:
+        self.table: dict[tuple[str, str], Any] = {}
+
+    def add(self, job: str, name: str, ident: ProcessIdentity, regions: Any) -> None:
+        self.table[(job, name)] = SimpleNamespace(
+            job=job, name=name, ident=ident, regions=regions, alive=True, key=(job, name)
+        )
+
+    def get(self, job: str, name: str) -> Any:
+        return self.table.get((job, name))
+
+    def by_pid(self, pid: int) -> Any:
+        return next((m for m in self.table.values() if m.ident.pid == pid and m.alive), None)
+
+    def of_job(self, job: str) -> list[Any]:
+        return [m for m in self.table.values() if m.job == job]
+
+
+def backend() -> tuple[lb.AgentBackend, FakeApi, FakeMembers]:
+    members = FakeMembers()
+    api = FakeApi(members=members)
+    agent = SimpleNamespace(config=SimpleNamespace(node="n1"), members=members)
+    return lb.AgentBackend(agent, api), api, members  # type: ignore[arg-type]
+
+
+def test_register_attaches_then_reattaches_with_all_regions() -> None:
+    b, api, _ = backend()
+    b.register(ME, 1000, "j", "m", [LocalRegion("a", 0x10000, 100)])
+    assert api.calls == [("attach", "j", "m", ME.pid, "n1", (("a", 0x10000, 0x11000),))]
+    m = b.membership(ME)
+    assert m is not None and (m.job, m.member, m.uid) == ("j", "m", 1000)
+    api.calls.clear()
+    b.register(ME, 1000, "j", "m", [LocalRegion("b", 0x20000, 8192)])
+    assert api.calls[0] == ("detach", "j", "m")
+    assert api.calls[1][5] == (("a", 0x10000, 0x11000), ("b", 0x20000, 0x22000))
+    assert b.job_owners("j") == {"m": 1000}
+
+
+def test_a_refused_register_keeps_the_regions_it_had() -> None:
+    b, api, members = backend()
+    b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
+    api.calls.clear()
+    with pytest.raises(InvalidArgument, match="unmapped"):
+        b.register(ME, 0, "j", "m", [LocalRegion("unmapped", 0x90000, 10)])
+    assert [c[0] for c in api.calls] == ["detach", "attach", "attach"]
+    assert api.calls[-1][5] == (("a", 0x10000, 0x11000),)
+    assert members.get("j", "m") is not None and b._current(("j", "m")).keys() == {"a"}
+
+
+def test_register_refuses_a_live_member_of_another_process_or_node() -> None:
+    b, api, members = backend()
+    other = ProcessIdentity.of(1)  # init lives
+    members.add("j", "m", other, ())
+    with pytest.raises(DuplicateMember):
+        b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
+    api.remote[("j", "x")] = lb.RemoteMember("n2", 55, True)
+    with pytest.raises(DuplicateMember):
+        b.register(ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
+    # Known to the coordinator on this node, but not held here (the agent restarted):
+    # refused while that process lives, taken over once it is gone.
+    api.remote[("j", "y")] = lb.RemoteMember("n1", 1, True)
+    with pytest.raises(DuplicateMember):
+        b.register(ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
+    assert api.calls == []
+    api.remote[("j", "y")] = lb.RemoteMember("n1", 2**22 + 12345, True)  # no such pid
+    b.register(ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
+    assert [c[0] for c in api.calls] == ["detach", "attach"]
+    api.calls.clear()
+    # Gone on another node: taken over here.
+    api.remote[("j", "x")] = lb.RemoteMember("n2", 55, False)
+    b.register(ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
+    assert [c[0] for c in api.calls] == ["detach", "attach"]
+
+
+def test_unregister_narrows_and_the_last_region_detaches() -> None:
+    b, api, _ = backend()
+    b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10), LocalRegion("b", 0x20000, 10)])
+    with pytest.raises(RegionNotRegistered):
+        b.unregister(ME, ["zz"])
+    api.calls.clear()
+    b.unregister(ME, ["a"])
+    assert api.calls == [
+        ("detach", "j", "m"),
+        ("attach", "j", "m", ME.pid, "n1", (("b", 0x20000, 0x21000),)),
+    ]
+    api.calls.clear()
+    b.unregister(ME, ["b"])
+    assert api.calls == [("detach", "j", "m")]
+    assert b.membership(ME) is None
+    with pytest.raises(NotAMember):
+        b.unregister(ME, ["b"])
+    assert b.job_owners("j") == {"m": 0}  # the owner is remembered after it left
+
+
+def test_local_commands_deliver_only_their_own_results() -> None:
+    lc = lb.LocalCommands()
+    cid = lc.new()
+    theirs = agent_pb2.AgentMessage(result=agent_pb2.CommandResult(command_id=5))
+    assert not lc.deliver(theirs)
+    assert not lc.deliver(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sequence=1)))
+    mine = agent_pb2.AgentMessage(result=agent_pb2.CommandResult(command_id=cid))
+    threading.Timer(0.05, lc.deliver, args=(mine,)).start()
+    assert lc.wait(cid, 10).command_id == cid
+    assert lc.deliver(mine)  # a late duplicate is still not sent to the coordinator
+    cid2 = lc.new()
+    with pytest.raises(lb.LocalCommandTimeout):
+        lc.wait(cid2, 0.01)
+
+
+def test_when_free_retries_busy_jobs_then_gives_up() -> None:
+    busy = [JobBusy("j", 1), JobBusy("j", 1)]
+
+    def fn() -> int:
+        if busy:
+            raise busy.pop()
+        return 9
+
+    assert lb.when_free(fn, 10) == 9
+    with pytest.raises(JobBusy):
+        lb.when_free(lambda: (_ for _ in ()).throw(JobBusy("j", 2)), 0.05)
+
+
+def test_exit_status_like_a_shell() -> None:
+    assert exit_code(0) == 0
+    assert exit_code(3 << 8) == 3
+    assert exit_code(signal.SIGKILL) == 137
+    assert exit_code(signal.SIGTERM) == 143
