@@ -82,9 +82,18 @@ def locate(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, b
         return Path(env[ENV_CONFIG]).expanduser(), True
     xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")) / ".config")
     for p in (Path(xdg).expanduser() / "cpcoord" / "config.toml", SYSTEM_PATH):
-        if p.is_file():
+        if _is_file(p):
             return p, False
     return None, False
+
+
+def _is_file(p: Path) -> bool:
+    """is_file() for a default location: one this user may not look into (root's HOME
+    after dropping privileges) is as good as absent; Path.is_file raises on EACCES."""
+    try:
+        return p.is_file()
+    except OSError:
+        return False
 
 
 def load(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Config:

@@ -274,6 +274,10 @@ print("registered", flush=True)
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.01)
 print(f"gen={client.checkpoint()}", flush=True)
+# Stay a running member until both have their generation: the other one's checkpoint
+# covers the whole job, this process included.
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.01)
 """
 
 
@@ -283,10 +287,10 @@ def test_members_of_one_job_checkpoint_at_once(
     """Both ask at the same moment; the coordinator runs one generation at a time, so one
     waits its turn (JobBusy is retried in the agent): two generations, both committed."""
     sc = socket_cluster
-    go = tmp_path / "go"
+    go, done = tmp_path / "go", tmp_path / "done"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", PAIR, str(go), str(i + 1)],
+            [sys.executable, "-c", PAIR, str(go), str(i + 1), str(done)],
             env=sc.env("pair", f"r{i}"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -299,6 +303,9 @@ def test_members_of_one_job_checkpoint_at_once(
             assert first_line(p, timeout=120) == "registered"
         go.touch()
         gens = sorted(fields("x " + first_line(p, timeout=300))["gen"] for p in procs)
+        done.touch()
+        for p in procs:
+            assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
     finally:
         for p in procs:
             p.kill()

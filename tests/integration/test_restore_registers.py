@@ -42,6 +42,12 @@ from tests.helpers.restore_c import RESTORE_TARGET, SpinTarget, build_c, digest,
 pytestmark = pytest.mark.integration
 
 
+# How the program notices registers and memory from different instants: its invariant
+# check (exit 3), or a crash on a rolled-back stack (SEGV, BUS; glibc's abort on a
+# smashed stack or heap, ABRT; a return into garbage, ILL). Exit 0 would be "unnoticed".
+NOTICED = (3, -signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT, -signal.SIGILL)
+
+
 @pytest.fixture(scope="module")
 def c_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_c(RESTORE_TARGET, tmp_path_factory.mktemp("c"))
@@ -129,9 +135,7 @@ def test_thread_state_round_trips_and_registers_alone_are_caught(c_exe: Path) ->
         # Registers of the past over the memory of now: the program notices and stops,
         # or a thread crashes first (a stack that no longer matches its frame pointer).
         code = t.wait_exit(5)
-        assert code in (3, -signal.SIGSEGV, -signal.SIGBUS), (
-            f"old registers over new memory went unnoticed ({code})"
-        )
+        assert code in NOTICED, f"old registers over new memory went unnoticed ({code})"
         if code == 3:
             assert "corrupt" in t.stderr()
 
@@ -145,7 +149,7 @@ def test_memory_without_registers_is_caught_by_the_target(c_exe: Path) -> None:
         with frozen(ProcessIdentity.of(t.pid)) as fp:
             restore_members([(fp, default_layout(contents, None, explicit=True), contents)])
         code = t.wait_exit(5)  # the invariant check, or a crash on a rolled-back stack
-        assert code in (3, -signal.SIGSEGV, -signal.SIGBUS), f"went unnoticed ({code})"
+        assert code in NOTICED, f"went unnoticed ({code})"
         if code == 3:
             assert "corrupt" in t.stderr()
 

@@ -245,3 +245,16 @@ def test_the_documented_example_is_valid(tmp_path: Path) -> None:
         "zstd",
         Path("/etc/cpcoord/pki/ca.pem"),
     )
+
+
+def test_default_location_we_may_not_look_into_counts_as_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who dropped root keeps HOME=/root, where is_file raises EACCES: no config,
+    no crash (the capture-as-nobody test caught this)."""
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert config.locate(None, {"HOME": str(tmp_path)}) == (None, False)
