@@ -236,15 +236,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> Iterator[coordinator_pb2.GarbageCollectEvent]:
         yield coordinator_pb2.GarbageCollectEvent(phase="retention")
         r: GcReport = generations.gc(self.engine, request.keep, request.dry_run)
-        yield coordinator_pb2.GarbageCollectEvent(
-            phase="done",
-            dropped=[coordinator_pb2.GenerationRef(job=j, generation=n) for j, n in r.dropped],
-            chunks_dropped=r.chunks_dropped,
-            packs_deleted=r.packs_deleted,
-            packs_repacked=r.packs_repacked,
-            bytes_freed=r.bytes_freed,
-            orphan_manifests=r.orphan_manifests,
-        )
+        yield watch.gc_event(r)
 
     @rpc_errors
     def Verify(
