@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from coordinator.flight import Progress, Summary
 from coordinator.membership import MemberRec
 from coordinator.protocol_values import Stats
@@ -74,43 +76,36 @@ def generation_info(s: Summary) -> coordinator_pb2.GenerationInfo:
     return out
 
 
-def checkpoint_event(p: Progress) -> coordinator_pb2.CheckpointEvent:
+def _progress_fields(p: Progress) -> dict[str, Any]:
+    """What CheckpointEvent and RestoreEvent share: one progress step, field by field."""
     e = p.event
-    out = coordinator_pb2.CheckpointEvent(
-        kind="PROGRESS_KIND_" + e.kind.name,
-        job=e.job,
-        generation=e.generation,
-        member=e.member,
-        node=e.node,
-        members_done=e.done,
-        members_total=e.total,
-        reason=reason(e.reason.value if e.reason else ""),
-        detail=e.detail,
-        elapsed_seconds=p.elapsed,
-    )
-    if e.stats is not None:
-        out.stats.CopyFrom(member_stats(e.stats))
+    return {
+        "kind": "PROGRESS_KIND_" + e.kind.name,
+        "job": e.job,
+        "generation": e.generation,
+        "member": e.member,
+        "node": e.node,
+        "members_done": e.done,
+        "members_total": e.total,
+        "reason": reason(e.reason.value if e.reason else ""),
+        "detail": e.detail,
+        "elapsed_seconds": p.elapsed,
+    }
+
+
+def checkpoint_event(p: Progress) -> coordinator_pb2.CheckpointEvent:
+    out = coordinator_pb2.CheckpointEvent(**_progress_fields(p))
+    if p.event.stats is not None:
+        out.stats.CopyFrom(member_stats(p.event.stats))
     if p.summary is not None:
         out.info.CopyFrom(generation_info(p.summary))
     return out
 
 
 def restore_event(p: Progress) -> coordinator_pb2.RestoreEvent:
-    e = p.event
-    out = coordinator_pb2.RestoreEvent(
-        kind="PROGRESS_KIND_" + e.kind.name,
-        job=e.job,
-        generation=e.generation,
-        member=e.member,
-        node=e.node,
-        members_done=e.done,
-        members_total=e.total,
-        reason=reason(e.reason.value if e.reason else ""),
-        detail=e.detail,
-        elapsed_seconds=p.elapsed,
-    )
-    if e.stats is not None:
-        out.stats.CopyFrom(member_stats(e.stats))
+    out = coordinator_pb2.RestoreEvent(**_progress_fields(p))
+    if p.event.stats is not None:
+        out.stats.CopyFrom(member_stats(p.event.stats))
     return out
 
 
