@@ -6,7 +6,7 @@ import warnings
 from cpcoord.gen.v1 import common_pb2 as cpcoord_dot_v1_dot_common__pb2
 from cpcoord.gen.v1 import coordinator_pb2 as cpcoord_dot_v1_dot_coordinator__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
