@@ -24,7 +24,8 @@ import numpy as np
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parents[2]
-RESTORE_TARGET = REPO / "tests" / "helpers" / "c" / "restore_target.c"
+C_DIR = REPO / "tests" / "helpers" / "c"  # C targets; their shared header is cptest.h
+RESTORE_TARGET = C_DIR / "restore_target.c"
 C_EXAMPLE = REPO / "examples" / "c" / "checkpoint_self.c"
 SPIN_FIELDS = ("main", "main_sum", "fp", "fp_n", "naps", "naps_sum", "waits", "waits_sum")
 
@@ -33,7 +34,8 @@ def build_c(source: Path, out_dir: Path) -> Path:
     require(shutil.which("gcc") is not None, "gcc is needed to build the C test programs")
     out = out_dir / source.stem
     subprocess.run(
-        ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(out), str(source)], check=True
+        ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", f"-I{C_DIR}", "-o", str(out), str(source)],
+        check=True,
     )
     return out
 
