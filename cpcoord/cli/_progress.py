@@ -64,7 +64,9 @@ def _numbers(st: Status, seconds: float, bar_width: int = 0) -> list[str]:
     elif st.done or st.unit:
         out.append(f"{st.done} {st.unit}".rstrip())
     out.append(format_bytes(st.nbytes))
-    if st.nbytes > 0 and seconds >= 0.01:
+    # Below a millisecond the clock's resolution and scheduling noise make any rate
+    # meaningless; above it a short operation still deserves its rate.
+    if st.nbytes > 0 and seconds >= 0.001:
         out.append(f"{format_bytes(int(st.nbytes / seconds))}/s")
     out.append(format_seconds(seconds))
     return out
