@@ -238,7 +238,10 @@ def test_restarted_process_under_run_starts_from_no_regions(
     base += [sys.executable, "-c", REGISTER]
     for names in ("a,b", "a"):
         run = subprocess.Popen(
-            [*base, names], env=sc.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [*base, names],
+            env=sc.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         try:
