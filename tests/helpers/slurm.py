@@ -35,7 +35,17 @@ import pytest
 from tests.conftest import require
 from tests.helpers.cluster import wait_for
 
-BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
+BINARIES = (
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "srun",
+    "scontrol",
+    "squeue",
+    "scancel",
+    "sinfo",
+)
 NODE = "localhost"
 GRACE_S = 60  # preemption grace: the job's handler requeues itself well before
 
