@@ -65,9 +65,15 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def _action(sub: Any, name: str, help_: str, description: str) -> argparse.ArgumentParser:
+def _action(
+    sub: Any, name: str, help_: str, description: str, example: str
+) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help_, description=description, formatter_class=argparse.RawTextHelpFormatter
+        name,
+        help=help_,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     p.add_argument("--job", default="", help="cpcoord job name (default: slurm-CLUSTER-JOBID)")
     return p
@@ -81,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "batch",
         "run the job's command; checkpoint; requeue on Slurm's signal",
         "Run in the batch shell's place: exec cpcoord slurm batch -- srun ...",
+        "cpcoord slurm batch --every 15m -- srun cpcoord slurm run -- python3 train.py",
     )
     b.add_argument(
         "--every",
@@ -132,6 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "run",
         "run one rank (under srun) as member rank-$SLURM_PROCID",
         "Run under srun: cpcoord run with the names from Slurm's environment.",
+        "cpcoord slurm run -- python3 train.py       # what srun starts, once per rank",
     )
     r.add_argument("--member", default="", help="member name (default: rank-$SLURM_PROCID)")
     r.add_argument(
@@ -156,6 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "delete the generations of a Slurm job that has ended",
         "Delete the generations of a Slurm job once Slurm says it ended for good\n"
         "(never while it is pending, requeued or running). For EpilogSlurmctld.",
+        "cpcoord slurm release --wait 600 --slurm-job-id 4242 --cluster hpc",
     )
     rel.add_argument(
         "--slurm-job-id", default="", metavar="ID", help="the Slurm job (default: $SLURM_JOB_ID)"
@@ -176,6 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "name",
         "print this Slurm job's cpcoord job (and member) name",
         "Print the job name, and the member name inside an srun task.",
+        "cpcoord slurm name          # slurm-hpc-4242 (and rank-3 under srun)",
     )
 
 
