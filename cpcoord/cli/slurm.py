@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -38,6 +37,8 @@ examples (a batch script; docs/slurm.md):
   #SBATCH --ntasks=4 --requeue --open-mode=append --signal=B:USR1@120
   exec cpcoord slurm batch --every 15m -- srun cpcoord slurm run -- python train.py
   cpcoord slurm release --slurm-job-id 4242      # EpilogSlurmctld: generations of ended jobs"""
+
+POLL_S = 0.2  # how soon the batch helper sees a signal or the command's exit
 
 # Slurm job states on the way to the next one (an epilog sees COMPLETING).
 TRANSIENT = frozenset({"COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SIGNALING"})
@@ -249,13 +250,13 @@ def _batch(args: argparse.Namespace) -> int:
         release=not args.keep,
         connect_timeout=args.connect_timeout,
     )
-    wake = threading.Event()
     got: dict[str, bool] = {"preempt": False, "term": False}
 
     def on(key: str) -> Any:
         def handler(signum: int, frame: object) -> None:
-            got[key] = True  # only flags: the work happens in the loop below
-            wake.set()
+            # Only a flag (no lock: the handler runs in the thread it interrupts); the
+            # loop below polls it every POLL_S.
+            got[key] = True
 
         return handler
 
@@ -282,9 +283,8 @@ def _batch(args: argparse.Namespace) -> int:
             elif next_tick is not None and not preempted and time.monotonic() >= next_tick:
                 sup.tick()
                 next_tick = time.monotonic() + (opts.every or 0)
-            wait = 0.5 if next_tick is None else min(0.5, max(next_tick - time.monotonic(), 0))
-            wake.wait(wait)
-            wake.clear()
+            left = POLL_S if next_tick is None else next_tick - time.monotonic()
+            time.sleep(min(POLL_S, max(left, 0.0)))
         code = _exit_code(proc.returncode)
         sup.finished(code, terminated=got["term"])
     return code

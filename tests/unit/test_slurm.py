@@ -7,17 +7,20 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from cpcoord.api import values as v
-from cpcoord.cli.slurm import parse_duration
+from cpcoord.cli import build_parser
+from cpcoord.cli.slurm import ENDED, TRANSIENT, _client_config, parse_duration, slurm_state
 from cpcoord.errors import (
     CoordinatorUnavailable,
     CpcoordError,
     GenerationAborted,
     JobBusy,
     NotInSlurmJob,
+    SlurmCommandFailed,
 )
 from cpcoord.slurm import SlurmEnv, job_name, member_name, pinned_generation
 from cpcoord.slurm_batch import Options, Supervisor
@@ -276,3 +279,43 @@ def test_release_only_when_the_command_succeeded_on_its_own(
         sup.preempt()
     sup.finished(code, terminated)
     assert ("release" in coord.calls) is want
+
+
+# -- the command's own pieces ----------------------------------------------------------------
+
+
+def test_slurm_state_from_scontrol(tmp_path: Path) -> None:
+    fake = tmp_path / "scontrol"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$4" in\n'
+        "  5) echo 'JobId=5 JobName=train UserId=u(1) JobState=COMPLETING Reason=None' ;;\n"
+        "  6) echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1 ;;\n"
+        "  *) echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1 ;;\n"
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    assert slurm_state("5", str(fake)) == "COMPLETING"
+    assert slurm_state("6", str(fake)) == ""  # purged: Slurm no longer knows it
+    with pytest.raises(SlurmCommandFailed, match="Unable to contact"):
+        slurm_state("7", str(fake))
+    assert "COMPLETING" in TRANSIENT and not TRANSIENT & ENDED and "PENDING" not in ENDED
+
+
+def test_nested_actions_take_the_client_table_of_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[client]\ncoordinator = "coord:7420"\ninsecure = true\n')
+    monkeypatch.delenv("CPCOORD_COORDINATOR", raising=False)
+    monkeypatch.delenv("CPCOORD_INSECURE", raising=False)
+    args = build_parser().parse_args(["--config", str(cfg), "slurm", "run", "--", "true"])
+    _client_config(args)
+    assert (args.coordinator, args.insecure) == ("coord:7420", True)
+    # The command line and the environment win over the file.
+    args = build_parser().parse_args(
+        ["--config", str(cfg), "slurm", "run", "--coordinator", "x:1", "--", "true"]
+    )
+    monkeypatch.setenv("CPCOORD_INSECURE", "0")
+    _client_config(args)
+    assert (args.coordinator, args.insecure) == ("x:1", False)
