@@ -21,7 +21,6 @@ warning signal (`--signal=B:USR1@N`, or the preemption signal with
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from cpcoord.errors import (
     GenerationAborted,
     JobBusy,
     RemoteError,
-    SlurmCommandFailed,
     StreamIncomplete,
     UnknownJob,
 )
@@ -346,15 +344,3 @@ class GrpcCoordinator:
             self._call("DeleteGeneration", req_d, timeout)
             n += 1
         return n
-
-
-def scontrol_requeue(job_id: str, scontrol: str = "scontrol") -> None:
-    try:
-        r = subprocess.run(
-            [scontrol, "requeue", job_id], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SlurmCommandFailed(f"{scontrol} requeue {job_id}", str(e)) from None
-    if r.returncode != 0:
-        why = (r.stderr or r.stdout).strip() or f"exit {r.returncode}"
-        raise SlurmCommandFailed(f"{scontrol} requeue {job_id}", why)

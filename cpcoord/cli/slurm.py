@@ -28,6 +28,7 @@ from cpcoord.errors import CommandNotFound, CpcoordError, InvalidArgument, Unkno
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.ranges import check_name
 from cpcoord.slurm import SlurmEnv, job_name, member_name
+from cpcoord.slurm_ctl import ENDED, TRANSIENT, scontrol_requeue, slurm_state
 
 NAME = "slurm"
 HELP = "run a Slurm job's ranks under cpcoord: checkpoint, requeue, restore"
@@ -39,23 +40,6 @@ examples (a batch script; docs/slurm.md):
   cpcoord slurm release --slurm-job-id 4242      # EpilogSlurmctld: generations of ended jobs"""
 
 POLL_S = 0.2  # how soon the batch helper sees a signal or the command's exit
-
-# Slurm job states on the way to the next one (an epilog sees COMPLETING).
-TRANSIENT = frozenset({"COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SIGNALING"})
-# Slurm job states after which the job never runs again (squeue/scontrol JobState).
-ENDED = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "TIMEOUT",
-    }
-)
 
 
 def parse_duration(text: str) -> float:
@@ -263,9 +247,7 @@ def _batch(args: argparse.Namespace) -> int:
     signal.signal(sig, on("preempt"))
     signal.signal(signal.SIGTERM, on("term"))
     with clientconn.connect(args) as conn:
-        sup = sb.Supervisor(
-            opts, sb.GrpcCoordinator(conn), s, lambda: sb.scontrol_requeue(s.job_id)
-        )
+        sup = sb.Supervisor(opts, sb.GrpcCoordinator(conn), s, lambda: scontrol_requeue(s.job_id))
         env = dict(os.environ, **sup.prepare())
         try:
             proc = subprocess.Popen(argv, env=env)
@@ -379,21 +361,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 # -- release and name ----------------------------------------------------------------------
-
-
-def slurm_state(job_id: str, scontrol: str = "scontrol") -> str:
-    """JobState of a Slurm job as scontrol shows it; "" when Slurm no longer knows it."""
-    r = subprocess.run(
-        [scontrol, "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
-    )
-    if r.returncode != 0:
-        if "Invalid job id" in r.stderr:
-            return ""
-        from cpcoord.errors import SlurmCommandFailed
-
-        raise SlurmCommandFailed(f"{scontrol} show job {job_id}", r.stderr.strip())
-    m = re.search(r"\bJobState=(\S+)", r.stdout)
-    return m.group(1) if m else ""
 
 
 def _release(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from cpcoord.api import values as v
 from cpcoord.cli import build_parser
-from cpcoord.cli.slurm import ENDED, TRANSIENT, _client_config, parse_duration, slurm_state
+from cpcoord.cli.slurm import _client_config, parse_duration
 from cpcoord.errors import (
     CoordinatorUnavailable,
     CpcoordError,
@@ -24,6 +24,7 @@ from cpcoord.errors import (
 )
 from cpcoord.slurm import SlurmEnv, job_name, member_name, pinned_generation
 from cpcoord.slurm_batch import Options, Supervisor
+from cpcoord.slurm_ctl import ENDED, TRANSIENT, slurm_state
 
 # -- names ---------------------------------------------------------------------------------
 
