@@ -668,3 +668,20 @@ class LocalApiSocketUnservable(CpcoordError):
 
     exit_code = 86
     status = "UNAVAILABLE"
+
+
+# -- the Slurm integration (135-139; 130 is "interrupted") ---------------------------------
+
+
+class NotInSlurmJob(CpcoordError):
+    """not inside a Slurm job: {} is {}"""
+
+    exit_code = 135
+    status = "FAILED_PRECONDITION"
+
+
+class SlurmCommandFailed(CpcoordError):
+    """{} failed: {}"""
+
+    exit_code = 136
+    status = "INTERNAL"

@@ -273,9 +273,11 @@ class AgentBackend:
                     out[m.name] = uid
         return out
 
-    def _current(self, key: Key) -> dict[str, LocalRegion]:
-        """The member's regions as this backend knows them, else as it was attached."""
-        if key in self._regions:
+    def _current(self, key: Key, process: ProcessIdentity) -> dict[str, LocalRegion]:
+        """The member's regions as this backend knows them for `process`, else as it
+        was attached. Regions a previous process of the member registered are not its:
+        a restarted process under `cpcoord run` starts from none of them."""
+        if key in self._regions and self._procs.get(key) == process:
             return dict(self._regions[key])
         held = self.agent.members.get(*key)
         if held is None or held.regions is None:
@@ -337,7 +339,7 @@ class AgentBackend:
             same = held is not None and held.ident == process and held.alive
             if held is not None and not same and held.alive and held.ident.alive():
                 raise DuplicateMember(job, member)
-            previous = self._current(key) if same else {}
+            previous = self._current(key, process) if same else {}
             merged = {**previous, **{r.name: r for r in regions}}
             known = remote is not None or held is not None
             self._reattach(process, key, merged, known, previous)
@@ -354,7 +356,7 @@ class AgentBackend:
             if m is None:
                 raise NotAMember(process.pid)
             key = (m.job, m.member)
-            regions = self._current(key)
+            regions = self._current(key, process)
             for n in names:
                 if n not in regions:
                     raise RegionNotRegistered(process.pid, n)
@@ -379,7 +381,7 @@ class AgentBackend:
     ) -> LocalRestoreResult:
         job, member = membership.job, membership.member
         with self._lock:
-            regions = self._current((job, member))
+            regions = self._current((job, member), process)
         wanted = list(names) if names else sorted(regions)
         for n in wanted:
             if n not in regions:

@@ -20,12 +20,19 @@ command -v nft >/dev/null || need_apt+=(nftables)                # packet-drop f
 command -v tc >/dev/null || need_apt+=(iproute2)                 # link throttling
 command -v zsh >/dev/null || need_apt+=(zsh)                     # completion script checks
 command -v fish >/dev/null || need_apt+=(fish)
+command -v slurmctld >/dev/null || need_apt+=(slurmctld)         # a private one-node Slurm
+command -v slurmd >/dev/null || need_apt+=(slurmd)               # (tests/helpers/slurm.py)
+command -v sbatch >/dev/null || need_apt+=(slurm-client)
+command -v munged >/dev/null || need_apt+=(munge)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  # The tests start their own Prometheus; never leave the packaged service running.
-  (systemctl disable --now prometheus 2>/dev/null || true)
+  # The tests start their own Prometheus, munged and Slurm daemons; never leave the
+  # packaged services running.
+  for unit in prometheus slurmctld slurmd munge; do
+    (systemctl disable --now "$unit" 2>/dev/null || true)
+  done
 fi
 
 echo "== pip install -e .[dev]"

@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     "attach",
     "detach",
     "run",
+    "slurm",
     "checkpoint",
     "generations",
     "export",

@@ -208,3 +208,50 @@ def test_run_with_the_client_library_restarts(socket_cluster: SocketCluster) -> 
     assert fields(restored) == {"generation": "1", "step": "30"}
     assert fields(result) == _uninterrupted_numpy(45)
     assert sc.members("ex") == {}
+
+
+REGISTER = r"""
+import os, sys, time
+import numpy as np
+from cpcoord import client
+regions = {}
+for name in sys.argv[1].split(","):
+    regions[name] = client.zeros(4096, dtype=np.uint8)
+    client.register(name, regions[name])
+print(f"registered pid={os.getpid()}", flush=True)
+time.sleep(300)
+"""
+
+
+def test_restarted_process_under_run_starts_from_no_regions(
+    socket_cluster: SocketCluster,
+) -> None:
+    """A member's first process under `run` registers regions a and b and is killed; the
+    next process of the member (a new `run`) registers only a: it is a member with a
+    alone. The agent once carried b over at the first process's address (RangeUnmapped:
+    the new process has nothing mapped there), which broke every Slurm restart."""
+    from tests.integration.test_localapi import first_line
+
+    sc = socket_cluster
+    base = [sys.executable, "-m", "cpcoord", "run", "--job", "again", "--member", "m"]
+    base += ["--coordinator", sc.cluster.address, "--insecure", "--"]
+    base += [sys.executable, "-c", REGISTER]
+    for names in ("a,b", "a"):
+        run = subprocess.Popen(
+            [*base, names],
+            env=sc.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = first_line(run, timeout=120)
+            assert line.startswith("registered"), line
+            m = sc.members("again")["m"]
+            assert sorted(r["name"] for r in m["regions"]) == names.split(","), m
+            os.kill(m["pid"], signal.SIGKILL)
+            assert finish(run) == 137
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()

@@ -114,7 +114,23 @@ def test_a_refused_register_keeps_the_regions_it_had() -> None:
         b.register(ME, 0, "j", "m", [LocalRegion("unmapped", 0x90000, 10)])
     assert [c[0] for c in api.calls] == ["detach", "attach", "attach"]
     assert api.calls[-1][5] == (("a", 0x10000, 0x11000),)
-    assert members.get("j", "m") is not None and b._current(("j", "m")).keys() == {"a"}
+    assert members.get("j", "m") is not None and b._current(("j", "m"), ME).keys() == {"a"}
+
+
+def test_a_new_process_of_a_member_starts_from_its_own_regions() -> None:
+    """The member's first process registered a and b and died; `cpcoord run` attached a
+    new process (whole memory, no regions known); it registers a only: the attach holds
+    its a alone, never b at the dead process's address."""
+    b, api, members = backend()
+    old = ProcessIdentity(ME.pid, ME.start_time - 1)  # the same pid, an earlier process
+    b.register(old, 0, "j", "m", [LocalRegion("a", 0x10000, 10), LocalRegion("b", 0x20000, 10)])
+    members.table[("j", "m")].alive = False
+    members.add("j", "m", ME, None)  # what `cpcoord run` attached: no explicit regions
+    api.calls.clear()
+    b.register(ME, 0, "j", "m", [LocalRegion("a", 0x30000, 10)])
+    assert api.calls[-1][0] == "attach"
+    assert api.calls[-1][5] == (("a", 0x30000, 0x31000),)
+    assert b._current(("j", "m"), ME).keys() == {"a"}
 
 
 def test_register_refuses_a_live_member_of_another_process_or_node() -> None:
