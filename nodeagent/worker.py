@@ -41,7 +41,7 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import copyout, metrics, restore, restore_ops, tracking
+from nodeagent import copyout, metrics, restore, restore_ops, tracees, tracking
 from nodeagent.freeze import freeze, thaw
 from nodeagent.membership import (
     DeathWatch,
@@ -137,9 +137,10 @@ class Worker:
         try:
             while True:
                 deadline = min((f.deadline for f in self._frozen.values()), default=None)
-                timeout = None
+                timeout = tracees.next_poll()
                 if deadline is not None:
-                    timeout = min(max(0.0, deadline - time.monotonic()), FROZEN_POLL_S)
+                    left = min(max(0.0, deadline - time.monotonic()), FROZEN_POLL_S)
+                    timeout = left if timeout is None else min(timeout, left)
                 try:
                     op: Op | None = self._q.get(timeout=timeout)
                 except queue.Empty:
@@ -150,14 +151,21 @@ class Worker:
                 try:
                     self._enforce_leases()
                     self._check_frozen_alive()
+                    tracees.poll()
                     if op is not None:
                         self._dispatch(op)
+                        tracees.poll()
                 except Exception:  # the ptrace thread must survive any bug
                     name = type(op).__name__
                     log.exception("worker step failed", extra={"fields": {"op": name}})
         finally:
             for key in list(self._frozen):
                 self._thaw(key)
+            # Threads still held (seized, never stopped) are released by the kernel when
+            # this thread ends, their pending interrupt with them (exit_ptrace).
+            if tracees.poll():
+                held = {"threads": tracees.held()}
+                log.info("held threads released by the thread's end", extra={"fields": held})
 
     def _check_frozen_alive(self) -> None:
         for key in list(self._frozen):
@@ -279,7 +287,7 @@ class Worker:
                 ready.append(m)
                 continue
             try:
-                self._staging(m).reserve(copyout.estimate(m.ident.pid, m.regions))
+                self._staging(m).reserve(copyout.estimate(m.ident.view("freeze"), m.regions))
                 ready.append(m)
             except STAGE_FAILED:
                 self._mark_gone(m, op.epoch)
@@ -379,7 +387,7 @@ class Worker:
                 ident = op.target
                 if isinstance(ident, int):
                     ident = ProcessIdentity.of(ident)
-                if ident.pid in {fe.fp.pid for fe in self._frozen.values()}:
+                if ident.pid in {fe.fp.ident.pid for fe in self._frozen.values()}:
                     raise RestoreRefused(op.member, f"process {ident.pid} is frozen for a job")
                 now = {n: (a, size) for n, a, size in op.regions_now} or {
                     c.name: (c.start, c.size) for c in op.contents
@@ -408,6 +416,7 @@ class Worker:
                 if (op.job, op.generation) in self._aborted:
                     break  # the queued AbortOp thaws the rest
             self._enforce_leases()
+            tracees.poll()
             if isinstance(m, str):
                 err: CpcoordError = UnknownMember(op.job, m, f"on node {self.config.node}")
                 self._fail(op.job, op.generation, m, R.ABORT_REASON_CAPTURE_FAILED, err, op.epoch)
@@ -514,7 +523,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             staging = self._staging(m)
-            staging.reserve(copyout.estimate(m.ident.pid, m.regions))
+            staging.reserve(copyout.estimate(m.ident.view("freeze"), m.regions))
         except CpcoordError as e:  # the Freeze will find out and report it
             log.info("staging not prepared", extra={"fields": {"member": m.name, "error": str(e)}})
             return
