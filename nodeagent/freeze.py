@@ -23,8 +23,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -85,10 +86,23 @@ def _status_fields(pid: int, tid: int) -> dict[str, str]:
 
 
 def _tracer(fields: dict[str, str]) -> int:
+    """The tracer's thread id (TracerPid names the tracing *thread*), 0 when untraced."""
     try:
         return int(fields.get("TracerPid", "0"))
     except ValueError:
         return 0
+
+
+def _process_of(tid: int) -> int:
+    """The process (thread group) a thread id belongs to, for messages."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
 
 
 def _exited(fields: dict[str, str]) -> bool:
@@ -97,16 +111,19 @@ def _exited(fields: dict[str, str]) -> bool:
 
 
 def _refuse_if_traced(pid: int) -> None:
-    """Another tracer (strace, gdb) holds the process: refuse before touching anything."""
+    """Another tracer (strace, gdb, another thread of ours) holds the process: refuse
+    before touching anything. This thread's own hold (a leader that did not stop in an
+    earlier freeze, nodeagent/tracees.py) is taken back instead."""
     tracer = _tracer(_status_fields(pid, pid))
-    if tracer and tracer != os.getpid():
-        raise PermissionDenied("freeze", pid, f"already traced by pid {tracer}")
+    if tracer and tracer != threading.get_native_id():
+        raise PermissionDenied("freeze", pid, f"already traced by pid {_process_of(tracer)}")
 
 
 def _seize(fp: FrozenProcess, tid: int) -> bool:
     """Seize and interrupt one thread, adding it to `fp.tids` the moment it is ours (so a
     failure right after still releases it); False when it already exited (or is exiting)."""
-    if tracees.adopt(tid) is None:  # a thread held from an earlier freeze is still seized
+    held = tracees.adopt(tid)  # a thread held since an earlier freeze is still seized
+    if held is None:
         try:
             ptrace(PTRACE_SEIZE, tid, 0, 0)
         except PtraceError as e:
@@ -119,9 +136,15 @@ def _seize(fp: FrozenProcess, tid: int) -> bool:
                 if _exited(fields):
                     return False
                 tracer = _tracer(fields)
-                why = f"already traced by pid {tracer}" if tracer else "ptrace not permitted"
+                why = (
+                    f"already traced by pid {_process_of(tracer)}"
+                    if tracer
+                    else "ptrace not permitted"
+                )
                 raise PermissionDenied("freeze", fp.ident.pid, why) from None
             raise FreezeFailed(fp.ident.pid, f"PTRACE_SEIZE of thread {tid}: {e}") from None
+    elif held.signal:
+        fp.pending_signals[tid] = held.signal
     fp.tids.append(tid)
     try:
         ptrace(PTRACE_INTERRUPT, tid, 0, 0)
@@ -149,7 +172,13 @@ def _why_not_stopped(pid: int, tids: list[int]) -> str:
     return "threads " + ", ".join(parts) + more
 
 
-def _wait_stopped(fp: FrozenProcess, tids: list[int], deadline: float, timeout: float) -> list[int]:
+def _wait_stopped(
+    fp: FrozenProcess,
+    tids: list[int],
+    deadline: float,
+    timeout: float,
+    cancelled: Callable[[], bool] | None,
+) -> list[int]:
     """Wait until each thread is in a ptrace stop; return those that exited instead."""
     waiting = set(tids)
     gone: list[int] = []
@@ -187,6 +216,9 @@ def _wait_stopped(fp: FrozenProcess, tids: list[int], deadline: float, timeout: 
                     waiting.discard(tid)
                     gone.append(tid)
                     tracees.hold(tid, fp.ident.pid)
+            if cancelled is not None and cancelled():
+                why = _why_not_stopped(fp.ident.pid, list(waiting))
+                raise FreezeFailed(fp.ident.pid, f"aborted while {why} had not stopped")
         if now > deadline:
             why = _why_not_stopped(fp.ident.pid, list(waiting))
             raise FreezeFailed(fp.ident.pid, f"{why} did not stop within {timeout:g} s")
@@ -198,13 +230,18 @@ def _wait_stopped(fp: FrozenProcess, tids: list[int], deadline: float, timeout: 
     return gone
 
 
-def freeze(ident: ProcessIdentity, timeout: float = 5.0) -> FrozenProcess:
+def freeze(
+    ident: ProcessIdentity,
+    timeout: float = 5.0,
+    cancelled: Callable[[], bool] | None = None,
+) -> FrozenProcess:
     """Stop every live thread of the process; loop until no new thread appears.
 
     Threads are listed, seized and interrupted; once all listed threads are stopped none
     of them can create another, so a listing that shows no new thread is final. Raises
-    PermissionDenied before touching a process another tracer holds; on any failure every
-    thread seized so far is released (or held until it can be).
+    PermissionDenied before touching a process another tracer holds, FreezeFailed when a
+    thread does not stop within `timeout` or `cancelled()` turns true meanwhile; on any
+    failure every thread seized so far is released (or held until it can be).
     """
     ident.check()
     tracees.poll()
@@ -223,7 +260,7 @@ def freeze(ident: ProcessIdentity, timeout: float = 5.0) -> FrozenProcess:
                 break
             seen.update(new)
             got = [t for t in new if _seize(fp, t)]
-            for t in _wait_stopped(fp, got, deadline, timeout):
+            for t in _wait_stopped(fp, got, deadline, timeout, cancelled):
                 fp.tids.remove(t)
                 fp.pending_signals.pop(t, None)
         if not fp.tids:

@@ -8,7 +8,11 @@ member frozen longer than its lease (the Freeze's `lease_ms`, capped by the agen
 `--lease`) without a Capture is thawed here and reported `Failed(LEASE_EXPIRED)`,
 whatever happens to the coordinator. Leases are checked whenever the queue is idle until
 the next deadline, between operations and between the members of a Capture, so a thaw
-is late by at most one member's copy.
+is late by at most one member's copy. Threads a thaw could not detach (they had not
+stopped: vfork, an uninterruptible wait) are held by this thread (nodeagent/tracees.py)
+and polled on the same loop, between operations and on a short timer, so each is
+detached the moment it stops or reaped when it dies; a Freeze whose generation is
+aborted meanwhile stops waiting for a member that does not stop.
 
 Per Capture, members are copied one after the other (all are frozen: the cut is taken),
 each thawed as soon as its copy is staged and its tracker re-armed (nodeagent/tracking.py);
@@ -296,14 +300,22 @@ class Worker:
         done: list[agent_pb2.FrozenMember] = []
         misfit = False  # restore: a member that cannot take the generation back
         lease_ms = int(lease_s * 1000)
+
+        def aborted() -> bool:  # the Abort is queued behind us: stop freezing for it
+            with self._alock:
+                return (op.job, op.generation) in self._aborted
+
         for m in ready:
+            if aborted():
+                return  # the queued AbortOp thaws those frozen already
             t0 = time.monotonic()
             try:
-                fp = freeze(m.ident, min(self.config.freeze_timeout_s, lease_s))
+                fp = freeze(m.ident, min(self.config.freeze_timeout_s, lease_s), aborted)
             except STAGE_FAILED:
                 self._mark_gone(m, op.epoch)
                 continue
             except CpcoordError as e:
+                log.warning("freeze failed", extra={"fields": {"member": m.name, "error": str(e)}})
                 self._fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
                 continue
             fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)

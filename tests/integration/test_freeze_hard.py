@@ -33,7 +33,7 @@ from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, st
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LEASE_MS = 3000
-CHILD_MS = 6000  # longer than the agent's freeze may take (min(5 s, lease))
+CHILD_MS = 8000  # longer than two of the agent's freezes take (min(5 s, lease))
 KILLED_CHILD_MS = 30000  # killed long before its child exits
 CLI_CHILD_MS = 10000  # longer than the CLI's start and 5 s freeze timeout
 
@@ -110,6 +110,11 @@ def test_member_blocked_in_vfork_runs_again_when_its_child_exits(
     attach(c, t)
     r = checkpoint(c)
     assert (r["state"], r["reason"]) == ("aborted", "freeze_timeout"), r
+    # Again, while the agent may still hold it from the first attempt: the same abort,
+    # not a "permission denied" from its own hold.
+    r = checkpoint(c)
+    assert (r["state"], r["reason"]) == ("aborted", "freeze_timeout"), r
+    assert not exited(child), "the child exited too soon for this test"
     wait_for(lambda: exited(child), CHILD_MS / 1000 + 20, "the vfork child's exit")
     t0 = time.monotonic()
     t.expect("back", LEASE_MS / 1000 + 1)  # vfork returned: the parent ran

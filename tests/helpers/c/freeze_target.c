@@ -16,9 +16,10 @@
  *     The main thread vforks at once; the child prints "child PID", sleeps MS ms and
  *     _exits 7; the parent checks that status and prints "back", then serves commands.
  *     Command "v MS" vforks again the same way ("child PID", then "back").
- *   freeze_target vfork-loop PAGES MAXMS LONGMS
+ *   freeze_target vfork-loop PAGES MAXMS LONGMS EVERY
  *     A thread vforks over and over, each child sleeping a random 0..MAXMS ms, every
- *     tenth LONGMS ms; the main thread serves commands.
+ *     EVERYth LONGMS ms; the main thread serves commands. Command "V MS": the next
+ *     child sleeps MS ms; "ok" once that vfork() is under way.
  *   freeze_target churn PAGES THREADS
  *     THREADS spawner threads each create and join short-lived threads in a tight loop
  *     (every one writes a page of its own and exits); "bye CREATED" at the end.
@@ -93,13 +94,21 @@ static void vfork_once(long ms, int announce) {
     }
 }
 
-static long vl_max, vl_long;
+static long vl_max, vl_long, vl_every;
+static atomic_long vl_next;    /* "V MS": the next child's sleep */
+static atomic_ulong vl_forced; /* how many such vforks started */
 static void *vfork_loop(void *arg) {
     (void)arg;
     uint64_t r = 12345;
     for (unsigned long i = 1; !atomic_load(&stopping); i++) {
         r = cpt_mix(r + i);
-        vfork_once(i % 10 == 0 ? vl_long : (long)(r % (uint64_t)(vl_max + 1)), 0);
+        long ms = i % vl_every == 0 ? vl_long : (long)(r % (uint64_t)(vl_max + 1));
+        long forced = atomic_exchange(&vl_next, 0);
+        if (forced) {
+            ms = forced;
+            atomic_fetch_add(&vl_forced, 1);
+        }
+        vfork_once(ms, 0);
     }
     return NULL;
 }
@@ -161,6 +170,13 @@ static int serve(void) {
         } else if (line[0] == 's') {
             stamp(strtoull(line + 1, NULL, 10));
             printf("ok\n");
+        } else if (line[0] == 'V') {
+            unsigned long before = atomic_load(&vl_forced);
+            atomic_store(&vl_next, strtol(line + 1, NULL, 10));
+            while (atomic_load(&vl_forced) == before)
+                usleep(1000);
+            usleep(20000); /* the flag is raised just before vfork(): let it get there */
+            printf("ok\n");
         } else if (line[0] == 'v') {
             fflush(stdout);
             vfork_once(strtol(line + 1, NULL, 10), 1);
@@ -204,9 +220,12 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "vfork") && argc > 3) {
         cpt_ready("%p %lu", (void *)region, npages);
         vfork_once(strtol(argv[3], NULL, 10), 1);
-    } else if (!strcmp(mode, "vfork-loop") && argc > 4) {
+    } else if (!strcmp(mode, "vfork-loop") && argc > 5) {
         vl_max = strtol(argv[3], NULL, 10);
         vl_long = strtol(argv[4], NULL, 10);
+        vl_every = strtol(argv[5], NULL, 10);
+        if (vl_every < 1)
+            vl_every = 1;
         start(vfork_loop, 1);
     } else if (!strcmp(mode, "churn") && argc > 3) {
         start(spawner, atoi(argv[3]));
