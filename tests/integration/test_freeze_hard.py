@@ -15,6 +15,7 @@ CLI and the freeze itself (tests/helpers/c/freeze_target.c checks its own memory
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from cpcoord.errors import PermissionDenied
 from cpcoord.image import load_image, region_bytes
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
+from tests.conftest import require
 from tests.helpers.cluster import REPO, Cluster, _env, wait_for
 from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, stopped
 
@@ -246,6 +248,7 @@ def test_process_traced_by_another_tracer_is_refused_untouched(
     cluster_factory: Callable[..., Cluster], make: Callable[..., FreezeTarget]
 ) -> None:
     """strace (or gdb) holds it: PermissionDenied names the tracer, nothing is seized."""
+    require(shutil.which("strace") is not None, "strace")
     c = cluster_factory(nodes=("node-a",))
     t = make("spin", 4)
     attach(c, t)
@@ -285,6 +288,7 @@ def test_a_thread_traced_elsewhere_releases_the_threads_seized_before(
 ) -> None:
     """Another tracer holds one thread (not the leader): the freeze is refused on that
     thread and lets go of the ones it had seized already."""
+    require(shutil.which("strace") is not None, "strace")
     t = make("spin", 4)
     tid = max(states(t.pid))  # a spinner (it prints "ready" once they run)
     assert tid != t.pid
