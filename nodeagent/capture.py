@@ -261,7 +261,8 @@ def capture(
     check_alive(ident, "capture")
     if fp is not None and (fp.ident != ident or fp.thawed):
         raise ValueError("fp must be the caller's live freeze of this very process")
-    pid = ident.pid
+    # The leader, or a live thread while the leader is a zombie (nodeagent/procfs.py).
+    pid = fp.pid if fp is not None else ident.view("capture")
     staging = staging if staging is not None else Staging()
     reader = MemoryReader(pid, readv)
     changed_among = getattr(hooks, "changed_among", None)

@@ -39,7 +39,7 @@ from cpcoord.errors import (
 from cpcoord.gen.v1 import agent_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE, check_name, user_space_end
 from nodeagent.pagemap import PageNumbers, empty_pages
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps, read_stat
+from nodeagent.procfs import Mapping, ProcessIdentity, live_tid, read_maps
 from nodeagent.reader import Staging
 from nodeagent.regions import RegionSpec
 from nodeagent.trackers import registry
@@ -221,8 +221,7 @@ def new_member(req: agent_pb2.AttachMember, default_tracker: str, members: Membe
     ident = ProcessIdentity.of(pid)
     if req.process.start_time and req.process.start_time != ident.start_time:
         raise PidReused(pid, req.process.start_time, ident.start_time)
-    state = read_stat(pid).state
-    if state in ("Z", "X"):
+    if live_tid(pid) is None:  # a zombie leader whose threads run on is alive
         raise MemberNotRunning(req.member, req.job, "the process is a zombie")
     if pid == os.getpid():
         raise InvalidArgument("the agent cannot checkpoint itself")

@@ -1,6 +1,13 @@
 """The process model read from /proc: mappings, identity (pid + start time), tasks, state.
 
 Everything here parses text the kernel wrote; nothing stops or changes a process.
+
+A process is live while any of its threads is: a leader that called pthread_exit shows
+as a zombie while its other threads run on, and the kernel then answers an empty
+/proc/PID/maps and ESRCH for /proc/PID/mem, pagemap and process_vm_readv of PID, because
+the leader has no memory any more. Such a process is reached through one of its live
+threads (`live_tid`, `ProcessIdentity.view`); its pid, start time and identity stay the
+leader's, which cannot be reused while the zombie leader exists.
 """
 
 from __future__ import annotations
@@ -106,8 +113,13 @@ def _proc_errors(pid: int, what: str) -> Iterator[None]:
 def read_maps(pid: int) -> list[Mapping]:
     with _proc_errors(pid, "read maps of"), open(f"/proc/{pid}/maps") as f:
         text = f.read()
-    if not text and not os.path.exists(f"/proc/{pid}"):
-        raise NoSuchProcess(pid)
+    if not text:
+        # No mm behind this pid: gone, or a zombie leader whose threads still run.
+        tid = live_tid(pid)
+        if tid is None or tid == pid:
+            return []
+        with _proc_errors(pid, "read maps of"), open(f"/proc/{tid}/maps") as f:
+            text = f.read()
     return parse_maps(text)
 
 
@@ -160,17 +172,47 @@ class ProcessIdentity:
             raise PidReused(self.pid, self.start_time, now)
 
     def alive(self) -> bool:
+        """Still this process, and some thread of it has not exited."""
         try:
             self.check()
+            return live_tid(self.pid) is not None
         except (NoSuchProcess, PidReused):
             return False
-        return read_stat(self.pid).state not in ("Z", "X")
+
+    def view(self, during: str = "capture") -> int:
+        """The pid to reach its memory through: its own, or a live thread's while its
+        leader is a zombie. Raises PidReused, or ProcessExited when no thread lives."""
+        try:
+            self.check()
+            tid = live_tid(self.pid)
+        except NoSuchProcess:
+            raise ProcessExited(self.pid, during) from None
+        if tid is None:
+            raise ProcessExited(self.pid, during)
+        return tid
 
 
 def list_tasks(pid: int) -> list[int]:
     """Thread ids of a process, sorted."""
     with _proc_errors(pid, "list threads of"):
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def live_tid(pid: int) -> int | None:
+    """A thread of the process that has not exited: the pid itself unless its leader is
+    a zombie, else the lowest live thread; None when every thread exited (a zombie).
+    Raises NoSuchProcess when the pid does not exist."""
+    if read_stat(pid).state not in ("Z", "X"):
+        return pid
+    for tid in list_tasks(pid):
+        if tid == pid:
+            continue
+        try:
+            if read_stat(pid, tid).state not in ("Z", "X"):
+                return tid
+        except NoSuchProcess:
+            continue
+    return None
 
 
 def process_state(pid: int) -> str:
@@ -190,11 +232,12 @@ def task_states(pid: int) -> dict[int, str]:
 
 
 def check_alive(ident: ProcessIdentity, during: str) -> None:
-    """Raise ProcessExited when the process is gone or a zombie."""
+    """Raise ProcessExited when the process is gone or every thread of it exited (a
+    zombie); a zombie leader whose other threads run is alive."""
     try:
         ident.check()
-        state = process_state(ident.pid)
+        tid = live_tid(ident.pid)
     except (NoSuchProcess, PidReused):
         raise ProcessExited(ident.pid, during) from None
-    if state in ("Z", "X"):
+    if tid is None:
         raise ProcessExited(ident.pid, during)

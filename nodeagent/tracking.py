@@ -162,7 +162,7 @@ def capture_frozen(
 ) -> Copied:
     """Capture a frozen member into staging (module docstring). Raises ProcessExited and
     friends when it dies, other CpcoordErrors when reading fails; never thaws."""
-    pid = m.ident.pid
+    pid = fp.pid  # the leader, or a live thread while the leader is a zombie
     maps = read_maps(pid)
     tracked = tracked_maps(copyout.resolve(m.regions, maps), maps)
     changed = collect(m, fp, tracked)

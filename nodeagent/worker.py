@@ -8,7 +8,11 @@ member frozen longer than its lease (the Freeze's `lease_ms`, capped by the agen
 `--lease`) without a Capture is thawed here and reported `Failed(LEASE_EXPIRED)`,
 whatever happens to the coordinator. Leases are checked whenever the queue is idle until
 the next deadline, between operations and between the members of a Capture, so a thaw
-is late by at most one member's copy.
+is late by at most one member's copy. Threads a thaw could not detach (they had not
+stopped: vfork, an uninterruptible wait) are held by this thread (nodeagent/tracees.py)
+and polled on the same loop, between operations and on a short timer, so each is
+detached the moment it stops or reaped when it dies; a Freeze whose generation is
+aborted meanwhile stops waiting for a member that does not stop.
 
 Per Capture, members are copied one after the other (all are frozen: the cut is taken),
 each thawed as soon as its copy is staged and its tracker re-armed (nodeagent/tracking.py);
@@ -41,7 +45,7 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import copyout, metrics, restore, restore_ops, tracking
+from nodeagent import copyout, metrics, restore, restore_ops, tracees, tracking
 from nodeagent.freeze import freeze, thaw
 from nodeagent.membership import (
     DeathWatch,
@@ -137,9 +141,10 @@ class Worker:
         try:
             while True:
                 deadline = min((f.deadline for f in self._frozen.values()), default=None)
-                timeout = None
+                timeout = tracees.next_poll()
                 if deadline is not None:
-                    timeout = min(max(0.0, deadline - time.monotonic()), FROZEN_POLL_S)
+                    left = min(max(0.0, deadline - time.monotonic()), FROZEN_POLL_S)
+                    timeout = left if timeout is None else min(timeout, left)
                 try:
                     op: Op | None = self._q.get(timeout=timeout)
                 except queue.Empty:
@@ -150,14 +155,21 @@ class Worker:
                 try:
                     self._enforce_leases()
                     self._check_frozen_alive()
+                    tracees.poll()
                     if op is not None:
                         self._dispatch(op)
+                        tracees.poll()
                 except Exception:  # the ptrace thread must survive any bug
                     name = type(op).__name__
                     log.exception("worker step failed", extra={"fields": {"op": name}})
         finally:
             for key in list(self._frozen):
                 self._thaw(key)
+            # Threads still held (seized, never stopped) are released by the kernel when
+            # this thread ends, their pending interrupt with them (exit_ptrace).
+            if tracees.poll():
+                held = {"threads": tracees.held()}
+                log.info("held threads released by the thread's end", extra={"fields": held})
 
     def _check_frozen_alive(self) -> None:
         for key in list(self._frozen):
@@ -279,7 +291,7 @@ class Worker:
                 ready.append(m)
                 continue
             try:
-                self._staging(m).reserve(copyout.estimate(m.ident.pid, m.regions))
+                self._staging(m).reserve(copyout.estimate(m.ident.view("freeze"), m.regions))
                 ready.append(m)
             except STAGE_FAILED:
                 self._mark_gone(m, op.epoch)
@@ -288,14 +300,22 @@ class Worker:
         done: list[agent_pb2.FrozenMember] = []
         misfit = False  # restore: a member that cannot take the generation back
         lease_ms = int(lease_s * 1000)
+
+        def aborted() -> bool:  # the Abort is queued behind us: stop freezing for it
+            with self._alock:
+                return (op.job, op.generation) in self._aborted
+
         for m in ready:
+            if aborted():
+                return  # the queued AbortOp thaws those frozen already
             t0 = time.monotonic()
             try:
-                fp = freeze(m.ident, min(self.config.freeze_timeout_s, lease_s))
+                fp = freeze(m.ident, min(self.config.freeze_timeout_s, lease_s), aborted)
             except STAGE_FAILED:
                 self._mark_gone(m, op.epoch)
                 continue
             except CpcoordError as e:
+                log.warning("freeze failed", extra={"fields": {"member": m.name, "error": str(e)}})
                 self._fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
                 continue
             fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)
@@ -379,7 +399,7 @@ class Worker:
                 ident = op.target
                 if isinstance(ident, int):
                     ident = ProcessIdentity.of(ident)
-                if ident.pid in {fe.fp.pid for fe in self._frozen.values()}:
+                if ident.pid in {fe.fp.ident.pid for fe in self._frozen.values()}:
                     raise RestoreRefused(op.member, f"process {ident.pid} is frozen for a job")
                 now = {n: (a, size) for n, a, size in op.regions_now} or {
                     c.name: (c.start, c.size) for c in op.contents
@@ -408,6 +428,7 @@ class Worker:
                 if (op.job, op.generation) in self._aborted:
                     break  # the queued AbortOp thaws the rest
             self._enforce_leases()
+            tracees.poll()
             if isinstance(m, str):
                 err: CpcoordError = UnknownMember(op.job, m, f"on node {self.config.node}")
                 self._fail(op.job, op.generation, m, R.ABORT_REASON_CAPTURE_FAILED, err, op.epoch)
@@ -514,7 +535,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             staging = self._staging(m)
-            staging.reserve(copyout.estimate(m.ident.pid, m.regions))
+            staging.reserve(copyout.estimate(m.ident.view("freeze"), m.regions))
         except CpcoordError as e:  # the Freeze will find out and report it
             log.info("staging not prepared", extra={"fields": {"member": m.name, "error": str(e)}})
             return

@@ -429,3 +429,48 @@ def test_default_regions_whose_layout_changed_are_delivered_whole(
     first = (g.addr - reg.start) // PAGE
     rows = np.searchsorted(reg.pages, np.arange(first, first + 8, dtype=np.uint64))
     assert (np.asarray(reg.data)[rows] == t.read("g", 0, 8)).all()
+
+
+def _tracer_tid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(ln for ln in f if ln.startswith("TracerPid:")).split()[1])
+
+
+def test_a_member_that_cannot_stop_is_held_then_released(tmp_path: Any) -> None:
+    """Blocked in vfork(), a member cannot stop before its child exits: the Freeze fails,
+    the ptrace thread keeps it (seized, its interrupt pending, never stopped) and detaches
+    it the moment vfork returns. Another one still held when the worker stops is let go
+    by the thread's end (the kernel's exit_ptrace drops the pending interrupt too)."""
+    from tests.helpers.cluster import wait_for
+    from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, stopped
+
+    exe = build_freeze_target(tmp_path)
+    rig = Rig(freeze_timeout_s=0.5)
+    with FreezeTarget(exe, "vfork", 4, 2500) as a, FreezeTarget(exe, "vfork", 4, 6000) as b:
+        a.child(), b.child()
+        for name, t in (("a", a), ("b", b)):
+            req = agent_pb2.AttachMember(
+                job=JOB, member=name, process=types_pb2.ProcessIdentity(pid=t.pid)
+            )
+            cid = ord(name)
+            rig.worker.submit(AttachOp(cid, req, 0))
+            rig.wait("result", lambda r, c=cid: r.command_id == c)
+        for gen, name, t in ((1, "a", a), (2, "b", b)):
+            rig.worker.submit(FreezeOp(JOB, gen, 10_000, (name,), 0))
+            f = rig.wait("failed", lambda x, g=gen: x.generation == g)
+            assert f.reason == common_pb2.ABORT_REASON_FREEZE_FAILED and "vfork" in f.detail
+            assert _tracer_tid(t.pid) == rig.worker._thread.native_id  # held
+            assert task_states(t.pid)[t.pid] == "D"  # and not stopped
+        a.expect("back", 5)  # vfork returned: detached on the spot, it runs
+        assert not stopped(a.pid) and _tracer_tid(a.pid) == 0
+        a.ping()
+        a.check()
+        rig.close()  # b is still blocked in vfork, held by the thread that just ended
+        # (a Python join returns a moment before the OS thread is gone)
+        wait_for(lambda: _tracer_tid(b.pid) == 0, 5, "b released by the thread's end")
+        assert not stopped(b.pid)
+        assert b.proc.poll() is None and states(b.pid)[b.pid] == "D"  # still in vfork
+        b.expect("back", 10)  # its child exited: vfork returned, nobody stopped it
+        b.ping()
+        a.quit()
+        b.quit()
