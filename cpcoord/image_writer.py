@@ -5,6 +5,9 @@ writing each region's `.raw` file sparse (only non-zero runs are written, big ru
 few threads), and the commit order that makes a directory an image only once complete:
 raw files, fsync of all of them, image.json through a temporary file and rename, fsync
 of the directories. `abort` removes what was created.
+
+On tmpfs a capture can fill the raw files in place instead (`in_place`, module
+cpcoord/image_files.py): the writer then only punches the zero pages and records them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import InvalidName, OutputNotEmpty, OutputNotWritable
 from cpcoord.image import META, Image, ImageMember, ImageRegion, dumps, region_file, runs_of
+from cpcoord.image_files import RegionFiles, memory_backed
 from cpcoord.ranges import PAGE_SIZE, check_name
 
 _MAX_IO = 1 << 30  # bytes per pwrite: below Linux's 0x7ffff000 cap per call
@@ -101,7 +105,42 @@ class ImageWriter:
         self._members: dict[str, _PendingMember] = {}
         self._created = prepare_output(self.out)
         self._files: list[Path] = []
+        self._in_place: dict[str, RegionFiles] = {}
         self.bytes_written = 0
+
+    def in_place(self, member: str) -> RegionFiles | None:
+        """The member's region files to capture into directly, when the output is on tmpfs
+        (else None: capture into staging and `add_region`). Record each region captured
+        there with `add_region_in_place`; the others are removed at commit."""
+        check_name(member)
+        if member in self._in_place:
+            return self._in_place[member]
+        if not memory_backed(self.out):
+            return None
+        files = RegionFiles(self.out, member, self._files.append)
+        self._in_place[member] = files
+        return files
+
+    def add_region_in_place(
+        self,
+        member: str,
+        pid: int,
+        start_time: int,
+        name: str,
+        start: int,
+        end: int,
+        pages: npt.NDArray[np.uint64],
+        zero: npt.NDArray[np.bool_],
+        all_pages: npt.NDArray[np.uint64] | None = None,
+    ) -> ImageRegion:
+        """Record a region whose pages a capture copied into `in_place(member)`: its zero
+        pages (and anything else not stored) become holes."""
+        files = self._in_place[member]
+        pages = np.asarray(pages, dtype=np.uint64)
+        m = self._member(member, pid, start_time, name)
+        files.finish(name, pages[~zero])
+        self.bytes_written += int(np.count_nonzero(~zero)) * PAGE_SIZE
+        return self._record(m, name, start, end, pages, all_pages)
 
     def add_region(
         self,
@@ -126,9 +165,7 @@ class ImageWriter:
         pages = np.asarray(pages, dtype=np.uint64)
         if data.shape != (pages.size, PAGE_SIZE):
             raise ValueError(f"region {name}: data shape {data.shape} != ({pages.size}, page)")
-        m = self._members.setdefault(member, _PendingMember(member, pid, start_time))
-        if any(r.name == name for r in m.regions):
-            raise InvalidName(f"{name} (twice in member {member})")
+        m = self._member(member, pid, start_time, name)
         path = self.out / region_file(member, name)
         try:
             path.parent.mkdir(exist_ok=True)
@@ -158,6 +195,23 @@ class ImageWriter:
                 os.close(fd)
         except OSError as e:
             raise OutputNotWritable(self.out, e.strerror or str(e)) from None
+        return self._record(m, name, start, end, pages, all_pages)
+
+    def _member(self, member: str, pid: int, start_time: int, region: str) -> _PendingMember:
+        m = self._members.setdefault(member, _PendingMember(member, pid, start_time))
+        if any(r.name == region for r in m.regions):
+            raise InvalidName(f"{region} (twice in member {member})")
+        return m
+
+    @staticmethod
+    def _record(
+        m: _PendingMember,
+        name: str,
+        start: int,
+        end: int,
+        pages: npt.NDArray[np.uint64],
+        all_pages: npt.NDArray[np.uint64] | None,
+    ) -> ImageRegion:
         region = ImageRegion(
             name=name,
             start=start,
@@ -187,6 +241,7 @@ class ImageWriter:
         )
         tmp = self.out / (META + ".tmp")
         try:
+            self._close_in_place()
             self._sync_files()
             with open(tmp, "w") as f:
                 f.write(dumps(image))
@@ -222,9 +277,24 @@ class ImageWriter:
         with ThreadPoolExecutor(max_workers=min(16, len(self._files))) as pool:
             list(pool.map(sync, self._files))
 
+    def _close_in_place(self) -> None:
+        """Remove the in-place files of regions that are not in the image (prepared
+        before the freeze, gone at the cut), unmap the others."""
+        for member, files in self._in_place.items():
+            m = self._members.get(member)
+            recorded = {r.name for r in m.regions} if m is not None else set()
+            for name in files.names():
+                if name not in recorded:
+                    path = files.directory / f"{name}.raw"
+                    files.discard(name)
+                    self._files.remove(path)
+            files.close()
+
     def abort(self) -> None:
         """Remove what this writer created; a directory we did not create is emptied of
         our files only."""
+        for files in self._in_place.values():
+            files.close()
         if self._created:
             shutil.rmtree(self.out, ignore_errors=True)
             return

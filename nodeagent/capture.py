@@ -12,6 +12,9 @@ Owns the sequence of one capture and its result value (DESIGN.md, step 4):
 3. After thaw: zero pages are detected (vectorised) and marked, and the result is built.
 
 The result aliases the staging buffer: a later capture into the same Staging overwrites it.
+With a Destination (`into=`: an image's own region files, cpcoord/image_files.py) the
+pages land at their offset in their region's memory instead, reserved before the freeze
+like staging, and the result aliases that memory.
 A caller that already holds the freeze passes its FrozenProcess (`fp=`): then nothing is
 frozen or thawed here, and several captures can share one cut (an incremental capture and
 a full reference in the same frozen window: tests of issue 3).
@@ -24,6 +27,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -81,6 +85,24 @@ class SelectionHooks(CaptureHooks, Protocol):
         ...
 
 
+class Destination(Protocol):
+    """Where a capture copies to instead of staging: each region's pages at their offset
+    in memory of that region's own (cpcoord.image_files.RegionFiles, a tmpfs image)."""
+
+    def reserve(self, regions: Sequence[tuple[str, int, int]], pages: Sequence[PageNumbers]) -> int:
+        """Make every page of `pages[i]` (page numbers) of region `regions[i]` = (name,
+        start, end) writable without a fault; return how many pages it had to add."""
+        ...
+
+    def address(self, name: str) -> int:
+        """Where page offset 0 of region `name` lives (after `reserve`)."""
+        ...
+
+    def rows(self, name: str) -> npt.NDArray[np.uint8]:
+        """The region's memory as `(pages, PAGE_SIZE)` rows, row k = page offset k."""
+        ...
+
+
 @dataclass(frozen=True)
 class CapturedRegion:
     """One region's pages at the cut. Offsets count pages from `start`, sorted."""
@@ -88,11 +110,25 @@ class CapturedRegion:
     name: str
     start: int
     end: int
-    pages: npt.NDArray[np.uint64]  # offsets copied into staging (all of them if full)
+    pages: npt.NDArray[np.uint64]  # offsets copied (all of them if full)
     all_pages: npt.NDArray[np.uint64]  # offsets taken by the rule (present or swapped)
     zero: npt.NDArray[np.bool_]  # per entry of `pages`: the page is all zeros
-    data: npt.NDArray[np.uint8]  # (len(pages), PAGE_SIZE): row i holds page pages[i]
+    # Staging: `(len(pages), PAGE_SIZE)`, row i holds page pages[i]. In place (a
+    # Destination): the region's rows, row k holds page offset k.
+    rows: npt.NDArray[np.uint8]
     requested: AddressRange | None = None
+    in_place: bool = False
+
+    @cached_property
+    def data(self) -> npt.NDArray[np.uint8]:
+        """`(len(pages), PAGE_SIZE)`: row i holds page pages[i] (in place and sparse: a
+        copy, made on first use)."""
+        if not self.in_place:
+            return self.rows
+        dense = _dense(self.pages)
+        if dense is not None:
+            return self.rows[dense]
+        return self.rows[self.pages.astype(np.intp)]
 
     @property
     def runs(self) -> Runs:
@@ -196,24 +232,39 @@ def _taken(
     return both
 
 
-def zero_rows(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """Which rows (pages) of `(n, PAGE_SIZE)` data are all zeros.
+def zero_rows(
+    data: npt.NDArray[np.uint8], index: npt.NDArray[np.uint64] | None = None
+) -> npt.NDArray[np.bool_]:
+    """Which rows (pages) of `(n, PAGE_SIZE)` data, or of `data[index]`, are all zeros.
 
     A page whose first and last words are not both zero cannot be a zero page: that
     check reads two cache lines per page, and only the few candidates left are scanned
     whole (in bounded chunks), so incompressible data costs almost nothing here.
     """
-    n = data.shape[0]
+    n = data.shape[0] if index is None else index.size
     zero = np.zeros(n, dtype=np.bool_)
     if n == 0:
         return zero
-    words = data.view(np.uint64).reshape(n, PAGE_SIZE // 8)
-    cand = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+    words = data.view(np.uint64).reshape(data.shape[0], PAGE_SIZE // 8)
+    if index is None:
+        cand = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+        at = cand
+    else:
+        idx = index.astype(np.intp)
+        cand = np.flatnonzero((words[idx, 0] == 0) & (words[idx, -1] == 0))
+        at = idx[cand]
     step = 8192  # 32 MiB of candidate pages per pass
     for i in range(0, cand.size, step):
-        c = cand[i : i + step]
-        zero[c] = ~words[c].any(axis=1)
+        zero[cand[i : i + step]] = ~words[at[i : i + step]].any(axis=1)
     return zero
+
+
+def _dense(pages: npt.NDArray[np.uint64]) -> slice | None:
+    """`pages` (sorted unique offsets) as a slice when they are one run (or none)."""
+    if pages.size == 0:
+        return slice(0, 0)
+    first, last = int(pages[0]), int(pages[-1])
+    return slice(first, last + 1) if last - first + 1 == pages.size else None
 
 
 def restrict(taken: Sequence[PageNumbers], changed: ChangedSet) -> list[PageNumbers]:
@@ -246,11 +297,14 @@ def capture(
     freeze_timeout: float = 5.0,
     readv: ReadvFn = _sys_readv,
     fp: FrozenProcess | None = None,
+    into: Destination | None = None,
 ) -> Capture:
     """Capture the process's regions (`ranges`, or the default set when None).
 
     With `fp`, the process is already frozen by the caller (on this thread), who also
-    thaws it; otherwise it is frozen here for the copy only.
+    thaws it; otherwise it is frozen here for the copy only. With `into`, pages are
+    copied there (in place) rather than into `staging`: meant for full captures, since
+    it reserves every page taken before the freeze.
 
     Raises NoSuchProcess / PidReused before anything happens, ProcessExited when it dies
     on the way, PermissionDenied, FreezeFailed, RangeUnmapped, RangesOverlap. The target
@@ -272,10 +326,14 @@ def capture(
             # -- prepare (running, unless the caller froze it) -----------------------------
             maps0 = read_maps(pid)
             specs0 = resolve_regions(ranges, maps0, pid)
-            taken0 = _concat(select_pages(pm, specs0, maps0))
+            parts0 = select_pages(pm, specs0, maps0)
+            taken0 = _concat(parts0)
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
-            staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
+            if into is not None:
+                into.reserve(_bounds(specs0), parts0)
+            else:
+                staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)
@@ -292,14 +350,22 @@ def capture(
                     changed = hooks.changed(fz, maps)
                 copied = taken if changed is None else restrict(taken, changed)
                 allp = _concat(copied)
-                if staging.reserve(allp.size * PAGE_SIZE):
+                grown = (
+                    into.reserve(_bounds(specs), copied)
+                    if into is not None
+                    else staging.reserve(allp.size * PAGE_SIZE)
+                )
+                if grown:
                     log.warning(
                         "staging grown while frozen: pages appeared after the pre-pass",
                         extra={"fields": {"pid": pid, "estimate": estimate, "pages": allp.size}},
                     )
                 t3 = time.perf_counter()
-                remote = runs_from_pages(allp) << np.uint64(PAGE_SHIFT)
-                stats = reader.read_runs(remote, staging.address)
+                if into is not None:
+                    stats = reader.read_iov(*_in_place_iov(specs, copied, into))
+                else:
+                    remote = runs_from_pages(allp) << np.uint64(PAGE_SHIFT)
+                    stats = reader.read_runs(remote, staging.address)
                 check_alive(ident, "capture")
                 if hooks is not None:
                     hooks.after_copy(fz, maps)
@@ -309,7 +375,7 @@ def capture(
             raise ProcessExited(pid, "capture") from None
         finally:
             reader.close()
-    regions = _build(specs, taken, copied, stats.unreadable, staging)
+    regions = _build(specs, taken, copied, stats.unreadable, staging, into)
     t6 = time.perf_counter()
     timings = CaptureTimings(
         prepare=t1 - t0,
@@ -374,36 +440,71 @@ def _concat(parts: Sequence[PageNumbers]) -> PageNumbers:
     return np.concatenate(parts)
 
 
+def _bounds(specs: Sequence[RegionSpec]) -> list[tuple[str, int, int]]:
+    return [(s.name, s.start, s.end) for s in specs]
+
+
+def _in_place_iov(
+    specs: Sequence[RegionSpec], copied: Sequence[PageNumbers], into: Destination
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Remote and local iovecs `(n, 2)`: each run of each region to its offset in the
+    region's memory at `into` (runs never cross regions: each has its own memory)."""
+    remote, local = [], []
+    for spec, c in zip(specs, copied, strict=True):
+        if c.size == 0:
+            continue
+        r = runs_from_pages(c) << np.uint64(PAGE_SHIFT)
+        loc = r.copy()
+        loc[:, 0] += np.uint64(into.address(spec.name) - spec.start)
+        remote.append(r)
+        local.append(loc)
+    if not remote:
+        return np.zeros((0, 2), dtype=np.uint64), np.zeros((0, 2), dtype=np.uint64)
+    return np.concatenate(remote), np.concatenate(local)
+
+
 def _build(
     specs: Sequence[RegionSpec],
     taken: Sequence[PageNumbers],
     copied: Sequence[PageNumbers],
     unreadable: PageNumbers,
     staging: Staging,
+    into: Destination | None = None,
 ) -> tuple[CapturedRegion, ...]:
-    """Region values over the staging rows; unreadable pages are dropped (rare path:
-    that region's rows are compacted into a copy)."""
+    """Region values over the staging rows (or the Destination's); unreadable pages are
+    dropped (rare path: with staging, that region's rows are compacted into a copy)."""
     out: list[CapturedRegion] = []
     row = 0
     for spec, t, c in zip(specs, taken, copied, strict=True):
-        data = staging.pages(row, int(c.size))
-        row += int(c.size)
+        if into is None:
+            rows = staging.pages(row, int(c.size))
+            row += int(c.size)
         if unreadable.size:
             keep = ~np.isin(c, unreadable, assume_unique=True)
             if not keep.all():
-                data, c = data[keep], c[keep]
+                c = c[keep]
+                if into is None:
+                    rows = rows[keep]
                 t = t[~np.isin(t, unreadable, assume_unique=True)]
         base = np.uint64(spec.start >> PAGE_SHIFT)
+        pages = c - base
+        if into is None:
+            zero = zero_rows(rows)
+        else:
+            rows = into.rows(spec.name)
+            dense = _dense(pages)
+            zero = zero_rows(rows[dense]) if dense is not None else zero_rows(rows, pages)
         out.append(
             CapturedRegion(
                 name=spec.name,
                 start=spec.start,
                 end=spec.end,
-                pages=c - base,
+                pages=pages,
                 all_pages=t - base,
-                zero=zero_rows(data),
-                data=data,
+                zero=zero,
+                rows=rows,
                 requested=spec.requested,
+                in_place=into is not None,
             )
         )
     return tuple(out)

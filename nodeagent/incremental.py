@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import TrackerFailed, TrackerUnavailable
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import Capture, capture
+from nodeagent.capture import Capture, Destination, capture
 from nodeagent.changeset import (
     mark_appeared,
     mark_pages,
@@ -159,10 +159,15 @@ class TrackedCapture:
     # -- one capture -------------------------------------------------------------------
 
     def capture(
-        self, fp: FrozenProcess | None = None, *, readv: ReadvFn = _sys_readv
+        self,
+        fp: FrozenProcess | None = None,
+        *,
+        readv: ReadvFn = _sys_readv,
+        into: Destination | None = None,
     ) -> TrackedResult:
         """One capture (in the caller's freeze `fp`, or in its own). Then `commit()` once
-        it is stored, or `abort()`."""
+        it is stored, or `abort()`. `into`: copy in place (nodeagent.capture.capture);
+        for a capture that will be full (`next_is_full`)."""
         if self._inflight is not _IDLE:
             self.abort()
         hooks = _Hooks(self)
@@ -175,6 +180,7 @@ class TrackedCapture:
                 freeze_timeout=self.freeze_timeout,
                 readv=readv,
                 fp=fp,
+                into=into,
             )
         except BaseException:
             self._inflight = hooks.inflight

@@ -146,6 +146,15 @@ class MemoryReader:
         local = np.empty_like(remote)
         local[:, 0] = ends(remote)[:-1] + np.uint64(dest)
         local[:, 1] = remote[:, 1]
+        return self.read_iov(remote, local)
+
+    def read_iov(self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]) -> ReadStats:
+        """Copy each remote run `(n, 2)` [address, length] to the local run in the same
+        row (same lengths; page-aligned, page-sized multiples)."""
+        if remote.shape[0] == 0:
+            return ReadStats(0, 0, empty_pages())
+        remote = np.ascontiguousarray(remote, dtype=np.uint64)
+        local = np.ascontiguousarray(local, dtype=np.uint64)
         fallback = 0
         bad: list[PageNumbers] = []
 

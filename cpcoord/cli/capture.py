@@ -120,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
         writer.abort()
         raise
     try:
-        res = link.tc.capture()
+        # A full capture onto tmpfs copies straight into the image's files (no staging,
+        # no second copy); an incremental one copies few pages: staging, then write.
+        into = writer.in_place(member) if parent is None else None
+        res = link.tc.capture(into=into)
         cap = res.capture
         t1 = time.perf_counter()
         incremental = parent is not None
@@ -129,6 +132,20 @@ def run(args: argparse.Namespace) -> int:
         writer.tracker = res.tracker if incremental else None
         writer.add_member(member, ident.pid, ident.start_time)
         for r in cap.regions:
+            every = r.all_pages if incremental else None
+            if r.in_place:
+                writer.add_region_in_place(
+                    member,
+                    ident.pid,
+                    ident.start_time,
+                    r.name,
+                    r.start,
+                    r.end,
+                    r.pages,
+                    r.zero,
+                    all_pages=every,
+                )
+                continue
             writer.add_region(
                 member,
                 ident.pid,
@@ -139,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 r.pages,
                 r.data,
                 r.zero,
-                all_pages=r.all_pages if incremental else None,
+                all_pages=every,
             )
         chain.save_new_state(link)
         writer.commit()
