@@ -455,7 +455,8 @@ def _in_place_iov(
             continue
         r = runs_from_pages(c) << np.uint64(PAGE_SHIFT)
         loc = r.copy()
-        loc[:, 0] += np.uint64(into.address(spec.name) - spec.start)
+        loc[:, 0] -= np.uint64(spec.start)  # the offset in the region, then where it lives
+        loc[:, 0] += np.uint64(into.address(spec.name))
         remote.append(r)
         local.append(loc)
     if not remote:
