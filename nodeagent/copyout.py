@@ -8,7 +8,8 @@ the capture engine's parts (the seed's page rule `select_pages`, batched
 `process_vm_readv` into a prefaulted `Staging`) and keeps the same guarantees:
 - `estimate` runs before the freeze, so staging is sized and prefaulted outside the
   frozen window;
-- `select` and `copy` run frozen; only pages taken by the rule are ever copied;
+- `select` and `copy` run frozen, with the same shared objects open; only pages taken
+  by the rule are ever copied, and read without unsharing anything (reader.py);
 - pages neither read path can read are dropped from the result, never invented.
 Zero detection is left to the uploader: it runs after the thaw, off the ptrace thread.
 """
@@ -24,10 +25,11 @@ import numpy.typing as npt
 
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import SLACK_FRACTION, SLACK_MIN, select_pages
-from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages, runs_from_pages
+from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
 from nodeagent.regions import RegionSpec, default_regions
+from nodeagent.shared import SharedObjects
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +69,18 @@ def resolve(explicit: Sequence[RegionSpec] | None, maps: Sequence[Mapping]) -> l
     return sorted(explicit, key=lambda s: s.start)
 
 
-def select(pid: int, specs: Sequence[RegionSpec], maps: Sequence[Mapping]) -> list[PageNumbers]:
-    """Per region, the absolute page numbers the seed's rule takes (sorted)."""
+def select(
+    pid: int,
+    specs: Sequence[RegionSpec],
+    maps: Sequence[Mapping],
+    objects: SharedObjects | None = None,
+) -> list[PageNumbers]:
+    """Per region, the absolute page numbers taken (sorted; capture.select_pages).
+    `objects`: the cut's shared objects, to be handed to `copy` as well."""
     if not specs:
         return []
     with PagemapReader(pid) as pm:
-        return select_pages(pm, specs, maps)
+        return select_pages(pm, specs, maps, objects)
 
 
 def estimate(pid: int, explicit: Sequence[RegionSpec] | None) -> int:
@@ -90,18 +98,22 @@ def copy(
     deliver: Sequence[PageNumbers],
     staging: Staging,
     readv: ReadvFn = _sys_readv,
+    *,
+    objects: SharedObjects | None = None,
+    maps: Sequence[Mapping] = (),
 ) -> CopyResult:
     """Copy the `deliver` pages (absolute, a subset of `taken`, per region) into staging,
-    back to back in region order. The member must be frozen."""
+    back to back in region order. The member must be frozen. `objects` and `maps`: as
+    given to `select` (pages of object-backed shared mappings come from the objects)."""
     allp = np.concatenate(list(deliver)) if deliver else empty_pages()
     if staging.reserve(int(allp.size) * PAGE_SIZE):
         log.warning(
             "staging grown while frozen: pages appeared after the estimate",
             extra={"fields": {"pid": pid, "pages": int(allp.size)}},
         )
-    reader = MemoryReader(pid, readv)
+    reader = MemoryReader(pid, readv, objects=objects, maps=maps)
     try:
-        stats = reader.read_runs(runs_from_pages(allp) << np.uint64(PAGE_SHIFT), staging.address)
+        stats = reader.read_pages(allp, staging.address)
     finally:
         reader.close()
     bad = stats.unreadable
