@@ -21,6 +21,8 @@ Commands (op and arguments; `name` is a mapping, pages count from its start):
   dontneed {name, page, count}          MADV_DONTNEED: anonymous pages become non-present
   pageout {name, page, count}           MADV_PAGEOUT: pages go to swap (if there is swap)
   write {name, page, count, counter}    stamp pages with counter
+  child_write {name, page, count, counter}  the same, by a forked child (shared mappings:
+                                        another process writes, this one's tables unchanged)
   zero {name, page, count}              fill pages with zeros (they stay present)
   grow {name, pages}                    mremap to PAGES (may move); new pages stamped 0
   unlink {name}                         delete a file-backed mapping's file
@@ -245,6 +247,18 @@ class TargetState:
                 self.words(r)[first : first + size // PAGE] = patterns.stamped(
                     r.id, first, size // PAGE, counter
                 )
+            return {}
+        if op == "child_write":
+            r, addr, size = self.span(a)
+            first = (addr - r.addr) // PAGE
+            src = patterns.stamped(r.id, first, size // PAGE, int(a.get("counter", 0)))
+            pid = os.fork()
+            if pid == 0:  # as little as possible here: a copy, and out
+                ctypes.memmove(addr, src.ctypes.data, size)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise RuntimeError(f"child writer ended with status {status:#x}")
             return {}
         if op == "grow":
             r = self.regions[a["name"]]
