@@ -18,6 +18,8 @@ where the /dev/shm file still exists (the default set leaves such a file to itse
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -157,3 +159,52 @@ def test_explicit_ranges_over_shared_objects(
     ranges = [x for n in target.OBJECTS for x in ("--range", "{:#x}-{:#x}".format(*target.span(n)))]
     cluster.cli("attach", "--job", "j", "--member", "s", "--pid", str(target.pid), *ranges)
     _scenario(cluster, target, tmp_path, "auto")
+
+
+TWIN = """
+import mmap, os, sys
+size = int(sys.argv[1])
+m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+m[:] = os.urandom(size)
+import ctypes
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+child = os.fork()
+if child == 0:
+    sys.stdin.read()
+    os._exit(0)
+print(f"{addr:x} {child}", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_object_two_members_map_is_stored_once(cluster: Cluster, tmp_path: Path) -> None:
+    """Parent and child of a fork map the same shared object (16 MiB of random bytes)
+    and are two members of one job: the store keeps its chunks once (content-addressed,
+    same offsets in both regions). On the wire each member that asks MissingChunks before
+    the other's chunks are stored sends them too (members upload concurrently)."""
+    size = 16 << 20
+    p = subprocess.Popen(
+        [sys.executable, "-c", TWIN, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert p.stdout is not None
+        addr_hex, child = p.stdout.readline().split()
+        addr = int(addr_hex, 16)
+        rng = f"{addr:#x}-{addr + size:#x}"
+        for name, pid in (("parent", p.pid), ("child", int(child))):
+            cluster.cli("attach", "--job", "j", "--member", name, "--pid", str(pid), "--range", rng)
+        g = _checkpoint(cluster, "j")
+        with grpc.insecure_channel(cluster.address, options=channel_options()) as ch:
+            stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+            req = coordinator_pb2.GetGenerationRequest(job="j", generation=g)
+            got = stub.GetGeneration(req, timeout=30)
+        assert {m.member for m in got.members} == {"parent", "child"}
+        assert all(m.stats.pages == size // PAGE for m in got.members)
+        info = got.info
+        assert info.bytes_logical == 2 * size
+        # Random bytes do not compress: one copy is `size` bytes, a second would double it.
+        assert size <= info.bytes_stored < size + size // 8, info
+        assert size <= info.bytes_new < size + size // 8, info
+    finally:
+        p.kill()
+        p.wait()
