@@ -200,7 +200,7 @@ class MemoryReader:
         in_obj, object_bytes = self._read_objects(pages, dest, bad)
         if in_obj is not None:
             pages, rows = pages[~in_obj], rows[~in_obj]
-        words = self._pagemap().words_of(pages)
+        words = self._pagemap().words_of(pages) if pages.size else np.zeros(0, np.uint64)
         via_mem = ((words & PM_EXCLUSIVE) == 0) | ((words & PM_PRESENT) == 0)
         _absorb(pages, via_mem)
         calls, fallback = 0, 0

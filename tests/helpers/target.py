@@ -28,6 +28,8 @@ Commands (op and arguments; `name` is a mapping, pages count from its start):
   unlink {name}                         delete a file-backed mapping's file
   writers {name, count} / stop_writers  start writers / stop them, answer their steps
   threads {count}                       idle threads;  churn {on}  short-lived threads
+  fork                                  a child that shares every page copy-on-write and
+                                        waits until this process exits; answers its pid
   read {name, page, count}              page bytes, hex;  dump {name, path} bytes to a file
 """
 
@@ -103,6 +105,7 @@ class TargetState:
         self.idle = threading.Event()
         self.churn_on = threading.Event()
         self.extra_threads: list[threading.Thread] = []
+        self.fork_pipes: list[int] = []
 
     def words(self, r: Region) -> np.ndarray:
         buf = (ctypes.c_uint64 * (r.pages * patterns.WORDS)).from_address(r.addr)
@@ -248,6 +251,16 @@ class TargetState:
                     r.id, first, size // PAGE, counter
                 )
             return {}
+        if op == "fork":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # holds the memory shared; ends when the parent is gone (EOF)
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            self.fork_pipes.append(w)  # kept open for the parent's lifetime
+            return {"child": pid}
         if op == "child_write":
             r, addr, size = self.span(a)
             first = (addr - r.addr) // PAGE

@@ -24,12 +24,14 @@ import pytest
 
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.ranges import AddressRange
+from nodeagent.capture import capture
 from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from tests.conftest import require
 from tests.helpers.cluster import Cluster
+from tests.helpers.driver import Target
 from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c, dirty_mib
 from tests.integration.test_e2e_cluster import _have_agent
 
@@ -130,3 +132,30 @@ def test_checkpoints_keep_the_fork_shared(
         listed = stored_offsets(reg.pages)
         assert np.isin(np.arange(first, first + n), listed).all(), f"generation {g} lacks pages"
         assert np.array_equal(rows[first : first + n], t.expected()), f"generation {g} differs"
+
+
+def test_mixed_sharing_reads_each_page_the_right_way(target_factory: Callable[..., Target]) -> None:
+    """After a fork, the parent rewrites stretches of 1 to 40 pages (they become its own,
+    exclusive; the rest stays shared with the child). A capture reads exclusive
+    stretches of 16 pages and more with process_vm_readv, everything else through
+    /proc/PID/mem, keeps the shared pages shared and copies every byte exactly."""
+    t = target_factory(maps=["d:400:anon:random:5"])
+    child = int(t.cmd("fork")["child"])
+    m = t.mapping("d")
+    spans = [(3, 1), (10, 5), (30, 15), (60, 16), (90, 17), (150, 40), (399, 1)]
+    for page, count in spans:
+        t.cmd("write", name="d", page=page, count=count, counter=9)
+    mine = sum(c for _, c in spans)
+    before = {pid: dirty_mib(pid) for pid in (t.pid, child)}
+    cap = capture(ProcessIdentity.of(t.pid), [AddressRange(m.addr, m.end)])
+    after = {pid: dirty_mib(pid) for pid in (t.pid, child)}
+    (reg,) = cap.regions
+    assert np.array_equal(reg.data, t.read("d")), "the capture is not the memory"
+    shared = 400 - mine
+    # Stretches of 16+ pages by process_vm_readv (3 of them: 16, 17, 40 pages); shorter
+    # ones between shared pages absorbed into the /proc/PID/mem reads around them.
+    assert cap.readv_calls >= 1
+    assert cap.shared_bytes == (shared + 1 + 5 + 15) * 4096, cap.shared_bytes
+    for pid in (t.pid, child):
+        grew = after[pid]["Private_Dirty"] - before[pid]["Private_Dirty"]
+        assert grew < 1.0, f"{pid}: {before[pid]} -> {after[pid]}"
