@@ -228,10 +228,13 @@ def capture(
             # -- prepare (running, unless the caller froze it) -----------------------------
             maps0 = read_maps(pid)
             specs0 = resolve_regions(ranges, maps0, pid)
-            taken0 = _concat(select_pages(pm, specs0, maps0))
+            with SharedObjects(pid) as pre:
+                taken0 = _concat(select_pages(pm, specs0, maps0, pre))
+                holes0 = pre.hole_pages(maps0, taken0) * PAGE_SIZE  # need no memory
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
-            staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
+            slack = max(SLACK_MIN, int(estimate * SLACK_FRACTION))
+            staging.reserve(estimate + slack, populate=max(0, estimate - holes0) + slack)
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)
@@ -248,7 +251,9 @@ def capture(
                     changed = hooks.changed(fz, maps)
                 copied = taken if changed is None else restrict(taken, changed)
                 allp = _concat(copied)
-                if staging.reserve(allp.size * PAGE_SIZE):
+                if staging.reserve(
+                    allp.size * PAGE_SIZE, populate=_data_bytes(allp, maps, objects)
+                ):
                     log.warning(
                         "staging grown while frozen: pages appeared after the pre-pass",
                         extra={"fields": {"pid": pid, "estimate": estimate, "pages": allp.size}},
@@ -312,6 +317,11 @@ def capture(
         },
     )
     return result
+
+
+def _data_bytes(pages: PageNumbers, maps: Sequence[Mapping], objects: SharedObjects) -> int:
+    """Bytes of staging the pages need populated: holes of shared objects need none."""
+    return (int(pages.size) - objects.hole_pages(maps, pages)) * PAGE_SIZE
 
 
 def _concat(parts: Sequence[PageNumbers]) -> PageNumbers:

@@ -83,12 +83,24 @@ def select(
         return select_pages(pm, specs, maps, objects)
 
 
-def estimate(pid: int, explicit: Sequence[RegionSpec] | None) -> int:
-    """Bytes a full copy would take now, plus slack (call while the member runs)."""
+def estimate(pid: int, explicit: Sequence[RegionSpec] | None) -> tuple[int, int]:
+    """Bytes a full copy would take now, plus slack, and how many of them hold data
+    (holes of shared objects need address space in staging, not memory). Call while the
+    member runs."""
     maps = read_maps(pid)
-    taken = select(pid, resolve(explicit, maps), maps)
-    est = sum(int(t.size) for t in taken) * PAGE_SIZE
-    return est + max(SLACK_MIN, int(est * SLACK_FRACTION))
+    with SharedObjects(pid) as objects:
+        taken = select(pid, resolve(explicit, maps), maps, objects)
+        allp = np.concatenate(taken) if taken else empty_pages()
+        holes = objects.hole_pages(maps, allp) * PAGE_SIZE
+    est = int(allp.size) * PAGE_SIZE
+    slack = max(SLACK_MIN, int(est * SLACK_FRACTION))
+    return est + slack, est - holes + slack
+
+
+def prepare(staging: Staging, pid: int, explicit: Sequence[RegionSpec] | None) -> None:
+    """Size and prefault staging for the member's next capture (while it runs)."""
+    total, data = estimate(pid, explicit)
+    staging.reserve(total, populate=data)
 
 
 def copy(
@@ -106,7 +118,8 @@ def copy(
     back to back in region order. The member must be frozen. `objects` and `maps`: as
     given to `select` (pages of object-backed shared mappings come from the objects)."""
     allp = np.concatenate(list(deliver)) if deliver else empty_pages()
-    if staging.reserve(int(allp.size) * PAGE_SIZE):
+    holes = objects.hole_pages(maps, allp) if objects is not None else 0
+    if staging.reserve(int(allp.size) * PAGE_SIZE, populate=(int(allp.size) - holes) * PAGE_SIZE):
         log.warning(
             "staging grown while frozen: pages appeared after the estimate",
             extra={"fields": {"pid": pid, "pages": int(allp.size)}},

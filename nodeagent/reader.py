@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; faults pages in writable without touching them
 HUGE = 2 << 20
+MAP_NORESERVE = 0x4000  # address space for holes: no commit charge until written
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -96,19 +97,23 @@ class Staging:
         if nbytes:
             self.reserve(nbytes)
 
-    def reserve(self, nbytes: int) -> bool:
-        """Make room for `nbytes`; return True when memory was (re)allocated."""
+    def reserve(self, nbytes: int, populate: int | None = None) -> bool:
+        """Make room for `nbytes`, prefaulting the first `populate` bytes (default: all);
+        return True when memory was (re)allocated. Rows past `populate` fault in when
+        written: rows of holes of shared objects are never written (shared.py), so a
+        sparse object costs address space, not memory."""
         if nbytes <= self.capacity:
             return False
         size = max(HUGE, (nbytes + HUGE - 1) // HUGE * HUGE)
+        fill = size if populate is None else min(size, (max(0, populate) + HUGE - 1) // HUGE * HUGE)
         self.close()
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         with contextlib.suppress(OSError):
             # Huge pages first, then populate: 512x fewer faults and TLB misses.
             mm.madvise(MADV_HUGEPAGE)
         arr = np.frombuffer(mm, dtype=np.uint8)
-        if not _populate(int(arr.ctypes.data), size):
-            arr[::PAGE_SIZE] = 0  # old kernel: touch one byte per page, vectorised
+        if fill and not _populate(int(arr.ctypes.data), fill):
+            arr[:fill:PAGE_SIZE] = 0  # old kernel: touch one byte per page, vectorised
         self._mm = mm
         self._arr = arr
         self.capacity = size

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
+from nodeagent.pagemap import PageNumbers
 from nodeagent.procfs import Mapping
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class SharedObjects:
         self.pid = pid
         self._fds: dict[tuple[str, int, str], int] = {}  # object -> fd (-1: not an object)
         self._ends: dict[tuple[int, int], int] = {}  # mapping (start, end) -> end page
+        self._holes: dict[tuple[int, int], npt.NDArray[np.uint64]] = {}  # -> hole runs
         self.refused = False  # map_files not permitted: page tables only
 
     def __enter__(self) -> SharedObjects:
@@ -74,6 +76,7 @@ class SharedObjects:
                 os.close(fd)
         self._fds.clear()
         self._ends.clear()
+        self._holes.clear()
 
     def _fd(self, m: Mapping) -> int:
         # Same (dev, inode, path) = same object: SysV segments show their id as inode,
@@ -149,12 +152,85 @@ class SharedObjects:
         hi = np.array([self._ends[(m.start, m.end)] for m in chosen], dtype=np.uint64)
         return lo, hi, chosen
 
+    def holes(self, m: Mapping) -> npt.NDArray[np.uint64]:
+        """Runs `(n, 2)` [first page, end page) (absolute) of the object-backed mapping
+        `m` where the object has a hole (SEEK_DATA/SEEK_HOLE, one step per extent): they
+        read as zeros and are captured as zero pages without being read or staged."""
+        key = (m.start, m.end)
+        got = self._holes.get(key)
+        if got is not None:
+            return got
+        end = self.end_page(m)
+        fd = self._fd(m) if end >= 0 else -1
+        out: list[tuple[int, int]] = []
+        if fd >= 0:
+            first = m.start >> PAGE_SHIFT
+            pos, stop = m.offset, m.offset + (end - first) * PAGE_SIZE
+
+            def page(off: int) -> int:
+                return first + (off - m.offset) // PAGE_SIZE
+
+            try:
+                while pos < stop:
+                    try:
+                        data = os.lseek(fd, pos, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                            raise
+                        data = stop
+                    # Whole pages only: a page partly data is read.
+                    lo, hi = page(pos + PAGE_SIZE - 1), page(min(data, stop))
+                    if hi > lo:
+                        out.append((lo, hi))
+                    if data >= stop:
+                        break
+                    pos = os.lseek(fd, data, os.SEEK_HOLE)
+            except OSError:
+                out = []  # no SEEK_DATA here: everything is read (holes read as zeros)
+        runs = np.array(out, dtype=np.uint64).reshape(-1, 2)
+        self._holes[key] = runs
+        return runs
+
+    def hole_pages(self, maps: Sequence[Mapping], pages: PageNumbers) -> int:
+        """How many of the sorted `pages` lie in holes of the object-backed mappings
+        among `maps` (those the selection asked about): pages that need no staging."""
+        chosen = self.bounds(maps)[2]
+        if not chosen or pages.size == 0:
+            return 0
+        runs = [self.holes(m) for m in chosen]
+        h = np.concatenate(runs) if runs else np.zeros((0, 2), dtype=np.uint64)
+        if h.shape[0] == 0:
+            return 0
+        a = np.searchsorted(pages, h[:, 0], side="left")
+        b = np.searchsorted(pages, h[:, 1], side="left")
+        return int((b - a).sum())
+
     def read(self, m: Mapping, addr: int, length: int, dest: int) -> npt.NDArray[np.uint64]:
         """Read `[addr, addr + length)` (page multiples) of mapping `m` from its object
-        into local memory at `dest`, in large reads. Returns the page numbers that could
-        not be read, zeroed at `dest`: past the object's end (it shrank since the
-        selection) or a page the kernel refuses (hardware poison: skipped one page at a
-        time, this loop only runs over pages that failed)."""
+        into private anonymous memory at `dest` (a Staging): holes are not read, their
+        rows are dropped (MADV_DONTNEED: they read as zeros and hold no memory), data in
+        large reads. Returns the page numbers that could not be read (zeroed)."""
+        first, last = addr >> PAGE_SHIFT, (addr + length) >> PAGE_SHIFT
+        h = self.holes(m)
+        h = h[(h[:, 1] > first) & (h[:, 0] < last)]
+        cuts = np.clip(h, first, last).astype(np.int64)
+        bad: list[npt.NDArray[np.uint64]] = []
+        at = first
+        for lo, hi in cuts.tolist():  # one step per hole
+            if lo > at:
+                bad.append(self._read_data(m, at, lo, dest + (at - first) * PAGE_SIZE))
+            _zero(dest + (lo - first) * PAGE_SIZE, (hi - lo) * PAGE_SIZE)
+            at = hi
+        if last > at:
+            bad.append(self._read_data(m, at, last, dest + (at - first) * PAGE_SIZE))
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.uint64)
+
+    def _read_data(self, m: Mapping, first: int, last: int, dest: int) -> npt.NDArray[np.uint64]:
+        addr, length = first << PAGE_SHIFT, (last - first) * PAGE_SIZE
+        """Pages `[first, last)` in large reads. Returns the page numbers that could not
+        be read, zeroed at `dest`: past the object's end (it shrank since the selection)
+        or a page the kernel refuses (hardware poison: skipped one page at a time, this
+        loop only runs over pages that failed)."""
         fd = self._fd(m)
         unread: list[npt.NDArray[np.uint64]] = []
         off = m.offset + (addr - m.start)
@@ -193,3 +269,15 @@ class SharedObjects:
             extra={"fields": {"pid": self.pid, "address": f"0x{addr:x}", "pages": int(bad.size)}},
         )
         return bad
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_DONTNEED = 4
+
+
+def _zero(addr: int, n: int) -> None:
+    """Zero `n` bytes (whole pages) of private anonymous memory: dropped, so they read
+    as the zero page and hold no memory; written with zeros where that fails."""
+    if n and _libc.madvise(addr, n, MADV_DONTNEED) != 0:
+        ctypes.memset(addr, 0, n)

@@ -18,6 +18,7 @@ where the /dev/shm file still exists (the default set leaves such a file to itse
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -30,8 +31,12 @@ import pytest
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
+from cpcoord.ranges import AddressRange
+from nodeagent.capture import capture
+from nodeagent.procfs import ProcessIdentity
 from tests.conftest import require
 from tests.helpers.cluster import Cluster
+from tests.helpers.driver import Target
 from tests.helpers.restore_c import SHARED_TARGET, SharedTarget, build_c, cpt_mix
 from tests.integration.test_e2e_cluster import _have_agent
 
@@ -208,3 +213,34 @@ def test_an_object_two_members_map_is_stored_once(cluster: Cluster, tmp_path: Pa
     finally:
         p.kill()
         p.wait()
+
+
+def _rss_kib(addr: int) -> int:
+    """Resident KiB of this process's mapping that starts at `addr`."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{addr:x}":
+            for more in lines[i + 1 :]:
+                if more.startswith("Rss:"):
+                    return int(more.split()[1])
+    raise AssertionError(f"no mapping at {addr:#x}")
+
+
+def test_holes_are_zero_pages_that_cost_no_memory(target_factory: Callable[..., Target]) -> None:
+    """A 256 MiB memfd with 16 pages written: all 65536 pages are captured (the holes
+    as zero pages), the object does not grow (holes are not read), and the staging
+    buffer holds the data pages only (hole rows are never populated or are dropped)."""
+    t = target_factory(maps=["big:65536:memfd:none"])
+    for page in (0, 1000, 40000, 65532):
+        t.cmd("write", name="big", page=page, count=4, counter=3)
+    m = t.mapping("big")
+    obj = f"/proc/{t.pid}/map_files/{m.addr:x}-{m.end:x}"
+    blocks = os.stat(obj).st_blocks
+    cap = capture(ProcessIdentity.of(t.pid), [AddressRange(m.addr, m.end)])
+    (reg,) = cap.regions
+    assert os.stat(obj).st_blocks == blocks, "the capture grew the object"
+    assert _rss_kib(cap.staging.address) < 16 << 10, "staging holds the holes"
+    assert reg.pages.size == 65536 and reg.zero_count == 65536 - 16
+    for page in (0, 1000, 40000, 65532):
+        got = reg.data[page : page + 4]  # every page is listed: row = page
+        assert np.array_equal(got, t.expected("big", page, 4, counter=3)), page
