@@ -233,8 +233,9 @@ def capture(
                 holes0 = pre.hole_pages(maps0, taken0) * PAGE_SIZE  # need no memory
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
-            slack = max(SLACK_MIN, int(estimate * SLACK_FRACTION))
-            staging.reserve(estimate + slack, populate=max(0, estimate - holes0) + slack)
+            data = max(0, estimate - holes0)
+            slack = max(SLACK_MIN, int(data * SLACK_FRACTION))
+            staging.reserve(estimate + slack, populate=data + slack)
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)

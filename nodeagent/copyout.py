@@ -93,7 +93,7 @@ def estimate(pid: int, explicit: Sequence[RegionSpec] | None) -> tuple[int, int]
         allp = np.concatenate(taken) if taken else empty_pages()
         holes = objects.hole_pages(maps, allp) * PAGE_SIZE
     est = int(allp.size) * PAGE_SIZE
-    slack = max(SLACK_MIN, int(est * SLACK_FRACTION))
+    slack = max(SLACK_MIN, int((est - holes) * SLACK_FRACTION))
     return est + slack, est - holes + slack
 
 

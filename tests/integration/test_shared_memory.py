@@ -239,7 +239,8 @@ def test_holes_are_zero_pages_that_cost_no_memory(target_factory: Callable[..., 
     cap = capture(ProcessIdentity.of(t.pid), [AddressRange(m.addr, m.end)])
     (reg,) = cap.regions
     assert os.stat(obj).st_blocks == blocks, "the capture grew the object"
-    assert _rss_kib(cap.staging.address) < 16 << 10, "staging holds the holes"
+    # 64 KiB of data, the slack and a huge page of rounding; 256 MiB if holes were staged.
+    assert _rss_kib(cap.staging.address) < 8 << 10, "staging holds the holes"
     assert reg.pages.size == 65536 and reg.zero_count == 65536 - 16
     for page in (0, 1000, 40000, 65532):
         got = reg.data[page : page + 4]  # every page is listed: row = page
