@@ -90,12 +90,12 @@ def test_local_captures_keep_the_fork_shared(
         with frozen(ident) as fp:
             res = tc.capture(fp=fp)
         tc.commit()
+        _still_shared(t, before, f"{tracker} capture {rnd}")
         (reg,) = res.capture.regions
         if rnd == 0:
             assert reg.pages.size == want.shape[0]
             assert np.array_equal(reg.data, want), "the capture is not the pattern"
             assert res.capture.shared_bytes == t.mib << 20, "shared pages read another way"
-        _still_shared(t, before, f"{tracker} capture {rnd}")
     tc.forget()
     assert t.check() == "ok"
 
@@ -149,6 +149,9 @@ def test_mixed_sharing_reads_each_page_the_right_way(target_factory: Callable[..
     before = {pid: dirty_mib(pid) for pid in (t.pid, child)}
     cap = capture(ProcessIdentity.of(t.pid), [AddressRange(m.addr, m.end)])
     after = {pid: dirty_mib(pid) for pid in (t.pid, child)}
+    for pid in (t.pid, child):
+        grew = after[pid]["Private_Dirty"] - before[pid]["Private_Dirty"]
+        assert grew < 1.0, f"{pid}: {before[pid]} -> {after[pid]}"
     (reg,) = cap.regions
     assert np.array_equal(reg.data, t.read("d")), "the capture is not the memory"
     shared = 400 - mine
@@ -156,6 +159,3 @@ def test_mixed_sharing_reads_each_page_the_right_way(target_factory: Callable[..
     # ones between shared pages absorbed into the /proc/PID/mem reads around them.
     assert cap.readv_calls >= 1
     assert cap.shared_bytes == (shared + 1 + 5 + 15) * 4096, cap.shared_bytes
-    for pid in (t.pid, child):
-        grew = after[pid]["Private_Dirty"] - before[pid]["Private_Dirty"]
-        assert grew < 1.0, f"{pid}: {before[pid]} -> {after[pid]}"
