@@ -32,17 +32,12 @@ import numpy.typing as npt
 from cpcoord.errors import NoSuchProcess, ProcessExited
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE, AddressRange
 from nodeagent.freeze import FrozenProcess, frozen
-from nodeagent.pagemap import (
-    PagemapReader,
-    PageNumbers,
-    Runs,
-    empty_pages,
-    runs_from_pages,
-    taken_in,
-)
+from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
-from nodeagent.regions import RegionSpec, resolve_regions, scan_safe, segment_pages
+from nodeagent.regions import RegionSpec, resolve_regions
+from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
+from nodeagent.shared import SharedObjects
 from nodeagent.trackers.base import ChangedSet
 
 log = logging.getLogger(__name__)
@@ -136,6 +131,8 @@ class Capture:
     fallback_bytes: int  # read through /proc/PID/mem
     unreadable_pages: int  # taken by the rule but readable by neither path: left out
     staging: Staging
+    shared_bytes: int = 0  # read through /proc/PID/mem: not exclusively mapped (COW)
+    object_bytes: int = 0  # read from the objects behind shared mappings
 
     @property
     def pages(self) -> int:
@@ -154,46 +151,6 @@ class Capture:
             if r.name == name:
                 return r
         raise KeyError(name)
-
-
-def select_pages(
-    pm: PagemapReader, specs: Sequence[RegionSpec], maps: Sequence[Mapping]
-) -> list[PageNumbers]:
-    """Per region, the page numbers the seed's rule takes: fully inside the region, in a
-    readable mapping, present or swapped. Sorted; regions must be sorted and disjoint."""
-    lo, hi = segment_pages(specs, maps)
-    pages = _taken(pm, lo, hi, maps)
-    starts = np.array([s.start >> PAGE_SHIFT for s in specs], dtype=np.uint64)
-    ends = np.array([s.end >> PAGE_SHIFT for s in specs], dtype=np.uint64)
-    a = np.searchsorted(pages, starts, side="left")
-    b = np.searchsorted(pages, ends, side="left")
-    return [pages[i:j] for i, j in zip(a.tolist(), b.tolist(), strict=True)]
-
-
-def _taken(
-    pm: PagemapReader, lo: PageNumbers, hi: PageNumbers, maps: Sequence[Mapping]
-) -> PageNumbers:
-    """Taken pages of the segments: PAGEMAP_SCAN for the mappings it walks (runs from the
-    kernel: ~1.5 ms per resident GiB), pagemap words for the others (device memory)."""
-    if lo.size == 0:
-        return empty_pages()
-    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
-    mstart = np.array([m.start >> PAGE_SHIFT for m in readable], dtype=np.uint64)
-    safe = np.array([scan_safe(m) for m in readable], dtype=np.bool_)
-    # Each segment lies in one readable mapping: the last one starting at or before it.
-    seg_safe = safe[np.searchsorted(mstart, lo, side="right") - 1]
-    if seg_safe.all():
-        return taken_in(pm, lo, hi, scan=True)
-    if not seg_safe.any():
-        return taken_in(pm, lo, hi)
-    both = np.concatenate(
-        (
-            taken_in(pm, lo[seg_safe], hi[seg_safe], scan=True),
-            taken_in(pm, lo[~seg_safe], hi[~seg_safe]),
-        )
-    )
-    both.sort()
-    return both
 
 
 def zero_rows(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
@@ -264,7 +221,7 @@ def capture(
     # The leader, or a live thread while the leader is a zombie (nodeagent/procfs.py).
     pid = fp.pid if fp is not None else ident.view("capture")
     staging = staging if staging is not None else Staging()
-    reader = MemoryReader(pid, readv)
+    objects = SharedObjects(pid)  # the cut's objects: selection and copy agree
     changed_among = getattr(hooks, "changed_among", None)
     expect = getattr(hooks, "expect", None)
     with PagemapReader(pid) as pm:
@@ -272,10 +229,14 @@ def capture(
             # -- prepare (running, unless the caller froze it) -----------------------------
             maps0 = read_maps(pid)
             specs0 = resolve_regions(ranges, maps0, pid)
-            taken0 = _concat(select_pages(pm, specs0, maps0))
+            with SharedObjects(pid) as pre:
+                taken0 = _concat(select_pages(pm, specs0, maps0, pre))
+                holes0 = pre.hole_pages(maps0, taken0) * PAGE_SIZE  # need no memory
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
-            staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
+            data = max(0, estimate - holes0)
+            slack = max(SLACK_MIN, int(data * SLACK_FRACTION))
+            staging.reserve(estimate + slack, populate=data + slack)
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)
@@ -283,7 +244,7 @@ def capture(
                 t2 = time.perf_counter()
                 maps = read_maps(pid)
                 specs = resolve_regions(ranges, maps, pid)
-                taken = select_pages(pm, specs, maps)
+                taken = select_pages(pm, specs, maps, objects)
                 if hooks is None:
                     changed = None
                 elif changed_among is not None:
@@ -292,14 +253,19 @@ def capture(
                     changed = hooks.changed(fz, maps)
                 copied = taken if changed is None else restrict(taken, changed)
                 allp = _concat(copied)
-                if staging.reserve(allp.size * PAGE_SIZE):
+                if staging.reserve(
+                    allp.size * PAGE_SIZE, populate=_data_bytes(allp, maps, objects)
+                ):
                     log.warning(
                         "staging grown while frozen: pages appeared after the pre-pass",
                         extra={"fields": {"pid": pid, "estimate": estimate, "pages": allp.size}},
                     )
                 t3 = time.perf_counter()
-                remote = runs_from_pages(allp) << np.uint64(PAGE_SHIFT)
-                stats = reader.read_runs(remote, staging.address)
+                reader = MemoryReader(pid, readv, objects=objects, maps=maps)
+                try:
+                    stats = reader.read_pages(allp, staging.address)
+                finally:
+                    reader.close()
                 check_alive(ident, "capture")
                 if hooks is not None:
                     hooks.after_copy(fz, maps)
@@ -308,7 +274,7 @@ def capture(
         except NoSuchProcess:
             raise ProcessExited(pid, "capture") from None
         finally:
-            reader.close()
+            objects.close()
     regions = _build(specs, taken, copied, stats.unreadable, staging)
     t6 = time.perf_counter()
     timings = CaptureTimings(
@@ -331,6 +297,8 @@ def capture(
         fallback_bytes=stats.fallback_bytes,
         unreadable_pages=int(stats.unreadable.size),
         staging=staging,
+        shared_bytes=stats.shared_bytes,
+        object_bytes=stats.object_bytes,
     )
     log.info(
         "captured",
@@ -351,6 +319,11 @@ def capture(
         },
     )
     return result
+
+
+def _data_bytes(pages: PageNumbers, maps: Sequence[Mapping], objects: SharedObjects) -> int:
+    """Bytes of staging the pages need populated: holes of shared objects need none."""
+    return (int(pages.size) - objects.hole_pages(maps, pages)) * PAGE_SIZE
 
 
 def _concat(parts: Sequence[PageNumbers]) -> PageNumbers:
