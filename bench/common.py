@@ -1,6 +1,6 @@
 """Shared benchmark helpers: repetitions and their statistics, the raw baselines of this
-machine measured in the same run (process_vm_readv, process_vm_writev, memcpy, file
-writes), and result files (bench/results/NAME.json, NAME.md table, NAME.png plot).
+machine measured in the same run (process_vm_readv, /proc/PID/mem, process_vm_writev,
+memcpy, file writes), and result files (bench/results/NAME.json, NAME.md table, NAME.png plot).
 
 Baselines copy into/out of prefaulted huge-page buffers (nodeagent.reader.Staging) with
 one iovec per run and IOV_MAX iovecs per call: the best this machine does, which is what
@@ -110,12 +110,37 @@ def _vm_copy(name: str, pid: int, runs: npt.NDArray[np.uint64], local_addr: int)
     return time.perf_counter() - t0
 
 
-def raw_readv(pid: int, runs: npt.NDArray[np.uint64], reps: int) -> Stats:
-    """process_vm_readv of the runs into a prefaulted buffer, best case."""
+def raw_readv(pid: int, runs: npt.NDArray[np.uint64], reps: int, warmup: int = 1) -> Stats:
+    """process_vm_readv of the runs into a prefaulted buffer, best case (after `warmup`
+    untimed passes)."""
     buf = Staging(int(np.asarray(runs)[:, 1].sum()))
     try:
-        return repeat(lambda: _vm_copy("process_vm_readv", pid, runs, buf.address), reps, 1)
+        return repeat(lambda: _vm_copy("process_vm_readv", pid, runs, buf.address), reps, warmup)
     finally:
+        buf.close()
+
+
+def raw_mem(pid: int, runs: npt.NDArray[np.uint64], reps: int) -> Stats:
+    """/proc/PID/mem reads of the runs (one preadv each) into a prefaulted buffer: the
+    path that takes no pins (what capture uses for pages not exclusively mapped)."""
+    remote = np.ascontiguousarray(runs, dtype=np.uint64)
+    buf = Staging(int(remote[:, 1].sum()))
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def once() -> float:
+        at = buf.address
+        t0 = time.perf_counter()
+        for addr, length in remote.tolist():
+            view = (ctypes.c_char * length).from_address(at)
+            if os.preadv(fd, [view], addr) != length:
+                raise OSError(f"/proc/{pid}/mem read short at {addr:#x}")
+            at += length
+        return time.perf_counter() - t0
+
+    try:
+        return repeat(once, reps, 1)
+    finally:
+        os.close(fd)
         buf.close()
 
 

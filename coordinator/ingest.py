@@ -125,6 +125,7 @@ def upload(engine: Engine, requests: Iterator[agent_pb2.UploadRequest]) -> Membe
         member=h.member,
         pages=done.pages,
         chunks_new=done.chunks_new,
+        bytes_received=done.bytes_received,
         bytes_new=done.bytes_stored_new,
     )
     return done

@@ -215,13 +215,17 @@ class Client:
 
 
 def empty(shape: int | tuple[int, ...], dtype: Any = "float64") -> Any:
-    """A NumPy array on its own anonymous mapping: page-aligned, pages never shared."""
+    """A NumPy array on its own private anonymous mapping: page-aligned, no page shared
+    with other data. Private, like malloc'ed memory (mmap.mmap(-1, n) alone would be
+    MAP_SHARED: a fork would share its writes, and a shared mapping is captured whole at
+    every checkpoint since no tracker sees writes to it from other processes)."""
     import numpy as np
 
     dt = np.dtype(dtype)
     count = int(np.prod(shape))
     nbytes = max(count * dt.itemsize, 1)
-    mm = mmap.mmap(-1, (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE)
+    size = (nbytes + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(mm, dtype=dt, count=count).reshape(shape)  # keeps mm alive
 
 

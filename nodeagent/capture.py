@@ -23,12 +23,13 @@ a full reference in the same frozen window: tests of issue 3).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,17 +37,12 @@ import numpy.typing as npt
 from cpcoord.errors import NoSuchProcess, ProcessExited
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE, AddressRange
 from nodeagent.freeze import FrozenProcess, frozen
-from nodeagent.pagemap import (
-    PagemapReader,
-    PageNumbers,
-    Runs,
-    empty_pages,
-    runs_from_pages,
-    taken_in,
-)
+from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
-from nodeagent.regions import RegionSpec, resolve_regions, scan_safe, segment_pages
+from nodeagent.regions import RegionSpec, resolve_regions
+from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
+from nodeagent.shared import SharedObjects
 from nodeagent.trackers.base import ChangedSet
 
 log = logging.getLogger(__name__)
@@ -91,7 +87,8 @@ class Destination(Protocol):
 
     def reserve(self, regions: Sequence[tuple[str, int, int]], pages: Sequence[PageNumbers]) -> int:
         """Make every page of `pages[i]` (page numbers) of region `regions[i]` = (name,
-        start, end) writable without a fault; return how many pages it had to add."""
+        start, end) writable without a fault; return how many pages it had to add. The
+        memory of pages never reserved reads as zeros."""
         ...
 
     def address(self, name: str) -> int:
@@ -172,6 +169,8 @@ class Capture:
     fallback_bytes: int  # read through /proc/PID/mem
     unreadable_pages: int  # taken by the rule but readable by neither path: left out
     staging: Staging
+    shared_bytes: int = 0  # read through /proc/PID/mem: not exclusively mapped (COW)
+    object_bytes: int = 0  # read from the objects behind shared mappings
 
     @property
     def pages(self) -> int:
@@ -190,46 +189,6 @@ class Capture:
             if r.name == name:
                 return r
         raise KeyError(name)
-
-
-def select_pages(
-    pm: PagemapReader, specs: Sequence[RegionSpec], maps: Sequence[Mapping]
-) -> list[PageNumbers]:
-    """Per region, the page numbers the seed's rule takes: fully inside the region, in a
-    readable mapping, present or swapped. Sorted; regions must be sorted and disjoint."""
-    lo, hi = segment_pages(specs, maps)
-    pages = _taken(pm, lo, hi, maps)
-    starts = np.array([s.start >> PAGE_SHIFT for s in specs], dtype=np.uint64)
-    ends = np.array([s.end >> PAGE_SHIFT for s in specs], dtype=np.uint64)
-    a = np.searchsorted(pages, starts, side="left")
-    b = np.searchsorted(pages, ends, side="left")
-    return [pages[i:j] for i, j in zip(a.tolist(), b.tolist(), strict=True)]
-
-
-def _taken(
-    pm: PagemapReader, lo: PageNumbers, hi: PageNumbers, maps: Sequence[Mapping]
-) -> PageNumbers:
-    """Taken pages of the segments: PAGEMAP_SCAN for the mappings it walks (runs from the
-    kernel: ~1.5 ms per resident GiB), pagemap words for the others (device memory)."""
-    if lo.size == 0:
-        return empty_pages()
-    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
-    mstart = np.array([m.start >> PAGE_SHIFT for m in readable], dtype=np.uint64)
-    safe = np.array([scan_safe(m) for m in readable], dtype=np.bool_)
-    # Each segment lies in one readable mapping: the last one starting at or before it.
-    seg_safe = safe[np.searchsorted(mstart, lo, side="right") - 1]
-    if seg_safe.all():
-        return taken_in(pm, lo, hi, scan=True)
-    if not seg_safe.any():
-        return taken_in(pm, lo, hi)
-    both = np.concatenate(
-        (
-            taken_in(pm, lo[seg_safe], hi[seg_safe], scan=True),
-            taken_in(pm, lo[~seg_safe], hi[~seg_safe]),
-        )
-    )
-    both.sort()
-    return both
 
 
 def zero_rows(
@@ -318,7 +277,7 @@ def capture(
     # The leader, or a live thread while the leader is a zombie (nodeagent/procfs.py).
     pid = fp.pid if fp is not None else ident.view("capture")
     staging = staging if staging is not None else Staging()
-    reader = MemoryReader(pid, readv)
+    objects = SharedObjects(pid)  # the cut's objects: selection and copy agree
     changed_among = getattr(hooks, "changed_among", None)
     expect = getattr(hooks, "expect", None)
     with PagemapReader(pid) as pm:
@@ -326,14 +285,18 @@ def capture(
             # -- prepare (running, unless the caller froze it) -----------------------------
             maps0 = read_maps(pid)
             specs0 = resolve_regions(ranges, maps0, pid)
-            parts0 = select_pages(pm, specs0, maps0)
-            taken0 = _concat(parts0)
+            with SharedObjects(pid) as pre:
+                parts0 = select_pages(pm, specs0, maps0, pre)
+                taken0 = _concat(parts0)
+                if into is not None:  # holes of shared objects need no memory
+                    into.reserve(_bounds(specs0), _without(parts0, _hole_mask(taken0, maps0, pre)))
+                holes0 = pre.hole_pages(maps0, taken0) * PAGE_SIZE  # need no memory
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
-            if into is not None:
-                into.reserve(_bounds(specs0), parts0)
-            else:
-                staging.reserve(estimate + max(SLACK_MIN, int(estimate * SLACK_FRACTION)))
+            data = max(0, estimate - holes0)
+            slack = max(SLACK_MIN, int(data * SLACK_FRACTION))
+            if into is None:
+                staging.reserve(estimate + slack, populate=data + slack)
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)
@@ -341,7 +304,7 @@ def capture(
                 t2 = time.perf_counter()
                 maps = read_maps(pid)
                 specs = resolve_regions(ranges, maps, pid)
-                taken = select_pages(pm, specs, maps)
+                taken = select_pages(pm, specs, maps, objects)
                 if hooks is None:
                     changed = None
                 elif changed_among is not None:
@@ -350,22 +313,28 @@ def capture(
                     changed = hooks.changed(fz, maps)
                 copied = taken if changed is None else restrict(taken, changed)
                 allp = _concat(copied)
-                grown = (
-                    into.reserve(_bounds(specs), copied)
-                    if into is not None
-                    else staging.reserve(allp.size * PAGE_SIZE)
-                )
+                holes = None
+                if into is not None:
+                    holes = _hole_mask(allp, maps, objects)
+                    grown = into.reserve(_bounds(specs), _without(copied, holes))
+                else:
+                    grown = staging.reserve(
+                        allp.size * PAGE_SIZE, populate=_data_bytes(allp, maps, objects)
+                    )
                 if grown:
                     log.warning(
                         "staging grown while frozen: pages appeared after the pre-pass",
                         extra={"fields": {"pid": pid, "estimate": estimate, "pages": allp.size}},
                     )
                 t3 = time.perf_counter()
-                if into is not None:
-                    stats = reader.read_iov(*_in_place_iov(specs, copied, into))
-                else:
-                    remote = runs_from_pages(allp) << np.uint64(PAGE_SHIFT)
-                    stats = reader.read_runs(remote, staging.address)
+                reader = MemoryReader(pid, readv, objects=objects, maps=maps)
+                try:
+                    if into is None:
+                        stats = reader.read_pages(allp, staging.address)
+                    else:
+                        stats = reader.read_pages(allp, 0, _in_place_rows(specs, copied, into))
+                finally:
+                    reader.close()
                 check_alive(ident, "capture")
                 if hooks is not None:
                     hooks.after_copy(fz, maps)
@@ -374,8 +343,8 @@ def capture(
         except NoSuchProcess:
             raise ProcessExited(pid, "capture") from None
         finally:
-            reader.close()
-    regions = _build(specs, taken, copied, stats.unreadable, staging, into)
+            objects.close()
+    regions = _build(specs, taken, copied, stats.unreadable, staging, into, holes)
     t6 = time.perf_counter()
     timings = CaptureTimings(
         prepare=t1 - t0,
@@ -397,6 +366,8 @@ def capture(
         fallback_bytes=stats.fallback_bytes,
         unreadable_pages=int(stats.unreadable.size),
         staging=staging,
+        shared_bytes=stats.shared_bytes,
+        object_bytes=stats.object_bytes,
     )
     log.info(
         "captured",
@@ -417,6 +388,11 @@ def capture(
         },
     )
     return result
+
+
+def _data_bytes(pages: PageNumbers, maps: Sequence[Mapping], objects: SharedObjects) -> int:
+    """Bytes of staging the pages need populated: holes of shared objects need none."""
+    return (int(pages.size) - objects.hole_pages(maps, pages)) * PAGE_SIZE
 
 
 def _concat(parts: Sequence[PageNumbers]) -> PageNumbers:
@@ -444,24 +420,51 @@ def _bounds(specs: Sequence[RegionSpec]) -> list[tuple[str, int, int]]:
     return [(s.name, s.start, s.end) for s in specs]
 
 
-def _in_place_iov(
+def _hole_mask(
+    pages: PageNumbers, maps: Sequence[Mapping], objects: SharedObjects
+) -> npt.NDArray[np.bool_] | None:
+    """Which of the sorted `pages` lie in holes of shared objects (None: none do). They
+    read as zeros without being read (SharedObjects.read), so they need no memory."""
+    chosen = objects.bounds(maps)[2]
+    if not chosen or pages.size == 0:
+        return None
+    h = np.concatenate([objects.holes(m) for m in chosen])
+    if h.shape[0] == 0:
+        return None
+    edge = np.zeros(pages.size + 1, dtype=np.int64)  # +1 where a hole starts, -1 after it
+    np.add.at(edge, np.searchsorted(pages, h[:, 0]), 1)
+    np.add.at(edge, np.searchsorted(pages, h[:, 1]), -1)
+    return np.cumsum(edge[:-1]) > 0
+
+
+def _split(mask: npt.NDArray[np.bool_] | None, parts: Sequence[PageNumbers]) -> list[Any]:
+    """`mask` over the concatenated parts, cut into one piece per part (None: Nones)."""
+    if mask is None:
+        return [None] * len(parts)
+    at = np.cumsum([0] + [int(p.size) for p in parts]).tolist()
+    return [mask[a:b] for a, b in itertools.pairwise(at)]
+
+
+def _without(
+    parts: Sequence[PageNumbers], holes: npt.NDArray[np.bool_] | None
+) -> Sequence[PageNumbers]:
+    """The parts without the pages `holes` marks (a mask over their concatenation)."""
+    if holes is None:
+        return parts
+    return [p[~m] for p, m in zip(parts, _split(holes, parts), strict=True)]
+
+
+def _in_place_rows(
     specs: Sequence[RegionSpec], copied: Sequence[PageNumbers], into: Destination
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
-    """Remote and local iovecs `(n, 2)`: each run of each region to its offset in the
-    region's memory at `into` (runs never cross regions: each has its own memory)."""
-    remote, local = [], []
-    for spec, c in zip(specs, copied, strict=True):
-        if c.size == 0:
-            continue
-        r = runs_from_pages(c) << np.uint64(PAGE_SHIFT)
-        loc = r.copy()
-        loc[:, 0] -= np.uint64(spec.start)  # the offset in the region, then where it lives
-        loc[:, 0] += np.uint64(into.address(spec.name))
-        remote.append(r)
-        local.append(loc)
-    if not remote:
-        return np.zeros((0, 2), dtype=np.uint64), np.zeros((0, 2), dtype=np.uint64)
-    return np.concatenate(remote), np.concatenate(local)
+) -> npt.NDArray[np.uint64]:
+    """Per copied page, its local page number: its offset in its region's memory at
+    `into` (MemoryReader.read_pages with dest 0; runs never cross regions, since two
+    regions' memories are never adjacent rows)."""
+    out = [
+        c - np.uint64(s.start >> PAGE_SHIFT) + np.uint64(into.address(s.name) >> PAGE_SHIFT)
+        for s, c in zip(specs, copied, strict=True)
+    ]
+    return np.concatenate(out) if out else empty_pages()
 
 
 def _build(
@@ -471,12 +474,14 @@ def _build(
     unreadable: PageNumbers,
     staging: Staging,
     into: Destination | None = None,
+    holes: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[CapturedRegion, ...]:
     """Region values over the staging rows (or the Destination's); unreadable pages are
-    dropped (rare path: with staging, that region's rows are compacted into a copy)."""
+    dropped (rare path: with staging, that region's rows are compacted into a copy).
+    Pages in holes of shared objects (`holes`, in place only) are zero without a look."""
     out: list[CapturedRegion] = []
     row = 0
-    for spec, t, c in zip(specs, taken, copied, strict=True):
+    for spec, t, c, hm in zip(specs, taken, copied, _split(holes, copied), strict=True):
         if into is None:
             rows = staging.pages(row, int(c.size))
             row += int(c.size)
@@ -484,6 +489,7 @@ def _build(
             keep = ~np.isin(c, unreadable, assume_unique=True)
             if not keep.all():
                 c = c[keep]
+                hm = None if hm is None else hm[keep]
                 if into is None:
                     rows = rows[keep]
                 t = t[~np.isin(t, unreadable, assume_unique=True)]
@@ -493,8 +499,13 @@ def _build(
             zero = zero_rows(rows)
         else:
             rows = into.rows(spec.name)
-            dense = _dense(pages)
-            zero = zero_rows(rows[dense]) if dense is not None else zero_rows(rows, pages)
+            dense = _dense(pages) if hm is None else None
+            if dense is not None:
+                zero = zero_rows(rows[dense])
+            else:
+                zero = np.ones(pages.size, dtype=np.bool_)
+                look = slice(None) if hm is None else ~hm
+                zero[look] = zero_rows(rows, pages[look])
         out.append(
             CapturedRegion(
                 name=spec.name,

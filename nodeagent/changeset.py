@@ -3,7 +3,9 @@
 Owns: marking, among the sorted pages a capture takes, those in another sorted page set,
 inside page runs, or absent from the last capture's pages (binary searches and one
 cumulative sum: no set operation that sorts again, no loop per page); which mappings a
-tracker is armed on; and the estimate of written pages that sizes the staging buffer.
+tracker is armed on; which mappings count as changed at every capture whatever the tracker
+says (shared ones: `always_changed_runs`); and the estimate of written pages that sizes
+the staging buffer.
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ def mark_appeared(taken: PageNumbers, previous: PageNumbers, mask: npt.NDArray[n
     new = previous[idx] != taken
     mask |= new
     return int(np.count_nonzero(new))
+
+
+def always_changed_runs(maps: Sequence[Mapping]) -> Runs:
+    """Runs `[first page, count]` of the readable shared mappings: they count as wholly
+    changed at every capture, whatever the tracker says.
+
+    Trackers are per address space: uffd-wp and soft-dirty see only writes through this
+    process's page tables, and the hash tracker reads only what this process maps. A
+    shared object is also written by other processes, with write(), by a device, and
+    its pages need not be mapped here at all (nodeagent/shared.py). The one rule for
+    every capture path (incremental.py, tracking.py): a shared mapping is delivered
+    whole each time. The upload sends only chunks the store lacks, so what did not
+    change costs its hashes, not its bytes.
+    """
+    lo = [m.start for m in maps if m.shared and m.readable]
+    hi = [m.end for m in maps if m.shared and m.readable]
+    if not lo:
+        return np.zeros((0, 2), dtype=np.uint64)
+    runs = np.array([lo, hi], dtype=np.uint64).T >> np.uint64(PAGE_SHIFT)
+    runs[:, 1] -= runs[:, 0]
+    return runs[np.argsort(runs[:, 0])]
 
 
 def ranges_runs(ranges: Sequence[AddressRange]) -> Runs:

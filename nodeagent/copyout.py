@@ -8,7 +8,8 @@ the capture engine's parts (the seed's page rule `select_pages`, batched
 `process_vm_readv` into a prefaulted `Staging`) and keeps the same guarantees:
 - `estimate` runs before the freeze, so staging is sized and prefaulted outside the
   frozen window;
-- `select` and `copy` run frozen; only pages taken by the rule are ever copied;
+- `select` and `copy` run frozen, with the same shared objects open; only pages taken
+  by the rule are ever copied, and read without unsharing anything (reader.py);
 - pages neither read path can read are dropped from the result, never invented.
 Zero detection is left to the uploader: it runs after the thaw, off the ptrace thread.
 """
@@ -24,10 +25,11 @@ import numpy.typing as npt
 
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import SLACK_FRACTION, SLACK_MIN, select_pages
-from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages, runs_from_pages
+from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
 from nodeagent.regions import RegionSpec, default_regions
+from nodeagent.shared import SharedObjects
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +69,38 @@ def resolve(explicit: Sequence[RegionSpec] | None, maps: Sequence[Mapping]) -> l
     return sorted(explicit, key=lambda s: s.start)
 
 
-def select(pid: int, specs: Sequence[RegionSpec], maps: Sequence[Mapping]) -> list[PageNumbers]:
-    """Per region, the absolute page numbers the seed's rule takes (sorted)."""
+def select(
+    pid: int,
+    specs: Sequence[RegionSpec],
+    maps: Sequence[Mapping],
+    objects: SharedObjects | None = None,
+) -> list[PageNumbers]:
+    """Per region, the absolute page numbers taken (sorted; capture.select_pages).
+    `objects`: the cut's shared objects, to be handed to `copy` as well."""
     if not specs:
         return []
     with PagemapReader(pid) as pm:
-        return select_pages(pm, specs, maps)
+        return select_pages(pm, specs, maps, objects)
 
 
-def estimate(pid: int, explicit: Sequence[RegionSpec] | None) -> int:
-    """Bytes a full copy would take now, plus slack (call while the member runs)."""
+def estimate(pid: int, explicit: Sequence[RegionSpec] | None) -> tuple[int, int]:
+    """Bytes a full copy would take now, plus slack, and how many of them hold data
+    (holes of shared objects need address space in staging, not memory). Call while the
+    member runs."""
     maps = read_maps(pid)
-    taken = select(pid, resolve(explicit, maps), maps)
-    est = sum(int(t.size) for t in taken) * PAGE_SIZE
-    return est + max(SLACK_MIN, int(est * SLACK_FRACTION))
+    with SharedObjects(pid) as objects:
+        taken = select(pid, resolve(explicit, maps), maps, objects)
+        allp = np.concatenate(taken) if taken else empty_pages()
+        holes = objects.hole_pages(maps, allp) * PAGE_SIZE
+    est = int(allp.size) * PAGE_SIZE
+    slack = max(SLACK_MIN, int((est - holes) * SLACK_FRACTION))
+    return est + slack, est - holes + slack
+
+
+def prepare(staging: Staging, pid: int, explicit: Sequence[RegionSpec] | None) -> None:
+    """Size and prefault staging for the member's next capture (while it runs)."""
+    total, data = estimate(pid, explicit)
+    staging.reserve(total, populate=data)
 
 
 def copy(
@@ -90,18 +110,23 @@ def copy(
     deliver: Sequence[PageNumbers],
     staging: Staging,
     readv: ReadvFn = _sys_readv,
+    *,
+    objects: SharedObjects | None = None,
+    maps: Sequence[Mapping] = (),
 ) -> CopyResult:
     """Copy the `deliver` pages (absolute, a subset of `taken`, per region) into staging,
-    back to back in region order. The member must be frozen."""
+    back to back in region order. The member must be frozen. `objects` and `maps`: as
+    given to `select` (pages of object-backed shared mappings come from the objects)."""
     allp = np.concatenate(list(deliver)) if deliver else empty_pages()
-    if staging.reserve(int(allp.size) * PAGE_SIZE):
+    holes = objects.hole_pages(maps, allp) if objects is not None else 0
+    if staging.reserve(int(allp.size) * PAGE_SIZE, populate=(int(allp.size) - holes) * PAGE_SIZE):
         log.warning(
             "staging grown while frozen: pages appeared after the estimate",
             extra={"fields": {"pid": pid, "pages": int(allp.size)}},
         )
-    reader = MemoryReader(pid, readv)
+    reader = MemoryReader(pid, readv, objects=objects, maps=maps)
     try:
-        stats = reader.read_runs(runs_from_pages(allp) << np.uint64(PAGE_SHIFT), staging.address)
+        stats = reader.read_pages(allp, staging.address)
     finally:
         reader.close()
     bad = stats.unreadable

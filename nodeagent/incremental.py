@@ -13,8 +13,9 @@ capture, on the freezing thread:
   with those at the last arm/collect), every page that was not taken by the last capture
   (newly present, or newly inside a region: a tracker need not report a page that
   became present by a read, e.g. the shared zero page under soft-dirty), every page of a
-  mapping the tracker could not register (uffd-wp `untracked`), and the *pending* set:
-  pages copied by captures that were aborted since the last committed one.
+  mapping the tracker could not register (uffd-wp `untracked`), every page of a shared
+  mapping (trackers are per address space: changeset.always_changed_runs), and the
+  *pending* set: pages copied by captures that were aborted since the last committed one.
 - Pages that were taken before and are not now are gone: the image's `all_pages` says
   so (the capture engine fills it; nothing is carried here).
 - A full capture arms the tracker before its copy (arming may write to the target: see
@@ -42,6 +43,7 @@ from cpcoord.errors import TrackerFailed, TrackerUnavailable
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import Capture, Destination, capture
 from nodeagent.changeset import (
+    always_changed_runs,
     mark_appeared,
     mark_pages,
     mark_runs,
@@ -73,6 +75,7 @@ class ChangeCounts:
     untracked: int = 0  # in a mapping the tracker could not register
     pending: int = 0  # carried over from aborted captures
     collect_seconds: float = 0.0  # the tracker's collect (or arm, after a full capture)
+    shared: int = 0  # in a shared mapping: changed at every capture (always_changed_runs)
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,7 @@ class _Hooks:
             return None
         mask = np.zeros(taken.size, dtype=np.bool_)
         mark_runs(taken, new_or_changed_runs(o._armed_maps, maps), mask)
+        mark_runs(taken, always_changed_runs(maps), mask)
         mark_appeared(taken, o._taken, mask)
         mark_pages(taken, o._pending, mask)
         n = guess + int(np.count_nonzero(mask))
@@ -381,12 +385,15 @@ class _Hooks:
         n_maps = mark_runs(taken, new_or_changed_runs(o._armed_maps, maps), mask)
         untracked = getattr(o.tracker, "untracked", None) or {}
         n_untracked = mark_runs(taken, ranges_runs(list(untracked)), mask)
+        n_shared = mark_runs(taken, always_changed_runs(maps), mask)
         n_appeared = mark_appeared(taken, o._taken, mask)
         n_pending = mark_pages(taken, o._pending, mask)
         copy = taken[mask]
         # Stashed before the copy: if anything after this fails, these pages stay pending.
         self.inflight = copy
-        self.counts = ChangeCounts(n_tracker, n_maps, n_appeared, n_untracked, n_pending, t1 - t0)
+        self.counts = ChangeCounts(
+            n_tracker, n_maps, n_appeared, n_untracked, n_pending, t1 - t0, n_shared
+        )
         return ChangedSet(copy)
 
     def _settle(

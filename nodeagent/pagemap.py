@@ -52,6 +52,8 @@ CHUNK_PAGES = 1 << 20
 # Segments closer than this are read in one window; reading the gap's words costs less
 # than another syscall (4096 pages of gap = 32 KiB of words).
 GAP_PAGES = 4096
+# Pages asked for by number (words_of) closer than this share one read.
+WORD_GAP = 512
 
 
 def empty_pages() -> PageNumbers:
@@ -121,6 +123,25 @@ class PagemapReader:
                 # The kernel returns 0 once the mm is gone: the process exited.
                 raise ProcessExited(self.pid, "capture")
             done += got
+        return out
+
+    def words_of(self, pages: PageNumbers) -> npt.NDArray[np.uint64]:
+        """Pagemap words of sorted, unique page numbers (a new array), for a cost that
+        follows the pages asked for: pages closer than WORD_GAP share one preadv (at most
+        CHUNK_PAGES words), the words of the gaps are read and dropped."""
+        out = np.empty(pages.size, dtype=np.uint64)
+        if pages.size == 0:
+            return out
+        brk = np.flatnonzero(np.diff(pages) > np.uint64(WORD_GAP)) + 1
+        firsts = np.concatenate(([0], brk)).tolist()
+        lasts = np.concatenate((brk, [pages.size])).tolist()
+        for i, j in zip(firsts, lasts, strict=True):
+            while i < j:  # one window, in reads of at most CHUNK_PAGES words
+                first = int(pages[i])
+                k = i + int(np.searchsorted(pages[i:j], np.uint64(first + CHUNK_PAGES)))
+                w = self.words(first, int(pages[k - 1]) - first + 1)
+                out[i:k] = w[(pages[i:k] - np.uint64(first)).astype(np.intp)]
+                i = k
         return out
 
     def taken(self, start: int, end: int) -> PageNumbers:

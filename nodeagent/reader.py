@@ -2,10 +2,18 @@
 
 Owns: the staging buffer (page-aligned anonymous memory, transparent huge pages asked
 for, prefaulted *before* the target is frozen so the copy never takes first-touch faults
-on our side), reading runs with `process_vm_readv` (iovec arrays built in bulk from NumPy,
-one remote iovec per run of pages, batched by nodeagent/iovec.py), and the fallback to
-`/proc/PID/mem` for what `process_vm_readv` refuses (VM_IO/VM_PFNMAP mappings, a page that
-faults). A page neither path can read is reported back as unreadable, never invented.
+on our side), and reading pages without changing the target (docs/decisions.md,
+"Reading"):
+- pages of object-backed shared mappings come from the object (nodeagent/shared.py);
+- a page the pagemap marks exclusively mapped (bit 56) is read with `process_vm_readv`
+  (iovec arrays built in bulk from NumPy, one remote iovec per run, batched by
+  nodeagent/iovec.py);
+- every other page (copy-on-write shared with a fork, KSM, the zero page, swapped,
+  device memory) through `/proc/PID/mem`, which takes plain page references:
+  `process_vm_readv` *pins* what it reads, and pinning an anonymous page that is not
+  exclusive makes the kernel unshare it (a fork's 1 GiB would become 2 GiB);
+- what `process_vm_readv` refuses (VM_IO/VM_PFNMAP, a page that faults) goes through
+  `/proc/PID/mem` too. A page no path can read is reported back, never invented.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,14 +34,24 @@ import numpy.typing as npt
 from cpcoord.errors import ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.iovec import IOV_MAX as IOV_MAX  # re-exported (bench/common.py)
-from nodeagent.iovec import READ, VmFn, alive, ends, transfer, vm_syscall
-from nodeagent.pagemap import PageNumbers, empty_pages
+from nodeagent.iovec import READ, VmFn, alive, transfer, vm_syscall
+from nodeagent.pagemap import (
+    PM_EXCLUSIVE,
+    PM_PRESENT,
+    PagemapReader,
+    PageNumbers,
+    empty_pages,
+    pages_from_runs,
+)
+from nodeagent.procfs import Mapping
+from nodeagent.shared import SharedObjects
 
 log = logging.getLogger(__name__)
 
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; faults pages in writable without touching them
 HUGE = 2 << 20
+MAP_NORESERVE = 0x4000  # address space for holes: no commit charge until written
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -78,19 +97,23 @@ class Staging:
         if nbytes:
             self.reserve(nbytes)
 
-    def reserve(self, nbytes: int) -> bool:
-        """Make room for `nbytes`; return True when memory was (re)allocated."""
+    def reserve(self, nbytes: int, populate: int | None = None) -> bool:
+        """Make room for `nbytes`, prefaulting the first `populate` bytes (default: all);
+        return True when memory was (re)allocated. Rows past `populate` fault in when
+        written: rows of holes of shared objects are never written (shared.py), so a
+        sparse object costs address space, not memory."""
         if nbytes <= self.capacity:
             return False
         size = max(HUGE, (nbytes + HUGE - 1) // HUGE * HUGE)
+        fill = size if populate is None else min(size, (max(0, populate) + HUGE - 1) // HUGE * HUGE)
         self.close()
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         with contextlib.suppress(OSError):
             # Huge pages first, then populate: 512x fewer faults and TLB misses.
             mm.madvise(MADV_HUGEPAGE)
         arr = np.frombuffer(mm, dtype=np.uint8)
-        if not _populate(int(arr.ctypes.data), size):
-            arr[::PAGE_SIZE] = 0  # old kernel: touch one byte per page, vectorised
+        if fill and not _populate(int(arr.ctypes.data), fill):
+            arr[:fill:PAGE_SIZE] = 0  # old kernel: touch one byte per page, vectorised
         self._mm = mm
         self._arr = arr
         self.capacity = size
@@ -116,60 +139,138 @@ class Staging:
         self.capacity = 0
 
 
+# An exclusive stretch shorter than this between two pages read through /proc/PID/mem is
+# read with them: one more /proc/PID/mem call costs more than reading a few exclusive
+# pages the slower way (harmless: /proc/PID/mem never unshares), and it bounds the calls
+# to one per MEM_ABSORB + 1 pages whatever the pattern of sharing.
+MEM_ABSORB = 16
+
+
 @dataclass(frozen=True)
 class ReadStats:
     readv_calls: int
-    fallback_bytes: int
-    unreadable: PageNumbers  # page numbers neither path could read (sorted)
+    fallback_bytes: int  # through /proc/PID/mem after process_vm_readv refused them
+    unreadable: PageNumbers  # page numbers no path could read (sorted)
+    shared_bytes: int = 0  # through /proc/PID/mem: not exclusively mapped
+    object_bytes: int = 0  # from the objects behind shared mappings
 
 
 class MemoryReader:
-    """Reads runs of another process's pages into local memory."""
+    """Reads pages of another process into local memory (module docstring).
 
-    def __init__(self, pid: int, readv: ReadvFn = _sys_readv) -> None:
+    `objects` and `maps`: the member's shared objects as the capture's selection opened
+    them, and its maps; pages of object-backed mappings are then read from the object.
+    Without them every page is read through the member's address space.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        readv: ReadvFn = _sys_readv,
+        *,
+        objects: SharedObjects | None = None,
+        maps: Sequence[Mapping] = (),
+    ) -> None:
         self.pid = pid
         self._readv = readv  # injectable so tests can make process_vm_readv fail
         self._mem_fd = -1
+        self._pm: PagemapReader | None = None
+        self._objects = objects
+        self._maps = maps
 
     def close(self) -> None:
         if self._mem_fd >= 0:
             os.close(self._mem_fd)
             self._mem_fd = -1
+        if self._pm is not None:
+            self._pm.close()
+            self._pm = None
 
     def read_runs(self, remote: npt.NDArray[np.uint64], dest: int) -> ReadStats:
-        """Copy remote runs `(n, 2)` [address, length] back to back into local memory at
-        `dest`. Runs are page-aligned and page-sized multiples."""
-        if remote.shape[0] == 0:
-            return ReadStats(0, 0, empty_pages())
-        remote = np.ascontiguousarray(remote, dtype=np.uint64)
-        # Where each run lands locally: runs are packed back to back.
-        local = np.empty_like(remote)
-        local[:, 0] = ends(remote)[:-1] + np.uint64(dest)
-        local[:, 1] = remote[:, 1]
-        return self.read_iov(remote, local)
+        """Copy remote runs `(n, 2)` [address, length] (page-aligned, whole pages) back
+        to back into local memory at `dest`."""
+        r = np.asarray(remote, dtype=np.uint64).reshape(-1, 2) >> np.uint64(PAGE_SHIFT)
+        return self.read_pages(pages_from_runs(r), dest)
 
-    def read_iov(self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]) -> ReadStats:
-        """Copy each remote run `(n, 2)` [address, length] to the local run in the same
-        row (same lengths; page-aligned, page-sized multiples)."""
-        if remote.shape[0] == 0:
+    def read_pages(
+        self, pages: PageNumbers, dest: int, rows: npt.NDArray[np.uint64] | None = None
+    ) -> ReadStats:
+        """Copy sorted, unique pages into local memory at `dest`: page `pages[i]` to row
+        `i`, or to row `rows[i]` (rows of PAGE_SIZE from `dest`; with dest 0, the local
+        page numbers: capture in place). Call while the target is frozen: which pages are
+        exclusive is read here, right before the copy (a fork before the freeze shares
+        everything)."""
+        n = int(pages.size)
+        if n == 0:
             return ReadStats(0, 0, empty_pages())
-        remote = np.ascontiguousarray(remote, dtype=np.uint64)
-        local = np.ascontiguousarray(local, dtype=np.uint64)
-        fallback = 0
+        pages = np.ascontiguousarray(pages, dtype=np.uint64)
+        rows = np.arange(n, dtype=np.uint64) if rows is None else np.asarray(rows, np.uint64)
         bad: list[PageNumbers] = []
+        in_obj, object_bytes = self._read_objects(pages, rows, dest, bad)
+        if in_obj is not None:
+            pages, rows = pages[~in_obj], rows[~in_obj]
+        words = self._pagemap().words_of(pages) if pages.size else np.zeros(0, np.uint64)
+        via_mem = ((words & PM_EXCLUSIVE) == 0) | ((words & PM_PRESENT) == 0)
+        _absorb(pages, via_mem)
+        calls, fallback = 0, 0
+        remote, local = _runs(pages[~via_mem], rows[~via_mem], dest)
+        if remote.shape[0]:
 
-        def short(j: int, into: int) -> None:
-            # Partial: the rest of the run it stopped in goes through /proc/PID/mem.
-            nonlocal fallback
-            addr = int(remote[j, 0]) + into
-            fb, unread = self._fallback(addr, int(remote[j, 1]) - into, int(local[j, 0]) + into)
-            fallback += fb
+            def short(j: int, into: int) -> None:
+                # Partial: the rest of the run it stopped in goes through /proc/PID/mem.
+                nonlocal fallback
+                addr = int(remote[j, 0]) + into
+                fb, unread = self._fallback(addr, int(remote[j, 1]) - into, int(local[j, 0]) + into)
+                fallback += fb
+                if unread.size:
+                    bad.append(unread)
+
+            calls = transfer(self._readv, self.pid, remote, local, READ, short)
+        shared = 0
+        mremote, mlocal = _runs(pages[via_mem], rows[via_mem], dest)
+        for (addr, length), (at, _) in zip(mremote.tolist(), mlocal.tolist(), strict=True):
+            got, unread = self._fallback(addr, length, at)
+            shared += got
             if unread.size:
                 bad.append(unread)
+        unreadable = np.sort(np.concatenate(bad)) if bad else empty_pages()
+        return ReadStats(calls, fallback, unreadable, shared, object_bytes)
 
-        calls = transfer(self._readv, self.pid, remote, local, READ, short)
-        unreadable = np.concatenate(bad) if bad else empty_pages()
-        return ReadStats(calls, fallback, unreadable)
+    def _read_objects(
+        self, pages: PageNumbers, rows: npt.NDArray[np.uint64], dest: int, bad: list[PageNumbers]
+    ) -> tuple[npt.NDArray[np.bool_] | None, int]:
+        """Read the pages that lie in object-backed mappings from their objects; returns
+        which pages those were (None: none) and the bytes read."""
+        if self._objects is None or not self._maps:
+            return None, 0
+        lo, hi, chosen = self._objects.bounds(self._maps)
+        if lo.size == 0:
+            return None, 0
+        k = np.searchsorted(lo, pages, side="right").astype(np.int64) - 1
+        inside = (k >= 0) & (pages < hi[np.maximum(k, 0)])
+        if not inside.any():
+            return None, 0
+        idx = np.flatnonzero(inside)
+        p, kk, rr = pages[idx], k[idx], rows[idx]
+        # Runs of consecutive pages in one mapping and consecutive rows.
+        brk = np.flatnonzero((np.diff(p) != 1) | (np.diff(kk) != 0) | (np.diff(rr) != 1)) + 1
+        first = np.concatenate(([0], brk)).tolist()
+        last = np.concatenate((brk, [p.size])).tolist()
+        total = 0
+        for a, b in zip(first, last, strict=True):  # one read per run, not per page
+            length = (b - a) * PAGE_SIZE
+            unread = self._objects.read(
+                chosen[int(kk[a])], int(p[a]) << PAGE_SHIFT, length, dest + int(rr[a]) * PAGE_SIZE
+            )
+            total += length - int(unread.size) * PAGE_SIZE
+            if unread.size:
+                bad.append(unread)
+        return inside, total
+
+    def _pagemap(self) -> PagemapReader:
+        if self._pm is None:
+            self._pm = PagemapReader(self.pid)
+        return self._pm
 
     def _mem(self) -> int:
         if self._mem_fd < 0:
@@ -210,3 +311,42 @@ class MemoryReader:
                 extra={"fields": {"pid": self.pid, "address": f"0x{addr:x}", "pages": len(unread)}},
             )
         return done - len(unread) * PAGE_SIZE, np.array(unread, dtype=np.uint64)
+
+
+def _absorb(pages: PageNumbers, via_mem: npt.NDArray[np.bool_]) -> None:
+    """Mark exclusive stretches shorter than MEM_ABSORB that lie between two pages read
+    through /proc/PID/mem (in one run of consecutive pages) to be read with them."""
+    if pages.size < 3 or not via_mem.any() or via_mem.all():
+        return
+    brk = np.flatnonzero((np.diff(pages) != 1) | (np.diff(via_mem) != 0)) + 1
+    s0 = np.concatenate(([0], brk))
+    s1 = np.concatenate((brk, [pages.size]))
+    # Touching the previous / next stretch (same run of pages): then that one is of the
+    # other kind, since a stretch ends where the kind changes or the run does.
+    touch = pages[s0[1:]] == pages[s1[:-1] - 1] + np.uint64(1)
+    before = np.concatenate(([False], touch))
+    after = np.concatenate((touch, [False]))
+    absorb = ~via_mem[s0] & (s1 - s0 < MEM_ABSORB) & before & after
+    if absorb.any():
+        via_mem |= np.repeat(absorb, s1 - s0)
+
+
+def _runs(
+    pages: PageNumbers, rows: npt.NDArray[np.uint64], dest: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Remote and local iovecs `(n, 2)` [address, length] of the runs of consecutive
+    pages (whose rows are then consecutive too)."""
+    if pages.size == 0:
+        z = np.zeros((0, 2), dtype=np.uint64)
+        return z, z.copy()
+    brk = np.flatnonzero((np.diff(pages) != 1) | (np.diff(rows) != 1)) + 1
+    first = np.concatenate(([0], brk))
+    count = np.diff(np.concatenate((first, [pages.size]))).astype(np.uint64)
+    shift = np.uint64(PAGE_SHIFT)
+    remote = np.empty((first.size, 2), dtype=np.uint64)
+    remote[:, 0] = pages[first] << shift
+    remote[:, 1] = count << shift
+    local = np.empty_like(remote)
+    local[:, 0] = (rows[first] << shift) + np.uint64(dest)
+    local[:, 1] = remote[:, 1]
+    return remote, local

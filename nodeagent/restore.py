@@ -9,9 +9,11 @@ Owns the fit check, the write plan and the two-phase sequence (DESIGN.md, Restor
    RegionMismatch naming member and region, RestoreRefused for threads or registers;
    nothing is written.
 2. `write(fitted, contents)` for every member: each region gets its pages back (rows of
-   `contents`), every other page of the region becomes zeros (zero at the cut or absent
-   then: "write all pages, including zero pages and pages written since"), then the
-   registers of a default-set member. Pages of private mappings that are absent now
+   `contents`), every other page of a private mapping becomes zeros (absent at the cut:
+   "write all pages, including zero pages and pages written since"), then the
+   registers of a default-set member. A page of a shared mapping that the generation
+   does not list was never captured and is never written. Pages of private mappings
+   that are absent now
    already read as they did at the cut and are left alone, so a sparse region costs no
    memory; in a private *file* mapping a page absent at the cut read as the file, so
    where it is present now it gets the file's bytes back, not zeros (restore_plan.py).
@@ -120,7 +122,8 @@ class MemberLayout:
 @dataclass(frozen=True)
 class RegionContents:
     """One region's pages at the cut: `data[i]` is page `pages[i]` (offset in pages from
-    `start`, sorted, unique). Every page not listed is written as zeros."""
+    `start`, sorted, unique). A page not listed is written as zeros in a private
+    mapping (it was absent at the cut) and left alone in a shared one (not captured)."""
 
     name: str
     start: int

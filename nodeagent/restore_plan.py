@@ -2,11 +2,13 @@
 
 Owns the arithmetic between "region contents" and "writes": per region, runs of data
 pages (each a contiguous block of rows of the contents' data) and the gaps between them
-(pages to zero); cut at each region's write end (a client region's exact length); split
-at mapping boundaries (a piece in a mapping the target cannot write goes through
-/proc/PID/mem, see writer.py); zero pieces in private mappings narrowed to the pages
-present (or swapped) now, since an absent private page already reads as zeros; zero
-pieces split to the size of the zero source. A page absent at the cut in a private
+(pages not captured); cut at each region's write end (a client region's exact length);
+split at mapping boundaries (a piece in a mapping the target cannot write goes through
+/proc/PID/mem, see writer.py). Gaps in private mappings are pages absent at the cut: they
+get zeros where a page is present (or swapped) now, since an absent private page already
+reads as zeros; gaps in shared mappings were never captured and are never written (a
+listed zero page is data like any other). Zero pieces split to the size of the zero
+source. A page absent at the cut in a private
 *file* mapping read as the file then, not as zeros: where such a page is present now
 (copied on write, or read in since), its piece gets the file's bytes (`FileFn`), so a
 library's data page first touched after the cut comes back as the file, never zeroed.
@@ -128,16 +130,21 @@ def build_plan(
     z = zero[pidx]
     loc = np.where(z, 0, local[pidx] + (s - start[pidx]))
 
-    # Zero pieces of private mappings: only the pages present now need zeros.
+    # Pages the generation does not list. In a private mapping such a page was absent
+    # at the cut, where it read as zeros (or as the file): only pages present now need
+    # writing. In a shared mapping it was never captured (beyond the object's end,
+    # unreadable, or taken from page tables without the capability to read the object):
+    # it is left alone, since a restore never writes what was not captured.
     narrow = z & ~shared[midx]
     ks, ke, km = _present_runs(s[narrow], e[narrow], midx[narrow], present)
     kloc, kz, filed = _file_runs(ks, ke, km, maps, file_bytes)
     kept: tuple[object, ...] = (*keep, *filed)
-    s = np.concatenate((s[~narrow], ks))
-    e = np.concatenate((e[~narrow], ke))
-    loc = np.concatenate((loc[~narrow], kloc))
-    z = np.concatenate((z[~narrow], kz))
-    midx = np.concatenate((midx[~narrow], km))
+    data = ~z
+    s = np.concatenate((s[data], ks))
+    e = np.concatenate((e[data], ke))
+    loc = np.concatenate((loc[data], kloc))
+    z = np.concatenate((z[data], kz))
+    midx = np.concatenate((midx[data], km))
 
     # Zero pieces longer than the zero source: several pieces, all reading from it.
     n = np.where(z, (e - s + ZERO_CHUNK - 1) // ZERO_CHUNK, 1)

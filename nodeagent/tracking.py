@@ -6,8 +6,9 @@ the member frozen, and thaws it afterwards):
   generation of this member is known to be committed (first capture, or the first one
   aborted), or when the tracker cannot answer (not armed, lost track). Otherwise the
   delivered set is tracker changes + pages of new or changed mappings + pages present
-  now that the previous capture did not take + every pending set (captures not yet
-  committed), intersected with the pages present now; a region
+  now that the previous capture did not take + every page of a shared mapping
+  (changeset.always_changed_runs) + every pending set (captures not yet committed),
+  intersected with the pages taken now; a region
   whose name, start or end changed since the last committed capture is delivered whole
   (the coordinator inherits undelivered pages only from a region of the same layout).
 - *Re-arm while frozen*: `collect` re-arms in the same call; without a working tracker
@@ -30,6 +31,7 @@ from cpcoord.errors import CpcoordError, TrackerFailed, TrackerUnavailable
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent import copyout, metrics
 from nodeagent.capture import restrict
+from nodeagent.changeset import always_changed_runs, mark_runs
 from nodeagent.copyout import CopyResult
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.membership import HeldMember
@@ -37,6 +39,7 @@ from nodeagent.pagemap import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, check_alive, read_maps
 from nodeagent.reader import ReadvFn, Staging
 from nodeagent.regions import RegionSpec, new_or_changed_pages
+from nodeagent.shared import SharedObjects
 from nodeagent.trackers import registry
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.upload import StagedMember
@@ -175,21 +178,27 @@ def capture_frozen(
     # The cut as copied: read after the tracker, whose injections may map and unmap.
     maps = read_maps(pid)
     specs = copyout.resolve(m.regions, maps)
-    taken = copyout.select(pid, specs, maps)
-    now = np.concatenate(taken) if taken else empty_pages()  # regions are sorted, disjoint
-    full = force_full or m.committed == 0 or changed is None
-    if full or changed is None:
-        deliver = list(taken)
-    else:
-        changed = np.union1d(changed, appeared(now, m.last_taken)).astype(np.uint64)
-        picked = restrict(taken, ChangedSet(changed))
-        deliver = [p if m.stable(s) else t for s, t, p in zip(specs, taken, picked, strict=True)]
-    delivered = np.concatenate(deliver) if deliver else empty_pages()
-    # Recorded before the copy: the tracker has re-armed, so these pages must reach a
-    # committed generation one way or another.
-    m.record_capture(generation, delivered, {s.name: (s.start, s.end) for s in specs})
-    m.last_taken = now
-    res = copyout.copy(pid, specs, taken, deliver, staging, readv)
+    with SharedObjects(pid) as objects:  # what is selected is what is read
+        taken = copyout.select(pid, specs, maps, objects)
+        now = np.concatenate(taken) if taken else empty_pages()  # regions: sorted, disjoint
+        full = force_full or m.committed == 0 or changed is None
+        if full or changed is None:
+            deliver = list(taken)
+        else:
+            shared = np.zeros(now.size, dtype=np.bool_)
+            mark_runs(now, always_changed_runs(maps), shared)
+            extra = np.union1d(appeared(now, m.last_taken), now[shared])
+            changed = np.union1d(changed, extra).astype(np.uint64)
+            picked = restrict(taken, ChangedSet(changed))
+            deliver = [
+                p if m.stable(s) else t for s, t, p in zip(specs, taken, picked, strict=True)
+            ]
+        delivered = np.concatenate(deliver) if deliver else empty_pages()
+        # Recorded before the copy: the tracker has re-armed, so these pages must reach a
+        # committed generation one way or another.
+        m.record_capture(generation, delivered, {s.name: (s.start, s.end) for s in specs})
+        m.last_taken = now
+        res = copyout.copy(pid, specs, taken, deliver, staging, readv, objects=objects, maps=maps)
     check_alive(m.ident, "capture")
     tracker = "none" if full else m.tracker_name
     return Copied(res, full, tracker, 0 if full else m.committed)

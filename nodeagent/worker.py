@@ -291,7 +291,7 @@ class Worker:
                 ready.append(m)
                 continue
             try:
-                self._staging(m).reserve(copyout.estimate(m.ident.view("freeze"), m.regions))
+                copyout.prepare(self._staging(m), m.ident.view("freeze"), m.regions)
                 ready.append(m)
             except STAGE_FAILED:
                 self._mark_gone(m, op.epoch)
@@ -535,7 +535,7 @@ class Worker:
         t0 = time.perf_counter()
         try:
             staging = self._staging(m)
-            staging.reserve(copyout.estimate(m.ident.view("freeze"), m.regions))
+            copyout.prepare(staging, m.ident.view("freeze"), m.regions)
         except CpcoordError as e:  # the Freeze will find out and report it
             log.info("staging not prepared", extra={"fields": {"member": m.name, "error": str(e)}})
             return

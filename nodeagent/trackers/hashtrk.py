@@ -23,10 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import TrackerFailed
-from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
+from cpcoord.ranges import PAGE_SIZE
 from nodeagent._native import page_digests
 from nodeagent.freeze import FrozenProcess
-from nodeagent.pagemap import PagemapReader, runs_from_pages
+from nodeagent.pagemap import PagemapReader
 from nodeagent.procfs import Mapping, ProcessIdentity
 from nodeagent.reader import MemoryReader, Staging
 from nodeagent.trackers.base import ChangedSet, PageNumbers, empty_pages
@@ -100,9 +100,15 @@ class HashTracker:
         self._seed, self._pages, self._digests = seed, pages, digests
 
     def _scan(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> tuple[PageNumbers, Digests]:
-        """Present pages of the readable mappings, and their digests now."""
+        """Present pages of the readable private mappings, and their digests now.
+
+        Shared mappings are left out: they count as changed at every capture anyway
+        (changeset.always_changed_runs), and their pages in this process's tables say
+        nothing about the object. The reads follow the capture's rule (reader.py): a
+        page not exclusively mapped is read through /proc/PID/mem, never pinned, so
+        hashing a forked process does not unshare its memory."""
         with PagemapReader(fp.pid) as pm:
-            parts = [pm.taken(m.start, m.end) for m in mappings if m.readable]
+            parts = [pm.taken(m.start, m.end) for m in mappings if m.readable and not m.shared]
         pages = np.concatenate(parts) if parts else empty_pages()
         pages = np.unique(pages)  # mappings may be given unsorted
         digests = np.zeros((pages.size, 2), dtype=np.uint64)
@@ -117,9 +123,7 @@ class HashTracker:
         try:
             for lo in range(0, pages.size, self._batch_pages):
                 batch = pages[lo : lo + self._batch_pages]
-                runs = runs_from_pages(batch)
-                remote = runs << np.uint64(PAGE_SHIFT)
-                stats = reader.read_runs(remote, staging.address)
+                stats = reader.read_pages(batch, staging.address)
                 if stats.unreadable.size:
                     unreadable.append(stats.unreadable)
                 buf = staging.pages(0, batch.size)

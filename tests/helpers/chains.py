@@ -38,7 +38,8 @@ from nodeagent.procfs import ProcessIdentity
 from tests.helpers.driver import Target
 
 WRITERS = "w"
-START_MAPS = ("w:48", "a:64", "s:24:shared", "m:16:memfd", "f:16:file")
+START_MAPS = ("w:48", "a:64", "s:24:shared", "m:16:memfd", "f:16:file", "y:8:sysv")
+SHARED_KINDS = ("shared", "memfd", "sysv")
 
 
 @dataclass
@@ -80,6 +81,16 @@ def _pick_span(data: st.DataObject, spans: list[tuple[int, int]]) -> tuple[int, 
     return page + first, n
 
 
+def _shared_writable(model: Model, names: list[str]) -> list[str]:
+    """Shared mappings with pages a forked child may write (it inherits the protections)."""
+    return [
+        n
+        for n in names
+        if model.maps[n].kind in SHARED_KINDS
+        and (model.maps[n].mapped & model.maps[n].writable).any()
+    ]
+
+
 def apply_random_ops(t: Target, model: Model, data: st.DataObject) -> list[str]:
     """1-6 random operations the model allows; returns them for the failure report."""
     done: list[str] = []
@@ -87,6 +98,8 @@ def apply_random_ops(t: Target, model: Model, data: st.DataObject) -> list[str]:
         names = sorted(model.maps)
         structural = [n for n in names if n != WRITERS]
         ops = ["write", "zero", "dontneed", "mmap"]
+        if _shared_writable(model, names):
+            ops.append("child-write")  # another process writes a shared mapping
         if structural:
             ops += ["mprotect", "munmap", "munmap-part"]
         if any(model.maps[n].kind == "anon" and model.maps[n].intact for n in structural):
@@ -101,6 +114,12 @@ def apply_random_ops(t: Target, model: Model, data: st.DataObject) -> list[str]:
             page, count = _pick_span(data, model.spans(name, m.mapped & m.writable))
             extra = {"counter": data.draw(st.integers(1, 10**6))} if op == "write" else {}
             t.cmd(op, name=name, page=page, count=count, **extra)
+        elif op == "child-write":
+            name = data.draw(st.sampled_from(_shared_writable(model, names)))
+            m = model.maps[name]
+            page, count = _pick_span(data, model.spans(name, m.mapped & m.writable))
+            counter = data.draw(st.integers(1, 10**6))
+            t.cmd("child_write", name=name, page=page, count=count, counter=counter)
         elif op == "dontneed":
             cands = [n for n in names if model.maps[n].mapped.any()]
             name = data.draw(st.sampled_from(cands))
@@ -109,7 +128,7 @@ def apply_random_ops(t: Target, model: Model, data: st.DataObject) -> list[str]:
         elif op == "mmap":
             model.made += 1
             name = f"n{model.made}"
-            kind = data.draw(st.sampled_from(["anon", "anon", "shared", "memfd"]))
+            kind = data.draw(st.sampled_from(["anon", "anon", "shared", "memfd", "sysv"]))
             pages = data.draw(st.integers(1, 40))
             fill = data.draw(st.sampled_from(["stamp", "zero", f"random:{model.made}"]))
             t.cmd("mmap", name=name, pages=pages, kind=kind, fill=fill)

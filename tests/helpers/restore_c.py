@@ -6,6 +6,8 @@ example (examples/c/checkpoint_self.c): building them, and talking to running on
         t.step(10); t.check(); t.stats()
     with SpinTarget(exe) as t:                # whole-memory mode
         t.counters()                          # {"main": ..., "fp_n": ..., ...}
+    with SharedTarget(build_c(SHARED_TARGET, d), pages=64) as t:  # shared objects
+        t.send("check 0")                     # "ok" or "bad OBJECT PAGE"
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from tests.conftest import require
 REPO = Path(__file__).resolve().parents[2]
 C_DIR = REPO / "tests" / "helpers" / "c"  # C targets; their shared header is cptest.h
 RESTORE_TARGET = C_DIR / "restore_target.c"
+SHARED_TARGET = C_DIR / "shared_target.c"
+COW_TARGET = C_DIR / "cow_target.c"
 C_EXAMPLE = REPO / "examples" / "c" / "checkpoint_self.c"
 SPIN_FIELDS = ("main", "main_sum", "fp", "fp_n", "naps", "naps_sum", "waits", "waits_sum")
 
@@ -149,3 +153,89 @@ class SpinTarget(_Proc):
                 return self.proc.returncode
             time.sleep(0.02)
         return None
+
+
+class SharedTarget(_Proc):
+    """`shared_target PAGES [keep]` (tests/helpers/c/shared_target.c): four shared
+    objects (memfd, shared anonymous, SysV, /dev/shm file) it never touched itself."""
+
+    OBJECTS = ("memfd", "anon", "sysv", "shm")
+
+    def __init__(self, exe: Path, pages: int = 64, keep: bool = False) -> None:
+        super().__init__([str(exe), str(pages), *(["keep"] if keep else [])])
+        f = self.first
+        self.addrs = {n: int(a, 16) for n, a in zip(self.OBJECTS, f[1:5], strict=True)}
+        self.pages = int(f[5])
+        self.path = f[6] if f[6] != "-" else ""
+
+    def __enter__(self) -> SharedTarget:
+        return self
+
+    def send(self, text: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self.line()
+
+    def span(self, name: str) -> tuple[int, int]:
+        a = self.addrs[name]
+        return a, a + self.pages * 4096
+
+    def present(self, name: str) -> int:
+        """How many pages of the object are mapped in this process's page tables."""
+        a, b = self.span(name)
+        with open(f"/proc/{self.pid}/pagemap", "rb", buffering=0) as f:
+            f.seek(a // 4096 * 8)
+            words = np.frombuffer(f.read((b - a) // 4096 * 8), dtype=np.uint64)
+        return int(np.count_nonzero(words >> np.uint64(63)))
+
+
+class CowTarget(_Proc):
+    """`cow_target MIB` (tests/helpers/c/cow_target.c): MIB MiB filled, then forked; the
+    child shares them copy-on-write and checks its copy when the parent is asked."""
+
+    def __init__(self, exe: Path, mib: int) -> None:
+        super().__init__([str(exe), str(mib)])
+        self.addr = int(self.first[1], 16)
+        self.mib = int(self.first[2])
+        self.child = int(self.first[3])
+        self.end = self.addr + (self.mib << 20)
+
+    def __enter__(self) -> CowTarget:
+        return self
+
+    def check(self) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"check\n")
+        self.proc.stdin.flush()
+        return self.line()
+
+    def expected(self) -> np.ndarray:
+        """The pattern `(pages, 4096)` both hold."""
+        pages = self.mib * 256
+        page = np.arange(pages, dtype=np.uint64)[:, None]
+        i = np.arange(512, dtype=np.uint64)[None, :]
+        with np.errstate(over="ignore"):
+            words = cpt_mix((page << np.uint64(12)) ^ i ^ np.uint64(0xC0 << 56))
+        return words.view(np.uint8).reshape(pages, 4096)
+
+
+def cpt_mix(x: np.ndarray) -> np.ndarray:
+    """cptest.h's cpt_mix over a uint64 array."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(33))
+        x = x * np.uint64(0xFF51AFD7ED558CCD)
+        x = x ^ (x >> np.uint64(33))
+        x = x * np.uint64(0xC4CEB9FE1A85EC53)
+        return x ^ (x >> np.uint64(33))
+
+
+def dirty_mib(pid: int) -> dict[str, float]:
+    """Shared_Dirty and Private_Dirty of a process (smaps_rollup), in MiB."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Shared_Dirty", "Private_Dirty"):
+                out[key] = int(rest.split()[0]) / 1024
+    return out

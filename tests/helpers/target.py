@@ -21,11 +21,15 @@ Commands (op and arguments; `name` is a mapping, pages count from its start):
   dontneed {name, page, count}          MADV_DONTNEED: anonymous pages become non-present
   pageout {name, page, count}           MADV_PAGEOUT: pages go to swap (if there is swap)
   write {name, page, count, counter}    stamp pages with counter
+  child_write {name, page, count, counter}  the same, by a forked child (shared mappings:
+                                        another process writes, this one's tables unchanged)
   zero {name, page, count}              fill pages with zeros (they stay present)
   grow {name, pages}                    mremap to PAGES (may move); new pages stamped 0
   unlink {name}                         delete a file-backed mapping's file
   writers {name, count} / stop_writers  start writers / stop them, answer their steps
   threads {count}                       idle threads;  churn {on}  short-lived threads
+  fork                                  a child that shares every page copy-on-write and
+                                        waits until this process exits; answers its pid
   read {name, page, count}              page bytes, hex;  dump {name, path} bytes to a file
 """
 
@@ -101,6 +105,7 @@ class TargetState:
         self.idle = threading.Event()
         self.churn_on = threading.Event()
         self.extra_threads: list[threading.Thread] = []
+        self.fork_pipes: list[int] = []
 
     def words(self, r: Region) -> np.ndarray:
         buf = (ctypes.c_uint64 * (r.pages * patterns.WORDS)).from_address(r.addr)
@@ -245,6 +250,28 @@ class TargetState:
                 self.words(r)[first : first + size // PAGE] = patterns.stamped(
                     r.id, first, size // PAGE, counter
                 )
+            return {}
+        if op == "fork":
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # holds the memory shared; ends when the parent is gone (EOF)
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            self.fork_pipes.append(w)  # kept open for the parent's lifetime
+            return {"child": pid}
+        if op == "child_write":
+            r, addr, size = self.span(a)
+            first = (addr - r.addr) // PAGE
+            src = patterns.stamped(r.id, first, size // PAGE, int(a.get("counter", 0)))
+            pid = os.fork()
+            if pid == 0:  # as little as possible here: a copy, and out
+                ctypes.memmove(addr, src.ctypes.data, size)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                raise RuntimeError(f"child writer ended with status {status:#x}")
             return {}
         if op == "grow":
             r = self.regions[a["name"]]

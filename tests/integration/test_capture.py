@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -411,10 +412,10 @@ def test_staging_grows_while_frozen_when_the_prepass_was_short(
     calls: list[int] = []
 
     def short_first(
-        pm: PagemapReader, specs: Sequence[RegionSpec], maps: Sequence[Mapping]
+        pm: PagemapReader, specs: Sequence[RegionSpec], maps: Sequence[Mapping], *more: Any
     ) -> list[np.ndarray]:
         calls.append(1)
-        got = real(pm, specs, maps)
+        got = real(pm, specs, maps, *more)
         return [p[:0] for p in got] if len(calls) == 1 else got
 
     monkeypatch.setattr(capmod, "select_pages", short_first)

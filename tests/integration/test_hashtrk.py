@@ -44,15 +44,16 @@ def test_changed_set_is_exactly_the_rewritten_pages(
     names = ["hot", "cold", "mf"]
     with frozen(ident) as fp:
         tr.arm(fp, _maps(t, names))
-    assert tr.table_bytes == (64 + 32 + 16) * 24
+    # The shared memfd has no digests: shared mappings count as changed at every
+    # capture (changeset.always_changed_runs), the tracker answers for private ones.
+    assert tr.table_bytes == (64 + 32) * 24
 
     t.cmd("write", name="hot", page=3, count=5, counter=7)
     t.cmd("write", name="mf", page=15, count=1, counter=7)
     t.cmd("write", name="cold", page=0, count=2, counter=0)  # same bytes as before
     with frozen(ident) as fp:
         got = tr.collect(fp, _maps(t, names))
-    want = np.concatenate([_pages(t, "hot", 3, 5), _pages(t, "mf", 15, 1)])
-    assert np.array_equal(got.pages, np.sort(want))
+    assert np.array_equal(got.pages, _pages(t, "hot", 3, 5))
 
     with frozen(ident) as fp:  # nothing written since: nothing changed
         assert len(tr.collect(fp, _maps(t, names))) == 0

@@ -1,4 +1,5 @@
-"""Pure pieces of the capture engine: zero-page detection and the staging buffer."""
+"""Pure pieces of the capture engine: zero-page detection, the staging buffer, and which
+pages are read through /proc/PID/mem."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.capture import zero_rows
-from nodeagent.reader import Staging
+from nodeagent.reader import MEM_ABSORB, Staging, _absorb
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,3 +50,40 @@ def test_staging_reserve_reuses_and_grows() -> None:
     assert s.pages(0, 1).shape == (1, PAGE_SIZE)
     assert rows.sum() == 5 * rows.size  # old views stay valid: unmapped with the last one
     s.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.booleans(), st.booleans()), max_size=30))
+def test_absorb_reads_short_exclusive_stretches_with_their_shared_neighbours(
+    parts: list[tuple[int, bool, bool]],
+) -> None:
+    """Stretches (length, shared?, gap before?): an exclusive stretch is read through
+    /proc/PID/mem exactly when it is shorter than MEM_ABSORB and touches a shared stretch
+    on both sides within one run of consecutive pages; nothing else changes."""
+    pages, kind, stretch = [], [], []
+    at = 0
+    for i, (n, shared, gap) in enumerate(parts):
+        at += 3 if gap else 0
+        pages += range(at, at + n)
+        kind += [shared] * n
+        stretch += [i] * n
+        at += n
+    p = np.array(pages, dtype=np.uint64)
+    via_mem = np.array(kind, dtype=bool)
+    before = via_mem.copy()
+    _absorb(p, via_mem)
+    # The model, on the merged stretches (neighbours of the same kind with no gap join).
+    runs: list[list[int]] = []  # [first index, last index, shared]
+    for j in range(p.size):
+        if runs and p[j] == p[j - 1] + 1 and before[j] == before[j - 1]:
+            runs[-1][1] = j
+        else:
+            runs.append([j, j, int(before[j])])
+    want = before.copy()
+    for r, (a, b, sh) in enumerate(runs):
+        prev_ok = r > 0 and runs[r - 1][2] and p[a] == p[a - 1] + 1
+        next_ok = r + 1 < len(runs) and runs[r + 1][2] and p[b + 1] == p[b] + 1
+        if not sh and b - a + 1 < MEM_ABSORB and prev_ok and next_ok:
+            want[a : b + 1] = True
+    assert np.array_equal(via_mem, want)
+    assert not (before & ~via_mem).any(), "a shared page must never go to process_vm_readv"

@@ -109,7 +109,10 @@ def test_plan_writes_exactly_the_cut(world: tuple[Any, ...]) -> None:
         pages = np.arange(first, (hi + PAGE_SIZE - 1) // PAGE_SIZE)
         has = np.zeros(pages.size, dtype=bool)
         has[c.pages[c.pages < pages.size].astype(np.int64)] = True
-        must = has | page_present[pages] | shared_page[pages]
+        # Listed pages always; unlisted ones only in private mappings where a page is
+        # present now (absent at the cut = zeros). Unlisted shared pages were never
+        # captured: never written.
+        must = has | (page_present[pages] & ~shared_page[pages])
         byte_must = np.repeat(must, PAGE_SIZE)[: hi - lo]
         want[lo:hi][byte_must] = region[byte_must]
         need[lo:hi] = byte_must
@@ -127,14 +130,29 @@ def test_plan_writes_exactly_the_cut(world: tuple[Any, ...]) -> None:
 
 def test_long_zero_runs_split_and_data_runs_stay_whole() -> None:
     n = (3 * ZERO_CHUNK) // PAGE_SIZE + 5
-    maps = [Mapping(BASE, BASE + n * PAGE_SIZE, "rw-s", 0, "00:05", 1, "/dev/zero (deleted)")]
+    maps = [mapping(0, n, "rw-p")]
     data = np.full((3, PAGE_SIZE), 7, dtype=np.uint8)
     c = RegionContents("z", BASE, BASE + n * PAGE_SIZE, np.array([0, 1, 2], dtype=np.uint64), data)
-    plan = build_plan([(c, c.end)], maps, present_fn(np.zeros(0, dtype=np.uint64)))
+    every = np.arange(n, dtype=np.uint64) + np.uint64(BASE // PAGE_SIZE)  # all present now
+    plan = build_plan([(c, c.end)], maps, present_fn(every))
     assert plan.remote[0].tolist() == [BASE, 3 * PAGE_SIZE]
     assert plan.local[0, 0] == data.ctypes.data
     assert plan.remote.shape[0] == 1 + 4  # 3 full zero chunks and the rest
     assert plan.zero_bytes == (n - 3) * PAGE_SIZE
+
+
+def test_shared_pages_not_captured_are_never_written() -> None:
+    """In a shared mapping a page the generation does not list was not captured (past
+    the object's end, unreadable): whether present now or not, it is left alone; a
+    listed zero page is written like any data page."""
+    maps = [Mapping(BASE, BASE + 16 * PAGE_SIZE, "rw-s", 0, "00:01", 7, "/memfd:x (deleted)")]
+    data = np.zeros((2, PAGE_SIZE), dtype=np.uint8)
+    data[0] = 5
+    c = RegionContents("s", BASE, BASE + 16 * PAGE_SIZE, np.array([2, 3], dtype=np.uint64), data)
+    every = np.arange(16, dtype=np.uint64) + np.uint64(BASE // PAGE_SIZE)
+    plan = build_plan([(c, c.end)], maps, present_fn(every))
+    assert plan.remote.tolist() == [[BASE + 2 * PAGE_SIZE, 2 * PAGE_SIZE]]
+    assert plan.zero_bytes == 0 and plan.total_bytes == 2 * PAGE_SIZE
 
 
 def test_absent_private_pages_are_left_alone() -> None:
