@@ -23,20 +23,21 @@ a full reference in the same frozen window: tests of issue 3).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import NoSuchProcess, ProcessExited
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE, AddressRange
+from nodeagent import inplace
 from nodeagent.freeze import FrozenProcess, frozen
+from nodeagent.inplace import Destination as Destination  # re-exported
 from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
@@ -81,25 +82,6 @@ class SelectionHooks(CaptureHooks, Protocol):
         ...
 
 
-class Destination(Protocol):
-    """Where a capture copies to instead of staging: each region's pages at their offset
-    in memory of that region's own (cpcoord.image_files.RegionFiles, a tmpfs image)."""
-
-    def reserve(self, regions: Sequence[tuple[str, int, int]], pages: Sequence[PageNumbers]) -> int:
-        """Make every page of `pages[i]` (page numbers) of region `regions[i]` = (name,
-        start, end) writable without a fault; return how many pages it had to add. The
-        memory of pages never reserved reads as zeros."""
-        ...
-
-    def address(self, name: str) -> int:
-        """Where page offset 0 of region `name` lives (after `reserve`)."""
-        ...
-
-    def rows(self, name: str) -> npt.NDArray[np.uint8]:
-        """The region's memory as `(pages, PAGE_SIZE)` rows, row k = page offset k."""
-        ...
-
-
 @dataclass(frozen=True)
 class CapturedRegion:
     """One region's pages at the cut. Offsets count pages from `start`, sorted."""
@@ -122,7 +104,7 @@ class CapturedRegion:
         copy, made on first use)."""
         if not self.in_place:
             return self.rows
-        dense = _dense(self.pages)
+        dense = inplace.dense_slice(self.pages)
         if dense is not None:
             return self.rows[dense]
         return self.rows[self.pages.astype(np.intp)]
@@ -218,14 +200,6 @@ def zero_rows(
     return zero
 
 
-def _dense(pages: npt.NDArray[np.uint64]) -> slice | None:
-    """`pages` (sorted unique offsets) as a slice when they are one run (or none)."""
-    if pages.size == 0:
-        return slice(0, 0)
-    first, last = int(pages[0]), int(pages[-1])
-    return slice(first, last + 1) if last - first + 1 == pages.size else None
-
-
 def restrict(taken: Sequence[PageNumbers], changed: ChangedSet) -> list[PageNumbers]:
     """Per region, the taken pages that are in the changed set (both sorted, unique).
 
@@ -289,7 +263,10 @@ def capture(
                 parts0 = select_pages(pm, specs0, maps0, pre)
                 taken0 = _concat(parts0)
                 if into is not None:  # holes of shared objects need no memory
-                    into.reserve(_bounds(specs0), _without(parts0, _hole_mask(taken0, maps0, pre)))
+                    into.reserve(
+                        inplace.bounds_of(specs0),
+                        inplace.without(parts0, inplace.hole_mask(taken0, maps0, pre)),
+                    )
                 holes0 = pre.hole_pages(maps0, taken0) * PAGE_SIZE  # need no memory
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
@@ -315,8 +292,8 @@ def capture(
                 allp = _concat(copied)
                 holes = None
                 if into is not None:
-                    holes = _hole_mask(allp, maps, objects)
-                    grown = into.reserve(_bounds(specs), _without(copied, holes))
+                    holes = inplace.hole_mask(allp, maps, objects)
+                    grown = into.reserve(inplace.bounds_of(specs), inplace.without(copied, holes))
                 else:
                     grown = staging.reserve(
                         allp.size * PAGE_SIZE, populate=_data_bytes(allp, maps, objects)
@@ -332,7 +309,7 @@ def capture(
                     if into is None:
                         stats = reader.read_pages(allp, staging.address)
                     else:
-                        stats = reader.read_pages(allp, 0, _in_place_rows(specs, copied, into))
+                        stats = reader.read_pages(allp, 0, inplace.local_rows(specs, copied, into))
                 finally:
                     reader.close()
                 check_alive(ident, "capture")
@@ -416,57 +393,6 @@ def _concat(parts: Sequence[PageNumbers]) -> PageNumbers:
     return np.concatenate(parts)
 
 
-def _bounds(specs: Sequence[RegionSpec]) -> list[tuple[str, int, int]]:
-    return [(s.name, s.start, s.end) for s in specs]
-
-
-def _hole_mask(
-    pages: PageNumbers, maps: Sequence[Mapping], objects: SharedObjects
-) -> npt.NDArray[np.bool_] | None:
-    """Which of the sorted `pages` lie in holes of shared objects (None: none do). They
-    read as zeros without being read (SharedObjects.read), so they need no memory."""
-    chosen = objects.bounds(maps)[2]
-    if not chosen or pages.size == 0:
-        return None
-    h = np.concatenate([objects.holes(m) for m in chosen])
-    if h.shape[0] == 0:
-        return None
-    edge = np.zeros(pages.size + 1, dtype=np.int64)  # +1 where a hole starts, -1 after it
-    np.add.at(edge, np.searchsorted(pages, h[:, 0]), 1)
-    np.add.at(edge, np.searchsorted(pages, h[:, 1]), -1)
-    return np.cumsum(edge[:-1]) > 0
-
-
-def _split(mask: npt.NDArray[np.bool_] | None, parts: Sequence[PageNumbers]) -> list[Any]:
-    """`mask` over the concatenated parts, cut into one piece per part (None: Nones)."""
-    if mask is None:
-        return [None] * len(parts)
-    at = np.cumsum([0] + [int(p.size) for p in parts]).tolist()
-    return [mask[a:b] for a, b in itertools.pairwise(at)]
-
-
-def _without(
-    parts: Sequence[PageNumbers], holes: npt.NDArray[np.bool_] | None
-) -> Sequence[PageNumbers]:
-    """The parts without the pages `holes` marks (a mask over their concatenation)."""
-    if holes is None:
-        return parts
-    return [p[~m] for p, m in zip(parts, _split(holes, parts), strict=True)]
-
-
-def _in_place_rows(
-    specs: Sequence[RegionSpec], copied: Sequence[PageNumbers], into: Destination
-) -> npt.NDArray[np.uint64]:
-    """Per copied page, its local page number: its offset in its region's memory at
-    `into` (MemoryReader.read_pages with dest 0; runs never cross regions, since two
-    regions' memories are never adjacent rows)."""
-    out = [
-        c - np.uint64(s.start >> PAGE_SHIFT) + np.uint64(into.address(s.name) >> PAGE_SHIFT)
-        for s, c in zip(specs, copied, strict=True)
-    ]
-    return np.concatenate(out) if out else empty_pages()
-
-
 def _build(
     specs: Sequence[RegionSpec],
     taken: Sequence[PageNumbers],
@@ -481,7 +407,7 @@ def _build(
     Pages in holes of shared objects (`holes`, in place only) are zero without a look."""
     out: list[CapturedRegion] = []
     row = 0
-    for spec, t, c, hm in zip(specs, taken, copied, _split(holes, copied), strict=True):
+    for spec, t, c, hm in zip(specs, taken, copied, inplace.split_mask(holes, copied), strict=True):
         if into is None:
             rows = staging.pages(row, int(c.size))
             row += int(c.size)
@@ -499,7 +425,7 @@ def _build(
             zero = zero_rows(rows)
         else:
             rows = into.rows(spec.name)
-            dense = _dense(pages) if hm is None else None
+            dense = inplace.dense_slice(pages) if hm is None else None
             if dense is not None:
                 zero = zero_rows(rows[dense])
             else:

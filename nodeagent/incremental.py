@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import TrackerFailed, TrackerUnavailable
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import Capture, Destination, capture
+from nodeagent.capture import Capture, capture
 from nodeagent.changeset import (
     always_changed_runs,
     mark_appeared,
@@ -52,6 +52,7 @@ from nodeagent.changeset import (
     written_estimate,
 )
 from nodeagent.freeze import FrozenProcess
+from nodeagent.inplace import Destination
 from nodeagent.pagemap import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.reader import ReadvFn, Staging, _sys_readv

@@ -33,6 +33,7 @@ from cpcoord.image import Image, load_image, region_bytes
 from cpcoord.image_files import memory_backed
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE, AddressRange
+from nodeagent import inplace
 from nodeagent.capture import Capture, capture
 from nodeagent.freeze import frozen
 from nodeagent.pagemap import PagemapReader
@@ -395,7 +396,7 @@ def test_local_rows_of_regions_below_and_above_their_memory() -> None:
     ]
     pa = np.array([hi // PAGE_SIZE + 1, hi // PAGE_SIZE + 2], dtype=np.uint64)
     pb = np.array([hi // PAGE_SIZE + 16], dtype=np.uint64)
-    rows = capmod._in_place_rows(specs, [pa, pb], _At({"a": lo, "b": 0x7FFF00000000}))
+    rows = inplace.local_rows(specs, [pa, pb], _At({"a": lo, "b": 0x7FFF00000000}))
     assert rows.tolist() == [lo // PAGE_SIZE + 1, lo // PAGE_SIZE + 2, 0x7FFF00000000 // PAGE_SIZE]
 
 
