@@ -438,3 +438,43 @@ def _capture_sparse_memfd(t: Target, out: Path) -> None:
         t.assert_running()
     finally:
         w.abort()  # unmaps (the capture's views go when it returns)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["staging", "in-place"])
+def test_copy_shared_out_to_threads_with_fallbacks(
+    target_factory: MakeTarget, shm_dir: Path, monkeypatch: pytest.MonkeyPatch, in_place: bool
+) -> None:
+    """A copy cut into shares on three threads (made to happen at 1 MiB), where
+    process_vm_readv gives up part-way through each call: every byte still arrives, the
+    rest of each piece through /proc/PID/mem, in staging and in place alike."""
+    monkeypatch.setattr(readermod, "PARALLEL_MIN", 1 << 20)
+    monkeypatch.setattr(readermod, "COPY_PIECE", 96 * PAGE_SIZE)
+    monkeypatch.setattr(readermod, "COPY_THREADS", 3)
+    t = target_factory(maps=["a:1024", "b:700"])
+    a, b = t.mapping("a"), t.mapping("b")
+    t.cmd("mprotect", name="a", page=300, count=2, prot="none")
+    shares: list[int] = []
+    real = readermod._shares
+
+    def counted(*args: Any) -> Any:
+        out = real(*args)
+        shares.append(len(out))
+        return out
+
+    monkeypatch.setattr(readermod, "_shares", counted)
+
+    def flaky(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
+        got = readermod._sys_readv(pid, local, nlocal, remote, 1)
+        return min(got, 5 * PAGE_SIZE)
+
+    w = ImageWriter(shm_dir / "img")
+    files = w.in_place("m0") if in_place else None
+    ranges = [AddressRange(a.addr, a.end), AddressRange(b.addr, b.end)]
+    cap = capture(ProcessIdentity.of(t.pid), ranges, readv=flaky, into=files)
+    ra, rb = (next(r for r in cap.regions if r.start == m.addr) for m in (a, b))
+    assert cap.fallback_bytes > 0 and shares == [3]
+    keep = [p for p in range(1024) if not 300 <= p < 302]
+    assert np.array_equal(ra.data, t.expected("a", 0, 1024)[keep])
+    assert np.array_equal(rb.data, t.expected("b", 0, 700))
+    w.abort()
+    t.assert_running()
