@@ -29,6 +29,7 @@ import logging
 import mmap
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 TMPFS_MAGIC = 0x01021994
 MADV_POPULATE_READ = 22  # Linux >= 5.14
+MADV_POPULATE_WRITE = 23
+# A fill at least this big runs on two threads, FAULT_SHARE of it faulted in (writable)
+# by the second while the first writes zeros: ~25% less wall time, more CPU in all.
+PARALLEL_FILL_MIN = 64 << 20
+FAULT_SHARE = 0.4
 _ZERO_CHUNK = 1 << 20
 _ZERO_IOVS = 256  # 256 MiB of zeros a pwritev (below Linux's 2 GiB cap per call)
 _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
@@ -202,19 +208,46 @@ class RegionFiles:
         f.start, f.end, f.filled = start, end, np.zeros(0, np.uint64)
 
     def _fill(self, f: _File, offsets: Pages) -> None:
-        """Allocate (pwrite zeros) and map (populate, read) the pages at `offsets`."""
+        """Allocate and map the pages at `offsets`: most by pwrite of zeros then populate
+        (read), the tail of a big fill at once on a second thread by populate (write),
+        which takes no inode lock (pwrite to one file is serialised)."""
+        runs = _runs(offsets)
+        total = int(runs[:, 1].sum()) if runs.size else 0
+        if total * PAGE_SIZE < PARALLEL_FILL_MIN or (os.cpu_count() or 1) < 2:
+            self._write_and_map(f, runs)
+            return
+        cut = int(total * (1 - FAULT_SHARE))
+        ends = np.cumsum(runs[:, 1])
+        i = int(np.searchsorted(ends, cut, side="left"))
+        into = cut - int(ends[i] - runs[i, 1])  # pages of run i that go first
+        head = np.concatenate((runs[:i], [[runs[i, 0], into]])) if into else runs[:i]
+        tail = np.concatenate(([[runs[i, 0] + into, runs[i, 1] - into]], runs[i + 1 :]))
+        with ThreadPoolExecutor(1) as pool:
+            faulted = pool.submit(self._map_writable, f, tail)
+            self._write_and_map(f, head)
+            faulted.result()
+
+    def _write_and_map(self, f: _File, runs: npt.NDArray[np.int64]) -> None:
         base = int(f.rows.ctypes.data)
-        for first, count in _runs(offsets).tolist():
+        for first, count in runs.tolist():
             pos, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
             while pos < end:
                 n = min(end - pos, _ZERO_CHUNK * _ZERO_IOVS)
                 whole, part = divmod(n, _ZERO_CHUNK)
                 iov = [self._zero] * whole + ([self._zero[:part]] if part else [])
                 pos += os.pwritev(f.fd, iov, pos)
-            size = count * PAGE_SIZE
-            if _libc.madvise(base + first * PAGE_SIZE, size, MADV_POPULATE_READ):
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), str(f.path))
+            self._madvise(f, base + first * PAGE_SIZE, count * PAGE_SIZE, MADV_POPULATE_READ)
+
+    def _map_writable(self, f: _File, runs: npt.NDArray[np.int64]) -> None:
+        base = int(f.rows.ctypes.data)
+        for first, count in runs.tolist():
+            self._madvise(f, base + first * PAGE_SIZE, count * PAGE_SIZE, MADV_POPULATE_WRITE)
+
+    @staticmethod
+    def _madvise(f: _File, addr: int, size: int, advice: int) -> None:
+        if _libc.madvise(addr, size, advice):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(f.path))
 
     @staticmethod
     def _unmap(f: _File, close_fd: bool = True) -> None:
