@@ -41,6 +41,7 @@ import numpy as np
 
 from bench.common import Stats, _vm_copy, gbps, memcpy, raw_mem, raw_readv, write_results
 from cpcoord import cli
+from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
@@ -104,6 +105,24 @@ def _cli_inprocess(pid: int, rng: str, out: Path) -> float:
     return dt
 
 
+def _in_place(ident: ProcessIdentity, rng: AddressRange, base: Path, pages: int) -> Any:
+    """One engine capture into an image's region file on tmpfs; its timings."""
+    work = Path(tempfile.mkdtemp(prefix="cpcoord-bench-ip-", dir=base))
+    try:
+        w = ImageWriter(work / "img")
+        into = w.in_place("m")
+        assert into is not None, f"{base} is not tmpfs"
+        cap = capture(ident, [rng], into=into)
+        assert cap.pages == pages, (cap.pages, pages)
+        timings = cap.timings
+        w.abort()
+        del cap
+        gc.collect()
+        return timings
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _med(extra: dict[str, Any], label: str, phase: str) -> float:
     return float(Stats.of(extra[f"cli_{label}"][f"subprocess_{phase}"]["samples"]).median)
 
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("baseline: raw /proc/PID/mem (no pins)", mem))
 
         frozen, prepare, zscan, totals, copy = [], [], [], [], []
+        ip_frozen, ip_copy, ip_total = [], [], []
         for _ in range(args.reps):
             cap = capture(ident, [AddressRange(m.addr, m.end)])
             assert cap.pages == pages, (cap.pages, pages)
@@ -168,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             cap.staging.close()
             del cap
             gc.collect()
+            # The same, copied in place into an image's region file on tmpfs.
+            tm = _in_place(ident, AddressRange(m.addr, m.end), Path(args.tmpfs_dir), pages)
+            ip_frozen.append(tm.frozen)
+            ip_copy.append(tm.copy)
+            ip_total.append(tm.total)
         fz = Stats.of(frozen)
         extra["capture"] = {
             "frozen": fz.as_dict(),
@@ -179,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("capture: freeze + copy + thaw (= frozen time)", fz))
         rows.append(row("capture: copy alone (frozen)", Stats.of(copy)))
         rows.append(row("capture incl. prepare + zero scan", Stats.of(totals)))
+        extra["capture_in_place"] = {
+            "frozen": Stats.of(ip_frozen).as_dict(),
+            "copy": Stats.of(ip_copy).as_dict(),
+            "total": Stats.of(ip_total).as_dict(),
+        }
+        rows.append(row("capture in place (tmpfs file): frozen time", Stats.of(ip_frozen)))
+        rows.append(row("capture in place: copy alone (frozen)", Stats.of(ip_copy)))
+        rows.append(row("capture in place incl. prepare + zero scan", Stats.of(ip_total)))
 
         cli_rows: dict[str, Stats] = {}
         limits: dict[str, float] = {}
