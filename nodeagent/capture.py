@@ -42,7 +42,7 @@ from nodeagent.pagemap import (
 )
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive, read_maps
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
-from nodeagent.regions import RegionSpec, resolve_regions, scan_safe, segment_pages
+from nodeagent.regions import RegionSpec, readable_table, resolve_regions, segment_pages
 from nodeagent.trackers.base import ChangedSet
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,7 @@ def _taken(
     kernel: ~1.5 ms per resident GiB), pagemap words for the others (device memory)."""
     if lo.size == 0:
         return empty_pages()
-    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
-    mstart = np.array([m.start >> PAGE_SHIFT for m in readable], dtype=np.uint64)
-    safe = np.array([scan_safe(m) for m in readable], dtype=np.bool_)
+    mstart, safe = readable_table(maps)
     # Each segment lies in one readable mapping: the last one starting at or before it.
     seg_safe = safe[np.searchsorted(mstart, lo, side="right") - 1]
     if seg_safe.all():
