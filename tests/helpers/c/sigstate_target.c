@@ -25,11 +25,26 @@
  *         is closed at once; fd 4 is still /dev/null (fstat);
  *       - writes one of its pages.
  *     Exit as above.
+ *
+ *   In these two modes a line on stdin ends the loop early (then the final checks).
+ *
+ *   sigstate_target siginfo MS
+ *     A SA_SIGINFO handler of SIGUSR1 prints "got SI_PID SI_CODE" once per signal; the
+ *     program naps until MS milliseconds have passed. A checkpointer that takes a signal
+ *     off the queue and sends it again in its own name shows as its own pid here.
+ *
+ *   sigstate_target sigsuspend MS
+ *     Blocks SIGUSR1 and SIGTRAP and waits for SIGUSR1 in sigsuspend() (which unblocks
+ *     everything while it waits), counting the handler's runs, until MS milliseconds
+ *     have passed. After every return of sigsuspend its mask must be the blocked one
+ *     again (the kernel puts it back; a checkpointer that changes the mask of a thread
+ *     interrupted in sigsuspend can make it keep the temporary one). Prints "ok COUNT".
  */
 #include "cptest.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -62,6 +77,13 @@ static void nap(void)
     struct timespec ts = {0, 1000000};
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
         ;
+}
+
+/* Whether MS have passed since `start`, or a line came on stdin (the driver's "quit"). */
+static int done(double end)
+{
+    struct pollfd p = {0, POLLIN, 0};
+    return now_ms() >= end || poll(&p, 1, 0) > 0;
 }
 
 static void touch(unsigned long round)
@@ -143,7 +165,7 @@ static int sigtrap_main(double ms)
     cpt_ready("%p", (void *)mem);
     double end = now_ms() + ms;
     unsigned long round = 0;
-    for (; now_ms() < end; round++) {
+    for (; !done(end); round++) {
         check_signals("running");
         if (round % 20 == 0)
             trap_round();
@@ -186,7 +208,7 @@ static int ebadf_main(double ms)
     cpt_ready("%p", (void *)mem);
     double end = now_ms() + ms;
     unsigned long round = 0;
-    for (; now_ms() < end; round++) {
+    for (; !done(end); round++) {
         check_fds("running", &null);
         touch(round);
         nap();
@@ -196,10 +218,81 @@ static int ebadf_main(double ms)
     return 0;
 }
 
+static volatile sig_atomic_t usr1;
+
+static void on_usr1(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    if (sig != SIGUSR1)
+        return;
+    usr1++;
+    char line[64];
+    int n = snprintf(line, sizeof line, "got %d %d\n", (int)si->si_pid, si->si_code);
+    if (write(1, line, (size_t)n) != n)
+        _exit(4);
+}
+
+static void handle_usr1(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_usr1;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGUSR1, &sa, NULL) != 0)
+        cpt_corrupt("sigaction: %s", strerror(errno));
+}
+
+static int siginfo_main(double ms)
+{
+    handle_usr1();
+    cpt_ready("%p", (void *)mem);
+    double end = now_ms() + ms;
+    for (unsigned long round = 0; now_ms() < end; round++) {
+        touch(round);
+        nap();
+    }
+    printf("ok %d\n", (int)usr1);
+    return 0;
+}
+
+static int sigsuspend_main(double ms)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_trap;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGUSR1);
+    sigaction(SIGTRAP, &sa, NULL);
+    handle_usr1();
+    sigset_t blocked, empty, cur;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGUSR1);
+    sigaddset(&blocked, SIGTRAP);
+    sigemptyset(&empty);
+    sigprocmask(SIG_SETMASK, &blocked, NULL);
+    cpt_ready("%p", (void *)mem);
+    double end = now_ms() + ms;
+    while (now_ms() < end) {
+        sigsuspend(&empty); /* returns -1 EINTR after a handler ran */
+        sigprocmask(SIG_BLOCK, NULL, &cur);
+        for (int s = 1; s < NSIG; s++) {
+            if (s == 32 || s == 33)
+                continue;
+            if (sigismember(&cur, s) != sigismember(&blocked, s))
+                cpt_corrupt("after sigsuspend: signal %d is %s", s,
+                            sigismember(&cur, s) ? "blocked" : "not blocked");
+        }
+    }
+    printf("ok %d\n", (int)usr1);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
-        fprintf(stderr, "usage: %s sigtrap|ebadf MS\n", argv[0]);
+        fprintf(stderr, "usage: %s sigtrap|ebadf|siginfo|sigsuspend MS\n", argv[0]);
         return 2;
     }
     mem = mmap(NULL, NPAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -212,6 +305,10 @@ int main(int argc, char **argv)
         return sigtrap_main(ms);
     if (!strcmp(argv[1], "ebadf"))
         return ebadf_main(ms);
+    if (!strcmp(argv[1], "siginfo"))
+        return siginfo_main(ms);
+    if (!strcmp(argv[1], "sigsuspend"))
+        return sigsuspend_main(ms);
     fprintf(stderr, "unknown mode %s\n", argv[1]);
     return 2;
 }
