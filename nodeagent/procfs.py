@@ -86,14 +86,14 @@ class Mapping:
 # permissions, offset, device, inode, path), and Mapping is immutable, so one parse
 # serves every read that shows the same line again. A checkpoint reads the maps of a
 # process with 20 000 mappings several times, and parsing is what costs (~3 us a line);
-# a lookup is ~0.1 us. Bounded: cleared when it holds four times what one read shows.
+# a lookup is ~0.1 us. Bounded: cleared when it holds twice what one read shows.
 _PARSED: dict[str, Mapping] = {}
 _PARSED_MIN = 1 << 14
 
 
 def parse_maps(text: str) -> list[Mapping]:
     lines = text.splitlines()
-    if len(_PARSED) > max(_PARSED_MIN, 4 * len(lines)):
+    if len(_PARSED) > max(_PARSED_MIN, 2 * len(lines)):
         _PARSED.clear()
     out = []
     for line in lines:

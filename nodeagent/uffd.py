@@ -33,6 +33,7 @@ NR_MMAP = 9
 NR_MUNMAP = 11
 NR_IOCTL = 16
 NR_USERFAULTFD = 323
+NR_PIDFD_GETFD = 438
 
 O_NONBLOCK = os.O_NONBLOCK
 O_CLOEXEC = os.O_CLOEXEC
@@ -289,9 +290,28 @@ def wanted_features() -> int:
     return REQUIRED_FEATURES | (supported_features() & OPTIONAL_FEATURES)
 
 
+def _pidfd_getfd_works(fd: int) -> bool:
+    """The agent registers a target's ranges through a copy of its uffd (pidfd_getfd)."""
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError:
+        return False
+    try:
+        got = int(_libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0))
+    finally:
+        os.close(pidfd)
+    if got < 0:
+        return False
+    os.close(got)
+    return True
+
+
 def _self_test() -> str:
     """Arm a page of our own, write it, and expect PAGEMAP_SCAN to report it once."""
     fd = _userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    if not _pidfd_getfd_works(fd):
+        os.close(fd)
+        return "pidfd_getfd(2) is not permitted here (the agent registers through it)"
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)
     scanner = PagemapScanner(os.getpid(), vec_len=4)
     try:

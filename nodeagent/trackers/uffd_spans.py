@@ -32,13 +32,13 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import NoSuchProcess, ProcessExited, UffdLost
+from cpcoord.errors import NoSuchProcess, ProcessExited, TrackerUnavailable, UffdLost
 from nodeagent import uffd
 from nodeagent.mapscache import derived
 from nodeagent.procfs import Mapping
 
 U64 = npt.NDArray[np.uint64]
-NR_PIDFD_GETFD = 438
+NR_PIDFD_GETFD = uffd.NR_PIDFD_GETFD
 _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -170,7 +170,9 @@ class RemoteUffd:
                 raise ProcessExited(pid, "uffd-wp")
             if err == errno.EBADF:
                 raise UffdLost(pid, f"fd {fd} is closed in the target")
-            raise UffdLost(pid, f"pidfd_getfd of fd {fd}: {os.strerror(err)}")
+            # ENOSYS, EPERM (a seccomp profile, no ptrace access): the tracker cannot work
+            # here at all; `auto` then tries the next backend.
+            raise TrackerUnavailable("uffd-wp", f"pidfd_getfd in the agent: {os.strerror(err)}")
         self.fd = got
         st = os.fstat(got)
         if inode and st.st_ino != inode:
