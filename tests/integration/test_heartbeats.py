@@ -37,9 +37,9 @@ def test_an_agent_whose_reports_wait_is_not_declared_lost(
     seen_daemons = (c.coordinator, agent)
     sleeper = subprocess.Popen(["sleep", "120"])
     # The agent's answer to this attach is the report the coordinator will sit on.
+    argv = ["attach", "--job", "j", "--member", "m", "--pid", str(sleeper.pid)]
     attach = subprocess.Popen(
-        [sys.executable, "-m", "cpcoord", "attach", "--job", "j", "--member", "m"]
-        + ["--pid", str(sleeper.pid), "--node", "node-a", "--coordinator", c.address],
+        [sys.executable, "-m", "cpcoord", *argv, "--node", "node-a", "--coordinator", c.address],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -66,8 +66,6 @@ def test_a_silent_agent_is_still_lost(cluster_factory: Callable[..., Cluster]) -
     try:
         assert c.coordinator is not None
         coordinator = c.coordinator
-        wait_for(
-            lambda: "silent for" in coordinator.tail(200), 10, "the agent declared lost"
-        )
+        wait_for(lambda: "silent for" in coordinator.tail(200), 10, "the agent declared lost")
     finally:
         os.kill(agent.pid, signal.SIGCONT)
