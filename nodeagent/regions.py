@@ -139,10 +139,12 @@ def range_regions(
     return specs
 
 
+@derived
 def resolve_regions(
     ranges: Sequence[AddressRange] | None, maps: Sequence[Mapping], pid: int
 ) -> list[RegionSpec]:
-    """Regions for explicit ranges, or the default set when `ranges` is None."""
+    """Regions for explicit ranges, or the default set when `ranges` is None. Remembered
+    per (ranges, maps) lists (nodeagent/mapscache.py): the result is shared."""
     if ranges is None:
         return default_regions(maps)
     return range_regions(ranges, maps, pid)

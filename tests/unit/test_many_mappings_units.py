@@ -82,3 +82,23 @@ def test_maps_are_shared_while_unchanged_and_derived_once() -> None:
     assert count(m1) == count(m1) == 1 and len(calls) == 1
     assert count(m2) == 1 and len(calls) == 2
     assert count(m1, flag=True) == 1 and len(calls) == 3  # other arguments, by value
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 30), unique=True, max_size=12), max_size=8),
+    st.lists(st.integers(0, 400), unique=True, max_size=60),
+)
+def test_restrict_equals_the_per_region_intersection(
+    per_region: list[list[int]], changed_in: list[int]
+) -> None:
+    from nodeagent.capture import restrict
+    from nodeagent.trackers.base import ChangedSet
+
+    taken = [
+        np.array(sorted(p), dtype=np.uint64) + np.uint64(50 * i) for i, p in enumerate(per_region)
+    ]
+    changed = ChangedSet.of(changed_in)
+    got = restrict(taken, changed)
+    assert [g.tolist() for g in got] == [
+        [int(p) for p in t if int(p) in set(changed_in)] for t in taken
+    ]
