@@ -240,9 +240,8 @@ def _write(
                     if pts:
                         ax.plot(
                             *zip(*pts, strict=True),
-                            style,
+                            style[0] + "--",
                             alpha=0.4,
-                            ls="--",
                             label=f"{path} {kind} (before)",
                         )
         ax.set_xscale("log")
