@@ -79,6 +79,7 @@ class _PendingMember:
     pid: int
     start_time: int
     regions: list[ImageRegion] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)  # of `regions`: a lookup, not a scan
 
 
 class ImageWriter:
@@ -127,7 +128,7 @@ class ImageWriter:
         if data.shape != (pages.size, PAGE_SIZE):
             raise ValueError(f"region {name}: data shape {data.shape} != ({pages.size}, page)")
         m = self._members.setdefault(member, _PendingMember(member, pid, start_time))
-        if any(r.name == name for r in m.regions):
+        if name in m.names:
             raise InvalidName(f"{name} (twice in member {member})")
         path = self.out / region_file(member, name)
         try:
@@ -166,6 +167,7 @@ class ImageWriter:
             all_pages=None if all_pages is None else runs_of(all_pages),
         )
         m.regions.append(region)
+        m.names.add(name)
         return region
 
     def add_member(self, name: str, pid: int, start_time: int) -> None:
