@@ -19,6 +19,11 @@ mapping, with three idle threads besides. In one run this measures (issue 2, mus
 Goals: capture >= 70% of raw, frozen <= 0.45 s for 1 GiB, whole command >= 40% of raw
 (issue 2); `cpcoord capture` <= 1.5x the raw limit on tmpfs and on disk (issue 16).
 Writes bench/results/capture.{json,md,png}.
+
+    python -m bench.capture --mappings 1000,5000,20000,50000 [--size-mib 1024] [--reps 3]
+
+measures instead how the frozen time grows with the number of mappings, beside the
+single SIZE MiB mapping (bench/capture_mappings.py; capture-mappings.{json,md,png}).
 """
 
 from __future__ import annotations
@@ -128,6 +133,11 @@ def _med(extra: dict[str, Any], label: str, phase: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if any(a == "--mappings" or a.startswith("--mappings=") for a in args_in):
+        from bench.capture_mappings import run
+
+        return run(args_in)
     p = argparse.ArgumentParser(prog="python -m bench.capture", description=__doc__)
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--reps", type=int, default=5)

@@ -56,12 +56,13 @@ class Plan:
     workload_mib: int  # per member
     timeout_s: float  # per module
     budget_s: float  # the whole suite should stay under this
+    mappings: str = "1000,5000,20000,50000"  # frozen time vs number of mappings
 
 
 PLANS = {
     "full": Plan("full", 1024, 5, (64, 256), "0.001,0.01,0.1,1", 1024, 1024, 256, 256, 600, 900),
-    "quick": Plan("quick", 64, 3, (16,), "0.001,0.01,0.1,1", 64, 64, 32, 32, 120, 120),
-    "tiny": Plan("tiny", 16, 2, (4,), "0.01,1", 16, 16, 16, 8, 120, 120),
+    "quick": Plan("quick", 64, 3, (16,), "0.001,0.01,0.1,1", 64, 64, 32, 32, 120, 120, "1000,5000"),
+    "tiny": Plan("tiny", 16, 2, (4,), "0.01,1", 16, 16, 16, 8, 120, 120, "200,1000"),
 }
 
 
@@ -96,6 +97,21 @@ def entries(p: Plan, out: Path) -> list[Entry]:
         reps = str(p.reps if p.mode == "full" else 2)
         args = ("--size-mib", str(mib), "--reps", reps, "--name", f"capture-{mib}")
         out_list.append(Entry(f"capture-{mib}", "capture", args))
+    out_list.append(
+        Entry(
+            "capture-mappings",
+            "capture",
+            (
+                "--mappings",
+                p.mappings,
+                "--size-mib",
+                str(p.size_mib),
+                "--reps",
+                "2" if p.mode == "tiny" else "3",
+            ),
+            requires=_gcc,
+        )
+    )
     return [
         *out_list,
         Entry("restore", "restore", sr),

@@ -30,6 +30,7 @@ from coordinator.protocol_messages import (
 from coordinator.protocol_values import AGENT_REASONS, AbortReason, Stats
 from coordinator.store.manifest import ThreadRegs
 from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
+from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.log import log_event
 
@@ -91,11 +92,12 @@ def _flight(engine: Engine, job: str, n: int) -> Flight | None:
 
 
 def handle(engine: Engine, s: AgentSession, msg: agent_pb2.AgentMessage) -> None:
-    """Dispatch one message (called by the stream's reader thread)."""
+    """Dispatch one message (called by the stream's handler thread, in order)."""
     s.heard()
     kind = msg.WhichOneof("body")
     if kind == "heartbeat" or kind is None:
         return
+    fault_point("coordinator.agent_message")
     if kind == "result":
         if not s.deliver(msg.result):
             log_event(

@@ -427,9 +427,16 @@ class Engine:
     def _timer_loop(self) -> None:
         hb = self.opt.heartbeat_s
         next_hb = self.clock()
+        # Silence is counted from when this loop could listen: after a stall of its own
+        # (the process starved of CPU, the lock held long), nobody is silent for the
+        # time it could not hear them, and messages that waited are read first.
+        listening_since = last_pass = self.clock()
         with self.lock:
             while not self._stopping:
                 now = self.clock()
+                if now - last_pass > 2 * hb:  # a stall: credit one interval of listening
+                    listening_since = now - hb
+                last_pass = now
                 for f in list(self.flights.values()):
                     d = f.gen.next_deadline()
                     if d is not None and d <= now:
@@ -437,8 +444,9 @@ class Engine:
                 if now >= next_hb:
                     next_hb = now + hb
                     for s in self.agents.connected():
-                        if s.silent_for() > 3 * hb:
-                            self.disconnect(s, f"silent for {s.silent_for():.1f} s")
+                        silent = now - max(s.last_heard, listening_since)
+                        if silent > 3 * hb:
+                            self.disconnect(s, f"silent for {silent:.1f} s")
                         else:
                             s.heartbeat()
                 deadlines = [d for f in self.flights.values() if (d := f.gen.next_deadline())]

@@ -205,6 +205,9 @@ class UploadAssembler:
         """Check coverage and build the complete tables (parent pages inherited)."""
         h = self.header
         maps = []
+        # By name, once: a lookup per region, never a scan of the parent's regions
+        # (20 000 regions made that 2e8 comparisons per incremental upload).
+        bases = {r.name: r for r in parent.regions} if parent is not None else {}
         for reg in self.regions:
             delta = _concat(reg.parts)
             got = _coalesce(delta.offsets, delta.counts)
@@ -213,7 +216,8 @@ class UploadAssembler:
                     f"region {reg.name}: the entries cover {int(got[:, 1].sum())} pages, "
                     f"not the {int(reg.pages[:, 1].sum())} pages its header announces"
                 )
-            maps.append(RegionMap(reg.name, reg.start, reg.end, self._complete(reg, delta, parent)))
+            base = bases.get(reg.name)
+            maps.append(RegionMap(reg.name, reg.start, reg.end, self._complete(reg, delta, base)))
         ids = [m.pages.ids[~m.pages.zero] for m in maps]
         uniq = np.unique(np.concatenate(ids)) if ids else empty_ids()
         return MemberUpload(
@@ -234,7 +238,9 @@ class UploadAssembler:
             threads=len(h.threads),
         )
 
-    def _complete(self, reg: _Region, delta: PageTable, parent: MemberMap | None) -> PageTable:
+    def _complete(self, reg: _Region, delta: PageTable, base: RegionMap | None) -> PageTable:
+        """The region's complete table: `delta` over the parent's region of that name
+        (`base`), limited to the pages present at the cut."""
         if np.array_equal(reg.pages, reg.all_pages):
             return delta  # everything present was delivered
         if self.header.full:
@@ -244,9 +250,6 @@ class UploadAssembler:
         pos = np.minimum(np.searchsorted(present, delivered), max(present.size - 1, 0))
         if delivered.size and (present.size == 0 or np.any(present[pos] != delivered)):
             raise InvalidArgument(f"region {reg.name}: delivers pages not present at the cut")
-        base = None
-        if parent is not None:
-            base = next((r for r in parent.regions if r.name == reg.name), None)
         if base is None or (base.start, base.end) != (reg.start, reg.end):
             raise InvalidArgument(
                 f"region {reg.name}: incremental, but the parent generation has no region "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,15 @@ class ImageMember:
     regions: tuple[ImageRegion, ...]
 
     def region(self, name: str) -> ImageRegion:
-        for r in self.regions:
-            if r.name == name:
-                return r
-        raise KeyError(name)
+        """By name: one dict lookup (a member may have tens of thousands of regions)."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @cached_property
+    def _by_name(self) -> dict[str, ImageRegion]:
+        return {r.name: r for r in self.regions}
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,7 @@ class _PendingMember:
     pid: int
     start_time: int
     regions: list[ImageRegion] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)  # of `regions`: a lookup, not a scan
 
 
 class ImageWriter:
@@ -238,7 +239,7 @@ class ImageWriter:
 
     def _member(self, member: str, pid: int, start_time: int, region: str) -> _PendingMember:
         m = self._members.setdefault(member, _PendingMember(member, pid, start_time))
-        if any(r.name == region for r in m.regions):
+        if region in m.names:
             raise InvalidName(f"{region} (twice in member {member})")
         return m
 
@@ -259,6 +260,7 @@ class ImageWriter:
             all_pages=None if all_pages is None else runs_of(all_pages),
         )
         m.regions.append(region)
+        m.names.add(name)
         return region
 
     def add_member(self, name: str, pid: int, start_time: int) -> None:

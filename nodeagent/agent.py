@@ -280,11 +280,18 @@ class Agent:
     def _heartbeats(self, s: _Session) -> None:
         seq = 0
         interval = s.interval
+        # Silence counts from when this thread could listen: after a stall of the agent
+        # itself (starved of CPU), the coordinator is not blamed for that time.
+        listening_since = last = time.monotonic()
         while not s.closed.wait(interval):
+            now = time.monotonic()
+            if now - last > 2 * interval:
+                listening_since = now - interval
+            last = now
             seq += 1
             hb = agent_pb2.Heartbeat(sequence=seq, sent_unix_ms=int(time.time() * 1000))
             self._emit(agent_pb2.AgentMessage(heartbeat=hb), s.epoch)
-            silent = time.monotonic() - s.last_heard
+            silent = time.monotonic() - max(s.last_heard, listening_since)
             if s.heard_heartbeat and silent > SILENT_INTERVALS * interval and s.call is not None:
                 log.warning(
                     "coordinator silent: dropping the stream",

@@ -276,11 +276,11 @@ class TrackedCapture:
     def _specs(self, maps: Sequence[Mapping]) -> list[RegionSpec]:
         return resolve_regions(self.ranges, maps, self.ident.pid)
 
-    def _arm(self, fp: FrozenProcess, mine: Sequence[Mapping]) -> str:
+    def _arm(self, fp: FrozenProcess, mine: Sequence[Mapping], maps: Sequence[Mapping]) -> str:
         """Arm the tracker (falling back along AUTO_ORDER under `auto`); "" or why not."""
         while self.tracker is not None:
             try:
-                self.tracker.arm(fp, mine)
+                self.tracker.arm(fp, mine, maps)
                 return ""
             except (TrackerUnavailable, TrackerFailed) as e:
                 why = f"{self.tracker.name}: {e}"
@@ -337,8 +337,8 @@ class _Hooks:
             changed = self._collect(fp, maps, mine, taken)
             if changed is not None:
                 # Only registering new mappings (uffd-wp) can change the maps here.
-                stats = getattr(o.tracker, "last", None)
-                self._settle(fp, taken, maps if not getattr(stats, "registered", 1) else None)
+                touched = getattr(o.tracker, "layout_touched", False)
+                self._settle(fp, taken, None if touched else maps)
                 return changed
         # Full: arm *before* the copy. Arming may itself write to the target (uffd-wp
         # injects system calls, and the kernel then updates the thread's rseq area):
@@ -348,7 +348,7 @@ class _Hooks:
         if o.tracker is not None:
             t0 = time.perf_counter()
             o.touched = True
-            self.arm_error = o._arm(fp, mine)
+            self.arm_error = o._arm(fp, mine, maps)
             self.used = o.tracker_name
             self.counts = ChangeCounts(collect_seconds=time.perf_counter() - t0)
             o._need_full = (
@@ -372,7 +372,7 @@ class _Hooks:
         t0 = time.perf_counter()
         o.touched = True
         try:
-            reported = o.tracker.collect(fp, mine)
+            reported = o.tracker.collect(fp, mine, maps)
         except (TrackerFailed, TrackerUnavailable) as e:
             self.full_reason = f"tracker lost: {e}"
             log.warning(

@@ -1,25 +1,37 @@
 """Run system calls inside a frozen process, over ptrace, on one of its threads (x86-64).
 
-Owns the injection session (`Injector`): pick a thread, save its registers, find a
-`syscall` instruction in the target (the first `0f 05` in its [vdso]; else, like CRIU's
-compel, poke one over the first word of an executable mapping and put it back), run
-chosen system calls there one at a time, and restore the thread exactly.
+Owns the injection session (`Injector`): pick a thread, save its registers and signal
+mask, find a `syscall` instruction in the target (the first `0f 05` in its [vdso]; else,
+like CRIU's compel, poke one over the first word of an executable mapping and put it
+back), run chosen system calls there one at a time, and restore the thread exactly.
 
 One call: the saved registers with rip = the instruction, rax = the number, the six
-argument registers and orig_rax = -1 are set, and the thread single-steps that one
-instruction; the kernel stops it right after the call returns (a SIGTRAP signal-delivery
-stop, rip = site + 2) with the result in rax. Nothing after the instruction runs.
+argument registers and orig_rax = -1 are set, and the thread is resumed with
+PTRACE_SYSCALL: it stops at the call's entry and again at its exit (syscall-stops,
+WSTOPSIG = SIGTRAP | 0x80 with PTRACE_O_TRACESYSGOOD), with the result in rax. Nothing
+after the instruction runs. No single-stepping and no breakpoint: a trap the kernel
+*sends* (force_sig(SIGTRAP) after a single step or an int3) unblocks SIGTRAP and resets a
+handler of it to SIG_DFL when the thread blocks or ignores it, so a program that blocks
+and handles SIGTRAP would be killed by its next one (docs/uffd-wp.md, "Injection").
+A syscall-stop is a ptrace stop, not a signal: nothing of the thread's signal state moves.
+
+Signals: for the session every signal is blocked in the stepped thread (PTRACE_SETSIGMASK),
+so it dequeues nothing; the mask is put back at the end. A signal the thread had already
+dequeued when the freeze stopped it is handed back to the kernel by resuming with it while
+it is blocked (the kernel queues it again, siginfo and target unchanged). The one thread
+kind that cannot be blocked up front is one interrupted in a call that swaps the mask
+(sigsuspend, ppoll, pselect6, epoll_pwait...: PTRACE_SETSIGMASK would drop the mask the
+call must put back); it is chosen last, blocked after its first call, and what it
+dequeues meanwhile is held and queued again at the end.
 
 Restart semantics (docs/uffd-wp.md, "Injection"): a frozen thread stops inside
 get_signal(); a call it was blocked in has returned -ERESTART* with orig_rax naming it,
 and the kernel restarts it only when get_signal() returns, from the registers it finds
-then. Our calls run with orig_rax = -1, touch no restart_block, and end in another stop
-inside get_signal(), where the saved registers are put back: the interrupted call
-restarts (or returns EINTR) exactly as after the freeze alone.
-
-Signals dequeued by the stepped thread meanwhile are held and handed back (the first
-through its last stop, the others queued again). A thread inside its rseq critical
-section is never chosen. Every call must come from the thread that froze the process.
+then. Our calls run with orig_rax = -1, touch no restart_block, and the thread is parked
+again in an interrupt stop inside get_signal() with the saved registers: the interrupted
+call restarts (or returns EINTR) exactly as after the freeze alone. A thread inside its
+rseq critical section is never chosen. Every call must come from the thread that froze
+the process.
 """
 
 from __future__ import annotations
@@ -53,24 +65,45 @@ log = logging.getLogger(__name__)
 PTRACE_PEEKDATA = 2
 PTRACE_POKEDATA = 5
 PTRACE_CONT = 7
-PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
+PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETSIGINFO = 0x4202
-PTRACE_SETSIGINFO = 0x4203
 PTRACE_INTERRUPT = 0x4207
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 PTRACE_EVENT_STOP = 128
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_O_TRACESYSGOOD = 1
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
+# The options nodeagent.freeze seizes with (none); put back when a session ends.
+SEIZE_OPTIONS = 0
+SYSCALL_STOP = signal.SIGTRAP | 0x80
 WALL = 0x40000000
 USER_CS_64 = 0x33  # the 64-bit user code segment; 0x23 is a 32-bit (compat) task
 SYSCALL_INSN = b"\x0f\x05"
+AT_SYSINFO_EHDR = 33  # auxv: where the kernel mapped the vDSO image
+PT_LOAD = 1
 NR_RT_TGSIGQUEUEINFO = 297
 NR_TGKILL = 234
 # Results a system call returns when a signal interrupted it before it did anything.
 _RESTART = {512, 513, 514, 516}
+# Calls that install a temporary signal mask and leave TIF_RESTORE_SIGMASK set when
+# interrupted: the kernel puts the caller's mask back when get_signal() next returns.
+# PTRACE_SETSIGMASK clears that flag, so such a thread's mask is read after its first call.
+MASK_SWAPPING = {
+    130,  # rt_sigsuspend
+    270,  # pselect6
+    271,  # ppoll
+    281,  # epoll_pwait
+    333,  # io_pgetevents
+    426,  # io_uring_enter
+    441,  # epoll_pwait2
+}
 _U64 = (1 << 64) - 1
+SIGSET_SIZE = 8  # the kernel's sigset_t on x86-64
+ALL_SIGNALS = _U64  # SIGKILL and SIGSTOP cannot be blocked; the kernel drops them
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -92,6 +125,18 @@ def regs_dict(regs: user_regs_struct) -> dict[str, int]:
     return {name: int(getattr(regs, name)) for name, _ in user_regs_struct._fields_}
 
 
+def get_sigmask(tid: int) -> int:
+    """The thread's blocked signals (bit n-1 = signal n), as /proc's SigBlk shows them."""
+    mask = ctypes.c_uint64()
+    ptrace(PTRACE_GETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(mask))
+    return int(mask.value)
+
+
+def set_sigmask(tid: int, mask: int) -> None:
+    m = ctypes.c_uint64(mask & _U64)
+    ptrace(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(m))
+
+
 def _copy(regs: user_regs_struct) -> user_regs_struct:
     out = user_regs_struct()
     ctypes.memmove(ctypes.addressof(out), ctypes.addressof(regs), ctypes.sizeof(regs))
@@ -111,6 +156,12 @@ def _seccomp_mode(pid: int, tid: int) -> int:
             if line.startswith("Seccomp:"):
                 return int(line.split()[1])
     return 0
+
+
+def _swaps_mask(regs: user_regs_struct) -> bool:
+    """Whether the thread stopped on its way out of a call that may leave its mask to be
+    put back by the kernel (MASK_SWAPPING)."""
+    return int(regs.orig_rax) in MASK_SWAPPING
 
 
 @dataclass(frozen=True)
@@ -140,8 +191,10 @@ class Injector:
         self.tid = 0
         self.site = 0
         self.saved = user_regs_struct()
-        self.saved_siginfo: bytes | None = None
-        self.held: list[HeldSignal] = []
+        self.saved_mask: int | None = None  # the mask to put back; None: not read yet
+        self._blocked = False  # every signal blocked in the thread (we set it)
+        self._stop_sig: HeldSignal | None = None  # the signal of the stop we found
+        self.held: list[HeldSignal] = []  # signals dequeued by the thread meanwhile
         self.calls = 0
         self._poked: tuple[int, int] | None = None  # (address, original word)
         self._scratch: tuple[int, int] | None = None  # (address, length)
@@ -167,12 +220,15 @@ class Injector:
             raise ProcessExited(self.pid, "syscall injection") from None
         try:
             self._pick_thread()
-            if self.tid in self.fp.pending_signals:
-                self.saved_siginfo = _siginfo(self.tid)
             self._open = True
-            if _seccomp_mode(self.pid, self.tid):
-                self._suspend_seccomp()
+            self._set_options()
+            self._block_signals()
             self.site = self._find_site()
+        except PtraceError as e:
+            self.close()
+            if e.errno == errno.ESRCH:
+                raise ProcessExited(self.pid, "syscall injection") from None
+            raise InjectionFailed(self.pid, "setup", str(e)) from None
         except BaseException:
             self.close()
             raise
@@ -181,9 +237,7 @@ class Injector:
         tids = list(self.fp.tids)
         if self._want_tid is not None:
             tids = [self._want_tid]
-        else:
-            # The leader first, then threads stopped without a signal of their own.
-            tids.sort(key=lambda t: (t in self.fp.pending_signals, t != self.pid))
+        usable: list[tuple[tuple[bool, bool, bool], int, user_regs_struct]] = []
         for tid in tids:
             try:
                 regs = get_regs(tid)
@@ -195,9 +249,13 @@ class Injector:
                 raise TrackerUnavailable("uffd-wp", f"pid {self.pid} is not a 64-bit process")
             if self._in_rseq_cs(tid, int(regs.rip)):
                 continue  # our rip would make the kernel drop its rseq critical section
-            self.tid, self.saved = tid, regs
-            return
-        raise InjectionFailed(self.pid, "setup", "no thread is usable (exited or inside rseq)")
+            # Best first: a thread whose mask can be blocked at once, stopped without a
+            # signal of its own, the leader.
+            key = (_swaps_mask(regs), tid in self.fp.pending_signals, tid != self.pid)
+            usable.append((key, tid, regs))
+        if not usable:
+            raise InjectionFailed(self.pid, "setup", "no thread is usable (exited or inside rseq)")
+        _, self.tid, self.saved = min(usable, key=lambda u: u[0])
 
     def _in_rseq_cs(self, tid: int, rip: int) -> bool:
         """True when rip lies inside the thread's registered rseq critical section."""
@@ -214,37 +272,67 @@ class Injector:
         _v, _f, start, length, _abort = struct.unpack("<IIQQQ", self.read(cs, 32))
         return bool(start <= rip < start + length)
 
-    def _suspend_seccomp(self) -> None:
-        # A seccomp filter may forbid userfaultfd or mmap, or kill the target for them.
+    def _set_options(self) -> None:
+        """TRACESYSGOOD, so a syscall-stop never looks like a SIGTRAP; and, under seccomp
+        (a filter may forbid userfaultfd or mmap, or kill the target for them), the
+        filters suspended for our calls."""
+        opts = PTRACE_O_TRACESYSGOOD
+        if _seccomp_mode(self.pid, self.tid):
+            opts |= PTRACE_O_SUSPEND_SECCOMP
         try:
-            ptrace(PTRACE_SETOPTIONS, self.tid, 0, PTRACE_O_SUSPEND_SECCOMP)
+            ptrace(PTRACE_SETOPTIONS, self.tid, 0, opts)
         except PtraceError as e:
+            if e.errno == errno.ESRCH:
+                raise
             raise TrackerUnavailable(
                 "uffd-wp",
                 f"pid {self.pid} runs under seccomp and PTRACE_O_SUSPEND_SECCOMP failed ({e})",
             ) from None
         self._options_set = True
 
+    def _block_signals(self) -> None:
+        """Block every signal in the thread for the session (none is dequeued, so none
+        is delivered at our fake registers). A signal the freeze found the thread
+        dequeuing (its signal-delivery stop) goes back on the first resume."""
+        pending = self.fp.pending_signals.pop(self.tid, 0)
+        if pending:
+            self._stop_sig = HeldSignal(pending, _siginfo(self.tid))
+        if _swaps_mask(self.saved):
+            return  # its true mask is known only once the kernel has put it back
+        self.saved_mask = get_sigmask(self.tid)
+        set_sigmask(self.tid, ALL_SIGNALS)
+        self._blocked = True
+
+    def _first_resume_signal(self) -> int:
+        """The data of the first resume: the stop's own signal while it is blocked (the
+        kernel then queues it again itself, siginfo and target unchanged, and delivers
+        it after the thaw); else 0, and it is held and queued again at the end."""
+        h, self._stop_sig = self._stop_sig, None
+        if h is None:
+            return 0
+        if self._blocked:
+            return h.sig
+        self.held.append(h)
+        return 0
+
     def _find_site(self) -> int:
         key = (self.pid, self.fp.ident.start_time)
         cached = _sites.get(key) if self._site_mode != "poke" else None
         if cached is not None and self._peek_bytes(cached, 2) == SYSCALL_INSN:
             return cached
+        if self._site_mode in ("auto", "vdso"):
+            at = self._vdso_site()
+            if at:
+                if len(_sites) > 4096:  # pids come and go: never let it grow
+                    _sites.clear()
+                _sites[key] = at
+                return at
+            if self._site_mode == "vdso":
+                raise InjectionFailed(self.pid, "setup", "no syscall instruction in [vdso]")
         try:
             maps = read_maps(self.pid)
         except NoSuchProcess:
             raise ProcessExited(self.pid, "syscall injection") from None
-        if self._site_mode in ("auto", "vdso"):
-            for m in maps:
-                if m.path == "[vdso]":
-                    at = self.read(m.start, m.size).find(SYSCALL_INSN)
-                    if at >= 0:
-                        if len(_sites) > 4096:  # pids come and go: never let it grow
-                            _sites.clear()
-                        _sites[key] = m.start + at
-                        return m.start + at
-            if self._site_mode == "vdso":
-                raise InjectionFailed(self.pid, "setup", "no syscall instruction in [vdso]")
         for m in maps:
             if "x" in m.perms and m.readable and not m.path.startswith("["):
                 word = self._peekdata(m.start)
@@ -253,8 +341,39 @@ class Injector:
                 return m.start
         raise InjectionFailed(self.pid, "setup", "no executable mapping to hold a syscall")
 
+    def _vdso_site(self) -> int:
+        """The first `syscall` in the process's vDSO image, found from AT_SYSINFO_EHDR
+        in /proc/PID/auxv and the image's ELF program headers (not from the maps, which
+        can be tens of thousands of lines); 0 when there is none."""
+        try:
+            with open(f"/proc/{self.pid}/auxv", "rb") as f:
+                auxv = f.read()
+        except OSError:
+            return 0
+        base = 0
+        for i in range(0, len(auxv) - 15, 16):
+            kind, val = struct.unpack_from("<QQ", auxv, i)
+            if kind == AT_SYSINFO_EHDR:
+                base = val
+                break
+        head = self._peek_bytes(base, 64) if base else b""
+        if len(head) < 64 or head[:4] != b"\x7fELF":
+            return 0
+        (phoff,) = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        table = self._peek_bytes(base + phoff, phentsize * phnum)
+        size = 0
+        for k in range(phnum if len(table) == phentsize * phnum else 0):
+            (p_type,) = struct.unpack_from("<I", table, k * phentsize)
+            (vaddr,) = struct.unpack_from("<Q", table, k * phentsize + 0x10)
+            (memsz,) = struct.unpack_from("<Q", table, k * phentsize + 0x28)
+            if p_type == PT_LOAD:
+                size = max(size, vaddr + memsz)
+        at = self._peek_bytes(base, min(size, 1 << 20)).find(SYSCALL_INSN) if size else -1
+        return base + at if at >= 0 else 0
+
     def close(self) -> None:
-        """Free the scratch memory, put back code, registers, signals; idempotent."""
+        """Free the scratch memory, put back code, registers, mask, signals; idempotent."""
         if self._open:
             try:
                 self._restore()
@@ -282,53 +401,35 @@ class Injector:
                 self._poked = None
             set_regs(self.tid, self.saved)
             if self.calls:
-                self._hand_back_signals()
-            if self._options_set:
-                ptrace(PTRACE_SETOPTIONS, self.tid, 0, 0)
-            if self.calls:
                 self._park()
+            elif self._stop_sig is not None:  # never resumed: still the stop's own signal
+                self.fp.pending_signals[self.tid] = self._stop_sig.sig
+                self._stop_sig = None
+            if self._blocked and self.saved_mask is not None:
+                set_sigmask(self.tid, self.saved_mask)
+                self._blocked = False
+            for h in self.held:
+                self._requeue(h)
+            self.held = []
+            if self._options_set:
+                ptrace(PTRACE_SETOPTIONS, self.tid, 0, SEIZE_OPTIONS)
+                self._options_set = False
         except PtraceError as e:
             if e.errno == errno.ESRCH:
                 raise ProcessExited(self.pid, "syscall injection") from None
             raise InjectionFailed(self.pid, "restore", str(e)) from None
 
-    def _hand_back_signals(self) -> None:
-        """The thread now sits in our last SIGTRAP stop; make the thaw deliver what the
-        original stop (or a signal caught while stepping) would have delivered."""
-        held = list(self.held)
-        info: bytes | None = None
-        if self.saved_siginfo is not None:
-            info = self.saved_siginfo  # fp.pending_signals[tid] already names it
-        elif held:
-            first = held.pop(0)
-            info = first.info
-            self.fp.pending_signals[self.tid] = first.sig
-        if info is not None:
-            buf = ctypes.create_string_buffer(info, 128)
-            ptrace(PTRACE_SETSIGINFO, self.tid, 0, ctypes.addressof(buf))
-        for h in held:
-            self._requeue(h)
-
     def _park(self) -> None:
-        """Leave the stepped thread in an interrupt stop with single-stepping off, as
-        freeze left it.
-
-        After the last step it sits in our SIGTRAP stop with the trap flag forced on.
-        PTRACE_DETACH clears both, but a tracer that *dies* does not (exit_ptrace skips
-        ptrace_disable): the target would take a SIGTRAP at its next system call return
-        and die. A dead agent must never take a member down, so the thread resumes with
-        no signal (which disables single-stepping) straight into a pending interrupt
-        stop, inside get_signal() still: registers and restart state are unchanged. A
-        signal the thaw was to hand back is queued again instead.
-        """
-        sig = self.fp.pending_signals.pop(self.tid, 0)
-        if sig:
-            self._requeue(HeldSignal(sig, _siginfo(self.tid)))
+        """Leave the thread in an interrupt stop inside get_signal(), as the freeze left
+        it: from its last syscall-exit stop it resumes (PTRACE_CONT, which also ends
+        syscall tracing) straight into a pending interrupt, before any signal is
+        dequeued. Registers and restart state are the saved ones."""
         ptrace(PTRACE_INTERRUPT, self.tid, 0, 0)
         ptrace(PTRACE_CONT, self.tid, 0, 0)
         status = self._wait()
         if (status >> 16) != PTRACE_EVENT_STOP:
-            # A signal arrived first: a signal-delivery stop, handed back at the thaw.
+            # A signal-delivery stop (only when the mask was not ours to block): it is
+            # handed back at the thaw, with its siginfo.
             self.fp.pending_signals[self.tid] = os.WSTOPSIG(status)
 
     def _requeue(self, h: HeldSignal) -> None:
@@ -389,7 +490,7 @@ class Injector:
         regs.rip, regs.rax, regs.orig_rax = self.site, nr, _U64
         regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = a
         for _ in range(100):
-            rax = self._step(regs)
+            rax = self._run(regs, nr)
             self.calls += 1
             res = rax - (1 << 64) if rax >> 63 else rax
             if -res not in _RESTART:
@@ -403,30 +504,44 @@ class Injector:
             raise InjectionFailed(self.pid, name, os.strerror(-res))
         return res
 
-    def _step(self, regs: user_regs_struct) -> int:
+    def _run(self, regs: user_regs_struct, nr: int) -> int:
+        """One call from `regs`, between its entry and exit syscall-stops; the thread is
+        left in the exit stop. Returns rax."""
         tid = self.tid
+        entered = False
         try:
             set_regs(tid, regs)
             while True:
-                ptrace(PTRACE_SINGLESTEP, tid, 0, 0)
+                ptrace(PTRACE_SYSCALL, tid, 0, self._first_resume_signal())
                 status = self._wait()
                 if (status >> 16) != 0:
-                    continue  # a group stop or interrupt stop: step on
+                    continue  # a group stop or interrupt stop: go on
                 sig = os.WSTOPSIG(status)
-                info = _siginfo(tid)
-                si_code = struct.unpack_from("<i", info, 8)[0]
-                if sig == signal.SIGTRAP and si_code > 0:  # a trap the kernel made: ours
-                    now = get_regs(tid)
-                    if now.rip == self.site + 2:
-                        return int(now.rax)
-                    if now.rip != self.site:
-                        raise InjectionFailed(self.pid, "step", f"thread stopped at 0x{now.rip:x}")
+                if sig != SYSCALL_STOP:
+                    # Dequeued while the mask was not yet ours: held, queued again later.
+                    self.held.append(HeldSignal(sig, _siginfo(tid)))
                     continue
-                self.held.append(HeldSignal(sig, info))
+                now = get_regs(tid)
+                if now.rip != self.site + 2 or (int(now.orig_rax) & _U64) != nr:
+                    raise InjectionFailed(
+                        self.pid, "syscall", f"thread stopped at 0x{now.rip:x} in {now.orig_rax}"
+                    )
+                if entered:
+                    return int(now.rax)
+                entered = True
+                if not self._blocked:
+                    self._block_after_first_call()
         except PtraceError as e:
             if e.errno == errno.ESRCH:
                 raise ProcessExited(self.pid, "syscall injection") from None
-            raise InjectionFailed(self.pid, "step", str(e)) from None
+            raise InjectionFailed(self.pid, "syscall", str(e)) from None
+
+    def _block_after_first_call(self) -> None:
+        """A mask-swapping thread: the kernel has put its own mask back on the way to our
+        first call; that is the mask to restore, and from now on all are blocked."""
+        self.saved_mask = get_sigmask(self.tid)
+        set_sigmask(self.tid, ALL_SIGNALS)
+        self._blocked = True
 
     def _wait(self) -> int:
         deadline = time.monotonic() + self.timeout
@@ -440,12 +555,12 @@ class Injector:
             if wpid:
                 if os.WIFSTOPPED(status):
                     if interrupted:
-                        raise InjectionFailed(self.pid, "step", "system call did not return")
+                        raise InjectionFailed(self.pid, "syscall", "system call did not return")
                     return status
                 raise ProcessExited(self.pid, "syscall injection")
             if time.monotonic() > deadline:
                 if interrupted:
-                    raise InjectionFailed(self.pid, "step", "thread lost: did not stop")
+                    raise InjectionFailed(self.pid, "syscall", "thread lost: did not stop")
                 # Stop it where it is so close() can still put its registers back.
                 ptrace(PTRACE_INTERRUPT, self.tid, 0, 0)
                 interrupted, deadline = True, time.monotonic() + self.timeout

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from cpcoord.errors import (
     DuplicateMember,
@@ -112,6 +113,16 @@ class HeldMember:
             return False
         want = (spec.start, spec.end)
         return all(lay.get(spec.name) == want for lay in (self.base_layout, *self.layouts.values()))
+
+    def unstable(self, specs: Sequence[RegionSpec], layout: Layout) -> npt.NDArray[np.bool_]:
+        """Per region, `not stable(spec)`; `layout` is the regions' current layout. When
+        the layout equals every remembered one (one dict comparison each, the common
+        case), no region is unstable and nothing is looked up per region."""
+        if self.base_layout is None:
+            return np.ones(len(specs), dtype=np.bool_)
+        if all(lay == layout for lay in (self.base_layout, *self.layouts.values())):
+            return np.zeros(len(specs), dtype=np.bool_)
+        return np.fromiter((not self.stable(s) for s in specs), dtype=np.bool_, count=len(specs))
 
     def forget_tracking(self) -> None:
         """The tracker lost track (or is gone): the next capture is full and re-arms."""

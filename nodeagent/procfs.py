@@ -89,8 +89,28 @@ class Mapping:
         ).rstrip()
 
 
+# Parsed lines, by their text: a maps line names its mapping completely (addresses,
+# permissions, offset, device, inode, path), and Mapping is immutable, so one parse
+# serves every read that shows the same line again. A checkpoint reads the maps of a
+# process with 20 000 mappings several times, and parsing is what costs (~3 us a line);
+# a lookup is ~0.1 us. Bounded: cleared when it holds twice what one read shows.
+_PARSED: dict[str, Mapping] = {}
+_PARSED_MIN = 1 << 14
+
+
 def parse_maps(text: str) -> list[Mapping]:
-    return [Mapping.parse(line) for line in text.splitlines() if line.strip()]
+    lines = text.splitlines()
+    if len(_PARSED) > max(_PARSED_MIN, 2 * len(lines)):
+        _PARSED.clear()
+    out = []
+    for line in lines:
+        m = _PARSED.get(line)
+        if m is None:
+            if not line.strip():
+                continue
+            m = _PARSED[line] = Mapping.parse(line)
+        out.append(m)
+    return out
 
 
 @contextmanager
@@ -110,17 +130,21 @@ def _proc_errors(pid: int, what: str) -> Iterator[None]:
         raise
 
 
-def read_maps(pid: int) -> list[Mapping]:
+def read_maps_text(pid: int) -> str:
     with _proc_errors(pid, "read maps of"), open(f"/proc/{pid}/maps") as f:
         text = f.read()
     if not text:
-        # No mm behind this pid: gone, or a zombie leader whose threads still run.
-        tid = live_tid(pid)
-        if tid is None or tid == pid:
-            return []
-        with _proc_errors(pid, "read maps of"), open(f"/proc/{tid}/maps") as f:
-            text = f.read()
-    return parse_maps(text)
+        # No mm behind this pid: gone, or a zombie leader whose threads still run (their
+        # maps are the process's); a live pid with no mm (a kernel thread) has none.
+        tid = live_tid(pid)  # NoSuchProcess when it is gone
+        if tid is not None and tid != pid:
+            with _proc_errors(pid, "read maps of"), open(f"/proc/{tid}/maps") as f:
+                text = f.read()
+    return text
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    return parse_maps(read_maps_text(pid))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import RangesOverlap, RangeUnmapped
 from cpcoord.ranges import PAGE_SHIFT, AddressRange
+from nodeagent.mapscache import derived
 from nodeagent.pagemap import Runs, pages_from_runs
 from nodeagent.procfs import Mapping
 
@@ -85,7 +86,13 @@ def default_region_name(m: Mapping, unique_kind: bool = False) -> str:
     path-safe, unique per mapping, stable while the mapping does not move. The heap and
     the main stack are plain `heap` / `stack` when the maps hold only one of each, so
     their names survive growth (the stack's start moves down as it grows)."""
-    kind = _UNSAFE.sub("_", _kind(m)).lstrip(".") or "anon"
+    return _name_of_kind(m, _kind(m), unique_kind)
+
+
+def _name_of_kind(m: Mapping, kind: str, unique_kind: bool) -> str:
+    if kind == "anon":  # most mappings of a big process: no pattern to apply
+        return f"anon-{m.start:x}"
+    kind = _UNSAFE.sub("_", kind).lstrip(".") or "anon"
     if unique_kind and kind in ("heap", "stack"):
         return kind
     suffix = f"-{m.start:x}"
@@ -93,11 +100,15 @@ def default_region_name(m: Mapping, unique_kind: bool = False) -> str:
 
 
 def default_regions(maps: Sequence[Mapping]) -> list[RegionSpec]:
-    chosen = sorted((m for m in maps if is_default_mapping(m)), key=lambda m: m.start)
+    """One region per default mapping, sorted. Linear, a few microseconds a mapping:
+    it runs in the frozen window, over tens of thousands of mappings for some processes."""
+    chosen = [m for m in maps if is_default_mapping(m)]
+    if any(a.start > b.start for a, b in itertools.pairwise(chosen)):  # /proc sorts them
+        chosen.sort(key=lambda m: m.start)
     kinds = [_kind(m) for m in chosen]
     counts = Counter(kinds)
     return [
-        RegionSpec(default_region_name(m, counts[k] == 1), m.start, m.end)
+        RegionSpec(_name_of_kind(m, k, counts[k] == 1), m.start, m.end)
         for m, k in zip(chosen, kinds, strict=True)
     ]
 
@@ -128,10 +139,12 @@ def range_regions(
     return specs
 
 
+@derived
 def resolve_regions(
     ranges: Sequence[AddressRange] | None, maps: Sequence[Mapping], pid: int
 ) -> list[RegionSpec]:
-    """Regions for explicit ranges, or the default set when `ranges` is None."""
+    """Regions for explicit ranges, or the default set when `ranges` is None. Remembered
+    per (ranges, maps) lists (nodeagent/mapscache.py): the result is shared."""
     if ranges is None:
         return default_regions(maps)
     return range_regions(ranges, maps, pid)
@@ -144,10 +157,12 @@ def segments(region: RegionSpec, maps: Sequence[Mapping]) -> list[tuple[int, int
     return [(int(a) << PAGE_SHIFT, int(b) << PAGE_SHIFT) for a, b in zip(lo, hi, strict=True)]
 
 
+@derived
 def segment_pages(
     specs: Sequence[RegionSpec], maps: Sequence[Mapping]
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
     """Page numbers `[lo, hi)` of every readable piece of every region, sorted.
+    Remembered per (regions, maps) lists (nodeagent/mapscache.py): shared arrays.
 
     `specs` must be sorted and disjoint; so are the readable mappings (the kernel keeps
     them so). Intersecting two sorted interval lists is done in bulk: per region, the
@@ -186,6 +201,10 @@ def new_or_changed_runs(armed: Sequence[Mapping], now: Sequence[Mapping]) -> Run
     tail of a mapping that kept its start and identity (heap growth, mremap in place).
     Sorted. Runs, not pages: a new sparse mapping may span far more pages than it holds.
     """
+    if len(armed) == len(now) and all(a is b or a == b for a, b in zip(armed, now, strict=True)):
+        # The common case, a check per mapping: unchanged maps lines are parsed once and
+        # shared (procfs.parse_maps), so this is mostly an identity test.
+        return np.zeros((0, 2), dtype=np.uint64)
     before = {m.start: m for m in armed}
     lo: list[int] = []
     hi: list[int] = []
@@ -212,6 +231,16 @@ def new_or_changed_pages(
 ) -> npt.NDArray[np.uint64]:
     """`new_or_changed_runs` as sorted page numbers (one vectorised expand)."""
     return pages_from_runs(new_or_changed_runs(armed, now))
+
+
+@derived
+def readable_table(maps: Sequence[Mapping]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+    """(first page, scan_safe) of every readable mapping, sorted by address: where a
+    segment lies and whether PAGEMAP_SCAN may select its pages. Shared arrays."""
+    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
+    mstart = np.fromiter((m.start >> PAGE_SHIFT for m in readable), np.uint64, len(readable))
+    safe = np.fromiter((scan_safe(m) for m in readable), np.bool_, len(readable))
+    return mstart, safe
 
 
 # Kinds of mapping PAGEMAP_SCAN walks like /proc/PID/pagemap reads them. The scan skips

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from cpcoord.ranges import PAGE_SHIFT
+from nodeagent.mapscache import derived
 from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages, pages_from_runs, taken_in
 from nodeagent.procfs import Mapping
-from nodeagent.regions import RegionSpec, scan_safe, segment_pages
+from nodeagent.regions import RegionSpec, readable_table, segment_pages
 from nodeagent.shared import SharedObjects
 
 
@@ -59,26 +60,25 @@ def _taken(
     ms per resident GiB), pagemap words for the others (device memory)."""
     if lo.size == 0:
         return empty_pages()
-    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
-    mstart = np.array([m.start >> PAGE_SHIFT for m in readable], dtype=np.uint64)
+    mstart, safe = readable_table(maps)  # shared arrays, computed once per maps list
     # Each segment lies in one readable mapping: the last one starting at or before it.
     seg_map = np.searchsorted(mstart, lo, side="right") - 1
     parts: list[PageNumbers] = []
-    used = np.unique(seg_map).tolist()
-    obj_end = np.full(len(readable), -1, dtype=np.int64)
-    for i in used:  # one step per mapping holding a region, not per page
-        if readable[i].shared:
-            obj_end[i] = objects.end_page(readable[i])
-    seg_end = obj_end[seg_map]
-    in_obj = seg_end >= 0
-    if in_obj.any():
-        first = lo[in_obj].astype(np.int64)
-        n = np.maximum(np.minimum(hi[in_obj].astype(np.int64), seg_end[in_obj]) - first, 0)
-        parts.append(pages_from_runs(np.stack((lo[in_obj], n.astype(np.uint64)), axis=1)))
-        lo, hi, seg_map = lo[~in_obj], hi[~in_obj], seg_map[~in_obj]
+    shared_maps = _readable_shared(maps)
+    used = {i: shared_maps[i] for i in np.unique(seg_map).tolist() if i in shared_maps}
+    if used:
+        obj_end = np.full(mstart.size, -1, dtype=np.int64)
+        for i, m in used.items():  # one step per shared mapping holding a region
+            obj_end[i] = objects.end_page(m)
+        seg_end = obj_end[seg_map]
+        in_obj = seg_end >= 0
+        if in_obj.any():
+            first = lo[in_obj].astype(np.int64)
+            n = np.maximum(np.minimum(hi[in_obj].astype(np.int64), seg_end[in_obj]) - first, 0)
+            parts.append(pages_from_runs(np.stack((lo[in_obj], n.astype(np.uint64)), axis=1)))
+            lo, hi, seg_map = lo[~in_obj], hi[~in_obj], seg_map[~in_obj]
     if lo.size:
-        safe = np.array([scan_safe(readable[i]) for i in used], dtype=np.bool_)
-        seg_safe = safe[np.searchsorted(np.array(used), seg_map)]
+        seg_safe = safe[seg_map]
         if seg_safe.any():
             parts.append(taken_in(pm, lo[seg_safe], hi[seg_safe], scan=True))
         if not seg_safe.all():
@@ -90,3 +90,10 @@ def _taken(
     both = np.concatenate(parts)
     both.sort()
     return both
+
+
+@derived
+def _readable_shared(maps: Sequence[Mapping]) -> dict[int, Mapping]:
+    """The readable shared mappings by their index in readable_table's order."""
+    readable = sorted((m for m in maps if m.readable), key=lambda m: m.start)
+    return {i: m for i, m in enumerate(readable) if m.shared}

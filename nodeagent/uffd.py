@@ -33,6 +33,7 @@ NR_MMAP = 9
 NR_MUNMAP = 11
 NR_IOCTL = 16
 NR_USERFAULTFD = 323
+NR_PIDFD_GETFD = 438
 
 O_NONBLOCK = os.O_NONBLOCK
 O_CLOEXEC = os.O_CLOEXEC
@@ -221,10 +222,11 @@ class PagemapScanner:
         """All regions of `[start, end)` matching the categories, in address order.
 
         With PM_SCAN_WP_MATCHING the kernel write-protects exactly the pages it reports,
-        so when the vector fills it stops at `walk_end` and the rest is resumed from there
-        (nothing is protected without being reported). Raises OSError (errno) on failure;
-        EPERM with PM_SCAN_CHECK_WPASYNC means a VMA in the range is not async-WP
-        registered.
+        so when the vector fills it stops at `walk_end` and the rest is resumed from there,
+        or from the end of the last region reported if that is further (nothing is
+        protected without being reported, nothing reported twice). Raises OSError (errno)
+        on failure; EPERM with PM_SCAN_CHECK_WPASYNC means a VMA in the range is not
+        async-WP registered.
         """
         a = self.arg
         lo = self.used
@@ -233,7 +235,8 @@ class PagemapScanner:
             self._room()
             a.size, a.flags, a.start, a.end, a.walk_end = 96, flags, pos, end, 0
             a.vec = self.buf.ctypes.data + self.used * 24
-            a.vec_len, a.max_pages = self.buf.shape[0] - self.used, 0
+            room = self.buf.shape[0] - self.used
+            a.vec_len, a.max_pages = room, 0
             a.category_inverted, a.category_mask = inverted, mask
             a.category_anyof_mask, a.return_mask = anyof, returns
             self.calls += 1
@@ -244,7 +247,14 @@ class PagemapScanner:
                     raise ProcessExited(self.pid, "pagemap scan")
                 raise OSError(e, os.strerror(e))
             self.used += n
-            walk_end = int(a.walk_end)
+            if n < room:
+                # The vector did not fill: the walk is complete. Its walk_end is not to be
+                # trusted then: 6.18 can leave it below regions it reported (when the
+                # range ends in holes or skipped VMAs), and resuming there would report
+                # them twice.
+                break
+            # Full: resume after what was reported, never inside it.
+            walk_end = max(int(a.walk_end), int(self.buf[self.used - 1, 1]) if n else 0)
             if walk_end >= end:
                 break
             if walk_end <= pos:  # no progress: cannot happen, but never spin while frozen
@@ -280,9 +290,28 @@ def wanted_features() -> int:
     return REQUIRED_FEATURES | (supported_features() & OPTIONAL_FEATURES)
 
 
+def _pidfd_getfd_works(fd: int) -> bool:
+    """The agent registers a target's ranges through a copy of its uffd (pidfd_getfd)."""
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError:
+        return False
+    try:
+        got = int(_libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0))
+    finally:
+        os.close(pidfd)
+    if got < 0:
+        return False
+    os.close(got)
+    return True
+
+
 def _self_test() -> str:
     """Arm a page of our own, write it, and expect PAGEMAP_SCAN to report it once."""
     fd = _userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    if not _pidfd_getfd_works(fd):
+        os.close(fd)
+        return "pidfd_getfd(2) is not permitted here (the agent registers through it)"
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)
     scanner = PagemapScanner(os.getpid(), vec_len=4)
     try:

@@ -14,7 +14,9 @@ into windows of 64 MiB: one `MissingChunks` per window asks about the window's n
 (not yet seen in this stream), and only missing chunks travel, raw on loopback (the
 store compresses anyway) or as zstd frames when compression is on and saves >= 1/32.
 The next window is hashed on a helper thread while gRPC sends this one. Batch messages
-are filled in place (a nested message passed to a constructor is copied whole).
+are filled in place (a nested message passed to a constructor is copied whole). Small
+windows of consecutive regions share one MissingChunks (a *round*, up to 64 MiB): a
+member with tens of thousands of small regions makes a few round trips, not one each.
 `Uploaded` is reported by the caller only after the stream returned OK and its counts
 match what was sent. A stream broken by the transport (UNAVAILABLE) is retried from its
 header: the chunks that arrived are no longer reported missing. On cancel or error the
@@ -203,9 +205,10 @@ def _accepts_frames(stub: Any) -> bool:
     return getattr(stub, "framed_uploads", False) is True
 
 
-def _hash_window(reg: _Region, window: list[tuple[int, int]]) -> None:
-    a, b = window[0][0], window[-1][1]
-    reg.hash(np.arange(a, b)[~reg.entries.zero[a:b]])
+def _hash_round(rnd: list[tuple[int, _Region, list[tuple[int, int]]]]) -> None:
+    for _ri, reg, window in rnd:
+        a, b = window[0][0], window[-1][1]
+        reg.hash(np.arange(a, b)[~reg.entries.zero[a:b]])
 
 
 class _Attempt:
@@ -235,27 +238,47 @@ class _Attempt:
             )
         ]
 
+    def _rounds(self) -> list[list[tuple[int, _Region, list[tuple[int, int]]]]]:
+        """Consecutive windows, across regions, grouped up to `window_bytes` of chunk
+        data: the unit of one MissingChunks round trip. A member of 20 000 one-page
+        regions asks a few times, not 20 000 times."""
+        budget = self.limits.window_bytes
+        rounds: list[list[tuple[int, _Region, list[tuple[int, int]]]]] = []
+        size = 0
+        for ri, reg, window in self._windows():
+            a, b = window[0][0], window[-1][1]
+            e = reg.entries
+            nbytes = int(e.counts[a:b][~e.zero[a:b]].sum()) * PAGE_SIZE
+            if rounds and size + nbytes <= budget:
+                rounds[-1].append((ri, reg, window))
+                size += nbytes
+            else:
+                rounds.append([(ri, reg, window)])
+                size = nbytes
+        return rounds
+
     def requests(self, st: _Stream) -> Iterator[agent_pb2.UploadRequest | bytes]:
-        # The next window is hashed on a helper thread while gRPC sends this one.
+        # The next round is hashed on a helper thread while gRPC sends this one.
         pool = ThreadPoolExecutor(1, thread_name_prefix="cpcoord-hash")
         try:
             yield header(self.sm)
             first = True
-            wins = self._windows()
-            ahead = pool.submit(_hash_window, *wins[0][1:]) if wins else None
-            for k, (ri, reg, window) in enumerate(wins):
+            rounds = self._rounds()
+            ahead = pool.submit(_hash_round, rounds[0]) if rounds else None
+            for k, rnd in enumerate(rounds):
                 assert ahead is not None
                 ahead.result()
-                if k + 1 < len(wins):
-                    ahead = pool.submit(_hash_window, *wins[k + 1][1:])
-                self._resolve(reg, window[0][0], window[-1][1])
-                for a, b in window:
-                    if st.cancel.is_set():
-                        raise _Cancelled
-                    yield self._batch(ri, reg, a, b, st)
-                    if first:
-                        first = False
-                        faults.fault_point("agent.upload")
+                if k + 1 < len(rounds):
+                    ahead = pool.submit(_hash_round, rounds[k + 1])
+                self._resolve(rnd)
+                for ri, reg, window in rnd:
+                    for a, b in window:
+                        if st.cancel.is_set():
+                            raise _Cancelled
+                        yield self._batch(ri, reg, a, b, st)
+                        if first:
+                            first = False
+                            faults.fault_point("agent.upload")
         except grpc.RpcError as e:
             st.error = rpc_to_error(e, "MissingChunks")
         except CpcoordError as e:
@@ -269,25 +292,30 @@ class _Attempt:
         if st.error is not None or st.cancel.is_set():
             st.done.wait(self.limits.timeout_s)
 
-    def _resolve(self, reg: _Region, a: int, b: int) -> None:
-        """Hash the chunks of entries [a, b) and ask which are missing (one MissingChunks
-        per window, not per batch). Sets `reg.send` at each entry whose chunk goes with
-        it: the first entry naming a chunk neither in the store nor sent already."""
-        e = reg.entries
-        nz = np.arange(a, b)[~e.zero[a:b]]
-        reg.hash(nz)
-        new: list[int] = []
+    def _resolve(self, rnd: list[tuple[int, _Region, list[tuple[int, int]]]]) -> None:
+        """Hash the chunks of a round's windows and ask which are missing (one
+        MissingChunks per round, not per batch or region). Sets `reg.send` at each entry
+        whose chunk goes with it: the first entry naming a chunk neither in the store nor
+        sent already."""
+        new: list[tuple[_Region, int]] = []
         new_ids: list[bytes] = []
-        for i in nz.tolist():  # one step per chunk (<= 16 pages), not per page
-            d = reg.ids[i].tobytes()
-            if d not in self.seen:
-                self.seen.add(d)
-                new.append(i)
-                new_ids.append(d)
-        reg.send[a:b] = False
+        for _ri, reg, window in rnd:
+            a, b = window[0][0], window[-1][1]
+            e = reg.entries
+            nz = np.arange(a, b)[~e.zero[a:b]]
+            reg.hash(nz)
+            reg.send[a:b] = False
+            for i in nz.tolist():  # one step per chunk (<= 16 pages), not per page
+                d = reg.ids[i].tobytes()
+                if d not in self.seen:
+                    self.seen.add(d)
+                    new.append((reg, i))
+                    new_ids.append(d)
         for k in range(0, len(new), MAX_IDS):
             miss = self._missing(new_ids[k : k + MAX_IDS])
-            reg.send[np.array(new[k : k + MAX_IDS], dtype=np.int64)[miss]] = True
+            for j in np.flatnonzero(miss).tolist():
+                reg, i = new[k + j]
+                reg.send[i] = True
 
     def _batch(
         self, ri: int, reg: _Region, a: int, b: int, st: _Stream

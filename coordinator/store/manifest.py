@@ -21,6 +21,7 @@ Page tables are four aligned NumPy columns (offsets u64, counts u32, skips u32, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -153,10 +154,15 @@ class MemberMap:
     threads: tuple[ThreadRegs, ...] = ()  # sorted by tid; empty: no registers saved
 
     def region(self, name: str) -> RegionMap:
-        for r in self.regions:
-            if r.name == name:
-                return r
-        raise KeyError(name)
+        """By name: one dict lookup (a member may have tens of thousands of regions)."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @cached_property
+    def _by_name(self) -> dict[str, RegionMap]:
+        return {r.name: r for r in self.regions}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -284,10 +285,15 @@ class MemberPages:
     regions: tuple[RegionPages, ...]
 
     def region(self, name: str) -> RegionPages:
-        for r in self.regions:
-            if r.name == name:
-                return r
-        raise KeyError(name)
+        """By name: one dict lookup (a member may have tens of thousands of regions)."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @cached_property
+    def _by_name(self) -> dict[str, RegionPages]:
+        return {r.name: r for r in self.regions}
 
 
 # -- upkeep ---------------------------------------------------------------------------

@@ -68,11 +68,17 @@ class Tracker(Protocol):
 
     name: str
 
-    def arm(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> None:
-        """Start tracking writes to these mappings from now on."""
+    def arm(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> None:
+        """Start tracking writes to these mappings from now on. `maps`: the process's
+        whole maps `mappings` come from, when the caller has them (a tracker may cover
+        several mappings with one call when it knows what lies between them)."""
         ...
 
-    def collect(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> ChangedSet:
+    def collect(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> ChangedSet:
         """Pages of `mappings` written since arm/last collect; re-arms in the same call.
 
         `mappings` may include mappings not seen at arm time; the tracker starts tracking

@@ -51,10 +51,14 @@ class HashTracker:
     def table_bytes(self) -> int:
         return int(self._pages.nbytes + self._digests.nbytes)
 
-    def arm(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> None:
+    def arm(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> None:
         self._pages, self._digests = self._scan(fp, mappings)
 
-    def collect(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> ChangedSet:
+    def collect(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> ChangedSet:
         pages, digests = self._scan(fp, mappings)
         old_p, old_d = self._pages, self._digests
         idx = np.searchsorted(old_p, pages)

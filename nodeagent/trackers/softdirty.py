@@ -171,7 +171,9 @@ class SoftDirtyTracker:
     def armed(self) -> ProcessIdentity | None:
         return self._ident
 
-    def arm(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> None:
+    def arm(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> None:
         avail = availability()
         if not avail.available:
             raise TrackerUnavailable(NAME, avail.reason)
@@ -190,7 +192,9 @@ class SoftDirtyTracker:
             extra={"fields": {"pid": fp.pid, "mappings": len(mappings)}},
         )
 
-    def collect(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> ChangedSet:
+    def collect(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> ChangedSet:
         if self._ident != fp.ident or self._pm is None:
             why = "not armed" if self._ident is None else f"armed on pid {self._ident.pid}"
             raise TrackerFailed(NAME, fp.pid, why)

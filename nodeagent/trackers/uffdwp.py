@@ -1,14 +1,21 @@
 """The uffd-wp tracker: userfaultfd write-protect (async mode) registered inside the target.
 
-arm: by syscall injection the target opens a userfaultfd (WP_ASYNC | WP_UNPOPULATED) and
-registers the mappings in WP mode, keeping the fd; the agent then write-protects every
-present or swapped page with PAGEMAP_SCAN (holes get no pte markers, so a page that
+arm: by syscall injection the target opens a userfaultfd (`O_CLOEXEC | O_NONBLOCK |
+UFFD_USER_MODE_ONLY`), moves it to a high number (F_DUPFD_CLOEXEC near the top of its
+RLIMIT_NOFILE soft limit, at most `HIGH_FD_CEILING`: out of the way of a program that
+counts on its own fd numbers) and closes the low one: three injected system calls,
+whatever the number of mappings. The agent then takes a copy of that fd (pidfd_getfd),
+enables WP_ASYNC | WP_UNPOPULATED with UFFDIO_API and registers the tracked mappings in WP
+mode itself, one UFFDIO_REGISTER per *span* (nodeagent/trackers/uffd_spans.py): userfaultfd
+ioctls act on the mm the fd was made in. Then it write-protects every present or swapped
+page with PAGEMAP_SCAN, one walk per span (holes get no pte markers, so a page that
 becomes present later is never protected and always counts as written).
-collect: the agent alone. A cheap probe finds mappings not (or no longer) registered —
-new mmaps, munmap + mmap at the same place, moved mappings — which are registered then
-(one injection, stale WP bits cleared, so all their pages are reported); PAGEMAP_SCAN
-with PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC then reports the
-written pages and protects them again in the same walk.
+collect: the agent alone, per span: a cheap probe finds VMAs not (or no longer)
+registered — new mmaps, munmap + mmap at the same place, moved mappings — which are
+registered then (through the agent's copy of the fd; stale WP bits cleared, so all their
+pages are reported); PAGEMAP_SCAN with PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING |
+PM_SCAN_CHECK_WPASYNC then reports the written pages and protects them again in the
+same walk.
 forget: inject close(fd). Mappings that cannot be registered are *untracked*: listed with
 the reason, and by default all their present pages count as changed.
 
@@ -40,41 +47,55 @@ from cpcoord.ranges import AddressRange
 from nodeagent import uffd
 from nodeagent.freeze import FrozenProcess
 from nodeagent.inject import Injector
-from nodeagent.procfs import Mapping, ProcessIdentity
+from nodeagent.mapscache import derived
+from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers.base import ChangedSet
+from nodeagent.trackers.uffd_spans import (
+    Inside,
+    RemoteUffd,
+    Spans,
+    clip,
+    joinable,
+    spans_of,
+    trackable,
+)
 
 log = logging.getLogger(__name__)
 
 _Key = tuple[int, int, str, int, str, int, str]
-_Run = tuple[int, int, tuple[Mapping, ...]]  # start, end, the adjacent mappings it spans
+NR_FCNTL = 72
+F_DUPFD_CLOEXEC = 1030
+# The uffd goes to the lowest free number >= min(soft limit, CEILING) - MARGIN. The
+# ceiling bounds the fd table the kernel allocates for it (8 bytes per slot, copied at
+# every fork): 32 KiB, not 8 MiB under a soft limit of 1 Mi.
+HIGH_FD_CEILING = 4096
+HIGH_FD_MARGIN = 16
+
+__all__ = ["CollectStats", "UffdWpTracker", "high_fd_floor", "trackable"]
 
 
 def _key(m: Mapping) -> _Key:
     return (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)
 
 
-_SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
+def nofile_soft_limit(pid: int) -> int | None:
+    """The target's RLIMIT_NOFILE soft limit (/proc/PID/limits, readable by anyone);
+    None when unlimited or unreadable."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
-def trackable(m: Mapping) -> bool:
-    """Only writable mappings can change through the process's own writes. A mapping made
-    writable later (mprotect) gets a new maps line: a changed mapping for the capture
-    layer, registered by the collect that first sees it writable."""
-    return m.writable and m.path not in _SPECIAL
-
-
-def runs_of(mappings: Sequence[Mapping]) -> list[_Run]:
-    """Merge address-adjacent mappings into runs: one ioctl covers each run."""
-    runs: list[_Run] = []
-    for m in sorted(mappings, key=lambda m: m.start):
-        if runs and runs[-1][1] == m.start:
-            s, _, ms = runs[-1]
-            runs[-1] = (s, m.end, (*ms, m))
-        elif runs and m.start < runs[-1][1]:
-            raise ValueError(f"mappings overlap at 0x{m.start:x}")
-        else:
-            runs.append((m.start, m.end, (m,)))
-    return runs
+def high_fd_floor(soft: int | None) -> int:
+    """Lowest number the tracker's fd may take (0: keep the number userfaultfd gave)."""
+    top = HIGH_FD_CEILING if soft is None else min(soft, HIGH_FD_CEILING)
+    return max(0, top - HIGH_FD_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -83,11 +104,12 @@ class CollectStats:
 
     seconds: float
     probe_seconds: float
-    inject_seconds: float
+    inject_seconds: float  # arm: the injection; collect: registering new ranges
     scan_seconds: float
     registered: int  # ranges registered in this call
     scan_calls: int
     pages: int
+    spans: int = 0
 
 
 class UffdWpTracker:
@@ -110,9 +132,13 @@ class UffdWpTracker:
         self._ident: ProcessIdentity | None = None
         self._fd = -1
         self._inode = 0
-        self._untracked: dict[_Key, str] = {}  # mapping -> why registration failed
+        self._untracked: dict[_Key, str] = {}  # tracked mapping -> why registration failed
+        self._blocked: dict[_Key, str] = {}  # joinable mapping that could not be registered
         self._scanner: uffd.PagemapScanner | None = None
         self.last: CollectStats | None = None
+        # Whether the last arm/collect registered a range: that may merge or split VMAs,
+        # so a caller holding the maps must read them again.
+        self.layout_touched = False
 
     # -- state -------------------------------------------------------------------
 
@@ -136,24 +162,34 @@ class UffdWpTracker:
         if self._scanner is not None:
             self._scanner.close()
         self._ident, self._fd, self._inode, self._scanner = None, -1, 0, None
-        self._untracked = {}
+        self._untracked, self._blocked = {}, {}
+
+    def _spans(self, maps: Sequence[Mapping], tracked: Sequence[Mapping]) -> Spans:
+        bar = {k[0] for k in self._untracked} | {k[0] for k in self._blocked}
+        return spans_of(maps, tracked, join=self.registration == "inject", barriers=frozenset(bar))
 
     # -- arm -----------------------------------------------------------------------
 
-    def arm(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> None:
+    def arm(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> None:
+        """Arm on `mappings`; `maps` are the process's whole maps they come from (read
+        here when not given: spans must know what lies between tracked mappings)."""
         avail = uffd.availability()
         if not avail.available:
             raise TrackerUnavailable(self.name, avail.reason)
         t0 = time.perf_counter()
-        mappings = [m for m in mappings if trackable(m)]
-        runs = runs_of(mappings)
+        self.layout_touched = False
+        layout = read_maps(fp.pid) if maps is None else maps
+        tracked = _trackable(mappings)
         if self.registration == "self":
             self._drop()
             self._ident, self._scanner = fp.ident, uffd.PagemapScanner(fp.pid)
-            self._mark_unregistered(runs)
-            self._protect(mappings)
+            inside = Inside(layout)
+            sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
+            self._protect(sp)
             t1 = time.perf_counter()
-            self.last = CollectStats(t1 - t0, 0.0, 0.0, t1 - t0, 0, self._scanner.calls, 0)
+            self.last = CollectStats(t1 - t0, 0.0, 0.0, t1 - t0, 0, self._scanner.calls, 0, len(sp))
             return
         stale = self._fd if self._ident == fp.ident and self._fd_is_ours(fp.pid) else -1
         self._drop()
@@ -162,25 +198,35 @@ class UffdWpTracker:
                 inj.syscall(uffd.NR_CLOSE, stale)
             fd = self._open_uffd(inj)
             try:
-                registered = self._register(inj, fd, runs, unprotect=False)
+                with RemoteUffd(fp.pid, fd) as ru:
+                    err = ru.api(uffd.wanted_features())
+                    if err:
+                        why = f"UFFDIO_API in pid {fp.pid}: {os.strerror(err)}"
+                        raise TrackerUnavailable(self.name, why)
+                    inode = ru.inode
+                    sp = self._spans(layout, tracked)
+                    inside = Inside(layout)
+                    registered = self._register(ru, sp.pairs(), inside, unprotect=False)
             except BaseException:
                 inj.syscall(uffd.NR_CLOSE, fd)
                 raise
             calls = inj.calls
         t1 = time.perf_counter()
-        self._ident, self._fd = fp.ident, fd
-        self._inode = os.stat(f"/proc/{fp.pid}/fd/{fd}").st_ino
+        self._ident, self._fd, self._inode = fp.ident, fd, inode
         self._scanner = uffd.PagemapScanner(fp.pid)
-        self._protect(mappings)
+        sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
+        self._protect(sp)
         t2 = time.perf_counter()
-        self.last = CollectStats(t2 - t0, 0.0, t1 - t0, t2 - t1, registered, self._scanner.calls, 0)
+        self.last = CollectStats(
+            t2 - t0, 0.0, t1 - t0, t2 - t1, registered, self._scanner.calls, 0, len(sp)
+        )
         log.info(
             "uffd-wp armed",
             extra={
                 "fields": {
                     "pid": fp.pid,
                     "fd": fd,
-                    "runs": len(runs),
+                    "spans": len(sp),
                     "untracked": len(self._untracked),
                     "injected_syscalls": calls,
                     "ms": round((t2 - t0) * 1e3, 3),
@@ -188,26 +234,8 @@ class UffdWpTracker:
             },
         )
 
-    def _protect(self, mappings: Sequence[Mapping]) -> None:
-        """Write-protect every present or swapped page of the tracked mappings."""
-        flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
-        for start, end, _ in self._tracked_runs(mappings):
-            self._scan(start, end, flags=flags, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
-
-    def _mark_unregistered(self, runs: Sequence[_Run]) -> None:
-        why = (
-            "not registered by the process"
-            if self.registration == "self"
-            else "not async-WP capable (VM_PFNMAP?)"
-        )
-        for start, end, ms in runs:
-            if self._all_registered(start, end):
-                continue
-            for m in ms:
-                if _key(m) not in self._untracked and not self._all_registered(m.start, m.end):
-                    self._untracked[_key(m)] = why
-
     def _open_uffd(self, inj: Injector) -> int:
+        """userfaultfd() in the target, moved out of the way of its own fd numbers."""
         flags = uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY
         fd = inj.syscall(uffd.NR_USERFAULTFD, flags)
         if fd < 0:
@@ -215,46 +243,78 @@ class UffdWpTracker:
             if -fd in (errno.EPERM, errno.ENOSYS, errno.EINVAL):
                 raise TrackerUnavailable(self.name, why)
             raise InjectionFailed(inj.pid, "userfaultfd", os.strerror(-fd))
-        addr = inj.scratch()
-        api = uffd.UffdioApi(uffd.UFFD_API, uffd.wanted_features(), 0)
-        inj.write(addr, bytes(api))
-        r = inj.syscall(uffd.NR_IOCTL, fd, uffd.UFFDIO_API, addr)
-        if r < 0:
-            inj.syscall(uffd.NR_CLOSE, fd)
-            raise TrackerUnavailable(self.name, f"UFFDIO_API in pid {inj.pid}: {os.strerror(-r)}")
-        return fd
+        floor = high_fd_floor(nofile_soft_limit(inj.pid))
+        if floor <= fd:
+            return fd
+        high = inj.syscall(NR_FCNTL, fd, F_DUPFD_CLOEXEC, floor)
+        if high < 0:  # no free number up there (EMFILE, EINVAL): keep the one we have
+            log.warning(
+                "uffd-wp keeps a low fd",
+                extra={"fields": {"pid": inj.pid, "fd": fd, "error": os.strerror(-high)}},
+            )
+            return fd
+        inj.syscall(uffd.NR_CLOSE, fd)
+        return high
 
-    def _register(self, inj: Injector, fd: int, runs: Sequence[_Run], *, unprotect: bool) -> int:
-        """Register each run, or each of its mappings where the run fails; failures become
-        untracked. With `unprotect`, drop stale WP bits so the next scan reports every
-        page (a range found unregistered may hold pages protected by an earlier uffd)."""
-        addr = inj.scratch()
-
-        def attempt(s: int, e: int) -> int:
-            inj.write(addr, bytes(uffd.UffdioRegister(s, e - s, uffd.UFFDIO_REGISTER_MODE_WP, 0)))
-            r = inj.syscall(uffd.NR_IOCTL, fd, uffd.UFFDIO_REGISTER, addr)
-            if r == 0 and unprotect:
-                inj.write(addr, bytes(uffd.UffdioWriteprotect(s, e - s, 0)))
-                r = inj.syscall(uffd.NR_IOCTL, fd, uffd.UFFDIO_WRITEPROTECT, addr)
-            return -r
-
+    def _register(
+        self,
+        ru: RemoteUffd,
+        ranges: Sequence[tuple[int, int]],
+        inside: Inside,
+        *,
+        unprotect: bool,
+    ) -> int:
+        """Register each range (whole spans, or the unregistered parts of spans); where
+        one fails, each mapping in it alone, failures becoming untracked (tracked
+        mappings) or barriers (joinable ones). With `unprotect`, drop stale WP bits so
+        the next scan reports every page (a range found unregistered may hold pages
+        protected by an earlier uffd). Returns the ranges registered whole."""
         done = 0
-        for start, end, ms in runs:
-            err = attempt(start, end)
+        for lo, hi in ranges:
+            err = ru.register(lo, hi)
+            self.layout_touched = True
             if err == 0:
                 done += 1
+                if unprotect:
+                    ru.unprotect(lo, hi)
                 continue
-            for m in ms:
-                if len(ms) > 1:
-                    err = attempt(m.start, m.end)
-                if err == 0:
-                    done += 1
-                else:
-                    self._untracked[_key(m)] = f"UFFDIO_REGISTER: {errno.errorcode.get(err, err)}"
+            for m in inside(lo, hi):  # only tracked and joinable mappings lie in a span
+                e = ru.register(max(lo, m.start), min(hi, m.end))
+                if e == 0:
+                    if unprotect:
+                        ru.unprotect(max(lo, m.start), min(hi, m.end))
+                    continue
+                why = f"UFFDIO_REGISTER: {errno.errorcode.get(e, e)}"
+                (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
         return done
 
-    def _tracked_runs(self, mappings: Sequence[Mapping]) -> list[_Run]:
-        return runs_of([m for m in mappings if _key(m) not in self._untracked])
+    def _protect(self, sp: Spans) -> None:
+        """Write-protect every present or swapped page of the spans."""
+        flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
+        for lo, hi in sp.pairs():
+            self._scan(lo, hi, flags=flags, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+
+    def _verify(
+        self, sp: Spans, inside: Inside, layout: Sequence[Mapping], tracked: Sequence[Mapping]
+    ) -> Spans:
+        """Spans whose VMAs are not all async-WP registered (registration refused, a PFN
+        map that registers but is never walked, a range the process did not register
+        itself) are probed mapping by mapping; those mappings become untracked (or
+        barriers) and the spans are computed again without them."""
+        why = (
+            "not registered by the process"
+            if self.registration == "self"
+            else "not async-WP capable (VM_PFNMAP?)"
+        )
+        changed = False
+        for lo, hi in sp.pairs():
+            if self._all_registered(lo, hi):
+                continue
+            for m in inside(lo, hi):
+                if not self._all_registered(m.start, m.end):
+                    (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
+                    changed = True
+        return self._spans(layout, tracked) if changed else sp
 
     # -- collect ---------------------------------------------------------------------
 
@@ -284,32 +344,36 @@ class UffdWpTracker:
             raise UffdScanFailed(self._scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
         return True
 
-    def _unregistered(self, runs: Sequence[_Run]) -> tuple[list[_Run], list[_Run]]:
-        """(sub-ranges of `runs` whose VMAs are not registered, split along mappings;
-        the runs that held any)."""
-        new: list[_Run] = []
-        bad: list[_Run] = []
-        for run in runs:
-            start, end, ms = run
-            if self._all_registered(start, end):
+    def _unregistered(self, sp: Spans) -> list[tuple[int, int]]:
+        """The parts of the spans whose VMAs are not async-WP registered (whole VMAs:
+        the probe reports holes in them too)."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in sp.pairs():
+            if self._all_registered(lo, hi):
                 continue
-            bad.append(run)
             regs = self._scan(
-                start,
-                end,
+                lo,
+                hi,
                 mask=uffd.PAGE_IS_WPALLOWED,
                 inverted=uffd.PAGE_IS_WPALLOWED,
                 returns=uffd.PAGE_IS_WPALLOWED,
             )
-            for m in ms:
-                hit = (regs[:, 0] < m.end) & (regs[:, 1] > m.start)
-                if hit.any():
-                    s = max(m.start, int(regs[hit, 0].min()))
-                    e = min(m.end, int(regs[hit, 1].max()))
-                    new.append((s, e, (m,)))
-        return new, bad
+            out.extend(clip(regs[:, 0], regs[:, 1], lo, hi))
+        return out
 
-    def collect(self, fp: FrozenProcess, mappings: Sequence[Mapping]) -> ChangedSet:
+    def _prune(self, layout: Sequence[Mapping], tracked: Sequence[Mapping]) -> None:
+        """Forget failures of mappings that are gone or changed (a new line is tried
+        again)."""
+        if self._untracked:
+            now = {_key(m) for m in tracked}
+            self._untracked = {k: v for k, v in self._untracked.items() if k in now}
+        if self._blocked:
+            now = {_key(m) for m in layout if joinable(m)}
+            self._blocked = {k: v for k, v in self._blocked.items() if k in now}
+
+    def collect(
+        self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
+    ) -> ChangedSet:
         t0 = time.perf_counter()
         if self._ident != fp.ident or self._scanner is None:
             raise UffdLost(fp.pid, "not armed on this process")
@@ -319,30 +383,34 @@ class UffdWpTracker:
             raise UffdLost(fp.pid, f"fd {fd} was closed or replaced in the target")
         calls0 = self._scanner.calls
         self._scanner.reset()
-        mappings = [m for m in mappings if trackable(m)]
-        now = {_key(m) for m in mappings}  # forget failures of mappings that are gone
-        self._untracked = {k: v for k, v in self._untracked.items() if k in now}
+        self.layout_touched = False
+        layout = read_maps(fp.pid) if maps is None else maps
+        tracked = _trackable(mappings)
+        self._prune(layout, tracked)
         if self.registration == "self":
             # Registered by the process since: tracked from now on. The process never
             # protects pages itself, so the scan below reports every page it holds.
-            for m in mappings:
+            for m in tracked:
                 if _key(m) in self._untracked and self._all_registered(m.start, m.end):
                     del self._untracked[_key(m)]
-        new, bad = self._unregistered(self._tracked_runs(mappings))
+        sp = self._spans(layout, tracked)
+        new = self._unregistered(sp)
         t1 = time.perf_counter()
         registered = 0
+        inside = Inside(layout)
         if new and self.registration == "inject":
-            with Injector(fp, site=self._site) as inj:
-                registered = self._register(inj, self._fd, new, unprotect=True)
-        # Whatever is still not async-WP capable (a failed registration, a PFN map the
-        # probe cannot see) is untracked, before any WP scan could fail half-way.
-        self._mark_unregistered(bad)
+            with RemoteUffd(fp.pid, self._fd, self._inode) as ru:
+                registered = self._register(ru, new, inside, unprotect=True)
+        if new:
+            # Whatever is still not async-WP capable (a failed registration, a PFN map
+            # the probe cannot see) is untracked, before any WP scan could fail half-way.
+            sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
         t2 = time.perf_counter()
         # Every scan below appends to the scanner's buffer (growing it keeps what is
-        # there): the changed regions are one slice of it, with no copy per run.
-        lo = self._scanner.used
+        # there): the changed regions are one slice of it, with no copy per span.
+        lo_row = self._scanner.used
         flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
-        for s, e, _ in self._tracked_runs(mappings):
+        for s, e in sp.pairs():
             self._scan(
                 s,
                 e,
@@ -351,11 +419,11 @@ class UffdWpTracker:
                 anyof=uffd.PAGE_TAKEN,
                 returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
             )
-        always = [m for m in mappings if _key(m) in self._untracked]
+        always = [m for m in tracked if _key(m) in self._untracked] if self._untracked else []
         for m in always if self.untracked_as_changed else ():
             self._scan(m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
-        regions = self._scanner.buf[lo : self._scanner.used]
-        if always and self.untracked_as_changed:  # they interleave with the runs
+        regions = self._scanner.buf[lo_row : self._scanner.used]
+        if always and self.untracked_as_changed:  # they interleave with the spans
             regions = regions[np.argsort(regions[:, 0], kind="stable")]
         pages = uffd.pages_of_ranges(regions[:, 0], regions[:, 1])
         t3 = time.perf_counter()
@@ -367,6 +435,7 @@ class UffdWpTracker:
             registered,
             self._scanner.calls - calls0,
             int(pages.size),
+            len(sp),
         )
         log.debug(
             "uffd-wp collected",
@@ -374,6 +443,7 @@ class UffdWpTracker:
                 "fields": {
                     "pid": fp.pid,
                     "pages": int(pages.size),
+                    "spans": len(sp),
                     "new_ranges": len(new),
                     "ms": round((t3 - t0) * 1e3, 3),
                 }
@@ -389,6 +459,7 @@ class UffdWpTracker:
         if self._ident is None:
             return {"armed": False}, {}
         untracked = [[*k, why] for k, why in self._untracked.items()]
+        blocked = [[*k, why] for k, why in self._blocked.items()]
         meta = {
             "armed": True,
             "fd": self._fd,
@@ -396,6 +467,7 @@ class UffdWpTracker:
             "registration": self.registration,
             "untracked_as_changed": self.untracked_as_changed,
             "untracked": untracked,
+            "blocked": blocked,
         }
         return meta, {}
 
@@ -415,10 +487,8 @@ class UffdWpTracker:
             raise UffdLost(ident.pid, f"fd {fd} is no longer our userfaultfd ({link})")
         self.registration = str(meta.get("registration", "inject"))
         self.untracked_as_changed = bool(meta.get("untracked_as_changed", True))
-        self._untracked = {
-            (int(u[0]), int(u[1]), str(u[2]), int(u[3]), str(u[4]), int(u[5]), str(u[6])): str(u[7])
-            for u in meta.get("untracked", [])
-        }
+        self._untracked = _keys(meta.get("untracked", []))
+        self._blocked = _keys(meta.get("blocked", []))
         self._ident, self._fd, self._inode = ident, fd, inode
         self._scanner = uffd.PagemapScanner(ident.pid)
 
@@ -447,3 +517,15 @@ class UffdWpTracker:
             log.info(
                 "uffd-wp forget: target gone", extra={"fields": {"pid": fp.pid, "error": str(e)}}
             )
+
+
+@derived
+def _trackable(mappings: Sequence[Mapping]) -> list[Mapping]:
+    return [m for m in mappings if trackable(m)]
+
+
+def _keys(items: Sequence[Sequence[Any]]) -> dict[_Key, str]:
+    return {
+        (int(u[0]), int(u[1]), str(u[2]), int(u[3]), str(u[4]), int(u[5]), str(u[6])): str(u[7])
+        for u in items
+    }

@@ -204,9 +204,21 @@ PY_TARGET = textwrap.dedent(
 )
 
 
+def _sig_status(pid: int, tid: int) -> dict[str, int]:
+    """SigPnd (the thread's), ShdPnd (the process's), SigBlk, SigIgn, SigCgt."""
+    out = {}
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"):
+                out[key] = int(val, 16)
+    return out
+
+
 def test_python_program_carries_on_and_keeps_its_signals(tmp_path: Path) -> None:
-    """Signals sent while the target is frozen are dequeued by the thread we step; they
-    must still reach the program's handlers, once each."""
+    """Signals sent while the target is frozen stay queued: the thread we run calls on
+    has every signal blocked meanwhile, so it dequeues none; they reach the program's
+    handlers after the thaw, once each, and every thread's mask is as before."""
     rfd, wfd = os.pipe()
     script = tmp_path / "target.py"
     script.write_text(PY_TARGET)
@@ -226,10 +238,18 @@ def test_python_program_carries_on_and_keeps_its_signals(tmp_path: Path) -> None
             before = {tid: regs_dict(get_regs(tid)) for tid in fp.tids}
             os.kill(proc.pid, signal.SIGUSR1)
             os.kill(proc.pid, signal.SIGUSR2)
+            masks = {tid: _sig_status(proc.pid, tid) for tid in fp.tids}
             with Injector(fp) as inj:
                 _inject_some(inj, proc.pid)
-                assert len(inj.held) == 2
+                assert inj.held == []
             assert {tid: regs_dict(get_regs(tid)) for tid in fp.tids} == before
+            usr = (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGUSR2 - 1))
+            for tid in fp.tids:
+                now = _sig_status(proc.pid, tid)
+                assert now["ShdPnd"] & usr == usr, "a signal was taken off the queue"
+                assert {k: now[k] for k in ("SigBlk", "SigIgn", "SigCgt")} == {
+                    k: masks[tid][k] for k in ("SigBlk", "SigIgn", "SigCgt")
+                }
         os.write(wfd, b"through the pipe")
         out, _ = proc.communicate("go\n", timeout=30)
         assert proc.returncode == 9, out

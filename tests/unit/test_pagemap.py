@@ -20,6 +20,7 @@ from nodeagent.pagemap import (
     PM_SOFT_DIRTY,
     PM_SWAPPED,
     PM_UFFD_WP,
+    clip_regions,
     pages_from_runs,
     runs_from_list,
     runs_from_pages,
@@ -151,3 +152,35 @@ def test_taken_in_merges_close_segments_into_one_read() -> None:
     fake2 = FakePagemap(np.full(2 * pm.GAP_PAGES + 2000, PM_PRESENT, dtype=np.uint64))
     taken_in(fake2, far, far + np.uint64(10))  # type: ignore[arg-type]
     assert fake2.reads == 2
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(1, 6)), max_size=12),
+    st.lists(st.tuples(st.integers(0, 6), st.integers(1, 6)), max_size=12),
+)
+def test_clip_regions_equals_the_naive_intersection(
+    regs: list[tuple[int, int]], segs: list[tuple[int, int]]
+) -> None:
+    """Scan regions cut back to the segments a window was walked for: exactly the pieces
+    that lie in both, each keeping its region's categories."""
+
+    def lay(items: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out, pos = [], 0
+        for gap, size in items:
+            pos += gap
+            out.append((pos, pos + size))
+            pos += size
+        return out
+
+    r, s = lay(regs), lay(segs)
+    arr = np.array([[a, b, i] for i, (a, b) in enumerate(r)], dtype=np.uint64).reshape(-1, 3)
+    lo = np.array([a for a, _ in s], dtype=np.uint64)
+    hi = np.array([b for _, b in s], dtype=np.uint64)
+    got = clip_regions(arr, lo, hi).tolist()
+    want = [
+        [max(a, c), min(b, d), i]
+        for i, (a, b) in enumerate(r)
+        for c, d in s
+        if max(a, c) < min(b, d)
+    ]
+    assert got == want

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from nodeagent import uffd
 from nodeagent.procfs import Mapping
-from nodeagent.trackers.uffdwp import runs_of
+from nodeagent.trackers.uffd_spans import spans_of
+from nodeagent.trackers.uffdwp import high_fd_floor
 from tests.conftest import require
 
 PAGE = 4096
@@ -56,15 +57,81 @@ def test_pages_of_ranges_empty() -> None:
     assert uffd.pages_of_ranges([PAGE], [PAGE]).size == 0
 
 
-def _m(start: int, end: int) -> Mapping:
-    return Mapping(start * PAGE, end * PAGE, "rw-p", 0, "00:00", 0, "")
+def _m(start: int, end: int, perms: str = "rw-p", path: str = "") -> Mapping:
+    return Mapping(start * PAGE, end * PAGE, perms, 0, "00:00", 1 if path else 0, path)
 
 
-def test_runs_merge_adjacent_mappings_only() -> None:
-    runs = runs_of([_m(10, 12), _m(0, 4), _m(4, 6), _m(12, 13)])
-    assert [(s // PAGE, e // PAGE, len(ms)) for s, e, ms in runs] == [(0, 6, 2), (10, 13, 2)]
-    with pytest.raises(ValueError, match="overlap"):
-        runs_of([_m(0, 4), _m(3, 5)])
+def _pairs(maps: list[Mapping], tracked: list[Mapping], **kw: object) -> list[tuple[int, int]]:
+    sp = spans_of(maps, tracked, **kw)  # type: ignore[arg-type]
+    return [(a // PAGE, b // PAGE) for a, b in sp.pairs()]
+
+
+def test_spans_cross_holes_and_guards_only() -> None:
+    a, b, c, d, f, g, h = (
+        _m(0, 4),
+        _m(5, 6),
+        _m(7, 9),
+        _m(10, 12),
+        _m(13, 14),
+        _m(14, 15),
+        _m(15, 16),
+    )
+    guard, lib, other = _m(6, 7, "---p"), _m(9, 10, "r--p", "/lib/x.so"), _m(12, 13)
+    maps = [a, b, guard, c, lib, d, other, f, g, h]
+    tracked = [a, b, c, d, f, g, h]  # `other` is writable but holds no region
+    bar = frozenset({g.start})  # could not be registered
+    assert _pairs(maps, tracked, join=True, barriers=bar) == [(0, 9), (10, 12), (13, 14), (15, 16)]
+    assert _pairs(maps, tracked, join=False, barriers=bar) == [
+        (0, 6),
+        (7, 9),
+        (10, 12),
+        (13, 14),
+        (15, 16),
+    ]
+    # A guard at the edge of a span is not part of it; maps given out of order are sorted.
+    assert _pairs([guard, b], [b], join=True) == [(5, 6)]
+    assert _pairs([], [], join=True) == []
+
+
+_KINDS = ("tracked", "guard", "lib", "other", "barrier")
+
+
+@given(st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 3), st.integers(1, 4))))
+def test_spans_equal_the_naive_walk(layout: list[tuple[str, int, int]]) -> None:
+    maps, tracked, bar, kinds = [], [], set(), []
+    pos = 0
+    for kind, gap, size in layout:
+        pos += gap
+        perms, path = {"guard": ("---p", ""), "lib": ("r-xp", "/lib/y")}.get(kind, ("rw-p", ""))
+        m = _m(pos, pos + size, perms, path)
+        pos += size
+        maps.append(m)
+        kinds.append(kind)
+        if kind in ("tracked", "barrier"):
+            tracked.append(m)
+        if kind == "barrier":
+            bar.add(m.start)
+    for join in (True, False):
+        want: list[tuple[int, int]] = []
+        cur: list[int] | None = None
+        for m, kind in zip(maps, kinds, strict=True):
+            if kind == "tracked":
+                cur = [m.start, m.end] if cur is None else [cur[0], m.end]
+            elif kind == "guard" and join:
+                continue
+            else:
+                if cur is not None:
+                    want.append((cur[0] // PAGE, cur[1] // PAGE))
+                cur = None
+        if cur is not None:
+            want.append((cur[0] // PAGE, cur[1] // PAGE))
+        assert _pairs(maps, tracked, join=join, barriers=frozenset(bar)) == want
+
+
+def test_high_fd_floor_stays_below_the_limit_and_the_ceiling() -> None:
+    assert high_fd_floor(1024) == 1008
+    assert high_fd_floor(1 << 20) == high_fd_floor(None) == 4080
+    assert high_fd_floor(10) == 0  # too low a limit: keep the number userfaultfd gave
 
 
 @pytest.fixture
