@@ -203,7 +203,8 @@ def test_copy_while_frozen_takes_no_page_fault(
     populate: bool,
 ) -> None:
     """The in-place copy writes into pages mapped before the freeze: the copying thread
-    takes no minor fault. The control run (no populate) shows the count would see them."""
+    takes no minor fault for them. The control run (no populate) shows the count would
+    see them: one per page."""
     t = target_factory(maps=["a:1024"])
     a = t.mapping("a")
     if not populate:
@@ -225,10 +226,11 @@ def test_copy_while_frozen_takes_no_page_fault(
     cap = capture(ProcessIdentity.of(t.pid), [AddressRange(a.addr, a.end)], into=files)
     (r,) = cap.regions
     assert np.array_equal(r.data, t.expected("a", 0, 1024))
+    # None per page (a stray fault of the interpreter's own heap may happen anywhere).
     if populate:
-        assert faults == [0]
+        assert len(faults) == 1 and faults[0] < 16, faults
     else:
-        assert faults[0] >= 1024
+        assert faults[0] >= 1024, faults
     w.abort()
     t.assert_running()
 
