@@ -8,14 +8,16 @@ maps them; the capture copies into the mapping while frozen; afterwards the page
 are zero, unreadable or no longer taken are punched back into holes (`finish`), so the
 file is exactly what cpcoord/image_writer.py would have written.
 
-Why this sequence (measured on 6.18, 1 GiB): `pwrite` of zeros allocates the pages
-(~0.35 s; `fallocate` leaves them not up to date, and each then faults alone), and
-MADV_POPULATE_READ maps them with fault-around, 16 pages a fault (~0.08 s;
-MADV_POPULATE_WRITE faults once per page, ~0.8 s). A tmpfs mapping has no write
-notification, so the entries fault-around installs are writable: the copy takes no fault
-(the CPU sets the dirty bit), which keeps first-touch faults out of the frozen window.
-The copy itself runs as fast as into anonymous huge pages. Other filesystems keep the
-staging buffer: a shared mapping of a disk file costs a page_mkwrite per page.
+Why this sequence (measured on 6.18, 1 GiB, CPU time): `pwrite` of zeros allocates the
+pages (~0.35 s, what a plain write of the image costs), and MADV_POPULATE_READ maps them
+with fault-around, 16 pages a fault (~0.08 s). `fallocate` + MADV_POPULATE_WRITE costs
+the same (a fault per page; fallocated pages are not up to date, fault-around skips
+them); the two run side by side on two threads for big fills (`_fill`), pwrite to one
+file being serialised by its inode lock. A tmpfs mapping has no write notification, so
+the entries fault-around installs are writable: the copy takes no fault (the CPU sets
+the dirty bit), which keeps first-touch faults out of the frozen window. The copy itself
+runs as fast as into anonymous huge pages. Other filesystems keep the staging buffer: a
+shared mapping of a disk file costs a page_mkwrite per page.
 
 Nothing here imports nodeagent: regions arrive as (name, start, end) and pages as NumPy
 arrays of page numbers (nodeagent.capture.Destination is the protocol this fulfils).
@@ -45,7 +47,8 @@ TMPFS_MAGIC = 0x01021994
 MADV_POPULATE_READ = 22  # Linux >= 5.14
 MADV_POPULATE_WRITE = 23
 # A fill at least this big runs on two threads, FAULT_SHARE of it faulted in (writable)
-# by the second while the first writes zeros: ~25% less wall time, more CPU in all.
+# by the second while the first writes zeros: ~20% less wall time where a CPU is free,
+# ~40% more CPU in all (the two contend for the file's page cache).
 PARALLEL_FILL_MIN = 64 << 20
 FAULT_SHARE = 0.4
 _ZERO_CHUNK = 1 << 20
@@ -112,7 +115,7 @@ class RegionFiles:
         self.directory = out / member
         self._created = created
         self._files: dict[str, _File] = {}
-        self._zero = memoryview(bytes(_ZERO_CHUNK))  # never written: reads the zero page
+        self._zero = memoryview(bytes(_ZERO_CHUNK))  # the source of every zero written
 
     # -- before and during the freeze (nodeagent.capture.Destination) -------------------
 

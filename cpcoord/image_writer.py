@@ -143,7 +143,7 @@ class ImageWriter:
         self._created = prepare_output(self.out)
         self._files: list[Path] = []
         self._in_place: dict[str, RegionFiles] = {}
-        self._direct = not memory_backed(self.out)  # (tmpfs: O_DIRECT would copy anyway)
+        self._tmpfs = memory_backed(self.out)  # in place; else O_DIRECT (tmpfs: a copy anyway)
         self.bytes_written = 0
 
     def in_place(self, member: str) -> RegionFiles | None:
@@ -153,7 +153,7 @@ class ImageWriter:
         check_name(member)
         if member in self._in_place:
             return self._in_place[member]
-        if self._direct:
+        if not self._tmpfs:
             return None
         files = RegionFiles(self.out, member, self._files.append)
         self._in_place[member] = files
@@ -207,7 +207,7 @@ class ImageWriter:
         path = self.out / region_file(member, name)
         try:
             path.parent.mkdir(exist_ok=True)
-            f = _RawFile(path, self._direct)
+            f = _RawFile(path, direct=not self._tmpfs)
             self._files.append(path)
             try:
                 os.ftruncate(f.fd, end - start)  # holes everywhere first
