@@ -373,21 +373,6 @@ def capture(
     return result
 
 
-def reserve_in_place(
-    ident: ProcessIdentity, ranges: Sequence[AddressRange] | None, into: Destination
-) -> None:
-    """The in-place half of a capture's preparation on its own: reserve at `into` every
-    page the pre-pass takes. The CLI runs it on a second thread while it sets up the
-    chain; capture() then finds (nearly) every page reserved. Raises like capture()."""
-    pid = ident.view("capture")
-    with PagemapReader(pid) as pm, SharedObjects(pid) as pre:
-        maps = read_maps_shared(pid)
-        specs = resolve_regions(ranges, maps, pid)
-        parts = select_pages(pm, specs, maps, pre)
-        holes = inplace.hole_mask(_concat(parts), maps, pre)
-        into.reserve(inplace.bounds_of(specs), inplace.without(parts, holes))
-
-
 def _data_bytes(pages: PageNumbers, maps: Sequence[Mapping], objects: SharedObjects) -> int:
     """Bytes of staging the pages need populated: holes of shared objects need none."""
     return (int(pages.size) - objects.hole_pages(maps, pages)) * PAGE_SIZE

@@ -1,11 +1,12 @@
 """Captures in place: the pages of a capture land in memory of each region's own.
 
 Owns the Destination protocol (what nodeagent.capture needs of such memory; the tmpfs
-image's region files of cpcoord/image_files.py are the one implementation) and the
-vectorised bookkeeping of an in-place copy: each page's local address (its offset in its
-region's memory), and which pages lie in holes of shared objects (nodeagent/shared.py:
-they read as zeros without being read, so they need no memory reserved and no look by
-the zero scan).
+image's region files of cpcoord/image_files.py are the one implementation), the
+vectorised bookkeeping of an in-place copy (each page's local address: its offset in its
+region's memory; which pages lie in holes of shared objects, nodeagent/shared.py: they
+read as zeros without being read, so they need no memory reserved and no look by the
+zero scan), and `reserve_in_place`, the pre-pass alone, which imports nothing of the
+freeze (the CLI runs it on a second thread while it imports and sets up the rest).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.ranges import PAGE_SHIFT
-from nodeagent.pagemap import PageNumbers, empty_pages
-from nodeagent.procfs import Mapping
-from nodeagent.regions import RegionSpec
+from cpcoord.ranges import PAGE_SHIFT, AddressRange
+from nodeagent.mapscache import read_maps_shared
+from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages
+from nodeagent.procfs import Mapping, ProcessIdentity
+from nodeagent.regions import RegionSpec, resolve_regions
+from nodeagent.selection import select_pages
 from nodeagent.shared import SharedObjects
 
 
@@ -100,3 +103,18 @@ def local_rows(
         for s, c in zip(specs, copied, strict=True)
     ]
     return np.concatenate(out) if out else empty_pages()
+
+
+def reserve_in_place(
+    ident: ProcessIdentity, ranges: Sequence[AddressRange] | None, into: Destination
+) -> None:
+    """The in-place half of a capture's preparation on its own: reserve at `into` every
+    page the pre-pass takes. The CLI runs it on a second thread while it sets up the
+    chain; capture() then finds (nearly) every page reserved. Raises like capture()."""
+    pid = ident.view("capture")
+    with PagemapReader(pid) as pm, SharedObjects(pid) as pre:
+        maps = read_maps_shared(pid)
+        specs = resolve_regions(ranges, maps, pid)
+        parts = select_pages(pm, specs, maps, pre)
+        holes = hole_mask(np.concatenate(parts) if parts else empty_pages(), maps, pre)
+        into.reserve(bounds_of(specs), without(parts, holes))

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from cpcoord.image_writer import ImageWriter
-    from nodeagent.capture import reserve_in_place
+    from nodeagent.inplace import reserve_in_place
     from nodeagent.procfs import ProcessIdentity
     from nodeagent.trackers import registry
 
