@@ -66,6 +66,20 @@ def _installed_env(pycache: Path) -> dict[str, str]:
     return env
 
 
+def _interpreter(env: dict[str, str], reps: int) -> dict[str, Any]:
+    """What any Python command pays on this machine before it does anything: the
+    interpreter with its site hooks, and importing NumPy (best of `reps`)."""
+    out = {}
+    for what, code in (("python", "pass"), ("python + numpy", "import numpy")):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+            times.append(time.perf_counter() - t0)
+        out[what] = Stats.of(times).as_dict()
+    return out
+
+
 def _raw_write(directory: Path, view: memoryview, fsync: bool) -> float:
     """pwrite `view` into a new file in `directory` (then fsync): the filesystem's part
     of the raw limit. Seconds."""
@@ -242,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 # A first run compiles the byte code into the cache (as pip would have).
                 _cli_subprocess(target.pid, rng_text, work / "warm", env)
                 shutil.rmtree(work / "warm")
+                if "interpreter" not in extra:
+                    extra["interpreter"] = _interpreter(env, args.reps)
                 inproc, sub, phases, writes = [], [], [], []
                 for i in range(args.reps):
                     # Interleaved, so that load on the machine hits limit and command alike.
@@ -350,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         "page unshares it. The forked rows capture the same memory shared with a child "
         "(everything goes through /proc/PID/mem; the target keeps it shared), then show "
         "what a first process_vm_readv costs there: it copies every page.",
+        (
+            f"Interpreter start on this machine (best of {args.reps}): `python -c pass` "
+            f"{min(extra['interpreter']['python']['samples']):.3f} s, `python -c 'import "
+            f"numpy'` {min(extra['interpreter']['python + numpy']['samples']):.3f} s: part of "
+            "every subprocess row, beyond what cpcoord can change."
+        )
+        if "interpreter" in extra
+        else "",
         "On tmpfs the command copies straight into the image's files (no staging, no "
         "second copy); on disk it copies into staging and writes big runs with O_DIRECT, "
         "then fsyncs. The tracker is the default (auto: "
