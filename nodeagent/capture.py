@@ -41,7 +41,14 @@ from nodeagent.inplace import Destination as Destination  # re-exported
 from nodeagent.mapscache import read_maps_shared
 from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive
-from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
+from nodeagent.reader import (
+    PARALLEL_MIN,
+    MemoryReader,
+    ReadvFn,
+    Staging,
+    _sys_readv,
+    copy_threads,
+)
 from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
 from nodeagent.shared import SharedObjects
@@ -280,6 +287,8 @@ def capture(
             slack = max(SLACK_MIN, int(data * SLACK_FRACTION))
             if into is None:
                 staging.reserve(estimate + slack, populate=data + slack)
+            elif estimate >= PARALLEL_MIN:
+                copy_threads()  # started now, not in the frozen window (Staging does too)
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)

@@ -104,6 +104,8 @@ class Staging:
         return True when memory was (re)allocated. Rows past `populate` fault in when
         written: rows of holes of shared objects are never written (shared.py), so a
         sparse object costs address space, not memory."""
+        if nbytes >= PARALLEL_MIN:
+            copy_threads()  # the copy into this buffer will want them: start them now
         if nbytes <= self.capacity:
             return False
         size = max(HUGE, (nbytes + HUGE - 1) // HUGE * HUGE)
@@ -256,8 +258,8 @@ class MemoryReader:
         shares = _shares(remote, local, COPY_THREADS)
         if len(shares) == 1:
             return one(*shares[0])
-        with ThreadPoolExecutor(len(shares)) as pool:
-            done = list(pool.map(lambda sh: one(*sh), shares))
+        pool = copy_threads()
+        done = [f.result() for f in [pool.submit(one, *sh) for sh in shares]]
         return sum(c for c, _ in done), sum(f for _, f in done)
 
     def _read_objects(
@@ -361,6 +363,37 @@ def _absorb(pages: PageNumbers, via_mem: npt.NDArray[np.bool_]) -> None:
 PARALLEL_MIN = 64 << 20
 COPY_PIECE = 32 << 20
 COPY_THREADS = min(4, os.cpu_count() or 1)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # a forked child has none of the threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def copy_threads() -> ThreadPoolExecutor:
+    """The threads a big copy is shared out to, every one of them started: call it before
+    the freeze (Staging.reserve and capture's preparation do), because starting a thread
+    means waiting until the scheduler runs it, up to 100s of ms on a busy machine, which
+    must not happen inside the frozen window. They stay for the life of the process."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cpcoord-copy")
+            # Each worker blocks until all are up, so every submit starts a new thread.
+            gate = threading.Barrier(COPY_THREADS + 1)
+            started = [pool.submit(gate.wait) for _ in range(COPY_THREADS)]
+            gate.wait()
+            for f in started:
+                f.result()
+            _pool = pool
+        return _pool
 
 
 def _shares(
