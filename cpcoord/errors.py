@@ -72,6 +72,13 @@ class FreezeFailed(CpcoordError):
     status = "FAILED_PRECONDITION"
 
 
+class AgentStepFailed(CpcoordError):
+    """the agent could not {}: an unexpected {} (the agent log has the details)"""
+
+    exit_code = 16
+    status = "INTERNAL"
+
+
 class ReadFailed(CpcoordError):
     """cannot read memory of pid {} at {}: {}"""
 
