@@ -1,77 +1,25 @@
 """`cpcoord.v1.AgentControl`: the agents' side of the API, a thin adapter over the engine.
 
-Attach: the first message must be a Hello; the session is registered (its Welcome goes
-first), a reader thread feeds the agent's messages to the engine, a second thread
-reconciles its members, and this handler drains the session's outbound queue until the
-stream ends. Whatever ends it (the agent hangs up, the connection breaks, a protocol
-violation, silence), the engine hears `disconnect` exactly once.
+The calls that move pages (MissingChunks, UploadPages, DownloadPages) run here, on the
+server's thread pool: they hash, compress and write or read the store. The control
+stream (`Attach`) holds no thread: it is coordinator/servicers/streams.py, on the loop.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Iterator
 
 import grpc
 
-from coordinator import agent_events, generations, ingest, members_ops, pagestream
-from coordinator.agents import AgentSession
+from coordinator import generations, ingest, pagestream
 from coordinator.engine import Engine
-from cpcoord.errors import CpcoordError, InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.grpcutil import rpc_errors
-from cpcoord.log import log_event
-
-log = logging.getLogger("cpcoord.coordinator.rpc")
 
 
 class AgentControl(agent_pb2_grpc.AgentControlServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-
-    @rpc_errors
-    def Attach(
-        self, request_iterator: Iterator[agent_pb2.AgentMessage], context: grpc.ServicerContext
-    ) -> Iterator[agent_pb2.CoordinatorMessage]:
-        first = next(request_iterator, None)
-        if first is None:
-            return
-        if first.WhichOneof("body") != "hello":
-            raise InvalidArgument("the first message on a control stream must be a Hello")
-        s = self.engine.connect(first.hello, context.peer())
-        context.add_callback(lambda: self.engine.disconnect(s, "the stream ended"))
-        threading.Thread(
-            target=self._read, args=(s, request_iterator), name=f"agent-{s.node}", daemon=True
-        ).start()
-        threading.Thread(
-            target=members_ops.reconcile,
-            args=(self.engine, s),
-            name=f"reconcile-{s.node}",
-            daemon=True,
-        ).start()
-        while True:
-            msg = s.next_outbound()
-            if msg is None:
-                return
-            yield msg
-
-    def _read(self, s: AgentSession, it: Iterator[agent_pb2.AgentMessage]) -> None:
-        detail = "the agent ended the stream"
-        try:
-            for msg in it:
-                try:
-                    agent_events.handle(self.engine, s, msg)
-                except CpcoordError as e:
-                    detail = f"protocol violation: {e}"
-                    log_event(log, logging.WARNING, "closing agent stream", node=s.node, why=str(e))
-                    break
-        except grpc.RpcError:
-            detail = "the stream broke"
-        except Exception as e:  # a bug here must not leave the node half-attached
-            log.exception("agent stream reader failed")
-            detail = f"reader failed: {type(e).__name__}"
-        self.engine.disconnect(s, detail)
 
     @rpc_errors
     def MissingChunks(

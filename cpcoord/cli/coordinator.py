@@ -90,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="gRPC server threads; each connected agent holds one (default 1024)",
+        help="threads for the calls that block: uploads, exports, store reads, commands "
+        "awaiting an agent (default 64); agents' control streams and Watch streams hold none",
     )
 
 

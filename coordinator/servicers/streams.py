@@ -1,0 +1,218 @@
+"""The long-lived calls, on grpc.aio: an agent's `Attach`, and the `Checkpoint`,
+`Restore` and `Watch` streams of clients. None of them holds a thread while it waits.
+
+Each waits on an asyncio.Event that the engine side sets through a *waker*
+(`loop.call_soon_threadsafe`), whatever thread queued the message: the agent session's
+outbound queue (coordinator/agents.py), a flight's subscription (flight.py) or a Watch
+queue (events.py). Work that may block (the store, waiting for an agent's answer) runs
+on the server's thread pool (`blocking`); short engine calls under its lock (connect,
+an agent's report, disconnect) run on the loop, as the lock is never held long.
+
+The rest of both services (unary calls, uploads, exports) stays in the thread-pool
+servicers (agent_control.py, coordinator_api.py), run by grpc.aio's migration pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from coordinator import agent_events, members_ops, restore
+from coordinator.agents import AgentSession
+from coordinator.engine import Engine
+from coordinator.flight import CheckpointOptions, Progress, Subscription
+from coordinator.servicers import convert
+from coordinator.servicers.coordinator_api import restore_into_events
+from coordinator.servicers.watch import META_SUBSCRIBED, watch_event
+from coordinator.serving import Serving
+from cpcoord.errors import CoordinatorStopping, CpcoordError, InvalidArgument
+from cpcoord.gen.v1 import agent_pb2, coordinator_pb2
+from cpcoord.grpcutil import Malformed, rpc_errors_async
+from cpcoord.log import log_event
+from cpcoord.ranges import check_name
+
+log = logging.getLogger("cpcoord.coordinator.rpc")
+T = TypeVar("T")
+
+
+def waker(event: asyncio.Event) -> Callable[[], None]:
+    """A callable any thread may call to set `event` in its loop (never blocks)."""
+    loop = asyncio.get_running_loop()
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(event.set)
+
+    return wake
+
+
+class Streams:
+    def __init__(self, serving: Serving, pool: Executor) -> None:
+        self.serving = serving
+        self.pool = pool
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the thread pool and await it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+
+    # -- agents -----------------------------------------------------------------------
+
+    @rpc_errors_async
+    async def Attach(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
+        engine = self.serving.engine()
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        if isinstance(first, Malformed):
+            raise first.error()
+        if first.WhichOneof("body") != "hello":
+            raise InvalidArgument("the first message on a control stream must be a Hello")
+        s = engine.connect(first.hello, context.peer())
+        wake = asyncio.Event()
+        s.waker = waker(wake)
+        reader = asyncio.create_task(self._read(engine, s, it), name=f"agent-{s.node}")
+        reconcile = asyncio.ensure_future(self.blocking(members_ops.reconcile, engine, s))
+        try:
+            while True:
+                wake.clear()
+                for msg in s.drain():
+                    if msg is None:
+                        return
+                    yield msg
+                await wake.wait()
+        finally:
+            reader.cancel()
+            reconcile.add_done_callback(_log_failure)
+            # Whatever ended it (the agent, the network, a violation, the engine closing
+            # the session): the engine hears it once (a second call is a no-op).
+            engine.disconnect(s, "the stream ended")
+
+    async def _read(self, engine: Engine, s: AgentSession, it: AsyncIterator[Any]) -> None:
+        detail = "the agent ended the stream"
+        try:
+            async for msg in it:
+                if isinstance(msg, Malformed):
+                    detail = f"protocol violation: {msg.error()}"
+                    break
+                try:
+                    agent_events.handle(engine, s, msg)
+                except CpcoordError as e:
+                    detail = f"protocol violation: {e}"
+                    log_event(log, logging.WARNING, "closing agent stream", node=s.node, why=str(e))
+                    break
+        except asyncio.CancelledError:
+            detail = "the stream ended"
+            raise
+        except grpc.RpcError:
+            detail = "the stream broke"
+        except Exception as e:  # a bug here must not leave the node half-attached
+            log.exception("agent stream reader failed")
+            detail = f"reader failed: {type(e).__name__}"
+        finally:
+            engine.disconnect(s, detail)
+
+    # -- checkpoint and restore --------------------------------------------------------
+
+    @rpc_errors_async
+    async def Checkpoint(
+        self, request: coordinator_pb2.CheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.CheckpointEvent]:
+        engine = self.serving.engine()
+        opts = CheckpointOptions(
+            job=request.job,
+            full=request.full,
+            lease_ms=request.lease_ms,
+            freeze_timeout_ms=request.freeze_timeout_ms,
+            commit_timeout_ms=request.commit_timeout_ms,
+            pin=request.pin,
+        )
+        sub = await self.blocking(engine.checkpoint, opts)
+        async for p in self._follow(engine, sub, "Checkpoint"):
+            yield convert.checkpoint_event(p)
+
+    @rpc_errors_async
+    async def Restore(
+        self, request: coordinator_pb2.RestoreRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.RestoreEvent]:
+        engine = self.serving.engine()
+        if request.HasField("into"):  # one command to one agent, answered once
+            for ev in await self.blocking(restore_into_events, engine, request):
+                yield ev
+            return
+        opts = restore.RestoreOptions(
+            job=request.job,
+            generation=request.generation,
+            members=tuple(request.members),
+            lease_ms=request.lease_ms,
+            freeze_timeout_ms=request.freeze_timeout_ms,
+        )
+        sub = await self.blocking(engine.restore_in_place, opts)
+        async for p in self._follow(engine, sub, "Restore"):
+            yield convert.restore_event(p)
+
+    async def _follow(
+        self, engine: Engine, sub: Subscription, what: str
+    ) -> AsyncIterator[Progress]:
+        """A flight's progress until its final event; the client going away (the task is
+        cancelled) cancels the flight unless the store is already committing it."""
+        wake = asyncio.Event()
+        sub.waker = waker(wake)
+        try:
+            while True:
+                wake.clear()
+                while (p := sub.get(timeout=0)) is not None:
+                    yield p
+                    if p.summary is not None:
+                        return
+                await wake.wait()
+        finally:
+            sub.waker = None
+            if not sub.done:
+                engine.cancel(sub.flight, f"the client cancelled the {what} call")
+
+    # -- watch ------------------------------------------------------------------------
+
+    @rpc_errors_async
+    async def Watch(
+        self, request: coordinator_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.WatchEvent]:
+        engine = self.serving.engine()
+        for job in request.jobs:
+            check_name(job)
+        w = engine.events.subscribe(request.jobs, request.include_progress)
+        wake = asyncio.Event()
+        w.waker = waker(wake)
+        try:
+            # Headers now tell the client it is subscribed (Client.watch waits for them).
+            await context.send_initial_metadata(((META_SUBSCRIBED, "1"),))
+            while not w.closed:
+                wake.clear()
+                while (ev := w.get(timeout=0)) is not None:
+                    yield watch_event(ev)
+                if w.closed:
+                    break
+                await wake.wait()  # an event, or the bus closing, sets it
+            raise CoordinatorStopping("the Watch stream ends")
+        finally:
+            w.close()
+            if w.lost_total:  # a dashboard too slow for the event rate: worth knowing
+                log_event(
+                    log, logging.INFO, "watch lost events", lost=w.lost_total, peer=context.peer()
+                )
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("reconcile failed", exc_info=fut.exception())
