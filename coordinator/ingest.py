@@ -13,7 +13,9 @@ agent reports Uploaded; the engine builds the manifest from it at commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,6 +132,22 @@ def upload(engine: Engine, requests: Iterator[agent_pb2.UploadRequest]) -> Membe
     return done
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+STORE_THREADS = 8
+
+
+def _store_pool() -> ThreadPoolExecutor:
+    """The threads that store batches while their streams receive the next one, shared
+    by all streams (each keeps at most one batch in flight): a thread started and joined
+    per stream cost more than a small upload itself, with thousands of agents."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ingest")
+        return _POOL
+
+
 def _read(
     engine: Engine,
     f: Flight,
@@ -160,13 +178,13 @@ def _read(
         if not group:
             return None
         ids = group_ids[0] if len(group_ids) == 1 else np.concatenate(group_ids)
-        fut = pool.submit(store, ids, group)
+        fut = _store_pool().submit(store, ids, group)
         group_ids, group, group_bytes = [], [], 0
         return fut
 
-    with ThreadPoolExecutor(1, thread_name_prefix=f"ingest-{job}") as pool:
-        t0 = time.perf_counter()
-        first = True
+    t0 = time.perf_counter()
+    first = True
+    try:
         for req in requests:
             t1 = time.perf_counter()
             if not req.HasField("batch"):
@@ -177,28 +195,37 @@ def _read(
                 group_ids.append(ids)
                 group.extend(chunks)
                 group_bytes += sum(len(c) for c in chunks)
-            if first or group_bytes >= STORE_BYTES:
+            if first:  # stored before anything else is read (the fault point's promise)
+                first = False
+                if group:
+                    ids_, group_, group_ids, group, group_bytes = (
+                        group_ids[0] if len(group_ids) == 1 else np.concatenate(group_ids),
+                        group, [], [], 0,
+                    )  # fmt: skip
+                    store(ids_, group_)
+                fault_point("coordinator.upload")
+            elif group_bytes >= STORE_BYTES:
                 if pending is not None:
                     pending.result()
                 pending = submit()
-            if first:
-                first = False
-                if pending is not None:
-                    pending.result()
-                fault_point("coordinator.upload")
             t3 = time.perf_counter()
             t_wait, t_check, t_store = t_wait + t1 - t0, t_check + t2 - t1, t_store + t3 - t2
             t0 = time.perf_counter()
         if pending is not None:
             pending.result()
-        pending = submit()
-        if pending is not None:
-            pending.result()
+        pending = None
+        if group:  # the last group: nothing left to overlap with, so store it here
+            store(group_ids[0] if len(group_ids) == 1 else np.concatenate(group_ids), group)
+    finally:
+        if pending is not None:  # a failure while a group was being stored: let it end
+            with contextlib.suppress(Exception):
+                pending.result()
     chunks_new, bytes_new = stored
     parent = f.parent_manifest(engine.repo.manifest)
     pm = None
     if parent is not None:
-        pm = next((m for m in parent.members if m.name == asm.header.member), None)
+        with contextlib.suppress(KeyError):
+            pm = parent.member(asm.header.member)
     done = asm.finish(pm, chunks_new, bytes_new)
     # Claim every chunk the tables name (kept from gc until commit) and check it is there.
     lacking = engine.repo.missing(job, n, done.chunk_ids)
