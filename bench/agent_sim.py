@@ -105,6 +105,7 @@ class SimAgent:
         self._view = memoryview(self._map)
         self._addr = int(np.frombuffer(self._map, np.uint8).ctypes.data)
         self.errors = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def send(self, **body: object) -> None:
         self.out.put_nowait(agent_pb2.AgentMessage(**body))  # type: ignore[arg-type]
@@ -168,7 +169,11 @@ class SimAgent:
                     m.mem[:PAGE] = page_bytes(name, body.generation)
             self.send(frozen=agent_pb2.Frozen(job=body.job, generation=body.generation))
         elif kind == "capture":
-            asyncio.create_task(self._capture(body))
+            # The loop keeps only weak references to tasks: hold it until it is done
+            # (a collected task cancels its upload call: CANCELLED).
+            t = asyncio.create_task(self._capture(body))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
         elif kind == "committed":
             for m in self.members.values():
                 if body.generation in m.staged:
@@ -210,12 +215,13 @@ class SimAgent:
             stats = common_pb2.MemberStats(
                 pages=int(changed.size), frozen_seconds=time.perf_counter() - t0, full=full
             )
-            self.send(
-                staged=agent_pb2.Staged(job=c.job, generation=c.generation, member=name, stats=stats)
-            )
+            staged = agent_pb2.Staged(job=c.job, generation=c.generation, member=name, stats=stats)
+            self.send(staged=staged)
             try:
                 await self._upload(c.job, c.generation, m, copy, changed, full)
             except grpc.aio.AioRpcError as e:
+                why = f"{e.code()} {e.details()}"
+                print(f"{time.time():.3f} {self.node} upload failed: {why}", file=sys.stderr)
                 self.send(
                     failed=agent_pb2.Failed(
                         job=c.job,
@@ -266,9 +272,10 @@ class SimAgent:
             send: list[int] = []
             if nz:
                 want = b"".join(ids[i] for i in nz)
-                r = await self.stub.MissingChunks(
+                mc = self.stub.MissingChunks(
                     agent_pb2.MissingChunksRequest(job=job, generation=gen, member=m.name, ids=want)
                 )
+                r = await mc  # (held in `mc` until done: a collected call is cancelled)
                 bits = np.unpackbits(np.frombuffer(r.missing, np.uint8), bitorder="little")
                 send = [i for i, b in zip(nz, bits[: len(nz)].tolist(), strict=True) if b]
             sizes = np.full(len(send), PAGE, "<u4").tobytes()
@@ -289,7 +296,8 @@ class SimAgent:
                 ),
             )
             reqs.append(agent_pb2.UploadRequest(batch=batch))
-        await self.stub.UploadPages(iter(reqs))
+        call = self.stub.UploadPages(iter(reqs))
+        await call
 
 
 async def main_async(a: argparse.Namespace) -> int:

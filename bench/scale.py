@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ import numpy as np
 
 from bench.agent_sim import PAGE, page_bytes
 from bench.common import Stats, write_results
-from bench.scale_fleet import REPO, Fleet, kill, spawn, tail
+from bench.scale_fleet import Fleet, kill, spawn, tail
 from bench.scale_real import raw_limits, unary_rtt
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 from cpcoord.pagedata import read_members
@@ -239,8 +238,11 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
         ax.set_title("Checkpoint of a job with one member per agent")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        ax2.plot(xs, [p["threads"]["idle"] for p in points], "o-", label="threads, agents idle")
-        ax2.plot(xs, [p["threads"]["busy"] for p in points], "s--", label="threads, after checkpoints")
+        for key, style, label in (
+            ("idle", "o-", "threads, agents idle"),
+            ("busy", "s--", "threads, after checkpoints"),
+        ):
+            ax2.plot(xs, [p["threads"][key] for p in points], style, label=label)
         ax2.set_xscale("symlog", linthresh=1)
         ax2.set_xlabel("agents")
         ax2.set_ylabel("coordinator threads")
@@ -278,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-scale-", dir=a.store_dir))
-    fleet = Fleet(tmp, heartbeat_ms=2000)
+    # Heartbeats cost two messages per agent per interval: at thousands of agents an
+    # interval of seconds (docs/operations.md, "Sizing") keeps them a small share.
+    fleet = Fleet(tmp, heartbeat_ms=5000)
     points: list[dict[str, Any]] = []
     try:
         raw = raw_limits(PAGE, 3, tmp)

@@ -70,15 +70,24 @@ def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]
     ]
 
 
+# Calls that arrived but that the server has not picked up yet. gRPC's defaults (1000,
+# hard limit 3000) cancel the rest with CANCELLED; a grpc.aio server picks calls up from
+# its event loop, so with thousands of agents uploading at once (bench/scale.py, 2,000
+# agents) a burst goes over 1000 while nothing is wrong. A pending call costs a few KiB.
+MAX_PENDING_CALLS = 1 << 16
+
+
 def server_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     """Server options: the same limits; no SO_REUSEPORT, so two coordinators can never
-    listen on one port; accept the clients' keepalive pings."""
+    listen on one port; accept the clients' keepalive pings; let bursts of calls wait."""
     return [
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
 
 

@@ -1,5 +1,7 @@
-"""The long-lived calls, on grpc.aio: an agent's `Attach`, and the `Checkpoint`,
-`Restore` and `Watch` streams of clients. None of them holds a thread while it waits.
+"""The long-lived and the frequent calls, on grpc.aio: an agent's `Attach`, its uploads
+(`MissingChunks`, `UploadPages`: one per member per checkpoint, so thousands at once),
+and the `Checkpoint`, `Restore` and `Watch` streams of clients. None of them holds a
+thread while it waits for the network.
 
 Each waits on an asyncio.Event that the engine side sets through a *waker*
 (`loop.call_soon_threadsafe`), whatever thread queued the message: the agent session's
@@ -8,8 +10,9 @@ queue (events.py). Work that may block (the store, waiting for an agent's answer
 on the server's thread pool (`blocking`); short engine calls under its lock (connect,
 an agent's report, disconnect) run on the loop, as the lock is never held long.
 
-The rest of both services (unary calls, uploads, exports) stays in the thread-pool
-servicers (agent_control.py, coordinator_api.py), run by grpc.aio's migration pool.
+The rest of both services (the clients' unary calls, exports, downloads, gc) stays in
+the thread-pool servicers (agent_control.py, coordinator_api.py), which grpc.aio runs on
+its migration pool; uploads store their batches there too (`blocking`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from coordinator import agent_events, members_ops, restore
+from coordinator import agent_events, ingest, members_ops, restore
 from coordinator.agents import AgentSession
 from coordinator.engine import Engine
 from coordinator.flight import CheckpointOptions, Progress, Subscription
@@ -32,6 +35,7 @@ from coordinator.servicers import convert
 from coordinator.servicers.coordinator_api import restore_into_events
 from coordinator.servicers.watch import META_SUBSCRIBED, watch_event
 from coordinator.serving import Serving
+from coordinator.uploads import MemberUpload
 from cpcoord.errors import CoordinatorStopping, CpcoordError, InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, coordinator_pb2
 from cpcoord.grpcutil import Malformed, rpc_errors_async
@@ -123,6 +127,52 @@ class Streams:
         finally:
             engine.disconnect(s, detail)
 
+    @rpc_errors_async
+    async def MissingChunks(
+        self, request: agent_pb2.MissingChunksRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.MissingChunksResponse:
+        engine = self.serving.engine()
+        missing = await self.blocking(ingest.missing_chunks, engine, request)
+        return agent_pb2.MissingChunksResponse(missing=missing)
+
+    @rpc_errors_async
+    async def UploadPages(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> agent_pb2.UploadResponse:
+        """Read on the loop, check and store on the pool: one batch is handed over when
+        the next message (or the end) has arrived, so a small upload costs one hop."""
+        engine = self.serving.engine()
+        it = request_iterator.__aiter__()
+        first = await anext(it, None)
+        if isinstance(first, Malformed):
+            raise first.error()
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("an upload stream starts with a header")
+        r = ingest.Receiver.open(engine, first.header)
+        held: Any = None
+        while True:
+            try:
+                req = await anext(it, None)
+                if isinstance(req, Malformed):
+                    raise req.error()
+            except Exception as e:
+                r.fail(e)
+                raise
+            if req is None:
+                break
+            if held is not None:
+                await self.blocking(r.add, held)
+            held = req
+        done = await self.blocking(_finish, r, held)
+        return agent_pb2.UploadResponse(
+            pages=done.pages,
+            entries=done.entries,
+            chunks=done.chunks,
+            chunks_new=done.chunks_new,
+            bytes_received=done.bytes_received,
+            bytes_stored_new=done.bytes_stored_new,
+        )
+
     # -- checkpoint and restore --------------------------------------------------------
 
     @rpc_errors_async
@@ -211,6 +261,12 @@ class Streams:
                 log_event(
                     log, logging.INFO, "watch lost events", lost=w.lost_total, peer=context.peer()
                 )
+
+
+def _finish(r: ingest.Receiver, last: Any) -> MemberUpload:
+    if last is not None:
+        r.add(last)
+    return r.end()
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:
