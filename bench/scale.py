@@ -231,7 +231,7 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
         ax.axhline(1000, color="#c33", lw=1, ls="--", label="goal at 2,000 agents: 1 s")
         rtt = raw["unary_rtt"]["median"] * 1e3
         ax.axhline(rtt, color="#888", lw=1, ls="-.", label=f"raw gRPC unary RTT {rtt:.2f} ms")
-        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("agents (simulated, one member each, one connection each)")
         ax.set_ylabel("ms (median; bars: min-max)")
@@ -243,7 +243,7 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
             ("busy", "s--", "threads, after checkpoints"),
         ):
             ax2.plot(xs, [p["threads"][key] for p in points], style, label=label)
-        ax2.set_xscale("symlog", linthresh=1)
+        ax2.set_xscale("log")
         ax2.set_xlabel("agents")
         ax2.set_ylabel("coordinator threads")
         r = ax2.twinx()
