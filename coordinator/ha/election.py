@@ -156,6 +156,13 @@ class Elector:
         """Raise LeadershipLost unless this replica still leads in `term`: the local
         deadline, and with `ask_etcd` a txn on the leader key (bounded by the time the
         lease has left)."""
+        try:
+            self._fence(term, ask_etcd)
+        except LeadershipLost as e:
+            log_event(log, logging.WARNING, "commit refused", term=term.number, why=str(e))
+            raise
+
+    def _fence(self, term: Term, ask_etcd: bool) -> None:
         with self._lock:
             left = self._lease_clock.remaining(self.clock())
             cur = self._term

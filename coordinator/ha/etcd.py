@@ -8,8 +8,9 @@ Python; and the gateway has served the same JSON since etcd 3.4 (Debian's
 their default are left out (a failed txn has no "succeeded").
 
 `EtcdClient(["http://h1:2379", ...])` tries the endpoints in turn (starting from the
-last one that answered); each request has its own deadline. Any failure to get an
-answer is `EtcdUnavailable`. Leases: `grant`, `keepalive` (one round, returns the TTL
+last one that answered; one that cannot be reached is skipped, one that answers with an
+error is believed); each request has its own deadline. Both failures are
+`EtcdUnavailable`. Leases: `grant`, `keepalive` (one round, returns the TTL
 left; 0 = the lease is gone), `revoke`. Keys: `get`, `txn_create` (put a key only if it
 does not exist, bound to a lease), `txn_holds` (does this key still have this create
 revision and lease: the fence of every commit).
@@ -103,10 +104,10 @@ class EtcdClient:
             try:
                 with urllib.request.urlopen(req, timeout=timeout) as r:
                     line = r.readline()  # streaming endpoints: one JSON object per line
-            except urllib.error.HTTPError as e:
-                why = f"{self.endpoints[i]}{path}: HTTP {e.code} {e.read()[:200]!r}"
-                continue
-            except (OSError, ValueError) as e:  # refused, timed out, reset, bad URL
+            except urllib.error.HTTPError as e:  # an answer: etcd refused the request
+                answer = e.read()[:200]
+                raise EtcdUnavailable(str(self), f"{path}: HTTP {e.code} {answer!r}") from None
+            except (OSError, ValueError) as e:  # refused, timed out, reset: try another
                 why = f"{self.endpoints[i]}{path}: {e}"
                 continue
             try:
@@ -114,11 +115,10 @@ class EtcdClient:
             except ValueError:
                 why = f"{self.endpoints[i]}{path}: not JSON: {line[:200]!r}"
                 continue
-            if isinstance(out, dict) and "error" in out and "result" not in out:
-                why = f"{self.endpoints[i]}{path}: {out.get('error')}"
-                continue
             with self._lock:
                 self._first = i
+            if isinstance(out, dict) and "error" in out and "result" not in out:
+                raise EtcdUnavailable(str(self), f"{path}: {out.get('error')}")
             return out
         raise EtcdUnavailable(str(self), why)
 
