@@ -301,9 +301,7 @@ class SimAgent:
 
 
 async def main_async(a: argparse.Namespace) -> int:
-    agents = [
-        SimAgent(a.coordinator, f"{a.prefix}-{i:05d}", a.pages) for i in range(a.agents)
-    ]
+    agents = [SimAgent(a.coordinator, f"{a.prefix}-{i:05d}", a.pages) for i in range(a.agents)]
     tasks = []
     # Dial in waves: a real fleet does not connect in one instant either, and a burst of
     # thousands of TLS-less handshakes at once only measures the kernel's accept queue.

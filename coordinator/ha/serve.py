@@ -10,6 +10,7 @@ once instead of after the TTL, close the server.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def serve_replica(
     timing = Timing(ttl_s)
     if not prefix.startswith("/") or prefix.rstrip("/") == "":
         raise InvalidArgument(f"--etcd-prefix must be an absolute key prefix, got {prefix!r}")
+    if str(store).startswith("s3://") and not os.environ.get("CPCOORD_STATE_DIR"):
+        log_event(
+            log, logging.WARNING,
+            "replicas of an S3 store need one shared state directory (CPCOORD_STATE_DIR): "
+            "each replica's own catalog would lack the others' members and pins",
+        )  # fmt: skip
     serving = Serving(None)
     server = AioServer(
         listen,
