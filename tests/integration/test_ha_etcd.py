@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -72,6 +73,14 @@ def test_follower_refuses_then_takes_over_then_resigns(etcd: EtcdServer, tmp_pat
     lease, _ = client.grant(3)
     won, _ = client.txn_create(KEY, identity("other.example:7420"), lease)
     assert won
+    # "other" leads until the test lets its lease go: keep it alive meanwhile.
+    let_go = threading.Event()
+
+    def keep() -> None:
+        while not let_go.wait(0.5):
+            client.keepalive(lease)
+
+    threading.Thread(target=keep, daemon=True).start()
     port_file, mport = tmp_path / "port", free_port()
     argv = [sys.executable, "-m", "cpcoord", "coordinator", "--listen", "127.0.0.1:0",
             "--store", str(tmp_path / "store"), "--port-file", str(port_file), "--insecure",
@@ -104,6 +113,7 @@ def test_follower_refuses_then_takes_over_then_resigns(etcd: EtcdServer, tmp_pat
 
         # The leader's lease ends: this replica takes over.
         t0 = time.monotonic()
+        let_go.set()
         client.revoke(lease)
         wait_for(lambda: scrape(mport)["cpcoord_coordinator_is_leader"] == 1, 15, "leading")
         assert time.monotonic() - t0 < 5
@@ -122,4 +132,5 @@ def test_follower_refuses_then_takes_over_then_resigns(etcd: EtcdServer, tmp_pat
         assert client.get(KEY) is None
         assert time.monotonic() - t0 < 3 + 10  # (stop itself waits up to 10 s)
     finally:
+        let_go.set()
         d.kill()
