@@ -127,6 +127,8 @@ class Replica:
                     raise _Abandoned()
                 self._engine, self._repo, self._term = engine, repo, term
                 self.failovers += 1
+                # Under the lock: a step-down that comes now waits, then clears it.
+                self.serving.set_engine(engine, leader=term.address)
         except BaseException as e:
             if engine is not None:
                 engine.close()
@@ -136,7 +138,6 @@ class Replica:
                 if self.elector is not None:
                     self.elector.resign(f"takeover failed: {type(e).__name__}")
             return
-        self.serving.set_engine(engine, leader=term.address)
         took = round(time.monotonic() - t0, 3)
         log_event(
             log, logging.INFO, "leading", term=term.number, takeover_s=took,
@@ -144,8 +145,8 @@ class Replica:
         )  # fmt: skip
 
     def _step_down(self, reason: str) -> None:
-        self.serving.set_engine(None, leader="")  # refuse new calls first
         with self._lock:
+            self.serving.set_engine(None, leader="")  # refuse new calls first
             engine, repo, term = self._engine, self._repo, self._term
             self._engine = self._repo = self._term = None
         if engine is None or repo is None:

@@ -61,6 +61,13 @@ class Streams:
     def __init__(self, serving: Serving, pool: Executor) -> None:
         self.serving = serving
         self.pool = pool
+        # Work started for a call that may outlive it (the loop keeps weak references).
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def _keep(self, fut: asyncio.Future[Any]) -> None:
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+        fut.add_done_callback(_log_failure)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the thread pool and await it."""
@@ -87,7 +94,7 @@ class Streams:
         wake = asyncio.Event()
         s.waker = waker(wake)
         reader = asyncio.create_task(self._read(engine, s, it), name=f"agent-{s.node}")
-        reconcile = asyncio.ensure_future(self.blocking(members_ops.reconcile, engine, s))
+        self._keep(asyncio.ensure_future(self.blocking(members_ops.reconcile, engine, s)))
         try:
             while True:
                 wake.clear()
@@ -98,7 +105,6 @@ class Streams:
                 await wake.wait()
         finally:
             reader.cancel()
-            reconcile.add_done_callback(_log_failure)
             # Whatever ended it (the agent, the network, a violation, the engine closing
             # the session): the engine hears it once (a second call is a no-op).
             engine.disconnect(s, "the stream ended")
@@ -188,7 +194,7 @@ class Streams:
             commit_timeout_ms=request.commit_timeout_ms,
             pin=request.pin,
         )
-        sub = await self.blocking(engine.checkpoint, opts)
+        sub = await self._begin(engine, engine.checkpoint, opts, "Checkpoint")
         async for p in self._follow(engine, sub, "Checkpoint"):
             yield convert.checkpoint_event(p)
 
@@ -208,9 +214,26 @@ class Streams:
             lease_ms=request.lease_ms,
             freeze_timeout_ms=request.freeze_timeout_ms,
         )
-        sub = await self.blocking(engine.restore_in_place, opts)
+        sub = await self._begin(engine, engine.restore_in_place, opts, "Restore")
         async for p in self._follow(engine, sub, "Restore"):
             yield convert.restore_event(p)
+
+    async def _begin(
+        self, engine: Engine, start: Callable[[Any], Subscription], opts: Any, what: str
+    ) -> Subscription:
+        """Begin a flight on the pool; a client gone meanwhile cancels it once begun."""
+        fut = asyncio.ensure_future(self.blocking(start, opts))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+
+            def begun(f: asyncio.Future[Subscription]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    engine.cancel(f.result().flight, f"the client cancelled the {what} call")
+
+            fut.add_done_callback(begun)
+            self._keep(fut)
+            raise
 
     async def _follow(
         self, engine: Engine, sub: Subscription, what: str
@@ -271,4 +294,4 @@ def _finish(r: ingest.Receiver, last: Any) -> MemberUpload:
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        log.error("reconcile failed", exc_info=fut.exception())
+        log.error("background work of a call failed", exc_info=fut.exception())
