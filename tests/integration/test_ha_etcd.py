@@ -6,6 +6,7 @@ it gives the lease back at once."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,12 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.ha.election import identity
 from coordinator.ha.etcd import EtcdClient
+from coordinator.store import Repository
 from cpcoord.clientconn import Client
 from cpcoord.errors import NotLeader
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.grpcutil import channel_options, rpc_to_error
 from tests.helpers.cluster import REPO, Daemon, _env, wait_for
 from tests.helpers.etcd import EtcdServer, free_port
+from tests.unit.store_support import assert_restores, checkpoint, rand
 
 pytestmark = [pytest.mark.integration]
 PREFIX = "/ha-etcd-test"
@@ -134,3 +137,43 @@ def test_follower_refuses_then_takes_over_then_resigns(etcd: EtcdServer, tmp_pat
     finally:
         let_go.set()
         d.kill()
+
+
+def test_new_leader_adds_committed_generations_its_catalog_lacks(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """The store is the source of truth: a directory store whose catalog lost its newest
+    generation (restored from an older backup) gets it back when a replica takes over."""
+    store = tmp_path / "store"
+    with Repository.open_local(store) as repo:
+        checkpoint(repo, "j", {"m": {"r": rand(4, 1)}})
+        checkpoint(repo, "j", {"m": {"r": rand(4, 2)}})
+    db = sqlite3.connect(store / "catalog.sqlite")
+    db.execute("DELETE FROM generations WHERE number = 2")
+    db.commit()
+    db.close()
+    port_file = tmp_path / "port"
+    argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "coordinator",
+            "--listen", "127.0.0.1:0", "--store", str(store), "--port-file", str(port_file),
+            "--insecure", "--etcd", etcd.url, "--etcd-prefix", PREFIX]  # fmt: skip
+    d = Daemon("replica", argv, tmp_path / "replica.log", _env())
+    d.start()
+    try:
+        wait_for(port_file.exists, 30, "replica listening")
+        addr = f"127.0.0.1:{int(port_file.read_text())}"
+        with Client(addr, insecure=True, timeout=10) as c:
+            req = coordinator_pb2.ListGenerationsRequest(job="j")
+            got = wait_for(lambda: _generations(c, req), 30, "the replica leading")
+        assert sorted(got) == [1, 2], got
+        assert "restored=1" in d.log.read_text()
+    finally:
+        d.kill()
+    with Repository.open_local(store) as repo:
+        assert_restores(repo, "j", 2, {"m": {"r": rand(4, 2)}})
+
+
+def _generations(c: Client, req: coordinator_pb2.ListGenerationsRequest) -> list[int] | None:
+    try:
+        return [g.number for g in c.call("ListGenerations", req).generations]
+    except NotLeader:
+        return None
