@@ -129,14 +129,24 @@ def entries(p: Plan, out: Path) -> list[Entry]:
             "workloads_bench",
             ("--size-mib", str(p.workload_mib), "--reps", str(p.reps)),
         ),
-        # Coordinator overhead vs agents: 1-64 agent processes, 2 MiB members (not SIZE).
+        # Control plane vs agents: 1-2,000 simulated agents (bench/agent_sim.py).
         Entry("scale", "scale", _scale_args(p), outputs=("scale.json", "scale.png")),
+        # The same with 1-64 real agent processes, 2 MiB members (full suite only).
+        *([_SCALE_REAL] if p.mode == "full" else []),
     ]
 
 
+_SCALE_REAL = Entry(
+    "scale_real",
+    "scale_real",
+    ("--size-mib", "2", "--reps", "3"),
+    outputs=("scale_real.json", "scale_real.png"),
+)
+
+
 def _scale_args(p: Plan) -> tuple[str, ...]:
-    mode = () if p.mode == "full" else (f"--{p.mode}",)  # agents 1,4,16,64 / 1,4,16 / 1,2
-    return (*mode, "--size-mib", "2", "--reps", str(3 if p.mode == "full" else 2))
+    mode = () if p.mode == "full" else (f"--{p.mode}",)  # agents 1,100,1000,2000 / 1,10,100 / 1,2
+    return (*mode, "--reps", str(3 if p.mode == "full" else 2))
 
 
 @dataclass(frozen=True)

@@ -1,38 +1,33 @@
-"""Coordinator overhead as the number of agents grows (issue 7, must-show 5; issue 8 plot).
+"""Control-plane scale: commit overhead, threads and memory of the coordinator as the
+number of agents grows to thousands (issue 18, must-show 1).
 
-    python -m bench.scale [--agents 1,4,16,64] [--reps 3] [--size-mib 2] [--quick] [--tiny]
+    python -m bench.scale [--agents 1,100,1000,2000] [--reps 3] [--pages 2] [--quick] [--tiny]
 
-A real coordinator and N real `cpcoord agent` processes on loopback (bench/scale_fleet.py),
-each agent holding one member: a small target process with SIZE MiB of random bytes
-(new bytes before every repetition, so each checkpoint uploads SIZE per member). For each
-N, one warm-up checkpoint, then REPS full checkpoints of the job, each measured as:
+A real coordinator daemon (`cpcoord coordinator`, its defaults, a directory store) and,
+per agent count N, one simulator process (bench/agent_sim.py) holding N real control
+streams: real gRPC on loopback, one TCP connection per agent, the real protocol and
+upload format, one member per agent backed by `--pages` pages of real memory. A job of N
+members gets one full warm-up checkpoint, then REPS measured checkpoints, each
+incremental: every member's first page changed (one new 4 KiB chunk per member).
 
-- commit: the Checkpoint call to its COMMITTED event (client side);
-- each member's own work: its agent's freeze (staging + seize, agent log "frozen"), its
-  copy and thaw (agent log "staged", copy_ms: the barrier wait excluded) and its upload
-  (hash, MissingChunks, UploadPages: the agent's cpcoord_agent_upload_seconds, scraped
-  from its /metrics before and after);
-- overhead = commit - the slowest member's own work: what coordination adds (fan-out of
-  Freeze and Capture, the barrier, progress, the commit of manifest and catalog, and
-  whatever the members' work loses to sharing the machine with N agents);
-- frozen: the generation's longest member downtime (freeze + barrier + own copy).
-
-In the same run: the raw gRPC limits on loopback (a generic-handler server in its own
-process, bench/end_to_end.py): a trivial unary round trip and a stream of SIZE MiB; and the
-coordinator's own health-check round trip with N agents attached. The load average is
-recorded at the start, per N and at the end (the machine may be shared).
-Writes bench/results/scale.{json,md,png}.
+Measured per checkpoint, client side: request to COMMITTED (the commit overhead: the
+simulated agents' own work is a 2-page copy and one BLAKE3 per member, microseconds),
+the core's phase marks (barrier, every member uploaded, committed), and the
+coordinator's CPU seconds (utime + stime from /proc). Per N: coordinator threads and
+resident memory idle with N agents connected and after the checkpoints, the simulator's
+memory, the time to connect and attach N agents, and a Health.Check round trip with N
+agents attached. The stored bytes of the first and last member of the last checkpoint
+are read back (ReadGeneration) and checked. Writes bench/results/scale.{json,md,png}.
+(bench/scale_real.py is the same question with real agent processes, up to 64.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,116 +36,95 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import Stats, repeat, write_results
-from bench.end_to_end import RAW_METHOD, raw_grpc
-from bench.scale_fleet import REPO, Fleet, log_fields, scrape
-from cpcoord.gen.v1 import common_pb2, coordinator_pb2
-from cpcoord.grpcutil import channel_options
+from bench.agent_sim import PAGE, page_bytes
+from bench.common import Stats, write_results
+from bench.scale_fleet import Fleet, kill, spawn, tail
+from bench.scale_real import raw_limits, unary_rtt
+from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 from cpcoord.pagedata import read_members
 
-MIB = 1 << 20
-MODES = {"full": ("1,4,16,64", 3), "quick": ("1,4,16", 2), "tiny": ("1,2", 2)}
-UPLOAD_SUM = "cpcoord_agent_upload_seconds_sum"
-UPLOAD_COUNT = "cpcoord_agent_upload_seconds_count"
+MODES = {"full": ("1,100,1000,2000", 3), "quick": ("1,10,100", 2), "tiny": ("1,2", 2)}
+ATTACH_THREADS = 16
 
 
-def unary_rtt(address: str, reps: int, health: bool = False) -> Stats:
-    """A trivial unary round trip: the raw sink with one 8-byte message, or Health.Check."""
-    with grpc.insecure_channel(address, options=channel_options()) as ch:
-        check = health_pb2_grpc.HealthStub(ch).Check
-        sink = ch.stream_unary(RAW_METHOD, None, None)
-
-        def once() -> None:
-            if health:
-                check(health_pb2.HealthCheckRequest(), timeout=30)
-            else:
-                sink(iter([b"12345678"]), timeout=30)
-
-        return repeat(once, reps, 5)
-
-
-def raw_limits(size: int, reps: int, tmp: Path) -> dict[str, Any]:
-    port_file = tmp / "raw.port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.end_to_end", "--raw-server", str(port_file)],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        start_new_session=True,
-    )
+def proc_status(pid: int) -> dict[str, int]:
+    """Threads and VmRSS (bytes) of a process."""
+    out = {"threads": 0, "rss": 0}
     try:
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("raw gRPC server did not start")
-            time.sleep(0.05)
-        rtt = unary_rtt(f"127.0.0.1:{port_file.read_text().strip()}", 200)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    stream = raw_grpc(size, min(size, MIB), reps, tmp)
-    trimmed = {k: v for k, v in rtt.as_dict().items() if k != "samples"}  # 200 of them
-    return {"unary_rtt": trimmed, "stream": stream.as_dict(), "stream_bytes": size}
-
-
-def checkpoint(fleet: Fleet, job: str) -> dict[str, Any]:
-    marks: dict[str, float] = {}
-    t0 = time.perf_counter()
-    last = None
-    req = coordinator_pb2.CheckpointRequest(job=job, full=True, lease_ms=60_000)
-    for ev in fleet.stub.Checkpoint(req, timeout=600):
-        kind = common_pb2.ProgressKind.Name(ev.kind).removeprefix("PROGRESS_KIND_").lower()
-        marks.setdefault(kind, ev.elapsed_seconds)
-        last = ev
-    dt = time.perf_counter() - t0
-    if last is None or last.kind != common_pb2.PROGRESS_KIND_COMMITTED:
-        raise RuntimeError(f"checkpoint of {job} did not commit: {last}")
-    return {"commit_s": dt, "info": last.info, "marks": marks}
-
-
-def member_work(
-    fleet: Fleet, job: str, n: int, generation: int, before: list[dict[str, float]]
-) -> list[float]:
-    """Each member's own seconds in `generation`: freeze + copy + upload."""
-    with ThreadPoolExecutor(8) as pool:
-        after = list(pool.map(lambda a: scrape(a[2]), fleet.agents[:n]))
-    out = []
-    for (node, _, _), b, a in zip(fleet.agents[:n], before, after, strict=True):
-        log = fleet.agent_log(node)
-        g = str(generation)
-        frozen = [
-            f for f in log_fields(log, "frozen") if (f.get("job"), f.get("generation")) == (job, g)
-        ]
-        staged = [
-            f for f in log_fields(log, "staged") if (f.get("job"), f.get("generation")) == (job, g)
-        ]
-        if len(frozen) != 1 or len(staged) != 1 or "copy_ms" not in staged[0]:
-            raise RuntimeError(f"{node}: no frozen/staged (copy_ms) log of {job} generation {g}")
-        if a[UPLOAD_COUNT] - b[UPLOAD_COUNT] != 1:
-            raise RuntimeError(f"{node}: {a[UPLOAD_COUNT] - b[UPLOAD_COUNT]} uploads counted")
-        up = a[UPLOAD_SUM] - b[UPLOAD_SUM]
-        out.append(float(frozen[0]["ms"]) / 1e3 + float(staged[0]["copy_ms"]) / 1e3 + up)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                out["threads"] = int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                out["rss"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return out
 
 
-def seed(n: int, rep: int, i: int) -> int:
-    """Member i's bytes in repetition rep (0 = warm-up) of the n-agent step."""
-    return 1_000_000 * n + 1000 * (rep + 1) + i
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def verify(fleet: Fleet, job: str, gen: int, size: int, seeds: dict[int, int]) -> int:
-    """The stored pages of these members are the bytes they held (ReadGeneration, every
-    chunk re-hashed on arrival). Returns how many members were compared."""
-    names = {f"m{i:03d}": s for i, s in seeds.items()}
-    req = coordinator_pb2.ReadGenerationRequest(job=job, generation=gen, members=sorted(names))
+class Sim:
+    """One simulator process with N agents."""
+
+    def __init__(self, fleet: Fleet, n: int, pages: int, prefix: str) -> None:
+        self.n, self.prefix = n, prefix
+        ready = fleet.root / f"{prefix}.ready"
+        self.log = fleet.root / f"{prefix}.log"
+        argv = [sys.executable, "-m", "bench.agent_sim", "--coordinator", fleet.address]
+        argv += ["--agents", str(n), "--pages", str(pages), "--prefix", prefix]
+        argv += ["--ready-file", str(ready)]
+        t0 = time.monotonic()
+        self.proc = spawn(argv, self.log, stdin=True)
+        deadline = t0 + 120 + 0.1 * n
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                kill(self.proc)
+                raise RuntimeError(f"simulator did not connect {n} agents:\n{tail(self.log)}")
+            time.sleep(0.05)
+        self.connect_s = time.monotonic() - t0
+
+    def node(self, i: int) -> str:
+        return f"{self.prefix}-{i:05d}"
+
+    def close(self) -> None:
+        kill(self.proc, term_first=True)
+
+
+def checkpoint(fleet: Fleet, job: str, full: bool = False) -> dict[str, Any]:
+    marks: dict[str, float] = {}
+    events = 0
+    last = None
+    req = coordinator_pb2.CheckpointRequest(job=job, full=full, lease_ms=60_000)
+    assert fleet.coordinator is not None
+    cpu0 = cpu_seconds(fleet.coordinator.pid)
+    t0 = time.perf_counter()
+    for ev in fleet.stub.Checkpoint(req, timeout=600):
+        kind = common_pb2.ProgressKind.Name(ev.kind).removeprefix("PROGRESS_KIND_").lower()
+        marks.setdefault(kind, ev.elapsed_seconds)
+        events += 1
+        last = ev
+    dt = time.perf_counter() - t0
+    cpu = cpu_seconds(fleet.coordinator.pid) - cpu0
+    if last is None or last.kind != common_pb2.PROGRESS_KIND_COMMITTED:
+        raise RuntimeError(f"checkpoint of {job} did not commit: {last}")
+    return {"commit_s": dt, "info": last.info, "marks": marks, "events": events, "cpu_s": cpu}
+
+
+def verify(fleet: Fleet, job: str, gen: int, names: list[str], pages: int) -> int:
+    """The stored pages of these members are what the simulator held at the cut."""
+    req = coordinator_pb2.ReadGenerationRequest(job=job, generation=gen, members=names)
     got = 0
     for mp in read_members(fleet.stub.ReadGeneration(req, timeout=300)):
         (r,) = mp.regions
-        want = np.frombuffer(random.Random(names[mp.header.member]).randbytes(size), np.uint8)
-        if len(r.pages) != size // 4096 or not np.array_equal(r.data.reshape(-1), want):
+        want = np.zeros(pages * PAGE, np.uint8)
+        want[:PAGE] = np.frombuffer(page_bytes(mp.header.member, gen), np.uint8)
+        if not np.array_equal(r.data.reshape(-1)[: want.size], want):
             raise RuntimeError(f"{job} generation {gen}: {mp.header.member} stored wrong bytes")
         got += 1
     if got != len(names):
@@ -158,100 +132,127 @@ def verify(fleet: Fleet, job: str, gen: int, size: int, seeds: dict[int, int]) -
     return got
 
 
-def run_size(fleet: Fleet, n: int, size: int, reps: int) -> dict[str, Any]:
-    """Attach n fresh members (one per agent), one warm-up, then reps measured checkpoints."""
-    job = f"scale-{n}"
-    fleet.drop_targets()
-    for i in range(n):
-        t = fleet.add_target(size, seed=1_000_000 * n + i)
-        fleet.attach(job, f"m{i:03d}", fleet.agents[i][0], t)
-    samples: list[dict[str, Any]] = []
-    for rep in range(reps + 1):
-        for i, t in enumerate(fleet.targets):
-            t.refill(seed(n, rep, i))
-        with ThreadPoolExecutor(8) as pool:
-            snaps = list(pool.map(lambda a: scrape(a[2]), fleet.agents[:n]))
-        cp = checkpoint(fleet, job)
-        info = cp["info"]
-        if info.members != n or info.pages_captured != n * (size // 4096):
-            raise RuntimeError(f"{job}: {info.members} members, {info.pages_captured} pages")
-        own = member_work(fleet, job, n, info.number, snaps)
-        m = cp["marks"]
-        if rep == 0:
-            continue  # warm-up: the first generation of the job
-        samples.append(
-            {
-                "commit_s": cp["commit_s"],
-                "slowest_own_s": max(own),
-                "median_own_s": statistics.median(own),
-                "overhead_s": cp["commit_s"] - max(own),
-                "frozen_s": info.frozen_seconds,
-                # Since Begin: every member frozen; every member uploaded; then the
-                # manifest and catalog; and what came before Begin (call, job checks).
-                "barrier_s": m.get("barrier", 0.0),
-                "captured_s": m.get("captured", 0.0),
-                "commit_phase_s": m["committed"] - m.get("captured", m["committed"]),
-                "before_begin_s": cp["commit_s"] - m["committed"],
-                "bytes_new": info.bytes_new,
-            }
+def in_parallel(fn: Any, items: list[Any]) -> None:
+    with ThreadPoolExecutor(ATTACH_THREADS) as pool:
+        list(pool.map(fn, items))
+
+
+def run_size(fleet: Fleet, n: int, reps: int, pages: int) -> dict[str, Any]:
+    assert fleet.coordinator is not None
+    pid = fleet.coordinator.pid
+    before = proc_status(pid)
+    sim = Sim(fleet, n, pages, f"sim{n}")
+    try:
+        idle = proc_status(pid)
+        job = f"scale-{n}"
+        t0 = time.monotonic()
+
+        def attach(i: int) -> None:
+            req = coordinator_pb2.AttachMemberRequest(
+                job=job,
+                member=f"m{i:05d}",
+                process=types_pb2.ProcessIdentity(pid=sim.proc.pid),
+                node=sim.node(i),
+            )
+            fleet.stub.AttachMember(req, timeout=120)
+
+        in_parallel(attach, list(range(n)))
+        attach_s = time.monotonic() - t0
+        warm = checkpoint(fleet, job, full=True)
+        samples = []
+        for _ in range(reps):
+            cp = checkpoint(fleet, job)
+            info, m = cp["info"], cp["marks"]
+            if info.members != n or info.pages_captured != n:
+                raise RuntimeError(f"{job}: {info.members} members, {info.pages_captured} pages")
+            samples.append(
+                {
+                    "commit_s": cp["commit_s"],
+                    "barrier_s": m.get("barrier", 0.0),
+                    "captured_s": m.get("captured", 0.0),
+                    "commit_phase_s": m["committed"] - m.get("captured", m["committed"]),
+                    "before_begin_s": cp["commit_s"] - m["committed"],
+                    "frozen_s": info.frozen_seconds,
+                    "coordinator_cpu_s": cp["cpu_s"],
+                    "events": cp["events"],
+                    "bytes_new": info.bytes_new,
+                    "generation": info.number,
+                }
+            )
+        last = samples[-1]["generation"]
+        names = sorted({f"m{0:05d}", f"m{n - 1:05d}"})
+        checked = verify(fleet, job, last, names, pages)
+        busy = proc_status(pid)
+        hc = unary_rtt(fleet.address, 50, health=True)
+        in_parallel(
+            lambda i: fleet.stub.DetachMember(
+                coordinator_pb2.DetachMemberRequest(job=job, member=f"m{i:05d}"), timeout=120
+            ),
+            list(range(n)),
         )
-    checked = verify(fleet, job, info.number, size, {i: seed(n, reps, i) for i in {0, n - 1}})
-    for i in range(n):
-        fleet.detach(job, f"m{i:03d}")
-    hc = unary_rtt(fleet.address, 50, health=True)
+        sim_rss = proc_status(sim.proc.pid)["rss"]
+    finally:
+        sim.close()
 
     def st(k: str) -> dict[str, Any]:
         return Stats.of([s[k] for s in samples]).as_dict()
 
-    keys = (
-        "overhead_s",
-        "commit_s",
-        "slowest_own_s",
-        "median_own_s",
-        "frozen_s",
-        "barrier_s",
-        "captured_s",
-        "commit_phase_s",
-        "before_begin_s",
-    )
+    keys = ("commit_s", "barrier_s", "captured_s", "commit_phase_s", "before_begin_s")
     return {
         "agents": n,
         **{k: st(k) for k in keys},
+        "coordinator_cpu_s": st("coordinator_cpu_s"),
+        "warmup_commit_s": warm["commit_s"],
+        "connect_s": sim.connect_s,
+        "attach_s": attach_s,
+        "threads": {"before": before["threads"], "idle": idle["threads"], "busy": busy["threads"]},
+        "rss": {"before": before["rss"], "idle": idle["rss"], "busy": busy["rss"], "sim": sim_rss},
         "health_rtt": hc.as_dict(),
         "verified_members": checked,
         "load_avg": os.getloadavg(),
-        "rss": fleet.rss(),
         "samples": samples,
     }
 
 
 def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
     def draw(fig: Any) -> None:
-        ax = fig.add_subplot(1, 1, 1)
+        ax, ax2 = fig.subplots(1, 2)
         xs = [p["agents"] for p in points]
-        series = (
-            ("overhead_s", "o-", "coordinator overhead (commit - slowest member's own work)"),
-            ("commit_s", "s--", "request to COMMITTED"),
-            ("slowest_own_s", "^:", "slowest member's own freeze + copy + upload"),
-            ("frozen_s", "D:", "frozen (longest member downtime)"),
-        )
-        for key, style, label in series:
+        for key, style, label in (
+            ("commit_s", "o-", "request to COMMITTED (commit overhead)"),
+            ("captured_s", "s--", "every member uploaded"),
+            ("barrier_s", "^:", "barrier (every member frozen)"),
+            ("coordinator_cpu_s", "D-.", "coordinator CPU per checkpoint"),
+        ):
             med = [p[key]["median"] * 1e3 for p in points]
             lo = [m - p[key]["min"] * 1e3 for m, p in zip(med, points, strict=True)]
             hi = [p[key]["max"] * 1e3 - m for m, p in zip(med, points, strict=True)]
             ax.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+        ax.axhline(1000, color="#c33", lw=1, ls="--", label="goal at 2,000 agents: 1 s")
         rtt = raw["unary_rtt"]["median"] * 1e3
-        ax.axhline(
-            rtt, color="#888", lw=1, ls="-.", label=f"raw gRPC unary round trip {rtt:.2f} ms"
-        )
-        ax.set_xscale("log", base=2)
+        ax.axhline(rtt, color="#888", lw=1, ls="-.", label=f"raw gRPC unary RTT {rtt:.2f} ms")
+        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("agents (one member each, separate processes, loopback)")
-        ax.set_ylabel("ms (median of repetitions; bars: min-max)")
-        ax.set_title("Coordinator overhead vs agents")
+        ax.set_xlabel("agents (simulated, one member each, one connection each)")
+        ax.set_ylabel("ms (median; bars: min-max)")
+        ax.set_title("Checkpoint of a job with one member per agent")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+        for key, style, label in (
+            ("idle", "o-", "threads, agents idle"),
+            ("busy", "s--", "threads, after checkpoints"),
+        ):
+            ax2.plot(xs, [p["threads"][key] for p in points], style, label=label)
+        ax2.set_xscale("log")
+        ax2.set_xlabel("agents")
+        ax2.set_ylabel("coordinator threads")
+        r = ax2.twinx()
+        r.plot(xs, [p["rss"]["busy"] / 2**20 for p in points], "D:", color="#b55", label="RSS")
+        r.set_ylabel("coordinator resident MiB", color="#b55")
+        ax2.set_title("Coordinator threads and memory")
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize=7, loc="upper left")
+        fig.set_size_inches(13, 5)
 
     return draw
 
@@ -262,9 +263,10 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", default=None, help="agent counts, e.g. 1,4,16,64")
+    ap.add_argument("--agents", default=None, help="agent counts, e.g. 1,100,1000,2000")
     ap.add_argument("--reps", type=int, default=None, help="measured checkpoints per count")
-    ap.add_argument("--size-mib", type=float, default=2.0, help="memory per member")
+    ap.add_argument("--pages", type=int, default=2, help="pages per member (default 2)")
+    ap.add_argument("--size-mib", type=float, default=None, help=argparse.SUPPRESS)  # suite
     ap.add_argument("--quick", action="store_true", help=f"agents {MODES['quick'][0]}")
     ap.add_argument("--tiny", action="store_true", help=f"agents {MODES['tiny'][0]}")
     ap.add_argument("--store-dir", type=Path, default=None, help="parent dir of the store")
@@ -273,27 +275,25 @@ def main(argv: list[str] | None = None) -> int:
     mode = "tiny" if a.tiny else "quick" if a.quick else "full"
     counts = sorted({int(x) for x in (a.agents or MODES[mode][0]).split(",")})
     reps = a.reps or MODES[mode][1]
-    size = int(a.size_mib * MIB) // 4096 * 4096
-    if not counts or counts[0] < 1 or reps < 1 or size < 4096:
-        raise SystemExit("--agents must be >= 1, --reps >= 1, --size-mib >= 1 page")
+    if not counts or counts[0] < 1 or reps < 1 or a.pages < 1:
+        raise SystemExit("--agents must be >= 1, --reps >= 1, --pages >= 1")
     signal.signal(signal.SIGTERM, _on_term)
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-scale-", dir=a.store_dir))
-    fleet = Fleet(tmp)
+    # Heartbeats cost two messages per agent per interval: at thousands of agents an
+    # interval of seconds (docs/operations.md, "Sizing") keeps them a small share.
+    fleet = Fleet(tmp, heartbeat_ms=5000)
     points: list[dict[str, Any]] = []
     try:
-        raw = raw_limits(size, 3, tmp)
+        raw = raw_limits(PAGE, 3, tmp)
         fleet.start_coordinator()  # its defaults: what a user runs
         for n in counts:
-            t0 = time.monotonic()
-            fleet.grow(n)
-            start_s = time.monotonic() - t0
-            p = run_size(fleet, n, size, reps)
-            p["agents_started_s"] = start_s
+            p = run_size(fleet, n, reps, a.pages)
             points.append(p)
             print(
-                f"{n:3d} agents: overhead {p['overhead_s']['median'] * 1e3:.0f} ms, commit "
-                f"{p['commit_s']['median'] * 1e3:.0f} ms, load {p['load_avg'][0]:.2f}",
+                f"{n:5d} agents: commit {p['commit_s']['median'] * 1e3:.0f} ms, coordinator "
+                f"{p['threads']['busy']} threads {p['rss']['busy'] / 2**20:.0f} MiB, "
+                f"load {p['load_avg'][0]:.2f}",
                 flush=True,
             )
     finally:
@@ -303,53 +303,62 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         {
             "agents": p["agents"],
-            "overhead ms": p["overhead_s"]["median"] * 1e3,
-            "min": p["overhead_s"]["min"] * 1e3,
-            "max": p["overhead_s"]["max"] * 1e3,
-            "overhead / unary RTT": p["overhead_s"]["median"] / rtt,
             "commit ms": p["commit_s"]["median"] * 1e3,
-            "slowest own ms": p["slowest_own_s"]["median"] * 1e3,
-            "frozen ms": p["frozen_s"]["median"] * 1e3,
+            "min": p["commit_s"]["min"] * 1e3,
+            "max": p["commit_s"]["max"] * 1e3,
             "barrier ms": p["barrier_s"]["median"] * 1e3,
+            "uploaded ms": p["captured_s"]["median"] * 1e3,
             "manifest+catalog ms": p["commit_phase_s"]["median"] * 1e3,
+            "coordinator CPU ms": p["coordinator_cpu_s"]["median"] * 1e3,
+            "threads idle": p["threads"]["idle"],
+            "threads busy": p["threads"]["busy"],
+            "RSS MiB": p["rss"]["busy"] / 2**20,
+            "sim RSS MiB": p["rss"]["sim"] / 2**20,
+            "connect s": p["connect_s"],
+            "attach s": p["attach_s"],
             "health RTT ms": p["health_rtt"]["median"] * 1e3,
             "load 1m": p["load_avg"][0],
         }
         for p in points
     ]
-    last = points[-1]
-    mib = size / MIB
+    top = points[-1]
     notes = [
-        f"Each agent holds one member of {mib:g} MiB of random bytes, refilled before every "
-        f"checkpoint (full, so every member uploads {mib:g} MiB); {reps} measured "
-        "checkpoints per count after one warm-up; median, min, max.",
-        "Checked: every checkpoint committed with every member's pages; the stored bytes "
-        "of the first and last member of the last checkpoint at each count were read back "
-        "(ReadGeneration) and equal what they held.",
-        "overhead = request to COMMITTED minus the slowest member's own work (its agent's "
-        "freeze, copy and thaw, and upload: hash, MissingChunks, UploadPages).",
-        f"Raw gRPC on loopback, same run: unary round trip {rtt * 1e3:.3f} ms (median of "
-        f"200), a {mib:g} MiB stream {raw['stream']['median'] * 1e3:.1f} ms.",
+        f"One simulator process (bench/agent_sim.py) per count holds that many agents, each "
+        f"with its own connection and Attach stream and one member of {a.pages} pages of real "
+        f"memory. {reps} measured checkpoints per count after a full warm-up; each changes "
+        "one page per member (incremental: one new 4 KiB chunk per member); median, min, max.",
+        "commit = the Checkpoint call to its COMMITTED event: Freeze to every agent, the "
+        "barrier, Capture, every member's MissingChunks + UploadPages + Uploaded, the "
+        "manifest and the catalog flip, Committed; the simulated agents' own work is "
+        "microseconds, so this is the control plane's cost (plus the simulator's share of "
+        "the CPUs).",
+        "Checked: every checkpoint committed with every member; the stored bytes of the first "
+        "and last member of the last checkpoint at each count were read back and equal what "
+        "the simulator held.",
+        f"Coordinator threads before the first simulator: {points[0]['threads']['before']}; "
+        f"with {top['agents']} agents connected: {top['threads']['idle']} idle, "
+        f"{top['threads']['busy']} after checkpoints (the thread-pool threads of uploads and "
+        "attaches start on demand, up to --rpc-threads; control streams hold none).",
+        f"Raw gRPC unary round trip on loopback, same run: {rtt * 1e3:.3f} ms (median of 200).",
         f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}"
         f"; at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}; the machine has "
-        f"{os.cpu_count()} CPUs shared by the coordinator, every agent and every target.",
-        f"Resident memory at {last['agents']} agents: agents "
-        f"{last['rss']['agents'] / MIB:.0f} MiB in all, coordinator "
-        f"{last['rss']['coordinator'] / MIB:.0f} MiB.",
+        f"{os.cpu_count()} CPUs shared by the coordinator, the simulator and this client.",
     ]
     extra = {
-        "size_bytes": size,
+        "pages": a.pages,
         "reps": reps,
         "mode": mode,
         "raw": raw,
         "points": points,
         "load_avg_start": load_start,
         "load_avg_end": os.getloadavg(),
-    }
+        "median_commit_s": {str(p["agents"]): statistics.median(
+            s["commit_s"] for s in p["samples"]) for p in points},
+    }  # fmt: skip
     cols = list(rows[0])
     for path in write_results(
         a.name,
-        "Coordinator overhead vs agents",
+        "Control plane: commit overhead, threads and memory vs agents",
         cols,
         rows,
         notes=notes,

@@ -1,8 +1,9 @@
 """Connected agents: one session per control stream, keyed by node name.
 
 A session is the coordinator's end of one `Attach` stream: what the agent said in its
-Hello, an outbound queue the stream's response generator drains, the command ids it
-hands out, and the waiters of commands answered by a CommandResult. The registry maps a
+Hello, an outbound queue the stream's writer drains (a waker tells an event loop that
+something was queued, so no thread waits on it), the command ids it hands out, and the
+waiters of commands answered by a CommandResult. The registry maps a
 node to its *current* session; a session that ends is compared by identity, so the end
 of a stale stream never removes the session of a newer one.
 
@@ -16,6 +17,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,9 @@ class AgentSession:
         self._lock = threading.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._heartbeats = itertools.count(1)
+        # Called (from any thread) after a message or the end is queued; the stream's
+        # writer sets it (e.g. loop.call_soon_threadsafe(event.set)). Must not block.
+        self.waker: Callable[[], None] | None = None
 
     # -- outbound --------------------------------------------------------------------
 
@@ -57,7 +62,13 @@ class AgentSession:
             cid = next(self._ids)
             if self.alive:
                 self._out.put(agent_pb2.CoordinatorMessage(command_id=cid, **body))
+        self._wake()
         return cid
+
+    def _wake(self) -> None:
+        w = self.waker
+        if w is not None:
+            w()
 
     def heartbeat(self) -> None:
         self.send(
@@ -76,6 +87,7 @@ class AgentSession:
             cid = next(self._ids)
             self._waiters[cid] = w
             self._out.put(agent_pb2.CoordinatorMessage(command_id=cid, **body))
+        self._wake()
         if not w.done.wait(timeout):
             with self._lock:
                 self._waiters.pop(cid, None)
@@ -88,6 +100,18 @@ class AgentSession:
         """For the stream's response generator: the next message; None once closed
         (close() always queues the None, so this never blocks forever)."""
         return self._out.get()
+
+    def drain(self) -> list[agent_pb2.CoordinatorMessage | None]:
+        """Everything queued so far, without waiting (a None ends the list: closed)."""
+        out: list[agent_pb2.CoordinatorMessage | None] = []
+        while True:
+            try:
+                m = self._out.get_nowait()
+            except queue.Empty:
+                return out
+            out.append(m)
+            if m is None:
+                return out
 
     # -- inbound ---------------------------------------------------------------------
 
@@ -118,6 +142,7 @@ class AgentSession:
             self._out.put(None)
         for w in waiters.values():
             w.done.set()
+        self._wake()
 
 
 @dataclass

@@ -151,8 +151,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
             raise Unauthenticated("no bearer token and no client certificate naming a role")
         return ident
 
-    def check(self, method: str, context: grpc.ServicerContext) -> str:
-        """The caller's agent node ("" if none); aborts the call when refused."""
+    def authorize(self, method: str, context: Any) -> str:
+        """The caller's agent node ("" if none); raises Unauthenticated or Forbidden
+        (logged) when refused. Works on sync and grpc.aio contexts."""
         allowed = required_role(method)
         if allowed is None:
             return ""
@@ -162,8 +163,15 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 raise Forbidden(role, method)
         except CpcoordError as e:
             log_event(log, logging.INFO, "refused", rpc=method, error=type(e).__name__)
-            abort_with(context, e)
+            raise
         return node
+
+    def check(self, method: str, context: grpc.ServicerContext) -> str:
+        """The caller's agent node ("" if none); aborts the call when refused."""
+        try:
+            return self.authorize(method, context)
+        except CpcoordError as e:
+            abort_with(context, e)
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails

@@ -49,9 +49,9 @@ KINDS = frozenset(
 AGENT_KINDS = frozenset({"agent_connected", "agent_disconnected", "gc_ran"})  # never filtered
 PROGRESS_KINDS = frozenset({"checkpoint_progress", "restore_progress"})  # on request only
 DEFAULT_QUEUE = 1024
-# Each Watch call holds one server thread for its whole life; the rest (agents' control
-# streams, checkpoints) must keep theirs.
-MAX_WATCHERS = 16
+# Watch streams hold no thread (the server is grpc.aio), but each holds a queue of up
+# to DEFAULT_QUEUE events: bounded so a misbehaving dashboard cannot exhaust memory.
+MAX_WATCHERS = 64
 
 # The core's progress kinds (coordinator/protocol_values.ProgressKind values) that are
 # also job events on their own, per operation.
@@ -94,6 +94,9 @@ class Watcher:
     _lost: int = 0  # dropped since the last event handed out
     lost_total: int = 0
     closed: bool = False
+    # Called under the bus's condition after an event is queued or on close: an event
+    # loop's reader sets it (call_soon_threadsafe) instead of waiting in get(). No blocking.
+    waker: Callable[[], None] | None = None
 
     def wants(self, ev: JobEvent) -> bool:
         if ev.kind in PROGRESS_KINDS and not self.include_progress:
@@ -106,6 +109,8 @@ class Watcher:
             self._lost += 1
             self.lost_total += 1
         self._q.append(ev)
+        if self.waker is not None:
+            self.waker()
 
     def get(self, timeout: float | None = None) -> JobEvent | None:
         """The next event (with `lost` set), or None after `timeout` or once closed."""
@@ -151,6 +156,8 @@ class EventBus:
             if w in self._watchers:
                 self._watchers.remove(w)
             self.cond.notify_all()
+        if w.waker is not None:
+            w.waker()
 
     @property
     def watchers(self) -> int:
@@ -160,10 +167,14 @@ class EventBus:
     def close(self) -> None:
         """Wake every reader and end their streams (the coordinator is stopping)."""
         with self.cond:
-            for w in self._watchers:
+            closing = list(self._watchers)
+            for w in closing:
                 w.closed = True
             self._watchers.clear()
             self.cond.notify_all()
+        for w in closing:
+            if w.waker is not None:
+                w.waker()
 
     # -- publishers ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.protocol import Generation
@@ -83,9 +84,14 @@ class Subscription:
         self.flight = flight
         self._q: queue.SimpleQueue[Progress] = queue.SimpleQueue()
         self.done = False
+        # Called after each put (from the engine's thread, under its lock): an event
+        # loop's reader sets it to wake up instead of holding a thread in get().
+        self.waker: Callable[[], None] | None = None
 
     def put(self, p: Progress) -> None:
         self._q.put(p)
+        if self.waker is not None:
+            self.waker()
 
     def get(self, timeout: float | None = None) -> Progress | None:
         try:

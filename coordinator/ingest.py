@@ -13,7 +13,9 @@ agent reports Uploaded; the engine builds the manifest from it at commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,135 +88,167 @@ def missing_chunks(engine: Engine, req: agent_pb2.MissingChunksRequest) -> bytes
 
 
 def upload(engine: Engine, requests: Iterator[agent_pb2.UploadRequest]) -> MemberUpload:
+    """One UploadPages stream, read to its end (the thread-pool way)."""
     first = next(requests, None)
     if first is None or not first.HasField("header"):
         raise InvalidArgument("an upload stream starts with a header")
-    h = first.header
-    check_name(h.node)
-    f = flight_for(engine, h.job, h.generation, h.member, h.node)
-    try:
-        done = _read(engine, f, h, requests)
-    except _BAD_DATA as e:
+    r = Receiver.open(engine, first.header)
+    while True:
+        try:
+            req = next(requests)
+        except StopIteration:
+            return r.end()
+        except BaseException as e:  # a message that does not parse is bad data too
+            r.fail(e)
+            raise
+        r.add(req)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+STORE_THREADS = 8
+
+
+def _store_pool() -> ThreadPoolExecutor:
+    """The threads that store batches while their streams receive the next one, shared
+    by all streams (each keeps at most one batch in flight): a thread started and joined
+    per stream cost more than a small upload itself, with thousands of agents."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ingest")
+        return _POOL
+
+
+class Receiver:
+    """One member's upload stream, fed message by message (`add`) and ended (`end`), so
+    an event loop can read the stream and hand each batch to a thread. Bad data aborts
+    the generation (BAD_DATA), a store failure too (store_error), as the module says."""
+
+    def __init__(self, engine: Engine, f: Flight, header: common_pb2.PagesHeader) -> None:
+        self.engine, self.f, self.h = engine, f, header
+        self.asm = UploadAssembler(header, engine.opt.page_size, engine.opt.max_batch_entries)
+        self.stored = [0, 0]  # chunks, bytes new to the store
+        # Storing batch i (BLAKE3, zstd and pack writes release the GIL) overlaps receiving
+        # and checking batch i+1: one batch in flight, its error raised at the next one.
+        self.pending: Future[None] | None = None
+        # Batches are stored in groups of STORE_BYTES: the store's cost per call (index
+        # lookups, sampling, locking) is paid once per group, not once per message.
+        self.group_ids: list[IdArray] = []
+        self.group: list[memoryview] = []
+        self.group_bytes = 0
+        self.first = True
+        self.t_check = self.t_store = 0.0  # where the stream's time goes (logged)
+
+    @classmethod
+    def open(cls, engine: Engine, header: common_pb2.PagesHeader) -> Receiver:
+        check_name(header.node)
+        f = flight_for(engine, header.job, header.generation, header.member, header.node)
+        return cls(engine, f, header)
+
+    def fail(self, e: BaseException) -> None:
+        """What a failure means for the generation (then the caller re-raises it)."""
+        h, f, engine = self.h, self.f, self.engine
+        self._settle()
+        if isinstance(e, _BAD_DATA):
+            log_event(
+                log, logging.WARNING, "bad upload", job=h.job, generation=h.generation,
+                member=h.member, node=h.node, why=str(e),
+            )  # fmt: skip
+            engine.feed(f, MemberFailed(h.node, h.member, AbortReason.BAD_DATA, str(e)))
+        elif isinstance(e, GenerationStateError):
+            pass  # aborted meanwhile: nothing more to say
+        elif isinstance(e, StoreError):
+            engine.feed(f, StoreFailed(f"upload of {h.member}: {e}"))
+
+    def _settle(self) -> None:
+        if self.pending is not None:  # a failure while a group was being stored: let it end
+            with contextlib.suppress(Exception):
+                self.pending.result()
+            self.pending = None
+
+    def _store(self, ids: IdArray, chunks: list[memoryview]) -> None:
+        r = self.engine.repo.add_chunks(self.f.job, self.f.number, ids, chunks)
+        self.stored[0] += r.stored
+        self.stored[1] += r.bytes_stored
+
+    def _take_group(self) -> tuple[IdArray, list[memoryview]]:
+        ids = self.group_ids[0] if len(self.group_ids) == 1 else np.concatenate(self.group_ids)
+        out = (ids, self.group)
+        self.group_ids, self.group, self.group_bytes = [], [], 0
+        return out
+
+    def add(self, req: agent_pb2.UploadRequest) -> None:
+        try:
+            self._add(req)
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+    def _add(self, req: agent_pb2.UploadRequest) -> None:
+        t1 = time.perf_counter()
+        if not req.HasField("batch"):
+            raise InvalidArgument("an upload stream has exactly one header, first")
+        ids, chunks = self.asm.add_batch(req.batch)
+        t2 = time.perf_counter()
+        if chunks:
+            self.group_ids.append(ids)
+            self.group.extend(chunks)
+            self.group_bytes += sum(len(c) for c in chunks)
+        if self.first:  # stored before anything else is read (the fault point's promise)
+            self.first = False
+            if self.group:
+                self._store(*self._take_group())
+            fault_point("coordinator.upload")
+        elif self.group_bytes >= STORE_BYTES:
+            if self.pending is not None:
+                self.pending.result()
+            self.pending = _store_pool().submit(self._store, *self._take_group())
+        t3 = time.perf_counter()
+        self.t_check, self.t_store = self.t_check + t2 - t1, self.t_store + t3 - t2
+
+    def end(self) -> MemberUpload:
+        """The stream ended well: store the rest, complete the member's tables, keep the
+        upload on the flight until its agent reports Uploaded."""
+        try:
+            done = self._end()
+        except BaseException as e:
+            self.fail(e)
+            raise
+        h, f, engine = self.h, self.f, self.engine
+        with engine.lock:
+            if engine.flights.get(h.job) is not f or not f.in_flight:
+                raise GenerationStateError(h.generation, h.job, "take pages", "it is not in flight")
+            f.uploads[h.member] = done
         log_event(
-            log,
-            logging.WARNING,
-            "bad upload",
-            job=h.job,
-            generation=h.generation,
-            member=h.member,
-            node=h.node,
-            why=str(e),
-        )
-        engine.feed(f, MemberFailed(h.node, h.member, AbortReason.BAD_DATA, str(e)))
-        raise
-    except GenerationStateError:
-        raise  # aborted meanwhile: nothing more to say
-    except StoreError as e:
-        engine.feed(f, StoreFailed(f"upload of {h.member}: {e}"))
-        raise
-    with engine.lock:
-        if engine.flights.get(h.job) is not f or not f.in_flight:
-            raise GenerationStateError(h.generation, h.job, "take pages", "it is not in flight")
-        f.uploads[h.member] = done
-    log_event(
-        log,
-        logging.INFO,
-        "member uploaded",
-        job=h.job,
-        generation=h.generation,
-        member=h.member,
-        pages=done.pages,
-        chunks_new=done.chunks_new,
-        bytes_received=done.bytes_received,
-        bytes_new=done.bytes_stored_new,
-    )
-    return done
+            log, logging.INFO, "member uploaded", job=h.job, generation=h.generation,
+            member=h.member, pages=done.pages, chunks_new=done.chunks_new,
+            bytes_received=done.bytes_received, bytes_new=done.bytes_stored_new,
+        )  # fmt: skip
+        return done
 
-
-def _read(
-    engine: Engine,
-    f: Flight,
-    header: common_pb2.PagesHeader,
-    requests: Iterator[agent_pb2.UploadRequest],
-) -> MemberUpload:
-    asm = UploadAssembler(header, engine.opt.page_size, engine.opt.max_batch_entries)
-    job, n = f.job, f.number
-    stored = [0, 0]  # chunks, bytes new to the store
-    # Storing batch i (BLAKE3, zstd and pack writes release the GIL) overlaps receiving
-    # and checking batch i+1: one batch in flight, its error raised at the next one.
-    pending: Future[None] | None = None
-    t_wait = t_check = t_store = 0.0  # where the stream's time goes (logged)
-
-    def store(ids: IdArray, chunks: list[memoryview]) -> None:
-        r = engine.repo.add_chunks(job, n, ids, chunks)
-        stored[0] += r.stored
-        stored[1] += r.bytes_stored
-
-    # Batches are stored in groups of STORE_BYTES: the store's cost per call (index
-    # lookups, sampling, locking) is paid once per group, not once per message.
-    group_ids: list[IdArray] = []
-    group: list[memoryview] = []
-    group_bytes = 0
-
-    def submit() -> Future[None] | None:
-        nonlocal group_ids, group, group_bytes
-        if not group:
-            return None
-        ids = group_ids[0] if len(group_ids) == 1 else np.concatenate(group_ids)
-        fut = pool.submit(store, ids, group)
-        group_ids, group, group_bytes = [], [], 0
-        return fut
-
-    with ThreadPoolExecutor(1, thread_name_prefix=f"ingest-{job}") as pool:
+    def _end(self) -> MemberUpload:
         t0 = time.perf_counter()
-        first = True
-        for req in requests:
-            t1 = time.perf_counter()
-            if not req.HasField("batch"):
-                raise InvalidArgument("an upload stream has exactly one header, first")
-            ids, chunks = asm.add_batch(req.batch)
-            t2 = time.perf_counter()
-            if chunks:
-                group_ids.append(ids)
-                group.extend(chunks)
-                group_bytes += sum(len(c) for c in chunks)
-            if first or group_bytes >= STORE_BYTES:
-                if pending is not None:
-                    pending.result()
-                pending = submit()
-            if first:
-                first = False
-                if pending is not None:
-                    pending.result()
-                fault_point("coordinator.upload")
-            t3 = time.perf_counter()
-            t_wait, t_check, t_store = t_wait + t1 - t0, t_check + t2 - t1, t_store + t3 - t2
-            t0 = time.perf_counter()
-        if pending is not None:
-            pending.result()
-        pending = submit()
-        if pending is not None:
-            pending.result()
-    chunks_new, bytes_new = stored
-    parent = f.parent_manifest(engine.repo.manifest)
-    pm = None
-    if parent is not None:
-        pm = next((m for m in parent.members if m.name == asm.header.member), None)
-    done = asm.finish(pm, chunks_new, bytes_new)
-    # Claim every chunk the tables name (kept from gc until commit) and check it is there.
-    lacking = engine.repo.missing(job, n, done.chunk_ids)
-    if lacking.size:
-        raise ChunkMissing(lacking.size, n, job, lacking[0].tobytes().hex())
-    log_event(
-        log,
-        logging.DEBUG,
-        "upload timing",
-        job=job,
-        generation=n,
-        member=done.member,
-        wait_s=round(t_wait, 3),
-        check_s=round(t_check, 3),
-        store_s=round(t_store, 3),
-        finish_s=round(time.perf_counter() - t0, 3),
-    )
-    return done
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = None
+        if self.group:  # the last group: nothing left to overlap with, so store it here
+            self._store(*self._take_group())
+        engine, f, job, n = self.engine, self.f, self.f.job, self.f.number
+        chunks_new, bytes_new = self.stored
+        parent = f.parent_manifest(engine.repo.manifest)
+        pm = None
+        if parent is not None:
+            with contextlib.suppress(KeyError):
+                pm = parent.member(self.asm.header.member)
+        done = self.asm.finish(pm, chunks_new, bytes_new)
+        # Claim every chunk the tables name (kept from gc until commit) and check it is there.
+        lacking = engine.repo.missing(job, n, done.chunk_ids)
+        if lacking.size:
+            raise ChunkMissing(lacking.size, n, job, lacking[0].tobytes().hex())
+        log_event(
+            log, logging.DEBUG, "upload timing", job=job, generation=n, member=done.member,
+            check_s=round(self.t_check, 3), store_s=round(self.t_store, 3),
+            finish_s=round(time.perf_counter() - t0, 3),
+        )  # fmt: skip
+        return done

@@ -94,7 +94,7 @@ def _progress(
     snap: Snapshot, kind: ProgressKind, m: MemberRecord | None = None, **kw: object
 ) -> EmitProgress:
     sp = snap.spec
-    done = sum(1 for x in snap.members if x.state is sp.done_state)
+    done = snap.count(sp.done_state)
     ev = ProgressEvent(kind, sp.job, sp.generation, done=done, total=len(snap.members))
     if m is not None:
         ev = dataclasses.replace(ev, member=m.name, node=m.node, stats=m.stats)
@@ -119,8 +119,7 @@ def _member(snap: Snapshot, node: str, name: str) -> MemberRecord:
 
 
 def _set(snap: Snapshot, recs: Iterable[MemberRecord]) -> Snapshot:
-    new = {r.name: r for r in recs}
-    return dataclasses.replace(snap, members=tuple(new.get(m.name, m) for m in snap.members))
+    return snap.with_members(recs)
 
 
 def _live_nodes(snap: Snapshot) -> list[str]:
@@ -146,6 +145,13 @@ def _still_frozen(snap: Snapshot) -> list[MemberRecord]:
     if snap.spec.kind is Kind.RESTORE:
         return list(snap.members)
     return [m for m in snap.members if m.state in (MemberState.PENDING, MemberState.FROZEN)]
+
+
+def _any_still_frozen(snap: Snapshot) -> bool:
+    """`bool(_still_frozen(snap))` without walking the members."""
+    if snap.spec.kind is Kind.RESTORE:
+        return bool(snap.members)
+    return snap.count(MemberState.PENDING) + snap.count(MemberState.FROZEN) > 0
 
 
 # -- actions -------------------------------------------------------------------------
@@ -184,7 +190,7 @@ def _frozen(snap: Snapshot, event: Event) -> Result:
     recs = [_member(snap, event.node, n) for n in _targets(snap, event)]
     pending = [r for r in recs if r.state is MemberState.PENDING]
     new = _set(snap, (dataclasses.replace(r, state=MemberState.FROZEN) for r in pending))
-    if any(m.state is MemberState.PENDING for m in new.members):
+    if new.count(MemberState.PENDING):
         return new, ()
     # The barrier: every member is frozen, the cut is taken.
     sp = new.spec
@@ -253,7 +259,7 @@ def _advance(kind: Kind, before: MemberState, after: MemberState, progress: Prog
         rec = dataclasses.replace(m, state=after, stats=m.stats.merge(event.stats))
         new = _set(snap, [rec])
         out: list[Command] = [_progress(new, progress, rec)]
-        if any(x.state is not after for x in new.members) or after is MemberState.STAGED:
+        if new.count(after) != len(new.members) or after is MemberState.STAGED:
             return new, tuple(out)
         sp = new.spec
         if kind is Kind.RESTORE:  # written everywhere: thaw all at once
@@ -275,7 +281,7 @@ def _tick(snap: Snapshot, event: Event) -> Result:
     if snap.state is GenState.PREPARING and now >= d.freeze_at:
         pending = [m.name for m in snap.members if m.state is MemberState.PENDING]
         return _abort(snap, AbortReason.FREEZE_TIMEOUT, "not frozen: " + ", ".join(pending))
-    if snap.state is GenState.FROZEN and now >= d.lease_at and _still_frozen(snap):
+    if snap.state is GenState.FROZEN and now >= d.lease_at and _any_still_frozen(snap):
         names = ", ".join(m.name for m in _still_frozen(snap))
         return _abort(snap, AbortReason.LEASE_EXPIRED, "still frozen: " + names)
     if now >= d.commit_at:
@@ -472,7 +478,7 @@ class Generation:
             return None
         if s.state is GenState.PREPARING:
             return d.freeze_at
-        if s.state is GenState.FROZEN and _still_frozen(s):
+        if s.state is GenState.FROZEN and _any_still_frozen(s):
             return d.lease_at
         return d.commit_at
 

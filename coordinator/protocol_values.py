@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from functools import cached_property
 
@@ -185,8 +185,22 @@ class Spec:
     def nodes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(n for _, n in self.members))
 
+    # Lookups by name and by node, built once: the core handles one event per member
+    # report, so a scan of every member per event is quadratic in the job's size.
+    @cached_property
+    def index(self) -> dict[str, int]:
+        """Member name -> its position in `members` (and in Snapshot.members)."""
+        return {m: i for i, (m, _) in enumerate(self.members)}
+
+    @cached_property
+    def _by_node(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for m, n in self.members:
+            out.setdefault(n, []).append(m)
+        return {n: tuple(ms) for n, ms in out.items()}
+
     def members_on(self, node: str) -> tuple[str, ...]:
-        return tuple(m for m, n in self.members if n == node)
+        return self._by_node.get(node, ())
 
     @property
     def done_state(self) -> MemberState:
@@ -219,10 +233,34 @@ class Snapshot:
         return cls(spec, GenState.NEW, tuple(MemberRecord(m, n) for m, n in spec.members))
 
     def member(self, name: str) -> MemberRecord | None:
+        i = self.spec.index.get(name)
+        return None if i is None else self.members[i]
+
+    @cached_property
+    def _counts(self) -> dict[MemberState, int]:
+        out = dict.fromkeys(MemberState, 0)
         for m in self.members:
-            if m.name == name:
-                return m
-        return None
+            out[m.state] += 1
+        return out
+
+    def count(self, state: MemberState) -> int:
+        """Members in `state` (kept up to date by `with_members`, else counted once)."""
+        return self._counts[state]
+
+    def with_members(self, recs: Iterable[MemberRecord]) -> Snapshot:
+        """This snapshot with the given members' records replaced (by name), in O(k)
+        besides one copy of the member tuple."""
+        members = list(self.members)
+        counts = dict(self._counts)
+        idx = self.spec.index
+        for r in recs:
+            i = idx[r.name]
+            counts[members[i].state] -= 1
+            counts[r.state] += 1
+            members[i] = r
+        new = replace(self, members=tuple(members))
+        new.__dict__["_counts"] = counts  # cached_property's slot, filled ahead
+        return new
 
     def totals(self) -> Stats:
         return Stats.total(m.stats for m in self.members)

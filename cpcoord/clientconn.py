@@ -1,27 +1,34 @@
 """The client end for CLI commands: where the coordinator is, the channel, the stub, and
 calls whose failures come back as CpcoordErrors (via cpcoord.grpcutil).
 
-Every client command takes `--coordinator HOST:PORT` (default `$CPCOORD_COORDINATOR`),
+Every client command takes `--coordinator HOST:PORT[,HOST:PORT...]` (default
+`$CPCOORD_COORDINATOR`; several addresses: replicas, see cpcoord/endpoints.py),
 `--insecure` (or CPCOORD_INSECURE=1), `--tls-cert/--tls-key/--tls-ca` (or
 $CPCOORD_TLS_CERT/_KEY/_CA) for mTLS, `--token`/`--token-file` (or $CPCOORD_TOKEN) for the
 bearer token, and `--timeout SECONDS` for unary calls. Streams (checkpoint, export, gc,
 verify) have no deadline of their own: the coordinator's protocol deadlines bound them.
+A call answered "not the leader", or sent to an address that cannot be reached, is sent
+again to the leader named, or to the next address (cpcoord/endpoints.py); a stream only
+before its first message (after that, the call already had its effect).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from cpcoord.errors import NoCoordinatorAddress
+from cpcoord.endpoints import Endpoints, Failover
+from cpcoord.errors import CpcoordError, NoCoordinatorAddress
 from cpcoord.gen.v1 import coordinator_pb2_grpc
-from cpcoord.grpcutil import insecure_requested, make_channel, raise_from_rpc_error
+from cpcoord.grpcutil import insecure_requested, make_channel, rpc_to_error
+
+T = TypeVar("T")
 
 ENV_ADDRESS = "CPCOORD_COORDINATOR"
 # The option group of client commands; cpcoord.config applies its [client] table to them.
@@ -32,9 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(GROUP_TITLE)
     g.add_argument(
         "--coordinator",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,...]",
         default=None,
-        help=f"the coordinator's address (default: ${ENV_ADDRESS})",
+        help=f"the coordinator's address; all of them for replicas (default: ${ENV_ADDRESS})",
     )
     g.add_argument(
         "--insecure",
@@ -86,7 +93,8 @@ def address(args: argparse.Namespace) -> str:
 
 
 class Client:
-    """A channel to the coordinator and its `Coordinator` stub."""
+    """Channels to the coordinator (one per address, opened when first used) and calls
+    that follow the leader among replicas."""
 
     def __init__(
         self,
@@ -97,34 +105,79 @@ class Client:
         tls: Any = None,
         token: str | None = None,
     ) -> None:
-        self.address = addr
+        self.endpoints = Endpoints(addr)
+        self.address = str(self.endpoints)
         self.timeout = timeout
         self.insecure = insecure_requested(insecure)
-        self.channel = make_channel(addr, self.insecure, tls=tls, token=token)
-        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self._tls, self._token = tls, token
+        self._channels: dict[str, tuple[grpc.Channel, coordinator_pb2_grpc.CoordinatorStub]] = {}
+        self._get(self.endpoints.current)  # a bad TLS configuration fails here, not later
+
+    def _get(self, addr: str) -> tuple[grpc.Channel, coordinator_pb2_grpc.CoordinatorStub]:
+        if addr not in self._channels:
+            ch = make_channel(addr, self.insecure, tls=self._tls, token=self._token)
+            self._channels[addr] = (ch, coordinator_pb2_grpc.CoordinatorStub(ch))
+        return self._channels[addr]
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._get(self.endpoints.current)[0]
+
+    @property
+    def stub(self) -> coordinator_pb2_grpc.CoordinatorStub:
+        return self._get(self.endpoints.current)[1]
+
+    def with_failover(self, fn: Callable[[coordinator_pb2_grpc.CoordinatorStub, str], T]) -> T:
+        """`fn(stub, address)` against the current address; when it raises NotLeader or
+        CoordinatorUnavailable, again against the leader or the next address."""
+        fo = Failover(self.endpoints, max(self.timeout, 1.0))
+        while True:
+            addr = self.endpoints.current
+            try:
+                return fn(self._get(addr)[1], addr)
+            except CpcoordError as err:
+                if not fo.retry(err):
+                    raise
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """A unary call; failures raise the CpcoordError they stand for."""
-        fn = getattr(self.stub, method)
-        try:
-            return fn(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as e:
-            raise_from_rpc_error(e, method, self.address)
+
+        def once(stub: coordinator_pb2_grpc.CoordinatorStub, addr: str) -> Any:
+            try:
+                return getattr(stub, method)(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as e:
+                raise rpc_to_error(e, method, addr) from e
+
+        return self.with_failover(once)
 
     def stream(self, method: str, request: Any, timeout: float | None = None) -> Iterator[Any]:
         """A server-streaming call, iterated; failures raise CpcoordErrors. Closing the
-        iterator early cancels the call."""
-        fn = getattr(self.stub, method)
-        call = fn(request, timeout=timeout)
+        iterator early cancels the call. Retried elsewhere only before its first item."""
+
+        def start(stub: coordinator_pb2_grpc.CoordinatorStub, addr: str) -> tuple[Any, Any, str]:
+            call = getattr(stub, method)(request, timeout=timeout)
+            try:
+                first = next(call, _END)
+            except grpc.RpcError as e:
+                call.cancel()
+                raise rpc_to_error(e, method, addr) from e
+            return call, first, addr
+
+        call, first, addr = self.with_failover(start)
         try:
+            if first is _END:
+                return
+            yield first
             yield from call
         except grpc.RpcError as e:
-            raise_from_rpc_error(e, method, self.address)
+            raise rpc_to_error(e, method, addr) from e
         finally:
             call.cancel()
 
     def close(self) -> None:
-        self.channel.close()
+        for ch, _ in self._channels.values():
+            ch.close()
+        self._channels.clear()
 
     def __enter__(self) -> Client:
         return self
@@ -133,6 +186,9 @@ class Client:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+_END = object()
 
 
 def connect(args: argparse.Namespace) -> Client:

@@ -9,7 +9,7 @@ Exit codes (also in docs/exit-codes.md):
   0 success, 1 unexpected error, 2 usage error (argparse),
   10-19 process and capture errors, 20-29 ranges and input, 30-39 files and images,
   40-49 trackers, 50-59 coordinator and protocol, 60-69 store,
-  70-79 coordinator service and clients.
+  70-79 coordinator service and clients, 140-144 coordinator replicas (high availability).
 """
 
 from __future__ import annotations
@@ -70,6 +70,13 @@ class FreezeFailed(CpcoordError):
 
     exit_code = 14
     status = "FAILED_PRECONDITION"
+
+
+class AgentStepFailed(CpcoordError):
+    """the agent could not {}: an unexpected {} (the agent log has the details)"""
+
+    exit_code = 16
+    status = "INTERNAL"
 
 
 class ReadFailed(CpcoordError):
@@ -685,3 +692,33 @@ class SlurmCommandFailed(CpcoordError):
 
     exit_code = 136
     status = "INTERNAL"
+
+
+# -- high availability: coordinator replicas on etcd (140-144) ------------------------------
+
+
+class NotLeader(CpcoordError):
+    """this coordinator is not the leader; the leader is {}"""
+
+    exit_code = 140
+    status = "UNAVAILABLE"
+
+    @property
+    def leader(self) -> str:
+        """The leader's address (HOST:PORT), "" when none is known (an election runs)."""
+        v = str(self.args[0]) if self.args else ""
+        return "" if v in ("", "unknown") else v
+
+
+class LeadershipLost(CpcoordError):
+    """this coordinator lost its leadership: {}"""
+
+    exit_code = 141
+    status = "UNAVAILABLE"
+
+
+class EtcdUnavailable(CpcoordError):
+    """cannot use etcd at {}: {}"""
+
+    exit_code = 142
+    status = "UNAVAILABLE"

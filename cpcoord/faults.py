@@ -12,6 +12,10 @@ daemon writes `$CPCOORD_FAULT_DIR/NAME.reached` (atomically: the test polls for 
 it, and blocks that thread forever; the test then sends SIGKILL. Other threads keep
 running (heartbeats go on), so the process is exactly "in the middle of" that phase. A
 point pauses at most once per process: other passes go through.
+
+`CPCOORD_FAULT_HOLD=NAME[@K]` (same syntax) blocks only until the test creates
+`$CPCOORD_FAULT_DIR/NAME.release`, then goes on: a phase made to last as long as the
+test needs, e.g. a commit that resumes after its leader lost its lease.
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ from cpcoord.log import log_event
 
 log = logging.getLogger("cpcoord.faults")
 ENV_PAUSE = "CPCOORD_FAULT_PAUSE"
+ENV_HOLD = "CPCOORD_FAULT_HOLD"
 ENV_DIR = "CPCOORD_FAULT_DIR"
 
 _passes: dict[str, int] = {}
 _lock = threading.Lock()
 
 
-def armed() -> dict[str, int]:
+def armed(env: str = ENV_PAUSE) -> dict[str, int]:
     """Point names the environment asks to pause at, with the pass to pause on (1..)."""
     out = {}
-    for item in os.environ.get(ENV_PAUSE, "").split(","):
+    for item in os.environ.get(env, "").split(","):
         name, _, nth = item.strip().partition("@")
         if name:
             out[name] = int(nth) if nth.isdigit() and int(nth) > 0 else 1
@@ -47,18 +52,30 @@ def marker(name: str, directory: str | Path | None = None) -> Path:
     return base / f"{name}.reached"
 
 
+def release_file(name: str, directory: str | Path | None = None) -> Path:
+    """The file that lets a held point go on (CPCOORD_FAULT_HOLD)."""
+    return marker(name, directory).with_name(f"{name}.release")
+
+
 def fault_point(name: str) -> None:
-    """Pause here forever if the environment names this point (on its chosen pass)."""
-    nth = armed().get(name)
-    if nth is None:
+    """Pause here forever (or hold until released) if the environment names this point
+    (on its chosen pass)."""
+    pause, hold = armed().get(name), armed(ENV_HOLD).get(name)
+    if pause is None and hold is None:
         return
     with _lock:
-        _passes[name] = _passes.get(name, 0) + 1
-        if _passes[name] != nth:
-            return
+        _passes[name] = n = _passes.get(name, 0) + 1
+    if n not in (pause, hold):
+        return
     path = marker(name)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{os.getpid()}\n")
     os.replace(tmp, path)
-    log_event(log, logging.WARNING, "fault point reached: pausing", point=name, pid=os.getpid())
-    threading.Event().wait()  # until SIGKILL
+    if n == pause:
+        log_event(log, logging.WARNING, "fault point reached: pausing", point=name, pid=os.getpid())
+        threading.Event().wait()  # until SIGKILL
+    log_event(log, logging.WARNING, "fault point reached: holding", point=name, pid=os.getpid())
+    release = release_file(name)
+    while not release.exists():
+        threading.Event().wait(0.05)
+    log_event(log, logging.WARNING, "fault point released", point=name, pid=os.getpid())

@@ -5,6 +5,8 @@ Servicer side: `rpc_errors` wraps a handler (unary or streaming) so a CpcoordErr
 the call with the class's `status` and message, and with trailing metadata naming the
 class (`cpcoord-error`) and its exit code; any other exception becomes INTERNAL (logged
 with its traceback, never with data). `abort_with(context, err)` does the same by hand.
+`rpc_errors_async` and `abort_with_async` are the same for grpc.aio handlers (coroutines
+and async generators). `NotLeader` also carries the leader's address (`cpcoord-leader`).
 
 Client side: `raise_from_rpc_error(e)` turns a grpc.RpcError back into the same class
 with the server's message, so `cpcoord` exits with the code the error would have had
@@ -36,6 +38,7 @@ from cpcoord.errors import (
     InvalidArgument,
     MessageTooLarge,
     NotImplementedYet,
+    NotLeader,
     RemoteError,
 )
 from cpcoord.log import log_event
@@ -45,6 +48,7 @@ log = logging.getLogger("cpcoord.grpc")
 MAX_MESSAGE_BYTES = 64 << 20  # every stream, both ways; Welcome.max_message_bytes
 META_ERROR = "cpcoord-error"
 META_EXIT = "cpcoord-exit-code"
+META_LEADER = "cpcoord-leader"  # NotLeader: the leader's HOST:PORT ("" during an election)
 ENV_INSECURE = "CPCOORD_INSECURE"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,15 +70,24 @@ def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]
     ]
 
 
+# Calls that arrived but that the server has not picked up yet. gRPC's defaults (1000,
+# hard limit 3000) cancel the rest with CANCELLED; a grpc.aio server picks calls up from
+# its event loop, so with thousands of agents uploading at once (bench/scale.py, 2,000
+# agents) a burst goes over 1000 while nothing is wrong. A pending call costs a few KiB.
+MAX_PENDING_CALLS = 1 << 16
+
+
 def server_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     """Server options: the same limits; no SO_REUSEPORT, so two coordinators can never
-    listen on one port; accept the clients' keepalive pings."""
+    listen on one port; accept the clients' keepalive pings; let bursts of calls wait."""
     return [
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
 
 
@@ -120,12 +133,25 @@ def status_code(err: CpcoordError) -> grpc.StatusCode:
         return grpc.StatusCode.INTERNAL
 
 
+def error_metadata(err: CpcoordError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that lets the client recreate `err`."""
+    meta = [(META_ERROR, type(err).__name__), (META_EXIT, str(err.exit_code))]
+    if isinstance(err, NotLeader):
+        meta.append((META_LEADER, err.leader))
+    return tuple(meta)
+
+
 def abort_with(context: grpc.ServicerContext, err: CpcoordError) -> NoReturn:
     """End the call with the error's status, message and class (trailing metadata)."""
-    context.set_trailing_metadata(
-        ((META_ERROR, type(err).__name__), (META_EXIT, str(err.exit_code)))
-    )
+    context.set_trailing_metadata(error_metadata(err))
     context.abort(status_code(err), err.message())
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+async def abort_with_async(context: Any, err: CpcoordError) -> NoReturn:
+    """`abort_with` for a grpc.aio context (whose abort is a coroutine)."""
+    context.set_trailing_metadata(error_metadata(err))
+    await context.abort(status_code(err), err.message())
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
@@ -201,6 +227,54 @@ def rpc_errors(fn: F) -> F:
     return cast(F, unary)
 
 
+def _is_abort_async(e: BaseException) -> bool:
+    # grpc.aio's abort raises grpc.aio.AbortError (module grpc.aio._base_call or so).
+    return type(e).__module__.startswith("grpc")
+
+
+def rpc_errors_async(fn: F) -> F:
+    """`rpc_errors` for grpc.aio handlers: a coroutine function or an async generator
+    function. Malformed requests (see `add_servicer`) are refused the same way."""
+    name = fn.__name__
+
+    async def fail(context: Any, e: Exception) -> NoReturn:
+        if isinstance(e, CpcoordError):
+            await abort_with_async(context, e)
+        log.error("rpc failed", exc_info=e, extra={"fields": {"rpc": name}})
+        msg = f"internal error in {name}: {type(e).__name__}: {e}"
+        await context.abort(grpc.StatusCode.INTERNAL, msg)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def agen(self: Any, request: Any, context: Any) -> Any:
+            try:
+                if isinstance(request, Malformed):
+                    raise request.error()
+                async for item in fn(self, request, context):
+                    yield item
+            except Exception as e:
+                if _is_abort_async(e):
+                    raise
+                await fail(context, e)
+
+        return cast(F, agen)
+
+    @functools.wraps(fn)
+    async def coro(self: Any, request: Any, context: Any) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                raise request.error()
+            return await fn(self, request, context)
+        except Exception as e:
+            if _is_abort_async(e):
+                raise
+            await fail(context, e)
+
+    return cast(F, coro)
+
+
 def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     owner = getattr(deserialize, "__self__", None)
     type_name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
@@ -226,18 +300,34 @@ class _Capture:
         self.service, self.handlers = service, dict(handlers)
 
 
-def add_servicer(add_fn: Callable[[Any, Any], None], servicer: Any, server: grpc.Server) -> None:
-    """Like the generated `add_XServicer_to_server`, but a request that does not parse
-    reaches the (rpc_errors-decorated) method as `Malformed`, which refuses it with
-    INVALID_ARGUMENT naming the message type, instead of gRPC's bare INTERNAL."""
+def servicer_handlers(
+    add_fn: Callable[[Any, Any], None], servicer: Any
+) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """The service name and method handlers the generated `add_XServicer_to_server`
+    would register, each with a deserializer that hands a request that does not parse
+    to the (rpc_errors-decorated) method as `Malformed`."""
     cap = _Capture()
     add_fn(servicer, cap)
     handlers = {
         name: h._replace(request_deserializer=_safe(h.request_deserializer))  # type: ignore[attr-defined, arg-type]
         for name, h in cap.handlers.items()
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.service, handlers),))
-    server.add_registered_method_handlers(cap.service, handlers)  # type: ignore[attr-defined]
+    return cap.service, handlers
+
+
+def register_handlers(
+    server: Any, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    """Register method handlers on a server (sync or grpc.aio)."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def add_servicer(add_fn: Callable[[Any, Any], None], servicer: Any, server: grpc.Server) -> None:
+    """Like the generated `add_XServicer_to_server`, but a request that does not parse
+    reaches the (rpc_errors-decorated) method as `Malformed`, which refuses it with
+    INVALID_ARGUMENT naming the message type, instead of gRPC's bare INTERNAL."""
+    register_handlers(server, *servicer_handlers(add_fn, servicer))
 
 
 def error_detail_fields(err: CpcoordError) -> dict[str, Any]:
@@ -286,6 +376,9 @@ def rpc_to_error(e: grpc.RpcError, what: str = "the call", target: str = "") -> 
     meta = dict(call.trailing_metadata() or ()) if hasattr(call, "trailing_metadata") else {}
     name = meta.get(META_ERROR)
     cls = _error_class(name) if isinstance(name, str) else None
+    if cls is NotLeader:
+        leader = meta.get(META_LEADER)
+        return NotLeader(leader if isinstance(leader, str) and leader else "unknown")
     if cls is not None:
         return remote_error(cls, details)
     if code is grpc.StatusCode.UNAVAILABLE:

@@ -14,7 +14,9 @@ the agent acts on at once: it thaws every member it holds frozen, cancels upload
 staging, and keeps the pending changed sets (the coordinator aborts what the agent owed;
 the next capture covers those pages). Then it reconnects with exponential backoff and
 full jitter (`backoff_initial_s` doubling to `backoff_max_s`, each wait uniform in
-[d/2, d]; reset after a Welcome).
+[d/2, d]; reset after a Welcome). With coordinator replicas (`--coordinator A,B,C`) it
+dials the leader a follower named in its NotLeader answer at once, else the next address
+(cpcoord/endpoints.py).
 
 Restore (issue 5): a Freeze of kind RESTORE freezes and fits the members (Failed MISMATCH
 for one that cannot take the generation back, then no Frozen); a Restore downloads each
@@ -37,7 +39,15 @@ from dataclasses import dataclass
 import grpc
 
 from cpcoord import __version__, grpcutil
-from cpcoord.errors import AgentUnavailable, ChunkMismatch, CpcoordError, NotImplementedYet
+from cpcoord.endpoints import Endpoints
+from cpcoord.errors import (
+    AgentUnavailable,
+    ChunkMismatch,
+    CoordinatorUnavailable,
+    CpcoordError,
+    NotImplementedYet,
+    NotLeader,
+)
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent import metrics, restore_ops
@@ -73,7 +83,7 @@ LOOPBACK = ("localhost", "127.", "[::1]", "::1", "ip6-localhost")
 
 @dataclass(frozen=True)
 class AgentConfig:
-    coordinator: str  # HOST:PORT
+    coordinator: str  # HOST:PORT, or HOST:PORT,HOST:PORT... (replicas)
     node: str
     insecure: bool = False
     lease_s: float = 10.0
@@ -86,8 +96,8 @@ class AgentConfig:
 
     def compress_uploads(self) -> bool:
         if self.compress == "auto":
-            host = self.coordinator.rpartition(":")[0] or self.coordinator
-            return not host.startswith(LOOPBACK)
+            hosts = [a.rpartition(":")[0] or a for a in self.coordinator.split(",")]
+            return not all(h.strip().startswith(LOOPBACK) for h in hosts)
         return self.compress == "zstd"
 
 
@@ -129,6 +139,9 @@ class Agent:
             lambda addr, insecure: grpcutil.make_channel(addr, insecure)
         )
         self._lock = threading.Lock()
+        self._endpoints = Endpoints(config.coordinator)
+        self._redial_now = False  # a follower named the leader: dial it without waiting
+        self._quick = 0  # such immediate redials since the last Welcome (bounded)
         self._session: _Session | None = None
         self._epoch = 0
         self._stop = threading.Event()
@@ -162,6 +175,9 @@ class Agent:
                 break
             if welcomed:  # a stream that worked: start again from the shortest wait
                 delays = backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+            if self._redial_now:
+                self._redial_now = False
+                continue
             wait = next(delays)
             log.info("reconnecting", extra={"fields": {"in_s": round(wait, 3)}})
             self._stop.wait(wait)
@@ -220,7 +236,8 @@ class Agent:
 
     def _serve_once(self) -> bool:
         """One control stream, from dial to break. True if it got as far as a Welcome."""
-        channel = self._channel_factory(self.config.coordinator, self.config.insecure)
+        addr = self._endpoints.current
+        channel = self._channel_factory(addr, self.config.insecure)
         stub = enable_frames(agent_pb2_grpc.AgentControlStub(channel), channel)
         with self._lock:
             self._epoch += 1
@@ -243,15 +260,26 @@ class Agent:
                     continue
                 self._command(s, msg)
         except grpc.RpcError as e:
-            err = grpcutil.rpc_to_error(e, "Attach", self.config.coordinator)
+            err = grpcutil.rpc_to_error(e, "Attach", addr)
             (log.info if self._stop.is_set() else log.warning)(
                 "control stream broke",
-                extra={"fields": {"coordinator": self.config.coordinator, "error": str(err)}},
+                extra={"fields": {"coordinator": addr, "error": str(err)}},
             )
+            self._next_address(err)
         finally:
             self._broken(s)
             channel.close()
         return welcomed
+
+    def _next_address(self, err: CpcoordError) -> None:
+        """Replicas: go to the leader a follower named, else to the next address."""
+        if isinstance(err, NotLeader) and err.leader and self._endpoints.follow(err.leader):
+            # At once, but not forever: replicas that disagree during an election must
+            # not make the agent bounce between them without a pause.
+            self._redial_now = self._quick < 2
+            self._quick += 1
+        elif isinstance(err, NotLeader | CoordinatorUnavailable):
+            self._endpoints.advance()
 
     def _welcome(self, s: _Session, w: agent_pb2.Welcome) -> None:
         s.limits = Limits(
@@ -260,6 +288,7 @@ class Agent:
             compress=self.config.compress_uploads(),
         )
         s.interval = (w.heartbeat_interval_ms or 1000) / 1000
+        self._quick = 0
         if self.sessions:
             metrics.RECONNECTS.inc()
         self.sessions += 1
@@ -269,7 +298,7 @@ class Agent:
             "attached",
             extra={
                 "fields": {
-                    "coordinator": self.config.coordinator,
+                    "coordinator": self._endpoints.current,
                     "node": self.config.node,
                     "members": len(self.members.all()),
                     "epoch": s.epoch,

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 from cpcoord import faults
 from cpcoord.errors import (
+    AgentStepFailed,
     CpcoordError,
     LeaseExpired,
     MemberNotRunning,
@@ -159,9 +160,10 @@ class Worker:
                     if op is not None:
                         self._dispatch(op)
                         tracees.poll()
-                except Exception:  # the ptrace thread must survive any bug
+                except Exception as e:  # the ptrace thread must survive any bug
                     name = type(op).__name__
                     log.exception("worker step failed", extra={"fields": {"op": name}})
+                    self._release_failed(op, e)
         finally:
             for key in list(self._frozen):
                 self._thaw(key)
@@ -170,6 +172,25 @@ class Worker:
             if tracees.poll():
                 held = {"threads": tracees.held()}
                 log.info("held threads released by the thread's end", extra={"fields": held})
+
+    def _release_failed(self, op: Op | None, e: Exception) -> None:
+        """A step failed on a bug: thaw its generation's members now (never wait for the
+        lease) and tell the coordinator, which aborts the generation."""
+        if not isinstance(op, FreezeOp | CaptureOp | RestoreOp):
+            return
+        mine = [
+            k
+            for k, fe in self._frozen.items()
+            if (fe.job, fe.generation) == (op.job, op.generation)
+        ]
+        self._thaw_generation(op.job, op.generation)
+        what = {FreezeOp: "freeze", CaptureOp: "capture", RestoreOp: "restore"}[type(op)]
+        failed = R.ABORT_REASON_CAPTURE_FAILED
+        if isinstance(op, RestoreOp):
+            failed = R.ABORT_REASON_RESTORE_FAILED
+        err = AgentStepFailed(f"{what} generation {op.generation}", type(e).__name__)
+        for _job, member in mine:
+            self._fail(op.job, op.generation, member, failed, err, op.epoch)
 
     def _check_frozen_alive(self) -> None:
         for key in list(self._frozen):
@@ -467,6 +488,11 @@ class Worker:
             return None
         except CpcoordError as e:
             self._fail(op.job, op.generation, m.name, R.ABORT_REASON_CAPTURE_FAILED, e, op.epoch)
+            return None
+        except Exception as e:  # a bug: this member fails, the others are still captured
+            log.exception("capture step failed", extra={"fields": {"member": m.name}})
+            err = AgentStepFailed(f"capture {m.name}", type(e).__name__)
+            self._fail(op.job, op.generation, m.name, R.ABORT_REASON_CAPTURE_FAILED, err, op.epoch)
             return None
         frozen_s = time.monotonic() - fe.started
         copy_s = time.monotonic() - t_copy

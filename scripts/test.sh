@@ -24,13 +24,14 @@ command -v slurmctld >/dev/null || need_apt+=(slurmctld)         # a private one
 command -v slurmd >/dev/null || need_apt+=(slurmd)               # (tests/helpers/slurm.py)
 command -v sbatch >/dev/null || need_apt+=(slurm-client)
 command -v munged >/dev/null || need_apt+=(munge)
+command -v etcd >/dev/null || need_apt+=(etcd-server)           # coordinator replicas (tests/helpers/etcd.py)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  # The tests start their own Prometheus, munged and Slurm daemons; never leave the
-  # packaged services running.
-  for unit in prometheus slurmctld slurmd munge; do
+  # The tests start their own Prometheus, munged, Slurm and etcd daemons; never leave
+  # the packaged services running.
+  for unit in prometheus slurmctld slurmd munge etcd; do
     (systemctl disable --now "$unit" 2>/dev/null || true)
   done
 fi

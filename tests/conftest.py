@@ -9,12 +9,14 @@ import pytest
 # Target-process fixtures (target, target_factory): tests/helpers/fixtures.py;
 # SeaweedFS S3 servers (seaweed, seaweed_private): tests/helpers/seaweed.py;
 # which store (store_select, CPCOORD_TEST_STORE): tests/helpers/stores.py;
-# coordinators and agents (inproc, cluster_factory): tests/helpers/cluster.py.
+# coordinators and agents (inproc, cluster_factory): tests/helpers/cluster.py;
+# a real etcd (etcd): tests/helpers/etcd.py.
 pytest_plugins = [
     "tests.helpers.fixtures",
     "tests.helpers.seaweed",
     "tests.helpers.stores",
     "tests.helpers.cluster",
+    "tests.helpers.etcd",
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

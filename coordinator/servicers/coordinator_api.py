@@ -1,23 +1,20 @@
 """`cpcoord.v1.Coordinator`: the clients' API, a thin adapter over the engine.
 
 Each method validates nothing itself beyond message shape: the engine modules check and
-raise CpcoordErrors, which `rpc_errors` turns into statuses. Checkpoint streams the
-flight's progress; if the client goes away before the end, the generation is cancelled
-(unless the store is already committing it). Diff compares two manifests
-(coordinator/diff.py). Restore streams a restore flight (coordinator/restore.py) or
-answers one RestoreInto. Watch follows the event bus (coordinator/servicers/watch.py).
+raise CpcoordErrors, which `rpc_errors` turns into statuses. These run on the server's
+thread pool; the calls that mostly wait (Checkpoint, Restore, Watch) are coroutines in
+coordinator/servicers/streams.py and hold no thread. Diff compares two manifests
+(coordinator/diff.py); `restore_into_events` is Restore's RestoreInto, one command.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
 from coordinator import diff, generations, members_ops, pagestream, restore
-from coordinator.engine import CheckpointOptions, Engine
-from coordinator.flight import Subscription
+from coordinator.engine import Engine
 from coordinator.servicers import convert, watch
 from coordinator.store import GcReport
 from cpcoord.errors import InvalidArgument, UnknownJob
@@ -119,41 +116,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.DetachMemberResponse()
 
     # -- checkpoint ------------------------------------------------------------------
-
-    @rpc_errors
-    def Checkpoint(
-        self, request: coordinator_pb2.CheckpointRequest, context: grpc.ServicerContext
-    ) -> Iterator[coordinator_pb2.CheckpointEvent]:
-        opts = CheckpointOptions(
-            job=request.job,
-            full=request.full,
-            lease_ms=request.lease_ms,
-            freeze_timeout_ms=request.freeze_timeout_ms,
-            commit_timeout_ms=request.commit_timeout_ms,
-            pin=request.pin,
-        )
-        yield from self._follow(self.engine.checkpoint(opts), context)
-
-    def _follow(
-        self, sub: Subscription, context: grpc.ServicerContext, restore_events: bool = False
-    ) -> Iterator[Any]:
-        """A flight's progress as the call's stream; the client going away cancels it."""
-        what = "Restore" if restore_events else "Checkpoint"
-
-        def gone() -> None:
-            if not sub.done:
-                self.engine.cancel(sub.flight, f"the client cancelled the {what} call")
-
-        context.add_callback(gone)
-        while True:
-            p = sub.get(timeout=1.0)
-            if p is None:
-                if not context.is_active():
-                    gone()
-                continue
-            yield convert.restore_event(p) if restore_events else convert.checkpoint_event(p)
-            if p.summary is not None:
-                return
 
     # -- generations -----------------------------------------------------------------
 
@@ -282,55 +244,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             compression_ratio=s.compression_ratio or 0.0,
         )
 
-    # -- later issues ----------------------------------------------------------------
-
-    @rpc_errors
-    def Restore(
-        self, request: coordinator_pb2.RestoreRequest, context: grpc.ServicerContext
-    ) -> Iterator[coordinator_pb2.RestoreEvent]:
-        if request.HasField("into"):
-            t = request.into
-            n, stats = restore.into(
-                self.engine,
-                restore.IntoOptions(
-                    job=request.job,
-                    generation=request.generation,
-                    member=t.member,
-                    pid=t.process.pid,
-                    start_time=t.process.start_time,
-                    node=t.node,
-                    regions=tuple((r.name, r.start, r.end) for r in t.regions),
-                ),
-            )
-            yield coordinator_pb2.RestoreEvent(
-                kind="PROGRESS_KIND_MEMBER_RESTORED",
-                job=request.job,
-                generation=n,
-                node=t.node,
-                member=t.member,
-                stats=stats,
-                members_done=1,
-                members_total=1,
-            )
-            yield coordinator_pb2.RestoreEvent(
-                kind="PROGRESS_KIND_COMMITTED",
-                job=request.job,
-                generation=n,
-                members_done=1,
-                members_total=1,
-            )
-            return
-        sub = self.engine.restore_in_place(
-            restore.RestoreOptions(
-                job=request.job,
-                generation=request.generation,
-                members=tuple(request.members),
-                lease_ms=request.lease_ms,
-                freeze_timeout_ms=request.freeze_timeout_ms,
-            )
-        )
-        yield from self._follow(sub, context, restore_events=True)
-
     @rpc_errors
     def Diff(
         self, request: coordinator_pb2.DiffRequest, context: grpc.ServicerContext
@@ -357,8 +270,41 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     bytes_changed=n * ps,
                 )
 
-    @rpc_errors
-    def Watch(
-        self, request: coordinator_pb2.WatchRequest, context: grpc.ServicerContext
-    ) -> Iterator[coordinator_pb2.WatchEvent]:
-        yield from watch.stream(self.engine.events, request, context)
+
+def restore_into_events(
+    engine: Engine, request: coordinator_pb2.RestoreRequest
+) -> list[coordinator_pb2.RestoreEvent]:
+    """Restore(into): one command to the member's agent (blocks until it answers), as
+    the two events of the stream."""
+    t = request.into
+    n, stats = restore.into(
+        engine,
+        restore.IntoOptions(
+            job=request.job,
+            generation=request.generation,
+            member=t.member,
+            pid=t.process.pid,
+            start_time=t.process.start_time,
+            node=t.node,
+            regions=tuple((r.name, r.start, r.end) for r in t.regions),
+        ),
+    )
+    return [
+        coordinator_pb2.RestoreEvent(
+            kind="PROGRESS_KIND_MEMBER_RESTORED",
+            job=request.job,
+            generation=n,
+            node=t.node,
+            member=t.member,
+            stats=stats,
+            members_done=1,
+            members_total=1,
+        ),
+        coordinator_pb2.RestoreEvent(
+            kind="PROGRESS_KIND_COMMITTED",
+            job=request.job,
+            generation=n,
+            members_done=1,
+            members_total=1,
+        ),
+    ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -212,6 +212,16 @@ class Catalog:
                 (info, name, job),
             )
             return cur.rowcount == 1
+
+    def set_member_infos(self, items: Sequence[tuple[str, str, str]]) -> int:
+        """(job, name, info) for many members in one transaction; returns rows changed."""
+        with self._tx() as db:
+            cur = db.executemany(
+                "UPDATE members SET info = ? WHERE name = ? AND "
+                "job_id = (SELECT id FROM jobs WHERE name = ?)",
+                [(info, name, job) for job, name, info in items],
+            )
+            return cur.rowcount
 
     def members(self, job: str) -> list[MemberInfo]:
         rows = self._query(

@@ -178,10 +178,12 @@ class Manifest:
     namespace: str = ""
 
     def member(self, name: str) -> MemberMap:
-        for m in self.members:
-            if m.name == name:
-                return m
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, MemberMap]:
+        # Built once: every upload of a job with thousands of members looks its parent up.
+        return {m.name: m for m in self.members}
 
     def tables(self) -> list[tuple[str, RegionMap]]:
         return [(m.name, r) for m in self.members for r in m.regions]

@@ -10,6 +10,7 @@ Lifecycle of a generation in the store:
 Commit order: (1) seal and put the open packs (each put is fsynced), (2) check every
 referenced chunk is indexed and long enough, (3) write an index file for new packs,
 (4) put the manifest (fsynced), (5) flip the catalog row to COMMITTED in one transaction.
+A replica's `fence` runs before (4) and before (5): a deposed leader commits nothing.
 A crash before (5) leaves the row PREPARING, which reopening the store turns ABORTED; the
 packs and manifest it left are unreferenced and `gc` removes them. Readers only ever
 see COMMITTED rows, so no partial generation is ever visible. A failed commit leaves the
@@ -85,6 +86,9 @@ class Repository:
         self.config = config or StoreConfig()
         # Tests only: called with the name of each commit and gc step just done.
         self.fault: Callable[[str], None] | None = None
+        # Replicas (coordinator/ha): called with "manifest" before the manifest is
+        # written and "catalog" before the flip; raising fails the commit, nothing flips.
+        self.fence: Callable[[str], None] | None = None
         self._lock = threading.RLock()
         self._sink = PackSink(backend, self.config.pack_size)
         self._unindexed: list[int] = []  # pack numbers not yet in an index file
@@ -303,8 +307,12 @@ class Repository:
             data = manifest_io.encode(m)
             if self.config.sealer is not None:
                 data = self.config.sealer.seal_manifest(name, data)
+            if self.fence is not None:
+                self.fence("manifest")
             self.backend.put(Kind.MANIFESTS, name, data)
             self._step("manifest")
+            if self.fence is not None:
+                self.fence("catalog")
             self.catalog.commit(job, n, name, sizes)
             self.inflight.remove(job, n)
             self._step("catalog")

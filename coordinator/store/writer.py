@@ -55,6 +55,16 @@ class _Open:
             self._sorted = np.unique(np.concatenate(self.ids))
         return member_of(ids, self._sorted)
 
+    def note(self, ids: IdArray) -> None:
+        """Record ids added to the pack. The sorted copy is kept by inserting the new ids
+        (a memmove), not re-sorted whole: thousands of small uploads into one pack made
+        every lookup sort everything added so far."""
+        self.ids.append(ids)
+        if self._sorted is not None:
+            new = np.unique(ids)
+            new = new[~member_of(new, self._sorted)]
+            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+
 
 class PackSink:
     def __init__(self, backend: Backend, pack_size: int) -> None:
@@ -84,8 +94,7 @@ class PackSink:
         if o is None:
             o = self._open[namespace] = _Open(namespace)
         o.writer.add(ids, methods, blobs, raw_sizes)
-        o.ids.append(ids)
-        o._sorted = None
+        o.note(ids)
         if o.writer.size >= self._pack_size:
             self.seal(namespace)
 

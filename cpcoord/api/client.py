@@ -380,6 +380,14 @@ class Client:
         """Job events of `jobs` (empty: all; agent and gc events always) from the
         moment this returns, until closed. Iterate it; close it from any thread."""
         req = coordinator_pb2.WatchRequest(jobs=list(jobs), include_progress=include_progress)
-        w = Watch(self._conn.stub.Watch(req), self.address)
-        w.wait_subscribed()
-        return w
+
+        def start(stub: Any, addr: str) -> Watch:
+            w = Watch(stub.Watch(req), addr)
+            try:
+                w.wait_subscribed()
+            except BaseException:
+                w.close()
+                raise
+            return w
+
+        return self._conn.with_failover(start)

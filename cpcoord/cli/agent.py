@@ -42,7 +42,11 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator to dial")
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT[,...]",
+        help="the coordinator to dial; every replica's address when it runs as replicas",
+    )
     p.add_argument("--node", metavar="NAME", help="this node's name, unique per coordinator")
     p.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus /metrics")
     p.add_argument(
@@ -133,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.coordinator or not args.node:
         raise InvalidArgument("--coordinator HOST:PORT and --node NAME are required")
     check_name(args.node)
-    if ":" not in args.coordinator:
-        raise InvalidArgument(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+    from cpcoord.endpoints import parse
+
+    parse(args.coordinator)  # HOST:PORT[,HOST:PORT...] (replicas)
     if not 0.1 <= args.lease <= 600:
         raise InvalidArgument(f"--lease must be 0.1..600 seconds, got {args.lease}")
     if not 1 <= args.upload_threads <= 64:

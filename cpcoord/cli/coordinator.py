@@ -17,7 +17,12 @@ DESCRIPTION = """\
 Serve the agents' control streams and the clients' API on HOST:PORT, keep generations in
 the store directory DIR (created if missing), and drive coordinated checkpoints. Stops
 gracefully on SIGTERM or SIGINT: checkpoints in flight are aborted (every member thaws),
-streams end, the store is closed."""
+streams end, the store is closed.
+
+With --etcd, run as one of two or three replicas sharing one store: each listens on its
+own address, one is elected leader through etcd and serves; the others answer every call
+with the leader's address (clients and agents given all the addresses follow it) and
+take over within seconds when it dies (docs/operations.md, "Replicas")."""
 EPILOG = """\
 examples:
   cpcoord coordinator --listen 0.0.0.0:7420 --store /var/lib/cpcoord \
@@ -25,7 +30,10 @@ examples:
       --tokens pki/tokens
   cpcoord coordinator --listen 127.0.0.1:7420 --store /tmp/store --insecure
   # tests: any free port, written to a file once listening
-  cpcoord coordinator --listen 127.0.0.1:0 --port-file /tmp/port --store /tmp/store"""
+  cpcoord coordinator --listen 127.0.0.1:0 --port-file /tmp/port --store /tmp/store
+  # one of three replicas (the same on c2 and c3, each with its own --listen)
+  cpcoord coordinator --listen c1.example:7420 --store /shared/cpcoord \
+      --etcd http://e1:2379,http://e2:2379,http://e3:2379 --tls-cert ... --tokens ..."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,12 +93,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="agents' heartbeat interval; an agent is lost after 3 silent ones (default 1000)",
     )
+    h = p.add_argument_group("replicas (high availability, see docs/operations.md)")
+    h.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="run as a replica elected through etcd: http://HOST:PORT of its members",
+    )
+    h.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the address clients and agents are sent to when this replica leads "
+        "(default: the --listen host, or this host's name for 0.0.0.0, and the bound port)",
+    )
+    h.add_argument(
+        "--etcd-prefix",
+        default="/cpcoord",
+        metavar="PREFIX",
+        help="etcd key prefix of this set of replicas (default /cpcoord): one per store",
+    )
+    h.add_argument(
+        "--leader-ttl",
+        type=int,
+        default=3,
+        metavar="SECONDS",
+        help="the leader's etcd lease; a dead leader is replaced within about this "
+        "(default 3, 2..60)",
+    )
     p.add_argument(
         "--rpc-threads",
         type=int,
         default=None,
         metavar="N",
-        help="gRPC server threads; each connected agent holds one (default 1024)",
+        help="threads for the calls that block: uploads, exports, store reads, commands "
+        "awaiting an agent (default 64); agents' control streams and Watch streams hold none",
     )
 
 
@@ -109,6 +144,25 @@ def run(args: argparse.Namespace) -> int:
     if not 16 <= threads <= 65536:
         raise InvalidArgument(f"--rpc-threads must be 16..65536, got {threads}")
     opts = Options(keep=args.keep, heartbeat_s=args.heartbeat_ms / 1000)
+    if args.etcd:
+        from coordinator.ha.serve import serve_replica
+
+        return serve_replica(
+            args.listen,
+            args.store,
+            opts,
+            etcd=args.etcd,
+            prefix=args.etcd_prefix,
+            ttl_s=args.leader_ttl,
+            advertise=args.advertise,
+            port_file=args.port_file,
+            metrics_port=args.metrics_port,
+            security=security(args),
+            sealer=load_key(args.encryption_key_file),
+            rpc_threads=threads,
+        )
+    if args.advertise:
+        raise InvalidArgument("--advertise is for replicas: give --etcd too")
     return serve(
         args.listen,
         args.store,

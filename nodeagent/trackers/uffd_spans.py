@@ -150,6 +150,26 @@ def clip(rlo: U64, rhi: U64, lo: int, hi: int) -> list[tuple[int, int]]:
     return list(zip(a[keep].tolist(), b[keep].tolist(), strict=True))
 
 
+PIDFD_THREAD = os.O_EXCL  # Linux >= 6.9: a pidfd naming one thread
+
+
+def _pidfd_of(pid: int) -> int:
+    """A pidfd through which pidfd_getfd sees the process's fd table. `pid` may be a live
+    thread's id while the leader is a zombie (FrozenProcess.pid): the exited leader has no
+    fd table any more, so that thread's own pidfd is needed."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    try:
+        return os.pidfd_open(pid, PIDFD_THREAD)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT):
+            raise ProcessLookupError(e.errno, f"no pidfd for {pid}") from None
+        raise
+
+
 class RemoteUffd:
     """The target's userfaultfd `fd`, duplicated into the agent (a context manager).
     Raises UffdLost when that number is not the userfaultfd of inode `inode` any more."""
@@ -157,7 +177,7 @@ class RemoteUffd:
     def __init__(self, pid: int, fd: int, inode: int = 0) -> None:
         self.pid = pid
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = _pidfd_of(pid)
         except ProcessLookupError:
             raise ProcessExited(pid, "uffd-wp") from None
         try:

@@ -98,7 +98,7 @@ def inproc(
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # CPCOORD_CONFIG=/dev/null: a developer's own config file never leaks into a cluster.
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", CPCOORD_CONFIG="/dev/null")
-    for k in ("CPCOORD_FAULT_PAUSE", "CPCOORD_COORDINATOR"):
+    for k in ("CPCOORD_FAULT_PAUSE", "CPCOORD_FAULT_HOLD", "CPCOORD_COORDINATOR"):
         env.pop(k, None)
     env.update(extra or {})
     return env

@@ -223,6 +223,30 @@ def test_lease_expires_without_capture(rig: Rig, target_factory: Any) -> None:
     assert not rig.of("staged")
 
 
+def test_a_bug_in_a_step_thaws_at_once_and_reports(
+    rig: Rig, target_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception inside a Capture must not leave the member frozen until
+    its lease: the ptrace thread thaws the generation and reports the failure."""
+    from nodeagent import tracking
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "a bug")
+
+    t = target_factory()
+    rig.attach(t, maps=("data",))
+    rig.worker.submit(FreezeOp(JOB, 1, 60_000, ("m0",), 0))  # a lease that would not help
+    rig.wait("frozen")
+    monkeypatch.setattr(tracking, "capture_frozen", broken)
+    t0 = time.monotonic()
+    rig.worker.submit(CaptureOp(JOB, 1, False, ("m0",), 0))
+    f = rig.wait("failed", timeout=5)
+    assert f.reason == common_pb2.ABORT_REASON_CAPTURE_FAILED and f.member == "m0"
+    assert f.error.error == "AgentStepFailed" and "FileNotFoundError" in f.error.message
+    assert time.monotonic() - t0 < 5
+    t.assert_running()
+
+
 def test_agent_lease_caps_the_coordinators() -> None:
     rig = Rig(lease_s=0.4)
     try:

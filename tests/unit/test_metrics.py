@@ -16,6 +16,7 @@ import ast
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from coordinator.agents import AgentSession
 from coordinator.engine import Engine
 from coordinator.flight import Progress, RunStats, Summary
+from coordinator.ha.metrics import ReplicaCollector
 from coordinator.membership import MemberRec
 from coordinator.metrics import CoordinatorMetrics, install
 from coordinator.metrics_state import StateCollector
@@ -282,7 +284,11 @@ def families(engine: Engine) -> list[Any]:
     am.upload_chunks.labels("sent").inc()
     am.failures.labels("capture_failed").inc()
     am.captures.labels("hash", "full").inc()
-    return [*reg.collect(), *areg.collect()]
+    # A replica's own families (coordinator/ha/metrics.py), leading with this engine.
+    hreg = CollectorRegistry()
+    replica = SimpleNamespace(engine=engine, term=7, failovers=2, lost={"lease_lapsed": 1})
+    hreg.register(ReplicaCollector(replica))  # type: ignore[arg-type]
+    return [*reg.collect(), *areg.collect(), *hreg.collect()]
 
 
 def documented() -> dict[str, tuple[str, set[str]]]:
@@ -318,6 +324,30 @@ def test_names_units_and_documentation(engine: Engine) -> None:
     # families of the default instance are exported too (fresh AgentMetrics above).
     assert not set(docs) - seen, f"documented, not exported: {sorted(set(docs) - seen)}"
     assert any(n.endswith(UNITS) for n in seen)
+
+
+def test_replica_metrics_follower_and_leader(engine: Engine) -> None:
+    def scrape(r: SimpleNamespace) -> dict[str, float]:
+        reg = CollectorRegistry()
+        reg.register(ReplicaCollector(r))  # type: ignore[arg-type]
+        return {
+            s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+            for fam in reg.collect()
+            for s in fam.samples
+        }
+
+    follower = scrape(SimpleNamespace(engine=None, term=0, failovers=1, lost={"resigned": 1}))
+    assert follower["cpcoord_coordinator_is_leader"] == 0
+    assert follower["cpcoord_coordinator_term"] == 0
+    assert follower["cpcoord_agents_connected"] == 0  # agents stream to the leader only
+    assert follower["cpcoord_coordinator_leadership_lost_total{resigned}"] == 1
+    assert "cpcoord_jobs" not in follower  # no store open: no job or store figures
+    engine.agents.add(AgentSession(hello("n1", {}), "peer"))
+    leader = scrape(SimpleNamespace(engine=engine, term=9, failovers=2, lost={}))
+    assert leader["cpcoord_coordinator_is_leader"] == 1
+    assert leader["cpcoord_coordinator_term"] == 9
+    assert leader["cpcoord_coordinator_failovers_total"] == 2
+    assert leader["cpcoord_agents_connected"] == 1 and "cpcoord_jobs" in leader
 
 
 KINDS = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
