@@ -9,7 +9,6 @@ processes with known contents (tests/helpers/target.py).
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
 import os
@@ -26,19 +25,16 @@ import numpy as np
 import pytest
 
 import cpcoord.image_files as image_files
-import cpcoord.image_writer as image_writer
 import nodeagent.capture as capmod
 import nodeagent.reader as readermod
 from cpcoord.image import Image, load_image, region_bytes
 from cpcoord.image_files import memory_backed
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE, AddressRange
-from nodeagent import inplace
 from nodeagent.capture import Capture, capture
 from nodeagent.freeze import frozen
 from nodeagent.pagemap import PagemapReader
 from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.reader import Staging
 from nodeagent.regions import RegionSpec
 from tests.conftest import require
 from tests.helpers import patterns
@@ -322,84 +318,6 @@ def test_cli_onto_tmpfs_writes_the_image_in_place(
     raws = {p.name for p in (out / "m0").iterdir()}
     assert raws == {f"{r.name}.raw" for r in img.member("m0").regions}
     assert {p.name for p in out.iterdir()} == {"image.json", "m0", ".tracker"}
-
-
-def test_disk_writer_direct_and_buffered_give_the_same_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Off tmpfs, big page-aligned runs are written with O_DIRECT, a buffer that is not
-    page-aligned through the page cache: the files are the same, holes where they belong."""
-    n = 3 * image_writer.DIRECT_MIN // PAGE_SIZE
-    staging = Staging(n * PAGE_SIZE)
-    aligned = staging.pages(0, n)
-    aligned[:] = np.random.default_rng(1).integers(1, 255, aligned.shape, dtype=np.uint8)
-    aligned[7] = 0
-    buf = np.empty((n + 1) * PAGE_SIZE, dtype=np.uint8)
-    off = (32 - buf.ctypes.data) % PAGE_SIZE
-    unaligned = buf[off : off + n * PAGE_SIZE].reshape(n, PAGE_SIZE)
-    unaligned[:] = aligned
-    pages = np.arange(n, dtype=np.uint64)
-    pages[n // 2 :] += np.uint64(5)  # two runs, 5 pages of hole between them
-    zero = np.zeros(n, dtype=np.bool_)
-    zero[7] = True
-    direct: list[bool] = []
-    real = image_writer._pwrite_all
-
-    def spy(fd: int, view: memoryview, offset: int) -> int:
-        direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
-        return real(fd, view, offset)
-
-    monkeypatch.setattr(image_writer, "_pwrite_all", spy)
-    images, used = [], []
-    for i, data in enumerate((aligned, unaligned)):
-        direct.clear()
-        w = ImageWriter(tmp_path / f"img{i}")
-        start = 0x10000000
-        w.add_region("m", 1, 1, "r", start, start + (n + 5) * PAGE_SIZE, pages, data, zero)
-        images.append(w.commit())
-        used.append(list(direct))
-    staging.close()
-    if not memory_backed(tmp_path):
-        assert any(used[0]), "no run went O_DIRECT"
-    assert not any(used[1]), "a buffer that is not page-aligned went O_DIRECT"
-    a, b = (region_bytes(img, "m", "r") for img in images)
-    assert np.array_equal(a, b)
-    assert np.array_equal(a[: n // 2], aligned[: n // 2])
-    assert not a[n // 2 : n // 2 + 5].any()
-    assert np.array_equal(a[n // 2 + 5 :], aligned[n // 2 :])
-    for img in images:
-        path = img.path / "m" / "r.raw"
-        assert data_extents(path) == [(0, 7), (8, n // 2), (n // 2 + 5, n + 5)]
-
-
-class _At:
-    """A Destination stand-in that only says where regions live."""
-
-    def __init__(self, where: dict[str, int]) -> None:
-        self.where = where
-
-    def reserve(self, regions: Any, pages: Any) -> int:
-        return 0
-
-    def address(self, name: str) -> int:
-        return self.where[name]
-
-    def rows(self, name: str) -> np.ndarray:
-        raise AssertionError("not used")
-
-
-def test_local_rows_of_regions_below_and_above_their_memory() -> None:
-    """Each page lands at its offset in its own region's memory, wherever that memory
-    lies relative to the target's addresses (lower or higher)."""
-    hi, lo = 0x7F0000000000, 0x10000
-    specs = [
-        RegionSpec("a", hi, hi + 16 * PAGE_SIZE),
-        RegionSpec("b", hi + 16 * PAGE_SIZE, hi + 32 * PAGE_SIZE),
-    ]
-    pa = np.array([hi // PAGE_SIZE + 1, hi // PAGE_SIZE + 2], dtype=np.uint64)
-    pb = np.array([hi // PAGE_SIZE + 16], dtype=np.uint64)
-    rows = inplace.local_rows(specs, [pa, pb], _At({"a": lo, "b": 0x7FFF00000000}))
-    assert rows.tolist() == [lo // PAGE_SIZE + 1, lo // PAGE_SIZE + 2, 0x7FFF00000000 // PAGE_SIZE]
 
 
 def test_holes_of_shared_objects_are_never_allocated(
