@@ -9,11 +9,15 @@ mapping, with three idle threads besides. In one run this measures (issue 2, mus
 - cpcoord's capture of that range: frozen window = freeze + maps/pagemap + copy + thaw
   (that is both its "capture" time and the time the target is stopped), and separately
   the preparation before the freeze and the zero-page scan after the thaw;
-- the whole `cpcoord capture` command with the image written: in-process (cli.main) and
-  as a subprocess (interpreter start included), to tmpfs and to the disk (fsynced);
-- memcpy and file-write baselines for context.
+- the whole `cpcoord capture` command with the image written, default tracker: in-process
+  (cli.main) and as a subprocess (interpreter start included, byte code cached as after
+  `pip install`), to tmpfs and to the disk (durable: fsynced);
+- the raw limit of each filesystem, interleaved with those runs: raw readv + a raw write
+  of the same bytes into a new file there (+ fsync on disk), best of the runs of each;
+- memcpy for context.
 
-Goals: capture >= 70% of raw, frozen <= 0.45 s for 1 GiB, whole command >= 40% of raw.
+Goals: capture >= 70% of raw, frozen <= 0.45 s for 1 GiB, whole command >= 40% of raw
+(issue 2); `cpcoord capture` <= 1.5x the raw limit on tmpfs and on disk (issue 16).
 Writes bench/results/capture.{json,md,png}.
 
     python -m bench.capture --mappings 1000,5000,20000,50000 [--size-mib 1024] [--reps 3]
@@ -40,20 +44,66 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Stats, file_write, gbps, memcpy, raw_mem, raw_readv, write_results
+from bench.common import Stats, _vm_copy, gbps, memcpy, raw_mem, raw_readv, write_results
 from cpcoord import cli
+from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
+from nodeagent.reader import Staging
 from tests.helpers.driver import REPO, Target
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40
+GOAL_VS_LIMIT = 1.5  # `cpcoord capture` / (raw readv + raw write [+ fsync]), at most
 
 
-def _cli_subprocess(pid: int, rng: str, out: Path) -> tuple[float, dict[str, Any]]:
+def _installed_env(pycache: Path) -> dict[str, str]:
+    """The subprocess's environment, like an installed cpcoord: byte code cached (pip
+    compiles it at install; with PYTHONDONTWRITEBYTECODE every run would compile every
+    module it imports, ~0.1 s here)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONPYCACHEPREFIX=str(pycache))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def _interpreter(env: dict[str, str], reps: int) -> dict[str, Any]:
+    """What any Python command pays on this machine before it does anything: the
+    interpreter with its site hooks, and importing NumPy (best of `reps`)."""
+    out = {}
+    for what, code in (("python", "pass"), ("python + numpy", "import numpy")):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+            times.append(time.perf_counter() - t0)
+        out[what] = Stats.of(times).as_dict()
+    return out
+
+
+def _raw_write(directory: Path, view: memoryview, fsync: bool) -> float:
+    """pwrite `view` into a new file in `directory` (then fsync): the filesystem's part
+    of the raw limit. Seconds."""
+    path = directory / f".cpcoord-bench-{os.getpid()}"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done : done + (1 << 30)], done)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return dt
+
+
+def _cli_subprocess(
+    pid: int, rng: str, out: Path, env: dict[str, str]
+) -> tuple[float, dict[str, Any]]:
     argv = [sys.executable, "-m", "cpcoord", "capture", "--pid", str(pid)]
     argv += ["--range", rng, "--out", str(out), "--json"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     t0 = time.perf_counter()
     res = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     dt = time.perf_counter() - t0
@@ -72,6 +122,28 @@ def _cli_inprocess(pid: int, rng: str, out: Path) -> float:
     if code != 0:
         raise RuntimeError(f"cpcoord capture exited {code}")
     return dt
+
+
+def _in_place(ident: ProcessIdentity, rng: AddressRange, base: Path, pages: int) -> Any:
+    """One engine capture into an image's region file on tmpfs; its timings."""
+    work = Path(tempfile.mkdtemp(prefix="cpcoord-bench-ip-", dir=base))
+    try:
+        w = ImageWriter(work / "img")
+        into = w.in_place("m")
+        assert into is not None, f"{base} is not tmpfs"
+        cap = capture(ident, [rng], into=into)
+        assert cap.pages == pages, (cap.pages, pages)
+        timings = cap.timings
+        w.abort()
+        del cap
+        gc.collect()
+        return timings
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _med(extra: dict[str, Any], label: str, phase: str) -> float:
+    return float(Stats.of(extra[f"cli_{label}"][f"subprocess_{phase}"]["samples"]).median)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("baseline: raw /proc/PID/mem (no pins)", mem))
 
         frozen, prepare, zscan, totals, copy = [], [], [], [], []
+        ip_frozen, ip_copy, ip_total = [], [], []
         for _ in range(args.reps):
             cap = capture(ident, [AddressRange(m.addr, m.end)])
             assert cap.pages == pages, (cap.pages, pages)
@@ -139,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             cap.staging.close()
             del cap
             gc.collect()
+            # The same, copied in place into an image's region file on tmpfs.
+            tm = _in_place(ident, AddressRange(m.addr, m.end), Path(args.tmpfs_dir), pages)
+            ip_frozen.append(tm.frozen)
+            ip_copy.append(tm.copy)
+            ip_total.append(tm.total)
         fz = Stats.of(frozen)
         extra["capture"] = {
             "frozen": fz.as_dict(),
@@ -150,51 +228,90 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("capture: freeze + copy + thaw (= frozen time)", fz))
         rows.append(row("capture: copy alone (frozen)", Stats.of(copy)))
         rows.append(row("capture incl. prepare + zero scan", Stats.of(totals)))
+        extra["capture_in_place"] = {
+            "frozen": Stats.of(ip_frozen).as_dict(),
+            "copy": Stats.of(ip_copy).as_dict(),
+            "total": Stats.of(ip_total).as_dict(),
+        }
+        rows.append(row("capture in place (tmpfs file): frozen time", Stats.of(ip_frozen)))
+        rows.append(row("capture in place: copy alone (frozen)", Stats.of(ip_copy)))
+        rows.append(row("capture in place incl. prepare + zero scan", Stats.of(ip_total)))
 
         cli_rows: dict[str, Stats] = {}
+        limits: dict[str, float] = {}
+        pycache = Path(tempfile.mkdtemp(prefix="cpcoord-bench-pyc-"))
+        env = _installed_env(pycache)
+        # The source of the raw writes: non-zero, prefaulted once (never a cold buffer).
+        src = Staging(size)
+        src.pages(0, pages)[:, ::512] = 7
+        view = src.pages(0, pages).reshape(-1).data.cast("B")
+        rbuf = Staging(size)
+        readv_s = list(raw.samples)
         cli_dirs = (
             () if args.no_cli else (("tmpfs", args.tmpfs_dir), ("disk, fsync", args.disk_dir))
         )
         for label, base in cli_dirs:
             work = Path(tempfile.mkdtemp(prefix="cpcoord-bench-", dir=base))
             try:
-                inproc, sub, sub_frozen, sub_write = [], [], [], []
+                # A first run compiles the byte code into the cache (as pip would have).
+                _cli_subprocess(target.pid, rng_text, work / "warm", env)
+                shutil.rmtree(work / "warm")
+                if "interpreter" not in extra:
+                    extra["interpreter"] = _interpreter(env, args.reps)
+                inproc, sub, phases, writes = [], [], [], []
                 for i in range(args.reps):
+                    # Interleaved, so that load on the machine hits limit and command alike.
+                    readv_s.append(_vm_copy("process_vm_readv", target.pid, runs, rbuf.address))
+                    writes.append(_raw_write(work, view, fsync=label != "tmpfs"))
                     out = work / f"in{i}"
                     inproc.append(_cli_inprocess(target.pid, rng_text, out))
                     shutil.rmtree(out)
                     out = work / f"sub{i}"
-                    dt, summary = _cli_subprocess(target.pid, rng_text, out)
+                    dt, summary = _cli_subprocess(target.pid, rng_text, out, env)
                     sub.append(dt)
-                    sub_frozen.append(summary["frozen_s"])
-                    sub_write.append(summary["write_s"])
+                    summary["wall_s"] = dt
+                    phases.append(summary)
                     shutil.rmtree(out)
                     gc.collect()
+                limit = min(readv_s) + min(writes)
+                limits[label] = limit
                 cli_rows[f"in-process {label}"] = Stats.of(inproc)
                 cli_rows[f"subprocess {label}"] = Stats.of(sub)
                 extra[f"cli_{label}"] = {
                     "in_process": Stats.of(inproc).as_dict(),
                     "subprocess": Stats.of(sub).as_dict(),
-                    "subprocess_frozen": Stats.of(sub_frozen).as_dict(),
-                    "subprocess_write": Stats.of(sub_write).as_dict(),
+                    "tracker": phases[0]["tracker"],
                 }
-                fw = file_write(work, size, max(2, args.reps // 2), fsync=True)
-                extra[f"file_write_{label}"] = fw.as_dict()
+                for k in ("frozen_s", "capture_s", "write_s", "total_s"):
+                    extra[f"cli_{label}"][f"subprocess_{k[:-2]}"] = Stats.of(
+                        [ph[k] for ph in phases]
+                    ).as_dict()
+                # Interpreter start, imports, argument checks and exit: wall minus run().
+                extra[f"cli_{label}"]["subprocess_startup"] = Stats.of(
+                    [ph["wall_s"] - ph["total_s"] for ph in phases]
+                ).as_dict()
+                extra[f"file_write_{label}"] = Stats.of(writes).as_dict()
+                extra[f"limit_{label}"] = limit
+                for how in ("in-process", "subprocess"):
+                    st = cli_rows[f"{how} {label}"]
+                    rows.append(row(f"`cpcoord capture`, image on {label}, {how}", st))
+                    rows[-1]["x limit"] = st.median / limit
                 rows.append(
                     row(
-                        f"`cpcoord capture`, image on {label}, in-process",
-                        cli_rows[f"in-process {label}"],
+                        f"baseline: write {args.size_mib} MiB file on {label} (best)",
+                        Stats.of([min(writes)]),
                     )
                 )
                 rows.append(
-                    row(
-                        f"`cpcoord capture`, image on {label}, subprocess",
-                        cli_rows[f"subprocess {label}"],
-                    )
+                    row(f"limit on {label}: raw readv + write (best of each)", Stats.of([limit]))
                 )
-                rows.append(row(f"baseline: write {args.size_mib} MiB file on {label}", fw))
+                rows[-1]["x limit"] = 1.0
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(pycache, ignore_errors=True)
+        src.close()
+        rbuf.close()
+        extra["raw_readv_all"] = Stats.of(readv_s).as_dict()
         mc = memcpy(size, args.reps)
         rows.append(row("baseline: memcpy in one process", mc))
         if not args.no_fork:
@@ -214,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         "cli_best": best_cli[0] if best_cli else "",
         "cli_best_vs_raw": gbps(size, best_cli[1].median) / raw_gbps if best_cli else 0.0,
     }
+    for label, limit in limits.items():
+        verdict[f"cli_subprocess_vs_limit_{label}"] = cli_rows[f"subprocess {label}"].median / limit
+        verdict[f"cli_in_process_vs_limit_{label}"] = cli_rows[f"in-process {label}"].median / limit
     extra["verdict"] = verdict
 
     def ok(b: bool) -> str:
@@ -227,34 +347,54 @@ def main(argv: list[str] | None = None) -> int:
         f"Goal whole command >= {GOAL_CLI:.0%} of raw: best is {verdict['cli_best']} at "
         f"{verdict['cli_best_vs_raw']:.0%} ({ok(verdict['cli_best_vs_raw'] >= GOAL_CLI)}); "
         "all variants are in the table.",
+        *(
+            f"Goal `cpcoord capture` <= {GOAL_VS_LIMIT}x the raw limit on {label} "
+            f"(raw readv + write{'' if label == 'tmpfs' else ' + fsync'}, best of "
+            f"{args.reps + len(raw.samples)} and {args.reps}: {limit:.3f} s): median "
+            f"subprocess {cli_rows[f'subprocess {label}'].median:.3f} s = "
+            f"{verdict[f'cli_subprocess_vs_limit_{label}']:.2f}x "
+            f"({ok(verdict[f'cli_subprocess_vs_limit_{label}'] <= GOAL_VS_LIMIT)}), "
+            f"in-process {verdict[f'cli_in_process_vs_limit_{label}']:.2f}x "
+            f"({ok(verdict[f'cli_in_process_vs_limit_{label}'] <= GOAL_VS_LIMIT)}); "
+            f"subprocess phases (median): start-up {_med(extra, label, 'startup'):.3f} s, "
+            f"capture {_med(extra, label, 'capture'):.3f} s (frozen "
+            f"{_med(extra, label, 'frozen'):.3f}), write {_med(extra, label, 'write'):.3f} s."
+            for label, limit in limits.items()
+        ),
         "Pages not exclusively mapped (pagemap bit 56) are read through /proc/PID/mem, "
         "which takes no pins: process_vm_readv pins, and pinning a copy-on-write shared "
         "page unshares it. The forked rows capture the same memory shared with a child "
         "(everything goes through /proc/PID/mem; the target keeps it shared), then show "
         "what a first process_vm_readv costs there: it copies every page.",
-        "The whole command includes writing the image after the thaw, so its throughput "
-        "is bounded by the file write alone: the write baselines run at "
-        + ", ".join(
-            f"{100 * gbps(size, Stats.of(extra[k]['samples']).median) / raw_gbps:.0f}% "
-            f"({k.removeprefix('file_write_')})"
-            for k in extra
-            if k.startswith("file_write_")
+        (
+            f"Interpreter start on this machine (best of {args.reps}): `python -c pass` "
+            f"{min(extra['interpreter']['python']['samples']):.3f} s, `python -c 'import "
+            f"numpy'` {min(extra['interpreter']['python + numpy']['samples']):.3f} s: part of "
+            "every subprocess row, beyond what cpcoord can change."
         )
-        + " of raw readv on this machine.",
+        if "interpreter" in extra
+        else "",
+        "On tmpfs the command copies straight into the image's files (no staging, no "
+        "second copy); on disk it copies into staging and writes big runs with O_DIRECT, "
+        "then fsyncs. The tracker is the default (auto: "
+        + ", ".join(sorted({str(extra[f"cli_{label}"]["tracker"]) for label in limits}))
+        + "), armed in the frozen window.",
         "Frozen window = seize/interrupt of every thread, maps + pagemap read, copy, check, "
         "detach of every thread. Prepare (pagemap pre-pass + prefaulting staging) runs "
         "before the freeze; the zero-page scan and image writing after the thaw.",
-        "Subprocess rows include the Python interpreter start and imports; disk rows include "
-        "fsync of every file; the file-write rows show what the storage allows alone.",
+        "Subprocess rows include the Python interpreter start and imports (byte code cached, "
+        "as installed); disk rows include fsync of every file; the write rows show what "
+        "the storage allows alone. Raw limits are the best runs (a slow run is the "
+        "machine's noise, never the limit); the commands' are medians.",
         f"{args.reps} repetitions each; target pages are {'THP' if args.thp else '4 KiB'}.",
     ]
 
     def plot(fig: Any) -> None:
-        ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+        ax1, ax3, ax2 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [3, 1.4, 1]})
         labels = [r["what"] for r in rows]
         vals = [r["GB/s"] for r in rows]
         y = np.arange(len(rows))
-        colors = ["#999" if ("baseline" in lbl) else "#2a7" for lbl in labels]
+        colors = ["#999" if ("baseline" in lbl or "limit" in lbl) else "#2a7" for lbl in labels]
         ax1.barh(y, vals, color=colors)
         ax1.set_yticks(y, labels, fontsize=7)
         ax1.invert_yaxis()
@@ -263,6 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         ax1.set_xlabel("GB/s (median)")
         ax1.legend(fontsize=7)
         ax1.set_title(f"capture of {args.size_mib} MiB", fontsize=9)
+        vs = [
+            (r["what"].split("image on ")[-1], r["x limit"])
+            for r in rows
+            if "image on" in r["what"]
+        ]
+        yy = np.arange(len(vs))
+        ax3.barh(yy, [v for _, v in vs], color="#27a")
+        ax3.set_yticks(yy, [w for w, _ in vs], fontsize=7)
+        ax3.invert_yaxis()
+        ax3.axvline(GOAL_VS_LIMIT, color="#c33", ls="--", lw=1, label=f"goal {GOAL_VS_LIMIT}x")
+        ax3.axvline(1.0, color="#999", ls=":", lw=1)
+        ax3.set_xlabel("median / (raw readv + write)")
+        ax3.legend(fontsize=7)
+        ax3.set_title("`cpcoord capture` vs raw limit", fontsize=9)
         ax2.plot(range(1, len(frozen) + 1), [f * 1e3 for f in frozen], "o-", label="frozen")
         ax2.axhline(
             GOAL_FROZEN_S_PER_GIB * 1e3 * size / (1 << 30),
@@ -277,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         ax2.legend(fontsize=7)
         ax2.set_title("time the target was stopped", fontsize=9)
 
-    cols = ["what", "MiB", "median s", "min s", "max s", "GB/s", "% of raw"]
+    cols = ["what", "MiB", "median s", "min s", "max s", "GB/s", "% of raw", "x limit"]
     paths = write_results(
         args.name,
         "cpcoord capture vs raw process_vm_readv",

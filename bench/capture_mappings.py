@@ -112,7 +112,7 @@ def _agent_pair(t: _Target, rep: int) -> tuple[float, float]:
     out = []
     try:
         for gen in (1, 2):
-            staging.reserve(copyout.estimate(t.pid, None))  # before the freeze, as the agent
+            staging.reserve(*copyout.estimate(t.pid, None))  # before the freeze, as the agent
             t0 = time.monotonic()
             fp = freeze(ident)
             try:

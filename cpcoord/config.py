@@ -265,7 +265,7 @@ def apply(
     for name, p in subs.items():
         settable = _settable(p)
         values: dict[str, Any] = {}
-        if is_client_command(p):
+        if cfg.client and is_client_command(p):  # (imports gRPC: only when needed)
             values.update({k: v for k, v in cfg.client.items() if k in settable})
         for k, v in cfg.sections.get(name, {}).items():
             if k not in settable:

@@ -2,14 +2,18 @@
 
 Owns the output directory rules (new or empty, checked before any process is frozen),
 writing each region's `.raw` file sparse (only non-zero runs are written, big runs by a
-few threads), and the commit order that makes a directory an image only once complete:
-raw files, fsync of all of them, image.json through a temporary file and rename, fsync
-of the directories. `abort` removes what was created.
+few threads and, on disk, with O_DIRECT), and the commit order that makes a directory an
+image only once complete: raw files, fsync of all of them, image.json through a
+temporary file and rename, fsync of the directories. `abort` removes what was created.
+
+On tmpfs a capture can fill the raw files in place instead (`in_place`, module
+cpcoord/image_files.py): the writer then only punches the zero pages and records them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +25,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import InvalidName, OutputNotEmpty, OutputNotWritable
 from cpcoord.image import META, Image, ImageMember, ImageRegion, dumps, region_file, runs_of
+from cpcoord.image_files import RegionFiles, memory_backed
 from cpcoord.ranges import PAGE_SIZE, check_name
 
 _MAX_IO = 1 << 30  # bytes per pwrite: below Linux's 0x7ffff000 cap per call
@@ -60,17 +65,52 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> int:
 
 
 _SLICE = 32 << 20  # bytes per pwrite job
+# Runs at least this big go around the page cache on disk (O_DIRECT): no second copy of
+# the image in memory and no writeback to wait for at fsync, the device takes the bytes
+# straight from the caller's buffer. Smaller ones are cheaper buffered (a direct write
+# waits for the device).
+DIRECT_MIN = 1 << 20
+
+_Job = tuple[memoryview, int, int]  # (bytes, their address, file offset)
 
 
-def _write_jobs(fd: int, jobs: list[tuple[memoryview, int]]) -> int:
-    """pwrite every (buffer, offset); large batches on a few threads (pwrite drops the
-    GIL, and filling page cache is CPU work that spreads over cores)."""
-    total = sum(len(b) for b, _ in jobs)
+class _RawFile:
+    """A new `.raw` file open for writing, plus an O_DIRECT descriptor when asked for and
+    the filesystem has one (else, and for any job it refuses, writes are buffered)."""
+
+    def __init__(self, path: Path, direct: bool) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.dfd = -1
+        if direct:
+            with contextlib.suppress(OSError):
+                self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+
+    def write(self, job: _Job) -> int:
+        buf, addr, offset = job
+        if self.dfd >= 0 and len(buf) >= DIRECT_MIN and addr % PAGE_SIZE == 0:
+            try:
+                return _pwrite_all(self.dfd, buf, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # alignment this device does not take
+                    raise
+        return _pwrite_all(self.fd, buf, offset)
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dfd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.dfd = -1
+
+
+def _write_jobs(f: _RawFile, jobs: list[_Job]) -> int:
+    """Write every job; large batches on a few threads (pwrite drops the GIL: filling
+    page cache is CPU work that spreads over cores, direct writes keep the device busy)."""
+    total = sum(len(j[0]) for j in jobs)
     workers = min(4, os.cpu_count() or 1, len(jobs))
     if workers <= 1 or total < 2 * _SLICE:
-        return sum(_pwrite_all(fd, b, o) for b, o in jobs)
+        return sum(f.write(j) for j in jobs)
     with ThreadPoolExecutor(workers) as pool:
-        return sum(pool.map(lambda j: _pwrite_all(fd, j[0], j[1]), jobs))
+        return sum(pool.map(f.write, jobs))
 
 
 @dataclass
@@ -102,7 +142,43 @@ class ImageWriter:
         self._members: dict[str, _PendingMember] = {}
         self._created = prepare_output(self.out)
         self._files: list[Path] = []
+        self._in_place: dict[str, RegionFiles] = {}
+        self._tmpfs = memory_backed(self.out)  # in place; else O_DIRECT (tmpfs: a copy anyway)
         self.bytes_written = 0
+
+    def in_place(self, member: str) -> RegionFiles | None:
+        """The member's region files to capture into directly, when the output is on tmpfs
+        (else None: capture into staging and `add_region`). Record each region captured
+        there with `add_region_in_place`; the others are removed at commit."""
+        check_name(member)
+        if member in self._in_place:
+            return self._in_place[member]
+        if not self._tmpfs:
+            return None
+        files = RegionFiles(self.out, member, self._files.append)
+        self._in_place[member] = files
+        return files
+
+    def add_region_in_place(
+        self,
+        member: str,
+        pid: int,
+        start_time: int,
+        name: str,
+        start: int,
+        end: int,
+        pages: npt.NDArray[np.uint64],
+        zero: npt.NDArray[np.bool_],
+        all_pages: npt.NDArray[np.uint64] | None = None,
+    ) -> ImageRegion:
+        """Record a region whose pages a capture copied into `in_place(member)`: its zero
+        pages (and anything else not stored) become holes."""
+        files = self._in_place[member]
+        pages = np.asarray(pages, dtype=np.uint64)
+        m = self._member(member, pid, start_time, name)
+        files.finish(name, pages[~zero])
+        self.bytes_written += int(np.count_nonzero(~zero)) * PAGE_SIZE
+        return self._record(m, name, start, end, pages, all_pages)
 
     def add_region(
         self,
@@ -127,16 +203,14 @@ class ImageWriter:
         pages = np.asarray(pages, dtype=np.uint64)
         if data.shape != (pages.size, PAGE_SIZE):
             raise ValueError(f"region {name}: data shape {data.shape} != ({pages.size}, page)")
-        m = self._members.setdefault(member, _PendingMember(member, pid, start_time))
-        if name in m.names:
-            raise InvalidName(f"{name} (twice in member {member})")
+        m = self._member(member, pid, start_time, name)
         path = self.out / region_file(member, name)
         try:
             path.parent.mkdir(exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            f = _RawFile(path, direct=not self._tmpfs)
             self._files.append(path)
             try:
-                os.ftruncate(fd, end - start)  # holes everywhere first
+                os.ftruncate(f.fd, end - start)  # holes everywhere first
                 keep = np.ones(pages.size, dtype=np.bool_) if zero is None else ~zero
                 rows = np.flatnonzero(keep)
                 if rows.size:
@@ -145,20 +219,39 @@ class ImageWriter:
                     brk = np.flatnonzero((np.diff(offs) != 1) | (np.diff(rows) != 1)) + 1
                     lo = np.concatenate(([0], brk))
                     hi = np.concatenate((brk, [rows.size]))
-                    jobs = []
+                    jobs: list[_Job] = []
                     for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
                         r0, r1 = int(rows[a]), int(rows[b - 1]) + 1
-                        chunk = np.ascontiguousarray(data[r0:r1]).data.cast("B")
+                        arr = np.ascontiguousarray(data[r0:r1])
+                        chunk, at = arr.data.cast("B"), int(arr.ctypes.data)
                         off = int(offs[a]) * PAGE_SIZE
                         # Big runs go in slices so several threads can write them.
                         jobs += [
-                            (chunk[i : i + _SLICE], off + i) for i in range(0, len(chunk), _SLICE)
+                            (chunk[i : i + _SLICE], at + i, off + i)
+                            for i in range(0, len(chunk), _SLICE)
                         ]
-                    self.bytes_written += _write_jobs(fd, jobs)
+                    self.bytes_written += _write_jobs(f, jobs)
             finally:
-                os.close(fd)
+                f.close()
         except OSError as e:
             raise OutputNotWritable(self.out, e.strerror or str(e)) from None
+        return self._record(m, name, start, end, pages, all_pages)
+
+    def _member(self, member: str, pid: int, start_time: int, region: str) -> _PendingMember:
+        m = self._members.setdefault(member, _PendingMember(member, pid, start_time))
+        if region in m.names:
+            raise InvalidName(f"{region} (twice in member {member})")
+        return m
+
+    @staticmethod
+    def _record(
+        m: _PendingMember,
+        name: str,
+        start: int,
+        end: int,
+        pages: npt.NDArray[np.uint64],
+        all_pages: npt.NDArray[np.uint64] | None,
+    ) -> ImageRegion:
         region = ImageRegion(
             name=name,
             start=start,
@@ -189,6 +282,7 @@ class ImageWriter:
         )
         tmp = self.out / (META + ".tmp")
         try:
+            self._close_in_place()
             self._sync_files()
             with open(tmp, "w") as f:
                 f.write(dumps(image))
@@ -224,9 +318,24 @@ class ImageWriter:
         with ThreadPoolExecutor(max_workers=min(16, len(self._files))) as pool:
             list(pool.map(sync, self._files))
 
+    def _close_in_place(self) -> None:
+        """Remove the in-place files of regions that are not in the image (prepared
+        before the freeze, gone at the cut), unmap the others."""
+        for member, files in self._in_place.items():
+            m = self._members.get(member)
+            recorded = {r.name for r in m.regions} if m is not None else set()
+            for name in files.names():
+                if name not in recorded:
+                    path = files.directory / f"{name}.raw"
+                    files.discard(name)
+                    self._files.remove(path)
+            files.close()
+
     def abort(self) -> None:
         """Remove what this writer created; a directory we did not create is emptied of
         our files only."""
+        for files in self._in_place.values():
+            files.close()
         if self._created:
             shutil.rmtree(self.out, ignore_errors=True)
             return

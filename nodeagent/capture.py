@@ -12,6 +12,9 @@ Owns the sequence of one capture and its result value (DESIGN.md, step 4):
 3. After thaw: zero pages are detected (vectorised) and marked, and the result is built.
 
 The result aliases the staging buffer: a later capture into the same Staging overwrites it.
+With a Destination (`into=`: an image's own region files, cpcoord/image_files.py) the
+pages land at their offset in their region's memory instead, reserved before the freeze
+like staging, and the result aliases that memory.
 A caller that already holds the freeze passes its FrozenProcess (`fp=`): then nothing is
 frozen or thawed here, and several captures can share one cut (an incremental capture and
 a full reference in the same frozen window: tests of issue 3).
@@ -24,6 +27,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -31,11 +35,20 @@ import numpy.typing as npt
 
 from cpcoord.errors import NoSuchProcess, ProcessExited
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE, AddressRange
+from nodeagent import inplace
 from nodeagent.freeze import FrozenProcess, frozen
+from nodeagent.inplace import Destination as Destination  # re-exported
 from nodeagent.mapscache import read_maps_shared
 from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive
-from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
+from nodeagent.reader import (
+    PARALLEL_MIN,
+    MemoryReader,
+    ReadvFn,
+    Staging,
+    _sys_readv,
+    copy_threads,
+)
 from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
 from nodeagent.shared import SharedObjects
@@ -84,11 +97,25 @@ class CapturedRegion:
     name: str
     start: int
     end: int
-    pages: npt.NDArray[np.uint64]  # offsets copied into staging (all of them if full)
+    pages: npt.NDArray[np.uint64]  # offsets copied (all of them if full)
     all_pages: npt.NDArray[np.uint64]  # offsets taken by the rule (present or swapped)
     zero: npt.NDArray[np.bool_]  # per entry of `pages`: the page is all zeros
-    data: npt.NDArray[np.uint8]  # (len(pages), PAGE_SIZE): row i holds page pages[i]
+    # Staging: `(len(pages), PAGE_SIZE)`, row i holds page pages[i]. In place (a
+    # Destination): the region's rows, row k holds page offset k.
+    rows: npt.NDArray[np.uint8]
     requested: AddressRange | None = None
+    in_place: bool = False
+
+    @cached_property
+    def data(self) -> npt.NDArray[np.uint8]:
+        """`(len(pages), PAGE_SIZE)`: row i holds page pages[i] (in place and sparse: a
+        copy, made on first use)."""
+        if not self.in_place:
+            return self.rows
+        dense = inplace.dense_slice(self.pages)
+        if dense is not None:
+            return self.rows[dense]
+        return self.rows[self.pages.astype(np.intp)]
 
     @property
     def runs(self) -> Runs:
@@ -154,23 +181,30 @@ class Capture:
         raise KeyError(name)
 
 
-def zero_rows(data: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """Which rows (pages) of `(n, PAGE_SIZE)` data are all zeros.
+def zero_rows(
+    data: npt.NDArray[np.uint8], index: npt.NDArray[np.uint64] | None = None
+) -> npt.NDArray[np.bool_]:
+    """Which rows (pages) of `(n, PAGE_SIZE)` data, or of `data[index]`, are all zeros.
 
     A page whose first and last words are not both zero cannot be a zero page: that
     check reads two cache lines per page, and only the few candidates left are scanned
     whole (in bounded chunks), so incompressible data costs almost nothing here.
     """
-    n = data.shape[0]
+    n = data.shape[0] if index is None else index.size
     zero = np.zeros(n, dtype=np.bool_)
     if n == 0:
         return zero
-    words = data.view(np.uint64).reshape(n, PAGE_SIZE // 8)
-    cand = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+    words = data.view(np.uint64).reshape(data.shape[0], PAGE_SIZE // 8)
+    if index is None:
+        cand = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+        at = cand
+    else:
+        idx = index.astype(np.intp)
+        cand = np.flatnonzero((words[idx, 0] == 0) & (words[idx, -1] == 0))
+        at = idx[cand]
     step = 8192  # 32 MiB of candidate pages per pass
     for i in range(0, cand.size, step):
-        c = cand[i : i + step]
-        zero[c] = ~words[c].any(axis=1)
+        zero[cand[i : i + step]] = ~words[at[i : i + step]].any(axis=1)
     return zero
 
 
@@ -209,11 +243,14 @@ def capture(
     freeze_timeout: float = 5.0,
     readv: ReadvFn = _sys_readv,
     fp: FrozenProcess | None = None,
+    into: Destination | None = None,
 ) -> Capture:
     """Capture the process's regions (`ranges`, or the default set when None).
 
     With `fp`, the process is already frozen by the caller (on this thread), who also
-    thaws it; otherwise it is frozen here for the copy only.
+    thaws it; otherwise it is frozen here for the copy only. With `into`, pages are
+    copied there (in place) rather than into `staging`: meant for full captures, since
+    it reserves every page taken before the freeze.
 
     Raises NoSuchProcess / PidReused before anything happens, ProcessExited when it dies
     on the way, PermissionDenied, FreezeFailed, RangeUnmapped, RangesOverlap. The target
@@ -236,13 +273,22 @@ def capture(
             maps0 = read_maps_shared(pid)  # the same list frozen, when nothing changed
             specs0 = resolve_regions(ranges, maps0, pid)
             with SharedObjects(pid) as pre:
-                taken0 = _concat(select_pages(pm, specs0, maps0, pre))
+                parts0 = select_pages(pm, specs0, maps0, pre)
+                taken0 = _concat(parts0)
+                if into is not None:  # holes of shared objects need no memory
+                    into.reserve(
+                        inplace.bounds_of(specs0),
+                        inplace.without(parts0, inplace.hole_mask(taken0, maps0, pre)),
+                    )
                 holes0 = pre.hole_pages(maps0, taken0) * PAGE_SIZE  # need no memory
             guess = expect(pid, maps0, taken0) if expect is not None else None
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
             data = max(0, estimate - holes0)
             slack = max(SLACK_MIN, int(data * SLACK_FRACTION))
-            staging.reserve(estimate + slack, populate=data + slack)
+            if into is None:
+                staging.reserve(estimate + slack, populate=data + slack)
+            elif estimate >= PARALLEL_MIN:
+                copy_threads()  # started now, not in the frozen window (Staging does too)
             t1 = time.perf_counter()
             # -- frozen ----------------------------------------------------------------
             held = contextlib.nullcontext(fp) if fp is not None else frozen(ident, freeze_timeout)
@@ -259,9 +305,15 @@ def capture(
                     changed = hooks.changed(fz, maps)
                 copied = taken if changed is None else restrict(taken, changed)
                 allp = _concat(copied)
-                if staging.reserve(
-                    allp.size * PAGE_SIZE, populate=_data_bytes(allp, maps, objects)
-                ):
+                holes = None
+                if into is not None:
+                    holes = inplace.hole_mask(allp, maps, objects)
+                    grown = into.reserve(inplace.bounds_of(specs), inplace.without(copied, holes))
+                else:
+                    grown = staging.reserve(
+                        allp.size * PAGE_SIZE, populate=_data_bytes(allp, maps, objects)
+                    )
+                if grown:
                     log.warning(
                         "staging grown while frozen: pages appeared after the pre-pass",
                         extra={"fields": {"pid": pid, "estimate": estimate, "pages": allp.size}},
@@ -269,7 +321,10 @@ def capture(
                 t3 = time.perf_counter()
                 reader = MemoryReader(pid, readv, objects=objects, maps=maps)
                 try:
-                    stats = reader.read_pages(allp, staging.address)
+                    if into is None:
+                        stats = reader.read_pages(allp, staging.address)
+                    else:
+                        stats = reader.read_pages(allp, 0, inplace.local_rows(specs, copied, into))
                 finally:
                     reader.close()
                 check_alive(ident, "capture")
@@ -281,7 +336,7 @@ def capture(
             raise ProcessExited(pid, "capture") from None
         finally:
             objects.close()
-    regions = _build(specs, taken, copied, stats.unreadable, staging)
+    regions = _build(specs, taken, copied, stats.unreadable, staging, into, holes)
     t6 = time.perf_counter()
     timings = CaptureTimings(
         prepare=t1 - t0,
@@ -359,30 +414,50 @@ def _build(
     copied: Sequence[PageNumbers],
     unreadable: PageNumbers,
     staging: Staging,
+    into: Destination | None = None,
+    holes: npt.NDArray[np.bool_] | None = None,
 ) -> tuple[CapturedRegion, ...]:
-    """Region values over the staging rows; unreadable pages are dropped (rare path:
-    that region's rows are compacted into a copy)."""
+    """Region values over the staging rows (or the Destination's); unreadable pages are
+    dropped (rare path: with staging, that region's rows are compacted into a copy).
+    Pages in holes of shared objects (`holes`, in place only) are zero without a look."""
     out: list[CapturedRegion] = []
     row = 0
-    for spec, t, c in zip(specs, taken, copied, strict=True):
-        data = staging.pages(row, int(c.size))
-        row += int(c.size)
+    for spec, t, c, hm in zip(specs, taken, copied, inplace.split_mask(holes, copied), strict=True):
+        if into is None:
+            rows = staging.pages(row, int(c.size))
+            row += int(c.size)
         if unreadable.size:
             keep = ~np.isin(c, unreadable, assume_unique=True)
             if not keep.all():
-                data, c = data[keep], c[keep]
+                c = c[keep]
+                hm = None if hm is None else hm[keep]
+                if into is None:
+                    rows = rows[keep]
                 t = t[~np.isin(t, unreadable, assume_unique=True)]
         base = np.uint64(spec.start >> PAGE_SHIFT)
+        pages = c - base
+        if into is None:
+            zero = zero_rows(rows)
+        else:
+            rows = into.rows(spec.name)
+            dense = inplace.dense_slice(pages) if hm is None else None
+            if dense is not None:
+                zero = zero_rows(rows[dense])
+            else:
+                zero = np.ones(pages.size, dtype=np.bool_)
+                look = slice(None) if hm is None else ~hm
+                zero[look] = zero_rows(rows, pages[look])
         out.append(
             CapturedRegion(
                 name=spec.name,
                 start=spec.start,
                 end=spec.end,
-                pages=c - base,
+                pages=pages,
                 all_pages=t - base,
-                zero=zero_rows(data),
-                data=data,
+                zero=zero,
+                rows=rows,
                 requested=spec.requested,
+                in_place=into is not None,
             )
         )
     return tuple(out)

@@ -52,6 +52,7 @@ from nodeagent.changeset import (
     written_estimate,
 )
 from nodeagent.freeze import FrozenProcess
+from nodeagent.inplace import Destination
 from nodeagent.pagemap import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.reader import ReadvFn, Staging, _sys_readv
@@ -162,10 +163,15 @@ class TrackedCapture:
     # -- one capture -------------------------------------------------------------------
 
     def capture(
-        self, fp: FrozenProcess | None = None, *, readv: ReadvFn = _sys_readv
+        self,
+        fp: FrozenProcess | None = None,
+        *,
+        readv: ReadvFn = _sys_readv,
+        into: Destination | None = None,
     ) -> TrackedResult:
         """One capture (in the caller's freeze `fp`, or in its own). Then `commit()` once
-        it is stored, or `abort()`."""
+        it is stored, or `abort()`. `into`: copy in place (nodeagent.capture.capture);
+        for a capture that will be full (`next_is_full`)."""
         if self._inflight is not _IDLE:
             self.abort()
         hooks = _Hooks(self)
@@ -178,6 +184,7 @@ class TrackedCapture:
                 freeze_timeout=self.freeze_timeout,
                 readv=readv,
                 fp=fp,
+                into=into,
             )
         except BaseException:
             self._inflight = hooks.inflight

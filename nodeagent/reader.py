@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,6 +104,8 @@ class Staging:
         return True when memory was (re)allocated. Rows past `populate` fault in when
         written: rows of holes of shared objects are never written (shared.py), so a
         sparse object costs address space, not memory."""
+        if nbytes >= PARALLEL_MIN:
+            copy_threads()  # the copy into this buffer will want them: start them now
         if nbytes <= self.capacity:
             return False
         size = max(HUGE, (nbytes + HUGE - 1) // HUGE * HUGE)
@@ -174,6 +178,7 @@ class MemoryReader:
         self.pid = pid
         self._readv = readv  # injectable so tests can make process_vm_readv fail
         self._mem_fd = -1
+        self._mem_lock = threading.Lock()  # the copy may run on several threads
         self._pm: PagemapReader | None = None
         self._objects = objects
         self._maps = maps
@@ -192,36 +197,28 @@ class MemoryReader:
         r = np.asarray(remote, dtype=np.uint64).reshape(-1, 2) >> np.uint64(PAGE_SHIFT)
         return self.read_pages(pages_from_runs(r), dest)
 
-    def read_pages(self, pages: PageNumbers, dest: int) -> ReadStats:
+    def read_pages(
+        self, pages: PageNumbers, dest: int, rows: npt.NDArray[np.uint64] | None = None
+    ) -> ReadStats:
         """Copy sorted, unique pages into local memory at `dest`: page `pages[i]` to row
-        `i`. Call while the target is frozen: which pages are exclusive is read here,
-        right before the copy (a fork before the freeze shares everything)."""
+        `i`, or to row `rows[i]` (rows of PAGE_SIZE from `dest`; with dest 0, the local
+        page numbers: capture in place). Call while the target is frozen: which pages are
+        exclusive is read here, right before the copy (a fork before the freeze shares
+        everything)."""
         n = int(pages.size)
         if n == 0:
             return ReadStats(0, 0, empty_pages())
         pages = np.ascontiguousarray(pages, dtype=np.uint64)
-        rows = np.arange(n, dtype=np.uint64)
+        rows = np.arange(n, dtype=np.uint64) if rows is None else np.asarray(rows, np.uint64)
         bad: list[PageNumbers] = []
-        in_obj, object_bytes = self._read_objects(pages, dest, bad)
+        in_obj, object_bytes = self._read_objects(pages, rows, dest, bad)
         if in_obj is not None:
             pages, rows = pages[~in_obj], rows[~in_obj]
         words = self._pagemap().words_of(pages) if pages.size else np.zeros(0, np.uint64)
         via_mem = ((words & PM_EXCLUSIVE) == 0) | ((words & PM_PRESENT) == 0)
         _absorb(pages, via_mem)
-        calls, fallback = 0, 0
         remote, local = _runs(pages[~via_mem], rows[~via_mem], dest)
-        if remote.shape[0]:
-
-            def short(j: int, into: int) -> None:
-                # Partial: the rest of the run it stopped in goes through /proc/PID/mem.
-                nonlocal fallback
-                addr = int(remote[j, 0]) + into
-                fb, unread = self._fallback(addr, int(remote[j, 1]) - into, int(local[j, 0]) + into)
-                fallback += fb
-                if unread.size:
-                    bad.append(unread)
-
-            calls = transfer(self._readv, self.pid, remote, local, READ, short)
+        calls, fallback = self._readv_all(remote, local, bad)
         shared = 0
         mremote, mlocal = _runs(pages[via_mem], rows[via_mem], dest)
         for (addr, length), (at, _) in zip(mremote.tolist(), mlocal.tolist(), strict=True):
@@ -232,8 +229,41 @@ class MemoryReader:
         unreadable = np.sort(np.concatenate(bad)) if bad else empty_pages()
         return ReadStats(calls, fallback, unreadable, shared, object_bytes)
 
+    def _readv_all(
+        self,
+        remote: npt.NDArray[np.uint64],
+        local: npt.NDArray[np.uint64],
+        bad: list[PageNumbers],
+    ) -> tuple[int, int]:
+        """process_vm_readv of every run; a big copy in a few shares on as many threads
+        (one thread copies ~5 GB/s here, two ~9: the frozen window halves). Returns the
+        calls made and the bytes the fallback read."""
+
+        def one(rem: npt.NDArray[np.uint64], loc: npt.NDArray[np.uint64]) -> tuple[int, int]:
+            fallback = 0
+
+            def short(j: int, into: int) -> None:
+                # Partial: the rest of the run it stopped in goes through /proc/PID/mem.
+                nonlocal fallback
+                addr = int(rem[j, 0]) + into
+                fb, unread = self._fallback(addr, int(rem[j, 1]) - into, int(loc[j, 0]) + into)
+                fallback += fb
+                if unread.size:
+                    bad.append(unread)  # (list.append is atomic)
+
+            return transfer(self._readv, self.pid, rem, loc, READ, short), fallback
+
+        if remote.shape[0] == 0:
+            return 0, 0
+        shares = _shares(remote, local, COPY_THREADS)
+        if len(shares) == 1:
+            return one(*shares[0])
+        pool = copy_threads()
+        done = [f.result() for f in [pool.submit(one, *sh) for sh in shares]]
+        return sum(c for c, _ in done), sum(f for _, f in done)
+
     def _read_objects(
-        self, pages: PageNumbers, dest: int, bad: list[PageNumbers]
+        self, pages: PageNumbers, rows: npt.NDArray[np.uint64], dest: int, bad: list[PageNumbers]
     ) -> tuple[npt.NDArray[np.bool_] | None, int]:
         """Read the pages that lie in object-backed mappings from their objects; returns
         which pages those were (None: none) and the bytes read."""
@@ -247,16 +277,16 @@ class MemoryReader:
         if not inside.any():
             return None, 0
         idx = np.flatnonzero(inside)
-        p, kk = pages[idx], k[idx]
-        # Runs of consecutive pages in one mapping: consecutive rows too (pages are sorted).
-        brk = np.flatnonzero((np.diff(p) != 1) | (np.diff(kk) != 0)) + 1
+        p, kk, rr = pages[idx], k[idx], rows[idx]
+        # Runs of consecutive pages in one mapping and consecutive rows.
+        brk = np.flatnonzero((np.diff(p) != 1) | (np.diff(kk) != 0) | (np.diff(rr) != 1)) + 1
         first = np.concatenate(([0], brk)).tolist()
         last = np.concatenate((brk, [p.size])).tolist()
         total = 0
         for a, b in zip(first, last, strict=True):  # one read per run, not per page
             length = (b - a) * PAGE_SIZE
             unread = self._objects.read(
-                chosen[int(kk[a])], int(p[a]) << PAGE_SHIFT, length, dest + int(idx[a]) * PAGE_SIZE
+                chosen[int(kk[a])], int(p[a]) << PAGE_SHIFT, length, dest + int(rr[a]) * PAGE_SIZE
             )
             total += length - int(unread.size) * PAGE_SIZE
             if unread.size:
@@ -269,9 +299,10 @@ class MemoryReader:
         return self._pm
 
     def _mem(self) -> int:
-        if self._mem_fd < 0:
-            self._mem_fd = READ.open_mem(self.pid)
-        return self._mem_fd
+        with self._mem_lock:
+            if self._mem_fd < 0:
+                self._mem_fd = READ.open_mem(self.pid)
+            return self._mem_fd
 
     def _fallback(self, addr: int, length: int, dest: int) -> tuple[int, PageNumbers]:
         """Read `[addr, addr + length)` through /proc/PID/mem. Returns bytes read and the
@@ -325,6 +356,72 @@ def _absorb(pages: PageNumbers, via_mem: npt.NDArray[np.bool_]) -> None:
     absorb = ~via_mem[s0] & (s1 - s0 < MEM_ABSORB) & before & after
     if absorb.any():
         via_mem |= np.repeat(absorb, s1 - s0)
+
+
+# A copy at least this big is shared out to COPY_THREADS threads, in pieces of at most
+# COPY_PIECE (a run longer than that is cut: iovecs do not care where runs end).
+PARALLEL_MIN = 64 << 20
+COPY_PIECE = 32 << 20
+COPY_THREADS = min(4, os.cpu_count() or 1)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # a forked child has none of the threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def copy_threads() -> ThreadPoolExecutor:
+    """The threads a big copy is shared out to, every one of them started: call it before
+    the freeze (Staging.reserve and capture's preparation do), because starting a thread
+    means waiting until the scheduler runs it, up to 100s of ms on a busy machine, which
+    must not happen inside the frozen window. They stay for the life of the process."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="cpcoord-copy")
+            # Each worker blocks until all are up, so every submit starts a new thread.
+            gate = threading.Barrier(COPY_THREADS + 1)
+            started = [pool.submit(gate.wait) for _ in range(COPY_THREADS)]
+            gate.wait()
+            for f in started:
+                f.result()
+            _pool = pool
+        return _pool
+
+
+def _shares(
+    remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64], workers: int
+) -> list[tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]]:
+    """The iovec pairs cut into `workers` contiguous shares of about equal bytes (one
+    share when the copy is small)."""
+    total = int(remote[:, 1].sum())
+    if workers <= 1 or total < PARALLEL_MIN:
+        return [(remote, local)]
+    piece = np.uint64(COPY_PIECE)
+    n = ((remote[:, 1] + piece - np.uint64(1)) // piece).astype(np.int64)
+    if (n > 1).any():
+        idx = np.repeat(np.arange(remote.shape[0]), n)
+        # Each piece's offset in its run: its rank among the pieces of that run.
+        k = np.arange(idx.size) - np.repeat(np.cumsum(n) - n, n)
+        off = k.astype(np.uint64) * piece
+        length = np.minimum(piece, remote[idx, 1] - off)
+        remote = np.stack((remote[idx, 0] + off, length), axis=1)
+        local = np.stack((local[idx, 0] + off, length), axis=1)
+    ends = np.cumsum(remote[:, 1])
+    cuts = np.searchsorted(ends, [total * i // workers for i in range(1, workers)], side="left")
+    bounds = [0, *sorted({int(c) + 1 for c in cuts}), remote.shape[0]]
+    return [
+        (np.ascontiguousarray(remote[a:b]), np.ascontiguousarray(local[a:b]))
+        for a, b in itertools.pairwise(bounds)
+        if b > a
+    ]
 
 
 def _runs(

@@ -48,7 +48,10 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(f"cpcoord.cli.{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the global options and that one subcommand
+    (`main` runs a command this way: importing every subcommand module costs a command
+    like `capture` a third of its start-up, gRPC among them)."""
     parser = argparse.ArgumentParser(
         prog="cpcoord",
         description="Distributed checkpoint coordinator for Linux processes.",
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else [only]:
         try:
             mod = _load(name)
         except ModuleNotFoundError as e:
@@ -87,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_option(argv: Sequence[str]) -> str | None:
-    """--config given before the subcommand (it is a global option), without parsing the
-    rest: the file's values must be defaults before the real parse."""
+def _pre_parse(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """(--config, the subcommand's name) given before the subcommand (global options),
+    without parsing the rest: the file's values must be defaults before the real parse,
+    and only the named subcommand's module need be imported."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--log-level", default=None)
@@ -97,15 +101,22 @@ def _config_option(argv: Sequence[str]) -> str | None:
     try:
         known, _ = pre.parse_known_args(argv)
     except argparse.ArgumentError:
-        return None  # e.g. `--config` without a value: the real parse reports it
-    return known.config
+        return None, None  # e.g. `--config` without a value: the real parse reports it
+    rest = known.rest
+    command = rest[0] if rest and rest[0] in SUBCOMMANDS else None
+    return known.config, command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    config_path, command = _pre_parse(argv)
     try:
-        cfg = config.load(_config_option(argv))
+        cfg = config.load(config_path)
+        # The whole parser when the file has a table for another subcommand: its keys
+        # are checked against that subcommand's options (an error names them).
+        if command is not None and set(cfg.sections) - {command}:
+            command = None
+        parser = build_parser(command)
         config.apply(parser, cfg)
     except CpcoordError as e:
         print(f"cpcoord: error: {e.message()}", file=sys.stderr)

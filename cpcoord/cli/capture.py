@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: building the parser for any subcommand must not pay for NumPy and
     # ptrace (the CLI imports every subcommand module to build --help).
     import shutil
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-    from cpcoord.image_chain import parent_link
     from cpcoord.image_writer import ImageWriter
-    from nodeagent import chain
+    from nodeagent.inplace import reserve_in_place
     from nodeagent.procfs import ProcessIdentity
     from nodeagent.trackers import registry
 
@@ -114,13 +114,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         ident = ProcessIdentity.of(args.pid)
     writer = ImageWriter(out)
+    # A full capture onto tmpfs copies straight into the image's files (no staging, no
+    # second copy), whose pages are made ready on a second thread while the chain is set
+    # up here; an incremental one copies few pages: staging, then write.
+    into = writer.in_place(member) if parent is None else None
+    pool = ThreadPoolExecutor(1)
+    early: Future[None] | None = None
+    if into is not None:
+        early = pool.submit(reserve_in_place, ident, ranges, into)
     try:
+        from cpcoord.image_chain import parent_link
+        from nodeagent import chain
+
         link = chain.begin(ident, member, out, parent, tracker, ranges)
     except BaseException:
+        pool.shutdown(wait=True)  # (its error, if any, is capture's to report)
         writer.abort()
         raise
     try:
-        res = link.tc.capture()
+        try:
+            if early is not None:
+                early.result()
+        finally:
+            pool.shutdown(wait=True)
+        res = link.tc.capture(into=into)
         cap = res.capture
         t1 = time.perf_counter()
         incremental = parent is not None
@@ -129,6 +146,20 @@ def run(args: argparse.Namespace) -> int:
         writer.tracker = res.tracker if incremental else None
         writer.add_member(member, ident.pid, ident.start_time)
         for r in cap.regions:
+            every = r.all_pages if incremental else None
+            if r.in_place:
+                writer.add_region_in_place(
+                    member,
+                    ident.pid,
+                    ident.start_time,
+                    r.name,
+                    r.start,
+                    r.end,
+                    r.pages,
+                    r.zero,
+                    all_pages=every,
+                )
+                continue
             writer.add_region(
                 member,
                 ident.pid,
@@ -139,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
                 r.pages,
                 r.data,
                 r.zero,
-                all_pages=r.all_pages if incremental else None,
+                all_pages=every,
             )
         chain.save_new_state(link)
         writer.commit()
