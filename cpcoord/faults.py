@@ -12,6 +12,13 @@ daemon writes `$CPCOORD_FAULT_DIR/NAME.reached` (atomically: the test polls for 
 it, and blocks that thread forever; the test then sends SIGKILL. Other threads keep
 running (heartbeats go on), so the process is exactly "in the middle of" that phase. A
 point pauses at most once per process: other passes go through.
+
+Failure points are the other kind: code that can fail part-way (restore's writes) asks
+`fail_point(NAME)` and fails as the kernel could, when
+
+    CPCOORD_FAULT_FAIL=agent.restore.write@3
+
+names it: on the K-th pass only (the first without `@K`), it logs and returns True.
 """
 
 from __future__ import annotations
@@ -25,16 +32,18 @@ from cpcoord.log import log_event
 
 log = logging.getLogger("cpcoord.faults")
 ENV_PAUSE = "CPCOORD_FAULT_PAUSE"
+ENV_FAIL = "CPCOORD_FAULT_FAIL"
 ENV_DIR = "CPCOORD_FAULT_DIR"
 
 _passes: dict[str, int] = {}
 _lock = threading.Lock()
 
 
-def armed() -> dict[str, int]:
-    """Point names the environment asks to pause at, with the pass to pause on (1..)."""
+def armed(env: str = ENV_PAUSE) -> dict[str, int]:
+    """Point names the environment asks to pause at (or fail at, with ENV_FAIL), with the
+    pass to act on (1..)."""
     out = {}
-    for item in os.environ.get(ENV_PAUSE, "").split(","):
+    for item in os.environ.get(env, "").split(","):
         name, _, nth = item.strip().partition("@")
         if name:
             out[name] = int(nth) if nth.isdigit() and int(nth) > 0 else 1
@@ -62,3 +71,18 @@ def fault_point(name: str) -> None:
     os.replace(tmp, path)
     log_event(log, logging.WARNING, "fault point reached: pausing", point=name, pid=os.getpid())
     threading.Event().wait()  # until SIGKILL
+
+
+def fail_point(name: str) -> bool:
+    """True on the pass of this point that CPCOORD_FAULT_FAIL names (once per process):
+    the caller then fails there as if the kernel had refused."""
+    nth = armed(ENV_FAIL).get(name)
+    if nth is None:
+        return False
+    key = f"fail:{name}"
+    with _lock:
+        _passes[key] = _passes.get(key, 0) + 1
+        if _passes[key] != nth:
+            return False
+    log_event(log, logging.WARNING, "fault point reached: failing", point=name, pid=os.getpid())
+    return True

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.mapfacts import MapFact, facts_for
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages, runs_from_pages
@@ -42,6 +43,9 @@ class StagedRegion:
     pages: npt.NDArray[np.uint64]  # offsets whose bytes are in `data` (the delivered set)
     all_pages: npt.NDArray[np.uint64]  # offsets of every page present at the cut
     data: npt.NDArray[np.uint8]  # (len(pages), PAGE_SIZE) view of staging
+    # The member's mappings over the region at the cut (restore's fit check compares
+    # them with the mappings then); empty when not known.
+    mappings: tuple[MapFact, ...] = ()
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -90,9 +94,11 @@ def copy(
     deliver: Sequence[PageNumbers],
     staging: Staging,
     readv: ReadvFn = _sys_readv,
+    maps: Sequence[Mapping] = (),
 ) -> CopyResult:
     """Copy the `deliver` pages (absolute, a subset of `taken`, per region) into staging,
-    back to back in region order. The member must be frozen."""
+    back to back in region order. The member must be frozen. `maps` (the cut's) gives
+    each region its mapping facts."""
     allp = np.concatenate(list(deliver)) if deliver else empty_pages()
     if staging.reserve(int(allp.size) * PAGE_SIZE):
         log.warning(
@@ -107,7 +113,8 @@ def copy(
     bad = stats.unreadable
     out: list[StagedRegion] = []
     row = 0
-    for spec, t, d in zip(specs, taken, deliver, strict=True):
+    facts = facts_for(maps, [(s.start, s.end) for s in specs]) if maps else [()] * len(specs)
+    for spec, t, d, f in zip(specs, taken, deliver, facts, strict=True):
         data = staging.pages(row, int(d.size))
         row += int(d.size)
         if bad.size:
@@ -117,5 +124,5 @@ def copy(
                 data, d = data[keep], d[keep]
             t = t[~np.isin(t, bad, assume_unique=True)]
         base = np.uint64(spec.start >> PAGE_SHIFT)
-        out.append(StagedRegion(spec.name, spec.start, spec.end, d - base, t - base, data))
+        out.append(StagedRegion(spec.name, spec.start, spec.end, d - base, t - base, data, f))
     return CopyResult(tuple(out), stats.readv_calls, int(bad.size))

@@ -189,7 +189,7 @@ def capture_frozen(
     # committed generation one way or another.
     m.record_capture(generation, delivered, {s.name: (s.start, s.end) for s in specs})
     m.last_taken = now
-    res = copyout.copy(pid, specs, taken, deliver, staging, readv)
+    res = copyout.copy(pid, specs, taken, deliver, staging, readv, maps)
     check_alive(m.ident, "capture")
     tracker = "none" if full else m.tracker_name
     return Copied(res, full, tracker, 0 if full else m.committed)
