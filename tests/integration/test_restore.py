@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpcoord.errors import ContentsInvalid, RegionMismatch
+from cpcoord.errors import ContentsInvalid, RegionMismatch, RestoreUndone
 from cpcoord.ranges import PAGE_SIZE, AddressRange
 from nodeagent.capture import capture
 from nodeagent.freeze import frozen
+from nodeagent.iovec import vm_syscall
 from nodeagent.procfs import ProcessIdentity, read_maps
 from nodeagent.restore import (
     MemberLayout,
@@ -290,4 +292,66 @@ def test_file_pages_absent_at_the_cut_come_back_as_the_file(target_factory: Make
         (st,) = restore_members([(fp, layout("f", [c]), [c])])
     assert st.zero_bytes == 0
     assert np.array_equal(t.read("data"), on_disk), "not the file's bytes"
+    t.assert_running()
+
+
+def test_a_restore_the_kernel_refuses_part_way_puts_every_byte_back(
+    target_factory: MakeTarget,
+) -> None:
+    """Issue 12, defect 7, with a real refusal: a shared file mapping whose file was cut
+    to half since the cut. Its first half is written (8 MiB steps) before the kernel
+    refuses the pages past the end of the file; every byte written goes back."""
+    pages = (24 << 20) // PAGE_SIZE
+    t = target_factory(maps=[f"f:{pages}:file-shared:random:3"])
+    cut = snapshot(t, ["f"])
+    t.cmd("write", name="f", page=0, count=pages, counter=7)
+    os.truncate(t.mapping("f").path, 12 << 20)  # pages past 12 MiB: SIGBUS now
+    m = t.mapping("f")
+    before = read_mem(t.pid, m.addr, 12 << 20)
+    with (
+        frozen(ProcessIdentity.of(t.pid)) as fp,
+        pytest.raises(RestoreUndone, match=r"8388608 bytes written were put back"),
+    ):
+        restore_members([(fp, layout("m", cut), cut)])
+    assert read_mem(t.pid, m.addr, 12 << 20) == before
+    t.assert_running()
+
+
+def test_a_refusal_inside_a_step_puts_back_exactly_what_was_written(
+    target_factory: MakeTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process_vm_writev stops half-way through the second 8 MiB step and the
+    /proc/PID/mem fallback is refused: 12 MiB went in, and exactly those go back."""
+    pages = (24 << 20) // PAGE_SIZE
+    t = target_factory(maps=[f"d:{pages}:anon:random:4"])
+    cut = snapshot(t, ["d"])
+    t.cmd("write", name="d", page=0, count=pages, counter=9)
+    before = t.read("d").copy()
+    real = vm_syscall("process_vm_writev")
+    calls: list[int] = []
+    refused: list[int] = []
+
+    def writev(pid: int, local: int, nl: int, remote: int, nr: int) -> int:
+        calls.append(nr)
+        if len(calls) != 2:
+            return real(pid, local, nl, remote, nr)
+        # Move the first half of the first piece only, as the kernel does at a bad page.
+        lv = (ctypes.c_uint64 * 2).from_address(local)
+        rv = (ctypes.c_uint64 * 2).from_address(remote)
+        half = (ctypes.c_uint64 * 2)(lv[0], lv[1] // 2)
+        rhalf = (ctypes.c_uint64 * 2)(rv[0], rv[1] // 2)
+        return real(pid, ctypes.addressof(half), 1, ctypes.addressof(rhalf), 1)
+
+    def no_pwritev(fd: int, bufs: object, offset: int) -> int:
+        refused.append(offset)
+        raise OSError(errno.EIO, "refused by the test")
+
+    monkeypatch.setattr("nodeagent.writer.os.pwritev", no_pwritev)
+    with (
+        frozen(ProcessIdentity.of(t.pid)) as fp,
+        pytest.raises(RestoreUndone, match=r"\(12582912 bytes written were put back\)"),
+    ):
+        write(check_fit(fp, layout("m", cut)), cut, writev=writev)
+    assert refused, "the fallback was never asked"
+    assert np.array_equal(t.read("d"), before)
     t.assert_running()
