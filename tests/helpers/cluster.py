@@ -258,9 +258,7 @@ class Cluster:
 
     # -- agents --------------------------------------------------------------------------
 
-    def start_agent(
-        self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()
-    ) -> Daemon:
+    def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = [
             sys.executable,
             "-m",
@@ -288,9 +286,7 @@ class Cluster:
         d.start()
         return d
 
-    def restart_agent(
-        self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()
-    ) -> None:
+    def restart_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> None:
         self.agents[node].kill()
         self.start_agent(node, pause, fail)
 
