@@ -173,6 +173,7 @@ class Cluster:
     port: int = 0
     store_url: str | None = None  # e.g. s3://bucket/prefix; default: a directory under root
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the AWS variables
+    state_dir: Path | None = None  # the coordinator's --state-dir (catalog, lock)
 
     @property
     def store(self) -> Path:
@@ -240,6 +241,7 @@ class Cluster:
             "--heartbeat-ms",
             str(self.heartbeat_ms),
             "--insecure",
+            *(["--state-dir", str(self.state_dir)] if self.state_dir is not None else []),
         ]
         env = _env({"CPCOORD_FAULT_DIR": str(self.faults), **self.extra_env})
         if pause:
