@@ -95,12 +95,7 @@ def _same_as_cut(member: str, r: RegionLayout, now: Sequence[Mapping]) -> None:
     prev = r.start
     for f in cut:
         if f.start > prev:  # unmapped at the cut, mapped now (every byte is, see above)
-            raise RegionMismatch(
-                member,
-                r.name,
-                f"0x{prev:x}-0x{f.start:x} was not mapped at the cut and is now "
-                f"({now[0].perms} {fact_of(now[0], prev, f.start).backing()})",
-            )
+            _newly_mapped(member, r, now, prev, f.start)
         prev = f.end
         while j < len(now) and now[j].end <= f.start:
             j += 1
@@ -118,9 +113,15 @@ def _same_as_cut(member: str, r: RegionLayout, now: Sequence[Mapping]) -> None:
                 )
             k += 1
     if prev < r.end:
-        raise RegionMismatch(
-            member, r.name, f"0x{prev:x}-0x{r.end:x} was not mapped at the cut and is now"
-        )
+        _newly_mapped(member, r, now, prev, r.end)
+
+
+def _newly_mapped(member: str, r: RegionLayout, now: Sequence[Mapping], a: int, b: int) -> None:
+    m = next(m for m in now if m.start <= a < m.end)
+    what = f"{m.perms} {fact_of(m, a, b).backing()}"
+    raise RegionMismatch(
+        member, r.name, f"0x{a:x}-0x{b:x} was not mapped at the cut and is now ({what})"
+    )
 
 
 def _like_default_set(member: str, r: RegionLayout, now: Sequence[Mapping]) -> None:

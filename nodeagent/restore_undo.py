@@ -401,6 +401,7 @@ class AllOrNothing:
     def _undo(
         self, whole: Sequence[Backed], failed: Backed | None, partial: int, cause: CpcoordError
     ) -> NoReturn:
+        self._pipe.stop()  # no more reading ahead
         remote, local, forced = rollback_pieces(whole, failed, partial)
         nbytes = int(remote[:, 1].sum())
         fields = {"member": self.member, "pid": self.pid, "bytes": nbytes, "error": str(cause)}
