@@ -216,8 +216,9 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
                 "every thread's registers saved at the cut, and the generation has none",
             )
         check_threads(layout.member, fp, layout.threads)
+    starts = [m.start for m in maps]
     for r in layout.regions:
-        fit_region(layout.member, r, maps, layout.explicit)
+        fit_region(layout.member, r, maps, layout.explicit, starts)
     return Fitted(fp, layout, maps)
 
 

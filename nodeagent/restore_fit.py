@@ -53,8 +53,17 @@ def check_layout(layout: MemberLayout) -> None:
         prev = r
 
 
-def fit_region(member: str, r: RegionLayout, maps: Sequence[Mapping], explicit: bool) -> None:
-    starts = [m.start for m in maps]
+def fit_region(
+    member: str,
+    r: RegionLayout,
+    maps: Sequence[Mapping],
+    explicit: bool,
+    starts: Sequence[int] | None = None,
+) -> None:
+    """Raise RegionMismatch unless `r` fits `maps` (module docstring). `starts`: the
+    maps' start addresses, computed once per member (thousands of regions)."""
+    if starts is None:
+        starts = [m.start for m in maps]
     i = max(bisect.bisect_right(starts, r.start) - 1, 0)
     cursor, unmapped, first_hole = r.start, 0, -1
     now: list[Mapping] = []
