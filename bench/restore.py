@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{fz.max:.3f} s worst of {args.reps}: {fz.median / raw.median:.2f}x raw writev.",
         "All or nothing: every byte the restore overwrites is first read into a backup "
         "(process_vm_readv for exclusively mapped pages, /proc/PID/mem for COW-shared ones), "
-        "one 8 MiB step ahead of the writes on a second thread; a failure puts it back. "
+        "one 32 MiB step ahead of the writes on a second thread; a failure puts it back. "
         "The backup goes into a prefaulted buffer (the agent uses the member's idle capture "
         "staging); the fresh-memory row shows the cost without one (page faults while frozen).",
         "Frozen window = seize/interrupt of every thread (4), maps read, fit check, plan, "

@@ -34,6 +34,7 @@ from nodeagent.restore import (
     restore_members,
     write,
 )
+from nodeagent.restore_undo import STEP
 from tests.helpers import patterns
 from tests.helpers.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, build_c, digest, read_mem
@@ -298,31 +299,32 @@ def test_file_pages_absent_at_the_cut_come_back_as_the_file(target_factory: Make
 def test_a_restore_the_kernel_refuses_part_way_puts_every_byte_back(
     target_factory: MakeTarget,
 ) -> None:
-    """Issue 12, defect 7, with a real refusal: a shared file mapping whose file was cut
-    to half since the cut. Its first half is written (8 MiB steps) before the kernel
-    refuses the pages past the end of the file; every byte written goes back."""
-    pages = (24 << 20) // PAGE_SIZE
+    """Issue 12, defect 7, with a real refusal: a shared file mapping of three steps
+    whose file was cut to one and a half since the cut. The first step is written before
+    the kernel refuses the pages past the end of the file; every byte written goes back."""
+    pages = 3 * STEP // PAGE_SIZE
+    half = 3 * STEP // 2
     t = target_factory(maps=[f"f:{pages}:file-shared:random:3"])
     cut = snapshot(t, ["f"])
     t.cmd("write", name="f", page=0, count=pages, counter=7)
-    os.truncate(t.mapping("f").path, 12 << 20)  # pages past 12 MiB: SIGBUS now
+    os.truncate(t.mapping("f").path, half)  # pages past it: SIGBUS now
     m = t.mapping("f")
-    before = read_mem(t.pid, m.addr, 12 << 20)
+    before = read_mem(t.pid, m.addr, half)
     with (
         frozen(ProcessIdentity.of(t.pid)) as fp,
-        pytest.raises(RestoreUndone, match=r"8388608 bytes written were put back"),
+        pytest.raises(RestoreUndone, match=rf"\({STEP} bytes written were put back\)"),
     ):
         restore_members([(fp, layout("m", cut), cut)])
-    assert read_mem(t.pid, m.addr, 12 << 20) == before
+    assert read_mem(t.pid, m.addr, half) == before
     t.assert_running()
 
 
 def test_a_refusal_inside_a_step_puts_back_exactly_what_was_written(
     target_factory: MakeTarget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """process_vm_writev stops half-way through the second 8 MiB step and the
-    /proc/PID/mem fallback is refused: 12 MiB went in, and exactly those go back."""
-    pages = (24 << 20) // PAGE_SIZE
+    """process_vm_writev stops half-way through the second step and the /proc/PID/mem
+    fallback is refused: one and a half steps went in, and exactly those go back."""
+    pages = 3 * STEP // PAGE_SIZE
     t = target_factory(maps=[f"d:{pages}:anon:random:4"])
     cut = snapshot(t, ["d"])
     t.cmd("write", name="d", page=0, count=pages, counter=9)
@@ -349,7 +351,7 @@ def test_a_refusal_inside_a_step_puts_back_exactly_what_was_written(
     monkeypatch.setattr("nodeagent.writer.os.pwritev", no_pwritev)
     with (
         frozen(ProcessIdentity.of(t.pid)) as fp,
-        pytest.raises(RestoreUndone, match=r"\(12582912 bytes written were put back\)"),
+        pytest.raises(RestoreUndone, match=rf"\({3 * STEP // 2} bytes written were put back\)"),
     ):
         write(check_fit(fp, layout("m", cut)), cut, writev=writev)
     assert refused, "the fallback was never asked"

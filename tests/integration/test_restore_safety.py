@@ -11,8 +11,8 @@ and after, and the program goes on and passes its own check. (Before the fit che
 compared mappings, the restore succeeded and wrote the cut's bytes into the new
 mapping: the program's check failed.)
 
-A restore that fails part-way (the agent's failure point `agent.restore.write`, the
-third 8 MiB step of 24 MiB) must put back every byte it wrote: memory hashes the same,
+A restore that fails part-way (the agent's failure point `agent.restore.write` before
+the third of three steps) must put back every byte it wrote: memory hashes the same,
 the program passes its check, the CLI says the restore was undone; the next restore
 (the point fails once) then writes the generation exactly.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.restore_undo import STEP
 from tests.conftest import require
 from tests.helpers.cluster import Cluster
 from tests.helpers.restore_c import REMAP_TARGET, RemapTarget, build_c
@@ -45,13 +46,13 @@ def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def spawn(exe: Path, tmp_path: Path) -> Iterator[Callable[..., RemapTarget]]:
     made: list[RemapTarget] = []
 
-    def make(pages: int, start: str = "anon") -> RemapTarget:
-        files = []
-        for name in ("a", "b"):
+    def make(pages: int, start: str = "anon", files: bool = True) -> RemapTarget:
+        paths = []
+        for name in ("a", "b"):  # the files it maps in place of its region, on command
             f = tmp_path / f"file-{name}-{len(made)}"
-            f.write_bytes(os.urandom(pages * PAGE))
-            files.append(f)
-        t = RemapTarget(exe, pages, start, files[0], files[1])
+            f.write_bytes(os.urandom(pages * PAGE) if files else b"")
+            paths.append(f)
+        t = RemapTarget(exe, pages, start, paths[0], paths[1])
         made.append(t)
         return t
 
@@ -116,8 +117,8 @@ def test_a_restore_that_fails_part_way_puts_every_byte_back(
     c = cluster_factory(nodes=("node-a",))
     c.restart_agent("node-a", fail=["agent.restore.write@3"])
     c.wait_agents(["node-a"])
-    pages = (24 << 20) // PAGE  # three steps of 8 MiB: the third one fails
-    t = spawn(pages)
+    pages = 3 * STEP // PAGE  # three steps: the third one fails
+    t = spawn(pages, files=False)
     gen = _setup(c, "undo", t)
     at_cut = t.digest()
     t.send("fill 2")
@@ -126,7 +127,7 @@ def test_a_restore_that_fails_part_way_puts_every_byte_back(
     code, out = _restore(c, "undo", gen)
     assert code == ABORTED, f"the restore did not fail:\n{out}"
     assert "restore_failed" in out, out
-    assert "failed and was undone (16777216 bytes written were put back)" in out, out
+    assert f"failed and was undone ({2 * STEP} bytes written were put back)" in out, out
     assert "fault point agent.restore.write" in out, out
     assert t.digest() == before, "bytes the failed restore wrote were not put back"
     t.check()  # the program agrees: its memory is as it left it
