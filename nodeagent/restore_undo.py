@@ -56,7 +56,7 @@ from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.iovec import READ, alive, transfer, vm_syscall
 from nodeagent.pagemap import PM_EXCLUSIVE, PM_FILE_SHARED, PM_PRESENT, PM_SWAPPED, PagemapReader
 from nodeagent.procfs import Mapping
-from nodeagent.reader import Staging
+from nodeagent.reader import MADV_HUGEPAGE, Staging
 from nodeagent.restore_plan import Plan
 from nodeagent.writer import ZERO_CHUNK, MemoryWriter, WriteStats, WritevFn, zero_source
 
@@ -132,6 +132,8 @@ class _Store:
             self._left -= nbytes
             return addr
         mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(OSError):  # 512x fewer page faults while frozen
+            mm.madvise(MADV_HUGEPAGE)
         self._maps.append(mm)
         self.fresh += nbytes
         return ctypes.addressof(ctypes.c_char.from_buffer(mm))
