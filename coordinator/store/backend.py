@@ -80,9 +80,9 @@ class Backend(Protocol):
     def location(self) -> str: ...
 
     @property
-    def endpoint(self) -> str:
+    def source(self) -> str:
         """Where the objects are read from, exactly (a resolved directory, or an S3
-        endpoint URL with bucket and prefix): the catalog is bound to it."""
+        endpoint URL with bucket and prefix): the catalog is bound to it (binding.py)."""
         ...
 
     def put(self, kind: Kind, name: str, data: Buffer) -> None: ...
@@ -136,7 +136,7 @@ class LocalBackend:
         return str(self.root)
 
     @property
-    def endpoint(self) -> str:
+    def source(self) -> str:
         return "file://" + os.path.realpath(self.root)
 
     def _path(self, kind: Kind, name: str) -> Path:

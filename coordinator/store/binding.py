@@ -3,7 +3,7 @@ was read from, and is never used against another.
 
 A store has an id (`config/store.json`, written when the store is created; a store of an
 older version without one gets one on its first open). The catalog records that id and
-the store's endpoint (`Backend.endpoint`: the resolved directory, or the S3 endpoint URL
+the store's endpoint (`Backend.source`: the resolved directory, or the S3 endpoint URL
 with bucket and prefix) in its meta table. At every open (`bind`):
 - same id, same endpoint: the catalog is the store's;
 - another id (the bucket was recreated or emptied, another server answers at that name,

@@ -128,7 +128,7 @@ class Repository:
         self.backend.put(Kind.LOCKS, self._lock_name, json.dumps(owner).encode())
         # The catalog must be this store's (binding.py); one of another store is set
         # aside and rebuilt from this store's manifests below.
-        now = binding.StoreRef(str(self.identity["id"]), self.backend.endpoint)
+        now = binding.StoreRef(str(self.identity["id"]), self.backend.source)
         travels = isinstance(self.backend, LocalBackend) and (
             os.path.realpath(state) == os.path.realpath(self.backend.root)
         )
