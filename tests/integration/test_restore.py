@@ -357,3 +357,70 @@ def test_a_refusal_inside_a_step_puts_back_exactly_what_was_written(
     assert refused, "the fallback was never asked"
     assert np.array_equal(t.read("d"), before)
     t.assert_running()
+
+
+_FORKER = """
+import mmap, os, signal, sys, ctypes
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.write(os.urandom(n))
+print(hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
+sys.stdin.readline()
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_backing_up_never_breaks_copy_on_write_sharing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A parent whose region is COW-shared with its child (forked after the cut): a
+    restore that fails before its second step has backed up (read) the pages of the
+    steps after the first without unsharing them; only the pages it wrote (and put
+    back) are the parent's own now."""
+    import subprocess
+    import sys
+
+    from cpcoord import faults
+    from nodeagent.pagemap import PM_EXCLUSIVE, PM_PRESENT, PagemapReader
+
+    size = 3 * STEP
+    p = subprocess.Popen([sys.executable, "-c", _FORKER, str(size)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdin is not None and p.stdout is not None
+    child = 0
+    try:
+        addr = int(p.stdout.readline(), 16)
+        ident = ProcessIdentity.of(p.pid)
+        cap = capture(ident, [AddressRange(addr, addr + size)])
+        cut = [RegionContents.from_captured(r) for r in cap.regions]
+        p.stdin.write("fork\n")
+        p.stdin.flush()
+        child = int(p.stdout.readline())
+
+        def words() -> np.ndarray:
+            with PagemapReader(p.pid) as pm:
+                return pm.words(addr >> 12, size >> 12).copy()
+
+        w = words()
+        assert np.all(w & PM_PRESENT) and not np.any(w & PM_EXCLUSIVE), "not COW-shared"
+        before = read_mem(p.pid, addr, size)
+        monkeypatch.setenv(faults.ENV_FAIL, "agent.restore.write@2")
+        monkeypatch.setattr(faults, "_passes", {})
+        with frozen(ident) as fp, pytest.raises(RestoreUndone, match=rf"\({STEP} bytes"):
+            restore_members([(fp, layout("m", cut), cut)])
+        assert read_mem(p.pid, addr, size) == before
+        w = words()
+        pages = STEP >> 12
+        assert np.all(w[:pages] & PM_EXCLUSIVE), "the written step is the parent's own"
+        shared = ~(w[pages:] & PM_EXCLUSIVE).astype(bool)
+        assert shared.all(), f"{int((~shared).sum())} pages only backed up were unshared"
+    finally:
+        if child:
+            os.kill(child, 9)  # the parent's child: reaped by init once the parent is gone
+        p.kill()
+        p.wait()
