@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("restore in place: freeze + fit + backup + write + thaw (= frozen)", fz))
         rows.append(row("restore in place: backup + write alone (frozen)", wr))
         assert np.array_equal(target.read("data", 0, 64), full.data[:64])
-        backup.close()
 
         fzf, wrf, stf, _ = _in_place(ident, full, max(2, args.reps // 2))
         assert stf.backup_fresh_bytes == size
@@ -141,17 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         half = RegionContents(
             full.name, full.start, full.end, full.pages[: pages // 2], full.data[: pages // 2]
         )
-        fz2, wr2, st2, _ = _in_place(ident, half, args.reps)
+        fz2, wr2, st2, _ = _in_place(ident, half, args.reps, backup=backup)
         assert st2.zero_bytes == size // 2
         extra["half_zero"] = {"frozen": fz2.as_dict(), "write": wr2.as_dict()}
         rows.append(row("restore in place, half the pages zero at the cut: write alone", wr2))
 
         target.cmd("mprotect", name="data", page=0, count=pages, prot="r")
-        fz3, wr3, st3, _ = _in_place(ident, full, max(2, args.reps // 2))
+        fz3, wr3, st3, _ = _in_place(ident, full, max(2, args.reps // 2), backup=backup)
         assert st3.mem_bytes == size
         extra["read_only"] = {"frozen": fz3.as_dict(), "write": wr3.as_dict()}
         rows.append(row("restore in place, read-only mapping (/proc/PID/mem): write alone", wr3))
         target.cmd("mprotect", name="data", page=0, count=pages, prot="rw")
+        backup.close()
 
         into = []
         for i in range(args.reps):
