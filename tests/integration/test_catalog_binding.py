@@ -85,6 +85,7 @@ def _replaced_store_is_noticed(c: Cluster, t: Target, replace: Callable[[], None
     assert "catalog belongs to another store" in log, log[-3000:]
 
 
+@pytest.mark.slow
 def test_a_fresh_bucket_of_the_same_name_gets_a_new_catalog(
     cluster_factory: Callable[..., Cluster],
     target_factory: Callable[..., Target],
@@ -106,6 +107,7 @@ def test_a_fresh_bucket_of_the_same_name_gets_a_new_catalog(
     _replaced_store_is_noticed(c, t, new_server)
 
 
+@pytest.mark.slow
 def test_an_empty_directory_in_place_of_the_store_gets_a_new_catalog(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
