@@ -11,12 +11,14 @@ member, and when all are written every agent gets Thaw. The flight is the job's
 generation in flight (a checkpoint and a restore of one job exclude each other); its
 number is the generation written back, which stays committed whatever happens.
 
-A member of the default (whole-memory) region set is restored only together with every
-thread's registers at the cut: its manifest holds them (saved by the agent while frozen
-for the capture, reported with Staged), and the restore Freeze carries them with the
-member's regions (`freeze_layouts`), because the agent's fit check, before anything is
-written anywhere, needs them (same threads as at the cut). A generation without them
-(an older one) is refused by the agent, with the reason.
+The restore Freeze carries every member's regions with the mappings they lay in at the
+cut (`freeze_layouts`, from the manifest): the agent's fit check, before anything is
+written anywhere, refuses a region mapped otherwise now (other permissions, another
+backing). A member of the default (whole-memory) region set is restored only together
+with every thread's registers at the cut: its manifest holds them (saved by the agent
+while frozen for the capture, reported with Staged) and its layout carries them too
+(same threads as at the cut). A generation without them (an older one) is refused by
+the agent, with the reason.
 
 A restored member's tracker state no longer describes its memory, so its next capture is
 full (its `committed` base is cleared).
@@ -35,6 +37,7 @@ from coordinator.members_ops import _ask
 from coordinator.protocol import Generation
 from coordinator.protocol_messages import Begin
 from coordinator.protocol_values import GenState, Kind, Spec
+from cpcoord import mapfacts
 from cpcoord.errors import (
     AgentUnavailable,
     InvalidArgument,
@@ -129,8 +132,8 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
 def freeze_layouts(
     engine: Engine, job: str, generation: int, members: Iterable[str]
 ) -> list[agent_pb2.RestoreLayout]:
-    """The restore Freeze's layouts: regions and registers at the cut of each named
-    member that has registers in the generation (a whole-memory member)."""
+    """The restore Freeze's layouts: each named member's regions with their mappings at
+    the cut, and (a whole-memory member) every thread's registers at the cut."""
     manifest = engine.repo.manifest(job, generation)
     out = []
     for name in members:
@@ -138,13 +141,17 @@ def freeze_layouts(
             mm = manifest.member(name)
         except KeyError:
             continue
-        if not mm.threads:
-            continue
         out.append(
             agent_pb2.RestoreLayout(
                 member=name,
                 regions=[
-                    types_pb2.Region(name=r.name, start=r.start, end=r.end) for r in mm.regions
+                    types_pb2.Region(
+                        name=r.name,
+                        start=r.start,
+                        end=r.end,
+                        mappings=mapfacts.to_protos(r.mappings),
+                    )
+                    for r in mm.regions
                 ],
                 threads=[
                     common_pb2.ThreadRegisters(tid=t.tid, arch=t.arch, regs=t.regs, fpregs=t.fpregs)

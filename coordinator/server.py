@@ -99,10 +99,11 @@ def serve(
     security: Security | None = None,
     sealer: Sealer | None = None,
     rpc_threads: int = RPC_THREADS,
+    state_dir: Path | None = None,
 ) -> int:
     security = security or Security()
     check_transport(listen, security)  # before the store is opened or created
-    repo, rebuilt = open_repository(store, config=StoreConfig(sealer=sealer))
+    repo, rebuilt = open_repository(store, state_dir=state_dir, config=StoreConfig(sealer=sealer))
     if rebuilt is not None:
         log.warning("catalog rebuilt from the store", extra={"fields": {"report": str(rebuilt)}})
     engine = Engine(repo, options)

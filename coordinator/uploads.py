@@ -22,9 +22,11 @@ import zstandard
 
 from coordinator.store.ids import ID_SIZE, IdArray, as_id_array, empty_ids, zero_mask
 from coordinator.store.manifest import MemberMap, PageTable, RegionMap, overlay
+from cpcoord import mapfacts
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import common_pb2, manifest_pb2
 from cpcoord.image import runs_of, stored_offsets
+from cpcoord.mapfacts import MapFact
 from cpcoord.ranges import check_name
 
 MAX_CHUNK = 4 << 20
@@ -68,6 +70,7 @@ class _Region:
     all_pages: U64  # runs present at the cut
     parts: list[PageTable] = field(default_factory=list)
     next_page: int = 0  # entries must start at or after this offset
+    mappings: tuple[MapFact, ...] = ()  # at the cut (checked against the region)
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,10 @@ class UploadAssembler:
             allp = _runs(r.all_pages, npages, f"region {i} ({r.name}) all_pages")
             if header.full and allp.size == 0:
                 allp = pages
-            self.regions.append(_Region(r.name, r.start, r.end, pages, allp))
+            facts = mapfacts.from_protos(r.mappings)
+            if why := mapfacts.check_facts(facts, r.start, r.end):
+                raise InvalidArgument(f"region {r.name}: mappings at the cut: {why}")
+            self.regions.append(_Region(r.name, r.start, r.end, pages, allp, mappings=facts))
         self.entries = self.pages = self.zero_pages = 0
         self.chunks = self.bytes_received = 0
         self._dctx = zstandard.ZstdDecompressor()
@@ -217,7 +223,8 @@ class UploadAssembler:
                     f"not the {int(reg.pages[:, 1].sum())} pages its header announces"
                 )
             base = bases.get(reg.name)
-            maps.append(RegionMap(reg.name, reg.start, reg.end, self._complete(reg, delta, base)))
+            table = self._complete(reg, delta, base)
+            maps.append(RegionMap(reg.name, reg.start, reg.end, table, reg.mappings))
         ids = [m.pages.ids[~m.pages.zero] for m in maps]
         uniq = np.unique(np.concatenate(ids)) if ids else empty_ids()
         return MemberUpload(

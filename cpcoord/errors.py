@@ -484,6 +484,24 @@ class WriteFailed(CpcoordError):
     status = "INTERNAL"
 
 
+class RestoreUndone(CpcoordError):
+    """restore of member {} failed and was undone ({} bytes written were put back): {}
+
+    Its memory (and registers) are as before the restore."""
+
+    exit_code = 87
+    status = "ABORTED"
+
+
+class RestoreUndoFailed(CpcoordError):
+    """restore of member {} failed part-way ({}); putting back what it wrote failed: {}
+
+    Its memory is partly the generation's, partly its own: restart it or restore again."""
+
+    exit_code = 88
+    status = "DATA_LOSS"
+
+
 class ContentsInvalid(CpcoordError):
     """restore contents of member {} region {} are invalid: {}"""
 

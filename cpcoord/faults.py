@@ -16,6 +16,13 @@ point pauses at most once per process: other passes go through.
 `CPCOORD_FAULT_HOLD=NAME[@K]` (same syntax) blocks only until the test creates
 `$CPCOORD_FAULT_DIR/NAME.release`, then goes on: a phase made to last as long as the
 test needs, e.g. a commit that resumes after its leader lost its lease.
+
+Failure points are the other kind: code that can fail part-way (restore's writes) asks
+`fail_point(NAME)` and fails as the kernel could, when
+
+    CPCOORD_FAULT_FAIL=agent.restore.write@3
+
+names it: on the K-th pass only (the first without `@K`), it logs and returns True.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from cpcoord.log import log_event
 log = logging.getLogger("cpcoord.faults")
 ENV_PAUSE = "CPCOORD_FAULT_PAUSE"
 ENV_HOLD = "CPCOORD_FAULT_HOLD"
+ENV_FAIL = "CPCOORD_FAULT_FAIL"
 ENV_DIR = "CPCOORD_FAULT_DIR"
 
 _passes: dict[str, int] = {}
@@ -37,7 +45,8 @@ _lock = threading.Lock()
 
 
 def armed(env: str = ENV_PAUSE) -> dict[str, int]:
-    """Point names the environment asks to pause at, with the pass to pause on (1..)."""
+    """Point names the environment asks to pause at (or fail at, with ENV_FAIL), with the
+    pass to act on (1..)."""
     out = {}
     for item in os.environ.get(env, "").split(","):
         name, _, nth = item.strip().partition("@")
@@ -79,3 +88,18 @@ def fault_point(name: str) -> None:
     while not release.exists():
         threading.Event().wait(0.05)
     log_event(log, logging.WARNING, "fault point released", point=name, pid=os.getpid())
+
+
+def fail_point(name: str) -> bool:
+    """True on the pass of this point that CPCOORD_FAULT_FAIL names (once per process):
+    the caller then fails there as if the kernel had refused."""
+    nth = armed(ENV_FAIL).get(name)
+    if nth is None:
+        return False
+    key = f"fail:{name}"
+    with _lock:
+        _passes[key] = _passes.get(key, 0) + 1
+        if _passes[key] != nth:
+            return False
+    log_event(log, logging.WARNING, "fault point reached: failing", point=name, pid=os.getpid())
+    return True

@@ -24,6 +24,7 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.mapfacts import MapFact, facts_for
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.mapscache import derived, read_maps_shared
@@ -46,6 +47,9 @@ class StagedRegion:
     pages: npt.NDArray[np.uint64]  # offsets whose bytes are in `data` (the delivered set)
     all_pages: npt.NDArray[np.uint64]  # offsets of every page present at the cut
     data: npt.NDArray[np.uint8]  # (len(pages), PAGE_SIZE) view of staging
+    # The member's mappings over the region at the cut (restore's fit check compares
+    # them with the mappings then); empty when not known.
+    mappings: tuple[MapFact, ...] = ()
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -124,7 +128,8 @@ def copy(
 ) -> CopyResult:
     """Copy the `deliver` pages (absolute, a subset of `taken`, per region) into staging,
     back to back in region order. The member must be frozen. `objects` and `maps`: as
-    given to `select` (pages of object-backed shared mappings come from the objects)."""
+    given to `select` (pages of object-backed shared mappings come from the objects;
+    `maps`, the cut's, also gives each region its mapping facts)."""
     allp = np.concatenate(list(deliver)) if deliver else empty_pages()
     holes = objects.hole_pages(maps, allp) if objects is not None else 0
     if staging.reserve(int(allp.size) * PAGE_SIZE, populate=(int(allp.size) - holes) * PAGE_SIZE):
@@ -141,9 +146,11 @@ def copy(
     lost = int(np.count_nonzero(np.isin(allp, bad, assume_unique=True))) if bad.size else 0
 
     def build() -> tuple[StagedRegion, ...]:
+        spans = [(s.start, s.end) for s in specs]
+        facts = facts_for(maps, spans) if maps else [()] * len(specs)
         if bad.size:
-            return _regions_compacted(specs, taken, deliver, staging, bad)
-        return _regions(specs, taken, deliver, allp, staging)
+            return _regions_compacted(specs, taken, deliver, staging, bad, facts)
+        return _regions(specs, taken, deliver, allp, staging, facts)
 
     return CopyResult(stats.readv_calls, int(bad.size), int(allp.size) - lost, build)
 
@@ -158,6 +165,7 @@ def _regions(
     deliver: Sequence[PageNumbers],
     allp: PageNumbers,
     staging: Staging,
+    facts: Sequence[tuple[MapFact, ...]],
 ) -> tuple[StagedRegion, ...]:
     """Every region's rows, offsets made relative to its start in two array operations
     (no arithmetic per region)."""
@@ -170,9 +178,11 @@ def _regions(
     de, te = np.cumsum(dn).tolist(), np.cumsum(tn).tolist()
     out = []
     d0 = t0 = 0
-    for spec, d1, t1 in zip(specs, de, te, strict=True):
+    for spec, d1, t1, f in zip(specs, de, te, facts, strict=True):
         out.append(
-            StagedRegion(spec.name, spec.start, spec.end, d_off[d0:d1], t_off[t0:t1], data[d0:d1])
+            StagedRegion(
+                spec.name, spec.start, spec.end, d_off[d0:d1], t_off[t0:t1], data[d0:d1], f
+            )
         )
         d0, t0 = d1, t1
     return tuple(out)
@@ -184,11 +194,12 @@ def _regions_compacted(
     deliver: Sequence[PageNumbers],
     staging: Staging,
     bad: PageNumbers,
+    facts: Sequence[tuple[MapFact, ...]],
 ) -> tuple[StagedRegion, ...]:
     """The rare path (device mappings, poisoned pages): unreadable pages dropped."""
     out: list[StagedRegion] = []
     row = 0
-    for spec, t, d in zip(specs, taken, deliver, strict=True):
+    for spec, t, d, f in zip(specs, taken, deliver, facts, strict=True):
         data = staging.pages(row, int(d.size))
         row += int(d.size)
         keep = ~np.isin(d, bad, assume_unique=True)
@@ -196,5 +207,5 @@ def _regions_compacted(
             data, d = data[keep], d[keep]
         t = t[~np.isin(t, bad, assume_unique=True)]
         base = np.uint64(spec.start >> PAGE_SHIFT)
-        out.append(StagedRegion(spec.name, spec.start, spec.end, d - base, t - base, data))
+        out.append(StagedRegion(spec.name, spec.start, spec.end, d - base, t - base, data, f))
     return tuple(out)

@@ -93,13 +93,16 @@ def transfer(
     local: npt.NDArray[np.uint64],
     d: Direction,
     short: Callable[[int, int], None],
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Move every piece `local[i]` <-> `remote[i]` (contiguous `(n, 2)` uint64 arrays of
     equal lengths) with `fn`, IOV_MAX pairs a call; returns the number of calls.
 
     EFAULT/EIO or a short count stop a call inside some piece `j`: `short(j, into)` then
     handles the rest of that piece from byte `into` (page granular) and the next call
-    starts at piece `j + 1`. Any other errno raises `d`'s error."""
+    starts at piece `j + 1`. Any other errno raises `d`'s error. `progress(done)` hears
+    each time the bytes of the pieces' stream moved so far (a prefix, in piece order)
+    grew: the system calls move bytes in iovec order and stop at the first failure."""
     n = remote.shape[0]
     offsets = ends(remote)
     calls = 0
@@ -111,6 +114,8 @@ def transfer(
         calls += 1
         if got == want:
             i += k
+            if progress is not None:
+                progress(int(offsets[i]))
             continue
         if got < 0:
             err = ctypes.get_errno()
@@ -118,9 +123,13 @@ def transfer(
                 d.fail(pid, err, int(remote[i, 0]))
             got = 0
         stop = int(offsets[i]) + got
+        if progress is not None:
+            progress(stop)
         j = int(np.searchsorted(offsets, stop, side="right")) - 1
         short(j, stop - int(offsets[j]))
         i = j + 1
+        if progress is not None:
+            progress(int(offsets[i]))
     return calls
 
 

@@ -230,13 +230,17 @@ def _restartable(regs: bytes) -> user_regs_struct:
     return r
 
 
-def restore_thread_state(fp: FrozenProcess, states: ThreadStates, member: str = "?") -> int:
+def restore_thread_state(
+    fp: FrozenProcess, states: ThreadStates, member: str = "?", *, exact: bool = False
+) -> int:
     """Put the cut's registers back into every thread; returns the threads restored.
-    Refuses (nothing set) unless the process has the same threads as at the cut."""
+    Refuses (nothing set) unless the process has the same threads as at the cut.
+    `exact`: set them as they are (registers saved moments ago, put back after a failed
+    restore), without turning an interrupted restart_syscall into a re-issued call."""
     _check_arch()
     check_threads(member, fp, states)
     for t in states.threads:
-        regs = _restartable(t.regs)
+        regs = user_regs_struct.from_buffer_copy(t.regs) if exact else _restartable(t.regs)
         kind = NT_PRFPREG if len(t.fpregs) == FXSAVE_SIZE else NT_X86_XSTATE
         buf = ctypes.create_string_buffer(t.fpregs, len(t.fpregs))
         iov = _Iovec(ctypes.addressof(buf), len(t.fpregs))

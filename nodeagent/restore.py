@@ -3,11 +3,10 @@
 Owns the fit check, the write plan and the two-phase sequence (DESIGN.md, Restore):
 
 1. `check_fit(fp, layout)` for every member (frozen): the process's mappings still hold
-   each region (every byte mapped, no shared read-only piece; a region of the default
-   set also still lies in mappings of the same kind), and a default-set member has
-   registers saved at the cut and the same threads as then. A misfit raises
-   RegionMismatch naming member and region, RestoreRefused for threads or registers;
-   nothing is written.
+   each region as at the cut (every byte mapped with the permissions and backing it had
+   then, restore_fit.py), and a default-set member has registers saved at the cut and
+   the same threads as then. A misfit raises RegionMismatch naming member, region and
+   what changed, RestoreRefused for threads or registers; nothing is written.
 2. `write(fitted, contents)` for every member: each region gets its pages back (rows of
    `contents`), every other page of a private mapping becomes zeros (absent at the cut:
    "write all pages, including zero pages and pages written since"), then the
@@ -17,6 +16,9 @@ Owns the fit check, the write plan and the two-phase sequence (DESIGN.md, Restor
    already read as they did at the cut and are left alone, so a sparse region costs no
    memory; in a private *file* mapping a page absent at the cut read as the file, so
    where it is present now it gets the file's bytes back, not zeros (restore_plan.py).
+   All or nothing per member (restore_undo.py): what the write overwrites is backed up
+   first (on a second thread, a step ahead), and a failure part-way puts back every
+   byte written, and the registers, before it raises RestoreUndone.
 
 Explicit regions (given ranges, the client library) are restored alone: the process
 vouches for them. The default whole-memory set only with every thread's registers.
@@ -31,7 +33,6 @@ Plans are built with NumPy over runs, never per page; writes go through nodeagen
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import time
@@ -44,17 +45,20 @@ import numpy.typing as npt
 
 from cpcoord.errors import (
     ContentsInvalid,
+    CpcoordError,
     NoSuchProcess,
     ProcessExited,
     RegionMismatch,
     RestoreRefused,
+    RestoreUndoFailed,
 )
+from cpcoord.mapfacts import MapFact
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import CapturedRegion
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.pagemap import PagemapReader, taken_in
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.regions import default_region_name
+from nodeagent.reader import Staging
 from nodeagent.registers import (
     ThreadStateHooks,
     ThreadStates,
@@ -62,8 +66,10 @@ from nodeagent.registers import (
     restore_thread_state,
     save_thread_state,
 )
+from nodeagent.restore_fit import check_layout, fit_region
 from nodeagent.restore_plan import build_plan
-from nodeagent.writer import MemoryWriter, WritevFn, _sys_writev
+from nodeagent.restore_undo import AllOrNothing
+from nodeagent.writer import WritevFn, _sys_writev
 
 __all__ = [
     "Fitted",
@@ -98,6 +104,10 @@ class RegionLayout:
     start: int
     end: int
     length: int | None = None
+    # The member's mappings over the region at the cut; empty when the generation does
+    # not say (older manifests, restore into a new process): then the fit check does
+    # what it can without them (module docstring of check_fit).
+    mappings: tuple[MapFact, ...] = ()
 
     @property
     def size(self) -> int:
@@ -185,66 +195,16 @@ class RestoreStats:
     mem_bytes: int  # of those, written through /proc/PID/mem
     threads: int  # threads whose registers were put back
     seconds: float
+    backup_bytes: int = 0  # read from the process first, to put back on a failure
+    backup_fresh_bytes: int = 0  # of those, kept in memory mapped while frozen
 
 
 # -- fit --------------------------------------------------------------------------------
 
 
-def _kind(name: str) -> str:
-    """The mapping kind a default-set region name encodes (regions.default_region_name)."""
-    return name if name in ("heap", "stack") else name.rpartition("-")[0]
-
-
-def _check_layout(layout: MemberLayout) -> None:
-    names: set[str] = set()
-    prev: RegionLayout | None = None
-    for r in sorted(layout.regions, key=lambda r: r.start):
-        if r.start % PAGE_SIZE or r.end % PAGE_SIZE or r.end <= r.start:
-            raise ContentsInvalid(layout.member, r.name, "bounds not page-aligned or empty")
-        if r.length is not None and not (r.size - PAGE_SIZE < r.length <= r.size):
-            raise ContentsInvalid(layout.member, r.name, f"length {r.length} for {r.size} bytes")
-        if r.name in names:
-            raise ContentsInvalid(layout.member, r.name, "appears twice")
-        if prev is not None and r.start < prev.end:
-            raise RegionMismatch(layout.member, r.name, f"overlaps region {prev.name}")
-        names.add(r.name)
-        prev = r
-
-
-def _fit_region(member: str, r: RegionLayout, maps: Sequence[Mapping], explicit: bool) -> None:
-    starts = [m.start for m in maps]
-    i = max(bisect.bisect_right(starts, r.start) - 1, 0)
-    cursor, unmapped, first_hole = r.start, 0, -1
-    for m in maps[i:]:
-        if m.start >= r.end:
-            break
-        if m.end <= cursor:
-            continue
-        if m.start > cursor:
-            unmapped += m.start - cursor
-            first_hole = cursor if first_hole < 0 else first_hole
-        cursor = max(cursor, m.end)
-        if m.shared and not m.writable:
-            why = f"lies in a read-only shared mapping now ({m.perms} at 0x{m.start:x})"
-            raise RegionMismatch(member, r.name, f"0x{r.start:x}-0x{r.end:x} {why}")
-        if not explicit and _kind(default_region_name(m, unique_kind=True)) != _kind(r.name):
-            now = _kind(default_region_name(m, unique_kind=True))
-            raise RegionMismatch(member, r.name, f"is a {now!r} mapping now at 0x{m.start:x}")
-    if cursor < r.end:
-        unmapped += r.end - cursor
-        first_hole = cursor if first_hole < 0 else first_hole
-    if unmapped:
-        raise RegionMismatch(
-            member,
-            r.name,
-            f"0x{r.start:x}-0x{r.end:x} ({r.size} bytes) is not mapped any more: "
-            f"{unmapped} bytes unmapped, the first at 0x{first_hole:x}",
-        )
-
-
 def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
     """Check that the frozen process can take the layout's regions back; write nothing."""
-    _check_layout(layout)
+    check_layout(layout)
     try:
         maps = tuple(read_maps(fp.pid))
     except NoSuchProcess:
@@ -259,8 +219,9 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
                 "every thread's registers saved at the cut, and the generation has none",
             )
         check_threads(layout.member, fp, layout.threads)
+    starts = [m.start for m in maps]
     for r in layout.regions:
-        _fit_region(layout.member, r, maps, layout.explicit)
+        fit_region(layout.member, r, maps, layout.explicit, starts)
     return Fitted(fp, layout, maps)
 
 
@@ -317,9 +278,12 @@ def write(
     contents: Iterable[RegionContents] | MappingABC[str, RegionContents],
     *,
     writev: WritevFn = _sys_writev,
+    staging: Staging | None = None,
 ) -> RestoreStats:
-    """Write a fitted member's regions (and registers, default set). Call on the thread
-    that froze it, before the thaw. Raises ContentsInvalid before writing anything."""
+    """Write a fitted member's regions (and registers, default set), all or nothing.
+    Call on the thread that froze it, before the thaw. Raises ContentsInvalid before
+    writing anything; a failure part-way puts back every byte written (RestoreUndone;
+    restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here)."""
     t0 = time.perf_counter()
     fp, layout = fitted.fp, fitted.layout
     regions = _contents_for(layout, contents)
@@ -340,11 +304,22 @@ def write(
             layout.member,
             file_bytes=_file_reader(fp.pid),
         )
-    with MemoryWriter(fp.pid, writev) as w:
-        stats = w.write(plan.remote, plan.local, plan.forced)
+    # Registers as they are now, to put back if setting the cut's fails half-way.
+    whole = not layout.explicit and layout.threads is not None
+    before = save_thread_state(fp) if whole else None
     threads = 0
-    if not layout.explicit and layout.threads is not None:
-        threads = restore_thread_state(fp, layout.threads, layout.member)
+    with AllOrNothing(fp.pid, layout.member, plan, maps, writev=writev, staging=staging) as tx:
+        got = tx.write()
+        if whole:
+            assert layout.threads is not None and before is not None
+            try:
+                threads = restore_thread_state(fp, layout.threads, layout.member)
+            except ProcessExited:
+                raise
+            except CpcoordError as e:
+                _put_back_registers(fp, before, layout.member, e)
+                tx.undo(e)
+    stats = got.stats
     result = RestoreStats(
         member=layout.member,
         pid=fp.pid,
@@ -356,6 +331,8 @@ def write(
         mem_bytes=stats.mem_bytes,
         threads=threads,
         seconds=time.perf_counter() - t0,
+        backup_bytes=got.backed_up,
+        backup_fresh_bytes=got.fresh,
     )
     log.info(
         "restored",
@@ -367,12 +344,25 @@ def write(
                 "bytes": result.bytes_written,
                 "zero_bytes": result.zero_bytes,
                 "mem_bytes": result.mem_bytes,
+                "backup_bytes": result.backup_bytes,
+                "backup_fresh_bytes": result.backup_fresh_bytes,
                 "threads": threads,
                 "ms": round(result.seconds * 1e3, 3),
             }
         },
     )
     return result
+
+
+def _put_back_registers(
+    fp: FrozenProcess, before: ThreadStates, member: str, cause: CpcoordError
+) -> None:
+    try:
+        restore_thread_state(fp, before, member, exact=True)
+    except ProcessExited:
+        raise
+    except CpcoordError as e:
+        raise RestoreUndoFailed(member, str(cause), f"registers: {e}") from cause
 
 
 def restore_members(

@@ -11,6 +11,11 @@ restore Freeze brings them back with the member's regions at the cut (`layouts_o
 the fit check then accepts the member only with the same threads as at the cut, and the
 write puts the registers back after the pages. Without them (an older generation) the
 whole-memory set is refused, with the reason; explicit regions are restored alone.
+
+Mappings: every region's mappings at the cut are recorded with its pages (copyout.py,
+the manifest) and a restore Freeze brings them back for every member (`layouts_of`); an
+explicit member's attached regions take them by name and bounds (`layout_of`). The fit
+check refuses a region mapped otherwise now (restore.check_fit).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cpcoord import mapfacts
 from cpcoord.errors import (
     CpcoordError,
     InvalidArgument,
@@ -72,13 +78,16 @@ def staged_threads(
 
 
 def layouts_of(f: agent_pb2.Freeze) -> Layouts:
-    """A restore Freeze's whole-memory layouts, checked (a bad one stays as its error, for
-    the fit check to report against that member)."""
+    """A restore Freeze's layouts, checked (a bad one stays as its error, for the fit
+    check to report against that member)."""
     out: list[tuple[str, MemberLayout | CpcoordError]] = []
     for lay in f.layouts:
         try:
             threads = _states(lay.threads, lay.thread_start_times) if lay.threads else None
-            regions = tuple(RegionLayout(r.name, r.start, r.end) for r in lay.regions)
+            regions = tuple(
+                RegionLayout(r.name, r.start, r.end, mappings=mapfacts.from_protos(r.mappings))
+                for r in lay.regions
+            )
             out.append((lay.member, MemberLayout(lay.member, regions, False, threads)))
         except ThreadStateInvalid as e:
             out.append((lay.member, e))
@@ -100,10 +109,18 @@ def layout_of(m: HeldMember, layouts: Layouts = ()) -> MemberLayout:
     """The member's regions as a restore layout: its explicit regions, or (default set)
     the regions and registers at the cut from the restore Freeze; without those the fit
     check refuses it with the reason."""
-    if m.regions is not None:
-        regions = tuple(RegionLayout(r.name, r.start, r.end) for r in m.regions)
-        return MemberLayout(m.name, regions, explicit=True)
     given = dict(layouts).get(m.name)
+    if m.regions is not None:
+        # The regions attached; the generation's layout (when sent) adds the mappings at
+        # the cut of each region it holds with the same name and bounds.
+        cut = {}
+        if isinstance(given, MemberLayout):
+            cut = {(r.name, r.start, r.end): r.mappings for r in given.regions}
+        regions = tuple(
+            RegionLayout(r.name, r.start, r.end, mappings=cut.get((r.name, r.start, r.end), ()))
+            for r in m.regions
+        )
+        return MemberLayout(m.name, regions, explicit=True)
     if isinstance(given, CpcoordError):
         raise given
     return given or MemberLayout(m.name, (), explicit=False, threads=None)

@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord import faults
+from cpcoord import faults, mapfacts
 from cpcoord.errors import CoordinatorUnavailable, CpcoordError, UploadFailed
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.grpcutil import rpc_to_error
@@ -121,6 +121,7 @@ def header(sm: StagedMember) -> agent_pb2.UploadRequest:
             end=r.end,
             pages=_runs(r.pages),
             all_pages=_runs(r.all_pages),
+            mappings=mapfacts.to_protos(r.mappings),
         )
         for r in sm.regions
     ]

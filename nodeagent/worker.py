@@ -399,12 +399,15 @@ class Worker:
                 op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, err, op.epoch
             )
             return
+        # The member's capture staging is idle during a restore (unless an upload still
+        # reads it) and prefaulted: it takes the backup of what the restore overwrites.
+        backup = m.staging if m.staging is not None and not m.staging_busy else None
         try:
-            st = restore.write(fitted, op.contents)
+            st = restore.write(fitted, op.contents, staging=backup)
         except CpcoordError as e:
             if isinstance(e, STAGE_FAILED) or not m.ident.alive():
                 self._mark_gone(m, op.epoch)
-            else:  # perhaps written in part: what the tracker knows is stale
+            else:  # put back (RestoreUndone), still the tracker saw writes: start afresh
                 tracking.after_restore(m, fe.fp, self.config.freeze_timeout_s)
             self._fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, e, op.epoch)
             return

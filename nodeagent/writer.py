@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -69,12 +70,17 @@ class WriteStats:
 
 
 class MemoryWriter:
-    """Writes pieces of local memory into another process (which should be frozen)."""
+    """Writes pieces of local memory into another process (which should be frozen).
+
+    `written` is how far the last `write` got: the bytes of its pieces, in their order,
+    that reached the target (a prefix: every path writes in order and stops at the first
+    refusal), also after it raised. Restore puts back exactly those (restore_undo.py)."""
 
     def __init__(self, pid: int, writev: WritevFn = _sys_writev) -> None:
         self.pid = pid
         self._writev = writev  # injectable so tests can make process_vm_writev fail
         self._mem_fd = -1
+        self.written = 0
 
     def close(self) -> None:
         if self._mem_fd >= 0:
@@ -93,17 +99,28 @@ class MemoryWriter:
         local: npt.NDArray[np.uint64],
         forced: npt.NDArray[np.bool_],
     ) -> WriteStats:
-        """Write every piece: `remote[i]` <- `local[i]` (same lengths); pieces with
-        `forced[i]` lie in mappings the target cannot write and go through /proc/PID/mem."""
+        """Write every piece, in order: `remote[i]` <- `local[i]` (same lengths); pieces
+        with `forced[i]` lie in mappings the target cannot write and go through
+        /proc/PID/mem."""
         remote = np.ascontiguousarray(remote, dtype=np.uint64).reshape(-1, 2)
         local = np.ascontiguousarray(local, dtype=np.uint64).reshape(-1, 2)
+        forced = np.asarray(forced, dtype=bool).reshape(-1)
         if remote.shape != local.shape or np.any(remote[:, 1] != local[:, 1]):
             raise ValueError("remote and local pieces must pair up with equal lengths")
-        keep = ~forced
-        calls, vbytes, fell = self._writev_pieces(
-            np.ascontiguousarray(remote[keep]), np.ascontiguousarray(local[keep])
-        )
-        mem = self._mem_pieces(remote[forced], local[forced])
+        self.written = 0
+        calls = vbytes = fell = mem = 0
+        # Runs of pieces that take the same path, in order (usually one).
+        cut = np.flatnonzero(forced[1:] != forced[:-1]) + 1
+        bounds = np.concatenate(([0], cut, [forced.size])).tolist()
+        for a, b in itertools.pairwise(bounds):
+            if a == b:
+                continue
+            r, lo = remote[a:b], local[a:b]
+            if forced[a]:
+                mem += self._mem_pieces(r, lo)
+            else:
+                c, v, f = self._writev_pieces(r, lo)
+                calls, vbytes, fell = calls + c, vbytes + v, fell + f
         return WriteStats(calls, vbytes - fell, fell + mem)
 
     # -- process_vm_writev ------------------------------------------------------------
@@ -112,6 +129,7 @@ class MemoryWriter:
         self, remote: npt.NDArray[np.uint64], local: npt.NDArray[np.uint64]
     ) -> tuple[int, int, int]:
         fallback = 0
+        base = self.written
 
         def short(j: int, into: int) -> None:
             # Short: the rest of the piece it stopped in goes through /proc/PID/mem.
@@ -120,7 +138,10 @@ class MemoryWriter:
             self._mem_write(int(remote[j, 0]) + into, rest, int(local[j, 0]) + into)
             fallback += rest
 
-        calls = transfer(self._writev, self.pid, remote, local, WRITE, short)
+        def progress(done: int) -> None:
+            self.written = base + done
+
+        calls = transfer(self._writev, self.pid, remote, local, WRITE, short, progress)
         return calls, int(remote[:, 1].sum()), fallback
 
     # -- /proc/PID/mem ----------------------------------------------------------------
@@ -152,6 +173,7 @@ class MemoryWriter:
         base = int(remote[0, 0])
         got = int(_pwritev(fd, local.ctypes.data, local.shape[0], base))
         if got == want:
+            self.written += want
             return want
         if got < 0:
             err = ctypes.get_errno()
@@ -160,6 +182,7 @@ class MemoryWriter:
             if err not in (errno.EIO, errno.EFAULT):
                 raise WriteFailed(self.pid, f"0x{base:x}", os.strerror(err))
             got = 0
+        self.written += got
         # Short: finish piece by piece from where it stopped (each raises if it cannot).
         j = int(np.searchsorted(offsets, got, side="right")) - 1
         into = got - int(offsets[j])
@@ -184,3 +207,4 @@ class MemoryWriter:
                     raise ProcessExited(self.pid, "restore")
                 raise WriteFailed(self.pid, f"0x{addr + done:x}", "the kernel wrote nothing")
             done += got
+            self.written += got

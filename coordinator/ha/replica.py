@@ -50,11 +50,13 @@ class Replica:
         options: Options,
         serving: Serving,
         sealer: Sealer | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.options = options
         self.serving = serving
         self.sealer = sealer
+        self.state_dir = state_dir
         self.elector: Elector | None = None  # set by the caller before it starts
         self._lock = threading.Lock()
         self._engine: Engine | None = None
@@ -103,7 +105,9 @@ class Replica:
         repo = None
         while self._holds(term):
             try:
-                repo, _ = open_repository(self.store, config=StoreConfig(sealer=self.sealer))
+                repo, _ = open_repository(
+                    self.store, state_dir=self.state_dir, config=StoreConfig(sealer=self.sealer)
+                )
                 break
             except StoreLocked:  # the deposed leader is still closing it
                 time.sleep(LOCK_RETRY_S)

@@ -59,6 +59,7 @@ def serve_replica(
     security: Security | None = None,
     sealer: Sealer | None = None,
     rpc_threads: int = RPC_THREADS,
+    state_dir: Path | None = None,
 ) -> int:
     security = security or Security()
     check_transport(listen, security)
@@ -66,10 +67,10 @@ def serve_replica(
     timing = Timing(ttl_s)
     if not prefix.startswith("/") or prefix.rstrip("/") == "":
         raise InvalidArgument(f"--etcd-prefix must be an absolute key prefix, got {prefix!r}")
-    if str(store).startswith("s3://") and not os.environ.get("CPCOORD_STATE_DIR"):
+    if str(store).startswith("s3://") and not (state_dir or os.environ.get("CPCOORD_STATE_DIR")):
         log_event(
             log, logging.WARNING,
-            "replicas of an S3 store need one shared state directory (CPCOORD_STATE_DIR): "
+            "replicas of an S3 store need one shared state directory (--state-dir): "
             "each replica's own catalog would lack the others' members and pins",
         )  # fmt: skip
     serving = Serving(None)
@@ -81,7 +82,7 @@ def serve_replica(
         rpc_threads=rpc_threads,
     )
     address = advertised(listen, server.port, advertise)
-    replica = Replica(store, options, serving, sealer)
+    replica = Replica(store, options, serving, sealer, state_dir)
     elector = Elector(client, prefix, address, replica, timing)
     replica.elector = elector
     if metrics_port is not None:

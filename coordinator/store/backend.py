@@ -79,6 +79,12 @@ class Backend(Protocol):
     @property
     def location(self) -> str: ...
 
+    @property
+    def source(self) -> str:
+        """Where the objects are read from, exactly (a resolved directory, or an S3
+        endpoint URL with bucket and prefix): the catalog is bound to it (binding.py)."""
+        ...
+
     def put(self, kind: Kind, name: str, data: Buffer) -> None: ...
 
     def get(self, kind: Kind, name: str) -> bytes: ...
@@ -128,6 +134,10 @@ class LocalBackend:
     @property
     def location(self) -> str:
         return str(self.root)
+
+    @property
+    def source(self) -> str:
+        return "file://" + os.path.realpath(self.root)
 
     def _path(self, kind: Kind, name: str) -> Path:
         kind = Kind(kind)

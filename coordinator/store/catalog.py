@@ -172,6 +172,24 @@ class Catalog:
             except sqlite3.Error as e:
                 raise StoreError(f"catalog: {e}") from e
 
+    # -- meta: what the catalog is bound to (binding.py) --------------------------
+
+    def meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
+
+    def empty(self) -> bool:
+        """No job (hence no member and no generation) was ever recorded."""
+        return not self._query("SELECT 1 FROM jobs LIMIT 1")
+
     # -- jobs and members ----------------------------------------------------------
 
     def ensure_job(self, job: str) -> None:

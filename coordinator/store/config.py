@@ -56,8 +56,10 @@ class StoreConfig:
         return SHARED_NAMESPACE if self.dedup == "store" else f"job:{job}"
 
 
-def load_or_init_identity(backend: Backend) -> dict[str, object]:
-    """Read the store's identity file, creating it for a new store; refuse other formats."""
+def load_or_init_identity(backend: Backend) -> tuple[dict[str, object], bool]:
+    """Read the store's identity file, creating it for a new store (and giving a store
+    of an older version without an id one); refuse other formats. Returns it and
+    whether it was created just now (the store had none: it is new to us)."""
     try:
         raw = backend.get(Kind.CONFIG, CONFIG_NAME)
     except ObjectNotFound:
@@ -67,7 +69,7 @@ def load_or_init_identity(backend: Backend) -> dict[str, object]:
             "created": time.time(),
         }
         backend.put(Kind.CONFIG, CONFIG_NAME, json.dumps(ident).encode())
-        return ident
+        return ident, True
     try:
         ident = json.loads(raw)
         fmt = ident["format"]
@@ -77,4 +79,7 @@ def load_or_init_identity(backend: Backend) -> dict[str, object]:
         raise StoreInvalid(
             backend.location, f"store format {fmt}, this version reads {STORE_FORMAT}"
         )
-    return dict(ident)
+    if not isinstance(ident.get("id"), str) or not ident["id"]:
+        ident = {**ident, "id": secrets.token_hex(16)}
+        backend.put(Kind.CONFIG, CONFIG_NAME, json.dumps(ident).encode())
+    return dict(ident), False

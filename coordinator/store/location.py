@@ -15,6 +15,8 @@ in a local state directory (default: $CPCOORD_STATE_DIR, else /var/lib/cpcoord f
 else $XDG_STATE_HOME/cpcoord or ~/.local/state/cpcoord; then s3/BUCKET[+PREFIX] with
 '/' as '+'). When that catalog is new, `open_repository` rebuilds it from the committed
 manifests in the bucket (rebuild.py), so a coordinator can move to another machine.
+A catalog is bound to its store's id and endpoint (binding.py): kept by bucket and
+prefix only, it would otherwise describe whatever bucket of that name answers next.
 """
 
 from __future__ import annotations
@@ -143,8 +145,9 @@ def open_repository(
     config: StoreConfig | None = None,
     s3_options: S3Options | None = None,
 ) -> tuple[Repository, RebuildReport | None]:
-    """Open the repository at a location; if its catalog is new while the store holds
-    manifests, rebuild the catalog from them first (the report says what was found)."""
+    """Open the repository at a location; if its catalog is new (or was another store's,
+    binding.py) while the store holds manifests, rebuild the catalog from them first
+    (the report says what was found)."""
     loc = as_location(where)
     backend = open_backend(loc, s3_options=s3_options)
     try:
@@ -152,6 +155,8 @@ def open_repository(
     except BaseException:
         backend.close()
         raise
+    if repo.rebound is not None:  # its catalog was another store's: rebuilt already
+        return repo, repo.rebuilt
     try:
         report = rebuild_if_new(repo)
     except BaseException:

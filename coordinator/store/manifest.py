@@ -10,9 +10,12 @@ entry were not captured (not present, or unreadable) and restore leaves them alo
 A manifest is complete: it lists every captured page of the generation, so restore and
 export read one manifest and never walk a parent chain.
 
-A member of the default (whole-memory) region set also carries every thread's registers
-at the cut (`MemberMap.threads`, opaque bytes to the store): restore in place of a whole
-address space puts them back. Explicit-region members and older manifests have none.
+Each region records the member's mappings over it at the cut (`RegionMap.mappings`;
+none in manifests written before they were): restore in place refuses a region whose
+memory is mapped otherwise now. A member of the default (whole-memory) region set also
+carries every thread's registers at the cut (`MemberMap.threads`, opaque bytes to the
+store): restore in place of a whole address space puts them back. Explicit-region
+members and older manifests have none.
 
 Page tables are four aligned NumPy columns (offsets u64, counts u32, skips u32, ids V32),
 44 bytes per entry; validation and overlay are vectorised, never a loop per page.
@@ -29,6 +32,7 @@ import numpy.typing as npt
 
 from coordinator.store.ids import ID_DTYPE, IdArray, as_id_array, zero_mask
 from cpcoord.errors import ManifestInvalid
+from cpcoord.mapfacts import MapFact, check_facts
 
 FORMAT = 1
 MAX_NAME = 1024
@@ -145,6 +149,9 @@ class RegionMap:
     start: int
     end: int
     pages: PageTable = field(default_factory=PageTable.empty)
+    # The member's mappings over the region at the cut (cpcoord/mapfacts.py): what a
+    # restore in place checks the process against. Empty in older manifests.
+    mappings: tuple[MapFact, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,8 @@ class Manifest:
                     raise bad(f"{where}: [{r.start:#x}, {r.end:#x}) is not page-aligned")
                 for why in r.pages.problems((r.end - r.start) // ps):
                     raise bad(f"{where}: {why}")
+                if why := check_facts(r.mappings, r.start, r.end):
+                    raise bad(f"{where}: mappings at the cut: {why}")
 
 
 def overlay(

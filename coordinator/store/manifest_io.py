@@ -34,6 +34,7 @@ from coordinator.store.manifest import (
     RegionMap,
     ThreadRegs,
 )
+from cpcoord import mapfacts
 from cpcoord.errors import DataCorrupted, ManifestInvalid
 from cpcoord.gen.v1 import manifest_pb2 as pb
 
@@ -85,7 +86,11 @@ def encode(m: Manifest) -> bytes:
             frame(
                 pb.ManifestFrame(
                     region=pb.ManifestRegion(
-                        name=r.name, start=r.start, end=r.end, entry_count=len(t)
+                        name=r.name,
+                        start=r.start,
+                        end=r.end,
+                        entry_count=len(t),
+                        mappings=mapfacts.to_protos(r.mappings),
                     )
                 )
             )
@@ -187,7 +192,8 @@ def decode(data: bytes, where: str = "?") -> Manifest:
                 np.frombuffer(b"".join(cols[2]), dtype="<u4").astype(np.uint32),
                 np.frombuffer(b"".join(cols[3]), dtype=ID_DTYPE).copy(),
             )
-            regions.append(RegionMap(rf.name, rf.start, rf.end, t))
+            facts = mapfacts.from_protos(rf.mappings)
+            regions.append(RegionMap(rf.name, rf.start, rf.end, t, facts))
             entries += len(t)
             pages += t.page_count
         members.append(MemberMap(mf.name, tuple(regions), tuple(threads)))

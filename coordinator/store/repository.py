@@ -16,6 +16,10 @@ packs and manifest it left are unreferenced and `gc` removes them. Readers only 
 see COMMITTED rows, so no partial generation is ever visible. A failed commit leaves the
 generation in flight: the caller may upload what is missing and retry, or abort.
 
+The catalog is bound to its store (binding.py): opened against another store (a new
+bucket of the same name, a replaced directory, another endpoint) it is set aside and
+rebuilt from the store's manifests (`rebound`, `rebuilt` say so).
+
 One process owns a store at a time (an exclusive flock on `lock` beside the catalog);
 within it, one RLock guards the index, open packs, in-flight registry and catalog steps.
 Hashing and compression run outside the lock, so uploads of several members overlap.
@@ -32,11 +36,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from coordinator.store import index_io, manifest_io, packs, reader
+from coordinator.store import binding, index_io, manifest_io, packs, reader
 from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
 from coordinator.store.catalog import Catalog, GenerationInfo, Sizes, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
@@ -64,6 +68,9 @@ from cpcoord.errors import (
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
+
+if TYPE_CHECKING:
+    from coordinator.store.rebuild import RebuildReport
 
 log = logging.getLogger("cpcoord.store")
 Latest = Literal["latest"]
@@ -116,18 +123,35 @@ class Repository:
         return cls(LocalBackend(root), root, config)
 
     def _open(self, state: Path) -> None:
-        self.identity = load_or_init_identity(self.backend)
+        self.identity, store_new = load_or_init_identity(self.backend)
         self.backend.discard_incomplete()
         for stale in list(self.backend.list(Kind.LOCKS)):  # we hold the flock: all stale
             self.backend.delete(Kind.LOCKS, stale.name)
         self._lock_name = f"{socket.gethostname()}-{os.getpid()}"
         owner = {"host": socket.gethostname(), "pid": os.getpid()}
         self.backend.put(Kind.LOCKS, self._lock_name, json.dumps(owner).encode())
-        self.catalog = Catalog(state / "catalog.sqlite")
+        # The catalog must be this store's (binding.py); one of another store is set
+        # aside and rebuilt from this store's manifests below.
+        now = binding.StoreRef(str(self.identity["id"]), self.backend.source)
+        travels = isinstance(self.backend, LocalBackend) and (
+            os.path.realpath(state) == os.path.realpath(self.backend.root)
+        )
+        self.catalog, self.rebound = binding.bind(
+            Catalog(state / "catalog.sqlite"),
+            now,
+            store_new=store_new,
+            manifests=lambda: {o.name for o in self.backend.list(Kind.MANIFESTS)},
+            travels=travels,
+        )
         aborted = self.catalog.abort_all_preparing("interrupted: the store was reopened")
         for job, n in aborted:
             log_event(log, logging.WARNING, "aborted interrupted generation", job=job, generation=n)
         self._load_index()
+        self.rebuilt: RebuildReport | None = None
+        if self.rebound is not None:
+            from coordinator.store.rebuild import rebuild_catalog  # it imports this module
+
+            self.rebuilt = rebuild_catalog(self)
 
     def close(self) -> None:
         with self._lock:

@@ -156,7 +156,15 @@ class S3Backend:
 
     @property
     def endpoint(self) -> str:
+        """The endpoint URL the client resolved (AWS_ENDPOINT_URL, the config file, or
+        AWS's own)."""
         return str(self._s3.meta.endpoint_url)
+
+    @property
+    def source(self) -> str:
+        """The endpoint URL with bucket and prefix: a catalog is bound to it (binding.py)."""
+        url = self.endpoint.rstrip("/")
+        return f"{url}/{self.bucket}/{self.prefix}" if self.prefix else f"{url}/{self.bucket}"
 
     def _ensure_bucket(self) -> None:
         try:

@@ -46,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... and ~/.aws; catalog under $CPCOORD_STATE_DIR)",
     )
     p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the catalog and its lock live (default: in a store directory itself; "
+        "for S3 under $CPCOORD_STATE_DIR); the catalog is bound to the store it describes "
+        "and rebuilt from the store when opened against another one",
+    )
+    p.add_argument(
         "--keep",
         type=int,
         default=5,
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             security=security(args),
             sealer=load_key(args.encryption_key_file),
             rpc_threads=threads,
+            state_dir=args.state_dir,
         )
     if args.advertise:
         raise InvalidArgument("--advertise is for replicas: give --etcd too")
@@ -172,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         security=security(args),
         sealer=load_key(args.encryption_key_file),
         rpc_threads=threads,
+        state_dir=args.state_dir,
     )
 
 

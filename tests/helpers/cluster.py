@@ -173,6 +173,7 @@ class Cluster:
     port: int = 0
     store_url: str | None = None  # e.g. s3://bucket/prefix; default: a directory under root
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the AWS variables
+    state_dir: Path | None = None  # the coordinator's --state-dir (catalog, lock)
 
     @property
     def store(self) -> Path:
@@ -240,6 +241,7 @@ class Cluster:
             "--heartbeat-ms",
             str(self.heartbeat_ms),
             "--insecure",
+            *(["--state-dir", str(self.state_dir)] if self.state_dir is not None else []),
         ]
         env = _env({"CPCOORD_FAULT_DIR": str(self.faults), **self.extra_env})
         if pause:
@@ -258,7 +260,7 @@ class Cluster:
 
     # -- agents --------------------------------------------------------------------------
 
-    def start_agent(self, node: str, pause: Sequence[str] = ()) -> Daemon:
+    def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = [
             sys.executable,
             "-m",
@@ -275,6 +277,8 @@ class Cluster:
         env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
         if pause:
             env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
+        if fail:  # failure points (cpcoord/faults.py): NAME[@K]
+            env["CPCOORD_FAULT_FAIL"] = ",".join(fail)
         d = self.agents.get(node)
         if d is None:
             d = Daemon(f"agent-{node}", argv, self.root / f"agent-{node}.log", env)
@@ -284,9 +288,9 @@ class Cluster:
         d.start()
         return d
 
-    def restart_agent(self, node: str, pause: Sequence[str] = ()) -> None:
+    def restart_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> None:
         self.agents[node].kill()
-        self.start_agent(node, pause)
+        self.start_agent(node, pause, fail)
 
     def wait_agents(self, nodes: Sequence[str], timeout: float = 30) -> None:
         def up() -> bool:

@@ -30,6 +30,7 @@ C_DIR = REPO / "tests" / "helpers" / "c"  # C targets; their shared header is cp
 RESTORE_TARGET = C_DIR / "restore_target.c"
 SHARED_TARGET = C_DIR / "shared_target.c"
 COW_TARGET = C_DIR / "cow_target.c"
+REMAP_TARGET = C_DIR / "remap_target.c"
 C_EXAMPLE = REPO / "examples" / "c" / "checkpoint_self.c"
 SPIN_FIELDS = ("main", "main_sum", "fp", "fp_n", "naps", "naps_sum", "waits", "waits_sum")
 
@@ -239,3 +240,37 @@ def dirty_mib(pid: int) -> dict[str, float]:
             if key in ("Shared_Dirty", "Private_Dirty"):
                 out[key] = int(rest.split()[0]) / 1024
     return out
+
+
+class RemapTarget(_Proc):
+    """`remap_target PAGES START FILE_A FILE_B` (tests/helpers/c/remap_target.c): one
+    region the test rewrites and remaps on command; `check()` is its own verdict."""
+
+    def __init__(self, exe: Path, pages: int, start: str, file_a: Path, file_b: Path) -> None:
+        super().__init__([str(exe), str(pages), start, str(file_a), str(file_b)])
+        self.addr = int(self.first[1], 16)
+        self.end = self.addr + pages * 4096
+
+    def __enter__(self) -> RemapTarget:
+        return self
+
+    def send(self, text: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        words = self.line().split()
+        assert words[0] == "ok", f"{text!r} answered {words}"
+        return words[1]
+
+    def check(self) -> str:
+        """The region still holds what the program last put there (else it exits 3)."""
+        return self.send("check")
+
+    def quit(self, timeout: float = 10) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"quit\n")
+        self.proc.stdin.flush()
+        return self.proc.wait(timeout)
+
+    def digest(self) -> str:
+        return digest(self.pid, [(self.addr, self.end)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpcoord.errors import ContentsInvalid, RegionMismatch
+from cpcoord.errors import ContentsInvalid, RegionMismatch, RestoreUndone
 from cpcoord.ranges import PAGE_SIZE, AddressRange
 from nodeagent.capture import capture
 from nodeagent.freeze import frozen
+from nodeagent.iovec import vm_syscall
 from nodeagent.procfs import ProcessIdentity, read_maps
 from nodeagent.restore import (
     MemberLayout,
@@ -32,6 +34,7 @@ from nodeagent.restore import (
     restore_members,
     write,
 )
+from nodeagent.restore_undo import STEP
 from tests.helpers import patterns
 from tests.helpers.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, build_c, digest, read_mem
@@ -291,3 +294,133 @@ def test_file_pages_absent_at_the_cut_come_back_as_the_file(target_factory: Make
     assert st.zero_bytes == 0
     assert np.array_equal(t.read("data"), on_disk), "not the file's bytes"
     t.assert_running()
+
+
+def test_a_restore_the_kernel_refuses_part_way_puts_every_byte_back(
+    target_factory: MakeTarget,
+) -> None:
+    """Issue 12, defect 7, with a real refusal: a shared file mapping of three steps
+    whose file was cut to one and a half since the cut. The first step is written before
+    the kernel refuses the pages past the end of the file; every byte written goes back."""
+    pages = 3 * STEP // PAGE_SIZE
+    half = 3 * STEP // 2
+    t = target_factory(maps=[f"f:{pages}:file-shared:random:3"])
+    cut = snapshot(t, ["f"])
+    t.cmd("write", name="f", page=0, count=pages, counter=7)
+    os.truncate(t.mapping("f").path, half)  # pages past it: SIGBUS now
+    m = t.mapping("f")
+    before = read_mem(t.pid, m.addr, half)
+    with (
+        frozen(ProcessIdentity.of(t.pid)) as fp,
+        pytest.raises(RestoreUndone, match=rf"\({STEP} bytes written were put back\)"),
+    ):
+        restore_members([(fp, layout("m", cut), cut)])
+    assert read_mem(t.pid, m.addr, half) == before
+    t.assert_running()
+
+
+def test_a_refusal_inside_a_step_puts_back_exactly_what_was_written(
+    target_factory: MakeTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process_vm_writev stops half-way through the second step and the /proc/PID/mem
+    fallback is refused: one and a half steps went in, and exactly those go back."""
+    pages = 3 * STEP // PAGE_SIZE
+    t = target_factory(maps=[f"d:{pages}:anon:random:4"])
+    cut = snapshot(t, ["d"])
+    t.cmd("write", name="d", page=0, count=pages, counter=9)
+    before = t.read("d").copy()
+    real = vm_syscall("process_vm_writev")
+    calls: list[int] = []
+    refused: list[int] = []
+
+    def writev(pid: int, local: int, nl: int, remote: int, nr: int) -> int:
+        calls.append(nr)
+        if len(calls) != 2:
+            return real(pid, local, nl, remote, nr)
+        # Move the first half of the first piece only, as the kernel does at a bad page.
+        lv = (ctypes.c_uint64 * 2).from_address(local)
+        rv = (ctypes.c_uint64 * 2).from_address(remote)
+        half = (ctypes.c_uint64 * 2)(lv[0], lv[1] // 2)
+        rhalf = (ctypes.c_uint64 * 2)(rv[0], rv[1] // 2)
+        return real(pid, ctypes.addressof(half), 1, ctypes.addressof(rhalf), 1)
+
+    def no_pwritev(fd: int, bufs: object, offset: int) -> int:
+        refused.append(offset)
+        raise OSError(errno.EIO, "refused by the test")
+
+    monkeypatch.setattr("nodeagent.writer.os.pwritev", no_pwritev)
+    with (
+        frozen(ProcessIdentity.of(t.pid)) as fp,
+        pytest.raises(RestoreUndone, match=rf"\({3 * STEP // 2} bytes written were put back\)"),
+    ):
+        write(check_fit(fp, layout("m", cut)), cut, writev=writev)
+    assert refused, "the fallback was never asked"
+    assert np.array_equal(t.read("d"), before)
+    t.assert_running()
+
+
+_FORKER = """
+import mmap, os, signal, sys, ctypes
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.write(os.urandom(n))
+print(hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
+sys.stdin.readline()
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+print(child, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_backing_up_never_breaks_copy_on_write_sharing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A parent whose region is COW-shared with its child (forked after the cut): a
+    restore that fails before its second step has backed up (read) the pages of the
+    steps after the first without unsharing them; only the pages it wrote (and put
+    back) are the parent's own now."""
+    import subprocess
+    import sys
+
+    from cpcoord import faults
+    from nodeagent.pagemap import PM_EXCLUSIVE, PM_PRESENT, PagemapReader
+
+    size = 3 * STEP
+    p = subprocess.Popen([sys.executable, "-c", _FORKER, str(size)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdin is not None and p.stdout is not None
+    child = 0
+    try:
+        addr = int(p.stdout.readline(), 16)
+        ident = ProcessIdentity.of(p.pid)
+        cap = capture(ident, [AddressRange(addr, addr + size)])
+        cut = [RegionContents.from_captured(r) for r in cap.regions]
+        p.stdin.write("fork\n")
+        p.stdin.flush()
+        child = int(p.stdout.readline())
+
+        def words() -> np.ndarray:
+            with PagemapReader(p.pid) as pm:
+                return pm.words(addr >> 12, size >> 12).copy()
+
+        w = words()
+        assert np.all(w & PM_PRESENT) and not np.any(w & PM_EXCLUSIVE), "not COW-shared"
+        before = read_mem(p.pid, addr, size)
+        monkeypatch.setenv(faults.ENV_FAIL, "agent.restore.write@2")
+        monkeypatch.setattr(faults, "_passes", {})
+        with frozen(ident) as fp, pytest.raises(RestoreUndone, match=rf"\({STEP} bytes"):
+            restore_members([(fp, layout("m", cut), cut)])
+        assert read_mem(p.pid, addr, size) == before
+        w = words()
+        pages = STEP >> 12
+        assert np.all(w[:pages] & PM_EXCLUSIVE), "the written step is the parent's own"
+        shared = ~(w[pages:] & PM_EXCLUSIVE).astype(bool)
+        assert shared.all(), f"{int((~shared).sum())} pages only backed up were unshared"
+    finally:
+        if child:
+            os.kill(child, 9)  # the parent's child: reaped by init once the parent is gone
+        p.kill()
+        p.wait()

@@ -196,3 +196,43 @@ def test_whole_memory_refused_when_threads_changed(
     assert ("new: [" if change == "new" else "gone: [") in str(err.value)
     assert np.array_equal(t.read("data"), t.expected("data", 0, 32, 6))
     t.assert_running()
+
+
+def test_registers_refused_half_way_put_back_memory_and_registers(
+    c_exe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 (all or nothing): the memory is written, then setting the cut's
+    registers fails after the first thread got them. Every byte and every register goes
+    back: the threads go on from where they were, their invariants intact."""
+    import nodeagent.restore as restore_mod
+    from cpcoord.errors import RestoreUndone, ThreadStateInvalid
+    from nodeagent.registers import PTRACE_SETREGS
+
+    real = restore_mod.restore_thread_state
+
+    def half(fp: object, states: ThreadStates, member: str = "?", *, exact: bool = False) -> int:
+        if exact:  # putting back the registers of just before: the real thing
+            return real(fp, states, member, exact=True)  # type: ignore[arg-type]
+        # The first thread gets registers it cannot run with (as if half set), then the
+        # next is refused: unless they are put back, that thread crashes at once.
+        first = states.threads[0]
+        regs = user_regs_struct.from_buffer_copy(first.regs)
+        regs.rip = 8
+        ptrace(PTRACE_SETREGS, first.tid, 0, ctypes.addressof(regs))
+        raise ThreadStateInvalid(f"thread {states.threads[1].tid}: refused by the test")
+
+    monkeypatch.setattr(restore_mod, "restore_thread_state", half)
+    with SpinTarget(c_exe) as t:
+        time.sleep(0.2)
+        _, contents, threads = whole(t)
+        cut = counters_at_cut(t, contents)
+        now = wait_progress(t, cut, 0.4)
+        ident = ProcessIdentity.of(t.pid)
+        with frozen(ident) as fp:
+            before = {c.name: read_mem(t.pid, c.start, c.end - c.start) for c in contents}
+            with pytest.raises(RestoreUndone, match="refused by the test"):
+                restore_members([(fp, default_layout(contents, threads), contents)])
+            for c in contents:
+                assert read_mem(t.pid, c.start, c.end - c.start) == before[c.name], c.name
+        # From where they were, not from the cut: past `now`, and still consistent.
+        wait_progress(t, now)

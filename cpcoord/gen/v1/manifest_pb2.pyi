@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -36,16 +37,36 @@ class ManifestMember(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ..., thread_count: _Optional[int] = ...) -> None: ...
 
 class ManifestRegion(_message.Message):
-    __slots__ = ("name", "start", "end", "entry_count")
+    __slots__ = ("name", "start", "end", "entry_count", "mappings")
     NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     ENTRY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     start: int
     end: int
     entry_count: int
-    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., entry_count: _Optional[int] = ...) -> None: ...
+    mappings: _containers.RepeatedCompositeFieldContainer[RegionMapping]
+    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., entry_count: _Optional[int] = ..., mappings: _Optional[_Iterable[_Union[RegionMapping, _Mapping]]] = ...) -> None: ...
+
+class RegionMapping(_message.Message):
+    __slots__ = ("start", "end", "perms", "dev", "inode", "offset", "path")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PERMS_FIELD_NUMBER: _ClassVar[int]
+    DEV_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    perms: str
+    dev: str
+    inode: int
+    offset: int
+    path: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., dev: _Optional[str] = ..., inode: _Optional[int] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PageEntries(_message.Message):
     __slots__ = ("page_offsets", "page_counts", "chunk_skips", "chunk_ids")

@@ -22,23 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cpcoord.gen.v1 import manifest_pb2 as cpcoord_dot_v1_dot_manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63pcoord/v1/types.proto\x12\ncpcoord.v1\"(\n\x07PageRun\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"~\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\"\n\x05pages\x18\x04 \x03(\x0b\x32\x13.cpcoord.v1.PageRun\x12&\n\tall_pages\x18\x05 \x03(\x0b\x32\x13.cpcoord.v1.PageRun\"2\n\x0fProcessIdentity\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nstart_time\x18\x02 \x01(\x04\"i\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x07process\x18\x02 \x01(\x0b\x32\x1b.cpcoord.v1.ProcessIdentity\x12#\n\x07regions\x18\x03 \x03(\x0b\x32\x12.cpcoord.v1.Region\"\x86\x01\n\rImageMetadata\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12#\n\x07members\x18\x04 \x03(\x0b\x32\x12.cpcoord.v1.Member\x12\x0e\n\x06parent\x18\x05 \x01(\t\x12\x0f\n\x07tracker\x18\x06 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63pcoord/v1/types.proto\x12\ncpcoord.v1\x1a\x19\x63pcoord/v1/manifest.proto\"(\n\x07PageRun\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xab\x01\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\x12\"\n\x05pages\x18\x04 \x03(\x0b\x32\x13.cpcoord.v1.PageRun\x12&\n\tall_pages\x18\x05 \x03(\x0b\x32\x13.cpcoord.v1.PageRun\x12+\n\x08mappings\x18\x06 \x03(\x0b\x32\x19.cpcoord.v1.RegionMapping\"2\n\x0fProcessIdentity\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x12\n\nstart_time\x18\x02 \x01(\x04\"i\n\x06Member\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x07process\x18\x02 \x01(\x0b\x32\x1b.cpcoord.v1.ProcessIdentity\x12#\n\x07regions\x18\x03 \x03(\x0b\x32\x12.cpcoord.v1.Region\"\x86\x01\n\rImageMetadata\x12\x0e\n\x06\x66ormat\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12#\n\x07members\x18\x04 \x03(\x0b\x32\x12.cpcoord.v1.Member\x12\x0e\n\x06parent\x18\x05 \x01(\t\x12\x0f\n\x07tracker\x18\x06 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cpcoord.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAGERUN']._serialized_start=38
-  _globals['_PAGERUN']._serialized_end=78
-  _globals['_REGION']._serialized_start=80
-  _globals['_REGION']._serialized_end=206
-  _globals['_PROCESSIDENTITY']._serialized_start=208
-  _globals['_PROCESSIDENTITY']._serialized_end=258
-  _globals['_MEMBER']._serialized_start=260
-  _globals['_MEMBER']._serialized_end=365
-  _globals['_IMAGEMETADATA']._serialized_start=368
-  _globals['_IMAGEMETADATA']._serialized_end=502
+  _globals['_PAGERUN']._serialized_start=65
+  _globals['_PAGERUN']._serialized_end=105
+  _globals['_REGION']._serialized_start=108
+  _globals['_REGION']._serialized_end=279
+  _globals['_PROCESSIDENTITY']._serialized_start=281
+  _globals['_PROCESSIDENTITY']._serialized_end=331
+  _globals['_MEMBER']._serialized_start=333
+  _globals['_MEMBER']._serialized_end=438
+  _globals['_IMAGEMETADATA']._serialized_start=441
+  _globals['_IMAGEMETADATA']._serialized_end=575
 # @@protoc_insertion_point(module_scope)

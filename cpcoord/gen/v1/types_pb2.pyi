@@ -1,3 +1,4 @@
+from cpcoord.gen.v1 import manifest_pb2 as _manifest_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -15,18 +16,20 @@ class PageRun(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Region(_message.Message):
-    __slots__ = ("name", "start", "end", "pages", "all_pages")
+    __slots__ = ("name", "start", "end", "pages", "all_pages", "mappings")
     NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ALL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     start: int
     end: int
     pages: _containers.RepeatedCompositeFieldContainer[PageRun]
     all_pages: _containers.RepeatedCompositeFieldContainer[PageRun]
-    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRun, _Mapping]]] = ..., all_pages: _Optional[_Iterable[_Union[PageRun, _Mapping]]] = ...) -> None: ...
+    mappings: _containers.RepeatedCompositeFieldContainer[_manifest_pb2.RegionMapping]
+    def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRun, _Mapping]]] = ..., all_pages: _Optional[_Iterable[_Union[PageRun, _Mapping]]] = ..., mappings: _Optional[_Iterable[_Union[_manifest_pb2.RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class ProcessIdentity(_message.Message):
     __slots__ = ("pid", "start_time")
