@@ -64,15 +64,21 @@ def service_handlers(
 ) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
     """(service name, handlers): methods `streams` defines run on the loop, the others
     dispatch to `serving.servicers()[index]` on the pool. `template` is any instance of
-    the generated servicer base (only its method names and kinds are used)."""
+    the generated servicer base (only its method names and kinds are used). Methods in
+    `streams.RAW_REQUESTS` get their requests as bytes: grpc.aio deserialises on the
+    loop, and an upload's messages can be megabytes of tens of thousands of regions."""
     service, handlers = servicer_handlers(add_fn, template)
+    raw: frozenset[str] = getattr(streams, "RAW_REQUESTS", frozenset())
     out = {}
     for name, h in handlers.items():
         kind = _kind(h)
         fn = getattr(streams, name, None)
         if fn is None:
             fn = _dispatch(serving, index, name, kind)
-        out[name] = h._replace(**{kind: fn})  # type: ignore[attr-defined]
+        changes: dict[str, Any] = {kind: fn}
+        if name in raw:
+            changes["request_deserializer"] = None
+        out[name] = h._replace(**changes)  # type: ignore[attr-defined]
     return service, out
 
 

@@ -36,9 +36,15 @@ from coordinator.serving import Serving
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import MAX_MESSAGE_BYTES, register_handlers, server_options
+from cpcoord.log import log_event
 
 log = logging.getLogger("cpcoord.coordinator")
 T = TypeVar("T")
+# The loop is watched: late by STALL_S, it is logged ("event loop stalled"), as nothing
+# was read from any agent meanwhile and their heartbeats seemed not to arrive (3
+# intervals of that and an agent is lost). Work that may take long goes to the pool.
+STALL_S = 1.0
+WATCH_S = 0.25
 SERVICES = (
     agent_pb2.DESCRIPTOR.services_by_name["AgentControl"].full_name,
     coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
@@ -72,6 +78,7 @@ class AioServer:
         self._server: grpc.aio.Server | None = None
         self.health: HealthServicer | None = None
         self._stopped = False
+        self._watcher: Any = None
         try:
             self.port = self.call(self._build(addr))
         except BaseException:
@@ -138,6 +145,7 @@ class AioServer:
     def start(self) -> None:
         assert self._server is not None
         self.call(self._server.start())
+        self._watcher = asyncio.run_coroutine_threadsafe(_watch(), self.loop)
 
     def enter_graceful_shutdown(self) -> None:
         """Health NOT_SERVING for everything (load balancers stop sending calls)."""
@@ -173,3 +181,15 @@ class AioServer:
         if not self._thread.is_alive():
             self.loop.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _watch() -> None:
+    """Log every time the loop could not run for STALL_S (see STALL_S)."""
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    while True:
+        await asyncio.sleep(WATCH_S)
+        now = loop.time()
+        if (late := now - last - WATCH_S) >= STALL_S:
+            log_event(log, logging.WARNING, "event loop stalled", seconds=round(late, 3))
+        last = now

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from coordinator.flight import Flight
 from coordinator.protocol_messages import MemberFailed, StoreFailed
@@ -104,6 +105,56 @@ def upload(engine: Engine, requests: Iterator[agent_pb2.UploadRequest]) -> Membe
         r.add(req)
 
 
+def parse(raw: bytes) -> agent_pb2.UploadRequest:
+    """An UploadPages message, parsed here rather than on the server's event loop."""
+    try:
+        return agent_pb2.UploadRequest.FromString(raw)
+    except DecodeError as e:
+        why = str(e) or "cannot parse"
+        raise InvalidArgument(f"malformed cpcoord.v1.UploadRequest message: {why}") from None
+
+
+class Inbound:
+    """One UploadPages call's messages as the event loop received them (raw bytes: the
+    loop only moves them), parsed, checked and stored here, on a pool thread, a list
+    at a time (`take`, then `end`): the loop never spends longer on an upload than on
+    reading its messages, however many regions or batches it has."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.receiver: Receiver | None = None
+
+    def take(self, raws: list[bytes]) -> None:
+        i = 0
+        if self.receiver is None:
+            first = parse(raws[0])  # a bad header is refused; nothing to abort yet
+            if not first.HasField("header"):
+                raise InvalidArgument("an upload stream starts with a header")
+            self.receiver = Receiver.open(self.engine, first.header)
+            i = 1
+        r = self.receiver
+        try:
+            reqs = [parse(raw) for raw in raws[i:]]
+        except InvalidArgument as e:  # a message that does not parse is bad data too
+            r.fail(e)
+            raise
+        if reqs:
+            r.add_many(reqs)
+
+    def end(self, raws: list[bytes]) -> MemberUpload:
+        """The stream ended well after `raws`: the member's upload, complete."""
+        if raws:
+            self.take(raws)
+        if self.receiver is None:
+            raise InvalidArgument("an upload stream starts with a header")
+        return self.receiver.end()
+
+    def fail(self, e: BaseException) -> None:
+        """The stream broke: what that means for the generation (Receiver.fail)."""
+        if self.receiver is not None:
+            self.receiver.fail(e)
+
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 STORE_THREADS = 8
@@ -179,17 +230,23 @@ class Receiver:
         return out
 
     def add(self, req: agent_pb2.UploadRequest) -> None:
+        self.add_many([req])
+
+    def add_many(self, reqs: list[agent_pb2.UploadRequest]) -> None:
+        """Batches of the stream, in order: checked together (one vectorised pass for
+        any number of them), their chunks stored in groups."""
         try:
-            self._add(req)
+            self._add(reqs)
         except BaseException as e:
             self.fail(e)
             raise
 
-    def _add(self, req: agent_pb2.UploadRequest) -> None:
+    def _add(self, reqs: list[agent_pb2.UploadRequest]) -> None:
         t1 = time.perf_counter()
-        if not req.HasField("batch"):
-            raise InvalidArgument("an upload stream has exactly one header, first")
-        ids, chunks = self.asm.add_batch(req.batch)
+        for req in reqs:
+            if not req.HasField("batch"):
+                raise InvalidArgument("an upload stream has exactly one header, first")
+        ids, chunks = self.asm.add_batches([req.batch for req in reqs])
         t2 = time.perf_counter()
         if chunks:
             self.group_ids.append(ids)

@@ -9,68 +9,32 @@ present pages from the parent generation's region of the same name and address
 (the servicer aborts the generation with BAD_DATA). Chunks are parsed from their packed
 columns (zstd ones decompressed); hashing them is the store's job (`add_chunks`).
 
-Everything is vectorised over the packed columns: no Python object per page.
+Everything is vectorised over the packed columns and over the member's regions
+(coordinator/member_tables.py): no Python object per page, and a small Python step per
+region or batch only where the protobuf or the result is one object each. A member of
+20 000 one-page regions once took seconds here, with one NumPy call per region per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+import itertools
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import zstandard
 
-from coordinator.store.ids import ID_SIZE, IdArray, as_id_array, empty_ids, zero_mask
-from coordinator.store.manifest import MemberMap, PageTable, RegionMap, overlay
+from coordinator import member_tables as mt
+from coordinator.store.ids import ID_DTYPE, ID_SIZE, IdArray, as_id_array, empty_ids, zero_mask
+from coordinator.store.manifest import MemberMap, PageTable, RegionMap
 from cpcoord import mapfacts
 from cpcoord.errors import InvalidArgument
-from cpcoord.gen.v1 import common_pb2, manifest_pb2
-from cpcoord.image import runs_of, stored_offsets
-from cpcoord.mapfacts import MapFact
+from cpcoord.gen.v1 import common_pb2
 from cpcoord.ranges import check_name
 
 MAX_CHUNK = 4 << 20
 MAX_BATCH_ENTRIES = 65536
-U64 = npt.NDArray[np.uint64]
-
-
-def _runs(items: object, npages: int, what: str) -> U64:
-    """Repeated PageRun -> sorted, disjoint, coalesced (n, 2) runs inside the region."""
-    arr = np.array([(r.offset, r.count) for r in items], dtype=np.uint64)  # type: ignore[attr-defined]
-    arr = arr.reshape(-1, 2)
-    if arr.size == 0:
-        return arr
-    ends = arr[:, 0] + arr[:, 1]
-    if np.any(arr[:, 1] == 0) or np.any(ends < arr[:, 0]):
-        raise InvalidArgument(f"{what}: a run has no page or overflows")
-    if np.any(arr[1:, 0] < ends[:-1]):
-        raise InvalidArgument(f"{what}: runs are not sorted and disjoint")
-    if int(ends[-1]) > npages:
-        raise InvalidArgument(f"{what}: a run ends beyond the region's {npages} pages")
-    return runs_of(stored_offsets(arr))
-
-
-def _coalesce(offsets: U64, counts: npt.NDArray[np.uint32]) -> U64:
-    """Entries' page spans as coalesced runs."""
-    if offsets.size == 0:
-        return np.zeros((0, 2), dtype=np.uint64)
-    ends = offsets + counts.astype(np.uint64)
-    brk = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
-    lo = np.concatenate(([0], brk))
-    hi = np.concatenate((brk, [offsets.size])) - 1
-    return np.stack((offsets[lo], ends[hi] - offsets[lo]), axis=1).astype(np.uint64)
-
-
-@dataclass
-class _Region:
-    name: str
-    start: int
-    end: int
-    pages: U64  # runs delivered
-    all_pages: U64  # runs present at the cut
-    parts: list[PageTable] = field(default_factory=list)
-    next_page: int = 0  # entries must start at or after this offset
-    mappings: tuple[MapFact, ...] = ()  # at the cut (checked against the region)
 
 
 @dataclass(frozen=True)
@@ -98,7 +62,10 @@ class MemberUpload:
 
 
 class UploadAssembler:
-    """Feed it the header, then each batch; `finish` returns the MemberUpload."""
+    """Feed it the header, then batches (`add_batches`, any number at a time); `finish`
+    returns the MemberUpload. Each step is vectorised over the whole member
+    (coordinator/member_tables.py): its cost does not grow with the number of regions
+    beyond a small Python step per region or batch."""
 
     def __init__(
         self, header: common_pb2.PagesHeader, page_size: int, max_entries: int = MAX_BATCH_ENTRIES
@@ -108,101 +75,178 @@ class UploadAssembler:
         self.header = header
         self.page_size = page_size
         self.max_entries = max_entries
-        self.regions: list[_Region] = []
-        seen: set[str] = set()
-        for i, r in enumerate(header.regions):
-            check_name(r.name)
-            if r.name in seen:
-                raise InvalidArgument(f"region {r.name} appears twice in the header")
-            seen.add(r.name)
-            if r.start % page_size or r.end % page_size or r.end <= r.start:
-                raise InvalidArgument(f"region {r.name}: [{r.start:#x}, {r.end:#x}) not aligned")
-            npages = (r.end - r.start) // page_size
-            pages = _runs(r.pages, npages, f"region {i} ({r.name}) pages")
-            allp = _runs(r.all_pages, npages, f"region {i} ({r.name}) all_pages")
-            if header.full and allp.size == 0:
-                allp = pages
-            facts = mapfacts.from_protos(r.mappings)
-            if why := mapfacts.check_facts(facts, r.start, r.end):
+        regs = header.regions
+        n = len(regs)
+        self.names = [r.name for r in regs]
+        for name in self.names:
+            check_name(name)
+        if len(set(self.names)) != n:
+            seen: set[str] = set()
+            for name in self.names:
+                if name in seen:
+                    raise InvalidArgument(f"region {name} appears twice in the header")
+                seen.add(name)
+        self.starts = np.fromiter((r.start for r in regs), dtype=np.uint64, count=n)
+        self.ends = np.fromiter((r.end for r in regs), dtype=np.uint64, count=n)
+        ps = np.uint64(page_size)
+        bad = np.flatnonzero(
+            (self.starts % ps != 0) | (self.ends % ps != 0) | (self.ends <= self.starts)
+        )
+        if bad.size:
+            r = regs[int(bad[0])]
+            raise InvalidArgument(f"region {r.name}: [{r.start:#x}, {r.end:#x}) not aligned")
+        self.npages = (self.ends - self.starts) // ps
+        self.facts = [mapfacts.from_protos(r.mappings) for r in regs]  # at the cut
+        for r, facts in zip(regs, self.facts, strict=True):
+            if facts and (why := mapfacts.check_facts(facts, r.start, r.end)):
                 raise InvalidArgument(f"region {r.name}: mappings at the cut: {why}")
-            self.regions.append(_Region(r.name, r.start, r.end, pages, allp, mappings=facts))
-        self.entries = self.pages = self.zero_pages = 0
+        self.pages = self._runs(regs, "pages")  # delivered
+        self.all_pages = self._runs(regs, "all_pages")  # present at the cut
+        if header.full:  # an empty all_pages reads as `pages`
+            self.all_pages = _fill_empty(self.all_pages, self.pages)
+        self.next_page = np.zeros(n, dtype=np.uint64)  # entries start at or after this
+        self.parts: list[mt.Entries] = []  # each batch group's entries, sorted by region
+        self.entries = self.page_count = self.zero_pages = 0
         self.chunks = self.bytes_received = 0
         self._dctx = zstandard.ZstdDecompressor()
 
+    def _runs(self, regs: Any, attr: str) -> mt.Runs:
+        n = len(regs)
+        per = np.fromiter((len(getattr(r, attr)) for r in regs), dtype=np.int64, count=n)
+        flat = np.fromiter(
+            (v for r in regs for run in getattr(r, attr) for v in (run.offset, run.count)),
+            dtype=np.uint64,
+            count=2 * int(per.sum()),
+        )
+        try:
+            return mt.parse_runs(flat, per, self.npages)
+        except mt.RunProblem as e:
+            where = f"region {e.region} ({self.names[e.region]}) {attr}"
+            raise InvalidArgument(f"{where}: {e.why}") from None
+
     def add_batch(self, batch: common_pb2.PageBatch) -> tuple[IdArray, list[memoryview]]:
         """Check a batch, keep its entries; return its chunks (ids, plain bytes)."""
-        if batch.region >= len(self.regions):
-            raise InvalidArgument(f"batch names region {batch.region} of {len(self.regions)}")
-        reg = self.regions[batch.region]
-        table = self._entries(batch.entries, reg)
-        if len(table):
-            reg.parts.append(table)
-            reg.next_page = int(table.offsets[-1]) + int(table.counts[-1])
-            self.entries += len(table)
-            self.pages += table.page_count
-            self.zero_pages += table.zero_pages
-        return self._chunks(batch.chunks)
+        return self.add_batches([batch])
 
-    def _entries(self, e: manifest_pb2.PageEntries, reg: _Region) -> PageTable:
-        n = len(e.page_offsets) // 8
-        if (
-            len(e.page_offsets) % 8
-            or len(e.page_counts) != 4 * n
-            or len(e.chunk_skips) != 4 * n
-            or len(e.chunk_ids) != ID_SIZE * n
-        ):
-            raise InvalidArgument("page entries: column lengths disagree")
-        if n > self.max_entries:
-            raise InvalidArgument(f"{n} page entries in one batch: at most {self.max_entries}")
-        t = PageTable.of(
-            np.frombuffer(e.page_offsets, dtype="<u8"),
-            np.frombuffer(e.page_counts, dtype="<u4"),
-            as_id_array(e.chunk_ids),
-            np.frombuffer(e.chunk_skips, dtype="<u4"),
-        )
-        npages = (reg.end - reg.start) // self.page_size
-        for why in t.problems(npages):
-            raise InvalidArgument(f"region {reg.name}: {why}")
-        if n and int(t.offsets[0]) < reg.next_page:
-            raise InvalidArgument(f"region {reg.name}: entries go back (not ascending)")
-        return t
-
-    def _chunks(self, c: common_pb2.ChunkData) -> tuple[IdArray, list[memoryview]]:
-        n = len(c.ids) // ID_SIZE
-        if len(c.ids) % ID_SIZE or len(c.methods) != n or len(c.raw_sizes) != 4 * n:
-            raise InvalidArgument("chunk data: column lengths disagree")
-        if len(c.stored_sizes) != 4 * n:
-            raise InvalidArgument("chunk data: column lengths disagree")
-        if n == 0:
+    def add_batches(self, batches: list[common_pb2.PageBatch]) -> tuple[IdArray, list[memoryview]]:
+        """Check batches (in stream order), keep their entries; return their chunks."""
+        if not batches:
             return empty_ids(), []
-        ids = as_id_array(c.ids)
-        methods = np.frombuffer(c.methods, dtype=np.uint8)
-        raw = np.frombuffer(c.raw_sizes, dtype="<u4").astype(np.int64)
-        stored = np.frombuffer(c.stored_sizes, dtype="<u4").astype(np.int64)
+        self._entries(batches)
+        return self._chunks([b.chunks for b in batches])
+
+    def _entries(self, batches: list[common_pb2.PageBatch]) -> None:
+        n = len(self.names)
+        cols: list[list[bytes]] = [[], [], [], []]
+        sizes = []
+        regions = []
+        for b in batches:
+            if b.region >= n:
+                raise InvalidArgument(f"batch names region {b.region} of {n}")
+            e = b.entries
+            po, pc, cs, ci = e.page_offsets, e.page_counts, e.chunk_skips, e.chunk_ids
+            k = len(po) // 8
+            if len(po) % 8 or len(pc) != 4 * k or len(cs) != 4 * k or len(ci) != ID_SIZE * k:
+                raise InvalidArgument("page entries: column lengths disagree")
+            if k > self.max_entries:
+                raise InvalidArgument(f"{k} page entries in one batch: at most {self.max_entries}")
+            if k:
+                for col, v in zip(cols, (po, pc, cs, ci), strict=True):
+                    col.append(v)
+                sizes.append(k)
+                regions.append(b.region)
+        if not sizes:
+            return
+        batch = np.repeat(np.arange(len(sizes)), sizes)
+        rid = np.asarray(regions, dtype=np.int64)[batch]
+        order = np.argsort(rid, kind="stable")  # by region, the stream's order within one
+        rid, batch = rid[order], batch[order]
+        t = PageTable(
+            np.frombuffer(b"".join(cols[0]), dtype="<u8")[order],
+            np.frombuffer(b"".join(cols[1]), dtype="<u4")[order],
+            np.frombuffer(b"".join(cols[2]), dtype="<u4")[order],
+            np.frombuffer(b"".join(cols[3]), dtype=ID_DTYPE)[order],
+        )
+        self._check(rid, batch, t)
+        ends = t.offsets + t.counts.astype(np.uint64)
+        last = np.flatnonzero(np.append(rid[1:] != rid[:-1], True))
+        self.next_page[rid[last]] = ends[last]
+        self.parts.append(mt.Entries(rid, t, np.zeros(0, dtype=np.int64)))
+        self.entries += len(t)
+        self.page_count += t.page_count
+        self.zero_pages += t.zero_pages
+
+    def _check(self, rid: mt.I64, batch: mt.I64, t: PageTable) -> None:
+        """The rules of PageTable.problems, and entries ascending across the stream."""
+        ends = t.offsets + t.counts.astype(np.uint64)
+        same = rid[1:] == rid[:-1]
+        overlap = np.concatenate(([False], same & (t.offsets[1:] < ends[:-1])))
+        within = np.concatenate(([False], batch[1:] == batch[:-1]))
+        head = np.concatenate(([True], ~same))  # a region's first entry in these batches
+        checks = [
+            (t.counts == 0, "an entry covers no page"),
+            (ends < t.offsets, "page offset overflows"),
+            (overlap & within, "entries are not sorted and disjoint"),
+            (ends > self.npages[rid], "an entry ends beyond the region's {} pages"),
+            (zero_mask(t.ids) & (t.skips != 0), "a zero entry has a chunk skip"),
+            ((overlap & ~within) | (head & (t.offsets < self.next_page[rid])),
+             "entries go back (not ascending)"),
+        ]  # fmt: skip
+        for mask, why in checks:
+            hit = np.flatnonzero(mask)
+            if hit.size:
+                r = int(rid[hit[0]])
+                raise InvalidArgument(f"region {self.names[r]}: {why.format(int(self.npages[r]))}")
+
+    def _chunks(self, cds: list[common_pb2.ChunkData]) -> tuple[IdArray, list[memoryview]]:
+        cols: list[list[bytes]] = [[], [], [], []]
+        blobs: list[bytes] = []
+        counts: list[int] = []
+        for c in cds:  # each read of a bytes field copies it: read each once
+            ids_b, methods_b, raw_b, stored_b = c.ids, c.methods, c.raw_sizes, c.stored_sizes
+            k = len(ids_b) // ID_SIZE
+            if len(ids_b) % ID_SIZE or len(methods_b) != k or len(raw_b) != 4 * k:
+                raise InvalidArgument("chunk data: column lengths disagree")
+            if len(stored_b) != 4 * k:
+                raise InvalidArgument("chunk data: column lengths disagree")
+            if k:
+                for col, v in zip(cols, (ids_b, methods_b, raw_b, stored_b), strict=True):
+                    col.append(v)
+                blobs.append(c.data)
+                counts.append(k)
+        if not blobs:
+            return empty_ids(), []
+        ids = as_id_array(b"".join(cols[0]))
+        methods = np.frombuffer(b"".join(cols[1]), dtype=np.uint8)
+        raw = np.frombuffer(b"".join(cols[2]), dtype="<u4").astype(np.int64)
+        stored = np.frombuffer(b"".join(cols[3]), dtype="<u4").astype(np.int64)
         if zero_mask(ids).any():
             raise InvalidArgument("the ZERO id names all-zero pages and is never uploaded")
         if np.any((raw < 1) | (raw > MAX_CHUNK)):
             raise InvalidArgument(f"chunk sizes must be 1..{MAX_CHUNK} bytes")
         if np.any(methods > 1) or np.any((methods == 0) & (stored != raw)):
             raise InvalidArgument("chunk data: unknown method, or a raw chunk's sizes differ")
-        blob = c.data  # each read of a bytes field copies it: read it once
-        if int(stored.sum()) != len(blob):
-            raise InvalidArgument(f"chunk data: {len(blob)} bytes, sizes say {stored.sum()}")
-        ends = np.cumsum(stored)
-        starts = ends - stored
-        data = memoryview(blob)
-        out = [data[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+        firsts = list(itertools.accumulate(counts, initial=0))
+        cum = np.concatenate(([0], np.cumsum(stored))).tolist()
+        out: list[memoryview] = []
+        for i, blob in enumerate(blobs):  # one step per batch, then one per chunk
+            a, z = firsts[i], firsts[i + 1]
+            base = cum[a]
+            if cum[z] - base != len(blob):
+                raise InvalidArgument(f"chunk data: {len(blob)} bytes, sizes say {cum[z] - base}")
+            data = memoryview(blob)
+            out.extend(data[s - base : e - base] for s, e in itertools.pairwise(cum[a : z + 1]))
         for i in np.flatnonzero(methods == 1).tolist():
+            j = i - firsts[bisect.bisect_right(firsts, i) - 1]
             try:
                 plain = self._dctx.decompress(out[i], max_output_size=int(raw[i]))
             except zstandard.ZstdError as e:
-                raise InvalidArgument(f"chunk {i} of a batch: bad zstd frame: {e}") from None
+                raise InvalidArgument(f"chunk {j} of a batch: bad zstd frame: {e}") from None
             if len(plain) != raw[i]:
-                raise InvalidArgument(f"chunk {i} of a batch: {len(plain)} bytes, not {raw[i]}")
+                raise InvalidArgument(f"chunk {j} of a batch: {len(plain)} bytes, not {raw[i]}")
             out[i] = memoryview(plain)
-        self.chunks += n
-        self.bytes_received += len(blob)
+        self.chunks += int(ids.size)
+        self.bytes_received += sum(len(b) for b in blobs)
         return ids, out
 
     def finish(
@@ -210,29 +254,40 @@ class UploadAssembler:
     ) -> MemberUpload:
         """Check coverage and build the complete tables (parent pages inherited)."""
         h = self.header
-        maps = []
-        # By name, once: a lookup per region, never a scan of the parent's regions
-        # (20 000 regions made that 2e8 comparisons per incremental upload).
-        bases = {r.name: r for r in parent.regions} if parent is not None else {}
-        for reg in self.regions:
-            delta = _concat(reg.parts)
-            got = _coalesce(delta.offsets, delta.counts)
-            if not np.array_equal(got, reg.pages):
+        n = len(self.names)
+        delta = self._delta()
+        got = mt.entry_runs(delta.rid, delta.table.offsets, delta.table.counts, n)
+        covered = mt.same_runs(got, self.pages)
+        if not covered.all():
+            r = int(np.flatnonzero(~covered)[0])
+            raise InvalidArgument(
+                f"region {self.names[r]}: the entries cover {int(got.pages()[r])} pages, "
+                f"not the {int(self.pages.pages()[r])} pages its header announces"
+            )
+        whole = mt.same_runs(self.pages, self.all_pages)  # everything present delivered
+        inc = np.flatnonzero(~whole)
+        done = mt.Entries.build(np.zeros(0, dtype=np.int64), PageTable.empty(), n)
+        if inc.size:
+            if h.full:
+                r = int(inc[0])
                 raise InvalidArgument(
-                    f"region {reg.name}: the entries cover {int(got[:, 1].sum())} pages, "
-                    f"not the {int(reg.pages[:, 1].sum())} pages its header announces"
+                    f"region {self.names[r]}: a full upload must deliver every page"
                 )
-            base = bases.get(reg.name)
-            table = self._complete(reg, delta, base)
-            maps.append(RegionMap(reg.name, reg.start, reg.end, table, reg.mappings))
-        ids = [m.pages.ids[~m.pages.zero] for m in maps]
-        uniq = np.unique(np.concatenate(ids)) if ids else empty_ids()
+            done = self._inherit(inc, parent, delta)
+        tables = [delta, done]
+        maps = tuple(
+            RegionMap(name, start, end, tables[k].region(r), facts)
+            for r, (name, start, end, k, facts) in enumerate(
+                zip(self.names, self.starts.tolist(), self.ends.tolist(),
+                    (~whole).astype(np.int64).tolist(), self.facts, strict=True)
+            )
+        )  # fmt: skip
         return MemberUpload(
             member=h.member,
             node=h.node,
-            regions=tuple(maps),
-            chunk_ids=uniq,
-            pages=self.pages,
+            regions=maps,
+            chunk_ids=mt.nonzero_ids([delta.table, done.table]),
+            pages=self.page_count,
             zero_pages=self.zero_pages,
             entries=self.entries,
             chunks=self.chunks,
@@ -245,34 +300,48 @@ class UploadAssembler:
             threads=len(h.threads),
         )
 
-    def _complete(self, reg: _Region, delta: PageTable, base: RegionMap | None) -> PageTable:
-        """The region's complete table: `delta` over the parent's region of that name
-        (`base`), limited to the pages present at the cut."""
-        if np.array_equal(reg.pages, reg.all_pages):
-            return delta  # everything present was delivered
-        if self.header.full:
-            raise InvalidArgument(f"region {reg.name}: a full upload must deliver every page")
-        present = stored_offsets(reg.all_pages)
-        delivered = stored_offsets(reg.pages)
-        pos = np.minimum(np.searchsorted(present, delivered), max(present.size - 1, 0))
-        if delivered.size and (present.size == 0 or np.any(present[pos] != delivered)):
-            raise InvalidArgument(f"region {reg.name}: delivers pages not present at the cut")
-        if base is None or (base.start, base.end) != (reg.start, reg.end):
+    def _delta(self) -> mt.Entries:
+        """Every entry received, sorted by region (the stream's order within one)."""
+        n = len(self.names)
+        if not self.parts:
+            return mt.Entries.build(np.zeros(0, dtype=np.int64), PageTable.empty(), n)
+        rid = np.concatenate([p.rid for p in self.parts])
+        t = mt.concat_tables([p.table for p in self.parts])
+        if len(self.parts) > 1:
+            order = np.argsort(rid, kind="stable")
+            rid = rid[order]
+            t = PageTable(t.offsets[order], t.counts[order], t.skips[order], t.ids[order])
+        return mt.Entries.build(rid, t, n)
+
+    def _inherit(self, inc: mt.I64, parent: MemberMap | None, delta: mt.Entries) -> mt.Entries:
+        """The complete tables of the regions `inc`, which deliver only some of their
+        pages: the rest comes from the parent's region of the same name and address."""
+        bases = {r.name: r for r in parent.regions} if parent is not None else {}
+        tables = []
+        for r in inc.tolist():  # one dict lookup per region
+            base = bases.get(self.names[r])
+            if base is None or (base.start, base.end) != (int(self.starts[r]), int(self.ends[r])):
+                raise InvalidArgument(
+                    f"region {self.names[r]}: incremental, but the parent generation has no "
+                    "region of that name at that address: it must be delivered whole"
+                )
+            tables.append(base.pages)
+        done, bad = mt.overlay_regions(inc, self.npages, tables, delta, self.all_pages)
+        if bad is not None:
             raise InvalidArgument(
-                f"region {reg.name}: incremental, but the parent generation has no region "
-                "of that name at that address: it must be delivered whole"
+                f"region {self.names[bad]}: delivers pages not present at the cut"
             )
-        return overlay(base.pages, delta, present)
+        return done
 
 
-def _concat(parts: list[PageTable]) -> PageTable:
-    if not parts:
-        return PageTable.empty()
-    if len(parts) == 1:
-        return parts[0]
-    return PageTable(
-        np.concatenate([p.offsets for p in parts]),
-        np.concatenate([p.counts for p in parts]),
-        np.concatenate([p.skips for p in parts]),
-        np.concatenate([p.ids for p in parts]),
-    )
+def _fill_empty(runs: mt.Runs, fill: mt.Runs) -> mt.Runs:
+    """`runs`, with each region that has none taking `fill`'s."""
+    empty = np.diff(runs.idx) == 0
+    if not empty.any():
+        return runs
+    take = empty[fill.rid]
+    rid = np.concatenate((runs.rid, fill.rid[take]))
+    rows = np.concatenate((runs.runs, fill.runs[take]))
+    order = np.argsort(rid, kind="stable")
+    idx = np.searchsorted(rid[order], np.arange(runs.idx.size)).astype(np.int64)
+    return mt.Runs(rows[order], idx)

@@ -52,9 +52,14 @@ class Entries:
 
 
 def plan(
-    pages: npt.NDArray[np.uint64], zero: npt.NDArray[np.bool_], group: int = GROUP_PAGES
+    pages: npt.NDArray[np.uint64],
+    zero: npt.NDArray[np.bool_],
+    group: int = GROUP_PAGES,
+    region: npt.NDArray[np.int64] | None = None,
 ) -> Entries:
-    """Cut sorted page offsets (with a zero flag each) into entries, vectorised."""
+    """Cut sorted page offsets (with a zero flag each) into entries, vectorised. With
+    `region` (each page's region, ascending), the pages of many regions back to back
+    (offsets from each one's start) are cut at once: an entry never spans two."""
     n = int(pages.size)
     if n == 0:
         e = np.zeros(0, dtype=np.int64)
@@ -66,6 +71,8 @@ def plan(
         | (zero[1:] != zero[:-1])
         | (~zero[1:] & (pages[1:] // g != pages[:-1] // g))
     )
+    if region is not None:
+        brk[1:] |= region[1:] != region[:-1]
     starts = np.flatnonzero(brk)
     counts = np.diff(np.append(starts, n)).astype(np.int64)
     return Entries(pages[starts], counts, starts.astype(np.int64), zero[starts])
@@ -165,24 +172,3 @@ def encode_batch(
     batch_len = len(b) + 1 + len(_varint(chunks_len)) + chunks_len
     frame = [_TAG_BATCH, _varint(batch_len), b, _TAG_CHUNKS, _varint(chunks_len), c]
     return b"".join([*frame, _TAG_DATA, _varint(size), *parts])
-
-
-def windows(
-    e: Entries, bs: Sequence[tuple[int, int]], window_bytes: int
-) -> list[list[tuple[int, int]]]:
-    """Group consecutive batches into windows of at most `window_bytes` of chunk data
-    (each batch in one window; a window holds at least one batch): the unit of one
-    MissingChunks round trip."""
-    cost = np.where(e.zero, 0, e.counts * PAGE_SIZE)
-    cum = np.concatenate(([0], np.cumsum(cost)))
-    out: list[list[tuple[int, int]]] = []
-    size = 0
-    for a, b in bs:  # one step per batch
-        nbytes = int(cum[b] - cum[a])
-        if out and size + nbytes <= window_bytes:
-            out[-1].append((a, b))
-            size += nbytes
-        else:
-            out.append([(a, b)])
-            size = nbytes
-    return out

@@ -65,6 +65,9 @@ class CopyResult:
     unreadable_pages: int
     pages: int  # pages whose bytes are in staging (the delivered set)
     build: Callable[[], tuple[StagedRegion, ...]] = field(repr=False, compare=False)
+    # Every region's rows back to back (their `data` are views of it), unless
+    # unreadable pages were dropped (then each region's data stands alone).
+    rows: npt.NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def regions(self) -> tuple[StagedRegion, ...]:
@@ -152,7 +155,8 @@ def copy(
             return _regions_compacted(specs, taken, deliver, staging, bad, facts)
         return _regions(specs, taken, deliver, allp, staging, facts)
 
-    return CopyResult(stats.readv_calls, int(bad.size), int(allp.size) - lost, build)
+    rows = None if bad.size else staging.pages(0, int(allp.size))
+    return CopyResult(stats.readv_calls, int(bad.size), int(allp.size) - lost, build, rows)
 
 
 def _counts(parts: Sequence[PageNumbers]) -> npt.NDArray[np.int64]:

@@ -302,4 +302,5 @@ def handoff(
         cut_unix_ns=cut_ns,
         frozen_seconds=frozen_s,
         release=release,
+        rows=c.result.rows,
     )

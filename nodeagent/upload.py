@@ -8,15 +8,16 @@ nodeagent/chunks.py.
 **Stream.** One `UploadPages` stream per member: the header (every region with `pages` =
 the delivered runs and `all_pages` = every page present at the cut, so the coordinator
 drops pages that vanished), then batches of one region's entries, ascending. Batches aim
-at 1 MiB of chunk data (gRPC Python moves 1 MiB messages several times faster than tens
-of MiB) and never exceed `max_message_bytes` or `max_batch_entries`. Batches are grouped
-into windows of 64 MiB: one `MissingChunks` per window asks about the window's new ids
-(not yet seen in this stream), and only missing chunks travel, raw on loopback (the
-store compresses anyway) or as zstd frames when compression is on and saves >= 1/32.
-The next window is hashed on a helper thread while gRPC sends this one. Batch messages
-are filled in place (a nested message passed to a constructor is copied whole). Small
-windows of consecutive regions share one MissingChunks (a *round*, up to 64 MiB): a
-member with tens of thousands of small regions makes a few round trips, not one each.
+at a few MiB of chunk data (gRPC Python moves MiB messages several times faster than tens
+of MiB) and never exceed `max_message_bytes` or `max_batch_entries`. Consecutive batches,
+of any regions, are grouped into *rounds* of up to 64 MiB: one `MissingChunks` per round
+asks about its new ids (not yet seen in this stream), and only missing chunks travel,
+raw on loopback (the store compresses anyway) or as zstd frames when compression is on
+and saves >= 1/32: a member with tens of thousands of small regions makes a few round
+trips, not one each. The next round is hashed on a helper thread while gRPC sends this
+one. Batch messages are filled in place (a nested message passed to a constructor is
+copied whole). Entries, runs, batches and rounds are planned for the whole member at
+once (nodeagent/upload_plan.py), never with NumPy calls per region.
 `Uploaded` is reported by the caller only after the stream returned OK and its counts
 match what was sent. A stream broken by the transport (UNAVAILABLE) is retried from its
 header: the chunks that arrived are no longer reported missing. On cancel or error the
@@ -33,29 +34,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import blake3
 import grpc
 import numpy as np
 import numpy.typing as npt
 
 from cpcoord import faults, mapfacts
 from cpcoord.errors import CoordinatorUnavailable, CpcoordError, UploadFailed
-from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
+from cpcoord.gen.v1 import agent_pb2, types_pb2
 from cpcoord.grpcutil import rpc_to_error
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.capture import zero_rows
-from nodeagent.chunks import (
-    ID_SIZE,
-    MAX_IDS,
-    batches,
-    chunk_parts,
-    encode_batch,
-    plan,
-    windows,
-)
+from nodeagent.chunks import ID_SIZE, MAX_IDS, chunk_parts, encode_batch
 from nodeagent.copyout import StagedRegion
-from nodeagent.pagemap import runs_from_pages
 from nodeagent.procfs import ProcessIdentity
+from nodeagent.upload_plan import Plan, member_runs, rounds
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +69,9 @@ class StagedMember:
     cut_unix_ns: int
     frozen_seconds: float
     release: Callable[[], None] = field(default=lambda: None, compare=False)
+    # Every region's staged pages back to back, when staging holds them so (the
+    # regions' `data` are views of it): the upload scans it for zero pages at once.
+    rows: npt.NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
 
     @property
     def pages(self) -> int:
@@ -109,58 +103,25 @@ class UploadResult:
     attempts: int
 
 
-def _runs(offsets: npt.NDArray[np.uint64]) -> list[types_pb2.PageRun]:
-    return [types_pb2.PageRun(offset=o, count=c) for o, c in runs_from_pages(offsets).tolist()]
-
-
 def header(sm: StagedMember) -> agent_pb2.UploadRequest:
-    regions = [
-        types_pb2.Region(
-            name=r.name,
-            start=r.start,
-            end=r.end,
-            pages=_runs(r.pages),
-            all_pages=_runs(r.all_pages),
-            mappings=mapfacts.to_protos(r.mappings),
-        )
-        for r in sm.regions
-    ]
-    return agent_pb2.UploadRequest(
-        header=common_pb2.PagesHeader(
-            job=sm.job,
-            generation=sm.generation,
-            member=sm.member,
-            node=sm.node,
-            page_size=PAGE_SIZE,
-            regions=regions,
-            tracker=sm.tracker,
-            full=sm.full,
-            base_generation=sm.base_generation,
-            cut_unix_ns=sm.cut_unix_ns,
-        )
-    )
-
-
-class _Region:
-    """A region being uploaded: its entries and (once hashed) their chunk ids."""
-
-    def __init__(self, r: StagedRegion) -> None:
-        self.r = r
-        self.entries = plan(r.pages, zero_rows(r.data))
-        self.ids = np.zeros((len(self.entries), ID_SIZE), dtype=np.uint8)
-        self.hashed = np.zeros(len(self.entries), dtype=np.bool_)
-        self.send = np.zeros(len(self.entries), dtype=np.bool_)  # chunk travels with it
-
-    def chunk(self, i: int) -> npt.NDArray[np.uint8]:
-        row = int(self.entries.rows[i])
-        return self.r.data[row : row + int(self.entries.counts[i])]
-
-    def hash(self, idx: npt.NDArray[np.intp]) -> None:
-        todo = idx[~self.hashed[idx]]
-        if todo.size:
-            digests = b"".join([blake3.blake3(self.chunk(int(i)).data).digest() for i in todo])
-            self.ids[todo] = np.frombuffer(digests, dtype=np.uint8).reshape(-1, ID_SIZE)
-            self.hashed[todo] = True
+    """The stream's first message: every region with its delivered and present runs
+    (computed for all regions at once; one Region message each)."""
+    req = agent_pb2.UploadRequest()
+    h = req.header
+    h.job, h.generation, h.member, h.node = sm.job, sm.generation, sm.member, sm.node
+    h.page_size = PAGE_SIZE
+    h.tracker, h.full, h.base_generation = sm.tracker, sm.full, sm.base_generation
+    h.cut_unix_ns = sm.cut_unix_ns
+    pr, pi = member_runs([r.pages for r in sm.regions])
+    ar, ai = member_runs([r.all_pages for r in sm.regions])
+    run = types_pb2.PageRun
+    for i, r in enumerate(sm.regions):
+        reg = h.regions.add(name=r.name, start=r.start, end=r.end)
+        reg.pages.extend([run(offset=o, count=c) for o, c in pr[pi[i] : pi[i + 1]]])
+        reg.all_pages.extend([run(offset=o, count=c) for o, c in ar[ai[i] : ai[i + 1]]])
+        if r.mappings:
+            reg.mappings.extend(mapfacts.to_protos(r.mappings))
+    return req
 
 
 @dataclass
@@ -206,15 +167,14 @@ def _accepts_frames(stub: Any) -> bool:
     return getattr(stub, "framed_uploads", False) is True
 
 
-def _hash_round(rnd: list[tuple[int, _Region, list[tuple[int, int]]]]) -> None:
-    for _ri, reg, window in rnd:
-        a, b = window[0][0], window[-1][1]
-        reg.hash(np.arange(a, b)[~reg.entries.zero[a:b]])
+def _hash_round(p: Plan, rnd: list[tuple[int, int]]) -> None:
+    a, b = rnd[0][0], rnd[-1][1]
+    p.hash(np.arange(a, b)[~p.e.zero[a:b]])
 
 
 class _Attempt:
-    def __init__(self, stub: Any, sm: StagedMember, regions: list[_Region], limits: Limits) -> None:
-        self.stub, self.sm, self.regions, self.limits = stub, sm, regions, limits
+    def __init__(self, stub: Any, sm: StagedMember, p: Plan, limits: Limits) -> None:
+        self.stub, self.sm, self.p, self.limits = stub, sm, p, limits
         self.seen: set[bytes] = set()
         self.framed = _accepts_frames(stub)
 
@@ -228,35 +188,12 @@ class _Attempt:
             raise UploadFailed(self.sm.member, self.sm.job, self.sm.generation, "short bitmap")
         return bits[: len(ids)].astype(np.bool_)
 
-    def _windows(self) -> list[tuple[int, _Region, list[tuple[int, int]]]]:
+    def _rounds(self) -> list[list[tuple[int, int]]]:
+        """Batches (entry ranges within one region), grouped into rounds of up to
+        `window_bytes` of chunk data: one MissingChunks per round."""
         lim = self.limits
-        budget = min(lim.max_message_bytes, lim.batch_bytes)
-        return [
-            (ri, reg, w)
-            for ri, reg in enumerate(self.regions)
-            for w in windows(
-                reg.entries, batches(reg.entries, budget, lim.max_batch_entries), lim.window_bytes
-            )
-        ]
-
-    def _rounds(self) -> list[list[tuple[int, _Region, list[tuple[int, int]]]]]:
-        """Consecutive windows, across regions, grouped up to `window_bytes` of chunk
-        data: the unit of one MissingChunks round trip. A member of 20 000 one-page
-        regions asks a few times, not 20 000 times."""
-        budget = self.limits.window_bytes
-        rounds: list[list[tuple[int, _Region, list[tuple[int, int]]]]] = []
-        size = 0
-        for ri, reg, window in self._windows():
-            a, b = window[0][0], window[-1][1]
-            e = reg.entries
-            nbytes = int(e.counts[a:b][~e.zero[a:b]].sum()) * PAGE_SIZE
-            if rounds and size + nbytes <= budget:
-                rounds[-1].append((ri, reg, window))
-                size += nbytes
-            else:
-                rounds.append([(ri, reg, window)])
-                size = nbytes
-        return rounds
+        bs = self.p.batches(min(lim.max_message_bytes, lim.batch_bytes), lim.max_batch_entries)
+        return rounds(bs, self.p.chunk_bytes(), lim.window_bytes)
 
     def requests(self, st: _Stream) -> Iterator[agent_pb2.UploadRequest | bytes]:
         # The next round is hashed on a helper thread while gRPC sends this one.
@@ -264,22 +201,21 @@ class _Attempt:
         try:
             yield header(self.sm)
             first = True
-            rounds = self._rounds()
-            ahead = pool.submit(_hash_round, rounds[0]) if rounds else None
-            for k, rnd in enumerate(rounds):
+            rnds = self._rounds()
+            ahead = pool.submit(_hash_round, self.p, rnds[0]) if rnds else None
+            for k, rnd in enumerate(rnds):
                 assert ahead is not None
                 ahead.result()
-                if k + 1 < len(rounds):
-                    ahead = pool.submit(_hash_round, rounds[k + 1])
+                if k + 1 < len(rnds):
+                    ahead = pool.submit(_hash_round, self.p, rnds[k + 1])
                 self._resolve(rnd)
-                for ri, reg, window in rnd:
-                    for a, b in window:
-                        if st.cancel.is_set():
-                            raise _Cancelled
-                        yield self._batch(ri, reg, a, b, st)
-                        if first:
-                            first = False
-                            faults.fault_point("agent.upload")
+                for a, b in rnd:
+                    if st.cancel.is_set():
+                        raise _Cancelled
+                    yield self._batch(a, b, st)
+                    if first:
+                        first = False
+                        faults.fault_point("agent.upload")
         except grpc.RpcError as e:
             st.error = rpc_to_error(e, "MissingChunks")
         except CpcoordError as e:
@@ -293,49 +229,45 @@ class _Attempt:
         if st.error is not None or st.cancel.is_set():
             st.done.wait(self.limits.timeout_s)
 
-    def _resolve(self, rnd: list[tuple[int, _Region, list[tuple[int, int]]]]) -> None:
-        """Hash the chunks of a round's windows and ask which are missing (one
-        MissingChunks per round, not per batch or region). Sets `reg.send` at each entry
-        whose chunk goes with it: the first entry naming a chunk neither in the store nor
-        sent already."""
-        new: list[tuple[_Region, int]] = []
+    def _resolve(self, rnd: list[tuple[int, int]]) -> None:
+        """Hash the chunks of a round and ask which are missing (one MissingChunks per
+        round, not per batch or region). Sets `send` at each entry whose chunk goes
+        with it: the first entry naming a chunk neither in the store nor sent already."""
+        p = self.p
+        a, b = rnd[0][0], rnd[-1][1]
+        nz = np.arange(a, b)[~p.e.zero[a:b]]
+        p.hash(nz)
+        p.send[a:b] = False
+        new: list[int] = []
         new_ids: list[bytes] = []
-        for _ri, reg, window in rnd:
-            a, b = window[0][0], window[-1][1]
-            e = reg.entries
-            nz = np.arange(a, b)[~e.zero[a:b]]
-            reg.hash(nz)
-            reg.send[a:b] = False
-            for i in nz.tolist():  # one step per chunk (<= 16 pages), not per page
-                d = reg.ids[i].tobytes()
-                if d not in self.seen:
-                    self.seen.add(d)
-                    new.append((reg, i))
-                    new_ids.append(d)
+        ids = p.ids[nz].tobytes()
+        for k, i in enumerate(nz.tolist()):  # one step per chunk (<= 16 pages), not per page
+            d = ids[k * ID_SIZE : (k + 1) * ID_SIZE]
+            if d not in self.seen:
+                self.seen.add(d)
+                new.append(i)
+                new_ids.append(d)
         for k in range(0, len(new), MAX_IDS):
             miss = self._missing(new_ids[k : k + MAX_IDS])
-            for j in np.flatnonzero(miss).tolist():
-                reg, i = new[k + j]
-                reg.send[i] = True
+            p.send[np.asarray(new[k : k + MAX_IDS], dtype=np.int64)[miss]] = True
 
-    def _batch(
-        self, ri: int, reg: _Region, a: int, b: int, st: _Stream
-    ) -> agent_pb2.UploadRequest | bytes:
+    def _batch(self, a: int, b: int, st: _Stream) -> agent_pb2.UploadRequest | bytes:
         # Filled in place: nested messages given to constructors are copied whole.
+        p = self.p
+        e = p.e
         req = agent_pb2.UploadRequest()
         batch = req.batch
-        batch.region = ri
-        e = reg.entries
+        batch.region = p._rid[a]
         ent = batch.entries
         ent.page_offsets = e.offsets[a:b].astype("<u8").tobytes()
         ent.page_counts = e.counts[a:b].astype("<u4").tobytes()
         ent.chunk_skips = bytes(4 * (b - a))
-        ent.chunk_ids = reg.ids[a:b].tobytes()
-        send = np.flatnonzero(reg.send[a:b]) + a
+        ent.chunk_ids = p.ids[a:b].tobytes()
+        send = np.flatnonzero(p.send[a:b]) + a
         if not send.size:
             return req
-        chunks = [reg.chunk(int(i)) for i in send]
-        head, parts, nbytes = chunk_parts(chunks, reg.ids[send].tobytes(), self.limits.compress)
+        chunks = [p.chunk(i) for i in send.tolist()]
+        head, parts, nbytes = chunk_parts(chunks, p.ids[send].tobytes(), self.limits.compress)
         st.chunks_sent += int(send.size)
         st.bytes_sent += nbytes
         if self.framed:
@@ -373,14 +305,12 @@ def upload(
     ChunkMismatch) on failure; on `cancel` raises UploadFailed("cancelled")."""
     t0 = time.perf_counter()
     cancel = cancel or threading.Event()
-    regions = [_Region(r) for r in sm.regions]
-    n_entries = sum(len(r.entries) for r in regions)
-    zero_pages = sum(int(r.entries.counts[r.entries.zero].sum()) for r in regions)
-    chunks = sum(int((~r.entries.zero).sum()) for r in regions)
+    p = Plan(sm.regions, sm.rows)
+    n_entries, zero_pages, chunks = len(p), p.zero_pages, p.chunks
     for attempt in range(1, ATTEMPTS + 1):
         try:
             try:
-                resp, st = _Attempt(stub, sm, regions, limits).run(cancel)
+                resp, st = _Attempt(stub, sm, p, limits).run(cancel)
             except grpc.RpcError as e:
                 raise rpc_to_error(e, "UploadPages") from None
         except CpcoordError as err:

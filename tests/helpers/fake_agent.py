@@ -13,7 +13,9 @@ that differ from the last *committed* copy, which is what a tracker with pending
 amounts to), Abort and Committed, and sends heartbeats. `faults` bends it for bad-input
 tests: "bad_chunk" (a chunk's bytes do not match its id), "skip_chunk" (an entry names
 a chunk never sent), "no_freeze" (never answers Freeze), "uploaded_early" (Uploaded
-without an upload). Page size 4096, one chunk per page.
+without an upload), "hold_upload" (after the first batch of an upload, the stream
+stays open, nothing more sent, until `release_upload` is set; `upload_held` tells when).
+Page size 4096, one chunk per page.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class FakeAgent:
         self._channel = grpc.insecure_channel(address, options=channel_options())
         self.stub = agent_pb2_grpc.AgentControlStub(self._channel)
         self._stop = threading.Event()
+        self.upload_held = threading.Event()
+        self.release_upload = threading.Event()
         self._call: Any = None
         if connect:
             self.connect()
@@ -290,7 +294,15 @@ class FakeAgent:
         )
         reqs = [agent_pb2.UploadRequest(header=header)]
         reqs += [agent_pb2.UploadRequest(batch=b) for b in batches]
-        return self.stub.UploadPages(iter(reqs))
+
+        def stream() -> Iterator[agent_pb2.UploadRequest]:
+            for i, req in enumerate(reqs):
+                yield req
+                if i == 1 and "hold_upload" in self.faults:
+                    self.upload_held.set()
+                    self.release_upload.wait(60)
+
+        return self.stub.UploadPages(stream())
 
 
 def _runs(pages: np.ndarray) -> list[types_pb2.PageRun]:

@@ -3,7 +3,6 @@ limits and packed chunk data. Pure functions over arrays; no process, no network
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import numpy as np
@@ -20,7 +19,6 @@ from nodeagent.chunks import (
     batches,
     chunk_data,
     plan,
-    windows,
 )
 
 PAGE = 4096
@@ -140,20 +138,3 @@ def test_chunk_data_raw_and_compressed() -> None:
 def test_chunk_data_empty(compress: bool) -> None:
     cd, n = chunk_data([], b"", compress)
     assert n == 0 and cd.ids == b"" and cd.data == b""
-
-
-def test_windows_group_batches_for_one_missing_chunks_call() -> None:
-    pages = np.arange(4096, dtype=np.uint64)  # 16 MiB: 256 chunks of 64 KiB
-    e = plan(pages, np.zeros(pages.size, dtype=bool))
-    bs = batches(e, MESSAGE_MARGIN + (1 << 20), 65536)  # ~1 MiB of data per batch
-    ws = windows(e, bs, 4 << 20)
-    assert [b for w in ws for b in w] == bs  # every batch once, in order
-
-    def size(w: list[tuple[int, int]]) -> int:
-        return sum(int(e.counts[a:b].sum()) for a, b in w) * PAGE
-
-    assert all(size(w) <= 4 << 20 for w in ws)
-    # greedy: each window is as full as it can be
-    assert all(size(w) + size(nxt[:1]) > 4 << 20 for w, nxt in itertools.pairwise(ws))
-    zero = plan(pages, np.ones(pages.size, dtype=bool))  # zero entries cost nothing
-    assert len(windows(zero, batches(zero, 1 << 20, 65536), 1)) == 1
