@@ -303,6 +303,12 @@ def capture(
                     changed = changed_among(fz, maps, _concat(taken))
                 else:
                     changed = hooks.changed(fz, maps)
+                if getattr(hooks, "layout_touched", False):
+                    # A tracker's registration may have merged VMAs: the cut is the
+                    # layout it left (region names and mapping facts follow the maps).
+                    maps = read_maps_shared(pid)
+                    specs = resolve_regions(ranges, maps, pid)
+                    taken = select_pages(pm, specs, maps, objects)
                 copied = taken if changed is None else restrict(taken, changed)
                 allp = _concat(copied)
                 holes = None

@@ -325,6 +325,11 @@ class _Hooks:
         n = guess + int(np.count_nonzero(mask))
         return n + n // 4 + 256  # writes keep coming until the freeze
 
+    @property
+    def layout_touched(self) -> bool:
+        """The tracker registered mappings in this capture (the VMAs may have merged)."""
+        return bool(getattr(self.o.tracker, "layout_touched", False))
+
     def changed(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> ChangedSet | None:
         raise AssertionError("capture() calls changed_among on these hooks")
 

@@ -204,10 +204,12 @@ class NetnsCluster(Cluster):
     # -- processes ------------------------------------------------------------------
 
     def _daemon(self, name: str, ns: str, argv: list[str], log: Path, env: dict[str, str],
-                pause: Sequence[str]) -> Daemon:  # fmt: skip
+                pause: Sequence[str], fail: Sequence[str] = ()) -> Daemon:  # fmt: skip
         env = dict(env, CPCOORD_FAULT_DIR=str(self.faults))
         if pause:
             env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
+        if fail:  # failure points (cpcoord/faults.py): NAME[@K]
+            env["CPCOORD_FAULT_FAIL"] = ",".join(fail)
         argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "cpcoord", "--log-level",
                 self.log_level, *argv]  # fmt: skip
         d = Daemon(name, argv, log, env)
@@ -236,11 +238,11 @@ class NetnsCluster(Cluster):
             time.sleep(0.05)
         self.port = int(port_file.read_text())
 
-    def start_agent(self, node: str, pause: Sequence[str] = ()) -> Daemon:
+    def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",
                 "--lease", str(self.lease_s)]  # fmt: skip
         d = self._daemon(f"agent-{node}", self.ns(node), argv,
-                         self.root / f"agent-{node}.log", _env(), pause)  # fmt: skip
+                         self.root / f"agent-{node}.log", _env(), pause, fail)  # fmt: skip
         self.agents[node] = d
         return d
 
