@@ -50,9 +50,10 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import metrics, restore_ops
+from nodeagent import restore_ops
 from nodeagent.localapi_backend import LocalCommands
 from nodeagent.membership import Members
+from nodeagent.metrics import AgentMetrics, unserved
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from nodeagent.upload import Limits, StagedMember, UploadResult, enable_frames
@@ -133,8 +134,10 @@ class Agent:
         self,
         config: AgentConfig,
         channel_factory: Callable[[str, bool], grpc.Channel] | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or unserved()
         self._channel_factory = channel_factory or (
             lambda addr, insecure: grpcutil.make_channel(addr, insecure)
         )
@@ -156,7 +159,9 @@ class Agent:
             self._staged,
             WorkerConfig(config.node, config.lease_s, config.freeze_timeout_s, config.tracker),
             epoch=self._current_epoch,
+            metrics=self.metrics,
         )
+        self.metrics.observe(self)
         self._thread = threading.Thread(target=self.run, name="cpcoord-agent", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -194,6 +199,17 @@ class Agent:
             self._thread.join(timeout)
         self.worker.stop(timeout)
         self.uploader.wait(timeout)
+
+    # -- AgentState (nodeagent/metrics.py reads these at scrape time) ---------------------
+
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
+    def members_held(self) -> int:
+        return len(self.members.all())
+
+    def members_frozen(self) -> int:
+        return self.worker.members_frozen()
 
     def _current_epoch(self) -> int:
         with self._lock:
@@ -290,9 +306,8 @@ class Agent:
         s.interval = (w.heartbeat_interval_ms or 1000) / 1000
         self._quick = 0
         if self.sessions:
-            metrics.RECONNECTS.inc()
+            self.metrics.reconnects.inc()
         self.sessions += 1
-        metrics.CONNECTED.set(1)
         self.connected.set()
         log.info(
             "attached",
@@ -338,7 +353,6 @@ class Agent:
             self._epoch += 1
         s.closed.set()
         self.connected.clear()
-        metrics.CONNECTED.set(0)
         self.uploader.cancel_all()
         self.worker.submit(DisconnectOp())
 
@@ -380,11 +394,12 @@ class Agent:
             log.warning("upload failed", extra={"fields": {"member": sm.member, "error": str(res)}})
             self._emit(failed(sm.job, sm.generation, sm.member, reason, res), epoch)
             return
-        metrics.UPLOAD_SECONDS.observe(res.seconds)
-        metrics.UPLOAD_BYTES.inc(res.bytes_sent)
-        metrics.UPLOAD_CHUNKS.labels("sent").inc(res.chunks_sent)
-        metrics.UPLOAD_CHUNKS.labels("present").inc(res.chunks - res.chunks_sent)
-        metrics.ZERO_PAGES.inc(res.zero_pages)
+        m = self.metrics
+        m.upload_seconds.observe(res.seconds)
+        m.upload_bytes.inc(res.bytes_sent)
+        m.upload_chunks.labels("sent").inc(res.chunks_sent)
+        m.upload_chunks.labels("present").inc(res.chunks - res.chunks_sent)
+        m.zero_pages.inc(res.zero_pages)
         stats = common_pb2.MemberStats(
             pages=res.pages,
             zero_pages=res.zero_pages,

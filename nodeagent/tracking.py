@@ -30,12 +30,13 @@ import numpy.typing as npt
 
 from cpcoord.errors import CpcoordError, TrackerFailed, TrackerUnavailable
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import copyout, metrics
+from nodeagent import copyout
 from nodeagent.changeset import always_changed_runs, mark_pages, mark_runs
 from nodeagent.copyout import CopyResult
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.mapscache import derived, read_maps_shared
 from nodeagent.membership import HeldMember
+from nodeagent.metrics import AgentMetrics
 from nodeagent.pagemap import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, check_alive
 from nodeagent.reader import ReadvFn, Staging
@@ -267,17 +268,18 @@ def handoff(
     node: str,
     cut_ns: int,
     frozen_s: float,
+    metrics: AgentMetrics,
 ) -> StagedMember:
     """The thawed member's copy, for the uploader; its staging stays busy (a later
     capture gets a new one) until the upload calls `release` (idempotent)."""
     pages = c.result.pages
-    metrics.FROZEN_SECONDS.observe(frozen_s)
+    metrics.frozen_seconds.observe(frozen_s)
     backend = m.tracker_name or registry.NONE  # the one in use, also for a full capture
-    metrics.CAPTURES.labels(backend, "full" if c.full else "incremental").inc()
-    metrics.PAGES_CAPTURED.inc(pages)
-    metrics.PAGES_PRESENT.inc(sum(int(r.all_pages.size) for r in c.result.regions))
+    metrics.captures.labels(backend, "full" if c.full else "incremental").inc()
+    metrics.pages_captured.inc(pages)
+    metrics.pages_present.inc(sum(int(r.all_pages.size) for r in c.result.regions))
     held = pages * PAGE_SIZE
-    metrics.STAGING_BYTES.inc(held)
+    metrics.staging_bytes.inc(held)
     m.staging_busy = True
     released = threading.Event()
 
@@ -285,7 +287,7 @@ def handoff(
         if released.is_set():  # the upload pool and a teardown may both call it
             return
         released.set()
-        metrics.STAGING_BYTES.dec(held)
+        metrics.staging_bytes.dec(held)
         if m.staging is staging:
             m.staging_busy = False
 

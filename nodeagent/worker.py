@@ -46,8 +46,9 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import copyout, metrics, restore, restore_ops, tracees, tracking
+from nodeagent import copyout, restore, restore_ops, tracees, tracking
 from nodeagent.freeze import freeze, thaw
+from nodeagent.iovec import vm_syscall
 from nodeagent.membership import (
     DeathWatch,
     HeldMember,
@@ -57,8 +58,9 @@ from nodeagent.membership import (
     new_member,
     same_attach,
 )
+from nodeagent.metrics import AgentMetrics, unserved
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import ReadvFn, Staging, _sys_readv
+from nodeagent.reader import ReadvFn, Staging
 from nodeagent.upload import StagedMember
 from nodeagent.worker_ops import (
     AbortOp,
@@ -103,14 +105,16 @@ class Worker:
         on_staged: OnStaged,
         config: WorkerConfig | None = None,
         epoch: Callable[[], int] = lambda: 0,
-        readv: ReadvFn = _sys_readv,
+        readv: ReadvFn | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.members = members
+        self.metrics = metrics or unserved()
         self.config = config or WorkerConfig()
         self._emit = emit
         self._on_staged = on_staged
         self._epoch = epoch  # the current stream's, for news nobody asked for (a death)
-        self._readv = readv
+        self._readv = readv or vm_syscall("process_vm_readv")
         self._q: queue.Queue[Op] = queue.Queue()
         self._frozen: dict[Key, FrozenEntry] = {}
         self._aborted: set[tuple[str, int]] = set()
@@ -135,6 +139,9 @@ class Worker:
 
     def frozen_keys(self) -> list[Key]:
         return list(self._frozen)
+
+    def members_frozen(self) -> int:
+        return len(self._frozen)  # read from the scrape thread: len() of a dict is atomic
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -235,7 +242,6 @@ class Worker:
         fe = self._frozen.pop(key, None)
         if fe is not None:
             thaw(fe.fp)
-            metrics.FROZEN.set(len(self._frozen))
         return fe
 
     def _thaw_generation(self, job: str, generation: int) -> None:
@@ -258,7 +264,7 @@ class Worker:
     def _fail(
         self, job: str, gen: int, member: str, reason: int, err: CpcoordError, epoch: int
     ) -> None:
-        metrics.FAILURES.labels(reason_name(reason)).inc()
+        self.metrics.failures.labels(reason_name(reason)).inc()
         self._emit(failed(job, gen, member, reason, err), epoch)
 
     def _mark_gone(self, m: HeldMember, epoch: int) -> None:
@@ -266,7 +272,7 @@ class Worker:
         if m.alive:
             m.exit_status, m.gone_detail = exit_status(m.ident.pid)  # before a thaw reaps it
             m.alive = False
-            metrics.MEMBERS_GONE.inc()
+            self.metrics.members_gone.inc()
         self._thaw(m.key)
         self._watch.remove(m.key)
         if m.tracker is not None:
@@ -341,7 +347,6 @@ class Worker:
                 continue
             fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)
             self._frozen[m.key] = fe
-            metrics.FROZEN.set(len(self._frozen))
             if op.restore and not self._fit(op, m, fe):
                 misfit = True
             done.append(
@@ -532,7 +537,7 @@ class Worker:
             },
         )
         return tracking.handoff(
-            m, staging, c, op.job, op.generation, self.config.node, cut_ns, frozen_s
+            m, staging, c, op.job, op.generation, self.config.node, cut_ns, frozen_s, self.metrics
         )
 
     # -- membership ------------------------------------------------------------------------
@@ -549,7 +554,6 @@ class Worker:
             self._emit(result(op.command_id, err=e), op.epoch)
             return
         self._watch.add(m.key, m.ident)
-        metrics.MEMBERS.set(len(self.members.all()))
         log.info(
             "member attached",
             extra={"fields": {"job": m.job, "member": m.name, "pid": m.ident.pid}},
@@ -583,7 +587,6 @@ class Worker:
         self._thaw(m.key)
         self._watch.remove(m.key)
         self.members.remove(op.job, op.member)
-        metrics.MEMBERS.set(len(self.members.all()))
         self._emit(result(op.command_id, member=m.member_proto()), op.epoch)
 
     def _shutdown(self) -> None:

@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
         return check.run(argparse.Namespace(json=False, verbose=True))
     # Imported here: `cpcoord --help` must not pay for NumPy and gRPC.
+    from prometheus_client import CollectorRegistry
+
     from cpcoord import grpcutil
     from nodeagent import metrics
     from nodeagent.agent import Agent, AgentConfig
@@ -159,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
         compress=args.compress,
         upload_threads=args.upload_threads,
     )
+    scraped = CollectorRegistry(auto_describe=True)
+    agent = Agent(config, channel_factory=factory, metrics=metrics.install(scraped, tracker))
     if args.metrics_port is not None:
-        metrics.serve(args.metrics_port, tracker=tracker)
-    agent = Agent(config, channel_factory=factory)
+        metrics.serve(args.metrics_port, scraped)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -24,7 +24,6 @@ import zstandard
 from cpcoord.errors import ChunkMismatch
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
 from cpcoord.grpcutil import abort_with, server_options
-from nodeagent import metrics
 from nodeagent.agent import Agent, AgentConfig
 from nodeagent.pagemap import pages_from_runs
 from nodeagent.trackers import registry
@@ -239,10 +238,10 @@ def delivered(up: Upload, region: int) -> list[int]:
     return pages_from_runs(runs.reshape(-1, 2)).tolist()
 
 
-def _sample(name: str, **labels: str) -> float | None:
-    """A metric of the agent (process-wide registry), summed over unnamed labels."""
+def _sample(agent: Agent, name: str, **labels: str) -> float | None:
+    """A metric of the agent (its own registry), summed over unnamed labels."""
     total: float | None = None
-    for metric in metrics.REGISTRY.collect():
+    for metric in agent.metrics.registry.collect():
         for smp in metric.samples:
             if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
                 total = (total or 0.0) + smp.value
@@ -295,14 +294,14 @@ def test_the_agent_enforces_the_lease_without_a_capture(
 def test_uploads_ids_zero_markers_pending_and_dedup(
     scripted: tuple[Scripted, Server, Agent], target_factory: Any
 ) -> None:
-    s, _, _ = scripted
+    s, _, agent = scripted
     t = target_factory(maps=["data:100:anon:random:3", "zeros:40:anon:zero"])
     attach(s, t, ("data", "zeros"))
-    full_before = _sample("cpcoord_agent_captures_total", mode="full") or 0.0
-    staged_before = _sample("cpcoord_agent_staging_bytes")  # process-wide: other tests
+    assert _sample(agent, "cpcoord_agent_members") == 1
+    assert _sample(agent, "cpcoord_agent_connected") == 1
     up = checkpoint(s, 1)
-    assert _sample("cpcoord_agent_captures_total", mode="full") == full_before + 1
-    assert _sample("cpcoord_agent_upload_chunks_total", outcome="sent") >= 7
+    assert _sample(agent, "cpcoord_agent_captures_total", mode="full") == 1
+    assert _sample(agent, "cpcoord_agent_upload_chunks_total", outcome="sent") == 7
     h = up.header
     assert h.full and h.node == "n1" and h.page_size == PAGE and h.cut_unix_ns > 0
     names = [r.name for r in h.regions]
@@ -343,8 +342,8 @@ def test_uploads_ids_zero_markers_pending_and_dedup(
     up = checkpoint(s, 5, full=True)
     assert up.chunks_received == 0  # now every chunk is in the store
     deadline = time.monotonic() + 5  # staging is released once each upload has ended
-    while _sample("cpcoord_agent_staging_bytes") != staged_before:
-        assert time.monotonic() < deadline, _sample("cpcoord_agent_staging_bytes")
+    while _sample(agent, "cpcoord_agent_staging_bytes") != 0:
+        assert time.monotonic() < deadline, _sample(agent, "cpcoord_agent_staging_bytes")
         time.sleep(0.01)
 
 

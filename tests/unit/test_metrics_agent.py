@@ -1,19 +1,20 @@
 """Node agent metrics, each test on a fresh CollectorRegistry: the event-driven set
-(`AgentMetrics`), the tracker backends read at scrape time (`TrackerCollector`) against
-the agent's own tracker registry, and `serve` exposing the default instance over HTTP
-(the one the daemon's call sites feed)."""
+(`AgentMetrics`), the state gauges and the tracker backends read at scrape time (against
+a scripted state and the agent's own tracker registry), and `serve` exposing the
+registry passed in over HTTP."""
 
 from __future__ import annotations
 
 import socket
 import urllib.request
+from dataclasses import dataclass
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent import metrics
-from nodeagent.metrics import AgentMetrics, TrackerCollector, install
+from nodeagent.metrics import AgentMetrics, TrackerCollector, install, unserved
 from nodeagent.trackers import registry as trackers
 
 
@@ -55,20 +56,52 @@ def test_a_named_tracker_preference_is_the_default() -> None:
     assert sample(reg, "cpcoord_agent_tracker_default", tracker="none") is None
 
 
-def test_module_names_are_the_default_instance_off_the_global_registry() -> None:
-    assert metrics.REGISTRY is not prometheus_client.REGISTRY
-    assert metrics.FROZEN_SECONDS is metrics.DEFAULT.frozen_seconds
-    assert metrics.UPLOAD_CHUNKS is metrics.DEFAULT.upload_chunks
+@dataclass
+class State:
+    connected: bool = False
+    held: int = 0
+    frozen: int = 0
+
+    def is_connected(self) -> bool:
+        return self.connected
+
+    def members_held(self) -> int:
+        return self.held
+
+    def members_frozen(self) -> int:
+        return self.frozen
+
+
+def test_state_gauges_are_read_at_scrape_time() -> None:
+    reg = CollectorRegistry()
+    m = AgentMetrics(reg)
+    # Nothing observed yet (the agent is not built): nothing held, not connected.
+    assert sample(reg, "cpcoord_agent_connected") == 0
+    assert sample(reg, "cpcoord_agent_frozen_members") == 0
+    st = State()
+    m.observe(st)
+    st.connected, st.held, st.frozen = True, 3, 2
+    assert sample(reg, "cpcoord_agent_connected") == 1
+    assert sample(reg, "cpcoord_agent_members") == 3
+    assert sample(reg, "cpcoord_agent_frozen_members") == 2
+    st.frozen = 0
+    assert sample(reg, "cpcoord_agent_frozen_members") == 0
+
+
+def test_nothing_on_the_global_registry() -> None:
+    unserved().members_gone.inc()
     assert prometheus_client.REGISTRY.get_sample_value("cpcoord_agent_connected") is None
+    assert prometheus_client.REGISTRY.get_sample_value("cpcoord_agent_members_gone_total") is None
 
 
-def test_serve_exposes_the_default_instance() -> None:
+def test_serve_exposes_the_registry_passed_in() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    metrics.serve(port, addr="127.0.0.1", tracker="none")
-    before = metrics.REGISTRY.get_sample_value("cpcoord_agent_members_gone_total") or 0.0
-    metrics.MEMBERS_GONE.inc()
+    reg = CollectorRegistry()
+    m = install(reg, "none")
+    metrics.serve(port, reg, addr="127.0.0.1")
+    m.members_gone.inc()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     got = {
@@ -76,8 +109,9 @@ def test_serve_exposes_the_default_instance() -> None:
         for fam in text_string_to_metric_families(text)
         for smp in fam.samples
     }
-    assert got[("cpcoord_agent_members_gone_total", ())] == before + 1
+    assert got[("cpcoord_agent_members_gone_total", ())] == 1
     assert got[("cpcoord_agent_tracker_default", (("tracker", "none"),))] == 1
+    assert got[("cpcoord_agent_connected", ())] == 0
 
 
 def _version() -> str:
