@@ -51,7 +51,7 @@ from cpcoord.errors import (
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent import restore_ops
-from nodeagent.localapi_backend import LocalCommands
+from nodeagent.local_commands import LocalCommands
 from nodeagent.membership import Members
 from nodeagent.metrics import AgentMetrics, unserved
 from nodeagent.procfs import ProcessIdentity
@@ -67,6 +67,7 @@ from nodeagent.worker_ops import (
     DetachOp,
     DisconnectOp,
     FreezeOp,
+    Op,
     R,
     RestoreIntoOp,
     RestoreOp,
@@ -214,6 +215,17 @@ class Agent:
     def _current_epoch(self) -> int:
         with self._lock:
             return self._epoch
+
+    @property
+    def node(self) -> str:
+        return self.config.node
+
+    def run_local(self, make: Callable[[int], Op], timeout: float) -> agent_pb2.CommandResult:
+        """Give the ptrace thread a command of the local API's, `make(command_id)`, and
+        wait for its result (which never goes up the control stream)."""
+        cid = self.local_commands.new()
+        self.worker.submit(make(cid))
+        return self.local_commands.wait(cid, timeout)
 
     def control_stub(self) -> tuple[agent_pb2_grpc.AgentControlStub, float]:
         """The welcomed control stream's stub and call timeout (the local API downloads

@@ -145,16 +145,24 @@ class LocalBackend(Protocol):
 Identify = Callable[[int], tuple[ProcessIdentity, int]]
 
 
-def identify(pid: int) -> tuple[ProcessIdentity, int]:
-    ident = ProcessIdentity.of(pid)
+def uid_of(pid: int) -> int | None:
+    """The effective uid of process `pid`; None when it cannot be read (it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("Uid:"):
-                    return ident, int(line.split()[2])  # effective uid
+                    return int(line.split()[2])
     except OSError:
         pass
-    raise NoSuchProcess(pid)
+    return None
+
+
+def identify(pid: int) -> tuple[ProcessIdentity, int]:
+    ident = ProcessIdentity.of(pid)
+    uid = uid_of(pid)
+    if uid is None:
+        raise NoSuchProcess(pid)
+    return ident, uid
 
 
 def _int(req: dict[str, Any], key: str, default: int | None = None) -> int | None:

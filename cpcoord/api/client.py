@@ -68,6 +68,15 @@ class Client:
         )
         self.address = self._conn.address
 
+    @classmethod
+    def over(cls, conn: clientconn.Client) -> Client:
+        """A Client on a connection made elsewhere, with its own credentials and no
+        environment fallbacks (the node agent's local API)."""
+        c = cls.__new__(cls)
+        c._conn = conn
+        c.address = conn.address
+        return c
+
     def close(self) -> None:
         self._conn.close()
 

@@ -190,10 +190,11 @@ def _local_api(args: argparse.Namespace, agent: Any, insecure: bool) -> Any:
     import logging
 
     from cpcoord import clientconn
+    from cpcoord.api import Client
     from cpcoord.errors import CpcoordError
     from cpcoord.local_wire import DEFAULT_SOCKET
     from cpcoord.tokens import client_token
-    from nodeagent.localapi_backend import AgentBackend, GrpcCoordinatorApi
+    from nodeagent.localapi_backend import AgentBackend
     from nodeagent.localapi_server import LocalApiServer
 
     tls = clientconn.tls_from_args(args)
@@ -202,12 +203,10 @@ def _local_api(args: argparse.Namespace, agent: Any, insecure: bool) -> Any:
     token_file = args.local_api_token_file or args.token_file
     token = client_token(None, token_file) if token_file is not None else None
 
-    def connect() -> clientconn.Client:
-        return clientconn.Client(args.coordinator, insecure, tls=tls, token=token)
+    def connect() -> Client:
+        return Client.over(clientconn.Client(args.coordinator, insecure, tls=tls, token=token))
 
-    server = LocalApiServer(
-        args.socket or DEFAULT_SOCKET, AgentBackend(agent, GrpcCoordinatorApi(connect))
-    )
+    server = LocalApiServer(args.socket or DEFAULT_SOCKET, AgentBackend(agent, connect))
     try:
         server.start()
     except CpcoordError as e:

@@ -1,5 +1,5 @@
 """The agent's local API backend, its pure parts: register/unregister as coordinator calls
-(with a scripted CoordinatorApi and member table), local command results, retry while a
+(with a scripted coordinator client and member table), local command results, retry while a
 job is busy, and `cpcoord run`'s exit status mapping."""
 
 from __future__ import annotations
@@ -8,63 +8,78 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from cpcoord.api import Member, MemberHealth
 from cpcoord.cli.run import exit_code
 from cpcoord.errors import (
     DuplicateMember,
     InvalidArgument,
     JobBusy,
+    LocalCommandTimeout,
     NotAMember,
     RegionNotRegistered,
+    UnknownJob,
+    UnknownMember,
 )
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent import localapi_backend as lb
+from nodeagent.local_commands import LocalCommands
 from nodeagent.localapi import LocalRegion
 from nodeagent.procfs import ProcessIdentity
 
 ME = ProcessIdentity.of(os.getpid())
 
 
+def remote(node: str, pid: int, running: bool) -> Member:
+    health = MemberHealth.RUNNING if running else MemberHealth.GONE
+    return Member("j", "x", node, pid, 0, (), health)
+
+
 @dataclass
 class FakeApi:
+    """The part of cpcoord.api.Client the backend calls, scripted."""
+
     calls: list[tuple[Any, ...]] = field(default_factory=list)
-    remote: dict[tuple[str, str], lb.RemoteMember] = field(default_factory=dict)
+    remote: dict[tuple[str, str], Member] = field(default_factory=dict)
     members: Any = None  # the FakeMembers the attach fills, as the agent's worker would
 
-    def member(self, job: str, member: str) -> lb.RemoteMember | None:
-        return self.remote.get((job, member))
+    def jobs(self, job: str = "") -> list[Any]:
+        held = [replace(m, name=n) for (j, n), m in self.remote.items() if j == job]
+        if not held:
+            raise UnknownJob(job)
+        return [SimpleNamespace(name=job, members=held)]
 
     def attach(
         self,
         job: str,
         member: str,
-        process: ProcessIdentity,
-        node: str,
-        regions: Sequence[tuple[str, int, int]],
+        pid: int,
+        *,
+        start_time: int = 0,
+        node: str = "",
+        regions: Sequence[tuple[str, int, int]] = (),
     ) -> None:
-        self.calls.append(("attach", job, member, process.pid, node, tuple(regions)))
+        self.calls.append(("attach", job, member, pid, node, tuple(regions)))
         if any(n == "unmapped" for n, _, _ in regions):
             raise InvalidArgument("region unmapped is not mapped")
-        self.remote[(job, member)] = lb.RemoteMember(node, process.pid, True)
+        self.remote[(job, member)] = remote(node, pid, True)
         spans = tuple(SimpleNamespace(name=n, start=s, end=e) for n, s, e in regions)
-        self.members.add(job, member, process, spans)
+        self.members.add(job, member, ProcessIdentity(pid, start_time), spans)
 
     def detach(self, job: str, member: str) -> None:
         self.calls.append(("detach", job, member))
-        self.remote.pop((job, member), None)
+        if self.remote.pop((job, member), None) is None:
+            raise UnknownMember(job, member)
         self.members.table.pop((job, member), None)
 
-    def checkpoint(self, job: str) -> int:
+    def checkpoint(self, job: str) -> Any:
         self.calls.append(("checkpoint", job))
-        return 7
-
-    def generation(self, job: str, number: int) -> tuple[int, frozenset[str]]:
-        return number or 7, frozenset()
+        return SimpleNamespace(number=7)
 
 
 class FakeMembers:
@@ -89,8 +104,8 @@ class FakeMembers:
 def backend() -> tuple[lb.AgentBackend, FakeApi, FakeMembers]:
     members = FakeMembers()
     api = FakeApi(members=members)
-    agent = SimpleNamespace(config=SimpleNamespace(node="n1"), members=members)
-    return lb.AgentBackend(agent, api), api, members  # type: ignore[arg-type]
+    agent = SimpleNamespace(node="n1", members=members)
+    return lb.AgentBackend(agent, lambda: api), api, members  # type: ignore[arg-type,return-value]
 
 
 def test_register_attaches_then_reattaches_with_all_regions() -> None:
@@ -139,21 +154,21 @@ def test_register_refuses_a_live_member_of_another_process_or_node() -> None:
     members.add("j", "m", other, ())
     with pytest.raises(DuplicateMember):
         b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
-    api.remote[("j", "x")] = lb.RemoteMember("n2", 55, True)
+    api.remote[("j", "x")] = remote("n2", 55, True)
     with pytest.raises(DuplicateMember):
         b.register(ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
     # Known to the coordinator on this node, but not held here (the agent restarted):
     # refused while that process lives, taken over once it is gone.
-    api.remote[("j", "y")] = lb.RemoteMember("n1", 1, True)
+    api.remote[("j", "y")] = remote("n1", 1, True)
     with pytest.raises(DuplicateMember):
         b.register(ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
     assert api.calls == []
-    api.remote[("j", "y")] = lb.RemoteMember("n1", 2**22 + 12345, True)  # no such pid
+    api.remote[("j", "y")] = remote("n1", 2**22 + 12345, True)  # no such pid
     b.register(ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
     assert [c[0] for c in api.calls] == ["detach", "attach"]
     api.calls.clear()
     # Gone on another node: taken over here.
-    api.remote[("j", "x")] = lb.RemoteMember("n2", 55, False)
+    api.remote[("j", "x")] = remote("n2", 55, False)
     b.register(ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
     assert [c[0] for c in api.calls] == ["detach", "attach"]
 
@@ -179,7 +194,7 @@ def test_unregister_narrows_and_the_last_region_detaches() -> None:
 
 
 def test_local_commands_deliver_only_their_own_results() -> None:
-    lc = lb.LocalCommands()
+    lc = LocalCommands()
     cid = lc.new()
     theirs = agent_pb2.AgentMessage(result=agent_pb2.CommandResult(command_id=5))
     assert not lc.deliver(theirs)
@@ -189,7 +204,7 @@ def test_local_commands_deliver_only_their_own_results() -> None:
     assert lc.wait(cid, 10).command_id == cid
     assert lc.deliver(mine)  # a late duplicate is still not sent to the coordinator
     cid2 = lc.new()
-    with pytest.raises(lb.LocalCommandTimeout):
+    with pytest.raises(LocalCommandTimeout):
         lc.wait(cid2, 0.01)
 
 
