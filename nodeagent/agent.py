@@ -18,116 +18,45 @@ full jitter (`backoff_initial_s` doubling to `backoff_max_s`, each wait uniform 
 dials the leader a follower named in its NotLeader answer at once, else the next address
 (cpcoord/endpoints.py).
 
-Restore (issue 5): a Freeze of kind RESTORE freezes and fits the members (Failed MISMATCH
-for one that cannot take the generation back, then no Frozen); a Restore downloads each
-member's pages on a thread of its own (`DownloadPages`) and the ptrace thread writes them
-while the member stays frozen (Restored); the Thaw thaws. RestoreInto downloads and
-writes into another process. Only members with explicit regions are restored.
+The session's parts (configuration, Hello, backoff) are nodeagent/agent_session.py;
+commands down the stream become work in nodeagent/agent_commands.py. The local API
+backend sees the agent as a `LocalAgent` (nodeagent/localapi_backend.py), the metrics
+as an `AgentState` (nodeagent/metrics.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import grpc
 
-from cpcoord import __version__, grpcutil
+from cpcoord import grpcutil
 from cpcoord.endpoints import Endpoints
 from cpcoord.errors import (
     AgentUnavailable,
     ChunkMismatch,
     CoordinatorUnavailable,
     CpcoordError,
-    NotImplementedYet,
     NotLeader,
 )
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import restore_ops
+from nodeagent.agent_commands import Commands
+from nodeagent.agent_session import AgentConfig, Session, backoff, hello
 from nodeagent.local_commands import LocalCommands
 from nodeagent.membership import Members
 from nodeagent.metrics import AgentMetrics, unserved
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.trackers import registry
 from nodeagent.upload import Limits, StagedMember, UploadResult, enable_frames
 from nodeagent.upload_pool import Uploader
 from nodeagent.worker import Worker
-from nodeagent.worker_ops import (
-    AbortOp,
-    AttachOp,
-    CaptureOp,
-    CommittedOp,
-    DetachOp,
-    DisconnectOp,
-    FreezeOp,
-    Op,
-    R,
-    RestoreIntoOp,
-    RestoreOp,
-    WorkerConfig,
-    failed,
-    result,
-)
+from nodeagent.worker_ops import DisconnectOp, Op, R, WorkerConfig, failed
 
+__all__ = ["Agent", "AgentConfig", "backoff"]
 log = logging.getLogger(__name__)
-PROTOCOL_VERSION = 1
-CAPABILITIES = ("zstd", "restore-in-place", "restore-into")
 SILENT_INTERVALS = 3
-LOOPBACK = ("localhost", "127.", "[::1]", "::1", "ip6-localhost")
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    coordinator: str  # HOST:PORT, or HOST:PORT,HOST:PORT... (replicas)
-    node: str
-    insecure: bool = False
-    lease_s: float = 10.0
-    tracker: str = registry.AUTO
-    compress: str = "auto"  # auto (zstd unless the coordinator is on loopback) | zstd | none
-    upload_threads: int = 2
-    freeze_timeout_s: float = 5.0
-    backoff_initial_s: float = 0.2
-    backoff_max_s: float = 5.0
-
-    def compress_uploads(self) -> bool:
-        if self.compress == "auto":
-            hosts = [a.rpartition(":")[0] or a for a in self.coordinator.split(",")]
-            return not all(h.strip().startswith(LOOPBACK) for h in hosts)
-        return self.compress == "zstd"
-
-
-def backoff(
-    initial: float, maximum: float, rand: Callable[[], float] = random.random
-) -> Iterator[float]:
-    """Waits before each redial: exponential (doubling from `initial` to `maximum`) with
-    jitter, each uniform in [d/2, d], so agents that lost the same coordinator do not
-    all redial at once and none waits less than half its step."""
-    d = initial
-    while True:
-        yield d / 2 + rand() * d / 2
-        d = min(maximum, d * 2)
-
-
-class _Session:
-    """One control stream: its epoch, outbound queue, stub and liveness."""
-
-    def __init__(self, epoch: int, stub: agent_pb2_grpc.AgentControlStub) -> None:
-        self.epoch = epoch
-        self.stub = stub
-        self.out: queue.Queue[agent_pb2.AgentMessage] = queue.Queue()
-        self.closed = threading.Event()
-        self.last_heard = time.monotonic()
-        self.heard_heartbeat = False
-        self.interval = 1.0  # seconds between heartbeats (Welcome)
-        self.limits = Limits()
-        self.call: grpc.Call | None = None
 
 
 class Agent:
@@ -146,7 +75,7 @@ class Agent:
         self._endpoints = Endpoints(config.coordinator)
         self._redial_now = False  # a follower named the leader: dial it without waiting
         self._quick = 0  # such immediate redials since the last Welcome (bounded)
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._epoch = 0
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -163,6 +92,9 @@ class Agent:
             metrics=self.metrics,
         )
         self.metrics.observe(self)
+        self.commands = Commands(
+            self.worker, self.uploader, self.members, self._emit, config.coordinator
+        )
         self._thread = threading.Thread(target=self.run, name="cpcoord-agent", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -238,30 +170,6 @@ class Agent:
 
     # -- one session -----------------------------------------------------------------------
 
-    def _hello(self) -> agent_pb2.Hello:
-        trackers = [
-            agent_pb2.TrackerBackend(name=a.name, available=a.available, reason=a.reason)
-            for a in registry.report()
-        ]
-        return agent_pb2.Hello(
-            node=self.config.node,
-            version=__version__,
-            protocol_version=PROTOCOL_VERSION,
-            capabilities=list(CAPABILITIES),
-            trackers=trackers,
-            page_size=PAGE_SIZE,
-            members=self.members.held(),
-            hostname=os.uname().nodename,
-        )
-
-    def _requests(self, s: _Session, hello: agent_pb2.Hello) -> Iterator[agent_pb2.AgentMessage]:
-        yield agent_pb2.AgentMessage(hello=hello)
-        while not s.closed.is_set():
-            try:
-                yield s.out.get(timeout=0.25)
-            except queue.Empty:
-                continue
-
     def _serve_once(self) -> bool:
         """One control stream, from dial to break. True if it got as far as a Welcome."""
         addr = self._endpoints.current
@@ -269,12 +177,12 @@ class Agent:
         stub = enable_frames(agent_pb2_grpc.AgentControlStub(channel), channel)
         with self._lock:
             self._epoch += 1
-            s = _Session(self._epoch, stub)
+            s = Session(self._epoch, stub)
             self._session = s
         welcomed = False
         beat = threading.Thread(target=self._heartbeats, args=(s,), daemon=True)
         try:
-            call = stub.Attach(self._requests(s, self._hello()))
+            call = stub.Attach(s.requests(hello(self.config.node, self.members)))
             s.call = call
             for msg in call:
                 s.last_heard = time.monotonic()
@@ -286,7 +194,7 @@ class Agent:
                     self._welcome(s, msg.welcome)
                     beat.start()
                     continue
-                self._command(s, msg)
+                self.commands.handle(s, msg)
         except grpc.RpcError as e:
             err = grpcutil.rpc_to_error(e, "Attach", addr)
             (log.info if self._stop.is_set() else log.warning)(
@@ -309,7 +217,7 @@ class Agent:
         elif isinstance(err, NotLeader | CoordinatorUnavailable):
             self._endpoints.advance()
 
-    def _welcome(self, s: _Session, w: agent_pb2.Welcome) -> None:
+    def _welcome(self, s: Session, w: agent_pb2.Welcome) -> None:
         s.limits = Limits(
             max_message_bytes=w.max_message_bytes or grpcutil.MAX_MESSAGE_BYTES,
             max_batch_entries=min(w.max_batch_entries or 65536, 65536),
@@ -333,7 +241,7 @@ class Agent:
             },
         )
 
-    def _heartbeats(self, s: _Session) -> None:
+    def _heartbeats(self, s: Session) -> None:
         seq = 0
         interval = s.interval
         # Silence counts from when this thread could listen: after a stall of the agent
@@ -356,7 +264,7 @@ class Agent:
                 s.call.cancel()
                 return
 
-    def _broken(self, s: _Session) -> None:
+    def _broken(self, s: Session) -> None:
         """The stream is over: nothing of it is reported any more; thaw, cancel, keep
         the pending sets."""
         with self._lock:
@@ -423,98 +331,3 @@ class Agent:
         )
         up = agent_pb2.Uploaded(job=sm.job, generation=sm.generation, member=sm.member, stats=stats)
         self._emit(agent_pb2.AgentMessage(uploaded=up), epoch)
-
-    # -- commands down -----------------------------------------------------------------------
-
-    def _command(self, s: _Session, msg: agent_pb2.CoordinatorMessage) -> None:
-        body = msg.WhichOneof("body")
-        e = s.epoch
-        if body == "heartbeat":
-            s.heard_heartbeat = True
-        elif body == "freeze":
-            f = msg.freeze
-            restoring = f.kind == common_pb2.OPERATION_KIND_RESTORE
-            layouts = restore_ops.layouts_of(f) if restoring else ()
-            op = FreezeOp(f.job, f.generation, f.lease_ms, tuple(f.members), e, restoring, layouts)
-            self.worker.submit(op)
-        elif body == "capture":
-            c = msg.capture
-            self.worker.submit(CaptureOp(c.job, c.generation, c.full, tuple(c.members), e))
-        elif body == "abort":
-            a = msg.abort
-            log.info(
-                "abort",
-                extra={"fields": {"job": a.job, "generation": a.generation, "detail": a.detail}},
-            )
-            self.uploader.cancel(a.job, a.generation)
-            self.worker.submit(AbortOp(a.job, a.generation, e))
-        elif body == "committed":
-            self.worker.submit(CommittedOp(msg.committed.job, msg.committed.generation))
-            self.uploader.forget(msg.committed.job, msg.committed.generation)
-        elif body == "thaw":
-            self.worker.submit(AbortOp(msg.thaw.job, msg.thaw.generation, e))
-        elif body == "restore":
-            r = msg.restore
-            members = tuple(r.members) or tuple(m.name for m in self.members.of_job(r.job))
-            self._download(s, "restore", (r.job, r.generation, members))
-        elif body == "attach_member":
-            self.worker.submit(AttachOp(msg.command_id, msg.attach_member, e))
-        elif body == "detach_member":
-            d = msg.detach_member
-            self.worker.submit(DetachOp(msg.command_id, d.job, d.member, e))
-        elif body == "restore_into":
-            self._download(s, "restore-into", (msg.command_id, msg.restore_into))
-        elif body == "welcome":
-            log.warning("a second Welcome ignored")
-        else:  # a command newer than this agent
-            err = NotImplementedYet(f"command {body or 'unknown'}", f"agent {__version__}")
-            self._emit(result(msg.command_id, err=err), e)
-
-    # -- restore -----------------------------------------------------------------------------
-
-    def _download(self, s: _Session, what: str, args: tuple[object, ...]) -> None:
-        """Download off the stream's reader thread; the ptrace thread writes."""
-        target = self._restore_download if what == "restore" else self._restore_into_download
-        threading.Thread(
-            target=target, args=(s, *args), name=f"cpcoord-{what}", daemon=True
-        ).start()
-
-    def _restore_download(self, s: _Session, job: str, gen: int, members: tuple[str, ...]) -> None:
-        for member in members:
-            if s.closed.is_set():
-                return
-            err: CpcoordError | None = None
-            contents: tuple[restore_ops.RegionContents, ...] = ()
-            try:
-                contents = restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s)
-            except grpc.RpcError as ex:
-                err = grpcutil.rpc_to_error(ex, "DownloadPages", self.config.coordinator)
-            except CpcoordError as ex:
-                err = ex
-            if err is not None:
-                log.warning(
-                    "restore download failed",
-                    extra={"fields": {"member": member, "error": str(err)}},
-                )
-            self.worker.submit(RestoreOp(job, gen, member, contents, err, s.epoch))
-
-    def _restore_into_download(
-        self, s: _Session, command_id: int, ri: agent_pb2.RestoreInto
-    ) -> None:
-        err: CpcoordError | None = None
-        contents: tuple[restore_ops.RegionContents, ...] = ()
-        try:
-            contents = restore_ops.download(
-                s.stub, ri.job, ri.generation, ri.member, s.limits.timeout_s
-            )
-        except grpc.RpcError as ex:
-            err = grpcutil.rpc_to_error(ex, "DownloadPages", self.config.coordinator)
-        except CpcoordError as ex:
-            err = ex
-        target: ProcessIdentity | int = ri.target.pid
-        if ri.target.start_time:
-            target = ProcessIdentity(ri.target.pid, ri.target.start_time)
-        now = tuple((r.name, r.start, r.end - r.start) for r in ri.regions)
-        self.worker.submit(
-            RestoreIntoOp(command_id, ri.member, target, now, contents, err, s.epoch)
-        )
