@@ -84,6 +84,29 @@ class LocalRegion:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """A register request the rules let through: `process` (owned by `uid`) is to be
+    member `member` of `job`, with `regions` added or replacing those of the same name."""
+
+    process: ProcessIdentity
+    uid: int
+    job: str
+    member: str
+    regions: tuple[LocalRegion, ...]
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """A restore request the rules let through: the named regions of `process` (None:
+    all it registered) from the generation (None: the latest committed)."""
+
+    process: ProcessIdentity
+    membership: Membership
+    names: tuple[str, ...] | None
+    generation: int | None
+
+
+@dataclass(frozen=True)
 class LocalRestoreResult:
     job: str
     member: str
@@ -103,17 +126,10 @@ class LocalBackend(Protocol):
         """Member name -> owner uid for every member the job has had; {} if unknown."""
         ...
 
-    def register(
-        self,
-        process: ProcessIdentity,
-        uid: int,
-        job: str,
-        member: str,
-        regions: Sequence[LocalRegion],
-    ) -> Membership:
-        """Make `process` member `member` of `job` (a restarted process takes over a
-        member whose process is gone; a live one raises DuplicateMember) and add or
-        replace its regions by name."""
+    def register(self, r: Registration) -> Membership:
+        """Make the process the member (a restarted process takes over a member whose
+        process is gone; a live one raises DuplicateMember) and add or replace its
+        regions by name."""
         ...
 
     def unregister(self, process: ProcessIdentity, names: Sequence[str]) -> None:
@@ -129,15 +145,9 @@ class LocalBackend(Protocol):
         """Checkpoint every member of the job; the generation once committed."""
         ...
 
-    def restore(
-        self,
-        process: ProcessIdentity,
-        membership: Membership,
-        names: Sequence[str] | None,
-        generation: int | None,
-    ) -> LocalRestoreResult:
-        """Write the named regions (None: all registered) of the generation (None: the
-        latest committed) into the process, where it registered them now."""
+    def restore(self, r: RestoreRequest) -> LocalRestoreResult:
+        """Write the named regions of the generation into the process, where it
+        registered them now."""
         ...
 
 
@@ -329,7 +339,7 @@ class LocalApi:
                 raise NotPermitted(f"register as member {member} of job {job}", caller.pid, uid)
             if any(o != uid for o in owners.values()):
                 raise NotPermitted(f"join job {job} of another user", caller.pid, uid)
-        m = self.backend.register(process, uid, job, member, regions)
+        m = self.backend.register(Registration(process, uid, job, member, tuple(regions)))
         return {
             "job": m.job,
             "member": m.member,
@@ -377,7 +387,8 @@ class LocalApi:
         if generation is not None and generation < 0:
             raise InvalidArgument("generation must be >= 0 (0: the latest)")
         m = self._member(caller, process)
-        r = self.backend.restore(process, m, names, generation or None)
+        wanted = tuple(names) if names else None
+        r = self.backend.restore(RestoreRequest(process, m, wanted, generation or None))
         return {
             "job": r.job,
             "member": r.member,

@@ -46,7 +46,14 @@ from cpcoord.errors import (
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.grpcutil import from_error_detail
 from nodeagent import restore_ops
-from nodeagent.localapi import LocalRegion, LocalRestoreResult, Membership, uid_of
+from nodeagent.localapi import (
+    LocalRegion,
+    LocalRestoreResult,
+    Membership,
+    Registration,
+    RestoreRequest,
+    uid_of,
+)
 from nodeagent.membership import Members
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.worker_ops import Op, RestoreIntoOp
@@ -206,14 +213,8 @@ class AgentBackend:
 
     # -- LocalBackend ------------------------------------------------------------------------
 
-    def register(
-        self,
-        process: ProcessIdentity,
-        uid: int,
-        job: str,
-        member: str,
-        regions: Sequence[LocalRegion],
-    ) -> Membership:
+    def register(self, r: Registration) -> Membership:
+        process, uid, job, member = r.process, r.uid, r.job, r.member
         key = (job, member)
         with self._lock:
             remote = self._remote(job, member)
@@ -229,7 +230,7 @@ class AgentBackend:
             if held is not None and not same and held.alive and held.ident.alive():
                 raise DuplicateMember(job, member)
             previous = self._current(key, process) if same else {}
-            merged = {**previous, **{r.name: r for r in regions}}
+            merged = {**previous, **{g.name: g for g in r.regions}}
             known = remote is not None or held is not None
             self._reattach(process, key, merged, known, previous)
             self._owners[key] = uid
@@ -261,21 +262,15 @@ class AgentBackend:
     def checkpoint_job(self, job: str) -> int:
         return self._checkpoint(job)
 
-    def restore(
-        self,
-        process: ProcessIdentity,
-        membership: Membership,
-        names: Sequence[str] | None,
-        generation: int | None,
-    ) -> LocalRestoreResult:
-        job, member = membership.job, membership.member
+    def restore(self, r: RestoreRequest) -> LocalRestoreResult:
+        process, job, member = r.process, r.membership.job, r.membership.member
         with self._lock:
             regions = self._current((job, member), process)
-        wanted = list(names) if names else sorted(regions)
+        wanted = list(r.names) if r.names else sorted(regions)
         for n in wanted:
             if n not in regions:
                 raise RegionNotRegistered(process.pid, n)
-        detail = self._api().generation(job, generation or 0)
+        detail = self._api().generation(job, r.generation or 0)
         number = detail.info.number
         if member not in {m.member for m in detail.members}:
             raise UnknownMember(job, member, f"in generation {number}")

@@ -21,7 +21,13 @@ from cpcoord.errors import (
 )
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
-from nodeagent.localapi import LocalRegion, LocalRestoreResult, Membership
+from nodeagent.localapi import (
+    LocalRegion,
+    LocalRestoreResult,
+    Membership,
+    Registration,
+    RestoreRequest,
+)
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.restore import RegionContents, restore_into
 
@@ -54,14 +60,8 @@ class MemoryBackend:
         with self.lock:
             return {name: m.uid for (j, name), m in self.members.items() if j == job}
 
-    def register(
-        self,
-        process: ProcessIdentity,
-        uid: int,
-        job: str,
-        member: str,
-        regions: Sequence[LocalRegion],
-    ) -> Membership:
+    def register(self, r: Registration) -> Membership:
+        process, uid, job, member = r.process, r.uid, r.job, r.member
         with self.lock:
             self.calls.append(("register", process.pid))
             m = self.members.get((job, member))
@@ -70,8 +70,8 @@ class MemoryBackend:
             if m is None or m.process != process:
                 m = _Member(process, uid)  # new, or a restarted process taking over
                 self.members[(job, member)] = m
-            for r in regions:
-                m.regions[r.name] = r
+            for g in r.regions:
+                m.regions[g.name] = g
             return Membership(job, member, uid)
 
     def unregister(self, process: ProcessIdentity, names: Sequence[str]) -> None:
@@ -120,22 +120,16 @@ class MemoryBackend:
             }
             return self._commit(job, got)
 
-    def restore(
-        self,
-        process: ProcessIdentity,
-        membership: Membership,
-        names: Sequence[str] | None,
-        generation: int | None,
-    ) -> LocalRestoreResult:
+    def restore(self, r: RestoreRequest) -> LocalRestoreResult:
+        process, job, member = r.process, r.membership.job, r.membership.member
         with self.lock:
             self.calls.append(("restore", process.pid))
-            job, member = membership.job, membership.member
             gens = self.generations.get(job, {})
-            gen = generation or max(gens, default=0)
+            gen = r.generation or max(gens, default=0)
             if gen not in gens or member not in gens[gen]:
                 raise NoSuchGeneration(gen, job)
             m = self.members[(job, member)]
-            wanted = list(names) if names else sorted(m.regions)
+            wanted = list(r.names) if r.names else sorted(m.regions)
             for n in wanted:
                 if n not in m.regions:
                     raise RegionNotRegistered(process.pid, n)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +28,7 @@ from cpcoord.errors import (
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent import localapi_backend as lb
 from nodeagent.local_commands import LocalCommands
-from nodeagent.localapi import LocalRegion
+from nodeagent.localapi import LocalRegion, Membership, Registration
 from nodeagent.procfs import ProcessIdentity
 
 ME = ProcessIdentity.of(os.getpid())
@@ -54,22 +53,14 @@ class FakeApi:
             raise UnknownJob(job)
         return [SimpleNamespace(name=job, members=held)]
 
-    def attach(
-        self,
-        job: str,
-        member: str,
-        pid: int,
-        *,
-        start_time: int = 0,
-        node: str = "",
-        regions: Sequence[tuple[str, int, int]] = (),
-    ) -> None:
-        self.calls.append(("attach", job, member, pid, node, tuple(regions)))
+    def attach(self, job: str, member: str, pid: int, **kw: Any) -> None:
+        node, regions = kw["node"], tuple(kw["regions"])  # as cpcoord.api.Client takes them
+        self.calls.append(("attach", job, member, pid, node, regions))
         if any(n == "unmapped" for n, _, _ in regions):
             raise InvalidArgument("region unmapped is not mapped")
         self.remote[(job, member)] = remote(node, pid, True)
         spans = tuple(SimpleNamespace(name=n, start=s, end=e) for n, s, e in regions)
-        self.members.add(job, member, ProcessIdentity(pid, start_time), spans)
+        self.members.add(job, member, ProcessIdentity(pid, kw["start_time"]), spans)
 
     def detach(self, job: str, member: str) -> None:
         self.calls.append(("detach", job, member))
@@ -101,6 +92,12 @@ class FakeMembers:
         return [m for m in self.table.values() if m.job == job]
 
 
+def register(
+    b: lb.AgentBackend, p: ProcessIdentity, uid: int, job: str, member: str, rs: list[LocalRegion]
+) -> Membership:
+    return b.register(Registration(p, uid, job, member, tuple(rs)))
+
+
 def backend() -> tuple[lb.AgentBackend, FakeApi, FakeMembers]:
     members = FakeMembers()
     api = FakeApi(members=members)
@@ -110,12 +107,12 @@ def backend() -> tuple[lb.AgentBackend, FakeApi, FakeMembers]:
 
 def test_register_attaches_then_reattaches_with_all_regions() -> None:
     b, api, _ = backend()
-    b.register(ME, 1000, "j", "m", [LocalRegion("a", 0x10000, 100)])
+    register(b, ME, 1000, "j", "m", [LocalRegion("a", 0x10000, 100)])
     assert api.calls == [("attach", "j", "m", ME.pid, "n1", (("a", 0x10000, 0x11000),))]
     m = b.membership(ME)
     assert m is not None and (m.job, m.member, m.uid) == ("j", "m", 1000)
     api.calls.clear()
-    b.register(ME, 1000, "j", "m", [LocalRegion("b", 0x20000, 8192)])
+    register(b, ME, 1000, "j", "m", [LocalRegion("b", 0x20000, 8192)])
     assert api.calls[0] == ("detach", "j", "m")
     assert api.calls[1][5] == (("a", 0x10000, 0x11000), ("b", 0x20000, 0x22000))
     assert b.job_owners("j") == {"m": 1000}
@@ -123,10 +120,10 @@ def test_register_attaches_then_reattaches_with_all_regions() -> None:
 
 def test_a_refused_register_keeps_the_regions_it_had() -> None:
     b, api, members = backend()
-    b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
+    register(b, ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
     api.calls.clear()
     with pytest.raises(InvalidArgument, match="unmapped"):
-        b.register(ME, 0, "j", "m", [LocalRegion("unmapped", 0x90000, 10)])
+        register(b, ME, 0, "j", "m", [LocalRegion("unmapped", 0x90000, 10)])
     assert [c[0] for c in api.calls] == ["detach", "attach", "attach"]
     assert api.calls[-1][5] == (("a", 0x10000, 0x11000),)
     assert members.get("j", "m") is not None and b._current(("j", "m"), ME).keys() == {"a"}
@@ -138,11 +135,11 @@ def test_a_new_process_of_a_member_starts_from_its_own_regions() -> None:
     its a alone, never b at the dead process's address."""
     b, api, members = backend()
     old = ProcessIdentity(ME.pid, ME.start_time - 1)  # the same pid, an earlier process
-    b.register(old, 0, "j", "m", [LocalRegion("a", 0x10000, 10), LocalRegion("b", 0x20000, 10)])
+    register(b, old, 0, "j", "m", [LocalRegion("a", 0x10000, 10), LocalRegion("b", 0x20000, 10)])
     members.table[("j", "m")].alive = False
     members.add("j", "m", ME, None)  # what `cpcoord run` attached: no explicit regions
     api.calls.clear()
-    b.register(ME, 0, "j", "m", [LocalRegion("a", 0x30000, 10)])
+    register(b, ME, 0, "j", "m", [LocalRegion("a", 0x30000, 10)])
     assert api.calls[-1][0] == "attach"
     assert api.calls[-1][5] == (("a", 0x30000, 0x31000),)
     assert b._current(("j", "m"), ME).keys() == {"a"}
@@ -153,29 +150,29 @@ def test_register_refuses_a_live_member_of_another_process_or_node() -> None:
     other = ProcessIdentity.of(1)  # init lives
     members.add("j", "m", other, ())
     with pytest.raises(DuplicateMember):
-        b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
+        register(b, ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10)])
     api.remote[("j", "x")] = remote("n2", 55, True)
     with pytest.raises(DuplicateMember):
-        b.register(ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
+        register(b, ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
     # Known to the coordinator on this node, but not held here (the agent restarted):
     # refused while that process lives, taken over once it is gone.
     api.remote[("j", "y")] = remote("n1", 1, True)
     with pytest.raises(DuplicateMember):
-        b.register(ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
+        register(b, ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
     assert api.calls == []
     api.remote[("j", "y")] = remote("n1", 2**22 + 12345, True)  # no such pid
-    b.register(ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
+    register(b, ME, 0, "j", "y", [LocalRegion("a", 0x10000, 10)])
     assert [c[0] for c in api.calls] == ["detach", "attach"]
     api.calls.clear()
     # Gone on another node: taken over here.
     api.remote[("j", "x")] = remote("n2", 55, False)
-    b.register(ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
+    register(b, ME, 0, "j", "x", [LocalRegion("a", 0x10000, 10)])
     assert [c[0] for c in api.calls] == ["detach", "attach"]
 
 
 def test_unregister_narrows_and_the_last_region_detaches() -> None:
     b, api, _ = backend()
-    b.register(ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10), LocalRegion("b", 0x20000, 10)])
+    register(b, ME, 0, "j", "m", [LocalRegion("a", 0x10000, 10), LocalRegion("b", 0x20000, 10)])
     with pytest.raises(RegionNotRegistered):
         b.unregister(ME, ["zz"])
     api.calls.clear()

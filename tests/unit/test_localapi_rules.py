@@ -18,9 +18,10 @@ from cpcoord.ranges import PAGE_SIZE
 from nodeagent.localapi import (
     Caller,
     LocalApi,
-    LocalRegion,
     LocalRestoreResult,
     Membership,
+    Registration,
+    RestoreRequest,
 )
 from nodeagent.procfs import ProcessIdentity
 
@@ -42,20 +43,13 @@ class FakeBackend:
     def job_owners(self, job: str) -> Mapping[str, int]:
         return self.owners.get(job, {})
 
-    def register(
-        self,
-        process: ProcessIdentity,
-        uid: int,
-        job: str,
-        member: str,
-        regions: Sequence[LocalRegion],
-    ) -> Membership:
+    def register(self, r: Registration) -> Membership:
         if self.fail:
             raise self.fail
-        self.calls.append(("register", process.pid, uid, job, member, tuple(regions)))
-        m = Membership(job, member, uid)
-        self.members[process] = m
-        self.owners.setdefault(job, {})[member] = uid
+        self.calls.append(("register", r.process.pid, r.uid, r.job, r.member, r.regions))
+        m = Membership(r.job, r.member, r.uid)
+        self.members[r.process] = m
+        self.owners.setdefault(r.job, {})[r.member] = r.uid
         return m
 
     def unregister(self, process: ProcessIdentity, names: Sequence[str]) -> None:
@@ -69,15 +63,10 @@ class FakeBackend:
         self.calls.append(("checkpoint_job", job))
         return 8
 
-    def restore(
-        self,
-        process: ProcessIdentity,
-        membership: Membership,
-        names: Sequence[str] | None,
-        generation: int | None,
-    ) -> LocalRestoreResult:
-        self.calls.append(("restore", process.pid, names, generation))
-        return LocalRestoreResult(membership.job, membership.member, generation or 3, (("s", 10),))
+    def restore(self, r: RestoreRequest) -> LocalRestoreResult:
+        self.calls.append(("restore", r.process.pid, r.names, r.generation))
+        m = r.membership
+        return LocalRestoreResult(m.job, m.member, r.generation or 3, (("s", 10),))
 
 
 def identify_other(pid: int) -> tuple[ProcessIdentity, int]:
@@ -127,7 +116,7 @@ def test_root_may_name_another_process() -> None:
     assert api(b).handle(ROOT_CALLER, {"op": "checkpoint", "pid": OTHER.pid})["generation"] == 7
     r = api(b).handle(ROOT_CALLER, {"op": "restore", "pid": OTHER.pid, "regions": ["s"]})
     assert r["ok"] and r["bytes"] == 10
-    assert b.calls == [("checkpoint_member", OTHER.pid, "j"), ("restore", OTHER.pid, ["s"], None)]
+    assert b.calls == [("checkpoint_member", OTHER.pid, "j"), ("restore", OTHER.pid, ("s",), None)]
 
 
 def test_naming_yourself_is_fine_and_the_pid_comes_from_the_caller() -> None:
