@@ -9,10 +9,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cpcoord.errors import InvalidArgument
 from cpcoord.ranges import check_name
+
+if TYPE_CHECKING:  # imported in `run`: `cpcoord --help` must not pay for them
+    from nodeagent.agent import Agent
 
 NAME = "agent"
 HELP = "run the node agent daemon"
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_api(args: argparse.Namespace, agent: Any, insecure: bool) -> Any:
+def _local_api(args: argparse.Namespace, agent: Agent, insecure: bool) -> Any:
     """Serve the local API socket; None when the default socket cannot be served."""
     import logging
 
