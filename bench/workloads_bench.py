@@ -42,7 +42,7 @@ from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Reposit
 from coordinator.store.ids import ID_DTYPE, digest_all, member_of
 from nodeagent.capture import Capture, capture
 from nodeagent.chunks import plan
-from nodeagent.pagemap import runs_from_pages
+from nodeagent.pages import runs_from_pages
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.reader import Staging
 

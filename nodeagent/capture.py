@@ -39,7 +39,8 @@ from nodeagent import inplace
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.inplace import Destination as Destination  # re-exported
 from nodeagent.mapscache import read_maps_shared
-from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
+from nodeagent.pagemap import PagemapReader
+from nodeagent.pages import PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive
 from nodeagent.reader import (
     PARALLEL_MIN,

@@ -28,7 +28,8 @@ from cpcoord.mapfacts import MapFact, facts_for
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.mapscache import derived, read_maps_shared
-from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages
+from nodeagent.pagemap import PagemapReader
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping
 from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
 from nodeagent.regions import RegionSpec, default_regions

@@ -53,7 +53,7 @@ from nodeagent.changeset import (
 )
 from nodeagent.freeze import FrozenProcess
 from nodeagent.inplace import Destination
-from nodeagent.pagemap import PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.reader import ReadvFn, Staging, _sys_readv
 from nodeagent.regions import RegionSpec, new_or_changed_runs, resolve_regions

@@ -37,14 +37,8 @@ from cpcoord.errors import ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.iovec import IOV_MAX as IOV_MAX  # re-exported (bench/common.py)
 from nodeagent.iovec import READ, VmFn, alive, transfer, vm_syscall
-from nodeagent.pagemap import (
-    PM_EXCLUSIVE,
-    PM_PRESENT,
-    PagemapReader,
-    PageNumbers,
-    empty_pages,
-    pages_from_runs,
-)
+from nodeagent.pagemap import PM_EXCLUSIVE, PM_PRESENT, PagemapReader
+from nodeagent.pages import PageNumbers, empty_pages, pages_from_runs
 from nodeagent.procfs import Mapping
 from nodeagent.shared import SharedObjects
 

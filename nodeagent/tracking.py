@@ -36,7 +36,7 @@ from nodeagent.copyout import CopyResult
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.mapscache import derived, read_maps_shared
 from nodeagent.membership import HeldMember
-from nodeagent.pagemap import PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, check_alive
 from nodeagent.reader import ReadvFn, Staging
 from nodeagent.regions import RegionSpec, new_or_changed_pages

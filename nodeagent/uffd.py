@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, TrackerFailed
-from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.trackers.base import Availability, PageNumbers, empty_pages
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.trackers.base import Availability
 
 # -- system calls (x86-64) ----------------------------------------------------------
 NR_CLOSE = 3
@@ -139,32 +139,6 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return r
-
-
-# -- page ranges -> page numbers ----------------------------------------------------
-
-
-def pages_of_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> PageNumbers:
-    """Byte ranges `[start, end)` (page aligned, sorted, disjoint) -> sorted page numbers.
-
-    Vectorised with one output-sized allocation: a step array that is 1 everywhere except
-    at each range's first slot (the jump from the previous range's last page), summed
-    in place.
-    """
-    s = np.asarray(starts, dtype=np.uint64) >> np.uint64(PAGE_SHIFT)
-    e = np.asarray(ends, dtype=np.uint64) >> np.uint64(PAGE_SHIFT)
-    keep = e > s
-    if not keep.all():
-        s, e = s[keep], e[keep]
-    if s.size == 0:
-        return empty_pages()
-    si, ei = s.astype(np.int64), e.astype(np.int64)
-    counts = ei - si
-    steps = np.ones(int(counts.sum()), dtype=np.int64)
-    steps[0] = si[0]
-    steps[np.cumsum(counts[:-1])] = si[1:] - (ei[:-1] - 1)
-    np.cumsum(steps, out=steps)
-    return steps.view(np.uint64)
 
 
 # -- the agent-side scanner ---------------------------------------------------------

@@ -52,8 +52,9 @@ from nodeagent.pagemap import (
     PagemapReader,
     taken_mask,
 )
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.trackers.base import Availability, ChangedSet, PageNumbers, empty_pages
+from nodeagent.trackers.base import Availability, ChangedSet
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,7 @@ from nodeagent import uffd
 from nodeagent.freeze import FrozenProcess
 from nodeagent.inject import Injector
 from nodeagent.mapscache import derived
+from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffd_spans import (
@@ -425,7 +426,7 @@ class UffdWpTracker:
         regions = self._scanner.buf[lo_row : self._scanner.used]
         if always and self.untracked_as_changed:  # they interleave with the spans
             regions = regions[np.argsort(regions[:, 0], kind="stable")]
-        pages = uffd.pages_of_ranges(regions[:, 0], regions[:, 1])
+        pages = pages_of_ranges(regions[:, 0], regions[:, 1])
         t3 = time.perf_counter()
         self.last = CollectStats(
             t3 - t0,

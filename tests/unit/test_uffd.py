@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent import uffd
+from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping
 from nodeagent.trackers.uffd_spans import spans_of
 from nodeagent.trackers.uffdwp import high_fd_floor
@@ -47,14 +48,14 @@ def disjoint_ranges(draw: st.DrawFn) -> list[tuple[int, int]]:
 @given(disjoint_ranges())
 def test_pages_of_ranges_equals_the_naive_expansion(ranges: list[tuple[int, int]]) -> None:
     want = [p for s, e in ranges for p in range(s // PAGE, e // PAGE)]
-    got = uffd.pages_of_ranges([s for s, _ in ranges], [e for _, e in ranges])
+    got = pages_of_ranges([s for s, _ in ranges], [e for _, e in ranges])
     assert got.dtype == np.uint64
     assert got.tolist() == want
 
 
 def test_pages_of_ranges_empty() -> None:
-    assert uffd.pages_of_ranges([], []).size == 0
-    assert uffd.pages_of_ranges([PAGE], [PAGE]).size == 0
+    assert pages_of_ranges([], []).size == 0
+    assert pages_of_ranges([PAGE], [PAGE]).size == 0
 
 
 def _m(start: int, end: int, perms: str = "rw-p", path: str = "") -> Mapping:
@@ -172,7 +173,7 @@ def test_scanner_resumes_when_the_vector_is_full(own_uffd: tuple[int, mmap.mmap,
             returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
         )
         assert sc.calls - calls >= 2  # the vector filled and the walk was resumed
-        pages = uffd.pages_of_ranges(got[:, 0], got[:, 1]) - np.uint64(addr // PAGE)
+        pages = pages_of_ranges(got[:, 0], got[:, 1]) - np.uint64(addr // PAGE)
         assert pages.tolist() == [1, 3, 4, 9, 15]
         again = sc.scan(addr, addr + 16 * PAGE, flags=flags, mask=uffd.PAGE_IS_WRITTEN)
         assert again.size == 0  # everything reported was protected again
