@@ -59,36 +59,37 @@ from cpcoord.errors import (
 )
 from nodeagent.freeze import FrozenProcess
 from nodeagent.procfs import read_maps
+from nodeagent.ptrace_abi import (
+    PTRACE_CONT,
+    PTRACE_EVENT_STOP,
+    PTRACE_GET_RSEQ_CONFIGURATION,
+    PTRACE_GETSIGINFO,
+    PTRACE_GETSIGMASK,
+    PTRACE_INTERRUPT,
+    PTRACE_O_SUSPEND_SECCOMP,
+    PTRACE_O_TRACESYSGOOD,
+    PTRACE_PEEKDATA,
+    PTRACE_POKEDATA,
+    PTRACE_SETOPTIONS,
+    PTRACE_SETSIGMASK,
+    PTRACE_SYSCALL,
+    RESTART_CODES,
+    U64,
+    WALL,
+    get_regs,
+    set_regs,
+)
 
 log = logging.getLogger(__name__)
 
-PTRACE_PEEKDATA = 2
-PTRACE_POKEDATA = 5
-PTRACE_CONT = 7
-PTRACE_GETREGS = 12
-PTRACE_SETREGS = 13
-PTRACE_SYSCALL = 24
-PTRACE_SETOPTIONS = 0x4200
-PTRACE_GETSIGINFO = 0x4202
-PTRACE_INTERRUPT = 0x4207
-PTRACE_GETSIGMASK = 0x420A
-PTRACE_SETSIGMASK = 0x420B
-PTRACE_EVENT_STOP = 128
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
-PTRACE_O_TRACESYSGOOD = 1
-PTRACE_O_SUSPEND_SECCOMP = 1 << 21
-# The options nodeagent.freeze seizes with (none); put back when a session ends.
 SEIZE_OPTIONS = 0
 SYSCALL_STOP = signal.SIGTRAP | 0x80
-WALL = 0x40000000
 USER_CS_64 = 0x33  # the 64-bit user code segment; 0x23 is a 32-bit (compat) task
 SYSCALL_INSN = b"\x0f\x05"
 AT_SYSINFO_EHDR = 33  # auxv: where the kernel mapped the vDSO image
 PT_LOAD = 1
 NR_RT_TGSIGQUEUEINFO = 297
 NR_TGKILL = 234
-# Results a system call returns when a signal interrupted it before it did anything.
-_RESTART = {512, 513, 514, 516}
 # Calls that install a temporary signal mask and leave TIF_RESTORE_SIGMASK set when
 # interrupted: the kernel puts the caller's mask back when get_signal() next returns.
 # PTRACE_SETSIGMASK clears that flag, so such a thread's mask is read after its first call.
@@ -101,24 +102,13 @@ MASK_SWAPPING = {
     426,  # io_uring_enter
     441,  # epoll_pwait2
 }
-_U64 = (1 << 64) - 1
 SIGSET_SIZE = 8  # the kernel's sigset_t on x86-64
-ALL_SIGNALS = _U64  # SIGKILL and SIGSTOP cannot be blocked; the kernel drops them
+ALL_SIGNALS = U64  # SIGKILL and SIGSTOP cannot be blocked; the kernel drops them
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 # A found syscall site per process (pid, start time); verified by reading it back.
 _sites: dict[tuple[int, int], int] = {}
-
-
-def get_regs(tid: int) -> user_regs_struct:
-    regs = user_regs_struct()
-    ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
-    return regs
-
-
-def set_regs(tid: int, regs: user_regs_struct) -> None:
-    ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
 
 
 def regs_dict(regs: user_regs_struct) -> dict[str, int]:
@@ -133,7 +123,7 @@ def get_sigmask(tid: int) -> int:
 
 
 def set_sigmask(tid: int, mask: int) -> None:
-    m = ctypes.c_uint64(mask & _U64)
+    m = ctypes.c_uint64(mask & U64)
     ptrace(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(m))
 
 
@@ -462,17 +452,17 @@ class Injector:
 
     def _peekdata(self, addr: int) -> int:
         try:
-            return int(ptrace(PTRACE_PEEKDATA, self.tid, addr, 0, check_errno=True)) & _U64
+            return int(ptrace(PTRACE_PEEKDATA, self.tid, addr, 0, check_errno=True)) & U64
         except PtraceError as e:
             raise InjectionFailed(self.pid, f"PEEKDATA 0x{addr:x}", str(e)) from None
 
     def _pokedata(self, addr: int, word: int) -> None:
-        ptrace(PTRACE_POKEDATA, self.tid, addr, word & _U64)
+        ptrace(PTRACE_POKEDATA, self.tid, addr, word & U64)
 
     def scratch(self, length: int = 4096) -> int:
         """A private read-write mapping in the target, unmapped when the session ends."""
         if self._scratch is None:
-            addr = self.check("mmap", 9, 0, length, 3, 0x22, _U64, 0)
+            addr = self.check("mmap", 9, 0, length, 3, 0x22, U64, 0)
             self._scratch = (addr, length)
         return self._scratch[0]
 
@@ -485,15 +475,15 @@ class Injector:
             raise InjectionFailed(self.pid, f"syscall {nr}", "session is closed")
         if len(args) > 6:
             raise ValueError("at most 6 arguments")
-        a = [int(x) & _U64 for x in args] + [0] * (6 - len(args))
+        a = [int(x) & U64 for x in args] + [0] * (6 - len(args))
         regs = _copy(self.saved)
-        regs.rip, regs.rax, regs.orig_rax = self.site, nr, _U64
+        regs.rip, regs.rax, regs.orig_rax = self.site, nr, U64
         regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = a
         for _ in range(100):
             rax = self._run(regs, nr)
             self.calls += 1
             res = rax - (1 << 64) if rax >> 63 else rax
-            if -res not in _RESTART:
+            if -res not in RESTART_CODES:
                 return res
         raise InjectionFailed(self.pid, f"syscall {nr}", "interrupted 100 times")
 
@@ -522,7 +512,7 @@ class Injector:
                     self.held.append(HeldSignal(sig, _siginfo(tid)))
                     continue
                 now = get_regs(tid)
-                if now.rip != self.site + 2 or (int(now.orig_rax) & _U64) != nr:
+                if now.rip != self.site + 2 or (int(now.orig_rax) & U64) != nr:
                     raise InjectionFailed(
                         self.pid, "syscall", f"thread stopped at 0x{now.rip:x} in {now.orig_rax}"
                     )
