@@ -104,7 +104,7 @@ def _agent_pair(t: _Target, rep: int) -> tuple[float, float]:
     from nodeagent.freeze import freeze, thaw
     from nodeagent.membership import HeldMember
     from nodeagent.procfs import ProcessIdentity
-    from nodeagent.reader import Staging, _sys_readv
+    from nodeagent.reader import Staging, sys_readv
 
     ident = ProcessIdentity.of(t.pid)
     m = HeldMember("bench", "m", ident, None, "uffd-wp")
@@ -116,7 +116,7 @@ def _agent_pair(t: _Target, rep: int) -> tuple[float, float]:
             t0 = time.monotonic()
             fp = freeze(ident)
             try:
-                tracking.capture_frozen(m, fp, gen, False, staging, _sys_readv)
+                tracking.capture_frozen(m, fp, gen, False, staging, sys_readv)
             finally:
                 thaw(fp)
             out.append(time.monotonic() - t0)

@@ -47,8 +47,8 @@ from nodeagent.reader import (
     MemoryReader,
     ReadvFn,
     Staging,
-    _sys_readv,
     copy_threads,
+    sys_readv,
 )
 from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
@@ -242,7 +242,7 @@ def capture(
     hooks: CaptureHooks | None = None,
     staging: Staging | None = None,
     freeze_timeout: float = 5.0,
-    readv: ReadvFn = _sys_readv,
+    readv: ReadvFn = sys_readv,
     fp: FrozenProcess | None = None,
     into: Destination | None = None,
 ) -> Capture:

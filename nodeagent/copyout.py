@@ -31,7 +31,7 @@ from nodeagent.mapscache import derived, read_maps_shared
 from nodeagent.pagemap import PagemapReader
 from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping
-from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
+from nodeagent.reader import MemoryReader, ReadvFn, Staging, sys_readv
 from nodeagent.regions import RegionSpec, default_regions
 from nodeagent.shared import SharedObjects
 
@@ -125,7 +125,7 @@ def copy(
     taken: Sequence[PageNumbers],
     deliver: Sequence[PageNumbers],
     staging: Staging,
-    readv: ReadvFn = _sys_readv,
+    readv: ReadvFn = sys_readv,
     *,
     objects: SharedObjects | None = None,
     maps: Sequence[Mapping] = (),

@@ -55,7 +55,7 @@ from nodeagent.freeze import FrozenProcess
 from nodeagent.inplace import Destination
 from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.reader import ReadvFn, Staging, _sys_readv
+from nodeagent.reader import ReadvFn, Staging, sys_readv
 from nodeagent.regions import RegionSpec, new_or_changed_runs, resolve_regions
 from nodeagent.trackers import persist, registry
 from nodeagent.trackers.base import ChangedSet, Tracker
@@ -166,7 +166,7 @@ class TrackedCapture:
         self,
         fp: FrozenProcess | None = None,
         *,
-        readv: ReadvFn = _sys_readv,
+        readv: ReadvFn = sys_readv,
         into: Destination | None = None,
     ) -> TrackedResult:
         """One capture (in the caller's freeze `fp`, or in its own). Then `commit()` once

@@ -52,7 +52,7 @@ MAP_NORESERVE = 0x4000  # address space for holes: no commit charge until writte
 _libc = ctypes.CDLL(None, use_errno=True)
 
 ReadvFn = VmFn
-_sys_readv: ReadvFn = vm_syscall("process_vm_readv")
+sys_readv: ReadvFn = vm_syscall("process_vm_readv")
 
 
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -164,7 +164,7 @@ class MemoryReader:
     def __init__(
         self,
         pid: int,
-        readv: ReadvFn = _sys_readv,
+        readv: ReadvFn = sys_readv,
         *,
         objects: SharedObjects | None = None,
         maps: Sequence[Mapping] = (),

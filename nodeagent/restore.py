@@ -69,7 +69,7 @@ from nodeagent.registers import (
 from nodeagent.restore_fit import check_layout, fit_region
 from nodeagent.restore_plan import build_plan
 from nodeagent.restore_undo import AllOrNothing
-from nodeagent.writer import WritevFn, _sys_writev
+from nodeagent.writer import WritevFn, sys_writev
 
 __all__ = [
     "Fitted",
@@ -277,7 +277,7 @@ def write(
     fitted: Fitted,
     contents: Iterable[RegionContents] | MappingABC[str, RegionContents],
     *,
-    writev: WritevFn = _sys_writev,
+    writev: WritevFn = sys_writev,
     staging: Staging | None = None,
 ) -> RestoreStats:
     """Write a fitted member's regions (and registers, default set), all or nothing.

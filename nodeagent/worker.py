@@ -58,7 +58,7 @@ from nodeagent.membership import (
     same_attach,
 )
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import ReadvFn, Staging, _sys_readv
+from nodeagent.reader import ReadvFn, Staging, sys_readv
 from nodeagent.upload import StagedMember
 from nodeagent.worker_ops import (
     AbortOp,
@@ -103,7 +103,7 @@ class Worker:
         on_staged: OnStaged,
         config: WorkerConfig | None = None,
         epoch: Callable[[], int] = lambda: 0,
-        readv: ReadvFn = _sys_readv,
+        readv: ReadvFn = sys_readv,
     ) -> None:
         self.members = members
         self.config = config or WorkerConfig()

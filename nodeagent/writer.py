@@ -48,7 +48,7 @@ _libc.mmap.argtypes = [
 ]
 
 WritevFn = VmFn
-_sys_writev: WritevFn = vm_syscall("process_vm_writev")
+sys_writev: WritevFn = vm_syscall("process_vm_writev")
 
 
 @cache
@@ -76,7 +76,7 @@ class MemoryWriter:
     that reached the target (a prefix: every path writes in order and stops at the first
     refusal), also after it raised. Restore puts back exactly those (restore_undo.py)."""
 
-    def __init__(self, pid: int, writev: WritevFn = _sys_writev) -> None:
+    def __init__(self, pid: int, writev: WritevFn = sys_writev) -> None:
         self.pid = pid
         self._writev = writev  # injectable so tests can make process_vm_writev fail
         self._mem_fd = -1

@@ -172,6 +172,11 @@ class SoftDirtyTracker:
     def armed(self) -> ProcessIdentity | None:
         return self._ident
 
+    def adopt(self, ident: ProcessIdentity) -> None:
+        """Go on tracking a process armed by an earlier agent process (a chain's saved
+        state): the record of writes is in its page tables, so the process is all of it."""
+        self._ident = ident
+
     def arm(
         self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
     ) -> None:
