@@ -64,3 +64,13 @@ def get_regs(tid: int) -> user_regs_struct:
 
 def set_regs(tid: int, regs: user_regs_struct) -> None:
     ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def copy_regs(regs: user_regs_struct) -> user_regs_struct:
+    out = user_regs_struct()
+    ctypes.memmove(ctypes.addressof(out), ctypes.addressof(regs), ctypes.sizeof(regs))
+    return out
+
+
+def regs_dict(regs: user_regs_struct) -> dict[str, int]:
+    return {name: int(getattr(regs, name)) for name, _ in user_regs_struct._fields_}
