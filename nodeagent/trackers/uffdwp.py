@@ -41,7 +41,6 @@ from cpcoord.errors import (
     ProcessExited,
     TrackerUnavailable,
     UffdLost,
-    UffdScanFailed,
 )
 from cpcoord.ranges import AddressRange
 from nodeagent import uffd
@@ -51,11 +50,12 @@ from nodeagent.mapscache import derived
 from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers.base import ChangedSet
+from nodeagent.trackers.uffd_open import open_uffd
+from nodeagent.trackers.uffd_scans import all_registered, protect, scan, unregistered
 from nodeagent.trackers.uffd_spans import (
     Inside,
     RemoteUffd,
     Spans,
-    clip,
     joinable,
     spans_of,
     trackable,
@@ -64,39 +64,12 @@ from nodeagent.trackers.uffd_spans import (
 log = logging.getLogger(__name__)
 
 _Key = tuple[int, int, str, int, str, int, str]
-NR_FCNTL = 72
-F_DUPFD_CLOEXEC = 1030
-# The uffd goes to the lowest free number >= min(soft limit, CEILING) - MARGIN. The
-# ceiling bounds the fd table the kernel allocates for it (8 bytes per slot, copied at
-# every fork): 32 KiB, not 8 MiB under a soft limit of 1 Mi.
-HIGH_FD_CEILING = 4096
-HIGH_FD_MARGIN = 16
 
-__all__ = ["CollectStats", "UffdWpTracker", "high_fd_floor", "trackable"]
+__all__ = ["CollectStats", "UffdWpTracker", "trackable"]
 
 
 def _key(m: Mapping) -> _Key:
     return (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)
-
-
-def nofile_soft_limit(pid: int) -> int | None:
-    """The target's RLIMIT_NOFILE soft limit (/proc/PID/limits, readable by anyone);
-    None when unlimited or unreadable."""
-    try:
-        with open(f"/proc/{pid}/limits") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    soft = line.split()[3]
-                    return None if soft == "unlimited" else int(soft)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def high_fd_floor(soft: int | None) -> int:
-    """Lowest number the tracker's fd may take (0: keep the number userfaultfd gave)."""
-    top = HIGH_FD_CEILING if soft is None else min(soft, HIGH_FD_CEILING)
-    return max(0, top - HIGH_FD_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -188,7 +161,7 @@ class UffdWpTracker:
             self._ident, self._scanner = fp.ident, uffd.PagemapScanner(fp.pid)
             inside = Inside(layout)
             sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
-            self._protect(sp)
+            protect(self._sc(), sp)
             t1 = time.perf_counter()
             self.last = CollectStats(t1 - t0, 0.0, 0.0, t1 - t0, 0, self._scanner.calls, 0, len(sp))
             return
@@ -197,7 +170,7 @@ class UffdWpTracker:
         with Injector(fp, site=self._site) as inj:
             if stale >= 0:
                 inj.syscall(uffd.NR_CLOSE, stale)
-            fd = self._open_uffd(inj)
+            fd = open_uffd(inj, self.name)
             try:
                 with RemoteUffd(fp.pid, fd) as ru:
                     err = ru.api(uffd.wanted_features())
@@ -216,7 +189,7 @@ class UffdWpTracker:
         self._ident, self._fd, self._inode = fp.ident, fd, inode
         self._scanner = uffd.PagemapScanner(fp.pid)
         sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
-        self._protect(sp)
+        protect(self._sc(), sp)
         t2 = time.perf_counter()
         self.last = CollectStats(
             t2 - t0, 0.0, t1 - t0, t2 - t1, registered, self._scanner.calls, 0, len(sp)
@@ -234,28 +207,6 @@ class UffdWpTracker:
                 }
             },
         )
-
-    def _open_uffd(self, inj: Injector) -> int:
-        """userfaultfd() in the target, moved out of the way of its own fd numbers."""
-        flags = uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY
-        fd = inj.syscall(uffd.NR_USERFAULTFD, flags)
-        if fd < 0:
-            why = f"userfaultfd() in pid {inj.pid}: {os.strerror(-fd)}"
-            if -fd in (errno.EPERM, errno.ENOSYS, errno.EINVAL):
-                raise TrackerUnavailable(self.name, why)
-            raise InjectionFailed(inj.pid, "userfaultfd", os.strerror(-fd))
-        floor = high_fd_floor(nofile_soft_limit(inj.pid))
-        if floor <= fd:
-            return fd
-        high = inj.syscall(NR_FCNTL, fd, F_DUPFD_CLOEXEC, floor)
-        if high < 0:  # no free number up there (EMFILE, EINVAL): keep the one we have
-            log.warning(
-                "uffd-wp keeps a low fd",
-                extra={"fields": {"pid": inj.pid, "fd": fd, "error": os.strerror(-high)}},
-            )
-            return fd
-        inj.syscall(uffd.NR_CLOSE, fd)
-        return high
 
     def _register(
         self,
@@ -289,11 +240,9 @@ class UffdWpTracker:
                 (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
         return done
 
-    def _protect(self, sp: Spans) -> None:
-        """Write-protect every present or swapped page of the spans."""
-        flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
-        for lo, hi in sp.pairs():
-            self._scan(lo, hi, flags=flags, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+    def _sc(self) -> uffd.PagemapScanner:
+        assert self._scanner is not None
+        return self._scanner
 
     def _verify(
         self, sp: Spans, inside: Inside, layout: Sequence[Mapping], tracked: Sequence[Mapping]
@@ -309,58 +258,15 @@ class UffdWpTracker:
         )
         changed = False
         for lo, hi in sp.pairs():
-            if self._all_registered(lo, hi):
+            if all_registered(self._sc(), lo, hi):
                 continue
             for m in inside(lo, hi):
-                if not self._all_registered(m.start, m.end):
+                if not all_registered(self._sc(), m.start, m.end):
                     (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
                     changed = True
         return self._spans(layout, tracked) if changed else sp
 
     # -- collect ---------------------------------------------------------------------
-
-    def _scan(self, start: int, end: int, **kw: int) -> uffd.Regions:
-        assert self._scanner is not None
-        try:
-            return self._scanner.scan(start, end, **kw)
-        except OSError as e:
-            raise UffdScanFailed(self._scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
-
-    def _all_registered(self, start: int, end: int) -> bool:
-        """One cheap walk: registered VMAs are skipped whole; EPERM names a VMA that is
-        not async-WP registered (including PFN maps, which the scan never reports)."""
-        assert self._scanner is not None
-        try:
-            self._scanner.scan(
-                start,
-                end,
-                flags=uffd.PM_SCAN_CHECK_WPASYNC,
-                mask=uffd.PAGE_IS_WPALLOWED,
-                inverted=uffd.PAGE_IS_WPALLOWED,
-                returns=uffd.PAGE_IS_WPALLOWED,
-            )
-        except OSError as e:
-            if e.errno == errno.EPERM:
-                return False
-            raise UffdScanFailed(self._scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
-        return True
-
-    def _unregistered(self, sp: Spans) -> list[tuple[int, int]]:
-        """The parts of the spans whose VMAs are not async-WP registered (whole VMAs:
-        the probe reports holes in them too)."""
-        out: list[tuple[int, int]] = []
-        for lo, hi in sp.pairs():
-            if self._all_registered(lo, hi):
-                continue
-            regs = self._scan(
-                lo,
-                hi,
-                mask=uffd.PAGE_IS_WPALLOWED,
-                inverted=uffd.PAGE_IS_WPALLOWED,
-                returns=uffd.PAGE_IS_WPALLOWED,
-            )
-            out.extend(clip(regs[:, 0], regs[:, 1], lo, hi))
-        return out
 
     def _prune(self, layout: Sequence[Mapping], tracked: Sequence[Mapping]) -> None:
         """Forget failures of mappings that are gone or changed (a new line is tried
@@ -392,10 +298,10 @@ class UffdWpTracker:
             # Registered by the process since: tracked from now on. The process never
             # protects pages itself, so the scan below reports every page it holds.
             for m in tracked:
-                if _key(m) in self._untracked and self._all_registered(m.start, m.end):
+                if _key(m) in self._untracked and all_registered(self._sc(), m.start, m.end):
                     del self._untracked[_key(m)]
         sp = self._spans(layout, tracked)
-        new = self._unregistered(sp)
+        new = unregistered(self._sc(), sp)
         t1 = time.perf_counter()
         registered = 0
         inside = Inside(layout)
@@ -412,7 +318,8 @@ class UffdWpTracker:
         lo_row = self._scanner.used
         flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
         for s, e in sp.pairs():
-            self._scan(
+            scan(
+                self._sc(),
                 s,
                 e,
                 flags=flags,
@@ -422,7 +329,7 @@ class UffdWpTracker:
             )
         always = [m for m in tracked if _key(m) in self._untracked] if self._untracked else []
         for m in always if self.untracked_as_changed else ():
-            self._scan(m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+            scan(self._sc(), m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
         regions = self._scanner.buf[lo_row : self._scanner.used]
         if always and self.untracked_as_changed:  # they interleave with the spans
             regions = regions[np.argsort(regions[:, 0], kind="stable")]

@@ -27,7 +27,8 @@ from nodeagent import uffd
 from nodeagent.freeze import frozen
 from nodeagent.inject import Injector
 from nodeagent.procfs import ProcessIdentity, read_maps
-from nodeagent.trackers.uffdwp import HIGH_FD_CEILING, UffdWpTracker
+from nodeagent.trackers.uffd_open import HIGH_FD_CEILING
+from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.conftest import require
 from tests.helpers.cluster import Cluster
 from tests.helpers.restore_c import C_DIR, build_c

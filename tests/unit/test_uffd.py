@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from nodeagent import uffd
 from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping
+from nodeagent.trackers.uffd_open import high_fd_floor
 from nodeagent.trackers.uffd_spans import spans_of
-from nodeagent.trackers.uffdwp import high_fd_floor
 from tests.conftest import require
 
 PAGE = 4096
