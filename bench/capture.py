@@ -50,7 +50,7 @@ from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 from tests.helpers.driver import REPO, Target
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40

@@ -44,7 +44,7 @@ from nodeagent.capture import Capture, capture
 from nodeagent.chunks import plan
 from nodeagent.pages import runs_from_pages
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 
 PAGE = 4096
 BATCH = 1024  # chunks per add_chunks call (<= 64 MiB), as an upload message would carry

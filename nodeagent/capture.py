@@ -42,17 +42,11 @@ from nodeagent.mapscache import read_maps_shared
 from nodeagent.pagemap import PagemapReader
 from nodeagent.pages import PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive
-from nodeagent.reader import (
-    PARALLEL_MIN,
-    MemoryReader,
-    ReadvFn,
-    Staging,
-    copy_threads,
-    sys_readv,
-)
+from nodeagent.reader import MemoryReader, ReadvFn, sys_readv
 from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
 from nodeagent.shared import SharedObjects
+from nodeagent.staging import PARALLEL_MIN, Staging, copy_threads
 from nodeagent.trackers.base import ChangedSet
 
 log = logging.getLogger(__name__)

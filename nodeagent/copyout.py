@@ -31,9 +31,10 @@ from nodeagent.mapscache import derived, read_maps_shared
 from nodeagent.pagemap import PagemapReader
 from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping
-from nodeagent.reader import MemoryReader, ReadvFn, Staging, sys_readv
+from nodeagent.reader import MemoryReader, ReadvFn, sys_readv
 from nodeagent.regions import RegionSpec, default_regions
 from nodeagent.shared import SharedObjects
+from nodeagent.staging import Staging
 
 log = logging.getLogger(__name__)
 

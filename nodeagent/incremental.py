@@ -55,8 +55,9 @@ from nodeagent.freeze import FrozenProcess
 from nodeagent.inplace import Destination
 from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.reader import ReadvFn, Staging, sys_readv
+from nodeagent.reader import ReadvFn, sys_readv
 from nodeagent.regions import RegionSpec, new_or_changed_runs, resolve_regions
+from nodeagent.staging import Staging
 from nodeagent.trackers import persist, registry
 from nodeagent.trackers.base import ChangedSet, Tracker
 

@@ -58,7 +58,6 @@ from nodeagent.capture import CapturedRegion
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.pagemap import PagemapReader, taken_in
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.reader import Staging
 from nodeagent.registers import (
     ThreadStateHooks,
     ThreadStates,
@@ -69,6 +68,7 @@ from nodeagent.registers import (
 from nodeagent.restore_fit import check_layout, fit_region
 from nodeagent.restore_plan import build_plan
 from nodeagent.restore_undo import AllOrNothing
+from nodeagent.staging import Staging
 from nodeagent.writer import WritevFn, sys_writev
 
 __all__ = [

@@ -56,8 +56,8 @@ from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.iovec import READ, alive, transfer, vm_syscall
 from nodeagent.pagemap import PM_EXCLUSIVE, PM_FILE_SHARED, PM_PRESENT, PM_SWAPPED, PagemapReader
 from nodeagent.procfs import Mapping
-from nodeagent.reader import MADV_HUGEPAGE, Staging
 from nodeagent.restore_plan import Plan
+from nodeagent.staging import MADV_HUGEPAGE, Staging
 from nodeagent.writer import ZERO_CHUNK, MemoryWriter, WriteStats, WritevFn, zero_source
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,8 @@ from nodeagent.membership import (
     same_attach,
 )
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import ReadvFn, Staging, sys_readv
+from nodeagent.reader import ReadvFn, sys_readv
+from nodeagent.staging import Staging
 from nodeagent.upload import StagedMember
 from nodeagent.worker_ops import (
     AbortOp,

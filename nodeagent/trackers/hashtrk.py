@@ -29,7 +29,8 @@ from nodeagent.freeze import FrozenProcess
 from nodeagent.pagemap import PagemapReader
 from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.reader import MemoryReader, Staging
+from nodeagent.reader import MemoryReader
+from nodeagent.staging import Staging
 from nodeagent.trackers.base import ChangedSet
 
 Digests = npt.NDArray[np.uint64]  # (n, 2)

@@ -32,8 +32,9 @@ from nodeagent.capture import Capture, CapturedRegion, capture
 from nodeagent.freeze import FrozenProcess
 from nodeagent.pagemap import PM_SWAPPED, PagemapReader
 from nodeagent.procfs import Mapping, ProcessIdentity, process_state, read_maps
-from nodeagent.reader import MemoryReader, Staging, sys_readv
+from nodeagent.reader import MemoryReader, sys_readv
 from nodeagent.regions import RegionSpec, default_region_name
+from nodeagent.staging import Staging
 from nodeagent.trackers.base import ChangedSet
 from tests.conftest import require
 from tests.helpers import patterns
