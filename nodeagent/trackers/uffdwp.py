@@ -25,7 +25,6 @@ nothing is ever injected. What the target sees, limits and costs: docs/uffd-wp.m
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -51,25 +50,20 @@ from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffd_open import open_uffd
+from nodeagent.trackers.uffd_register import Misses, key_of, register, unregistered_mappings
 from nodeagent.trackers.uffd_scans import all_registered, protect, scan, unregistered
 from nodeagent.trackers.uffd_spans import (
     Inside,
     RemoteUffd,
     Spans,
-    joinable,
     spans_of,
     trackable,
 )
 
 log = logging.getLogger(__name__)
 
-_Key = tuple[int, int, str, int, str, int, str]
 
 __all__ = ["CollectStats", "UffdWpTracker", "trackable"]
-
-
-def _key(m: Mapping) -> _Key:
-    return (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)
 
 
 @dataclass(frozen=True)
@@ -106,8 +100,7 @@ class UffdWpTracker:
         self._ident: ProcessIdentity | None = None
         self._fd = -1
         self._inode = 0
-        self._untracked: dict[_Key, str] = {}  # tracked mapping -> why registration failed
-        self._blocked: dict[_Key, str] = {}  # joinable mapping that could not be registered
+        self._miss = Misses()  # mappings that could not be registered
         self._scanner: uffd.PagemapScanner | None = None
         self.last: CollectStats | None = None
         # Whether the last arm/collect registered a range: that may merge or split VMAs,
@@ -124,7 +117,7 @@ class UffdWpTracker:
     @property
     def untracked(self) -> dict[AddressRange, str]:
         """Mappings that could not be registered, with the reason (hash/always changed)."""
-        return {AddressRange(k[0], k[1]): why for k, why in self._untracked.items()}
+        return {AddressRange(k[0], k[1]): why for k, why in self._miss.untracked.items()}
 
     def _fd_is_ours(self, pid: int) -> bool:
         try:
@@ -136,11 +129,11 @@ class UffdWpTracker:
         if self._scanner is not None:
             self._scanner.close()
         self._ident, self._fd, self._inode, self._scanner = None, -1, 0, None
-        self._untracked, self._blocked = {}, {}
+        self._miss = Misses()
 
     def _spans(self, maps: Sequence[Mapping], tracked: Sequence[Mapping]) -> Spans:
-        bar = {k[0] for k in self._untracked} | {k[0] for k in self._blocked}
-        return spans_of(maps, tracked, join=self.registration == "inject", barriers=frozenset(bar))
+        join = self.registration == "inject"
+        return spans_of(maps, tracked, join=join, barriers=self._miss.barriers())
 
     # -- arm -----------------------------------------------------------------------
 
@@ -180,7 +173,9 @@ class UffdWpTracker:
                     inode = ru.inode
                     sp = self._spans(layout, tracked)
                     inside = Inside(layout)
-                    registered = self._register(ru, sp.pairs(), inside, unprotect=False)
+                    pairs = sp.pairs()
+                    self.layout_touched = self.layout_touched or bool(pairs)
+                    registered = register(ru, pairs, inside, self._miss, unprotect=False)
             except BaseException:
                 inj.syscall(uffd.NR_CLOSE, fd)
                 raise
@@ -201,44 +196,12 @@ class UffdWpTracker:
                     "pid": fp.pid,
                     "fd": fd,
                     "spans": len(sp),
-                    "untracked": len(self._untracked),
+                    "untracked": len(self._miss.untracked),
                     "injected_syscalls": calls,
                     "ms": round((t2 - t0) * 1e3, 3),
                 }
             },
         )
-
-    def _register(
-        self,
-        ru: RemoteUffd,
-        ranges: Sequence[tuple[int, int]],
-        inside: Inside,
-        *,
-        unprotect: bool,
-    ) -> int:
-        """Register each range (whole spans, or the unregistered parts of spans); where
-        one fails, each mapping in it alone, failures becoming untracked (tracked
-        mappings) or barriers (joinable ones). With `unprotect`, drop stale WP bits so
-        the next scan reports every page (a range found unregistered may hold pages
-        protected by an earlier uffd). Returns the ranges registered whole."""
-        done = 0
-        for lo, hi in ranges:
-            err = ru.register(lo, hi)
-            self.layout_touched = True
-            if err == 0:
-                done += 1
-                if unprotect:
-                    ru.unprotect(lo, hi)
-                continue
-            for m in inside(lo, hi):  # only tracked and joinable mappings lie in a span
-                e = ru.register(max(lo, m.start), min(hi, m.end))
-                if e == 0:
-                    if unprotect:
-                        ru.unprotect(max(lo, m.start), min(hi, m.end))
-                    continue
-                why = f"UFFDIO_REGISTER: {errno.errorcode.get(e, e)}"
-                (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
-        return done
 
     def _sc(self) -> uffd.PagemapScanner:
         assert self._scanner is not None
@@ -256,27 +219,10 @@ class UffdWpTracker:
             if self.registration == "self"
             else "not async-WP capable (VM_PFNMAP?)"
         )
-        changed = False
-        for lo, hi in sp.pairs():
-            if all_registered(self._sc(), lo, hi):
-                continue
-            for m in inside(lo, hi):
-                if not all_registered(self._sc(), m.start, m.end):
-                    (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
-                    changed = True
+        changed = unregistered_mappings(self._sc(), sp, inside, self._miss, why)
         return self._spans(layout, tracked) if changed else sp
 
     # -- collect ---------------------------------------------------------------------
-
-    def _prune(self, layout: Sequence[Mapping], tracked: Sequence[Mapping]) -> None:
-        """Forget failures of mappings that are gone or changed (a new line is tried
-        again)."""
-        if self._untracked:
-            now = {_key(m) for m in tracked}
-            self._untracked = {k: v for k, v in self._untracked.items() if k in now}
-        if self._blocked:
-            now = {_key(m) for m in layout if joinable(m)}
-            self._blocked = {k: v for k, v in self._blocked.items() if k in now}
 
     def collect(
         self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
@@ -293,13 +239,14 @@ class UffdWpTracker:
         self.layout_touched = False
         layout = read_maps(fp.pid) if maps is None else maps
         tracked = _trackable(mappings)
-        self._prune(layout, tracked)
+        self._miss.prune(layout, tracked)
         if self.registration == "self":
             # Registered by the process since: tracked from now on. The process never
             # protects pages itself, so the scan below reports every page it holds.
             for m in tracked:
-                if _key(m) in self._untracked and all_registered(self._sc(), m.start, m.end):
-                    del self._untracked[_key(m)]
+                k = key_of(m)
+                if k in self._miss.untracked and all_registered(self._sc(), m.start, m.end):
+                    del self._miss.untracked[k]
         sp = self._spans(layout, tracked)
         new = unregistered(self._sc(), sp)
         t1 = time.perf_counter()
@@ -307,7 +254,8 @@ class UffdWpTracker:
         inside = Inside(layout)
         if new and self.registration == "inject":
             with RemoteUffd(fp.pid, self._fd, self._inode) as ru:
-                registered = self._register(ru, new, inside, unprotect=True)
+                self.layout_touched = True
+                registered = register(ru, new, inside, self._miss, unprotect=True)
         if new:
             # Whatever is still not async-WP capable (a failed registration, a PFN map
             # the probe cannot see) is untracked, before any WP scan could fail half-way.
@@ -327,7 +275,8 @@ class UffdWpTracker:
                 anyof=uffd.PAGE_TAKEN,
                 returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
             )
-        always = [m for m in tracked if _key(m) in self._untracked] if self._untracked else []
+        miss = self._miss.untracked
+        always = [m for m in tracked if key_of(m) in miss] if miss else []
         for m in always if self.untracked_as_changed else ():
             scan(self._sc(), m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
         regions = self._scanner.buf[lo_row : self._scanner.used]
@@ -366,16 +315,13 @@ class UffdWpTracker:
         in the target): its number and inode, the registration mode, untracked mappings."""
         if self._ident is None:
             return {"armed": False}, {}
-        untracked = [[*k, why] for k, why in self._untracked.items()]
-        blocked = [[*k, why] for k, why in self._blocked.items()]
         meta = {
             "armed": True,
             "fd": self._fd,
             "inode": self._inode,
             "registration": self.registration,
             "untracked_as_changed": self.untracked_as_changed,
-            "untracked": untracked,
-            "blocked": blocked,
+            **self._miss.to_meta(),
         }
         return meta, {}
 
@@ -395,8 +341,7 @@ class UffdWpTracker:
             raise UffdLost(ident.pid, f"fd {fd} is no longer our userfaultfd ({link})")
         self.registration = str(meta.get("registration", "inject"))
         self.untracked_as_changed = bool(meta.get("untracked_as_changed", True))
-        self._untracked = _keys(meta.get("untracked", []))
-        self._blocked = _keys(meta.get("blocked", []))
+        self._miss = Misses.from_meta(meta)
         self._ident, self._fd, self._inode = ident, fd, inode
         self._scanner = uffd.PagemapScanner(ident.pid)
 
@@ -430,10 +375,3 @@ class UffdWpTracker:
 @derived
 def _trackable(mappings: Sequence[Mapping]) -> list[Mapping]:
     return [m for m in mappings if trackable(m)]
-
-
-def _keys(items: Sequence[Sequence[Any]]) -> dict[_Key, str]:
-    return {
-        (int(u[0]), int(u[1]), str(u[2]), int(u[3]), str(u[4]), int(u[5]), str(u[6])): str(u[7])
-        for u in items
-    }
