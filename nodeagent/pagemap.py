@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, ReadFailed
+from cpcoord.errors import PermissionDenied, ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT
 from nodeagent.pages import PageNumbers, empty_pages, pages_of_ranges
+from nodeagent.procfs import open_proc
 
 if TYPE_CHECKING:
     from nodeagent.uffd import PagemapScanner
@@ -65,12 +66,7 @@ class PagemapReader:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        try:
-            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NoSuchProcess(pid) from None
-        except PermissionError as e:
-            raise PermissionDenied("read pagemap of", pid, e.strerror) from None
+        self._fd = open_proc(pid, "pagemap", os.O_RDONLY, "read pagemap of")
         self._buf = np.empty(0, dtype=np.uint64)
         self._scanner: PagemapScanner | None = None
         self._scan_ok = True  # until the kernel refuses PAGEMAP_SCAN

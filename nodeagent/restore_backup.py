@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import mmap
 import os
 from collections.abc import Sequence
@@ -30,9 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.iovec import READ, alive, transfer
+from nodeagent.iovec import READ, mem_all, transfer
 from nodeagent.pagemap import PM_EXCLUSIVE, PM_FILE_SHARED, PM_PRESENT, PM_SWAPPED, PagemapReader
 from nodeagent.procfs import Mapping
 from nodeagent.reader import sys_readv
@@ -181,20 +179,7 @@ class Backup:
     def _mem_read(self, addr: int, length: int, dest: int) -> None:
         if self._mem_fd < 0:
             self._mem_fd = READ.open_mem(self.pid)
-        done = 0
-        while done < length:
-            buf = (ctypes.c_char * (length - done)).from_address(dest + done)
-            try:
-                got = os.preadv(self._mem_fd, [buf], addr + done)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    raise ProcessExited(self.pid, "restore") from None
-                raise ReadFailed(self.pid, f"0x{addr + done:x}", e.strerror) from None
-            if got <= 0:
-                if not alive(self.pid):
-                    raise ProcessExited(self.pid, "restore")
-                raise ReadFailed(self.pid, f"0x{addr + done:x}", "the kernel read nothing")
-            done += got
+        mem_all(READ, self._mem_fd, self.pid, addr, length, dest, during="restore")
 
 
 def _close_gaps(kind: npt.NDArray[np.int64], piece: npt.NDArray[np.int64]) -> None:

@@ -23,8 +23,9 @@ from functools import cache
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, TrackerFailed
+from cpcoord.errors import ProcessExited, TrackerFailed
 from cpcoord.ranges import PAGE_SIZE
+from nodeagent.procfs import open_proc
 from nodeagent.trackers.base import Availability
 
 # -- system calls (x86-64) ----------------------------------------------------------
@@ -156,12 +157,7 @@ class PagemapScanner:
 
     def __init__(self, pid: int, vec_len: int = 1 << 14) -> None:
         self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NoSuchProcess(pid) from None
-        except PermissionError as e:
-            raise PermissionDenied("open pagemap of", pid, e.strerror) from None
+        self.fd = open_proc(pid, "pagemap", os.O_RDONLY, "open pagemap of")
         self.buf = np.zeros((vec_len, 3), dtype=np.uint64)
         self.used = 0
         self.arg = PmScanArg()

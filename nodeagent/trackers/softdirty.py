@@ -37,7 +37,6 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import (
-    NoSuchProcess,
     PermissionDenied,
     ProcessExited,
     TrackerFailed,
@@ -53,7 +52,7 @@ from nodeagent.pagemap import (
     taken_mask,
 )
 from nodeagent.pages import PageNumbers, empty_pages
-from nodeagent.procfs import Mapping, ProcessIdentity
+from nodeagent.procfs import Mapping, ProcessIdentity, open_proc
 from nodeagent.trackers.base import Availability, ChangedSet
 
 log = logging.getLogger(__name__)
@@ -117,12 +116,7 @@ def inside(pages: PageNumbers, lo: PageNumbers, hi: PageNumbers) -> PageNumbers:
 
 def clear_refs(pid: int) -> None:
     """Write "4" to /proc/PID/clear_refs: clear every soft-dirty bit of the process."""
-    try:
-        fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError as e:
-        raise PermissionDenied("clear soft-dirty bits of", pid, e.strerror) from None
+    fd = open_proc(pid, "clear_refs", os.O_WRONLY, "clear soft-dirty bits of")
     try:
         os.write(fd, CLEAR_SOFT_DIRTY)
     except OSError as e:
