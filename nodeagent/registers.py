@@ -1,8 +1,8 @@
 """Every thread's registers at the cut, saved and put back over ptrace (x86-64).
 
 Owns `ThreadStates` (value, bytes and proto forms), `save_thread_state(fp)` and
-`restore_thread_state(fp, states)`, and `ThreadStateHooks`, a CaptureHooks wrapper that
-saves them while a capture holds the process frozen.
+`restore_thread_state(fp, states)`. The capture hook that saves them while a capture holds
+the process frozen is `thread_hooks.ThreadStateHooks`.
 
 What is saved per thread: the general registers (PTRACE_GETREGS: `user_regs_struct`,
 including fs_base/gs_base, so TLS comes back too) and the FP/vector state
@@ -38,9 +38,8 @@ from ptrace.error import PtraceError
 
 from cpcoord.errors import NoSuchProcess, ProcessExited, RestoreRefused, ThreadStateInvalid
 from cpcoord.gen.v1 import common_pb2
-from nodeagent.capture import CaptureHooks
 from nodeagent.freeze import FrozenProcess
-from nodeagent.procfs import Mapping, read_stat
+from nodeagent.procfs import read_stat
 from nodeagent.ptrace_abi import (
     ERESTART_RESTARTBLOCK,
     ERESTARTNOINTR,
@@ -53,7 +52,6 @@ from nodeagent.ptrace_abi import (
     get_regs,
     set_regs,
 )
-from nodeagent.trackers.base import ChangedSet
 
 FXSAVE_SIZE = 512  # NT_PRFPREG; an XSAVE area is always larger (legacy area + header)
 XSTATE_MAX = 1 << 16
@@ -248,21 +246,3 @@ def restore_thread_state(
         except PtraceError as e:
             raise _ptrace_errors(fp, t.tid, "restore registers", e) from None
     return len(states.threads)
-
-
-class ThreadStateHooks:
-    """CaptureHooks that save every thread's registers at the cut, then defer to `inner`
-    (a tracker's hooks, or None). After the capture, `states` holds them."""
-
-    def __init__(self, inner: CaptureHooks | None = None) -> None:
-        self.inner = inner
-        self.states: ThreadStates | None = None
-
-    def changed(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> ChangedSet | None:
-        # First, before any hook injects a system call: these are the cut's registers.
-        self.states = save_thread_state(fp)
-        return self.inner.changed(fp, maps) if self.inner is not None else None
-
-    def after_copy(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> None:
-        if self.inner is not None:
-            self.inner.after_copy(fp, maps)

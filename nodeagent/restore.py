@@ -56,7 +56,6 @@ from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.pagemap import PagemapReader, taken_in
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.registers import (
-    ThreadStateHooks,
     ThreadStates,
     check_threads,
     restore_thread_state,
@@ -83,7 +82,6 @@ __all__ = [
     "RegionContents",
     "RegionLayout",
     "RestoreStats",
-    "ThreadStateHooks",
     "ThreadStates",
     "check_fit",
     "restore_into",

@@ -48,6 +48,7 @@ from nodeagent.inject import Injector
 from nodeagent.mapscache import derived
 from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffd_open import open_uffd
 from nodeagent.trackers.uffd_register import Misses, key_of, register, unregistered_mappings
@@ -142,7 +143,7 @@ class UffdWpTracker:
     ) -> None:
         """Arm on `mappings`; `maps` are the process's whole maps they come from (read
         here when not given: spans must know what lies between tracked mappings)."""
-        avail = uffd.availability()
+        avail = uffd_avail.availability()
         if not avail.available:
             raise TrackerUnavailable(self.name, avail.reason)
         t0 = time.perf_counter()

@@ -27,13 +27,9 @@ from nodeagent.capture import Capture, capture
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.ptrace_abi import NT_X86_XSTATE, PTRACE_GETREGSET, Iovec
-from nodeagent.registers import (
-    ThreadStateHooks,
-    ThreadStates,
-    restore_thread_state,
-    save_thread_state,
-)
+from nodeagent.registers import ThreadStates, restore_thread_state, save_thread_state
 from nodeagent.restore import MemberLayout, RegionContents, RegionLayout, restore_members
+from nodeagent.thread_hooks import ThreadStateHooks
 from tests.helpers.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, SpinTarget, build_c, digest, read_mem
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from nodeagent import uffd
 from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping
+from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.uffd_open import high_fd_floor
 from nodeagent.trackers.uffd_spans import spans_of
 from tests.conftest import require
@@ -137,9 +138,9 @@ def test_high_fd_floor_stays_below_the_limit_and_the_ceiling() -> None:
 
 @pytest.fixture
 def own_uffd() -> tuple[int, mmap.mmap, int]:
-    avail = uffd.availability()
+    avail = uffd_avail.availability()
     require(avail.available, f"uffd-wp: {avail.reason}")
-    fd = uffd._userfaultfd(uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
+    fd = uffd.userfaultfd(uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
     uffd.ioctl(fd, uffd.UFFDIO_API, uffd.UffdioApi(uffd.UFFD_API, uffd.REQUIRED_FEATURES, 0))
     buf = mmap.mmap(-1, 16 * PAGE)
     buf.madvise(mmap.MADV_NOHUGEPAGE)
@@ -184,7 +185,7 @@ def test_scanner_resumes_when_the_vector_is_full(own_uffd: tuple[int, mmap.mmap,
 
 
 def test_check_wpasync_refuses_an_unregistered_range() -> None:
-    require(uffd.availability().available, "uffd-wp unavailable")
+    require(uffd_avail.availability().available, "uffd-wp unavailable")
     buf = mmap.mmap(-1, 4 * PAGE)
     buf[0] = 1
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -199,7 +200,7 @@ def test_check_wpasync_refuses_an_unregistered_range() -> None:
 
 
 def test_availability_names_what_it_checked() -> None:
-    a = uffd.availability()
+    a = uffd_avail.availability()
     assert a.name == "uffd-wp"
     if a.available:
         assert "PAGEMAP_SCAN works" in a.reason
