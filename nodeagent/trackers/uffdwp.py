@@ -21,6 +21,10 @@ the reason, and by default all their present pages count as changed.
 
 With `registration="self"` the process registers its own memory (cpcoord.client_uffd) and
 nothing is ever injected. What the target sees, limits and costs: docs/uffd-wp.md.
+
+This module owns the sequence; its parts: opening the uffd in the target (uffd_open),
+spans (uffd_spans), registering them and the untracked record (uffd_register), the scans
+(uffd_scans), whether the kernel can do it at all (uffd_avail).
 """
 
 from __future__ import annotations
