@@ -44,13 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Stats, _vm_copy, gbps, memcpy, raw_mem, raw_readv, write_results
+from bench.common import Stats, gbps, memcpy, raw_mem, raw_readv, vm_copy, write_results
 from cpcoord import cli
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 from tests.helpers.driver import REPO, Target
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 inproc, sub, phases, writes = [], [], [], []
                 for i in range(args.reps):
                     # Interleaved, so that load on the machine hits limit and command alike.
-                    readv_s.append(_vm_copy("process_vm_readv", target.pid, runs, rbuf.address))
+                    readv_s.append(vm_copy("process_vm_readv", target.pid, runs, rbuf.address))
                     writes.append(_raw_write(work, view, fsync=label != "tmpfs"))
                     out = work / f"in{i}"
                     inproc.append(_cli_inprocess(target.pid, rng_text, out))

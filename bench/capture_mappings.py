@@ -104,7 +104,8 @@ def _agent_pair(t: _Target, rep: int) -> tuple[float, float]:
     from nodeagent.freeze import freeze, thaw
     from nodeagent.membership import HeldMember
     from nodeagent.procfs import ProcessIdentity
-    from nodeagent.reader import Staging, _sys_readv
+    from nodeagent.reader import sys_readv
+    from nodeagent.staging import Staging
 
     ident = ProcessIdentity.of(t.pid)
     m = HeldMember("bench", "m", ident, None, "uffd-wp")
@@ -116,7 +117,7 @@ def _agent_pair(t: _Target, rep: int) -> tuple[float, float]:
             t0 = time.monotonic()
             fp = freeze(ident)
             try:
-                tracking.capture_frozen(m, fp, gen, False, staging, _sys_readv)
+                tracking.capture_frozen(m, fp, gen, False, staging, sys_readv)
             finally:
                 thaw(fp)
             out.append(time.monotonic() - t0)

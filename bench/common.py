@@ -2,7 +2,7 @@
 machine measured in the same run (process_vm_readv, /proc/PID/mem, process_vm_writev,
 memcpy, file writes), and result files (bench/results/NAME.json, NAME.md table, NAME.png plot).
 
-Baselines copy into/out of prefaulted huge-page buffers (nodeagent.reader.Staging) with
+Baselines copy into/out of prefaulted huge-page buffers (nodeagent.staging.Staging) with
 one iovec per run and IOV_MAX iovecs per call: the best this machine does, which is what
 cpcoord's numbers are compared against.
 """
@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nodeagent.reader import IOV_MAX, Staging
+from nodeagent.iovec import IOV_MAX
+from nodeagent.staging import Staging
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # `python -m bench --results-dir DIR` (and its test) redirect every module's output here,
@@ -91,7 +92,7 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 
 
-def _vm_copy(name: str, pid: int, runs: npt.NDArray[np.uint64], local_addr: int) -> float:
+def vm_copy(name: str, pid: int, runs: npt.NDArray[np.uint64], local_addr: int) -> float:
     """One pass of process_vm_readv/writev over remote runs `(n, 2)` [address, length],
     packed back to back at `local_addr`. Returns seconds."""
     fn = _vm[name]
@@ -115,7 +116,7 @@ def raw_readv(pid: int, runs: npt.NDArray[np.uint64], reps: int, warmup: int = 1
     untimed passes)."""
     buf = Staging(int(np.asarray(runs)[:, 1].sum()))
     try:
-        return repeat(lambda: _vm_copy("process_vm_readv", pid, runs, buf.address), reps, warmup)
+        return repeat(lambda: vm_copy("process_vm_readv", pid, runs, buf.address), reps, warmup)
     finally:
         buf.close()
 
@@ -146,7 +147,7 @@ def raw_mem(pid: int, runs: npt.NDArray[np.uint64], reps: int) -> Stats:
 
 def raw_writev(pid: int, runs: npt.NDArray[np.uint64], src: Staging, reps: int) -> Stats:
     """process_vm_writev of `src` (packed) into the runs of the target."""
-    return repeat(lambda: _vm_copy("process_vm_writev", pid, runs, src.address), reps, 1)
+    return repeat(lambda: vm_copy("process_vm_writev", pid, runs, src.address), reps, 1)
 
 
 def memcpy(nbytes: int, reps: int) -> Stats:

@@ -31,7 +31,7 @@ from bench.common import Stats, write_results
 from nodeagent.capture import capture
 from nodeagent.incremental import TrackedCapture
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 from nodeagent.trackers import registry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,6 @@ from cpcoord.ranges import PAGE_SIZE, AddressRange
 from nodeagent.capture import capture
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import Staging
 from nodeagent.restore import (
     MemberLayout,
     RegionContents,
@@ -45,6 +44,7 @@ from nodeagent.restore import (
     restore_into,
     write,
 )
+from nodeagent.staging import Staging
 from tests.helpers.driver import Target
 
 

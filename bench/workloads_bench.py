@@ -42,9 +42,9 @@ from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Reposit
 from coordinator.store.ids import ID_DTYPE, digest_all, member_of
 from nodeagent.capture import Capture, capture
 from nodeagent.chunks import plan
-from nodeagent.pagemap import runs_from_pages
+from nodeagent.pages import runs_from_pages
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 
 PAGE = 4096
 BATCH = 1024  # chunks per add_chunks call (<= 64 MiB), as an upload message would carry

@@ -39,19 +39,14 @@ from nodeagent import inplace
 from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.inplace import Destination as Destination  # re-exported
 from nodeagent.mapscache import read_maps_shared
-from nodeagent.pagemap import PagemapReader, PageNumbers, Runs, empty_pages, runs_from_pages
+from nodeagent.pagemap import PagemapReader
+from nodeagent.pages import PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, check_alive
-from nodeagent.reader import (
-    PARALLEL_MIN,
-    MemoryReader,
-    ReadvFn,
-    Staging,
-    _sys_readv,
-    copy_threads,
-)
+from nodeagent.reader import MemoryReader, ReadvFn, sys_readv
 from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.selection import select_pages as select_pages  # re-exported (copyout, tests)
 from nodeagent.shared import SharedObjects
+from nodeagent.staging import PARALLEL_MIN, Staging, copy_threads
 from nodeagent.trackers.base import ChangedSet
 
 log = logging.getLogger(__name__)
@@ -241,7 +236,7 @@ def capture(
     hooks: CaptureHooks | None = None,
     staging: Staging | None = None,
     freeze_timeout: float = 5.0,
-    readv: ReadvFn = _sys_readv,
+    readv: ReadvFn = sys_readv,
     fp: FrozenProcess | None = None,
     into: Destination | None = None,
 ) -> Capture:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import TrackerFailed
 from cpcoord.ranges import PAGE_SHIFT, AddressRange
-from nodeagent.pagemap import PageNumbers, Runs
+from nodeagent.pages import PageNumbers, Runs
 from nodeagent.procfs import Mapping
 from nodeagent.regions import RegionSpec
 from nodeagent.trackers.base import Tracker

@@ -28,11 +28,13 @@ from cpcoord.mapfacts import MapFact, facts_for
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.mapscache import derived, read_maps_shared
-from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages
+from nodeagent.pagemap import PagemapReader
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping
-from nodeagent.reader import MemoryReader, ReadvFn, Staging, _sys_readv
+from nodeagent.reader import MemoryReader, ReadvFn, sys_readv
 from nodeagent.regions import RegionSpec, default_regions
 from nodeagent.shared import SharedObjects
+from nodeagent.staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ def copy(
     taken: Sequence[PageNumbers],
     deliver: Sequence[PageNumbers],
     staging: Staging,
-    readv: ReadvFn = _sys_readv,
+    readv: ReadvFn = sys_readv,
     *,
     objects: SharedObjects | None = None,
     maps: Sequence[Mapping] = (),

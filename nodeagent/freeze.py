@@ -35,10 +35,8 @@ from ptrace.error import PtraceError
 from cpcoord.errors import FreezeFailed, NoSuchProcess, PermissionDenied, ProcessExited
 from nodeagent import tracees
 from nodeagent.procfs import ProcessIdentity, check_alive, list_tasks
-from nodeagent.tracees import PTRACE_DETACH, WALL
+from nodeagent.ptrace_abi import PTRACE_DETACH, PTRACE_INTERRUPT, PTRACE_SEIZE, WALL
 
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
 # Signals that would kill or interrupt *us* while the target is stopped; they are blocked
 # during the frozen window and delivered right after the thaw.
 _DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}

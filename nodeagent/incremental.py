@@ -53,10 +53,11 @@ from nodeagent.changeset import (
 )
 from nodeagent.freeze import FrozenProcess
 from nodeagent.inplace import Destination
-from nodeagent.pagemap import PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.reader import ReadvFn, Staging, _sys_readv
+from nodeagent.reader import ReadvFn, sys_readv
 from nodeagent.regions import RegionSpec, new_or_changed_runs, resolve_regions
+from nodeagent.staging import Staging
 from nodeagent.trackers import persist, registry
 from nodeagent.trackers.base import ChangedSet, Tracker
 
@@ -166,7 +167,7 @@ class TrackedCapture:
         self,
         fp: FrozenProcess | None = None,
         *,
-        readv: ReadvFn = _sys_readv,
+        readv: ReadvFn = sys_readv,
         into: Destination | None = None,
     ) -> TrackedResult:
         """One capture (in the caller's freeze `fp`, or in its own). Then `commit()` once

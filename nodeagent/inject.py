@@ -32,19 +32,18 @@ again in an interrupt stop inside get_signal() with the saved registers: the int
 call restarts (or returns EINTR) exactly as after the freeze alone. A thread inside its
 rseq critical section is never chosen. Every call must come from the thread that froze
 the process.
+
+The chosen thread's signal and stop state is handled in `inject_thread`, where the
+`syscall` instruction is found in `inject_site`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
 import signal
-import struct
-import time
-from dataclasses import dataclass
 from types import TracebackType
 
 from ptrace.binding.func import ptrace
@@ -57,117 +56,43 @@ from cpcoord.errors import (
     ProcessExited,
     TrackerUnavailable,
 )
+from nodeagent import inject_site
 from nodeagent.freeze import FrozenProcess
+from nodeagent.inject_thread import (
+    ALL_SIGNALS,
+    HeldSignal,
+    get_sigmask,
+    in_rseq_cs,
+    requeue,
+    seccomp_mode,
+    set_sigmask,
+    siginfo,
+    swaps_mask,
+    wait_stop,
+)
 from nodeagent.procfs import read_maps
+from nodeagent.ptrace_abi import (
+    PTRACE_CONT,
+    PTRACE_EVENT_STOP,
+    PTRACE_INTERRUPT,
+    PTRACE_O_SUSPEND_SECCOMP,
+    PTRACE_O_TRACESYSGOOD,
+    PTRACE_PEEKDATA,
+    PTRACE_POKEDATA,
+    PTRACE_SETOPTIONS,
+    PTRACE_SYSCALL,
+    RESTART_CODES,
+    U64,
+    copy_regs,
+    get_regs,
+    set_regs,
+)
 
 log = logging.getLogger(__name__)
 
-PTRACE_PEEKDATA = 2
-PTRACE_POKEDATA = 5
-PTRACE_CONT = 7
-PTRACE_GETREGS = 12
-PTRACE_SETREGS = 13
-PTRACE_SYSCALL = 24
-PTRACE_SETOPTIONS = 0x4200
-PTRACE_GETSIGINFO = 0x4202
-PTRACE_INTERRUPT = 0x4207
-PTRACE_GETSIGMASK = 0x420A
-PTRACE_SETSIGMASK = 0x420B
-PTRACE_EVENT_STOP = 128
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
-PTRACE_O_TRACESYSGOOD = 1
-PTRACE_O_SUSPEND_SECCOMP = 1 << 21
-# The options nodeagent.freeze seizes with (none); put back when a session ends.
 SEIZE_OPTIONS = 0
 SYSCALL_STOP = signal.SIGTRAP | 0x80
-WALL = 0x40000000
 USER_CS_64 = 0x33  # the 64-bit user code segment; 0x23 is a 32-bit (compat) task
-SYSCALL_INSN = b"\x0f\x05"
-AT_SYSINFO_EHDR = 33  # auxv: where the kernel mapped the vDSO image
-PT_LOAD = 1
-NR_RT_TGSIGQUEUEINFO = 297
-NR_TGKILL = 234
-# Results a system call returns when a signal interrupted it before it did anything.
-_RESTART = {512, 513, 514, 516}
-# Calls that install a temporary signal mask and leave TIF_RESTORE_SIGMASK set when
-# interrupted: the kernel puts the caller's mask back when get_signal() next returns.
-# PTRACE_SETSIGMASK clears that flag, so such a thread's mask is read after its first call.
-MASK_SWAPPING = {
-    130,  # rt_sigsuspend
-    270,  # pselect6
-    271,  # ppoll
-    281,  # epoll_pwait
-    333,  # io_pgetevents
-    426,  # io_uring_enter
-    441,  # epoll_pwait2
-}
-_U64 = (1 << 64) - 1
-SIGSET_SIZE = 8  # the kernel's sigset_t on x86-64
-ALL_SIGNALS = _U64  # SIGKILL and SIGSTOP cannot be blocked; the kernel drops them
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-# A found syscall site per process (pid, start time); verified by reading it back.
-_sites: dict[tuple[int, int], int] = {}
-
-
-def get_regs(tid: int) -> user_regs_struct:
-    regs = user_regs_struct()
-    ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
-    return regs
-
-
-def set_regs(tid: int, regs: user_regs_struct) -> None:
-    ptrace(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
-
-
-def regs_dict(regs: user_regs_struct) -> dict[str, int]:
-    return {name: int(getattr(regs, name)) for name, _ in user_regs_struct._fields_}
-
-
-def get_sigmask(tid: int) -> int:
-    """The thread's blocked signals (bit n-1 = signal n), as /proc's SigBlk shows them."""
-    mask = ctypes.c_uint64()
-    ptrace(PTRACE_GETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(mask))
-    return int(mask.value)
-
-
-def set_sigmask(tid: int, mask: int) -> None:
-    m = ctypes.c_uint64(mask & _U64)
-    ptrace(PTRACE_SETSIGMASK, tid, SIGSET_SIZE, ctypes.addressof(m))
-
-
-def _copy(regs: user_regs_struct) -> user_regs_struct:
-    out = user_regs_struct()
-    ctypes.memmove(ctypes.addressof(out), ctypes.addressof(regs), ctypes.sizeof(regs))
-    return out
-
-
-def _siginfo(tid: int) -> bytes:
-    buf = ctypes.create_string_buffer(128)
-    ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
-    return buf.raw
-
-
-def _seccomp_mode(pid: int, tid: int) -> int:
-    # Per thread: a filter installed by one thread (without TSYNC) binds only that one.
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        for line in f:
-            if line.startswith("Seccomp:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _swaps_mask(regs: user_regs_struct) -> bool:
-    """Whether the thread stopped on its way out of a call that may leave its mask to be
-    put back by the kernel (MASK_SWAPPING)."""
-    return int(regs.orig_rax) in MASK_SWAPPING
-
-
-@dataclass(frozen=True)
-class HeldSignal:
-    sig: int
-    info: bytes  # the 128-byte siginfo the kernel had for it
 
 
 class Injector:
@@ -247,37 +172,22 @@ class Injector:
                 raise InjectionFailed(self.pid, "PTRACE_GETREGS", str(e)) from None
             if regs.cs != USER_CS_64:
                 raise TrackerUnavailable("uffd-wp", f"pid {self.pid} is not a 64-bit process")
-            if self._in_rseq_cs(tid, int(regs.rip)):
+            if in_rseq_cs(tid, int(regs.rip), self.read):
                 continue  # our rip would make the kernel drop its rseq critical section
             # Best first: a thread whose mask can be blocked at once, stopped without a
             # signal of its own, the leader.
-            key = (_swaps_mask(regs), tid in self.fp.pending_signals, tid != self.pid)
+            key = (swaps_mask(regs), tid in self.fp.pending_signals, tid != self.pid)
             usable.append((key, tid, regs))
         if not usable:
             raise InjectionFailed(self.pid, "setup", "no thread is usable (exited or inside rseq)")
         _, self.tid, self.saved = min(usable, key=lambda u: u[0])
-
-    def _in_rseq_cs(self, tid: int, rip: int) -> bool:
-        """True when rip lies inside the thread's registered rseq critical section."""
-        conf = (ctypes.c_uint64 * 3)()
-        try:
-            ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 24, ctypes.addressof(conf))
-        except PtraceError:
-            return False  # kernel < 5.13: cannot tell, and rseq users were rare then
-        if not conf[0]:
-            return False
-        (cs,) = struct.unpack("<Q", self.read(int(conf[0]) + 8, 8))
-        if not cs:
-            return False
-        _v, _f, start, length, _abort = struct.unpack("<IIQQQ", self.read(cs, 32))
-        return bool(start <= rip < start + length)
 
     def _set_options(self) -> None:
         """TRACESYSGOOD, so a syscall-stop never looks like a SIGTRAP; and, under seccomp
         (a filter may forbid userfaultfd or mmap, or kill the target for them), the
         filters suspended for our calls."""
         opts = PTRACE_O_TRACESYSGOOD
-        if _seccomp_mode(self.pid, self.tid):
+        if seccomp_mode(self.pid, self.tid):
             opts |= PTRACE_O_SUSPEND_SECCOMP
         try:
             ptrace(PTRACE_SETOPTIONS, self.tid, 0, opts)
@@ -296,8 +206,8 @@ class Injector:
         dequeuing (its signal-delivery stop) goes back on the first resume."""
         pending = self.fp.pending_signals.pop(self.tid, 0)
         if pending:
-            self._stop_sig = HeldSignal(pending, _siginfo(self.tid))
-        if _swaps_mask(self.saved):
+            self._stop_sig = HeldSignal(pending, siginfo(self.tid))
+        if swaps_mask(self.saved):
             return  # its true mask is known only once the kernel has put it back
         self.saved_mask = get_sigmask(self.tid)
         set_sigmask(self.tid, ALL_SIGNALS)
@@ -317,15 +227,13 @@ class Injector:
 
     def _find_site(self) -> int:
         key = (self.pid, self.fp.ident.start_time)
-        cached = _sites.get(key) if self._site_mode != "poke" else None
-        if cached is not None and self._peek_bytes(cached, 2) == SYSCALL_INSN:
-            return cached
+        known = inject_site.cached(key) if self._site_mode != "poke" else None
+        if known is not None and self._peek_bytes(known, 2) == inject_site.SYSCALL_INSN:
+            return known
         if self._site_mode in ("auto", "vdso"):
-            at = self._vdso_site()
+            at = inject_site.vdso_site(self.pid, self._peek_bytes)
             if at:
-                if len(_sites) > 4096:  # pids come and go: never let it grow
-                    _sites.clear()
-                _sites[key] = at
+                inject_site.remember(key, at)
                 return at
             if self._site_mode == "vdso":
                 raise InjectionFailed(self.pid, "setup", "no syscall instruction in [vdso]")
@@ -340,37 +248,6 @@ class Injector:
                 self._pokedata(m.start, (word & ~0xFFFF) | 0x050F)
                 return m.start
         raise InjectionFailed(self.pid, "setup", "no executable mapping to hold a syscall")
-
-    def _vdso_site(self) -> int:
-        """The first `syscall` in the process's vDSO image, found from AT_SYSINFO_EHDR
-        in /proc/PID/auxv and the image's ELF program headers (not from the maps, which
-        can be tens of thousands of lines); 0 when there is none."""
-        try:
-            with open(f"/proc/{self.pid}/auxv", "rb") as f:
-                auxv = f.read()
-        except OSError:
-            return 0
-        base = 0
-        for i in range(0, len(auxv) - 15, 16):
-            kind, val = struct.unpack_from("<QQ", auxv, i)
-            if kind == AT_SYSINFO_EHDR:
-                base = val
-                break
-        head = self._peek_bytes(base, 64) if base else b""
-        if len(head) < 64 or head[:4] != b"\x7fELF":
-            return 0
-        (phoff,) = struct.unpack_from("<Q", head, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-        table = self._peek_bytes(base + phoff, phentsize * phnum)
-        size = 0
-        for k in range(phnum if len(table) == phentsize * phnum else 0):
-            (p_type,) = struct.unpack_from("<I", table, k * phentsize)
-            (vaddr,) = struct.unpack_from("<Q", table, k * phentsize + 0x10)
-            (memsz,) = struct.unpack_from("<Q", table, k * phentsize + 0x28)
-            if p_type == PT_LOAD:
-                size = max(size, vaddr + memsz)
-        at = self._peek_bytes(base, min(size, 1 << 20)).find(SYSCALL_INSN) if size else -1
-        return base + at if at >= 0 else 0
 
     def close(self) -> None:
         """Free the scratch memory, put back code, registers, mask, signals; idempotent."""
@@ -409,7 +286,7 @@ class Injector:
                 set_sigmask(self.tid, self.saved_mask)
                 self._blocked = False
             for h in self.held:
-                self._requeue(h)
+                requeue(self.pid, self.tid, h)
             self.held = []
             if self._options_set:
                 ptrace(PTRACE_SETOPTIONS, self.tid, 0, SEIZE_OPTIONS)
@@ -431,13 +308,6 @@ class Injector:
             # A signal-delivery stop (only when the mask was not ours to block): it is
             # handed back at the thaw, with its siginfo.
             self.fp.pending_signals[self.tid] = os.WSTOPSIG(status)
-
-    def _requeue(self, h: HeldSignal) -> None:
-        buf = ctypes.create_string_buffer(h.info, 128)
-        r = _libc.syscall(NR_RT_TGSIGQUEUEINFO, self.pid, self.tid, h.sig, buf)
-        if r < 0:  # the kernel refuses si_code >= 0 from another process: plain tgkill
-            _libc.syscall(NR_TGKILL, self.pid, self.tid, h.sig)
-        log.info("signal requeued", extra={"fields": {"pid": self.pid, "signal": h.sig}})
 
     # -- memory ------------------------------------------------------------------
 
@@ -462,17 +332,17 @@ class Injector:
 
     def _peekdata(self, addr: int) -> int:
         try:
-            return int(ptrace(PTRACE_PEEKDATA, self.tid, addr, 0, check_errno=True)) & _U64
+            return int(ptrace(PTRACE_PEEKDATA, self.tid, addr, 0, check_errno=True)) & U64
         except PtraceError as e:
             raise InjectionFailed(self.pid, f"PEEKDATA 0x{addr:x}", str(e)) from None
 
     def _pokedata(self, addr: int, word: int) -> None:
-        ptrace(PTRACE_POKEDATA, self.tid, addr, word & _U64)
+        ptrace(PTRACE_POKEDATA, self.tid, addr, word & U64)
 
     def scratch(self, length: int = 4096) -> int:
         """A private read-write mapping in the target, unmapped when the session ends."""
         if self._scratch is None:
-            addr = self.check("mmap", 9, 0, length, 3, 0x22, _U64, 0)
+            addr = self.check("mmap", 9, 0, length, 3, 0x22, U64, 0)
             self._scratch = (addr, length)
         return self._scratch[0]
 
@@ -485,15 +355,15 @@ class Injector:
             raise InjectionFailed(self.pid, f"syscall {nr}", "session is closed")
         if len(args) > 6:
             raise ValueError("at most 6 arguments")
-        a = [int(x) & _U64 for x in args] + [0] * (6 - len(args))
-        regs = _copy(self.saved)
-        regs.rip, regs.rax, regs.orig_rax = self.site, nr, _U64
+        a = [int(x) & U64 for x in args] + [0] * (6 - len(args))
+        regs = copy_regs(self.saved)
+        regs.rip, regs.rax, regs.orig_rax = self.site, nr, U64
         regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9 = a
         for _ in range(100):
             rax = self._run(regs, nr)
             self.calls += 1
             res = rax - (1 << 64) if rax >> 63 else rax
-            if -res not in _RESTART:
+            if -res not in RESTART_CODES:
                 return res
         raise InjectionFailed(self.pid, f"syscall {nr}", "interrupted 100 times")
 
@@ -519,10 +389,10 @@ class Injector:
                 sig = os.WSTOPSIG(status)
                 if sig != SYSCALL_STOP:
                     # Dequeued while the mask was not yet ours: held, queued again later.
-                    self.held.append(HeldSignal(sig, _siginfo(tid)))
+                    self.held.append(HeldSignal(sig, siginfo(tid)))
                     continue
                 now = get_regs(tid)
-                if now.rip != self.site + 2 or (int(now.orig_rax) & _U64) != nr:
+                if now.rip != self.site + 2 or (int(now.orig_rax) & U64) != nr:
                     raise InjectionFailed(
                         self.pid, "syscall", f"thread stopped at 0x{now.rip:x} in {now.orig_rax}"
                     )
@@ -544,28 +414,4 @@ class Injector:
         self._blocked = True
 
     def _wait(self) -> int:
-        deadline = time.monotonic() + self.timeout
-        spins = 0
-        interrupted = False
-        while True:
-            try:
-                wpid, status = os.waitpid(self.tid, os.WNOHANG | WALL)
-            except ChildProcessError:
-                raise ProcessExited(self.pid, "syscall injection") from None
-            if wpid:
-                if os.WIFSTOPPED(status):
-                    if interrupted:
-                        raise InjectionFailed(self.pid, "syscall", "system call did not return")
-                    return status
-                raise ProcessExited(self.pid, "syscall injection")
-            if time.monotonic() > deadline:
-                if interrupted:
-                    raise InjectionFailed(self.pid, "syscall", "thread lost: did not stop")
-                # Stop it where it is so close() can still put its registers back.
-                ptrace(PTRACE_INTERRUPT, self.tid, 0, 0)
-                interrupted, deadline = True, time.monotonic() + self.timeout
-            spins += 1
-            if spins > 200:
-                time.sleep(0.00005)
-            else:
-                os.sched_yield()
+        return wait_stop(self.pid, self.tid, self.timeout)

@@ -20,7 +20,8 @@ import numpy.typing as npt
 
 from cpcoord.ranges import PAGE_SHIFT, AddressRange
 from nodeagent.mapscache import read_maps_shared
-from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages
+from nodeagent.pagemap import PagemapReader
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity
 from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.selection import select_pages

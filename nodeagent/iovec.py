@@ -13,9 +13,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -52,12 +52,15 @@ def vm_syscall(name: str) -> VmFn:
 @dataclass(frozen=True)
 class Direction:
     """What differs between reading and writing: the phase named in errors, the verb of
-    a permission error, the error of a refused address and how /proc/PID/mem opens."""
+    a permission error, the error of a refused address, how /proc/PID/mem opens, the
+    call that moves bytes through it and what a call that moved none is called."""
 
     during: str
     verb: str
     failed: type[ReadFailed] | type[WriteFailed]
     mem_flags: int
+    mem_io: Callable[[int, Sequence[Any], int], int]
+    nothing: str
 
     def fail(self, pid: int, err: int, addr: int) -> NoReturn:
         if err == errno.ESRCH:
@@ -75,8 +78,56 @@ class Direction:
             raise PermissionDenied(self.verb, pid, e.strerror) from None
 
 
-READ = Direction("capture", "read memory of", ReadFailed, os.O_RDONLY)
-WRITE = Direction("restore", "write memory of", WriteFailed, os.O_RDWR)
+# os.preadv/os.pwritev looked up at each call, so a test that patches them is heard.
+READ = Direction(
+    "capture",
+    "read memory of",
+    ReadFailed,
+    os.O_RDONLY,
+    lambda fd, bufs, off: os.preadv(fd, bufs, off),
+    "the kernel read nothing",
+)
+WRITE = Direction(
+    "restore",
+    "write memory of",
+    WriteFailed,
+    os.O_RDWR,
+    lambda fd, bufs, off: os.pwritev(fd, bufs, off),
+    "the kernel wrote nothing",
+)
+
+
+def mem_all(
+    d: Direction,
+    fd: int,
+    pid: int,
+    addr: int,
+    length: int,
+    local: int,
+    *,
+    during: str,
+    moved: Callable[[int], None] | None = None,
+) -> None:
+    """Move all `length` bytes between `/proc/PID/mem` (open as `fd`) at `addr` and our
+    memory at `local`, as many calls as it takes; `moved(n)` hears each call's bytes.
+    Raises ProcessExited (named `during`) when the process is gone, else `d`'s error
+    at the first byte the kernel refuses or will not move."""
+    done = 0
+    while done < length:
+        buf = (ctypes.c_char * (length - done)).from_address(local + done)
+        try:
+            got = d.mem_io(fd, [buf], addr + done)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ProcessExited(pid, during) from None
+            raise d.failed(pid, f"0x{addr + done:x}", e.strerror) from None
+        if got <= 0:
+            if not alive(pid):
+                raise ProcessExited(pid, during)
+            raise d.failed(pid, f"0x{addr + done:x}", d.nothing)
+        done += got
+        if moved is not None:
+            moved(got)
 
 
 def ends(iov: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:

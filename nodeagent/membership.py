@@ -39,10 +39,10 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE, check_name, user_space_end
-from nodeagent.pagemap import PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity, live_tid, read_maps
-from nodeagent.reader import Staging
 from nodeagent.regions import RegionSpec
+from nodeagent.staging import Staging
 from nodeagent.trackers import registry
 from nodeagent.trackers.base import Tracker
 

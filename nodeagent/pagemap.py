@@ -4,10 +4,10 @@ Owns: the pagemap bit layout, reading pagemap words for a page range in large `p
 calls straight into a reusable NumPy uint64 buffer, the seed's "present or swapped" mask,
 the same selection through the `PAGEMAP_SCAN` ioctl (Linux >= 6.7: the kernel returns
 runs of present/swapped pages instead of a word per page, ~20x cheaper on big resident
-mappings), and conversions between sorted page-number arrays and runs `(start, count)`.
+mappings). Page numbers and runs, and the conversions between them, are in `pages`.
 
 Every function works on whole arrays: a Python loop per page is a bug here
-(DESIGN.md, Trackers). Runs are `(n, 2)` uint64 arrays of `[first_page, count]`.
+(DESIGN.md, Trackers).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, ReadFailed
+from cpcoord.errors import PermissionDenied, ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT
+from nodeagent.pages import PageNumbers, empty_pages, pages_of_ranges
+from nodeagent.procfs import open_proc
 
 if TYPE_CHECKING:
     from nodeagent.uffd import PagemapScanner
 
-PageNumbers = npt.NDArray[np.uint64]
-Runs = npt.NDArray[np.uint64]  # shape (n, 2): [first page, count]
 
 # Bits of a pagemap word (Documentation/admin-guide/mm/pagemap.rst).
 PM_PRESENT = np.uint64(1 << 63)
@@ -61,25 +61,12 @@ WORD_GAP = 512
 SCAN_GAP_PAGES = 16384
 
 
-def empty_pages() -> PageNumbers:
-    return np.zeros(0, dtype=np.uint64)
-
-
-def empty_runs() -> Runs:
-    return np.zeros((0, 2), dtype=np.uint64)
-
-
 class PagemapReader:
     """An open /proc/PID/pagemap with a reusable word buffer (prefaulted on first use)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        try:
-            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NoSuchProcess(pid) from None
-        except PermissionError as e:
-            raise PermissionDenied("read pagemap of", pid, e.strerror) from None
+        self._fd = open_proc(pid, "pagemap", os.O_RDONLY, "read pagemap of")
         self._buf = np.empty(0, dtype=np.uint64)
         self._scanner: PagemapScanner | None = None
         self._scan_ok = True  # until the kernel refuses PAGEMAP_SCAN
@@ -215,10 +202,10 @@ class PagemapReader:
             return empty_pages()
         swapped = (regs[:, 2] & np.uint64(uffd.PAGE_IS_SWAPPED)) != 0
         if not swapped.any():
-            return uffd.pages_of_ranges(regs[:, 0], regs[:, 1])
+            return pages_of_ranges(regs[:, 0], regs[:, 1])
         # Rare (swap, guard pages, markers): decide swapped runs on their words.
         present = regs[~swapped]
-        parts = [uffd.pages_of_ranges(present[:, 0], present[:, 1])]
+        parts = [pages_of_ranges(present[:, 0], present[:, 1])]
         for lo, hi in (regs[swapped, :2] >> np.uint64(PAGE_SHIFT)).tolist():
             parts.append(self.taken_pages(lo, hi))
         out = np.concatenate(parts)
@@ -308,69 +295,3 @@ def taken_mask(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     swapped = (words & PM_SWAPPED) != 0
     marker = ((words & PM_GUARD_REGION) != 0) | ((words & SWP_TYPE_MASK) == SWP_PTE_MARKER)
     return present | (swapped & ~marker)
-
-
-def runs_from_pages(pages: PageNumbers) -> Runs:
-    """Sorted unique page numbers -> runs of consecutive pages, `(n, 2)` [start, count]."""
-    p = np.asarray(pages, dtype=np.uint64)
-    if p.size == 0:
-        return empty_runs()
-    # A run breaks wherever the next page is not this page + 1.
-    breaks = np.flatnonzero(np.diff(p) != 1) + 1
-    starts_idx = np.concatenate(([0], breaks))
-    ends_idx = np.concatenate((breaks, [p.size]))
-    out = np.empty((starts_idx.size, 2), dtype=np.uint64)
-    out[:, 0] = p[starts_idx]
-    out[:, 1] = ends_idx - starts_idx
-    return out
-
-
-def pages_from_runs(runs: Runs) -> PageNumbers:
-    """Runs `(n, 2)` -> sorted page numbers, without a loop per run or per page."""
-    r = np.asarray(runs, dtype=np.uint64).reshape(-1, 2)
-    counts = r[:, 1].astype(np.int64)
-    total = int(counts.sum())
-    if total == 0:
-        return empty_pages()
-    keep = counts > 0
-    r, counts = r[keep], counts[keep]
-    # Step array: 1 everywhere, and at each run's first slot the jump from the previous
-    # run's last page; a cumulative sum then yields every page number.
-    steps = np.ones(total, dtype=np.int64)
-    starts = r[:, 0].astype(np.int64)
-    steps[0] = starts[0]
-    firsts = np.cumsum(counts)[:-1]
-    steps[firsts] = starts[1:] - (starts[:-1] + counts[:-1] - 1)
-    return np.cumsum(steps).astype(np.uint64)
-
-
-def runs_to_list(runs: Runs) -> list[list[int]]:
-    """Runs as JSON-ready `[[offset, count], ...]`."""
-    out: list[list[int]] = np.asarray(runs, dtype=np.uint64).reshape(-1, 2).tolist()
-    return out
-
-
-def runs_from_list(items: object) -> Runs:
-    """Parse `[[offset, count], ...]`; raises ValueError when the shape or values are bad."""
-    if not isinstance(items, list):
-        raise ValueError("runs must be a list of [offset, count] pairs")
-    if not items:
-        return empty_runs()
-    try:
-        raw = np.array(items)
-    except ValueError:  # ragged
-        raise ValueError("each run must be [offset, count]") from None
-    if raw.ndim != 2 or raw.shape[1] != 2 or raw.dtype.kind not in "iu":
-        raise ValueError("each run must be [offset, count] with integers")
-    if raw.dtype.kind == "i" and np.any(raw < 0):
-        raise ValueError("run offsets and counts must not be negative")
-    arr = raw.astype(np.uint64)
-    if np.any(arr[:, 1] == 0):
-        raise ValueError("a run must hold at least one page")
-    if arr.shape[0] > 1 and np.any(arr[1:, 0] < arr[:-1, 0] + arr[:-1, 1]):
-        raise ValueError("runs must be sorted and must not overlap")
-    return arr
-
-
-def count_pages(runs: Runs) -> int:
-    return int(np.asarray(runs, dtype=np.uint64).reshape(-1, 2)[:, 1].sum())

@@ -130,6 +130,17 @@ def _proc_errors(pid: int, what: str) -> Iterator[None]:
         raise
 
 
+def open_proc(pid: int, name: str, flags: int, action: str) -> int:
+    """Open /proc/PID/`name` (close-on-exec): NoSuchProcess when the process is gone,
+    PermissionDenied (`action`, e.g. "read pagemap of") when we may not."""
+    try:
+        return os.open(f"/proc/{pid}/{name}", flags | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(pid) from None
+    except PermissionError as e:
+        raise PermissionDenied(action, pid, e.strerror) from None
+
+
 def read_maps_text(pid: int) -> str:
     with _proc_errors(pid, "read maps of"), open(f"/proc/{pid}/maps") as f:
         text = f.read()

@@ -26,7 +26,7 @@ import numpy.typing as npt
 from cpcoord.errors import RangesOverlap, RangeUnmapped
 from cpcoord.ranges import PAGE_SHIFT, AddressRange
 from nodeagent.mapscache import derived
-from nodeagent.pagemap import Runs, pages_from_runs
+from nodeagent.pages import Runs, pages_from_runs
 from nodeagent.procfs import Mapping
 
 NAME_MAX = 64

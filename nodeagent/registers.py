@@ -1,8 +1,8 @@
 """Every thread's registers at the cut, saved and put back over ptrace (x86-64).
 
 Owns `ThreadStates` (value, bytes and proto forms), `save_thread_state(fp)` and
-`restore_thread_state(fp, states)`, and `ThreadStateHooks`, a CaptureHooks wrapper that
-saves them while a capture holds the process frozen.
+`restore_thread_state(fp, states)`. The capture hook that saves them while a capture holds
+the process frozen is `thread_hooks.ThreadStateHooks`.
 
 What is saved per thread: the general registers (PTRACE_GETREGS: `user_regs_struct`,
 including fs_base/gs_base, so TLS comes back too) and the FP/vector state
@@ -38,30 +38,27 @@ from ptrace.error import PtraceError
 
 from cpcoord.errors import NoSuchProcess, ProcessExited, RestoreRefused, ThreadStateInvalid
 from cpcoord.gen.v1 import common_pb2
-from nodeagent.capture import CaptureHooks
 from nodeagent.freeze import FrozenProcess
-from nodeagent.procfs import Mapping, read_stat
-from nodeagent.trackers.base import ChangedSet
+from nodeagent.procfs import read_stat
+from nodeagent.ptrace_abi import (
+    ERESTART_RESTARTBLOCK,
+    ERESTARTNOINTR,
+    NT_PRFPREG,
+    NT_X86_XSTATE,
+    PTRACE_GETREGSET,
+    PTRACE_SETREGSET,
+    U64,
+    Iovec,
+    get_regs,
+    set_regs,
+)
 
-PTRACE_GETREGS = 12
-PTRACE_SETREGS = 13
-PTRACE_GETREGSET = 0x4204
-PTRACE_SETREGSET = 0x4205
-NT_PRFPREG = 2
-NT_X86_XSTATE = 0x202
 FXSAVE_SIZE = 512  # NT_PRFPREG; an XSAVE area is always larger (legacy area + header)
 XSTATE_MAX = 1 << 16
 ARCH = "x86_64"
 REGS_SIZE = ctypes.sizeof(user_regs_struct)
-ERESTARTNOINTR = 513
-ERESTART_RESTARTBLOCK = 516
-_U64 = (1 << 64) - 1
 _MAGIC = b"CPTS"
 _VERSION = 1
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 @dataclass(frozen=True)
@@ -169,14 +166,14 @@ def _ptrace_errors(fp: FrozenProcess, tid: int, what: str, e: PtraceError) -> Ex
 
 def _get_fpregs(tid: int) -> bytes:
     buf = ctypes.create_string_buffer(XSTATE_MAX)
-    iov = _Iovec(ctypes.addressof(buf), XSTATE_MAX)
+    iov = Iovec(ctypes.addressof(buf), XSTATE_MAX)
     try:
         ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
         return buf.raw[: iov.len]
     except PtraceError as e:
         if e.errno not in (errno.EINVAL, errno.ENODEV, errno.EIO):
             raise
-    iov = _Iovec(ctypes.addressof(buf), FXSAVE_SIZE)
+    iov = Iovec(ctypes.addressof(buf), FXSAVE_SIZE)
     ptrace(PTRACE_GETREGSET, tid, NT_PRFPREG, ctypes.addressof(iov))
     return buf.raw[:FXSAVE_SIZE]
 
@@ -186,9 +183,8 @@ def save_thread_state(fp: FrozenProcess) -> ThreadStates:
     _check_arch()
     out = []
     for tid in fp.tids:
-        regs = user_regs_struct()
         try:
-            ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+            regs = get_regs(tid)
             fpregs = _get_fpregs(tid)
             start = read_stat(fp.pid, tid).start_time
         except PtraceError as e:
@@ -223,10 +219,10 @@ def check_threads(member: str, fp: FrozenProcess, states: ThreadStates) -> None:
 
 def _restartable(regs: bytes) -> user_regs_struct:
     r = user_regs_struct.from_buffer_copy(regs)
-    orig = ctypes.c_long(r.orig_rax & _U64).value
-    rax = ctypes.c_long(r.rax & _U64).value
+    orig = ctypes.c_long(r.orig_rax & U64).value
+    rax = ctypes.c_long(r.rax & U64).value
     if orig >= 0 and rax == -ERESTART_RESTARTBLOCK:
-        r.rax = -ERESTARTNOINTR & _U64  # re-issue the cut's call (see the header)
+        r.rax = -ERESTARTNOINTR & U64  # re-issue the cut's call (see the header)
     return r
 
 
@@ -243,28 +239,10 @@ def restore_thread_state(
         regs = user_regs_struct.from_buffer_copy(t.regs) if exact else _restartable(t.regs)
         kind = NT_PRFPREG if len(t.fpregs) == FXSAVE_SIZE else NT_X86_XSTATE
         buf = ctypes.create_string_buffer(t.fpregs, len(t.fpregs))
-        iov = _Iovec(ctypes.addressof(buf), len(t.fpregs))
+        iov = Iovec(ctypes.addressof(buf), len(t.fpregs))
         try:
-            ptrace(PTRACE_SETREGS, t.tid, 0, ctypes.addressof(regs))
+            set_regs(t.tid, regs)
             ptrace(PTRACE_SETREGSET, t.tid, kind, ctypes.addressof(iov))
         except PtraceError as e:
             raise _ptrace_errors(fp, t.tid, "restore registers", e) from None
     return len(states.threads)
-
-
-class ThreadStateHooks:
-    """CaptureHooks that save every thread's registers at the cut, then defer to `inner`
-    (a tracker's hooks, or None). After the capture, `states` holds them."""
-
-    def __init__(self, inner: CaptureHooks | None = None) -> None:
-        self.inner = inner
-        self.states: ThreadStates | None = None
-
-    def changed(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> ChangedSet | None:
-        # First, before any hook injects a system call: these are the cut's registers.
-        self.states = save_thread_state(fp)
-        return self.inner.changed(fp, maps) if self.inner is not None else None
-
-    def after_copy(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> None:
-        if self.inner is not None:
-            self.inner.after_copy(fp, maps)

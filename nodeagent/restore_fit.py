@@ -27,7 +27,7 @@ from nodeagent.procfs import Mapping
 from nodeagent.regions import default_region_name
 
 if TYPE_CHECKING:
-    from nodeagent.restore import MemberLayout, RegionLayout
+    from nodeagent.restore_values import MemberLayout, RegionLayout
 
 
 def _kind(name: str) -> str:

@@ -41,8 +41,14 @@ from cpcoord.ranges import PAGE_SIZE
 from nodeagent.freeze import FrozenProcess
 from nodeagent.membership import HeldMember
 from nodeagent.registers import ARCH, ThreadState, ThreadStates, save_thread_state
-from nodeagent.restore import Fitted, MemberLayout, RegionContents, RegionLayout, RestoreStats
-from nodeagent.restore import check_fit as _check_fit
+from nodeagent.restore import (
+    Fitted,
+    MemberLayout,
+    RegionContents,
+    RegionLayout,
+    RestoreStats,
+    check_fit,
+)
 
 log = logging.getLogger(__name__)
 # Registers per Staged at most (Welcome.max_message_bytes is 8 MiB; ~3 KiB per thread)
@@ -127,7 +133,7 @@ def layout_of(m: HeldMember, layouts: Layouts = ()) -> MemberLayout:
 
 
 def fit(m: HeldMember, fp: FrozenProcess, layouts: Layouts = ()) -> Fitted:
-    return _check_fit(fp, layout_of(m, layouts))
+    return check_fit(fp, layout_of(m, layouts))
 
 
 def download(

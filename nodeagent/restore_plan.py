@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import RegionMismatch
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.pagemap import runs_from_pages
+from nodeagent.pages import runs_from_pages
 from nodeagent.procfs import Mapping
 from nodeagent.writer import ZERO_CHUNK, zero_source
 

@@ -5,19 +5,8 @@ Owns the write step of restore (restore.write uses `AllOrNothing`):
 - The plan's pieces are cut into steps of STEP (32 MiB) bytes. A second thread backs up step
   i + 1 (and on) while the caller's thread writes step i, so the backup costs little
   frozen time beyond the writes themselves (bench/restore.py measures both).
-- What a step overwrites is read as the kernel shows it, per page (pagemap):
-    * absent (neither present nor swapped) in a private anonymous mapping: it reads
-      as zeros, so nothing is read: the backup of such a page is "zeros";
-    * present and exclusively mapped (bit 56), or a page-cache / shared page (bit 61):
-      `process_vm_readv` (pinning such a page for reading never unshares it);
-    * anything else (a copy-on-write page shared with another process, swapped, absent
-      in a file or shared mapping): `/proc/PID/mem`, which does not pin, so reading
-      never breaks copy-on-write sharing. Short gaps between such pages go the same way
-      (fewer calls).
-  A byte that cannot be read stops the restore before the step that holds it is written.
-- The backup lands in a caller's prefaulted buffer (the agent passes the member's idle
-  capture staging, which holds about as many bytes as the member has present pages),
-  else in memory mapped here (page faults while frozen: slower, still correct).
+- What a step overwrites is backed up by `restore_backup.Backup` (read as the kernel
+  shows it, never breaking copy-on-write sharing), into a caller's prefaulted buffer.
 - Writing goes through MemoryWriter, whose `written` says exactly how far a failed
   step got. On a failure (a write refused, the fault point `agent.restore.write`), the
   bytes written so far are written back from the backup (zeros from the zero source),
@@ -29,12 +18,7 @@ of /proc/PID/mem pages.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import logging
-import mmap
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,17 +31,14 @@ from cpcoord import faults
 from cpcoord.errors import (
     CpcoordError,
     ProcessExited,
-    ReadFailed,
     RestoreUndoFailed,
     RestoreUndone,
     WriteFailed,
 )
-from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.iovec import READ, alive, transfer, vm_syscall
-from nodeagent.pagemap import PM_EXCLUSIVE, PM_FILE_SHARED, PM_PRESENT, PM_SWAPPED, PagemapReader
 from nodeagent.procfs import Mapping
-from nodeagent.reader import MADV_HUGEPAGE, Staging
+from nodeagent.restore_backup import Backed, Backup, BackupStore
 from nodeagent.restore_plan import Plan
+from nodeagent.staging import Staging
 from nodeagent.writer import ZERO_CHUNK, MemoryWriter, WriteStats, WritevFn, zero_source
 
 log = logging.getLogger(__name__)
@@ -67,11 +48,7 @@ I64 = npt.NDArray[np.int64]
 # 20 ms per GiB, and the first step, which nothing overlaps, reads in ~6 ms. Zero pieces
 # (at most ZERO_CHUNK) are never split.
 STEP = 32 << 20
-MEM_GAP = 16  # pages: readv-able gaps this short between /proc/PID/mem pages go with them
-WINDOW_GAP = 4096  # pages: pagemap is read in windows over gaps up to this
 FAIL_POINT = "agent.restore.write"
-ZERO, READV, MEM = 0, 1, 2
-_readv = vm_syscall("process_vm_readv")
 
 
 @dataclass(frozen=True)
@@ -106,181 +83,6 @@ def split(plan: Plan, step: int = STEP) -> Steps:
 
 
 @dataclass(frozen=True)
-class Backed:
-    """One step's backup: runs that tile its pieces' bytes in order; `addr` is where a
-    run's bytes are kept (0: zeros)."""
-
-    remote: U64  # (k, 2) [address, length]
-    addr: U64  # (k,)
-    forced: npt.NDArray[np.bool_]
-    read_bytes: int
-
-
-class _Store:
-    """Where backed-up bytes go: a caller's prefaulted buffer first, then fresh memory."""
-
-    def __init__(self, staging: Staging | None) -> None:
-        self._base = staging.address if staging is not None and staging.capacity else 0
-        self._left = staging.capacity if staging is not None else 0
-        self._maps: list[mmap.mmap] = []
-        self.fresh = 0
-
-    def take(self, nbytes: int) -> int:
-        if nbytes <= self._left:
-            addr = self._base
-            self._base += nbytes
-            self._left -= nbytes
-            return addr
-        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        with contextlib.suppress(OSError):  # 512x fewer page faults while frozen
-            mm.madvise(MADV_HUGEPAGE)
-        self._maps.append(mm)
-        self.fresh += nbytes
-        return ctypes.addressof(ctypes.c_char.from_buffer(mm))
-
-    def close(self) -> None:
-        for mm in self._maps:
-            with contextlib.suppress(BufferError):  # a view still alive: freed with it
-                mm.close()
-        self._maps.clear()
-
-
-class _Backup:
-    """Reads steps of the target into the store (module docstring)."""
-
-    def __init__(self, pid: int, maps: Sequence[Mapping], store: _Store) -> None:
-        self.pid = pid
-        self.store = store
-        maps = [m for m in maps if m.end < 1 << 62]
-        self._ms = np.array([m.start for m in maps], dtype=np.int64)
-        self._me = np.array([m.end for m in maps], dtype=np.int64)
-        self._anon = np.array([m.inode == 0 and not m.shared for m in maps], dtype=bool)
-        self._pm = PagemapReader(pid)
-        self._mem_fd = -1
-
-    def close(self) -> None:
-        self._pm.close()
-        if self._mem_fd >= 0:
-            os.close(self._mem_fd)
-            self._mem_fd = -1
-
-    def _private_anon(self, addr: I64) -> npt.NDArray[np.bool_]:
-        """Per address: it lies in a private anonymous mapping."""
-        j = np.searchsorted(self._ms, addr, side="right") - 1
-        ok = j >= 0
-        j = np.maximum(j, 0)
-        return ok & (addr < self._me[j]) & self._anon[j] if self._ms.size else ok & False
-
-    def _words(self, pages: U64) -> U64:
-        """Pagemap words of sorted page numbers, one read per window."""
-        out = np.zeros(pages.size, dtype=np.uint64)
-        if pages.size == 0:
-            return out
-        brk = np.flatnonzero(np.diff(pages.astype(np.int64)) > WINDOW_GAP) + 1
-        for a, b in zip([0, *brk.tolist()], [*brk.tolist(), pages.size], strict=True):
-            first = int(pages[a])
-            w = self._pm.words(first, int(pages[b - 1]) - first + 1)
-            out[a:b] = w[(pages[a:b] - np.uint64(first)).astype(np.int64)]
-        return out
-
-    def step(self, remote: U64, forced: npt.NDArray[np.bool_]) -> Backed:
-        s = remote[:, 0].astype(np.int64)
-        e = s + remote[:, 1].astype(np.int64)
-        p0 = s >> PAGE_SHIFT
-        p1 = (e + PAGE_SIZE - 1) >> PAGE_SHIFT
-        n = p1 - p0
-        piece = np.repeat(np.arange(s.size), n)
-        page = p0[piece] + (np.arange(piece.size) - (np.cumsum(n) - n)[piece])
-        w = self._words(page.astype(np.uint64))
-        taken = (w & (PM_PRESENT | PM_SWAPPED)) != 0
-        pinnable = ((w & PM_PRESENT) != 0) & ((w & (PM_EXCLUSIVE | PM_FILE_SHARED)) != 0)
-        kind = np.where(pinnable, READV, MEM)
-        kind[~taken & self._private_anon(s)[piece]] = ZERO
-        _close_gaps(kind, piece)
-        # Runs of one kind within one piece.
-        brk = np.flatnonzero((np.diff(kind) != 0) | (np.diff(piece) != 0)) + 1
-        first = np.concatenate(([0], brk)).astype(np.int64)
-        last = np.concatenate((brk, [page.size])).astype(np.int64) - 1
-        rk, rp = kind[first], piece[first]
-        rs = np.maximum(page[first] << PAGE_SHIFT, s[rp])
-        re = np.minimum((page[last] + 1) << PAGE_SHIFT, e[rp])
-        npages = last - first + 1
-        keep = rk != ZERO
-        nbytes = int(npages[keep].sum()) * PAGE_SIZE
-        base = self.store.take(nbytes) if nbytes else 0
-        addr = np.zeros(rk.size, dtype=np.int64)
-        off = np.cumsum(np.where(keep, npages, 0)) - np.where(keep, npages, 0)
-        # A run's bytes are kept from its first page's start (rs is page-aligned).
-        addr[keep] = base + off[keep] * PAGE_SIZE
-        self._read(rs[rk == READV], npages[rk == READV], addr[rk == READV], viamem=False)
-        self._read(rs[rk == MEM], npages[rk == MEM], addr[rk == MEM], viamem=True)
-        return Backed(
-            np.stack((rs, re - rs), axis=1).astype(np.uint64),
-            addr.astype(np.uint64),
-            forced[rp],
-            nbytes,
-        )
-
-    def _read(self, start: I64, npages: I64, dest: I64, viamem: bool) -> None:
-        if start.size == 0:
-            return
-        length = npages * PAGE_SIZE
-        if viamem:
-            for a, n, d in zip(start.tolist(), length.tolist(), dest.tolist(), strict=True):
-                self._mem_read(a, n, d)
-            return
-        remote = np.stack((start, length), axis=1).astype(np.uint64)
-        local = np.stack((dest, length), axis=1).astype(np.uint64)
-
-        def short(j: int, into: int) -> None:
-            rest = int(remote[j, 1]) - into
-            self._mem_read(int(remote[j, 0]) + into, rest, int(local[j, 0]) + into)
-
-        transfer(_readv, self.pid, remote, local, READ, short)
-
-    def _mem_read(self, addr: int, length: int, dest: int) -> None:
-        if self._mem_fd < 0:
-            self._mem_fd = READ.open_mem(self.pid)
-        done = 0
-        while done < length:
-            buf = (ctypes.c_char * (length - done)).from_address(dest + done)
-            try:
-                got = os.preadv(self._mem_fd, [buf], addr + done)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    raise ProcessExited(self.pid, "restore") from None
-                raise ReadFailed(self.pid, f"0x{addr + done:x}", e.strerror) from None
-            if got <= 0:
-                if not alive(self.pid):
-                    raise ProcessExited(self.pid, "restore")
-                raise ReadFailed(self.pid, f"0x{addr + done:x}", "the kernel read nothing")
-            done += got
-
-
-def _close_gaps(kind: npt.NDArray[np.int64], piece: npt.NDArray[np.int64]) -> None:
-    """Turn READV runs shorter than MEM_GAP pages between MEM pages of the same piece
-    into MEM (one /proc/PID/mem read instead of three calls)."""
-    if kind.size < 3 or not np.any(kind == MEM):
-        return
-    brk = np.flatnonzero((np.diff(kind) != 0) | (np.diff(piece) != 0)) + 1
-    first = np.concatenate(([0], brk))
-    last = np.concatenate((brk, [kind.size])) - 1
-    k, p = kind[first], piece[first]
-    inner = np.arange(1, k.size - 1)
-    short = (last[inner] - first[inner] + 1) < MEM_GAP
-    ok = (
-        (k[inner] == READV)
-        & short
-        & (k[inner - 1] == MEM)
-        & (k[inner + 1] == MEM)
-        & (p[inner - 1] == p[inner])
-        & (p[inner + 1] == p[inner])
-    )
-    for r in inner[ok].tolist():  # per such gap, few
-        kind[first[r] : last[r] + 1] = MEM
-
-
-@dataclass(frozen=True)
 class Written:
     stats: WriteStats
     backed_up: int  # bytes read into the backup
@@ -290,7 +92,7 @@ class Written:
 class _Pipeline:
     """The backup thread: backs up steps in order, ahead of the writer."""
 
-    def __init__(self, backup: _Backup, steps: Steps) -> None:
+    def __init__(self, backup: Backup, steps: Steps) -> None:
         self.backup, self.steps = backup, steps
         self.done: list[Backed] = []
         self.error: BaseException | None = None
@@ -356,8 +158,8 @@ class AllOrNothing:
     ) -> None:
         self.pid, self.member, self._writev = pid, member, writev
         self.steps = split(plan)
-        self._store = _Store(staging)
-        self._backup = _Backup(pid, maps, self._store)
+        self._store = BackupStore(staging)
+        self._backup = Backup(pid, maps, self._store)
         self._pipe = _Pipeline(self._backup, self.steps)
 
     def __enter__(self) -> AllOrNothing:

@@ -17,7 +17,8 @@ import numpy as np
 
 from cpcoord.ranges import PAGE_SHIFT
 from nodeagent.mapscache import derived
-from nodeagent.pagemap import PagemapReader, PageNumbers, empty_pages, pages_from_runs, taken_in
+from nodeagent.pagemap import PagemapReader, taken_in
+from nodeagent.pages import PageNumbers, empty_pages, pages_from_runs
 from nodeagent.procfs import Mapping
 from nodeagent.regions import RegionSpec, readable_table, segment_pages
 from nodeagent.shared import SharedObjects

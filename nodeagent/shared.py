@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.pagemap import PageNumbers
+from nodeagent.pages import PageNumbers
 from nodeagent.procfs import Mapping
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from ptrace.binding.func import ptrace
 from ptrace.error import PtraceError
 
-PTRACE_DETACH = 17
-WALL = 0x40000000  # __WALL: threads too
+from nodeagent.ptrace_abi import PTRACE_DETACH, WALL
+
 # Poll fast while a held thread is new (most stop or die within moments), then slower:
 # a leader that exited under us stays held for as long as its other threads run.
 FAST_POLL_S = 0.01

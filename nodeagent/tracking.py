@@ -37,11 +37,12 @@ from nodeagent.freeze import FrozenProcess, frozen
 from nodeagent.mapscache import derived, read_maps_shared
 from nodeagent.membership import HeldMember
 from nodeagent.metrics import AgentMetrics
-from nodeagent.pagemap import PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, check_alive
-from nodeagent.reader import ReadvFn, Staging
+from nodeagent.reader import ReadvFn
 from nodeagent.regions import RegionSpec, new_or_changed_pages
 from nodeagent.shared import SharedObjects
+from nodeagent.staging import Staging
 from nodeagent.trackers import registry
 from nodeagent.upload import StagedMember
 

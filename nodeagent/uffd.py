@@ -23,9 +23,8 @@ from functools import cache
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import NoSuchProcess, PermissionDenied, ProcessExited, TrackerFailed
-from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.trackers.base import Availability, PageNumbers, empty_pages
+from cpcoord.errors import ProcessExited, TrackerFailed
+from nodeagent.procfs import open_proc
 
 # -- system calls (x86-64) ----------------------------------------------------------
 NR_CLOSE = 3
@@ -141,32 +140,6 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
     return r
 
 
-# -- page ranges -> page numbers ----------------------------------------------------
-
-
-def pages_of_ranges(starts: npt.ArrayLike, ends: npt.ArrayLike) -> PageNumbers:
-    """Byte ranges `[start, end)` (page aligned, sorted, disjoint) -> sorted page numbers.
-
-    Vectorised with one output-sized allocation: a step array that is 1 everywhere except
-    at each range's first slot (the jump from the previous range's last page), summed
-    in place.
-    """
-    s = np.asarray(starts, dtype=np.uint64) >> np.uint64(PAGE_SHIFT)
-    e = np.asarray(ends, dtype=np.uint64) >> np.uint64(PAGE_SHIFT)
-    keep = e > s
-    if not keep.all():
-        s, e = s[keep], e[keep]
-    if s.size == 0:
-        return empty_pages()
-    si, ei = s.astype(np.int64), e.astype(np.int64)
-    counts = ei - si
-    steps = np.ones(int(counts.sum()), dtype=np.int64)
-    steps[0] = si[0]
-    steps[np.cumsum(counts[:-1])] = si[1:] - (ei[:-1] - 1)
-    np.cumsum(steps, out=steps)
-    return steps.view(np.uint64)
-
-
 # -- the agent-side scanner ---------------------------------------------------------
 
 Regions = npt.NDArray[np.uint64]  # shape (n, 3): start, end, categories (struct page_region)
@@ -182,12 +155,7 @@ class PagemapScanner:
 
     def __init__(self, pid: int, vec_len: int = 1 << 14) -> None:
         self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NoSuchProcess(pid) from None
-        except PermissionError as e:
-            raise PermissionDenied("open pagemap of", pid, e.strerror) from None
+        self.fd = open_proc(pid, "pagemap", os.O_RDONLY, "open pagemap of")
         self.buf = np.zeros((vec_len, 3), dtype=np.uint64)
         self.used = 0
         self.arg = PmScanArg()
@@ -266,7 +234,13 @@ class PagemapScanner:
 # -- kernel probe --------------------------------------------------------------------
 
 
-def _userfaultfd(flags: int) -> int:
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """pidfd_getfd(2): a copy of the process's `fd` here, or -1 (errno in ctypes.get_errno)."""
+    return int(_libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0))
+
+
+def userfaultfd(flags: int) -> int:
+    """userfaultfd(2) in this process; raises OSError with the errno."""
     fd = int(_libc.syscall(NR_USERFAULTFD, flags))
     if fd < 0:
         e = ctypes.get_errno()
@@ -277,7 +251,7 @@ def _userfaultfd(flags: int) -> int:
 @cache
 def supported_features() -> int:
     """Feature bits this kernel's userfaultfd offers (UFFDIO_API with features 0)."""
-    fd = _userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    fd = userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
     try:
         api = UffdioApi(UFFD_API, 0, 0)
         ioctl(fd, UFFDIO_API, api)
@@ -288,78 +262,3 @@ def supported_features() -> int:
 
 def wanted_features() -> int:
     return REQUIRED_FEATURES | (supported_features() & OPTIONAL_FEATURES)
-
-
-def _pidfd_getfd_works(fd: int) -> bool:
-    """The agent registers a target's ranges through a copy of its uffd (pidfd_getfd)."""
-    try:
-        pidfd = os.pidfd_open(os.getpid())
-    except OSError:
-        return False
-    try:
-        got = int(_libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0))
-    finally:
-        os.close(pidfd)
-    if got < 0:
-        return False
-    os.close(got)
-    return True
-
-
-def _self_test() -> str:
-    """Arm a page of our own, write it, and expect PAGEMAP_SCAN to report it once."""
-    fd = _userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)
-    if not _pidfd_getfd_works(fd):
-        os.close(fd)
-        return "pidfd_getfd(2) is not permitted here (the agent registers through it)"
-    buf = mmap.mmap(-1, 2 * PAGE_SIZE)
-    scanner = PagemapScanner(os.getpid(), vec_len=4)
-    try:
-        ioctl(fd, UFFDIO_API, UffdioApi(UFFD_API, REQUIRED_FEATURES, 0))
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        buf[0:1] = buf[PAGE_SIZE : PAGE_SIZE + 1] = b"\1"
-        ioctl(fd, UFFDIO_REGISTER, UffdioRegister(addr, 2 * PAGE_SIZE, UFFDIO_REGISTER_MODE_WP))
-        flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
-        scanner.scan(addr, addr + 2 * PAGE_SIZE, flags=flags, anyof=PAGE_TAKEN, returns=PAGE_TAKEN)
-        buf[PAGE_SIZE : PAGE_SIZE + 1] = b"\2"
-        got = scanner.scan(
-            addr, addr + 2 * PAGE_SIZE, flags=flags, mask=PAGE_IS_WRITTEN, anyof=PAGE_TAKEN
-        )
-        again = scanner.scan(
-            addr, addr + 2 * PAGE_SIZE, flags=flags, mask=PAGE_IS_WRITTEN, anyof=PAGE_TAKEN
-        )
-        want = [[addr + PAGE_SIZE, addr + 2 * PAGE_SIZE]]
-        if got[:, :2].tolist() != want or again.size:
-            return f"self-test reported {got[:, :2].tolist()} then {again[:, :2].tolist()}"
-        return ""
-    finally:
-        scanner.close()
-        os.close(fd)  # closing the uffd unregisters the range before the unmap
-        buf.close()
-
-
-@cache
-def availability() -> Availability:
-    """Whether uffd-wp tracking works here; the reason names the first missing piece."""
-    name = "uffd-wp"
-    if os.uname().machine != "x86_64":
-        return Availability(
-            name, False, f"syscall injection is x86-64 only, not {os.uname().machine}"
-        )
-    try:
-        feats = supported_features()
-    except OSError as e:
-        return Availability(name, False, f"userfaultfd(UFFD_USER_MODE_ONLY): {e.strerror}")
-    missing = REQUIRED_FEATURES & ~feats
-    if missing:
-        return Availability(
-            name, False, f"kernel lacks UFFD_FEATURE_WP_ASYNC/WP_UNPOPULATED (0x{missing:x})"
-        )
-    try:
-        why = _self_test()
-    except OSError as e:
-        what = "PAGEMAP_SCAN" if e.errno == errno.ENOTTY else "uffd-wp self-test"
-        return Availability(name, False, f"{what}: {e.strerror}")
-    if why:
-        return Availability(name, False, why)
-    return Availability(name, True, f"userfaultfd features 0x{feats:x}, PAGEMAP_SCAN works")

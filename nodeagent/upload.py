@@ -257,7 +257,7 @@ class _Attempt:
         e = p.e
         req = agent_pb2.UploadRequest()
         batch = req.batch
-        batch.region = p._rid[a]
+        batch.region = p.region_of(a)
         ent = batch.entries
         ent.page_offsets = e.offsets[a:b].astype("<u8").tobytes()
         ent.page_counts = e.counts[a:b].astype("<u4").tobytes()

@@ -97,6 +97,11 @@ class Plan:
     def chunks(self) -> int:
         return int((~self.e.zero).sum())
 
+    def region_of(self, i: int) -> int:
+        """The region index of entry `i` (a Python int, cached: asked once per batch)."""
+        r: int = self._rid[i]
+        return r
+
     def chunk(self, i: int) -> npt.NDArray[np.uint8]:
         row, count = self._rows[i], self._counts[i]
         if self.rows is not None:

@@ -32,10 +32,9 @@ from collections.abc import Callable
 from cpcoord.errors import AgentStepFailed, CpcoordError, UnknownMember
 from nodeagent import copyout, tracees, tracking
 from nodeagent import worker_ops as ops
-from nodeagent.iovec import vm_syscall
 from nodeagent.membership import DeathWatch, Key, Members, new_member, same_attach
 from nodeagent.metrics import AgentMetrics, unserved
-from nodeagent.reader import ReadvFn
+from nodeagent.reader import ReadvFn, sys_readv
 from nodeagent.worker_capture import OnStaged, capture
 from nodeagent.worker_freeze import freeze, restore_into, restore_member
 from nodeagent.worker_state import Emit, WorkerState
@@ -64,7 +63,7 @@ class Worker:
         self.metrics = metrics or unserved()
         self._on_staged = on_staged
         self._epoch = epoch  # the current stream's, for news nobody asked for (a death)
-        self._readv = readv or vm_syscall("process_vm_readv")
+        self._readv = readv or sys_readv
         self._q: queue.Queue[ops.Op] = queue.Queue()
         watch = DeathWatch(lambda key: self.submit(ops.GoneOp(key)))
         self._st = WorkerState(members, emit, self.config, self.metrics, watch)

@@ -26,7 +26,7 @@ from cpcoord.gen.v1 import agent_pb2
 from nodeagent.freeze import thaw
 from nodeagent.membership import DeathWatch, HeldMember, Key, Members, exit_status
 from nodeagent.metrics import AgentMetrics
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 from nodeagent.worker_ops import FrozenEntry, R, WorkerConfig, failed, member_gone, reason_name
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import ProcessExited, WriteFailed
-from nodeagent.iovec import IOV_MAX, WRITE, VmFn, alive, ends, transfer, vm_syscall
+from nodeagent.iovec import IOV_MAX, WRITE, VmFn, ends, mem_all, transfer, vm_syscall
 
 ZERO_CHUNK = 8 << 20  # bytes of the zero source; longer zero runs are split into pieces
 
@@ -48,7 +48,7 @@ _libc.mmap.argtypes = [
 ]
 
 WritevFn = VmFn
-_sys_writev: WritevFn = vm_syscall("process_vm_writev")
+sys_writev: WritevFn = vm_syscall("process_vm_writev")
 
 
 @cache
@@ -76,7 +76,7 @@ class MemoryWriter:
     that reached the target (a prefix: every path writes in order and stops at the first
     refusal), also after it raised. Restore puts back exactly those (restore_undo.py)."""
 
-    def __init__(self, pid: int, writev: WritevFn = _sys_writev) -> None:
+    def __init__(self, pid: int, writev: WritevFn = sys_writev) -> None:
         self.pid = pid
         self._writev = writev  # injectable so tests can make process_vm_writev fail
         self._mem_fd = -1
@@ -192,19 +192,9 @@ class MemoryWriter:
         return want
 
     def _mem_write(self, addr: int, length: int, src: int) -> None:
-        fd = self._mem()
-        done = 0
-        while done < length:
-            buf = (ctypes.c_char * (length - done)).from_address(src + done)
-            try:
-                got = os.pwritev(fd, [buf], addr + done)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    raise ProcessExited(self.pid, "restore") from None
-                raise WriteFailed(self.pid, f"0x{addr + done:x}", e.strerror) from None
-            if got <= 0:
-                if not alive(self.pid):
-                    raise ProcessExited(self.pid, "restore")
-                raise WriteFailed(self.pid, f"0x{addr + done:x}", "the kernel wrote nothing")
-            done += got
-            self.written += got
+        mem_all(
+            WRITE, self._mem(), self.pid, addr, length, src, during="restore", moved=self._moved
+        )
+
+    def _moved(self, n: int) -> None:
+        self.written += n

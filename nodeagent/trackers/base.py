@@ -22,13 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from nodeagent.freeze import FrozenProcess
+from nodeagent.pages import PageNumbers
 from nodeagent.procfs import Mapping
-
-PageNumbers = npt.NDArray[np.uint64]
-
-
-def empty_pages() -> PageNumbers:
-    return np.zeros(0, dtype=np.uint64)
 
 
 @dataclass(frozen=True)

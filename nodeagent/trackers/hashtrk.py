@@ -27,9 +27,11 @@ from cpcoord.ranges import PAGE_SIZE
 from nodeagent._native import page_digests
 from nodeagent.freeze import FrozenProcess
 from nodeagent.pagemap import PagemapReader
+from nodeagent.pages import PageNumbers, empty_pages
 from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.reader import MemoryReader, Staging
-from nodeagent.trackers.base import ChangedSet, PageNumbers, empty_pages
+from nodeagent.reader import MemoryReader
+from nodeagent.staging import Staging
+from nodeagent.trackers.base import ChangedSet
 
 Digests = npt.NDArray[np.uint64]  # (n, 2)
 DEFAULT_BATCH = 64 << 20

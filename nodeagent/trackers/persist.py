@@ -50,9 +50,8 @@ def load(tracker: Tracker, ident: ProcessIdentity, meta: Meta, arrays: Arrays) -
         if tracker.name == "soft-dirty":
             if not meta.get("armed"):
                 return "soft-dirty was not armed"
-            # No public setter (nodeagent/trackers/softdirty.py keeps it private): the
-            # process is the whole state of this backend.
-            tracker._ident = ident  # type: ignore[attr-defined]
+            # The process is the whole state of this backend.
+            tracker.adopt(ident)  # type: ignore[attr-defined]
             return ""
     except TrackerFailed as e:
         return str(e)

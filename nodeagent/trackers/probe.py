@@ -2,7 +2,7 @@
 
 Owns the report: per backend whether it works on this kernel, why not, and the individual
 checks behind the verdict (like `criu check`). Each verdict comes from the backend's own
-self-test on a page of this process (softdirty.availability, uffd.availability); the
+self-test on a page of this process (softdirty.availability, uffd_avail.availability); the
 finer checks here only explain a failure (which piece is missing), they never overrule it.
 
 Backends, in the order they are listed: soft-dirty, uffd-wp (both kernel-assisted),
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodeagent import uffd
-from nodeagent.trackers import softdirty
+from nodeagent.trackers import softdirty, uffd_avail
 from nodeagent.trackers.base import Availability
 
 
@@ -140,7 +140,7 @@ def probe_uffd_wp() -> BackendReport:
         checks.append(pagemap_scan_supported())
     except OSError as e:
         checks.append(Check("PAGEMAP_SCAN ioctl on /proc/self/pagemap", False, str(e)))
-    avail = _guard("uffd-wp", uffd.availability)
+    avail = _guard("uffd-wp", uffd_avail.availability)
     prerequisites_ok = all(c.ok for c in checks)
     detail = "" if avail.available or not prerequisites_ok else avail.reason
     if not prerequisites_ok:

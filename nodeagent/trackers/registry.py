@@ -36,7 +36,9 @@ class Backend:
 
 
 _BACKENDS = {
-    "uffd-wp": Backend("uffd-wp", "uffdwp", "UffdWpTracker", "nodeagent.uffd:availability"),
+    "uffd-wp": Backend(
+        "uffd-wp", "uffdwp", "UffdWpTracker", "nodeagent.trackers.uffd_avail:availability"
+    ),
     "soft-dirty": Backend("soft-dirty", "softdirty", "SoftDirtyTracker", "availability"),
     "hash": Backend("hash", "hashtrk", "HashTracker", ""),
 }

@@ -37,7 +37,6 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import (
-    NoSuchProcess,
     PermissionDenied,
     ProcessExited,
     TrackerFailed,
@@ -52,8 +51,9 @@ from nodeagent.pagemap import (
     PagemapReader,
     taken_mask,
 )
-from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.trackers.base import Availability, ChangedSet, PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages
+from nodeagent.procfs import Mapping, ProcessIdentity, open_proc
+from nodeagent.trackers.base import Availability, ChangedSet
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,7 @@ def inside(pages: PageNumbers, lo: PageNumbers, hi: PageNumbers) -> PageNumbers:
 
 def clear_refs(pid: int) -> None:
     """Write "4" to /proc/PID/clear_refs: clear every soft-dirty bit of the process."""
-    try:
-        fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(pid) from None
-    except PermissionError as e:
-        raise PermissionDenied("clear soft-dirty bits of", pid, e.strerror) from None
+    fd = open_proc(pid, "clear_refs", os.O_WRONLY, "clear soft-dirty bits of")
     try:
         os.write(fd, CLEAR_SOFT_DIRTY)
     except OSError as e:
@@ -170,6 +165,11 @@ class SoftDirtyTracker:
     @property
     def armed(self) -> ProcessIdentity | None:
         return self._ident
+
+    def adopt(self, ident: ProcessIdentity) -> None:
+        """Go on tracking a process armed by an earlier agent process (a chain's saved
+        state): the record of writes is in its page tables, so the process is all of it."""
+        self._ident = ident
 
     def arm(
         self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None

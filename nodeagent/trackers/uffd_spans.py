@@ -38,11 +38,7 @@ from nodeagent.mapscache import derived
 from nodeagent.procfs import Mapping
 
 U64 = npt.NDArray[np.uint64]
-NR_PIDFD_GETFD = uffd.NR_PIDFD_GETFD
 _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 def trackable(m: Mapping) -> bool:
@@ -181,7 +177,7 @@ class RemoteUffd:
         except ProcessLookupError:
             raise ProcessExited(pid, "uffd-wp") from None
         try:
-            got = int(_libc.syscall(NR_PIDFD_GETFD, pidfd, fd, 0))
+            got = uffd.pidfd_getfd(pidfd, fd)
             err = ctypes.get_errno()
         finally:
             os.close(pidfd)

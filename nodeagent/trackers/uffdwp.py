@@ -21,11 +21,14 @@ the reason, and by default all their present pages count as changed.
 
 With `registration="self"` the process registers its own memory (cpcoord.client_uffd) and
 nothing is ever injected. What the target sees, limits and costs: docs/uffd-wp.md.
+
+This module owns the sequence; its parts: opening the uffd in the target (uffd_open),
+spans (uffd_spans), registering them and the untracked record (uffd_register), the scans
+(uffd_scans), whether the kernel can do it at all (uffd_avail).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -41,61 +44,31 @@ from cpcoord.errors import (
     ProcessExited,
     TrackerUnavailable,
     UffdLost,
-    UffdScanFailed,
 )
 from cpcoord.ranges import AddressRange
 from nodeagent import uffd
 from nodeagent.freeze import FrozenProcess
 from nodeagent.inject import Injector
 from nodeagent.mapscache import derived
+from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.base import ChangedSet
+from nodeagent.trackers.uffd_open import open_uffd
+from nodeagent.trackers.uffd_register import Misses, key_of, register, unregistered_mappings
+from nodeagent.trackers.uffd_scans import all_registered, protect, scan, unregistered
 from nodeagent.trackers.uffd_spans import (
     Inside,
     RemoteUffd,
     Spans,
-    clip,
-    joinable,
     spans_of,
     trackable,
 )
 
 log = logging.getLogger(__name__)
 
-_Key = tuple[int, int, str, int, str, int, str]
-NR_FCNTL = 72
-F_DUPFD_CLOEXEC = 1030
-# The uffd goes to the lowest free number >= min(soft limit, CEILING) - MARGIN. The
-# ceiling bounds the fd table the kernel allocates for it (8 bytes per slot, copied at
-# every fork): 32 KiB, not 8 MiB under a soft limit of 1 Mi.
-HIGH_FD_CEILING = 4096
-HIGH_FD_MARGIN = 16
 
-__all__ = ["CollectStats", "UffdWpTracker", "high_fd_floor", "trackable"]
-
-
-def _key(m: Mapping) -> _Key:
-    return (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)
-
-
-def nofile_soft_limit(pid: int) -> int | None:
-    """The target's RLIMIT_NOFILE soft limit (/proc/PID/limits, readable by anyone);
-    None when unlimited or unreadable."""
-    try:
-        with open(f"/proc/{pid}/limits") as f:
-            for line in f:
-                if line.startswith("Max open files"):
-                    soft = line.split()[3]
-                    return None if soft == "unlimited" else int(soft)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def high_fd_floor(soft: int | None) -> int:
-    """Lowest number the tracker's fd may take (0: keep the number userfaultfd gave)."""
-    top = HIGH_FD_CEILING if soft is None else min(soft, HIGH_FD_CEILING)
-    return max(0, top - HIGH_FD_MARGIN)
+__all__ = ["CollectStats", "UffdWpTracker", "trackable"]
 
 
 @dataclass(frozen=True)
@@ -132,8 +105,7 @@ class UffdWpTracker:
         self._ident: ProcessIdentity | None = None
         self._fd = -1
         self._inode = 0
-        self._untracked: dict[_Key, str] = {}  # tracked mapping -> why registration failed
-        self._blocked: dict[_Key, str] = {}  # joinable mapping that could not be registered
+        self._miss = Misses()  # mappings that could not be registered
         self._scanner: uffd.PagemapScanner | None = None
         self.last: CollectStats | None = None
         # Whether the last arm/collect registered a range: that may merge or split VMAs,
@@ -150,7 +122,7 @@ class UffdWpTracker:
     @property
     def untracked(self) -> dict[AddressRange, str]:
         """Mappings that could not be registered, with the reason (hash/always changed)."""
-        return {AddressRange(k[0], k[1]): why for k, why in self._untracked.items()}
+        return {AddressRange(k[0], k[1]): why for k, why in self._miss.untracked.items()}
 
     def _fd_is_ours(self, pid: int) -> bool:
         try:
@@ -162,11 +134,11 @@ class UffdWpTracker:
         if self._scanner is not None:
             self._scanner.close()
         self._ident, self._fd, self._inode, self._scanner = None, -1, 0, None
-        self._untracked, self._blocked = {}, {}
+        self._miss = Misses()
 
     def _spans(self, maps: Sequence[Mapping], tracked: Sequence[Mapping]) -> Spans:
-        bar = {k[0] for k in self._untracked} | {k[0] for k in self._blocked}
-        return spans_of(maps, tracked, join=self.registration == "inject", barriers=frozenset(bar))
+        join = self.registration == "inject"
+        return spans_of(maps, tracked, join=join, barriers=self._miss.barriers())
 
     # -- arm -----------------------------------------------------------------------
 
@@ -175,7 +147,7 @@ class UffdWpTracker:
     ) -> None:
         """Arm on `mappings`; `maps` are the process's whole maps they come from (read
         here when not given: spans must know what lies between tracked mappings)."""
-        avail = uffd.availability()
+        avail = uffd_avail.availability()
         if not avail.available:
             raise TrackerUnavailable(self.name, avail.reason)
         t0 = time.perf_counter()
@@ -187,7 +159,7 @@ class UffdWpTracker:
             self._ident, self._scanner = fp.ident, uffd.PagemapScanner(fp.pid)
             inside = Inside(layout)
             sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
-            self._protect(sp)
+            protect(self._sc(), sp)
             t1 = time.perf_counter()
             self.last = CollectStats(t1 - t0, 0.0, 0.0, t1 - t0, 0, self._scanner.calls, 0, len(sp))
             return
@@ -196,7 +168,7 @@ class UffdWpTracker:
         with Injector(fp, site=self._site) as inj:
             if stale >= 0:
                 inj.syscall(uffd.NR_CLOSE, stale)
-            fd = self._open_uffd(inj)
+            fd = open_uffd(inj, self.name)
             try:
                 with RemoteUffd(fp.pid, fd) as ru:
                     err = ru.api(uffd.wanted_features())
@@ -206,7 +178,9 @@ class UffdWpTracker:
                     inode = ru.inode
                     sp = self._spans(layout, tracked)
                     inside = Inside(layout)
-                    registered = self._register(ru, sp.pairs(), inside, unprotect=False)
+                    pairs = sp.pairs()
+                    self.layout_touched = self.layout_touched or bool(pairs)
+                    registered = register(ru, pairs, inside, self._miss, unprotect=False)
             except BaseException:
                 inj.syscall(uffd.NR_CLOSE, fd)
                 raise
@@ -215,7 +189,7 @@ class UffdWpTracker:
         self._ident, self._fd, self._inode = fp.ident, fd, inode
         self._scanner = uffd.PagemapScanner(fp.pid)
         sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
-        self._protect(sp)
+        protect(self._sc(), sp)
         t2 = time.perf_counter()
         self.last = CollectStats(
             t2 - t0, 0.0, t1 - t0, t2 - t1, registered, self._scanner.calls, 0, len(sp)
@@ -227,72 +201,16 @@ class UffdWpTracker:
                     "pid": fp.pid,
                     "fd": fd,
                     "spans": len(sp),
-                    "untracked": len(self._untracked),
+                    "untracked": len(self._miss.untracked),
                     "injected_syscalls": calls,
                     "ms": round((t2 - t0) * 1e3, 3),
                 }
             },
         )
 
-    def _open_uffd(self, inj: Injector) -> int:
-        """userfaultfd() in the target, moved out of the way of its own fd numbers."""
-        flags = uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY
-        fd = inj.syscall(uffd.NR_USERFAULTFD, flags)
-        if fd < 0:
-            why = f"userfaultfd() in pid {inj.pid}: {os.strerror(-fd)}"
-            if -fd in (errno.EPERM, errno.ENOSYS, errno.EINVAL):
-                raise TrackerUnavailable(self.name, why)
-            raise InjectionFailed(inj.pid, "userfaultfd", os.strerror(-fd))
-        floor = high_fd_floor(nofile_soft_limit(inj.pid))
-        if floor <= fd:
-            return fd
-        high = inj.syscall(NR_FCNTL, fd, F_DUPFD_CLOEXEC, floor)
-        if high < 0:  # no free number up there (EMFILE, EINVAL): keep the one we have
-            log.warning(
-                "uffd-wp keeps a low fd",
-                extra={"fields": {"pid": inj.pid, "fd": fd, "error": os.strerror(-high)}},
-            )
-            return fd
-        inj.syscall(uffd.NR_CLOSE, fd)
-        return high
-
-    def _register(
-        self,
-        ru: RemoteUffd,
-        ranges: Sequence[tuple[int, int]],
-        inside: Inside,
-        *,
-        unprotect: bool,
-    ) -> int:
-        """Register each range (whole spans, or the unregistered parts of spans); where
-        one fails, each mapping in it alone, failures becoming untracked (tracked
-        mappings) or barriers (joinable ones). With `unprotect`, drop stale WP bits so
-        the next scan reports every page (a range found unregistered may hold pages
-        protected by an earlier uffd). Returns the ranges registered whole."""
-        done = 0
-        for lo, hi in ranges:
-            err = ru.register(lo, hi)
-            self.layout_touched = True
-            if err == 0:
-                done += 1
-                if unprotect:
-                    ru.unprotect(lo, hi)
-                continue
-            for m in inside(lo, hi):  # only tracked and joinable mappings lie in a span
-                e = ru.register(max(lo, m.start), min(hi, m.end))
-                if e == 0:
-                    if unprotect:
-                        ru.unprotect(max(lo, m.start), min(hi, m.end))
-                    continue
-                why = f"UFFDIO_REGISTER: {errno.errorcode.get(e, e)}"
-                (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
-        return done
-
-    def _protect(self, sp: Spans) -> None:
-        """Write-protect every present or swapped page of the spans."""
-        flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
-        for lo, hi in sp.pairs():
-            self._scan(lo, hi, flags=flags, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+    def _sc(self) -> uffd.PagemapScanner:
+        assert self._scanner is not None
+        return self._scanner
 
     def _verify(
         self, sp: Spans, inside: Inside, layout: Sequence[Mapping], tracked: Sequence[Mapping]
@@ -306,70 +224,10 @@ class UffdWpTracker:
             if self.registration == "self"
             else "not async-WP capable (VM_PFNMAP?)"
         )
-        changed = False
-        for lo, hi in sp.pairs():
-            if self._all_registered(lo, hi):
-                continue
-            for m in inside(lo, hi):
-                if not self._all_registered(m.start, m.end):
-                    (self._untracked if trackable(m) else self._blocked)[_key(m)] = why
-                    changed = True
+        changed = unregistered_mappings(self._sc(), sp, inside, self._miss, why)
         return self._spans(layout, tracked) if changed else sp
 
     # -- collect ---------------------------------------------------------------------
-
-    def _scan(self, start: int, end: int, **kw: int) -> uffd.Regions:
-        assert self._scanner is not None
-        try:
-            return self._scanner.scan(start, end, **kw)
-        except OSError as e:
-            raise UffdScanFailed(self._scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
-
-    def _all_registered(self, start: int, end: int) -> bool:
-        """One cheap walk: registered VMAs are skipped whole; EPERM names a VMA that is
-        not async-WP registered (including PFN maps, which the scan never reports)."""
-        assert self._scanner is not None
-        try:
-            self._scanner.scan(
-                start,
-                end,
-                flags=uffd.PM_SCAN_CHECK_WPASYNC,
-                mask=uffd.PAGE_IS_WPALLOWED,
-                inverted=uffd.PAGE_IS_WPALLOWED,
-                returns=uffd.PAGE_IS_WPALLOWED,
-            )
-        except OSError as e:
-            if e.errno == errno.EPERM:
-                return False
-            raise UffdScanFailed(self._scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
-        return True
-
-    def _unregistered(self, sp: Spans) -> list[tuple[int, int]]:
-        """The parts of the spans whose VMAs are not async-WP registered (whole VMAs:
-        the probe reports holes in them too)."""
-        out: list[tuple[int, int]] = []
-        for lo, hi in sp.pairs():
-            if self._all_registered(lo, hi):
-                continue
-            regs = self._scan(
-                lo,
-                hi,
-                mask=uffd.PAGE_IS_WPALLOWED,
-                inverted=uffd.PAGE_IS_WPALLOWED,
-                returns=uffd.PAGE_IS_WPALLOWED,
-            )
-            out.extend(clip(regs[:, 0], regs[:, 1], lo, hi))
-        return out
-
-    def _prune(self, layout: Sequence[Mapping], tracked: Sequence[Mapping]) -> None:
-        """Forget failures of mappings that are gone or changed (a new line is tried
-        again)."""
-        if self._untracked:
-            now = {_key(m) for m in tracked}
-            self._untracked = {k: v for k, v in self._untracked.items() if k in now}
-        if self._blocked:
-            now = {_key(m) for m in layout if joinable(m)}
-            self._blocked = {k: v for k, v in self._blocked.items() if k in now}
 
     def collect(
         self, fp: FrozenProcess, mappings: Sequence[Mapping], maps: Sequence[Mapping] | None = None
@@ -386,21 +244,23 @@ class UffdWpTracker:
         self.layout_touched = False
         layout = read_maps(fp.pid) if maps is None else maps
         tracked = _trackable(mappings)
-        self._prune(layout, tracked)
+        self._miss.prune(layout, tracked)
         if self.registration == "self":
             # Registered by the process since: tracked from now on. The process never
             # protects pages itself, so the scan below reports every page it holds.
             for m in tracked:
-                if _key(m) in self._untracked and self._all_registered(m.start, m.end):
-                    del self._untracked[_key(m)]
+                k = key_of(m)
+                if k in self._miss.untracked and all_registered(self._sc(), m.start, m.end):
+                    del self._miss.untracked[k]
         sp = self._spans(layout, tracked)
-        new = self._unregistered(sp)
+        new = unregistered(self._sc(), sp)
         t1 = time.perf_counter()
         registered = 0
         inside = Inside(layout)
         if new and self.registration == "inject":
             with RemoteUffd(fp.pid, self._fd, self._inode) as ru:
-                registered = self._register(ru, new, inside, unprotect=True)
+                self.layout_touched = True
+                registered = register(ru, new, inside, self._miss, unprotect=True)
         if new:
             # Whatever is still not async-WP capable (a failed registration, a PFN map
             # the probe cannot see) is untracked, before any WP scan could fail half-way.
@@ -411,7 +271,8 @@ class UffdWpTracker:
         lo_row = self._scanner.used
         flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
         for s, e in sp.pairs():
-            self._scan(
+            scan(
+                self._sc(),
                 s,
                 e,
                 flags=flags,
@@ -419,13 +280,14 @@ class UffdWpTracker:
                 anyof=uffd.PAGE_TAKEN,
                 returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
             )
-        always = [m for m in tracked if _key(m) in self._untracked] if self._untracked else []
+        miss = self._miss.untracked
+        always = [m for m in tracked if key_of(m) in miss] if miss else []
         for m in always if self.untracked_as_changed else ():
-            self._scan(m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+            scan(self._sc(), m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
         regions = self._scanner.buf[lo_row : self._scanner.used]
         if always and self.untracked_as_changed:  # they interleave with the spans
             regions = regions[np.argsort(regions[:, 0], kind="stable")]
-        pages = uffd.pages_of_ranges(regions[:, 0], regions[:, 1])
+        pages = pages_of_ranges(regions[:, 0], regions[:, 1])
         t3 = time.perf_counter()
         self.last = CollectStats(
             t3 - t0,
@@ -458,16 +320,13 @@ class UffdWpTracker:
         in the target): its number and inode, the registration mode, untracked mappings."""
         if self._ident is None:
             return {"armed": False}, {}
-        untracked = [[*k, why] for k, why in self._untracked.items()]
-        blocked = [[*k, why] for k, why in self._blocked.items()]
         meta = {
             "armed": True,
             "fd": self._fd,
             "inode": self._inode,
             "registration": self.registration,
             "untracked_as_changed": self.untracked_as_changed,
-            "untracked": untracked,
-            "blocked": blocked,
+            **self._miss.to_meta(),
         }
         return meta, {}
 
@@ -487,8 +346,7 @@ class UffdWpTracker:
             raise UffdLost(ident.pid, f"fd {fd} is no longer our userfaultfd ({link})")
         self.registration = str(meta.get("registration", "inject"))
         self.untracked_as_changed = bool(meta.get("untracked_as_changed", True))
-        self._untracked = _keys(meta.get("untracked", []))
-        self._blocked = _keys(meta.get("blocked", []))
+        self._miss = Misses.from_meta(meta)
         self._ident, self._fd, self._inode = ident, fd, inode
         self._scanner = uffd.PagemapScanner(ident.pid)
 
@@ -522,10 +380,3 @@ class UffdWpTracker:
 @derived
 def _trackable(mappings: Sequence[Mapping]) -> list[Mapping]:
     return [m for m in mappings if trackable(m)]
-
-
-def _keys(items: Sequence[Sequence[Any]]) -> dict[_Key, str]:
-    return {
-        (int(u[0]), int(u[1]), str(u[2]), int(u[3]), str(u[4]), int(u[5]), str(u[6])): str(u[7])
-        for u in items
-    }

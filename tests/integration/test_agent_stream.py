@@ -25,7 +25,7 @@ from cpcoord.errors import ChunkMismatch
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
 from cpcoord.grpcutil import abort_with, server_options
 from nodeagent.agent import Agent, AgentConfig
-from nodeagent.pagemap import pages_from_runs
+from nodeagent.pages import pages_from_runs
 from nodeagent.trackers import registry
 from tests.helpers.driver import PAGE, Target, task_states
 

@@ -32,8 +32,9 @@ from nodeagent.capture import Capture, CapturedRegion, capture
 from nodeagent.freeze import FrozenProcess
 from nodeagent.pagemap import PM_SWAPPED, PagemapReader
 from nodeagent.procfs import Mapping, ProcessIdentity, process_state, read_maps
-from nodeagent.reader import MemoryReader, Staging, _sys_readv
+from nodeagent.reader import MemoryReader, sys_readv
 from nodeagent.regions import RegionSpec, default_region_name
+from nodeagent.staging import Staging
 from nodeagent.trackers.base import ChangedSet
 from tests.conftest import require
 from tests.helpers import patterns
@@ -241,7 +242,7 @@ def test_fallback_to_proc_mem_gives_the_same_bytes(target_factory: MakeTarget) -
 
     def flaky(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
         # Like a VM_IO mapping: readv delivers the first 5 pages of a call, then fails.
-        got = _sys_readv(pid, local, nlocal, remote, 1)
+        got = sys_readv(pid, local, nlocal, remote, 1)
         return min(got, 5 * PAGE_SIZE)
 
     def broken(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:

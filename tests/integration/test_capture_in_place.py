@@ -384,7 +384,7 @@ def test_copy_shared_out_to_threads_with_fallbacks(
     monkeypatch.setattr(readermod, "_shares", counted)
 
     def flaky(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
-        got = readermod._sys_readv(pid, local, nlocal, remote, 1)
+        got = readermod.sys_readv(pid, local, nlocal, remote, 1)
         return min(got, 5 * PAGE_SIZE)
 
     w = ImageWriter(shm_dir / "img")

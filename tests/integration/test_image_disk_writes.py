@@ -15,7 +15,7 @@ from cpcoord.image import region_bytes
 from cpcoord.image_files import memory_backed
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.reader import Staging
+from nodeagent.staging import Staging
 
 pytestmark = pytest.mark.integration
 SEEK_DATA, SEEK_HOLE = 3, 4

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from nodeagent.freeze import frozen
-from nodeagent.inject import Injector, get_regs, regs_dict
+from nodeagent.inject import Injector
 from nodeagent.procfs import ProcessIdentity, read_maps, task_states
+from nodeagent.ptrace_abi import get_regs, regs_dict
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration

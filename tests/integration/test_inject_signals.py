@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent import uffd
 from nodeagent.freeze import frozen
 from nodeagent.inject import Injector
 from nodeagent.procfs import ProcessIdentity, read_maps
-from nodeagent.trackers.uffdwp import HIGH_FD_CEILING, UffdWpTracker
+from nodeagent.trackers import uffd_avail
+from nodeagent.trackers.uffd_open import HIGH_FD_CEILING
+from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.conftest import require
 from tests.helpers.cluster import Cluster
 from tests.helpers.restore_c import C_DIR, build_c
@@ -44,7 +45,7 @@ def sigstate(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def uffd_ok() -> None:
-    avail = uffd.availability()
+    avail = uffd_avail.availability()
     require(avail.available, f"uffd-wp: {avail.reason}")
 
 

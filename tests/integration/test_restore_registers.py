@@ -26,16 +26,10 @@ from cpcoord.ranges import AddressRange
 from nodeagent.capture import Capture, capture
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.registers import (
-    NT_X86_XSTATE,
-    PTRACE_GETREGSET,
-    ThreadStateHooks,
-    ThreadStates,
-    _Iovec,
-    restore_thread_state,
-    save_thread_state,
-)
+from nodeagent.ptrace_abi import NT_X86_XSTATE, PTRACE_GETREGSET, Iovec
+from nodeagent.registers import ThreadStates, restore_thread_state, save_thread_state
 from nodeagent.restore import MemberLayout, RegionContents, RegionLayout, restore_members
+from nodeagent.thread_hooks import ThreadStateHooks
 from tests.helpers.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, SpinTarget, build_c, digest, read_mem
 
@@ -129,7 +123,7 @@ def test_thread_state_round_trips_and_registers_alone_are_caught(c_exe: Path) ->
                     got = ctypes.string_at(ctypes.addressof(regs), ctypes.sizeof(regs))
                 assert got == s.regs, f"thread {s.tid}: general registers differ"
                 buf = ctypes.create_string_buffer(len(s.fpregs))
-                iov = _Iovec(ctypes.addressof(buf), len(s.fpregs))
+                iov = Iovec(ctypes.addressof(buf), len(s.fpregs))
                 ptrace(PTRACE_GETREGSET, s.tid, NT_X86_XSTATE, ctypes.addressof(iov))
                 assert buf.raw[: iov.len] == s.fpregs, f"thread {s.tid}: FP state differs"
         # Registers of the past over the memory of now: the program notices and stops,
@@ -206,7 +200,7 @@ def test_registers_refused_half_way_put_back_memory_and_registers(
     back: the threads go on from where they were, their invariants intact."""
     import nodeagent.restore as restore_mod
     from cpcoord.errors import RestoreUndone, ThreadStateInvalid
-    from nodeagent.registers import PTRACE_SETREGS
+    from nodeagent.ptrace_abi import PTRACE_SETREGS
 
     real = restore_mod.restore_thread_state
 

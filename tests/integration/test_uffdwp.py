@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from cpcoord.errors import UffdLost
-from nodeagent import uffd
 from nodeagent.freeze import frozen
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.conftest import require
 
@@ -35,7 +35,7 @@ PAGE = 4096
 @pytest.fixture(scope="session")
 def c_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require(shutil.which("gcc") is not None, "gcc is needed to build the C test target")
-    avail = uffd.availability()
+    avail = uffd_avail.availability()
     require(avail.available, f"uffd-wp: {avail.reason}")
     out = tmp_path_factory.mktemp("c") / "uffd_target"
     subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(C_SOURCE)], check=True)

@@ -15,7 +15,7 @@ from cpcoord import client_uffd
 from nodeagent import uffd
 from nodeagent.freeze import frozen
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.trackers import uffdwp
+from nodeagent.trackers import uffd_avail, uffdwp
 from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.conftest import require
 
@@ -90,7 +90,7 @@ class SelfTarget:
 
 @pytest.fixture
 def target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SelfTarget]:
-    avail = uffd.availability()
+    avail = uffd_avail.availability()
     require(avail.available, f"uffd-wp: {avail.reason}")
 
     def no_injection(*a: object, **k: object) -> None:

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.capture import zero_rows
-from nodeagent.reader import MEM_ABSORB, Staging, _absorb
+from nodeagent.reader import MEM_ABSORB, _absorb
+from nodeagent.staging import Staging
 
 
 @settings(max_examples=60, deadline=None)

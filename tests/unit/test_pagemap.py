@@ -21,13 +21,10 @@ from nodeagent.pagemap import (
     PM_SWAPPED,
     PM_UFFD_WP,
     clip_regions,
-    pages_from_runs,
-    runs_from_list,
-    runs_from_pages,
-    runs_to_list,
     taken_in,
     taken_mask,
 )
+from nodeagent.pages import pages_from_runs, runs_from_list, runs_from_pages, runs_to_list
 
 sorted_pages = st.lists(st.integers(0, 5000), max_size=300, unique=True).map(
     lambda xs: np.array(sorted(xs), dtype=np.uint64)

@@ -14,9 +14,10 @@ from cpcoord.gen.v1 import manifest_pb2
 from cpcoord.mapfacts import MapFact, check_facts, differs, facts_for
 from nodeagent.procfs import Mapping
 from nodeagent.restore import MemberLayout, RegionLayout
+from nodeagent.restore_backup import Backed
 from nodeagent.restore_fit import check_layout, fit_region
 from nodeagent.restore_plan import Plan
-from nodeagent.restore_undo import Backed, rollback_pieces, split
+from nodeagent.restore_undo import rollback_pieces, split
 from nodeagent.writer import ZERO_CHUNK, zero_source
 
 P = 4096

@@ -13,9 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nodeagent import uffd
+from nodeagent.pages import pages_of_ranges
 from nodeagent.procfs import Mapping
+from nodeagent.trackers import uffd_avail
+from nodeagent.trackers.uffd_open import high_fd_floor
 from nodeagent.trackers.uffd_spans import spans_of
-from nodeagent.trackers.uffdwp import high_fd_floor
 from tests.conftest import require
 
 PAGE = 4096
@@ -47,14 +49,14 @@ def disjoint_ranges(draw: st.DrawFn) -> list[tuple[int, int]]:
 @given(disjoint_ranges())
 def test_pages_of_ranges_equals_the_naive_expansion(ranges: list[tuple[int, int]]) -> None:
     want = [p for s, e in ranges for p in range(s // PAGE, e // PAGE)]
-    got = uffd.pages_of_ranges([s for s, _ in ranges], [e for _, e in ranges])
+    got = pages_of_ranges([s for s, _ in ranges], [e for _, e in ranges])
     assert got.dtype == np.uint64
     assert got.tolist() == want
 
 
 def test_pages_of_ranges_empty() -> None:
-    assert uffd.pages_of_ranges([], []).size == 0
-    assert uffd.pages_of_ranges([PAGE], [PAGE]).size == 0
+    assert pages_of_ranges([], []).size == 0
+    assert pages_of_ranges([PAGE], [PAGE]).size == 0
 
 
 def _m(start: int, end: int, perms: str = "rw-p", path: str = "") -> Mapping:
@@ -136,9 +138,9 @@ def test_high_fd_floor_stays_below_the_limit_and_the_ceiling() -> None:
 
 @pytest.fixture
 def own_uffd() -> tuple[int, mmap.mmap, int]:
-    avail = uffd.availability()
+    avail = uffd_avail.availability()
     require(avail.available, f"uffd-wp: {avail.reason}")
-    fd = uffd._userfaultfd(uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
+    fd = uffd.userfaultfd(uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
     uffd.ioctl(fd, uffd.UFFDIO_API, uffd.UffdioApi(uffd.UFFD_API, uffd.REQUIRED_FEATURES, 0))
     buf = mmap.mmap(-1, 16 * PAGE)
     buf.madvise(mmap.MADV_NOHUGEPAGE)
@@ -172,7 +174,7 @@ def test_scanner_resumes_when_the_vector_is_full(own_uffd: tuple[int, mmap.mmap,
             returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
         )
         assert sc.calls - calls >= 2  # the vector filled and the walk was resumed
-        pages = uffd.pages_of_ranges(got[:, 0], got[:, 1]) - np.uint64(addr // PAGE)
+        pages = pages_of_ranges(got[:, 0], got[:, 1]) - np.uint64(addr // PAGE)
         assert pages.tolist() == [1, 3, 4, 9, 15]
         again = sc.scan(addr, addr + 16 * PAGE, flags=flags, mask=uffd.PAGE_IS_WRITTEN)
         assert again.size == 0  # everything reported was protected again
@@ -183,7 +185,7 @@ def test_scanner_resumes_when_the_vector_is_full(own_uffd: tuple[int, mmap.mmap,
 
 
 def test_check_wpasync_refuses_an_unregistered_range() -> None:
-    require(uffd.availability().available, "uffd-wp unavailable")
+    require(uffd_avail.availability().available, "uffd-wp unavailable")
     buf = mmap.mmap(-1, 4 * PAGE)
     buf[0] = 1
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -198,7 +200,7 @@ def test_check_wpasync_refuses_an_unregistered_range() -> None:
 
 
 def test_availability_names_what_it_checked() -> None:
-    a = uffd.availability()
+    a = uffd_avail.availability()
     assert a.name == "uffd-wp"
     if a.available:
         assert "PAGEMAP_SCAN works" in a.reason

@@ -18,7 +18,7 @@ from cpcoord.gen.v1 import agent_pb2
 from nodeagent.capture import zero_rows
 from nodeagent.chunks import MESSAGE_MARGIN, batches, plan
 from nodeagent.copyout import StagedRegion
-from nodeagent.pagemap import runs_from_pages
+from nodeagent.pages import runs_from_pages
 from nodeagent.upload import Limits, StagedMember, header, upload
 from nodeagent.upload_plan import Plan, member_runs, rounds
 

@@ -1,0 +1,67 @@
+"""The PAGEMAP_SCAN walks the uffd-wp tracker makes over its spans, in the agent.
+
+Owns: one scan with its error mapped (UffdScanFailed), the cheap probe of whether every
+VMA of a range is async-WP registered, the parts of spans that are not, and
+write-protecting every present or swapped page of spans. Registration and the written-page
+collect that uses these are `uffdwp`'s business.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from cpcoord.errors import UffdScanFailed
+from nodeagent import uffd
+from nodeagent.trackers.uffd_spans import Spans, clip
+
+
+def scan(scanner: uffd.PagemapScanner, start: int, end: int, **kw: int) -> uffd.Regions:
+    try:
+        return scanner.scan(start, end, **kw)
+    except OSError as e:
+        raise UffdScanFailed(scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
+
+
+def all_registered(scanner: uffd.PagemapScanner, start: int, end: int) -> bool:
+    """One cheap walk: registered VMAs are skipped whole; EPERM names a VMA that is
+    not async-WP registered (including PFN maps, which the scan never reports)."""
+    try:
+        scanner.scan(
+            start,
+            end,
+            flags=uffd.PM_SCAN_CHECK_WPASYNC,
+            mask=uffd.PAGE_IS_WPALLOWED,
+            inverted=uffd.PAGE_IS_WPALLOWED,
+            returns=uffd.PAGE_IS_WPALLOWED,
+        )
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            return False
+        raise UffdScanFailed(scanner.pid, f"0x{start:x}-0x{end:x}", e.strerror) from None
+    return True
+
+
+def unregistered(scanner: uffd.PagemapScanner, sp: Spans) -> list[tuple[int, int]]:
+    """The parts of the spans whose VMAs are not async-WP registered (whole VMAs:
+    the probe reports holes in them too)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sp.pairs():
+        if all_registered(scanner, lo, hi):
+            continue
+        regs = scan(
+            scanner,
+            lo,
+            hi,
+            mask=uffd.PAGE_IS_WPALLOWED,
+            inverted=uffd.PAGE_IS_WPALLOWED,
+            returns=uffd.PAGE_IS_WPALLOWED,
+        )
+        out.extend(clip(regs[:, 0], regs[:, 1], lo, hi))
+    return out
+
+
+def protect(scanner: uffd.PagemapScanner, sp: Spans) -> None:
+    """Write-protect every present or swapped page of the spans."""
+    flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
+    for lo, hi in sp.pairs():
+        scan(scanner, lo, hi, flags=flags, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
