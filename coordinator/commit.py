@@ -31,12 +31,12 @@ from cpcoord.errors import CpcoordError, GenerationStateError
 from cpcoord.log import log_event
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.commit")
 
 
-def run(engine: Engine, f: Flight) -> None:
+def run(engine: EngineView, f: Flight) -> None:
     """Commit the flight's generation and tell the core how it went."""
     ev: Event
     try:
@@ -54,7 +54,7 @@ def run(engine: Engine, f: Flight) -> None:
         retain(engine, f.job)
 
 
-def _write(engine: Engine, f: Flight) -> bool:
+def _write(engine: EngineView, f: Flight) -> bool:
     with engine.lock:
         if not f.in_flight:
             return False
@@ -74,7 +74,7 @@ def _write(engine: Engine, f: Flight) -> bool:
     return True
 
 
-def drop(engine: Engine, f: Flight, reason: AbortReason) -> None:
+def drop(engine: EngineView, f: Flight, reason: AbortReason) -> None:
     """The catalog row becomes ABORTED (never a visible COMMITTED one)."""
     f.uploads.clear()
     try:
@@ -92,7 +92,7 @@ def drop(engine: Engine, f: Flight, reason: AbortReason) -> None:
             engine.repo.delete_generation(f.job, f.number)
 
 
-def retain(engine: Engine, job: str) -> list[int]:
+def retain(engine: EngineView, job: str) -> list[int]:
     """Delete committed generations beyond the newest `keep` (pinned ones stay)."""
     gens = engine.repo.generations(job)
     keep = {g.number for g in gens[-engine.opt.keep :]} | {g.number for g in gens if g.pinned}

@@ -24,10 +24,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from coordinator import commit, restore
+from coordinator import commit, generations, restore
 from coordinator.agents import AgentSession, Registry
+from coordinator.engine_view import Options
 from coordinator.events import EventBus
 from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
     CheckpointOptions,
@@ -80,29 +81,14 @@ from cpcoord.errors import (
 )
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
-from cpcoord.grpcutil import MAX_MESSAGE_BYTES
 from cpcoord.log import log_event
-from cpcoord.ranges import PAGE_SIZE, check_name
+from cpcoord.ranges import check_name
 
 log = logging.getLogger("cpcoord.coordinator")
 
 PROTOCOL_VERSION = 1
 RECENT = 4096  # run stats kept for listings (pages captured, downtime, seconds)
 _STORE_FAULTS = {"packs": "coordinator.commit.packs", "manifest": "coordinator.commit.manifest"}
-
-
-@dataclass(frozen=True)
-class Options:
-    keep: int = 5  # committed generations kept per job, plus pinned ones
-    heartbeat_s: float = 1.0  # agents are lost after 3 silent intervals
-    command_timeout_s: float = 15.0  # AttachMember/DetachMember answers
-    page_size: int = PAGE_SIZE
-    max_message_bytes: int = MAX_MESSAGE_BYTES  # the transport's limit, both ways
-    # Told to agents as Welcome.max_message_bytes, so page batches stay small: messages
-    # over 32 MiB come from a fresh mmap each time (glibc), and their page faults cost
-    # 3-4x per byte here; 4-16 MiB messages pipeline and reuse memory (8 MiB measured best).
-    agent_message_bytes: int = 8 << 20
-    max_batch_entries: int = 65536
 
 
 class Engine:
@@ -147,7 +133,7 @@ class Engine:
                 self.feed(f, StoreFailed("the coordinator is shutting down"))
             for s in self.agents.connected():
                 s.close("the coordinator is shutting down")
-            self._wake.notify_all()
+            self.wake()
         self.events.close()
         if self._timer is not None:
             self._timer.join(timeout=5)
@@ -236,7 +222,7 @@ class Engine:
             sub = f.subscribe()
             self.flights[opts.job] = f
             self.feed(f, Begin(self.clock()))
-            self._wake.notify_all()
+            self.wake()
         return sub
 
     def cancel(self, f: Flight, detail: str) -> bool:
@@ -396,7 +382,7 @@ class Engine:
             seconds=round(run.seconds, 3),
             frozen_seconds=round(run.frozen_seconds, 4),
         )
-        self._wake.notify_all()
+        self.wake()
         return f.summary
 
     def summary(
@@ -409,9 +395,7 @@ class Engine:
         info: GenerationInfo | None = None,
     ) -> Summary:
         """A generation as clients see it: the catalog row plus the run's numbers."""
-        from coordinator.generations import summarize
-
-        return summarize(self, job, number, state, snap, run, info)
+        return generations.summarize(self, job, number, state, snap, run, info)
 
     # -- commit (coordinator/commit.py) ---------------------------------------------------
 
@@ -423,6 +407,10 @@ class Engine:
         return commit.retain(self, job)
 
     # -- timers ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Wake the timer thread (deadlines changed). Under the lock."""
+        self._wake.notify_all()
 
     def _timer_loop(self) -> None:
         hb = self.opt.heartbeat_s

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 from coordinator import generations
 from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
-from coordinator.members_ops import _ask
 from coordinator.protocol import Generation
 from coordinator.protocol_messages import Begin
 from coordinator.protocol_values import GenState, Kind, Spec
@@ -51,7 +50,7 @@ from cpcoord.log import log_event
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.restore")
 
@@ -80,7 +79,7 @@ def is_restore(f: Flight) -> bool:
     return f.gen.snapshot.spec.kind is Kind.RESTORE
 
 
-def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
+def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
     """Start restoring in place; progress comes on the subscription. Errors before it
     begins: UnknownJob, NoSuchGeneration, UnknownMember, JobBusy, MemberNotRunning,
     AgentUnavailable."""
@@ -90,7 +89,7 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
     timing = CheckpointOptions(
         opts.job, lease_ms=opts.lease_ms, freeze_timeout_ms=opts.freeze_timeout_ms
     ).timing()
-    info = generations._committed(engine, opts.job, opts.generation)
+    info = generations.committed(engine, opts.job, opts.generation)
     manifest = engine.repo.manifest(opts.job, info.number)
     in_gen = {m.name for m in manifest.members}
     with engine.lock:
@@ -125,12 +124,12 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
         sub = f.subscribe()
         engine.flights[opts.job] = f
         engine.feed(f, Begin(engine.clock()))
-        engine._wake.notify_all()
+        engine.wake()
     return sub
 
 
 def freeze_layouts(
-    engine: Engine, job: str, generation: int, members: Iterable[str]
+    engine: EngineView, job: str, generation: int, members: Iterable[str]
 ) -> list[agent_pb2.RestoreLayout]:
     """The restore Freeze's layouts: each named member's regions with their mappings at
     the cut, and (a whole-memory member) every thread's registers at the cut."""
@@ -163,7 +162,7 @@ def freeze_layouts(
     return out
 
 
-def finish(engine: Engine, f: Flight) -> Summary:
+def finish(engine: EngineView, f: Flight) -> Summary:
     """Under the lock, at a restore's end (COMMITTED or ABORTED): the flight is over;
     written members capture in full next; the generation keeps its own record."""
     if engine.flights.get(f.job) is f:
@@ -186,18 +185,18 @@ def finish(engine: Engine, f: Flight) -> Summary:
         detail=snap.detail,
         seconds=round(engine.clock() - f.started, 3),
     )
-    engine._wake.notify_all()
+    engine.wake()
     return f.summary
 
 
-def into(engine: Engine, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats]:
+def into(engine: EngineView, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats]:
     """Write one member's pages of a committed generation into a new process, through
     the agent of its node (RestoreInto); returns the generation and what was written."""
     check_name(opts.job)
     check_name(opts.member)
     if opts.pid < 1:
         raise InvalidArgument(f"pid must be >= 1, got {opts.pid}")
-    info = generations._committed(engine, opts.job, opts.generation)
+    info = generations.committed(engine, opts.job, opts.generation)
     m = engine.repo.manifest(opts.job, info.number)
     try:
         mm = m.member(opts.member)
@@ -235,5 +234,5 @@ def into(engine: Engine, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats
     # Writing a whole member can take a while: at least the command timeout, more when big.
     pages = sum(r.pages.page_count for r in mm.regions)
     timeout = engine.opt.command_timeout_s + pages * m.page_size / (200 << 20)
-    res = _ask(s, "RestoreInto", timeout, restore_into=msg)
+    res = s.ask("RestoreInto", timeout, restore_into=msg)
     return info.number, res.stats
