@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +55,7 @@ from coordinator.store.index import Index
 from coordinator.store.inflight import InFlight, Registry
 from coordinator.store.manifest import Manifest
 from coordinator.store.reader import PageRun
+from coordinator.store.rebuild import RebuildReport, rebuild_catalog
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
 from coordinator.store.writer import PackSink
 from cpcoord.errors import (
@@ -68,9 +69,6 @@ from cpcoord.errors import (
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
-
-if TYPE_CHECKING:
-    from coordinator.store.rebuild import RebuildReport
 
 log = logging.getLogger("cpcoord.store")
 Latest = Literal["latest"]
@@ -96,9 +94,9 @@ class Repository:
         # Replicas (coordinator/ha): called with "manifest" before the manifest is
         # written and "catalog" before the flip; raising fails the commit, nothing flips.
         self.fence: Callable[[str], None] | None = None
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._sink = PackSink(backend, self.config.pack_size)
-        self._unindexed: list[int] = []  # pack numbers not yet in an index file
+        self.unindexed: list[int] = []  # pack numbers not yet in an index file
         self.recent_puts: set[str] = set()  # packs stored since gc's mark (gc must not delete)
         self._manifests: dict[str, Manifest] = {}  # small cache, names are immutable
         self.inflight = Registry()
@@ -149,12 +147,10 @@ class Repository:
         self._load_index()
         self.rebuilt: RebuildReport | None = None
         if self.rebound is not None:
-            from coordinator.store.rebuild import rebuild_catalog  # it imports this module
-
             self.rebuilt = rebuild_catalog(self)
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             if self._lock_fd < 0:
                 return
             self._sink.close()
@@ -170,7 +166,7 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _step(self, name: str) -> None:
+    def step(self, name: str) -> None:
         if self.fault is not None:
             self.fault(name)
 
@@ -184,10 +180,10 @@ class Repository:
 
     def rebuild_index(self) -> int:
         """Forget the index files and re-read every pack's trailer; returns chunks indexed."""
-        with self._lock:
+        with self.lock:
             return index_io.rebuild(self)
 
-    def _integrate(self, block: bool) -> None:
+    def integrate(self, block: bool) -> None:
         """Index the packs the writer has stored; raise its first failure (if any) after
         indexing the others."""
         stored, error = self._sink.reap(block)
@@ -196,7 +192,7 @@ class Repository:
             self.index.add_pack(sp.id, sp.size, sp.contents)
             no = self.index.pack_number(sp.id)
             assert no is not None
-            self._unindexed.append(no)
+            self.unindexed.append(no)
         if error is not None:
             raise error
 
@@ -208,22 +204,22 @@ class Repository:
         aborted a generation whose own data was fine, e.g. the first one after the S3
         server came back (tests/integration/test_e2e_s3_faults.py)."""
         try:
-            self._integrate(block=False)
+            self.integrate(block=False)
         except StoreError as e:
             log_event(log, logging.WARNING, "dropped an earlier pack put failure", error=str(e))
 
     def flush(self) -> None:
         """Seal every open pack and wait until all are stored and indexed."""
-        with self._lock:
+        with self.lock:
             self._sink.seal()
-            self._integrate(block=True)
+            self.integrate(block=True)
 
     # -- ingest --------------------------------------------------------------------
 
     def begin(self, job: str, parent: int | Latest | None = "latest") -> int:
         """Allocate a PREPARING generation; parent defaults to the latest committed one."""
         check_name(job)
-        with self._lock:
+        with self.lock:
             if parent == "latest":
                 done = self.catalog.generations(job, State.COMMITTED)
                 parent = done[-1].number if done else None
@@ -243,9 +239,9 @@ class Repository:
         namespace. The ones it has are claimed for the generation (kept from gc)."""
         arr = as_id_array(ids)
         arr = arr[~zero_mask(arr)]
-        with self._lock:
+        with self.lock:
             g = self.inflight.get(job, generation, "ask for missing chunks")
-            self._integrate(block=False)
+            self.integrate(block=False)
             present = self.index.chunks(g.namespace).contains(arr)
             present |= self._sink.contains(g.namespace, arr)
             g.claim(arr[present])
@@ -261,14 +257,14 @@ class Repository:
             raise InvalidArgument(f"{arr.size} chunk ids for {len(chunks)} chunks")
         if zero_mask(arr).any():
             raise InvalidArgument("the ZERO marker names all-zero pages and is never stored")
-        with self._lock:
+        with self.lock:
             g = self.inflight.get(job, generation, "accept chunks")
         actual = packs.check_chunks(arr, chunks)
         bad = np.flatnonzero(actual != arr)
         if bad.size:
             i = int(bad[0])
             raise ChunkMismatch(arr[i].tobytes().hex(), actual[i].tobytes().hex())
-        with self._lock:
+        with self.lock:
             new = self._new_ids(g.namespace, arr)
         sel = np.flatnonzero(new)
         todo = [chunks[int(i)] for i in sel]
@@ -280,7 +276,7 @@ class Repository:
             methods |= packs.METHOD_SEALED
         raws = np.array([len(c) for c in todo], dtype=np.uint32)
         stored = 0
-        with self._lock:
+        with self.lock:
             g.claim(arr)
             still = self._new_ids(g.namespace, arr[sel])  # another upload may have won
             keep = np.flatnonzero(still)
@@ -290,7 +286,7 @@ class Repository:
                 stored = sum(len(b) for b in kb)
                 g.chunks_new += int(keep.size)
                 g.bytes_new += stored
-            self._integrate(block=False)
+            self.integrate(block=False)
         return AddResult(len(chunks), int(keep.size), stored)
 
     def _new_ids(self, namespace: str, arr: IdArray) -> np.ndarray:
@@ -303,7 +299,7 @@ class Repository:
         return new
 
     def abort(self, job: str, generation: int, reason: str) -> None:
-        with self._lock:
+        with self.lock:
             self.catalog.abort(job, generation, reason)
             self.inflight.remove(job, generation)
         log_event(
@@ -315,18 +311,18 @@ class Repository:
     def commit(self, manifest: Manifest) -> GenerationInfo:
         """Make a generation durable and visible (order in the module docstring)."""
         job, n = manifest.job, manifest.generation
-        with self._lock:
+        with self.lock:
             g = self.inflight.get(job, n, "commit")
             if manifest.parent != g.parent:
                 raise ManifestInvalid(n, job, f"parent {manifest.parent}, begun with {g.parent}")
             m = replace(manifest, namespace=g.namespace)
             m.validate()
             self._sink.seal()
-            self._integrate(block=True)
-            self._step("packs")
+            self.integrate(block=True)
+            self.step("packs")
             sizes = self._check_references(m, g)
             self._persist_index()
-            self._step("index")
+            self.step("index")
             name = f"{job}/{n:010d}"
             data = manifest_io.encode(m)
             if self.config.sealer is not None:
@@ -334,12 +330,12 @@ class Repository:
             if self.fence is not None:
                 self.fence("manifest")
             self.backend.put(Kind.MANIFESTS, name, data)
-            self._step("manifest")
+            self.step("manifest")
             if self.fence is not None:
                 self.fence("catalog")
             self.catalog.commit(job, n, name, sizes)
             self.inflight.remove(job, n)
-            self._step("catalog")
+            self.step("catalog")
         log_event(
             log, logging.INFO, "generation committed", job=job, generation=n,
             pages=sizes.pages, bytes_logical=sizes.bytes_logical, bytes_new=sizes.bytes_new,
@@ -385,13 +381,17 @@ class Repository:
             raise GenerationStateError(generation, job, "read it", f"it is {info.state}")
         return self.load_manifest(info.manifest)
 
+    def forget_manifest(self, name: str) -> None:
+        with self.lock:
+            self._manifests.pop(name, None)
+
     def load_manifest(self, name: str) -> Manifest:
-        with self._lock:
+        with self.lock:
             m = self._manifests.get(name)
         if m is None:
             raw = self.backend.get(Kind.MANIFESTS, name)
             m = manifest_io.decode(open_manifest(self.config.sealer, name, raw), name)
-            with self._lock:
+            with self.lock:
                 if len(self._manifests) >= 8:
                     self._manifests.pop(next(iter(self._manifests)))
                 self._manifests[name] = m
@@ -417,7 +417,7 @@ class Repository:
 
     def delete_generation(self, job: str, generation: int) -> None:
         """Delete a committed (unpinned) or aborted generation now; gc reclaims its space."""
-        with self._lock:
+        with self.lock:
             info = self.catalog.get(job, generation)
             if info.state is State.PREPARING:
                 raise GenerationStateError(generation, job, "delete it", "it is in flight")
