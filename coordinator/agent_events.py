@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from coordinator import members_ops
 from coordinator.flight import Flight
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentFrozen,
     Event,
     FreezeFailed,
@@ -27,7 +27,7 @@ from coordinator.protocol_messages import (
     MemberStaged,
     MemberUploaded,
 )
-from coordinator.protocol_values import AGENT_REASONS, AbortReason, Stats
+from coordinator.protocol.values import AGENT_REASONS, AbortReason, Stats
 from coordinator.store.manifest import ThreadRegs
 from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
 from cpcoord.faults import fault_point

@@ -24,8 +24,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from coordinator.flight import Flight
-from coordinator.protocol_messages import Event, StoreCommitted, StoreFailed
-from coordinator.protocol_values import AbortReason, GenState
+from coordinator.protocol.messages import Event, StoreCommitted, StoreFailed
+from coordinator.protocol.values import AbortReason, GenState
 from coordinator.store import Manifest, State
 from cpcoord.errors import CpcoordError, GenerationStateError
 from cpcoord.log import log_event

@@ -40,7 +40,7 @@ from coordinator.flight import (  # CheckpointOptions: re-exported for the servi
 )
 from coordinator.membership import Membership
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentLost,
     Begin,
     Cancel,
@@ -58,7 +58,7 @@ from coordinator.protocol_messages import (
     StoreFailed,
     Tick,
 )
-from coordinator.protocol_values import (
+from coordinator.protocol.values import (
     AbortReason,
     GenState,
     ProgressKind,

@@ -19,8 +19,8 @@ from coordinator.agents import Registry
 from coordinator.events import EventBus
 from coordinator.flight import Flight, RunStats, Summary
 from coordinator.membership import Membership
-from coordinator.protocol_messages import Event
-from coordinator.protocol_values import Snapshot
+from coordinator.protocol.messages import Event
+from coordinator.protocol.values import Snapshot
 from coordinator.store import Repository
 from coordinator.store.catalog import GenerationInfo
 from cpcoord.grpcutil import MAX_MESSAGE_BYTES

@@ -53,7 +53,7 @@ DEFAULT_QUEUE = 1024
 # to DEFAULT_QUEUE events: bounded so a misbehaving dashboard cannot exhaust memory.
 MAX_WATCHERS = 64
 
-# The core's progress kinds (coordinator/protocol_values.ProgressKind values) that are
+# The core's progress kinds (coordinator.protocol.values.ProgressKind values) that are
 # also job events on their own, per operation.
 _CHECKPOINT_STEPS = {
     "freeze_sent": "generation_started",

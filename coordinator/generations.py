@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coordinator.flight import RunStats, Summary
-from coordinator.protocol_values import AbortReason, Snapshot
+from coordinator.protocol.values import AbortReason, Snapshot
 from coordinator.store import GcReport, Manifest, State, StoreStats, VerifyReport
 from coordinator.store.catalog import GenerationInfo
 from cpcoord.errors import GenerationStateError, InvalidArgument, NoSuchGeneration, UnknownJob

@@ -25,8 +25,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from coordinator.flight import Flight
-from coordinator.protocol_messages import MemberFailed, StoreFailed
-from coordinator.protocol_values import AbortReason
+from coordinator.protocol.messages import MemberFailed, StoreFailed
+from coordinator.protocol.values import AbortReason
 from coordinator.store.ids import ID_SIZE, IdArray, as_id_array, member_of
 from coordinator.uploads import MemberUpload, UploadAssembler
 from cpcoord.errors import (

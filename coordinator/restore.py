@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 from coordinator import generations
 from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import Begin
-from coordinator.protocol_values import GenState, Kind, Spec
+from coordinator.protocol.messages import Begin
+from coordinator.protocol.values import GenState, Kind, Spec
 from cpcoord import mapfacts
 from cpcoord.errors import (
     AgentUnavailable,

@@ -6,7 +6,7 @@ from typing import Any
 
 from coordinator.flight import Progress, Summary
 from coordinator.membership import MemberRec
-from coordinator.protocol_values import Stats
+from coordinator.protocol.values import Stats
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 
 _REASONS = frozenset(common_pb2.AbortReason.keys())
