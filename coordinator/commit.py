@@ -1,4 +1,4 @@
-"""Committing a generation, dropping an aborted one, and retention.
+"""Committing a generation, dropping an aborted one, ending a checkpoint, and retention.
 
 The protocol core says *when* (`Commit` once every member is uploaded, `DropGeneration`
 on abort); this module does it against the store:
@@ -12,6 +12,8 @@ on abort); this module does it against the store:
   store is flipping the row; the flip is conditional (only a PREPARING row flips), so
   the race has one bad order left: flipped, then aborted. Then the generation is
   deleted, because the client was told ABORTED and it must not be visible.
+- `finish`: at a checkpoint's end, its run stats are kept for listings and a committed
+  generation becomes the base of its members' next capture.
 - `retain`: keep the newest `keep` committed generations per job and the pinned ones;
   delete the rest (their chunks go at the next gc).
 """
@@ -23,7 +25,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from coordinator.flight import Flight
+from coordinator.flight import Flight, Summary
 from coordinator.protocol.messages import Event, StoreCommitted, StoreFailed
 from coordinator.protocol.values import AbortReason, GenState
 from coordinator.store import Manifest, State
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.commit")
+RECENT = 4096  # run stats kept for listings (pages captured, downtime, seconds)
 
 
 def run(engine: EngineView, f: Flight) -> None:
@@ -114,3 +117,35 @@ def retain(engine: EngineView, job: str) -> list[int]:
                 why=str(e),
             )
     return dropped
+
+
+def finish(engine: EngineView, f: Flight) -> Summary:
+    """Under the lock, at a checkpoint's end (COMMITTED or ABORTED): keep its run stats,
+    end the flight; a committed one becomes its members' base (and is pinned if asked)."""
+    run = f.run_stats()
+    engine.recent[(f.job, f.number)] = run
+    while len(engine.recent) > RECENT:
+        engine.recent.popitem(last=False)
+    if engine.flights.get(f.job) is f:
+        del engine.flights[f.job]
+    snap = f.gen.snapshot
+    if snap.state is GenState.COMMITTED:
+        spec_members = [m for m, _ in snap.spec.members]
+        recs = [engine.members.get(f.job, m) for m in spec_members]
+        engine.members.update_all(replace(r, committed=f.number) for r in recs if r is not None)
+        if f.pin:
+            engine.repo.pin(f.job, f.number, True)
+    f.summary = engine.summary(f.job, f.number, snap.state.value, snap, run)
+    log_event(
+        log,
+        logging.INFO,
+        "generation ended",
+        job=f.job,
+        generation=f.number,
+        state=snap.state.value,
+        reason=snap.reason.value if snap.reason else "",
+        seconds=round(run.seconds, 3),
+        frozen_seconds=round(run.frozen_seconds, 4),
+    )
+    engine.wake()
+    return f.summary

@@ -5,10 +5,12 @@ Owns: the agent sessions (by control stream: a broken stream is AgentLost for ev
 generation in flight), the generations in flight (one per job, numbers allocated by the
 store), their timers (`next_deadline()`; one timer thread, which also sends heartbeats
 and counts silent agents lost), and the dispatch of the core's commands. Helpers, each
-a module: membership and reconciliation (members_ops.py, membership.py), the agents'
-messages (agent_events.py), the page path into the store (ingest.py, uploads.py), the
-commit, aborts and retention (commit.py), reading generations (generations.py,
-pagestream.py), a flight and its progress (flight.py). Servicers only translate.
+a module taking an `EngineView` (engine_view.py): membership and reconciliation
+(members_ops.py, membership.py), the agents' messages (agent_events.py), the page path
+into the store (ingest.py, uploads.py), the commit, aborts, a checkpoint's end and
+retention (commit.py), restore (restore.py), reading generations (generations.py,
+pagestream.py); the commands' wire messages (outbound.py), a flight and its progress
+(flight.py). Servicers only translate.
 
 Concurrency: one re-entrant lock guards all state. Events are queued and drained one at
 a time under it (a command may produce follow-up events, e.g. Freeze to a node that just
@@ -24,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
 from coordinator import commit, generations, restore
 from coordinator.agents import AgentSession, Registry
@@ -39,6 +40,7 @@ from coordinator.flight import (  # CheckpointOptions: re-exported for the servi
     Summary,
 )
 from coordinator.membership import Membership
+from coordinator.outbound import SEND_COMMANDS, outbound
 from coordinator.protocol import Generation
 from coordinator.protocol.messages import (
     AgentLost,
@@ -49,18 +51,11 @@ from coordinator.protocol.messages import (
     DropGeneration,
     EmitProgress,
     Event,
-    SendAbort,
-    SendCapture,
-    SendCommitted,
-    SendFreeze,
-    SendRestore,
-    SendThaw,
     StoreFailed,
     Tick,
 )
 from coordinator.protocol.values import (
     AbortReason,
-    GenState,
     ProgressKind,
     Snapshot,
     Spec,
@@ -87,7 +82,6 @@ from cpcoord.ranges import check_name
 log = logging.getLogger("cpcoord.coordinator")
 
 PROTOCOL_VERSION = 1
-RECENT = 4096  # run stats kept for listings (pages captured, downtime, seconds)
 _STORE_FAULTS = {"packs": "coordinator.commit.packs", "manifest": "coordinator.commit.manifest"}
 
 
@@ -281,48 +275,19 @@ class Engine:
             except Exception:
                 log.exception("command failed", extra={"fields": {"command": type(c).__name__}})
 
-    def _send(self, f: Flight, node: str, **body: object) -> None:
-        s = self.agents.current(node)
-        if s is None:
-            self._queue.append((f, AgentLost(node, "not connected")))
-            return
-        s.send(**body)
-
     def _do(self, f: Flight, c: Command) -> None:
-        if isinstance(c, SendFreeze):
-            kind = "OPERATION_KIND_" + c.kind.name
-            lease_ms = round(c.lease_s * 1000)
-            msg = agent_pb2.Freeze(
-                job=c.job, generation=c.generation, kind=kind, lease_ms=lease_ms, members=c.members
-            )
-            if restore.is_restore(f):  # whole-memory members: regions and registers
-                msg.layouts.extend(restore.freeze_layouts(self, c.job, c.generation, c.members))
-            self._send(f, c.node, freeze=msg)
-        elif isinstance(c, SendCapture):
-            full = c.full or c.node in f.full_nodes
-            cap = agent_pb2.Capture(
-                job=c.job, generation=c.generation, full=full, members=c.members
-            )
-            self._send(f, c.node, capture=cap)
-        elif isinstance(c, SendAbort):
-            reason = "ABORT_REASON_" + c.reason.name
-            abort = agent_pb2.Abort(
-                job=c.job, generation=c.generation, reason=reason, detail=c.detail
-            )
-            s = self.agents.current(c.node)
+        if isinstance(c, SEND_COMMANDS):
+            o = outbound(c, f.full_nodes)
+            if isinstance(o.message, agent_pb2.Freeze) and restore.is_restore(f):
+                # whole-memory members: regions and registers at the cut
+                o.message.layouts.extend(
+                    restore.freeze_layouts(self, c.job, c.generation, o.message.members)
+                )
+            s = self.agents.current(o.node)
             if s is not None:
-                s.send(abort=abort)
-        elif isinstance(c, SendCommitted):
-            s = self.agents.current(c.node)
-            if s is not None:
-                s.send(committed=agent_pb2.Committed(job=c.job, generation=c.generation))
-        elif isinstance(c, SendRestore):
-            rs = agent_pb2.Restore(job=c.job, generation=c.generation, members=c.members)
-            self._send(f, c.node, restore=rs)
-        elif isinstance(c, SendThaw):
-            s = self.agents.current(c.node)
-            if s is not None:
-                s.send(thaw=agent_pb2.Thaw(job=c.job, generation=c.generation))
+                s.send(**{o.field: o.message})
+            elif o.required:
+                self._queue.append((f, AgentLost(o.node, "not connected")))
         elif isinstance(c, Commit):
             f.committing = True
             threading.Thread(
@@ -357,33 +322,7 @@ class Engine:
     def _finish(self, f: Flight) -> Summary:
         if restore.is_restore(f):
             return restore.finish(self, f)
-        run = f.run_stats()
-        self.recent[(f.job, f.number)] = run
-        while len(self.recent) > RECENT:
-            self.recent.popitem(last=False)
-        if self.flights.get(f.job) is f:
-            del self.flights[f.job]
-        snap = f.gen.snapshot
-        if snap.state is GenState.COMMITTED:
-            spec_members = [m for m, _ in snap.spec.members]
-            recs = [self.members.get(f.job, m) for m in spec_members]
-            self.members.update_all(replace(r, committed=f.number) for r in recs if r is not None)
-            if f.pin:
-                self.repo.pin(f.job, f.number, True)
-        f.summary = self.summary(f.job, f.number, snap.state.value, snap, run)
-        log_event(
-            log,
-            logging.INFO,
-            "generation ended",
-            job=f.job,
-            generation=f.number,
-            state=snap.state.value,
-            reason=snap.reason.value if snap.reason else "",
-            seconds=round(run.seconds, 3),
-            frozen_seconds=round(run.frozen_seconds, 4),
-        )
-        self.wake()
-        return f.summary
+        return commit.finish(self, f)
 
     def summary(
         self,
