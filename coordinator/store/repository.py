@@ -8,30 +8,28 @@ Lifecycle of a generation in the store:
     repo.commit(manifest)                         -> GenerationInfo (COMMITTED)
     repo.abort(job, n, reason)                    on any failure instead
 Commit order: (1) seal and put the open packs (each put is fsynced), (2) check every
-referenced chunk is indexed and long enough, (3) write an index file for new packs,
-(4) put the manifest (fsynced), (5) flip the catalog row to COMMITTED in one transaction.
-A replica's `fence` runs before (4) and before (5): a deposed leader commits nothing.
-A crash before (5) leaves the row PREPARING, which reopening the store turns ABORTED; the
-packs and manifest it left are unreferenced and `gc` removes them. Readers only ever
-see COMMITTED rows, so no partial generation is ever visible. A failed commit leaves the
-generation in flight: the caller may upload what is missing and retry, or abort.
+referenced chunk is indexed and long enough (references.py), (3) write an index file for
+new packs, (4) put the manifest (fsynced), (5) flip the catalog row to COMMITTED in one
+transaction. A replica's `fence` runs before (4) and before (5): a deposed leader
+commits nothing. A crash before (5) leaves the row PREPARING, which reopening the store
+turns ABORTED; the packs and manifest it left are unreferenced and `gc` removes them.
+Readers only ever see COMMITTED rows, so no partial generation is ever visible. A failed
+commit leaves the generation in flight: the caller may upload what is missing and retry,
+or abort.
 
 The catalog is bound to its store (binding.py): opened against another store (a new
 bucket of the same name, a replaced directory, another endpoint) it is set aside and
 rebuilt from the store's manifests (`rebound`, `rebuilt` say so).
 
-One process owns a store at a time (an exclusive flock on `lock` beside the catalog);
-within it, one RLock guards the index, open packs, in-flight registry and catalog steps.
-Hashing and compression run outside the lock, so uploads of several members overlap.
+One process owns a store at a time (ownership.py: an exclusive flock on `lock` beside
+the catalog); within it, one RLock guards the index, open packs, in-flight registry and
+catalog steps. Hashing and compression run outside the lock, so uploads of several members overlap.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -42,7 +40,7 @@ import numpy as np
 
 from coordinator.store import binding, index_io, manifest_io, packs, reader
 from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
-from coordinator.store.catalog import Catalog, GenerationInfo, Sizes, State
+from coordinator.store.catalog import Catalog, GenerationInfo, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
 from coordinator.store.crypt import open_manifest
 from coordinator.store.gc import GcReport, collect
@@ -54,18 +52,18 @@ from coordinator.store.ids import (
 from coordinator.store.index import Index
 from coordinator.store.inflight import InFlight, Registry
 from coordinator.store.manifest import Manifest
+from coordinator.store.ownership import Ownership
 from coordinator.store.reader import PageRun
 from coordinator.store.rebuild import RebuildReport, rebuild_catalog
+from coordinator.store.references import check_references
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
 from coordinator.store.writer import PackSink
 from cpcoord.errors import (
     ChunkMismatch,
-    ChunkMissing,
     GenerationStateError,
     InvalidArgument,
     ManifestInvalid,
     StoreError,
-    StoreLocked,
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
@@ -104,16 +102,11 @@ class Repository:
         self.unreadable_packs: dict[str, str] = {}  # name -> why (found at open)
         state = Path(state_dir)
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreLocked(backend.location, f"lock {state / 'lock'} is held") from None
+        self._owner = Ownership(state, backend.location)
         try:
             self._open(state)
         except BaseException:
-            os.close(self._lock_fd)
+            self._owner.release()
             raise
 
     @classmethod
@@ -123,11 +116,7 @@ class Repository:
     def _open(self, state: Path) -> None:
         self.identity, store_new = load_or_init_identity(self.backend)
         self.backend.discard_incomplete()
-        for stale in list(self.backend.list(Kind.LOCKS)):  # we hold the flock: all stale
-            self.backend.delete(Kind.LOCKS, stale.name)
-        self._lock_name = f"{socket.gethostname()}-{os.getpid()}"
-        owner = {"host": socket.gethostname(), "pid": os.getpid()}
-        self.backend.put(Kind.LOCKS, self._lock_name, json.dumps(owner).encode())
+        self._owner.announce(self.backend)
         # The catalog must be this store's (binding.py); one of another store is set
         # aside and rebuilt from this store's manifests below.
         now = binding.StoreRef(str(self.identity["id"]), self.backend.source)
@@ -144,21 +133,20 @@ class Repository:
         aborted = self.catalog.abort_all_preparing("interrupted: the store was reopened")
         for job, n in aborted:
             log_event(log, logging.WARNING, "aborted interrupted generation", job=job, generation=n)
-        self._load_index()
+        index_io.load(self)
         self.rebuilt: RebuildReport | None = None
         if self.rebound is not None:
             self.rebuilt = rebuild_catalog(self)
 
     def close(self) -> None:
         with self.lock:
-            if self._lock_fd < 0:
+            if not self._owner.held:
                 return
             self._sink.close()
-            self.backend.delete(Kind.LOCKS, self._lock_name)
+            self._owner.withdraw(self.backend)
             self.catalog.close()
             self.backend.close()
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            self._owner.release()
 
     def __enter__(self) -> Repository:
         return self
@@ -171,12 +159,6 @@ class Repository:
             self.fault(name)
 
     # -- index ---------------------------------------------------------------------
-
-    def _load_index(self) -> None:
-        index_io.load(self)
-
-    def _persist_index(self) -> None:
-        index_io.persist_new(self)
 
     def rebuild_index(self) -> int:
         """Forget the index files and re-read every pack's trailer; returns chunks indexed."""
@@ -320,8 +302,8 @@ class Repository:
             self._sink.seal()
             self.integrate(block=True)
             self.step("packs")
-            sizes = self._check_references(m, g)
-            self._persist_index()
+            sizes = check_references(m, self.index, g.bytes_new)
+            index_io.persist_new(self)
             self.step("index")
             name = f"{job}/{n:010d}"
             data = manifest_io.encode(m)
@@ -341,33 +323,6 @@ class Repository:
             pages=sizes.pages, bytes_logical=sizes.bytes_logical, bytes_new=sizes.bytes_new,
         )  # fmt: skip
         return self.catalog.get(job, n)
-
-    def _check_references(self, m: Manifest, g: InFlight) -> Sizes:
-        ids = m.chunk_ids()
-        found, locs = self.index.chunks(m.namespace).lookup(ids)
-        if not found.all():
-            lost = ids[~found]
-            raise ChunkMissing(lost.size, m.generation, m.job, lost[0].tobytes().hex())
-        ps = m.page_size
-        for member, r in m.tables():
-            t = r.pages
-            nz = ~t.zero
-            raw = locs["raw"][np.searchsorted(ids, t.ids[nz])].astype(np.uint64)
-            need = (t.skips[nz].astype(np.uint64) + t.counts[nz]) * np.uint64(ps)
-            if np.any(need > raw):
-                raise ManifestInvalid(
-                    m.generation,
-                    m.job,
-                    f"member {member} region {r.name}: an entry reads past its chunk",
-                )
-        return Sizes(
-            members=len(m.members),
-            pages=m.page_count,
-            zero_pages=m.zero_pages,
-            bytes_logical=m.logical_bytes,
-            bytes_stored=int(locs["stored"].sum(dtype=np.uint64)),
-            bytes_new=g.bytes_new,
-        )
 
     # -- reading -------------------------------------------------------------------
 
