@@ -25,6 +25,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from coordinator import generations
 from coordinator.flight import Flight, Summary
 from coordinator.protocol.messages import Event, StoreCommitted, StoreFailed
 from coordinator.protocol.values import AbortReason, GenState
@@ -135,7 +136,7 @@ def finish(engine: EngineView, f: Flight) -> Summary:
         engine.members.update_all(replace(r, committed=f.number) for r in recs if r is not None)
         if f.pin:
             engine.repo.pin(f.job, f.number, True)
-    f.summary = engine.summary(f.job, f.number, snap.state.value, snap, run)
+    f.summary = generations.summarize(engine, f.job, f.number, snap.state.value, snap, run)
     log_event(
         log,
         logging.INFO,

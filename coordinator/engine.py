@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import commit, generations, restore
+from coordinator import commit, restore
 from coordinator.agents import AgentSession, Registry
 from coordinator.engine_view import Options
 from coordinator.events import EventBus
@@ -57,11 +57,9 @@ from coordinator.protocol.messages import (
 from coordinator.protocol.values import (
     AbortReason,
     ProgressKind,
-    Snapshot,
     Spec,
 )
 from coordinator.store import Repository
-from coordinator.store.catalog import GenerationInfo
 from cpcoord import __version__
 from cpcoord.errors import (
     AgentUnavailable,
@@ -323,18 +321,6 @@ class Engine:
         if restore.is_restore(f):
             return restore.finish(self, f)
         return commit.finish(self, f)
-
-    def summary(
-        self,
-        job: str,
-        number: int,
-        state: str = "",
-        snap: Snapshot | None = None,
-        run: RunStats | None = None,
-        info: GenerationInfo | None = None,
-    ) -> Summary:
-        """A generation as clients see it: the catalog row plus the run's numbers."""
-        return generations.summarize(self, job, number, state, snap, run, info)
 
     # -- commit (coordinator/commit.py) ---------------------------------------------------
 

@@ -17,12 +17,10 @@ from typing import Protocol
 
 from coordinator.agents import Registry
 from coordinator.events import EventBus
-from coordinator.flight import Flight, RunStats, Summary
+from coordinator.flight import Flight, RunStats
 from coordinator.membership import Membership
 from coordinator.protocol.messages import Event
-from coordinator.protocol.values import Snapshot
 from coordinator.store import Repository
-from coordinator.store.catalog import GenerationInfo
 from cpcoord.grpcutil import MAX_MESSAGE_BYTES
 from cpcoord.ranges import PAGE_SIZE
 
@@ -42,8 +40,8 @@ class Options:
 
 
 class EngineView(Protocol):
-    """The engine's state (guarded by `lock`) and the three things helpers ask of it:
-    feed a flight an event, summarize a generation, wake the timer thread."""
+    """The engine's state (guarded by `lock`) and the two things helpers ask of it:
+    feed a flight an event, wake the timer thread."""
 
     @property
     def repo(self) -> Repository: ...
@@ -68,17 +66,6 @@ class EngineView(Protocol):
 
     def feed(self, f: Flight, event: Event) -> None:
         """Queue an event for a flight and drain the queue (under the lock)."""
-
-    def summary(
-        self,
-        job: str,
-        number: int,
-        state: str = "",
-        snap: Snapshot | None = None,
-        run: RunStats | None = None,
-        info: GenerationInfo | None = None,
-    ) -> Summary:
-        """A generation as clients see it: the catalog row plus the run's numbers."""
 
     def wake(self) -> None:
         """Wake the timer thread (a flight began or ended: its deadlines changed).

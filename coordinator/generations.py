@@ -96,7 +96,7 @@ def list_generations(
     shown.reverse()
     if limit:
         shown = shown[:limit]
-    return [engine.summary(job, r.number, info=r) for r in shown]
+    return [summarize(engine, job, r.number, info=r) for r in shown]
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def get_generation(engine: EngineView, job: str, n: int) -> Detail:
     m = engine.repo.manifest(job, info.number)
     with engine.lock:
         nodes = {r.name: r.node for r in engine.members.of_job(job)}
-    return Detail(engine.summary(job, info.number, info=info), m, nodes)
+    return Detail(summarize(engine, job, info.number, info=info), m, nodes)
 
 
 def manifest(engine: EngineView, job: str, n: int) -> tuple[Manifest, dict[str, str]]:
@@ -137,7 +137,7 @@ def delete_generation(engine: EngineView, job: str, n: int, force: bool = False)
 def pin(engine: EngineView, job: str, n: int, pinned: bool) -> Summary:
     info = committed(engine, job, n) if n else committed(engine, job, 0)
     engine.repo.pin(job, info.number, pinned)
-    return engine.summary(job, info.number)
+    return summarize(engine, job, info.number)
 
 
 def gc(engine: EngineView, keep: int = 0, dry_run: bool = False) -> GcReport:

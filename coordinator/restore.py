@@ -173,7 +173,9 @@ def finish(engine: EngineView, f: Flight) -> Summary:
             r = engine.members.get(f.job, name)
             if r is not None and r.committed:
                 engine.members.update_all([replace(r, committed=0)])
-    f.summary = engine.summary(f.job, f.number, info=engine.repo.catalog.get(f.job, f.number))
+    f.summary = generations.summarize(
+        engine, f.job, f.number, info=engine.repo.catalog.get(f.job, f.number)
+    )
     log_event(
         log,
         logging.INFO,

@@ -44,7 +44,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         )
         if gens:
             out.last_committed.CopyFrom(
-                convert.generation_info(e.summary(job, gens[-1].number, info=gens[-1]))
+                convert.generation_info(
+                    generations.summarize(e, job, gens[-1].number, info=gens[-1])
+                )
             )
         return out
 
