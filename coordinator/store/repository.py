@@ -58,6 +58,7 @@ from coordinator.store.rebuild import RebuildReport, rebuild_catalog
 from coordinator.store.references import check_references
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
 from coordinator.store.writer import PackSink
+from cpcoord.closing import Closing
 from cpcoord.errors import (
     ChunkMismatch,
     GenerationStateError,
@@ -79,7 +80,7 @@ class AddResult:
     bytes_stored: int  # stored (compressed) bytes of those
 
 
-class Repository:
+class Repository(Closing):
     """See the module docstring. Open with `Repository.open_local(path)`."""
 
     def __init__(
@@ -147,12 +148,6 @@ class Repository:
             self.catalog.close()
             self.backend.close()
             self._owner.release()
-
-    def __enter__(self) -> Repository:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def step(self, name: str) -> None:
         if self.fault is not None:
