@@ -7,7 +7,8 @@ from typing import Any
 from coordinator.flight import Progress, Summary
 from coordinator.membership import MemberRec
 from coordinator.protocol.values import Stats
-from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
+from coordinator.uploads import MemberUpload
+from cpcoord.gen.v1 import agent_pb2, common_pb2, coordinator_pb2, types_pb2
 
 _REASONS = frozenset(common_pb2.AbortReason.keys())
 _STATE = {
@@ -128,4 +129,16 @@ def member_info(
         tracker=rec.tracker,
         attached_unix_ms=rec.attached_ms,
         detail=detail,
+    )
+
+
+def upload_response(done: MemberUpload) -> agent_pb2.UploadResponse:
+    """What an UploadPages call answers (the thread-pool and the grpc.aio servicer)."""
+    return agent_pb2.UploadResponse(
+        pages=done.pages,
+        entries=done.entries,
+        chunks=done.chunks,
+        chunks_new=done.chunks_new,
+        bytes_received=done.bytes_received,
+        bytes_stored_new=done.bytes_stored_new,
     )

@@ -184,14 +184,7 @@ class Streams:
             raise
         finally:
             up.close()
-        return agent_pb2.UploadResponse(
-            pages=done.pages,
-            entries=done.entries,
-            chunks=done.chunks,
-            chunks_new=done.chunks_new,
-            bytes_received=done.bytes_received,
-            bytes_stored_new=done.bytes_stored_new,
-        )
+        return convert.upload_response(done)
 
     # -- checkpoint and restore --------------------------------------------------------
 

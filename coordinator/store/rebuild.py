@@ -36,6 +36,7 @@ from coordinator.store.crypt import open_manifest
 from coordinator.store.ids import ID_DTYPE, IdArray, member_of
 from coordinator.store.manifest import Manifest
 from coordinator.store.parts import StoreParts
+from coordinator.store.references import sizes_of
 from cpcoord.errors import NoSuchGeneration, StoreError
 from cpcoord.log import log_event
 
@@ -53,14 +54,7 @@ class RebuildReport:
 def _sizes(repo: StoreParts, m: Manifest, ids: IdArray, new_ids: IdArray) -> Sizes:
     _found, locs = repo.index.chunks(m.namespace).lookup(ids)
     new = member_of(ids, new_ids)
-    return Sizes(
-        members=len(m.members),
-        pages=m.page_count,
-        zero_pages=m.zero_pages,
-        bytes_logical=m.logical_bytes,
-        bytes_stored=int(locs["stored"].sum(dtype=np.uint64)),
-        bytes_new=int(locs["stored"][new].sum(dtype=np.uint64)),
-    )
+    return sizes_of(m, locs, int(locs["stored"][new].sum(dtype=np.uint64)))
 
 
 def _row_exists(repo: StoreParts, job: str, n: int) -> bool:

@@ -34,6 +34,12 @@ def check_references(m: Manifest, index: Index, bytes_new: int) -> Sizes:
                 m.job,
                 f"member {member} region {r.name}: an entry reads past its chunk",
             )
+    return sizes_of(m, locs, bytes_new)
+
+
+def sizes_of(m: Manifest, locs: np.ndarray, bytes_new: int) -> Sizes:
+    """A generation's catalog sizes: `locs` are the index locations of its chunk ids
+    (every one found), `bytes_new` what it stored itself."""
     return Sizes(
         members=len(m.members),
         pages=m.page_count,
