@@ -121,14 +121,13 @@ def retain(engine: EngineView, job: str) -> list[int]:
 
 
 def finish(engine: EngineView, f: Flight) -> Summary:
-    """Under the lock, at a checkpoint's end (COMMITTED or ABORTED): keep its run stats,
-    end the flight; a committed one becomes its members' base (and is pinned if asked)."""
+    """Under the lock, at a checkpoint's end (COMMITTED or ABORTED; the engine has ended
+    the flight): keep its run stats; a committed one becomes its members' base (and is
+    pinned if asked)."""
     run = f.run_stats()
     engine.recent[(f.job, f.number)] = run
     while len(engine.recent) > RECENT:
         engine.recent.popitem(last=False)
-    if engine.flights.get(f.job) is f:
-        del engine.flights[f.job]
     snap = f.gen.snapshot
     if snap.state is GenState.COMMITTED:
         spec_members = [m for m, _ in snap.spec.members]
@@ -148,5 +147,4 @@ def finish(engine: EngineView, f: Flight) -> Summary:
         seconds=round(run.seconds, 3),
         frozen_seconds=round(run.frozen_seconds, 4),
     )
-    engine.wake()
     return f.summary

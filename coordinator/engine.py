@@ -318,9 +318,13 @@ class Engine:
                 log.exception("progress hook failed")
 
     def _finish(self, f: Flight) -> Summary:
-        if restore.is_restore(f):
-            return restore.finish(self, f)
-        return commit.finish(self, f)
+        """The flight is over (under the lock): the job is free, the timer hears it."""
+        if self.flights.get(f.job) is f:
+            del self.flights[f.job]
+        end = restore.finish if restore.is_restore(f) else commit.finish
+        summary = end(self, f)
+        self.wake()
+        return summary
 
     # -- commit (coordinator/commit.py) ---------------------------------------------------
 

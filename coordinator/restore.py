@@ -163,10 +163,9 @@ def freeze_layouts(
 
 
 def finish(engine: EngineView, f: Flight) -> Summary:
-    """Under the lock, at a restore's end (COMMITTED or ABORTED): the flight is over;
-    written members capture in full next; the generation keeps its own record."""
-    if engine.flights.get(f.job) is f:
-        del engine.flights[f.job]
+    """Under the lock, at a restore's end (COMMITTED or ABORTED; the engine has ended
+    the flight): written members capture in full next; the generation keeps its own
+    record."""
     snap = f.gen.snapshot
     if snap.state is GenState.COMMITTED:
         for name, _ in snap.spec.members:
@@ -187,7 +186,6 @@ def finish(engine: EngineView, f: Flight) -> Summary:
         detail=snap.detail,
         seconds=round(engine.clock() - f.started, 3),
     )
-    engine.wake()
     return f.summary
 
 
