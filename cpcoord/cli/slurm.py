@@ -168,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _client_config(args: argparse.Namespace) -> None:
+def client_config(args: argparse.Namespace) -> None:
     """The config file's [client] table as defaults of the nested action (the top-level
     config.apply sees only first-level subcommands); environment and command line win."""
     cfg = cfgmod.load(getattr(args, "config", None))
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         s, job = slurm_actions.names(args)
         print(job if s.procid is None else f"{job} {member_name(s)}")
         return 0
-    _client_config(args)
+    client_config(args)
     if action == "batch":
         return slurm_actions.batch(args)
     if action == "run":
