@@ -370,7 +370,7 @@ class Engine:
                 until = min([next_hb, *deadlines])
                 self._wake.wait(timeout=max(0.0, until - self.clock()) + 0.001)
 
-    # -- watch (issue 6 adds the stream; the hook is here) ------------------------------
+    # -- watch ----------------------------------------------------------------------------
 
     def _emit_watch(self, kind: str, **fields: object) -> None:
         log_event(log, logging.DEBUG, "watch", kind=kind, **fields)
