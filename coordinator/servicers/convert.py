@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from coordinator.flight import Progress, Summary
 from coordinator.membership import MemberRec
 from coordinator.protocol.values import Stats
+from coordinator.store import StoreStats
 from coordinator.uploads import MemberUpload
 from cpcoord.gen.v1 import agent_pb2, common_pb2, coordinator_pb2, types_pb2
 
@@ -142,3 +144,10 @@ def upload_response(done: MemberUpload) -> agent_pb2.UploadResponse:
         bytes_received=done.bytes_received,
         bytes_stored_new=done.bytes_stored_new,
     )
+
+
+def store_stats(s: StoreStats) -> coordinator_pb2.StoreStatsResponse:
+    """Field for field (the response has the store's names); a ratio without a value
+    (an empty store) is 0."""
+    values: dict[str, Any] = {k: 0.0 if v is None else v for k, v in dataclasses.asdict(s).items()}
+    return coordinator_pb2.StoreStatsResponse(**values)

@@ -60,18 +60,24 @@ def range_regions(ranges: list[str]) -> list[types_pb2.Region]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    check_name(args.job)
-    check_name(args.member)
-    regions = range_regions(args.ranges)
-    req = coordinator_pb2.AttachMemberRequest(
+def attach_request(
+    args: argparse.Namespace, regions: list[types_pb2.Region], pid: int, start_time: int = 0
+) -> coordinator_pb2.AttachMemberRequest:
+    """The AttachMember request of --job, --member, --node and --tracker."""
+    return coordinator_pb2.AttachMemberRequest(
         job=args.job,
         member=args.member,
         node=args.node,
         regions=regions,
         tracker=args.tracker,
-        process=types_pb2.ProcessIdentity(pid=args.pid, start_time=args.start_time),
+        process=types_pb2.ProcessIdentity(pid=pid, start_time=start_time),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    check_name(args.job)
+    check_name(args.member)
+    req = attach_request(args, range_regions(args.ranges), args.pid, args.start_time)
     with clientconn.connect(args) as c:
         resp = c.call("AttachMember", req)
     m = member_dict(resp.member)

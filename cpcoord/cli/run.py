@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from cpcoord import clientconn
-from cpcoord.cli.attach import add_range_argument, range_regions
+from cpcoord.cli.attach import add_range_argument, attach_request, range_regions
 from cpcoord.errors import (
     CommandNotFound,
     CpcoordError,
@@ -39,7 +39,7 @@ from cpcoord.errors import (
     UnknownJob,
     UnknownMember,
 )
-from cpcoord.gen.v1 import coordinator_pb2, types_pb2
+from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.ranges import check_name
 
 NAME = "run"
@@ -158,14 +158,7 @@ def run(args: argparse.Namespace) -> int:
         os.waitpid(pid, 0)
         raise
     with c:
-        req = coordinator_pb2.AttachMemberRequest(
-            job=args.job,
-            member=args.member,
-            node=args.node,
-            regions=regions,
-            tracker=args.tracker,
-            process=types_pb2.ProcessIdentity(pid=pid),
-        )
+        req = attach_request(args, regions, pid)
         try:
             if regions:  # the ranges are the command's: it must run first
                 os.write(w, b"g")
