@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import commit, restore
+from coordinator import commit, members_ops, restore
 from coordinator.agents import AgentSession, Registry
 from coordinator.engine_view import Options
 from coordinator.events import EventBus
@@ -68,8 +68,6 @@ from cpcoord.errors import (
     DuplicateAgent,
     IncompatibleAgent,
     InvalidArgument,
-    JobBusy,
-    MemberNotRunning,
     UnknownJob,
 )
 from cpcoord.faults import fault_point
@@ -188,16 +186,7 @@ class Engine:
             members = self.members.of_job(opts.job)
             if not members:
                 raise InvalidArgument(f"job {opts.job} has no members: attach some first")
-            busy = self.flights.get(opts.job)
-            if busy is not None:
-                raise JobBusy(opts.job, busy.number)
-            for m in members:
-                if m.gone:
-                    why = f"{m.detail or 'its process exited'}; detach it or attach it anew"
-                    raise MemberNotRunning(m.name, m.job, why)
-                s = self.agents.current(m.node)
-                if s is None or not s.ready:
-                    raise AgentUnavailable(m.node)
+            members_ops.check_ready(self, opts.job, members, "; detach it or attach it anew")
             n = self.repo.begin(opts.job)
             parent = self.repo.catalog.get(opts.job, n).parent
             full_nodes = frozenset(
@@ -211,10 +200,15 @@ class Engine:
                 timing=timing,
             )
             f = Flight(Generation(spec), parent, full_nodes, pin=opts.pin, started=self.clock())
-            sub = f.subscribe()
-            self.flights[opts.job] = f
-            self.feed(f, Begin(self.clock()))
-            self.wake()
+            return self.launch(f)
+
+    def launch(self, f: Flight) -> Subscription:
+        """Under the lock: `f` becomes its job's flight and begins; progress comes on the
+        subscription."""
+        sub = f.subscribe()
+        self.flights[f.job] = f
+        self.feed(f, Begin(self.clock()))
+        self.wake()
         return sub
 
     def cancel(self, f: Flight, detail: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from coordinator.agents import Registry
 from coordinator.events import EventBus
-from coordinator.flight import Flight, RunStats
+from coordinator.flight import Flight, RunStats, Subscription
 from coordinator.membership import Membership
 from coordinator.protocol.messages import Event
 from coordinator.store import Repository
@@ -40,8 +40,8 @@ class Options:
 
 
 class EngineView(Protocol):
-    """The engine's state (guarded by `lock`) and the two things helpers ask of it:
-    feed a flight an event, wake the timer thread."""
+    """The engine's state (guarded by `lock`) and what helpers ask of it: begin a
+    flight, feed a flight an event, wake the timer thread."""
 
     @property
     def repo(self) -> Repository: ...
@@ -66,6 +66,9 @@ class EngineView(Protocol):
 
     def feed(self, f: Flight, event: Event) -> None:
         """Queue an event for a flight and drain the queue (under the lock)."""
+
+    def launch(self, f: Flight) -> Subscription:
+        """Under the lock: `f` becomes its job's flight and begins."""
 
     def wake(self) -> None:
         """Wake the timer thread (a flight began or ended: its deadlines changed).

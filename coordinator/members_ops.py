@@ -26,6 +26,7 @@ from cpcoord.errors import (
     DuplicateMember,
     InvalidArgument,
     JobBusy,
+    MemberNotRunning,
     NoSuchProcess,
     PidReused,
 )
@@ -182,6 +183,21 @@ def reconcile(engine: EngineView, s: AgentSession) -> None:
         log_event(log, logging.ERROR, "reconcile failed", node=s.node, why=str(e))
     s.ready = True
     log_event(log, logging.INFO, "agent ready", node=s.node, members=len(recs))
+
+
+def check_ready(engine: EngineView, job: str, recs: Sequence[MemberRec], hint: str = "") -> None:
+    """Under the lock, before a flight of `job` begins: none is in flight (JobBusy), every
+    member's process runs (MemberNotRunning, its detail + `hint`) and its node's agent is
+    connected and reconciled (AgentUnavailable)."""
+    busy = engine.flights.get(job)
+    if busy is not None:
+        raise JobBusy(job, busy.number)
+    for m in recs:
+        if m.gone:
+            raise MemberNotRunning(m.name, m.job, f"{m.detail or 'its process exited'}{hint}")
+        s = engine.agents.current(m.node)
+        if s is None or not s.ready:
+            raise AgentUnavailable(m.node)
 
 
 def health(engine: EngineView, rec: MemberRec) -> tuple[str, str]:

@@ -31,17 +31,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from coordinator import generations
+from coordinator import generations, members_ops
 from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
 from coordinator.protocol import Generation
-from coordinator.protocol.messages import Begin
 from coordinator.protocol.values import GenState, Kind, Spec
 from cpcoord import mapfacts
 from cpcoord.errors import (
     AgentUnavailable,
     InvalidArgument,
-    JobBusy,
-    MemberNotRunning,
     UnknownJob,
     UnknownMember,
 )
@@ -103,16 +100,8 @@ def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
                 raise UnknownMember(opts.job, n, "attached now")
             if n not in in_gen:
                 raise UnknownMember(opts.job, n, f"in generation {info.number}")
-        busy = engine.flights.get(opts.job)
-        if busy is not None:
-            raise JobBusy(opts.job, busy.number)
         chosen = [by_name[n] for n in names]
-        for m in chosen:
-            if m.gone:
-                raise MemberNotRunning(m.name, m.job, m.detail or "its process exited")
-            s = engine.agents.current(m.node)
-            if s is None or not s.ready:
-                raise AgentUnavailable(m.node)
+        members_ops.check_ready(engine, opts.job, chosen)
         spec = Spec(
             opts.job,
             info.number,
@@ -121,11 +110,7 @@ def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
             timing=timing,
         )
         f = Flight(Generation(spec), None, frozenset(), started=engine.clock())
-        sub = f.subscribe()
-        engine.flights[opts.job] = f
-        engine.feed(f, Begin(engine.clock()))
-        engine.wake()
-    return sub
+        return engine.launch(f)
 
 
 def freeze_layouts(
