@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from coordinator import members_ops
 from coordinator.flight import Flight
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentFrozen,
     Event,
     FreezeFailed,
@@ -27,7 +27,7 @@ from coordinator.protocol_messages import (
     MemberStaged,
     MemberUploaded,
 )
-from coordinator.protocol_values import AGENT_REASONS, AbortReason, Stats
+from coordinator.protocol.values import AGENT_REASONS, AbortReason, Stats
 from coordinator.store.manifest import ThreadRegs
 from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
 from cpcoord.faults import fault_point
@@ -36,7 +36,7 @@ from cpcoord.log import log_event
 
 if TYPE_CHECKING:
     from coordinator.agents import AgentSession
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.agent")
 
@@ -86,12 +86,12 @@ def reason_of(value: int) -> AbortReason | None:
         return None
 
 
-def _flight(engine: Engine, job: str, n: int) -> Flight | None:
+def _flight(engine: EngineView, job: str, n: int) -> Flight | None:
     f = engine.flights.get(job)
     return f if f is not None and f.number == n else None
 
 
-def handle(engine: Engine, s: AgentSession, msg: agent_pb2.AgentMessage) -> None:
+def handle(engine: EngineView, s: AgentSession, msg: agent_pb2.AgentMessage) -> None:
     """Dispatch one message (called by the stream's handler thread, in order)."""
     s.heard()
     kind = msg.WhichOneof("body")
@@ -146,7 +146,7 @@ def handle(engine: Engine, s: AgentSession, msg: agent_pb2.AgentMessage) -> None
             engine.feed(f, ev)
 
 
-def _event(engine: Engine, f: Flight, node: str, kind: str, body: object) -> Event | None:
+def _event(engine: EngineView, f: Flight, node: str, kind: str, body: object) -> Event | None:
     ps = engine.opt.page_size
     if kind == "frozen":
         fr: agent_pb2.Frozen = body  # type: ignore[assignment]

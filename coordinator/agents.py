@@ -23,6 +23,7 @@ from typing import Any
 
 from cpcoord.errors import AgentTimeout, AgentUnavailable
 from cpcoord.gen.v1 import agent_pb2
+from cpcoord.grpcutil import from_error_detail
 
 
 @dataclass
@@ -95,6 +96,15 @@ class AgentSession:
         if w.result is None:
             raise AgentUnavailable(self.node)
         return w.result
+
+    def ask(self, what: str, timeout: float, **body: Any) -> agent_pb2.CommandResult:
+        """`request`, with the agent's refusal (CommandResult.error) raised as the
+        CpcoordError it names."""
+        res = self.request(what, timeout, **body)
+        if res.HasField("error"):
+            e = res.error
+            raise from_error_detail(e.error, e.message, e.status)
+        return res
 
     def next_outbound(self) -> agent_pb2.CoordinatorMessage | None:
         """For the stream's response generator: the next message; None once closed

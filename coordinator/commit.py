@@ -1,4 +1,4 @@
-"""Committing a generation, dropping an aborted one, and retention.
+"""Committing a generation, dropping an aborted one, ending a checkpoint, and retention.
 
 The protocol core says *when* (`Commit` once every member is uploaded, `DropGeneration`
 on abort); this module does it against the store:
@@ -12,6 +12,8 @@ on abort); this module does it against the store:
   store is flipping the row; the flip is conditional (only a PREPARING row flips), so
   the race has one bad order left: flipped, then aborted. Then the generation is
   deleted, because the client was told ABORTED and it must not be visible.
+- `finish`: at a checkpoint's end, its run stats are kept for listings and a committed
+  generation becomes the base of its members' next capture.
 - `retain`: keep the newest `keep` committed generations per job and the pinned ones;
   delete the rest (their chunks go at the next gc).
 """
@@ -23,20 +25,22 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from coordinator.flight import Flight
-from coordinator.protocol_messages import Event, StoreCommitted, StoreFailed
-from coordinator.protocol_values import AbortReason, GenState
+from coordinator import generations
+from coordinator.flight import Flight, Summary
+from coordinator.protocol.messages import Event, StoreCommitted, StoreFailed
+from coordinator.protocol.values import AbortReason, GenState
 from coordinator.store import Manifest, State
 from cpcoord.errors import CpcoordError, GenerationStateError
 from cpcoord.log import log_event
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.commit")
+RECENT = 4096  # run stats kept for listings (pages captured, downtime, seconds)
 
 
-def run(engine: Engine, f: Flight) -> None:
+def run(engine: EngineView, f: Flight) -> None:
     """Commit the flight's generation and tell the core how it went."""
     ev: Event
     try:
@@ -54,7 +58,7 @@ def run(engine: Engine, f: Flight) -> None:
         retain(engine, f.job)
 
 
-def _write(engine: Engine, f: Flight) -> bool:
+def _write(engine: EngineView, f: Flight) -> bool:
     with engine.lock:
         if not f.in_flight:
             return False
@@ -74,7 +78,7 @@ def _write(engine: Engine, f: Flight) -> bool:
     return True
 
 
-def drop(engine: Engine, f: Flight, reason: AbortReason) -> None:
+def drop(engine: EngineView, f: Flight, reason: AbortReason) -> None:
     """The catalog row becomes ABORTED (never a visible COMMITTED one)."""
     f.uploads.clear()
     try:
@@ -92,7 +96,7 @@ def drop(engine: Engine, f: Flight, reason: AbortReason) -> None:
             engine.repo.delete_generation(f.job, f.number)
 
 
-def retain(engine: Engine, job: str) -> list[int]:
+def retain(engine: EngineView, job: str) -> list[int]:
     """Delete committed generations beyond the newest `keep` (pinned ones stay)."""
     gens = engine.repo.generations(job)
     keep = {g.number for g in gens[-engine.opt.keep :]} | {g.number for g in gens if g.pinned}
@@ -114,3 +118,33 @@ def retain(engine: Engine, job: str) -> list[int]:
                 why=str(e),
             )
     return dropped
+
+
+def finish(engine: EngineView, f: Flight) -> Summary:
+    """Under the lock, at a checkpoint's end (COMMITTED or ABORTED; the engine has ended
+    the flight): keep its run stats; a committed one becomes its members' base (and is
+    pinned if asked)."""
+    run = f.run_stats()
+    engine.recent[(f.job, f.number)] = run
+    while len(engine.recent) > RECENT:
+        engine.recent.popitem(last=False)
+    snap = f.gen.snapshot
+    if snap.state is GenState.COMMITTED:
+        spec_members = [m for m, _ in snap.spec.members]
+        recs = [engine.members.get(f.job, m) for m in spec_members]
+        engine.members.update_all(replace(r, committed=f.number) for r in recs if r is not None)
+        if f.pin:
+            engine.repo.pin(f.job, f.number, True)
+    f.summary = generations.summarize(engine, f.job, f.number, snap.state.value, snap, run)
+    log_event(
+        log,
+        logging.INFO,
+        "generation ended",
+        job=f.job,
+        generation=f.number,
+        state=snap.state.value,
+        reason=snap.reason.value if snap.reason else "",
+        seconds=round(run.seconds, 3),
+        frozen_seconds=round(run.frozen_seconds, 4),
+    )
+    return f.summary

@@ -5,10 +5,12 @@ Owns: the agent sessions (by control stream: a broken stream is AgentLost for ev
 generation in flight), the generations in flight (one per job, numbers allocated by the
 store), their timers (`next_deadline()`; one timer thread, which also sends heartbeats
 and counts silent agents lost), and the dispatch of the core's commands. Helpers, each
-a module: membership and reconciliation (members_ops.py, membership.py), the agents'
-messages (agent_events.py), the page path into the store (ingest.py, uploads.py), the
-commit, aborts and retention (commit.py), reading generations (generations.py,
-pagestream.py), a flight and its progress (flight.py). Servicers only translate.
+a module taking an `EngineView` (engine_view.py): membership and reconciliation
+(members_ops.py, membership.py), the agents' messages (agent_events.py), the page path
+into the store (ingest.py, uploads.py), the commit, aborts, a checkpoint's end and
+retention (commit.py), restore (restore.py), reading generations (generations.py,
+pagestream.py); the commands' wire messages (outbound.py), a flight and its progress
+(flight.py). Servicers only translate.
 
 Concurrency: one re-entrant lock guards all state. Events are queued and drained one at
 a time under it (a command may produce follow-up events, e.g. Freeze to a node that just
@@ -24,10 +26,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
 
-from coordinator import commit, restore
+from coordinator import commit, members_ops, restore
 from coordinator.agents import AgentSession, Registry
+from coordinator.engine_view import Options
 from coordinator.events import EventBus
 from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
     CheckpointOptions,
@@ -38,8 +40,9 @@ from coordinator.flight import (  # CheckpointOptions: re-exported for the servi
     Summary,
 )
 from coordinator.membership import Membership
+from coordinator.outbound import SEND_COMMANDS, outbound
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentLost,
     Begin,
     Cancel,
@@ -48,24 +51,15 @@ from coordinator.protocol_messages import (
     DropGeneration,
     EmitProgress,
     Event,
-    SendAbort,
-    SendCapture,
-    SendCommitted,
-    SendFreeze,
-    SendRestore,
-    SendThaw,
     StoreFailed,
     Tick,
 )
-from coordinator.protocol_values import (
+from coordinator.protocol.values import (
     AbortReason,
-    GenState,
     ProgressKind,
-    Snapshot,
     Spec,
 )
 from coordinator.store import Repository
-from coordinator.store.catalog import GenerationInfo
 from cpcoord import __version__
 from cpcoord.errors import (
     AgentUnavailable,
@@ -74,35 +68,17 @@ from cpcoord.errors import (
     DuplicateAgent,
     IncompatibleAgent,
     InvalidArgument,
-    JobBusy,
-    MemberNotRunning,
     UnknownJob,
 )
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
-from cpcoord.grpcutil import MAX_MESSAGE_BYTES
 from cpcoord.log import log_event
-from cpcoord.ranges import PAGE_SIZE, check_name
+from cpcoord.ranges import check_name
 
 log = logging.getLogger("cpcoord.coordinator")
 
 PROTOCOL_VERSION = 1
-RECENT = 4096  # run stats kept for listings (pages captured, downtime, seconds)
 _STORE_FAULTS = {"packs": "coordinator.commit.packs", "manifest": "coordinator.commit.manifest"}
-
-
-@dataclass(frozen=True)
-class Options:
-    keep: int = 5  # committed generations kept per job, plus pinned ones
-    heartbeat_s: float = 1.0  # agents are lost after 3 silent intervals
-    command_timeout_s: float = 15.0  # AttachMember/DetachMember answers
-    page_size: int = PAGE_SIZE
-    max_message_bytes: int = MAX_MESSAGE_BYTES  # the transport's limit, both ways
-    # Told to agents as Welcome.max_message_bytes, so page batches stay small: messages
-    # over 32 MiB come from a fresh mmap each time (glibc), and their page faults cost
-    # 3-4x per byte here; 4-16 MiB messages pipeline and reuse memory (8 MiB measured best).
-    agent_message_bytes: int = 8 << 20
-    max_batch_entries: int = 65536
 
 
 class Engine:
@@ -147,7 +123,7 @@ class Engine:
                 self.feed(f, StoreFailed("the coordinator is shutting down"))
             for s in self.agents.connected():
                 s.close("the coordinator is shutting down")
-            self._wake.notify_all()
+            self.wake()
         self.events.close()
         if self._timer is not None:
             self._timer.join(timeout=5)
@@ -210,16 +186,7 @@ class Engine:
             members = self.members.of_job(opts.job)
             if not members:
                 raise InvalidArgument(f"job {opts.job} has no members: attach some first")
-            busy = self.flights.get(opts.job)
-            if busy is not None:
-                raise JobBusy(opts.job, busy.number)
-            for m in members:
-                if m.gone:
-                    why = f"{m.detail or 'its process exited'}; detach it or attach it anew"
-                    raise MemberNotRunning(m.name, m.job, why)
-                s = self.agents.current(m.node)
-                if s is None or not s.ready:
-                    raise AgentUnavailable(m.node)
+            members_ops.check_ready(self, opts.job, members, "; detach it or attach it anew")
             n = self.repo.begin(opts.job)
             parent = self.repo.catalog.get(opts.job, n).parent
             full_nodes = frozenset(
@@ -233,10 +200,15 @@ class Engine:
                 timing=timing,
             )
             f = Flight(Generation(spec), parent, full_nodes, pin=opts.pin, started=self.clock())
-            sub = f.subscribe()
-            self.flights[opts.job] = f
-            self.feed(f, Begin(self.clock()))
-            self._wake.notify_all()
+            return self.launch(f)
+
+    def launch(self, f: Flight) -> Subscription:
+        """Under the lock: `f` becomes its job's flight and begins; progress comes on the
+        subscription."""
+        sub = f.subscribe()
+        self.flights[f.job] = f
+        self.feed(f, Begin(self.clock()))
+        self.wake()
         return sub
 
     def cancel(self, f: Flight, detail: str) -> bool:
@@ -295,48 +267,19 @@ class Engine:
             except Exception:
                 log.exception("command failed", extra={"fields": {"command": type(c).__name__}})
 
-    def _send(self, f: Flight, node: str, **body: object) -> None:
-        s = self.agents.current(node)
-        if s is None:
-            self._queue.append((f, AgentLost(node, "not connected")))
-            return
-        s.send(**body)
-
     def _do(self, f: Flight, c: Command) -> None:
-        if isinstance(c, SendFreeze):
-            kind = "OPERATION_KIND_" + c.kind.name
-            lease_ms = round(c.lease_s * 1000)
-            msg = agent_pb2.Freeze(
-                job=c.job, generation=c.generation, kind=kind, lease_ms=lease_ms, members=c.members
-            )
-            if restore.is_restore(f):  # whole-memory members: regions and registers
-                msg.layouts.extend(restore.freeze_layouts(self, c.job, c.generation, c.members))
-            self._send(f, c.node, freeze=msg)
-        elif isinstance(c, SendCapture):
-            full = c.full or c.node in f.full_nodes
-            cap = agent_pb2.Capture(
-                job=c.job, generation=c.generation, full=full, members=c.members
-            )
-            self._send(f, c.node, capture=cap)
-        elif isinstance(c, SendAbort):
-            reason = "ABORT_REASON_" + c.reason.name
-            abort = agent_pb2.Abort(
-                job=c.job, generation=c.generation, reason=reason, detail=c.detail
-            )
-            s = self.agents.current(c.node)
+        if isinstance(c, SEND_COMMANDS):
+            o = outbound(c, f.full_nodes)
+            if isinstance(o.message, agent_pb2.Freeze) and restore.is_restore(f):
+                # whole-memory members: regions and registers at the cut
+                o.message.layouts.extend(
+                    restore.freeze_layouts(self, c.job, c.generation, o.message.members)
+                )
+            s = self.agents.current(o.node)
             if s is not None:
-                s.send(abort=abort)
-        elif isinstance(c, SendCommitted):
-            s = self.agents.current(c.node)
-            if s is not None:
-                s.send(committed=agent_pb2.Committed(job=c.job, generation=c.generation))
-        elif isinstance(c, SendRestore):
-            rs = agent_pb2.Restore(job=c.job, generation=c.generation, members=c.members)
-            self._send(f, c.node, restore=rs)
-        elif isinstance(c, SendThaw):
-            s = self.agents.current(c.node)
-            if s is not None:
-                s.send(thaw=agent_pb2.Thaw(job=c.job, generation=c.generation))
+                s.send(**{o.field: o.message})
+            elif o.required:
+                self._queue.append((f, AgentLost(o.node, "not connected")))
         elif isinstance(c, Commit):
             f.committing = True
             threading.Thread(
@@ -369,49 +312,13 @@ class Engine:
                 log.exception("progress hook failed")
 
     def _finish(self, f: Flight) -> Summary:
-        if restore.is_restore(f):
-            return restore.finish(self, f)
-        run = f.run_stats()
-        self.recent[(f.job, f.number)] = run
-        while len(self.recent) > RECENT:
-            self.recent.popitem(last=False)
+        """The flight is over (under the lock): the job is free, the timer hears it."""
         if self.flights.get(f.job) is f:
             del self.flights[f.job]
-        snap = f.gen.snapshot
-        if snap.state is GenState.COMMITTED:
-            spec_members = [m for m, _ in snap.spec.members]
-            recs = [self.members.get(f.job, m) for m in spec_members]
-            self.members.update_all(replace(r, committed=f.number) for r in recs if r is not None)
-            if f.pin:
-                self.repo.pin(f.job, f.number, True)
-        f.summary = self.summary(f.job, f.number, snap.state.value, snap, run)
-        log_event(
-            log,
-            logging.INFO,
-            "generation ended",
-            job=f.job,
-            generation=f.number,
-            state=snap.state.value,
-            reason=snap.reason.value if snap.reason else "",
-            seconds=round(run.seconds, 3),
-            frozen_seconds=round(run.frozen_seconds, 4),
-        )
-        self._wake.notify_all()
-        return f.summary
-
-    def summary(
-        self,
-        job: str,
-        number: int,
-        state: str = "",
-        snap: Snapshot | None = None,
-        run: RunStats | None = None,
-        info: GenerationInfo | None = None,
-    ) -> Summary:
-        """A generation as clients see it: the catalog row plus the run's numbers."""
-        from coordinator.generations import summarize
-
-        return summarize(self, job, number, state, snap, run, info)
+        end = restore.finish if restore.is_restore(f) else commit.finish
+        summary = end(self, f)
+        self.wake()
+        return summary
 
     # -- commit (coordinator/commit.py) ---------------------------------------------------
 
@@ -423,6 +330,10 @@ class Engine:
         return commit.retain(self, job)
 
     # -- timers ----------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Wake the timer thread (deadlines changed). Under the lock."""
+        self._wake.notify_all()
 
     def _timer_loop(self) -> None:
         hb = self.opt.heartbeat_s
@@ -453,7 +364,7 @@ class Engine:
                 until = min([next_hb, *deadlines])
                 self._wake.wait(timeout=max(0.0, until - self.clock()) + 0.001)
 
-    # -- watch (issue 6 adds the stream; the hook is here) ------------------------------
+    # -- watch ----------------------------------------------------------------------------
 
     def _emit_watch(self, kind: str, **fields: object) -> None:
         log_event(log, logging.DEBUG, "watch", kind=kind, **fields)

@@ -53,7 +53,7 @@ DEFAULT_QUEUE = 1024
 # to DEFAULT_QUEUE events: bounded so a misbehaving dashboard cannot exhaust memory.
 MAX_WATCHERS = 64
 
-# The core's progress kinds (coordinator/protocol_values.ProgressKind values) that are
+# The core's progress kinds (coordinator.protocol.values.ProgressKind values) that are
 # also job events on their own, per operation.
 _CHECKPOINT_STEPS = {
     "freeze_sent": "generation_started",
@@ -103,7 +103,7 @@ class Watcher:
             return False
         return ev.kind in AGENT_KINDS or not self.jobs or ev.job in self.jobs
 
-    def _offer(self, ev: JobEvent) -> None:  # under the bus's condition
+    def offer(self, ev: JobEvent) -> None:  # under the bus's condition
         if len(self._q) >= self.capacity:
             self._q.popleft()
             self._lost += 1
@@ -187,7 +187,7 @@ class EventBus:
             ev = JobEvent(kind, self._seq, int(self.clock() * 1000), **fields)
             for w in self._watchers:
                 if w.wants(ev):
-                    w._offer(ev)
+                    w.offer(ev)
             self.published += 1
             self.cond.notify_all()
         return ev

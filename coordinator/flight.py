@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import ProgressEvent
-from coordinator.protocol_values import GenState, Timing
+from coordinator.protocol.messages import ProgressEvent
+from coordinator.protocol.values import GenState, Timing
 from coordinator.store.catalog import GenerationInfo
 from coordinator.store.manifest import Manifest, ThreadRegs
 from coordinator.uploads import MemberUpload

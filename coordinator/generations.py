@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coordinator.flight import RunStats, Summary
-from coordinator.protocol_values import AbortReason, Snapshot
+from coordinator.protocol.values import AbortReason, Snapshot
 from coordinator.store import GcReport, Manifest, State, StoreStats, VerifyReport
 from coordinator.store.catalog import GenerationInfo
 from cpcoord.errors import GenerationStateError, InvalidArgument, NoSuchGeneration, UnknownJob
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 
 def summarize(
-    engine: Engine,
+    engine: EngineView,
     job: str,
     number: int,
     state: str = "",
@@ -66,13 +66,13 @@ def _reason_of(text: str) -> tuple[str, str]:
         return AbortReason.STORE_ERROR.value, text
 
 
-def _job(engine: Engine, job: str) -> None:
+def _job(engine: EngineView, job: str) -> None:
     check_name(job)
     if not engine.members.has_job(job) and job not in engine.repo.catalog.jobs():
         raise UnknownJob(job)
 
 
-def _committed(engine: Engine, job: str, n: int) -> GenerationInfo:
+def committed(engine: EngineView, job: str, n: int) -> GenerationInfo:
     """Generation n of job if committed; n = 0: the newest committed one."""
     _job(engine, job)
     if n == 0:
@@ -87,7 +87,7 @@ def _committed(engine: Engine, job: str, n: int) -> GenerationInfo:
 
 
 def list_generations(
-    engine: Engine, job: str, include_aborted: bool = False, limit: int = 0
+    engine: EngineView, job: str, include_aborted: bool = False, limit: int = 0
 ) -> list[Summary]:
     """Newest first."""
     _job(engine, job)
@@ -96,7 +96,7 @@ def list_generations(
     shown.reverse()
     if limit:
         shown = shown[:limit]
-    return [engine.summary(job, r.number, info=r) for r in shown]
+    return [summarize(engine, job, r.number, info=r) for r in shown]
 
 
 @dataclass(frozen=True)
@@ -106,20 +106,20 @@ class Detail:
     nodes: dict[str, str]  # member -> node (as the membership knows it now)
 
 
-def get_generation(engine: Engine, job: str, n: int) -> Detail:
-    info = _committed(engine, job, n)
+def get_generation(engine: EngineView, job: str, n: int) -> Detail:
+    info = committed(engine, job, n)
     m = engine.repo.manifest(job, info.number)
     with engine.lock:
         nodes = {r.name: r.node for r in engine.members.of_job(job)}
-    return Detail(engine.summary(job, info.number, info=info), m, nodes)
+    return Detail(summarize(engine, job, info.number, info=info), m, nodes)
 
 
-def manifest(engine: Engine, job: str, n: int) -> tuple[Manifest, dict[str, str]]:
+def manifest(engine: EngineView, job: str, n: int) -> tuple[Manifest, dict[str, str]]:
     d = get_generation(engine, job, n)
     return d.manifest, d.nodes
 
 
-def delete_generation(engine: Engine, job: str, n: int, force: bool = False) -> None:
+def delete_generation(engine: EngineView, job: str, n: int, force: bool = False) -> None:
     _job(engine, job)
     if n < 1:
         raise InvalidArgument(f"generation must be >= 1, got {n}")
@@ -134,13 +134,13 @@ def delete_generation(engine: Engine, job: str, n: int, force: bool = False) -> 
         engine.events.publish("generation_deleted", job=job, generation=n, detail="deleted")
 
 
-def pin(engine: Engine, job: str, n: int, pinned: bool) -> Summary:
-    info = _committed(engine, job, n) if n else _committed(engine, job, 0)
+def pin(engine: EngineView, job: str, n: int, pinned: bool) -> Summary:
+    info = committed(engine, job, n) if n else committed(engine, job, 0)
     engine.repo.pin(job, info.number, pinned)
-    return engine.summary(job, info.number)
+    return summarize(engine, job, info.number)
 
 
-def gc(engine: Engine, keep: int = 0, dry_run: bool = False) -> GcReport:
+def gc(engine: EngineView, keep: int = 0, dry_run: bool = False) -> GcReport:
     keep = keep or engine.opt.keep
     if keep < 1:
         raise InvalidArgument(f"keep must be at least 1, got {keep}")
@@ -156,13 +156,13 @@ def gc(engine: Engine, keep: int = 0, dry_run: bool = False) -> GcReport:
     return GcReport(tuple(dropped), 0, 0, 0, 0, 0, 0, 0, 0)
 
 
-def verify(engine: Engine, job: str = "", n: int = 0) -> VerifyReport:
+def verify(engine: EngineView, job: str = "", n: int = 0) -> VerifyReport:
     if n and not job:
         raise InvalidArgument("a generation needs its job")
     if job:
         _job(engine, job)
     if n:
-        _committed(engine, job, n)
+        committed(engine, job, n)
     report = engine.repo.verify()
     if not job:
         return report
@@ -177,5 +177,5 @@ def verify(engine: Engine, job: str = "", n: int = 0) -> VerifyReport:
     )
 
 
-def stats(engine: Engine) -> StoreStats:
+def stats(engine: EngineView) -> StoreStats:
     return engine.repo.stats()

@@ -25,8 +25,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from coordinator.flight import Flight
-from coordinator.protocol_messages import MemberFailed, StoreFailed
-from coordinator.protocol_values import AbortReason
+from coordinator.protocol.messages import MemberFailed, StoreFailed
+from coordinator.protocol.values import AbortReason
 from coordinator.store.ids import ID_SIZE, IdArray, as_id_array, member_of
 from coordinator.uploads import MemberUpload, UploadAssembler
 from cpcoord.errors import (
@@ -45,7 +45,7 @@ from cpcoord.log import log_event
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.ingest")
 MAX_IDS = 65536
@@ -58,7 +58,9 @@ def bitmap(mask: np.ndarray) -> bytes:
     return np.packbits(mask.astype(np.uint8), bitorder="little").tobytes()
 
 
-def flight_for(engine: Engine, job: str, n: int, member: str, node: str | None = None) -> Flight:
+def flight_for(
+    engine: EngineView, job: str, n: int, member: str, node: str | None = None
+) -> Flight:
     """The flight of (job, n) if it is still in flight and has `member` (on `node`)."""
     check_name(job)
     check_name(member)
@@ -76,7 +78,7 @@ def flight_for(engine: Engine, job: str, n: int, member: str, node: str | None =
     return f
 
 
-def missing_chunks(engine: Engine, req: agent_pb2.MissingChunksRequest) -> bytes:
+def missing_chunks(engine: EngineView, req: agent_pb2.MissingChunksRequest) -> bytes:
     """The bitmap of ids the store lacks; the others are claimed for the generation."""
     if len(req.ids) % ID_SIZE:
         raise InvalidArgument(f"ids: {len(req.ids)} bytes is not a multiple of {ID_SIZE}")
@@ -88,7 +90,7 @@ def missing_chunks(engine: Engine, req: agent_pb2.MissingChunksRequest) -> bytes
     return bitmap(member_of(arr, missing))
 
 
-def upload(engine: Engine, requests: Iterator[agent_pb2.UploadRequest]) -> MemberUpload:
+def upload(engine: EngineView, requests: Iterator[agent_pb2.UploadRequest]) -> MemberUpload:
     """One UploadPages stream, read to its end (the thread-pool way)."""
     first = next(requests, None)
     if first is None or not first.HasField("header"):
@@ -120,7 +122,7 @@ class Inbound:
     at a time (`take`, then `end`): the loop never spends longer on an upload than on
     reading its messages, however many regions or batches it has."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineView) -> None:
         self.engine = engine
         self.receiver: Receiver | None = None
 
@@ -176,7 +178,7 @@ class Receiver:
     an event loop can read the stream and hand each batch to a thread. Bad data aborts
     the generation (BAD_DATA), a store failure too (store_error), as the module says."""
 
-    def __init__(self, engine: Engine, f: Flight, header: common_pb2.PagesHeader) -> None:
+    def __init__(self, engine: EngineView, f: Flight, header: common_pb2.PagesHeader) -> None:
         self.engine, self.f, self.h = engine, f, header
         self.asm = UploadAssembler(header, engine.opt.page_size, engine.opt.max_batch_entries)
         self.stored = [0, 0]  # chunks, bytes new to the store
@@ -192,7 +194,7 @@ class Receiver:
         self.t_check = self.t_store = 0.0  # where the stream's time goes (logged)
 
     @classmethod
-    def open(cls, engine: Engine, header: common_pb2.PagesHeader) -> Receiver:
+    def open(cls, engine: EngineView, header: common_pb2.PagesHeader) -> Receiver:
         check_name(header.node)
         f = flight_for(engine, header.job, header.generation, header.member, header.node)
         return cls(engine, f, header)

@@ -26,16 +26,16 @@ from cpcoord.errors import (
     DuplicateMember,
     InvalidArgument,
     JobBusy,
+    MemberNotRunning,
     NoSuchProcess,
     PidReused,
 )
 from cpcoord.gen.v1 import agent_pb2, types_pb2
-from cpcoord.grpcutil import from_error_detail
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.members")
 
@@ -61,15 +61,7 @@ def _attach_msg(rec: MemberRec) -> agent_pb2.AttachMember:
     )
 
 
-def _ask(s: AgentSession, what: str, timeout: float, **body: object) -> agent_pb2.CommandResult:
-    res = s.request(what, timeout, **body)
-    if res.HasField("error"):
-        e = res.error
-        raise from_error_detail(e.error, e.message, e.status)
-    return res
-
-
-def attach(engine: Engine, req: AttachRequest) -> tuple[MemberRec, types_pb2.Member]:
+def attach(engine: EngineView, req: AttachRequest) -> tuple[MemberRec, types_pb2.Member]:
     """Attach a process as a member; returns the record and the agent's view of it."""
     check_name(req.job)
     if req.pid < 1:
@@ -96,7 +88,7 @@ def attach(engine: Engine, req: AttachRequest) -> tuple[MemberRec, types_pb2.Mem
         engine.attaching.add(key)
     try:
         rec = MemberRec(req.job, req.member, node, req.pid, req.start_time, regions, req.tracker)
-        res = _ask(s, "AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec))
+        res = s.ask("AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec))
         got = res.member
         rec = replace(
             rec, pid=got.process.pid or rec.pid, start_time=got.process.start_time or rec.start_time
@@ -116,7 +108,7 @@ def attach(engine: Engine, req: AttachRequest) -> tuple[MemberRec, types_pb2.Mem
     return rec, res.member
 
 
-def detach(engine: Engine, job: str, member: str) -> MemberRec:
+def detach(engine: EngineView, job: str, member: str) -> MemberRec:
     """Forget a member (its committed generations stay). Refused while the job has a
     generation in flight."""
     check_name(job)
@@ -130,8 +122,7 @@ def detach(engine: Engine, job: str, member: str) -> MemberRec:
         engine.members.remove(job, member)
     if s is not None:
         try:
-            _ask(
-                s,
+            s.ask(
                 "DetachMember",
                 engine.opt.command_timeout_s,
                 detach_member=agent_pb2.DetachMember(job=job, member=member),
@@ -151,7 +142,7 @@ def detach(engine: Engine, job: str, member: str) -> MemberRec:
     return rec
 
 
-def mark_gone(engine: Engine, job: str, member: str, detail: str) -> MemberRec | None:
+def mark_gone(engine: EngineView, job: str, member: str, detail: str) -> MemberRec | None:
     with engine.lock:
         rec = engine.members.get(job, member)
         if rec is None or rec.gone:
@@ -160,7 +151,7 @@ def mark_gone(engine: Engine, job: str, member: str, detail: str) -> MemberRec |
         return engine.members.update(replace(rec, gone=True, detail=detail))
 
 
-def reconcile(engine: Engine, s: AgentSession) -> None:
+def reconcile(engine: EngineView, s: AgentSession) -> None:
     """Bring the agent's members in line with the catalog; then the node is ready."""
     held = {(h.job, h.member.name): h for h in s.hello.members}
     with engine.lock:
@@ -175,9 +166,7 @@ def reconcile(engine: Engine, s: AgentSession) -> None:
             if rec.gone:
                 continue
             try:
-                _ask(
-                    s, "AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec)
-                )
+                s.ask("AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec))
             except (NoSuchProcess, PidReused) as e:
                 mark_gone(engine, rec.job, rec.name, str(e))
                 continue
@@ -196,7 +185,22 @@ def reconcile(engine: Engine, s: AgentSession) -> None:
     log_event(log, logging.INFO, "agent ready", node=s.node, members=len(recs))
 
 
-def health(engine: Engine, rec: MemberRec) -> tuple[str, str]:
+def check_ready(engine: EngineView, job: str, recs: Sequence[MemberRec], hint: str = "") -> None:
+    """Under the lock, before a flight of `job` begins: none is in flight (JobBusy), every
+    member's process runs (MemberNotRunning, its detail + `hint`) and its node's agent is
+    connected and reconciled (AgentUnavailable)."""
+    busy = engine.flights.get(job)
+    if busy is not None:
+        raise JobBusy(job, busy.number)
+    for m in recs:
+        if m.gone:
+            raise MemberNotRunning(m.name, m.job, f"{m.detail or 'its process exited'}{hint}")
+        s = engine.agents.current(m.node)
+        if s is None or not s.ready:
+            raise AgentUnavailable(m.node)
+
+
+def health(engine: EngineView, rec: MemberRec) -> tuple[str, str]:
     """RUNNING, GONE or AGENT_DISCONNECTED, with a detail."""
     if rec.gone:
         return "GONE", rec.detail

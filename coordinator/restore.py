@@ -31,18 +31,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from coordinator import generations
+from coordinator import generations, members_ops
 from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
-from coordinator.members_ops import _ask
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import Begin
-from coordinator.protocol_values import GenState, Kind, Spec
+from coordinator.protocol.values import GenState, Kind, Spec
 from cpcoord import mapfacts
 from cpcoord.errors import (
     AgentUnavailable,
     InvalidArgument,
-    JobBusy,
-    MemberNotRunning,
     UnknownJob,
     UnknownMember,
 )
@@ -51,7 +47,7 @@ from cpcoord.log import log_event
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:
-    from coordinator.engine import Engine
+    from coordinator.engine_view import EngineView
 
 log = logging.getLogger("cpcoord.coordinator.restore")
 
@@ -80,7 +76,7 @@ def is_restore(f: Flight) -> bool:
     return f.gen.snapshot.spec.kind is Kind.RESTORE
 
 
-def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
+def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
     """Start restoring in place; progress comes on the subscription. Errors before it
     begins: UnknownJob, NoSuchGeneration, UnknownMember, JobBusy, MemberNotRunning,
     AgentUnavailable."""
@@ -90,7 +86,7 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
     timing = CheckpointOptions(
         opts.job, lease_ms=opts.lease_ms, freeze_timeout_ms=opts.freeze_timeout_ms
     ).timing()
-    info = generations._committed(engine, opts.job, opts.generation)
+    info = generations.committed(engine, opts.job, opts.generation)
     manifest = engine.repo.manifest(opts.job, info.number)
     in_gen = {m.name for m in manifest.members}
     with engine.lock:
@@ -104,16 +100,8 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
                 raise UnknownMember(opts.job, n, "attached now")
             if n not in in_gen:
                 raise UnknownMember(opts.job, n, f"in generation {info.number}")
-        busy = engine.flights.get(opts.job)
-        if busy is not None:
-            raise JobBusy(opts.job, busy.number)
         chosen = [by_name[n] for n in names]
-        for m in chosen:
-            if m.gone:
-                raise MemberNotRunning(m.name, m.job, m.detail or "its process exited")
-            s = engine.agents.current(m.node)
-            if s is None or not s.ready:
-                raise AgentUnavailable(m.node)
+        members_ops.check_ready(engine, opts.job, chosen)
         spec = Spec(
             opts.job,
             info.number,
@@ -122,15 +110,11 @@ def begin(engine: Engine, opts: RestoreOptions) -> Subscription:
             timing=timing,
         )
         f = Flight(Generation(spec), None, frozenset(), started=engine.clock())
-        sub = f.subscribe()
-        engine.flights[opts.job] = f
-        engine.feed(f, Begin(engine.clock()))
-        engine._wake.notify_all()
-    return sub
+        return engine.launch(f)
 
 
 def freeze_layouts(
-    engine: Engine, job: str, generation: int, members: Iterable[str]
+    engine: EngineView, job: str, generation: int, members: Iterable[str]
 ) -> list[agent_pb2.RestoreLayout]:
     """The restore Freeze's layouts: each named member's regions with their mappings at
     the cut, and (a whole-memory member) every thread's registers at the cut."""
@@ -163,18 +147,19 @@ def freeze_layouts(
     return out
 
 
-def finish(engine: Engine, f: Flight) -> Summary:
-    """Under the lock, at a restore's end (COMMITTED or ABORTED): the flight is over;
-    written members capture in full next; the generation keeps its own record."""
-    if engine.flights.get(f.job) is f:
-        del engine.flights[f.job]
+def finish(engine: EngineView, f: Flight) -> Summary:
+    """Under the lock, at a restore's end (COMMITTED or ABORTED; the engine has ended
+    the flight): written members capture in full next; the generation keeps its own
+    record."""
     snap = f.gen.snapshot
     if snap.state is GenState.COMMITTED:
         for name, _ in snap.spec.members:
             r = engine.members.get(f.job, name)
             if r is not None and r.committed:
                 engine.members.update_all([replace(r, committed=0)])
-    f.summary = engine.summary(f.job, f.number, info=engine.repo.catalog.get(f.job, f.number))
+    f.summary = generations.summarize(
+        engine, f.job, f.number, info=engine.repo.catalog.get(f.job, f.number)
+    )
     log_event(
         log,
         logging.INFO,
@@ -186,18 +171,17 @@ def finish(engine: Engine, f: Flight) -> Summary:
         detail=snap.detail,
         seconds=round(engine.clock() - f.started, 3),
     )
-    engine._wake.notify_all()
     return f.summary
 
 
-def into(engine: Engine, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats]:
+def into(engine: EngineView, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats]:
     """Write one member's pages of a committed generation into a new process, through
     the agent of its node (RestoreInto); returns the generation and what was written."""
     check_name(opts.job)
     check_name(opts.member)
     if opts.pid < 1:
         raise InvalidArgument(f"pid must be >= 1, got {opts.pid}")
-    info = generations._committed(engine, opts.job, opts.generation)
+    info = generations.committed(engine, opts.job, opts.generation)
     m = engine.repo.manifest(opts.job, info.number)
     try:
         mm = m.member(opts.member)
@@ -235,5 +219,5 @@ def into(engine: Engine, opts: IntoOptions) -> tuple[int, common_pb2.MemberStats
     # Writing a whole member can take a while: at least the command timeout, more when big.
     pages = sum(r.pages.page_count for r in mm.regions)
     timeout = engine.opt.command_timeout_s + pages * m.page_size / (200 << 20)
-    res = _ask(s, "RestoreInto", timeout, restore_into=msg)
+    res = s.ask("RestoreInto", timeout, restore_into=msg)
     return info.number, res.stats

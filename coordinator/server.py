@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -32,7 +32,15 @@ from coordinator.store.location import open_repository
 from cpcoord.log import log_event
 
 log = logging.getLogger("cpcoord.coordinator")
-__all__ = ["RPC_THREADS", "SERVICES", "Deps", "create_server", "serve", "write_port_file"]
+__all__ = [
+    "RPC_THREADS",
+    "SERVICES",
+    "Deps",
+    "ServeConfig",
+    "create_server",
+    "serve",
+    "write_port_file",
+]
 
 
 # Threads for the calls that block (store reads and writes, uploads, exports, commands
@@ -89,19 +97,21 @@ def stop_event() -> threading.Event:
     return stop
 
 
-def serve(
-    listen: str,
-    store: Path | str,
-    options: Options,
-    *,
-    port_file: Path | None = None,
-    metrics_port: int | None = None,
-    security: Security | None = None,
-    sealer: Sealer | None = None,
-    rpc_threads: int = RPC_THREADS,
-    state_dir: Path | None = None,
-) -> int:
-    security = security or Security()
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `serve` and a replica's `serve_replica` (coordinator/ha/serve.py) share."""
+
+    port_file: Path | None = None
+    metrics_port: int | None = None
+    security: Security = field(default_factory=Security)
+    sealer: Sealer | None = None
+    rpc_threads: int = RPC_THREADS
+    state_dir: Path | None = None
+
+
+def serve(listen: str, store: Path | str, options: Options, config: ServeConfig) -> int:
+    security, sealer, rpc_threads = config.security, config.sealer, config.rpc_threads
+    port_file, metrics_port, state_dir = config.port_file, config.metrics_port, config.state_dir
     check_transport(listen, security)  # before the store is opened or created
     repo, rebuilt = open_repository(store, state_dir=state_dir, config=StoreConfig(sealer=sealer))
     if rebuilt is not None:

@@ -34,9 +34,9 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
+from cpcoord.closing import Closing
 from cpcoord.errors import AgentSocketUnavailable, InvalidArgument, LocalApiError
 from cpcoord.local_wire import PROTOCOL, encode, read_frame, remote_error, socket_path
 
@@ -79,7 +79,7 @@ def _buffer_span(obj: Any) -> tuple[int, int, memoryview]:
     return addr, flat.nbytes, flat
 
 
-class Client:
+class Client(Closing):
     """One connection to the local agent; thread-safe (one request at a time)."""
 
     def __init__(
@@ -140,14 +140,6 @@ class Client:
     def close(self) -> None:
         with self._lock:
             self._drop()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # -- API ---------------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from types import TracebackType
 
+from cpcoord.closing import Closing
 from cpcoord.errors import InvalidArgument, TrackerUnavailable
 
 _NR_USERFAULTFD = 323  # x86-64
@@ -55,7 +55,7 @@ def _new_uffd() -> int:
     return fd
 
 
-class SelfTracking:
+class SelfTracking(Closing):
     """This process's userfaultfd in async write-protect mode, and what it registered."""
 
     def __init__(self) -> None:
@@ -80,14 +80,6 @@ class SelfTracking:
             os.close(self.fd)
             raise TrackerUnavailable("uffd-wp", f"UFFDIO_API: {e.strerror}") from None
         self.ranges: list[tuple[int, int]] = []
-
-    def __enter__(self) -> SelfTracking:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def register(self, start: int, length: int) -> None:
         """Track writes to `[start, start + length)` (page aligned, mapped)."""

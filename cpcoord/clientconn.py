@@ -18,11 +18,11 @@ import argparse
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
+from cpcoord.closing import Closing
 from cpcoord.endpoints import Endpoints, Failover
 from cpcoord.errors import CpcoordError, NoCoordinatorAddress
 from cpcoord.gen.v1 import coordinator_pb2_grpc
@@ -92,7 +92,7 @@ def address(args: argparse.Namespace) -> str:
     return addr.strip()
 
 
-class Client:
+class Client(Closing):
     """Channels to the coordinator (one per address, opened when first used) and calls
     that follow the leader among replicas."""
 
@@ -178,14 +178,6 @@ class Client:
         for ch, _ in self._channels.values():
             ch.close()
         self._channels.clear()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 _END = object()

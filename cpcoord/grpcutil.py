@@ -193,6 +193,16 @@ def _request(request: Any) -> Any:
     return request
 
 
+def _fail(context: grpc.ServicerContext, name: str, e: Exception) -> NoReturn:
+    """End the call for `e`: an abort under way goes on, a CpcoordError becomes its
+    status, anything else INTERNAL (logged)."""
+    if _is_abort(e):
+        raise e
+    if isinstance(e, CpcoordError):
+        abort_with(context, e)
+    _unexpected(context, name, e)
+
+
 def rpc_errors(fn: F) -> F:
     """Decorate a servicer method (unary or generator) so errors become statuses, and
     malformed requests INVALID_ARGUMENT (with `add_servicer`)."""
@@ -204,12 +214,8 @@ def rpc_errors(fn: F) -> F:
         def gen(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from fn(self, _request(request), context)
-            except CpcoordError as e:
-                abort_with(context, e)
             except Exception as e:
-                if _is_abort(e):
-                    raise
-                _unexpected(context, name, e)
+                _fail(context, name, e)
 
         return cast(F, gen)
 
@@ -217,12 +223,8 @@ def rpc_errors(fn: F) -> F:
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, _request(request), context)
-        except CpcoordError as e:
-            abort_with(context, e)
         except Exception as e:
-            if _is_abort(e):
-                raise
-            _unexpected(context, name, e)
+            _fail(context, name, e)
 
     return cast(F, unary)
 

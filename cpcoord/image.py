@@ -1,6 +1,6 @@
 """Image directories (`cpcoord-image/1`): the values, the JSON form and the reader.
 
-Owns the on-disk format of issue 2 (also what `cpcoord export` writes and `image flatten`
+Owns the on-disk image format (also what `cpcoord export` writes and `image flatten`
 reads):
 
     DIR/image.json              {"format": "cpcoord-image/1", "job", "generation",
@@ -14,7 +14,7 @@ reads):
 `start`/`end` are hex strings; runs count pages from `start`. A region's `pages` lists
 every page stored in this image, zero pages included (they are listed, but are holes);
 `all_pages` lists every page the region held at the capture, present only in incremental
-images (issue 3), where `parent` names the parent image directory.
+images, where `parent` names the parent image directory.
 
 Writing lives in cpcoord/image_writer.py. A directory without image.json is not an
 image. Nothing here imports nodeagent: pages arrive and leave as NumPy arrays.

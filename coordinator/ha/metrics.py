@@ -1,6 +1,6 @@
 """Prometheus metrics of a coordinator replica (docs/metrics.md, "Replicas").
 
-On top of the coordinator's own metrics (coordinator/metrics.py: the event counters are
+On top of the coordinator's own metrics (coordinator/metrics/counters.py: the event counters are
 made once and hooked into each new engine; the state collector follows the engine the
 replica serves now), every replica reports whether it leads, its term, how often it
 took over and why it lost leadership. A follower reports `cpcoord_agents_connected` 0
@@ -17,8 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.metrics_state import StateCollector
+from coordinator.metrics import CoordinatorMetrics, StateCollector
 
 if TYPE_CHECKING:
     from coordinator.engine import Engine

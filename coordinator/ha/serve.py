@@ -15,15 +15,14 @@ import socket
 from pathlib import Path
 
 from coordinator.aioserver import AioServer
-from coordinator.auth import Security, check_transport
+from coordinator.auth import check_transport
 from coordinator.engine import Options
 from coordinator.ha import metrics as ha_metrics
 from coordinator.ha.election import Elector, Timing
 from coordinator.ha.etcd import EtcdClient
 from coordinator.ha.replica import Replica
-from coordinator.server import RPC_THREADS, stop_event, write_port_file
+from coordinator.server import ServeConfig, stop_event, write_port_file
 from coordinator.serving import Serving
-from coordinator.store.crypt import Sealer
 from cpcoord.errors import InvalidArgument
 from cpcoord.log import log_event
 
@@ -49,19 +48,15 @@ def serve_replica(
     listen: str,
     store: Path | str,
     options: Options,
+    config: ServeConfig,
     *,
     etcd: str,
     prefix: str = "/cpcoord",
     ttl_s: int = 3,
     advertise: str | None = None,
-    port_file: Path | None = None,
-    metrics_port: int | None = None,
-    security: Security | None = None,
-    sealer: Sealer | None = None,
-    rpc_threads: int = RPC_THREADS,
-    state_dir: Path | None = None,
 ) -> int:
-    security = security or Security()
+    security, sealer, rpc_threads = config.security, config.sealer, config.rpc_threads
+    port_file, metrics_port, state_dir = config.port_file, config.metrics_port, config.state_dir
     check_transport(listen, security)
     client = EtcdClient(etcd)
     timing = Timing(ttl_s)

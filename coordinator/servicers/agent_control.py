@@ -13,6 +13,7 @@ import grpc
 
 from coordinator import generations, ingest, pagestream
 from coordinator.engine import Engine
+from coordinator.servicers import convert
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.grpcutil import rpc_errors
 
@@ -32,14 +33,7 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
         self, request_iterator: Iterator[agent_pb2.UploadRequest], context: grpc.ServicerContext
     ) -> agent_pb2.UploadResponse:
         done = ingest.upload(self.engine, request_iterator)
-        return agent_pb2.UploadResponse(
-            pages=done.pages,
-            entries=done.entries,
-            chunks=done.chunks,
-            chunks_new=done.chunks_new,
-            bytes_received=done.bytes_received,
-            bytes_stored_new=done.bytes_stored_new,
-        )
+        return convert.upload_response(done)
 
     @rpc_errors
     def DownloadPages(

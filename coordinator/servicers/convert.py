@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from coordinator.flight import Progress, Summary
 from coordinator.membership import MemberRec
-from coordinator.protocol_values import Stats
-from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
+from coordinator.protocol.values import Stats
+from coordinator.store import StoreStats
+from coordinator.uploads import MemberUpload
+from cpcoord.gen.v1 import agent_pb2, common_pb2, coordinator_pb2, types_pb2
 
 _REASONS = frozenset(common_pb2.AbortReason.keys())
 _STATE = {
@@ -129,3 +132,22 @@ def member_info(
         attached_unix_ms=rec.attached_ms,
         detail=detail,
     )
+
+
+def upload_response(done: MemberUpload) -> agent_pb2.UploadResponse:
+    """What an UploadPages call answers (the thread-pool and the grpc.aio servicer)."""
+    return agent_pb2.UploadResponse(
+        pages=done.pages,
+        entries=done.entries,
+        chunks=done.chunks,
+        chunks_new=done.chunks_new,
+        bytes_received=done.bytes_received,
+        bytes_stored_new=done.bytes_stored_new,
+    )
+
+
+def store_stats(s: StoreStats) -> coordinator_pb2.StoreStatsResponse:
+    """Field for field (the response has the store's names); a ratio without a value
+    (an empty store) is 0."""
+    values: dict[str, Any] = {k: 0.0 if v is None else v for k, v in dataclasses.asdict(s).items()}
+    return coordinator_pb2.StoreStatsResponse(**values)

@@ -44,7 +44,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         )
         if gens:
             out.last_committed.CopyFrom(
-                convert.generation_info(e.summary(job, gens[-1].number, info=gens[-1]))
+                convert.generation_info(
+                    generations.summarize(e, job, gens[-1].number, info=gens[-1])
+                )
             )
         return out
 
@@ -230,19 +232,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def StoreStats(
         self, request: coordinator_pb2.StoreStatsRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.StoreStatsResponse:
-        s = generations.stats(self.engine)
-        return coordinator_pb2.StoreStatsResponse(
-            chunks=s.chunks,
-            packs=s.packs,
-            pack_bytes=s.pack_bytes,
-            chunk_bytes=s.chunk_bytes,
-            stored_chunk_bytes=s.stored_chunk_bytes,
-            generations=s.generations,
-            logical_bytes=s.logical_bytes,
-            index_memory_bytes=s.index_memory_bytes,
-            dedup_ratio=s.dedup_ratio or 0.0,
-            compression_ratio=s.compression_ratio or 0.0,
-        )
+        return convert.store_stats(generations.stats(self.engine))
 
     @rpc_errors
     def Diff(

@@ -12,7 +12,7 @@ an agent's report, disconnect) run on the loop, as the lock is never held long.
 
 The rest of both services (the clients' unary calls, exports, downloads, gc) stays in
 the thread-pool servicers (agent_control.py, coordinator_api.py), which grpc.aio runs on
-its migration pool; uploads store their batches there too (`blocking`).
+its migration pool; uploads store their batches there too (upload_pump.py).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from coordinator.engine import Engine
 from coordinator.flight import CheckpointOptions, Progress, Subscription
 from coordinator.servicers import convert
 from coordinator.servicers.coordinator_api import restore_into_events
+from coordinator.servicers.upload_pump import UploadPump
 from coordinator.servicers.watch import META_SUBSCRIBED, watch_event
 from coordinator.serving import Serving
-from coordinator.uploads import MemberUpload
 from cpcoord.errors import CoordinatorStopping, CpcoordError, InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, coordinator_pb2
 from cpcoord.grpcutil import Malformed, rpc_errors_async
@@ -170,7 +170,7 @@ class Streams:
         checked and stored on the pool (ingest.Inbound), whatever arrived meanwhile in
         one hop, so a member of 20 000 regions never holds the loop that reads every
         agent's heartbeats, and a small upload costs one hop."""
-        up = _Upload(self.pool, ingest.Inbound(self.serving.engine()))
+        up = UploadPump(self.pool, ingest.Inbound(self.serving.engine()))
         try:
             async for raw in request_iterator:
                 if up.failed is not None:
@@ -184,14 +184,7 @@ class Streams:
             raise
         finally:
             up.close()
-        return agent_pb2.UploadResponse(
-            pages=done.pages,
-            entries=done.entries,
-            chunks=done.chunks,
-            chunks_new=done.chunks_new,
-            bytes_received=done.bytes_received,
-            bytes_stored_new=done.bytes_stored_new,
-        )
+        return convert.upload_response(done)
 
     # -- checkpoint and restore --------------------------------------------------------
 
@@ -298,101 +291,6 @@ class Streams:
                 log_event(
                     log, logging.INFO, "watch lost events", lost=w.lost_total, peer=context.peer()
                 )
-
-
-# An upload's messages go to the pool at once from this many bytes, else after this
-# long (unless the end comes first: a small upload is one hop), and its stream is not
-# read further while this many bytes wait (the pool, or the store, is slower).
-DISPATCH_BYTES = 256 << 10
-DISPATCH_DELAY_S = 0.002
-QUEUE_BYTES = 32 << 20
-
-
-class _Upload:
-    """An UploadPages call between the loop, which reads its messages, and the pool,
-    which takes them (`ingest.Inbound`) one list at a time, in order. Every message that
-    arrived is handed over soon, even if the next one never comes or the stream breaks
-    (an agent that dies after its first batch has it stored, as the thread-per-stream
-    server did: the chunks are the aborted generation's, gc reclaims them)."""
-
-    def __init__(self, pool: Executor, inbound: ingest.Inbound) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.pool = pool
-        self.inbound = inbound
-        self.inbox: list[bytes] = []
-        self.queued = 0
-        self.work: asyncio.Future[None] | None = None
-        self.failed: BaseException | None = None  # what the pool raised (it has failed it)
-        self.timer: asyncio.TimerHandle | None = None
-        self.closed = False
-
-    def arrived(self, raw: bytes) -> None:
-        self.inbox.append(raw)
-        self.queued += len(raw)
-        if self.queued >= DISPATCH_BYTES:
-            self._pump()
-        elif self.timer is None:
-            self.timer = self.loop.call_later(DISPATCH_DELAY_S, self._pump)
-
-    def _busy(self) -> bool:
-        return self.work is not None and not self.work.done()
-
-    def _pump(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self._busy() or not self.inbox or self.failed is not None or self.closed:
-            return
-        msgs, self.inbox, self.queued = self.inbox, [], 0
-        self.work = self.loop.run_in_executor(self.pool, self.inbound.take, msgs)
-        self.work.add_done_callback(self._done)
-
-    def _done(self, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and (e := fut.exception()) is not None:
-            self.failed = e
-        self._pump()  # what arrived meanwhile, at once
-
-    async def _settled(self) -> None:
-        while self._busy():
-            assert self.work is not None
-            await asyncio.wait([self.work])  # never cancels the work
-
-    async def room(self) -> None:
-        """Wait while too much waits for the pool (it takes it all when it is free)."""
-        while self.queued > QUEUE_BYTES and self._busy():
-            assert self.work is not None
-            await asyncio.wait([self.work])
-
-    async def end(self) -> MemberUpload:
-        """The stream ended: the rest and the end in one hop, after the work before."""
-        self.closed = True
-        await self._settled()
-        if self.failed is not None:
-            raise self.failed
-        msgs, self.inbox, self.queued = self.inbox, [], 0
-        try:
-            return await self.loop.run_in_executor(self.pool, self.inbound.end, msgs)
-        except Exception as e:
-            self.failed = e  # the pool has told the generation
-            raise
-
-    async def abandon(self, e: BaseException) -> None:
-        """The stream broke (or the call was cancelled): what arrived is still stored,
-        as if the break had come a moment later (its generation aborts; gc reclaims
-        them), then the generation hears of the break."""
-        self.close()
-        await self._settled()
-        msgs, self.inbox, self.queued = self.inbox, [], 0
-        if msgs and self.failed is None:
-            with contextlib.suppress(Exception):  # bad data: the pool has told it
-                await self.loop.run_in_executor(self.pool, self.inbound.take, msgs)
-        await self.loop.run_in_executor(self.pool, self.inbound.fail, e)
-
-    def close(self) -> None:
-        self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

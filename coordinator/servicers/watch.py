@@ -1,29 +1,17 @@
-"""`Coordinator.Watch`: the event bus (coordinator/events.py) as a gRPC stream.
-
-One watcher per call, removed when the call ends (client gone, deadline, server stop).
-The loop polls the watcher with a short timeout so a cancelled call is noticed even when
-nothing happens; the bus never waits for this loop.
+"""`Coordinator.Watch`'s messages: the event bus's events (coordinator/events.py) as
+WatchEvents, and a gc run's report as its GarbageCollectEvent. The stream itself is
+served on grpc.aio (servicers/streams.py `Watch`); `META_SUBSCRIBED` is the header that
+tells the client it is subscribed.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-
-import grpc
-
-from coordinator.events import EventBus, JobEvent
+from coordinator.events import JobEvent
 from coordinator.flight import Progress
 from coordinator.servicers import convert
 from coordinator.store import GcReport
-from cpcoord.errors import CoordinatorStopping
 from cpcoord.gen.v1 import coordinator_pb2
-from cpcoord.log import log_event
-from cpcoord.ranges import check_name
 
-log = logging.getLogger("cpcoord.coordinator")
-
-POLL_S = 0.5
 META_SUBSCRIBED = "cpcoord-watch-subscribed"
 
 
@@ -64,28 +52,3 @@ def watch_event(ev: JobEvent) -> coordinator_pb2.WatchEvent:
     elif isinstance(p, GcReport):
         out.gc.CopyFrom(gc_event(p))
     return out
-
-
-def stream(
-    bus: EventBus, request: coordinator_pb2.WatchRequest, context: grpc.ServicerContext
-) -> Iterator[coordinator_pb2.WatchEvent]:
-    for job in request.jobs:
-        check_name(job)
-    w = bus.subscribe(request.jobs, request.include_progress)
-    context.add_callback(w.close)
-    # Headers now tell the client it is subscribed (Client.watch waits for them), so an
-    # event after watch() returned is never missed.
-    context.send_initial_metadata(((META_SUBSCRIBED, "1"),))
-    try:
-        while context.is_active() and not w.closed:
-            ev = w.get(timeout=POLL_S)
-            if ev is not None:
-                yield watch_event(ev)
-        if context.is_active():
-            raise CoordinatorStopping("the Watch stream ends")
-    finally:
-        w.close()
-        if w.lost_total:  # a dashboard too slow for the event rate: worth knowing
-            log_event(
-                log, logging.INFO, "watch lost events", lost=w.lost_total, peer=context.peer()
-            )

@@ -26,7 +26,6 @@ trailers at open, orphan manifests and dead chunks go at the next gc.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,15 +36,15 @@ from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
 from coordinator.store.ids import IdArray, PackId, member_of
 from coordinator.store.index import PackInfo
+from coordinator.store.parts import MAINTENANCE
 from coordinator.store.writer import StoredPack
 from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
 from cpcoord.log import log_event
 
 if TYPE_CHECKING:
-    from coordinator.store.repository import Repository
+    from coordinator.store.parts import StoreParts
 
 log = logging.getLogger("cpcoord.store.gc")
-_gc_lock = threading.Lock()  # one gc (or verify) at a time per process
 SMALL_PACKS = 8
 
 
@@ -67,9 +66,9 @@ def _manifest_key(name: str) -> tuple[str, int] | None:
     return (job, int(num)) if job and num.isdigit() else None
 
 
-def _retention(repo: Repository, keep: int) -> list[tuple[str, int, str]]:
+def _retention(repo: StoreParts, keep: int) -> list[tuple[str, int, str]]:
     dropped: list[tuple[str, int, str]] = []
-    with repo._lock:
+    with repo.lock:
         for job in repo.catalog.jobs():
             gens = repo.catalog.generations(job, State.COMMITTED)
             kept = {g.number for g in gens[-keep:]} | {g.number for g in gens if g.pinned}
@@ -85,13 +84,13 @@ def _retention(repo: Repository, keep: int) -> list[tuple[str, int, str]]:
                 repo.catalog.delete(job, [g.number for g in drop] + old_aborted)
             dropped += [(job, g.number, g.manifest or "") for g in drop]
     for _, _, name in dropped:
-        repo._manifests.pop(name, None)
+        repo.forget_manifest(name)
         if name:
             repo.backend.delete(Kind.MANIFESTS, name)
     return dropped
 
 
-def _references(repo: Repository, names: set[str], known: dict[str, tuple[str, IdArray]]) -> None:
+def _references(repo: StoreParts, names: set[str], known: dict[str, tuple[str, IdArray]]) -> None:
     for name in names - known.keys():
         try:
             m = repo.load_manifest(name)
@@ -100,21 +99,21 @@ def _references(repo: Repository, names: set[str], known: dict[str, tuple[str, I
         known[name] = (m.namespace, m.chunk_ids())
 
 
-def collect(repo: Repository, keep: int) -> GcReport:
+def collect(repo: StoreParts, keep: int) -> GcReport:
     if keep < 1:
         raise InvalidArgument(f"keep must be at least 1, not {keep}")
-    with _gc_lock:
+    with MAINTENANCE:
         return _collect(repo, keep)
 
 
-def _collect(repo: Repository, keep: int) -> GcReport:
+def _collect(repo: StoreParts, keep: int) -> GcReport:
     dropped = _retention(repo, keep)
-    repo._step("gc:retention")
+    repo.step("gc:retention")
     refs: dict[str, tuple[str, IdArray]] = {}
     _references(repo, repo.catalog.committed_manifests(), refs)
 
-    with repo._lock:
-        repo._integrate(block=True)  # no put in flight while incomplete ones are discarded
+    with repo.lock:
+        repo.integrate(block=True)  # no put in flight while incomplete ones are discarded
         incomplete = repo.backend.discard_incomplete()
         repo.recent_puts.clear()
         committed = repo.catalog.committed_manifests()
@@ -159,15 +158,15 @@ def _collect(repo: Repository, keep: int) -> GcReport:
                     repack_live[int(locs["pack"][part[0]])] = (ids[part], locs[part])
         del survivors
 
-    repo._step("gc:marked")
+    repo.step("gc:marked")
     written, repacked = _repack(repo, to_repack, repack_live)
-    repo._step("gc:repacked")
+    repo.step("gc:repacked")
     freed = 0
-    with repo._lock:
+    with repo.lock:
         # A pack stored since the mark may have the very bytes, hence the name, of a pack
         # planned for deletion (same chunks uploaded again in the same order; or a repack
         # output equal to a crashed gc's leftover): such a pack is live, keep it.
-        repo._integrate(block=True)
+        repo.integrate(block=True)
         keep_names = repo.recent_puts | {s.id.hex() for s in written}
         gone = [n for n in doomed + repacked if repo.index.pack(n).name not in keep_names]
         infos = [repo.index.pack(n) for n in gone]
@@ -196,7 +195,7 @@ def _collect(repo: Repository, keep: int) -> GcReport:
 
 
 def _small_packs(
-    repo: Repository, packs_now: dict[int, PackInfo], live_bytes: np.ndarray, chosen: set[int]
+    repo: StoreParts, packs_now: dict[int, PackInfo], live_bytes: np.ndarray, chosen: set[int]
 ) -> list[int]:
     """Live packs under a quarter of the pack size (each commit seals one), when a
     namespace has at least SMALL_PACKS of them: merged, so their number stays bounded."""
@@ -208,7 +207,7 @@ def _small_packs(
 
 
 def _repack(
-    repo: Repository, numbers: list[int], live: dict[int, tuple[IdArray, np.ndarray]]
+    repo: StoreParts, numbers: list[int], live: dict[int, tuple[IdArray, np.ndarray]]
 ) -> tuple[list[StoredPack], list[int]]:
     """Copy live blobs of the given packs into new packs; returns (new packs, packs whose
     live blobs were all copied). New packs are stored but not yet indexed."""
@@ -218,7 +217,7 @@ def _repack(
 
     def seal(w: packs.PackWriter) -> None:
         s = w.seal()
-        with repo._lock:  # every put happens under the lock (discard_incomplete contract)
+        with repo.lock:  # every put happens under the lock (discard_incomplete contract)
             repo.backend.put(Kind.PACKS, s.id.format(), s.data)
         written.append(StoredPack(s.id.digest, len(s.data), s.contents))  # drop the bytes
 

@@ -22,12 +22,12 @@ from cpcoord.errors import StoreError
 from cpcoord.log import log_event
 
 if TYPE_CHECKING:
-    from coordinator.store.repository import Repository
+    from coordinator.store.parts import StoreParts
 
 log = logging.getLogger("cpcoord.store")
 
 
-def load(repo: Repository, *, use_index_files: bool = True) -> None:
+def load(repo: StoreParts, *, use_index_files: bool = True) -> None:
     stored = {p.name: p.size for p in repo.backend.list(Kind.PACKS)}
     for f in list(repo.backend.list(Kind.INDEX)) if use_index_files else []:
         try:
@@ -55,43 +55,43 @@ def load(repo: Repository, *, use_index_files: bool = True) -> None:
         repo.index.add_pack(pid, size, contents)
         no = repo.index.pack_number(pid)
         assert no is not None
-        repo._unindexed.append(no)
-    if repo._unindexed:
-        log_event(log, logging.INFO, "indexed packs from trailers", packs=len(repo._unindexed))
+        repo.unindexed.append(no)
+    if repo.unindexed:
+        log_event(log, logging.INFO, "indexed packs from trailers", packs=len(repo.unindexed))
         persist_new(repo)
 
 
-def persist_new(repo: Repository) -> None:
+def persist_new(repo: StoreParts) -> None:
     """Write an index file covering the packs stored since the last one."""
     known = repo.index.packs()
-    nos = [n for n in repo._unindexed if n in known]
-    repo._unindexed = []
+    nos = [n for n in repo.unindexed if n in known]
+    repo.unindexed = []
     if nos:
         data = encode_index(repo.index.pack_entries(nos))
         repo.backend.put(Kind.INDEX, digest(data).hex(), data)
 
 
-def write_full(repo: Repository) -> tuple[str, int]:
+def write_full(repo: StoreParts) -> tuple[str, int]:
     """Write one index file for every known pack and delete all others; returns (its
     name, how many files it replaced)."""
     old = [f.name for f in repo.backend.list(Kind.INDEX)]
     data = encode_index(repo.index.pack_entries(sorted(repo.index.packs())))
     name = digest(data).hex()
     repo.backend.put(Kind.INDEX, name, data)
-    repo._step("gc:index")
-    repo._unindexed = []
+    repo.step("gc:index")
+    repo.unindexed = []
     for f in old:
         if f != name:
             repo.backend.delete(Kind.INDEX, f)
     return name, len([f for f in old if f != name])
 
 
-def rebuild(repo: Repository) -> int:
+def rebuild(repo: StoreParts) -> int:
     """Re-index from pack trailers only (caller holds the repository lock)."""
-    repo._integrate(block=True)
+    repo.integrate(block=True)
     repo.index = Index()
     repo.unreadable_packs.clear()
-    repo._unindexed = []
+    repo.unindexed = []
     load(repo, use_index_files=False)
     write_full(repo)
     return sum(len(ci) for ci in repo.index.namespaces.values())

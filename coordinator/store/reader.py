@@ -21,7 +21,7 @@ from coordinator.store.ids import as_id_array, ids_to_bytes, zero_mask
 from cpcoord.errors import DataCorrupted, ObjectNotFound
 
 if TYPE_CHECKING:
-    from coordinator.store.repository import Repository
+    from coordinator.store.parts import StoreParts
 
 BATCH_BYTES = 64 << 20
 SPAN_BYTES = 8 << 20
@@ -38,9 +38,9 @@ class PageRun:
     data: memoryview | None
 
 
-def read_chunks(repo: Repository, namespace: str, ids: Any) -> list[bytes]:
+def read_chunks(repo: StoreParts, namespace: str, ids: Any) -> list[bytes]:
     arr = as_id_array(ids)
-    with repo._lock:
+    with repo.lock:
         found, locs = repo.index.chunks(namespace).lookup(arr)
         names = [
             repo.index.pack(int(p)).name if f else ""
@@ -90,8 +90,8 @@ def read_chunks(repo: Repository, namespace: str, ids: Any) -> list[bytes]:
     return out
 
 
-def _read_again(repo: Repository, namespace: str, one: Any, cid: bytes, old_pack: str) -> bytes:
-    with repo._lock:
+def _read_again(repo: StoreParts, namespace: str, one: Any, cid: bytes, old_pack: str) -> bytes:
+    with repo.lock:
         found, loc = repo.index.chunks(namespace).lookup(one)
         pack = repo.index.pack(int(loc["pack"][0])).name if found[0] else old_pack
     if pack == old_pack:
@@ -103,7 +103,7 @@ def _read_again(repo: Repository, namespace: str, one: Any, cid: bytes, old_pack
 
 
 def iter_pages(
-    repo: Repository, job: str, generation: int, member: str | None, region: str | None
+    repo: StoreParts, job: str, generation: int, member: str | None, region: str | None
 ) -> Iterator[PageRun]:
     m = repo.manifest(job, generation)
     ps = m.page_size
@@ -134,7 +134,7 @@ def iter_pages(
                 lo = hi
 
 
-def read_region(repo: Repository, job: str, generation: int, member: str, region: str) -> bytearray:
+def read_region(repo: StoreParts, job: str, generation: int, member: str, region: str) -> bytearray:
     m = repo.manifest(job, generation)
     r, ps = m.member(member).region(region), m.page_size
     buf = bytearray(r.end - r.start)

@@ -35,7 +35,8 @@ from coordinator.store.catalog import GenerationInfo, Sizes, State
 from coordinator.store.crypt import open_manifest
 from coordinator.store.ids import ID_DTYPE, IdArray, member_of
 from coordinator.store.manifest import Manifest
-from coordinator.store.repository import Repository
+from coordinator.store.parts import StoreParts
+from coordinator.store.references import sizes_of
 from cpcoord.errors import NoSuchGeneration, StoreError
 from cpcoord.log import log_event
 
@@ -50,20 +51,13 @@ class RebuildReport:
     skipped: tuple[tuple[str, str], ...] = field(default=())  # (manifest name, why)
 
 
-def _sizes(repo: Repository, m: Manifest, ids: IdArray, new_ids: IdArray) -> Sizes:
+def _sizes(repo: StoreParts, m: Manifest, ids: IdArray, new_ids: IdArray) -> Sizes:
     _found, locs = repo.index.chunks(m.namespace).lookup(ids)
     new = member_of(ids, new_ids)
-    return Sizes(
-        members=len(m.members),
-        pages=m.page_count,
-        zero_pages=m.zero_pages,
-        bytes_logical=m.logical_bytes,
-        bytes_stored=int(locs["stored"].sum(dtype=np.uint64)),
-        bytes_new=int(locs["stored"][new].sum(dtype=np.uint64)),
-    )
+    return sizes_of(m, locs, int(locs["stored"][new].sum(dtype=np.uint64)))
 
 
-def _row_exists(repo: Repository, job: str, n: int) -> bool:
+def _row_exists(repo: StoreParts, job: str, n: int) -> bool:
     try:
         repo.catalog.get(job, n)
     except NoSuchGeneration:
@@ -71,12 +65,12 @@ def _row_exists(repo: Repository, job: str, n: int) -> bool:
     return True
 
 
-def rebuild_catalog(repo: Repository) -> RebuildReport:
+def rebuild_catalog(repo: StoreParts) -> RebuildReport:
     """Add a COMMITTED catalog row for every complete manifest the catalog lacks."""
     skipped: list[tuple[str, str]] = []
     found: list[tuple[str, Manifest]] = []
     present = 0
-    with repo._lock:
+    with repo.lock:
         for obj in sorted(repo.backend.list(Kind.MANIFESTS), key=lambda o: o.name):
             name = obj.name
             mt = _NAME.fullmatch(name)
@@ -130,7 +124,7 @@ def rebuild_catalog(repo: Repository) -> RebuildReport:
     return report
 
 
-def rebuild_if_new(repo: Repository) -> RebuildReport | None:
+def rebuild_if_new(repo: StoreParts) -> RebuildReport | None:
     """Rebuild when the catalog has no generation at all but the store has manifests
     (a new catalog on an existing store); None when there was nothing to do."""
     if repo.catalog.generations():

@@ -8,41 +8,39 @@ Lifecycle of a generation in the store:
     repo.commit(manifest)                         -> GenerationInfo (COMMITTED)
     repo.abort(job, n, reason)                    on any failure instead
 Commit order: (1) seal and put the open packs (each put is fsynced), (2) check every
-referenced chunk is indexed and long enough, (3) write an index file for new packs,
-(4) put the manifest (fsynced), (5) flip the catalog row to COMMITTED in one transaction.
-A replica's `fence` runs before (4) and before (5): a deposed leader commits nothing.
-A crash before (5) leaves the row PREPARING, which reopening the store turns ABORTED; the
-packs and manifest it left are unreferenced and `gc` removes them. Readers only ever
-see COMMITTED rows, so no partial generation is ever visible. A failed commit leaves the
-generation in flight: the caller may upload what is missing and retry, or abort.
+referenced chunk is indexed and long enough (references.py), (3) write an index file for
+new packs, (4) put the manifest (fsynced), (5) flip the catalog row to COMMITTED in one
+transaction. A replica's `fence` runs before (4) and before (5): a deposed leader
+commits nothing. A crash before (5) leaves the row PREPARING, which reopening the store
+turns ABORTED; the packs and manifest it left are unreferenced and `gc` removes them.
+Readers only ever see COMMITTED rows, so no partial generation is ever visible. A failed
+commit leaves the generation in flight: the caller may upload what is missing and retry,
+or abort.
 
 The catalog is bound to its store (binding.py): opened against another store (a new
 bucket of the same name, a replaced directory, another endpoint) it is set aside and
 rebuilt from the store's manifests (`rebound`, `rebuilt` say so).
 
-One process owns a store at a time (an exclusive flock on `lock` beside the catalog);
-within it, one RLock guards the index, open packs, in-flight registry and catalog steps.
-Hashing and compression run outside the lock, so uploads of several members overlap.
+One process owns a store at a time (ownership.py: an exclusive flock on `lock` beside
+the catalog); within it, one RLock guards the index, open packs, in-flight registry and
+catalog steps. Hashing and compression run outside the lock, so uploads of several members overlap.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from coordinator.store import binding, index_io, manifest_io, packs, reader
 from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
-from coordinator.store.catalog import Catalog, GenerationInfo, Sizes, State
+from coordinator.store.catalog import Catalog, GenerationInfo, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
 from coordinator.store.crypt import open_manifest
 from coordinator.store.gc import GcReport, collect
@@ -54,23 +52,22 @@ from coordinator.store.ids import (
 from coordinator.store.index import Index
 from coordinator.store.inflight import InFlight, Registry
 from coordinator.store.manifest import Manifest
+from coordinator.store.ownership import Ownership
 from coordinator.store.reader import PageRun
+from coordinator.store.rebuild import RebuildReport, rebuild_catalog
+from coordinator.store.references import check_references
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
 from coordinator.store.writer import PackSink
+from cpcoord.closing import Closing
 from cpcoord.errors import (
     ChunkMismatch,
-    ChunkMissing,
     GenerationStateError,
     InvalidArgument,
     ManifestInvalid,
     StoreError,
-    StoreLocked,
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
-
-if TYPE_CHECKING:
-    from coordinator.store.rebuild import RebuildReport
 
 log = logging.getLogger("cpcoord.store")
 Latest = Literal["latest"]
@@ -83,7 +80,7 @@ class AddResult:
     bytes_stored: int  # stored (compressed) bytes of those
 
 
-class Repository:
+class Repository(Closing):
     """See the module docstring. Open with `Repository.open_local(path)`."""
 
     def __init__(
@@ -96,9 +93,9 @@ class Repository:
         # Replicas (coordinator/ha): called with "manifest" before the manifest is
         # written and "catalog" before the flip; raising fails the commit, nothing flips.
         self.fence: Callable[[str], None] | None = None
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._sink = PackSink(backend, self.config.pack_size)
-        self._unindexed: list[int] = []  # pack numbers not yet in an index file
+        self.unindexed: list[int] = []  # pack numbers not yet in an index file
         self.recent_puts: set[str] = set()  # packs stored since gc's mark (gc must not delete)
         self._manifests: dict[str, Manifest] = {}  # small cache, names are immutable
         self.inflight = Registry()
@@ -106,16 +103,11 @@ class Repository:
         self.unreadable_packs: dict[str, str] = {}  # name -> why (found at open)
         state = Path(state_dir)
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._lock_fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StoreLocked(backend.location, f"lock {state / 'lock'} is held") from None
+        self._owner = Ownership(state, backend.location)
         try:
             self._open(state)
         except BaseException:
-            os.close(self._lock_fd)
+            self._owner.release()
             raise
 
     @classmethod
@@ -125,11 +117,7 @@ class Repository:
     def _open(self, state: Path) -> None:
         self.identity, store_new = load_or_init_identity(self.backend)
         self.backend.discard_incomplete()
-        for stale in list(self.backend.list(Kind.LOCKS)):  # we hold the flock: all stale
-            self.backend.delete(Kind.LOCKS, stale.name)
-        self._lock_name = f"{socket.gethostname()}-{os.getpid()}"
-        owner = {"host": socket.gethostname(), "pid": os.getpid()}
-        self.backend.put(Kind.LOCKS, self._lock_name, json.dumps(owner).encode())
+        self._owner.announce(self.backend)
         # The catalog must be this store's (binding.py); one of another store is set
         # aside and rebuilt from this store's manifests below.
         now = binding.StoreRef(str(self.identity["id"]), self.backend.source)
@@ -146,48 +134,33 @@ class Repository:
         aborted = self.catalog.abort_all_preparing("interrupted: the store was reopened")
         for job, n in aborted:
             log_event(log, logging.WARNING, "aborted interrupted generation", job=job, generation=n)
-        self._load_index()
+        index_io.load(self)
         self.rebuilt: RebuildReport | None = None
         if self.rebound is not None:
-            from coordinator.store.rebuild import rebuild_catalog  # it imports this module
-
             self.rebuilt = rebuild_catalog(self)
 
     def close(self) -> None:
-        with self._lock:
-            if self._lock_fd < 0:
+        with self.lock:
+            if not self._owner.held:
                 return
             self._sink.close()
-            self.backend.delete(Kind.LOCKS, self._lock_name)
+            self._owner.withdraw(self.backend)
             self.catalog.close()
             self.backend.close()
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            self._owner.release()
 
-    def __enter__(self) -> Repository:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _step(self, name: str) -> None:
+    def step(self, name: str) -> None:
         if self.fault is not None:
             self.fault(name)
 
     # -- index ---------------------------------------------------------------------
 
-    def _load_index(self) -> None:
-        index_io.load(self)
-
-    def _persist_index(self) -> None:
-        index_io.persist_new(self)
-
     def rebuild_index(self) -> int:
         """Forget the index files and re-read every pack's trailer; returns chunks indexed."""
-        with self._lock:
+        with self.lock:
             return index_io.rebuild(self)
 
-    def _integrate(self, block: bool) -> None:
+    def integrate(self, block: bool) -> None:
         """Index the packs the writer has stored; raise its first failure (if any) after
         indexing the others."""
         stored, error = self._sink.reap(block)
@@ -196,7 +169,7 @@ class Repository:
             self.index.add_pack(sp.id, sp.size, sp.contents)
             no = self.index.pack_number(sp.id)
             assert no is not None
-            self._unindexed.append(no)
+            self.unindexed.append(no)
         if error is not None:
             raise error
 
@@ -208,22 +181,22 @@ class Repository:
         aborted a generation whose own data was fine, e.g. the first one after the S3
         server came back (tests/integration/test_e2e_s3_faults.py)."""
         try:
-            self._integrate(block=False)
+            self.integrate(block=False)
         except StoreError as e:
             log_event(log, logging.WARNING, "dropped an earlier pack put failure", error=str(e))
 
     def flush(self) -> None:
         """Seal every open pack and wait until all are stored and indexed."""
-        with self._lock:
+        with self.lock:
             self._sink.seal()
-            self._integrate(block=True)
+            self.integrate(block=True)
 
     # -- ingest --------------------------------------------------------------------
 
     def begin(self, job: str, parent: int | Latest | None = "latest") -> int:
         """Allocate a PREPARING generation; parent defaults to the latest committed one."""
         check_name(job)
-        with self._lock:
+        with self.lock:
             if parent == "latest":
                 done = self.catalog.generations(job, State.COMMITTED)
                 parent = done[-1].number if done else None
@@ -243,9 +216,9 @@ class Repository:
         namespace. The ones it has are claimed for the generation (kept from gc)."""
         arr = as_id_array(ids)
         arr = arr[~zero_mask(arr)]
-        with self._lock:
+        with self.lock:
             g = self.inflight.get(job, generation, "ask for missing chunks")
-            self._integrate(block=False)
+            self.integrate(block=False)
             present = self.index.chunks(g.namespace).contains(arr)
             present |= self._sink.contains(g.namespace, arr)
             g.claim(arr[present])
@@ -261,14 +234,14 @@ class Repository:
             raise InvalidArgument(f"{arr.size} chunk ids for {len(chunks)} chunks")
         if zero_mask(arr).any():
             raise InvalidArgument("the ZERO marker names all-zero pages and is never stored")
-        with self._lock:
+        with self.lock:
             g = self.inflight.get(job, generation, "accept chunks")
         actual = packs.check_chunks(arr, chunks)
         bad = np.flatnonzero(actual != arr)
         if bad.size:
             i = int(bad[0])
             raise ChunkMismatch(arr[i].tobytes().hex(), actual[i].tobytes().hex())
-        with self._lock:
+        with self.lock:
             new = self._new_ids(g.namespace, arr)
         sel = np.flatnonzero(new)
         todo = [chunks[int(i)] for i in sel]
@@ -280,7 +253,7 @@ class Repository:
             methods |= packs.METHOD_SEALED
         raws = np.array([len(c) for c in todo], dtype=np.uint32)
         stored = 0
-        with self._lock:
+        with self.lock:
             g.claim(arr)
             still = self._new_ids(g.namespace, arr[sel])  # another upload may have won
             keep = np.flatnonzero(still)
@@ -290,7 +263,7 @@ class Repository:
                 stored = sum(len(b) for b in kb)
                 g.chunks_new += int(keep.size)
                 g.bytes_new += stored
-            self._integrate(block=False)
+            self.integrate(block=False)
         return AddResult(len(chunks), int(keep.size), stored)
 
     def _new_ids(self, namespace: str, arr: IdArray) -> np.ndarray:
@@ -303,7 +276,7 @@ class Repository:
         return new
 
     def abort(self, job: str, generation: int, reason: str) -> None:
-        with self._lock:
+        with self.lock:
             self.catalog.abort(job, generation, reason)
             self.inflight.remove(job, generation)
         log_event(
@@ -315,18 +288,18 @@ class Repository:
     def commit(self, manifest: Manifest) -> GenerationInfo:
         """Make a generation durable and visible (order in the module docstring)."""
         job, n = manifest.job, manifest.generation
-        with self._lock:
+        with self.lock:
             g = self.inflight.get(job, n, "commit")
             if manifest.parent != g.parent:
                 raise ManifestInvalid(n, job, f"parent {manifest.parent}, begun with {g.parent}")
             m = replace(manifest, namespace=g.namespace)
             m.validate()
             self._sink.seal()
-            self._integrate(block=True)
-            self._step("packs")
-            sizes = self._check_references(m, g)
-            self._persist_index()
-            self._step("index")
+            self.integrate(block=True)
+            self.step("packs")
+            sizes = check_references(m, self.index, g.bytes_new)
+            index_io.persist_new(self)
+            self.step("index")
             name = f"{job}/{n:010d}"
             data = manifest_io.encode(m)
             if self.config.sealer is not None:
@@ -334,44 +307,17 @@ class Repository:
             if self.fence is not None:
                 self.fence("manifest")
             self.backend.put(Kind.MANIFESTS, name, data)
-            self._step("manifest")
+            self.step("manifest")
             if self.fence is not None:
                 self.fence("catalog")
             self.catalog.commit(job, n, name, sizes)
             self.inflight.remove(job, n)
-            self._step("catalog")
+            self.step("catalog")
         log_event(
             log, logging.INFO, "generation committed", job=job, generation=n,
             pages=sizes.pages, bytes_logical=sizes.bytes_logical, bytes_new=sizes.bytes_new,
         )  # fmt: skip
         return self.catalog.get(job, n)
-
-    def _check_references(self, m: Manifest, g: InFlight) -> Sizes:
-        ids = m.chunk_ids()
-        found, locs = self.index.chunks(m.namespace).lookup(ids)
-        if not found.all():
-            lost = ids[~found]
-            raise ChunkMissing(lost.size, m.generation, m.job, lost[0].tobytes().hex())
-        ps = m.page_size
-        for member, r in m.tables():
-            t = r.pages
-            nz = ~t.zero
-            raw = locs["raw"][np.searchsorted(ids, t.ids[nz])].astype(np.uint64)
-            need = (t.skips[nz].astype(np.uint64) + t.counts[nz]) * np.uint64(ps)
-            if np.any(need > raw):
-                raise ManifestInvalid(
-                    m.generation,
-                    m.job,
-                    f"member {member} region {r.name}: an entry reads past its chunk",
-                )
-        return Sizes(
-            members=len(m.members),
-            pages=m.page_count,
-            zero_pages=m.zero_pages,
-            bytes_logical=m.logical_bytes,
-            bytes_stored=int(locs["stored"].sum(dtype=np.uint64)),
-            bytes_new=g.bytes_new,
-        )
 
     # -- reading -------------------------------------------------------------------
 
@@ -385,13 +331,17 @@ class Repository:
             raise GenerationStateError(generation, job, "read it", f"it is {info.state}")
         return self.load_manifest(info.manifest)
 
+    def forget_manifest(self, name: str) -> None:
+        with self.lock:
+            self._manifests.pop(name, None)
+
     def load_manifest(self, name: str) -> Manifest:
-        with self._lock:
+        with self.lock:
             m = self._manifests.get(name)
         if m is None:
             raw = self.backend.get(Kind.MANIFESTS, name)
             m = manifest_io.decode(open_manifest(self.config.sealer, name, raw), name)
-            with self._lock:
+            with self.lock:
                 if len(self._manifests) >= 8:
                     self._manifests.pop(next(iter(self._manifests)))
                 self._manifests[name] = m
@@ -417,7 +367,7 @@ class Repository:
 
     def delete_generation(self, job: str, generation: int) -> None:
         """Delete a committed (unpinned) or aborted generation now; gc reclaims its space."""
-        with self._lock:
+        with self.lock:
             info = self.catalog.get(job, generation)
             if info.state is State.PREPARING:
                 raise GenerationStateError(generation, job, "delete it", "it is in flight")

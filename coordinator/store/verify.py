@@ -20,14 +20,14 @@ from coordinator.store import manifest_io, packs
 from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
 from coordinator.store.crypt import open_manifest
-from coordinator.store.gc import _gc_lock
 from coordinator.store.ids import IdArray, PackId, ids_to_bytes, member_of
 from coordinator.store.index import BYTES_PER_ENTRY
 from coordinator.store.manifest import Manifest
+from coordinator.store.parts import MAINTENANCE
 from cpcoord.errors import StoreError
 
 if TYPE_CHECKING:
-    from coordinator.store.repository import Repository
+    from coordinator.store.parts import StoreParts
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,12 @@ class VerifyReport:
         return not self.damage and not self.damaged_packs
 
 
-def verify(repo: Repository) -> VerifyReport:
-    with _gc_lock:
+def verify(repo: StoreParts) -> VerifyReport:
+    with MAINTENANCE:
         return _verify(repo)
 
 
-def _verify(repo: Repository) -> VerifyReport:
+def _verify(repo: StoreParts) -> VerifyReport:
     damage: list[Damage] = []
     loaded: list[tuple[str, int, Manifest]] = []
     gens = repo.catalog.generations(state=State.COMMITTED)
@@ -77,7 +77,7 @@ def _verify(repo: Repository) -> VerifyReport:
     for ns in {m.namespace for _, _, m in loaded}:
         ids = np.unique(np.concatenate([m.chunk_ids() for _, _, m in loaded if m.namespace == ns]))
         checked += ids.size
-        with repo._lock:
+        with repo.lock:
             found, locs = repo.index.chunks(ns).lookup(ids)
         bad[ns] = dict.fromkeys(ids_to_bytes(ids[~found]), "missing from the store")
         pk = locs["pack"][found]
@@ -86,7 +86,7 @@ def _verify(repo: Repository) -> VerifyReport:
             wanted.setdefault(int(no), []).append((ns, ids[found][sel], locs[found][sel]))
 
     damaged_packs = [(name, why) for name, why in repo.unreadable_packs.items()]
-    with repo._lock:
+    with repo.lock:
         all_packs = repo.index.packs()
     nread = nbytes = 0
     for no, info in all_packs.items():
@@ -147,8 +147,8 @@ class StoreStats:
     compression_ratio: float | None  # chunk bytes / stored chunk bytes
 
 
-def stats(repo: Repository) -> StoreStats:
-    with repo._lock:
+def stats(repo: StoreParts) -> StoreStats:
+    with repo.lock:
         chunks = raw = stored = 0
         for ci in repo.index.namespaces.values():
             _, locs = ci.all()

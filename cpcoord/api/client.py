@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from cpcoord import clientconn, pagedata
 from cpcoord.api import convert
 from cpcoord.api import values as v
 from cpcoord.api.watch import Watch
+from cpcoord.closing import Closing
 from cpcoord.errors import GenerationAborted, ImageInvalid, RestoreAborted, StreamIncomplete
 from cpcoord.gen.v1 import coordinator_pb2, types_pb2
 from cpcoord.ranges import check_name
@@ -38,7 +38,7 @@ RegionSpec = tuple[str, int, int]  # (name, start, end); name may be "" for "r0"
 OnEvent = Callable[[v.ProgressEvent], None]
 
 
-class Client:
+class Client(Closing):
     def __init__(
         self,
         address: str | None = None,
@@ -79,14 +79,6 @@ class Client:
 
     def close(self) -> None:
         self._conn.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _call(self, method: str, request: Any) -> Any:
         return self._conn.call(method, request)

@@ -7,6 +7,7 @@ unset message field reads as None (proto3 has no nulls, `HasField` says).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -157,18 +158,8 @@ def gc_report(e: coordinator_pb2.GarbageCollectEvent) -> v.GcReport:
 
 
 def store_stats(s: coordinator_pb2.StoreStatsResponse) -> v.StoreStats:
-    return v.StoreStats(
-        chunks=s.chunks,
-        packs=s.packs,
-        pack_bytes=s.pack_bytes,
-        chunk_bytes=s.chunk_bytes,
-        stored_chunk_bytes=s.stored_chunk_bytes,
-        generations=s.generations,
-        logical_bytes=s.logical_bytes,
-        index_memory_bytes=s.index_memory_bytes,
-        dedup_ratio=s.dedup_ratio,
-        compression_ratio=s.compression_ratio,
-    )
+    """Field for field: the values have the response's names."""
+    return v.StoreStats(**{f.name: getattr(s, f.name) for f in dataclasses.fields(v.StoreStats)})
 
 
 def damage(d: coordinator_pb2.Damage) -> v.Damage:

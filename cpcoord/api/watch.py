@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any
 
 import grpc
 
 from cpcoord.api import convert
 from cpcoord.api import values as v
+from cpcoord.closing import Closing
 from cpcoord.grpcutil import rpc_to_error
 
 
-class Watch:
+class Watch(Closing):
     """A running Watch call: iterate for events; `close()` (any thread) ends it."""
 
     def __init__(self, call: Any, address: str) -> None:
@@ -51,11 +51,3 @@ class Watch:
     def close(self) -> None:
         self._closed.set()
         self._call.cancel()
-
-    def __enter__(self) -> Watch:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

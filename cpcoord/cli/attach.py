@@ -37,35 +37,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="refuse unless pid started at this tick (default: as now)",
     )
     p.add_argument("--node", default="", help="its node (default: the only connected agent)")
-    p.add_argument(
-        "--range",
-        dest="ranges",
-        action="append",
-        default=[],
-        metavar="START-END",
-        help="explicit region; repeatable",
-    )
+    add_range_argument(p, "explicit region; repeatable")
     p.add_argument("--tracker", default="", help="preferred tracker backend")
     p.add_argument("--json", action="store_true", help="print the member as JSON")
     clientconn.add_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_name(args.job)
-    check_name(args.member)
-    regions = []
-    for text in args.ranges:
+def add_range_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """`--range START-END` (repeatable): the member's explicit regions."""
+    p.add_argument(
+        "--range", dest="ranges", action="append", default=[], metavar="START-END", help=help
+    )
+
+
+def range_regions(ranges: list[str]) -> list[types_pb2.Region]:
+    """The regions of `--range` arguments, each named after its page range."""
+    out = []
+    for text in ranges:
         rng = AddressRange.parse(text)
         name = f"range-{rng.page_start:x}-{rng.page_end:x}"
-        regions.append(types_pb2.Region(name=name, start=rng.page_start, end=rng.page_end))
-    req = coordinator_pb2.AttachMemberRequest(
+        out.append(types_pb2.Region(name=name, start=rng.page_start, end=rng.page_end))
+    return out
+
+
+def attach_request(
+    args: argparse.Namespace, regions: list[types_pb2.Region], pid: int, start_time: int = 0
+) -> coordinator_pb2.AttachMemberRequest:
+    """The AttachMember request of --job, --member, --node and --tracker."""
+    return coordinator_pb2.AttachMemberRequest(
         job=args.job,
         member=args.member,
         node=args.node,
         regions=regions,
         tracker=args.tracker,
-        process=types_pb2.ProcessIdentity(pid=args.pid, start_time=args.start_time),
+        process=types_pb2.ProcessIdentity(pid=pid, start_time=start_time),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    check_name(args.job)
+    check_name(args.member)
+    req = attach_request(args, range_regions(args.ranges), args.pid, args.start_time)
     with clientconn.connect(args) as c:
         resp = c.call("AttachMember", req)
     m = member_dict(resp.member)

@@ -4,7 +4,7 @@ No coordinator, no agent: freeze, copy, thaw (nodeagent.capture), then write the
 (cpcoord.image). Arguments are checked, the process identified, the parent checked and the
 output directory prepared before anything is frozen, so bad input never stops the target.
 
-Incremental chains (issue 3): every capture arms a tracker in the process (`--tracker`,
+Incremental chains: every capture arms a tracker in the process (`--tracker`,
 default auto) and saves its state next to the image (nodeagent/chain.py); `--parent DIR`
 continues from such an image in a later command and stores only the changed pages.
 """

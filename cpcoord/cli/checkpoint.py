@@ -6,7 +6,7 @@ import argparse
 import json
 
 from cpcoord import clientconn
-from cpcoord.cli import _progress
+from cpcoord.cli import progress
 from cpcoord.errors import GenerationAborted
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.ranges import check_name
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     req = coordinator_pb2.CheckpointRequest(
         job=args.job, full=args.full, lease_ms=args.lease_ms, pin=args.pin
     )
-    shown = _progress.display(f"checkpoint {args.job}", enabled=not args.json)
-    events = _progress.EventProgress(shown)
+    shown = progress.display(f"checkpoint {args.job}", enabled=not args.json)
+    events = progress.EventProgress(shown)
     last = None
     try:
         with clientconn.connect(args) as c:
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
                 events.event(ev)
     finally:
         shown.close()  # the error message, if any, starts on a line of its own
-    last = _progress.outcome("Checkpoint", last, shown)
+    last = progress.outcome("Checkpoint", last, shown)
     out = clientconn.generation_dict(last.info)
-    out["state"] = _progress.kind(last)
+    out["state"] = progress.kind(last)
     if args.json:
         print(json.dumps(out, indent=1))
     elif out["state"] == "committed":

@@ -139,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.engine import Options
-    from coordinator.server import RPC_THREADS, serve
+    from coordinator.server import RPC_THREADS, ServeConfig, serve
     from coordinator.store.crypt import load_key
 
     if args.keep < 1:
@@ -152,30 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if not 16 <= threads <= 65536:
         raise InvalidArgument(f"--rpc-threads must be 16..65536, got {threads}")
     opts = Options(keep=args.keep, heartbeat_s=args.heartbeat_ms / 1000)
-    if args.etcd:
-        from coordinator.ha.serve import serve_replica
-
-        return serve_replica(
-            args.listen,
-            args.store,
-            opts,
-            etcd=args.etcd,
-            prefix=args.etcd_prefix,
-            ttl_s=args.leader_ttl,
-            advertise=args.advertise,
-            port_file=args.port_file,
-            metrics_port=args.metrics_port,
-            security=security(args),
-            sealer=load_key(args.encryption_key_file),
-            rpc_threads=threads,
-            state_dir=args.state_dir,
-        )
-    if args.advertise:
+    if args.advertise and not args.etcd:
         raise InvalidArgument("--advertise is for replicas: give --etcd too")
-    return serve(
-        args.listen,
-        args.store,
-        opts,
+    config = ServeConfig(
         port_file=args.port_file,
         metrics_port=args.metrics_port,
         security=security(args),
@@ -183,6 +162,20 @@ def run(args: argparse.Namespace) -> int:
         rpc_threads=threads,
         state_dir=args.state_dir,
     )
+    if args.etcd:
+        from coordinator.ha.serve import serve_replica
+
+        return serve_replica(
+            args.listen,
+            args.store,
+            opts,
+            config,
+            etcd=args.etcd,
+            prefix=args.etcd_prefix,
+            ttl_s=args.leader_ttl,
+            advertise=args.advertise,
+        )
+    return serve(args.listen, args.store, opts, config)
 
 
 def security(args: argparse.Namespace) -> Security:

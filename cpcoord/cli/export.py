@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from cpcoord import clientconn
-from cpcoord.cli import _progress
+from cpcoord.cli import progress
 from cpcoord.errors import ImageInvalid
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.image_writer import ImageWriter
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         writer = ImageWriter(args.out, job=args.job, generation=n)
         pages = members = 0
         total = len(args.members) or gen.info.members
-        shown = _progress.display(f"export {args.job}", enabled=not args.json)
-        shown.start(_progress.Status("reading", 0, total))
+        shown = progress.display(f"export {args.job}", enabled=not args.json)
+        shown.start(progress.Status("reading", 0, total))
         try:
             req = coordinator_pb2.ReadGenerationRequest(
                 job=args.job, generation=n, members=args.members
@@ -73,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
                     )
                     pages += r.pages.size
                 members += 1
-                shown.update(_progress.Status("reading", members, total, nbytes=pages * PAGE_SIZE))
-            shown.update(_progress.Status("writing", members, total, nbytes=pages * PAGE_SIZE))
+                shown.update(progress.Status("reading", members, total, nbytes=pages * PAGE_SIZE))
+            shown.update(progress.Status("writing", members, total, nbytes=pages * PAGE_SIZE))
             image = writer.commit()
-            shown.update(_progress.Status("done", members, total, nbytes=pages * PAGE_SIZE))
+            shown.update(progress.Status("done", members, total, nbytes=pages * PAGE_SIZE))
         except BaseException:
             writer.abort()
             raise

@@ -7,7 +7,7 @@ import contextlib
 import json
 
 from cpcoord import clientconn
-from cpcoord.cli import _progress
+from cpcoord.cli import progress
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import coordinator_pb2
 
@@ -38,11 +38,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--keep must be >= 1, got {args.keep}")
     req = coordinator_pb2.GarbageCollectRequest(keep=args.keep, dry_run=args.dry_run)
     final = None
-    shown = _progress.display("gc", enabled=not args.json)
-    shown.start(_progress.Status("starting", unit=""))
+    shown = progress.display("gc", enabled=not args.json)
+    shown.start(progress.Status("starting", unit=""))
     with contextlib.closing(shown), clientconn.connect(args) as c:
         for ev in c.stream("GarbageCollect", req):
-            shown.update(_progress.Status(ev.phase, ev.done, ev.total, "", max(0, ev.bytes_freed)))
+            shown.update(progress.Status(ev.phase, ev.done, ev.total, "", max(0, ev.bytes_freed)))
             if ev.phase == "done":
                 final = ev
     out = {

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from cpcoord import clientconn
-from cpcoord.cli import _progress
+from cpcoord.cli import progress
 from cpcoord.errors import InvalidArgument, RestoreAborted
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 from cpcoord.ranges import check_name
@@ -101,15 +101,15 @@ def request(args: argparse.Namespace) -> coordinator_pb2.RestoreRequest:
 
 def run(args: argparse.Namespace) -> int:
     req = request(args)
-    shown = _progress.display(f"restore {args.job}", enabled=not args.json)
-    events = _progress.EventProgress(shown)
+    shown = progress.display(f"restore {args.job}", enabled=not args.json)
+    events = progress.EventProgress(shown)
     last = None
     restored: list[dict[str, Any]] = []
     try:
         with clientconn.connect(args) as c:
             for ev in c.stream("Restore", req):
                 last = ev
-                if _progress.kind(ev) == "member_restored":
+                if progress.kind(ev) == "member_restored":
                     restored.append(
                         {
                             "member": ev.member,
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 events.event(ev)
     finally:
         shown.close()  # the error message, if any, starts on a line of its own
-    last = _progress.outcome("Restore", last, shown)
-    state = "restored" if _progress.kind(last) == "committed" else "aborted"
+    last = progress.outcome("Restore", last, shown)
+    state = "restored" if progress.kind(last) == "committed" else "aborted"
     reason = common_pb2.AbortReason.Name(last.reason).removeprefix("ABORT_REASON_").lower()
     out = {
         "job": args.job,

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from cpcoord import clientconn
+from cpcoord.cli.attach import add_range_argument, attach_request, range_regions
 from cpcoord.errors import (
     CommandNotFound,
     CpcoordError,
@@ -38,8 +39,8 @@ from cpcoord.errors import (
     UnknownJob,
     UnknownMember,
 )
-from cpcoord.gen.v1 import coordinator_pb2, types_pb2
-from cpcoord.ranges import AddressRange, check_name
+from cpcoord.gen.v1 import coordinator_pb2
+from cpcoord.ranges import check_name
 
 NAME = "run"
 HELP = "start a command as a member of a job"
@@ -60,26 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", required=True, help="job name")
     p.add_argument("--member", required=True, help="member name, unique in the job")
     p.add_argument("--node", default="", help="this node's agent (default: the only connected)")
-    p.add_argument(
-        "--range",
-        dest="ranges",
-        action="append",
-        default=[],
-        metavar="START-END",
-        help="explicit region of the command's memory; repeatable (default: all)",
-    )
+    add_range_argument(p, "explicit region of the command's memory; repeatable (default: all)")
     p.add_argument("--tracker", default="", help="preferred tracker backend")
     clientconn.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-
-
-def _regions(ranges: list[str]) -> list[types_pb2.Region]:
-    out = []
-    for text in ranges:
-        rng = AddressRange.parse(text)
-        name = f"range-{rng.page_start:x}-{rng.page_end:x}"
-        out.append(types_pb2.Region(name=name, start=rng.page_start, end=rng.page_end))
-    return out
 
 
 def _child(gate: int, argv: list[str], env: dict[str, str], mask: set[Any]) -> None:
@@ -156,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument("give the command to run after --")
     if shutil.which(argv[0]) is None:
         raise CommandNotFound(argv[0], "not found or not executable (PATH)")
-    regions = _regions(args.ranges)
+    regions = range_regions(args.ranges)
     env = dict(os.environ, CPCOORD_JOB=args.job, CPCOORD_MEMBER=args.member)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
     r, w = os.pipe()
@@ -173,14 +158,7 @@ def run(args: argparse.Namespace) -> int:
         os.waitpid(pid, 0)
         raise
     with c:
-        req = coordinator_pb2.AttachMemberRequest(
-            job=args.job,
-            member=args.member,
-            node=args.node,
-            regions=regions,
-            tracker=args.tracker,
-            process=types_pb2.ProcessIdentity(pid=pid),
-        )
+        req = attach_request(args, regions, pid)
         try:
             if regions:  # the ranges are the command's: it must run first
                 os.write(w, b"g")

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from cpcoord import clientconn
-from cpcoord.cli import _progress
+from cpcoord.cli import progress
 from cpcoord.errors import VerifyFailed
 from cpcoord.gen.v1 import coordinator_pb2
 
@@ -32,13 +32,13 @@ def run(args: argparse.Namespace) -> int:
     req = coordinator_pb2.VerifyRequest(job=args.job, generation=args.generation)
     damage = []
     final = None
-    shown = _progress.display("verify", enabled=not args.json)
-    shown.start(_progress.Status("verifying", unit="chunks"))
+    shown = progress.display("verify", enabled=not args.json)
+    shown.start(progress.Status("verifying", unit="chunks"))
     with contextlib.closing(shown), clientconn.connect(args) as c:
         for ev in c.stream("Verify", req):
             phase = "done" if ev.final else "verifying"
             shown.update(
-                _progress.Status(phase, ev.chunks_checked, ev.chunks_total, "chunks", ev.bytes_read)
+                progress.Status(phase, ev.chunks_checked, ev.chunks_total, "chunks", ev.bytes_read)
             )
             damage += [
                 {

@@ -26,7 +26,7 @@ from coordinator.engine import CheckpointOptions, Engine, Options
 from coordinator.flight import Flight, Subscription
 from coordinator.membership import MemberRec, RegionDef
 from coordinator.protocol import Generation
-from coordinator.protocol_values import AbortReason, Spec
+from coordinator.protocol.values import AbortReason, Spec
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository, State
 from cpcoord.errors import NoSuchGeneration
 from cpcoord.gen.v1 import agent_pb2, common_pb2, manifest_pb2, types_pb2

@@ -11,8 +11,8 @@ import pytest
 
 from coordinator.events import EventBus, JobEvent
 from coordinator.flight import Progress, RunStats, Summary
-from coordinator.protocol_messages import ProgressEvent
-from coordinator.protocol_values import AbortReason, ProgressKind
+from coordinator.protocol.messages import ProgressEvent
+from coordinator.protocol.values import AbortReason, ProgressKind
 from coordinator.servicers.watch import watch_event
 from coordinator.store import GcReport
 from cpcoord.errors import TooManyWatchers

@@ -27,10 +27,9 @@ from coordinator.engine import Engine
 from coordinator.flight import Progress, RunStats, Summary
 from coordinator.ha.metrics import ReplicaCollector
 from coordinator.membership import MemberRec
-from coordinator.metrics import CoordinatorMetrics, install
-from coordinator.metrics_state import StateCollector
-from coordinator.protocol_messages import ProgressEvent
-from coordinator.protocol_values import AbortReason, ProgressKind
+from coordinator.metrics import CoordinatorMetrics, StateCollector, install
+from coordinator.protocol.messages import ProgressEvent
+from coordinator.protocol.values import AbortReason, ProgressKind
 from coordinator.store import Repository
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.metrics import install as agent_install

@@ -1,5 +1,5 @@
 """The protocol core flow by flow: checkpoint, restore, deadlines, aborts, refusals
-(coordinator/protocol.py; the cells one by one: test_protocol_table.py)."""
+(coordinator/protocol/table.py; the cells one by one: test_protocol_table.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentFrozen,
     AgentLost,
     Begin,
@@ -34,7 +34,7 @@ from coordinator.protocol_messages import (
     StoreFailed,
     Tick,
 )
-from coordinator.protocol_values import (
+from coordinator.protocol.values import (
     AbortReason,
     GenState,
     Kind,

@@ -1,6 +1,6 @@
 """The gRPC API and the protocol core agree, and the API stays documented.
 
-The enums of coordinator/protocol_values.py must be the proto enums of common.proto by
+The enums of coordinator/protocol/values.py must be the proto enums of common.proto by
 name (servicers translate by name); every field and enum value of the API files carries
 a comment; the RPCs have the shapes the other parts rely on.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import EnumDescriptor
 
-from coordinator.protocol_values import AbortReason, GenState, Kind, ProgressKind
+from coordinator.protocol.values import AbortReason, GenState, Kind, ProgressKind
 from cpcoord.gen.v1 import agent_pb2, common_pb2, coordinator_pb2
 
 PROTO = Path(__file__).resolve().parents[2] / "proto" / "cpcoord" / "v1"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from coordinator.protocol import Generation
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentFrozen,
     AgentLost,
     Begin,
@@ -42,7 +42,7 @@ from coordinator.protocol_messages import (
     StoreFailed,
     Tick,
 )
-from coordinator.protocol_values import (
+from coordinator.protocol.values import (
     AGENT_REASONS,
     AbortReason,
     GenState,

@@ -1,5 +1,5 @@
 """The transition table itself: complete, each cell does what it says, and the copy in
-docs/protocol.md is current (coordinator/protocol.py)."""
+docs/protocol.md is current (coordinator/protocol/table.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.protocol import TABLE, render_table
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     EVENT_TYPES,
     AgentFrozen,
     AgentLost,
@@ -26,7 +26,7 @@ from coordinator.protocol_messages import (
     StoreFailed,
     Tick,
 )
-from coordinator.protocol_values import AbortReason, GenState, Kind, Stats
+from coordinator.protocol.values import AbortReason, GenState, Kind, Stats
 from cpcoord.errors import CpcoordError
 from tests.unit.test_protocol import LAYOUT, to_state
 

@@ -13,7 +13,7 @@ import pytest
 
 from cpcoord.api import values as v
 from cpcoord.cli import build_parser
-from cpcoord.cli.slurm import _client_config, parse_duration
+from cpcoord.cli.slurm import client_config, parse_duration
 from cpcoord.errors import (
     CoordinatorUnavailable,
     CpcoordError,
@@ -311,12 +311,12 @@ def test_nested_actions_take_the_client_table_of_the_config_file(
     monkeypatch.delenv("CPCOORD_COORDINATOR", raising=False)
     monkeypatch.delenv("CPCOORD_INSECURE", raising=False)
     args = build_parser().parse_args(["--config", str(cfg), "slurm", "run", "--", "true"])
-    _client_config(args)
+    client_config(args)
     assert (args.coordinator, args.insecure) == ("coord:7420", True)
     # The command line and the environment win over the file.
     args = build_parser().parse_args(
         ["--config", str(cfg), "slurm", "run", "--coordinator", "x:1", "--", "true"]
     )
     monkeypatch.setenv("CPCOORD_INSECURE", "0")
-    _client_config(args)
+    client_config(args)
     assert (args.coordinator, args.insecure) == ("x:1", False)

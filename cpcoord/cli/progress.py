@@ -85,10 +85,9 @@ class Silent:
         pass
 
 
-class Bar:
-    """One line on a terminal, rewritten in place."""
-
-    WIDTH = 20
+class _Shown:
+    """What a visible display starts with: its title, stream and clock, the start time,
+    and the last status it was given."""
 
     def __init__(
         self, title: str, out: TextIO, clock: Callable[[], float] = time.monotonic
@@ -96,7 +95,13 @@ class Bar:
         self.title, self.out, self.clock = title, out, clock
         self.t0 = clock()
         self.last: Status | None = None
-        self.drawn_at = -1e9
+
+
+class Bar(_Shown):
+    """One line on a terminal, rewritten in place."""
+
+    WIDTH = 20
+    drawn_at = -1e9
 
     def _columns(self) -> int:
         try:
@@ -133,17 +138,11 @@ class Bar:
             self.last = None  # closing twice (an error path) draws nothing more
 
 
-class Lines:
+class Lines(_Shown):
     """Plain lines for logs and pipes: one per phase, and one every LINE_S within one."""
 
-    def __init__(
-        self, title: str, out: TextIO, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.title, self.out, self.clock = title, out, clock
-        self.t0 = clock()
-        self.last: Status | None = None
-        self.printed: Status | None = None
-        self.printed_at = -1e9
+    printed: Status | None = None
+    printed_at = -1e9
 
     def _print(self, st: Status) -> None:
         elapsed = self.clock() - self.t0

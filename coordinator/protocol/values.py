@@ -1,5 +1,5 @@
-"""The values of the protocol core (coordinator/protocol.py): states, timing, stats, the
-generation's spec and snapshot (events and commands: coordinator/protocol_messages.py).
+"""The values of the protocol core (coordinator/protocol/table.py): states, timing, stats, the
+generation's spec and snapshot (events and commands: coordinator/protocol/messages.py).
 
 All frozen dataclasses and string enums, validated on construction (bad input raises
 InvalidArgument and builds nothing). Enum values are the lower-case suffixes of the

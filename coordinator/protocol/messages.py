@@ -1,4 +1,4 @@
-"""The messages of the protocol core (coordinator/protocol.py): events in, commands out.
+"""The messages of the protocol core (coordinator/protocol/table.py): events in, commands out.
 
 Frozen dataclasses, validated on construction (a bad field raises InvalidArgument and
 builds nothing). Events are what the driver heard (agents, store, client, clock);
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from coordinator.protocol_values import (
+from coordinator.protocol.values import (
     AGENT_REASONS,
     AbortReason,
     Kind,

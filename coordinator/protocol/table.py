@@ -5,7 +5,7 @@ thaw, deadlines and the abort rules, for a checkpoint and for the restore-in-pla
 (freeze all, write all, thaw all). Events go in (`Generation.handle`), commands come out;
 nothing here does I/O, reads a clock or knows gRPC. Time arrives as `Begin.now` and
 `Tick.now` (seconds of the driver's monotonic clock). States and values live in
-`coordinator.protocol_values`, events and commands in `coordinator.protocol_messages`;
+`coordinator.protocol.values`, events and commands in `coordinator.protocol.messages`;
 the rules live here, in `TABLE`, one cell per
 (generation state, event type). Each cell refuses (raises a ProtocolViolation, state
 unchanged), ignores (no commands, state unchanged) or acts. docs/protocol.md renders the
@@ -21,12 +21,10 @@ keeps its changed set as pending, which can only make the next capture larger).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-from coordinator.protocol_messages import (
+from coordinator.protocol.messages import (
     AgentFrozen,
     AgentLost,
     Begin,
@@ -53,7 +51,7 @@ from coordinator.protocol_messages import (
     StoreFailed,
     Tick,
 )
-from coordinator.protocol_values import (
+from coordinator.protocol.values import (
     AbortReason,
     Deadlines,
     GenState,
@@ -490,15 +488,3 @@ def render_table() -> str:
         nxt = ", ".join(s.name for s in GenState if s in cell.targets) or "—"
         lines.append(f"| {state.name} | {ev.__name__} | {nxt} | {cell.rule} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    # `python -m coordinator.protocol [DOC]`: print the table, or refresh it in DOC
-    # between the <!-- table:begin --> and <!-- table:end --> markers.
-    if len(sys.argv) < 2:
-        sys.stdout.write(render_table())
-    else:
-        doc = Path(sys.argv[1])
-        head, rest = doc.read_text().split("<!-- table:begin -->\n", 1)
-        tail = rest.split("<!-- table:end -->", 1)[1]
-        doc.write_text(f"{head}<!-- table:begin -->\n{render_table()}<!-- table:end -->{tail}")

@@ -3,7 +3,7 @@
 Two kinds: what *happened* is counted here, fed by the engine's progress hook (outcomes
 by abort reason, bytes and pages per job, downtime and phase durations as histograms,
 captures per node and tracker); what *is* (agents, jobs, last generation per job, the
-store) is read at scrape time by `coordinator/metrics_state.py`. Names and meanings:
+store) is read at scrape time by `coordinator/metrics/state.py`. Names and meanings:
 docs/metrics.md. Nothing here holds page contents or chunk ids.
 
 The hook runs under the engine lock, so it only does dictionary work and counter
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
 
-from coordinator.metrics_state import StateCollector
-from coordinator.protocol_values import ProgressKind
+from coordinator.metrics.state import StateCollector
+from coordinator.protocol.values import ProgressKind
 
 if TYPE_CHECKING:
     from coordinator.engine import Engine

@@ -231,7 +231,7 @@ class StateCollector(Collector):
     def _shape(self) -> _Shape:
         """Exact figures that need no walk over the index entries."""
         repo = self.engine.repo
-        with repo._lock:
+        with repo.lock:
             chunks = sum(len(ci) for ci in repo.index.namespaces.values())
             packs = repo.index.packs()
             return _Shape(chunks, len(packs), sum(p.size for p in packs.values()))
