@@ -269,9 +269,7 @@ class Worker:
             metrics.MEMBERS_GONE.inc()
         self._thaw(m.key)
         self._watch.remove(m.key)
-        if m.tracker is not None:
-            m.tracker.forget(None)
-        m.forget_tracking()
+        m.track.forget(None)
         self._emit(member_gone(m), epoch)
 
     def _lookup(self, job: str, names: Sequence[str]) -> list[HeldMember | str]:
