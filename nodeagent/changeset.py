@@ -3,9 +3,9 @@
 Owns: marking, among the sorted pages a capture takes, those in another sorted page set,
 inside page runs, or absent from the last capture's pages (binary searches and one
 cumulative sum: no set operation that sorts again, no loop per page); the pages each
-region delivers (`pick`); which mappings count as changed at every capture whatever the tracker
-says (shared ones: `always_changed_runs`); and the estimate of written pages that sizes
-the staging buffer.
+region delivers (`pick`); which mappings count as changed at every capture whatever the
+tracker says (shared ones: `always_changed_runs`); and the estimate of written pages
+that sizes the staging buffer.
 """
 
 from __future__ import annotations

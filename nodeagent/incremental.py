@@ -278,28 +278,24 @@ class _Hooks:
     ) -> ChangedSet | None:
         o, t = self.o, self.o.track
         mine = tracked_mappings(o._specs(maps), maps)
-        if not self.full_reason and t.armed:
-            reported = t.collect(fp, mine, maps)
-            if isinstance(reported, ChangedSet):
-                ch = t.changes(reported, taken, maps, mine, o._pending)
-                # Stashed before the copy: if anything after this fails, these pages
-                # stay pending.
-                self.inflight = ch.pages
-                self.counts = ch.counts
-                self._settle(fp, mine, taken)
-                return ChangedSet(ch.pages)
-            self.full_reason = reported
-        # Full: arm before the copy (trackstate).
+        got = t.collect_or_arm(fp, mine, maps, incremental=not self.full_reason)
+        if isinstance(got, ChangedSet):
+            ch = t.changes(got, taken, maps, mine, o._pending)
+            # Stashed before the copy: if anything after this fails, these pages stay
+            # pending.
+            self.inflight = ch.pages
+            self.counts = ch.counts
+            self._settle(fp, mine, taken)
+            return ChangedSet(ch.pages)
+        self.full_reason = got or self.full_reason or "tracker not armed"
         self.inflight = _FULL
-        if t.pref != registry.NONE:
-            self.arm_error = t.arm(fp, mine, maps)
-            self.used = t.name
-            self.counts = ChangeCounts(collect_seconds=t.seconds)
-            o._need_full = (
-                f"tracker not armed: {self.arm_error}"
-                if self.arm_error
-                else ("" if t.armed else NO_TRACKER)
-            )
+        self.arm_error = t.arm_error
+        self.used = t.name
+        self.counts = ChangeCounts(collect_seconds=t.seconds)
+        if self.arm_error:
+            o._need_full = f"tracker not armed: {self.arm_error}"
+        else:
+            o._need_full = "" if t.armed else NO_TRACKER
         self._settle(fp, mine, taken)
         return None
 

@@ -105,9 +105,7 @@ def capture_frozen(
     maps = read_maps_shared(pid)  # the list of the staging estimate when nothing changed
     specs = copyout.resolve(m.regions, maps)
     mine = tracked_mappings(specs, maps)
-    reported = t.collect(fp, mine, maps) if t.armed else None
-    if not isinstance(reported, ChangedSet):
-        t.arm(fp, mine, maps)  # before the copy (trackstate)
+    reported = t.collect_or_arm(fp, mine, maps, incremental=True)
     maps0, mine0 = maps, mine  # what the tracker answered for
     if t.layout_touched:
         # The cut as copied: the maps as the tracker left them (a registration may have

@@ -109,6 +109,8 @@ class MemberTracker:
         # Whether a capture got as far as the tracker (collect or arm): from then on the
         # tracker's state in the target has moved on, whatever happens to the capture.
         self.touched = False
+        self.arm_error = ""  # why the last collect_or_arm could not arm a tracker
+        self.seconds = 0.0  # how long the last collect or arm took
 
     @property
     def name(self) -> str:
@@ -138,15 +140,32 @@ class MemberTracker:
         call); or why it lost track: then it is dropped, and the capture is full and arms."""
         assert self.tracker is not None and self.armed
         self.touched = True
-        self._t0 = time.perf_counter()
+        t0 = time.perf_counter()
         try:
             cs = self.tracker.collect(fp, mine, maps)
         except (TrackerFailed, TrackerUnavailable) as e:
             self._warn("tracker lost track: full capture", e)
             self.drop(fp)
             return f"tracker lost: {e}"
-        self._seconds = time.perf_counter() - self._t0
+        self.seconds = time.perf_counter() - t0
         return cs
+
+    def collect_or_arm(
+        self, fp: FrozenProcess, mine: Sequence[Mapping], maps: Sequence[Mapping], incremental: bool
+    ) -> ChangedSet | str:
+        """The first step of every capture, before its copy: the tracker's changed set
+        (`collect`, which re-arms), when `incremental` and armed; otherwise, or when it
+        lost track, a tracker armed (`arm`; its error in `arm_error`) and why the capture
+        is full ("" when the caller already knows)."""
+        why = ""
+        self.arm_error = ""
+        if incremental and self.armed:
+            got = self.collect(fp, mine, maps)
+            if isinstance(got, ChangedSet):
+                return got
+            why = got
+        self.arm_error = self.arm(fp, mine, maps)
+        return why
 
     def changes(
         self,
@@ -167,7 +186,7 @@ class MemberTracker:
         n_appeared = mark_appeared(taken, self.taken, mask)
         n_pending = mark_pages(taken, pending, mask)
         counts = ChangeCounts(
-            n_tracker, n_maps, n_appeared, n_untracked, n_pending, self._seconds, n_shared
+            n_tracker, n_maps, n_appeared, n_untracked, n_pending, self.seconds, n_shared
         )
         return Changes(taken[mask], counts)
 
@@ -201,7 +220,7 @@ class MemberTracker:
                     break
                 tried.add(t.name)
                 self.tracker = None
-        self._seconds = time.perf_counter() - t0
+        self.seconds = time.perf_counter() - t0
         return why
 
     def settle(self, mine: Sequence[Mapping], taken: PageNumbers) -> None:
@@ -209,11 +228,6 @@ class MemberTracker:
         after `layout_touched`) and the pages taken."""
         self.armed_maps = tuple(mine) if self.armed else ()
         self.taken = taken
-
-    @property
-    def seconds(self) -> float:
-        """How long the last collect or arm took."""
-        return getattr(self, "_seconds", 0.0)
 
     # -- outside a capture -----------------------------------------------------------------
 
