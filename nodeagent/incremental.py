@@ -1,25 +1,20 @@
-"""Incremental captures of one member: the layer between the capture engine and a tracker.
+"""Incremental captures of one member: the CLI chain's layer between the capture engine
+and the member's MemberTracker (nodeagent/trackstate.py, shared with the agent).
 
 Owns, for one process and its regions, the sequence of captures that makes a chain
-(DESIGN.md, step 4; issue 3). Everything below happens in the frozen window of each
-capture, on the freezing thread:
+(DESIGN.md, step 4): when a capture is full, the pending set, commit/abort, and the
+state a later process resumes from. Everything below happens in the frozen window of
+each capture, on the freezing thread:
 
 - The first capture of a member is full; so is every capture after the tracker lost
   track (TrackerFailed, UffdLost: the tracker is armed again), after an aborted full
   capture, and every capture with no tracker (`none`).
-- Otherwise the pages to copy are, among the pages the rule takes now (`taken`):
-  the tracker's changed set (collect, which re-arms it in the same call), every page of a
-  mapping that is new, grown, moved or mprotect'ed since the last capture (maps compared
-  with those at the last arm/collect), every page that was not taken by the last capture
-  (newly present, or newly inside a region: a tracker need not report a page that
-  became present by a read, e.g. the shared zero page under soft-dirty), every page of a
-  mapping the tracker could not register (uffd-wp `untracked`), every page of a shared
-  mapping (trackers are per address space: changeset.always_changed_runs), and the
-  *pending* set: pages copied by captures that were aborted since the last committed one.
+- Otherwise the pages to copy are those MemberTracker.changes counts as changed, with
+  the *pending* set: pages copied by captures aborted since the last committed one.
 - Pages that were taken before and are not now are gone: the image's `all_pages` says
   so (the capture engine fills it; nothing is carried here).
-- A full capture arms the tracker before its copy (arming may write to the target: see
-  _Hooks.changed_among); an incremental one collects, which re-arms, before its copy.
+- A full capture arms the tracker before its copy (trackstate); an incremental one
+  collects, which re-arms, before its copy.
 - `commit()` after the capture is stored clears the pending set; `abort()` keeps it (an
   aborted capture re-armed the tracker, so its pages must go into the next one). A
   capture neither committed nor aborted counts as aborted; so does one that raised.
@@ -31,53 +26,30 @@ a MemberState and written by nodeagent/chain.py.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import TrackerFailed, TrackerUnavailable
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import Capture, capture
-from nodeagent.changeset import (
-    always_changed_runs,
-    mark_appeared,
-    mark_pages,
-    mark_runs,
-    ranges_runs,
-    tracked_mappings,
-    written_estimate,
-)
 from nodeagent.freeze import FrozenProcess
 from nodeagent.inplace import Destination
+from nodeagent.mapscache import read_maps_shared
 from nodeagent.pages import PageNumbers, empty_pages
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.procfs import Mapping, ProcessIdentity
 from nodeagent.reader import ReadvFn, sys_readv
-from nodeagent.regions import RegionSpec, new_or_changed_runs, resolve_regions
+from nodeagent.regions import RegionSpec, resolve_regions
 from nodeagent.staging import Staging
 from nodeagent.trackers import persist, registry
 from nodeagent.trackers.base import ChangedSet, Tracker
+from nodeagent.trackstate import ChangeCounts, MemberTracker, tracked_mappings
 
 log = logging.getLogger(__name__)
 
 FIRST = "first capture of this member"
 NO_TRACKER = "no tracker: every capture is full"
-
-
-@dataclass(frozen=True)
-class ChangeCounts:
-    """Why pages were copied (a page may count under several headings)."""
-
-    tracker: int = 0  # reported by the tracker
-    mappings: int = 0  # in a new, grown, moved or changed mapping
-    appeared: int = 0  # not taken by the last capture
-    untracked: int = 0  # in a mapping the tracker could not register
-    pending: int = 0  # carried over from aborted captures
-    collect_seconds: float = 0.0  # the tracker's collect (or arm, after a full capture)
-    shared: int = 0  # in a shared mapping: changed at every capture (always_changed_runs)
 
 
 @dataclass(frozen=True)
@@ -113,17 +85,16 @@ _FULL = "full"  # a full capture in flight
 class TrackedCapture:
     """Incremental captures of one member (see the module docstring).
 
-    `tracker`: a registry name (`auto`, `uffd-wp`, `soft-dirty`, `hash`, `none`) or a
-    Tracker instance. With `auto`, a backend that cannot be armed on this process is
-    replaced by the next one in registry.AUTO_ORDER; a named one that cannot is reported
-    (TrackedResult.arm_error) and the member stays on full captures.
+    `tracker`: a registry name (`auto`, `uffd-wp`, `soft-dirty`, `hash`, `none`); its
+    arming rules (the `auto` fallback) are MemberTracker.arm's. A named one that cannot
+    be armed is reported (TrackedResult.arm_error) and the member stays on full captures.
     """
 
     def __init__(
         self,
         ident: ProcessIdentity,
         ranges: Sequence[AddressRange] | None = None,
-        tracker: str | Tracker | None = registry.AUTO,
+        tracker: str | None = registry.AUTO,
         *,
         staging: Staging | None = None,
         freeze_timeout: float = 5.0,
@@ -132,24 +103,24 @@ class TrackedCapture:
         self.ranges = list(ranges) if ranges is not None else None
         self.staging = staging if staging is not None else Staging()
         self.freeze_timeout = freeze_timeout
-        self._auto = tracker == registry.AUTO
-        self._excluded: set[str] = set()
-        if tracker is None or isinstance(tracker, str):
-            self.tracker = registry.create(registry.choose(tracker or registry.NONE))
-        else:
-            self.tracker = tracker
-        self._armed_maps: tuple[Mapping, ...] = ()
-        self._taken: PageNumbers = empty_pages()
+        self.track = MemberTracker(tracker or registry.NONE, {"pid": ident.pid})
+        self.track.create()  # a named backend that is not available here fails now
         self._pending: PageNumbers = empty_pages()
-        self._need_full = FIRST if self.tracker is not None else NO_TRACKER
+        self._need_full = FIRST if self.track.tracker is not None else NO_TRACKER
         self._inflight: str | PageNumbers = _IDLE
-        # Whether a capture got as far as the tracker (collect or arm): from then on the
-        # tracker's state in the target has moved on, whatever happens to the capture.
-        self.touched = False
+
+    @property
+    def tracker(self) -> Tracker | None:
+        return self.track.tracker
 
     @property
     def tracker_name(self) -> str:
-        return self.tracker.name if self.tracker is not None else registry.NONE
+        return self.track.name
+
+    @property
+    def touched(self) -> bool:
+        """Whether a capture got as far as the tracker (its state in the target moved on)."""
+        return self.track.touched
 
     @property
     def pending(self) -> PageNumbers:
@@ -213,7 +184,7 @@ class TrackedCapture:
         if isinstance(inflight, str):
             if inflight == _FULL:
                 self._pending = empty_pages()
-                if self.tracker is not None:
+                if self.track.tracker is not None:
                     self._need_full = "the last full capture was aborted"
             return
         self._pending = inflight
@@ -224,8 +195,7 @@ class TrackedCapture:
 
     def forget(self, fp: FrozenProcess | None = None) -> None:
         """Stop tracking (releases what the target holds for us, e.g. its uffd)."""
-        if self.tracker is not None:
-            self.tracker.forget(fp)
+        self.track.forget(fp)
         self._need_full = "tracker forgotten"
         self._pending = empty_pages()
 
@@ -237,13 +207,13 @@ class TrackedCapture:
         committed (written next to the image before the image itself is)."""
         meta: dict[str, Any] = {}
         arrays: dict[str, npt.NDArray[Any]] = {}
-        if self.tracker is not None:
-            meta, arrays = persist.save(self.tracker)
+        if self.track.tracker is not None:
+            meta, arrays = persist.save(self.track.tracker)
         return MemberState(
             tracker=self.tracker_name,
             ident=self.ident,
-            armed_maps=self._armed_maps,
-            taken=self._taken,
+            armed_maps=self.track.armed_maps,
+            taken=self.track.taken,
             pending=empty_pages() if committed else self._pending,
             need_full=self._need_full,
             backend=meta,
@@ -262,42 +232,20 @@ class TrackedCapture:
         """A member's chain from an exported state. A backend whose hold on the process
         is gone (a closed uffd) makes the next capture full, it is not an error."""
         tc = cls(state.ident, ranges, state.tracker, staging=staging, freeze_timeout=freeze_timeout)
-        tc._armed_maps = tuple(state.armed_maps)
-        tc._taken = state.taken
+        t = tc.track
+        t.armed_maps = tuple(state.armed_maps)
+        t.taken = state.taken
         tc._pending = state.pending
         tc._need_full = state.need_full
-        if tc.tracker is not None and not state.need_full:
-            lost = persist.load(tc.tracker, state.ident, state.backend, state.arrays)
+        if t.tracker is not None and not state.need_full:
+            lost = persist.load(t.tracker, state.ident, state.backend, state.arrays)
             if lost:
                 tc._need_full = f"tracker state lost: {lost}"
+        t.armed = t.tracker is not None and not tc._need_full
         return tc
-
-    # -- used by the hooks, while frozen -------------------------------------------------
 
     def _specs(self, maps: Sequence[Mapping]) -> list[RegionSpec]:
         return resolve_regions(self.ranges, maps, self.ident.pid)
-
-    def _arm(self, fp: FrozenProcess, mine: Sequence[Mapping], maps: Sequence[Mapping]) -> str:
-        """Arm the tracker (falling back along AUTO_ORDER under `auto`); "" or why not."""
-        while self.tracker is not None:
-            try:
-                self.tracker.arm(fp, mine, maps)
-                return ""
-            except (TrackerUnavailable, TrackerFailed) as e:
-                why = f"{self.tracker.name}: {e}"
-                log.warning(
-                    "tracker cannot be armed",
-                    extra={
-                        "fields": {"pid": fp.pid, "tracker": self.tracker.name, "error": str(e)}
-                    },
-                )
-                if not self._auto:
-                    return why
-                self._excluded.add(self.tracker.name)
-                self.tracker = registry.create(
-                    registry.choose(registry.AUTO, frozenset(self._excluded))
-                )
-        return ""
 
 
 class _Hooks:
@@ -313,23 +261,15 @@ class _Hooks:
 
     def expect(self, pid: int, maps: Sequence[Mapping], taken: PageNumbers) -> int | None:
         o = self.o
-        if self.full_reason or o.tracker is None:
+        if self.full_reason:
             return None
-        guess = written_estimate(o.tracker, pid, tracked_mappings(o._specs(maps), maps))
-        if guess is None:
-            return None
-        mask = np.zeros(taken.size, dtype=np.bool_)
-        mark_runs(taken, new_or_changed_runs(o._armed_maps, maps), mask)
-        mark_runs(taken, always_changed_runs(maps), mask)
-        mark_appeared(taken, o._taken, mask)
-        mark_pages(taken, o._pending, mask)
-        n = guess + int(np.count_nonzero(mask))
-        return n + n // 4 + 256  # writes keep coming until the freeze
+        mine = tracked_mappings(o._specs(maps), maps)
+        return o.track.expect(pid, maps, mine, taken, o._pending)
 
     @property
     def layout_touched(self) -> bool:
         """The tracker registered mappings in this capture (the VMAs may have merged)."""
-        return bool(getattr(self.o.tracker, "layout_touched", False))
+        return self.o.track.layout_touched
 
     def changed(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> ChangedSet | None:
         raise AssertionError("capture() calls changed_among on these hooks")
@@ -337,80 +277,37 @@ class _Hooks:
     def changed_among(
         self, fp: FrozenProcess, maps: Sequence[Mapping], taken: PageNumbers
     ) -> ChangedSet | None:
-        o = self.o
+        o, t = self.o, self.o.track
         mine = tracked_mappings(o._specs(maps), maps)
-        if not self.full_reason and o.tracker is not None:
-            changed = self._collect(fp, maps, mine, taken)
-            if changed is not None:
-                # Only registering new mappings (uffd-wp) can change the maps here.
-                touched = getattr(o.tracker, "layout_touched", False)
-                self._settle(fp, taken, None if touched else maps)
-                return changed
-        # Full: arm *before* the copy. Arming may itself write to the target (uffd-wp
-        # injects system calls, and the kernel then updates the thread's rseq area):
-        # such writes must land before the pages are copied, not between the copy and
-        # the write-protection, where no tracker would ever see them.
+        got = t.collect_or_arm(fp, mine, maps, incremental=not self.full_reason)
+        if isinstance(got, ChangedSet):
+            ch = t.changes(got, taken, maps, mine, o._pending)
+            # Stashed before the copy: if anything after this fails, these pages stay
+            # pending.
+            self.inflight = ch.pages
+            self.counts = ch.counts
+            self._settle(fp, mine, taken)
+            return ChangedSet(ch.pages)
+        self.full_reason = got or self.full_reason or "tracker not armed"
         self.inflight = _FULL
-        if o.tracker is not None:
-            t0 = time.perf_counter()
-            o.touched = True
-            self.arm_error = o._arm(fp, mine, maps)
-            self.used = o.tracker_name
-            self.counts = ChangeCounts(collect_seconds=time.perf_counter() - t0)
-            o._need_full = (
-                f"tracker not armed: {self.arm_error}"
-                if self.arm_error
-                else ("" if o.tracker is not None else NO_TRACKER)
-            )
-        self._settle(fp, taken, None)
+        self.arm_error = t.arm_error
+        self.used = t.name
+        self.counts = ChangeCounts(collect_seconds=t.seconds)
+        if self.arm_error:
+            o._need_full = f"tracker not armed: {self.arm_error}"
+        else:
+            o._need_full = "" if t.armed else NO_TRACKER
+        self._settle(fp, mine, taken)
         return None
 
-    def _collect(
-        self,
-        fp: FrozenProcess,
-        maps: Sequence[Mapping],
-        mine: Sequence[Mapping],
-        taken: PageNumbers,
-    ) -> ChangedSet | None:
-        """The incremental set, or None when the tracker lost track (then: full)."""
+    def _settle(self, fp: FrozenProcess, mine: Sequence[Mapping], taken: PageNumbers) -> None:
+        """The baseline of the next capture: the tracked mappings as the tracker left
+        them (read again when it may have changed them) and the taken pages at this cut."""
         o = self.o
-        assert o.tracker is not None
-        t0 = time.perf_counter()
-        o.touched = True
-        try:
-            reported = o.tracker.collect(fp, mine, maps)
-        except (TrackerFailed, TrackerUnavailable) as e:
-            self.full_reason = f"tracker lost: {e}"
-            log.warning(
-                "tracker failed: full capture",
-                extra={"fields": {"pid": fp.pid, "tracker": o.tracker.name, "error": str(e)}},
-            )
-            return None
-        t1 = time.perf_counter()
-        mask = np.zeros(taken.size, dtype=np.bool_)
-        n_tracker = mark_pages(taken, reported.pages, mask)
-        n_maps = mark_runs(taken, new_or_changed_runs(o._armed_maps, maps), mask)
-        untracked = getattr(o.tracker, "untracked", None) or {}
-        n_untracked = mark_runs(taken, ranges_runs(list(untracked)), mask)
-        n_shared = mark_runs(taken, always_changed_runs(maps), mask)
-        n_appeared = mark_appeared(taken, o._taken, mask)
-        n_pending = mark_pages(taken, o._pending, mask)
-        copy = taken[mask]
-        # Stashed before the copy: if anything after this fails, these pages stay pending.
-        self.inflight = copy
-        self.counts = ChangeCounts(
-            n_tracker, n_maps, n_appeared, n_untracked, n_pending, t1 - t0, n_shared
-        )
-        return ChangedSet(copy)
-
-    def _settle(
-        self, fp: FrozenProcess, taken: PageNumbers, maps: Sequence[Mapping] | None
-    ) -> None:
-        """The baseline of the next capture: the maps as the tracker left them (`maps`
-        when it cannot have changed them, else read again: registering may merge or
-        split VMAs) and the taken pages at this cut."""
-        self.o._armed_maps = tuple(maps) if maps is not None else tuple(read_maps(fp.pid))
-        self.o._taken = taken
+        if o.track.layout_touched:
+            maps = read_maps_shared(fp.pid)
+            mine = tracked_mappings(o._specs(maps), maps)
+        o.track.settle(mine, taken)
 
     def after_copy(self, fp: FrozenProcess, maps: Sequence[Mapping]) -> None:
         """Nothing: collect re-armed and arm ran before the copy (see changed_among)."""

@@ -2,7 +2,7 @@
 
 Owns, per member (job + name): the process identity (pid + start time, so a reused pid
 is never mistaken for it), its regions (explicit, or None for the default set), the
-tracker preference and the armed tracker, the maps the tracker was armed on, and the
+tracker preference and its MemberTracker (nodeagent/trackstate.py), and the
 changed-page sets of captures not yet committed (*pending*, kept per generation until
 `Committed`, merged into every later capture: an aborted generation can never make a
 later incremental one miss a page). Also: validating an AttachMember, the exit status of
@@ -44,7 +44,7 @@ from nodeagent.procfs import Mapping, ProcessIdentity, live_tid, read_maps
 from nodeagent.regions import RegionSpec
 from nodeagent.staging import Staging
 from nodeagent.trackers import registry
-from nodeagent.trackers.base import Tracker
+from nodeagent.trackstate import MemberTracker
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ class HeldMember:
     ident: ProcessIdentity
     regions: tuple[RegionSpec, ...] | None  # None: every writable private mapping
     tracker_pref: str = registry.AUTO
-    tracker: Tracker | None = None
-    tracker_name: str = ""  # of the armed tracker; "" = none armed (next capture full)
-    armed_maps: tuple[Mapping, ...] | None = None
-    last_taken: PageNumbers = field(default_factory=empty_pages)  # pages the last capture took
+    track: MemberTracker = field(init=False)  # the tracker and what it last saw
     committed: int = 0  # last generation the coordinator told us is Committed, 0: none
     base_layout: Layout | None = None  # region layout of that generation
     pending: dict[int, PageNumbers] = field(default_factory=dict)  # gen -> delivered pages
@@ -76,9 +73,17 @@ class HeldMember:
     staging: Staging | None = None
     staging_busy: bool = False  # an upload still reads it: the next capture gets a new one
 
+    def __post_init__(self) -> None:
+        self.track = MemberTracker(self.tracker_pref, {"job": self.job, "member": self.name})
+
     @property
     def key(self) -> Key:
         return (self.job, self.name)
+
+    @property
+    def tracker_name(self) -> str:
+        """The armed tracker's name; "" when none is armed (the next capture is full)."""
+        return self.track.name if self.track.armed else ""
 
     # -- pending changed sets ----------------------------------------------------------
 
@@ -123,12 +128,6 @@ class HeldMember:
         if all(lay == layout for lay in (self.base_layout, *self.layouts.values())):
             return np.zeros(len(specs), dtype=np.bool_)
         return np.fromiter((not self.stable(s) for s in specs), dtype=np.bool_, count=len(specs))
-
-    def forget_tracking(self) -> None:
-        """The tracker lost track (or is gone): the next capture is full and re-arms."""
-        self.tracker = None
-        self.tracker_name = ""
-        self.armed_maps = None
 
     # -- wire ------------------------------------------------------------------------
 

@@ -124,9 +124,7 @@ class WorkerState:
             self.metrics.members_gone.inc()
         self.thaw(m.key)
         self.watch.remove(m.key)
-        if m.tracker is not None:
-            m.tracker.forget(None)
-        m.forget_tracking()
+        m.track.forget(None)
         self.emit(member_gone(m), epoch)
 
     # -- members -------------------------------------------------------------------------------

@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import _concat, restrict
+from nodeagent.captured import concat_parts
 from nodeagent.changeset import (
     mark_appeared,
     mark_pages,
     mark_runs,
+    pick,
     ranges_runs,
-    tracked_mappings,
 )
 from nodeagent.procfs import Mapping
 from nodeagent.regions import RegionSpec, new_or_changed_runs
-from nodeagent.trackers.base import ChangedSet
+from nodeagent.trackstate import tracked_mappings
 
 page_sets = st.lists(st.integers(0, 3000), max_size=200, unique=True).map(
     lambda xs: np.array(sorted(xs), dtype=np.uint64)
@@ -101,20 +101,20 @@ def test_mapping_changes_count_as_changed() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(page_sets, page_sets, st.lists(st.integers(0, 3000), max_size=6))
-def test_restrict_and_concat_of_region_slices(
+def test_pick_and_concat_of_region_slices(
     taken: np.ndarray, changed: np.ndarray, cuts: list[int]
 ) -> None:
-    """capture.restrict = per-region membership; capture._concat of select_pages-like
+    """changeset.pick = per-region membership; captured.concat_parts of select_pages-like
     slices (consecutive views of one array) is that array, without a copy."""
     bounds = sorted({0, taken.size, *(min(c, taken.size) for c in cuts)})
     parts = [taken[a:b] for a, b in itertools.pairwise(bounds)]
-    got = restrict(parts, ChangedSet(changed))
+    got = pick(parts, concat_parts(parts), changed)[0]
     assert [g.tolist() for g in got] == [
         [p for p in part.tolist() if p in set(changed.tolist())] for part in parts
     ]
-    whole = _concat(parts)
+    whole = concat_parts(parts)
     assert whole.dtype == np.uint64 and whole.tolist() == taken.tolist()
     if len([p for p in parts if p.size]) > 1:
         assert whole.base is not None  # a view, not a copy
     other = np.array([7], dtype=np.uint64)
-    assert _concat([*parts, other]).tolist() == [*taken.tolist(), 7]
+    assert concat_parts([*parts, other]).tolist() == [*taken.tolist(), 7]

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent import mapscache, tracking
+from nodeagent import changeset, mapscache, trackstate
 from nodeagent.procfs import Mapping
 from nodeagent.regions import RegionSpec
 
@@ -36,7 +36,7 @@ def test_tracked_maps_equals_the_naive_overlap(
     maps = [Mapping(a * PAGE, b * PAGE, "rw-p", 0, "00:00", 0, "") for a, b in _layout(maps_in)]
     specs = [RegionSpec(f"r{i}", a * PAGE, b * PAGE) for i, (a, b) in enumerate(_layout(specs_in))]
     want = [m for m in maps if any(m.start < s.end and s.start < m.end for s in specs)]
-    assert tracking.tracked_maps(specs, maps) == want
+    assert trackstate.tracked_mappings(specs, maps) == want
 
 
 @given(
@@ -44,7 +44,7 @@ def test_tracked_maps_equals_the_naive_overlap(
     st.lists(st.integers(0, 400), unique=True, max_size=60),
     st.data(),
 )
-def test_deliver_equals_the_per_region_rule(
+def test_pick_equals_the_per_region_rule(
     per_region: list[list[int]], changed_in: list[int], data: st.DataObject
 ) -> None:
     taken = [
@@ -55,7 +55,7 @@ def test_deliver_equals_the_per_region_rule(
     whole = np.array(
         data.draw(st.lists(st.booleans(), min_size=len(taken), max_size=len(taken))), dtype=np.bool_
     )
-    out, delivered = tracking._deliver(taken, now, changed, whole)
+    out, delivered = changeset.pick(taken, now, changed, whole)
     want = [t if w else t[np.isin(t, changed)] for t, w in zip(taken, whole, strict=True)]
     assert [o.tolist() for o in out] == [w.tolist() for w in want]
     assert delivered.tolist() == [int(p) for w in want for p in w]
@@ -88,17 +88,15 @@ def test_maps_are_shared_while_unchanged_and_derived_once() -> None:
     st.lists(st.lists(st.integers(0, 30), unique=True, max_size=12), max_size=8),
     st.lists(st.integers(0, 400), unique=True, max_size=60),
 )
-def test_restrict_equals_the_per_region_intersection(
+def test_pick_without_whole_regions_is_the_per_region_intersection(
     per_region: list[list[int]], changed_in: list[int]
 ) -> None:
-    from nodeagent.capture import restrict
-    from nodeagent.trackers.base import ChangedSet
-
     taken = [
         np.array(sorted(p), dtype=np.uint64) + np.uint64(50 * i) for i, p in enumerate(per_region)
     ]
-    changed = ChangedSet.of(changed_in)
-    got = restrict(taken, changed)
+    changed = np.array(sorted(changed_in), dtype=np.uint64)
+    now = np.concatenate(taken) if taken else np.zeros(0, dtype=np.uint64)
+    got = changeset.pick(taken, now, changed)[0]
     assert [g.tolist() for g in got] == [
         [int(p) for p in t if int(p) in set(changed_in)] for t in taken
     ]

@@ -142,10 +142,15 @@ def test_reconnect_backoff_doubles_with_jitter() -> None:
 
 def test_appeared_pages() -> None:
     """Pages present now that the last capture did not take count as changed."""
-    from nodeagent.tracking import appeared
+    from nodeagent.changeset import mark_appeared
 
-    assert appeared(_u64([1, 2, 3]), _u64([1, 2, 3])).tolist() == []
-    assert appeared(_u64([1, 2, 5, 9]), _u64([2, 3, 9])).tolist() == [1, 5]
-    assert appeared(_u64([4, 7]), _u64([])).tolist() == [4, 7]
-    assert appeared(_u64([]), _u64([1])).tolist() == []
-    assert appeared(_u64([10, 11]), _u64([1, 2])).tolist() == [10, 11]  # past the end
+    def appeared(taken: np.ndarray, before: np.ndarray) -> list[int]:
+        mask = np.zeros(taken.size, dtype=np.bool_)
+        mark_appeared(taken, before, mask)
+        return [int(p) for p in taken[mask]]
+
+    assert appeared(_u64([1, 2, 3]), _u64([1, 2, 3])) == []
+    assert appeared(_u64([1, 2, 5, 9]), _u64([2, 3, 9])) == [1, 5]
+    assert appeared(_u64([4, 7]), _u64([])) == [4, 7]
+    assert appeared(_u64([]), _u64([1])) == []
+    assert appeared(_u64([10, 11]), _u64([1, 2])) == [10, 11]  # past the end
