@@ -51,7 +51,7 @@ from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.reader import Staging
-from tests.helpers.driver import REPO, Target
+from testbed.driver import REPO, Target
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40
 GOAL_VS_LIMIT = 1.5  # `cpcoord capture` / (raw readv + raw write [+ fsync]), at most

@@ -47,8 +47,9 @@ from coordinator.store.backend import Kind, LocalBackend
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options, server_options
 from cpcoord.ranges import AddressRange
-from tests.helpers.cluster import Cluster, wait_for
-from tests.helpers.driver import REPO, Target
+from testbed.cluster import Cluster
+from testbed.daemons import wait_for
+from testbed.driver import REPO, Target
 
 GOAL_RATIO = 1.5
 RAW_METHOD = "/bench.Raw/Sink"

@@ -45,7 +45,7 @@ from nodeagent.restore import (
     restore_into,
     write,
 )
-from tests.helpers.driver import Target
+from testbed.driver import Target
 
 
 def _in_place(

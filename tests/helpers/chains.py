@@ -2,7 +2,7 @@
 (tests/integration/test_incremental.py) and the soft-dirty run inside the qemu guest
 (tests/kernel/guest/test_incremental_softdirty.py).
 
-A target (tests/helpers/target.py) runs writer threads over one mapping while the test
+A target (testbed/target.py) runs writer threads over one mapping while the test
 applies random operations between captures: writes, zero fills, MADV_DONTNEED, mprotect,
 new mappings of several kinds, munmap of whole mappings or pieces, heap-like growth by
 mremap. Each round freezes the target once and, in that one frozen window, takes the
@@ -35,7 +35,7 @@ from nodeagent.capture import Capture, capture
 from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture, TrackedResult
 from nodeagent.procfs import ProcessIdentity
-from tests.helpers.driver import Target
+from testbed.driver import Target
 
 WRITERS = "w"
 START_MAPS = ("w:48", "a:64", "s:24:shared", "m:16:memfd", "f:16:file", "y:8:sysv")

@@ -42,10 +42,11 @@ from typing import Any
 
 import pytest
 
+from testbed import driver
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers import driver
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
-from tests.helpers.driver import Target
 
 SUBNET = "10.213.0"
 COORD_IP = f"{SUBNET}.1"
@@ -83,11 +84,11 @@ def remove_stale_namespaces() -> None:
 
 
 class NsTarget(Target):
-    """A target process (tests/helpers/target.py) started inside a network namespace;
+    """A target process (testbed/target.py) started inside a network namespace;
     `ip netns exec` execs, so `pid` is the target's own pid."""
 
     def __init__(self, ns: str, maps: Sequence[str] = ("data:64",), tmpdir: Path | None = None):
-        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.helpers.target"]
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "testbed.target"]
         for m in maps:
             argv += ["--map", m]
         if tmpdir is not None:
@@ -229,8 +230,8 @@ class NetnsCluster(Cluster):
                 "--keep", str(self.keep), "--port-file", str(port_file),
                 "--heartbeat-ms", str(self.heartbeat_ms), "--insecure",
                 "--insecure-bind-any"]  # fmt: skip
-        self.coordinator = self._daemon("coordinator", self.coord_ns, argv,
-                                        self.root / "coordinator.log", _env(), pause)  # fmt: skip
+        log, env = self.root / "coordinator.log", daemon_env()
+        self.coordinator = self._daemon("coordinator", self.coord_ns, argv, log, env, pause)
         deadline = time.monotonic() + 30
         while not port_file.exists():
             if not self.coordinator.alive() or time.monotonic() > deadline:
@@ -242,7 +243,7 @@ class NetnsCluster(Cluster):
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",
                 "--lease", str(self.lease_s)]  # fmt: skip
         d = self._daemon(f"agent-{node}", self.ns(node), argv,
-                         self.root / f"agent-{node}.log", _env(), pause, fail)  # fmt: skip
+                         self.root / f"agent-{node}.log", daemon_env(), pause, fail)  # fmt: skip
         self.agents[node] = d
         return d
 
@@ -263,7 +264,7 @@ class NetnsCluster(Cluster):
     ) -> subprocess.CompletedProcess[str]:
         argv = ["ip", "netns", "exec", self.coord_ns, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        r = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+        r = subprocess.run(argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True,
                            timeout=timeout)  # fmt: skip
         if check and r.returncode != 0:
             raise AssertionError(
@@ -274,7 +275,7 @@ class NetnsCluster(Cluster):
     def popen_cli(self, *args: str) -> subprocess.Popen[str]:
         argv = ["ip", "netns", "exec", self.coord_ns, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        return subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        return subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 preexec_fn=_die_with_parent)  # fmt: skip
 
@@ -288,7 +289,7 @@ class NetnsCluster(Cluster):
             "print(json.dumps({a.node: a.connected for a in r.agents}))\n"
         )
         r = subprocess.run(["ip", "netns", "exec", self.coord_ns, sys.executable, "-c", code],
-                           cwd=REPO, env=_env(), capture_output=True, text=True,
+                           cwd=REPO, env=daemon_env(), capture_output=True, text=True,
                            timeout=30)  # fmt: skip
         if r.returncode != 0:
             return {}

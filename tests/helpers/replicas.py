@@ -28,7 +28,8 @@ from cpcoord.clientconn import Client
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
-from tests.helpers.cluster import Cluster, Daemon, _env, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import Daemon, daemon_env, wait_for
 
 PREFIX = "/cpcoord-test"
 
@@ -75,7 +76,7 @@ class ReplicaCluster(Cluster):
             "--etcd", self.etcd_url, "--etcd-prefix", PREFIX,
             "--leader-ttl", str(self.leader_ttl),
         ]  # fmt: skip
-        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults)})
         if pause:
             env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
         if hold:

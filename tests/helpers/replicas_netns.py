@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from tests.helpers.cluster import REPO, Daemon, _env, wait_for
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from tests.helpers.etcd import EtcdServer, free_port
 from tests.helpers.netns import _die_with_parent, sh
 
@@ -143,7 +143,7 @@ class NetnsReplicas:
                 "--port-file", str(port_file), "--insecure", "--insecure-bind-any",
                 "--etcd", self.etcd.url, "--etcd-prefix", f"/{self.tag}",
                 "--leader-ttl", str(self.leader_ttl)]  # fmt: skip
-        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults)})
         if hold:
             env["CPCOORD_FAULT_HOLD"] = ",".join(hold)
         d = self._spawn(f"replica{i}", self.ns(i), argv, env)
@@ -154,14 +154,16 @@ class NetnsReplicas:
 
     def start_agent(self, node: str) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure", "--no-socket"]
-        d = self._spawn(f"agent-{node}", self.hub, argv, _env())
+        d = self._spawn(f"agent-{node}", self.hub, argv, daemon_env())
         self.agents.append(d)
         return d
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = ["ip", "netns", "exec", self.hub, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        r = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=120
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"cpcoord {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
         return r
@@ -169,7 +171,7 @@ class NetnsReplicas:
     def popen_cli(self, *args: str) -> subprocess.Popen[str]:
         argv = ["ip", "netns", "exec", self.hub, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        return subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        return subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 preexec_fn=_die_with_parent)  # fmt: skip
 

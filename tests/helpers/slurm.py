@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.daemons import wait_for
 from tests.conftest import require
-from tests.helpers.cluster import wait_for
 
 BINARIES = (
     "munged",

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 
 NODE = "n1"
 
@@ -77,7 +78,7 @@ def socket_cluster(tmp_path: Path) -> Iterator[SocketCluster]:
             "--socket",
             str(sock),
         ]
-        d = Daemon(f"agent-{NODE}", argv, c.root / f"agent-{NODE}.log", _env())
+        d = Daemon(f"agent-{NODE}", argv, c.root / f"agent-{NODE}.log", daemon_env())
         c.agents[NODE] = d
         d.start()
         c.wait_agents([NODE], timeout=60)

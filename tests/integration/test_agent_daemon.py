@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import Target, task_states
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import Target, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 JOB = "train"
@@ -96,7 +97,7 @@ def test_killed_agent_never_leaves_a_member_stopped(
         wait_for(lambda: c.members_running(JOB), 20, "member re-attached")
     argv = [sys.executable, "-m", "cpcoord", "checkpoint", "--job", JOB, "--json",
             "--coordinator", c.address]  # fmt: skip
-    ck = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    ck = subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, text=True)
     try:
         c.wait_fault(phase)
         assert stopped(t), task_states(t.pid)  # paused with the member frozen

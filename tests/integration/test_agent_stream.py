@@ -28,7 +28,7 @@ from nodeagent import metrics
 from nodeagent.agent import Agent, AgentConfig
 from nodeagent.pagemap import pages_from_runs
 from nodeagent.trackers import registry
-from tests.helpers.driver import PAGE, Target, task_states
+from testbed.driver import PAGE, Target, task_states
 
 pytestmark = pytest.mark.integration
 JOB = "job"

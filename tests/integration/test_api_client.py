@@ -43,9 +43,10 @@ from cpcoord.errors import (
     UnknownJob,
 )
 from cpcoord.image import load_image, region_bytes
+from testbed.cluster import Cluster, InProcessCoordinator
+from testbed.daemons import wait_for
+from testbed.driver import PAGE, Target, task_states
 from tests.conftest import require
-from tests.helpers.cluster import Cluster, InProcessCoordinator, wait_for
-from tests.helpers.driver import PAGE, Target, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """Capture of real processes (issue 2, must show 1).
 
-Targets are spawned by the tests (tests/helpers/target.py) with known per-page stamps;
+Targets are spawned by the tests (testbed/target.py) with known per-page stamps;
 writer threads keep stamping while captures run, and patterns.check_writer proves the
 captured pages equal the memory of one instant. Every test ends with the target running.
 """
@@ -35,9 +35,9 @@ from nodeagent.procfs import Mapping, ProcessIdentity, process_state, read_maps
 from nodeagent.reader import MemoryReader, Staging, _sys_readv
 from nodeagent.regions import RegionSpec, default_region_name
 from nodeagent.trackers.base import ChangedSet
+from testbed import patterns
+from testbed.driver import REPO, Target, task_states
 from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.driver import REPO, Target, task_states
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]

@@ -4,7 +4,7 @@ The in-place image must be the very image the staged path writes: same image.jso
 bytes, zero pages (and pages not stored) as holes, holes of shared objects never
 allocated; the copy while frozen takes no page fault on our side; pages or regions that
 differ between the pre-pass and the cut are handled inside the window. Targets are real
-processes with known contents (tests/helpers/target.py).
+processes with known contents (testbed/target.py).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from nodeagent.freeze import frozen
 from nodeagent.pagemap import PagemapReader
 from nodeagent.procfs import Mapping, ProcessIdentity
 from nodeagent.regions import RegionSpec
+from testbed import patterns
+from testbed.driver import REPO, Target
 from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.driver import REPO, Target
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]

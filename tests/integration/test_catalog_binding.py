@@ -27,10 +27,11 @@ from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind, LocalBackend
 from coordinator.store.binding import KEY_ENDPOINT, KEY_ID
 from coordinator.store.config import CONFIG_NAME
+from testbed.cluster import Cluster
+from testbed.daemons import wait_for
+from testbed.driver import Target
+from testbed.seaweed import BUCKET, Seaweed
 from tests.conftest import require
-from tests.helpers.cluster import Cluster, wait_for
-from tests.helpers.driver import Target
-from tests.helpers.seaweed import BUCKET, Seaweed
 from tests.integration.test_e2e_cluster import _have_agent, attach, export, exported
 from tests.unit.store_support import checkpoint, rand
 

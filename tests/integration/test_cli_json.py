@@ -21,9 +21,10 @@ from referencing import Registry, Resource
 from cpcoord import errors
 from cpcoord.cli import build_parser
 from cpcoord.config import subparsers
+from testbed.cluster import Cluster
+from testbed.daemons import REPO
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster
-from tests.helpers.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

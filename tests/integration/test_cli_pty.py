@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.cluster import Cluster
+from testbed.daemons import REPO
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster
-from tests.helpers.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

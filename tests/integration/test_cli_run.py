@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cluster import REPO, wait_for
+from testbed.daemons import REPO, wait_for
 from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,8 @@ from coordinator.engine import Options
 from cpcoord.cli import main
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.image import load_image, region_bytes
-from tests.helpers.cluster import InProcessCoordinator, wait_for
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
 from tests.helpers.fake_agent import PAGE, FakeAgent
 
 pytestmark = pytest.mark.integration

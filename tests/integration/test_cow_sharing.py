@@ -29,9 +29,9 @@ from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
 from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c, dirty_mib
 from tests.integration.test_e2e_cluster import _have_agent
 

@@ -31,9 +31,10 @@ import pytest
 
 from cpcoord.cli import build_parser
 from cpcoord.image import load_image, region_bytes
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, wait_for
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, Daemon, wait_for
-from tests.helpers.driver import Target
 
 pytestmark = pytest.mark.integration
 

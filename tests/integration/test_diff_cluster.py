@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
 from tests.integration.test_e2e_cluster import _have_agent, attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

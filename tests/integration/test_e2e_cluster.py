@@ -3,7 +3,7 @@ real agents as separate processes on loopback, members on several agents, full t
 incremental generations, and `cpcoord export` of every generation equal, byte for byte,
 to what each member's memory held at that generation's cut.
 
-The members' memory changes only on command from the test (tests/helpers/target.py),
+The members' memory changes only on command from the test (testbed/target.py),
 so the content read between two checkpoints is the content at the cut. A second test
 runs writer threads that never pause and checks each export shows one instant.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes, stored_offsets
+from testbed import patterns
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
+from testbed.cluster import Cluster
+from testbed.driver import PAGE, Target
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import PAGE, Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

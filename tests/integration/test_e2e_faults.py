@@ -28,9 +28,10 @@ import pytest
 from coordinator.store import Kind
 from coordinator.store.catalog import State
 from cpcoord.image import load_image, region_bytes
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import Target, task_states
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import Target, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LEASE_MS = 3000
@@ -84,7 +85,12 @@ class Scene:
             self.c.address,
         ]
         return subprocess.Popen(
-            argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            argv,
+            cwd=REPO,
+            env=daemon_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def wait_running(self, timeout: float) -> float:

@@ -32,10 +32,11 @@ import pytest
 from coordinator.store import Kind
 from coordinator.store.catalog import State
 from cpcoord.image import load_image, region_bytes
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import Target, task_states
+from testbed.seaweed import BUCKET, Seaweed
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import Target, task_states
-from tests.helpers.seaweed import BUCKET, Seaweed
 from tests.integration.test_e2e_dedup import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -80,7 +81,7 @@ def _checkpoint(c: Cluster) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "cpcoord", "checkpoint", "--job", "job", "--json",
             "--coordinator", c.address]  # fmt: skip
     return subprocess.Popen(
-        argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

@@ -23,8 +23,8 @@ import pytest
 
 from coordinator.store import Kind
 from coordinator.store.catalog import State
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.driver import Target
 from tests.helpers.etcd import EtcdServer
 from tests.helpers.replicas import ReplicaCluster
 from tests.integration.test_e2e_faults import LEASE_MS, Scene, _have_agent

@@ -26,9 +26,9 @@ from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture, TrackedResult
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
+from testbed.driver import Target
 from tests.conftest import require
 from tests.helpers.chains import _failing_readv, assert_same, run_chain, write_link
-from tests.helpers.driver import Target
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]

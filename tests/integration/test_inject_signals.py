@@ -28,8 +28,8 @@ from nodeagent.freeze import frozen
 from nodeagent.inject import Injector
 from nodeagent.procfs import ProcessIdentity, read_maps
 from nodeagent.trackers.uffdwp import HIGH_FD_CEILING, UffdWpTracker
+from testbed.cluster import Cluster
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
 from tests.helpers.restore_c import C_DIR, build_c
 
 pytestmark = pytest.mark.integration

@@ -35,8 +35,8 @@ from cpcoord.errors import (
 )
 from cpcoord.local_wire import encode, read_frame
 from nodeagent.localapi_server import LocalApiServer
+from testbed.driver import REPO, Target
 from tests.conftest import require
-from tests.helpers.driver import REPO, Target
 from tests.helpers.memory_backend import MemoryBackend
 from tests.helpers.restore_c import C_EXAMPLE, build_c, digest
 

@@ -13,8 +13,8 @@ import pytest
 
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.pagemap import PagemapReader, taken_in
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.driver import Target
 from tests.integration.test_capture import _uffd_wp_markers
 
 pytestmark = pytest.mark.integration

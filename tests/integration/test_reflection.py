@@ -16,9 +16,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from testbed.cluster import Cluster
+from testbed.daemons import REPO
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster
-from tests.helpers.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import agent_pb2, common_pb2
-from tests.helpers.cluster import InProcessCoordinator, wait_for
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
 from tests.helpers.fake_agent import PAGE, FakeAgent
 from tests.integration.test_coordinator_api import cli, cli_json, rand, setup_job
 

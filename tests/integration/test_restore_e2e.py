@@ -16,9 +16,9 @@ import pytest
 
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
 from tests.integration.test_e2e_cluster import _have_agent, attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

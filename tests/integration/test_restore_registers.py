@@ -36,7 +36,7 @@ from nodeagent.registers import (
     save_thread_state,
 )
 from nodeagent.restore import MemberLayout, RegionContents, RegionLayout, restore_members
-from tests.helpers.driver import Target
+from testbed.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, SpinTarget, build_c, digest, read_mem
 
 pytestmark = pytest.mark.integration

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from nodeagent.restore_undo import STEP
+from testbed.cluster import Cluster
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
 from tests.helpers.restore_c import REMAP_TARGET, RemapTarget, build_c
 from tests.integration.test_e2e_cluster import _have_agent
 

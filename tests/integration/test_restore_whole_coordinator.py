@@ -39,9 +39,9 @@ from cpcoord.grpcutil import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, SpinTarget, _Proc, build_c
 from tests.integration.test_e2e_cluster import _have_agent
 

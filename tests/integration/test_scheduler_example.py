@@ -17,9 +17,10 @@ import pytest
 
 from cpcoord.api import Client
 from cpcoord.errors import UnknownJob
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import PAGE, Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import PAGE, Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLE = REPO / "examples" / "scheduler" / "checkpoint_loop.py"
@@ -37,7 +38,7 @@ def _loop(cl: Cluster, job: str, every: float) -> subprocess.Popen[str]:
     argv = [sys.executable, str(EXAMPLE), "--coordinator", cl.address, "--insecure"]
     argv += ["--job", job, "--every", str(every)]
     return subprocess.Popen(
-        argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

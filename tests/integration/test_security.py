@@ -23,7 +23,8 @@ from cpcoord.gen.v1 import agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import make_channel
 from cpcoord.image import load_image, region_bytes
 from cpcoord.tls import TlsFiles, init_dev_pki
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -53,7 +54,7 @@ def other_pki(tmp_path: Path) -> Path:
 def cpcoord(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "cpcoord", *args]
     return subprocess.run(
-        argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -70,7 +71,7 @@ def coordinator(tmp: Path, *extra: str) -> Iterator[str]:
         "--port-file",
         str(port_file),
     ]
-    d = Daemon("coordinator", [*argv, *extra], tmp / "coordinator.log", _env())
+    d = Daemon("coordinator", [*argv, *extra], tmp / "coordinator.log", daemon_env())
     d.start()
     try:
         wait_for(lambda: port_file.exists() or not d.alive(), 30, "coordinator port file")
@@ -313,7 +314,7 @@ def test_agent_refuses_a_coordinator_it_does_not_trust(
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "agent"]
     argv += ["--coordinator", c.address, "--node", "node-a"]
     argv += tls_args(files(other_pki, "agent-node-a"))
-    d = Daemon("agent-untrusting", argv, c.root / "agent-untrusting.log", _env())
+    d = Daemon("agent-untrusting", argv, c.root / "agent-untrusting.log", daemon_env())
     d.start()
     c.agents["node-a"] = d  # torn down with the cluster
     try:
@@ -368,7 +369,7 @@ def test_agent_certificate_binds_its_node_name(tls_cluster: TlsCluster, pki: Pat
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "agent"]
     argv += ["--coordinator", c.address, "--node", "node-b"]
     argv += tls_args(files(pki, "agent-node-a"))
-    d = Daemon("agent-impostor", argv, c.root / "agent-impostor.log", _env())
+    d = Daemon("agent-impostor", argv, c.root / "agent-impostor.log", daemon_env())
     d.start()
     c.agents["node-b"] = d
     try:

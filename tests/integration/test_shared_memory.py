@@ -34,9 +34,9 @@ from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
 from tests.helpers.restore_c import SHARED_TARGET, SharedTarget, build_c, cpt_mix
 from tests.integration.test_e2e_cluster import _have_agent
 

@@ -29,8 +29,9 @@ import pytest
 
 from cpcoord.api import Client
 from cpcoord.errors import UnknownJob
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from tests.helpers import slurm_rank
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
 from tests.helpers.slurm import NODE, Slurm, slurm
 
 pytestmark = pytest.mark.integration
@@ -104,7 +105,7 @@ def stack(slurm: Slurm, tmp_path: Path) -> Iterator[Stack]:
             "--socket",
             str(sock),
         ]
-        d = Daemon(f"agent-{NODE}", argv, c.root / f"agent-{NODE}.log", _env())
+        d = Daemon(f"agent-{NODE}", argv, c.root / f"agent-{NODE}.log", daemon_env())
         c.agents[NODE] = d
         d.start()
         c.wait_agents([NODE], timeout=60)

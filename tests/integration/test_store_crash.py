@@ -22,7 +22,7 @@ import pytest
 
 from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
-from tests.helpers.stores import StoreArgs, open_store
+from testbed.stores import StoreArgs, open_store
 from tests.unit.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
 from coordinator.store.ids import chunk_ids_of
 from cpcoord.errors import GenerationStateError, StoreLocked
-from tests.helpers.seaweed import Seaweed
+from testbed.seaweed import Seaweed
 from tests.unit import test_store_crash as crash
 from tests.unit import test_store_repository as unit
 from tests.unit.store_support import assert_restores, checkpoint, rand, upload

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.driver import Target
 from tests.helpers.netns import NetnsCluster, netns_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.multinode, pytest.mark.integration, pytest.mark.slow]
