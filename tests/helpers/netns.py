@@ -47,6 +47,7 @@ from testbed.cluster import Cluster
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from testbed.driver import Target
 from tests.conftest import require
+from tests.helpers.e2e import attach
 
 SUBNET = "10.213.0"
 COORD_IP = f"{SUBNET}.1"
@@ -253,9 +254,7 @@ class NetnsCluster(Cluster):
         return t
 
     def attach(self, job: str, member: str, t: Target, node: str, mapping: str = "data") -> None:
-        m = t.mapping(mapping)
-        self.cli("attach", "--job", job, "--member", member, "--pid", str(t.pid),
-                 "--node", node, "--range", f"{m.addr:#x}-{m.end:#x}")  # fmt: skip
+        attach(self, job, member, t, node, mapping)
 
     # -- CLI and queries, from inside the coordinator's namespace ------------------------
 

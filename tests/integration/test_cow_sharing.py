@@ -33,7 +33,6 @@ from testbed.cluster import Cluster
 from testbed.driver import Target
 from tests.conftest import require
 from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c, dirty_mib
-from tests.integration.test_e2e_cluster import _have_agent
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +107,6 @@ def test_checkpoints_keep_the_fork_shared(
     tmp_path: Path,
     tracker: str,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     _available(tracker)
     c = cluster_factory(nodes=("node-a",))
     t = spawn(64)

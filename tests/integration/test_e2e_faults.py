@@ -31,18 +31,9 @@ from cpcoord.image import load_image, region_bytes
 from testbed.cluster import Cluster
 from testbed.daemons import REPO, daemon_env, wait_for
 from testbed.driver import Target, task_states
-from tests.conftest import require
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LEASE_MS = 3000
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Scene:
@@ -180,7 +171,6 @@ class Scene:
 def scene(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> Scene:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     return Scene(c, target_factory(maps=["data:64"]), target_factory(maps=["data:64"]), tmp_path)
 

@@ -12,7 +12,7 @@ import pytest
 from cpcoord.image import load_image, region_bytes
 from testbed.cluster import Cluster
 from testbed.driver import Target
-from tests.integration.test_e2e_dedup import attach
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

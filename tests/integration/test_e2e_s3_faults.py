@@ -36,19 +36,10 @@ from testbed.cluster import Cluster
 from testbed.daemons import REPO, daemon_env, wait_for
 from testbed.driver import Target, task_states
 from testbed.seaweed import BUCKET, Seaweed
-from tests.conftest import require
-from tests.integration.test_e2e_dedup import attach
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIG_PAGES = 65536  # 256 MiB of random pages: 16 packs of 16 MiB, seconds of upload
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _export(c: Cluster, gen: int, member: str, out: Path) -> np.ndarray:
@@ -95,7 +86,6 @@ def test_seaweed_killed_mid_upload_aborts_and_the_next_generation_commits(
     target_factory: Callable[..., Target],
     tmp_path: Path,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     sw = seaweed_private
     url = sw.url()
     prefix = url.removeprefix(f"s3://{BUCKET}/")

@@ -32,6 +32,7 @@ from nodeagent.procfs import ProcessIdentity
 from testbed.cluster import Cluster
 from testbed.daemons import REPO, daemon_env, wait_for
 from tests.conftest import require
+from tests.helpers.e2e import attach_args
 from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, stopped
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,19 +62,7 @@ def make(exe: Path) -> Iterator[Callable[..., FreezeTarget]]:
 
 
 def attach(c: Cluster, t: FreezeTarget, member: str = "m", job: str = "job") -> None:
-    c.cli(
-        "attach",
-        "--job",
-        job,
-        "--member",
-        member,
-        "--pid",
-        str(t.pid),
-        "--node",
-        "node-a",
-        "--range",
-        f"{t.addr:#x}-{t.end:#x}",
-    )
+    c.cli(*attach_args(job, member, t.pid, "node-a", [(t.addr, t.end)]))
 
 
 def checkpoint(c: Cluster, job: str = "job") -> dict:

@@ -41,9 +41,8 @@ from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
 from testbed.cluster import Cluster
 from testbed.driver import Target
-from tests.conftest import require
+from tests.helpers.e2e import attach_args
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, SpinTarget, _Proc, build_c
-from tests.integration.test_e2e_cluster import _have_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -120,11 +119,6 @@ def spawn(exes: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., Any]]
         with contextlib.suppress(Exception):
             os.kill(t.pid, signal.SIGCONT)
         t.close()
-
-
-def _attach(c: Cluster, job: str, member: str, pid: int, node: str, rng: str = "") -> None:
-    args = ["attach", "--job", job, "--member", member, "--pid", str(pid), "--node", node]
-    c.cli(*args, *(["--range", rng] if rng else []))
 
 
 def _get_generation(c: Cluster, job: str, n: int) -> coordinator_pb2.GetGenerationResponse:
@@ -222,15 +216,14 @@ def _store_has(c: Cluster, needle: bytes, under: str = "") -> list[str]:
 def test_two_agents_whole_memory_and_explicit_restored_with_registers(
     cluster_factory: Callable[..., Cluster], spawn: Callable[..., Any], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     secret = 0x5EC12E7C0FFEE123
     w1: WholeTarget = spawn("whole", secret)
     w2: WholeTarget = spawn("whole", secret + 1)
     x: CmdTarget = spawn("cmd")
-    _attach(c, "j", "w1", w1.pid, "node-a")
-    _attach(c, "j", "w2", w2.pid, "node-b")
-    _attach(c, "j", "x", x.pid, "node-b", f"{x.addr:#x}-{x.end:#x}")
+    c.cli(*attach_args("j", "w1", w1.pid, "node-a"))
+    c.cli(*attach_args("j", "w2", w2.pid, "node-b"))
+    c.cli(*attach_args("j", "x", x.pid, "node-b", [(x.addr, x.end)]))
     assert x.step(5)["status"] == "ok"
 
     # Generation 1 while the whole-memory members run; registers saved for them only.
@@ -337,12 +330,11 @@ def test_thread_count_changed_refuses_with_nothing_written(
     spawn: Callable[..., Any],
     target_factory: Callable[..., Target],
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     w: WholeTarget = spawn("whole")
     p = target_factory(maps=["data:32"])
-    _attach(c, "j", "w", w.pid, "node-a")
-    _attach(c, "j", "p", p.pid, "node-b")
+    c.cli(*attach_args("j", "w", w.pid, "node-a"))
+    c.cli(*attach_args("j", "p", p.pid, "node-b"))
     g1 = _checkpoint(c, "j")
     p.cmd("write", name="data", page=0, count=32, counter=7)
     p.cmd("threads", count=1)  # one thread more than at the cut
@@ -368,12 +360,11 @@ def test_thread_count_changed_refuses_with_nothing_written(
 def test_registers_encrypted_at_rest_and_restored(
     cluster_factory: Callable[..., Cluster], spawn: Callable[..., Any]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     key = hashlib.sha256(b"test key").hexdigest()
     c = cluster_factory(nodes=("node-a",), extra_env={"CPCOORD_STORE_KEY": key})
     secret = 0x7A11E5C0DE5EC12E
     w: WholeTarget = spawn("whole", secret)
-    _attach(c, "j", "w", w.pid, "node-a")
+    c.cli(*attach_args("j", "w", w.pid, "node-a"))
     w.stop()
     g1 = _checkpoint(c, "j")
     at_cut = w.counters()
