@@ -253,7 +253,7 @@ def write_link(out: Path, parent: Path | None, res: TrackedResult, gen: int, mem
     w.commit()
 
 
-def _failing_readv(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
+def failing_readv(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
     """A copy that fails after the tracker has re-armed (an abort by error)."""
     ctypes.set_errno(errno.EIO)
     raise ReadFailed(pid, "test", "injected failure after collect")
@@ -294,7 +294,7 @@ def run_chain(
             if fate == "fail":
                 with frozen(ident) as fp:
                     try:
-                        tc.capture(fp=fp, readv=_failing_readv)
+                        tc.capture(fp=fp, readv=failing_readv)
                     except ReadFailed:
                         history.append("capture failed")
                     else:  # nothing to copy, so nothing failed: drop it instead

@@ -55,7 +55,7 @@ PREFIX = "cpmn"
 NFT_TABLE = "cpmn_fault"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the test process dies (survives the exec
     of `ip netns exec`, which is not set-uid)."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -102,7 +102,7 @@ class NsTarget(Target):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.pid = self.proc.pid
         self._buf = b""
@@ -219,7 +219,7 @@ class NetnsCluster(Cluster):
         out.write(f"--- start {' '.join(argv)}\n".encode())
         out.flush()
         d.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                                  start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         out.close()
         return d
 
@@ -276,7 +276,7 @@ class NetnsCluster(Cluster):
                 "--coordinator", self.address]  # fmt: skip
         return subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent)  # fmt: skip
 
     def agents_json(self) -> dict[str, bool]:
         code = (

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from tests.helpers.etcd import EtcdServer, free_port
-from tests.helpers.netns import _die_with_parent, sh
+from tests.helpers.netns import die_with_parent, sh
 
 SUBNET = "10.214.0"
 HUB_IP = f"{SUBNET}.1"
@@ -132,7 +132,7 @@ class NetnsReplicas:
         d = Daemon(name, argv, log, env)
         out = open(log, "ab")  # noqa: SIM115 - owned by the child
         d.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                                  start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         out.close()
         return d
 
@@ -173,7 +173,7 @@ class NetnsReplicas:
                 "--coordinator", self.address]  # fmt: skip
         return subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent)  # fmt: skip
 
     def log_lines(self, i: int, msg: str) -> list[str]:
         """Lines of replica i's log with `msg=MSG` (structured logs)."""

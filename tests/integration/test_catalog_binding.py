@@ -32,7 +32,7 @@ from testbed.daemons import wait_for
 from testbed.driver import Target
 from testbed.seaweed import BUCKET, Seaweed
 from tests.helpers.e2e import attach, export, exported
-from tests.unit.store_support import checkpoint, rand
+from tests.helpers.store_support import checkpoint, rand
 
 pytestmark = pytest.mark.integration
 CONFIG = StoreConfig(pack_size=1 << 18)

@@ -27,7 +27,7 @@ from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.grpcutil import channel_options, rpc_to_error
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from tests.helpers.etcd import EtcdServer, free_port
-from tests.unit.store_support import assert_restores, checkpoint, rand
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = [pytest.mark.integration]
 PREFIX = "/ha-etcd-test"

@@ -25,8 +25,8 @@ from coordinator.store import Kind
 from coordinator.store.catalog import State
 from testbed.driver import Target
 from tests.helpers.etcd import EtcdServer
+from tests.helpers.fault_scene import LEASE_MS, Scene
 from tests.helpers.replicas import ReplicaCluster
-from tests.integration.test_e2e_faults import LEASE_MS, Scene
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FAILOVER_S = 5.0

@@ -21,31 +21,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.restore_c import C_EXAMPLE, build_c, digest
-from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
-from tests.integration.test_localapi import (
+from tests.helpers.localapi import (
     EXAMPLE_PY,
     PROBE,
     fields,
     first_line,
-    other_user,
     python_for,
+    uninterrupted_numpy,
 )
+from tests.helpers.restore_c import C_EXAMPLE, build_c, digest
+from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
 
 pytestmark = pytest.mark.integration
-__all__ = ["other_user", "socket_cluster"]  # fixtures used by name
-
-
-def _uninterrupted_numpy(total: int) -> dict[str, str]:
-    sys.path.insert(0, str(EXAMPLE_PY.parent))
-    try:
-        import checkpoint_numpy as ex
-    finally:
-        sys.path.remove(str(EXAMPLE_PY.parent))
-    state = np.zeros(ex.N + 1, dtype=np.uint64)
-    for s in range(1, total + 1):
-        ex.advance(state, s)
-    return {"step": str(total), "digest": str(ex.digest(state))}
+__all__ = ["socket_cluster"]  # a fixture, used by name
 
 
 def _uninterrupted_c(total: int) -> dict[str, str]:
@@ -95,7 +83,7 @@ def test_python_numpy_process_restarts_through_the_agent(socket_cluster: SocketC
     )
     assert cp == {"generation": "1", "step": "50"}
     assert restored == {"generation": "1", "step": "50"}
-    assert result == _uninterrupted_numpy(80)
+    assert result == uninterrupted_numpy(80)
     assert sc.generations("pyjob") == [1]
     # The restarted process took the member over (a new pid, on this node).
     m = sc.members("pyjob")["py-0"]

@@ -22,7 +22,7 @@ from cpcoord.gen.v1 import agent_pb2, common_pb2
 from testbed.cluster import InProcessCoordinator
 from testbed.daemons import wait_for
 from tests.helpers.fake_agent import PAGE, FakeAgent
-from tests.integration.test_coordinator_api import cli, cli_json, rand, setup_job
+from tests.helpers.inproc_cli import cli, cli_json, rand, setup_job
 
 pytestmark = pytest.mark.integration
 

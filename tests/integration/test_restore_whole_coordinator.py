@@ -42,7 +42,7 @@ from nodeagent.procfs import ProcessIdentity
 from testbed.cluster import Cluster
 from testbed.driver import Target
 from tests.helpers.e2e import attach_args
-from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, SpinTarget, _Proc, build_c
+from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, CProcess, SpinTarget, build_c
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ class WholeTarget(SpinTarget):
     """whole_target: SpinTarget's counters, a secret in r15, and an end on request."""
 
     def __init__(self, exe: Path, stopfile: Path, secret: int) -> None:
-        _Proc.__init__(self, [str(exe), str(stopfile), f"{secret:x}"])
+        CProcess.__init__(self, [str(exe), str(stopfile), f"{secret:x}"])
         self.state = int(self.first[1], 16)
         self.stopfile = stopfile
 
@@ -104,11 +104,11 @@ def exes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def spawn(exes: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    made: list[_Proc] = []
+    made: list[CProcess] = []
 
     def make(kind: str, secret: int = 0x1234) -> Any:
         if kind == "whole":
-            t: _Proc = WholeTarget(exes["whole"], tmp_path / f"stop-{len(made)}", secret)
+            t: CProcess = WholeTarget(exes["whole"], tmp_path / f"stop-{len(made)}", secret)
         else:
             t = CmdTarget(exes["cmd"], pages=32)
         made.append(t)

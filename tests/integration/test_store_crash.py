@@ -23,7 +23,7 @@ import pytest
 from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
 from testbed.stores import StoreArgs, open_store
-from tests.unit.store_support import assert_restores, checkpoint, rand
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ def child(code: str, root: Path, where: StoreArgs) -> subprocess.Popen[bytes]:
     prelude = f"""
         import json, os, sys
         from pathlib import Path
-        from tests.unit.store_support import checkpoint, upload, rand
+        from tests.helpers.store_support import checkpoint, upload, rand
         from tests.integration.test_store_crash import image, open_repo
         repo = open_repo(Path({str(root)!r}), json.loads(os.environ["CPCOORD_TEST_CRASH_STORE"]))
     """
@@ -109,7 +109,7 @@ def test_sigkill_at_random_moments_of_a_busy_store(
             """
             while True:
                 n = repo.begin("j")
-                from tests.unit.store_support import upload as up
+                from tests.helpers.store_support import upload as up
                 m = up(repo, "j", image(n), generation=n)
                 repo.commit(m)
                 if n % 3 == 0:

@@ -18,7 +18,7 @@ from coordinator.store.location import open_backend, open_repository
 from coordinator.store.s3 import S3Backend, S3Options
 from cpcoord.errors import InvalidArgument, ObjectNotFound, StoreError
 from testbed.seaweed import BUCKET, Seaweed, free_ports
-from tests.unit.store_support import assert_restores, checkpoint, rand
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration
 PACK = "ab" + "0" * 62

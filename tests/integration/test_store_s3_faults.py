@@ -20,7 +20,7 @@ from coordinator.store.backend import Kind
 from coordinator.store.ids import digest
 from cpcoord.errors import StoreError
 from testbed.seaweed import Seaweed
-from tests.unit.store_support import Image, assert_restores, checkpoint, rand, upload
+from tests.helpers.store_support import Image, assert_restores, checkpoint, rand, upload
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20

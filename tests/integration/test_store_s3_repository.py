@@ -16,9 +16,9 @@ from coordinator.store.catalog import State
 from coordinator.store.ids import chunk_ids_of
 from cpcoord.errors import GenerationStateError, StoreLocked
 from testbed.seaweed import Seaweed
+from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
 from tests.unit import test_store_crash as crash
 from tests.unit import test_store_repository as unit
-from tests.unit.store_support import assert_restores, checkpoint, rand, upload
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
 from cpcoord.errors import GenerationStateError
-from tests.unit.store_support import assert_restores, checkpoint, rand, upload
+from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
 
 COMMIT_STEPS = ["packs", "index", "manifest", "catalog"]
 GC_STEPS = ["gc:retention", "gc:marked", "gc:repacked", "gc:index"]

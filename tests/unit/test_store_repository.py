@@ -24,7 +24,7 @@ from cpcoord.errors import (
     NoSuchGeneration,
     StoreLocked,
 )
-from tests.unit.store_support import PS, assert_restores, checkpoint, rand, upload
+from tests.helpers.store_support import PS, assert_restores, checkpoint, rand, upload
 
 
 @pytest.fixture
