@@ -2,7 +2,7 @@
 never show a partial object, stale uploads discarded, paginated listing, the bucket made
 when missing, bounded retries with clear errors, and endpoint and credentials taken from
 the standard AWS variables and config files. (The shared contract suite is
-tests/unit/test_store_backend.py, which runs on S3 too.)"""
+tests/integration/test_store_backend.py, which runs on S3 too.)"""
 
 from __future__ import annotations
 
