@@ -44,7 +44,17 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Stats, _vm_copy, gbps, memcpy, raw_mem, raw_readv, write_results
+from bench.common import (
+    Stats,
+    _vm_copy,
+    gbps,
+    memcpy,
+    rate_row,
+    raw_mem,
+    raw_readv,
+    timed_write,
+    write_results,
+)
 from cpcoord import cli
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
@@ -78,25 +88,6 @@ def _interpreter(env: dict[str, str], reps: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         out[what] = Stats.of(times).as_dict()
     return out
-
-
-def _raw_write(directory: Path, view: memoryview, fsync: bool) -> float:
-    """pwrite `view` into a new file in `directory` (then fsync): the filesystem's part
-    of the raw limit. Seconds."""
-    path = directory / f".cpcoord-bench-{os.getpid()}"
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done : done + (1 << 30)], done)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    dt = time.perf_counter() - t0
-    path.unlink()
-    return dt
 
 
 def _cli_subprocess(
@@ -181,17 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["raw_readv"] = raw.as_dict()
 
         def row(what: str, st: Stats, nbytes: int = size, **more: Any) -> dict[str, Any]:
-            r = {
-                "what": what,
-                "MiB": nbytes >> 20,
-                "median s": st.median,
-                "min s": st.min,
-                "max s": st.max,
-                "GB/s": gbps(nbytes, st.median),
-                "% of raw": 100 * gbps(nbytes, st.median) / raw_gbps,
-            }
-            r.update(more)
-            return r
+            return rate_row(what, st, nbytes, raw_gbps, **more)
 
         rows.append(row("raw process_vm_readv (baseline)", raw))
         mem = raw_mem(target.pid, runs, args.reps)
@@ -262,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.reps):
                     # Interleaved, so that load on the machine hits limit and command alike.
                     readv_s.append(_vm_copy("process_vm_readv", target.pid, runs, rbuf.address))
-                    writes.append(_raw_write(work, view, fsync=label != "tmpfs"))
+                    writes.append(timed_write(work, view, fsync=label != "tmpfs"))
                     out = work / f"in{i}"
                     inproc.append(_cli_inprocess(target.pid, rng_text, out))
                     shutil.rmtree(out)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.agent_sim import PAGE, page_bytes
-from bench.common import Stats, write_results
+from bench.common import Stats, load_note, publish
 from bench.scale_fleet import Fleet, kill, spawn, tail
 from bench.scale_real import raw_limits, unary_rtt
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
@@ -340,9 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{top['threads']['busy']} after checkpoints (the thread-pool threads of uploads and "
         "attaches start on demand, up to --rpc-threads; control streams hold none).",
         f"Raw gRPC unary round trip on loopback, same run: {rtt * 1e3:.3f} ms (median of 200).",
-        f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}"
-        f"; at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}; the machine has "
-        f"{os.cpu_count()} CPUs shared by the coordinator, the simulator and this client.",
+        load_note(load_start, "the coordinator, the simulator and this client"),
     ]
     extra = {
         "pages": a.pages,
@@ -355,18 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         "median_commit_s": {str(p["agents"]): statistics.median(
             s["commit_s"] for s in p["samples"]) for p in points},
     }  # fmt: skip
-    cols = list(rows[0])
-    for path in write_results(
+    return publish(
         a.name,
         "Control plane: commit overhead, threads and memory vs agents",
-        cols,
         rows,
         notes=notes,
         extra=extra,
         plot=plot(points, raw),
-    ):
-        print(path)
-    return 0
+    )
 
 
 if __name__ == "__main__":

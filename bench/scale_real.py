@@ -48,7 +48,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import Stats, repeat, write_results
+from bench.common import Stats, load_note, publish, repeat
 from bench.end_to_end import RAW_METHOD, raw_grpc
 from bench.scale_fleet import REPO, Fleet, log_fields, scrape
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
@@ -333,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "freeze, copy and thaw, and upload: hash, MissingChunks, UploadPages).",
         f"Raw gRPC on loopback, same run: unary round trip {rtt * 1e3:.3f} ms (median of "
         f"200), a {mib:g} MiB stream {raw['stream']['median'] * 1e3:.1f} ms.",
-        f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}"
-        f"; at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}; the machine has "
-        f"{os.cpu_count()} CPUs shared by the coordinator, every agent and every target.",
+        load_note(load_start, "the coordinator, every agent and every target"),
         f"Resident memory at {last['agents']} agents: agents "
         f"{last['rss']['agents'] / MIB:.0f} MiB in all, coordinator "
         f"{last['rss']['coordinator'] / MIB:.0f} MiB.",
@@ -349,18 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_start": load_start,
         "load_avg_end": os.getloadavg(),
     }
-    cols = list(rows[0])
-    for path in write_results(
+    return publish(
         a.name,
         "Coordinator overhead vs real agent processes",
-        cols,
         rows,
         notes=notes,
         extra=extra,
         plot=plot(points, raw),
-    ):
-        print(path)
-    return 0
+    )
 
 
 if __name__ == "__main__":
