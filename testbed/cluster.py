@@ -19,7 +19,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +75,7 @@ class Cluster:
     log_level: str = "info"
     coordinator: Daemon | None = None
     agents: dict[str, Daemon] = field(default_factory=dict)
+    agent_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per node, kept
     port: int = 0
     store_url: str | None = None  # e.g. s3://bucket/prefix; default: a directory under root
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the AWS variables
@@ -157,16 +157,21 @@ class Cluster:
         else:
             self.coordinator.argv, self.coordinator.env = argv, env
         self.coordinator.start()
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            if not self.coordinator.alive() or time.monotonic() > deadline:
-                raise AssertionError("coordinator did not start:\n" + self.coordinator.tail())
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        self.port = self.coordinator.wait_port(port_file)
 
     # -- agents --------------------------------------------------------------------------
 
-    def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
+    def start_agent(
+        self,
+        node: str,
+        pause: Sequence[str] = (),
+        fail: Sequence[str] = (),
+        args: Sequence[str] | None = None,
+    ) -> Daemon:
+        """Start (or restart) the agent of `node`; `args` (e.g. `--socket PATH`) are kept
+        for its restarts."""
+        if args is not None:
+            self.agent_args[node] = tuple(args)
         argv = [
             sys.executable,
             "-m",
@@ -179,6 +184,7 @@ class Cluster:
             "--node",
             node,
             "--insecure",
+            *self.agent_args.get(node, ()),
         ]
         env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults)})
         if pause:

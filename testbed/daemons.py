@@ -86,6 +86,16 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
+    def wait_port(self, port_file: Path, timeout: float = 30) -> int:
+        """The port the daemon wrote to `port_file` once it listens (`--port-file`); fails
+        with its log's tail if it dies or takes longer than `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if not self.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not start:\n{self.tail()}")
+            time.sleep(0.05)
+        return int(port_file.read_text())
+
     def tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

@@ -36,6 +36,7 @@ from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture, TrackedResult
 from nodeagent.procfs import ProcessIdentity
 from testbed.driver import Target
+from tests.helpers.sparse import data_extents
 
 WRITERS = "w"
 START_MAPS = ("w:48", "a:64", "s:24:shared", "m:16:memfd", "f:16:file", "y:8:sysv")
@@ -200,31 +201,10 @@ def assert_image_equals(path: Path, ref: Capture, member: str) -> None:
         assert np.array_equal(stored_offsets(r.pages), w.all_pages), w.name
         rows = region_bytes(img, member, w.name)
         assert np.array_equal(rows[w.all_pages.astype(np.int64)], w.data), w.name
-        for a, b in _data_extents(path / f"{member}/{w.name}.raw"):
+        for a, b in data_extents(path / f"{member}/{w.name}.raw"):
             pages = np.arange(a // PAGE_SIZE, -(-b // PAGE_SIZE), dtype=np.uint64)
             outside = pages[~np.isin(pages, w.all_pages)]
             assert not rows[outside.astype(np.int64)].any(), f"{w.name}: data outside its pages"
-
-
-def _data_extents(path: Path) -> list[tuple[int, int]]:
-    """[start, end) byte ranges of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                a = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            b = os.lseek(fd, a, os.SEEK_HOLE)
-            out.append((a, b))
-            pos = b
-    finally:
-        os.close(fd)
-    return out
 
 
 def write_link(out: Path, parent: Path | None, res: TrackedResult, gen: int, member: str) -> None:

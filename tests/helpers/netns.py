@@ -233,12 +233,7 @@ class NetnsCluster(Cluster):
                 "--insecure-bind-any"]  # fmt: skip
         log, env = self.root / "coordinator.log", daemon_env()
         self.coordinator = self._daemon("coordinator", self.coord_ns, argv, log, env, pause)
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            if not self.coordinator.alive() or time.monotonic() > deadline:
-                raise AssertionError("coordinator did not start:\n" + self.coordinator.tail())
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        self.port = self.coordinator.wait_port(port_file)
 
     def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",

@@ -87,10 +87,7 @@ class ReplicaCluster(Cluster):
         else:
             self.replica_daemons.append(d)
         d.start()
-        wait_for(lambda: port_file.exists() or not d.alive(), 30, f"replica {i} listening")
-        if not d.alive():
-            raise AssertionError(f"replica {i} did not start:\n{d.tail()}")
-        self.ports[i] = int(port_file.read_text())
+        self.ports[i] = d.wait_port(port_file)
 
     def leader_address(self) -> str:
         kv = EtcdClient(self.etcd_url, timeout_s=2).get(f"{PREFIX}/leader".encode())

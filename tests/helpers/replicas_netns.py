@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from testbed.daemons import REPO, Daemon, daemon_env, wait_for
+from testbed.daemons import REPO, Daemon, daemon_env
 from tests.helpers.etcd import EtcdServer, free_port
 from tests.helpers.netns import die_with_parent, sh
 
@@ -148,9 +148,7 @@ class NetnsReplicas:
             env["CPCOORD_FAULT_HOLD"] = ",".join(hold)
         d = self._spawn(f"replica{i}", self.ns(i), argv, env)
         self.daemons.append(d)
-        wait_for(lambda: port_file.exists() or not d.alive(), 30, f"replica {i} listening")
-        assert d.alive(), d.tail()
-        self.ports.append(int(port_file.read_text()))
+        self.ports.append(d.wait_port(port_file))
 
     def start_agent(self, node: str) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure", "--no-socket"]

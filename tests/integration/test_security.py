@@ -74,9 +74,7 @@ def coordinator(tmp: Path, *extra: str) -> Iterator[str]:
     d = Daemon("coordinator", [*argv, *extra], tmp / "coordinator.log", daemon_env())
     d.start()
     try:
-        wait_for(lambda: port_file.exists() or not d.alive(), 30, "coordinator port file")
-        assert d.alive(), d.tail()
-        yield f"127.0.0.1:{int(port_file.read_text())}"
+        yield f"127.0.0.1:{d.wait_port(port_file)}"
     finally:
         d.stop()
 
