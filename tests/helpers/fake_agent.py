@@ -23,9 +23,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -42,6 +43,8 @@ from testbed.agent_pages import (
     region,
     upload_failed,
 )
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
 
 
 @dataclass
@@ -263,3 +266,23 @@ class FakeAgent:
                     self.release_upload.wait(60)
 
         return self.stub.UploadPages(stream())
+
+
+A = TypeVar("A", bound=FakeAgent)
+
+
+@contextmanager
+def connected_agents(
+    coordinator: InProcessCoordinator, cls: type[A], nodes: Sequence[str] = ("node-a", "node-b")
+) -> Iterator[dict[str, A]]:
+    """Scripted agents of class `cls` for `nodes`, welcomed and ready; closed on exit."""
+    made = {n: cls(coordinator.address, n) for n in nodes}
+    try:
+        for a in made.values():
+            a.wait_welcome()
+        engine = coordinator.engine
+        wait_for(lambda: all(s.ready for s in engine.agents.connected()), what="ready")
+        yield made
+    finally:
+        for a in made.values():
+            a.close()

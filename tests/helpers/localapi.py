@@ -97,6 +97,17 @@ attempt("restore_self", lambda: c.restore("state").regions)
 attempt("restored_bytes", lambda: bytes(buf[:5]).decode())
 print(json.dumps(out))
 """
+# What PROBE tries on processes and jobs not its own: each must be refused (NotPermitted).
+REFUSED_TO_OTHERS = (
+    "checkpoint_victim",
+    "restore_victim",
+    "checkpoint_same_user_pid",
+    "restore_same_user_pid",
+    "job_victim",
+    "job_same_user",
+    "steal_member",
+    "join_job",
+)
 
 
 def python_for(user: pwd.struct_passwd) -> str:

@@ -22,7 +22,7 @@ from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.image import load_image, region_bytes
 from testbed.cluster import InProcessCoordinator
 from testbed.daemons import wait_for
-from tests.helpers.fake_agent import PAGE, FakeAgent
+from tests.helpers.fake_agent import PAGE, FakeAgent, connected_agents
 from tests.helpers.inproc_cli import cli, cli_json, rand, setup_job
 
 pytestmark = pytest.mark.integration
@@ -30,13 +30,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def agents(inproc: InProcessCoordinator) -> Iterator[dict[str, FakeAgent]]:
-    made = {n: FakeAgent(inproc.address, n) for n in ("node-a", "node-b")}
-    for a in made.values():
-        a.wait_welcome()
-    wait_for(lambda: all(s.ready for s in inproc.engine.agents.connected()), what="ready")
-    yield made
-    for a in made.values():
-        a.close()
+    with connected_agents(inproc, FakeAgent) as made:
+        yield made
 
 
 def test_checkpoint_commit_export_and_listings(

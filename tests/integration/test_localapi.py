@@ -38,6 +38,7 @@ from testbed.driver import REPO, Target
 from tests.helpers.localapi import (
     EXAMPLE_PY,
     PROBE,
+    REFUSED_TO_OTHERS,
     fields,
     first_line,
     python_for,
@@ -194,16 +195,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["hello"][0] == "ok" and res["hello"][1] is True  # pid from the kernel
-    for key in (
-        "checkpoint_victim",
-        "restore_victim",
-        "checkpoint_same_user_pid",
-        "restore_same_user_pid",
-        "job_victim",
-        "job_same_user",
-        "steal_member",
-        "join_job",
-    ):
+    for key in REFUSED_TO_OTHERS:
         assert res[key][0] == "NotPermitted", (key, res[key])
     assert res["register"] == ["ok", 8192]
     assert res["checkpoint_self"][0] == "ok" and res["checkpoint_job"][0] == "ok"

@@ -24,6 +24,7 @@ import pytest
 from tests.helpers.localapi import (
     EXAMPLE_PY,
     PROBE,
+    REFUSED_TO_OTHERS,
     fields,
     first_line,
     python_for,
@@ -219,16 +220,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
         assert out.returncode == 0, out.stderr + sc.cluster.logs()
         res = json.loads(out.stdout)
         assert res["hello"] == ["ok", True]  # the caller's pid comes from the kernel
-        for key in (
-            "checkpoint_victim",
-            "restore_victim",
-            "checkpoint_same_user_pid",
-            "restore_same_user_pid",
-            "job_victim",
-            "job_same_user",
-            "steal_member",
-            "join_job",
-        ):
+        for key in REFUSED_TO_OTHERS:
             assert res[key][0] == "NotPermitted", (key, res[key])
             assert "not permitted" in res[key][1], (key, res[key])
         # Its own process and job work, through the coordinator.
