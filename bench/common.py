@@ -91,7 +91,7 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 
 
-def _vm_copy(name: str, pid: int, runs: npt.NDArray[np.uint64], local_addr: int) -> float:
+def vm_copy(name: str, pid: int, runs: npt.NDArray[np.uint64], local_addr: int) -> float:
     """One pass of process_vm_readv/writev over remote runs `(n, 2)` [address, length],
     packed back to back at `local_addr`. Returns seconds."""
     fn = _vm[name]
@@ -115,7 +115,7 @@ def raw_readv(pid: int, runs: npt.NDArray[np.uint64], reps: int, warmup: int = 1
     untimed passes)."""
     buf = Staging(int(np.asarray(runs)[:, 1].sum()))
     try:
-        return repeat(lambda: _vm_copy("process_vm_readv", pid, runs, buf.address), reps, warmup)
+        return repeat(lambda: vm_copy("process_vm_readv", pid, runs, buf.address), reps, warmup)
     finally:
         buf.close()
 
@@ -146,7 +146,7 @@ def raw_mem(pid: int, runs: npt.NDArray[np.uint64], reps: int) -> Stats:
 
 def raw_writev(pid: int, runs: npt.NDArray[np.uint64], src: Staging, reps: int) -> Stats:
     """process_vm_writev of `src` (packed) into the runs of the target."""
-    return repeat(lambda: _vm_copy("process_vm_writev", pid, runs, src.address), reps, 1)
+    return repeat(lambda: vm_copy("process_vm_writev", pid, runs, src.address), reps, 1)
 
 
 def memcpy(nbytes: int, reps: int) -> Stats:
