@@ -29,7 +29,6 @@ Writes bench/results/scale_real.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -41,7 +40,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import grpc
@@ -50,7 +48,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import Stats, load_note, publish, repeat
 from bench.end_to_end import RAW_METHOD, raw_grpc
-from bench.scale_fleet import REPO, Fleet, log_fields, scrape
+from bench.scale_fleet import REPO, Fleet, log_fields, run_extra, scale_parser, scale_plan, scrape
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.grpcutil import channel_options
 from cpcoord.pagedata import read_members
@@ -259,27 +257,14 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
     return draw
 
 
-def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # the finally blocks take every child down
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", default=None, help="agent counts, e.g. 1,4,16,64")
-    ap.add_argument("--reps", type=int, default=None, help="measured checkpoints per count")
+    ap = scale_parser(__doc__, "scale_real", MODES, "1,4,16,64")
     ap.add_argument("--size-mib", type=float, default=2.0, help="memory per member")
-    ap.add_argument("--quick", action="store_true", help=f"agents {MODES['quick'][0]}")
-    ap.add_argument("--tiny", action="store_true", help=f"agents {MODES['tiny'][0]}")
-    ap.add_argument("--store-dir", type=Path, default=None, help="parent dir of the store")
-    ap.add_argument("--name", default="scale_real", help="results file stem")
     a = ap.parse_args(argv)
-    mode = "tiny" if a.tiny else "quick" if a.quick else "full"
-    counts = sorted({int(x) for x in (a.agents or MODES[mode][0]).split(",")})
-    reps = a.reps or MODES[mode][1]
+    mode, counts, reps = scale_plan(a, MODES)
     size = int(a.size_mib * MIB) // 4096 * 4096
     if not counts or counts[0] < 1 or reps < 1 or size < 4096:
         raise SystemExit("--agents must be >= 1, --reps >= 1, --size-mib >= 1 page")
-    signal.signal(signal.SIGTERM, _on_term)
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-scale-", dir=a.store_dir))
     fleet = Fleet(tmp)
@@ -340,12 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     extra = {
         "size_bytes": size,
-        "reps": reps,
-        "mode": mode,
-        "raw": raw,
-        "points": points,
-        "load_avg_start": load_start,
-        "load_avg_end": os.getloadavg(),
+        **run_extra(reps, mode, raw, points, load_start),
     }
     return publish(
         a.name,
