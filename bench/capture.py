@@ -52,7 +52,7 @@ from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
-from testbed.driver import Target
+from testbed.driver import Target, dirty_mib
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40
 
@@ -289,7 +289,7 @@ def forked_rows(
     raw process_vm_readv, which unshares (copies) every page, and the ones after it."""
     child = int(target.cmd("fork")["child"])
     size = int(runs[:, 1].sum())
-    before = _dirty(target.pid)
+    before = dirty_mib(target.pid)
     frozen, copy = [], []
     for _ in range(reps):
         cap = capture(ident, [rng])
@@ -299,7 +299,7 @@ def forked_rows(
         cap.staging.close()
         del cap
         gc.collect()
-    after = _dirty(target.pid)
+    after = dirty_mib(target.pid)
     extra["forked"] = {
         "child": child,
         "dirty_before_mib": before,
@@ -315,7 +315,7 @@ def forked_rows(
     rows.append(row("forked: first raw process_vm_readv (unshares all)", first))
     again = raw_readv(target.pid, runs, reps)
     rows.append(row("forked: raw process_vm_readv after that", again))
-    extra["forked"]["dirty_after_readv_mib"] = _dirty(target.pid)
+    extra["forked"]["dirty_after_readv_mib"] = dirty_mib(target.pid)
     extra["forked"]["raw_mem"] = mem.as_dict()
     extra["forked"]["first_readv"] = first.as_dict()
     print(
@@ -327,16 +327,6 @@ def forked_rows(
         extra["forked"]["dirty_after_readv_mib"],
         flush=True,
     )
-
-
-def _dirty(pid: int) -> dict[str, float]:
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Shared_Dirty", "Private_Dirty"):
-                out[key] = int(rest.split()[0]) / 1024
-    return out
 
 
 if __name__ == "__main__":

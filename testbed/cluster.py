@@ -19,7 +19,7 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,18 @@ from cpcoord.gen.v1 import coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from testbed.stores import open_store, state_dir, store_objects
+
+
+def attach_args(
+    job: str, member: str, pid: int, node: str | None = None, ranges: Iterable[tuple[int, int]] = ()
+) -> list[str]:
+    """`cpcoord attach` arguments (without --coordinator)."""
+    args = ["attach", "--job", job, "--member", member, "--pid", str(pid)]
+    if node is not None:
+        args += ["--node", node]
+    for start, end in ranges:
+        args += ["--range", f"{start:#x}-{end:#x}"]
+    return args
 
 
 class InProcessCoordinator:

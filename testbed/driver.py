@@ -71,6 +71,17 @@ def task_states(pid: int) -> dict[int, str]:
     return out
 
 
+def dirty_mib(pid: int) -> dict[str, float]:
+    """Shared_Dirty and Private_Dirty of a process (smaps_rollup), in MiB."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Shared_Dirty", "Private_Dirty"):
+                out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
 class Target:
     """A running target process and a line-JSON channel to it."""
 

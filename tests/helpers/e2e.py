@@ -1,5 +1,5 @@
 """What end-to-end tests do to a cluster through the `cpcoord` CLI: attach a member
-(`attach` for a target's mappings, `attach_args` for any pid and ranges), export a
+(`attach`, for a target's mappings; testbed.cluster.attach_args for any pid and ranges), export a
 generation and read a member's region back from the export.
 
 `c` is anything with `cli(*args)` that runs the CLI against its coordinator:
@@ -9,30 +9,19 @@ testbed.cluster.Cluster, tests.helpers.netns.NetCluster.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from cpcoord.image import load_image, region_bytes, stored_offsets
+from testbed.cluster import attach_args
 from testbed.driver import Target
 
 
 class RunsCli(Protocol):
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]: ...
-
-
-def attach_args(
-    job: str, member: str, pid: int, node: str | None = None, ranges: Iterable[tuple[int, int]] = ()
-) -> list[str]:
-    """`cpcoord attach` arguments (without --coordinator)."""
-    args = ["attach", "--job", job, "--member", member, "--pid", str(pid)]
-    if node is not None:
-        args += ["--node", node]
-    for start, end in ranges:
-        args += ["--range", f"{start:#x}-{end:#x}"]
-    return args
 
 
 def attach(

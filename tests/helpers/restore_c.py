@@ -233,17 +233,6 @@ def cpt_mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(33))
 
 
-def dirty_mib(pid: int) -> dict[str, float]:
-    """Shared_Dirty and Private_Dirty of a process (smaps_rollup), in MiB."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Shared_Dirty", "Private_Dirty"):
-                out[key] = int(rest.split()[0]) / 1024
-    return out
-
-
 class RemapTarget(CProcess):
     """`remap_target PAGES START FILE_A FILE_B` (tests/helpers/c/remap_target.c): one
     region the test rewrites and remaps on command; `check()` is its own verdict."""

@@ -30,9 +30,9 @@ from nodeagent.incremental import TrackedCapture
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from testbed.cluster import Cluster
-from testbed.driver import Target
+from testbed.driver import Target, dirty_mib
 from tests.conftest import require
-from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c, dirty_mib
+from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c
 
 pytestmark = pytest.mark.integration
 

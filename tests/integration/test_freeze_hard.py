@@ -29,10 +29,9 @@ from cpcoord.errors import PermissionDenied
 from cpcoord.image import load_image, region_bytes
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
-from testbed.cluster import Cluster
+from testbed.cluster import Cluster, attach_args
 from testbed.daemons import REPO, daemon_env, wait_for
 from tests.conftest import require
-from tests.helpers.e2e import attach_args
 from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, stopped
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -39,9 +39,8 @@ from cpcoord.grpcutil import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
-from testbed.cluster import Cluster
+from testbed.cluster import Cluster, attach_args
 from testbed.driver import Target
-from tests.helpers.e2e import attach_args
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, CProcess, SpinTarget, build_c
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -25,6 +25,7 @@ from cpcoord.image import load_image, region_bytes
 from cpcoord.tls import TlsFiles, init_dev_pki
 from testbed.cluster import Cluster
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration]
 
@@ -334,19 +335,7 @@ def test_checkpoint_and_export_over_mtls(
     c = tls_cluster.start()
     t = target_factory(maps=["data:64:anon:random:7"])
     m = t.mapping("data")
-    c.cli(
-        "attach",
-        "--job",
-        "j",
-        "--member",
-        "m",
-        "--pid",
-        str(t.pid),
-        "--node",
-        "node-a",
-        "--range",
-        f"{m.addr:#x}-{m.end:#x}",
-    )
+    attach(c, "j", "m", t, "node-a")
     g = c.cli_json("checkpoint", "--job", "j")
     assert g["state"] == "committed", g
     out = tmp_path / "export"
