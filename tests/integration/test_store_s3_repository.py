@@ -12,12 +12,17 @@ import pytest
 
 from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
-from coordinator.store.catalog import State
 from coordinator.store.ids import chunk_ids_of
-from cpcoord.errors import GenerationStateError, StoreLocked
+from cpcoord.errors import StoreLocked
 from testbed.seaweed import Seaweed
-from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
-from tests.unit import test_store_crash as crash
+from tests.helpers.store_crash import (
+    COMMIT_STEPS,
+    CONFIG,
+    GC_STEPS,
+    crash_during_commit,
+    crash_during_gc,
+)
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 from tests.unit import test_store_repository as unit
 
 pytestmark = pytest.mark.integration
@@ -63,63 +68,19 @@ test_caller_may_reuse_its_buffer_after_add_chunks = (
 test_gc_merges_small_packs = unit.test_gc_merges_small_packs
 
 
-# -- crash consistency on S3 (tests/unit/test_store_crash.py, same checks) ---------------
+# -- crash consistency on S3 (tests/helpers/store_crash.py, as on a directory) ---------
 
 
-@pytest.mark.parametrize("step", crash.COMMIT_STEPS)
+@pytest.mark.parametrize("step", COMMIT_STEPS)
 def test_crash_after_each_commit_step(seaweed: Seaweed, tmp_path: Path, step: str) -> None:
-    img1 = {"a": {"r": rand(64, 1)}, "b": {"r": rand(16, 2)}}
-    img2 = {"a": {"r": rand(64, 3)}, "b": {"r": rand(16, 2)}}
     prefix = seaweed.backend().prefix
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    g1 = checkpoint(repo, "j", img1)
-    m2 = upload(repo, "j", img2)
-    repo.fault = crash.crash_at(step)
-    with pytest.raises(crash.Crash):
-        repo.commit(m2)
-    repo.close()
-
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    visible = [g.number for g in repo.generations("j")]
-    if step == "catalog":
-        assert visible == [g1, m2.generation]
-        assert_restores(repo, "j", m2.generation, img2)
-    else:
-        assert visible == [g1]
-        assert repo.catalog.get("j", m2.generation).state is State.ABORTED
-        with pytest.raises(GenerationStateError):
-            repo.manifest("j", m2.generation)
-        rep = repo.gc(keep=5)
-        assert rep.chunks_dropped == 16
-        assert rep.orphan_manifests == (1 if step == "manifest" else 0)
-    assert_restores(repo, "j", g1, img1)
-    crash.assert_clean(repo)
-    g3 = checkpoint(repo, "j", img2)
-    assert_restores(repo, "j", g3, img2)
-    crash.assert_clean(repo)
-    repo.close()
+    crash_during_commit(lambda: Repository(seaweed.backend(prefix), tmp_path, CONFIG), step)
 
 
-@pytest.mark.parametrize("step", crash.GC_STEPS)
+@pytest.mark.parametrize("step", GC_STEPS)
 def test_crash_after_each_gc_step(seaweed: Seaweed, tmp_path: Path, step: str) -> None:
-    shared = rand(16, 7)
-    imgs = [{"m": {"s": shared, "r": rand(48, i)}} for i in range(4)]
     prefix = seaweed.backend().prefix
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    gens = [checkpoint(repo, "j", img) for img in imgs]
-    repo.fault = crash.crash_at(step)
-    with pytest.raises(crash.Crash):
-        repo.gc(keep=2)
-    repo.close()
-
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    for g, img in zip(gens[2:], imgs[2:], strict=True):
-        assert_restores(repo, "j", g, img)
-    repo.gc(keep=2)
-    assert [g.number for g in repo.generations("j")] == gens[2:]
-    assert repo.stats().chunk_bytes == (16 + 2 * 48) * 4096
-    crash.assert_clean(repo)
-    repo.close()
+    crash_during_gc(lambda: Repository(seaweed.backend(prefix), tmp_path, CONFIG), step)
 
 
 # -- S3-specific ------------------------------------------------------------------------
