@@ -1,6 +1,7 @@
 """Processes that tests and benchmarks start and always tear down: `Daemon` (a
 subprocess in its own session, its output appended to a log file), `daemon_env` (the
-environment every daemon and CLI run of ours gets) and `wait_for` (poll a condition).
+environment every daemon and CLI run of ours gets), `wait_for` (poll a condition) and
+`public_tmpdir` (a directory other users can reach).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def public_tmpdir(prefix: str) -> Path:
+    """A new directory under /tmp, mode 0755, named with `prefix` and this pid: daemons
+    and users other than ours can reach what it holds (pytest's tmp_path is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from testbed.cluster import Cluster
-from testbed.daemons import REPO, wait_for
+from testbed.daemons import REPO, public_tmpdir, wait_for
 
 NODE = "n1"
 
@@ -53,13 +52,6 @@ class SocketCluster:
         return {m["name"]: m for j in jobs["jobs"] for m in j["members"]}
 
 
-def public_sockdir(prefix: str) -> Path:
-    """A new directory under /tmp that a second user can reach (tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir="/tmp"))
-    d.chmod(0o755)
-    return d
-
-
 def start_socket_agent(c: Cluster, sock: Path, node: str = NODE) -> None:
     """Start the agent of `node` on a started cluster, serving the local API on `sock`;
     return once it is connected and the socket is there."""
@@ -70,7 +62,7 @@ def start_socket_agent(c: Cluster, sock: Path, node: str = NODE) -> None:
 
 @pytest.fixture
 def socket_cluster(tmp_path: Path) -> Iterator[SocketCluster]:
-    sockdir = public_sockdir("cpcoord-sock-")
+    sockdir = public_tmpdir("cpcoord-sock-")
     sock = sockdir / "agent.sock"
     c = Cluster(tmp_path / "cluster", nodes=())
     c.root.mkdir(parents=True, exist_ok=True)
@@ -80,4 +72,5 @@ def socket_cluster(tmp_path: Path) -> Iterator[SocketCluster]:
         yield SocketCluster(c, sock)
     finally:
         c.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(sockdir, ignore_errors=True)

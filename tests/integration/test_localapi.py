@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from cpcoord.errors import (
 )
 from cpcoord.local_wire import encode, read_frame
 from nodeagent.localapi_server import LocalApiServer
+from testbed.daemons import public_tmpdir
 from testbed.driver import REPO, Target
 from tests.helpers.localapi import (
     EXAMPLE_PY,
@@ -51,9 +51,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    # Under /tmp with 0755, so another user can reach the socket (tmp_path is 0700).
-    d = Path(tempfile.mkdtemp(prefix="cpcoord-sock-", dir="/tmp"))
-    d.chmod(0o755)
+    d = public_tmpdir("cpcoord-sock-")  # another user can reach the socket
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

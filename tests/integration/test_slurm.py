@@ -28,10 +28,10 @@ import pytest
 from cpcoord.api import Client
 from cpcoord.errors import UnknownJob
 from testbed.cluster import Cluster
-from testbed.daemons import REPO, wait_for
+from testbed.daemons import REPO, public_tmpdir, wait_for
 from tests.helpers import slurm_rank
 from tests.helpers.slurm import NODE, Slurm, slurm
-from tests.helpers.socket_cluster import public_sockdir, start_socket_agent
+from tests.helpers.socket_cluster import start_socket_agent
 
 pytestmark = pytest.mark.integration
 __all__ = ["slurm"]  # fixture used by name
@@ -80,7 +80,7 @@ class Stack:
 @pytest.fixture
 def stack(slurm: Slurm, tmp_path: Path) -> Iterator[Stack]:
     """A coordinator and one agent named like the Slurm node, serving the local API."""
-    sockdir = public_sockdir("cpcoord-slurm-sock-")
+    sockdir = public_tmpdir("cpcoord-slurm-sock-")
     sock = sockdir / "agent.sock"
     c = Cluster(tmp_path / "cluster", nodes=(), keep=50)
     c.root.mkdir(parents=True)
