@@ -8,6 +8,7 @@ S3 (tests/integration/test_store_s3_repository.py); `open_repo()` opens that sto
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
 from cpcoord.errors import GenerationStateError
+from testbed.stores import StoreArgs, open_store
 from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
 
 COMMIT_STEPS = ["packs", "index", "manifest", "catalog"]
@@ -34,15 +36,29 @@ def crash_at(step: str) -> Callable[[str], None]:
     return fault
 
 
-def assert_clean(repo: Repository) -> None:
-    """Every stored object is needed: packs hold only live chunks, manifests are
-    exactly the committed ones, and everything verifies."""
-    rep = repo.gc(keep=100)
+def assert_clean(repo: Repository, keep: int = 100, one_index: bool = True) -> None:
+    """Every stored object is needed: packs hold only live chunks (gc keeping `keep`
+    generations drops nothing), manifests are exactly the committed ones, the index is
+    one object (`one_index`), and everything verifies."""
+    rep = repo.gc(keep=keep)
     assert rep.chunks_dropped == 0 and rep.orphan_manifests == 0 and rep.packs_deleted == 0
     committed = {g.manifest for g in repo.generations()}
     assert {o.name for o in repo.backend.list(Kind.MANIFESTS)} == committed
-    assert len(list(repo.backend.list(Kind.INDEX))) == 1
+    if one_index:
+        assert len(list(repo.backend.list(Kind.INDEX))) == 1
     assert repo.verify().ok
+
+
+def image(seed: int) -> dict[str, dict[str, bytes]]:
+    """Two members' regions, seeded: a heap, a zero region, a small heap."""
+    return {"a": {"heap": rand(96, seed), "zero": bytes(32 * 4096)}, "b": {"heap": rand(16, 1)}}
+
+
+def open_repo(root: Path, where: StoreArgs) -> Repository:
+    """The store at `root`, or on S3 when store_select says so (tests/helpers/stores.py)."""
+    return open_store(
+        root, where.get("store_url"), where.get("extra_env"), StoreConfig(pack_size=1 << 18)
+    )
 
 
 def crash_during_commit(open_repo: Callable[[], Repository], step: str) -> None:
