@@ -1,5 +1,6 @@
-"""The repository contract: tests that take nothing but a `repo` fixture (and tmp_path),
-bound into a test module that defines `repo` — on a directory in
+"""The repository contract: tests that take nothing but a `repo` fixture (and tmp_path).
+A test module that defines `repo` binds them all with
+`from tests.helpers.repo_contract import *`: on a directory in
 tests/unit/test_store_repository.py, on S3 (SeaweedFS) in
 tests/integration/test_store_s3_repository.py. Ingest, commit, restore, dedup, zero
 pages, refusal of bad input, gc (also with a checkpoint in flight) and stats.
@@ -303,3 +304,7 @@ def test_gc_merges_small_packs(repo: Repository) -> None:
     for g, img in zip(gens, imgs, strict=True):
         assert_restores(repo, "j", g, img)
     assert repo.gc(keep=100).packs_deleted == 0  # converged
+
+
+# Every test above: a module binds them all with `from tests.helpers.repo_contract import *`.
+__all__ = sorted(n for n in dir() if n.startswith("test_"))

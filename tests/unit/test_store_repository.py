@@ -14,7 +14,7 @@ from coordinator.store.ids import chunk_ids_of
 from cpcoord.errors import (
     StoreLocked,
 )
-from tests.helpers import repo_contract as contract
+from tests.helpers.repo_contract import *  # noqa: F403 - the contract, on this `repo`
 from tests.helpers.store_support import PS, assert_restores, checkpoint, rand, upload
 
 
@@ -23,40 +23,6 @@ def repo(tmp_path: Path) -> Iterator[Repository]:
     r = Repository.open_local(tmp_path / "store", StoreConfig(pack_size=1 << 20))
     yield r
     r.close()
-
-
-# The repository contract (tests/helpers/repo_contract.py), on this module's `repo`:
-test_full_then_incremental_restore_exactly = contract.test_full_then_incremental_restore_exactly
-test_iter_pages_marks_zero_runs = contract.test_iter_pages_marks_zero_runs
-test_mismatching_chunk_refuses_the_whole_batch = (
-    contract.test_mismatching_chunk_refuses_the_whole_batch
-)
-test_bad_ingest_arguments = contract.test_bad_ingest_arguments
-test_dedup_across_members_and_generations = contract.test_dedup_across_members_and_generations
-test_all_zero_region_stores_nothing = contract.test_all_zero_region_stores_nothing
-test_commit_refuses_missing_chunks_then_succeeds = (
-    contract.test_commit_refuses_missing_chunks_then_succeeds
-)
-test_commit_refuses_entries_reading_past_their_chunk = (
-    contract.test_commit_refuses_entries_reading_past_their_chunk
-)
-test_commit_checks_generation_state = contract.test_commit_checks_generation_state
-test_concurrent_uploads = contract.test_concurrent_uploads
-test_gc_retention_keeps_last_n_and_pinned = contract.test_gc_retention_keeps_last_n_and_pinned
-test_gc_alongside_a_checkpoint_in_flight = contract.test_gc_alongside_a_checkpoint_in_flight
-test_gc_keeps_the_parent_of_a_generation_in_flight = (
-    contract.test_gc_keeps_the_parent_of_a_generation_in_flight
-)
-test_gc_removes_aborted_leftovers = contract.test_gc_removes_aborted_leftovers
-test_stats = contract.test_stats
-test_gc_keeps_a_doomed_pack_stored_again_meanwhile = (
-    contract.test_gc_keeps_a_doomed_pack_stored_again_meanwhile
-)
-test_delete_generation = contract.test_delete_generation
-test_caller_may_reuse_its_buffer_after_add_chunks = (
-    contract.test_caller_may_reuse_its_buffer_after_add_chunks
-)
-test_gc_merges_small_packs = contract.test_gc_merges_small_packs
 
 
 def test_dedup_is_per_job_unless_configured(tmp_path: Path) -> None:
