@@ -45,7 +45,7 @@ def test_scan_equals_words_on_a_target(target_factory: MakeTarget) -> None:
     t.assert_running()
 
 
-def test_scan_leaves_outuffd_wp_markers() -> None:
+def test_scan_leaves_out_uffd_wp_markers() -> None:
     mm = mmap.mmap(-1, 16 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf = np.frombuffer(mm, dtype=np.uint8)
     addr = int(buf.ctypes.data)
