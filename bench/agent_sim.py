@@ -42,11 +42,18 @@ import blake3
 import grpc
 import numpy as np
 
-from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2, types_pb2
+from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
 from cpcoord.grpcutil import channel_options
-
-PAGE = 4096
-ZERO_ID = bytes(32)
+from testbed.agent_pages import (
+    PAGE,
+    changed_pages,
+    chunk_data,
+    chunk_ids,
+    page_entries,
+    pages_header,
+    region,
+    upload_failed,
+)
 
 
 def page_bytes(member: str, generation: int) -> bytes:
@@ -66,27 +73,6 @@ class Member:
     @property
     def pages(self) -> int:
         return len(self.mem) // PAGE
-
-
-def _runs(pages: np.ndarray) -> list[types_pb2.PageRun]:
-    if not pages.size:
-        return []
-    brk = np.flatnonzero(np.diff(pages) != 1) + 1
-    lo = np.concatenate(([0], brk))
-    hi = np.concatenate((brk, [pages.size]))
-    return [
-        types_pb2.PageRun(offset=int(pages[a]), count=int(b - a))
-        for a, b in zip(lo, hi, strict=True)
-    ]
-
-
-def _changed(copy: bytes, committed: bytes | None) -> np.ndarray:
-    """Pages that differ from the last committed copy (all of them without one)."""
-    data = np.frombuffer(copy, np.uint8).reshape(-1, PAGE)
-    if committed is None:
-        return np.arange(data.shape[0])
-    old = np.frombuffer(committed, np.uint8).reshape(-1, PAGE)
-    return np.flatnonzero((data != old).any(axis=1))
 
 
 class SimAgent:
@@ -211,7 +197,8 @@ class SimAgent:
             copy = bytes(m.mem)  # the copy a real agent takes while the member is frozen
             m.staged[c.generation] = copy
             full = c.full or m.committed is None
-            changed = _changed(copy, None if full else m.committed)
+            data = np.frombuffer(copy, np.uint8).reshape(-1, PAGE)
+            changed = changed_pages(data, None if full else m.committed)
             stats = common_pb2.MemberStats(
                 pages=int(changed.size), frozen_seconds=time.perf_counter() - t0, full=full
             )
@@ -222,15 +209,7 @@ class SimAgent:
             except grpc.aio.AioRpcError as e:
                 why = f"{e.code()} {e.details()}"
                 print(f"{time.time():.3f} {self.node} upload failed: {why}", file=sys.stderr)
-                self.send(
-                    failed=agent_pb2.Failed(
-                        job=c.job,
-                        generation=c.generation,
-                        member=name,
-                        reason=common_pb2.ABORT_REASON_UPLOAD_FAILED,
-                        detail=str(e.details()),
-                    )
-                )
+                self.send(failed=upload_failed(c.job, c.generation, name, str(e.details())))
                 continue
             self.send(
                 uploaded=agent_pb2.Uploaded(
@@ -242,33 +221,12 @@ class SimAgent:
         self, job: str, gen: int, m: Member, copy: bytes, changed: np.ndarray, full: bool
     ) -> None:
         data = np.frombuffer(copy, np.uint8).reshape(-1, PAGE)
-        n = data.shape[0]
-        region = types_pb2.Region(
-            name="data",
-            start=m.addr,
-            end=m.addr + n * PAGE,
-            pages=_runs(changed),
-            all_pages=[types_pb2.PageRun(offset=0, count=n)],
-        )
-        header = common_pb2.PagesHeader(
-            job=job,
-            generation=gen,
-            member=m.name,
-            node=self.node,
-            page_size=PAGE,
-            regions=[region],
-            tracker="none",
-            full=full,
-            cut_unix_ns=time.time_ns(),
-        )
+        regions = [region("data", m.addr, data.shape[0], changed)]
+        header = pages_header(job, gen, m.name, self.node, regions, full)
         reqs = [agent_pb2.UploadRequest(header=header)]
         if changed.size:
-            zero = ~data[changed].any(axis=1)
-            ids = [
-                ZERO_ID if z else blake3.blake3(data[p].tobytes()).digest()
-                for p, z in zip(changed.tolist(), zero.tolist(), strict=True)
-            ]
-            nz = [i for i, z in enumerate(zero.tolist()) if not z]
+            ids, zero = chunk_ids(data, changed)
+            nz = [i for i, z in enumerate(zero) if not z]
             send: list[int] = []
             if nz:
                 want = b"".join(ids[i] for i in nz)
@@ -278,22 +236,11 @@ class SimAgent:
                 r = await mc  # (held in `mc` until done: a collected call is cancelled)
                 bits = np.unpackbits(np.frombuffer(r.missing, np.uint8), bitorder="little")
                 send = [i for i, b in zip(nz, bits[: len(nz)].tolist(), strict=True) if b]
-            sizes = np.full(len(send), PAGE, "<u4").tobytes()
+            blobs = [data[int(changed[i])].tobytes() for i in send]
             batch = common_pb2.PageBatch(
                 region=0,
-                entries=manifest_pb2.PageEntries(
-                    page_offsets=changed.astype("<u8").tobytes(),
-                    page_counts=np.ones(changed.size, "<u4").tobytes(),
-                    chunk_skips=np.zeros(changed.size, "<u4").tobytes(),
-                    chunk_ids=b"".join(ids),
-                ),
-                chunks=common_pb2.ChunkData(
-                    ids=b"".join(ids[i] for i in send),
-                    methods=bytes(len(send)),
-                    raw_sizes=sizes,
-                    stored_sizes=sizes,
-                    data=b"".join(data[int(changed[i])].tobytes() for i in send),
-                ),
+                entries=page_entries(changed, ids),
+                chunks=chunk_data([ids[i] for i in send], blobs),
             )
             reqs.append(agent_pb2.UploadRequest(batch=batch))
         call = self.stub.UploadPages(iter(reqs))

@@ -29,99 +29,32 @@ single SIZE MiB mapping (bench/capture_mappings.py; capture-mappings.{json,md,pn
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import io
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import Stats, gbps, memcpy, raw_mem, raw_readv, vm_copy, write_results
-from cpcoord import cli
+from bench.capture_cli import GOAL_VS_LIMIT, cli_notes, interpreter_note, measure_cli
+from bench.common import (
+    Stats,
+    gbps,
+    memcpy,
+    rate_row,
+    raw_mem,
+    raw_readv,
+    write_results,
+)
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
-from nodeagent.staging import Staging
-from tests.helpers.driver import REPO, Target
+from testbed.driver import Target, dirty_mib
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40
-GOAL_VS_LIMIT = 1.5  # `cpcoord capture` / (raw readv + raw write [+ fsync]), at most
-
-
-def _installed_env(pycache: Path) -> dict[str, str]:
-    """The subprocess's environment, like an installed cpcoord: byte code cached (pip
-    compiles it at install; with PYTHONDONTWRITEBYTECODE every run would compile every
-    module it imports, ~0.1 s here)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONPYCACHEPREFIX=str(pycache))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
-
-
-def _interpreter(env: dict[str, str], reps: int) -> dict[str, Any]:
-    """What any Python command pays on this machine before it does anything: the
-    interpreter with its site hooks, and importing NumPy (best of `reps`)."""
-    out = {}
-    for what, code in (("python", "pass"), ("python + numpy", "import numpy")):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], env=env, check=True)
-            times.append(time.perf_counter() - t0)
-        out[what] = Stats.of(times).as_dict()
-    return out
-
-
-def _raw_write(directory: Path, view: memoryview, fsync: bool) -> float:
-    """pwrite `view` into a new file in `directory` (then fsync): the filesystem's part
-    of the raw limit. Seconds."""
-    path = directory / f".cpcoord-bench-{os.getpid()}"
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done : done + (1 << 30)], done)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    dt = time.perf_counter() - t0
-    path.unlink()
-    return dt
-
-
-def _cli_subprocess(
-    pid: int, rng: str, out: Path, env: dict[str, str]
-) -> tuple[float, dict[str, Any]]:
-    argv = [sys.executable, "-m", "cpcoord", "capture", "--pid", str(pid)]
-    argv += ["--range", rng, "--out", str(out), "--json"]
-    t0 = time.perf_counter()
-    res = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, check=False)
-    dt = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(f"cpcoord capture failed: {res.stderr.strip()}")
-    summary: dict[str, Any] = json.loads(res.stdout)
-    return dt, summary
-
-
-def _cli_inprocess(pid: int, rng: str, out: Path) -> float:
-    sink = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sink):
-        code = cli.main(["capture", "--pid", str(pid), "--range", rng, "--out", str(out), "--json"])
-    dt = time.perf_counter() - t0
-    if code != 0:
-        raise RuntimeError(f"cpcoord capture exited {code}")
-    return dt
 
 
 def _in_place(ident: ProcessIdentity, rng: AddressRange, base: Path, pages: int) -> Any:
@@ -140,10 +73,6 @@ def _in_place(ident: ProcessIdentity, rng: AddressRange, base: Path, pages: int)
         return timings
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _med(extra: dict[str, Any], label: str, phase: str) -> float:
-    return float(Stats.of(extra[f"cli_{label}"][f"subprocess_{phase}"]["samples"]).median)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,17 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["raw_readv"] = raw.as_dict()
 
         def row(what: str, st: Stats, nbytes: int = size, **more: Any) -> dict[str, Any]:
-            r = {
-                "what": what,
-                "MiB": nbytes >> 20,
-                "median s": st.median,
-                "min s": st.min,
-                "max s": st.max,
-                "GB/s": gbps(nbytes, st.median),
-                "% of raw": 100 * gbps(nbytes, st.median) / raw_gbps,
-            }
-            r.update(more)
-            return r
+            return rate_row(what, st, nbytes, raw_gbps, **more)
 
         rows.append(row("raw process_vm_readv (baseline)", raw))
         mem = raw_mem(target.pid, runs, args.reps)
@@ -237,80 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row("capture in place: copy alone (frozen)", Stats.of(ip_copy)))
         rows.append(row("capture in place incl. prepare + zero scan", Stats.of(ip_total)))
 
-        cli_rows: dict[str, Stats] = {}
-        limits: dict[str, float] = {}
-        pycache = Path(tempfile.mkdtemp(prefix="cpcoord-bench-pyc-"))
-        env = _installed_env(pycache)
-        # The source of the raw writes: non-zero, prefaulted once (never a cold buffer).
-        src = Staging(size)
-        src.pages(0, pages)[:, ::512] = 7
-        view = src.pages(0, pages).reshape(-1).data.cast("B")
-        rbuf = Staging(size)
-        readv_s = list(raw.samples)
-        cli_dirs = (
-            () if args.no_cli else (("tmpfs", args.tmpfs_dir), ("disk, fsync", args.disk_dir))
+        cli_rows, limits, readv_s = measure_cli(
+            target.pid, runs, rng_text, raw, args, rows, row, extra
         )
-        for label, base in cli_dirs:
-            work = Path(tempfile.mkdtemp(prefix="cpcoord-bench-", dir=base))
-            try:
-                # A first run compiles the byte code into the cache (as pip would have).
-                _cli_subprocess(target.pid, rng_text, work / "warm", env)
-                shutil.rmtree(work / "warm")
-                if "interpreter" not in extra:
-                    extra["interpreter"] = _interpreter(env, args.reps)
-                inproc, sub, phases, writes = [], [], [], []
-                for i in range(args.reps):
-                    # Interleaved, so that load on the machine hits limit and command alike.
-                    readv_s.append(vm_copy("process_vm_readv", target.pid, runs, rbuf.address))
-                    writes.append(_raw_write(work, view, fsync=label != "tmpfs"))
-                    out = work / f"in{i}"
-                    inproc.append(_cli_inprocess(target.pid, rng_text, out))
-                    shutil.rmtree(out)
-                    out = work / f"sub{i}"
-                    dt, summary = _cli_subprocess(target.pid, rng_text, out, env)
-                    sub.append(dt)
-                    summary["wall_s"] = dt
-                    phases.append(summary)
-                    shutil.rmtree(out)
-                    gc.collect()
-                limit = min(readv_s) + min(writes)
-                limits[label] = limit
-                cli_rows[f"in-process {label}"] = Stats.of(inproc)
-                cli_rows[f"subprocess {label}"] = Stats.of(sub)
-                extra[f"cli_{label}"] = {
-                    "in_process": Stats.of(inproc).as_dict(),
-                    "subprocess": Stats.of(sub).as_dict(),
-                    "tracker": phases[0]["tracker"],
-                }
-                for k in ("frozen_s", "capture_s", "write_s", "total_s"):
-                    extra[f"cli_{label}"][f"subprocess_{k[:-2]}"] = Stats.of(
-                        [ph[k] for ph in phases]
-                    ).as_dict()
-                # Interpreter start, imports, argument checks and exit: wall minus run().
-                extra[f"cli_{label}"]["subprocess_startup"] = Stats.of(
-                    [ph["wall_s"] - ph["total_s"] for ph in phases]
-                ).as_dict()
-                extra[f"file_write_{label}"] = Stats.of(writes).as_dict()
-                extra[f"limit_{label}"] = limit
-                for how in ("in-process", "subprocess"):
-                    st = cli_rows[f"{how} {label}"]
-                    rows.append(row(f"`cpcoord capture`, image on {label}, {how}", st))
-                    rows[-1]["x limit"] = st.median / limit
-                rows.append(
-                    row(
-                        f"baseline: write {args.size_mib} MiB file on {label} (best)",
-                        Stats.of([min(writes)]),
-                    )
-                )
-                rows.append(
-                    row(f"limit on {label}: raw readv + write (best of each)", Stats.of([limit]))
-                )
-                rows[-1]["x limit"] = 1.0
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(pycache, ignore_errors=True)
-        src.close()
-        rbuf.close()
         extra["raw_readv_all"] = Stats.of(readv_s).as_dict()
         mc = memcpy(size, args.reps)
         rows.append(row("baseline: memcpy in one process", mc))
@@ -347,33 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Goal whole command >= {GOAL_CLI:.0%} of raw: best is {verdict['cli_best']} at "
         f"{verdict['cli_best_vs_raw']:.0%} ({ok(verdict['cli_best_vs_raw'] >= GOAL_CLI)}); "
         "all variants are in the table.",
-        *(
-            f"Goal `cpcoord capture` <= {GOAL_VS_LIMIT}x the raw limit on {label} "
-            f"(raw readv + write{'' if label == 'tmpfs' else ' + fsync'}, best of "
-            f"{args.reps + len(raw.samples)} and {args.reps}: {limit:.3f} s): median "
-            f"subprocess {cli_rows[f'subprocess {label}'].median:.3f} s = "
-            f"{verdict[f'cli_subprocess_vs_limit_{label}']:.2f}x "
-            f"({ok(verdict[f'cli_subprocess_vs_limit_{label}'] <= GOAL_VS_LIMIT)}), "
-            f"in-process {verdict[f'cli_in_process_vs_limit_{label}']:.2f}x "
-            f"({ok(verdict[f'cli_in_process_vs_limit_{label}'] <= GOAL_VS_LIMIT)}); "
-            f"subprocess phases (median): start-up {_med(extra, label, 'startup'):.3f} s, "
-            f"capture {_med(extra, label, 'capture'):.3f} s (frozen "
-            f"{_med(extra, label, 'frozen'):.3f}), write {_med(extra, label, 'write'):.3f} s."
-            for label, limit in limits.items()
-        ),
+        *cli_notes(limits, cli_rows, verdict, extra, args.reps, len(raw.samples)),
         "Pages not exclusively mapped (pagemap bit 56) are read through /proc/PID/mem, "
         "which takes no pins: process_vm_readv pins, and pinning a copy-on-write shared "
         "page unshares it. The forked rows capture the same memory shared with a child "
         "(everything goes through /proc/PID/mem; the target keeps it shared), then show "
         "what a first process_vm_readv costs there: it copies every page.",
-        (
-            f"Interpreter start on this machine (best of {args.reps}): `python -c pass` "
-            f"{min(extra['interpreter']['python']['samples']):.3f} s, `python -c 'import "
-            f"numpy'` {min(extra['interpreter']['python + numpy']['samples']):.3f} s: part of "
-            "every subprocess row, beyond what cpcoord can change."
-        )
-        if "interpreter" in extra
-        else "",
+        interpreter_note(extra, args.reps),
         "On tmpfs the command copies straight into the image's files (no staging, no "
         "second copy); on disk it copies into staging and writes big runs with O_DIRECT, "
         "then fsyncs. The tracker is the default (auto: "
@@ -461,7 +289,7 @@ def forked_rows(
     raw process_vm_readv, which unshares (copies) every page, and the ones after it."""
     child = int(target.cmd("fork")["child"])
     size = int(runs[:, 1].sum())
-    before = _dirty(target.pid)
+    before = dirty_mib(target.pid)
     frozen, copy = [], []
     for _ in range(reps):
         cap = capture(ident, [rng])
@@ -471,7 +299,7 @@ def forked_rows(
         cap.staging.close()
         del cap
         gc.collect()
-    after = _dirty(target.pid)
+    after = dirty_mib(target.pid)
     extra["forked"] = {
         "child": child,
         "dirty_before_mib": before,
@@ -487,7 +315,7 @@ def forked_rows(
     rows.append(row("forked: first raw process_vm_readv (unshares all)", first))
     again = raw_readv(target.pid, runs, reps)
     rows.append(row("forked: raw process_vm_readv after that", again))
-    extra["forked"]["dirty_after_readv_mib"] = _dirty(target.pid)
+    extra["forked"]["dirty_after_readv_mib"] = dirty_mib(target.pid)
     extra["forked"]["raw_mem"] = mem.as_dict()
     extra["forked"]["first_readv"] = first.as_dict()
     print(
@@ -499,16 +327,6 @@ def forked_rows(
         extra["forked"]["dirty_after_readv_mib"],
         flush=True,
     )
-
-
-def _dirty(pid: int) -> dict[str, float]:
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Shared_Dirty", "Private_Dirty"):
-                out[key] = int(rest.split()[0]) / 1024
-    return out
 
 
 if __name__ == "__main__":

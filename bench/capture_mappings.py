@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Stats, write_results
-from tests.helpers.driver import REPO
+from testbed.driver import REPO
 
 C_SOURCE = REPO / "tests" / "helpers" / "c" / "manymaps_target.c"
 PAGE = 4096

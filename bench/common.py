@@ -167,33 +167,48 @@ def memcpy(nbytes: int, reps: int) -> Stats:
         b.close()
 
 
+def timed_write(directory: Path, view: memoryview, fsync: bool = True) -> float:
+    """pwrite `view` into a new file in `directory` (then fsync), remove it: seconds."""
+    path = directory / f".cpcoord-bench-{os.getpid()}"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done : done + (1 << 30)], done)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return dt
+
+
 def file_write(directory: Path, nbytes: int, reps: int, fsync: bool = True) -> Stats:
     """pwrite `nbytes` of non-zero data from memory into a new file, then fsync."""
     src = Staging(nbytes)
     rows = src.pages(0, nbytes // 4096)
     rows[:, ::512] = 7
     view = rows.reshape(-1).data.cast("B")
-
-    def once() -> float:
-        path = directory / f".cpcoord-bench-{os.getpid()}"
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            done = 0
-            while done < nbytes:
-                done += os.pwrite(fd, view[done : done + (1 << 30)], done)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        dt = time.perf_counter() - t0
-        path.unlink()
-        return dt
-
     try:
-        return repeat(once, reps)
+        return repeat(lambda: timed_write(directory, view, fsync), reps)
     finally:
         src.close()
+
+
+def rate_row(what: str, st: Stats, nbytes: int, raw_gbps: float, **more: Any) -> dict[str, Any]:
+    """A results row of a transfer of `nbytes`: times, GB/s and % of the raw limit."""
+    return {
+        "what": what,
+        "MiB": nbytes >> 20,
+        "median s": st.median,
+        "min s": st.min,
+        "max s": st.max,
+        "GB/s": gbps(nbytes, st.median),
+        "% of raw": 100 * gbps(nbytes, st.median) / raw_gbps,
+        **more,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -271,6 +286,33 @@ def write_results(
         fig.savefig(png)
         paths.append(png)
     return paths
+
+
+def publish(
+    name: str,
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    notes: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
+    plot: Callable[[Any], None] | None = None,
+) -> int:
+    """write_results with the first row's keys as columns, print what was written; a
+    module's `main` returns this (exit code 0)."""
+    for path in write_results(
+        name, title, list(rows[0]), rows, notes=notes, extra=extra, plot=plot
+    ):
+        print(path)
+    return 0
+
+
+def load_note(load_start: Sequence[float], sharers: str) -> str:
+    """The notes' line on the machine's load over a run, and who shared its CPUs."""
+    return (
+        f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}"
+        f"; at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}; the machine has "
+        f"{os.cpu_count()} CPUs shared by {sharers}."
+    )
 
 
 def _cell(v: Any) -> str:

@@ -47,8 +47,9 @@ from coordinator.store.backend import Kind, LocalBackend
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options, server_options
 from cpcoord.ranges import AddressRange
-from tests.helpers.cluster import Cluster, wait_for
-from tests.helpers.driver import REPO, Target
+from testbed.cluster import Cluster, attach_args
+from testbed.daemons import wait_for
+from testbed.driver import REPO, Target
 
 GOAL_RATIO = 1.5
 RAW_METHOD = "/bench.Raw/Sink"
@@ -264,19 +265,7 @@ def main() -> int:
 
         (tmp / "cluster").mkdir()
         cluster.start()
-        cluster.cli(
-            "attach",
-            "--job",
-            "bench",
-            "--member",
-            "m",
-            "--pid",
-            str(t.pid),
-            "--node",
-            "node-a",
-            "--range",
-            f"{m.addr:#x}-{m.end:#x}",
-        )
+        cluster.cli(*attach_args("bench", "m", t.pid, "node-a", [(m.addr, m.end)]))
         assert cluster.coordinator is not None
         procs = {"coordinator": cluster.coordinator.pid, "agent": cluster.agents["node-a"].pid}
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}

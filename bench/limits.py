@@ -73,7 +73,7 @@ class Limit:
 
 def vm_limits(size: int, reps: int) -> list[Limit]:
     """readv and writev of `size` bytes of a target's resident random pages."""
-    from tests.helpers.driver import Target  # the test target; imported only when measuring
+    from testbed.driver import Target  # the test target; imported only when measuring
 
     target = Target(maps=[f"data:{size // PAGE}:anon:random:3"], timeout=600)
     src = Staging(size)

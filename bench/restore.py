@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Stats, gbps, raw_readv, raw_writev, write_results
+from bench.common import Stats, gbps, rate_row, raw_readv, raw_writev, write_results
 from cpcoord.ranges import PAGE_SIZE, AddressRange
 from nodeagent.capture import capture
 from nodeagent.freeze import frozen
@@ -45,7 +45,7 @@ from nodeagent.restore import (
     write,
 )
 from nodeagent.staging import Staging
-from tests.helpers.driver import Target
+from testbed.driver import Target
 
 
 def _in_place(
@@ -115,15 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["raw_readv"] = raw_read.as_dict()
 
         def row(what: str, st: Stats, nbytes: int = size) -> dict[str, Any]:
-            return {
-                "what": what,
-                "MiB": nbytes >> 20,
-                "median s": st.median,
-                "min s": st.min,
-                "max s": st.max,
-                "GB/s": gbps(nbytes, st.median),
-                "% of raw": 100 * gbps(nbytes, st.median) / raw_gbps,
-            }
+            return rate_row(what, st, nbytes, raw_gbps)
 
         rows.append(row("raw process_vm_writev (baseline)", raw))
         rows.append(row("raw process_vm_readv (what the backup reads)", raw_read))

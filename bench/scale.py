@@ -26,21 +26,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from bench.agent_sim import PAGE, page_bytes
-from bench.common import Stats, write_results
-from bench.scale_fleet import Fleet, kill, spawn, tail
+from bench.common import Stats, load_note, publish
+from bench.scale_fleet import Fleet, kill, run_extra, scale_parser, scale_plan, spawn, tail
 from bench.scale_real import raw_limits, unary_rtt
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 from cpcoord.pagedata import read_members
@@ -257,27 +255,14 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
     return draw
 
 
-def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # the finally blocks take every child down
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", default=None, help="agent counts, e.g. 1,100,1000,2000")
-    ap.add_argument("--reps", type=int, default=None, help="measured checkpoints per count")
+    ap = scale_parser(__doc__, "scale", MODES, "1,100,1000,2000")
     ap.add_argument("--pages", type=int, default=2, help="pages per member (default 2)")
     ap.add_argument("--size-mib", type=float, default=None, help=argparse.SUPPRESS)  # suite
-    ap.add_argument("--quick", action="store_true", help=f"agents {MODES['quick'][0]}")
-    ap.add_argument("--tiny", action="store_true", help=f"agents {MODES['tiny'][0]}")
-    ap.add_argument("--store-dir", type=Path, default=None, help="parent dir of the store")
-    ap.add_argument("--name", default="scale", help="results file stem")
     a = ap.parse_args(argv)
-    mode = "tiny" if a.tiny else "quick" if a.quick else "full"
-    counts = sorted({int(x) for x in (a.agents or MODES[mode][0]).split(",")})
-    reps = a.reps or MODES[mode][1]
+    mode, counts, reps = scale_plan(a, MODES)
     if not counts or counts[0] < 1 or reps < 1 or a.pages < 1:
         raise SystemExit("--agents must be >= 1, --reps >= 1, --pages >= 1")
-    signal.signal(signal.SIGTERM, _on_term)
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-scale-", dir=a.store_dir))
     # Heartbeats cost two messages per agent per interval: at thousands of agents an
@@ -340,33 +325,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{top['threads']['busy']} after checkpoints (the thread-pool threads of uploads and "
         "attaches start on demand, up to --rpc-threads; control streams hold none).",
         f"Raw gRPC unary round trip on loopback, same run: {rtt * 1e3:.3f} ms (median of 200).",
-        f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}"
-        f"; at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}; the machine has "
-        f"{os.cpu_count()} CPUs shared by the coordinator, the simulator and this client.",
+        load_note(load_start, "the coordinator, the simulator and this client"),
     ]
     extra = {
         "pages": a.pages,
-        "reps": reps,
-        "mode": mode,
-        "raw": raw,
-        "points": points,
-        "load_avg_start": load_start,
-        "load_avg_end": os.getloadavg(),
+        **run_extra(reps, mode, raw, points, load_start),
         "median_commit_s": {str(p["agents"]): statistics.median(
             s["commit_s"] for s in p["samples"]) for p in points},
     }  # fmt: skip
-    cols = list(rows[0])
-    for path in write_results(
+    return publish(
         a.name,
         "Control plane: commit overhead, threads and memory vs agents",
-        cols,
         rows,
         notes=notes,
         extra=extra,
         plot=plot(points, raw),
-    ):
-        print(path)
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ private mapping of SIZE bytes filled from a seed; a line "SEED" on its stdin ref
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -26,7 +27,8 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, Any
 
 import grpc
 
@@ -293,3 +295,48 @@ def log_fields(path: Path, msg: str) -> list[dict[str, str]]:
         if f"msg={msg} " in line or line.endswith(f"msg={msg}"):
             out.append(dict(x.split("=", 1) for x in line.split() if "=" in x))
     return out
+
+
+# -- what the scale benchmarks (bench/scale.py, bench/scale_real.py) share --------------
+
+Modes = dict[str, tuple[str, int]]  # mode -> (agent counts, measured checkpoints per count)
+
+
+def scale_parser(doc: str, name: str, modes: Modes, example: str) -> argparse.ArgumentParser:
+    """The options every scale benchmark takes; each adds its own."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--agents", default=None, help=f"agent counts, e.g. {example}")
+    ap.add_argument("--reps", type=int, default=None, help="measured checkpoints per count")
+    ap.add_argument("--quick", action="store_true", help=f"agents {modes['quick'][0]}")
+    ap.add_argument("--tiny", action="store_true", help=f"agents {modes['tiny'][0]}")
+    ap.add_argument("--store-dir", type=Path, default=None, help="parent dir of the store")
+    ap.add_argument("--name", default=name, help="results file stem")
+    return ap
+
+
+def scale_plan(a: argparse.Namespace, modes: Modes) -> tuple[str, list[int], int]:
+    """(mode, agent counts, repetitions) of parsed options; SIGTERM from now on ends
+    the run through the finally blocks (every child taken down)."""
+    mode = "tiny" if a.tiny else "quick" if a.quick else "full"
+    counts = sorted({int(x) for x in (a.agents or modes[mode][0]).split(",")})
+    reps = a.reps or modes[mode][1]
+    signal.signal(signal.SIGTERM, _on_term)
+    return mode, counts, reps
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # the finally blocks take every child down
+
+
+def run_extra(
+    reps: int, mode: str, raw: dict[str, Any], points: list[dict[str, Any]], load_start: Any
+) -> dict[str, Any]:
+    """The results' `extra` every scale benchmark writes."""
+    return {
+        "reps": reps,
+        "mode": mode,
+        "raw": raw,
+        "points": points,
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+    }

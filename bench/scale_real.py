@@ -29,7 +29,6 @@ Writes bench/results/scale_real.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -41,16 +40,15 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import Stats, repeat, write_results
+from bench.common import Stats, load_note, publish, repeat
 from bench.end_to_end import RAW_METHOD, raw_grpc
-from bench.scale_fleet import REPO, Fleet, log_fields, scrape
+from bench.scale_fleet import REPO, Fleet, log_fields, run_extra, scale_parser, scale_plan, scrape
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.grpcutil import channel_options
 from cpcoord.pagedata import read_members
@@ -259,27 +257,14 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
     return draw
 
 
-def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # the finally blocks take every child down
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--agents", default=None, help="agent counts, e.g. 1,4,16,64")
-    ap.add_argument("--reps", type=int, default=None, help="measured checkpoints per count")
+    ap = scale_parser(__doc__, "scale_real", MODES, "1,4,16,64")
     ap.add_argument("--size-mib", type=float, default=2.0, help="memory per member")
-    ap.add_argument("--quick", action="store_true", help=f"agents {MODES['quick'][0]}")
-    ap.add_argument("--tiny", action="store_true", help=f"agents {MODES['tiny'][0]}")
-    ap.add_argument("--store-dir", type=Path, default=None, help="parent dir of the store")
-    ap.add_argument("--name", default="scale_real", help="results file stem")
     a = ap.parse_args(argv)
-    mode = "tiny" if a.tiny else "quick" if a.quick else "full"
-    counts = sorted({int(x) for x in (a.agents or MODES[mode][0]).split(",")})
-    reps = a.reps or MODES[mode][1]
+    mode, counts, reps = scale_plan(a, MODES)
     size = int(a.size_mib * MIB) // 4096 * 4096
     if not counts or counts[0] < 1 or reps < 1 or size < 4096:
         raise SystemExit("--agents must be >= 1, --reps >= 1, --size-mib >= 1 page")
-    signal.signal(signal.SIGTERM, _on_term)
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-scale-", dir=a.store_dir))
     fleet = Fleet(tmp)
@@ -333,34 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         "freeze, copy and thaw, and upload: hash, MissingChunks, UploadPages).",
         f"Raw gRPC on loopback, same run: unary round trip {rtt * 1e3:.3f} ms (median of "
         f"200), a {mib:g} MiB stream {raw['stream']['median'] * 1e3:.1f} ms.",
-        f"Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load_start)}"
-        f"; at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}; the machine has "
-        f"{os.cpu_count()} CPUs shared by the coordinator, every agent and every target.",
+        load_note(load_start, "the coordinator, every agent and every target"),
         f"Resident memory at {last['agents']} agents: agents "
         f"{last['rss']['agents'] / MIB:.0f} MiB in all, coordinator "
         f"{last['rss']['coordinator'] / MIB:.0f} MiB.",
     ]
     extra = {
         "size_bytes": size,
-        "reps": reps,
-        "mode": mode,
-        "raw": raw,
-        "points": points,
-        "load_avg_start": load_start,
-        "load_avg_end": os.getloadavg(),
+        **run_extra(reps, mode, raw, points, load_start),
     }
-    cols = list(rows[0])
-    for path in write_results(
+    return publish(
         a.name,
         "Coordinator overhead vs real agent processes",
-        cols,
         rows,
         notes=notes,
         extra=extra,
         plot=plot(points, raw),
-    ):
-        print(path)
-    return 0
+    )
 
 
 if __name__ == "__main__":

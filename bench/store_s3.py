@@ -101,7 +101,7 @@ def main() -> int:
             def s3(prefix: str) -> S3Backend:
                 return S3Backend(bucket, prefix, options=opts)
         else:
-            from tests.helpers.seaweed import Seaweed, find_weed
+            from testbed.seaweed import Seaweed, find_weed
 
             weed = find_weed()
             if weed is None:

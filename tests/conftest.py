@@ -10,13 +10,16 @@ import pytest
 # SeaweedFS S3 servers (seaweed, seaweed_private): tests/helpers/seaweed.py;
 # which store (store_select, CPCOORD_TEST_STORE): tests/helpers/stores.py;
 # coordinators and agents (inproc, cluster_factory): tests/helpers/cluster.py;
-# a real etcd (etcd): tests/helpers/etcd.py.
+# a real etcd (etcd): tests/helpers/etcd.py; the uffd C target (c_target):
+# tests/helpers/uffd_target.py; a second user (other_user): tests/helpers/localapi.py.
 pytest_plugins = [
     "tests.helpers.fixtures",
     "tests.helpers.seaweed",
     "tests.helpers.stores",
     "tests.helpers.cluster",
     "tests.helpers.etcd",
+    "tests.helpers.uffd_target",
+    "tests.helpers.localapi",
 ]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -1,17 +1,11 @@
-"""Test helpers shared by the capture, tracker and restore tests.
+"""Test helpers: pytest fixtures and test-only tools over the real parts in testbed/.
 
-- `target.py`: the target program (`python -m tests.helpers.target`): maps memory of
-  several kinds (anon, shared, memfd, sysv, file, file-shared) with known page stamps,
-  runs writer threads, and obeys JSON commands on stdin (write, zero, dontneed, munmap,
-  mmap, grow, mprotect, guard, unlink, writers/stop_writers, threads, churn, read, dump).
-- `driver.py`: `Target`, the test-side handle: spawn, `cmd(op, **args)`, `mapping(name)`
-  (address, pages, id), `expected(name, first, count, counter)` (the bytes a stamped page
-  must hold), `read(name)` (what it holds now), `assert_running()` (no thread in t/T and
-  it answers).
-- `patterns.py`: the page stamps and `check_writer`, which proves captured writer pages
-  equal the memory of one instant although the writers never paused.
-- `fixtures.py`: pytest fixtures `target_factory(**Target kwargs)` and `target`,
-  registered for every test by tests/conftest.py.
+The target program, its driver, clusters, stores and the SeaweedFS server are in
+testbed/ (benchmarks use them too, without pytest). Here: the fixtures registered for
+every test by tests/conftest.py (`fixtures.py`: `target_factory`, `target`;
+`cluster.py`: `inproc`, `cluster_factory`; `stores.py`: `store_select`; `seaweed.py`:
+`seaweed`, `seaweed_private`; `etcd.py`: `etcd`), and helpers only tests need (C targets
+`restore_c.py`/`freeze_c.py`, network namespaces, replicas, Slurm, fake agents, ...).
 
 Example (a tracker test):
 

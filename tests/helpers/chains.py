@@ -2,7 +2,7 @@
 (tests/integration/test_incremental.py) and the soft-dirty run inside the qemu guest
 (tests/kernel/guest/test_incremental_softdirty.py).
 
-A target (tests/helpers/target.py) runs writer threads over one mapping while the test
+A target (testbed/target.py) runs writer threads over one mapping while the test
 applies random operations between captures: writes, zero fills, MADV_DONTNEED, mprotect,
 new mappings of several kinds, munmap of whole mappings or pieces, heap-like growth by
 mremap. Each round freezes the target once and, in that one frozen window, takes the
@@ -35,7 +35,8 @@ from nodeagent.capture import Capture, capture
 from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture, TrackedResult
 from nodeagent.procfs import ProcessIdentity
-from tests.helpers.driver import Target
+from testbed.driver import Target
+from tests.helpers.sparse import data_extents
 
 WRITERS = "w"
 START_MAPS = ("w:48", "a:64", "s:24:shared", "m:16:memfd", "f:16:file", "y:8:sysv")
@@ -200,31 +201,10 @@ def assert_image_equals(path: Path, ref: Capture, member: str) -> None:
         assert np.array_equal(stored_offsets(r.pages), w.all_pages), w.name
         rows = region_bytes(img, member, w.name)
         assert np.array_equal(rows[w.all_pages.astype(np.int64)], w.data), w.name
-        for a, b in _data_extents(path / f"{member}/{w.name}.raw"):
+        for a, b in data_extents(path / f"{member}/{w.name}.raw"):
             pages = np.arange(a // PAGE_SIZE, -(-b // PAGE_SIZE), dtype=np.uint64)
             outside = pages[~np.isin(pages, w.all_pages)]
             assert not rows[outside.astype(np.int64)].any(), f"{w.name}: data outside its pages"
-
-
-def _data_extents(path: Path) -> list[tuple[int, int]]:
-    """[start, end) byte ranges of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                a = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            b = os.lseek(fd, a, os.SEEK_HOLE)
-            out.append((a, b))
-            pos = b
-    finally:
-        os.close(fd)
-    return out
 
 
 def write_link(out: Path, parent: Path | None, res: TrackedResult, gen: int, member: str) -> None:
@@ -253,7 +233,7 @@ def write_link(out: Path, parent: Path | None, res: TrackedResult, gen: int, mem
     w.commit()
 
 
-def _failing_readv(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
+def failing_readv(pid: int, local: int, nlocal: int, remote: int, nremote: int) -> int:
     """A copy that fails after the tracker has re-armed (an abort by error)."""
     ctypes.set_errno(errno.EIO)
     raise ReadFailed(pid, "test", "injected failure after collect")
@@ -294,7 +274,7 @@ def run_chain(
             if fate == "fail":
                 with frozen(ident) as fp:
                     try:
-                        tc.capture(fp=fp, readv=_failing_readv)
+                        tc.capture(fp=fp, readv=failing_readv)
                     except ReadFailed:
                         history.append("capture failed")
                     else:  # nothing to copy, so nothing failed: drop it instead

@@ -23,18 +23,28 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import blake3
 import grpc
 import numpy as np
 
-from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2, types_pb2
+from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
 from cpcoord.grpcutil import channel_options
-
-PAGE = 4096
+from testbed.agent_pages import (
+    PAGE,
+    changed_pages,
+    chunk_data,
+    chunk_ids,
+    page_entries,
+    pages_header,
+    region,
+    upload_failed,
+)
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
 
 
 @dataclass
@@ -207,15 +217,7 @@ class FakeAgent:
                 self.upload(c.job, c.generation, h, copy, full)
             except grpc.RpcError as e:
                 self.events.append(("upload_error", e))
-                self.send(
-                    failed=agent_pb2.Failed(
-                        job=c.job,
-                        generation=c.generation,
-                        member=name,
-                        reason=common_pb2.ABORT_REASON_UPLOAD_FAILED,
-                        detail=str(e.details()),
-                    )
-                )
+                self.send(failed=upload_failed(c.job, c.generation, name, str(e.details())))
                 continue
             self.send(
                 uploaded=agent_pb2.Uploaded(
@@ -229,35 +231,13 @@ class FakeAgent:
         regions, batches = [], []
         for ri, (rname, r) in enumerate(zip(copy, self.region_list(h.name), strict=True)):
             data = np.frombuffer(copy[rname], dtype=np.uint8).reshape(-1, PAGE)
-            n = data.shape[0]
-            if full or rname not in h.committed:
-                changed = np.arange(n)
-            else:
-                old = np.frombuffer(h.committed[rname], dtype=np.uint8).reshape(-1, PAGE)
-                changed = np.flatnonzero((data != old).any(axis=1))
-            runs = _runs(changed)
-            regions.append(
-                types_pb2.Region(
-                    name=rname,
-                    start=r.start,
-                    end=r.end,
-                    pages=runs,
-                    all_pages=[types_pb2.PageRun(offset=0, count=n)],
-                )
-            )
+            committed = None if full else h.committed.get(rname)
+            changed = changed_pages(data, committed)
+            regions.append(region(rname, r.start, data.shape[0], changed))
             if not changed.size:
                 continue
-            zero: list[bool] = np.asarray(~data[changed].any(axis=1)).tolist()
-            ids = [
-                bytes(32) if z else blake3.blake3(data[p].tobytes()).digest()
-                for p, z in zip(changed.tolist(), zero, strict=True)
-            ]
-            entries = manifest_pb2.PageEntries(
-                page_offsets=changed.astype("<u8").tobytes(),
-                page_counts=np.ones(changed.size, "<u4").tobytes(),
-                chunk_skips=np.zeros(changed.size, "<u4").tobytes(),
-                chunk_ids=b"".join(ids),
-            )
+            ids, zero = chunk_ids(data, changed)
+            entries = page_entries(changed, ids)
             nz = [
                 (i, p) for i, (p, z) in enumerate(zip(changed.tolist(), zero, strict=True)) if not z
             ]
@@ -272,26 +252,9 @@ class FakeAgent:
             blobs = [data[p].tobytes() for _, p in send]
             if "bad_chunk" in self.faults and blobs:
                 blobs[0] = bytes([blobs[0][0] ^ 1]) + blobs[0][1:]
-            sizes = np.full(len(send), PAGE, "<u4").tobytes()
-            chunks = common_pb2.ChunkData(
-                ids=b"".join(ids[i] for i, _ in send),
-                methods=bytes(len(send)),
-                raw_sizes=sizes,
-                stored_sizes=sizes,
-                data=b"".join(blobs),
-            )
+            chunks = chunk_data([ids[i] for i, _ in send], blobs)
             batches.append(common_pb2.PageBatch(region=ri, entries=entries, chunks=chunks))
-        header = common_pb2.PagesHeader(
-            job=job,
-            generation=gen,
-            member=h.name,
-            node=self.node,
-            page_size=PAGE,
-            regions=regions,
-            tracker="none",
-            full=full,
-            cut_unix_ns=time.time_ns(),
-        )
+        header = pages_header(job, gen, h.name, self.node, regions, full)
         reqs = [agent_pb2.UploadRequest(header=header)]
         reqs += [agent_pb2.UploadRequest(batch=b) for b in batches]
 
@@ -305,13 +268,21 @@ class FakeAgent:
         return self.stub.UploadPages(stream())
 
 
-def _runs(pages: np.ndarray) -> list[types_pb2.PageRun]:
-    if not pages.size:
-        return []
-    brk = np.flatnonzero(np.diff(pages) != 1) + 1
-    lo = np.concatenate(([0], brk))
-    hi = np.concatenate((brk, [pages.size]))
-    return [
-        types_pb2.PageRun(offset=int(pages[a]), count=int(b - a))
-        for a, b in zip(lo, hi, strict=True)
-    ]
+A = TypeVar("A", bound=FakeAgent)
+
+
+@contextmanager
+def connected_agents(
+    coordinator: InProcessCoordinator, cls: type[A], nodes: Sequence[str] = ("node-a", "node-b")
+) -> Iterator[dict[str, A]]:
+    """Scripted agents of class `cls` for `nodes`, welcomed and ready; closed on exit."""
+    made = {n: cls(coordinator.address, n) for n in nodes}
+    try:
+        for a in made.values():
+            a.wait_welcome()
+        engine = coordinator.engine
+        wait_for(lambda: all(s.ready for s in engine.agents.connected()), what="ready")
+        yield made
+    finally:
+        for a in made.values():
+            a.close()

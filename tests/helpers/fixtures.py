@@ -3,7 +3,7 @@
     def test_x(target_factory):
         t = target_factory(maps=["hot:64", "cold:16:anon:zero"], writers=["hot:4"])
 
-`target_factory(**kwargs)` takes Target's arguments (tests/helpers/driver.py) and kills
+`target_factory(**kwargs)` takes Target's arguments (testbed/driver.py) and kills
 every target it made at teardown; `target` is one default target (mapping `data`, 64
 stamped pages). File-backed mappings keep their files in the test's tmp_path.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.driver import Target
+from testbed.driver import Target
 
 
 @pytest.fixture

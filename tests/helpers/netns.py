@@ -42,10 +42,12 @@ from typing import Any
 
 import pytest
 
+from testbed import driver
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers import driver
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
-from tests.helpers.driver import Target
+from tests.helpers.e2e import attach
 
 SUBNET = "10.213.0"
 COORD_IP = f"{SUBNET}.1"
@@ -53,7 +55,7 @@ PREFIX = "cpmn"
 NFT_TABLE = "cpmn_fault"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGKILL it when the test process dies (survives the exec
     of `ip netns exec`, which is not set-uid)."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -83,11 +85,11 @@ def remove_stale_namespaces() -> None:
 
 
 class NsTarget(Target):
-    """A target process (tests/helpers/target.py) started inside a network namespace;
+    """A target process (testbed/target.py) started inside a network namespace;
     `ip netns exec` execs, so `pid` is the target's own pid."""
 
     def __init__(self, ns: str, maps: Sequence[str] = ("data:64",), tmpdir: Path | None = None):
-        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.helpers.target"]
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "testbed.target"]
         for m in maps:
             argv += ["--map", m]
         if tmpdir is not None:
@@ -100,7 +102,7 @@ class NsTarget(Target):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self.pid = self.proc.pid
         self._buf = b""
@@ -217,7 +219,7 @@ class NetnsCluster(Cluster):
         out.write(f"--- start {' '.join(argv)}\n".encode())
         out.flush()
         d.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                                  start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         out.close()
         return d
 
@@ -229,20 +231,15 @@ class NetnsCluster(Cluster):
                 "--keep", str(self.keep), "--port-file", str(port_file),
                 "--heartbeat-ms", str(self.heartbeat_ms), "--insecure",
                 "--insecure-bind-any"]  # fmt: skip
-        self.coordinator = self._daemon("coordinator", self.coord_ns, argv,
-                                        self.root / "coordinator.log", _env(), pause)  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            if not self.coordinator.alive() or time.monotonic() > deadline:
-                raise AssertionError("coordinator did not start:\n" + self.coordinator.tail())
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        log, env = self.root / "coordinator.log", daemon_env()
+        self.coordinator = self._daemon("coordinator", self.coord_ns, argv, log, env, pause)
+        self.port = self.coordinator.wait_port(port_file)
 
     def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",
                 "--lease", str(self.lease_s)]  # fmt: skip
         d = self._daemon(f"agent-{node}", self.ns(node), argv,
-                         self.root / f"agent-{node}.log", _env(), pause, fail)  # fmt: skip
+                         self.root / f"agent-{node}.log", daemon_env(), pause, fail)  # fmt: skip
         self.agents[node] = d
         return d
 
@@ -252,9 +249,7 @@ class NetnsCluster(Cluster):
         return t
 
     def attach(self, job: str, member: str, t: Target, node: str, mapping: str = "data") -> None:
-        m = t.mapping(mapping)
-        self.cli("attach", "--job", job, "--member", member, "--pid", str(t.pid),
-                 "--node", node, "--range", f"{m.addr:#x}-{m.end:#x}")  # fmt: skip
+        attach(self, job, member, t, node, mapping)
 
     # -- CLI and queries, from inside the coordinator's namespace ------------------------
 
@@ -263,7 +258,7 @@ class NetnsCluster(Cluster):
     ) -> subprocess.CompletedProcess[str]:
         argv = ["ip", "netns", "exec", self.coord_ns, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        r = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True,
+        r = subprocess.run(argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True,
                            timeout=timeout)  # fmt: skip
         if check and r.returncode != 0:
             raise AssertionError(
@@ -274,9 +269,9 @@ class NetnsCluster(Cluster):
     def popen_cli(self, *args: str) -> subprocess.Popen[str]:
         argv = ["ip", "netns", "exec", self.coord_ns, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        return subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        return subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent)  # fmt: skip
 
     def agents_json(self) -> dict[str, bool]:
         code = (
@@ -288,7 +283,7 @@ class NetnsCluster(Cluster):
             "print(json.dumps({a.node: a.connected for a in r.agents}))\n"
         )
         r = subprocess.run(["ip", "netns", "exec", self.coord_ns, sys.executable, "-c", code],
-                           cwd=REPO, env=_env(), capture_output=True, text=True,
+                           cwd=REPO, env=daemon_env(), capture_output=True, text=True,
                            timeout=30)  # fmt: skip
         if r.returncode != 0:
             return {}

@@ -28,7 +28,8 @@ from cpcoord.clientconn import Client
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
-from tests.helpers.cluster import Cluster, Daemon, _env, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import Daemon, daemon_env, wait_for
 
 PREFIX = "/cpcoord-test"
 
@@ -75,7 +76,7 @@ class ReplicaCluster(Cluster):
             "--etcd", self.etcd_url, "--etcd-prefix", PREFIX,
             "--leader-ttl", str(self.leader_ttl),
         ]  # fmt: skip
-        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults)})
         if pause:
             env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
         if hold:
@@ -86,10 +87,7 @@ class ReplicaCluster(Cluster):
         else:
             self.replica_daemons.append(d)
         d.start()
-        wait_for(lambda: port_file.exists() or not d.alive(), 30, f"replica {i} listening")
-        if not d.alive():
-            raise AssertionError(f"replica {i} did not start:\n{d.tail()}")
-        self.ports[i] = int(port_file.read_text())
+        self.ports[i] = d.wait_port(port_file)
 
     def leader_address(self) -> str:
         kv = EtcdClient(self.etcd_url, timeout_s=2).get(f"{PREFIX}/leader".encode())

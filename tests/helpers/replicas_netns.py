@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from tests.helpers.cluster import REPO, Daemon, _env, wait_for
+from testbed.daemons import REPO, Daemon, daemon_env
 from tests.helpers.etcd import EtcdServer, free_port
-from tests.helpers.netns import _die_with_parent, sh
+from tests.helpers.netns import die_with_parent, sh
 
 SUBNET = "10.214.0"
 HUB_IP = f"{SUBNET}.1"
@@ -132,7 +132,7 @@ class NetnsReplicas:
         d = Daemon(name, argv, log, env)
         out = open(log, "ab")  # noqa: SIM115 - owned by the child
         d.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+                                  start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
         out.close()
         return d
 
@@ -143,25 +143,25 @@ class NetnsReplicas:
                 "--port-file", str(port_file), "--insecure", "--insecure-bind-any",
                 "--etcd", self.etcd.url, "--etcd-prefix", f"/{self.tag}",
                 "--leader-ttl", str(self.leader_ttl)]  # fmt: skip
-        env = _env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults)})
         if hold:
             env["CPCOORD_FAULT_HOLD"] = ",".join(hold)
         d = self._spawn(f"replica{i}", self.ns(i), argv, env)
         self.daemons.append(d)
-        wait_for(lambda: port_file.exists() or not d.alive(), 30, f"replica {i} listening")
-        assert d.alive(), d.tail()
-        self.ports.append(int(port_file.read_text()))
+        self.ports.append(d.wait_port(port_file))
 
     def start_agent(self, node: str) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure", "--no-socket"]
-        d = self._spawn(f"agent-{node}", self.hub, argv, _env())
+        d = self._spawn(f"agent-{node}", self.hub, argv, daemon_env())
         self.agents.append(d)
         return d
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = ["ip", "netns", "exec", self.hub, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        r = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=120
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"cpcoord {' '.join(args)} exited {r.returncode}:\n{r.stderr}")
         return r
@@ -169,9 +169,9 @@ class NetnsReplicas:
     def popen_cli(self, *args: str) -> subprocess.Popen[str]:
         argv = ["ip", "netns", "exec", self.hub, sys.executable, "-m", "cpcoord", *args,
                 "--coordinator", self.address]  # fmt: skip
-        return subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+        return subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+                                preexec_fn=die_with_parent)  # fmt: skip
 
     def log_lines(self, i: int, msg: str) -> list[str]:
         """Lines of replica i's log with `msg=MSG` (structured logs)."""

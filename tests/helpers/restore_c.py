@@ -59,7 +59,9 @@ def digest(pid: int, spans: list[tuple[int, int]]) -> str:
     return h.hexdigest()
 
 
-class _Proc:
+class CProcess:
+    """A C test target run as a child process: the base of the targets below."""
+
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -96,7 +98,7 @@ class _Proc:
         self.close()
 
 
-class CmdTarget(_Proc):
+class CmdTarget(CProcess):
     """`restore_target cmd PAGES`: a state region changed only on command."""
 
     def __init__(self, exe: Path, pages: int = 64) -> None:
@@ -130,7 +132,7 @@ class CmdTarget(_Proc):
         return np.frombuffer(read_mem(self.pid, self.addr, self.end - self.addr), np.uint8)
 
 
-class SpinTarget(_Proc):
+class SpinTarget(CProcess):
     """`restore_target spin`: threads whose registers must agree with their memory."""
 
     def __init__(self, exe: Path) -> None:
@@ -156,7 +158,7 @@ class SpinTarget(_Proc):
         return None
 
 
-class SharedTarget(_Proc):
+class SharedTarget(CProcess):
     """`shared_target PAGES [keep]` (tests/helpers/c/shared_target.c): four shared
     objects (memfd, shared anonymous, SysV, /dev/shm file) it never touched itself."""
 
@@ -191,7 +193,7 @@ class SharedTarget(_Proc):
         return int(np.count_nonzero(words >> np.uint64(63)))
 
 
-class CowTarget(_Proc):
+class CowTarget(CProcess):
     """`cow_target MIB` (tests/helpers/c/cow_target.c): MIB MiB filled, then forked; the
     child shares them copy-on-write and checks its copy when the parent is asked."""
 
@@ -231,18 +233,7 @@ def cpt_mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(33))
 
 
-def dirty_mib(pid: int) -> dict[str, float]:
-    """Shared_Dirty and Private_Dirty of a process (smaps_rollup), in MiB."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("Shared_Dirty", "Private_Dirty"):
-                out[key] = int(rest.split()[0]) / 1024
-    return out
-
-
-class RemapTarget(_Proc):
+class RemapTarget(CProcess):
     """`remap_target PAGES START FILE_A FILE_B` (tests/helpers/c/remap_target.c): one
     region the test rewrites and remaps on command; `check()` is its own verdict."""
 

@@ -25,15 +25,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from testbed.daemons import public_tmpdir, wait_for
 from tests.conftest import require
-from tests.helpers.cluster import wait_for
 
 BINARIES = (
     "munged",
@@ -258,8 +257,7 @@ PartitionName=high {part} PriorityTier=10 PreemptMode=OFF
 @pytest.fixture
 def slurm() -> Iterator[Slurm]:
     require_slurm()
-    root = Path(tempfile.mkdtemp(prefix=f"cpcoord-slurm-{os.getpid()}-", dir="/tmp"))
-    root.chmod(0o755)
+    root = public_tmpdir("cpcoord-slurm-")
     s = Slurm(root, cluster=f"t{os.getpid()}x{os.urandom(2).hex()}")
     try:
         s.start()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, public_tmpdir, wait_for
 
 NODE = "n1"
 
@@ -53,36 +52,25 @@ class SocketCluster:
         return {m["name"]: m for j in jobs["jobs"] for m in j["members"]}
 
 
+def start_socket_agent(c: Cluster, sock: Path, node: str = NODE) -> None:
+    """Start the agent of `node` on a started cluster, serving the local API on `sock`;
+    return once it is connected and the socket is there."""
+    c.start_agent(node, args=["--socket", str(sock)])
+    c.wait_agents([node], timeout=60)
+    wait_for(sock.exists, 30, "the agent's socket")
+
+
 @pytest.fixture
 def socket_cluster(tmp_path: Path) -> Iterator[SocketCluster]:
-    sockdir = Path(tempfile.mkdtemp(prefix="cpcoord-sock-", dir="/tmp"))
-    sockdir.chmod(0o755)
+    sockdir = public_tmpdir("cpcoord-sock-")
     sock = sockdir / "agent.sock"
     c = Cluster(tmp_path / "cluster", nodes=())
     c.root.mkdir(parents=True, exist_ok=True)
     try:
         c.start()
-        argv = [
-            sys.executable,
-            "-m",
-            "cpcoord",
-            "--log-level",
-            "info",
-            "agent",
-            "--coordinator",
-            c.address,
-            "--node",
-            NODE,
-            "--insecure",
-            "--socket",
-            str(sock),
-        ]
-        d = Daemon(f"agent-{NODE}", argv, c.root / f"agent-{NODE}.log", _env())
-        c.agents[NODE] = d
-        d.start()
-        c.wait_agents([NODE], timeout=60)
-        wait_for(sock.exists, 30, "the agent's socket")
+        start_socket_agent(c, sock)
         yield SocketCluster(c, sock)
     finally:
         c.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(sockdir, ignore_errors=True)

@@ -4,9 +4,8 @@
 `s3://BUCKET/PREFIX` on the session's SeaweedFS server (tests/helpers/seaweed.py), with
 the catalog in a state directory of the test's own. The `store_select` fixture hands out
 the store arguments (`store_url`, `extra_env`) of Cluster and InProcessCoordinator
-(tests/helpers/cluster.py) for either; `open_store` and `store_objects` reach a store the
-way its coordinator does, whatever it is (the S3 form of "open the store directory" and
-"grep its files").
+(testbed/cluster.py) for either; testbed/stores.py reaches a store the way its
+coordinator does, whatever it is.
 
 Every test that uses `store_select` (directly or through `inproc` / `cluster_factory`)
 gets the `store` marker: scripts/test.sh runs `-m store` a second time with
@@ -17,16 +16,12 @@ CPCOORD_TEST_STORE=s3. Tests that start their own SeaweedFS (`seaweed`,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from unittest import mock
 
 import pytest
 
-from coordinator.store import Kind, Repository, StoreConfig
-from coordinator.store.location import StoreLocation
-from coordinator.store.s3 import S3Backend
+from testbed.stores import StoreArgs
 
 STORE_ENV = "CPCOORD_TEST_STORE"
 STORE_KINDS = ("local", "s3")
@@ -56,9 +51,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.store)
 
 
-StoreArgs = dict[str, Any]  # store_url / extra_env for Cluster and InProcessCoordinator
-
-
 @pytest.fixture
 def store_select(request: pytest.FixtureRequest) -> Callable[[Path], StoreArgs]:
     """`store_select(root)`: the store arguments for a coordinator whose files live
@@ -72,69 +64,3 @@ def store_select(request: pytest.FixtureRequest) -> Callable[[Path], StoreArgs]:
         return {"store_url": sw.url(), "extra_env": env}
 
     return s3
-
-
-def _s3_backend(url: str, env: dict[str, str]) -> S3Backend:
-    """The S3 backend of a store URL, with the endpoint and keys a daemon would take
-    from `env` (the AWS variables), not from this process's environment."""
-    loc = StoreLocation.parse(url)
-    return S3Backend(
-        loc.bucket,
-        loc.prefix,
-        endpoint_url=env.get("AWS_ENDPOINT_URL"),
-        region=env.get("AWS_REGION"),
-        access_key=env.get("AWS_ACCESS_KEY_ID"),
-        secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
-    )
-
-
-def state_dir(url: str, env: dict[str, str]) -> Path:
-    """The local state directory (catalog, lock) of an S3 store a daemon opens with env."""
-    assert "CPCOORD_STATE_DIR" in env, "an S3 test store needs CPCOORD_STATE_DIR in its env"
-    # The coordinator's own rule (location.py), with the state directory it was given.
-    with mock.patch.dict(os.environ, {"CPCOORD_STATE_DIR": env["CPCOORD_STATE_DIR"]}):
-        return StoreLocation.parse(url).default_state_dir()
-
-
-def open_store(
-    directory: Path,
-    store_url: str | None = None,
-    env: dict[str, str] | None = None,
-    config: StoreConfig | None = None,
-) -> Repository:
-    """The repository a coordinator started with these store arguments opens."""
-    if store_url is None or not store_url.startswith("s3://"):
-        return Repository.open_local(Path(store_url) if store_url else directory, config)
-    env = env or {}
-    backend = _s3_backend(store_url, env)
-    try:
-        return Repository(backend, state_dir(store_url, env), config)
-    except BaseException:
-        backend.close()
-        raise
-
-
-def store_objects(
-    directory: Path, store_url: str | None = None, env: dict[str, str] | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of everything a store holds: the files of a store directory, or
-    every object under an S3 store's prefix plus the files of its local state directory
-    (catalog, lock)."""
-    if store_url is None or not store_url.startswith("s3://"):
-        root = Path(store_url) if store_url else directory
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                yield str(p.relative_to(root)), p.read_bytes()
-        return
-    env = env or {}
-    backend = _s3_backend(store_url, env)
-    try:
-        for kind in Kind:
-            for o in list(backend.list(kind)):
-                yield f"{kind.value}/{o.name}", backend.get(kind, o.name)
-    finally:
-        backend.close()
-    state = state_dir(store_url, env)
-    for p in sorted(state.rglob("*")) if state.exists() else ():
-        if p.is_file():
-            yield f"state/{p.relative_to(state)}", p.read_bytes()

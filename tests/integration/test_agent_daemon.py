@@ -18,20 +18,13 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import Target, task_states
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import Target, task_states
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 JOB = "train"
-
-
-def attach(
-    c: Cluster, t: Target, member: str, node: str, maps: tuple[str, ...] = ("data",)
-) -> None:
-    ranges = []
-    for m in maps:
-        ranges += ["--range", f"{t.mapping(m).addr:#x}-{t.mapping(m).end:#x}"]
-    c.cli("attach", "--job", JOB, "--member", member, "--pid", str(t.pid), "--node", node, *ranges)
 
 
 def exported(c: Cluster, tmp: Path, gen: int, member: str, start: int) -> np.ndarray:
@@ -53,8 +46,8 @@ def test_checkpoints_through_the_store_are_exact(
     c = cluster_factory(nodes=("node-a", "node-b"))
     a = target_factory(maps=["data:256:anon:random:1", "zeros:64:anon:zero"])
     b = target_factory(maps=["data:128"])
-    attach(c, a, "a", "node-a", ("data", "zeros"))
-    attach(c, b, "b", "node-b")
+    attach(c, JOB, "a", a, "node-a", ("data", "zeros"))
+    attach(c, JOB, "b", b, "node-b")
 
     g1 = c.cli_json("checkpoint", "--job", JOB)
     assert g1["state"] == "committed" and g1["full"], g1
@@ -89,14 +82,14 @@ def test_killed_agent_never_leaves_a_member_stopped(
 ) -> None:
     c = cluster_factory(nodes=("node-a",))
     t = target_factory(maps=["data:64"], writers=["data:2"])
-    attach(c, t, "m0", "node-a")
+    attach(c, JOB, "m0", t, "node-a")
     c.restart_agent("node-a", pause=[phase])
     c.wait_agents(["node-a"])
     if c.cli_json("jobs", "--job", JOB)["jobs"][0]["members"][0]["health"] != "running":
         wait_for(lambda: c.members_running(JOB), 20, "member re-attached")
     argv = [sys.executable, "-m", "cpcoord", "checkpoint", "--job", JOB, "--json",
             "--coordinator", c.address]  # fmt: skip
-    ck = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    ck = subprocess.Popen(argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, text=True)
     try:
         c.wait_fault(phase)
         assert stopped(t), task_states(t.pid)  # paused with the member frozen
@@ -123,7 +116,7 @@ def test_reconnect_after_coordinator_restart(
 ) -> None:
     c = cluster_factory(nodes=("node-a",))
     t = target_factory(maps=["data:64"])
-    attach(c, t, "m0", "node-a")
+    attach(c, JOB, "m0", t, "node-a")
     g1 = c.cli_json("checkpoint", "--job", JOB)
     assert g1["state"] == "committed"
     assert c.coordinator is not None
@@ -150,7 +143,7 @@ def test_member_death_is_reported_to_the_coordinator(
 ) -> None:
     c = cluster_factory(nodes=("node-a",))
     t = target_factory()
-    attach(c, t, "m0", "node-a")
+    attach(c, JOB, "m0", t, "node-a")
     os.kill(t.pid, signal.SIGKILL)
 
     def gone() -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ from cpcoord.grpcutil import abort_with, server_options
 from nodeagent.agent import Agent, AgentConfig
 from nodeagent.pages import pages_from_runs
 from nodeagent.trackers import registry
-from tests.helpers.driver import PAGE, Target, task_states
+from testbed.driver import PAGE, Target, task_states
 
 pytestmark = pytest.mark.integration
 JOB = "job"

@@ -30,9 +30,9 @@ from nodeagent.worker_ops import (
     FreezeOp,
     WorkerConfig,
 )
+from testbed import patterns
+from testbed.driver import PAGE, Target, task_states
 from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.driver import PAGE, Target, task_states
 
 pytestmark = pytest.mark.integration
 JOB = "job"
@@ -465,7 +465,7 @@ def test_a_member_that_cannot_stop_is_held_then_released(tmp_path: Any) -> None:
     the ptrace thread keeps it (seized, its interrupt pending, never stopped) and detaches
     it the moment vfork returns. Another one still held when the worker stops is let go
     by the thread's end (the kernel's exit_ptrace drops the pending interrupt too)."""
-    from tests.helpers.cluster import wait_for
+    from testbed.daemons import wait_for
     from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, stopped
 
     exe = build_freeze_target(tmp_path)

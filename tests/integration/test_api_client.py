@@ -43,19 +43,11 @@ from cpcoord.errors import (
     UnknownJob,
 )
 from cpcoord.image import load_image, region_bytes
-from tests.conftest import require
-from tests.helpers.cluster import Cluster, InProcessCoordinator, wait_for
-from tests.helpers.driver import PAGE, Target, task_states
+from testbed.cluster import Cluster, InProcessCoordinator
+from testbed.daemons import wait_for
+from testbed.driver import PAGE, Target, task_states
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Collector:
@@ -146,7 +138,6 @@ def assert_progress(evs: list[ProgressEvent], members: set[str]) -> None:
 def test_whole_flow_through_the_client(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     cl = cluster_factory(nodes=("node-a", "node-b"), keep=5)
     ta = target_factory(maps=["data:64"])
     tb = target_factory(maps=["data:32:anon:random:5"])
@@ -300,7 +291,6 @@ def test_errors_map_to_their_classes(
     target_factory: Callable[..., Target],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     monkeypatch.delenv("CPCOORD_COORDINATOR", raising=False)
     with pytest.raises(NoCoordinatorAddress):
         Client()

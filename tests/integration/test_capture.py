@@ -1,6 +1,6 @@
 """Capture of real processes (issue 2, must show 1).
 
-Targets are spawned by the tests (tests/helpers/target.py) with known per-page stamps;
+Targets are spawned by the tests (testbed/target.py) with known per-page stamps;
 writer threads keep stamping while captures run, and patterns.check_writer proves the
 captured pages equal the memory of one instant. Every test ends with the target running.
 """
@@ -36,9 +36,10 @@ from nodeagent.reader import MemoryReader, sys_readv
 from nodeagent.regions import RegionSpec, default_region_name
 from nodeagent.staging import Staging
 from nodeagent.trackers.base import ChangedSet
+from testbed import patterns
+from testbed.driver import REPO, Target, task_states
 from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.driver import REPO, Target, task_states
+from tests.helpers.uffd_markers import uffd_wp_markers
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]
@@ -292,27 +293,6 @@ def test_growth_and_new_mappings_between_captures(target_factory: MakeTarget) ->
     t.assert_running()
 
 
-def _uffd_wp_markers(addr: int, length: int) -> int | None:
-    """Register [addr, addr+length) of this process with userfaultfd in async
-    write-protect mode and protect it: never-touched pages get PTE markers. Returns the
-    uffd (to close), or None when the kernel lacks WP_ASYNC/WP_UNPOPULATED."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-    fd = int(libc.syscall(323, os.O_CLOEXEC | 1))  # userfaultfd(UFFD_USER_MODE_ONLY)
-    if fd < 0:
-        return None
-    wp_unpopulated, wp_async = 1 << 13, 1 << 15
-    api = (ctypes.c_uint64 * 3)(0xAA, wp_unpopulated | wp_async, 0)
-    reg = (ctypes.c_uint64 * 4)(addr, length, 1 << 1, 0)  # UFFDIO_REGISTER_MODE_WP
-    wp = (ctypes.c_uint64 * 3)(addr, length, 1)  # UFFDIO_WRITEPROTECT_MODE_WP
-    for req, arg in ((0xC018AA3F, api), (0xC020AA00, reg), (0xC018AA06, wp)):
-        if libc.ioctl(fd, req, arg) != 0:
-            os.close(fd)
-            return None
-    return fd
-
-
 def test_uffd_wp_markers_on_untouched_pages_are_not_taken() -> None:
     """The uffd-wp tracker (issue 3) leaves PTE markers on never-touched pages, which
     pagemap reports as swapped: they hold nothing and must not be captured."""
@@ -320,7 +300,7 @@ def test_uffd_wp_markers_on_untouched_pages_are_not_taken() -> None:
     buf = np.frombuffer(mm, dtype=np.uint8)
     addr = int(buf.ctypes.data)
     buf[3 * PAGE_SIZE] = 1  # page 3 present
-    fd = _uffd_wp_markers(addr, 16 * PAGE_SIZE)
+    fd = uffd_wp_markers(addr, 16 * PAGE_SIZE)
     require(fd is not None, "userfaultfd WP_ASYNC + WP_UNPOPULATED (Linux >= 6.7)")
     assert fd is not None
     try:

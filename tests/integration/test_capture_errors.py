@@ -25,8 +25,8 @@ from nodeagent.capture import capture
 from nodeagent.freeze import FrozenProcess
 from nodeagent.procfs import Mapping, ProcessIdentity, read_stat
 from nodeagent.trackers.base import ChangedSet
+from testbed.driver import REPO, Target, proc_state
 from tests.conftest import require
-from tests.helpers.driver import REPO, Target, proc_state
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]

@@ -4,7 +4,7 @@ The in-place image must be the very image the staged path writes: same image.jso
 bytes, zero pages (and pages not stored) as holes, holes of shared objects never
 allocated; the copy while frozen takes no page fault on our side; pages or regions that
 differ between the pre-pass and the cut are handled inside the window. Targets are real
-processes with known contents (tests/helpers/target.py).
+processes with known contents (testbed/target.py).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from nodeagent.freeze import frozen
 from nodeagent.pagemap import PagemapReader
 from nodeagent.procfs import Mapping, ProcessIdentity
 from nodeagent.regions import RegionSpec
+from testbed import patterns
+from testbed.driver import REPO, Target
 from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.driver import REPO, Target
+from tests.helpers.sparse import data_extent_pages
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]
-SEEK_DATA, SEEK_HOLE = 3, 4
 
 
 @pytest.fixture
@@ -55,24 +55,6 @@ def shm_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def data_extents(path: Path) -> list[tuple[int, int]]:
-    """[first page, end page) of each allocated (data) extent of the file."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, SEEK_HOLE)
-            out.append((start // PAGE_SIZE, pos // PAGE_SIZE))
-    finally:
-        os.close(fd)
-    return out
 
 
 def runs_extents(offsets: np.ndarray) -> list[tuple[int, int]]:
@@ -141,7 +123,7 @@ def test_in_place_image_is_the_staged_image(
     for reg, r in zip(img.member("m0").regions, inplace.regions, strict=True):
         path = img.path / "m0" / f"{reg.name}.raw"
         assert os.stat(path).st_size == reg.end - reg.start
-        assert data_extents(path) == runs_extents(r.pages[~r.zero]), reg.name
+        assert data_extent_pages(path) == runs_extents(r.pages[~r.zero]), reg.name
     mm = t.mapping("m")
     assert os.stat(img.path / "m0" / f"{region_of(img, mm)}.raw").st_blocks * 512 <= (
         9 * PAGE_SIZE
@@ -303,7 +285,7 @@ def test_cli_onto_tmpfs_writes_the_image_in_place(
     am, bm = t.mapping("a"), t.mapping("b")
     name = region_of(img, bm)
     first = (bm.addr - img.member("m0").region(name).start) // PAGE_SIZE
-    ext = data_extents(out / "m0" / f"{name}.raw")  # before any read (reads allocate)
+    ext = data_extent_pages(out / "m0" / f"{name}.raw")  # before any read (reads allocate)
     for lo, hi in [(first + 4, first + 12), (first + 30, first + 40)]:
         assert not any(s < hi and lo < e for s, e in ext), (lo, hi, ext)
     words = np.array(reg_rows(img, am)).view(np.uint64).reshape(256, patterns.WORDS)
@@ -350,7 +332,7 @@ def _capture_sparse_memfd(t: Target, out: Path) -> None:
         (reg,) = img.member("m0").regions
         assert reg.pages.tolist() == [[0, 16384]]
         path = img.path / "m0" / f"{reg.name}.raw"
-        assert data_extents(path) == [(0, 4), (5000, 5004), (16380, 16384)]
+        assert data_extent_pages(path) == [(0, 4), (5000, 5004), (16380, 16384)]
         with open(path, "rb") as f:  # read(), not a mapping: holes stay holes
             for page in (0, 5000, 16380):
                 got = np.frombuffer(os.pread(f.fileno(), 4 * PAGE_SIZE, page * PAGE_SIZE), np.uint8)

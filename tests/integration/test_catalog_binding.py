@@ -27,12 +27,12 @@ from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind, LocalBackend
 from coordinator.store.binding import KEY_ENDPOINT, KEY_ID
 from coordinator.store.config import CONFIG_NAME
-from tests.conftest import require
-from tests.helpers.cluster import Cluster, wait_for
-from tests.helpers.driver import Target
-from tests.helpers.seaweed import BUCKET, Seaweed
-from tests.integration.test_e2e_cluster import _have_agent, attach, export, exported
-from tests.unit.store_support import checkpoint, rand
+from testbed.cluster import Cluster
+from testbed.daemons import wait_for
+from testbed.driver import Target
+from testbed.seaweed import BUCKET, Seaweed
+from tests.helpers.e2e import attach, export, exported
+from tests.helpers.store_support import checkpoint, rand
 
 pytestmark = pytest.mark.integration
 CONFIG = StoreConfig(pack_size=1 << 18)
@@ -92,7 +92,6 @@ def test_a_fresh_bucket_of_the_same_name_gets_a_new_catalog(
     seaweed_private: Seaweed,
     tmp_path: Path,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     sw = seaweed_private
     env = {**sw.env(), "CPCOORD_STATE_DIR": str(tmp_path / "state")}
     c = cluster_factory(nodes=("node-a",), store_url=f"s3://{BUCKET}", extra_env=env)
@@ -111,7 +110,6 @@ def test_a_fresh_bucket_of_the_same_name_gets_a_new_catalog(
 def test_an_empty_directory_in_place_of_the_store_gets_a_new_catalog(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     store = tmp_path / "dirstore"
     c = cluster_factory(nodes=("node-a",), store_url=str(store), state_dir=tmp_path / "cat")
     t = target_factory(maps=["data:64:anon:random:6"])

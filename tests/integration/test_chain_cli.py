@@ -31,9 +31,9 @@ from nodeagent import chain
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
+from testbed.driver import REPO, Target
 from tests.conftest import require
 from tests.helpers.chains import assert_image_equals
-from tests.helpers.driver import REPO, Target
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]

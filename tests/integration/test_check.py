@@ -24,8 +24,8 @@ from nodeagent.procfs import ProcessIdentity, read_maps
 from nodeagent.trackers import probe
 from nodeagent.trackers.base import Availability
 from nodeagent.trackers.softdirty import SoftDirtyTracker, availability
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.driver import Target
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -21,22 +21,14 @@ from referencing import Registry, Resource
 from cpcoord import errors
 from cpcoord.cli import build_parser
 from cpcoord.config import subparsers
-from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster
-from tests.helpers.driver import Target
+from testbed.cluster import Cluster
+from testbed.daemons import REPO
+from testbed.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SCHEMAS = REPO / "docs" / "json-schemas"
 PAGE = 4096
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _registry() -> tuple[Registry, dict[str, dict[str, Any]]]:
@@ -114,7 +106,6 @@ def test_schemas_are_valid_and_documented() -> None:
 def test_json_of_every_cluster_command_matches_its_schema(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a",))
     t = target_factory(maps=["data:32"])
     m = t.mapping("data")
@@ -194,7 +185,6 @@ def one_line_error(r: subprocess.CompletedProcess[str], code: int) -> str:
 def test_exit_codes_of_common_failures(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     # unreachable coordinator (a port nothing listens on), for a unary and a stream call
     for cmd in (["jobs"], ["checkpoint", "--job", "j"], ["verify"]):
         r = run(*cmd, "--coordinator", "127.0.0.1:1", "--timeout", "5")

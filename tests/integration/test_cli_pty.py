@@ -21,23 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster
-from tests.helpers.driver import Target
+from testbed.cluster import Cluster
+from testbed.daemons import REPO
+from testbed.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PAGES = 64
 RATE = re.compile(r"\d+(\.\d)? (B|KiB|MiB|GiB|TiB)/s")
 ANSI = re.compile(r"\x1b\[")
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def env() -> dict[str, str]:
@@ -131,7 +123,6 @@ def check_plain(r: Run, phases: list[str], counts: str, final: str, rate: bool =
 def test_progress_on_a_terminal_and_plain_lines_through_pipes(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a",))
     t = target_factory(maps=[f"data:{PAGES}"])
     m = t.mapping("data")

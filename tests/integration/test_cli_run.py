@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cluster import REPO, wait_for
+from testbed.daemons import REPO, wait_for
 from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
 
 pytestmark = pytest.mark.integration
@@ -178,8 +178,7 @@ def test_run_with_the_client_library_restarts(socket_cluster: SocketCluster) -> 
     """The Python example under `cpcoord run`: a member from the start (whole memory),
     it registers its state (now explicit), checkpoints, is killed (137 from `run`, the
     member detached), and a second `run` resumes it from that generation."""
-    from tests.integration.test_localapi import EXAMPLE_PY, fields, first_line
-    from tests.integration.test_restart_real import _uninterrupted_numpy
+    from tests.helpers.localapi import EXAMPLE_PY, fields, first_line, uninterrupted_numpy
 
     sc = socket_cluster
     base = [sys.executable, "-m", "cpcoord", "run", "--job", "ex", "--member", "py"]
@@ -206,7 +205,7 @@ def test_run_with_the_client_library_restarts(socket_cluster: SocketCluster) -> 
     assert out.returncode == 0, out.stderr + sc.cluster.logs()
     restored, result = out.stdout.splitlines()
     assert fields(restored) == {"generation": "1", "step": "30"}
-    assert fields(result) == _uninterrupted_numpy(45)
+    assert fields(result) == uninterrupted_numpy(45)
     assert sc.members("ex") == {}
 
 
@@ -230,7 +229,7 @@ def test_restarted_process_under_run_starts_from_no_regions(
     next process of the member (a new `run`) registers only a: it is a member with a
     alone. The agent once carried b over at the first process's address (RangeUnmapped:
     the new process has nothing mapped there), which broke every Slurm restart."""
-    from tests.integration.test_localapi import first_line
+    from tests.helpers.localapi import first_line
 
     sc = socket_cluster
     base = [sys.executable, "-m", "cpcoord", "run", "--job", "again", "--member", "m"]

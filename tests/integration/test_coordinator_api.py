@@ -7,7 +7,6 @@ health checking and reflection.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,56 +18,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.engine import Options
-from cpcoord.cli import main
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.image import load_image, region_bytes
-from tests.helpers.cluster import InProcessCoordinator, wait_for
-from tests.helpers.fake_agent import PAGE, FakeAgent
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
+from tests.helpers.fake_agent import PAGE, FakeAgent, connected_agents
+from tests.helpers.inproc_cli import cli, cli_json, rand, setup_job
 
 pytestmark = pytest.mark.integration
 
 
-def rand(seed: int, pages: int) -> bytearray:
-    return bytearray(np.random.default_rng(seed).integers(0, 256, pages * PAGE, np.uint8).tobytes())
-
-
 @pytest.fixture
 def agents(inproc: InProcessCoordinator) -> Iterator[dict[str, FakeAgent]]:
-    made = {n: FakeAgent(inproc.address, n) for n in ("node-a", "node-b")}
-    for a in made.values():
-        a.wait_welcome()
-    wait_for(lambda: all(s.ready for s in inproc.engine.agents.connected()), what="ready")
-    yield made
-    for a in made.values():
-        a.close()
-
-
-def cli(c: InProcessCoordinator, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    code = main([*args, "--coordinator", c.address])
-    return code, capsys.readouterr().out
-
-
-def cli_json(c: InProcessCoordinator, capsys: pytest.CaptureFixture[str], *args: str) -> dict:
-    code, out = cli(c, capsys, *args, "--json")
-    assert code == 0, out
-    return json.loads(out)
-
-
-def setup_job(
-    c: InProcessCoordinator,
-    agents: dict[str, FakeAgent],
-    capsys: pytest.CaptureFixture[str],
-    job: str = "j",
-) -> None:
-    a, b = agents["node-a"], agents["node-b"]
-    a.hold(job, "m1", {"r0": rand(1, 32), "r1": bytearray(16 * PAGE)}, start=0x10000000)
-    b.hold(job, "m2", {"r0": rand(2, 24)}, start=0x20000000)
-    for m, node in (("m1", "node-a"), ("m2", "node-b")):
-        assert (
-            cli(c, capsys, "attach", "--job", job, "--member", m, "--pid", "42", "--node", node)[0]
-            == 0
-        )
+    with connected_agents(inproc, FakeAgent) as made:
+        yield made
 
 
 def test_checkpoint_commit_export_and_listings(

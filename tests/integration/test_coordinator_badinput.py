@@ -21,7 +21,8 @@ import pytest
 from cpcoord.cli import main
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, types_pb2
 from cpcoord.grpcutil import META_ERROR
-from tests.helpers.cluster import InProcessCoordinator, wait_for
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
 from tests.helpers.fake_agent import PAGE, FakeAgent
 
 pytestmark = pytest.mark.integration

@@ -29,11 +29,10 @@ from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
+from testbed.cluster import Cluster
+from testbed.driver import Target, dirty_mib
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
-from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c, dirty_mib
-from tests.integration.test_e2e_cluster import _have_agent
+from tests.helpers.restore_c import COW_TARGET, CowTarget, build_c
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +107,6 @@ def test_checkpoints_keep_the_fork_shared(
     tmp_path: Path,
     tracker: str,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     _available(tracker)
     c = cluster_factory(nodes=("node-a",))
     t = spawn(64)

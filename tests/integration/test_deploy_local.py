@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.daemons import REPO, wait_for
 from tests.conftest import require
-from tests.helpers.cluster import REPO, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCRIPT = REPO / "deploy" / "local" / "run.py"

@@ -31,9 +31,11 @@ import pytest
 
 from cpcoord.cli import build_parser
 from cpcoord.image import load_image, region_bytes
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, wait_for
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, Daemon, wait_for
-from tests.helpers.driver import Target
+from tests.helpers.e2e import attach
 
 pytestmark = pytest.mark.integration
 
@@ -236,12 +238,6 @@ def confined(tmp: Path, agent_caps: Sequence[str], uid: int | None = AGENT_UID) 
     return c
 
 
-def _attach(c: Cluster, t: Target) -> None:
-    m = t.mapping("data")
-    c.cli("attach", "--job", "j", "--member", "m", "--pid", str(t.pid), "--node", "node-a",
-          "--range", f"{m.addr:#x}-{m.end:#x}")  # fmt: skip
-
-
 @pytest.mark.slow
 def test_the_agent_units_capabilities_are_enough(
     tmp_path: Path, target_factory: Callable[..., Target]
@@ -256,7 +252,7 @@ def test_the_agent_units_capabilities_are_enough(
         t = target_factory(maps=["data:48"])
         assert os.stat(f"/proc/{t.pid}").st_uid == 0 != AGENT_UID
         assert _uid(c.agents["node-a"].pid) == AGENT_UID  # setpriv execs in place
-        _attach(c, t)
+        attach(c, "j", "m", t, "node-a")
         r1 = c.cli_json("checkpoint", "--job", "j")
         assert r1["state"] == "committed", r1
         want1 = t.read("data")

@@ -7,10 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
-from tests.integration.test_e2e_cluster import _have_agent, attach
+from testbed.cluster import Cluster
+from testbed.driver import Target
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,7 +19,6 @@ PAGE = 4096
 def test_diff_lists_exactly_the_pages_written(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     ta, tb = target_factory(maps=["data:64"]), target_factory(maps=["data:32"])
     attach(c, "dj", "wa", ta, "node-a")

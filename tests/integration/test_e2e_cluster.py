@@ -3,7 +3,7 @@ real agents as separate processes on loopback, members on several agents, full t
 incremental generations, and `cpcoord export` of every generation equal, byte for byte,
 to what each member's memory held at that generation's cut.
 
-The members' memory changes only on command from the test (tests/helpers/target.py),
+The members' memory changes only on command from the test (testbed/target.py),
 so the content read between two checkpoints is the content at the cut. A second test
 runs writer threads that never pause and checks each export shows one instant.
 """
@@ -16,55 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpcoord.image import load_image, region_bytes, stored_offsets
-from tests.conftest import require
-from tests.helpers import patterns
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
+from testbed import patterns
+from testbed.cluster import Cluster
+from testbed.driver import Target
+from tests.helpers.e2e import attach, export, exported
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def attach(c: Cluster, job: str, member: str, t: Target, node: str, mapping: str = "data") -> None:
-    m = t.mapping(mapping)
-    c.cli(
-        "attach",
-        "--job",
-        job,
-        "--member",
-        member,
-        "--pid",
-        str(t.pid),
-        "--node",
-        node,
-        "--range",
-        f"{m.addr:#x}-{m.end:#x}",
-    )
-
-
-def export(c: Cluster, job: str, n: int, out: Path) -> None:
-    c.cli("export", "--job", job, "--generation", str(n), "--out", str(out))
-
-
-def exported(out: Path, member: str) -> tuple[np.ndarray, np.ndarray]:
-    """(region bytes as (pages, PAGE), page offsets the image lists) of a member's one region."""
-    im = load_image(out)
-    (reg,) = im.member(member).regions
-    return np.array(region_bytes(im, member, reg.name)), stored_offsets(reg.pages)
 
 
 def test_full_then_incremental_generations_export_exactly(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b", "node-c"))
     targets = {
         "a1": (target_factory(maps=["data:96"]), "node-a"),
@@ -137,7 +99,6 @@ def test_running_writers_export_one_instant(
 ) -> None:
     """Writer threads never pause; each generation must still show one instant of each
     member (a torn or mixed copy fails check_writer), incremental ones included."""
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     ta = target_factory(maps=["data:256"], writers=["data:4"])
     tb = target_factory(maps=["data:128"], writers=["data:2"])

@@ -13,42 +13,16 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
-from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import PAGE, Target
+from testbed.cluster import Cluster
+from testbed.driver import PAGE, Target
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def attach(c: Cluster, job: str, member: str, t: Target, node: str, mapping: str) -> None:
-    m = t.mapping(mapping)
-    c.cli(
-        "attach",
-        "--job",
-        job,
-        "--member",
-        member,
-        "--pid",
-        str(t.pid),
-        "--node",
-        node,
-        "--range",
-        f"{m.addr:#x}-{m.end:#x}",
-    )
 
 
 def test_identical_members_store_once_and_zero_gib_stores_nothing(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     pages = 2048  # 8 MiB of incompressible pages, the same in both
     ta = target_factory(maps=[f"data:{pages}:anon:random:7"])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
-from tests.integration.test_e2e_dedup import attach
+from testbed.cluster import Cluster
+from testbed.driver import Target
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -32,22 +32,14 @@ import pytest
 from coordinator.store import Kind
 from coordinator.store.catalog import State
 from cpcoord.image import load_image, region_bytes
-from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import Target, task_states
-from tests.helpers.seaweed import BUCKET, Seaweed
-from tests.integration.test_e2e_dedup import attach
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import Target, task_states
+from testbed.seaweed import BUCKET, Seaweed
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIG_PAGES = 65536  # 256 MiB of random pages: 16 packs of 16 MiB, seconds of upload
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _export(c: Cluster, gen: int, member: str, out: Path) -> np.ndarray:
@@ -80,7 +72,7 @@ def _checkpoint(c: Cluster) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "cpcoord", "checkpoint", "--job", "job", "--json",
             "--coordinator", c.address]  # fmt: skip
     return subprocess.Popen(
-        argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -94,7 +86,6 @@ def test_seaweed_killed_mid_upload_aborts_and_the_next_generation_commits(
     target_factory: Callable[..., Target],
     tmp_path: Path,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     sw = seaweed_private
     url = sw.url()
     prefix = url.removeprefix(f"s3://{BUCKET}/")

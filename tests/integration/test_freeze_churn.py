@@ -34,8 +34,9 @@ from pathlib import Path
 import pytest
 
 from cpcoord.api import Client, Generation
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
 from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -154,7 +155,7 @@ class Stress:
         r = subprocess.run(
             [*argv, "--out", str(out), "--tracker", "none", "--json"],
             cwd=REPO,
-            env=_env(),
+            env=daemon_env(),
             capture_output=True,
             text=True,
             timeout=120,

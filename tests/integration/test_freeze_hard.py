@@ -29,8 +29,9 @@ from cpcoord.errors import PermissionDenied
 from cpcoord.image import load_image, region_bytes
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
+from testbed.cluster import Cluster, attach_args
+from testbed.daemons import REPO, daemon_env, wait_for
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
 from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states, stopped
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -60,19 +61,7 @@ def make(exe: Path) -> Iterator[Callable[..., FreezeTarget]]:
 
 
 def attach(c: Cluster, t: FreezeTarget, member: str = "m", job: str = "job") -> None:
-    c.cli(
-        "attach",
-        "--job",
-        job,
-        "--member",
-        member,
-        "--pid",
-        str(t.pid),
-        "--node",
-        "node-a",
-        "--range",
-        f"{t.addr:#x}-{t.end:#x}",
-    )
+    c.cli(*attach_args(job, member, t.pid, "node-a", [(t.addr, t.end)]))
 
 
 def checkpoint(c: Cluster, job: str = "job") -> dict:
@@ -159,7 +148,7 @@ def test_capture_cli_of_a_process_blocked_in_vfork(
     r = subprocess.run(
         [*argv, "--out", str(tmp_path / "img"), "--tracker", "none"],
         cwd=REPO,
-        env=_env(),
+        env=daemon_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -227,7 +216,7 @@ def test_process_whose_leader_exited_is_checkpointed(
         r2 = subprocess.run(
             [*argv, "--out", str(out), "--tracker", "none", *extra],
             cwd=REPO,
-            env=_env(),
+            env=daemon_env(),
             capture_output=True,
             text=True,
             timeout=60,

@@ -25,9 +25,9 @@ from cpcoord.clientconn import Client
 from cpcoord.errors import NotLeader
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.grpcutil import channel_options, rpc_to_error
-from tests.helpers.cluster import REPO, Daemon, _env, wait_for
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from tests.helpers.etcd import EtcdServer, free_port
-from tests.unit.store_support import assert_restores, checkpoint, rand
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = [pytest.mark.integration]
 PREFIX = "/ha-etcd-test"
@@ -88,7 +88,7 @@ def test_follower_refuses_then_takes_over_then_resigns(etcd: EtcdServer, tmp_pat
     argv = [sys.executable, "-m", "cpcoord", "coordinator", "--listen", "127.0.0.1:0",
             "--store", str(tmp_path / "store"), "--port-file", str(port_file), "--insecure",
             "--etcd", etcd.url, "--etcd-prefix", PREFIX, "--metrics-port", str(mport)]  # fmt: skip
-    d = Daemon("replica", argv, tmp_path / "replica.log", _env())
+    d = Daemon("replica", argv, tmp_path / "replica.log", daemon_env())
     d.start()
     try:
         wait_for(port_file.exists, 30, "replica listening")
@@ -106,7 +106,7 @@ def test_follower_refuses_then_takes_over_then_resigns(etcd: EtcdServer, tmp_pat
         r = subprocess.run(
             [sys.executable, "-m", "cpcoord", "jobs", "--coordinator", addr, "--insecure",
              "--timeout", "2"],
-            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60,
+            cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode in (140, 70), r.stderr  # NotLeader, or the named leader unreachable
         assert health(addr, "cpcoord.v1.Coordinator") == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -156,7 +156,7 @@ def test_new_leader_adds_committed_generations_its_catalog_lacks(
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "coordinator",
             "--listen", "127.0.0.1:0", "--store", str(store), "--port-file", str(port_file),
             "--insecure", "--etcd", etcd.url, "--etcd-prefix", PREFIX]  # fmt: skip
-    d = Daemon("replica", argv, tmp_path / "replica.log", _env())
+    d = Daemon("replica", argv, tmp_path / "replica.log", daemon_env())
     d.start()
     try:
         wait_for(port_file.exists, 30, "replica listening")

@@ -23,11 +23,10 @@ import pytest
 
 from coordinator.store import Kind
 from coordinator.store.catalog import State
-from tests.conftest import require
-from tests.helpers.driver import Target
+from testbed.driver import Target
 from tests.helpers.etcd import EtcdServer
+from tests.helpers.fault_scene import LEASE_MS, Scene
 from tests.helpers.replicas import ReplicaCluster
-from tests.integration.test_e2e_faults import LEASE_MS, Scene, _have_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FAILOVER_S = 5.0
@@ -72,7 +71,6 @@ def replicas(tmp_path: Path, etcd: EtcdServer) -> Iterator[Callable[..., Replica
 
 
 def _scene(c: ReplicaCluster, target_factory: Callable[..., Target], tmp: Path) -> ReplicaScene:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c.start()
     return ReplicaScene(c, target_factory(maps=["data:64"]), target_factory(maps=["data:64"]), tmp)
 

@@ -30,9 +30,9 @@ import pytest
 
 from cpcoord.faults import release_file
 from cpcoord.image import load_image, region_bytes
+from testbed.daemons import wait_for
+from testbed.driver import Target, task_states
 from tests.conftest import require
-from tests.helpers.cluster import wait_for
-from tests.helpers.driver import Target, task_states
 from tests.helpers.replicas_netns import NetnsReplicas, log_time, remove_stale, tag_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

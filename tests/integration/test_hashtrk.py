@@ -12,7 +12,7 @@ from cpcoord.ranges import PAGE_SHIFT
 from nodeagent.freeze import frozen
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers.hashtrk import HashTracker
-from tests.helpers.driver import Target
+from testbed.driver import Target
 
 pytestmark = pytest.mark.integration
 

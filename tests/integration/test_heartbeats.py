@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.helpers.cluster import Cluster, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import wait_for
 
 pytestmark = pytest.mark.integration
 

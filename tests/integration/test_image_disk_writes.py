@@ -16,27 +16,9 @@ from cpcoord.image_files import memory_backed
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.staging import Staging
+from tests.helpers.sparse import data_extent_pages
 
 pytestmark = pytest.mark.integration
-SEEK_DATA, SEEK_HOLE = 3, 4
-
-
-def data_extents(path: Path) -> list[tuple[int, int]]:
-    """[first page, end page) of each allocated (data) extent of the file."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, start, SEEK_HOLE)
-            out.append((start // PAGE_SIZE, pos // PAGE_SIZE))
-    finally:
-        os.close(fd)
-    return out
 
 
 def test_disk_writer_direct_and_buffered_give_the_same_file(
@@ -84,4 +66,4 @@ def test_disk_writer_direct_and_buffered_give_the_same_file(
     assert np.array_equal(a[n // 2 + 5 :], aligned[n // 2 :])
     for img in images:
         path = img.path / "m" / "r.raw"
-        assert data_extents(path) == [(0, 7), (8, n // 2), (n // 2 + 5, n + 5)]
+        assert data_extent_pages(path) == [(0, 7), (8, n // 2), (n // 2 + 5, n + 5)]

@@ -26,9 +26,9 @@ from nodeagent.freeze import frozen
 from nodeagent.incremental import TrackedCapture, TrackedResult
 from nodeagent.procfs import ProcessIdentity
 from nodeagent.trackers import registry
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.chains import _failing_readv, assert_same, run_chain, write_link
-from tests.helpers.driver import Target
+from tests.helpers.chains import assert_same, failing_readv, run_chain, write_link
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]
@@ -84,7 +84,7 @@ def test_abort_then_commit_is_exact(
     t.cmd("write", name="b", page=1, count=1, counter=12)
     # And once more, failing after the collect this time.
     with frozen(ident) as fp, pytest.raises(ReadFailed):
-        tc.capture(fp=fp, readv=_failing_readv)
+        tc.capture(fp=fp, readv=failing_readv)
     t.cmd("write", name="a", page=40, count=1, counter=13)
     res, ref = _round(tc, ident)
     assert not res.full and res.counts.pending >= 4

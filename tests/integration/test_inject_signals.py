@@ -29,8 +29,8 @@ from nodeagent.procfs import ProcessIdentity, read_maps
 from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.uffd_open import HIGH_FD_CEILING
 from nodeagent.trackers.uffdwp import UffdWpTracker
+from testbed.cluster import Cluster
 from tests.conftest import require
-from tests.helpers.cluster import Cluster
 from tests.helpers.restore_c import C_DIR, build_c
 
 pytestmark = pytest.mark.integration

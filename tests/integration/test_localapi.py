@@ -16,10 +16,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,20 +33,25 @@ from cpcoord.errors import (
 )
 from cpcoord.local_wire import encode, read_frame
 from nodeagent.localapi_server import LocalApiServer
-from tests.conftest import require
-from tests.helpers.driver import REPO, Target
+from testbed.daemons import public_tmpdir
+from testbed.driver import REPO, Target
+from tests.helpers.localapi import (
+    EXAMPLE_PY,
+    PROBE,
+    REFUSED_TO_OTHERS,
+    fields,
+    first_line,
+    python_for,
+)
 from tests.helpers.memory_backend import MemoryBackend
 from tests.helpers.restore_c import C_EXAMPLE, build_c, digest
 
 pytestmark = pytest.mark.integration
-EXAMPLE_PY = REPO / "examples" / "python" / "checkpoint_numpy.py"
 
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    # Under /tmp with 0755, so another user can reach the socket (tmp_path is 0700).
-    d = Path(tempfile.mkdtemp(prefix="cpcoord-sock-", dir="/tmp"))
-    d.chmod(0o755)
+    d = public_tmpdir("cpcoord-sock-")  # another user can reach the socket
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -68,22 +71,6 @@ def env_for(sock: Path, job: str, member: str) -> dict[str, str]:
         CPCOORD_MEMBER=member,
         PYTHONPATH=str(REPO),
     )
-
-
-def first_line(p: subprocess.Popen[str], timeout: float = 60) -> str:
-    assert p.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = p.stdout.readline()
-        if line:
-            return line.strip()
-        if p.poll() is not None:
-            break
-    raise AssertionError(f"no output; exit {p.poll()}: {p.stderr.read() if p.stderr else ''}")
-
-
-def fields(line: str) -> dict[str, str]:
-    return dict(w.split("=", 1) for w in line.split()[1:])
 
 
 # -- must show 3: restart ------------------------------------------------------------------
@@ -159,75 +146,6 @@ def test_c_process_restarts_from_its_checkpoint(
 # -- must show 4: another user, another job ---------------------------------------------------
 
 
-@pytest.fixture
-def other_user() -> Iterator[pwd.struct_passwd]:
-    require(os.geteuid() == 0, "creating a second user needs root")
-    require(shutil.which("useradd") is not None, "useradd is needed to create a second user")
-    name = f"cpct{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        check=True,
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False)
-
-
-PROBE = r"""
-import json, mmap, os, sys
-from cpcoord import client
-from cpcoord.errors import CpcoordError
-victim, same_user_pid = int(sys.argv[1]), int(sys.argv[2])
-c = client.Client(job="mine", member="m0")
-out = {}
-def attempt(key, fn):
-    try:
-        out[key] = ["ok", fn()]
-    except CpcoordError as e:
-        out[key] = [type(e).__name__, str(e)]
-buf = mmap.mmap(-1, 8192)
-attempt("hello", lambda: c.request("hello", pid=victim)["pid"] == os.getpid())
-attempt("checkpoint_victim", lambda: c.request("checkpoint", pid=victim))
-attempt("restore_victim", lambda: c.request("restore", pid=victim))
-attempt("checkpoint_same_user_pid", lambda: c.request("checkpoint", pid=same_user_pid))
-attempt("restore_same_user_pid", lambda: c.request("restore", pid=same_user_pid))
-attempt("job_victim", lambda: c.request("checkpoint", scope="job", job="victim-job"))
-attempt("job_same_user", lambda: c.request("checkpoint", scope="job", job="their-job"))
-attempt("steal_member", lambda: c.register("state", buf, job="victim-job", member="v0"))
-attempt("join_job", lambda: c.register("state", buf, job="victim-job", member="sneak"))
-attempt("register", lambda: c.register("state", buf).size)
-buf[:5] = b"hello"
-attempt("checkpoint_self", lambda: c.checkpoint())
-attempt("checkpoint_job", lambda: c.checkpoint(job=True))
-buf[:5] = b"XXXXX"
-attempt("restore_self", lambda: c.restore("state").regions)
-attempt("restored_bytes", lambda: bytes(buf[:5]).decode())
-print(json.dumps(out))
-"""
-
-
-def python_for(user: pwd.struct_passwd) -> str:
-    """An interpreter the other user can run (ours may live in root's home)."""
-    for exe in (sys.executable, "/usr/bin/python3"):
-        try:
-            probe = subprocess.run(
-                [exe, "-c", "import cpcoord.client"],
-                user=user.pw_uid,
-                group=user.pw_gid,
-                extra_groups=[],
-                env={"PYTHONPATH": str(REPO)},
-                capture_output=True,
-                check=False,
-            )
-        except PermissionError:
-            continue
-        if probe.returncode == 0:
-            return exe
-    require(False, "no Python interpreter the second user can run")
-    raise AssertionError("unreachable")
-
-
 def test_another_user_cannot_act_on_other_processes_or_jobs(
     agent: tuple[LocalApiServer, MemoryBackend], other_user: pwd.struct_passwd, target_factory
 ) -> None:
@@ -275,16 +193,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["hello"][0] == "ok" and res["hello"][1] is True  # pid from the kernel
-    for key in (
-        "checkpoint_victim",
-        "restore_victim",
-        "checkpoint_same_user_pid",
-        "restore_same_user_pid",
-        "job_victim",
-        "job_same_user",
-        "steal_member",
-        "join_job",
-    ):
+    for key in REFUSED_TO_OTHERS:
         assert res[key][0] == "NotPermitted", (key, res[key])
     assert res["register"] == ["ok", 8192]
     assert res["checkpoint_self"][0] == "ok" and res["checkpoint_job"][0] == "ok"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cpcoord.tls import token_digest
-from tests.helpers.cluster import REPO, Daemon, _env, wait_for
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "cpcoord"]
@@ -52,7 +52,7 @@ def secured(tmp_path: Path) -> Iterator[tuple[Path, str, dict[str, Path]]]:
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "coordinator"]
     argv += ["--listen", "127.0.0.1:0", "--store", str(tmp_path / "store")]
     argv += ["--port-file", str(port), "--insecure", "--tokens", str(tmp_path / "tokens")]
-    d = Daemon("coordinator", argv, tmp_path / "coordinator.log", _env())
+    d = Daemon("coordinator", argv, tmp_path / "coordinator.log", daemon_env())
     d.start()
     sockdir = Path(tempfile.mkdtemp(prefix="cpcoord-sock-", dir="/tmp"))
     try:
@@ -68,7 +68,7 @@ def agent(tmp: Path, addr: str, sock: Path, agent_token: Path, *extra: str) -> D
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "agent"]
     argv += ["--coordinator", addr, "--node", "n1", "--insecure"]
     argv += ["--token-file", str(agent_token), "--socket", str(sock), *extra]
-    d = Daemon("agent", argv, tmp / f"agent-{sock.stem}.log", _env())
+    d = Daemon("agent", argv, tmp / f"agent-{sock.stem}.log", daemon_env())
     d.start()
     wait_for(lambda: sock.exists() or not d.alive(), 60, "agent socket")
     assert d.alive(), d.tail()
@@ -76,7 +76,7 @@ def agent(tmp: Path, addr: str, sock: Path, agent_token: Path, *extra: str) -> D
 
 
 def attempt(sock: Path, job: str) -> list[object]:
-    env = _env({"CPCOORD_AGENT_SOCKET": str(sock), "CPCOORD_JOB": job, "CPCOORD_MEMBER": "m"})
+    env = daemon_env({"CPCOORD_AGENT_SOCKET": str(sock), "CPCOORD_JOB": job, "CPCOORD_MEMBER": "m"})
     out = subprocess.run(
         [sys.executable, "-c", PROC], env=env, capture_output=True, text=True, timeout=300
     )
@@ -88,7 +88,7 @@ def jobs(addr: str, admin: Path) -> str:
     r = subprocess.run(
         [*CLI, "jobs", "--coordinator", addr, "--insecure", "--token-file", str(admin), "--json"],
         cwd=REPO,
-        env=_env(),
+        env=daemon_env(),
         capture_output=True,
         text=True,
         timeout=60,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes, stored_offsets
-from tests.helpers.cluster import Cluster
+from testbed.cluster import Cluster
 from tests.helpers.restore_c import C_DIR, build_c, read_mem
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -24,7 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator import metrics
 from coordinator.store.backend import LocalBackend
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
-from tests.helpers.cluster import InProcessCoordinator, inproc, wait_for  # noqa: F401
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
+from tests.helpers.cluster import inproc  # noqa: F401
 from tests.helpers.fake_agent import PAGE, FakeAgent
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.store import Repository
-from tests.unit.store_support import assert_restores, checkpoint, rand
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

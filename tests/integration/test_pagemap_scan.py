@@ -13,9 +13,9 @@ import pytest
 
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.pagemap import PagemapReader, taken_in
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.driver import Target
-from tests.integration.test_capture import _uffd_wp_markers
+from tests.helpers.uffd_markers import uffd_wp_markers
 
 pytestmark = pytest.mark.integration
 MakeTarget = Callable[..., Target]
@@ -50,7 +50,7 @@ def test_scan_leaves_out_uffd_wp_markers() -> None:
     buf = np.frombuffer(mm, dtype=np.uint8)
     addr = int(buf.ctypes.data)
     buf[3 * PAGE_SIZE] = 1
-    fd = _uffd_wp_markers(addr, 16 * PAGE_SIZE)
+    fd = uffd_wp_markers(addr, 16 * PAGE_SIZE)
     require(fd is not None, "userfaultfd WP_ASYNC + WP_UNPOPULATED (Linux >= 6.7)")
     assert fd is not None
     try:

@@ -32,9 +32,10 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
+from testbed.driver import Target
 from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
-from tests.helpers.driver import Target
 
 pytestmark = [pytest.mark.integration]
 
@@ -250,7 +251,7 @@ def _checkpoint_popen(c: Cluster, job: str) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "cpcoord", "checkpoint", "--job", job, "--json",
             "--lease-ms", "3000", "--coordinator", c.address]  # fmt: skip
     return subprocess.Popen(
-        argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

@@ -16,19 +16,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster
-from tests.helpers.driver import Target
+from testbed.cluster import Cluster
+from testbed.daemons import REPO
+from testbed.driver import Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Dynamic:
@@ -66,7 +58,6 @@ class Dynamic:
 def test_services_listed_and_called_through_reflection(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     cl = cluster_factory(nodes=("node-a",))
     t = target_factory(maps=["data:16"])
     with grpc.insecure_channel(cl.address) as ch:

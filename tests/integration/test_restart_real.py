@@ -21,31 +21,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.restore_c import C_EXAMPLE, build_c, digest
-from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
-from tests.integration.test_localapi import (
+from tests.helpers.localapi import (
     EXAMPLE_PY,
     PROBE,
+    REFUSED_TO_OTHERS,
     fields,
     first_line,
-    other_user,
     python_for,
+    uninterrupted_numpy,
 )
+from tests.helpers.restore_c import C_EXAMPLE, build_c, digest
+from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
 
 pytestmark = pytest.mark.integration
-__all__ = ["other_user", "socket_cluster"]  # fixtures used by name
-
-
-def _uninterrupted_numpy(total: int) -> dict[str, str]:
-    sys.path.insert(0, str(EXAMPLE_PY.parent))
-    try:
-        import checkpoint_numpy as ex
-    finally:
-        sys.path.remove(str(EXAMPLE_PY.parent))
-    state = np.zeros(ex.N + 1, dtype=np.uint64)
-    for s in range(1, total + 1):
-        ex.advance(state, s)
-    return {"step": str(total), "digest": str(ex.digest(state))}
+__all__ = ["socket_cluster"]  # a fixture, used by name
 
 
 def _uninterrupted_c(total: int) -> dict[str, str]:
@@ -95,7 +84,7 @@ def test_python_numpy_process_restarts_through_the_agent(socket_cluster: SocketC
     )
     assert cp == {"generation": "1", "step": "50"}
     assert restored == {"generation": "1", "step": "50"}
-    assert result == _uninterrupted_numpy(80)
+    assert result == uninterrupted_numpy(80)
     assert sc.generations("pyjob") == [1]
     # The restarted process took the member over (a new pid, on this node).
     m = sc.members("pyjob")["py-0"]
@@ -231,16 +220,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
         assert out.returncode == 0, out.stderr + sc.cluster.logs()
         res = json.loads(out.stdout)
         assert res["hello"] == ["ok", True]  # the caller's pid comes from the kernel
-        for key in (
-            "checkpoint_victim",
-            "restore_victim",
-            "checkpoint_same_user_pid",
-            "restore_same_user_pid",
-            "job_victim",
-            "job_same_user",
-            "steal_member",
-            "join_job",
-        ):
+        for key in REFUSED_TO_OTHERS:
             assert res[key][0] == "NotPermitted", (key, res[key])
             assert "not permitted" in res[key][1], (key, res[key])
         # Its own process and job work, through the coordinator.

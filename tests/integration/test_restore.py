@@ -35,8 +35,8 @@ from nodeagent.restore import (
     write,
 )
 from nodeagent.restore_undo import STEP
-from tests.helpers import patterns
-from tests.helpers.driver import Target
+from testbed import patterns
+from testbed.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, build_c, digest, read_mem
 
 pytestmark = pytest.mark.integration

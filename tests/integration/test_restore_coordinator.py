@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import agent_pb2, common_pb2
-from tests.helpers.cluster import InProcessCoordinator, wait_for
-from tests.helpers.fake_agent import PAGE, FakeAgent
-from tests.integration.test_coordinator_api import cli, cli_json, rand, setup_job
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
+from tests.helpers.fake_agent import PAGE, FakeAgent, connected_agents
+from tests.helpers.inproc_cli import cli, cli_json, rand, setup_job
 
 pytestmark = pytest.mark.integration
 
@@ -165,13 +166,8 @@ class RestoringAgent(FakeAgent):
 
 @pytest.fixture
 def ragents(inproc: InProcessCoordinator) -> Iterator[dict[str, RestoringAgent]]:
-    made = {n: RestoringAgent(inproc.address, n) for n in ("node-a", "node-b")}
-    for a in made.values():
-        a.wait_welcome()
-    wait_for(lambda: all(s.ready for s in inproc.engine.agents.connected()), what="ready")
-    yield made
-    for a in made.values():
-        a.close()
+    with connected_agents(inproc, RestoringAgent) as made:
+        yield made
 
 
 def snapshot(agents: dict[str, RestoringAgent]) -> dict[tuple[str, str], bytes]:

@@ -16,10 +16,9 @@ import pytest
 
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
-from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
-from tests.integration.test_e2e_cluster import _have_agent, attach
+from testbed.cluster import Cluster
+from testbed.driver import Target
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,7 +39,6 @@ def _digest(t: Target, pages: int | None = None) -> str:
 def test_restore_in_place_two_agents(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     assert _capabilities(c) == {"node-a": True, "node-b": True}
     ta = target_factory(maps=["data:96"])
@@ -82,7 +80,6 @@ def test_restore_in_place_two_agents(
 def test_restore_refused_when_a_member_does_not_fit(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     ta = target_factory(maps=["data:32"])
     tb = target_factory(maps=["data:32"])
@@ -109,7 +106,6 @@ def test_restore_refused_when_a_member_does_not_fit(
 def test_restore_into_a_new_process_and_whole_memory_refused(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a",))
     ta = target_factory(maps=["data:32:anon:random:3"])
     attach(c, "job", "a", ta, "node-a")

@@ -30,7 +30,7 @@ from nodeagent.ptrace_abi import NT_X86_XSTATE, PTRACE_GETREGSET, Iovec
 from nodeagent.registers import ThreadStates, restore_thread_state, save_thread_state
 from nodeagent.restore import MemberLayout, RegionContents, RegionLayout, restore_members
 from nodeagent.thread_hooks import ThreadStateHooks
-from tests.helpers.driver import Target
+from testbed.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, SpinTarget, build_c, digest, read_mem
 
 pytestmark = pytest.mark.integration

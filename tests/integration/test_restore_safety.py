@@ -26,10 +26,8 @@ from pathlib import Path
 import pytest
 
 from nodeagent.restore_undo import STEP
-from tests.conftest import require
-from tests.helpers.cluster import Cluster
+from testbed.cluster import Cluster
 from tests.helpers.restore_c import REMAP_TARGET, RemapTarget, build_c
-from tests.integration.test_e2e_cluster import _have_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -92,7 +90,6 @@ def test_a_remapped_region_is_refused_and_left_alone(
     how: str,
     says: str,
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a",))
     t = spawn(64, start)
     gen = _setup(c, "remap", t)
@@ -113,7 +110,6 @@ def test_a_remapped_region_is_refused_and_left_alone(
 def test_a_restore_that_fails_part_way_puts_every_byte_back(
     cluster_factory: Callable[..., Cluster], spawn: Callable[..., RemapTarget]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a",))
     c.restart_agent("node-a", fail=["agent.restore.write@3"])
     c.wait_agents(["node-a"])

@@ -39,11 +39,9 @@ from cpcoord.grpcutil import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from nodeagent.freeze import frozen
 from nodeagent.procfs import ProcessIdentity
-from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
-from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, SpinTarget, _Proc, build_c
-from tests.integration.test_e2e_cluster import _have_agent
+from testbed.cluster import Cluster, attach_args
+from testbed.driver import Target
+from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, CProcess, SpinTarget, build_c
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -58,7 +56,7 @@ class WholeTarget(SpinTarget):
     """whole_target: SpinTarget's counters, a secret in r15, and an end on request."""
 
     def __init__(self, exe: Path, stopfile: Path, secret: int) -> None:
-        _Proc.__init__(self, [str(exe), str(stopfile), f"{secret:x}"])
+        CProcess.__init__(self, [str(exe), str(stopfile), f"{secret:x}"])
         self.state = int(self.first[1], 16)
         self.stopfile = stopfile
 
@@ -105,11 +103,11 @@ def exes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def spawn(exes: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    made: list[_Proc] = []
+    made: list[CProcess] = []
 
     def make(kind: str, secret: int = 0x1234) -> Any:
         if kind == "whole":
-            t: _Proc = WholeTarget(exes["whole"], tmp_path / f"stop-{len(made)}", secret)
+            t: CProcess = WholeTarget(exes["whole"], tmp_path / f"stop-{len(made)}", secret)
         else:
             t = CmdTarget(exes["cmd"], pages=32)
         made.append(t)
@@ -120,11 +118,6 @@ def spawn(exes: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., Any]]
         with contextlib.suppress(Exception):
             os.kill(t.pid, signal.SIGCONT)
         t.close()
-
-
-def _attach(c: Cluster, job: str, member: str, pid: int, node: str, rng: str = "") -> None:
-    args = ["attach", "--job", job, "--member", member, "--pid", str(pid), "--node", node]
-    c.cli(*args, *(["--range", rng] if rng else []))
 
 
 def _get_generation(c: Cluster, job: str, n: int) -> coordinator_pb2.GetGenerationResponse:
@@ -222,15 +215,14 @@ def _store_has(c: Cluster, needle: bytes, under: str = "") -> list[str]:
 def test_two_agents_whole_memory_and_explicit_restored_with_registers(
     cluster_factory: Callable[..., Cluster], spawn: Callable[..., Any], tmp_path: Path
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     secret = 0x5EC12E7C0FFEE123
     w1: WholeTarget = spawn("whole", secret)
     w2: WholeTarget = spawn("whole", secret + 1)
     x: CmdTarget = spawn("cmd")
-    _attach(c, "j", "w1", w1.pid, "node-a")
-    _attach(c, "j", "w2", w2.pid, "node-b")
-    _attach(c, "j", "x", x.pid, "node-b", f"{x.addr:#x}-{x.end:#x}")
+    c.cli(*attach_args("j", "w1", w1.pid, "node-a"))
+    c.cli(*attach_args("j", "w2", w2.pid, "node-b"))
+    c.cli(*attach_args("j", "x", x.pid, "node-b", [(x.addr, x.end)]))
     assert x.step(5)["status"] == "ok"
 
     # Generation 1 while the whole-memory members run; registers saved for them only.
@@ -337,12 +329,11 @@ def test_thread_count_changed_refuses_with_nothing_written(
     spawn: Callable[..., Any],
     target_factory: Callable[..., Target],
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     c = cluster_factory(nodes=("node-a", "node-b"))
     w: WholeTarget = spawn("whole")
     p = target_factory(maps=["data:32"])
-    _attach(c, "j", "w", w.pid, "node-a")
-    _attach(c, "j", "p", p.pid, "node-b")
+    c.cli(*attach_args("j", "w", w.pid, "node-a"))
+    c.cli(*attach_args("j", "p", p.pid, "node-b"))
     g1 = _checkpoint(c, "j")
     p.cmd("write", name="data", page=0, count=32, counter=7)
     p.cmd("threads", count=1)  # one thread more than at the cut
@@ -368,12 +359,11 @@ def test_thread_count_changed_refuses_with_nothing_written(
 def test_registers_encrypted_at_rest_and_restored(
     cluster_factory: Callable[..., Cluster], spawn: Callable[..., Any]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     key = hashlib.sha256(b"test key").hexdigest()
     c = cluster_factory(nodes=("node-a",), extra_env={"CPCOORD_STORE_KEY": key})
     secret = 0x7A11E5C0DE5EC12E
     w: WholeTarget = spawn("whole", secret)
-    _attach(c, "j", "w", w.pid, "node-a")
+    c.cli(*attach_args("j", "w", w.pid, "node-a"))
     w.stop()
     g1 = _checkpoint(c, "j")
     at_cut = w.counters()

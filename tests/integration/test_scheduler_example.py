@@ -17,27 +17,19 @@ import pytest
 
 from cpcoord.api import Client
 from cpcoord.errors import UnknownJob
-from tests.conftest import require
-from tests.helpers.cluster import REPO, Cluster, _env, wait_for
-from tests.helpers.driver import PAGE, Target
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, daemon_env, wait_for
+from testbed.driver import PAGE, Target
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLE = REPO / "examples" / "scheduler" / "checkpoint_loop.py"
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _loop(cl: Cluster, job: str, every: float) -> subprocess.Popen[str]:
     argv = [sys.executable, str(EXAMPLE), "--coordinator", cl.address, "--insecure"]
     argv += ["--job", job, "--every", str(every)]
     return subprocess.Popen(
-        argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -48,7 +40,6 @@ def _lines(out: str) -> list[dict[str, Any]]:
 def test_loop_checkpoints_periodically_and_finally_on_sigterm(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     cl = cluster_factory(nodes=("node-a",), keep=100)
     t = target_factory(maps=["data:32"])
     m = t.mapping("data")

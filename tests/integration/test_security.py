@@ -23,7 +23,9 @@ from cpcoord.gen.v1 import agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import make_channel
 from cpcoord.image import load_image, region_bytes
 from cpcoord.tls import TlsFiles, init_dev_pki
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, Daemon, daemon_env, wait_for
+from tests.helpers.e2e import attach
 
 pytestmark = [pytest.mark.integration]
 
@@ -53,7 +55,7 @@ def other_pki(tmp_path: Path) -> Path:
 def cpcoord(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "cpcoord", *args]
     return subprocess.run(
-        argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -70,12 +72,10 @@ def coordinator(tmp: Path, *extra: str) -> Iterator[str]:
         "--port-file",
         str(port_file),
     ]
-    d = Daemon("coordinator", [*argv, *extra], tmp / "coordinator.log", _env())
+    d = Daemon("coordinator", [*argv, *extra], tmp / "coordinator.log", daemon_env())
     d.start()
     try:
-        wait_for(lambda: port_file.exists() or not d.alive(), 30, "coordinator port file")
-        assert d.alive(), d.tail()
-        yield f"127.0.0.1:{int(port_file.read_text())}"
+        yield f"127.0.0.1:{d.wait_port(port_file)}"
     finally:
         d.stop()
 
@@ -313,7 +313,7 @@ def test_agent_refuses_a_coordinator_it_does_not_trust(
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "agent"]
     argv += ["--coordinator", c.address, "--node", "node-a"]
     argv += tls_args(files(other_pki, "agent-node-a"))
-    d = Daemon("agent-untrusting", argv, c.root / "agent-untrusting.log", _env())
+    d = Daemon("agent-untrusting", argv, c.root / "agent-untrusting.log", daemon_env())
     d.start()
     c.agents["node-a"] = d  # torn down with the cluster
     try:
@@ -335,19 +335,7 @@ def test_checkpoint_and_export_over_mtls(
     c = tls_cluster.start()
     t = target_factory(maps=["data:64:anon:random:7"])
     m = t.mapping("data")
-    c.cli(
-        "attach",
-        "--job",
-        "j",
-        "--member",
-        "m",
-        "--pid",
-        str(t.pid),
-        "--node",
-        "node-a",
-        "--range",
-        f"{m.addr:#x}-{m.end:#x}",
-    )
+    attach(c, "j", "m", t, "node-a")
     g = c.cli_json("checkpoint", "--job", "j")
     assert g["state"] == "committed", g
     out = tmp_path / "export"
@@ -368,7 +356,7 @@ def test_agent_certificate_binds_its_node_name(tls_cluster: TlsCluster, pki: Pat
     argv = [sys.executable, "-m", "cpcoord", "--log-level", "info", "agent"]
     argv += ["--coordinator", c.address, "--node", "node-b"]
     argv += tls_args(files(pki, "agent-node-a"))
-    d = Daemon("agent-impostor", argv, c.root / "agent-impostor.log", _env())
+    d = Daemon("agent-impostor", argv, c.root / "agent-impostor.log", daemon_env())
     d.start()
     c.agents["node-b"] = d
     try:

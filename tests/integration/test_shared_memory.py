@@ -34,11 +34,9 @@ from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.ranges import AddressRange
 from nodeagent.capture import capture
 from nodeagent.procfs import ProcessIdentity
-from tests.conftest import require
-from tests.helpers.cluster import Cluster
-from tests.helpers.driver import Target
+from testbed.cluster import Cluster
+from testbed.driver import Target
 from tests.helpers.restore_c import SHARED_TARGET, SharedTarget, build_c, cpt_mix
-from tests.integration.test_e2e_cluster import _have_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,7 +64,6 @@ def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     return cluster_factory(nodes=("node-a",))
 
 

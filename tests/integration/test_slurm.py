@@ -16,11 +16,9 @@ preemption: the job still requeues, from the previous generation, and says so.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +27,11 @@ import pytest
 
 from cpcoord.api import Client
 from cpcoord.errors import UnknownJob
+from testbed.cluster import Cluster
+from testbed.daemons import REPO, public_tmpdir, wait_for
 from tests.helpers import slurm_rank
-from tests.helpers.cluster import REPO, Cluster, Daemon, _env, wait_for
 from tests.helpers.slurm import NODE, Slurm, slurm
+from tests.helpers.socket_cluster import start_socket_agent
 
 pytestmark = pytest.mark.integration
 __all__ = ["slurm"]  # fixture used by name
@@ -80,8 +80,7 @@ class Stack:
 @pytest.fixture
 def stack(slurm: Slurm, tmp_path: Path) -> Iterator[Stack]:
     """A coordinator and one agent named like the Slurm node, serving the local API."""
-    sockdir = Path(tempfile.mkdtemp(prefix=f"cpcoord-slurm-sock-{os.getpid()}-", dir="/tmp"))
-    sockdir.chmod(0o755)
+    sockdir = public_tmpdir("cpcoord-slurm-sock-")
     sock = sockdir / "agent.sock"
     c = Cluster(tmp_path / "cluster", nodes=(), keep=50)
     c.root.mkdir(parents=True)
@@ -89,26 +88,7 @@ def stack(slurm: Slurm, tmp_path: Path) -> Iterator[Stack]:
     work.mkdir()
     try:
         c.start()
-        argv = [
-            sys.executable,
-            "-m",
-            "cpcoord",
-            "--log-level",
-            "info",
-            "agent",
-            "--coordinator",
-            c.address,
-            "--node",
-            NODE,
-            "--insecure",
-            "--socket",
-            str(sock),
-        ]
-        d = Daemon(f"agent-{NODE}", argv, c.root / f"agent-{NODE}.log", _env())
-        c.agents[NODE] = d
-        d.start()
-        c.wait_agents([NODE], timeout=60)
-        wait_for(sock.exists, 30, "the agent's socket")
+        start_socket_agent(c, sock, NODE)
         install_epilog(slurm, c, work)
         yield Stack(slurm, c, sock, work)
     finally:

@@ -19,7 +19,7 @@ from coordinator.store.config import StoreConfig
 from coordinator.store.crypt import ENV_KEY, Sealer
 from cpcoord.errors import DataCorrupted
 from cpcoord.image import load_image, region_bytes
-from tests.helpers.cluster import Cluster
+from testbed.cluster import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEY = "8f" * 32

@@ -2,7 +2,7 @@
 never show a partial object, stale uploads discarded, paginated listing, the bucket made
 when missing, bounded retries with clear errors, and endpoint and credentials taken from
 the standard AWS variables and config files. (The shared contract suite is
-tests/unit/test_store_backend.py, which runs on S3 too.)"""
+tests/integration/test_store_backend.py, which runs on S3 too.)"""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from coordinator.store.backend import Kind
 from coordinator.store.location import open_backend, open_repository
 from coordinator.store.s3 import S3Backend, S3Options
 from cpcoord.errors import InvalidArgument, ObjectNotFound, StoreError
-from tests.helpers.seaweed import BUCKET, Seaweed, free_ports
-from tests.unit.store_support import assert_restores, checkpoint, rand
+from testbed.seaweed import BUCKET, Seaweed, free_ports
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration
 PACK = "ab" + "0" * 62

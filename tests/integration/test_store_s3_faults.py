@@ -19,8 +19,8 @@ from coordinator.store import Repository, StoreConfig, manifest_io
 from coordinator.store.backend import Kind
 from coordinator.store.ids import digest
 from cpcoord.errors import StoreError
-from tests.helpers.seaweed import Seaweed
-from tests.unit.store_support import Image, assert_restores, checkpoint, rand, upload
+from testbed.seaweed import Seaweed
+from tests.helpers.store_support import Image, assert_restores, checkpoint, rand, upload
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20

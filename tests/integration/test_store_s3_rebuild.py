@@ -14,8 +14,8 @@ from coordinator.store.backend import Backend, Kind, LocalBackend
 from coordinator.store.catalog import GenerationInfo
 from coordinator.store.location import open_repository
 from coordinator.store.rebuild import rebuild_catalog
-from tests.helpers.seaweed import BUCKET, Seaweed
-from tests.unit.store_support import assert_restores, checkpoint, rand, upload
+from testbed.seaweed import BUCKET, Seaweed
+from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
 
 pytestmark = pytest.mark.integration
 CONFIG = StoreConfig(pack_size=1 << 18)

@@ -1,5 +1,5 @@
-"""The repository on the S3 backend (a real SeaweedFS server): the repository tests of
-tests/unit/test_store_repository.py that need nothing but a `repo`, run again here with
+"""The repository on the S3 backend (a real SeaweedFS server): the repository contract
+(tests/helpers/repo_contract.py: tests that need nothing but a `repo`), run again here with
 an S3-backed one; crash after each commit and gc step; verify finding damage written
 into the bucket; reopening a store from the bucket alone."""
 
@@ -12,13 +12,18 @@ import pytest
 
 from coordinator.store import Repository, StoreConfig
 from coordinator.store.backend import Kind
-from coordinator.store.catalog import State
 from coordinator.store.ids import chunk_ids_of
-from cpcoord.errors import GenerationStateError, StoreLocked
-from tests.helpers.seaweed import Seaweed
-from tests.unit import test_store_crash as crash
-from tests.unit import test_store_repository as unit
-from tests.unit.store_support import assert_restores, checkpoint, rand, upload
+from cpcoord.errors import StoreLocked
+from testbed.seaweed import Seaweed
+from tests.helpers.repo_contract import *  # noqa: F403 - the contract, on this `repo`
+from tests.helpers.store_crash import (
+    COMMIT_STEPS,
+    CONFIG,
+    GC_STEPS,
+    crash_during_commit,
+    crash_during_gc,
+)
+from tests.helpers.store_support import assert_restores, checkpoint, rand
 
 pytestmark = pytest.mark.integration
 
@@ -31,95 +36,19 @@ def repo(seaweed: Seaweed, tmp_path: Path) -> Iterator[Repository]:
     r.close()
 
 
-# Reused as they are (they take `repo`, this module's fixture, and touch no file):
-test_full_then_incremental_restore_exactly = unit.test_full_then_incremental_restore_exactly
-test_iter_pages_marks_zero_runs = unit.test_iter_pages_marks_zero_runs
-test_mismatching_chunk_refuses_the_whole_batch = unit.test_mismatching_chunk_refuses_the_whole_batch
-test_bad_ingest_arguments = unit.test_bad_ingest_arguments
-test_dedup_across_members_and_generations = unit.test_dedup_across_members_and_generations
-test_all_zero_region_stores_nothing = unit.test_all_zero_region_stores_nothing
-test_commit_refuses_missing_chunks_then_succeeds = (
-    unit.test_commit_refuses_missing_chunks_then_succeeds
-)
-test_commit_refuses_entries_reading_past_their_chunk = (
-    unit.test_commit_refuses_entries_reading_past_their_chunk
-)
-test_commit_checks_generation_state = unit.test_commit_checks_generation_state
-test_concurrent_uploads = unit.test_concurrent_uploads
-test_gc_retention_keeps_last_n_and_pinned = unit.test_gc_retention_keeps_last_n_and_pinned
-test_gc_alongside_a_checkpoint_in_flight = unit.test_gc_alongside_a_checkpoint_in_flight
-test_gc_keeps_the_parent_of_a_generation_in_flight = (
-    unit.test_gc_keeps_the_parent_of_a_generation_in_flight
-)
-test_gc_removes_aborted_leftovers = unit.test_gc_removes_aborted_leftovers
-test_stats = unit.test_stats
-test_gc_keeps_a_doomed_pack_stored_again_meanwhile = (
-    unit.test_gc_keeps_a_doomed_pack_stored_again_meanwhile
-)
-test_delete_generation = unit.test_delete_generation
-test_caller_may_reuse_its_buffer_after_add_chunks = (
-    unit.test_caller_may_reuse_its_buffer_after_add_chunks
-)
-test_gc_merges_small_packs = unit.test_gc_merges_small_packs
+# -- crash consistency on S3 (tests/helpers/store_crash.py, as on a directory) ---------
 
 
-# -- crash consistency on S3 (tests/unit/test_store_crash.py, same checks) ---------------
-
-
-@pytest.mark.parametrize("step", crash.COMMIT_STEPS)
+@pytest.mark.parametrize("step", COMMIT_STEPS)
 def test_crash_after_each_commit_step(seaweed: Seaweed, tmp_path: Path, step: str) -> None:
-    img1 = {"a": {"r": rand(64, 1)}, "b": {"r": rand(16, 2)}}
-    img2 = {"a": {"r": rand(64, 3)}, "b": {"r": rand(16, 2)}}
     prefix = seaweed.backend().prefix
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    g1 = checkpoint(repo, "j", img1)
-    m2 = upload(repo, "j", img2)
-    repo.fault = crash.crash_at(step)
-    with pytest.raises(crash.Crash):
-        repo.commit(m2)
-    repo.close()
-
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    visible = [g.number for g in repo.generations("j")]
-    if step == "catalog":
-        assert visible == [g1, m2.generation]
-        assert_restores(repo, "j", m2.generation, img2)
-    else:
-        assert visible == [g1]
-        assert repo.catalog.get("j", m2.generation).state is State.ABORTED
-        with pytest.raises(GenerationStateError):
-            repo.manifest("j", m2.generation)
-        rep = repo.gc(keep=5)
-        assert rep.chunks_dropped == 16
-        assert rep.orphan_manifests == (1 if step == "manifest" else 0)
-    assert_restores(repo, "j", g1, img1)
-    crash.assert_clean(repo)
-    g3 = checkpoint(repo, "j", img2)
-    assert_restores(repo, "j", g3, img2)
-    crash.assert_clean(repo)
-    repo.close()
+    crash_during_commit(lambda: Repository(seaweed.backend(prefix), tmp_path, CONFIG), step)
 
 
-@pytest.mark.parametrize("step", crash.GC_STEPS)
+@pytest.mark.parametrize("step", GC_STEPS)
 def test_crash_after_each_gc_step(seaweed: Seaweed, tmp_path: Path, step: str) -> None:
-    shared = rand(16, 7)
-    imgs = [{"m": {"s": shared, "r": rand(48, i)}} for i in range(4)]
     prefix = seaweed.backend().prefix
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    gens = [checkpoint(repo, "j", img) for img in imgs]
-    repo.fault = crash.crash_at(step)
-    with pytest.raises(crash.Crash):
-        repo.gc(keep=2)
-    repo.close()
-
-    repo = Repository(seaweed.backend(prefix), tmp_path, crash.CONFIG)
-    for g, img in zip(gens[2:], imgs[2:], strict=True):
-        assert_restores(repo, "j", g, img)
-    repo.gc(keep=2)
-    assert [g.number for g in repo.generations("j")] == gens[2:]
-    assert repo.stats().chunk_bytes == (16 + 2 * 48) * 4096
-    crash.assert_clean(repo)
-    repo.close()
+    crash_during_gc(lambda: Repository(seaweed.backend(prefix), tmp_path, CONFIG), step)
 
 
 # -- S3-specific ------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,82 +19,11 @@ import pytest
 
 from cpcoord.errors import UffdLost
 from nodeagent.freeze import frozen
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
-from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.uffdwp import UffdWpTracker
-from tests.conftest import require
+from tests.helpers.uffd_target import PAGE, MemTarget
 
 pytestmark = pytest.mark.integration
 
-C_SOURCE = Path(__file__).resolve().parents[1] / "helpers" / "c" / "uffd_target.c"
-PAGE = 4096
-
-
-@pytest.fixture(scope="session")
-def c_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require(shutil.which("gcc") is not None, "gcc is needed to build the C test target")
-    avail = uffd_avail.availability()
-    require(avail.available, f"uffd-wp: {avail.reason}")
-    out = tmp_path_factory.mktemp("c") / "uffd_target"
-    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(C_SOURCE)], check=True)
-    return out
-
-
-class MemTarget:
-    """The C target in `mem` mode: regions, commands, and the mappings they occupy."""
-
-    def __init__(self, exe: Path, *npages: int, mode: str = "mem") -> None:
-        self.proc = subprocess.Popen(
-            [str(exe), mode, *map(str, npages)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        self.regions: list[tuple[int, int]] = []  # (start, length)
-        assert self.proc.stdout is not None
-        while True:
-            words = self.proc.stdout.readline().split()
-            if words[0] == "ready":
-                break
-            self.regions.append((int(words[1], 16), int(words[2])))
-        self.ident = ProcessIdentity.of(self.proc.pid)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cmd(self, line: str) -> list[str]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        words = self.proc.stdout.readline().split()
-        assert words and words[0] == "ok", (line, words)
-        return words[1:]
-
-    def write(self, pages: list[int]) -> None:
-        for p in pages:
-            self.cmd(f"w {p * PAGE:x} 1 1")
-
-    def mappings(self) -> list[Mapping]:
-        """The current VMAs that overlap the test's regions (adjacent regions may merge)."""
-        return [
-            m
-            for m in read_maps(self.pid)
-            if any(m.start < s + n and m.end > s for s, n in self.regions)
-        ]
-
-    def pages(self, i: int) -> list[int]:
-        s, n = self.regions[i]
-        return list(range(s // PAGE, (s + n) // PAGE))
-
-    def close(self) -> int:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write("q\n")
-            self.proc.stdin.flush()
-            return self.proc.wait(timeout=10)
-        return self.proc.returncode
 
 
 @pytest.fixture

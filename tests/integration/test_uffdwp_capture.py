@@ -15,7 +15,7 @@ from nodeagent.freeze import FrozenProcess
 from nodeagent.procfs import Mapping
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffdwp import UffdWpTracker
-from tests.integration.test_uffdwp import PAGE, MemTarget, c_target  # noqa: F401
+from tests.helpers.uffd_target import PAGE, MemTarget
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ class UffdHooks:
 
 
 @pytest.fixture
-def target(c_target: Path) -> Iterator[MemTarget]:  # noqa: F811
+def target(c_target: Path) -> Iterator[MemTarget]:
     t = MemTarget(c_target, 64, 32)
     yield t
     if t.proc.poll() is None:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, types_pb2
-from tests.helpers.cluster import InProcessCoordinator, wait_for
+from testbed.cluster import InProcessCoordinator
+from testbed.daemons import wait_for
 from tests.helpers.fake_agent import PAGE, FakeAgent
 
 pytestmark = pytest.mark.integration

@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 
 from cpcoord.image import load_image, region_bytes
-from tests.conftest import require
-from tests.helpers.driver import Target
+from testbed.driver import Target
 from tests.helpers.netns import NetnsCluster, netns_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.multinode, pytest.mark.integration, pytest.mark.slow]
@@ -34,14 +33,6 @@ LEASE_MS = 3000
 # the test polls every 50 ms.
 LEASE_LIMIT_S = LEASE_MS / 1000 + 0.3
 JOB = "job"
-
-
-def _have_agent() -> bool:
-    try:
-        import nodeagent.agent  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Scene:
@@ -131,7 +122,6 @@ class Scene:
 
 @pytest.fixture
 def scene(netns_cluster: Callable[..., NetnsCluster], tmp_path: Path) -> Scene:  # noqa: F811
-    require(_have_agent(), "the node agent daemon (nodeagent/agent.py)")
     return Scene(netns_cluster(lease_s=LEASE_MS / 1000), tmp_path)
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.driver import REPO
+from testbed.driver import REPO
 
 PROBE = """
 import json, sys

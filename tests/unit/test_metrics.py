@@ -33,7 +33,7 @@ from coordinator.protocol.values import AbortReason, ProgressKind
 from coordinator.store import Repository
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.metrics import install as agent_install
-from tests.unit.store_support import PS, checkpoint, rand
+from tests.helpers.store_support import PS, checkpoint, rand
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ from coordinator.protocol.messages import (
 )
 from coordinator.protocol.values import AbortReason, GenState, Kind, Stats
 from cpcoord.errors import CpcoordError
-from tests.unit.test_protocol import LAYOUT, to_state
+from tests.helpers.protocol import LAYOUT, to_state
 
 ROOT = Path(__file__).resolve().parents[2]
 

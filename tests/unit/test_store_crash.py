@@ -5,99 +5,31 @@ visible, what was committed restores exactly, and gc reclaims every leftover.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from coordinator.store import Repository, StoreConfig
+from coordinator.store import Repository
 from coordinator.store.backend import Kind
-from coordinator.store.catalog import State
-from cpcoord.errors import GenerationStateError
-from tests.unit.store_support import assert_restores, checkpoint, rand, upload
-
-COMMIT_STEPS = ["packs", "index", "manifest", "catalog"]
-GC_STEPS = ["gc:retention", "gc:marked", "gc:repacked", "gc:index"]
-CONFIG = StoreConfig(pack_size=1 << 18)
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step: str) -> Callable[[str], None]:
-    def fault(s: str) -> None:
-        if s == step:
-            raise Crash(s)
-
-    return fault
-
-
-def assert_clean(repo: Repository) -> None:
-    """Every stored object is needed: packs hold only live chunks, manifests are
-    exactly the committed ones, and everything verifies."""
-    rep = repo.gc(keep=100)
-    assert rep.chunks_dropped == 0 and rep.orphan_manifests == 0 and rep.packs_deleted == 0
-    committed = {g.manifest for g in repo.generations()}
-    assert {o.name for o in repo.backend.list(Kind.MANIFESTS)} == committed
-    assert len(list(repo.backend.list(Kind.INDEX))) == 1
-    assert repo.verify().ok
+from tests.helpers.store_crash import (
+    COMMIT_STEPS,
+    CONFIG,
+    GC_STEPS,
+    assert_clean,
+    crash_during_commit,
+    crash_during_gc,
+)
+from tests.helpers.store_support import checkpoint, rand
 
 
 @pytest.mark.parametrize("step", COMMIT_STEPS)
 def test_crash_after_each_commit_step(tmp_path: Path, step: str) -> None:
-    root = tmp_path / "s"
-    img1 = {"a": {"r": rand(64, 1)}, "b": {"r": rand(16, 2)}}
-    img2 = {"a": {"r": rand(64, 3)}, "b": {"r": rand(16, 2)}}
-    repo = Repository.open_local(root, CONFIG)
-    g1 = checkpoint(repo, "j", img1)
-    m2 = upload(repo, "j", img2)
-    repo.fault = crash_at(step)
-    with pytest.raises(Crash):
-        repo.commit(m2)
-    repo.close()  # the process is gone; nothing else of it survives
-
-    repo = Repository.open_local(root, CONFIG)
-    visible = [g.number for g in repo.generations("j")]
-    if step == "catalog":  # the flip happened: the generation is complete
-        assert visible == [g1, m2.generation]
-        assert_restores(repo, "j", m2.generation, img2)
-    else:
-        assert visible == [g1]
-        assert repo.catalog.get("j", m2.generation).state is State.ABORTED
-        with pytest.raises(GenerationStateError):
-            repo.manifest("j", m2.generation)
-        rep = repo.gc(keep=5)
-        assert rep.chunks_dropped == 16  # img2's new chunks of "a"; "b" was deduplicated
-        assert rep.orphan_manifests == (1 if step == "manifest" else 0)
-    assert_restores(repo, "j", g1, img1)
-    assert_clean(repo)
-    g3 = checkpoint(repo, "j", img2)  # the next checkpoint commits and is exact
-    assert_restores(repo, "j", g3, img2)
-    assert_clean(repo)
-    repo.close()
+    crash_during_commit(lambda: Repository.open_local(tmp_path / "s", CONFIG), step)
 
 
 @pytest.mark.parametrize("step", GC_STEPS)
 def test_crash_after_each_gc_step(tmp_path: Path, step: str) -> None:
-    root = tmp_path / "s"
-    shared = rand(16, 7)
-    imgs = [{"m": {"s": shared, "r": rand(48, i)}} for i in range(4)]
-    repo = Repository.open_local(root, CONFIG)
-    gens = [checkpoint(repo, "j", img) for img in imgs]
-    repo.fault = crash_at(step)
-    with pytest.raises(Crash):
-        repo.gc(keep=2)
-    repo.close()
-
-    repo = Repository.open_local(root, CONFIG)
-    for g, img in zip(gens[2:], imgs[2:], strict=True):
-        assert_restores(repo, "j", g, img)
-    repo.gc(keep=2)
-    assert [g.number for g in repo.generations("j")] == gens[2:]
-    assert repo.stats().chunk_bytes == (16 + 2 * 48) * 4096
-    assert_clean(repo)
-    repo.close()
+    crash_during_gc(lambda: Repository.open_local(tmp_path / "s", CONFIG), step)
 
 
 def test_interrupted_put_leaves_no_visible_object(tmp_path: Path) -> None:

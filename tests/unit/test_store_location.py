@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from coordinator.store.backend import LocalBackend
 from coordinator.store.location import StoreLocation, open_backend, open_repository
 from cpcoord.errors import InvalidArgument
-from tests.unit.store_support import checkpoint, rand
+from tests.helpers.store_support import checkpoint, rand
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 /*
  * Shared by the C test programs in this directory (self-checking targets that know nothing
  * of cpcoord): a hash to stamp memory with, a failure exit that says what broke, and the
- * "ready" line the Python drivers (tests/helpers/restore_c.py) wait for.
+ * "ready" line the Python drivers (tests/helpers/restore_c.py) wait for. The spinning
+ * threads of the whole-memory restore targets build on it: cpt_spin.h.
  *
  * Convention: a program prints one line "ready ..." on stdout when it is set up, exits 0
  * when its own checks held to the end, and 3 (after "corrupt ..." on stderr) the moment

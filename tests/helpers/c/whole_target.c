@@ -1,6 +1,6 @@
 /*
  * A whole-memory restore target (issue 5) that checks its own invariants and ends on
- * request; adapted from restore_target.c's spin mode. It knows nothing of cpcoord.
+ * request; its spinning threads are those of cpt_spin.h. It knows nothing of cpcoord.
  *
  *   whole_target STOPFILE SECRET
  *     Prints "ready STATE_ADDR" and runs until the file STOPFILE exists, then exits 0
@@ -25,92 +25,10 @@
 #include <time.h>
 #include <unistd.h>
 
-static uint64_t mix(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ULL;
-    x ^= x >> 33;
-    return x;
-}
+#include "cpt_spin.h"
 
-static void corrupt(const char *who, uint64_t have, uint64_t want) {
-    fprintf(stderr, "corrupt %s have=%" PRIu64 " want=%" PRIu64 "\n", who, have, want);
-    fflush(stderr);
-    _exit(3);
-}
-
-struct spin_state {
-    volatile uint64_t main, main_sum;
-    volatile double fp;
-    volatile uint64_t fp_n;
-    volatile uint64_t naps, naps_sum;
-    volatile uint64_t waits, waits_sum;
-};
-static struct spin_state st;
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static const char *stopfile;
 static const char *secret_hex;
-
-/* A short sleep now and then keeps the spinning threads from taking whole cores. */
-static void breathe(uint64_t n) {
-    if ((n & 0xffff) == 0) {
-        struct timespec ts = {0, 100000};
-        nanosleep(&ts, NULL);
-    }
-}
-
-static void *fp_thread(void *arg) {
-    (void)arg;
-    double d = 0.0;
-    uint64_t n = 0;
-    for (;;) {
-        if (st.fp != d || st.fp_n != n) corrupt("fp", (uint64_t)st.fp, (uint64_t)d);
-        d += 0.5;
-        n++;
-        st.fp = d;
-        st.fp_n = n;
-        breathe(n);
-    }
-    return NULL;
-}
-
-static void *nap_thread(void *arg) {
-    (void)arg;
-    uint64_t n = 0;
-    for (;;) {
-        if (st.naps != n || st.naps_sum != mix(n ^ 0x5555)) corrupt("naps", st.naps, n);
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
-        n++;
-        st.naps = n;
-        st.naps_sum = mix(n ^ 0x5555);
-    }
-    return NULL;
-}
-
-static void *wait_thread(void *arg) {
-    (void)arg;
-    uint64_t n = 0;
-    for (;;) {
-        if (st.waits != n || st.waits_sum != mix(n ^ 0xaaaa)) corrupt("waits", st.waits, n);
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 3000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_mutex_lock(&mu);
-        pthread_cond_timedwait(&cv, &mu, &ts);
-        pthread_mutex_unlock(&mu);
-        n++;
-        st.waits = n;
-        st.waits_sum = mix(n ^ 0xaaaa);
-    }
-    return NULL;
-}
 
 static void *secret_thread(void *arg) {
     (void)arg;
@@ -142,27 +60,19 @@ int main(int argc, char **argv) {
     }
     stopfile = argv[1];
     secret_hex = argv[2];
-    st.main_sum = mix(0);
-    st.naps_sum = mix(0x5555);
-    st.waits_sum = mix(0xaaaa);
+    spin_start();
     pthread_t t;
-    pthread_create(&t, NULL, fp_thread, NULL);
-    pthread_create(&t, NULL, nap_thread, NULL);
-    pthread_create(&t, NULL, wait_thread, NULL);
     pthread_create(&t, NULL, secret_thread, NULL);
     printf("ready %p\n", (void *)&st);
     fflush(stdout);
     uint64_t c = 0;
     for (;;) {
-        if (st.main != c || st.main_sum != mix(c)) corrupt("main", st.main, c);
-        c++;
-        st.main = c;
-        st.main_sum = mix(c);
+        c = spin_step(c);
         if ((c & 0xffff) == 0) {
             if (access(stopfile, F_OK) == 0) {
                 struct timespec ts = {0, 20000000}; /* one more round for every thread */
                 nanosleep(&ts, NULL);
-                if (st.main != c || st.main_sum != mix(c)) corrupt("main", st.main, c);
+                if (st.main != c || st.main_sum != cpt_mix(c)) corrupt("main", st.main, c);
                 printf("done main=%" PRIu64 "\n", c);
                 fflush(stdout);
                 return 0;

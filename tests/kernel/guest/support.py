@@ -14,7 +14,7 @@ from nodeagent.freeze import frozen
 from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers import softdirty
 from nodeagent.trackers.softdirty import SoftDirtyTracker
-from tests.helpers.driver import PAGE, Target
+from testbed.driver import PAGE, Target
 
 SHIFT = PAGE.bit_length() - 1
 Pages = npt.NDArray[np.uint64]

@@ -1,7 +1,7 @@
 """Soft-dirty tracker on a kernel that has it (run inside the qemu guest, see ../vm.py).
 
 Every test fails, never skips, where soft-dirty is missing. A real target process
-(tests/helpers/target.py) writes known pages between collects; the changed set must hold
+(testbed/target.py) writes known pages between collects; the changed set must hold
 every written page, and, for pages of VMAs that existed at the last clear and were not
 written since, none of them. Kernel behaviours that make the set a superset are pinned
 too (new mappings, moved mappings, transparent huge pages).
@@ -20,7 +20,7 @@ import pytest
 from cpcoord import cli
 from nodeagent.trackers import probe
 from nodeagent.trackers.softdirty import SoftDirtyTracker
-from tests.helpers.driver import PAGE, Target
+from testbed.driver import PAGE, Target
 from tests.kernel.guest.support import (
     arm,
     changed_pages_of,

@@ -1,9 +1,9 @@
-"""A target process for capture and tracker tests: `python -m tests.helpers.target`.
+"""A target process for capture and tracker tests: `python -m testbed.target`.
 
-It maps memory with known contents (tests/helpers/patterns.py), runs writer threads that
+It maps memory with known contents (testbed/patterns.py), runs writer threads that
 keep stamping their pages, and obeys JSON commands, one per line on stdin, answering one
 JSON line on stdout ({"ok": true, ...} or {"error": "..."}). Drive it with
-tests.helpers.driver.Target, not by hand.
+testbed.driver.Target, not by hand.
 
 Start-up arguments (each repeatable):
   --map NAME:PAGES[:KIND[:FILL]]   KIND anon (default) | shared | memfd | sysv | file |
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.helpers import patterns
+from testbed import patterns
 
 PAGE = patterns.PAGE
 PROT = {"none": 0, "r": 1, "rw": 3}
@@ -252,14 +252,14 @@ class TargetState:
                 )
             return {}
         if op == "fork":
-            r, w = os.pipe()
+            rfd, wfd = os.pipe()
             pid = os.fork()
             if pid == 0:  # holds the memory shared; ends when the parent is gone (EOF)
-                os.close(w)
-                os.read(r, 1)
+                os.close(wfd)
+                os.read(rfd, 1)
                 os._exit(0)
-            os.close(r)
-            self.fork_pipes.append(w)  # kept open for the parent's lifetime
+            os.close(rfd)
+            self.fork_pipes.append(wfd)  # kept open for the parent's lifetime
             return {"child": pid}
         if op == "child_write":
             r, addr, size = self.span(a)

@@ -1,4 +1,4 @@
-"""Test-side driver of the target program (tests/helpers/target.py).
+"""Test-side driver of the target program (testbed/target.py).
 
     with Target(maps=["hot:64", "cold:32:anon:zero"], writers=["hot:4"]) as t:
         t.mapping("hot").addr            # where it lives
@@ -6,7 +6,7 @@
         t.assert_running()               # not stopped, answers commands
 
 Targets are real processes (children of the test), killed on close. Commands and their
-arguments are listed in tests/helpers/target.py; a command that fails in the target raises
+arguments are listed in testbed/target.py; a command that fails in the target raises
 TargetError here with the target's message.
 """
 
@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tests.helpers import patterns
+from testbed import patterns
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PAGE = patterns.PAGE
 
 
@@ -71,6 +71,17 @@ def task_states(pid: int) -> dict[int, str]:
     return out
 
 
+def dirty_mib(pid: int) -> dict[str, float]:
+    """Shared_Dirty and Private_Dirty of a process (smaps_rollup), in MiB."""
+    out: dict[str, float] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Shared_Dirty", "Private_Dirty"):
+                out[key] = int(rest.split()[0]) / 1024
+    return out
+
+
 class Target:
     """A running target process and a line-JSON channel to it."""
 
@@ -83,7 +94,7 @@ class Target:
         tmpdir: str | Path | None = None,
         timeout: float = 60.0,
     ) -> None:
-        argv = [sys.executable, "-m", "tests.helpers.target"]
+        argv = [sys.executable, "-m", "testbed.target"]
         for m in maps:
             argv += ["--map", m]
         for w in writers:
