@@ -3,7 +3,7 @@
     python -m bench.capture [--size-mib 1024] [--reps 5] [--thp] [--disk-dir DIR]
 
 A target process holds SIZE MiB of resident, incompressible (random) pages in one
-mapping, with three idle threads besides. In one run this measures (issue 2, must show 3):
+mapping, with three idle threads besides. In one run this measures:
 
 - raw `process_vm_readv` of exactly those pages into a prefaulted buffer (the baseline);
 - cpcoord's capture of that range: frozen window = freeze + maps/pagemap + copy + thaw
@@ -16,8 +16,8 @@ mapping, with three idle threads besides. In one run this measures (issue 2, mus
   of the same bytes into a new file there (+ fsync on disk), best of the runs of each;
 - memcpy for context.
 
-Goals: capture >= 70% of raw, frozen <= 0.45 s for 1 GiB, whole command >= 40% of raw
-(issue 2); `cpcoord capture` <= 1.5x the raw limit on tmpfs and on disk (issue 16).
+Goals: capture >= 70% of raw, frozen <= 0.45 s for 1 GiB, whole command >= 40% of raw;
+`cpcoord capture` <= 1.5x the raw limit on tmpfs and on disk.
 Writes bench/results/capture.{json,md,png}.
 
     python -m bench.capture --mappings 1000,5000,20000,50000 [--size-mib 1024] [--reps 3]
@@ -50,8 +50,8 @@ from bench.common import (
 )
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import capture
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.capture.process import capture
+from nodeagent.proc.procfs import ProcessIdentity
 from testbed.driver import Target, dirty_mib
 
 GOAL_CAPTURE, GOAL_FROZEN_S_PER_GIB, GOAL_CLI = 0.70, 0.45, 0.40

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench.common import Stats, timed_write, vm_copy
 from cpcoord import cli
-from nodeagent.staging import Staging
+from nodeagent.proc.staging import Staging
 from testbed.daemons import REPO
 
 GOAL_VS_LIMIT = 1.5  # `cpcoord capture` / (raw readv + raw write [+ fsync]), at most

@@ -6,7 +6,7 @@ mapping of SIZE MiB. For each, the time the process is stopped is measured two w
 each a full capture followed by an incremental one (every 7th mapping written between):
 
 - `cpcoord capture` (a subprocess; its JSON `frozen_s`), the incremental with `--parent`;
-- the node agent's capture path with uffd-wp (nodeagent/tracking.py, as the ptrace
+- the node agent's capture path with uffd-wp (nodeagent/daemon/tracking.py, as the ptrace
   worker runs it: freeze, tracker arm or collect, copy, thaw), timed from the freeze to
   the thaw like the agent's `frozen_seconds`.
 
@@ -99,13 +99,14 @@ def _cli_pair(t: _Target, work: Path, rep: int) -> tuple[float, float]:
 
 
 def _agent_pair(t: _Target, rep: int) -> tuple[float, float]:
-    """The worker's steps (nodeagent/worker.py `_capture_member`) on a fresh member."""
-    from nodeagent import copyout, tracking
-    from nodeagent.freeze import freeze, thaw
-    from nodeagent.membership import HeldMember
-    from nodeagent.procfs import ProcessIdentity
-    from nodeagent.reader import sys_readv
-    from nodeagent.staging import Staging
+    """The worker's steps (nodeagent/daemon/worker.py `_capture_member`) on a fresh member."""
+    from nodeagent.capture import copyout
+    from nodeagent.daemon import tracking
+    from nodeagent.daemon.membership import HeldMember
+    from nodeagent.proc.freeze import freeze, thaw
+    from nodeagent.proc.procfs import ProcessIdentity
+    from nodeagent.proc.reader import sys_readv
+    from nodeagent.proc.staging import Staging
 
     ident = ProcessIdentity.of(t.pid)
     m = HeldMember("bench", "m", ident, None, "uffd-wp")
@@ -217,7 +218,7 @@ def _write(
         "them); one region per mapping (default regions). The 1-mapping row is one "
         f"{args.size_mib} MiB mapping, for comparison.",
         "`cpcoord capture` frozen_s is measured inside the command (freeze to thaw); the "
-        "agent's is the worker's sequence in this process (nodeagent/tracking.py).",
+        "agent's is the worker's sequence in this process (nodeagent/daemon/tracking.py).",
     ]
     if before:
         notes.append(

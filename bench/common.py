@@ -2,7 +2,7 @@
 machine measured in the same run (process_vm_readv, /proc/PID/mem, process_vm_writev,
 memcpy, file writes), and result files (bench/results/NAME.json, NAME.md table, NAME.png plot).
 
-Baselines copy into/out of prefaulted huge-page buffers (nodeagent.staging.Staging) with
+Baselines copy into/out of prefaulted huge-page buffers (nodeagent.proc.staging.Staging) with
 one iovec per run and IOV_MAX iovecs per call: the best this machine does, which is what
 cpcoord's numbers are compared against.
 """
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from nodeagent.iovec import IOV_MAX
-from nodeagent.staging import Staging
+from nodeagent.proc.iovec import IOV_MAX
+from nodeagent.proc.staging import Staging
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # `python -m bench --results-dir DIR` (and its test) redirect every module's output here,

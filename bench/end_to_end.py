@@ -1,5 +1,4 @@
-"""A checkpoint through the whole system against this machine's raw rates (issue 4,
-must-show 5).
+"""A checkpoint through the whole system against this machine's raw rates.
 
     python -m bench.end_to_end [--size-mib 1024] [--dirty 0.01] [--reps 3] [--store-dir DIR]
 
@@ -8,7 +7,7 @@ a real agent as separate processes on loopback (tests/helpers/cluster.py), the s
 disk. In one run this measures:
 
 - raw `process_vm_readv` of the member's pages into a prefaulted buffer;
-- the capture engine alone (nodeagent.capture, no agent, no coordinator): its frozen time;
+- the capture engine alone (nodeagent.capture.process, no agent, no coordinator): its frozen time;
 - raw gRPC streaming on loopback: a generic-handler server in its own process receiving a
   client stream of 1 MiB and 4 MiB `bytes` messages, SIZE in total;
 - the raw durable write rate of the store's disk: SIZE as 16 MiB objects through the
@@ -195,8 +194,8 @@ def dirty(t: Target, pages: int, fraction: float) -> int:
 
 def capture_engine_frozen(t: Target, reps: int) -> Stats:
     """The capture engine on its own (bench/capture.py measures it in depth)."""
-    from nodeagent.capture import capture
-    from nodeagent.procfs import ProcessIdentity
+    from nodeagent.capture.process import capture
+    from nodeagent.proc.procfs import ProcessIdentity
 
     m = t.mapping("data")
     ident = ProcessIdentity.of(t.pid)

@@ -198,7 +198,7 @@ def _scale(d: dict[str, Any]) -> list[Headline]:
     x = d["extra"]
     top = max(x["points"], key=lambda p: p["agents"])
     threads, rss = top["threads"]["busy"], top["rss"]["busy"] / MIB
-    goal = top["agents"] >= 2000  # issue 18: 1 s at 2,000 agents
+    goal = top["agents"] >= 2000  # the goal: 1 s at 2,000 agents
     return [
         Headline(
             "scale",

@@ -1,5 +1,5 @@
 """Incremental captures: frozen time and total time per capture by tracker and dirty
-fraction, beside a full capture of the same target in the same run (issue 3, must show 4).
+fraction, beside a full capture of the same target in the same run.
 
     python -m bench.incremental [--size-mib 1024] [--reps 5] [--fractions 0.001,0.01,0.1,1]
 
@@ -9,7 +9,8 @@ anonymous memory and writes every page. A TrackedCapture takes its first capture
 arms the tracker); then, per dirty fraction and repetition, the target writes that
 fraction of its pages, picked at random (`x`; with repeats, so slightly fewer distinct
 pages; 100% writes a new byte into every page), and one incremental capture is taken and
-committed. Alongside, a plain full capture (nodeagent.capture, no tracker) of the same target.
+committed. Alongside, a plain full capture (nodeagent.capture.process, no tracker) of
+the same target.
 
 frozen = first seize to last detach (the target's downtime); total = the whole capture
 call: preparation (maps, page selection, staging size) + frozen + zero-page scan. The
@@ -28,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Stats, write_results
-from nodeagent.capture import capture
-from nodeagent.incremental import TrackedCapture
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.staging import Staging
+from nodeagent.capture.incremental import TrackedCapture
+from nodeagent.capture.process import capture
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.proc.staging import Staging
 from nodeagent.trackers import registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def bench_backend(
     t = CTarget(exe, pages)
     rows: list[dict[str, Any]] = []
     try:
-        # The full capture of issue 2 on the same target, no tracker involved.
+        # A plain full capture of the same target, no tracker involved.
         full_staging = Staging()
         fz, tot = [], []
         for _ in range(reps):
@@ -228,7 +229,7 @@ def main() -> int:
         "(with repeats); 100% writes a new byte into every page",
         "frozen = the target's downtime (seize of the first thread to detach of the last); "
         "total = preparation + frozen + zero-page scan, image writing excluded",
-        "full capture = nodeagent.capture without tracker on the same target; first = the "
+        "full capture = nodeagent.capture.process without tracker on the same target; first = the "
         "chain's first capture, which arms the tracker (collect ms column: arm time)",
         f"load average before the run: {', '.join(f'{x:.2f}' for x in load_before)}; "
         f"after: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (shared 2-CPU machine)",

@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 
 from bench.common import Stats, gbps, memcpy, raw_readv, raw_writev, repeat, write_results
-from nodeagent.staging import Staging
+from nodeagent.proc.staging import Staging
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE, METHOD = "bench.Limits", "Sink"

@@ -3,12 +3,12 @@
     python -m bench.restore [--size-mib 1024] [--reps 5]
 
 A target process holds SIZE MiB of resident, incompressible pages in one mapping (plus
-three idle threads). Captured once; then (issue 5, must show 5):
+three idle threads). Captured once; then:
 
 - raw `process_vm_writev` of exactly those bytes from a prefaulted buffer (the baseline);
 - raw `process_vm_readv` of the same bytes (what the all-or-nothing backup reads);
 - restore in place: freeze + fit check + write + thaw (= the time the target is stopped),
-  and the write alone (nodeagent.restore.write: maps, plan, backup, writev), with the
+  and the write alone (nodeagent.restore.apply.write: maps, plan, backup, writev), with the
   backup in a prefaulted buffer (as the agent does) and in fresh memory;
 - restore in place of a generation where half the pages were zero at the cut (zeros
   come from the zero source) - the same bytes written, half of them zeros;
@@ -32,10 +32,11 @@ import numpy as np
 
 from bench.common import Stats, gbps, rate_row, raw_readv, raw_writev, write_results
 from cpcoord.ranges import PAGE_SIZE, AddressRange
-from nodeagent.capture import capture
-from nodeagent.freeze import frozen
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.restore import (
+from nodeagent.capture.process import capture
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.proc.staging import Staging
+from nodeagent.restore.apply import (
     MemberLayout,
     RegionContents,
     RegionLayout,
@@ -44,7 +45,6 @@ from nodeagent.restore import (
     restore_into,
     write,
 )
-from nodeagent.staging import Staging
 from testbed.driver import Target
 
 

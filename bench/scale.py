@@ -1,5 +1,5 @@
 """Control-plane scale: commit overhead, threads and memory of the coordinator as the
-number of agents grows to thousands (issue 18, must-show 1).
+number of agents grows to thousands.
 
     python -m bench.scale [--agents 1,100,1000,2000] [--reps 3] [--pages 2] [--quick] [--tiny]
 

@@ -1,4 +1,4 @@
-"""Coordinator overhead with real agent processes (issue 7, must-show 5; issue 8 plot).
+"""Coordinator overhead with real agent processes .
 
     python -m bench.scale_real [--agents 1,4,16,64] [--reps 3] [--size-mib 2] [--quick] [--tiny]
 

@@ -6,12 +6,12 @@ For each workload (a simulation stencil, a Python dict heap, a mostly-zero spars
 two ranks with largely identical memory), its members run as real processes holding about
 SIZE MiB each. Then, in one run:
 
-- capture: the real engine (`nodeagent.capture`) REPS times per member; its frozen
+- capture: the real engine (`nodeagent.capture.process`) REPS times per member; its frozen
   window against raw `process_vm_readv` of exactly the same page runs into a prefaulted
   buffer (the machine's limit, measured alongside);
 - generation 1: the last capture uploaded into a real store (`coordinator.store`
   Repository on local disk) the way an agent uploads, without the daemons: the agent's
-  chunking rule (`nodeagent.chunks.plan`: 16-page groups, zero pages as a marker), BLAKE3
+  chunking rule (`nodeagent.upload.chunks.plan`: 16-page groups, zero pages as a marker), BLAKE3
   ids, `missing()`, `add_chunks()` (store re-hash, zstd, packs, fsync), `commit()`;
   read back and compared byte for byte with what was captured;
 - generation 2: every member takes one step of its workload, is captured again in full
@@ -40,11 +40,11 @@ from bench.common import Stats, gbps, raw_readv, write_results
 from bench.workloads import BY_NAME, WORKLOADS, Member, Workload, start, stop
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository
 from coordinator.store.ids import ID_DTYPE, digest_all, member_of
-from nodeagent.capture import Capture, capture
-from nodeagent.chunks import plan
+from nodeagent.capture.process import Capture, capture
 from nodeagent.pages import runs_from_pages
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.staging import Staging
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.proc.staging import Staging
+from nodeagent.upload.chunks import plan
 
 PAGE = 4096
 BATCH = 1024  # chunks per add_chunks call (<= 64 MiB), as an upload message would carry

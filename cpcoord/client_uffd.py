@@ -12,7 +12,7 @@ writes made before that); keep the object alive as long as it wants tracking (cl
 unregisters everything, and the agent then counts those ranges as always changed).
 
 Standard library only, so it loads in any Python process. The ABI numbers duplicate those
-of nodeagent.uffd (a unit test checks they agree): cpcoord never imports the agent.
+of nodeagent.proc.uffd (a unit test checks they agree): cpcoord never imports the agent.
 """
 
 from __future__ import annotations

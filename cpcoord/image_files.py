@@ -20,7 +20,7 @@ runs as fast as into anonymous huge pages. Other filesystems keep the staging bu
 shared mapping of a disk file costs a page_mkwrite per page.
 
 Nothing here imports nodeagent: regions arrive as (name, start, end) and pages as NumPy
-arrays of page numbers (nodeagent.capture.Destination is the protocol this fulfils).
+arrays of page numbers (nodeagent.capture.process.Destination is the protocol this fulfils).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class RegionFiles:
         self._files: dict[str, _File] = {}
         self._zero = memoryview(bytes(_ZERO_CHUNK))  # the source of every zero written
 
-    # -- before and during the freeze (nodeagent.capture.Destination) -------------------
+    # -- before and during the freeze (nodeagent.capture.process.Destination) -------------------
 
     def reserve(self, regions: Sequence[tuple[str, int, int]], pages: Sequence[Pages]) -> int:
         """Make every page of `pages[i]` (page numbers) of region `regions[i]` = (name,

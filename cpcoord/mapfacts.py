@@ -3,9 +3,9 @@
 A `MapFact` is one line of /proc/PID/maps clipped to a region: the bytes `[start, end)`,
 their permissions (`rw-p`), and their backing (device + inode + file offset of `start`;
 inode 0 is private anonymous memory). The agent records the facts of every region at
-each cut (nodeagent/copyout.py), they travel in the upload header and live in the
+each cut (nodeagent/capture/copyout.py), they travel in the upload header and live in the
 manifest (`ManifestRegion.mappings`, manifest.proto), and a restore Freeze brings them
-back to the agent's fit check (nodeagent/restore.py), which refuses a region whose
+back to the agent's fit check (nodeagent/restore/apply.py), which refuses a region whose
 memory is now mapped with other permissions or another backing (`differs`).
 
 Shared by the agent and the coordinator (which only validates and stores them).
@@ -90,7 +90,7 @@ class MapFact:
 
 
 class MapsLine(Protocol):
-    """What facts_for needs of a /proc/PID/maps line (nodeagent.procfs.Mapping)."""
+    """What facts_for needs of a /proc/PID/maps line (nodeagent.proc.procfs.Mapping)."""
 
     @property
     def start(self) -> int: ...

@@ -43,6 +43,8 @@ echo "== ruff"
 python3 -m ruff check .
 echo "== mypy"
 python3 -m mypy
+echo "== import contracts (docs/architecture.md)"
+lint-imports
 echo "== pytest"
 python3 -m pytest "$@"
 # The same coordinator-backed tests (marker `store`, given by tests/helpers/stores.py to

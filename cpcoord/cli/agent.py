@@ -1,4 +1,4 @@
-"""`cpcoord agent`: run the node agent daemon (nodeagent/agent.py)."""
+"""`cpcoord agent`: run the node agent daemon (nodeagent/daemon/agent.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cpcoord.errors import InvalidArgument
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:  # imported in `run`: `cpcoord --help` must not pay for them
-    from nodeagent.agent import Agent
+    from nodeagent.daemon.agent import Agent
 
 NAME = "agent"
 HELP = "run the node agent daemon"
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from cpcoord import grpcutil
-    from nodeagent import metrics
-    from nodeagent.agent import Agent, AgentConfig
+    from nodeagent.daemon import metrics
+    from nodeagent.daemon.agent import Agent, AgentConfig
     from nodeagent.trackers import registry
 
     if not args.coordinator or not args.node:
@@ -197,8 +197,8 @@ def _local_api(args: argparse.Namespace, agent: Agent, insecure: bool) -> Any:
     from cpcoord.errors import CpcoordError
     from cpcoord.local_wire import DEFAULT_SOCKET
     from cpcoord.tokens import client_token
-    from nodeagent.localapi_backend import AgentBackend
-    from nodeagent.localapi_server import LocalApiServer
+    from nodeagent.localapi.backend import AgentBackend
+    from nodeagent.localapi.server import LocalApiServer
 
     tls = clientconn.tls_from_args(args)
     # Its own credential unless told otherwise: the coordinator then refuses what the

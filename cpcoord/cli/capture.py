@@ -1,11 +1,11 @@
 """`cpcoord capture`: checkpoint memory of a live local process into an image directory.
 
-No coordinator, no agent: freeze, copy, thaw (nodeagent.capture), then write the image
+No coordinator, no agent: freeze, copy, thaw (nodeagent.capture.process), then write the image
 (cpcoord.image). Arguments are checked, the process identified, the parent checked and the
 output directory prepared before anything is frozen, so bad input never stops the target.
 
 Incremental chains: every capture arms a tracker in the process (`--tracker`,
-default auto) and saves its state next to the image (nodeagent/chain.py); `--parent DIR`
+default auto) and saves its state next to the image (nodeagent/capture/chain.py); `--parent DIR`
 continues from such an image in a later command and stores only the changed pages.
 """
 
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from cpcoord.image_writer import ImageWriter
-    from nodeagent.inplace import reserve_in_place
-    from nodeagent.procfs import ProcessIdentity
+    from nodeagent.capture.inplace import reserve_in_place
+    from nodeagent.proc.procfs import ProcessIdentity
     from nodeagent.trackers import registry
 
     ranges = [AddressRange.parse(r) for r in args.ranges] if args.ranges else None
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         early = pool.submit(reserve_in_place, ident, ranges, into)
     try:
         from cpcoord.image_chain import parent_link
-        from nodeagent import chain
+        from nodeagent.capture import chain
 
         link = chain.begin(ident, member, out, parent, tracker, ranges)
     except BaseException:

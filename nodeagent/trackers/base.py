@@ -21,9 +21,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from nodeagent.freeze import FrozenProcess
 from nodeagent.pages import PageNumbers
-from nodeagent.procfs import Mapping
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.procfs import Mapping
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ import numpy.typing as npt
 from cpcoord.errors import TrackerFailed
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent._native import page_digests
-from nodeagent.freeze import FrozenProcess
-from nodeagent.pagemap import PagemapReader
 from nodeagent.pages import PageNumbers, empty_pages
-from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.reader import MemoryReader
-from nodeagent.staging import Staging
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.pagemap import PagemapReader
+from nodeagent.proc.procfs import Mapping, ProcessIdentity
+from nodeagent.proc.reader import MemoryReader
+from nodeagent.proc.staging import Staging
 from nodeagent.trackers.base import ChangedSet
 
 Digests = npt.NDArray[np.uint64]  # (n, 2)

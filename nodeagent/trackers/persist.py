@@ -1,7 +1,7 @@
 """A tracker backend's state, saved by one process and loaded by a later one.
 
 Owns the split of each backend's state into JSON-ready metadata and NumPy arrays, for
-`cpcoord capture --parent` (nodeagent/chain.py writes them next to the image):
+`cpcoord capture --parent` (nodeagent/capture/chain.py writes them next to the image):
 
 - uffd-wp: the uffd's number and inode in the target (the fd lives on in the target),
   how it was registered, the untracked mappings. Loading checks that the fd still is that
@@ -20,7 +20,7 @@ from typing import Any
 import numpy.typing as npt
 
 from cpcoord.errors import TrackerFailed
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.trackers.base import Tracker
 
 Meta = dict[str, Any]

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodeagent import uffd
+from nodeagent.proc import uffd
 from nodeagent.trackers import softdirty, uffd_avail
 from nodeagent.trackers.base import Availability
 

@@ -43,16 +43,16 @@ from cpcoord.errors import (
     TrackerUnavailable,
 )
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.freeze import FrozenProcess
-from nodeagent.pagemap import (
+from nodeagent.pages import PageNumbers, empty_pages
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.pagemap import (
     CHUNK_PAGES,
     GAP_PAGES,
     PM_SOFT_DIRTY,
     PagemapReader,
     taken_mask,
 )
-from nodeagent.pages import PageNumbers, empty_pages
-from nodeagent.procfs import Mapping, ProcessIdentity, open_proc
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, open_proc
 from nodeagent.trackers.base import Availability, ChangedSet
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,8 @@ import os
 from functools import cache
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import uffd
-from nodeagent.trackers.base import Availability
-from nodeagent.uffd import (
+from nodeagent.proc import uffd
+from nodeagent.proc.uffd import (
     O_CLOEXEC,
     O_NONBLOCK,
     PAGE_IS_WRITTEN,
@@ -36,6 +35,7 @@ from nodeagent.uffd import (
     ioctl,
     supported_features,
 )
+from nodeagent.trackers.base import Availability
 
 
 def _pidfd_getfd_works(fd: int) -> bool:

@@ -12,8 +12,8 @@ import logging
 import os
 
 from cpcoord.errors import InjectionFailed, TrackerUnavailable
-from nodeagent import uffd
-from nodeagent.inject import Injector
+from nodeagent.proc import uffd
+from nodeagent.proc.inject import Injector
 
 log = logging.getLogger("nodeagent.trackers.uffdwp")
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent import uffd
-from nodeagent.procfs import Mapping
+from nodeagent.proc import uffd
+from nodeagent.proc.procfs import Mapping
 from nodeagent.trackers.uffd_scans import all_registered
 from nodeagent.trackers.uffd_spans import Inside, RemoteUffd, Spans, joinable, trackable
 

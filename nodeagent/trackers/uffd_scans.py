@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 
 from cpcoord.errors import UffdScanFailed
-from nodeagent import uffd
+from nodeagent.proc import uffd
 from nodeagent.trackers.uffd_spans import Spans, clip
 
 

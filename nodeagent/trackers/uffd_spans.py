@@ -33,9 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import NoSuchProcess, ProcessExited, TrackerUnavailable, UffdLost
-from nodeagent import uffd
-from nodeagent.mapscache import derived
-from nodeagent.procfs import Mapping
+from nodeagent.proc import uffd
+from nodeagent.proc.mapscache import derived
+from nodeagent.proc.procfs import Mapping
 
 U64 = npt.NDArray[np.uint64]
 _SPECIAL = ("[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]")

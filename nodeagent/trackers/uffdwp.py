@@ -46,12 +46,12 @@ from cpcoord.errors import (
     UffdLost,
 )
 from cpcoord.ranges import AddressRange
-from nodeagent import uffd
-from nodeagent.freeze import FrozenProcess
-from nodeagent.inject import Injector
-from nodeagent.mapscache import derived
 from nodeagent.pages import pages_of_ranges
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.proc import uffd
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.inject import Injector
+from nodeagent.proc.mapscache import derived
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffd_open import open_uffd

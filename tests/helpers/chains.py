@@ -1,4 +1,4 @@
-"""The incremental-chain property (issue 3, must show 1 and 2), shared by the host tests
+"""The incremental-chain property, shared by the host tests
 (tests/integration/test_incremental.py) and the soft-dirty run inside the qemu guest
 (tests/kernel/guest/test_incremental_softdirty.py).
 
@@ -31,10 +31,10 @@ from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.image_chain import FlatRegion, flatten, materialize, parent_link
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.capture import Capture, capture
-from nodeagent.freeze import frozen
-from nodeagent.incremental import TrackedCapture, TrackedResult
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.capture.incremental import TrackedCapture, TrackedResult
+from nodeagent.capture.process import Capture, capture
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
 from testbed.driver import Target
 from tests.helpers.sparse import data_extents
 

@@ -1,9 +1,9 @@
 """A LocalBackend for tests: real capture and restore, generations kept in memory.
 
 It does on one node, without a coordinator, what the agent does behind the local API:
-members register regions; a checkpoint captures them (nodeagent.capture, the page-rounded
+members register regions; a checkpoint captures them (nodeagent.capture.process, the page-rounded
 ranges) and keeps copies of the pages as a numbered generation of the job; a restore
-writes a generation's regions into the caller with nodeagent.restore.restore_into at the
+writes a generation's regions into the caller with nodeagent.restore.apply.restore_into at the
 addresses it registered now. Also a template for the agent's implementation.
 """
 
@@ -20,16 +20,16 @@ from cpcoord.errors import (
     UnknownMember,
 )
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import capture
-from nodeagent.localapi import (
+from nodeagent.capture.process import capture
+from nodeagent.localapi.rules import (
     LocalRegion,
     LocalRestoreResult,
     Membership,
     Registration,
     RestoreRequest,
 )
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.restore import RegionContents, restore_into
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.restore.apply import RegionContents, restore_into
 
 
 @dataclass

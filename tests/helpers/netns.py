@@ -1,4 +1,4 @@
-"""Multi-node clusters in network namespaces, torn down whatever happens (issue 7).
+"""Multi-node clusters in network namespaces, torn down whatever happens.
 
     def test_x(netns_cluster):
         c = netns_cluster()                      # coordinator + agents node-1..node-3

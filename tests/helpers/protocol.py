@@ -5,7 +5,8 @@ test_protocol_table.py): three members on two nodes (`LAYOUT`), its `spec`, and
 
 from __future__ import annotations
 
-from coordinator.protocol_messages import (
+from coordinator.protocol import Generation
+from coordinator.protocol.messages import (
     AgentFrozen,
     Begin,
     Cancel,
@@ -16,9 +17,7 @@ from coordinator.protocol_messages import (
     MemberUploaded,
     StoreCommitted,
 )
-from coordinator.protocol_values import GenState, Kind, ProgressKind, Spec, Timing
-
-from coordinator.protocol import Generation
+from coordinator.protocol.values import GenState, Kind, ProgressKind, Spec, Timing
 
 LAYOUT = {"a": "n1", "b": "n1", "c": "n2"}
 TIMING = Timing(lease_s=10.0, freeze_timeout_s=4.0, commit_timeout_s=60.0)

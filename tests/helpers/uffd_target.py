@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers import uffd_avail
 from tests.conftest import require
 

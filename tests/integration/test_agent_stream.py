@@ -1,4 +1,4 @@
-"""The agent daemon (nodeagent/agent.py, in process) against a scripted coordinator: a
+"""The agent daemon (nodeagent/daemon/agent.py, in process) against a scripted coordinator: a
 real gRPC server speaking AgentControl whose every command the test chooses. Covers what
 a real coordinator cannot be made to do on cue: never send Capture (the agent's own
 lease), fall silent, refuse an upload, restart mid-freeze; and checks the upload's
@@ -24,7 +24,7 @@ import zstandard
 from cpcoord.errors import ChunkMismatch
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
 from cpcoord.grpcutil import abort_with, server_options
-from nodeagent.agent import Agent, AgentConfig
+from nodeagent.daemon.agent import Agent, AgentConfig
 from nodeagent.pages import pages_from_runs
 from nodeagent.trackers import registry
 from testbed.driver import PAGE, Target, task_states

@@ -1,4 +1,4 @@
-"""The agent's ptrace thread (nodeagent/worker.py) on real target processes, without
+"""The agent's ptrace thread (nodeagent/daemon/worker.py) on real target processes, without
 gRPC: freeze, capture with the member's tracker, thaw, the lease, abort keeping pending
 sets, member death, attach/detach. Bytes staged are compared with what the target holds.
 """
@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
-from nodeagent.membership import Members
-from nodeagent.trackers import registry
-from nodeagent.upload import StagedMember
-from nodeagent.worker import Worker
-from nodeagent.worker_ops import (
+from nodeagent.daemon.membership import Members
+from nodeagent.daemon.worker import Worker
+from nodeagent.daemon.worker_ops import (
     AbortOp,
     AttachOp,
     CaptureOp,
@@ -30,6 +28,8 @@ from nodeagent.worker_ops import (
     FreezeOp,
     WorkerConfig,
 )
+from nodeagent.trackers import registry
+from nodeagent.upload.stream import StagedMember
 from testbed import patterns
 from testbed.driver import PAGE, Target, task_states
 from tests.conftest import require
@@ -228,7 +228,7 @@ def test_a_bug_in_a_step_thaws_at_once_and_reports(
 ) -> None:
     """An unexpected exception inside a Capture must not leave the member frozen until
     its lease: the ptrace thread thaws the generation and reports the failure."""
-    from nodeagent import tracking
+    from nodeagent.daemon import tracking
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise FileNotFoundError(2, "a bug")
@@ -408,15 +408,15 @@ def test_other_trackers(rig: Rig, target_factory: Any, tracker: str) -> None:
 def test_tracer_death_after_uffd_arm_leaves_the_member_alive(target_factory: Any) -> None:
     """An agent killed right after arming uffd-wp (syscall injection, single-stepping) must
     leave the member running, not dying of a SIGTRAP at its next system call
-    (nodeagent/inject.py, Injector._park)."""
+    (nodeagent/proc/inject.py, Injector._park)."""
     require(registry.availability("uffd-wp").available, "uffd-wp on this kernel")
     t = target_factory()
     child = os.fork()
     if child == 0:  # the "agent": freeze, arm, die while the member is still frozen
         code = 1
         try:
-            from nodeagent.freeze import freeze
-            from nodeagent.procfs import ProcessIdentity, read_maps
+            from nodeagent.proc.freeze import freeze
+            from nodeagent.proc.procfs import ProcessIdentity, read_maps
             from nodeagent.trackers.uffdwp import UffdWpTracker
 
             fp = freeze(ProcessIdentity.of(t.pid))

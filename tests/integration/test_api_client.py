@@ -1,4 +1,4 @@
-"""The scheduler API end to end through `cpcoord.api.Client` only (issue 6, must-show 3):
+"""The scheduler API end to end through `cpcoord.api.Client` only:
 a real coordinator and real agents as processes, real targets with known memory.
 
 Attach, checkpoint with its progress stream (freeze barrier, per-member staged and

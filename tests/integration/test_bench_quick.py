@@ -1,4 +1,4 @@
-"""The benchmark suite keeps running (issue 8, must show 1): `python -m bench --quick
+"""The benchmark suite keeps running: `python -m bench --quick
 --tiny` runs every landed benchmark module on tiny sizes into a temporary results
 directory, exits 0, writes each module's JSON and the plots, with numbers that make sense
 (limits measured, ratios in range, the workloads' zero/dedup/compression where their

@@ -1,4 +1,4 @@
-"""Capture of real processes (issue 2, must show 1).
+"""Capture of real processes.
 
 Targets are spawned by the tests (testbed/target.py) with known per-page stamps;
 writer threads keep stamping while captures run, and patterns.check_writer proves the
@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-import nodeagent.capture as capmod
+import nodeagent.capture.process as capmod
 from cpcoord.image import load_image, region_bytes
 from cpcoord.ranges import PAGE_SIZE, AddressRange
-from nodeagent.capture import Capture, CapturedRegion, capture
-from nodeagent.freeze import FrozenProcess
-from nodeagent.pagemap import PM_SWAPPED, PagemapReader
-from nodeagent.procfs import Mapping, ProcessIdentity, process_state, read_maps
-from nodeagent.reader import MemoryReader, sys_readv
-from nodeagent.regions import RegionSpec, default_region_name
-from nodeagent.staging import Staging
+from nodeagent.capture.process import Capture, CapturedRegion, capture
+from nodeagent.capture.regions import RegionSpec, default_region_name
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.pagemap import PM_SWAPPED, PagemapReader
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, process_state, read_maps
+from nodeagent.proc.reader import MemoryReader, sys_readv
+from nodeagent.proc.staging import Staging
 from nodeagent.trackers.base import ChangedSet
 from testbed import patterns
 from testbed.driver import REPO, Target, task_states
@@ -294,7 +294,7 @@ def test_growth_and_new_mappings_between_captures(target_factory: MakeTarget) ->
 
 
 def test_uffd_wp_markers_on_untouched_pages_are_not_taken() -> None:
-    """The uffd-wp tracker (issue 3) leaves PTE markers on never-touched pages, which
+    """The uffd-wp tracker leaves PTE markers on never-touched pages, which
     pagemap reports as swapped: they hold nothing and must not be captured."""
     mm = mmap.mmap(-1, 16 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf = np.frombuffer(mm, dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Every error of `cpcoord capture` (issue 2, must show 2): one clear line on stderr, a
+"""Every error of `cpcoord capture`: one clear line on stderr, a
 distinct exit code, nothing left behind, and the target never left stopped (no thread in
 state t/T, and it still answers commands)."""
 
@@ -21,9 +21,9 @@ import pytest
 
 from cpcoord.errors import NoSuchProcess, PidReused, ProcessExited, RangeUnmapped
 from cpcoord.ranges import PAGE_SIZE, AddressRange
-from nodeagent.capture import capture
-from nodeagent.freeze import FrozenProcess
-from nodeagent.procfs import Mapping, ProcessIdentity, read_stat
+from nodeagent.capture.process import capture
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_stat
 from nodeagent.trackers.base import ChangedSet
 from testbed.driver import REPO, Target, proc_state
 from tests.conftest import require

@@ -25,17 +25,17 @@ import numpy as np
 import pytest
 
 import cpcoord.image_files as image_files
-import nodeagent.capture as capmod
-import nodeagent.reader as readermod
+import nodeagent.capture.process as capmod
+import nodeagent.proc.reader as readermod
 from cpcoord.image import Image, load_image, region_bytes
 from cpcoord.image_files import memory_backed
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE, AddressRange
-from nodeagent.capture import Capture, capture
-from nodeagent.freeze import frozen
-from nodeagent.pagemap import PagemapReader
-from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.regions import RegionSpec
+from nodeagent.capture.process import Capture, capture
+from nodeagent.capture.regions import RegionSpec
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.pagemap import PagemapReader
+from nodeagent.proc.procfs import Mapping, ProcessIdentity
 from testbed import patterns
 from testbed.driver import REPO, Target
 from tests.conftest import require

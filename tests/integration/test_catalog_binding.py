@@ -1,4 +1,4 @@
-"""A catalog belongs to one store (issue 12, defect 8; coordinator/store/binding.py).
+"""A catalog belongs to one store (coordinator/store/binding.py).
 
 A real coordinator and agent checkpoint a member into a store; the coordinator stops;
 the store is replaced by a new, empty one under the same name: a fresh SeaweedFS with

@@ -1,4 +1,4 @@
-"""Incremental chains through the command line (issue 3, local chain): `cpcoord capture
+"""Incremental chains through the command line (the local chain): `cpcoord capture
 --out DIR1`, `cpcoord capture --parent DIR1 --out DIR2` in separate processes, `cpcoord
 image flatten`, and the refusals when the parent does not fit.
 
@@ -27,9 +27,9 @@ from cpcoord import cli
 from cpcoord.errors import OutputNotWritable
 from cpcoord.image import load_image, stored_offsets
 from cpcoord.image_writer import ImageWriter
-from nodeagent import chain
-from nodeagent.capture import capture
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.capture import chain
+from nodeagent.capture.process import capture
+from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from testbed.driver import REPO, Target
 from tests.conftest import require

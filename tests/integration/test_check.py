@@ -19,8 +19,8 @@ import pytest
 
 from cpcoord import cli
 from cpcoord.errors import NoKernelTracker, TrackerUnavailable
-from nodeagent.freeze import frozen
-from nodeagent.procfs import ProcessIdentity, read_maps
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity, read_maps
 from nodeagent.trackers import probe
 from nodeagent.trackers.base import Availability
 from nodeagent.trackers.softdirty import SoftDirtyTracker, availability

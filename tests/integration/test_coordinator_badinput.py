@@ -1,5 +1,5 @@
 """Bad input to every RPC and client command is refused with a clear status (and exit
-code) and changes nothing (issue 4, must-show 4).
+code) and changes nothing.
 
 Against the real server in process with scripted agents. "Changes nothing" is checked by
 comparing a snapshot of everything a client can see (jobs and members, every generation

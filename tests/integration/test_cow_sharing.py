@@ -1,4 +1,4 @@
-"""A checkpoint keeps copy-on-write sharing (issue 12, defect 3).
+"""A checkpoint keeps copy-on-write sharing.
 
 A C program (tests/helpers/c/cow_target.c) fills memory and forks: parent and child share
 every page copy-on-write. `process_vm_readv` pins the pages it reads, and pinning an
@@ -10,7 +10,7 @@ collect), after a full and an incremental capture: the parent's memory is still 
 with the child (smaps_rollup of both), the capture holds exactly the pattern, and both
 processes still find their pattern intact.
 
-Locally (nodeagent.incremental.TrackedCapture, 256 MiB) and through the real coordinator
+Locally (nodeagent.capture.incremental.TrackedCapture, 256 MiB) and through the real coordinator
 and agent (64 MiB, whole-memory member, exported generation compared).
 """
 
@@ -24,10 +24,10 @@ import pytest
 
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import capture
-from nodeagent.freeze import frozen
-from nodeagent.incremental import TrackedCapture
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.capture.incremental import TrackedCapture
+from nodeagent.capture.process import capture
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from testbed.cluster import Cluster
 from testbed.driver import Target, dirty_mib

@@ -1,4 +1,4 @@
-"""End to end with real daemons (issue 4, must-show 1): a real coordinator and three
+"""End to end with real daemons: a real coordinator and three
 real agents as separate processes on loopback, members on several agents, full then
 incremental generations, and `cpcoord export` of every generation equal, byte for byte,
 to what each member's memory held at that generation's cut.

@@ -1,4 +1,4 @@
-"""Dedup and zero pages through the whole pipeline (issue 4, must-show 3), with real
+"""Dedup and zero pages through the whole pipeline, with real
 daemons and real processes: two members on different nodes with identical memory store
 it once; an all-zero GiB (every page present, written with zeros) stores almost
 nothing; and `cpcoord checkpoint --json` reports both.

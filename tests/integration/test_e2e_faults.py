@@ -1,4 +1,4 @@
-"""All or nothing with real daemons (issue 4, must-show 2).
+"""All or nothing with real daemons.
 
 A daemon is told (CPCOORD_FAULT_PAUSE, cpcoord/faults.py) to stop dead at a named point
 of generation 2, the test waits until it is there and sends SIGKILL:
@@ -70,7 +70,7 @@ def test_agent_killed(scene: Scene, point: str) -> None:
 def test_agent_killed_during_the_capture_that_arms_its_tracker(scene: Scene) -> None:
     """The first capture of a member arms its tracker inside the frozen window (uffd-wp:
     syscalls injected over ptrace). An agent dying right then must not take the member
-    down with it (this once killed it: a pending SIGTRAP; fixed in nodeagent/inject.py)."""
+    down with it (this once killed it: a pending SIGTRAP; fixed in nodeagent/proc/inject.py)."""
     _agent_killed(scene, "agent.capture", warm_up=False)
 
 

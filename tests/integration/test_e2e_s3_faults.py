@@ -1,4 +1,4 @@
-"""The S3 store's server dies mid-upload, through the real coordinator (issue 7, must-show 4).
+"""The S3 store's server dies mid-upload, through the real coordinator.
 
 A coordinator with `--store s3://...` on a SeaweedFS server of the test's own, a real
 agent, real members: generation 1 commits (a small member); then a 256 MiB member of

@@ -1,4 +1,4 @@
-"""Freeze under churn (issue 12, must-show 2): a bounded stress run through the real
+"""Freeze under churn: a bounded stress run through the real
 coordinator and agent, and `cpcoord capture`, against processes that make freezing hard
 (tests/helpers/c/freeze_target.c, each checking its own memory and threads):
 

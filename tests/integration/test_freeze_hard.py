@@ -27,8 +27,8 @@ import pytest
 
 from cpcoord.errors import PermissionDenied
 from cpcoord.image import load_image, region_bytes
-from nodeagent.freeze import frozen
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
 from testbed.cluster import Cluster, attach_args
 from testbed.daemons import REPO, daemon_env, wait_for
 from tests.conftest import require

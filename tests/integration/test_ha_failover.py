@@ -1,5 +1,4 @@
-"""Coordinator replicas on a real etcd: the leader dies, another takes over (issue 18,
-must-show 2).
+"""Coordinator replicas on a real etcd: the leader dies, another takes over.
 
 Three `cpcoord coordinator --etcd` replicas share one directory store; two real agents
 (`--coordinator` every replica's address) hold one real member each; the CLI is always

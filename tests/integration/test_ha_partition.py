@@ -1,5 +1,5 @@
 """A leader cut off from etcd stops committing before its lease can expire: never two
-leaders committing (issue 18, must-show 3).
+leaders committing.
 
 Two replicas, each in a network namespace of its own (tests/helpers/replicas_netns.py),
 etcd, one real agent and the CLI in a third. The provocation: replica 1 leads and is in

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cpcoord.ranges import PAGE_SHIFT
-from nodeagent.freeze import frozen
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers.hashtrk import HashTracker
 from testbed.driver import Target
 

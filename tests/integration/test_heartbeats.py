@@ -1,4 +1,4 @@
-"""Liveness is what arrives (issue 12, defect 5): an agent whose reports wait behind the
+"""Liveness is what arrives: an agent whose reports wait behind the
 coordinator's engine (a slow catalog write, a long commit) is still heard, and is never
 declared lost while its heartbeats keep coming.
 

@@ -15,7 +15,7 @@ from cpcoord.image import region_bytes
 from cpcoord.image_files import memory_backed
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.staging import Staging
+from nodeagent.proc.staging import Staging
 from tests.helpers.sparse import data_extent_pages
 
 pytestmark = pytest.mark.integration

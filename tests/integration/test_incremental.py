@@ -1,4 +1,4 @@
-"""Incremental chains through the library (issue 3, must show 1 and 2).
+"""Incremental chains through the library.
 
 For every backend available here (uffd-wp, hash, none = full), the property of
 tests/helpers/chains.py: random writes, mappings that appear, vanish, move, grow and
@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from cpcoord.errors import ReadFailed
 from cpcoord.image_chain import materialize
-from nodeagent import uffd
-from nodeagent.capture import Capture, capture
-from nodeagent.freeze import frozen
-from nodeagent.incremental import TrackedCapture, TrackedResult
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.capture.incremental import TrackedCapture, TrackedResult
+from nodeagent.capture.process import Capture, capture
+from nodeagent.proc import uffd
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.trackers import registry
 from testbed.driver import Target
 from tests.conftest import require
@@ -134,7 +134,7 @@ def test_uffd_lost_falls_back_to_full_and_rearms(target_factory: MakeTarget) -> 
 
 def _close_in_target(ident: ProcessIdentity, fd: int) -> None:
     """close(fd) inside the target, as a program closing every fd would."""
-    from nodeagent.inject import Injector
+    from nodeagent.proc.inject import Injector
 
     with frozen(ident) as fp, Injector(fp) as inj:
         assert inj.syscall(uffd.NR_CLOSE, fd) == 0

@@ -1,4 +1,4 @@
-"""Syscall injection into real processes that know nothing of cpcoord (issue 3, must show 3).
+"""Syscall injection into real processes that know nothing of cpcoord.
 
 A plain C program and a plain Python program, each with threads blocked in read() on a
 pipe, in nanosleep, in a futex wait and (C) one spinning in user space, are frozen, made to
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.freeze import frozen
-from nodeagent.inject import Injector
-from nodeagent.procfs import ProcessIdentity, read_maps, task_states
-from nodeagent.ptrace_abi import get_regs, regs_dict
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.inject import Injector
+from nodeagent.proc.procfs import ProcessIdentity, read_maps, task_states
+from nodeagent.proc.ptrace_abi import get_regs, regs_dict
 from tests.conftest import require
 
 pytestmark = pytest.mark.integration

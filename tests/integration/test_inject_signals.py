@@ -1,7 +1,7 @@
-"""A checkpoint never changes a process's signals or its fd numbers (issue 12, defects 4
-and 7): self-checking C programs (tests/helpers/c/sigstate_target.c) that own their
-signal state are armed with uffd-wp (syscall injection), checkpointed several times, and
-must end by their own checks with exit 0, their /proc signal masks as before.
+"""A checkpoint never changes a process's signals or its fd numbers: self-checking C
+programs (tests/helpers/c/sigstate_target.c) that own their signal state are armed with
+uffd-wp (syscall injection), checkpointed several times, and must end by their own checks
+with exit 0, their /proc signal masks as before.
 
 - `sigtrap`: blocks and handles SIGTRAP. A single-stepped injected call ends in a trap
   the kernel *forces* (force_sig), which unblocks SIGTRAP and resets its handler: the
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.freeze import frozen
-from nodeagent.inject import Injector
-from nodeagent.procfs import ProcessIdentity, read_maps
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.inject import Injector
+from nodeagent.proc.procfs import ProcessIdentity, read_maps
 from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.uffd_open import HIGH_FD_CEILING
 from nodeagent.trackers.uffdwp import UffdWpTracker

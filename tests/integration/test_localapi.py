@@ -1,6 +1,6 @@
-"""The local API over its real socket, with real processes (issue 5, must show 3 and 4).
+"""The local API over its real socket, with real processes.
 
-The server is nodeagent.localapi_server with tests/helpers/memory_backend.py behind it:
+The server is nodeagent.localapi.server with tests/helpers/memory_backend.py behind it:
 real capture and restore, generations kept in memory. Callers are real processes:
 the Python example with a NumPy array and the C example speaking the wire format, killed
 and started again; and processes of a second user, created by the test, that try to act
@@ -32,7 +32,7 @@ from cpcoord.errors import (
     NoSuchGeneration,
 )
 from cpcoord.local_wire import encode, read_frame
-from nodeagent.localapi_server import LocalApiServer
+from nodeagent.localapi.server import LocalApiServer
 from testbed.daemons import public_tmpdir
 from testbed.driver import REPO, Target
 from tests.helpers.localapi import (
@@ -73,7 +73,7 @@ def env_for(sock: Path, job: str, member: str) -> dict[str, str]:
     )
 
 
-# -- must show 3: restart ------------------------------------------------------------------
+# -- restart ------------------------------------------------------------------
 
 
 def test_python_numpy_process_restarts_from_its_checkpoint(
@@ -143,7 +143,7 @@ def test_c_process_restarts_from_its_checkpoint(
     assert fields(result) == {"step": "100", "digest": str(want)}
 
 
-# -- must show 4: another user, another job ---------------------------------------------------
+# -- another user, another job ---------------------------------------------------
 
 
 def test_another_user_cannot_act_on_other_processes_or_jobs(

@@ -1,7 +1,7 @@
-"""A process with 20 000 mappings through the real coordinator and agent (issue 12,
-defect 5): both generations commit (full, then uffd-wp incremental), the agent is never
-declared lost, every region's exported bytes equal the process's memory, and the
-program's own check of its 20 000 mappings holds after the checkpoints.
+"""A process with 20 000 mappings through the real coordinator and agent: both generations
+commit (full, then uffd-wp incremental), the agent is never declared lost, every region's
+exported bytes equal the process's memory, and the program's own check of its 20 000
+mappings holds after the checkpoints.
 
 On main the frozen window grew with the square of the mappings (13-20 s here): the
 member outlived its lease frozen and the generation aborted. Then, on grpc.aio, the

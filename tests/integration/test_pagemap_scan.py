@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.pagemap import PagemapReader, taken_in
+from nodeagent.proc.pagemap import PagemapReader, taken_in
 from testbed.driver import Target
 from tests.conftest import require
 from tests.helpers.uffd_markers import uffd_wp_markers

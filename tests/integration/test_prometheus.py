@@ -1,14 +1,13 @@
-"""A real Prometheus server scrapes a real coordinator and real agents (issue 6, must-show
-2), with the scrape configuration and alert rules shipped in deploy/prometheus/.
-
-The test starts `cpcoord coordinator` and two `cpcoord agent`s with `--metrics-port`
-(tests/helpers/cluster.py), writes their addresses as the file_sd targets the shipped
-prometheus.yml reads, and starts the `prometheus` binary itself (never the system
-service) on loopback with storage in the test's tmp dir and a 1 s scrape interval (the
-only change made to the shipped file). Checkpoints of real member processes follow: four
-commit, one aborts (the agent holding a member is killed mid-freeze). Then everything
-is read back through Prometheus's HTTP API (`/api/v1/query`, `/api/v1/rules`), and every
-expression of the Grafana dashboard is run against it.
+"""A real Prometheus server scrapes a real coordinator and real agents, with the scrape
+configuration and alert rules shipped in deploy/prometheus/. The test starts `cpcoord
+coordinator` and two `cpcoord agent`s with `--metrics-port` (tests/helpers/cluster.py),
+writes their addresses as the file_sd targets the shipped prometheus.yml reads, and starts
+the `prometheus` binary itself (never the system service) on loopback with storage in the
+test's tmp dir and a 1 s scrape interval (the only change made to the shipped file).
+Checkpoints of real member processes follow: four commit, one aborts (the agent holding a
+member is killed mid-freeze). Then everything is read back through Prometheus's HTTP API
+(`/api/v1/query`, `/api/v1/rules`), and every expression of the Grafana dashboard is run
+against it.
 
 Also here: `promtool check config`, `promtool check rules` and `promtool test rules`
 (deploy/prometheus/alerts_test.yml). In CI a missing prometheus or promtool fails.

@@ -1,5 +1,5 @@
 """grpcurl-style access to a running coordinator through server reflection only
-(issue 6, must-show 3): list the services, resolve methods and messages from the
+: list the services, resolve methods and messages from the
 descriptors the server sends, and call RPCs with message classes built from them,
 without the generated stubs (a fresh descriptor pool, nothing from cpcoord.gen).
 """

@@ -1,4 +1,4 @@
-"""The local API through the real agent (issue 5, must show 3 and 4): a real coordinator
+"""The local API through the real agent: a real coordinator
 and a real `cpcoord agent --socket`, real processes.
 
 - Restart: the Python example (NumPy state, cpcoord.client) and the C example (the wire
@@ -74,7 +74,7 @@ def _run_kill_resume(
     return cp, fields(restored), fields(result)
 
 
-# -- must show 3 ---------------------------------------------------------------------------
+# -- a restart -----------------------------------------------------------------------------
 
 
 def test_python_numpy_process_restarts_through_the_agent(socket_cluster: SocketCluster) -> None:
@@ -160,7 +160,7 @@ def test_restore_picks_the_named_generation(socket_cluster: SocketCluster) -> No
     assert sc.generations("self") == [1, 2]
 
 
-# -- must show 4 ---------------------------------------------------------------------------
+# -- another user ----------------------------------------------------------------------------
 
 VICTIM = r"""
 import mmap, os, sys, time

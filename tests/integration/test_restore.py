@@ -1,6 +1,6 @@
-"""Restore of real processes, in place and into new ones (issue 5, must show 1 and 2).
+"""Restore of real processes, in place and into new ones.
 
-Captures come from nodeagent.capture on targets with known contents; the tests then
+Captures come from nodeagent.capture.process on targets with known contents; the tests then
 change memory in every way that matters (rewrite present pages, write pages that were
 absent or zero at the cut, drop present pages, unmap), restore, and compare every byte of
 every region with what the cut held: its pages, and zeros everywhere else.
@@ -21,11 +21,11 @@ import pytest
 
 from cpcoord.errors import ContentsInvalid, RegionMismatch, RestoreUndone
 from cpcoord.ranges import PAGE_SIZE, AddressRange
-from nodeagent.capture import capture
-from nodeagent.freeze import frozen
-from nodeagent.iovec import vm_syscall
-from nodeagent.procfs import ProcessIdentity, read_maps
-from nodeagent.restore import (
+from nodeagent.capture.process import capture
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.iovec import vm_syscall
+from nodeagent.proc.procfs import ProcessIdentity, read_maps
+from nodeagent.restore.apply import (
     MemberLayout,
     RegionContents,
     RegionLayout,
@@ -34,7 +34,7 @@ from nodeagent.restore import (
     restore_members,
     write,
 )
-from nodeagent.restore_undo import STEP
+from nodeagent.restore.undo import STEP
 from testbed import patterns
 from testbed.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, build_c, digest, read_mem
@@ -348,7 +348,7 @@ def test_a_refusal_inside_a_step_puts_back_exactly_what_was_written(
         refused.append(offset)
         raise OSError(errno.EIO, "refused by the test")
 
-    monkeypatch.setattr("nodeagent.writer.os.pwritev", no_pwritev)
+    monkeypatch.setattr("nodeagent.proc.writer.os.pwritev", no_pwritev)
     with (
         frozen(ProcessIdentity.of(t.pid)) as fp,
         pytest.raises(RestoreUndone, match=rf"\({3 * STEP // 2} bytes written were put back\)"),
@@ -386,7 +386,7 @@ def test_backing_up_never_breaks_copy_on_write_sharing(
     import sys
 
     from cpcoord import faults
-    from nodeagent.pagemap import PM_EXCLUSIVE, PM_PRESENT, PagemapReader
+    from nodeagent.proc.pagemap import PM_EXCLUSIVE, PM_PRESENT, PagemapReader
 
     size = 3 * STEP
     p = subprocess.Popen([sys.executable, "-c", _FORKER, str(size)],

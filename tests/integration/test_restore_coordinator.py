@@ -5,7 +5,7 @@ written anywhere and the member and region named, the pages DownloadPages stream
 page of the complete manifest, zero pages included), and RestoreInto.
 
 The agent here keeps its members' memory as bytes (tests/helpers/fake_agent.py) and
-writes what it downloads into them, as the real agent must do with nodeagent/restore.py.
+writes what it downloads into them, as the real agent must do with nodeagent/restore/apply.py.
 """
 
 from __future__ import annotations

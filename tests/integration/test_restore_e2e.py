@@ -1,4 +1,4 @@
-"""Restore in place end to end (issue 5): a real coordinator, two real agents, members
+"""Restore in place end to end: a real coordinator, two real agents, members
 with explicit regions on both; `cpcoord restore` puts every byte of every region back to
 the generation's, the members keep running, and their next checkpoint is full. A member
 that does not fit any more (part of its region unmapped since) makes the restore refuse

@@ -1,4 +1,4 @@
-"""Whole-memory restore with every thread's registers (issue 5: the default region set).
+"""Whole-memory restore with every thread's registers (the default region set).
 
 The C target's threads keep counters in registers (a general register, an SSE register)
 and the same counters in memory, check they agree at every step, and sleep in
@@ -23,13 +23,13 @@ from ptrace.binding.linux_struct import user_regs_struct
 
 from cpcoord.errors import RestoreRefused
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import Capture, capture
-from nodeagent.freeze import frozen
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.ptrace_abi import NT_X86_XSTATE, PTRACE_GETREGSET, Iovec
-from nodeagent.registers import ThreadStates, restore_thread_state, save_thread_state
-from nodeagent.restore import MemberLayout, RegionContents, RegionLayout, restore_members
-from nodeagent.thread_hooks import ThreadStateHooks
+from nodeagent.capture.process import Capture, capture
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.proc.ptrace_abi import NT_X86_XSTATE, PTRACE_GETREGSET, Iovec
+from nodeagent.proc.registers import ThreadStates, restore_thread_state, save_thread_state
+from nodeagent.restore.apply import MemberLayout, RegionContents, RegionLayout, restore_members
+from nodeagent.restore.thread_hooks import ThreadStateHooks
 from testbed.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, SpinTarget, build_c, digest, read_mem
 
@@ -198,9 +198,9 @@ def test_registers_refused_half_way_put_back_memory_and_registers(
     """Issue 12 (all or nothing): the memory is written, then setting the cut's
     registers fails after the first thread got them. Every byte and every register goes
     back: the threads go on from where they were, their invariants intact."""
-    import nodeagent.restore as restore_mod
+    import nodeagent.restore.apply as restore_mod
     from cpcoord.errors import RestoreUndone, ThreadStateInvalid
-    from nodeagent.ptrace_abi import PTRACE_SETREGS
+    from nodeagent.proc.ptrace_abi import PTRACE_SETREGS
 
     real = restore_mod.restore_thread_state
 

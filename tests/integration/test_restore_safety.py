@@ -1,4 +1,4 @@
-"""Restore in place never harms a process (issue 12, defects 6 and 7), through a real
+"""Restore in place never harms a process, through a real
 coordinator and a real agent (subprocesses) and `cpcoord restore`.
 
 The member is tests/helpers/c/remap_target.c: one region it rewrites and remaps on
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.restore_undo import STEP
+from nodeagent.restore.undo import STEP
 from testbed.cluster import Cluster
 from tests.helpers.restore_c import REMAP_TARGET, RemapTarget, build_c
 

@@ -1,4 +1,4 @@
-"""Whole-memory restore in place through the coordinator, with registers (issue 5).
+"""Whole-memory restore in place through the coordinator, with registers.
 
 A real coordinator and two real agents (subprocesses). Members of the default
 (whole-memory) region set are C programs that keep counters in registers and in memory
@@ -37,8 +37,8 @@ from coordinator.store import manifest_io
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
-from nodeagent.freeze import frozen
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import ProcessIdentity
 from testbed.cluster import Cluster, attach_args
 from testbed.driver import Target
 from tests.helpers.restore_c import RESTORE_TARGET, CmdTarget, CProcess, SpinTarget, build_c

@@ -1,4 +1,4 @@
-"""Shared memory through the real coordinator and agent (issue 12, defect 2).
+"""Shared memory through the real coordinator and agent.
 
 A C program (tests/helpers/c/shared_target.c) holds four shared objects whose pages are
 not in its own page tables: a memfd filled with write() and mapped untouched, shared
@@ -32,8 +32,8 @@ from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import capture
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.capture.process import capture
+from nodeagent.proc.procfs import ProcessIdentity
 from testbed.cluster import Cluster
 from testbed.driver import Target
 from tests.helpers.restore_c import SHARED_TARGET, SharedTarget, build_c, cpt_mix

@@ -1,4 +1,4 @@
-"""Slurm drives cpcoord, end to end (issue 19): a real one-node Slurm 22.05 (munge,
+"""Slurm drives cpcoord, end to end: a real one-node Slurm 22.05 (munge,
 slurmctld, slurmd; tests/helpers/slurm.py), a real coordinator and agent, and a two-rank
 batch job written the way docs/slurm.md says:
 
@@ -248,7 +248,7 @@ def check_result(st: Stack, restored_step: int, restored_gen: int) -> None:
         assert redone <= PREEMPT_AT - FIRST  # at most one interval of work
 
 
-# -- must show 1 ------------------------------------------------------------------------------
+# -- preemption -------------------------------------------------------------------------------
 
 
 def test_preempted_job_checkpoints_requeues_restores_and_finishes(stack: Stack) -> None:
@@ -278,7 +278,7 @@ def test_preempted_job_checkpoints_requeues_restores_and_finishes(stack: Stack) 
     assert "generations released" in out.read_text()
 
 
-# -- must show 2 ------------------------------------------------------------------------------
+# -- a failed checkpoint -----------------------------------------------------------------------
 
 
 def test_coordinator_unreachable_at_preemption_requeues_from_previous_generation(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cpcoord.errors import UffdLost
-from nodeagent.freeze import frozen
+from nodeagent.proc.freeze import frozen
 from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.helpers.uffd_target import PAGE, MemTarget
 

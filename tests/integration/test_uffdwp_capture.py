@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cpcoord.ranges import AddressRange
-from nodeagent.capture import Capture, capture
-from nodeagent.freeze import FrozenProcess
-from nodeagent.procfs import Mapping
+from nodeagent.capture.process import Capture, capture
+from nodeagent.proc.freeze import FrozenProcess
+from nodeagent.proc.procfs import Mapping
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.helpers.uffd_target import PAGE, MemTarget

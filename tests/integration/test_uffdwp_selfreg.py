@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cpcoord import client_uffd
-from nodeagent import uffd
-from nodeagent.freeze import frozen
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.proc import uffd
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers import uffd_avail, uffdwp
 from nodeagent.trackers.uffdwp import UffdWpTracker
 from tests.conftest import require

@@ -1,4 +1,4 @@
-"""Multi-node suite (issue 7, must-show 1): a coordinator and three agents, each in its
+"""Multi-node suite: a coordinator and three agents, each in its
 own network namespace linked by veth pairs (tests/helpers/netns.py), members started
 inside the node namespaces.
 

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.capture import zero_rows
-from nodeagent.reader import MEM_ABSORB, _absorb
-from nodeagent.staging import Staging
+from nodeagent.capture.process import zero_rows
+from nodeagent.proc.reader import MEM_ABSORB, _absorb
+from nodeagent.proc.staging import Staging
 
 
 @settings(max_examples=60, deadline=None)

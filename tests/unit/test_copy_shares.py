@@ -1,4 +1,4 @@
-"""How a big copy is shared out to threads (nodeagent/reader.py `_shares`): the shares,
+"""How a big copy is shared out to threads (nodeagent/proc/reader.py `_shares`): the shares,
 put back together, are exactly the iovecs given (same bytes, same order, remote and
 local in step), and a big copy is spread about evenly."""
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import reader
+from nodeagent.proc import reader
 
 
 def _bytes_of(remote: np.ndarray, local: np.ndarray) -> list[tuple[int, int, int]]:

@@ -1,4 +1,4 @@
-"""Pure logic of incremental captures: the set arithmetic of nodeagent.incremental
+"""Pure logic of incremental captures: the set arithmetic of nodeagent.capture.incremental
 (against naive Python sets), and the pending-set rules of TrackedCapture driven through
 fake hooks calls (no process)."""
 
@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import AddressRange
-from nodeagent.captured import concat_parts
-from nodeagent.changeset import (
+from nodeagent.capture.captured import concat_parts
+from nodeagent.capture.changeset import (
     mark_appeared,
     mark_pages,
     mark_runs,
     pick,
     ranges_runs,
 )
-from nodeagent.procfs import Mapping
-from nodeagent.regions import RegionSpec, new_or_changed_runs
-from nodeagent.trackstate import tracked_mappings
+from nodeagent.capture.regions import RegionSpec, new_or_changed_runs
+from nodeagent.capture.trackstate import tracked_mappings
+from nodeagent.proc.procfs import Mapping
 
 page_sets = st.lists(st.integers(0, 3000), max_size=200, unique=True).map(
     lambda xs: np.array(sorted(xs), dtype=np.uint64)

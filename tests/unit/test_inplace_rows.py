@@ -1,4 +1,4 @@
-"""Where an in-place capture puts each page (nodeagent/inplace.py): at its offset in its
+"""Where an in-place capture puts each page (nodeagent/capture/inplace.py): at its offset in its
 own region's memory, wherever that memory lies relative to the target's addresses."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent import inplace
-from nodeagent.regions import RegionSpec
+from nodeagent.capture import inplace
+from nodeagent.capture.regions import RegionSpec
 
 
 class _At:

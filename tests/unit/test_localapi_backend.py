@@ -26,10 +26,10 @@ from cpcoord.errors import (
     UnknownMember,
 )
 from cpcoord.gen.v1 import agent_pb2
-from nodeagent import localapi_backend as lb
-from nodeagent.local_commands import LocalCommands
-from nodeagent.localapi import LocalRegion, Membership, Registration
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.daemon.local_commands import LocalCommands
+from nodeagent.localapi import backend as lb
+from nodeagent.localapi.rules import LocalRegion, Membership, Registration
+from nodeagent.proc.procfs import ProcessIdentity
 
 ME = ProcessIdentity.of(os.getpid())
 

@@ -1,4 +1,4 @@
-"""The local API's rules (nodeagent.localapi) with a fake backend: arguments, the permission
+"""The local API's rules (nodeagent.localapi.rules) with a fake backend: arguments, the permission
 rule, error replies, and the wire helpers. No socket here: tests/integration/
 test_localapi.py runs the server with real processes and a second user."""
 
@@ -15,7 +15,7 @@ import pytest
 from cpcoord import errors
 from cpcoord.local_wire import MAX_FRAME, decode, encode, read_frame, remote_error
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.localapi import (
+from nodeagent.localapi.rules import (
     Caller,
     LocalApi,
     LocalRestoreResult,
@@ -23,7 +23,7 @@ from nodeagent.localapi import (
     Registration,
     RestoreRequest,
 )
-from nodeagent.procfs import ProcessIdentity
+from nodeagent.proc.procfs import ProcessIdentity
 
 ME = ProcessIdentity.of(os.getpid())  # callers are checked against /proc: use ourselves
 OTHER = ProcessIdentity(424242, 7)

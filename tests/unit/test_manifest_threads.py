@@ -1,4 +1,4 @@
-"""Registers in manifests (issue 5): a whole-memory member's threads round-trip, a
+"""Registers in manifests: a whole-memory member's threads round-trip, a
 manifest written before them still loads, bad ones are refused, and a sealed manifest
 (encryption at rest) holds no register byte in plaintext."""
 
@@ -22,7 +22,7 @@ from cpcoord.gen.v1 import manifest_pb2 as pb
 PS = 4096
 SECRET = bytes.fromhex("23e1fec0e7122e5e")  # a register value that must never leak
 
-# Written by the manifest writer of the commit before issue 5 (no thread frames, no
+# Written by a manifest writer from before thread frames existed (no thread frames, no
 # thread_count): job old-job, generation 3 (parent 2), member rank-0, region heap of
 # 8 pages at 0x10000 with pages 0-1 from chunk 07..07 (skip 1) and page 3 zero.
 OLD = bytes.fromhex(

@@ -1,4 +1,4 @@
-"""The per-mapping pieces of the frozen window, against naive references (issue 12):
+"""The per-mapping pieces of the frozen window, against naive references:
 tracked mappings by binary search, deliver sets in bulk, maps read once per change."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent import changeset, mapscache, trackstate
-from nodeagent.procfs import Mapping
-from nodeagent.regions import RegionSpec
+from nodeagent.capture import changeset, trackstate
+from nodeagent.capture.regions import RegionSpec
+from nodeagent.proc import mapscache
+from nodeagent.proc.procfs import Mapping
 
 PAGE = 4096
 

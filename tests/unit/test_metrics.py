@@ -32,7 +32,7 @@ from coordinator.protocol.messages import ProgressEvent
 from coordinator.protocol.values import AbortReason, ProgressKind
 from coordinator.store import Repository
 from cpcoord.gen.v1 import agent_pb2
-from nodeagent.metrics import install as agent_install
+from nodeagent.daemon.metrics import install as agent_install
 from tests.helpers.store_support import PS, checkpoint, rand
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent import metrics
-from nodeagent.metrics import AgentMetrics, TrackerCollector, install, unserved
+from nodeagent.daemon import metrics
+from nodeagent.daemon.metrics import AgentMetrics, TrackerCollector, install, unserved
 from nodeagent.trackers import registry as trackers
 
 

@@ -1,4 +1,4 @@
-"""Pure logic of nodeagent.pagemap: the selection mask, runs, and windowed selection.
+"""Pure logic of nodeagent.proc.pagemap: the selection mask, runs, and windowed selection.
 
 The windowed reader is checked against a fake pagemap (an array of words indexed by page
 number) and a naive per-page reference, over random segment layouts.
@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodeagent import pagemap as pm
-from nodeagent.pagemap import (
+from nodeagent.pages import pages_from_runs, runs_from_list, runs_from_pages, runs_to_list
+from nodeagent.proc import pagemap as pm
+from nodeagent.proc.pagemap import (
     PM_EXCLUSIVE,
     PM_FILE_SHARED,
     PM_GUARD_REGION,
@@ -24,7 +25,6 @@ from nodeagent.pagemap import (
     taken_in,
     taken_mask,
 )
-from nodeagent.pages import pages_from_runs, runs_from_list, runs_from_pages, runs_to_list
 
 sorted_pages = st.lists(st.integers(0, 5000), max_size=300, unique=True).map(
     lambda xs: np.array(sorted(xs), dtype=np.uint64)

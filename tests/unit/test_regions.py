@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 
 from cpcoord.errors import RangesOverlap, RangeUnmapped
 from cpcoord.ranges import PAGE_SIZE, AddressRange, check_name
-from nodeagent.procfs import Mapping, parse_maps
-from nodeagent.regions import (
+from nodeagent.capture.regions import (
     default_region_name,
     default_regions,
     is_default_mapping,
@@ -19,6 +18,7 @@ from nodeagent.regions import (
     segment_pages,
     segments,
 )
+from nodeagent.proc.procfs import Mapping, parse_maps
 
 MAPS = """\
 55d0c2a00000-55d0c2a01000 r--p 00000000 fd:01 1001 /usr/bin/prog

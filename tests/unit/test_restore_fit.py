@@ -1,6 +1,6 @@
 """The fit check's comparison of a region's mappings now with those at the cut
-(nodeagent/restore_fit.py, cpcoord/mapfacts.py), on synthetic /proc/PID/maps lines, and
-the pure arithmetic of all-or-nothing writing (nodeagent/restore_undo.py)."""
+(nodeagent/restore/fit.py, cpcoord/mapfacts.py), on synthetic /proc/PID/maps lines, and
+the pure arithmetic of all-or-nothing writing (nodeagent/restore/undo.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from cpcoord.errors import ContentsInvalid, RegionMismatch
 from cpcoord.gen.v1 import manifest_pb2
 from cpcoord.mapfacts import MapFact, check_facts, differs, facts_for
-from nodeagent.procfs import Mapping
-from nodeagent.restore import MemberLayout, RegionLayout
-from nodeagent.restore_backup import Backed
-from nodeagent.restore_fit import check_layout, fit_region
-from nodeagent.restore_plan import Plan
-from nodeagent.restore_undo import rollback_pieces, split
-from nodeagent.writer import ZERO_CHUNK, zero_source
+from nodeagent.proc.procfs import Mapping
+from nodeagent.proc.writer import ZERO_CHUNK, zero_source
+from nodeagent.restore.apply import MemberLayout, RegionLayout
+from nodeagent.restore.backup import Backed
+from nodeagent.restore.fit import check_layout, fit_region
+from nodeagent.restore.plan import Plan
+from nodeagent.restore.undo import rollback_pieces, split
 
 P = 4096
 A = 0x7F0000000000

@@ -1,4 +1,4 @@
-"""The agent's side of whole-memory restore in place (issue 5), as pure logic: a restore
+"""The agent's side of whole-memory restore in place, as pure logic: a restore
 Freeze's layouts become the fit check's MemberLayout (regions and registers at the cut),
 explicit members keep their own regions, bad registers are reported against their
 member, and oversized register sets are not sent."""
@@ -9,11 +9,11 @@ import pytest
 
 from cpcoord.errors import ThreadStateInvalid
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
-from nodeagent import restore_ops
-from nodeagent.membership import HeldMember
-from nodeagent.procfs import ProcessIdentity
-from nodeagent.regions import RegionSpec
-from nodeagent.registers import FXSAVE_SIZE, REGS_SIZE, ThreadState, ThreadStates
+from nodeagent.capture.regions import RegionSpec
+from nodeagent.daemon import restore_ops
+from nodeagent.daemon.membership import HeldMember
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.proc.registers import FXSAVE_SIZE, REGS_SIZE, ThreadState, ThreadStates
 
 
 def regs(tid: int, fp: int = FXSAVE_SIZE) -> common_pb2.ThreadRegisters:

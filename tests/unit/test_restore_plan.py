@@ -1,4 +1,4 @@
-"""The restore write plan (nodeagent.restore_plan) against a simulated address space.
+"""The restore write plan (nodeagent.restore.plan) against a simulated address space.
 
 A plan is applied to a NumPy model of memory by copying each piece's local bytes (real
 pointers into the contents' arrays and the zero source) to its remote place; the result
@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.procfs import Mapping
-from nodeagent.restore import RegionContents
-from nodeagent.restore_plan import build_plan
-from nodeagent.writer import ZERO_CHUNK, zero_source
+from nodeagent.proc.procfs import Mapping
+from nodeagent.proc.writer import ZERO_CHUNK, zero_source
+from nodeagent.restore.apply import RegionContents
+from nodeagent.restore.plan import build_plan
 
 BASE = 0x7F0000000000
 PAGES = 96

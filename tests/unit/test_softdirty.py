@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SHIFT
-from nodeagent.pagemap import PM_GUARD_REGION, PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED
-from nodeagent.procfs import Mapping
+from nodeagent.proc.pagemap import PM_GUARD_REGION, PM_PRESENT, PM_SOFT_DIRTY, PM_SWAPPED
+from nodeagent.proc.procfs import Mapping
 from nodeagent.trackers import softdirty
 
 SD, PRESENT, SWAPPED, GUARD = (
@@ -95,8 +95,8 @@ def test_read_matches_brute_force(spans: list[tuple[int, int]], seed: int, chunk
 
 def test_collect_refuses_when_not_armed() -> None:
     from cpcoord.errors import TrackerFailed
-    from nodeagent.freeze import FrozenProcess
-    from nodeagent.procfs import ProcessIdentity
+    from nodeagent.proc.freeze import FrozenProcess
+    from nodeagent.proc.procfs import ProcessIdentity
 
     t = softdirty.SoftDirtyTracker()
     fp = FrozenProcess(ProcessIdentity(1, 1))

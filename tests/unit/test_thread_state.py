@@ -10,7 +10,7 @@ import pytest
 from ptrace.binding.linux_struct import user_regs_struct
 
 from cpcoord.errors import ThreadStateInvalid
-from nodeagent.registers import REGS_SIZE, ThreadState, ThreadStates, _restartable
+from nodeagent.proc.registers import REGS_SIZE, ThreadState, ThreadStates, _restartable
 
 U64 = (1 << 64) - 1
 

@@ -1,4 +1,4 @@
-"""The per-thread registry of held tracees (nodeagent/tracees.py): bookkeeping only; the
+"""The per-thread registry of held tracees (nodeagent/proc/tracees.py): bookkeeping only; the
 real holds (vfork, killed targets) are in tests/integration/test_freeze_hard.py."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
-from nodeagent import tracees
+from nodeagent.proc import tracees
 
 
 def test_held_threads_are_per_tracer_thread_and_polled_fast_then_slow() -> None:

@@ -1,4 +1,4 @@
-"""MemberTracker's arming rules (nodeagent/trackstate.py), with fake backends: the one
+"""MemberTracker's arming rules (nodeagent/capture/trackstate.py), with fake backends: the one
 `auto` fallback of the agent and the CLI chain (no process is touched)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from cpcoord.errors import TrackerFailed, TrackerUnavailable
+from nodeagent.capture.trackstate import MemberTracker
 from nodeagent.trackers import registry
-from nodeagent.trackstate import MemberTracker
 
 
 class _Fake:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent import uffd
 from nodeagent.pages import pages_of_ranges
-from nodeagent.procfs import Mapping
+from nodeagent.proc import uffd
+from nodeagent.proc.procfs import Mapping
 from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.uffd_open import high_fd_floor
 from nodeagent.trackers.uffd_spans import spans_of

@@ -1,4 +1,4 @@
-"""The chunking rule of uploads (nodeagent/chunks.py): entry edges, zero markers, batch
+"""The chunking rule of uploads (nodeagent/upload/chunks.py): entry edges, zero markers, batch
 limits and packed chunk data. Pure functions over arrays; no process, no network."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodeagent.chunks import (
+from nodeagent.upload.chunks import (
     ENTRY_BYTES,
     GROUP_PAGES,
     MESSAGE_MARGIN,

@@ -1,4 +1,4 @@
-"""Pre-encoded upload batches (nodeagent.chunks.encode_batch) parse exactly as the
+"""Pre-encoded upload batches (nodeagent.upload.chunks.encode_batch) parse exactly as the
 UploadRequest message they stand for, raw and compressed, small and large."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import agent_pb2, common_pb2
-from nodeagent.chunks import chunk_data, chunk_parts, encode_batch
-from nodeagent.upload import _accepts_frames, _serialize, enable_frames
+from nodeagent.upload.chunks import chunk_data, chunk_parts, encode_batch
+from nodeagent.upload.stream import _accepts_frames, _serialize, enable_frames
 
 
 def _chunks(n: int, pages: int, seed: int) -> list[np.ndarray]:

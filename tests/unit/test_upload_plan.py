@@ -1,5 +1,5 @@
-"""An upload planned for the whole member at once (nodeagent/upload_plan.py) equals the
-chunking rule applied region by region (nodeagent/chunks.py), and what an agent sends
+"""An upload planned for the whole member at once (nodeagent/upload/plan.py) equals the
+chunking rule applied region by region (nodeagent/upload/chunks.py), and what an agent sends
 is what the coordinator's assembler (coordinator/uploads.py) rebuilds, byte for byte:
 the agent's real upload against a stub that hands its messages to the assembler."""
 
@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 
 from coordinator.uploads import UploadAssembler
 from cpcoord.gen.v1 import agent_pb2
-from nodeagent.capture import zero_rows
-from nodeagent.chunks import MESSAGE_MARGIN, batches, plan
-from nodeagent.copyout import StagedRegion
+from nodeagent.capture.copyout import StagedRegion
+from nodeagent.capture.process import zero_rows
 from nodeagent.pages import runs_from_pages
-from nodeagent.upload import Limits, StagedMember, header, upload
-from nodeagent.upload_plan import Plan, member_runs, rounds
+from nodeagent.upload.chunks import MESSAGE_MARGIN, batches, plan
+from nodeagent.upload.plan import Plan, member_runs, rounds
+from nodeagent.upload.stream import Limits, StagedMember, header, upload
 
 PAGE = 4096
 

@@ -18,9 +18,9 @@ from cpcoord.errors import (
     TrackerUnavailable,
 )
 from cpcoord.gen.v1 import types_pb2
-from nodeagent.membership import HeldMember, check_regions
-from nodeagent.procfs import Mapping, ProcessIdentity
-from nodeagent.regions import RegionSpec
+from nodeagent.capture.regions import RegionSpec
+from nodeagent.daemon.membership import HeldMember, check_regions
+from nodeagent.proc.procfs import Mapping, ProcessIdentity
 from nodeagent.trackers import registry
 from nodeagent.trackers.base import Availability
 
@@ -128,8 +128,8 @@ def test_registry_auto_picks_the_best_available(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_reconnect_backoff_doubles_with_jitter() -> None:
-    """The agent's redial schedule (nodeagent/agent.py: backoff)."""
-    from nodeagent.agent import backoff
+    """The agent's redial schedule (nodeagent/daemon/agent.py: backoff)."""
+    from nodeagent.daemon.agent import backoff
 
     lo = list(itertools.islice(backoff(0.2, 5.0, rand=lambda: 0.0), 8))
     hi = list(itertools.islice(backoff(0.2, 5.0, rand=lambda: 1.0), 8))
@@ -142,7 +142,7 @@ def test_reconnect_backoff_doubles_with_jitter() -> None:
 
 def test_appeared_pages() -> None:
     """Pages present now that the last capture did not take count as changed."""
-    from nodeagent.changeset import mark_appeared
+    from nodeagent.capture.changeset import mark_appeared
 
     def appeared(taken: np.ndarray, before: np.ndarray) -> list[int]:
         mask = np.zeros(taken.size, dtype=np.bool_)

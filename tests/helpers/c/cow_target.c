@@ -1,5 +1,5 @@
 /*
- * A C test target for copy-on-write sharing (issue 12) that checks its own memory. It
+ * A C test target for copy-on-write sharing that checks its own memory. It
  * knows nothing of cpcoord. Built by the tests with gcc into a temporary directory.
  *
  *   cow_target MIB

@@ -1,5 +1,5 @@
 /*
- * A target whose one region is rewritten and remapped on command (issue 12): restore in
+ * A target whose one region is rewritten and remapped on command: restore in
  * place must refuse it when its mapping changed since the cut, and a restore that fails
  * part-way must leave it as it was. It checks its own memory; it knows nothing of cpcoord.
  *

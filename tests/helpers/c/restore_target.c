@@ -1,5 +1,5 @@
 /*
- * A C test target for restore (issue 5) that checks its own invariants. It knows nothing
+ * A C test target for restore that checks its own invariants. It knows nothing
  * of cpcoord. Built by the tests with gcc into a temporary directory.
  *
  *   restore_target spin

@@ -1,5 +1,5 @@
 /*
- * A C test target for shared memory (issue 12) that checks its own memory. It knows
+ * A C test target for shared memory that checks its own memory. It knows
  * nothing of cpcoord. Built by the tests with gcc into a temporary directory.
  *
  *   shared_target PAGES [keep]

@@ -1,5 +1,5 @@
 /*
- * A whole-memory restore target (issue 5) that checks its own invariants and ends on
+ * A whole-memory restore target that checks its own invariants and ends on
  * request; its spinning threads are those of cpt_spin.h. It knows nothing of cpcoord.
  *
  *   whole_target STOPFILE SECRET

@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from nodeagent.freeze import frozen
-from nodeagent.procfs import Mapping, ProcessIdentity, read_maps
+from nodeagent.proc.freeze import frozen
+from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_maps
 from nodeagent.trackers import softdirty
 from nodeagent.trackers.softdirty import SoftDirtyTracker
 from testbed.driver import PAGE, Target

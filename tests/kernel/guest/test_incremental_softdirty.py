@@ -1,4 +1,4 @@
-"""The incremental-chain property of issue 3 (must show 1 and 2) with the soft-dirty
+"""The incremental-chain property with the soft-dirty
 tracker, on a kernel that has it (run inside the qemu guest by
 tests/kernel/test_softdirty_vm.py; the property itself lives in tests/helpers/chains.py
 and runs on the host for uffd-wp, hash and none).

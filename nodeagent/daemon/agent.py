@@ -1,0 +1,333 @@
+"""The node agent daemon: dials the coordinator, holds one `Attach` control stream, and
+turns commands into work for the ptrace thread (nodeagent/daemon/worker.py) and the uploader
+(nodeagent/upload/stream.py).
+
+One *session* per control stream: Hello (node name, version, capabilities, every tracker
+backend with its verdict, the members still held, so a restarted coordinator learns
+them again), Welcome (heartbeat interval, message limits), then events up and commands
+down. Each session has an *epoch*; everything the session started reports with it, and
+a report of an older epoch is dropped: a new stream never carries news of an old one.
+
+A broken stream (the coordinator died, the network broke, 3 heartbeat intervals of
+silence after the coordinator showed it sends heartbeats, or gRPC keepalive) is a fact
+the agent acts on at once: it thaws every member it holds frozen, cancels uploads, drops
+staging, and keeps the pending changed sets (the coordinator aborts what the agent owed;
+the next capture covers those pages). Then it reconnects with exponential backoff and
+full jitter (`backoff_initial_s` doubling to `backoff_max_s`, each wait uniform in
+[d/2, d]; reset after a Welcome). With coordinator replicas (`--coordinator A,B,C`) it
+dials the leader a follower named in its NotLeader answer at once, else the next address
+(cpcoord/endpoints.py).
+
+The session's parts (configuration, Hello, backoff) are nodeagent/daemon/agent_session.py;
+commands down the stream become work in nodeagent/daemon/agent_commands.py. The local API
+backend sees the agent as a `LocalAgent` (nodeagent/localapi/backend.py), the metrics
+as an `AgentState` (nodeagent/daemon/metrics.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from cpcoord import grpcutil
+from cpcoord.endpoints import Endpoints
+from cpcoord.errors import (
+    AgentUnavailable,
+    ChunkMismatch,
+    CoordinatorUnavailable,
+    CpcoordError,
+    NotLeader,
+)
+from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.daemon.agent_commands import Commands
+from nodeagent.daemon.agent_session import AgentConfig, Session, backoff, hello
+from nodeagent.daemon.local_commands import LocalCommands
+from nodeagent.daemon.membership import Members
+from nodeagent.daemon.metrics import AgentMetrics, unserved
+from nodeagent.daemon.worker import Worker
+from nodeagent.daemon.worker_ops import DisconnectOp, Op, R, WorkerConfig, failed
+from nodeagent.upload.pool import Uploader
+from nodeagent.upload.stream import Limits, StagedMember, UploadResult, enable_frames
+
+__all__ = ["Agent", "AgentConfig", "backoff"]
+log = logging.getLogger(__name__)
+SILENT_INTERVALS = 3
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        channel_factory: Callable[[str, bool], grpc.Channel] | None = None,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or unserved()
+        self._channel_factory = channel_factory or (
+            lambda addr, insecure: grpcutil.make_channel(addr, insecure)
+        )
+        self._lock = threading.Lock()
+        self._endpoints = Endpoints(config.coordinator)
+        self._redial_now = False  # a follower named the leader: dial it without waiting
+        self._quick = 0  # such immediate redials since the last Welcome (bounded)
+        self._session: Session | None = None
+        self._epoch = 0
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.sessions = 0  # Welcomes received, for tests and metrics
+        self.members = Members()
+        self.local_commands = LocalCommands()  # the local API's own worker commands
+        self.uploader = Uploader(self._uploaded, config.upload_threads)
+        self.worker = Worker(
+            self.members,
+            self._emit,
+            self._staged,
+            WorkerConfig(config.node, config.lease_s, config.freeze_timeout_s, config.tracker),
+            epoch=self._current_epoch,
+            metrics=self.metrics,
+        )
+        self.metrics.observe(self)
+        self.commands = Commands(
+            self.worker, self.uploader, self.members, self._emit, config.coordinator
+        )
+        self._thread = threading.Thread(target=self.run, name="cpcoord-agent", daemon=True)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run in a background thread (`run` blocks)."""
+        self._thread.start()
+
+    def run(self) -> None:
+        """Connect, serve, reconnect with backoff, until `stop`."""
+        self.worker.start()
+        delays = backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while not self._stop.is_set():
+            welcomed = self._serve_once()
+            if self._stop.is_set():
+                break
+            if welcomed:  # a stream that worked: start again from the shortest wait
+                delays = backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
+            if self._redial_now:
+                self._redial_now = False
+                continue
+            wait = next(delays)
+            log.info("reconnecting", extra={"fields": {"in_s": round(wait, 3)}})
+            self._stop.wait(wait)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Thaw everything, disarm trackers, close the stream."""
+        self._stop.set()
+        with self._lock:
+            s = self._session
+        if s is not None and s.call is not None:
+            s.call.cancel()
+        self.uploader.cancel_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self.worker.stop(timeout)
+        self.uploader.wait(timeout)
+
+    # -- AgentState (nodeagent/daemon/metrics.py reads these at scrape time) ---------------------
+
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
+    def members_held(self) -> int:
+        return len(self.members.all())
+
+    def members_frozen(self) -> int:
+        return self.worker.members_frozen()
+
+    def _current_epoch(self) -> int:
+        with self._lock:
+            return self._epoch
+
+    @property
+    def node(self) -> str:
+        return self.config.node
+
+    def run_local(self, make: Callable[[int], Op], timeout: float) -> agent_pb2.CommandResult:
+        """Give the ptrace thread a command of the local API's, `make(command_id)`, and
+        wait for its result (which never goes up the control stream)."""
+        cid = self.local_commands.new()
+        self.worker.submit(make(cid))
+        return self.local_commands.wait(cid, timeout)
+
+    def control_stub(self) -> tuple[agent_pb2_grpc.AgentControlStub, float]:
+        """The welcomed control stream's stub and call timeout (the local API downloads
+        with it); AgentUnavailable while the agent is not connected."""
+        with self._lock:
+            s = self._session
+        if s is None or s.closed.is_set() or not self.connected.is_set():
+            raise AgentUnavailable(self.config.node)
+        return s.stub, s.limits.timeout_s
+
+    # -- one session -----------------------------------------------------------------------
+
+    def _serve_once(self) -> bool:
+        """One control stream, from dial to break. True if it got as far as a Welcome."""
+        addr = self._endpoints.current
+        channel = self._channel_factory(addr, self.config.insecure)
+        stub = enable_frames(agent_pb2_grpc.AgentControlStub(channel), channel)
+        with self._lock:
+            self._epoch += 1
+            s = Session(self._epoch, stub)
+            self._session = s
+        welcomed = False
+        beat = threading.Thread(target=self._heartbeats, args=(s,), daemon=True)
+        try:
+            call = stub.Attach(s.requests(hello(self.config.node, self.members)))
+            s.call = call
+            for msg in call:
+                s.last_heard = time.monotonic()
+                if not welcomed:
+                    if msg.WhichOneof("body") != "welcome":
+                        log.error("first message is not a Welcome: closing")
+                        break
+                    welcomed = True
+                    self._welcome(s, msg.welcome)
+                    beat.start()
+                    continue
+                self.commands.handle(s, msg)
+        except grpc.RpcError as e:
+            err = grpcutil.rpc_to_error(e, "Attach", addr)
+            (log.info if self._stop.is_set() else log.warning)(
+                "control stream broke",
+                extra={"fields": {"coordinator": addr, "error": str(err)}},
+            )
+            self._next_address(err)
+        finally:
+            self._broken(s)
+            channel.close()
+        return welcomed
+
+    def _next_address(self, err: CpcoordError) -> None:
+        """Replicas: go to the leader a follower named, else to the next address."""
+        if isinstance(err, NotLeader) and err.leader and self._endpoints.follow(err.leader):
+            # At once, but not forever: replicas that disagree during an election must
+            # not make the agent bounce between them without a pause.
+            self._redial_now = self._quick < 2
+            self._quick += 1
+        elif isinstance(err, NotLeader | CoordinatorUnavailable):
+            self._endpoints.advance()
+
+    def _welcome(self, s: Session, w: agent_pb2.Welcome) -> None:
+        s.limits = Limits(
+            max_message_bytes=w.max_message_bytes or grpcutil.MAX_MESSAGE_BYTES,
+            max_batch_entries=min(w.max_batch_entries or 65536, 65536),
+            compress=self.config.compress_uploads(),
+        )
+        s.interval = (w.heartbeat_interval_ms or 1000) / 1000
+        self._quick = 0
+        if self.sessions:
+            self.metrics.reconnects.inc()
+        self.sessions += 1
+        self.connected.set()
+        log.info(
+            "attached",
+            extra={
+                "fields": {
+                    "coordinator": self._endpoints.current,
+                    "node": self.config.node,
+                    "members": len(self.members.all()),
+                    "epoch": s.epoch,
+                }
+            },
+        )
+
+    def _heartbeats(self, s: Session) -> None:
+        seq = 0
+        interval = s.interval
+        # Silence counts from when this thread could listen: after a stall of the agent
+        # itself (starved of CPU), the coordinator is not blamed for that time.
+        listening_since = last = time.monotonic()
+        while not s.closed.wait(interval):
+            now = time.monotonic()
+            if now - last > 2 * interval:
+                listening_since = now - interval
+            last = now
+            seq += 1
+            hb = agent_pb2.Heartbeat(sequence=seq, sent_unix_ms=int(time.time() * 1000))
+            self._emit(agent_pb2.AgentMessage(heartbeat=hb), s.epoch)
+            silent = time.monotonic() - max(s.last_heard, listening_since)
+            if s.heard_heartbeat and silent > SILENT_INTERVALS * interval and s.call is not None:
+                log.warning(
+                    "coordinator silent: dropping the stream",
+                    extra={"fields": {"silent_s": round(silent, 2)}},
+                )
+                s.call.cancel()
+                return
+
+    def _broken(self, s: Session) -> None:
+        """The stream is over: nothing of it is reported any more; thaw, cancel, keep
+        the pending sets."""
+        with self._lock:
+            if self._session is s:
+                self._session = None
+            self._epoch += 1
+        s.closed.set()
+        self.connected.clear()
+        self.uploader.cancel_all()
+        self.worker.submit(DisconnectOp())
+
+    # -- events up -------------------------------------------------------------------------
+
+    def _emit(self, msg: agent_pb2.AgentMessage, epoch: int) -> None:
+        if self.local_commands.deliver(msg):
+            return
+        with self._lock:
+            s = self._session
+            if s is None or s.epoch != epoch or s.closed.is_set():
+                log.debug(
+                    "report of an ended stream dropped",
+                    extra={"fields": {"body": msg.WhichOneof("body")}},
+                )
+                return
+            s.out.put(msg)
+
+    def _staged(self, staged: list[StagedMember], epoch: int) -> None:
+        with self._lock:
+            s = self._session
+        for sm in staged:
+            if s is None or s.epoch != epoch:
+                sm.release()
+                continue
+            self.uploader.submit(s.stub, sm, s.limits, epoch)
+
+    def _uploaded(
+        self, sm: StagedMember, res: UploadResult | CpcoordError | None, epoch: int
+    ) -> None:
+        if res is None:  # cancelled: an Abort or a broken stream; nothing to say
+            return
+        if isinstance(res, CpcoordError):
+            reason = (
+                R.ABORT_REASON_BAD_DATA
+                if isinstance(res, ChunkMismatch)
+                else R.ABORT_REASON_UPLOAD_FAILED
+            )
+            log.warning("upload failed", extra={"fields": {"member": sm.member, "error": str(res)}})
+            self._emit(failed(sm.job, sm.generation, sm.member, reason, res), epoch)
+            return
+        m = self.metrics
+        m.upload_seconds.observe(res.seconds)
+        m.upload_bytes.inc(res.bytes_sent)
+        m.upload_chunks.labels("sent").inc(res.chunks_sent)
+        m.upload_chunks.labels("present").inc(res.chunks - res.chunks_sent)
+        m.zero_pages.inc(res.zero_pages)
+        stats = common_pb2.MemberStats(
+            pages=res.pages,
+            zero_pages=res.zero_pages,
+            bytes_logical=res.pages * PAGE_SIZE,
+            bytes_stored_new=res.bytes_stored_new,
+            frozen_seconds=sm.frozen_seconds,
+            tracker=sm.tracker,
+            full=sm.full,
+        )
+        up = agent_pb2.Uploaded(job=sm.job, generation=sm.generation, member=sm.member, stats=stats)
+        self._emit(agent_pb2.AgentMessage(uploaded=up), epoch)

@@ -1,0 +1,130 @@
+"""Commands down the node agent's control stream, turned into work: ops for the ptrace
+thread (nodeagent/daemon/worker.py), cancels for the uploader, and restore downloads.
+
+Restore: a Freeze of kind RESTORE freezes and fits the members (Failed MISMATCH for one
+that cannot take the generation back, then no Frozen); a Restore downloads each
+member's pages on a thread of its own (`DownloadPages`, off the stream's reader thread)
+and the ptrace thread writes them while the member stays frozen (Restored); the Thaw
+thaws. RestoreInto downloads and writes into another process. Only members with
+explicit regions are restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from cpcoord import __version__, grpcutil
+from cpcoord.errors import CpcoordError, NotImplementedYet
+from cpcoord.gen.v1 import agent_pb2, common_pb2
+from nodeagent.daemon import restore_ops
+from nodeagent.daemon import worker_ops as ops
+from nodeagent.daemon.agent_session import Session
+from nodeagent.daemon.membership import Members
+from nodeagent.daemon.worker import Worker
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.upload.pool import Uploader
+
+log = logging.getLogger(__name__)
+Emit = Callable[[agent_pb2.AgentMessage, int], None]
+Contents = tuple[restore_ops.RegionContents, ...]
+
+
+class Commands:
+    """Carries out what the coordinator sends on a session (`handle`, on the stream's
+    reader thread: it never blocks)."""
+
+    def __init__(
+        self, worker: Worker, uploader: Uploader, members: Members, emit: Emit, coordinator: str
+    ) -> None:
+        self.worker = worker
+        self.uploader = uploader
+        self.members = members
+        self._emit = emit
+        self._coordinator = coordinator  # for error messages
+
+    def handle(self, s: Session, msg: agent_pb2.CoordinatorMessage) -> None:
+        body = msg.WhichOneof("body")
+        e = s.epoch
+        if body == "heartbeat":
+            s.heard_heartbeat = True
+        elif body == "freeze":
+            f = msg.freeze
+            restoring = f.kind == common_pb2.OPERATION_KIND_RESTORE
+            layouts = restore_ops.layouts_of(f) if restoring else ()
+            members = tuple(f.members)
+            op = ops.FreezeOp(f.job, f.generation, f.lease_ms, members, e, restoring, layouts)
+            self.worker.submit(op)
+        elif body == "capture":
+            c = msg.capture
+            self.worker.submit(ops.CaptureOp(c.job, c.generation, c.full, tuple(c.members), e))
+        elif body == "abort":
+            a = msg.abort
+            log.info(
+                "abort",
+                extra={"fields": {"job": a.job, "generation": a.generation, "detail": a.detail}},
+            )
+            self.uploader.cancel(a.job, a.generation)
+            self.worker.submit(ops.AbortOp(a.job, a.generation, e))
+        elif body == "committed":
+            self.worker.submit(ops.CommittedOp(msg.committed.job, msg.committed.generation))
+            self.uploader.forget(msg.committed.job, msg.committed.generation)
+        elif body == "thaw":
+            self.worker.submit(ops.AbortOp(msg.thaw.job, msg.thaw.generation, e))
+        elif body == "restore":
+            r = msg.restore
+            members = tuple(r.members) or tuple(m.name for m in self.members.of_job(r.job))
+            self._spawn("restore", self._restore, s, r.job, r.generation, members)
+        elif body == "attach_member":
+            self.worker.submit(ops.AttachOp(msg.command_id, msg.attach_member, e))
+        elif body == "detach_member":
+            d = msg.detach_member
+            self.worker.submit(ops.DetachOp(msg.command_id, d.job, d.member, e))
+        elif body == "restore_into":
+            self._spawn("restore-into", self._restore_into, s, msg.command_id, msg.restore_into)
+        elif body == "welcome":
+            log.warning("a second Welcome ignored")
+        else:  # a command newer than this agent
+            err = NotImplementedYet(f"command {body or 'unknown'}", f"agent {__version__}")
+            self._emit(ops.result(msg.command_id, err=err), e)
+
+    # -- restore -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _spawn(what: str, target: Callable[..., None], *args: object) -> None:
+        """Download off the stream's reader thread; the ptrace thread writes."""
+        threading.Thread(target=target, args=args, name=f"cpcoord-{what}", daemon=True).start()
+
+    def _download(
+        self, s: Session, job: str, gen: int, member: str
+    ) -> tuple[Contents, CpcoordError | None]:
+        try:
+            return restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s), None
+        except grpc.RpcError as ex:
+            return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator)
+        except CpcoordError as ex:
+            return (), ex
+
+    def _restore(self, s: Session, job: str, gen: int, members: tuple[str, ...]) -> None:
+        for member in members:
+            if s.closed.is_set():
+                return
+            contents, err = self._download(s, job, gen, member)
+            if err is not None:
+                log.warning(
+                    "restore download failed",
+                    extra={"fields": {"member": member, "error": str(err)}},
+                )
+            self.worker.submit(ops.RestoreOp(job, gen, member, contents, err, s.epoch))
+
+    def _restore_into(self, s: Session, command_id: int, ri: agent_pb2.RestoreInto) -> None:
+        contents, err = self._download(s, ri.job, ri.generation, ri.member)
+        target: ProcessIdentity | int = ri.target.pid
+        if ri.target.start_time:
+            target = ProcessIdentity(ri.target.pid, ri.target.start_time)
+        now = tuple((r.name, r.start, r.end - r.start) for r in ri.regions)
+        op = ops.RestoreIntoOp(command_id, ri.member, target, now, contents, err, s.epoch)
+        self.worker.submit(op)

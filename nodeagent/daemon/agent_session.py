@@ -1,0 +1,102 @@
+"""What one control stream of the node agent is made of: the agent's configuration, the
+Hello it opens with, the session (epoch, outbound queue, stub, liveness) and the waits
+between redials. The stream itself is driven by nodeagent/daemon/agent.py.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from cpcoord import __version__
+from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.daemon.membership import Members
+from nodeagent.trackers import registry
+from nodeagent.upload.stream import Limits
+
+PROTOCOL_VERSION = 1
+CAPABILITIES = ("zstd", "restore-in-place", "restore-into")
+LOOPBACK = ("localhost", "127.", "[::1]", "::1", "ip6-localhost")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    coordinator: str  # HOST:PORT, or HOST:PORT,HOST:PORT... (replicas)
+    node: str
+    insecure: bool = False
+    lease_s: float = 10.0
+    tracker: str = registry.AUTO
+    compress: str = "auto"  # auto (zstd unless the coordinator is on loopback) | zstd | none
+    upload_threads: int = 2
+    freeze_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 5.0
+
+    def compress_uploads(self) -> bool:
+        if self.compress == "auto":
+            hosts = [a.rpartition(":")[0] or a for a in self.coordinator.split(",")]
+            return not all(h.strip().startswith(LOOPBACK) for h in hosts)
+        return self.compress == "zstd"
+
+
+def backoff(
+    initial: float, maximum: float, rand: Callable[[], float] = random.random
+) -> Iterator[float]:
+    """Waits before each redial: exponential (doubling from `initial` to `maximum`) with
+    jitter, each uniform in [d/2, d], so agents that lost the same coordinator do not
+    all redial at once and none waits less than half its step."""
+    d = initial
+    while True:
+        yield d / 2 + rand() * d / 2
+        d = min(maximum, d * 2)
+
+
+def hello(node: str, members: Members) -> agent_pb2.Hello:
+    """The first message of a stream: who this agent is, what it can do (every tracker
+    backend with its verdict) and the members it still holds."""
+    trackers = [
+        agent_pb2.TrackerBackend(name=a.name, available=a.available, reason=a.reason)
+        for a in registry.report()
+    ]
+    return agent_pb2.Hello(
+        node=node,
+        version=__version__,
+        protocol_version=PROTOCOL_VERSION,
+        capabilities=list(CAPABILITIES),
+        trackers=trackers,
+        page_size=PAGE_SIZE,
+        members=members.held(),
+        hostname=os.uname().nodename,
+    )
+
+
+class Session:
+    """One control stream: its epoch, outbound queue, stub and liveness."""
+
+    def __init__(self, epoch: int, stub: agent_pb2_grpc.AgentControlStub) -> None:
+        self.epoch = epoch
+        self.stub = stub
+        self.out: queue.Queue[agent_pb2.AgentMessage] = queue.Queue()
+        self.closed = threading.Event()
+        self.last_heard = time.monotonic()
+        self.heard_heartbeat = False
+        self.interval = 1.0  # seconds between heartbeats (Welcome)
+        self.limits = Limits()
+        self.call: grpc.Call | None = None
+
+    def requests(self, first: agent_pb2.Hello) -> Iterator[agent_pb2.AgentMessage]:
+        """What goes up the stream: the Hello, then whatever is queued, until closed."""
+        yield agent_pb2.AgentMessage(hello=first)
+        while not self.closed.is_set():
+            try:
+                yield self.out.get(timeout=0.25)
+            except queue.Empty:
+                continue

@@ -1,0 +1,185 @@
+"""A member's capture while it is frozen: full or incremental, the copy, the pending sets.
+
+Owns the agent's side of DESIGN.md step 4 for one member (the worker thread calls in
+with the member frozen, and thaws it afterwards); the tracking rules themselves (which
+pages count as changed, arming before the copy with the `auto` fallback, the layout read
+again after a registration) are the member's MemberTracker (nodeagent/capture/trackstate.py),
+shared with the CLI chain:
+- *Full or incremental*: full when the coordinator asks (`Capture.full`), when no
+  generation of this member is known to be committed (first capture, or the first one
+  aborted), or when the tracker cannot answer (not armed, lost track). Otherwise the
+  delivered set is the tracker's changes (trackstate) with every pending set (captures
+  not yet committed); a region whose name, start or end changed since the last committed
+  capture is delivered whole (the coordinator inherits undelivered pages only from a
+  region of the same layout).
+- *Pending*: what a capture delivers is recorded before the copy, since the tracker has
+  already forgotten it: an abort after this point must not lose those pages.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cpcoord.errors import CpcoordError
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.capture import copyout
+from nodeagent.capture.changeset import pick
+from nodeagent.capture.copyout import CopyResult
+from nodeagent.capture.regions import RegionSpec
+from nodeagent.capture.trackstate import tracked_mappings
+from nodeagent.daemon.membership import HeldMember
+from nodeagent.daemon.metrics import AgentMetrics
+from nodeagent.pages import empty_pages
+from nodeagent.proc.freeze import FrozenProcess, frozen
+from nodeagent.proc.mapscache import derived, read_maps_shared
+from nodeagent.proc.procfs import check_alive
+from nodeagent.proc.reader import ReadvFn
+from nodeagent.proc.shared import SharedObjects
+from nodeagent.proc.staging import Staging
+from nodeagent.trackers import registry
+from nodeagent.trackers.base import ChangedSet
+from nodeagent.upload.stream import StagedMember
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Copied:
+    result: CopyResult
+    full: bool
+    tracker: str  # tracker that produced the delivered set; "none" when full
+    base_generation: int  # the committed generation it is relative to; 0 when full
+
+
+def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
+    """Disarm the member's tracker. uffd-wp closes its fd inside the target, which needs
+    the target frozen: with `fp` None and the process alive, it is frozen briefly."""
+    t = m.track
+    if t.tracker is None:
+        return
+    try:
+        if fp is not None:
+            t.forget(fp)
+        elif m.alive and m.ident.alive():
+            with frozen(m.ident, freeze_timeout) as fp2:
+                t.forget(fp2)
+        else:
+            t.forget(None)
+    except (CpcoordError, OSError) as e:
+        fields = {"job": m.job, "member": m.name, "error": str(e)}
+        log.warning("tracker release failed", extra={"fields": fields})
+
+
+def after_restore(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
+    """The member's memory was rewritten in place: what the tracker saw and what earlier
+    captures delivered describe another memory now, so its next capture is full. `fp`:
+    the member frozen by this thread; None freezes it briefly to disarm (release)."""
+    release(m, fp, freeze_timeout)
+    m.track.reset()
+    m.committed = 0
+    m.base_layout = None
+    m.pending = {}
+    m.layouts = {}
+
+
+@derived
+def _layout(specs: Sequence[RegionSpec]) -> dict[str, tuple[int, int]]:
+    return {s.name: (s.start, s.end) for s in specs}
+
+
+def capture_frozen(
+    m: HeldMember,
+    fp: FrozenProcess,
+    generation: int,
+    force_full: bool,
+    staging: Staging,
+    readv: ReadvFn,
+) -> Copied:
+    """Capture a frozen member into staging (module docstring). Raises ProcessExited and
+    friends when it dies, other CpcoordErrors when reading fails; never thaws."""
+    pid = fp.pid  # the leader, or a live thread while the leader is a zombie
+    t = m.track
+    maps = read_maps_shared(pid)  # the list of the staging estimate when nothing changed
+    specs = copyout.resolve(m.regions, maps)
+    mine = tracked_mappings(specs, maps)
+    reported = t.collect_or_arm(fp, mine, maps, incremental=True)
+    maps0, mine0 = maps, mine  # what the tracker answered for
+    if t.layout_touched:
+        # The cut as copied: the maps as the tracker left them (a registration may have
+        # merged VMAs); read again only then, 20 000 lines cost tens of milliseconds.
+        maps = read_maps_shared(pid)
+        specs = copyout.resolve(m.regions, maps)
+        mine = tracked_mappings(specs, maps)
+    with SharedObjects(pid) as objects:  # what is selected is what is read
+        taken = copyout.select(pid, specs, maps, objects)
+        now = np.concatenate(taken) if taken else empty_pages()  # regions: sorted, disjoint
+        full = force_full or m.committed == 0 or not isinstance(reported, ChangedSet)
+        layout = _layout(specs)
+        if full or not isinstance(reported, ChangedSet):
+            deliver = list(taken)
+            delivered = now
+        else:
+            changed = t.changes(reported, now, maps0, mine0, m.pending_pages()).pages
+            deliver, delivered = pick(taken, now, changed, m.unstable(specs, layout))
+        t.settle(mine, now)
+        # Recorded before the copy: the tracker has re-armed, so these pages must reach a
+        # committed generation one way or another.
+        m.record_capture(generation, delivered, layout)
+        res = copyout.copy(pid, specs, taken, deliver, staging, readv, objects=objects, maps=maps)
+    check_alive(m.ident, "capture")
+    tracker = "none" if full else m.tracker_name
+    return Copied(res, full, tracker, 0 if full else m.committed)
+
+
+def handoff(
+    m: HeldMember,
+    staging: Staging,
+    c: Copied,
+    job: str,
+    generation: int,
+    node: str,
+    cut_ns: int,
+    frozen_s: float,
+    metrics: AgentMetrics,
+) -> StagedMember:
+    """The thawed member's copy, for the uploader; its staging stays busy (a later
+    capture gets a new one) until the upload calls `release` (idempotent)."""
+    pages = c.result.pages
+    metrics.frozen_seconds.observe(frozen_s)
+    backend = m.tracker_name or registry.NONE  # the one in use, also for a full capture
+    metrics.captures.labels(backend, "full" if c.full else "incremental").inc()
+    metrics.pages_captured.inc(pages)
+    metrics.pages_present.inc(sum(int(r.all_pages.size) for r in c.result.regions))
+    held = pages * PAGE_SIZE
+    metrics.staging_bytes.inc(held)
+    m.staging_busy = True
+    released = threading.Event()
+
+    def release() -> None:
+        if released.is_set():  # the upload pool and a teardown may both call it
+            return
+        released.set()
+        metrics.staging_bytes.dec(held)
+        if m.staging is staging:
+            m.staging_busy = False
+
+    return StagedMember(
+        job=job,
+        generation=generation,
+        member=m.name,
+        node=node,
+        ident=m.ident,
+        regions=c.result.regions,
+        tracker=c.tracker,
+        full=c.full,
+        base_generation=c.base_generation,
+        cut_unix_ns=cut_ns,
+        frozen_seconds=frozen_s,
+        release=release,
+        rows=c.result.rows,
+    )

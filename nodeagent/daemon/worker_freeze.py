@@ -1,0 +1,187 @@
+"""The ptrace thread's Freeze and restore steps (run by nodeagent/daemon/worker.py on its
+thread, on its `WorkerState`).
+
+Freeze: staging is sized and prefaulted while every member still runs, then the members
+are frozen one after the other; a Freeze whose generation is aborted meanwhile stops.
+A restore Freeze copies nothing out: it checks each member fits the generation (Failed
+MISMATCH for one that cannot take it back, then no Frozen) and keeps it frozen for the
+Restore, which writes the downloaded pages (the member's idle capture staging takes the
+backup of what is overwritten) and does not thaw. RestoreInto writes into a process
+that is not frozen for a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cpcoord import faults
+from cpcoord.errors import CpcoordError, NotFrozen, RestoreRefused, UnknownMember
+from cpcoord.gen.v1 import agent_pb2
+from nodeagent.capture import copyout
+from nodeagent.daemon import restore_ops, tracking
+from nodeagent.daemon.membership import HeldMember
+from nodeagent.daemon.worker_ops import (
+    FreezeOp,
+    FrozenEntry,
+    R,
+    RestoreIntoOp,
+    RestoreOp,
+    member_gone,
+    process,
+    result,
+)
+from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
+from nodeagent.proc.freeze import freeze as freeze_process
+from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.restore import apply as restore
+
+log = logging.getLogger(__name__)
+
+
+def freeze(st: WorkerState, op: FreezeOp) -> None:
+    t_op = time.monotonic()  # for the log: staging, then every member stopped
+    lease_s = min(op.lease_ms / 1000 or st.config.lease_s, st.config.lease_s)
+    targets: list[HeldMember] = []
+    for m in st.lookup(op.job, op.members):
+        if isinstance(m, str):
+            err = UnknownMember(op.job, m, f"on node {st.config.node}")
+            st.fail(op.job, op.generation, m, R.ABORT_REASON_FREEZE_FAILED, err, op.epoch)
+        elif not m.alive:
+            st.emit(member_gone(m), op.epoch)
+        else:
+            if st.thaw(m.key) is not None:  # left over from an older generation
+                log.warning("thawed a stale freeze", extra={"fields": {"member": m.name}})
+            targets.append(m)
+    # Size and prefault staging while everything still runs.
+    ready: list[HeldMember] = []
+    for m in targets:
+        if op.restore:  # nothing is copied out: no staging
+            ready.append(m)
+            continue
+        try:
+            copyout.prepare(st.staging(m), m.ident.view("freeze"), m.regions)
+            ready.append(m)
+        except STAGE_FAILED:
+            st.mark_gone(m, op.epoch)
+        except CpcoordError as e:
+            st.fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
+    done: list[agent_pb2.FrozenMember] = []
+    misfit = False  # restore: a member that cannot take the generation back
+    lease_ms = int(lease_s * 1000)
+
+    def aborted() -> bool:  # the Abort is queued behind us: stop freezing for it
+        return st.aborted(op.job, op.generation)
+
+    for m in ready:
+        if aborted():
+            return  # the queued AbortOp thaws those frozen already
+        t0 = time.monotonic()
+        try:
+            fp = freeze_process(m.ident, min(st.config.freeze_timeout_s, lease_s), aborted)
+        except STAGE_FAILED:
+            st.mark_gone(m, op.epoch)
+            continue
+        except CpcoordError as e:
+            log.warning("freeze failed", extra={"fields": {"member": m.name, "error": str(e)}})
+            st.fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
+            continue
+        fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)
+        st.frozen[m.key] = fe
+        if op.restore and not _fit(st, op, m, fe):
+            misfit = True
+        done.append(
+            agent_pb2.FrozenMember(
+                name=m.name,
+                process=process(m),
+                threads=len(fp.tids),
+                freeze_seconds=time.monotonic() - t0,
+            )
+        )
+    if not done or misfit:  # a misfit: Failed instead, all stay frozen until the Abort
+        return
+    if len(done) == len(targets):
+        faults.fault_point("agent.freeze")
+    log.info(
+        "frozen",
+        extra={
+            "fields": {
+                "job": op.job,
+                "generation": op.generation,
+                "members": len(done),
+                "ms": round((time.monotonic() - t_op) * 1e3, 3),
+            }
+        },
+    )
+    frozen_msg = agent_pb2.Frozen(job=op.job, generation=op.generation, members=done)
+    st.emit(agent_pb2.AgentMessage(frozen=frozen_msg), op.epoch)
+
+
+def _fit(st: WorkerState, op: FreezeOp, m: HeldMember, fe: FrozenEntry) -> bool:
+    try:
+        fe.fitted = restore_ops.fit(m, fe.fp, op.layouts)
+        return True
+    except CpcoordError as e:
+        mismatch = restore_ops.fit_error(e)
+        reason = R.ABORT_REASON_MISMATCH if mismatch else R.ABORT_REASON_RESTORE_FAILED
+        log.warning("restore refused", extra={"fields": {"member": m.name, "error": str(e)}})
+        st.fail(op.job, op.generation, m.name, reason, e, op.epoch)
+        return False
+
+
+def restore_member(st: WorkerState, op: RestoreOp) -> None:
+    """Write the generation into a member frozen (and fitted) for it; do not thaw."""
+    if st.aborted(op.job, op.generation):
+        return  # the queued AbortOp thaws it: nothing is written after an Abort
+    m = st.members.get(op.job, op.member)
+    fe = st.frozen.get((op.job, op.member))
+    fitted = fe.fitted if fe is not None and fe.generation == op.generation else None
+    err = op.error
+    if m is None or fe is None or fitted is None or err is not None:
+        why = "no restore Freeze for it, or its lease expired"
+        err = err or NotFrozen(op.member, op.job, op.generation, why)
+        st.fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, err, op.epoch)
+        return
+    # The member's capture staging is idle during a restore (unless an upload still
+    # reads it) and prefaulted: it takes the backup of what the restore overwrites.
+    backup = m.staging if m.staging is not None and not m.staging_busy else None
+    timeout = st.config.freeze_timeout_s
+    try:
+        written = restore.write(fitted, op.contents, staging=backup)
+    except CpcoordError as e:
+        if isinstance(e, STAGE_FAILED) or not m.ident.alive():
+            st.mark_gone(m, op.epoch)
+        else:  # put back (RestoreUndone), still the tracker saw writes: start afresh
+            tracking.after_restore(m, fe.fp, timeout)
+        st.fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, e, op.epoch)
+        return
+    tracking.after_restore(m, fe.fp, timeout)
+    frozen_s = time.monotonic() - fe.started
+    st.emit(restore_ops.restored(op.job, op.generation, op.member, written, frozen_s), op.epoch)
+
+
+def restore_into(st: WorkerState, op: RestoreIntoOp) -> None:
+    err = op.error
+    if err is None:
+        try:
+            ident = op.target
+            if isinstance(ident, int):
+                ident = ProcessIdentity.of(ident)
+            if ident.pid in {fe.fp.ident.pid for fe in st.frozen.values()}:
+                raise RestoreRefused(op.member, f"process {ident.pid} is frozen for a job")
+            now = {n: (a, size) for n, a, size in op.regions_now} or {
+                c.name: (c.start, c.size) for c in op.contents
+            }
+            restore.restore_into(
+                ident,
+                now,
+                op.contents,
+                member=op.member,
+                freeze_timeout=st.config.freeze_timeout_s,
+            )
+            held = st.members.by_pid(ident.pid)
+            if held is not None:  # a held member rewritten: its next capture is full
+                tracking.after_restore(held, None, st.config.freeze_timeout_s)
+        except CpcoordError as e:
+            err = e
+    st.emit(result(op.command_id, err=err), op.epoch)

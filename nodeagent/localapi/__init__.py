@@ -1,0 +1,2 @@
+"""The local API (Unix socket) served to processes that register regions.
+"""

@@ -1,0 +1,2 @@
+"""Upload: chunking, the per-member plan, the page stream to the coordinator.
+"""
