@@ -27,6 +27,14 @@ def public_tmpdir(prefix: str) -> Path:
     return d
 
 
+def default_signals() -> None:
+    """In a child before exec: SIGINT and SIGQUIT back to their defaults. A shell runs its
+    background jobs with both ignored, and an ignored signal stays ignored across exec, so
+    a test run from such a job (CI scripts, `cmd &`) would see Ctrl-C do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.daemons import REPO, wait_for
+from testbed.daemons import REPO, default_signals, wait_for
 from tests.helpers.socket_cluster import NODE, SocketCluster, socket_cluster
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,13 @@ def start_run(sc: SocketCluster, d: Path, job: str, member: str) -> subprocess.P
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("CPCOORD_COORDINATOR", None)
     return subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=default_signals,  # the SIGINT case needs Ctrl-C not ignored
     )
 
 

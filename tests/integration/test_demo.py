@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.daemons import default_signals
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -38,6 +40,7 @@ def _run(tag: str, **kw: object) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_signals,  # Ctrl-C must reach it even from a background job
         **kw,  # type: ignore[call-overload]
     )
 
