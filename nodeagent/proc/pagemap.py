@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import errno
 import os
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.closing import Closing
 from cpcoord.errors import PermissionDenied, ProcessExited, ReadFailed
 from cpcoord.ranges import PAGE_SHIFT
 from nodeagent.pages import PageNumbers, empty_pages, pages_of_ranges
@@ -61,7 +61,7 @@ WORD_GAP = 512
 SCAN_GAP_PAGES = 16384
 
 
-class PagemapReader:
+class PagemapReader(Closing):
     """An open /proc/PID/pagemap with a reusable word buffer (prefaulted on first use)."""
 
     def __init__(self, pid: int) -> None:
@@ -70,14 +70,6 @@ class PagemapReader:
         self._buf = np.empty(0, dtype=np.uint64)
         self._scanner: PagemapScanner | None = None
         self._scan_ok = True  # until the kernel refuses PAGEMAP_SCAN
-
-    def __enter__(self) -> PagemapReader:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._fd >= 0:

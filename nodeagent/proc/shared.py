@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.closing import Closing
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.pages import PageNumbers
 from nodeagent.proc.procfs import Mapping
@@ -50,7 +51,7 @@ def may_be_object(m: Mapping) -> bool:
     return m.shared and m.readable and not m.path.startswith(_NOT_OBJECTS)
 
 
-class SharedObjects:
+class SharedObjects(Closing):
     """The objects behind a member's shared mappings, open for one capture.
 
     One fd per object (mappings of the same object share it), kept until `close`: what
@@ -63,12 +64,6 @@ class SharedObjects:
         self._ends: dict[tuple[int, int], int] = {}  # mapping (start, end) -> end page
         self._holes: dict[tuple[int, int], npt.NDArray[np.uint64]] = {}  # -> hole runs
         self.refused = False  # map_files not permitted: page tables only
-
-    def __enter__(self) -> SharedObjects:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         for fd in self._fds.values():

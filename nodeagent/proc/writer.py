@@ -28,6 +28,7 @@ from functools import cache
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.closing import Closing
 from cpcoord.errors import ProcessExited, WriteFailed
 from nodeagent.proc.iovec import IOV_MAX, WRITE, VmFn, ends, mem_all, transfer, vm_syscall
 
@@ -69,7 +70,7 @@ class WriteStats:
     mem_bytes: int  # written through /proc/PID/mem (read-only mappings, short writes)
 
 
-class MemoryWriter:
+class MemoryWriter(Closing):
     """Writes pieces of local memory into another process (which should be frozen).
 
     `written` is how far the last `write` got: the bytes of its pieces, in their order,
@@ -86,12 +87,6 @@ class MemoryWriter:
         if self._mem_fd >= 0:
             os.close(self._mem_fd)
             self._mem_fd = -1
-
-    def __enter__(self) -> MemoryWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def write(
         self,

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord import faults
+from cpcoord.closing import Closing
 from cpcoord.errors import (
     CpcoordError,
     ProcessExited,
@@ -141,7 +142,7 @@ class _Pipeline:
             self._thread.join()
 
 
-class AllOrNothing:
+class AllOrNothing(Closing):
     """One member's write (module docstring): `write()` writes the plan or puts back
     what it wrote and raises; `undo(cause)` puts back a completed write (a later step,
     the registers, failed). Close (or use as a context manager) to free the backup."""
@@ -161,12 +162,6 @@ class AllOrNothing:
         self._store = BackupStore(staging)
         self._backup = Backup(pid, maps, self._store)
         self._pipe = _Pipeline(self._backup, self.steps)
-
-    def __enter__(self) -> AllOrNothing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self._pipe.stop()

@@ -27,11 +27,11 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.closing import Closing
 from cpcoord.errors import NoSuchProcess, ProcessExited, TrackerUnavailable, UffdLost
 from nodeagent.proc import uffd
 from nodeagent.proc.mapscache import derived
@@ -166,7 +166,7 @@ def _pidfd_of(pid: int) -> int:
         raise
 
 
-class RemoteUffd:
+class RemoteUffd(Closing):
     """The target's userfaultfd `fd`, duplicated into the agent (a context manager).
     Raises UffdLost when that number is not the userfaultfd of inode `inode` any more."""
 
@@ -195,14 +195,6 @@ class RemoteUffd:
             os.close(got)
             raise UffdLost(pid, f"fd {fd} is no longer our userfaultfd")
         self.inode = st.st_ino
-
-    def __enter__(self) -> RemoteUffd:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self.fd >= 0:
