@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+# Before anything imports grpc: tests start children with a preexec_fn (fork, Python code,
+# exec) while gRPC channels are live in this process; with gRPC's fork support on, its
+# child-side fork handler restarts a poller whose epoll fd close_fds then closes, and the
+# child aborts before exec (grpc/grpc#43055, "target exited (-6)" in the multinode tests).
+# The daemons never fork without exec, and start children without a preexec_fn.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 
 # Target-process fixtures (target, target_factory): tests/helpers/fixtures.py;
