@@ -5,6 +5,7 @@ lines, a second user (`other_user` fixture) and the probe such a user runs.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -13,11 +14,12 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from testbed.daemons import REPO
+from testbed.daemons import REPO, public_tmpdir
 from tests.conftest import require
 
 EXAMPLE_PY = REPO / "examples" / "python" / "checkpoint_numpy.py"
@@ -110,22 +112,43 @@ REFUSED_TO_OTHERS = (
 )
 
 
-def python_for(user: pwd.struct_passwd) -> str:
-    """An interpreter the other user can run (ours may live in root's home)."""
+def python_for(user: pwd.struct_passwd) -> tuple[str, str]:
+    """An interpreter the other user can run (ours may live in root's home) and the
+    PYTHONPATH it imports cpcoord from: the checkout, or, when the other user cannot
+    reach it (a clone inside a 0700 directory, as `mktemp -d` makes), a copy of the
+    package in a public directory."""
     for exe in (sys.executable, "/usr/bin/python3"):
-        try:
-            probe = subprocess.run(
-                [exe, "-c", "import cpcoord.client"],
-                user=user.pw_uid,
-                group=user.pw_gid,
-                extra_groups=[],
-                env={"PYTHONPATH": str(REPO)},
-                capture_output=True,
-                check=False,
-            )
-        except PermissionError:
-            continue
-        if probe.returncode == 0:
-            return exe
+        for path in (lambda: str(REPO), lambda: str(_public_copy())):
+            try:
+                probe = subprocess.run(
+                    [exe, "-c", "import cpcoord.client"],
+                    user=user.pw_uid,
+                    group=user.pw_gid,
+                    extra_groups=[],
+                    env={"PYTHONPATH": path()},
+                    capture_output=True,
+                    check=False,
+                )
+            except PermissionError:
+                break  # this interpreter is out of reach
+            if probe.returncode == 0:
+                return exe, path()
     require(False, "no Python interpreter the second user can run")
     raise AssertionError("unreachable")
+
+
+_COPIES: list[Path] = []
+
+
+def _public_copy() -> Path:
+    """The cpcoord package copied once per test process into a directory every user can
+    read (removed when the process exits)."""
+    if not _COPIES:
+        d = public_tmpdir("cpct-py-")
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / "cpcoord", d / "cpcoord", ignore=skip)
+        for p in [d, *d.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        atexit.register(shutil.rmtree, d, True)
+        _COPIES.append(d)
+    return _COPIES[0]

@@ -174,13 +174,13 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
             regions=[{"name": "r", "addr": 0x10000000, "size": 4096}],
         )
         before = digest(victim.pid, [(m.addr, m.end)])
-        exe = python_for(other_user)
+        exe, path = python_for(other_user)
         out = subprocess.run(
             [exe, "-c", PROBE, str(victim.pid), str(same.pid)],
             user=uid,
             group=gid,
             extra_groups=[],
-            env={"PYTHONPATH": str(REPO), "CPCOORD_AGENT_SOCKET": str(srv.path)},
+            env={"PYTHONPATH": path, "CPCOORD_AGENT_SOCKET": str(srv.path)},
             capture_output=True,
             text=True,
             timeout=120,

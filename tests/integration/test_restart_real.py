@@ -180,7 +180,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
 ) -> None:
     sc = socket_cluster
     uid, gid = other_user.pw_uid, other_user.pw_gid
-    exe = python_for(other_user)
+    exe, path = python_for(other_user)
     # A root process of victim-job, checkpointed once (generation 1).
     victim = subprocess.Popen(
         [sys.executable, "-c", VICTIM, "victim-job", "v0", "1"],
@@ -192,7 +192,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
     # A process of the second user itself, in another job of its own (their-job).
     same = subprocess.Popen(
         [exe, "-c", VICTIM, "their-job", "t0", "0"],
-        env=sc.env(),
+        env={**sc.env(), "PYTHONPATH": path},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -208,7 +208,7 @@ def test_another_user_cannot_act_on_other_processes_or_jobs(
         before = digest(victim.pid, span)
         out = subprocess.run(
             [exe, "-c", PROBE, str(victim.pid), str(same.pid)],
-            env=sc.env(),
+            env={**sc.env(), "PYTHONPATH": path},
             capture_output=True,
             text=True,
             timeout=300,
