@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cpcoord.errors import CpcoordError, TrackerFailed, TrackerUnavailable
+from cpcoord.errors import CpcoordError, ProcessExited, TrackerFailed, TrackerUnavailable
 from nodeagent.capture.changeset import (
     always_changed_runs,
     mark_appeared,
@@ -214,6 +214,10 @@ class MemberTracker:
                 self.armed = True
                 break
             except (TrackerUnavailable, TrackerFailed) as e:
+                # A process that died under the arm is the capture's error, not a
+                # tracker's: no warning, and no other tracker tried on a corpse.
+                if fp is not None and not fp.ident.alive():
+                    raise ProcessExited(fp.ident.pid, "arm the tracker") from e
                 self._warn("tracker cannot be armed", e)
                 if self.pref != registry.AUTO:
                     why = f"{t.name}: {e}"
