@@ -209,13 +209,18 @@ def test_packet_loss_during_checkpoint(scene: Scene, percent: int) -> None:
     assert longest < LEASE_LIMIT_S, f"a member stayed frozen {longest:.1f}s"
     print(f"{percent}% loss: exit {r['_rc']} {r.get('state')} {r.get('reason', '')}, "
           f"longest frozen {longest:.2f}s")  # fmt: skip
+    # A silent partition either aborts the flight (52) or, when the coordinator has
+    # already declared node-2 lost by the time the CLI's call arrives (the CLI takes a
+    # second or two to start under load), refuses it up front (57, AgentUnavailable).
+    # Both are clean; what matters is that nothing partial is left.
+    clean = (52, 57)
     if percent == 100:
-        assert r["_rc"] == 52, r
+        assert r["_rc"] in clean, r
     if r["_rc"] == 0:
         assert r["state"] == "committed" and r["generation"] == bad, r
         scene.record(r)
     else:
-        assert r["_rc"] == 52, r
+        assert r["_rc"] in clean, r
         scene.no_partial_generation(bad)
     c.wait_agents(["node-2"])
     scene.wait_ready()
