@@ -102,6 +102,7 @@ class Report:
     frozen_pages: int = 0  # read in the cut's freeze
     reused_pages: int = 0  # taken at the cut from a live copy
     fallback: str = ""  # why the cut copied everything after all ("" when it did not)
+    reordered: bool = False  # rows were moved after the thaw (pages appeared/vanished)
 
     @property
     def rounds(self) -> int:
@@ -124,6 +125,7 @@ class Report:
             "frozen_bytes": self.frozen_pages * PAGE_SIZE,
             "reused_pages": self.reused_pages,
             "fallback": self.fallback,
+            "reordered": self.reordered,
         }
 
 
@@ -248,7 +250,8 @@ class LiveCopy:
     def report(self, plan: Plan | None, fallback: str = "") -> Report:
         frozen_pages = int(plan.read.size) if plan is not None else 0
         reused = int(plan.final_rows.size) - frozen_pages if plan is not None else 0
-        return Report(tuple(self.passes), frozen_pages, reused, fallback)
+        moved = plan is not None and not plan.in_order
+        return Report(tuple(self.passes), frozen_pages, reused, fallback, moved)
 
 
 def live_passes(
@@ -295,9 +298,10 @@ def live_passes(
     live = LiveCopy(staging)
     extra = max(ROW_SLACK_MIN, int(taken.size * ROW_SLACK))
     staging.reserve((int(taken.size) + extra) * PAGE_SIZE)
-    n = live.copy(pid, _private(taken, maps), readv, deadline)
-    # Pages of shared mappings get rows too (the cut reads them frozen into those).
+    # Rows for every page in order, shared ones too (the cut reads those frozen into
+    # theirs): when nothing appears, the cut's rows are 0..n-1 and nothing moves.
     live.rows_for(taken, grow=True)
+    n = live.copy(pid, _private(taken, maps), readv, deadline)
     track.settle(mine, live.valid())
     live.passes.append(Pass(n, time.monotonic() - t1, pause))
     budget = limits.max_bytes or 4 * max(1, n) * PAGE_SIZE
