@@ -87,6 +87,8 @@ def precopy_member(
     name = t.name if t.tracker is not None else t.pref
     if not will_be_full(m, force_full) or name not in (*precopy.TRACKERS, registry.AUTO):
         return None
+    if seconds <= 0:
+        return None  # the Freeze's time for live passes went to other members
     was_armed = t.armed
 
     def specs_of(maps: Sequence[Mapping]) -> Sequence[RegionSpec]:
