@@ -187,6 +187,16 @@ class LiveCopy:
     def rows_for(self, pages: PageNumbers, *, grow: bool) -> npt.NDArray[np.uint64] | None:
         """Rows of the sorted `pages`; new ones get the next free rows when `grow`
         (None when they would not fit in staging)."""
+        return self._locate(pages, grow)[0]
+
+    def _locate(
+        self, pages: PageNumbers, grow: bool
+    ) -> tuple[npt.NDArray[np.uint64] | None, npt.NDArray[np.intp] | None]:
+        """(rows of `pages`, their indices in `self.pages` after any growth, None when
+        `pages` equals `self.pages`). The common case, the same pages as the last pass,
+        is one comparison: this runs in the frozen window."""
+        if pages.size == self.pages.size and np.array_equal(pages, self.pages):
+            return self.rows, None
         if self.pages.size:
             i = np.searchsorted(self.pages, pages)
             i[i == self.pages.size] = 0
@@ -199,7 +209,7 @@ class LiveCopy:
         new = pages[~known]
         if new.size:
             if not grow or self.used + new.size > self.capacity:
-                return None
+                return None, None
             nr = np.arange(self.used, self.used + new.size, dtype=np.uint64)
             self.used += int(new.size)
             out[~known] = nr
@@ -208,7 +218,8 @@ class LiveCopy:
             self.pages = allp[order]
             self.rows = np.concatenate([self.rows, nr])[order]
             self.ok = np.concatenate([self.ok, np.zeros(new.size, np.bool_)])[order]
-        return out
+            i = np.searchsorted(self.pages, pages)
+        return out, i
 
     def copy(self, pid: int, pages: PageNumbers, readv: ReadvFn, deadline: float | None) -> int:
         """Copy `pages` (sorted) live into their rows, in chunks until `deadline`; return
@@ -235,15 +246,18 @@ class LiveCopy:
 
     def plan(self, taken: PageNumbers, changed: PageNumbers) -> Plan | None:
         """The cut's frozen copy (module docstring, step 4): `taken`, the cut's pages
-        (sorted); `changed`, the tracker's changes among them since the last collect.
-        None when the pages new since the live passes do not fit in staging."""
-        rows = self.rows_for(taken, grow=True)
+        (sorted); `changed`, the tracker's changes since the last collect (sorted).
+        None when the pages new since the live passes do not fit in staging. Runs
+        frozen: only the few changed pages are searched for, never all against all."""
+        rows, i = self._locate(taken, grow=True)
         if rows is None:
             return None
-        i = np.searchsorted(self.pages, taken)
-        good = self.ok[i]
-        if changed.size:
-            good &= ~np.isin(taken, changed, assume_unique=True)
+        good = self.ok.copy() if i is None else self.ok[i]
+        if changed.size and taken.size:
+            j = np.searchsorted(taken, changed)
+            inside = j < taken.size
+            j, c = j[inside], changed[inside]
+            good[j[taken[j] == c]] = False
         need = ~good
         return Plan(taken[need], rows[need], rows, self.staging)
 
