@@ -70,6 +70,13 @@ def _gcc() -> str | None:
     return None if shutil.which("gcc") else "gcc not found (the C target is built with it)"
 
 
+def _gcc_uffd() -> str | None:
+    from nodeagent.trackers import registry
+
+    avail = registry.availability("uffd-wp")
+    return _gcc() or (None if avail.available else f"uffd-wp: {avail.reason}")
+
+
 def _weed() -> str | None:
     from testbed.seaweed import find_weed
 
@@ -116,6 +123,13 @@ def entries(p: Plan, out: Path) -> list[Entry]:
         *out_list,
         Entry("restore", "restore", sr),
         Entry("incremental", "incremental", (*sr, "--fractions", p.fractions), requires=_gcc),
+        # Pre-copy: full captures of a member that keeps writing (issue 16).
+        Entry(
+            "precopy",
+            "precopy",
+            ("--size-mib", str(p.size_mib), "--reps", str(min(3, p.reps))),
+            requires=_gcc_uffd,
+        ),
         Entry("end_to_end", "end_to_end", ("--size-mib", str(p.e2e_mib), "--reps", str(p.reps))),
         Entry("store", "store", ("--gib", str(p.store_mib / 1024), "--out", str(out / "store.md"))),
         Entry(

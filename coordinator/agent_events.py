@@ -158,6 +158,8 @@ def _event(engine: EngineView, f: Flight, node: str, kind: str, body: object) ->
                 f.threads[st.member] = threads_of(st.threads, st.thread_start_times)
             except InvalidArgument as e:
                 return MemberFailed(node, st.member, AbortReason.BAD_DATA, str(e))
+        if st.stats.precopy_rounds:  # shown in the member's progress events (servicer)
+            f.precopy[st.member] = st.stats
         return MemberStaged(node, st.member, stats_of(st.stats, ps))
     if kind == "uploaded":
         up: agent_pb2.Uploaded = body  # type: ignore[assignment]

@@ -199,7 +199,14 @@ class Engine:
                 full=opts.full,
                 timing=timing,
             )
-            f = Flight(Generation(spec), parent, full_nodes, pin=opts.pin, started=self.clock())
+            f = Flight(
+                Generation(spec),
+                parent,
+                full_nodes,
+                pin=opts.pin,
+                started=self.clock(),
+                precopy_ms=opts.precopy_ms(),
+            )
             return self.launch(f)
 
     def launch(self, f: Flight) -> Subscription:
@@ -269,7 +276,7 @@ class Engine:
 
     def _do(self, f: Flight, c: Command) -> None:
         if isinstance(c, SEND_COMMANDS):
-            o = outbound(c, f.full_nodes)
+            o = outbound(c, f.full_nodes, f.precopy_ms)
             if isinstance(o.message, agent_pb2.Freeze) and restore.is_restore(f):
                 # whole-memory members: regions and registers at the cut
                 o.message.layouts.extend(

@@ -22,6 +22,7 @@ from coordinator.store.catalog import GenerationInfo
 from coordinator.store.manifest import Manifest, ThreadRegs
 from coordinator.uploads import MemberUpload
 from cpcoord.errors import InvalidArgument
+from cpcoord.gen.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class CheckpointOptions:
     freeze_timeout_ms: int = 0  # 0 = half the lease
     commit_timeout_ms: int = 0  # 0 = 300000
     pin: bool = False
+    precopy: bool = True  # members captured in full are copied while running first
+
+    def precopy_ms(self) -> int:
+        """The agents' time for live passes: half the freeze deadline (Begin to the
+        barrier), so freezing and the Frozen report still fit in the other half
+        (docs/decisions.md); 0 when pre-copy is off."""
+        return int(self.timing().freeze_timeout_s * 500) if self.precopy else 0
 
     def timing(self) -> Timing:
         lease = self.lease_ms or 10_000
@@ -112,8 +120,12 @@ class Flight:
         *,
         pin: bool = False,
         started: float | None = None,
+        precopy_ms: int = 0,
     ) -> None:
         self.gen = gen
+        self.precopy_ms = precopy_ms  # sent in Freeze (outbound.py); 0: no pre-copy
+        # Member -> its Staged stats when it was pre-copied (rounds, bytes per pass)
+        self.precopy: dict[str, common_pb2.MemberStats] = {}
         self.job = gen.snapshot.spec.job
         self.number = gen.snapshot.spec.generation
         self.parent = parent

@@ -35,9 +35,10 @@ class Outbound:
     required: bool  # not connected: the core hears AgentLost
 
 
-def outbound(c: SendCommand, full_nodes: frozenset[str]) -> Outbound:
+def outbound(c: SendCommand, full_nodes: frozenset[str], precopy_ms: int = 0) -> Outbound:
     """The message for command `c`; `full_nodes` must capture in full (their trackers do
-    not count from the parent)."""
+    not count from the parent); `precopy_ms` > 0: a checkpoint's Freeze asks for pre-copy
+    of the members captured in full, bounded by that time."""
     if isinstance(c, SendFreeze):
         freeze = agent_pb2.Freeze(
             job=c.job,
@@ -46,6 +47,10 @@ def outbound(c: SendCommand, full_nodes: frozenset[str]) -> Outbound:
             lease_ms=round(c.lease_s * 1000),
             members=c.members,
         )
+        if precopy_ms > 0 and c.kind.name == "CHECKPOINT":
+            freeze.precopy = True
+            freeze.precopy_ms = precopy_ms
+            freeze.full = c.node in full_nodes
         return Outbound(c.node, "freeze", freeze, True)
     if isinstance(c, SendCapture):
         full = c.full or c.node in full_nodes

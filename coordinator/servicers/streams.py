@@ -200,10 +200,17 @@ class Streams:
             freeze_timeout_ms=request.freeze_timeout_ms,
             commit_timeout_ms=request.commit_timeout_ms,
             pin=request.pin,
+            precopy=not request.no_precopy,
         )
         sub = await self._begin(engine, engine.checkpoint, opts, "Checkpoint")
         async for p in self._follow(engine, sub, "Checkpoint"):
-            yield convert.checkpoint_event(p)
+            ev = convert.checkpoint_event(p)
+            pre = sub.flight.precopy.get(p.event.member) if p.event.member else None
+            if pre is not None and ev.HasField("stats"):
+                ev.stats.precopy_rounds = pre.precopy_rounds
+                ev.stats.precopy_bytes.extend(pre.precopy_bytes)
+                ev.stats.precopy_frozen_pages = pre.precopy_frozen_pages
+            yield ev
 
     @rpc_errors_async
     async def Restore(

@@ -45,6 +45,11 @@ examples:
   cpcoord capture --pid 4242 --parent ckpt-1 --out ckpt-2
   cpcoord image flatten ckpt-2 --out ckpt-2-full
 
+pre-copy (--precopy, the default for a full capture with uffd-wp or soft-dirty): the
+tracker is armed in a short freeze, every page is copied while the process runs (up to
+5 passes while the written set shrinks), then the process is frozen only to copy what
+was written since. The image equals memory at that freeze, as without pre-copy.
+
 trackers (--tracker): auto (default: uffd-wp, else soft-dirty, else hash), uffd-wp,
 soft-dirty, hash, none (no tracker: every capture is full). `cpcoord check` shows which
 work here. A parent can be continued once, by the same process (pid and start time) and
@@ -84,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="an earlier image of this process: store only the pages changed since",
     )
+    p.add_argument(
+        "--precopy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a full capture copies while the process runs, then freezes to copy only "
+        "the pages written since (default: on, except with --tracker hash or none)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -113,11 +125,17 @@ def run(args: argparse.Namespace) -> int:
         ident.check()
     else:
         ident = ProcessIdentity.of(args.pid)
+    from nodeagent.capture import precopy as precopy_mod
+
+    want_precopy = args.precopy if args.precopy is not None else precopy_mod.usable(tracker)
+    if args.precopy and not precopy_mod.usable(tracker):
+        raise InvalidArgument(f"--precopy needs a tracker that sees writes, not {tracker}")
     writer = ImageWriter(out)
     # A full capture onto tmpfs copies straight into the image's files (no staging, no
     # second copy), whose pages are made ready on a second thread while the chain is set
-    # up here; an incremental one copies few pages: staging, then write.
-    into = writer.in_place(member) if parent is None else None
+    # up here; an incremental one copies few pages: staging, then write. A pre-copied
+    # one copies into staging while the process runs (its layout may change meanwhile).
+    into = writer.in_place(member) if parent is None and not want_precopy else None
     pool = ThreadPoolExecutor(1)
     early: Future[None] | None = None
     if into is not None:
@@ -137,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                 early.result()
         finally:
             pool.shutdown(wait=True)
-        res = link.tc.capture(into=into)
+        limits = precopy_mod.Limits() if want_precopy else None
+        res = link.tc.capture(into=into, precopy=limits)
         cap = res.capture
         t1 = time.perf_counter()
         incremental = parent is not None
@@ -216,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         "bytes": cap.nbytes,
         "bytes_written": writer.bytes_written,
         "unreadable_pages": cap.unreadable_pages,
+        "precopy": cap.precopy.as_json() if cap.precopy is not None else None,
         "frozen_s": round(cap.timings.frozen, 6),
         "capture_s": round(cap.timings.total, 6),
         "write_s": round(t2 - t1, 6),
@@ -238,6 +258,14 @@ def run(args: argparse.Namespace) -> int:
             f"image written in {(t2 - t1) * 1e3:.1f} ms -> {writer.out}; "
             f"tracker {link.tc.tracker_name} armed"
         )
+        if cap.precopy is not None:
+            pc = cap.precopy
+            live = sum(p.nbytes for p in pc.passes) / (1 << 20)
+            print(
+                f"pre-copy: {pc.rounds} live passes ({live:.1f} MiB), "
+                f"{pc.frozen_pages} pages copied frozen"
+                + (f" ({pc.fallback})" if pc.fallback else "")
+            )
         if cap.unreadable_pages:
             print(f"warning: {cap.unreadable_pages} pages could not be read and are left out")
     if res.arm_error:

@@ -201,15 +201,27 @@ class EventProgress:
     def __init__(self, out: Display) -> None:
         self.out = out
         self.member_bytes: dict[tuple[str, str], int] = {}
+        # Pre-copied members (checkpoint): live passes, bytes per pass, pages frozen.
+        self.precopy: dict[str, dict[str, Any]] = {}
 
     def event(self, ev: Any) -> None:
         k = kind(ev)
         if ev.member and ev.HasField("stats"):
             key = (ev.node, ev.member)
             self.member_bytes[key] = max(self.member_bytes.get(key, 0), ev.stats.bytes_logical)
+            if getattr(ev.stats, "precopy_rounds", 0):
+                self.precopy[ev.member] = {
+                    "rounds": ev.stats.precopy_rounds,
+                    "bytes": list(ev.stats.precopy_bytes),
+                    "frozen_pages": ev.stats.precopy_frozen_pages,
+                }
+        phase = PHASES.get(k, k)
+        if self.precopy:
+            rounds = max(p["rounds"] for p in self.precopy.values())
+            phase = f"{phase} (pre-copied: {len(self.precopy)} members, <= {rounds} passes)"
         self.out.update(
             Status(
-                PHASES.get(k, k),
+                phase,
                 ev.members_done,
                 ev.members_total,
                 "members",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +23,9 @@ from nodeagent.capture.regions import RegionSpec
 from nodeagent.pages import PageNumbers, Runs, empty_pages, runs_from_pages
 from nodeagent.proc.procfs import Mapping, ProcessIdentity
 from nodeagent.proc.staging import Staging
+
+if TYPE_CHECKING:
+    from nodeagent.capture.precopy import Report as PrecopyReport
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Capture:
     staging: Staging
     shared_bytes: int = 0  # read through /proc/PID/mem: not exclusively mapped (COW)
     object_bytes: int = 0  # read from the objects behind shared mappings
+    precopy: PrecopyReport | None = None  # what the live passes did (pre-copy only)
 
     @property
     def pages(self) -> int:

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from cpcoord.mapfacts import MapFact, facts_for
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
+from nodeagent.capture.precopy import Plan
 from nodeagent.capture.process import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.capture.regions import RegionSpec, default_regions
 from nodeagent.pages import PageNumbers, empty_pages
@@ -159,6 +160,40 @@ def copy(
 
     rows = None if bad.size else staging.pages(0, int(allp.size))
     return CopyResult(stats.readv_calls, int(bad.size), int(allp.size) - lost, build, rows)
+
+
+def copy_planned(
+    pid: int,
+    specs: Sequence[RegionSpec],
+    taken: Sequence[PageNumbers],
+    plan: Plan,
+    readv: ReadvFn = sys_readv,
+    *,
+    objects: SharedObjects | None = None,
+    maps: Sequence[Mapping] = (),
+) -> CopyResult:
+    """`copy` of every taken page (a full capture) whose live copy is already in the
+    plan's staging (nodeagent/capture/precopy.py): only `plan.read` is read, frozen. The
+    rows are the cut's order once `plan.settle()` ran, after the thaw and before
+    anything reads them (the regions are built lazily, the rows view stays valid)."""
+    staging = plan.staging
+    allp = np.concatenate(list(taken)) if taken else empty_pages()
+    reader = MemoryReader(pid, readv, objects=objects, maps=maps)
+    try:
+        stats = reader.read_pages(plan.read, staging.address, plan.read_rows)
+    finally:
+        reader.close()
+    bad = stats.unreadable
+
+    def build() -> tuple[StagedRegion, ...]:
+        spans = [(s.start, s.end) for s in specs]
+        facts = facts_for(maps, spans) if maps else [()] * len(specs)
+        if bad.size:
+            return _regions_compacted(specs, taken, taken, staging, bad, facts)
+        return _regions(specs, taken, taken, allp, staging, facts)
+
+    rows = None if bad.size else staging.pages(0, int(allp.size))
+    return CopyResult(stats.readv_calls, int(bad.size), int(allp.size) - int(bad.size), build, rows)
 
 
 def _counts(parts: Sequence[PageNumbers]) -> npt.NDArray[np.int64]:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy.typing as npt
 
 from cpcoord.ranges import AddressRange
+from nodeagent.capture import precopy as precopy_mod
 from nodeagent.capture.inplace import Destination
 from nodeagent.capture.process import Capture, capture
 from nodeagent.capture.regions import RegionSpec, resolve_regions
@@ -108,6 +109,7 @@ class TrackedCapture:
         self._pending: PageNumbers = empty_pages()
         self._need_full = FIRST if self.track.tracker is not None else NO_TRACKER
         self._inflight: str | PageNumbers = _IDLE
+        self._live: precopy_mod.LiveCopy | None = None  # live passes for the next capture
 
     @property
     def tracker(self) -> Tracker | None:
@@ -140,13 +142,23 @@ class TrackedCapture:
         *,
         readv: ReadvFn = sys_readv,
         into: Destination | None = None,
+        precopy: precopy_mod.Limits | None = None,
+        between: precopy_mod.Between | None = None,
     ) -> TrackedResult:
         """One capture (in the caller's freeze `fp`, or in its own). Then `commit()` once
         it is stored, or `abort()`. `into`: copy in place (nodeagent.capture.process.capture);
-        for a capture that will be full (`next_is_full`)."""
+        for a capture that will be full (`next_is_full`). `precopy`: when the capture
+        will be full, run `precopy()` first (not with `fp`: call it before freezing;
+        not with `into`); `between`: its test hook."""
         if self._inflight is not _IDLE:
             self.abort()
         hooks = _Hooks(self)
+        if precopy is not None and fp is None and self._live is None:
+            self.precopy(precopy, readv=readv, between=between)
+        live, self._live = self._live, None
+        if live is not None and (into is not None or not self._need_full):
+            live = None  # (the capture will not be full, or copies in place)
+        hooks.live = live is not None
         try:
             cap = capture(
                 self.ident,
@@ -157,6 +169,7 @@ class TrackedCapture:
                 readv=readv,
                 fp=fp,
                 into=into,
+                precopied=live,
             )
         except BaseException:
             self._inflight = hooks.inflight
@@ -171,6 +184,44 @@ class TrackedCapture:
             counts=hooks.counts,
             arm_error=hooks.arm_error,
         )
+
+    def precopy_applies(self) -> bool:
+        """Whether a pre-copy would run for the next capture: it is full and the tracker
+        is one pre-copy works with (or still `auto`)."""
+        if not self._need_full:
+            return False
+        name = self.track.name if self.track.tracker is not None else self.track.pref
+        return name in (*precopy_mod.TRACKERS, registry.AUTO)
+
+    def precopy(
+        self,
+        limits: precopy_mod.Limits,
+        *,
+        readv: ReadvFn = sys_readv,
+        between: precopy_mod.Between | None = None,
+    ) -> precopy_mod.LiveCopy | None:
+        """The live passes for the next capture (nodeagent.capture.precopy), when it will
+        be full; the next `capture` (in its own freeze or the caller's) then reads frozen
+        only what changed since. Runs with the process running; None when it does not
+        apply or the tracker cannot be armed."""
+        self._live = None
+        if not self.precopy_applies():
+            return None
+        try:
+            self._live = precopy_mod.live_passes(
+                self.ident,
+                self.track,
+                self._specs,
+                self.staging,
+                limits,
+                freeze_timeout=self.freeze_timeout,
+                readv=readv,
+                between=between,
+            )
+        except BaseException:
+            self.abort()
+            raise
+        return self._live
 
     def commit(self) -> None:
         """The last capture is stored: its pages need not be copied again."""
@@ -258,6 +309,8 @@ class _Hooks:
         self.inflight: str | PageNumbers = _IDLE
         self.counts = ChangeCounts()
         self.arm_error = ""
+        self.live = False  # a pre-copy ran: a full capture collects instead of arming
+        self.precopy_changed: PageNumbers | None = None  # its changes since the last pass
 
     def expect(self, pid: int, maps: Sequence[Mapping], taken: PageNumbers) -> int | None:
         o = self.o
@@ -279,8 +332,14 @@ class _Hooks:
     ) -> ChangedSet | None:
         o, t = self.o, self.o.track
         mine = tracked_mappings(o._specs(maps), maps)
-        got = t.collect_or_arm(fp, mine, maps, incremental=not self.full_reason)
-        if isinstance(got, ChangedSet):
+        pre = self.live and bool(self.full_reason) and t.armed
+        got = t.collect_or_arm(fp, mine, maps, incremental=not self.full_reason or pre)
+        if pre and isinstance(got, ChangedSet):
+            # Pre-copied: the capture is full, but only what changed since the last live
+            # pass (and what has no current live copy) is read frozen.
+            self.precopy_changed = t.changes(got, taken, maps, mine, empty_pages()).pages
+            got = ""
+        elif isinstance(got, ChangedSet):
             ch = t.changes(got, taken, maps, mine, o._pending)
             # Stashed before the copy: if anything after this fails, these pages stay
             # pending.

@@ -38,6 +38,7 @@ from nodeagent.capture.captured import CaptureTimings, build_regions, concat_par
 from nodeagent.capture.captured import zero_rows as zero_rows
 from nodeagent.capture.changeset import pick
 from nodeagent.capture.inplace import Destination as Destination  # re-exported
+from nodeagent.capture.precopy import LiveCopy, Plan
 from nodeagent.capture.regions import resolve_regions
 from nodeagent.capture.selection import select_pages as select_pages  # re-exported (copyout, tests)
 from nodeagent.pages import PageNumbers
@@ -96,6 +97,7 @@ def capture(
     readv: ReadvFn = sys_readv,
     fp: FrozenProcess | None = None,
     into: Destination | None = None,
+    precopied: LiveCopy | None = None,
 ) -> Capture:
     """Capture the process's regions (`ranges`, or the default set when None).
 
@@ -103,6 +105,10 @@ def capture(
     thaws it; otherwise it is frozen here for the copy only. With `into`, pages are
     copied there (in place) rather than into `staging`: meant for full captures, since
     it reserves every page taken before the freeze.
+
+    With `precopied` (the live passes of nodeagent.capture.precopy, in this `staging`),
+    a full capture reads frozen only the pages the hooks report as changed since
+    (`precopy_changed`) and the pages with no current live copy; not with `into`.
 
     Raises NoSuchProcess / PidReused before anything happens, ProcessExited when it dies
     on the way, PermissionDenied, FreezeFailed, RangeUnmapped, RangesOverlap. The target
@@ -113,6 +119,9 @@ def capture(
     check_alive(ident, "capture")
     if fp is not None and (fp.ident != ident or fp.thawed):
         raise ValueError("fp must be the caller's live freeze of this very process")
+    if precopied is not None and (into is not None or precopied.staging is not staging):
+        raise ValueError("a pre-copy lives in this capture's staging, never in place")
+    plan: Plan | None = None
     # The leader, or a live thread while the leader is a zombie (nodeagent/proc/procfs.py).
     pid = fp.pid if fp is not None else ident.view("capture")
     staging = staging if staging is not None else Staging()
@@ -137,7 +146,7 @@ def capture(
             estimate = (taken0.size if guess is None else min(guess, taken0.size)) * PAGE_SIZE
             data = max(0, estimate - holes0)
             slack = max(SLACK_MIN, int(data * SLACK_FRACTION))
-            if into is None:
+            if into is None and precopied is None:  # (growing would drop the live copy)
                 staging.reserve(estimate + slack, populate=data + slack)
             elif estimate >= PARALLEL_MIN:
                 copy_threads()  # started now, not in the frozen window (Staging does too)
@@ -168,7 +177,13 @@ def capture(
                     copied = taken
                 allp = concat_parts(copied)
                 holes = None
-                if into is not None:
+                dirty = getattr(hooks, "precopy_changed", None)
+                if precopied is not None and changed is None and dirty is not None:
+                    plan = precopied.plan(allp, dirty)
+                grown: int | bool = False
+                if plan is not None:
+                    pass  # staging holds the live copy and rows for every page
+                elif into is not None:
                     holes = inplace.hole_mask(allp, maps, objects)
                     grown = into.reserve(inplace.bounds_of(specs), inplace.without(copied, holes))
                 else:
@@ -183,7 +198,9 @@ def capture(
                 t3 = time.perf_counter()
                 reader = MemoryReader(pid, readv, objects=objects, maps=maps)
                 try:
-                    if into is None:
+                    if plan is not None:
+                        stats = reader.read_pages(plan.read, staging.address, plan.read_rows)
+                    elif into is None:
                         stats = reader.read_pages(allp, staging.address)
                     else:
                         stats = reader.read_pages(allp, 0, inplace.local_rows(specs, copied, into))
@@ -198,6 +215,12 @@ def capture(
             raise ProcessExited(pid, "capture") from None
         finally:
             objects.close()
+    if plan is not None:
+        plan.settle()  # rows into the cut's order: local memory, after the thaw
+    report = None
+    if precopied is not None:
+        why = "" if plan is not None else "the cut's pages did not fit the live copy's staging"
+        report = precopied.report(plan, why)
     regions = build_regions(specs, taken, copied, stats.unreadable, staging, into, holes)
     t6 = time.perf_counter()
     timings = CaptureTimings(
@@ -222,6 +245,7 @@ def capture(
         staging=staging,
         shared_bytes=stats.shared_bytes,
         object_bytes=stats.object_bytes,
+        precopy=report,
     )
     log.info(
         "captured",

@@ -29,6 +29,8 @@ from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.upload.pool import Uploader
 
 log = logging.getLogger(__name__)
+# A Freeze asking for pre-copy with no time bound: the live passes' own bound.
+PRECOPY_DEFAULT_MS = 2000
 Emit = Callable[[agent_pb2.AgentMessage, int], None]
 Contents = tuple[restore_ops.RegionContents, ...]
 
@@ -56,7 +58,10 @@ class Commands:
             restoring = f.kind == common_pb2.OPERATION_KIND_RESTORE
             layouts = restore_ops.layouts_of(f) if restoring else ()
             members = tuple(f.members)
-            op = ops.FreezeOp(f.job, f.generation, f.lease_ms, members, e, restoring, layouts)
+            pre_s = (f.precopy_ms or PRECOPY_DEFAULT_MS) / 1000 if f.precopy else 0.0
+            op = ops.FreezeOp(
+                f.job, f.generation, f.lease_ms, members, e, restoring, layouts, pre_s, f.full
+            )
             self.worker.submit(op)
         elif body == "capture":
             c = msg.capture

@@ -39,6 +39,7 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE, check_name, user_space_end
+from nodeagent.capture.precopy import LiveCopy
 from nodeagent.capture.regions import RegionSpec
 from nodeagent.capture.trackstate import MemberTracker
 from nodeagent.pages import PageNumbers, empty_pages
@@ -72,6 +73,8 @@ class HeldMember:
     gone_detail: str = ""
     staging: Staging | None = None
     staging_busy: bool = False  # an upload still reads it: the next capture gets a new one
+    # (generation, live copy): pre-copied at that generation's Freeze, for its Capture
+    precopied: tuple[int, LiveCopy] | None = None
 
     def __post_init__(self) -> None:
         self.track = MemberTracker(self.tracker_pref, {"job": self.job, "member": self.name})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +29,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from nodeagent.capture.precopy import Report as PrecopyReport
 
 FROZEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 UPLOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -113,6 +116,16 @@ class AgentMetrics:
             "Member captures staged, by tracker and mode (full, incremental)",
             ["tracker", "mode"],
         )
+        self.precopy_rounds = counter(
+            "precopy_rounds_total", "Live passes of pre-copied member captures (before the freeze)"
+        )
+        self.precopy_bytes = counter(
+            "precopy_bytes_total", "Bytes copied while members ran (pre-copy live passes)"
+        )
+        self.precopy_frozen_pages = counter(
+            "precopy_frozen_pages_total",
+            "Pages of pre-copied captures still copied in the frozen window",
+        )
         # Not state read at scrape time: staging is held by uploads in flight, which
         # release it from their own threads (nodeagent/daemon/tracking.py, `handoff`).
         self.staging_bytes = Gauge(
@@ -128,6 +141,12 @@ class AgentMetrics:
     def observe(self, state: AgentState) -> None:
         """Read the state gauges from `state` from now on (the agent, once built)."""
         self._state.state = state
+
+    def observe_precopy(self, report: PrecopyReport) -> None:
+        """One pre-copied member capture (nodeagent/capture/precopy.py)."""
+        self.precopy_rounds.inc(report.rounds)
+        self.precopy_bytes.inc(sum(p.nbytes for p in report.passes))
+        self.precopy_frozen_pages.inc(report.frozen_pages)
 
 
 class TrackerCollector(Collector):

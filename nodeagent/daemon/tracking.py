@@ -14,6 +14,11 @@ shared with the CLI chain:
   region of the same layout).
 - *Pending*: what a capture delivers is recorded before the copy, since the tracker has
   already forgotten it: an abort after this point must not lose those pages.
+- *Pre-copy* (`precopy`, at the Freeze, member running): the live passes of
+  nodeagent/capture/precopy.py for a member that will be captured in full; its Capture then
+  reads frozen only what was written since. A tracker armed before them has re-armed
+  in them: every page they saw is recorded as pending for the generation first, so an
+  abort before the Capture loses nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from cpcoord.errors import CpcoordError
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.capture import copyout
+from nodeagent.capture import copyout, precopy
 from nodeagent.capture.changeset import pick
 from nodeagent.capture.copyout import CopyResult
 from nodeagent.capture.regions import RegionSpec
@@ -37,7 +42,7 @@ from nodeagent.daemon.metrics import AgentMetrics
 from nodeagent.pages import empty_pages
 from nodeagent.proc.freeze import FrozenProcess, frozen
 from nodeagent.proc.mapscache import derived, read_maps_shared
-from nodeagent.proc.procfs import check_alive
+from nodeagent.proc.procfs import Mapping, check_alive
 from nodeagent.proc.reader import ReadvFn
 from nodeagent.proc.shared import SharedObjects
 from nodeagent.proc.staging import Staging
@@ -54,6 +59,53 @@ class Copied:
     full: bool
     tracker: str  # tracker that produced the delivered set; "none" when full
     base_generation: int  # the committed generation it is relative to; 0 when full
+    plan: precopy.Plan | None = None  # pre-copied: `settle()` after the thaw
+    precopy: precopy.Report | None = None
+
+    def settle(self) -> None:
+        """After the thaw, before anything reads the staged rows."""
+        if self.plan is not None:
+            self.plan.settle()
+
+
+def will_be_full(m: HeldMember, force_full: bool) -> bool:
+    return force_full or m.committed == 0 or not m.track.armed
+
+
+def precopy_member(
+    m: HeldMember,
+    generation: int,
+    force_full: bool,
+    staging: Staging,
+    seconds: float,
+    freeze_timeout: float,
+) -> precopy.Report | None:
+    """The live passes for the member's next Capture, when it will be full (module
+    docstring); the member runs. None when pre-copy does not apply here."""
+    m.precopied = None
+    t = m.track
+    name = t.name if t.tracker is not None else t.pref
+    if not will_be_full(m, force_full) or name not in (*precopy.TRACKERS, registry.AUTO):
+        return None
+    if seconds <= 0:
+        return None  # the Freeze's time for live passes went to other members
+    was_armed = t.armed
+
+    def specs_of(maps: Sequence[Mapping]) -> Sequence[RegionSpec]:
+        return copyout.resolve(m.regions, maps)
+
+    limits = precopy.Limits(seconds=max(0.0, seconds))
+    live = precopy.live_passes(m.ident, t, specs_of, staging, limits, freeze_timeout=freeze_timeout)
+    if was_armed:
+        # Re-armed here: what it had seen since the last capture is owed until this
+        # generation commits (every page the passes saw; later writes: the Capture's).
+        maps = read_maps_shared(m.ident.view("capture"))
+        seen = live.pages if live is not None else empty_pages()
+        m.record_capture(generation, np.union1d(seen, t.taken), _layout(specs_of(maps)))
+    if live is None:
+        return None
+    m.precopied = (generation, live)
+    return live.report(None)
 
 
 def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
@@ -107,6 +159,10 @@ def capture_frozen(
     maps = read_maps_shared(pid)  # the list of the staging estimate when nothing changed
     specs = copyout.resolve(m.regions, maps)
     mine = tracked_mappings(specs, maps)
+    live = m.precopied[1] if m.precopied and m.precopied[0] == generation else None
+    m.precopied = None
+    if live is not None and live.staging is not staging:
+        live = None  # (staging was replaced: an upload still reads the old one)
     reported = t.collect_or_arm(fp, mine, maps, incremental=True)
     maps0, mine0 = maps, mine  # what the tracker answered for
     if t.layout_touched:
@@ -126,14 +182,27 @@ def capture_frozen(
         else:
             changed = t.changes(reported, now, maps0, mine0, m.pending_pages()).pages
             deliver, delivered = pick(taken, now, changed, m.unstable(specs, layout))
+        plan = None
+        if live is not None and full and isinstance(reported, ChangedSet):
+            dirty = t.changes(reported, now, maps0, mine0, empty_pages()).pages
+            plan = live.plan(now, dirty)
         t.settle(mine, now)
         # Recorded before the copy: the tracker has re-armed, so these pages must reach a
         # committed generation one way or another.
         m.record_capture(generation, delivered, layout)
-        res = copyout.copy(pid, specs, taken, deliver, staging, readv, objects=objects, maps=maps)
+        if plan is not None:
+            res = copyout.copy_planned(pid, specs, taken, plan, readv, objects=objects, maps=maps)
+        else:
+            res = copyout.copy(
+                pid, specs, taken, deliver, staging, readv, objects=objects, maps=maps
+            )
     check_alive(m.ident, "capture")
     tracker = "none" if full else m.tracker_name
-    return Copied(res, full, tracker, 0 if full else m.committed)
+    report = None
+    if live is not None:
+        why = "" if plan is not None else "the cut did not fit the live copy (or lost track)"
+        report = live.report(plan, why)
+    return Copied(res, full, tracker, 0 if full else m.committed, plan, report)
 
 
 def handoff(

@@ -71,6 +71,7 @@ def _capture_member(
             faults.fault_point("agent.capture")
         finally:
             st.thaw(m.key)
+        c.settle()  # pre-copied rows into the cut's order: local memory, after the thaw
     except STAGE_FAILED:
         st.mark_gone(m, op.epoch)
         return None
@@ -91,6 +92,11 @@ def _capture_member(
         tracker=c.tracker,
         full=c.full,
     )
+    if c.precopy is not None:
+        stats.precopy_rounds = c.precopy.rounds
+        stats.precopy_bytes.extend(p.nbytes for p in c.precopy.passes)
+        stats.precopy_frozen_pages = c.precopy.frozen_pages
+        st.metrics.observe_precopy(c.precopy)
     regs, starts = restore_ops.staged_threads(m.name, threads)
     staged = agent_pb2.Staged(
         job=op.job,
@@ -113,6 +119,7 @@ def _capture_member(
                 "tracker": c.tracker,
                 "frozen_ms": round(frozen_s * 1e3, 3),
                 "copy_ms": round(copy_s * 1e3, 3),
+                "precopy_rounds": c.precopy.rounds if c.precopy is not None else 0,
             }
         },
     )

@@ -1,8 +1,11 @@
 """The ptrace thread's Freeze and restore steps (run by nodeagent/daemon/worker.py on its
 thread, on its `WorkerState`).
 
-Freeze: staging is sized and prefaulted while every member still runs, then the members
-are frozen one after the other; a Freeze whose generation is aborted meanwhile stops.
+Freeze: staging is sized and prefaulted while every member still runs, members that
+will be captured in full are pre-copied when the Freeze asks (tracking.precopy_member,
+all of them within its `precopy_ms`, so the coordinator's freeze deadline holds), then
+the members are frozen one after the other; a Freeze whose generation is aborted
+meanwhile stops.
 A restore Freeze copies nothing out: it checks each member fits the generation (Failed
 MISMATCH for one that cannot take it back, then no Frozen) and keeps it frozen for the
 Restore, which writes the downloaded pages (the member's idle capture staging takes the
@@ -61,6 +64,12 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
             continue
         try:
             copyout.prepare(st.staging(m), m.ident.view("freeze"), m.regions)
+            if op.precopy_s > 0:
+                left = t_op + op.precopy_s - time.monotonic()
+                st.enforce_leases()  # (other jobs' members may be frozen meanwhile)
+                tracking.precopy_member(
+                    m, op.generation, op.full, st.staging(m), left, st.config.freeze_timeout_s
+                )
             ready.append(m)
         except STAGE_FAILED:
             st.mark_gone(m, op.epoch)

@@ -33,6 +33,8 @@ class FreezeOp:
     epoch: int
     restore: bool = False  # OPERATION_KIND_RESTORE: check each member fits the generation
     layouts: Layouts = ()  # restore: whole-memory members' regions and registers at the cut
+    precopy_s: float = 0.0  # > 0: pre-copy members captured in full, for at most this long
+    full: bool = False  # every member will be captured in full (pre-copy them all)
 
 
 @dataclass(frozen=True)

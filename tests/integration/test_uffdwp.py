@@ -25,7 +25,6 @@ from tests.helpers.uffd_target import PAGE, MemTarget
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture
 def target(c_target: Path) -> Iterator[MemTarget]:
     t = MemTarget(c_target, 16, 40, 8, 64)

@@ -227,20 +227,26 @@ class Welcome(_message.Message):
     def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ...) -> None: ...
 
 class Freeze(_message.Message):
-    __slots__ = ("job", "generation", "kind", "lease_ms", "members", "layouts")
+    __slots__ = ("job", "generation", "kind", "lease_ms", "members", "layouts", "precopy", "precopy_ms", "full")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     LAYOUTS_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_MS_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     kind: _common_pb2.OperationKind
     lease_ms: int
     members: _containers.RepeatedScalarFieldContainer[str]
     layouts: _containers.RepeatedCompositeFieldContainer[RestoreLayout]
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., lease_ms: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., layouts: _Optional[_Iterable[_Union[RestoreLayout, _Mapping]]] = ...) -> None: ...
+    precopy: bool
+    precopy_ms: int
+    full: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., lease_ms: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., layouts: _Optional[_Iterable[_Union[RestoreLayout, _Mapping]]] = ..., precopy: _Optional[bool] = ..., precopy_ms: _Optional[int] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class RestoreLayout(_message.Message):
     __slots__ = ("member", "regions", "threads", "thread_start_times")

@@ -88,7 +88,7 @@ PROGRESS_KIND_COMMITTED: ProgressKind
 PROGRESS_KIND_ABORTED: ProgressKind
 
 class MemberStats(_message.Message):
-    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full")
+    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOGICAL_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,9 @@ class MemberStats(_message.Message):
     FROZEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRACKER_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PRECOPY_FROZEN_PAGES_FIELD_NUMBER: _ClassVar[int]
     pages: int
     zero_pages: int
     bytes_logical: int
@@ -103,7 +106,10 @@ class MemberStats(_message.Message):
     frozen_seconds: float
     tracker: str
     full: bool
-    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ...) -> None: ...
+    precopy_rounds: int
+    precopy_bytes: _containers.RepeatedScalarFieldContainer[int]
+    precopy_frozen_pages: int
+    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("status", "exit_code", "error", "message")

@@ -287,20 +287,22 @@ class PinGenerationResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[GenerationInfo, _Mapping]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("job", "full", "lease_ms", "freeze_timeout_ms", "commit_timeout_ms", "pin")
+    __slots__ = ("job", "full", "lease_ms", "freeze_timeout_ms", "commit_timeout_ms", "pin", "no_precopy")
     JOB_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
+    NO_PRECOPY_FIELD_NUMBER: _ClassVar[int]
     job: str
     full: bool
     lease_ms: int
     freeze_timeout_ms: int
     commit_timeout_ms: int
     pin: bool
-    def __init__(self, job: _Optional[str] = ..., full: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., freeze_timeout_ms: _Optional[int] = ..., commit_timeout_ms: _Optional[int] = ..., pin: _Optional[bool] = ...) -> None: ...
+    no_precopy: bool
+    def __init__(self, job: _Optional[str] = ..., full: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., freeze_timeout_ms: _Optional[int] = ..., commit_timeout_ms: _Optional[int] = ..., pin: _Optional[bool] = ..., no_precopy: _Optional[bool] = ...) -> None: ...
 
 class CheckpointEvent(_message.Message):
     __slots__ = ("kind", "job", "generation", "member", "node", "stats", "members_done", "members_total", "reason", "detail", "elapsed_seconds", "info")

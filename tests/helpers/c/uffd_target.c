@@ -28,6 +28,9 @@
  *                             MS milliseconds and exits: "ok CHILDPID"
  *       h NPAGES              map a 2 MiB-aligned region with MADV_HUGEPAGE, write it
  *                             all: "ok ADDR"
+ *       R ADDR NPAGES PER_SEC start a writer thread that writes PER_SEC pages per second
+ *                             picked at random among NPAGES (100 batches a second);
+ *                             PER_SEC 0 stops it: "ok WRITES" (pages written so far)
  *       q                     exit 0
  *
  *   uffd_target mem-seccomp SIZE_PAGES...
@@ -188,6 +191,39 @@ static char *huge_region(unsigned long npages)
 
 static char *first_region;
 
+static volatile int rate_run;
+static volatile unsigned long rate_writes;
+static pthread_t rate_thread;
+static char *rate_addr;
+static unsigned long rate_pages, rate_per_sec;
+
+static void *rate_writer(void *arg)
+{
+    (void)arg;
+    unsigned long x = 88172645463325252UL, per_tick = rate_per_sec / 100, carry = 0;
+    struct timespec next;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    while (rate_run) {
+        carry += rate_per_sec % 100;
+        unsigned long n = per_tick + carry / 100;
+        carry %= 100;
+        for (unsigned long i = 0; i < n; i++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            unsigned long *w = (unsigned long *)(rate_addr + (x % rate_pages) * PAGE + 16);
+            *w = ++rate_writes;
+        }
+        next.tv_nsec += 10000000L;
+        if (next.tv_nsec >= 1000000000L) {
+            next.tv_nsec -= 1000000000L;
+            next.tv_sec++;
+        }
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+    }
+    return NULL;
+}
+
 static int mem_mode(int argc, char **argv)
 {
     static unsigned char counter;
@@ -263,6 +299,16 @@ static int mem_mode(int argc, char **argv)
         } else if (op == 'h') {
             sscanf(line + 1, "%lu", &a);
             printf("ok %lx\n", (unsigned long)huge_region(a));
+        } else if (op == 'R') {
+            if (rate_run) {
+                rate_run = 0;
+                pthread_join(rate_thread, NULL);
+            }
+            if (c) {
+                rate_addr = p, rate_pages = b, rate_per_sec = c, rate_run = 1;
+                pthread_create(&rate_thread, NULL, rate_writer, NULL);
+            }
+            printf("ok %lu\n", rate_writes);
         } else if (op == 'q') {
             return 0;
         } else {

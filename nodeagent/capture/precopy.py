@@ -1,0 +1,413 @@
+"""Pre-copy: copy a member's pages while it runs, so a full capture's freeze copies only
+what was written since (live migration's pre-copy, for a checkpoint).
+
+Owns the live passes and the plan of the frozen copy that ends them; both capture paths
+use it (the CLI engine nodeagent/capture/process.py, the agent's nodeagent/daemon/tracking.py):
+
+1. *Arm*, in a short freeze: the member's MemberTracker is armed (or, already armed,
+   collected: that re-arms it). Every tracker call is made frozen (trackers/base.py:
+   soft-dirty's read-then-clear is not atomic against a running writer).
+2. *Live pass 1*, target running: every page the rule takes (nodeagent/capture/selection.py)
+   is copied into staging, row k for the k-th page. Pages of shared mappings are left
+   out: they count as changed at every capture (changeset.always_changed_runs).
+3. *Live passes 2..N*: while the written set (estimated without re-arming,
+   changeset.written_estimate) is above a small target and shrinking, and the rounds,
+   bytes and time allow: a short freeze collects the tracker's changes (MemberTracker.changes:
+   written pages, new/moved/grown mappings, pages that appeared), then they are copied
+   live again into their rows (a new page gets the next free row).
+4. *The cut* (the caller's freeze): the caller collects once more and asks `plan` which
+   pages must be read frozen: the changes since the last collect, plus every page whose
+   live copy is stale or missing. Pages that vanished are simply not in the cut's taken
+   set. When the rows of the cut's pages are not 0..n-1 in order (pages appeared or
+   vanished since pass 1), `Plan.settle` moves them into place after the thaw.
+
+The result is a full capture equal to memory at the cut, like every capture: a page
+written after its live copy is reported by the tracker and read again frozen. Staging is
+never grown once live data is in it (growing remaps it): a plan that does not fit says
+so, and the caller copies everything frozen.
+
+`between`: a test hook called at fixed points of the live passes (after the arm, after
+each live copy) to mutate the target deterministically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import TrackerFailed, TrackerUnavailable
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.capture.changeset import always_changed_runs, mark_runs, written_estimate
+from nodeagent.capture.regions import RegionSpec
+from nodeagent.capture.selection import select_pages
+from nodeagent.capture.trackstate import MemberTracker, tracked_mappings
+from nodeagent.pages import PageNumbers, empty_pages
+from nodeagent.proc.freeze import FrozenProcess, frozen
+from nodeagent.proc.mapscache import read_maps_shared
+from nodeagent.proc.pagemap import PagemapReader
+from nodeagent.proc.procfs import Mapping, ProcessIdentity
+from nodeagent.proc.reader import MemoryReader, ReadvFn, sys_readv
+from nodeagent.proc.staging import Staging
+from nodeagent.trackers.base import ChangedSet
+
+log = logging.getLogger(__name__)
+
+# Trackers pre-copy works with: hash reads every page to collect (a live pass would
+# cost as much as it saves) and none cannot tell what was written.
+TRACKERS = ("uffd-wp", "soft-dirty")
+CHUNK_PAGES = 16384  # a live copy checks its deadline every 64 MiB
+ROW_SLACK = 1 / 8  # staging rows beyond pass 1's pages, for pages that appear later
+ROW_SLACK_MIN = 4096
+
+SpecsFn = Callable[[Sequence[Mapping]], Sequence[RegionSpec]]
+Between = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of the live passes. `seconds`: wall time for all of them (None: none);
+    `max_bytes`: bytes copied live in all passes (0: 4x pass 1's); `target_bytes`: stop
+    once the written set is this small (the frozen copy is cheap then)."""
+
+    rounds: int = 5
+    seconds: float | None = None
+    max_bytes: int = 0
+    target_bytes: int = 4 << 20
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One live pass: pages copied while the member ran, how long that took, and the
+    short freeze before it (pass 1: the arm; later passes: the collect)."""
+
+    pages: int
+    seconds: float
+    pause_seconds: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Report:
+    """What pre-copy did for one capture (for --json, metrics, progress)."""
+
+    passes: tuple[Pass, ...] = ()
+    frozen_pages: int = 0  # read in the cut's freeze
+    reused_pages: int = 0  # taken at the cut from a live copy
+    fallback: str = ""  # why the cut copied everything after all ("" when it did not)
+    reordered: bool = False  # rows were moved after the thaw (pages appeared/vanished)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.passes)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "rounds": self.rounds,
+            "passes": [
+                {
+                    "pages": p.pages,
+                    "bytes": p.nbytes,
+                    "seconds": round(p.seconds, 6),
+                    "pause_seconds": round(p.pause_seconds, 6),
+                }
+                for p in self.passes
+            ],
+            "live_bytes": sum(p.nbytes for p in self.passes),
+            "frozen_pages": self.frozen_pages,
+            "frozen_bytes": self.frozen_pages * PAGE_SIZE,
+            "reused_pages": self.reused_pages,
+            "fallback": self.fallback,
+            "reordered": self.reordered,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cut's frozen copy: read `read` (sorted) into staging rows `read_rows`; then,
+    after the thaw, `settle` puts the cut's pages at rows 0..n-1 in order."""
+
+    read: PageNumbers
+    read_rows: npt.NDArray[np.uint64]
+    final_rows: npt.NDArray[np.uint64]  # per page of the cut, where its bytes are now
+    staging: Staging = field(repr=False)
+
+    @property
+    def in_order(self) -> bool:
+        n = self.final_rows.size
+        return bool(n == 0 or (self.final_rows[0] == 0 and self.final_rows[-1] == n - 1))
+
+    def settle(self) -> None:
+        """Move the rows into the order of the cut's pages (after the thaw: local memory
+        only). The common case, no page appeared or vanished, moves nothing."""
+        if self.in_order:
+            return
+        n = int(self.final_rows.size)
+        span = int(self.final_rows.max()) + 1
+        rows = self.staging.pages(0, max(span, n))
+        tmp = rows[self.final_rows.astype(np.intp)]
+        rows[:n] = tmp
+
+
+class LiveCopy:
+    """A member's pages copied live into `staging`: `pages` (sorted) at rows `rows`;
+    `ok` says whose copy is current as far as the tracker has reported (see module)."""
+
+    def __init__(self, staging: Staging) -> None:
+        self.staging = staging
+        self.pages: PageNumbers = empty_pages()
+        self.rows: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
+        self.ok: npt.NDArray[np.bool_] = np.zeros(0, np.bool_)
+        self.used = 0  # rows handed out
+        self.passes: list[Pass] = []
+        self.copied_bytes = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.staging.capacity // PAGE_SIZE
+
+    def valid(self) -> PageNumbers:
+        return self.pages[self.ok]
+
+    def stale(self, pages: PageNumbers) -> None:
+        """These pages' copies are out of date (written since)."""
+        if pages.size and self.pages.size:
+            i = np.searchsorted(self.pages, pages)
+            i[i == self.pages.size] = 0
+            hit = self.pages[i] == pages
+            self.ok[i[hit]] = False
+
+    def rows_for(self, pages: PageNumbers, *, grow: bool) -> npt.NDArray[np.uint64] | None:
+        """Rows of the sorted `pages`; new ones get the next free rows when `grow`
+        (None when they would not fit in staging)."""
+        return self._locate(pages, grow)[0]
+
+    def _locate(
+        self, pages: PageNumbers, grow: bool
+    ) -> tuple[npt.NDArray[np.uint64] | None, npt.NDArray[np.intp] | None]:
+        """(rows of `pages`, their indices in `self.pages` after any growth, None when
+        `pages` equals `self.pages`). The common case, the same pages as the last pass,
+        is one comparison: this runs in the frozen window."""
+        if pages.size == self.pages.size and np.array_equal(pages, self.pages):
+            return self.rows, None
+        if self.pages.size:
+            i = np.searchsorted(self.pages, pages)
+            i[i == self.pages.size] = 0
+            known = self.pages[i] == pages
+        else:
+            i = np.zeros(pages.size, np.intp)
+            known = np.zeros(pages.size, np.bool_)
+        out = np.empty(pages.size, np.uint64)
+        out[known] = self.rows[i[known]]
+        new = pages[~known]
+        if new.size:
+            if not grow or self.used + new.size > self.capacity:
+                return None, None
+            nr = np.arange(self.used, self.used + new.size, dtype=np.uint64)
+            self.used += int(new.size)
+            out[~known] = nr
+            allp = np.concatenate([self.pages, new])
+            order = np.argsort(allp, kind="stable")
+            self.pages = allp[order]
+            self.rows = np.concatenate([self.rows, nr])[order]
+            self.ok = np.concatenate([self.ok, np.zeros(new.size, np.bool_)])[order]
+            i = np.searchsorted(self.pages, pages)
+        return out, i
+
+    def copy(self, pid: int, pages: PageNumbers, readv: ReadvFn, deadline: float | None) -> int:
+        """Copy `pages` (sorted) live into their rows, in chunks until `deadline`; return
+        how many were copied. Pages not copied stay stale; unreadable ones too."""
+        rows = self.rows_for(pages, grow=True)
+        if rows is None:
+            return 0
+        done = 0
+        reader = MemoryReader(pid, readv)
+        try:
+            for a in range(0, int(pages.size), CHUNK_PAGES):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                p, r = pages[a : a + CHUNK_PAGES], rows[a : a + CHUNK_PAGES]
+                stats = reader.read_pages(p, self.staging.address, r)
+                good = p if not stats.unreadable.size else np.setdiff1d(p, stats.unreadable)
+                i = np.searchsorted(self.pages, good)
+                self.ok[i] = True
+                done += int(p.size)
+        finally:
+            reader.close()
+        self.copied_bytes += done * PAGE_SIZE
+        return done
+
+    def plan(self, taken: PageNumbers, changed: PageNumbers) -> Plan | None:
+        """The cut's frozen copy (module docstring, step 4): `taken`, the cut's pages
+        (sorted); `changed`, the tracker's changes since the last collect (sorted).
+        None when the pages new since the live passes do not fit in staging. Runs
+        frozen: only the few changed pages are searched for, never all against all."""
+        rows, i = self._locate(taken, grow=True)
+        if rows is None:
+            return None
+        good = self.ok.copy() if i is None else self.ok[i]
+        if changed.size and taken.size:
+            j = np.searchsorted(taken, changed)
+            inside = j < taken.size
+            j, c = j[inside], changed[inside]
+            good[j[taken[j] == c]] = False
+        need = ~good
+        return Plan(taken[need], rows[need], rows, self.staging)
+
+    def report(self, plan: Plan | None, fallback: str = "") -> Report:
+        frozen_pages = int(plan.read.size) if plan is not None else 0
+        reused = int(plan.final_rows.size) - frozen_pages if plan is not None else 0
+        moved = plan is not None and not plan.in_order
+        return Report(tuple(self.passes), frozen_pages, reused, fallback, moved)
+
+
+def live_passes(
+    ident: ProcessIdentity,
+    track: MemberTracker,
+    specs_of: SpecsFn,
+    staging: Staging,
+    limits: Limits,
+    *,
+    freeze_timeout: float = 5.0,
+    readv: ReadvFn = sys_readv,
+    between: Between | None = None,
+) -> LiveCopy | None:
+    """The live passes (module docstring, steps 1-3) with `track` (its tracker must be
+    a pre-copy one or still to be chosen). None when its tracker cannot be armed or lost
+    track on the way: the capture is then a plain full one (it arms again). Raises like a
+    capture when the process goes away or cannot be frozen."""
+    t_start = time.monotonic()
+    deadline = None if limits.seconds is None else t_start + limits.seconds
+    pid = ident.view("capture")
+    tick = 0
+
+    def hook() -> None:
+        nonlocal tick
+        if between is not None:
+            between(tick)
+        tick += 1
+
+    # -- 1. arm (or re-arm) in a short freeze --------------------------------------------
+    t0 = time.monotonic()
+    with frozen(ident, freeze_timeout) as fp:
+        maps = read_maps_shared(pid)
+        mine = tracked_mappings(specs_of(maps), maps)
+        if not _arm(track, fp, mine, maps):
+            return None
+        if track.layout_touched:
+            maps = read_maps_shared(pid)
+            mine = tracked_mappings(specs_of(maps), maps)
+    pause = time.monotonic() - t0
+    hook()
+    # -- 2. pass 1: every page taken now ---------------------------------------------------
+    t1 = time.monotonic()
+    taken = _select(pid, specs_of(maps), maps)
+    live = LiveCopy(staging)
+    extra = max(ROW_SLACK_MIN, int(taken.size * ROW_SLACK))
+    staging.reserve((int(taken.size) + extra) * PAGE_SIZE)
+    # Rows for every page in order, shared ones too (the cut reads those frozen into
+    # theirs): when nothing appears, the cut's rows are 0..n-1 and nothing moves.
+    live.rows_for(taken, grow=True)
+    n = live.copy(pid, _private(taken, maps), readv, deadline)
+    track.settle(mine, live.valid())
+    live.passes.append(Pass(n, time.monotonic() - t1, pause))
+    budget = limits.max_bytes or 4 * max(1, n) * PAGE_SIZE
+    hook()
+    last = n
+    # -- 3. further passes while the written set shrinks -----------------------------------
+    while len(live.passes) < limits.rounds:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        tr = track.tracker
+        est = written_estimate(tr, pid, mine) if tr is not None else None
+        if est is None:
+            break
+        est += int(np.count_nonzero(~live.ok))
+        if est * PAGE_SIZE <= limits.target_bytes or est >= last:
+            break
+        if live.copied_bytes + est * PAGE_SIZE > budget:
+            break
+        t0 = time.monotonic()
+        with frozen(ident, freeze_timeout) as fp:
+            maps = read_maps_shared(pid)
+            specs = specs_of(maps)
+            mine = tracked_mappings(specs, maps)
+            got = track.collect(fp, mine, maps)
+            if not isinstance(got, ChangedSet):
+                return None  # lost track (dropped): the capture arms again, full
+            maps_c, mine_c = maps, mine
+            if track.layout_touched:
+                maps = read_maps_shared(pid)
+                mine = tracked_mappings(specs_of(maps), maps)
+        pause = time.monotonic() - t0
+        t1 = time.monotonic()
+        taken = _select(pid, specs_of(maps), maps)
+        ch = track.changes(got, taken, maps_c, mine_c, empty_pages()).pages
+        live.stale(ch)
+        # Pages vanished since keep their rows (a later page may reappear there).
+        n = live.copy(pid, _private(ch, maps), readv, deadline)
+        live.rows_for(taken, grow=True)
+        track.settle(mine, live.valid())
+        live.passes.append(Pass(n, time.monotonic() - t1, pause))
+        hook()
+        last = n
+    log.info(
+        "pre-copied",
+        extra={
+            "fields": {
+                "pid": pid,
+                "rounds": len(live.passes),
+                "bytes": live.copied_bytes,
+                "ms": round((time.monotonic() - t_start) * 1e3, 3),
+            }
+        },
+    )
+    return live
+
+
+def _arm(
+    track: MemberTracker, fp: FrozenProcess, mine: list[Mapping], maps: Sequence[Mapping]
+) -> bool:
+    """Arm the tracker, or re-arm an armed one by collecting (what it reports is copied
+    anyway: pass 1 copies everything). False when no tracker could be armed."""
+    armed = track.armed and track.tracker is not None
+    if armed and isinstance(track.collect(fp, mine, maps), ChangedSet):
+        return True
+    try:
+        why = track.arm(fp, mine, maps)
+    except (TrackerFailed, TrackerUnavailable) as e:
+        why = str(e)
+    if why or not track.armed or track.name not in TRACKERS:
+        log.info("pre-copy skipped", extra={"fields": {"pid": fp.pid, "why": why or track.name}})
+        return False
+    return True
+
+
+def _select(pid: int, specs: Sequence[RegionSpec], maps: Sequence[Mapping]) -> PageNumbers:
+    if not specs:
+        return empty_pages()
+    with PagemapReader(pid) as pm:
+        parts = select_pages(pm, specs, maps, None)
+    return np.concatenate(parts) if parts else empty_pages()
+
+
+def _private(pages: PageNumbers, maps: Sequence[Mapping]) -> PageNumbers:
+    """The pages outside shared mappings (those are read frozen at every capture)."""
+    runs = always_changed_runs(maps)
+    if not runs.size or not pages.size:
+        return pages
+    mask = np.zeros(pages.size, np.bool_)
+    mark_runs(pages, runs, mask)
+    return pages[~mask]
+
+
+def usable(tracker_pref: str | None) -> bool:
+    """Whether pre-copy is on by default with this tracker preference (CLI/agent)."""
+    return tracker_pref not in ("hash", "none")
