@@ -17,8 +17,7 @@ exact across commands:
   is exact; one that dies outright leaves the record busy, and the parent is refused
   (the tracker state is unknown: take a full capture).
 
-RUN_DIR is $CPCOORD_RUN_DIR, else /run/cpcoord for root, else a per-user directory
-under $XDG_RUNTIME_DIR or the temporary directory.
+RUN_DIR: nodeagent/proc/rundir.py.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import fcntl
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from cpcoord.image import Image, load_image
 from cpcoord.ranges import AddressRange
 from nodeagent.capture.incremental import MemberState, TrackedCapture
 from nodeagent.proc.procfs import Mapping, ProcessIdentity
+from nodeagent.proc.rundir import run_dir
 from nodeagent.trackers import persist, registry
 
 STATE_DIR = ".tracker"
@@ -155,16 +154,6 @@ def load_state(image_dir: Path, member: str) -> tuple[MemberState, str]:
 
 
 # -- head records --------------------------------------------------------------------
-
-
-def run_dir() -> Path:
-    env = os.environ.get("CPCOORD_RUN_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/cpcoord")
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"cpcoord-{os.getuid()}"
 
 
 def _heads() -> Path:
