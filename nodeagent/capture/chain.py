@@ -40,7 +40,7 @@ from cpcoord.ranges import AddressRange
 from nodeagent.capture.incremental import MemberState, TrackedCapture
 from nodeagent.proc.procfs import Mapping, ProcessIdentity
 from nodeagent.proc.rundir import run_dir
-from nodeagent.trackers import persist, registry
+from nodeagent.trackers import leftovers, persist, registry
 
 STATE_DIR = ".tracker"
 STATE_FORMAT = "cpcoord-tracker-state/1"
@@ -318,12 +318,23 @@ def _check_head(
 
 
 def _adopt(tc: TrackedCapture, ident: ProcessIdentity, head: dict[str, Any] | None) -> None:
-    """A new chain on a process an older chain tracks with uffd-wp: take over the old
-    uffd so that arming closes it (a second uffd could register nothing: EBUSY)."""
-    if not head or head.get("tracker") != "uffd-wp" or tc.tracker is None:
+    """A new chain on a process an older chain tracks with uffd-wp: a new uffd-wp takes
+    over the old uffd so that arming closes it (a second uffd could register nothing:
+    EBUSY); any other tracker, or none, closes it now (a brief freeze), so the process
+    keeps nothing of the old chain. A uffd an agent killed with SIGKILL left is closed
+    too (nodeagent/trackers/leftovers.py)."""
+    leftovers.sweep(tc.freeze_timeout, only=ident)
+    if not head or head.get("tracker") != "uffd-wp":
         return
-    if tc.tracker.name == "uffd-wp" and head.get("backend"):
-        persist.load(tc.tracker, ident, head["backend"], {})
+    backend = head.get("backend") or {}
+    if tc.tracker is not None and tc.tracker.name == "uffd-wp":
+        if backend:
+            persist.load(tc.tracker, ident, backend, {})
+        return
+    if backend.get("armed") and backend.get("registration", "inject") == "inject":
+        leftovers.close_leftover(
+            ident, int(backend["fd"]), int(backend["inode"]), tc.freeze_timeout
+        )
 
 
 def finish(link: Link) -> None:

@@ -159,10 +159,15 @@ def close_leftover(target: ProcessIdentity, fd: int, inode: int, freeze_timeout:
     return True
 
 
-def sweep(freeze_timeout: float, keep: Collection[ProcessIdentity] | None = None) -> int:
+def sweep(
+    freeze_timeout: float,
+    keep: Collection[ProcessIdentity] | None = None,
+    only: ProcessIdentity | None = None,
+) -> int:
     """Close what agents that are gone left behind (module docstring); with `keep`, also
-    what this process recorded for targets not in `keep` (a release that failed). How
-    many were closed; failures are logged and their record kept for the next sweep."""
+    what this process recorded for targets not in `keep` (a release that failed); with
+    `only`, in that target only. How many were closed; failures are logged and their
+    record kept for the next sweep."""
     closed = 0
     me = _self()
     with _locked() as d:
@@ -171,6 +176,8 @@ def sweep(freeze_timeout: float, keep: Collection[ProcessIdentity] | None = None
             if parsed is None:
                 continue
             target, owner = parsed
+            if only is not None and target != only:
+                continue
             mine_unwanted = owner == me and keep is not None and target not in keep
             if not mine_unwanted and owner.alive():
                 continue

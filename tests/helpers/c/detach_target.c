@@ -11,7 +11,7 @@
  *     "ready MAP_ADDR NPAGES STATE_ADDR" (STATE_ADDR: struct spin_state, whose first
  *     field is the main loop's counter: progress), then loops:
  *       - spin_step (counter in memory and in a register agree);
- *       - every 256 steps: rewrites one page with its next version;
+ *       - every 16384 steps (tens a second): rewrites one page with its next version;
  *       - every 8192 steps: checks every page against its version and the signal state
  *         (mask exactly SIGUSR1, handlers and flags, SIGPIPE ignored, nothing pending).
  *     On SIGTERM: checks everything once more, prints "ok STEPS" and exits 0. Any broken
@@ -108,8 +108,8 @@ int main(int argc, char **argv) {
     uint64_t c = 0;
     while (!stopping) {
         c = spin_step(c);
-        if ((c & 255) == 0) {
-            unsigned long p = (c >> 8) % npages;
+        if ((c & 16383) == 0) {
+            unsigned long p = (c >> 14) % npages;
             version[p]++;
             stamp(p);
         }
