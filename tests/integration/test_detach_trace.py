@@ -96,12 +96,13 @@ def test_agent_sigkill_leftover_is_closed_by_the_next_agent(
     c = cluster_factory(nodes=("node-a",))
     before = armed(c, target)
     c.agents["node-a"].kill()
-    assert len(target.uffds()) == 1 and len(list((run_dir / "armed").glob("*.json"))) == 1
+    assert len(target.uffds()) == 1  # nothing could close it
     c.cli("detach", "--job", JOB, "--member", "m")  # nobody wants it any more
     c.start_agent("node-a")
     c.wait_agents(["node-a"])
     wait_for(lambda: target.uffds() == [], 20, "the left-over uffd closed")
     untouched(target, before)
+    assert not list((run_dir / "armed").glob("*.json"))  # its record went with it
 
 
 def test_agent_sigkill_then_rearm_tracks_again(
@@ -112,7 +113,7 @@ def test_agent_sigkill_then_rearm_tracks_again(
     c = cluster_factory(nodes=("node-a",))
     armed(c, target)
     c.agents["node-a"].kill()
-    (old,) = target.uffds()
+    assert len(target.uffds()) == 1
     c.start_agent("node-a")
     c.wait_agents(["node-a"])
     wait_for(lambda: c.members_running(JOB), 20, "member re-attached")
@@ -127,7 +128,6 @@ def test_agent_sigkill_then_rearm_tracks_again(
     c.cli("detach", "--job", JOB, "--member", "m")
     assert target.uffds() == [] and target.progresses()
     assert target.finish() > 0
-    del old
 
 
 def capture(t: Traceless, out: Path, *args: str) -> dict[str, object]:
