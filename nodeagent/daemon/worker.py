@@ -232,14 +232,14 @@ class Worker:
             st.emit(ops.result(op.command_id, err=err), op.epoch)
             return
         fe = st.frozen.get(m.key)
-        err = tracking.release(m, fe.fp if fe else None, self.config.freeze_timeout_s)
+        failed = tracking.release(m, fe.fp if fe else None, self.config.freeze_timeout_s)
         st.thaw(m.key)
         st.watch.remove(m.key)
         self.members.remove(op.job, op.member)
         # Detached either way; a tracker that could not be released is the coordinator's
         # to hear (it logs it), and its record is swept at this agent's shutdown.
-        if err is not None:
-            st.emit(ops.result(op.command_id, err=err), op.epoch)
+        if failed is not None:
+            st.emit(ops.result(op.command_id, err=failed), op.epoch)
             return
         st.emit(ops.result(op.command_id, member=m.member_proto()), op.epoch)
 
