@@ -153,3 +153,72 @@ def test_capture_without_uffd_releases_a_chain(
     doc = capture(target, tmp_path / "d3", "--tracker", tracker)
     assert doc["tracker"] == tracker
     untouched(target, before)
+
+
+# A process that attaches itself through the local API (cpcoord.client), checkpoints
+# (which arms uffd-wp in it), prints its userfaultfds, and on each stdin line reports them
+# again: "uffds N,N" lines.
+SELF_ATTACHING = r"""
+import os, sys
+from cpcoord.client import Client, empty
+def uffds():
+    fds = []
+    for n in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{n}") == "anon_inode:[userfaultfd]":
+                fds.append(n)
+        except OSError:
+            pass
+    return ",".join(sorted(fds)) or "-"
+a = empty(64 * 512, "float64")
+a[:] = 1.5
+c = Client()
+c.register("a", a)
+c.checkpoint()
+a[:100] = 2.5
+c.checkpoint()
+print("uffds", uffds(), flush=True)
+for line in sys.stdin:
+    if line.strip() == "unregister":
+        c.unregister("a")
+    print("uffds", uffds(), flush=True)
+"""
+
+
+def ask(p: subprocess.Popen[str], line: str = "") -> str:
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(line + "\n")
+    p.stdin.flush()
+    words = p.stdout.readline().split()
+    assert words[:1] == ["uffds"], words
+    return words[1]
+
+
+@pytest.mark.parametrize("how", ["unregister", "agent-sigterm"])
+def test_local_api_member_released(
+    cluster_factory: Callable[..., Cluster], run_dir: Path, tmp_path: Path, how: str
+) -> None:
+    """The local API's paths: a process that unregisters its last region is detached
+    (through the coordinator), and the agent serving the socket stops (SIGTERM): either
+    way the process keeps no userfaultfd."""
+    sock = tmp_path / "agent.sock"
+    c = cluster_factory(nodes=())
+    c.start_agent("node-a", args=["--socket", str(sock)])
+    c.wait_agents(["node-a"])
+    wait_for(sock.exists, 20, "the local API socket")
+    env = daemon_env({"CPCOORD_AGENT_SOCKET": str(sock), "CPCOORD_JOB": JOB,
+                      "CPCOORD_MEMBER": "self"})  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-c", SELF_ATTACHING], env=env, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert p.stdout is not None
+        words = p.stdout.readline().split()
+        assert words[:1] == ["uffds"] and words[1] != "-", words  # armed in it
+        if how == "unregister":
+            assert ask(p, "unregister") == "-"
+        else:
+            c.agents["node-a"].stop()
+            assert ask(p) == "-"
+    finally:
+        p.kill()
+        p.wait()
