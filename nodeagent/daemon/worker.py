@@ -15,7 +15,9 @@ detached the moment it stops or reaped when it dies; a Freeze whose generation i
 aborted meanwhile stops waiting for a member that does not stop.
 
 This module owns the thread, its queue and loop, and the membership steps (attach,
-prepare, detach). The state the steps share is a `WorkerState`
+prepare, detach). Before its first operation the thread closes the userfaultfds that
+agents killed with SIGKILL left in processes, and at shutdown it releases every member's
+tracker (nodeagent/trackers/leftovers.py, docs/uffd-wp.md "Leaving no trace"). The state the steps share is a `WorkerState`
 (nodeagent/daemon/worker_state.py); Freeze and restore are nodeagent/daemon/worker_freeze.py,
 Capture nodeagent/daemon/worker_capture.py.
 Events go out through `emit(message, epoch)`: the epoch names the control stream the
