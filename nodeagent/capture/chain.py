@@ -17,8 +17,7 @@ exact across commands:
   is exact; one that dies outright leaves the record busy, and the parent is refused
   (the tracker state is unknown: take a full capture).
 
-RUN_DIR is $CPCOORD_RUN_DIR, else /run/cpcoord for root, else a per-user directory
-under $XDG_RUNTIME_DIR or the temporary directory.
+RUN_DIR: nodeagent/proc/rundir.py.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import fcntl
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,8 @@ from cpcoord.image import Image, load_image
 from cpcoord.ranges import AddressRange
 from nodeagent.capture.incremental import MemberState, TrackedCapture
 from nodeagent.proc.procfs import Mapping, ProcessIdentity
-from nodeagent.trackers import persist, registry
+from nodeagent.proc.rundir import run_dir
+from nodeagent.trackers import leftovers, persist, registry
 
 STATE_DIR = ".tracker"
 STATE_FORMAT = "cpcoord-tracker-state/1"
@@ -155,16 +154,6 @@ def load_state(image_dir: Path, member: str) -> tuple[MemberState, str]:
 
 
 # -- head records --------------------------------------------------------------------
-
-
-def run_dir() -> Path:
-    env = os.environ.get("CPCOORD_RUN_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/cpcoord")
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"cpcoord-{os.getuid()}"
 
 
 def _heads() -> Path:
@@ -329,12 +318,23 @@ def _check_head(
 
 
 def _adopt(tc: TrackedCapture, ident: ProcessIdentity, head: dict[str, Any] | None) -> None:
-    """A new chain on a process an older chain tracks with uffd-wp: take over the old
-    uffd so that arming closes it (a second uffd could register nothing: EBUSY)."""
-    if not head or head.get("tracker") != "uffd-wp" or tc.tracker is None:
+    """A new chain on a process an older chain tracks with uffd-wp: a new uffd-wp takes
+    over the old uffd so that arming closes it (a second uffd could register nothing:
+    EBUSY); any other tracker, or none, closes it now (a brief freeze), so the process
+    keeps nothing of the old chain. A uffd an agent killed with SIGKILL left is closed
+    too (nodeagent/trackers/leftovers.py)."""
+    leftovers.sweep(tc.freeze_timeout, only=ident)
+    if not head or head.get("tracker") != "uffd-wp":
         return
-    if tc.tracker.name == "uffd-wp" and head.get("backend"):
-        persist.load(tc.tracker, ident, head["backend"], {})
+    backend = head.get("backend") or {}
+    if tc.tracker is not None and tc.tracker.name == "uffd-wp":
+        if backend:
+            persist.load(tc.tracker, ident, backend, {})
+        return
+    if backend.get("armed") and backend.get("registration", "inject") == "inject":
+        leftovers.close_leftover(
+            ident, int(backend["fd"]), int(backend["inode"]), tc.freeze_timeout
+        )
 
 
 def finish(link: Link) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cpcoord.errors import CpcoordError
+from cpcoord.errors import CpcoordError, TrackerFailed
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.capture import copyout, precopy
 from nodeagent.capture.changeset import pick
@@ -46,7 +46,7 @@ from nodeagent.proc.procfs import Mapping, check_alive
 from nodeagent.proc.reader import ReadvFn
 from nodeagent.proc.shared import SharedObjects
 from nodeagent.proc.staging import Staging
-from nodeagent.trackers import registry
+from nodeagent.trackers import leftovers, registry
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.upload.stream import StagedMember
 
@@ -108,12 +108,15 @@ def precopy_member(
     return live.report(None)
 
 
-def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
+def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> CpcoordError | None:
     """Disarm the member's tracker. uffd-wp closes its fd inside the target, which needs
-    the target frozen: with `fp` None and the process alive, it is frozen briefly."""
+    the target frozen: with `fp` None and the process alive, it is frozen briefly. The
+    error when it could not (logged; the record of the fd stays, so a later sweep,
+    nodeagent/trackers/leftovers.py, closes it), else None."""
     t = m.track
     if t.tracker is None:
-        return
+        leftovers.done(m.ident)
+        return None
     try:
         if fp is not None:
             t.forget(fp)
@@ -125,6 +128,11 @@ def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> N
     except (CpcoordError, OSError) as e:
         fields = {"job": m.job, "member": m.name, "error": str(e)}
         log.warning("tracker release failed", extra={"fields": fields})
+        return (
+            e if isinstance(e, CpcoordError) else TrackerFailed(m.tracker_name, m.ident.pid, str(e))
+        )
+    leftovers.done(m.ident)
+    return None
 
 
 def after_restore(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
@@ -164,6 +172,7 @@ def capture_frozen(
     if live is not None and live.staging is not staging:
         live = None  # (staging was replaced: an upload still reads the old one)
     reported = t.collect_or_arm(fp, mine, maps, incremental=True)
+    leftovers.note(m.ident, t.tracker)  # a file write only when it armed anew
     maps0, mine0 = maps, mine  # what the tracker answered for
     if t.layout_touched:
         # The cut as copied: the maps as the tracker left them (a registration may have

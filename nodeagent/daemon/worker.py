@@ -15,7 +15,9 @@ detached the moment it stops or reaped when it dies; a Freeze whose generation i
 aborted meanwhile stops waiting for a member that does not stop.
 
 This module owns the thread, its queue and loop, and the membership steps (attach,
-prepare, detach). The state the steps share is a `WorkerState`
+prepare, detach). Before its first operation the thread closes the userfaultfds that
+agents killed with SIGKILL left in processes, and at shutdown it releases every member's
+tracker (nodeagent/trackers/leftovers.py, docs/uffd-wp.md "Leaving no trace"). The state the steps share is a `WorkerState`
 (nodeagent/daemon/worker_state.py); Freeze and restore are nodeagent/daemon/worker_freeze.py,
 Capture nodeagent/daemon/worker_capture.py.
 Events go out through `emit(message, epoch)`: the epoch names the control stream the
@@ -34,13 +36,21 @@ from cpcoord.errors import AgentStepFailed, CpcoordError, UnknownMember
 from nodeagent.capture import copyout
 from nodeagent.daemon import tracking
 from nodeagent.daemon import worker_ops as ops
-from nodeagent.daemon.membership import DeathWatch, Key, Members, new_member, same_attach
+from nodeagent.daemon.membership import (
+    DeathWatch,
+    HeldMember,
+    Key,
+    Members,
+    new_member,
+    same_attach,
+)
 from nodeagent.daemon.metrics import AgentMetrics, unserved
 from nodeagent.daemon.worker_capture import OnStaged, capture
 from nodeagent.daemon.worker_freeze import freeze, restore_into, restore_member
 from nodeagent.daemon.worker_state import Emit, WorkerState
 from nodeagent.proc import tracees
 from nodeagent.proc.reader import ReadvFn, sys_readv
+from nodeagent.trackers import leftovers
 
 log = logging.getLogger(__name__)
 # A member killed while frozen is not seen by its pidfd: its traced threads stay zombies
@@ -96,6 +106,7 @@ class Worker:
 
     def _run(self) -> None:
         st = self._st
+        self._sweep(None)  # before any member is attached: the queue waits
         try:
             while True:
                 deadline = min((f.deadline for f in st.frozen.values()), default=None)
@@ -223,13 +234,31 @@ class Worker:
             st.emit(ops.result(op.command_id, err=err), op.epoch)
             return
         fe = st.frozen.get(m.key)
-        tracking.release(m, fe.fp if fe else None, self.config.freeze_timeout_s)
+        failed = tracking.release(m, fe.fp if fe else None, self.config.freeze_timeout_s)
         st.thaw(m.key)
         st.watch.remove(m.key)
         self.members.remove(op.job, op.member)
+        # Detached either way; a tracker that could not be released is the coordinator's
+        # to hear (it logs it), and its record is swept at this agent's shutdown.
+        if failed is not None:
+            st.emit(ops.result(op.command_id, err=failed), op.epoch)
+            return
         st.emit(ops.result(op.command_id, member=m.member_proto()), op.epoch)
+
+    def _sweep(self, keep: list[HeldMember] | None) -> None:
+        """Close userfaultfds no agent wants (nodeagent/trackers/leftovers.py): at start,
+        those of agents that died; at shutdown, also this agent's failed releases."""
+        idents = None if keep is None else [m.ident for m in keep]
+        try:
+            n = leftovers.sweep(min(1.0, self.config.freeze_timeout_s), idents)
+        except (CpcoordError, OSError) as e:
+            log.warning("left-over sweep failed", extra={"fields": {"error": str(e)}})
+            return
+        if n:
+            log.info("left-over userfaultfds closed", extra={"fields": {"count": n}})
 
     def _shutdown(self) -> None:
         self._st.thaw_all()
         for m in self.members.all():
             tracking.release(m, None, min(1.0, self.config.freeze_timeout_s))
+        self._sweep([])

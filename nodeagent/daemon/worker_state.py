@@ -35,6 +35,7 @@ from nodeagent.daemon.worker_ops import (
 )
 from nodeagent.proc.freeze import thaw
 from nodeagent.proc.staging import Staging
+from nodeagent.trackers import leftovers
 
 log = logging.getLogger(__name__)
 Emit = Callable[[agent_pb2.AgentMessage, int], None]
@@ -132,6 +133,7 @@ class WorkerState:
         self.thaw(m.key)
         self.watch.remove(m.key)
         m.track.forget(None)
+        leftovers.done(m.ident)
         self.emit(member_gone(m), epoch)
 
     # -- members -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ spans (uffd_spans), registering them and the untracked record (uffd_register), t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from cpcoord.errors import (
+    CpcoordError,
     InjectionFailed,
     NoSuchProcess,
     ProcessExited,
@@ -187,9 +189,16 @@ class UffdWpTracker:
             calls = inj.calls
         t1 = time.perf_counter()
         self._ident, self._fd, self._inode = fp.ident, fd, inode
-        self._scanner = uffd.PagemapScanner(fp.pid)
-        sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
-        protect(self._sc(), sp)
+        try:
+            self._scanner = uffd.PagemapScanner(fp.pid)
+            sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
+            protect(self._sc(), sp)
+        except BaseException:
+            # Not armed: a caller that drops this tracker (the `auto` fallback) would
+            # leave the fd open in the target for good.
+            with contextlib.suppress(CpcoordError, OSError):
+                self.forget(fp)
+            raise
         t2 = time.perf_counter()
         self.last = CollectStats(
             t2 - t0, 0.0, t1 - t0, t2 - t1, registered, self._scanner.calls, 0, len(sp)
