@@ -201,6 +201,13 @@ def decode_chunk(
         data = blob
     elif method == METHOD_ZSTD:
         try:
+            # A damaged frame header can declare any size, and decompress() allocates
+            # what the frame declares before max_output_size applies: check it first.
+            declared = zstandard.frame_content_size(blob)
+            if declared not in (-1, raw_len):
+                raise DataCorrupted(
+                    "chunk", chunk_id.hex(), f"in {where}: frame declares {declared} bytes"
+                )
             data = _dctx().decompress(blob, max_output_size=raw_len)
         except zstandard.ZstdError as e:
             raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: {e}") from None
