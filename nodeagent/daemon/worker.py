@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from cpcoord.errors import AgentStepFailed, CpcoordError, UnknownMember
 from nodeagent.capture import copyout
-from nodeagent.daemon import tracking
+from nodeagent.daemon import tracking, tree
 from nodeagent.daemon import worker_ops as ops
 from nodeagent.daemon.membership import DeathWatch, Key, Members, new_member, same_attach
 from nodeagent.daemon.metrics import AgentMetrics, unserved
@@ -197,6 +197,8 @@ class Worker:
             "member attached",
             extra={"fields": {"job": m.job, "member": m.name, "pid": m.ident.pid}},
         )
+        if m.group and m.group == m.name:  # a tree root: its descendants join (before the
+            tree.rescan(st, m.job, op.epoch)  # answer, so the coordinator has them then)
         st.emit(ops.result(op.command_id, member=m.member_proto()), op.epoch)
         self._q.put(ops.PrepareOp(m.key))  # after the answer: the attach does not wait for it
 
@@ -226,6 +228,7 @@ class Worker:
         tracking.release(m, fe.fp if fe else None, self.config.freeze_timeout_s)
         st.thaw(m.key)
         st.watch.remove(m.key)
+        tree.forget(m.key)
         self.members.remove(op.job, op.member)
         st.emit(ops.result(op.command_id, member=m.member_proto()), op.epoch)
 

@@ -19,8 +19,8 @@ from cpcoord import faults
 from cpcoord.errors import AgentStepFailed, CpcoordError, NotFrozen, UnknownMember
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.daemon import restore_ops, tracking
-from nodeagent.daemon.membership import HeldMember
+from nodeagent.daemon import restore_ops, tracking, tree
+from nodeagent.daemon.membership import HeldMember, Key
 from nodeagent.daemon.worker_ops import CaptureOp, FrozenEntry, R, member_gone
 from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
 from nodeagent.proc import tracees
@@ -34,7 +34,33 @@ OnStaged = Callable[[list[StagedMember], int], None]
 def capture(st: WorkerState, op: CaptureOp, readv: ReadvFn, on_staged: OnStaged) -> None:
     cut_ns = time.time_ns()
     staged: list[StagedMember] = []
-    for m in st.lookup(op.job, op.members):
+    wanted = st.lookup(op.job, op.members)
+    # Tree groups: one member stores each shared object, and no member of a group runs
+    # again before all of them are copied (nodeagent/daemon/tree.py).
+    grouped = [m for m in wanted if not isinstance(m, str) and m.group and m.key in st.frozen]
+    whole = tree.own(grouped)
+    try:
+        _capture_all(st, op, wanted, whole, cut_ns, readv, staged)
+    finally:
+        tree.release(grouped)
+        for m in grouped:
+            fe = st.frozen.get(m.key)
+            if fe is not None and (fe.job, fe.generation) == (op.job, op.generation):
+                st.thaw(m.key)
+    if staged:
+        on_staged(staged, op.epoch)
+
+
+def _capture_all(
+    st: WorkerState,
+    op: CaptureOp,
+    wanted: list[HeldMember | str],
+    whole: set[Key],
+    cut_ns: int,
+    readv: ReadvFn,
+    staged: list[StagedMember],
+) -> None:
+    for m in wanted:
         if st.aborted(op.job, op.generation):
             break  # the queued AbortOp thaws the rest
         st.enforce_leases()
@@ -51,15 +77,19 @@ def capture(st: WorkerState, op: CaptureOp, readv: ReadvFn, on_staged: OnStaged)
             err = NotFrozen(m.name, op.job, op.generation, "no Freeze, or its lease expired")
             st.fail(op.job, op.generation, m.name, R.ABORT_REASON_CAPTURE_FAILED, err, op.epoch)
             continue
-        sm = _capture_member(st, op, m, fe, cut_ns, readv)
+        sm = _capture_member(st, op, m, fe, cut_ns, readv, m.key in whole)
         if sm is not None:
             staged.append(sm)
-    if staged:
-        on_staged(staged, op.epoch)
 
 
 def _capture_member(
-    st: WorkerState, op: CaptureOp, m: HeldMember, fe: FrozenEntry, cut_ns: int, readv: ReadvFn
+    st: WorkerState,
+    op: CaptureOp,
+    m: HeldMember,
+    fe: FrozenEntry,
+    cut_ns: int,
+    readv: ReadvFn,
+    full: bool = False,
 ) -> StagedMember | None:
     t_copy = time.monotonic()  # the member's own copy and thaw, barrier wait excluded
     staging = st.staging(m)
@@ -67,10 +97,11 @@ def _capture_member(
         try:
             # Registers first, before a tracker injects anything: the cut's.
             threads = restore_ops.cut_threads(m, fe.fp)
-            c = tracking.capture_frozen(m, fe.fp, op.generation, op.full, staging, readv)
+            c = tracking.capture_frozen(m, fe.fp, op.generation, op.full or full, staging, readv)
             faults.fault_point("agent.capture")
         finally:
-            st.thaw(m.key)
+            if not m.group:  # a group thaws together after its last copy (capture)
+                st.thaw(m.key)
     except STAGE_FAILED:
         st.mark_gone(m, op.epoch)
         return None

@@ -135,20 +135,22 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class AttachMemberRequest(_message.Message):
-    __slots__ = ("job", "member", "process", "node", "regions", "tracker")
+    __slots__ = ("job", "member", "process", "node", "regions", "tracker", "tree")
     JOB_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     TRACKER_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     job: str
     member: str
     process: _types_pb2.ProcessIdentity
     node: str
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     tracker: str
-    def __init__(self, job: _Optional[str] = ..., member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., node: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
+    tree: bool
+    def __init__(self, job: _Optional[str] = ..., member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., node: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., tracker: _Optional[str] = ..., tree: _Optional[bool] = ...) -> None: ...
 
 class AttachMemberResponse(_message.Message):
     __slots__ = ("member",)
