@@ -11,7 +11,8 @@ command. Attached with `--tree` (the parent as member `t`, the child as `t.<pid>
   keep running (their own check, then more work); the restore wrote the shared object
   once (the child's member wrote none of it);
 - a child forked after a checkpoint is a member after the next one and captured from
-  then on; an exited child is dropped and checkpoints go on.
+  then on; an exited child is dropped and checkpoints go on;
+- a restore of part of the group is refused (the group is frozen whole or not at all).
 """
 
 from __future__ import annotations
@@ -168,6 +169,13 @@ def test_new_child_joins_at_next_checkpoint_and_exited_child_is_dropped(
     cluster.cli(*attach_args("j", "t", t.pid, "node-a"), "--tree")
     g1 = _checkpoint(cluster, "j")
     assert {m.name for m in _manifest(cluster, "j", g1).members} == {"t", first}
+
+    # A restore of part of the group is refused with the reason; nothing is harmed.
+    r = cluster.cli_json(
+        "restore", "--job", "j", "--generation", str(g1), "--member", "t", check=False
+    )
+    assert r["state"] == "aborted" and "frozen in part" in r["detail"], r
+    assert t.send("check") == "ok 1"
 
     got = t.send("fork").split()
     assert got[0] == "child", got
