@@ -56,6 +56,21 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def same_descendant(old: HeldMember, new: HeldMember) -> bool:
+    """A re-attach (after a reconnect) of a descendant the root's rescan holds already:
+    the same process in the same group, whatever tracker preference the record names."""
+    return (
+        bool(new.group)
+        and new.group != new.name
+        and (old.ident, old.group, old.regions)
+        == (
+            new.ident,
+            new.group,
+            new.regions,
+        )
+    )
+
+
 def member_name(group: str, pid: int) -> str:
     return f"{group}.{pid}"
 

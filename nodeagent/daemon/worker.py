@@ -185,7 +185,11 @@ class Worker:
         try:
             m = new_member(op.request, self.config.default_tracker, self.members)
             old = self.members.get(m.job, m.name)
-            if old is not None and old.alive and same_attach(old, m):
+            if (
+                old is not None
+                and old.alive
+                and (same_attach(old, m) or tree.same_descendant(old, m))
+            ):
                 st.emit(ops.result(op.command_id, member=old.member_proto()), op.epoch)
                 return
             self.members.add(m)

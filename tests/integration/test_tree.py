@@ -202,3 +202,29 @@ def test_new_child_joins_at_next_checkpoint_and_exited_child_is_dropped(
     assert set(_members(cluster, "j")) == {"t", first}
     g5 = _checkpoint(cluster, "j")
     assert {m.name for m in _manifest(cluster, "j", g5).members} == {"t", first}
+
+
+def test_tree_survives_an_agent_restart(
+    cluster: Cluster, spawn: Callable[[str], TreeTarget]
+) -> None:
+    """A restarted agent holds nothing: the coordinator re-attaches the root (whose
+    rescan finds the child again) and the child in its group; the tree checkpoints and
+    rolls back as before, the shared object still stored once."""
+    t = spawn("memfd")
+    child = f"t.{t.kids[0]}"
+    cluster.cli(*attach_args("j", "t", t.pid, "node-a"), "--tree")
+    _checkpoint(cluster, "j")
+    cluster.restart_agent("node-a")
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not cluster.members_running("j"):
+        time.sleep(0.1)
+    assert cluster.members_running("j")
+    assert _members(cluster, "j") == {"t": t.pid, child: t.kids[0]}
+    g2 = _checkpoint(cluster, "j")
+    man = _manifest(cluster, "j", g2)
+    r = _region_at(man.member(child), t.shared)
+    assert _pages_in(r, t.shared, t.shared + PAGES * PAGE) == 0
+    assert t.send("write 4") == "ok"
+    r2 = cluster.cli_json("restore", "--job", "j", "--generation", str(g2))
+    assert r2["state"] == "restored", r2
+    assert t.send("check") == "ok 1"
