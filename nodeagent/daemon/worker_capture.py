@@ -6,7 +6,9 @@ thawed as soon as its copy is staged and its tracker re-armed (nodeagent/daemon/
 A whole-memory member's registers are saved first, while frozen, and go out with its
 Staged (restore_ops.py). Leases and held threads are looked after between members, so a
 thaw is late by at most one member's copy. Uploads start only after the last member of
-the Capture is thawed (`on_staged`), so they never slow a copy.
+the Capture is thawed (`on_staged`), so they never slow a copy. Members of a tree group
+(nodeagent/daemon/tree.py) are thawed together after the last of them is copied, each
+storing only the shared objects it owns.
 """
 
 from __future__ import annotations
