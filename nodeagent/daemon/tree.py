@@ -7,8 +7,9 @@ Owns (docs/decisions.md, "Process trees"):
   Freeze; the coordinator learns of them from a TreeMembers event and records them);
 - refusing a Freeze that would freeze part of a group (`split`);
 - before a group's capture, choosing the one member that stores each shared object
-  (nodeagent/proc/owners.py) and whether a member must capture in full because it just
-  became the owner of an object a sibling stored until now (`own`, `release`).
+  (nodeagent/proc/owners.py; `own`, `release`). A member that becomes an object's owner
+  needs nothing special: every capture delivers every page of a shared mapping
+  (docs/decisions.md, "Shared mappings are changed at every capture").
 A descendant that exits is reported MemberGone like any member; the coordinator drops
 it (coordinator/members_ops.py).
 """
@@ -21,16 +22,13 @@ from collections.abc import Sequence
 
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import agent_pb2
-from nodeagent.daemon.membership import HeldMember, Key
+from nodeagent.daemon.membership import HeldMember
 from nodeagent.daemon.worker_state import WorkerState
 from nodeagent.proc import owners
 from nodeagent.proc.mapscache import read_maps_shared
 from nodeagent.proc.procfs import ProcessIdentity
 
 log = logging.getLogger(__name__)
-
-# What each member left to a sibling at its last capture (to see a change of owner).
-_skipped: dict[Key, frozenset[owners.ObjectKey]] = {}
 
 
 def descendants(root: int) -> list[int]:
@@ -131,11 +129,9 @@ def split(st: WorkerState, job: str, targets: Sequence[HeldMember]) -> dict[str,
     return out
 
 
-def own(members: Sequence[HeldMember]) -> set[Key]:
+def own(members: Sequence[HeldMember]) -> None:
     """Before capturing `members` (frozen, of one Capture): set which shared objects each
-    member of a group leaves to its owner (nodeagent/proc/owners.py). Returns the members
-    that must capture in full: they store an object now that a sibling stored before."""
-    full: set[Key] = set()
+    member of a group leaves to its owner (nodeagent/proc/owners.py)."""
     groups: dict[str, list[HeldMember]] = {}
     for m in members:
         if m.group:
@@ -151,21 +147,10 @@ def own(members: Sequence[HeldMember]) -> set[Key]:
             entries.append(owners.GroupMaps(m.name, m.ident.pid, m.name == group, keys))
         table = owners.assign(entries)
         for m in ms:
-            mine = table.get(m.name, {})
-            owners.set_elsewhere(m.ident.pid, mine)
-            now = frozenset(mine)
-            before = _skipped.get(m.key)
-            if before is not None and before - now:
-                full.add(m.key)  # it stores an object its sibling stored: take it whole
-            _skipped[m.key] = now
-    return full
+            owners.set_elsewhere(m.ident.pid, table.get(m.name, {}))
 
 
 def release(members: Sequence[HeldMember]) -> None:
     """After the capture: the ownership table is for one capture only."""
     for m in members:
         owners.clear(m.ident.pid)
-
-
-def forget(key: Key) -> None:
-    _skipped.pop(key, None)

@@ -232,7 +232,6 @@ class Worker:
         tracking.release(m, fe.fp if fe else None, self.config.freeze_timeout_s)
         st.thaw(m.key)
         st.watch.remove(m.key)
-        tree.forget(m.key)
         self.members.remove(op.job, op.member)
         st.emit(ops.result(op.command_id, member=m.member_proto()), op.epoch)
 

@@ -22,7 +22,7 @@ from cpcoord.errors import AgentStepFailed, CpcoordError, NotFrozen, UnknownMemb
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.daemon import restore_ops, tracking, tree
-from nodeagent.daemon.membership import HeldMember, Key
+from nodeagent.daemon.membership import HeldMember
 from nodeagent.daemon.worker_ops import CaptureOp, FrozenEntry, R, member_gone
 from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
 from nodeagent.proc import tracees
@@ -40,9 +40,9 @@ def capture(st: WorkerState, op: CaptureOp, readv: ReadvFn, on_staged: OnStaged)
     # Tree groups: one member stores each shared object, and no member of a group runs
     # again before all of them are copied (nodeagent/daemon/tree.py).
     grouped = [m for m in wanted if not isinstance(m, str) and m.group and m.key in st.frozen]
-    whole = tree.own(grouped)
+    tree.own(grouped)
     try:
-        _capture_all(st, op, wanted, whole, cut_ns, readv, staged)
+        _capture_all(st, op, wanted, cut_ns, readv, staged)
     finally:
         tree.release(grouped)
         for m in grouped:
@@ -57,7 +57,6 @@ def _capture_all(
     st: WorkerState,
     op: CaptureOp,
     wanted: list[HeldMember | str],
-    whole: set[Key],
     cut_ns: int,
     readv: ReadvFn,
     staged: list[StagedMember],
@@ -79,7 +78,7 @@ def _capture_all(
             err = NotFrozen(m.name, op.job, op.generation, "no Freeze, or its lease expired")
             st.fail(op.job, op.generation, m.name, R.ABORT_REASON_CAPTURE_FAILED, err, op.epoch)
             continue
-        sm = _capture_member(st, op, m, fe, cut_ns, readv, m.key in whole)
+        sm = _capture_member(st, op, m, fe, cut_ns, readv)
         if sm is not None:
             staged.append(sm)
 
@@ -91,7 +90,6 @@ def _capture_member(
     fe: FrozenEntry,
     cut_ns: int,
     readv: ReadvFn,
-    full: bool = False,
 ) -> StagedMember | None:
     t_copy = time.monotonic()  # the member's own copy and thaw, barrier wait excluded
     staging = st.staging(m)
@@ -99,7 +97,7 @@ def _capture_member(
         try:
             # Registers first, before a tracker injects anything: the cut's.
             threads = restore_ops.cut_threads(m, fe.fp)
-            c = tracking.capture_frozen(m, fe.fp, op.generation, op.full or full, staging, readv)
+            c = tracking.capture_frozen(m, fe.fp, op.generation, op.full, staging, readv)
             faults.fault_point("agent.capture")
         finally:
             if not m.group:  # a group thaws together after its last copy (capture)

@@ -228,3 +228,36 @@ def test_tree_survives_an_agent_restart(
     r2 = cluster.cli_json("restore", "--job", "j", "--generation", str(g2))
     assert r2["state"] == "restored", r2
     assert t.send("check") == "ok 1"
+
+
+def test_owner_moves_when_the_root_unmaps(
+    cluster: Cluster, spawn: Callable[[str], TreeTarget]
+) -> None:
+    """The root unmaps the shared object after a generation: at the next one the child
+    owns it and stores all of it (a full capture), and a rollback to that generation
+    through the child brings the object back."""
+    t = spawn("sysv")
+    child = f"t.{t.kids[0]}"
+    cluster.cli(*attach_args("j", "t", t.pid, "node-a"), "--tree")
+    g1 = _checkpoint(cluster, "j")
+    assert (
+        _pages_in(
+            _region_at(_manifest(cluster, "j", g1).member(child), t.shared),
+            t.shared,
+            t.shared + PAGES * PAGE,
+        )
+        == 0
+    )
+    assert t.send("unmap") == "ok"
+    assert t.send("write 2") == "ok"
+    g2 = _checkpoint(cluster, "j")
+    man = _manifest(cluster, "j", g2)
+    r = _region_at(man.member(child), t.shared)
+    assert _pages_in(r, t.shared, t.shared + PAGES * PAGE) == PAGES
+    assert all(not f.owner for f in r.mappings)
+    assert all(not (reg.start <= t.shared < reg.end) for reg in man.member("t").regions)
+    assert t.send("write 3") == "ok"
+    assert t.send("check") == "ok 3"
+    r2 = cluster.cli_json("restore", "--job", "j", "--generation", str(g2))
+    assert r2["state"] == "restored", r2
+    assert t.send("check") == "ok 2"

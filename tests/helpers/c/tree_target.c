@@ -21,6 +21,8 @@
  *   check    -> every process checks its private region and the whole shared object
  *               against its own `cur`: "ok VERSION", or "bad WHO WHAT PAGE" (it keeps
  *               running: a check never exits)
+ *   unmap    -> the parent unmaps the shared object; from then on the children write all
+ *               of it (the same bytes) and the parent checks only its private region
  *   fork     -> a new child (it shares the object, has its own private region copy);
  *               "child PID"
  *   quit     -> every process exits 0
@@ -44,6 +46,7 @@ static unsigned char *shared, *priv;
 static long pages;
 static uint64_t cur;  /* the version this process last wrote: rolled back with memory */
 static int who;       /* 0 = parent, k = k-th child */
+static int alone;     /* after "unmap": the parent has no shared mapping, children write all */
 
 static uint64_t word(int region, int owner, uint64_t version, long page, long i) {
     return cpt_mix(((uint64_t)region << 60) ^ ((uint64_t)owner << 52) ^ (version << 36) ^
@@ -69,7 +72,8 @@ static int shared_owner(long p) { return p % 2 ? 1 : 0; }
 static void write_version(uint64_t v) {
     for (long p = 0; p < pages; p++) fill(priv + p * PAGE, 1, who, v, p);
     for (long p = 0; p < pages; p++)
-        if ((shared_owner(p) != 0) == (who != 0)) fill(shared + p * PAGE, 0, shared_owner(p), v, p);
+        if (who ? (alone || shared_owner(p)) : (!alone && !shared_owner(p)))
+            fill(shared + p * PAGE, 0, shared_owner(p), v, p);
     cur = v;
 }
 
@@ -80,7 +84,7 @@ static void check(char *out, size_t n) {
             snprintf(out, n, "bad %d private %ld", who, p);
             return;
         }
-    for (long p = 0; p < pages; p++)
+    for (long p = 0; p < pages && !(who == 0 && alone); p++)
         if (!same(shared + p * PAGE, 0, shared_owner(p), cur, p)) {
             snprintf(out, n, "bad %d shared %ld", who, p);
             return;
@@ -122,6 +126,9 @@ static void child_loop(int in, int out) {
             check(res, sizeof res);
             if (!res[0]) snprintf(res, sizeof res, "ok %" PRIu64, cur);
             put(out, res);
+        } else if (!strcmp(cmd, "unmap")) {
+            alone = 1;
+            put(out, "ok");
         } else if (!strcmp(cmd, "quit")) {
             _exit(0);
         } else {
@@ -208,6 +215,8 @@ int main(int argc, char **argv) {
             }
             if (res[0]) printf("%s\n", res);
             else printf("ok %" PRIu64 "\n", cur);
+        } else if (!strcmp(cmd, "fork") && alone) {
+            printf("no\n");  /* a child would have no shared object to share */
         } else if (!strcmp(cmd, "fork")) {
             pid_t c = spawn();
             char w[48];
@@ -215,6 +224,12 @@ int main(int argc, char **argv) {
             put(to_kid[kids - 1], w);
             get_line(from_kid[kids - 1], res, sizeof res);
             printf("child %d\n", (int)c);
+        } else if (!strcmp(cmd, "unmap")) {
+            if (munmap(shared, len)) cpt_corrupt("munmap");
+            alone = 1;
+            for (int k = 0; k < kids; k++) put(to_kid[k], cmd);
+            for (int k = 0; k < kids; k++) get_line(from_kid[k], res, sizeof res);
+            printf("ok\n");
         } else if (!strcmp(cmd, "quit")) {
             for (int k = 0; k < kids; k++) put(to_kid[k], "quit");
             for (int k = 0; k < kids; k++) waitpid(kid_pid[k], NULL, 0);
