@@ -122,6 +122,8 @@ def test_tree_rolled_back_in_place_shared_memory_once(
     child = f"t.{t.kids[0]}"
     cluster.cli(*attach_args("j", "t", t.pid, "node-a"), "--tree")
     assert _members(cluster, "j") == {"t": t.pid, child: t.kids[0]}
+    (j,) = cluster.cli_json("jobs", "--job", "j")["jobs"]
+    assert {m["name"]: m["group"] for m in j["members"]} == {"t": "t", child: "t"}
 
     assert t.send("check") == "ok 1"
     g1 = _checkpoint(cluster, "j")

@@ -57,7 +57,7 @@ WATCH_EVENT_KIND_RESTORE_STARTED: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_ENDED: WatchEventKind
 
 class MemberInfo(_message.Message):
-    __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail")
+    __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail", "group")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class MemberInfo(_message.Message):
     TRACKER_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     job: str
     name: str
     node: str
@@ -76,7 +77,8 @@ class MemberInfo(_message.Message):
     tracker: str
     attached_unix_ms: int
     detail: str
-    def __init__(self, job: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., health: _Optional[_Union[MemberHealth, str]] = ..., tracker: _Optional[str] = ..., attached_unix_ms: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, job: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., health: _Optional[_Union[MemberHealth, str]] = ..., tracker: _Optional[str] = ..., attached_unix_ms: _Optional[int] = ..., detail: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("name", "members", "last_committed", "in_flight", "generations")
