@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from coordinator import members_ops
+from coordinator import members_ops, tree_members
 from coordinator.flight import Flight
 from coordinator.protocol.messages import (
     AgentFrozen,
@@ -106,6 +106,9 @@ def handle(engine: EngineView, s: AgentSession, msg: agent_pb2.AgentMessage) -> 
         return
     if kind == "hello":
         raise ProtocolViolation("Hello", "attached", "-", 0, "a second Hello on one stream")
+    if kind == "tree_members":
+        tree_members.joined(engine, s, msg.tree_members)
+        return
     if kind == "member_gone":
         g = msg.member_gone
         members_ops.mark_gone(engine, g.job, g.member, g.detail or f"exit status {g.exit_status}")

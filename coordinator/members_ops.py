@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from coordinator import tree_members
 from coordinator.agents import AgentSession
 from coordinator.membership import MemberRec, check_regions
 from cpcoord.errors import (
@@ -49,6 +50,7 @@ class AttachRequest:
     node: str = ""
     regions: Sequence[tuple[str, int, int]] = ()
     tracker: str = ""
+    tree: bool = False  # the process and its descendants, as group `member`
 
 
 def _attach_msg(rec: MemberRec) -> agent_pb2.AttachMember:
@@ -58,6 +60,7 @@ def _attach_msg(rec: MemberRec) -> agent_pb2.AttachMember:
         process=types_pb2.ProcessIdentity(pid=rec.pid, start_time=rec.start_time),
         regions=[types_pb2.Region(name=r.name, start=r.start, end=r.end) for r in rec.regions],
         tracker=rec.tracker,
+        group=rec.group,
     )
 
 
@@ -87,7 +90,10 @@ def attach(engine: EngineView, req: AttachRequest) -> tuple[MemberRec, types_pb2
             raise DuplicateMember(req.job, req.member)
         engine.attaching.add(key)
     try:
-        rec = MemberRec(req.job, req.member, node, req.pid, req.start_time, regions, req.tracker)
+        group = req.member if req.tree else ""
+        rec = MemberRec(
+            req.job, req.member, node, req.pid, req.start_time, regions, req.tracker, group=group
+        )
         res = s.ask("AttachMember", engine.opt.command_timeout_s, attach_member=_attach_msg(rec))
         got = res.member
         rec = replace(
@@ -147,6 +153,9 @@ def mark_gone(engine: EngineView, job: str, member: str, detail: str) -> MemberR
         rec = engine.members.get(job, member)
         if rec is None or rec.gone:
             return rec
+        if tree_members.is_descendant(rec):
+            tree_members.drop(engine, rec, detail)
+            return None
         engine.events.publish("member_gone", job=job, member=member, node=rec.node, detail=detail)
         return engine.members.update(replace(rec, gone=True, detail=detail))
 

@@ -58,6 +58,7 @@ class MemberRec:
     committed: int = 0  # last committed generation holding it (tracker base); 0 none
     gone: bool = False  # its process exited
     detail: str = ""  # how it exited
+    group: str = ""  # tree group (its root member's name; coordinator/tree_members.py)
 
     def to_info(self) -> str:
         d = asdict(self)

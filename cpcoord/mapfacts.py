@@ -24,6 +24,7 @@ from cpcoord.ranges import PAGE_SIZE
 
 MAX_PATH = 256  # characters of the path kept (it only serves messages)
 _PERMS = re.compile(r"[r-][w-][x-][sp]")
+_OWNER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # a member name
 _DEV = re.compile(r"[0-9a-f]{1,8}:[0-9a-f]{1,8}")
 
 
@@ -36,6 +37,9 @@ class MapFact:
     inode: int  # 0: private anonymous (heap, stack, MAP_ANONYMOUS|MAP_PRIVATE)
     offset: int  # backing offset of `start`
     path: str = ""  # for messages only: never compared
+    # A tree group's shared object stored by this sibling member, not in this region
+    # (docs/decisions.md, "Process trees"); empty: stored here. Never compared.
+    owner: str = ""
 
     @property
     def anonymous(self) -> bool:
@@ -71,6 +75,8 @@ class MapFact:
             return "inode or offset out of range"
         if len(self.path) > MAX_PATH:
             return f"path longer than {MAX_PATH} characters"
+        if self.owner and not _OWNER.fullmatch(self.owner):
+            return f"bad owner {self.owner!r}"
         return ""
 
     def to_proto(self) -> manifest_pb2.RegionMapping:
@@ -82,11 +88,12 @@ class MapFact:
             inode=self.inode,
             offset=self.offset,
             path=self.path,
+            owner=self.owner,
         )
 
     @classmethod
     def from_proto(cls, m: manifest_pb2.RegionMapping) -> MapFact:
-        return cls(m.start, m.end, m.perms, m.dev, m.inode, m.offset, m.path)
+        return cls(m.start, m.end, m.perms, m.dev, m.inode, m.offset, m.path, m.owner)
 
 
 class MapsLine(Protocol):

@@ -131,6 +131,7 @@ def member_info(
         tracker=rec.tracker,
         attached_unix_ms=rec.attached_ms,
         detail=detail,
+        group=rec.group,
     )
 
 

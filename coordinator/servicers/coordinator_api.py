@@ -99,6 +99,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             node=request.node,
             regions=[(r.name, r.start, r.end) for r in request.regions],
             tracker=request.tracker,
+            tree=request.tree,
         )
         rec, seen = members_ops.attach(self.engine, req)
         regions = [

@@ -110,9 +110,11 @@ class Client(Closing):
         node: str = "",
         regions: Sequence[RegionSpec] = (),
         tracker: str = "",
+        tree: bool = False,
     ) -> v.Member:
         """Make process `pid` member `member` of `job` (created on its first member).
-        `regions` empty: every writable private mapping."""
+        `regions` empty: every writable private mapping. `tree`: its descendants too, as
+        members `<member>.<pid>` of one group (docs/decisions.md, "Process trees")."""
         req = coordinator_pb2.AttachMemberRequest(
             job=job,
             member=member,
@@ -120,6 +122,7 @@ class Client(Closing):
             node=node,
             regions=[types_pb2.Region(name=n, start=s, end=e) for n, s, e in regions],
             tracker=tracker,
+            tree=tree,
         )
         return convert.member(self._call("AttachMember", req).member)
 

@@ -60,6 +60,7 @@ def member(m: coordinator_pb2.MemberInfo) -> v.Member:
         tracker=m.tracker,
         attached_unix_ms=m.attached_unix_ms,
         detail=m.detail,
+        group=m.group,
     )
 
 

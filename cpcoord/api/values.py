@@ -115,6 +115,7 @@ class Member:
     tracker: str = ""
     attached_unix_ms: int = 0
     detail: str = ""
+    group: str = ""  # tree group (`attach --tree`): the root member's name; "" none
 
 
 @dataclass(frozen=True)

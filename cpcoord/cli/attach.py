@@ -17,10 +17,15 @@ Add process PID, running on NODE (the machine of a connected agent), to job J as
 NAME; the job is created with its first member. Regions default to every writable private
 mapping; --range START-END (repeatable) names explicit half-open ranges instead, each
 narrowed to the whole pages it covers and named range-<start>-<end>. The agent checks the
-process and the ranges before anything is recorded."""
+process and the ranges before anything is recorded.
+
+--tree attaches PID and every descendant as one group: each descendant is member
+NAME.<pid>; the group is frozen and thawed as one, memory its processes share is stored
+once (by one of them), and descendants forked later join at the next checkpoint."""
 EPILOG = """\
 examples:
   cpcoord attach --job train-42 --member rank-0 --pid 4242 --node gpu-1
+  cpcoord attach --job web --member nginx --pid 900 --tree
   cpcoord attach --job train-42 --member rank-1 --pid 777 --node gpu-2 \\
       --range 0x7f3a10000000-0x7f3a10400000"""
 
@@ -39,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", default="", help="its node (default: the only connected agent)")
     add_range_argument(p, "explicit region; repeatable")
     p.add_argument("--tracker", default="", help="preferred tracker backend")
+    p.add_argument(
+        "--tree", action="store_true", help="the process and its descendants, as one group"
+    )
     p.add_argument("--json", action="store_true", help="print the member as JSON")
     clientconn.add_arguments(p)
 
@@ -71,6 +79,7 @@ def attach_request(
         regions=regions,
         tracker=args.tracker,
         process=types_pb2.ProcessIdentity(pid=pid, start_time=start_time),
+        tree=bool(getattr(args, "tree", False)),
     )
 
 

@@ -33,6 +33,7 @@ def member_dict(m: Any) -> dict[str, Any]:
         "health": health,
         "detail": m.detail,
         "tracker": m.tracker,
+        "group": m.group,
         "regions": [{"name": r.name, "start": hex(r.start), "end": hex(r.end)} for r in m.regions],
     }
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -30,6 +30,7 @@ from nodeagent.capture.precopy import Plan
 from nodeagent.capture.process import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.capture.regions import RegionSpec, default_regions
 from nodeagent.pages import PageNumbers, empty_pages
+from nodeagent.proc import owners
 from nodeagent.proc.mapscache import derived, read_maps_shared
 from nodeagent.proc.pagemap import PagemapReader
 from nodeagent.proc.procfs import Mapping
@@ -154,6 +155,8 @@ def copy(
     def build() -> tuple[StagedRegion, ...]:
         spans = [(s.start, s.end) for s in specs]
         facts = facts_for(maps, spans) if maps else [()] * len(specs)
+        if owners.elsewhere(pid):
+            facts = owned_facts(pid, facts)
         if bad.size:
             return _regions_compacted(specs, taken, deliver, staging, bad, facts)
         return _regions(specs, taken, deliver, allp, staging, facts)
@@ -188,12 +191,29 @@ def copy_planned(
     def build() -> tuple[StagedRegion, ...]:
         spans = [(s.start, s.end) for s in specs]
         facts = facts_for(maps, spans) if maps else [()] * len(specs)
+        if owners.elsewhere(pid):
+            facts = owned_facts(pid, facts)
         if bad.size:
             return _regions_compacted(specs, taken, taken, staging, bad, facts)
         return _regions(specs, taken, taken, allp, staging, facts)
 
     rows = None if bad.size else staging.pages(0, int(allp.size))
     return CopyResult(stats.readv_calls, int(bad.size), int(allp.size) - int(bad.size), build, rows)
+
+
+def owned_facts(pid: int, facts: Sequence[tuple[MapFact, ...]]) -> list[tuple[MapFact, ...]]:
+    """The facts with `owner` set where a sibling of the tree group stores the object
+    (nodeagent/proc/owners.py): the manifest says where the pages are."""
+    table = owners.elsewhere(pid)
+    out = []
+    for fs in facts:
+        got = []
+        for f in fs:
+            k = owners.object_key(f.dev, f.inode, f.path, f.shared)
+            own = table.get(k, "") if k is not None else ""
+            got.append(replace(f, owner=own) if own else f)
+        out.append(tuple(got))
+    return out
 
 
 def _counts(parts: Sequence[PageNumbers]) -> npt.NDArray[np.int64]:

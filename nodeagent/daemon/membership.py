@@ -75,6 +75,7 @@ class HeldMember:
     staging_busy: bool = False  # an upload still reads it: the next capture gets a new one
     # (generation, live copy): pre-copied at that generation's Freeze, for its Capture
     precopied: tuple[int, LiveCopy] | None = None
+    group: str = ""  # tree group (the root member's name; nodeagent/daemon/tree.py); "": none
 
     def __post_init__(self) -> None:
         self.track = MemberTracker(self.tracker_pref, {"job": self.job, "member": self.name})
@@ -146,7 +147,11 @@ class HeldMember:
 
     def held_proto(self) -> agent_pb2.HeldMember:
         return agent_pb2.HeldMember(
-            job=self.job, member=self.member_proto(), alive=self.alive, tracker=self.tracker_name
+            job=self.job,
+            member=self.member_proto(),
+            alive=self.alive,
+            tracker=self.tracker_name,
+            group=self.group,
         )
 
 
@@ -245,12 +250,19 @@ def new_member(req: agent_pb2.AttachMember, default_tracker: str, members: Membe
     other = members.by_pid(pid)
     if other is not None and other.key != (req.job, req.member):
         raise PidAttached(pid, other.name, other.job)
-    return HeldMember(req.job, req.member, ident, specs, pref)
+    if req.group:
+        check_name(req.group)
+    return HeldMember(req.job, req.member, ident, specs, pref, group=req.group)
 
 
 def same_attach(a: HeldMember, b: HeldMember) -> bool:
     """Whether two attach requests name the same thing (a repeat is answered OK)."""
-    return (a.ident, a.regions, a.tracker_pref) == (b.ident, b.regions, b.tracker_pref)
+    return (a.ident, a.regions, a.tracker_pref, a.group) == (
+        b.ident,
+        b.regions,
+        b.tracker_pref,
+        b.group,
+    )
 
 
 # -- death -------------------------------------------------------------------------------

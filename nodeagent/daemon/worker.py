@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from cpcoord.errors import AgentStepFailed, CpcoordError, UnknownMember
 from nodeagent.capture import copyout
-from nodeagent.daemon import tracking
+from nodeagent.daemon import tracking, tree
 from nodeagent.daemon import worker_ops as ops
 from nodeagent.daemon.membership import (
     DeathWatch,
@@ -196,7 +196,11 @@ class Worker:
         try:
             m = new_member(op.request, self.config.default_tracker, self.members)
             old = self.members.get(m.job, m.name)
-            if old is not None and old.alive and same_attach(old, m):
+            if (
+                old is not None
+                and old.alive
+                and (same_attach(old, m) or tree.same_descendant(old, m))
+            ):
                 st.emit(ops.result(op.command_id, member=old.member_proto()), op.epoch)
                 return
             self.members.add(m)
@@ -208,6 +212,8 @@ class Worker:
             "member attached",
             extra={"fields": {"job": m.job, "member": m.name, "pid": m.ident.pid}},
         )
+        if m.group and m.group == m.name:  # a tree root: its descendants join (before the
+            tree.rescan(st, m.job, op.epoch)  # answer, so the coordinator has them then)
         st.emit(ops.result(op.command_id, member=m.member_proto()), op.epoch)
         self._q.put(ops.PrepareOp(m.key))  # after the answer: the attach does not wait for it
 

@@ -6,7 +6,9 @@ thawed as soon as its copy is staged and its tracker re-armed (nodeagent/daemon/
 A whole-memory member's registers are saved first, while frozen, and go out with its
 Staged (restore_ops.py). Leases and held threads are looked after between members, so a
 thaw is late by at most one member's copy. Uploads start only after the last member of
-the Capture is thawed (`on_staged`), so they never slow a copy.
+the Capture is thawed (`on_staged`), so they never slow a copy. Members of a tree group
+(nodeagent/daemon/tree.py) are thawed together after the last of them is copied, each
+storing only the shared objects it owns.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from cpcoord import faults
 from cpcoord.errors import AgentStepFailed, CpcoordError, NotFrozen, UnknownMember
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.daemon import restore_ops, tracking
+from nodeagent.daemon import restore_ops, tracking, tree
 from nodeagent.daemon.membership import HeldMember
 from nodeagent.daemon.worker_ops import CaptureOp, FrozenEntry, R, member_gone
 from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
@@ -34,7 +36,32 @@ OnStaged = Callable[[list[StagedMember], int], None]
 def capture(st: WorkerState, op: CaptureOp, readv: ReadvFn, on_staged: OnStaged) -> None:
     cut_ns = time.time_ns()
     staged: list[StagedMember] = []
-    for m in st.lookup(op.job, op.members):
+    wanted = st.lookup(op.job, op.members)
+    # Tree groups: one member stores each shared object, and no member of a group runs
+    # again before all of them are copied (nodeagent/daemon/tree.py).
+    grouped = [m for m in wanted if not isinstance(m, str) and m.group and m.key in st.frozen]
+    tree.own(grouped)
+    try:
+        _capture_all(st, op, wanted, cut_ns, readv, staged)
+    finally:
+        tree.release(grouped)
+        for m in grouped:
+            fe = st.frozen.get(m.key)
+            if fe is not None and (fe.job, fe.generation) == (op.job, op.generation):
+                st.thaw(m.key)
+    if staged:
+        on_staged(staged, op.epoch)
+
+
+def _capture_all(
+    st: WorkerState,
+    op: CaptureOp,
+    wanted: list[HeldMember | str],
+    cut_ns: int,
+    readv: ReadvFn,
+    staged: list[StagedMember],
+) -> None:
+    for m in wanted:
         if st.aborted(op.job, op.generation):
             break  # the queued AbortOp thaws the rest
         st.enforce_leases()
@@ -54,12 +81,15 @@ def capture(st: WorkerState, op: CaptureOp, readv: ReadvFn, on_staged: OnStaged)
         sm = _capture_member(st, op, m, fe, cut_ns, readv)
         if sm is not None:
             staged.append(sm)
-    if staged:
-        on_staged(staged, op.epoch)
 
 
 def _capture_member(
-    st: WorkerState, op: CaptureOp, m: HeldMember, fe: FrozenEntry, cut_ns: int, readv: ReadvFn
+    st: WorkerState,
+    op: CaptureOp,
+    m: HeldMember,
+    fe: FrozenEntry,
+    cut_ns: int,
+    readv: ReadvFn,
 ) -> StagedMember | None:
     t_copy = time.monotonic()  # the member's own copy and thaw, barrier wait excluded
     staging = st.staging(m)
@@ -70,7 +100,8 @@ def _capture_member(
             c = tracking.capture_frozen(m, fe.fp, op.generation, op.full, staging, readv)
             faults.fault_point("agent.capture")
         finally:
-            st.thaw(m.key)
+            if not m.group:  # a group thaws together after its last copy (capture)
+                st.thaw(m.key)
         c.settle()  # pre-copied rows into the cut's order: local memory, after the thaw
     except STAGE_FAILED:
         st.mark_gone(m, op.epoch)

@@ -19,10 +19,16 @@ import logging
 import time
 
 from cpcoord import faults
-from cpcoord.errors import CpcoordError, NotFrozen, RestoreRefused, UnknownMember
+from cpcoord.errors import (
+    CpcoordError,
+    FreezeFailed,
+    NotFrozen,
+    RestoreRefused,
+    UnknownMember,
+)
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.capture import copyout
-from nodeagent.daemon import restore_ops, tracking
+from nodeagent.daemon import restore_ops, tracking, tree
 from nodeagent.daemon.membership import HeldMember
 from nodeagent.daemon.worker_ops import (
     FreezeOp,
@@ -56,6 +62,8 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
             if st.thaw(m.key) is not None:  # left over from an older generation
                 log.warning("thawed a stale freeze", extra={"fields": {"member": m.name}})
             targets.append(m)
+    targets = _whole_groups(st, op, targets)
+    tree.rescan(st, op.job, op.epoch)  # new descendants: members from the next generation
     # Size and prefault staging while everything still runs.
     ready: list[HeldMember] = []
     for m in targets:
@@ -124,6 +132,20 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
     )
     frozen_msg = agent_pb2.Frozen(job=op.job, generation=op.generation, members=done)
     st.emit(agent_pb2.AgentMessage(frozen=frozen_msg), op.epoch)
+
+
+def _whole_groups(st: WorkerState, op: FreezeOp, targets: list[HeldMember]) -> list[HeldMember]:
+    """A tree group is frozen whole or not at all (nodeagent/daemon/tree.py): the members
+    of a group some of whose live members the Freeze leaves out fail instead."""
+    parts = tree.split(st, op.job, targets)
+    if not parts:
+        return targets
+    for m in targets:
+        if m.group in parts:
+            why = f"tree group {m.group} would be frozen in part (not: {', '.join(parts[m.group])})"
+            err = FreezeFailed(m.ident.pid, why)
+            st.fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, err, op.epoch)
+    return [m for m in targets if m.group not in parts]
 
 
 def _fit(st: WorkerState, op: FreezeOp, m: HeldMember, fe: FrozenEntry) -> bool:

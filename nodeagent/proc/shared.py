@@ -36,6 +36,7 @@ import numpy.typing as npt
 from cpcoord.closing import Closing
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.pages import PageNumbers
+from nodeagent.proc import owners
 from nodeagent.proc.procfs import Mapping
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class SharedObjects(Closing):
         self._ends: dict[tuple[int, int], int] = {}  # mapping (start, end) -> end page
         self._holes: dict[tuple[int, int], npt.NDArray[np.uint64]] = {}  # -> hole runs
         self.refused = False  # map_files not permitted: page tables only
+        # Objects a sibling of its tree group stores (nodeagent/proc/owners.py).
+        self._elsewhere = owners.elsewhere(pid)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -126,7 +129,9 @@ class SharedObjects(Closing):
         if got is not None:
             return got
         end = -1
-        if may_be_object(m):
+        if self._elsewhere and owners.owner_of(self.pid, m):
+            end = m.start >> PAGE_SHIFT  # stored by its owner: no page of it is taken here
+        elif may_be_object(m):
             fd = self._fd(m)
             if fd >= 0:
                 size = os.fstat(fd).st_size

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result")
+    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class AgentMessage(_message.Message):
     MEMBER_GONE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    TREE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     frozen: Frozen
     staged: Staged
@@ -28,7 +29,8 @@ class AgentMessage(_message.Message):
     member_gone: MemberGone
     heartbeat: Heartbeat
     result: CommandResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ...) -> None: ...
+    tree_members: TreeMembers
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ...) -> None: ...
 
 class TrackerBackend(_message.Message):
     __slots__ = ("name", "available", "reason")
@@ -41,16 +43,30 @@ class TrackerBackend(_message.Message):
     def __init__(self, name: _Optional[str] = ..., available: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HeldMember(_message.Message):
-    __slots__ = ("job", "member", "alive", "tracker")
+    __slots__ = ("job", "member", "alive", "tracker", "group")
     JOB_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     TRACKER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     job: str
     member: _types_pb2.Member
     alive: bool
     tracker: str
-    def __init__(self, job: _Optional[str] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., alive: _Optional[bool] = ..., tracker: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, job: _Optional[str] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., alive: _Optional[bool] = ..., tracker: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class TreeMembers(_message.Message):
+    __slots__ = ("job", "group", "joined", "tracker")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    TRACKER_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    group: str
+    joined: _containers.RepeatedCompositeFieldContainer[_types_pb2.Member]
+    tracker: str
+    def __init__(self, job: _Optional[str] = ..., group: _Optional[str] = ..., joined: _Optional[_Iterable[_Union[_types_pb2.Member, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname")
@@ -311,18 +327,20 @@ class Thaw(_message.Message):
     def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class AttachMember(_message.Message):
-    __slots__ = ("job", "member", "process", "regions", "tracker")
+    __slots__ = ("job", "member", "process", "regions", "tracker", "group")
     JOB_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     TRACKER_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     job: str
     member: str
     process: _types_pb2.ProcessIdentity
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     tracker: str
-    def __init__(self, job: _Optional[str] = ..., member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, job: _Optional[str] = ..., member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., tracker: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class DetachMember(_message.Message):
     __slots__ = ("job", "member")

@@ -57,7 +57,7 @@ WATCH_EVENT_KIND_RESTORE_STARTED: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_ENDED: WatchEventKind
 
 class MemberInfo(_message.Message):
-    __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail")
+    __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail", "group")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class MemberInfo(_message.Message):
     TRACKER_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     job: str
     name: str
     node: str
@@ -76,7 +77,8 @@ class MemberInfo(_message.Message):
     tracker: str
     attached_unix_ms: int
     detail: str
-    def __init__(self, job: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., health: _Optional[_Union[MemberHealth, str]] = ..., tracker: _Optional[str] = ..., attached_unix_ms: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, job: _Optional[str] = ..., name: _Optional[str] = ..., node: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., health: _Optional[_Union[MemberHealth, str]] = ..., tracker: _Optional[str] = ..., attached_unix_ms: _Optional[int] = ..., detail: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
     __slots__ = ("name", "members", "last_committed", "in_flight", "generations")
@@ -135,20 +137,22 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class AttachMemberRequest(_message.Message):
-    __slots__ = ("job", "member", "process", "node", "regions", "tracker")
+    __slots__ = ("job", "member", "process", "node", "regions", "tracker", "tree")
     JOB_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     TRACKER_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     job: str
     member: str
     process: _types_pb2.ProcessIdentity
     node: str
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     tracker: str
-    def __init__(self, job: _Optional[str] = ..., member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., node: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
+    tree: bool
+    def __init__(self, job: _Optional[str] = ..., member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., node: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., tracker: _Optional[str] = ..., tree: _Optional[bool] = ...) -> None: ...
 
 class AttachMemberResponse(_message.Message):
     __slots__ = ("member",)

@@ -51,7 +51,7 @@ class ManifestRegion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., entry_count: _Optional[int] = ..., mappings: _Optional[_Iterable[_Union[RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class RegionMapping(_message.Message):
-    __slots__ = ("start", "end", "perms", "dev", "inode", "offset", "path")
+    __slots__ = ("start", "end", "perms", "dev", "inode", "offset", "path", "owner")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PERMS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class RegionMapping(_message.Message):
     INODE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     perms: str
@@ -66,7 +67,8 @@ class RegionMapping(_message.Message):
     inode: int
     offset: int
     path: str
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., dev: _Optional[str] = ..., inode: _Optional[int] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., dev: _Optional[str] = ..., inode: _Optional[int] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class PageEntries(_message.Message):
     __slots__ = ("page_offsets", "page_counts", "chunk_skips", "chunk_ids")
