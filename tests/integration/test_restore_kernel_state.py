@@ -78,9 +78,7 @@ def test_pipe_drained_since_the_cut_refused_unless_forced(
     assert target.send("check") == f"ok drained=0 unread={N}"
     g = _checkpoint(c, "k")
     # The manifest keeps the kernel side: the pipe's read end with N bytes unread.
-    (man,) = [
-        manifest_io.decode(d, n) for n, d in c.store_objects() if n.startswith("manifests/")
-    ]
+    (man,) = [manifest_io.decode(d, n) for n, d in c.store_objects() if n.startswith("manifests/")]
     kernel = man.member("p").kernel
     assert kernel is not None
     rec = kernel.by_fd()
