@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from pathlib import Path
@@ -15,9 +16,14 @@ from hypothesis import strategies as st
 from coordinator.store import manifest_io
 from coordinator.store.manifest import Manifest, MemberMap, PageTable, RegionMap, ThreadRegs
 from cpcoord import kstate
+from cpcoord.cli import restore as cli
 from cpcoord.errors import InvalidArgument, KernelStateChanged, RestoreRefused
+from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.kstate import KernelFd, KernelState
+from nodeagent.daemon import restore_ops
+from nodeagent.daemon.membership import HeldMember
 from nodeagent.proc.kstate import read_kernel_state
+from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.restore import kernel_check
 
 PIPE = "pipe:[77]"
@@ -226,3 +232,40 @@ def test_no_record_restores_with_a_warning() -> None:
 
     v = kernel_check.check("m", 1, None, read=never)
     assert v.refusals == () and v.warnings
+
+
+# -- carried to the fit check and asked for on the command line ------------------------
+
+
+def test_restore_freeze_brings_kernel_state_and_force() -> None:
+    ks = state(fd(3, unread=12))
+    lay = agent_pb2.RestoreLayout(member="w", kernel=kstate.to_proto(ks))
+    old = agent_pb2.RestoreLayout(member="o")
+    bad = agent_pb2.RestoreLayout(member="b", kernel=kstate.to_proto(KernelState((fd(-1),))))
+    f = agent_pb2.Freeze(
+        job="j",
+        generation=1,
+        kind=common_pb2.OPERATION_KIND_RESTORE,
+        members=["w", "o", "b"],
+        layouts=[lay, old, bad],
+        force=True,
+    )
+    layouts = restore_ops.layouts_of(f)
+
+    def held(name: str) -> HeldMember:
+        return HeldMember("j", name, ProcessIdentity(1, 1), None)
+
+    got = restore_ops.layout_of(held("w"), layouts)
+    assert got.kernel == ks and got.force
+    assert restore_ops.layout_of(held("o"), layouts).kernel is None
+    with pytest.raises(InvalidArgument, match="out of range"):
+        restore_ops.layout_of(held("b"), layouts)
+
+
+def test_cli_force_in_place_only() -> None:
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    assert cli.request(p.parse_args(["--job", "j", "--force"])).force
+    assert not cli.request(p.parse_args(["--job", "j"])).force
+    with pytest.raises(InvalidArgument, match="--force"):
+        cli.request(p.parse_args(["--job", "j", "--member", "m", "--into", "5", "--force"]))
