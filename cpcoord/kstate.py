@@ -19,7 +19,7 @@ from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import manifest_pb2 as pb
 
 KINDS = ("file", "dir", "pipe", "socket", "anon", "other")
-MAX_FDS = 1 << 16  # fds recorded per member at most (the manifest frame stays small)
+MAX_FDS = 1 << 14  # fds recorded per member at most: bounds the frozen time (bench/kstate.py)
 MAX_TARGET = 4096  # bytes of one readlink target (PATH_MAX)
 
 
