@@ -30,6 +30,7 @@ EPILOG = """\
 examples:
   cpcoord restore --job train-42                     # the newest committed generation
   cpcoord restore --job train-42 --generation 7 --json
+  cpcoord restore --job train-42 --generation 7 --force   # even if fds/pipes changed
   cpcoord restore --job train-42 --generation 7 --member rank-0 --into 5151
   cpcoord restore --job train-42 --member rank-0 --into 5151 \\
       --region state=0x7f3a10000000-0x7f3a10400000"""
