@@ -5,8 +5,9 @@ for that generation's flight (reports about a generation no longer in flight are
 and dropped, as the core would ignore them anyway); MemberGone is also recorded in the
 membership; CommandResults wake the waiting command; heartbeats only prove liveness.
 `Uploaded` is believed only if the member's UploadPages stream completed here.
-A `Staged` of a whole-memory member carries every thread's registers at the cut: they
-are kept on the flight (checked, never logged) for the manifest (commit.py).
+A `Staged` of a whole-memory member carries every thread's registers at the cut and its
+kernel side (fds, offsets, queues): they are kept on the flight (checked, never logged)
+for the manifest (commit.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from coordinator.protocol.messages import (
 )
 from coordinator.protocol.values import AGENT_REASONS, AbortReason, Stats
 from coordinator.store.manifest import ThreadRegs
+from cpcoord import kstate
 from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2, common_pb2
@@ -163,6 +165,11 @@ def _event(engine: EngineView, f: Flight, node: str, kind: str, body: object) ->
                 return MemberFailed(node, st.member, AbortReason.BAD_DATA, str(e))
         if st.stats.precopy_rounds:  # shown in the member's progress events (servicer)
             f.precopy[st.member] = st.stats
+        if st.HasField("kernel") and f.gen.snapshot.member(st.member) is not None:
+            try:
+                f.kernel[st.member] = kstate.from_proto(st.kernel)
+            except InvalidArgument as e:
+                return MemberFailed(node, st.member, AbortReason.BAD_DATA, str(e))
         return MemberStaged(node, st.member, stats_of(st.stats, ps))
     if kind == "uploaded":
         up: agent_pb2.Uploaded = body  # type: ignore[assignment]

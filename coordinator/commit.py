@@ -4,10 +4,10 @@ The protocol core says *when* (`Commit` once every member is uploaded, `DropGene
 on abort); this module does it against the store:
 - `run`: on its own thread, build the complete manifest from the members' finished
   uploads (each already the parent's pages overlaid with the changed ones,
-  coordinator/uploads.py) plus the registers whole-memory members reported with their
-  Staged (agent_events.py), and `repo.commit` it: packs fsynced, manifest fsynced, catalog
-  flip. The outcome goes back to the core as StoreCommitted or StoreFailed; then
-  retention runs.
+  coordinator/uploads.py) plus the registers and kernel side whole-memory members
+  reported with their Staged (agent_events.py), and `repo.commit` it: packs fsynced,
+  manifest fsynced, catalog flip. The outcome goes back to the core as StoreCommitted
+  or StoreFailed; then retention runs.
 - `drop`: mark the catalog row ABORTED. The core's commit deadline can fire while the
   store is flipping the row; the flip is conditional (only a PREPARING row flips), so
   the race has one bad order left: flipped, then aborted. Then the generation is
@@ -65,6 +65,7 @@ def _write(engine: EngineView, f: Flight) -> bool:
         spec = f.gen.snapshot.spec
         uploads = [f.uploads[m] for m, _ in spec.members]
         threads = dict(f.threads)
+        kernel = dict(f.kernel)
     cuts = [u.cut_ns for u in uploads if u.cut_ns]
     m = Manifest(
         job=f.job,
@@ -72,7 +73,10 @@ def _write(engine: EngineView, f: Flight) -> bool:
         parent=f.parent,
         time_ns=max(cuts) if cuts else (f.barrier_ns or time.time_ns()),
         page_size=engine.opt.page_size,
-        members=tuple(replace(u.member_map(), threads=threads.get(u.member, ())) for u in uploads),
+        members=tuple(
+            replace(u.member_map(), threads=threads.get(u.member, ()), kernel=kernel.get(u.member))
+            for u in uploads
+        ),
     )
     engine.repo.commit(m)
     return True

@@ -282,6 +282,7 @@ class Engine:
                 o.message.layouts.extend(
                     restore.freeze_layouts(self, c.job, c.generation, o.message.members)
                 )
+                o.message.force = f.force
             s = self.agents.current(o.node)
             if s is not None:
                 s.send(**{o.field: o.message})

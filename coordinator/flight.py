@@ -23,6 +23,7 @@ from coordinator.store.manifest import Manifest, ThreadRegs
 from coordinator.uploads import MemberUpload
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import common_pb2
+from cpcoord.kstate import KernelState
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ class Flight:
         self.uploads: dict[str, MemberUpload] = {}
         # Registers at the cut of whole-memory members, from their Staged (agent_events.py)
         self.threads: dict[str, tuple[ThreadRegs, ...]] = {}
+        # Their kernel side at the cut (fds, offsets, queues), from the same Staged
+        self.kernel: dict[str, KernelState] = {}
+        self.force = False  # a restore: roll back although the kernel side differs
         self.subscribers: list[Subscription] = []
         self.committing = False
         self.summary: Summary | None = None

@@ -18,7 +18,9 @@ backing). A member of the default (whole-memory) region set is restored only tog
 with every thread's registers at the cut: its manifest holds them (saved by the agent
 while frozen for the capture, reported with Staged) and its layout carries them too
 (same threads as at the cut). A generation without them (an older one) is refused by
-the agent, with the reason.
+the agent, with the reason. Its kernel side at the cut (fds, offsets, pipe and socket
+queues) travels the same way; the agent refuses a rollback that would leave memory and
+kernel disagreeing unless the restore is forced (`RestoreOptions.force`).
 
 A restored member's tracker state no longer describes its memory, so its next capture is
 full (its `committed` base is cleared).
@@ -35,7 +37,7 @@ from coordinator import generations, members_ops
 from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
 from coordinator.protocol import Generation
 from coordinator.protocol.values import GenState, Kind, Spec
-from cpcoord import mapfacts
+from cpcoord import kstate, mapfacts
 from cpcoord.errors import (
     AgentUnavailable,
     InvalidArgument,
@@ -59,6 +61,7 @@ class RestoreOptions:
     members: tuple[str, ...] = ()  # empty = every member of the job
     lease_ms: int = 0
     freeze_timeout_ms: int = 0
+    force: bool = False  # roll back although the kernel side differs from the cut
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
             timing=timing,
         )
         f = Flight(Generation(spec), None, frozenset(), started=engine.clock())
+        f.force = opts.force
         return engine.launch(f)
 
 
@@ -142,6 +146,7 @@ def freeze_layouts(
                     for t in mm.threads
                 ],
                 thread_start_times=[t.start_time for t in mm.threads],
+                kernel=kstate.to_proto(mm.kernel) if mm.kernel is not None else None,
             )
         )
     return out

@@ -477,6 +477,16 @@ class RestoreRefused(CpcoordError):
     status = "FAILED_PRECONDITION"
 
 
+class KernelStateChanged(RestoreRefused):
+    """cannot restore member {} in place: kernel side changed: {} (--force rolls back anyway)
+
+    A rollback in place puts memory and registers back, never the kernel side (open fds,
+    file offsets, pipe and socket queues): docs/restore.md says what it covers."""
+
+    exit_code = 145
+    status = "FAILED_PRECONDITION"
+
+
 class WriteFailed(CpcoordError):
     """cannot write memory of pid {} at {}: {}"""
 

@@ -227,6 +227,7 @@ class Streams:
             members=tuple(request.members),
             lease_ms=request.lease_ms,
             freeze_timeout_ms=request.freeze_timeout_ms,
+            force=request.force,
         )
         sub = await self._begin(engine, engine.restore_in_place, opts, "Restore")
         async for p in self._follow(engine, sub, "Restore"):

@@ -32,6 +32,7 @@ import numpy.typing as npt
 
 from coordinator.store.ids import ID_DTYPE, IdArray, as_id_array, zero_mask
 from cpcoord.errors import ManifestInvalid
+from cpcoord.kstate import KernelState
 from cpcoord.mapfacts import MapFact, check_facts
 
 FORMAT = 1
@@ -159,6 +160,9 @@ class MemberMap:
     name: str
     regions: tuple[RegionMap, ...]
     threads: tuple[ThreadRegs, ...] = ()  # sorted by tid; empty: no registers saved
+    # Whole-memory members: the kernel side at the cut (fds, offsets, pipe and socket
+    # queues) that a restore in place compares with; None in older manifests.
+    kernel: KernelState | None = None
 
     def region(self, name: str) -> RegionMap:
         """By name: one dict lookup (a member may have tens of thousands of regions)."""

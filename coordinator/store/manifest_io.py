@@ -34,8 +34,8 @@ from coordinator.store.manifest import (
     RegionMap,
     ThreadRegs,
 )
-from cpcoord import mapfacts
-from cpcoord.errors import DataCorrupted, ManifestInvalid
+from cpcoord import kstate, mapfacts
+from cpcoord.errors import DataCorrupted, InvalidArgument, ManifestInvalid
 from cpcoord.gen.v1 import manifest_pb2 as pb
 
 MAGIC = b"CPMANIF\x01"
@@ -71,6 +71,8 @@ def encode(m: Manifest) -> bytes:
         mf = pb.ManifestMember(
             name=mem.name, region_count=len(mem.regions), thread_count=len(mem.threads)
         )
+        if mem.kernel is not None:
+            mf.kernel.CopyFrom(kstate.to_proto(mem.kernel))
         frame(pb.ManifestFrame(member=mf))
         for th_ in mem.threads:
             th = pb.ManifestThread(
@@ -196,7 +198,11 @@ def decode(data: bytes, where: str = "?") -> Manifest:
             regions.append(RegionMap(rf.name, rf.start, rf.end, t, facts))
             entries += len(t)
             pages += t.page_count
-        members.append(MemberMap(mf.name, tuple(regions), tuple(threads)))
+        try:
+            kernel = kstate.of_message(mf)
+        except InvalidArgument as e:
+            raise rd.corrupt(f"member {mf.name}: {e}") from None
+        members.append(MemberMap(mf.name, tuple(regions), tuple(threads), kernel))
     frames_before = rd.frames
     tr = rd.next("trailer").trailer
     if (tr.frame_count, tr.entry_count, tr.page_count) != (frames_before, entries, pages):

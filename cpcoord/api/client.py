@@ -228,14 +228,17 @@ class Client(Closing):
         members: Sequence[str] = (),
         lease_ms: int = 0,
         freeze_timeout_ms: int = 0,
+        force: bool = False,
     ) -> Iterator[v.ProgressEvent]:
-        """The steps of an in-place restore (roll the live members back)."""
+        """The steps of an in-place restore (roll the live members back); `force`: even
+        where a member's kernel side changed since the cut (docs/restore.md)."""
         req = coordinator_pb2.RestoreRequest(
             job=job,
             generation=generation,
             members=list(members),
             lease_ms=lease_ms,
             freeze_timeout_ms=freeze_timeout_ms,
+            force=force,
         )
         for msg in self._stream("Restore", req):
             yield convert.progress(msg)
@@ -249,11 +252,17 @@ class Client(Closing):
         lease_ms: int = 0,
         freeze_timeout_ms: int = 0,
         check: bool = True,
+        force: bool = False,
     ) -> v.RestoreResult:
         """Roll the live members of `job` back to `generation` (0 = the latest
         committed). An abort raises RestoreAborted unless `check=False`."""
         evs = self.restore_events(
-            job, generation, members=members, lease_ms=lease_ms, freeze_timeout_ms=freeze_timeout_ms
+            job,
+            generation,
+            members=members,
+            lease_ms=lease_ms,
+            freeze_timeout_ms=freeze_timeout_ms,
+            force=force,
         )
         return self._restore_result(job, list(evs), check)
 

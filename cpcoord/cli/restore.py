@@ -19,7 +19,10 @@ DESCRIPTION = """\
 In place (default): freeze every member of the job (or those given with --member), check
 that each still maps its regions with the same sizes, write every page of the generation
 (zero pages and pages written since included), then let all run again. If any member does
-not fit, nothing is written anywhere and the error names the member and region.
+not fit, nothing is written anywhere and the error names the member and region. A
+whole-memory member whose kernel side changed since the cut (an fd opened or closed, a
+file offset moved, bytes unread in a pipe or socket that differ) is refused with the fd
+and what differs, unless --force (docs/restore.md: what a rollback covers).
 With --into PID: write the pages of one --member into the process PID (a restarted
 member), at the addresses of the cut or where --region NAME=START-END says.
 Exits 0 when done, 59 when the restore aborted (the reason is printed)."""
@@ -27,6 +30,7 @@ EPILOG = """\
 examples:
   cpcoord restore --job train-42                     # the newest committed generation
   cpcoord restore --job train-42 --generation 7 --json
+  cpcoord restore --job train-42 --generation 7 --force   # even if fds/pipes changed
   cpcoord restore --job train-42 --generation 7 --member rank-0 --into 5151
   cpcoord restore --job train-42 --member rank-0 --into 5151 \\
       --region state=0x7f3a10000000-0x7f3a10400000"""
@@ -56,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lease-ms", type=int, default=0, metavar="MS", help="longest frozen time (default 10000)"
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="in place: roll back even where the kernel side (open fds, file offsets, pipe "
+        "and socket queues) changed since the cut, which a rollback does not undo",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     clientconn.add_arguments(p)
 
@@ -78,13 +88,19 @@ def request(args: argparse.Namespace) -> coordinator_pb2.RestoreRequest:
     if args.generation < 0:
         raise InvalidArgument(f"--generation must be >= 1, got {args.generation}")
     req = coordinator_pb2.RestoreRequest(
-        job=args.job, generation=args.generation, members=args.member, lease_ms=args.lease_ms
+        job=args.job,
+        generation=args.generation,
+        members=args.member,
+        lease_ms=args.lease_ms,
+        force=args.force,
     )
     if args.into:
         if len(args.member) != 1:
             raise InvalidArgument("--into needs exactly one --member (whose pages to write)")
         if args.node:
             check_name(args.node)
+        if args.force:
+            raise InvalidArgument("--force goes with a restore in place, not --into")
         req.ClearField("members")
         req.into.CopyFrom(
             coordinator_pb2.RestoreTarget(

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cpcoord import mapfacts
+from cpcoord import kstate, mapfacts
 from cpcoord.errors import (
     CpcoordError,
     InvalidArgument,
@@ -94,8 +94,10 @@ def layouts_of(f: agent_pb2.Freeze) -> Layouts:
                 RegionLayout(r.name, r.start, r.end, mappings=mapfacts.from_protos(r.mappings))
                 for r in lay.regions
             )
-            out.append((lay.member, MemberLayout(lay.member, regions, False, threads)))
-        except ThreadStateInvalid as e:
+            kernel = kstate.of_message(lay)
+            whole = MemberLayout(lay.member, regions, False, threads, kernel, f.force)
+            out.append((lay.member, whole))
+        except (ThreadStateInvalid, InvalidArgument) as e:
             out.append((lay.member, e))
     return tuple(out)
 

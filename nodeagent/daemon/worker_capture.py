@@ -23,6 +23,7 @@ from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.daemon import restore_ops, tracking, tree
 from nodeagent.daemon.membership import HeldMember
+from nodeagent.daemon.worker_kstate import cut_kernel
 from nodeagent.daemon.worker_ops import CaptureOp, FrozenEntry, R, member_gone
 from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
 from nodeagent.proc import tracees
@@ -97,6 +98,7 @@ def _capture_member(
         try:
             # Registers first, before a tracker injects anything: the cut's.
             threads = restore_ops.cut_threads(m, fe.fp)
+            kernel = cut_kernel(m, fe.fp.pid)
             c = tracking.capture_frozen(m, fe.fp, op.generation, op.full, staging, readv)
             faults.fault_point("agent.capture")
         finally:
@@ -137,6 +139,8 @@ def _capture_member(
         threads=regs,
         thread_start_times=starts,
     )
+    if kernel is not None:
+        staged.kernel.CopyFrom(kernel)
     st.emit(agent_pb2.AgentMessage(staged=staged), op.epoch)
     log.info(
         "staged",

@@ -63,6 +63,7 @@ from nodeagent.proc.registers import (
 )
 from nodeagent.proc.staging import Staging
 from nodeagent.proc.writer import WritevFn, sys_writev
+from nodeagent.restore import kernel_check
 from nodeagent.restore.fit import check_layout, fit_region
 from nodeagent.restore.plan import build_plan
 from nodeagent.restore.undo import AllOrNothing
@@ -118,6 +119,8 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
     starts = [m.start for m in maps]
     for r in layout.regions:
         fit_region(layout.member, r, maps, layout.explicit, starts)
+    if not layout.explicit:  # last: memory that fits, with a kernel side that agrees
+        kernel_check.check(layout.member, fp.pid, layout.kernel, layout.force)
     return Fitted(fp, layout, maps)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import ContentsInvalid
+from cpcoord.kstate import KernelState
 from cpcoord.mapfacts import MapFact
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture.process import CapturedRegion
@@ -57,12 +58,15 @@ class RegionLayout:
 @dataclass(frozen=True)
 class MemberLayout:
     """One member's regions at the cut, whether they are the default set, and (default
-    set) every thread's registers saved at the cut."""
+    set) every thread's registers and its kernel side saved at the cut; `force`: roll
+    back although the kernel side differs (restore/kernel_check.py)."""
 
     member: str
     regions: tuple[RegionLayout, ...]
     explicit: bool = True
     threads: ThreadStates | None = None
+    kernel: KernelState | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)

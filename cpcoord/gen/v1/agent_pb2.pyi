@@ -1,4 +1,5 @@
 from cpcoord.gen.v1 import common_pb2 as _common_pb2
+from cpcoord.gen.v1 import manifest_pb2 as _manifest_pb2
 from cpcoord.gen.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -111,20 +112,22 @@ class Frozen(_message.Message):
     def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., members: _Optional[_Iterable[_Union[FrozenMember, _Mapping]]] = ...) -> None: ...
 
 class Staged(_message.Message):
-    __slots__ = ("job", "generation", "member", "stats", "threads", "thread_start_times")
+    __slots__ = ("job", "generation", "member", "stats", "threads", "thread_start_times", "kernel")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     THREAD_START_TIMES_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     member: str
     stats: _common_pb2.MemberStats
     threads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ThreadRegisters]
     thread_start_times: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ...) -> None: ...
+    kernel: _manifest_pb2.KernelState
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ..., kernel: _Optional[_Union[_manifest_pb2.KernelState, _Mapping]] = ...) -> None: ...
 
 class Uploaded(_message.Message):
     __slots__ = ("job", "generation", "member", "stats")
@@ -243,7 +246,7 @@ class Welcome(_message.Message):
     def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ...) -> None: ...
 
 class Freeze(_message.Message):
-    __slots__ = ("job", "generation", "kind", "lease_ms", "members", "layouts", "precopy", "precopy_ms", "full")
+    __slots__ = ("job", "generation", "kind", "lease_ms", "members", "layouts", "precopy", "precopy_ms", "full", "force")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +256,7 @@ class Freeze(_message.Message):
     PRECOPY_FIELD_NUMBER: _ClassVar[int]
     PRECOPY_MS_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     kind: _common_pb2.OperationKind
@@ -262,19 +266,22 @@ class Freeze(_message.Message):
     precopy: bool
     precopy_ms: int
     full: bool
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., lease_ms: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., layouts: _Optional[_Iterable[_Union[RestoreLayout, _Mapping]]] = ..., precopy: _Optional[bool] = ..., precopy_ms: _Optional[int] = ..., full: _Optional[bool] = ...) -> None: ...
+    force: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., lease_ms: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., layouts: _Optional[_Iterable[_Union[RestoreLayout, _Mapping]]] = ..., precopy: _Optional[bool] = ..., precopy_ms: _Optional[int] = ..., full: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RestoreLayout(_message.Message):
-    __slots__ = ("member", "regions", "threads", "thread_start_times")
+    __slots__ = ("member", "regions", "threads", "thread_start_times", "kernel")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     THREAD_START_TIMES_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
     member: str
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     threads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ThreadRegisters]
     thread_start_times: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, member: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ...) -> None: ...
+    kernel: _manifest_pb2.KernelState
+    def __init__(self, member: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ..., kernel: _Optional[_Union[_manifest_pb2.KernelState, _Mapping]] = ...) -> None: ...
 
 class Capture(_message.Message):
     __slots__ = ("job", "generation", "full", "members")

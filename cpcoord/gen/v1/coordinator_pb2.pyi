@@ -349,20 +349,22 @@ class RestoreTarget(_message.Message):
     def __init__(self, member: _Optional[str] = ..., process: _Optional[_Union[_types_pb2.ProcessIdentity, _Mapping]] = ..., node: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("job", "generation", "members", "into", "lease_ms", "freeze_timeout_ms")
+    __slots__ = ("job", "generation", "members", "into", "lease_ms", "freeze_timeout_ms", "force")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     INTO_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     members: _containers.RepeatedScalarFieldContainer[str]
     into: RestoreTarget
     lease_ms: int
     freeze_timeout_ms: int
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., into: _Optional[_Union[RestoreTarget, _Mapping]] = ..., lease_ms: _Optional[int] = ..., freeze_timeout_ms: _Optional[int] = ...) -> None: ...
+    force: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., into: _Optional[_Union[RestoreTarget, _Mapping]] = ..., lease_ms: _Optional[int] = ..., freeze_timeout_ms: _Optional[int] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RestoreEvent(_message.Message):
     __slots__ = ("kind", "job", "generation", "member", "node", "stats", "members_done", "members_total", "reason", "detail", "elapsed_seconds")

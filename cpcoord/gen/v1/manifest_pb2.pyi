@@ -27,14 +27,46 @@ class ManifestHeader(_message.Message):
     def __init__(self, format: _Optional[int] = ..., job: _Optional[str] = ..., generation: _Optional[int] = ..., parent: _Optional[int] = ..., time_ns: _Optional[int] = ..., page_size: _Optional[int] = ..., namespace: _Optional[str] = ..., member_count: _Optional[int] = ...) -> None: ...
 
 class ManifestMember(_message.Message):
-    __slots__ = ("name", "region_count", "thread_count")
+    __slots__ = ("name", "region_count", "thread_count", "kernel")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_COUNT_FIELD_NUMBER: _ClassVar[int]
     THREAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     region_count: int
     thread_count: int
-    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ..., thread_count: _Optional[int] = ...) -> None: ...
+    kernel: KernelState
+    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ..., thread_count: _Optional[int] = ..., kernel: _Optional[_Union[KernelState, _Mapping]] = ...) -> None: ...
+
+class KernelState(_message.Message):
+    __slots__ = ("fds", "partial")
+    FDS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    fds: _containers.RepeatedCompositeFieldContainer[KernelFd]
+    partial: str
+    def __init__(self, fds: _Optional[_Iterable[_Union[KernelFd, _Mapping]]] = ..., partial: _Optional[str] = ...) -> None: ...
+
+class KernelFd(_message.Message):
+    __slots__ = ("fd", "target", "kind", "pos", "flags", "ino", "mnt_id", "unread", "unsent")
+    FD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    POS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    INO_FIELD_NUMBER: _ClassVar[int]
+    MNT_ID_FIELD_NUMBER: _ClassVar[int]
+    UNREAD_FIELD_NUMBER: _ClassVar[int]
+    UNSENT_FIELD_NUMBER: _ClassVar[int]
+    fd: int
+    target: str
+    kind: str
+    pos: int
+    flags: int
+    ino: int
+    mnt_id: int
+    unread: int
+    unsent: int
+    def __init__(self, fd: _Optional[int] = ..., target: _Optional[str] = ..., kind: _Optional[str] = ..., pos: _Optional[int] = ..., flags: _Optional[int] = ..., ino: _Optional[int] = ..., mnt_id: _Optional[int] = ..., unread: _Optional[int] = ..., unsent: _Optional[int] = ...) -> None: ...
 
 class ManifestRegion(_message.Message):
     __slots__ = ("name", "start", "end", "entry_count", "mappings")
