@@ -17,9 +17,9 @@ aborted meanwhile stops waiting for a member that does not stop.
 This module owns the thread, its queue and loop, and the membership steps (attach,
 prepare, detach). Before its first operation the thread closes the userfaultfds that
 agents killed with SIGKILL left in processes, and at shutdown it releases every member's
-tracker (nodeagent/trackers/leftovers.py, docs/uffd-wp.md "Leaving no trace"). The state the steps share is a `WorkerState`
-(nodeagent/daemon/worker_state.py); Freeze and restore are nodeagent/daemon/worker_freeze.py,
-Capture nodeagent/daemon/worker_capture.py.
+tracker (nodeagent/trackers/leftovers.py, docs/uffd-wp.md "Leaving no trace"). The
+state the steps share is a `WorkerState` (nodeagent/daemon/worker_state.py); Freeze and
+restore are nodeagent/daemon/worker_freeze.py, Capture nodeagent/daemon/worker_capture.py.
 Events go out through `emit(message, epoch)`: the epoch names the control stream the
 command came on, so nothing is reported on a newer stream for an older one.
 """
