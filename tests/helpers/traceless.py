@@ -50,6 +50,17 @@ class Traceless:
         words = self.proc.stdout.readline().split()
         assert words and words[0] == "ready", words
         self.addr, self.npages, self.state = int(words[1], 16), int(words[2]), int(words[3], 16)
+        # Until its nap and wait threads have stepped: a thread glibc is still starting
+        # has every signal blocked, which is no state to compare with.
+        end = time.monotonic() + 10
+        while not (self._field(4) and self._field(6)):
+            assert time.monotonic() < end, "its threads never stepped"
+            time.sleep(0.01)
+
+    def _field(self, i: int) -> int:
+        """The i-th 8-byte field of its struct spin_state (cpt_spin.h: main, main_sum,
+        fp, fp_n, naps, naps_sum, waits, waits_sum)."""
+        return int.from_bytes(read_mem(self.pid, self.state + 8 * i, 8), "little")
 
     @property
     def pid(self) -> int:
@@ -78,7 +89,7 @@ class Traceless:
 
     def steps(self) -> int:
         """The main loop's counter (first field of its struct spin_state)."""
-        return int.from_bytes(read_mem(self.pid, self.state, 8), "little")
+        return self._field(0)
 
     def progresses(self, timeout: float = 10.0) -> bool:
         a = self.steps()
