@@ -298,6 +298,9 @@ def live_passes(
             between(tick)
         tick += 1
 
+    # What the passes read, checked before anything is frozen (a caller without the
+    # right gets the capture's own error, the target never stops).
+    PagemapReader(pid).close()
     # -- 1. arm (or re-arm) in a short freeze --------------------------------------------
     t0 = time.monotonic()
     with frozen(ident, freeze_timeout) as fp:
