@@ -11,7 +11,8 @@ use it (the CLI engine nodeagent/capture/process.py, the agent's nodeagent/daemo
    is copied into staging, row k for the k-th page. Pages of shared mappings are left
    out: they count as changed at every capture (changeset.always_changed_runs).
 3. *Live passes 2..N*: while the written set (estimated without re-arming,
-   changeset.written_estimate) is above a small target and shrinking, and the rounds,
+   changeset.written_estimate) is above a small target and at most 3/4 of the last
+   pass (a member writing faster than we copy gets no pass that saves little), and the rounds,
    bytes and time allow: a short freeze collects the tracker's changes (MemberTracker.changes:
    written pages, new/moved/grown mappings, pages that appeared), then they are copied
    live again into their rows (a new page gets the next free row).
@@ -63,6 +64,9 @@ TRACKERS = ("uffd-wp", "soft-dirty")
 CHUNK_PAGES = 16384  # a live copy checks its deadline every 64 MiB
 ROW_SLACK = 1 / 8  # staging rows beyond pass 1's pages, for pages that appear later
 ROW_SLACK_MIN = 4096
+# Another live pass only when the written set is at most 3/4 of the last pass: a member
+# that writes faster than we copy would otherwise cost passes that save little.
+SHRINK = 4 / 3
 
 SpecsFn = Callable[[Sequence[Mapping]], Sequence[RegionSpec]]
 Between = Callable[[int], None]
@@ -294,6 +298,9 @@ def live_passes(
             between(tick)
         tick += 1
 
+    # What the passes read, checked before anything is frozen (a caller without the
+    # right gets the capture's own error, the target never stops).
+    PagemapReader(pid).close()
     # -- 1. arm (or re-arm) in a short freeze --------------------------------------------
     t0 = time.monotonic()
     with frozen(ident, freeze_timeout) as fp:
@@ -330,7 +337,7 @@ def live_passes(
         if est is None:
             break
         est += int(np.count_nonzero(~live.ok))
-        if est * PAGE_SIZE <= limits.target_bytes or est >= last:
+        if est * PAGE_SIZE <= limits.target_bytes or est * SHRINK > last:
             break
         if live.copied_bytes + est * PAGE_SIZE > budget:
             break
