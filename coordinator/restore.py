@@ -142,6 +142,7 @@ def freeze_layouts(
                     for t in mm.threads
                 ],
                 thread_start_times=[t.start_time for t in mm.threads],
+                layout=mapfacts.to_protos(mm.layout),
             )
         )
     return out

@@ -159,6 +159,9 @@ class MemberMap:
     name: str
     regions: tuple[RegionMap, ...]
     threads: tuple[ThreadRegs, ...] = ()  # sorted by tid; empty: no registers saved
+    # Every mapping of the member at the cut (whole memory; ManifestMember.layout):
+    # what a restore in place puts the layout back to. Empty: not recorded.
+    layout: tuple[MapFact, ...] = ()
 
     def region(self, name: str) -> RegionMap:
         """By name: one dict lookup (a member may have tens of thousands of regions)."""

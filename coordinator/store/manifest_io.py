@@ -69,7 +69,10 @@ def encode(m: Manifest) -> bytes:
     entries = pages = 0
     for mem in m.members:
         mf = pb.ManifestMember(
-            name=mem.name, region_count=len(mem.regions), thread_count=len(mem.threads)
+            name=mem.name,
+            region_count=len(mem.regions),
+            thread_count=len(mem.threads),
+            layout=mapfacts.to_protos(mem.layout),
         )
         frame(pb.ManifestFrame(member=mf))
         for th_ in mem.threads:
@@ -196,7 +199,10 @@ def decode(data: bytes, where: str = "?") -> Manifest:
             regions.append(RegionMap(rf.name, rf.start, rf.end, t, facts))
             entries += len(t)
             pages += t.page_count
-        members.append(MemberMap(mf.name, tuple(regions), tuple(threads)))
+        layout = mapfacts.from_protos(mf.layout)
+        if why := mapfacts.check_layout_facts(layout):
+            raise rd.corrupt(f"member {mf.name}: layout at the cut: {why}")
+        members.append(MemberMap(mf.name, tuple(regions), tuple(threads), layout))
     frames_before = rd.frames
     tr = rd.next("trailer").trailer
     if (tr.frame_count, tr.entry_count, tr.page_count) != (frames_before, entries, pages):

@@ -94,7 +94,8 @@ def layouts_of(f: agent_pb2.Freeze) -> Layouts:
                 RegionLayout(r.name, r.start, r.end, mappings=mapfacts.from_protos(r.mappings))
                 for r in lay.regions
             )
-            out.append((lay.member, MemberLayout(lay.member, regions, False, threads)))
+            cut = mapfacts.from_protos(lay.layout)
+            out.append((lay.member, MemberLayout(lay.member, regions, False, threads, cut)))
         except ThreadStateInvalid as e:
             out.append((lay.member, e))
     return tuple(out)

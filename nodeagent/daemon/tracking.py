@@ -37,10 +37,11 @@ from nodeagent.daemon.metrics import AgentMetrics
 from nodeagent.pages import empty_pages
 from nodeagent.proc.freeze import FrozenProcess, frozen
 from nodeagent.proc.mapscache import derived, read_maps_shared
-from nodeagent.proc.procfs import check_alive
+from nodeagent.proc.procfs import Mapping, check_alive
 from nodeagent.proc.reader import ReadvFn
 from nodeagent.proc.shared import SharedObjects
 from nodeagent.proc.staging import Staging
+from nodeagent.restore.layout import cut_layout
 from nodeagent.trackers import registry
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.upload.stream import StagedMember
@@ -54,6 +55,7 @@ class Copied:
     full: bool
     tracker: str  # tracker that produced the delivered set; "none" when full
     base_generation: int  # the committed generation it is relative to; 0 when full
+    maps: tuple[Mapping, ...] = ()  # the cut's (a whole-memory member's layout is made of it)
 
 
 def release(m: HeldMember, fp: FrozenProcess | None, freeze_timeout: float) -> None:
@@ -133,7 +135,8 @@ def capture_frozen(
         res = copyout.copy(pid, specs, taken, deliver, staging, readv, objects=objects, maps=maps)
     check_alive(m.ident, "capture")
     tracker = "none" if full else m.tracker_name
-    return Copied(res, full, tracker, 0 if full else m.committed)
+    whole = tuple(maps) if m.regions is None else ()
+    return Copied(res, full, tracker, 0 if full else m.committed, whole)
 
 
 def handoff(
@@ -182,4 +185,5 @@ def handoff(
         frozen_seconds=frozen_s,
         release=release,
         rows=c.result.rows,
+        layout=cut_layout(m.ident.pid, c.maps) if c.maps else (),
     )

@@ -64,6 +64,8 @@ from nodeagent.proc.registers import (
 from nodeagent.proc.staging import Staging
 from nodeagent.proc.writer import WritevFn, sys_writev
 from nodeagent.restore.fit import check_layout, fit_region
+from nodeagent.restore.layout import layout_applied
+from nodeagent.restore.layout import plan as plan_layout
 from nodeagent.restore.plan import build_plan
 from nodeagent.restore.undo import AllOrNothing
 from nodeagent.restore.values import (
@@ -115,10 +117,15 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
                 "every thread's registers saved at the cut, and the generation has none",
             )
         check_threads(layout.member, fp, layout.threads)
-    starts = [m.start for m in maps]
+    change = None
+    seen = maps
+    if not layout.explicit and layout.cut_maps:  # the layout goes back first (layout.py)
+        change = plan_layout(layout.member, fp.pid, layout.cut_maps, maps)
+        seen = change.expected
+    starts = [m.start for m in seen]
     for r in layout.regions:
-        fit_region(layout.member, r, maps, layout.explicit, starts)
-    return Fitted(fp, layout, maps)
+        fit_region(layout.member, r, seen, layout.explicit, starts)
+    return Fitted(fp, layout, maps, None if change is None or change.empty else change)
 
 
 # -- write ------------------------------------------------------------------------------
@@ -158,15 +165,30 @@ def write(
     writing anything; a failure part-way puts back every byte written (RestoreUndone;
     restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here)."""
     t0 = time.perf_counter()
+    regions = contents_for(fitted.layout, contents)  # ContentsInvalid before any change
+    with layout_applied(fitted.fp, fitted.change, fitted.layout.member):
+        return _write(fitted, regions, writev, staging, t0)
+
+
+def _write(
+    fitted: Fitted,
+    regions: list[RegionContents],
+    writev: WritevFn,
+    staging: Staging | None,
+    t0: float,
+) -> RestoreStats:
     fp, layout = fitted.fp, fitted.layout
-    regions = contents_for(layout, contents)
     try:
         maps = tuple(read_maps(fp.pid))
     except NoSuchProcess:
         raise ProcessExited(fp.pid, "restore") from None
-    if maps != fitted.maps:  # frozen, so only an exit or a stale Fitted gets here
+    if maps != fitted.maps:  # frozen: an exit, a stale Fitted, or the layout put back
         fitted = check_fit(fp, layout)
         maps = fitted.maps
+        if fitted.change is not None:
+            left = fitted.change.summary()
+            why = f"its layout is not as at the cut after putting it back ({left})"
+            raise RestoreRefused(layout.member, why)
     order = sorted(range(len(regions)), key=lambda i: regions[i].start)
     ordered = [(regions[i], layout.regions[i].write_end) for i in order]
     with PagemapReader(fp.pid) as pm:

@@ -23,6 +23,7 @@ from nodeagent.capture.process import CapturedRegion
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.registers import ThreadStates
+from nodeagent.restore.layout_plan import LayoutChange
 
 U64 = npt.NDArray[np.uint64]
 
@@ -63,6 +64,9 @@ class MemberLayout:
     regions: tuple[RegionLayout, ...]
     explicit: bool = True
     threads: ThreadStates | None = None
+    # Whole-memory members: every mapping at the cut (empty: not recorded; then a changed
+    # layout is a misfit). A restore puts the layout back to it (restore/layout.py).
+    cut_maps: tuple[MapFact, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Fitted:
     fp: FrozenProcess
     layout: MemberLayout
     maps: tuple[Mapping, ...]
+    # What write() changes in the layout before the pages (None: nothing; layout.py).
+    change: LayoutChange | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 from cpcoord.gen.v1 import common_pb2 as _common_pb2
+from cpcoord.gen.v1 import manifest_pb2 as _manifest_pb2
 from cpcoord.gen.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -243,16 +244,18 @@ class Freeze(_message.Message):
     def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., lease_ms: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., layouts: _Optional[_Iterable[_Union[RestoreLayout, _Mapping]]] = ...) -> None: ...
 
 class RestoreLayout(_message.Message):
-    __slots__ = ("member", "regions", "threads", "thread_start_times")
+    __slots__ = ("member", "regions", "threads", "thread_start_times", "layout")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     THREAD_START_TIMES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     member: str
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     threads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ThreadRegisters]
     thread_start_times: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, member: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ...) -> None: ...
+    layout: _containers.RepeatedCompositeFieldContainer[_manifest_pb2.RegionMapping]
+    def __init__(self, member: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ..., layout: _Optional[_Iterable[_Union[_manifest_pb2.RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class Capture(_message.Message):
     __slots__ = ("job", "generation", "full", "members")
