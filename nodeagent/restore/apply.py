@@ -100,8 +100,11 @@ U64 = npt.NDArray[np.uint64]
 # -- fit --------------------------------------------------------------------------------
 
 
-def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
-    """Check that the frozen process can take the layout's regions back; write nothing."""
+def check_fit(
+    fp: FrozenProcess, layout: MemberLayout, parked: tuple[int, int] = (0, 0)
+) -> Fitted:
+    """Check that the frozen process can take the layout's regions back; write nothing.
+    `parked`: [start, length) of the area a layout change parks mappings in (ignored)."""
     check_layout(layout)
     try:
         maps = tuple(read_maps(fp.pid))
@@ -118,6 +121,8 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
             )
         check_threads(layout.member, fp, layout.threads)
     change = None
+    if parked[1]:
+        maps = tuple(m for m in maps if not parked[0] <= m.start < parked[0] + parked[1])
     seen = maps
     if not layout.explicit and layout.cut_maps:  # the layout goes back first (layout.py)
         change = plan_layout(layout.member, fp.pid, layout.cut_maps, maps)
@@ -166,8 +171,8 @@ def write(
     restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here)."""
     t0 = time.perf_counter()
     regions = contents_for(fitted.layout, contents)  # ContentsInvalid before any change
-    with layout_applied(fitted.fp, fitted.change, fitted.layout.member):
-        return _write(fitted, regions, writev, staging, t0)
+    with layout_applied(fitted.fp, fitted.change, fitted.layout.member) as txn:
+        return _write(fitted, regions, writev, staging, t0, txn.area if txn else (0, 0))
 
 
 def _write(
@@ -176,6 +181,7 @@ def _write(
     writev: WritevFn,
     staging: Staging | None,
     t0: float,
+    parked: tuple[int, int],
 ) -> RestoreStats:
     fp, layout = fitted.fp, fitted.layout
     try:
@@ -183,8 +189,7 @@ def _write(
     except NoSuchProcess:
         raise ProcessExited(fp.pid, "restore") from None
     if maps != fitted.maps:  # frozen: an exit, a stale Fitted, or the layout put back
-        fitted = check_fit(fp, layout)
-        maps = fitted.maps
+        fitted = check_fit(fp, layout, parked)
         if fitted.change is not None:
             left = fitted.change.summary()
             why = f"its layout is not as at the cut after putting it back ({left})"
