@@ -100,9 +100,7 @@ U64 = npt.NDArray[np.uint64]
 # -- fit --------------------------------------------------------------------------------
 
 
-def check_fit(
-    fp: FrozenProcess, layout: MemberLayout, parked: tuple[int, int] = (0, 0)
-) -> Fitted:
+def check_fit(fp: FrozenProcess, layout: MemberLayout, parked: tuple[int, int] = (0, 0)) -> Fitted:
     """Check that the frozen process can take the layout's regions back; write nothing.
     `parked`: [start, length) of the area a layout change parks mappings in (ignored)."""
     check_layout(layout)
