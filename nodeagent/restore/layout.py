@@ -138,6 +138,10 @@ def plan(member: str, pid: int, cut: Sequence[MapFact], now: Sequence[Mapping]) 
 # -- the change -----------------------------------------------------------------------------
 
 
+def _page_up(n: int) -> int:
+    return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
 def prot_of(perms: str) -> int:
     return (
         (PROT_READ if perms[0] == "r" else 0)
@@ -204,15 +208,31 @@ class LayoutTxn:
             self.done.append(("parked", (a, n, at)))
             at += n
         if ch.brk_to is not None:
-            got = inj.syscall(SYS_BRK, ch.brk_to)
-            self.done.append(("brk", (brk_now,)))
-            if got != ch.brk_to:
-                raise InjectionFailed(self.fp.pid, "brk", f"brk is 0x{got:x}, not 0x{ch.brk_to:x}")
+            self._brk(inj, brk_now, ch.brk_to)
         for f in ch.create:
             self._create(inj, f, area)
         for p in ch.protect:
             inj.check("mprotect", SYS_MPROTECT, p.start, p.end - p.start, prot_of(p.cut))
             self.done.append(("protected", (p.start, p.end - p.start, prot_of(p.now))))
+
+    def _brk(self, inj: Injector, now: int, to: int) -> None:
+        """brk(to). Lowering it, the kernel unmaps [to, now) (page-aligned) and refuses
+        when nothing is mapped there: the heap above `to` is parked, so a placeholder
+        holds the place for brk to unmap."""
+        lo, hi = _page_up(to), _page_up(now)
+        hold = lo < hi
+        if hold:
+            flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE
+            got = inj.check("mmap", SYS_MMAP, lo, hi - lo, 0, flags, -1, 0)
+            if got != lo:
+                inj.syscall(SYS_MUNMAP, got, hi - lo)
+                raise InjectionFailed(self.fp.pid, "mmap", f"placeholder at 0x{got:x}")
+        got = inj.syscall(SYS_BRK, to)
+        if got != to:
+            if hold:
+                inj.syscall(SYS_MUNMAP, lo, hi - lo)
+            raise InjectionFailed(self.fp.pid, "brk", f"brk is 0x{got:x}, not 0x{to:x}")
+        self.done.append(("brk", (now,)))
 
     def _create(self, inj: Injector, f: MapFact, area: int) -> None:
         n = f.end - f.start

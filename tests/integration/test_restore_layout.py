@@ -132,6 +132,7 @@ def test_a_stack_grown_since_the_cut(
     gen = _checkpoint(c, "lay")
     cut_depth = t.word(1)
     t.poke(1)
+    assert cut_depth < 8
     t.wait(1, cut_depth + 24)  # 24 frames of 32 KiB deeper than at the cut, at least
     _rolled_back_and_running(c, t, gen)
 
@@ -177,3 +178,35 @@ def test_a_changed_file_is_refused_and_the_process_left_alone(
     with contextlib.suppress(FileNotFoundError):
         (tmp_path / "go").unlink()
     assert t.finish() == 0, t.stderr()
+
+
+@pytest.mark.parametrize("kind", [*KINDS[:4], "file"])
+def test_a_restore_that_fails_after_the_layout_changed_puts_the_layout_back(
+    cluster_factory: Callable[..., Cluster],
+    spawn: Callable[..., LayoutTarget],
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """The page write fails (fault point) after the layout was put back to the cut's:
+    the bytes and then the layout are put back as they were before the restore (parked
+    mappings moved back with their pages, re-created ones unmapped, brk and protections
+    back), and the program goes on as if nothing happened; the next restore works."""
+    c = cluster_factory(nodes=("node-a",))
+    c.restart_agent("node-a", fail=["agent.restore.write@1"])
+    c.wait_agents(["node-a"])
+    t = _file_target(spawn, tmp_path)[0] if kind == "file" else spawn(kind)
+    c.cli(*attach_args("lay", "m", t.pid, "node-a"))
+    t.wait(0, 50)
+    gen = _checkpoint(c, "lay")
+    t.poke(1)
+    if kind == "file":
+        (tmp_path / "go").touch()
+        t.wait(1, 1)  # unmapped
+        (tmp_path / "go").unlink()
+    t.wait(0, t.word(0) + 200)
+    code, out = _restore(c, "lay", gen)
+    assert code == ABORTED, f"the restore did not fail:\n{out}"
+    assert "fault point agent.restore.write" in out and "undone" in out, out
+    assert t.word(2) == 1, "a failed restore left the memory rolled back"
+    t.wait(0, t.word(0) + 300)  # it goes on, passing its checks
+    _rolled_back_and_running(c, t, gen)  # the point fails once: this one works

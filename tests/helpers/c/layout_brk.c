@@ -42,6 +42,7 @@ int main(int argc, char **argv) {
     }
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
+        check(); /* first: a rollback resumes in the nap below */
         uint64_t want = (n * 7) % 23;
         if (syscall(SYS_brk, base + want * PG) != (long)(base + want * PG))
             cpt_corrupt("brk to %" PRIu64 " pages failed", want);

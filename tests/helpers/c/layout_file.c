@@ -36,6 +36,7 @@ int main(int argc, char **argv) {
     cpt_stamp(map, 2, 5);
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
+        check(); /* first: a rollback resumes in the nap below */
         if (!run.mark && access(argv[2], F_OK) == 0) {
             if (munmap(map, 4 * PG)) cpt_corrupt("munmap failed");
             run.mark = 1;

@@ -36,6 +36,7 @@ int main(int argc, char **argv) {
     base = (base + SPACING - 1) / SPACING * SPACING;
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
+        check(); /* first: a rollback resumes in the nap below */
         int k = (int)(n % SLOTS);
         uintptr_t a = base + k * SPACING;
         if (mapped[k]) {

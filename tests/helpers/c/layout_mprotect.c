@@ -55,6 +55,7 @@ int main(int argc, char **argv) {
     }
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
+        check(); /* first: a rollback resumes in the nap below */
         int k = (int)(n % SLOTS);
         set(k, (mode[k] + 1) % 4);
         check();

@@ -53,6 +53,7 @@ int main(int argc, char **argv) {
     cpt_stamp(m, 4, 77);
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
+        check(); /* first: a rollback resumes in the nap below */
         int k = (int)(n % SLOTS);
         void *a = (void *)(base + k * SPACING);
         if (size[k] == SMALL) {

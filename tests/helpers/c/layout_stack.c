@@ -4,10 +4,11 @@
  *
  *   layout_stack STOPFILE
  *     Prints "ready RUN" and loops until STOPFILE exists, then exits 0. Step n recurses
- *     to depth (n / 100) % 48 with 32 KiB frames stamped with the step's seed, and checks
- *     every frame on the way back; run.mark is the deepest depth reached so far, so the
- *     stack grows for the first 4800 steps (to about 1.5 MiB). It checks that the stack
- *     mapping covers every frame (rw-p) at the deepest point.
+ *     to depth (n / 100) % 8 (% 48 once the driver pokes run.poke, after the cut) with
+ *     32 KiB frames stamped with the step's seed, and checks every frame on the way back;
+ *     run.mark is the deepest depth reached so far: after the poke the stack grows to
+ *     about 1.5 MiB. It checks that the stack mapping covers every frame (rw-p) at the
+ *     deepest point.
  */
 #include "cpt_layout.h"
 
@@ -33,7 +34,7 @@ int main(int argc, char **argv) {
     if (argc != 2) return 2;
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
-        uint64_t want = (n / 100) % 48;
+        uint64_t want = (n / 100) % (run.poke ? 48 : 8);
         dive(0, want, n);
         if (want > max_depth) max_depth = want;
         run.mark = max_depth;
