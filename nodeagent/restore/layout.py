@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 from cpcoord.errors import (
@@ -308,6 +309,7 @@ def layout_applied(
         return
     txn = LayoutTxn(fp, change, member)
     fields = {"member": member, "pid": fp.pid, "change": change.summary()}
+    t0 = time.perf_counter()
     try:
         txn.apply()
     except ProcessExited:
@@ -315,7 +317,10 @@ def layout_applied(
     except CpcoordError as e:
         txn.undo(e)
         raise RestoreRefused(member, f"its memory layout could not be put back: {e}") from e
-    log.info("layout put back as at the cut", extra={"fields": {**fields, "calls": txn.calls}})
+    ms = round((time.perf_counter() - t0) * 1e3, 3)
+    log.info(
+        "layout put back as at the cut", extra={"fields": {**fields, "calls": txn.calls, "ms": ms}}
+    )
     try:
         yield txn
     except ProcessExited:
