@@ -61,7 +61,8 @@ class LayoutTarget(CProcess):
         raise AssertionError(f"word {i} of pid {self.pid} stays below {at_least}")
 
     def alive(self) -> None:
-        assert self.proc.poll() is None, f"exited {self.proc.returncode}: {self.stderr()}"
+        if self.proc.poll() is not None:
+            raise AssertionError(f"exited {self.proc.returncode}: {self.stderr()}")
 
     def finish(self, timeout: float = 30) -> int:
         self.stopfile.touch()
@@ -103,6 +104,7 @@ def _restore(c: Cluster, job: str, gen: int) -> tuple[int, str]:
 def _rolled_back_and_running(c: Cluster, t: LayoutTarget, gen: int) -> None:
     code, out = _restore(c, "lay", gen)
     assert code == 0, f"the restore failed:\n{out}\n{t.stderr()}"
+    t.alive()
     assert t.word(2) == 0, "the memory was not rolled back (poke survived)"
     steps = t.word(0)
     t.wait(0, steps + 300)  # it goes on, passing its checks at every step
