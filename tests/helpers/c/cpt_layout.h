@@ -2,7 +2,8 @@
  * For the layout targets (layout_*.c): a run loop that ends when a stop file exists,
  * a progress counter the Python driver reads (struct cpt_run, printed by "ready"), and
  * checks of the program's own mappings read from /proc/self/maps without malloc (the brk
- * target moves the heap itself). A mismatch prints "corrupt ..." and exits 3 (cptest.h).
+ * target moves the heap itself). Call cpt_read_maps once before "ready" (it opens the
+ * maps file then, never again). A mismatch prints "corrupt ..." and exits 3 (cptest.h).
  */
 #ifndef CPT_LAYOUT_H
 #define CPT_LAYOUT_H
@@ -33,17 +34,22 @@ static struct cpt_vma cpt_vmas[4096];
 static int cpt_nvma;
 static char cpt_mapsbuf[1 << 18];
 
+static int cpt_maps_fd = -1;
+
+/* One fd for the whole run, read with pread from offset 0: a rollback puts the program
+ * back to the cut's registers and memory, not the kernel's fd table or file offsets,
+ * so opening and closing (or seeking) in the loop could meet another fd state. */
 static inline void cpt_read_maps(void) {
-    int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) cpt_corrupt("cannot open /proc/self/maps");
+    if (cpt_maps_fd < 0) cpt_maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (cpt_maps_fd < 0) cpt_corrupt("cannot open /proc/self/maps");
     size_t len = 0;
     for (;;) {
-        ssize_t n = read(fd, cpt_mapsbuf + len, sizeof cpt_mapsbuf - 1 - len);
+        ssize_t n = pread(cpt_maps_fd, cpt_mapsbuf + len, sizeof cpt_mapsbuf - 1 - len,
+                          (off_t)len);
         if (n < 0) cpt_corrupt("cannot read /proc/self/maps");
         if (n == 0) break;
         len += (size_t)n;
     }
-    close(fd);
     cpt_mapsbuf[len] = 0;
     cpt_nvma = 0;
     char *p = cpt_mapsbuf;

@@ -40,6 +40,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "brk 0x%lx not page-aligned\n", (unsigned long)base);
         return 2;
     }
+    cpt_read_maps(); /* opens the maps file before the first cut */
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
         check(); /* first: a rollback resumes in the nap below */

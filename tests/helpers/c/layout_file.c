@@ -34,6 +34,7 @@ int main(int argc, char **argv) {
     if (map == MAP_FAILED) cpt_corrupt("mmap failed");
     close(fd);
     cpt_stamp(map, 2, 5);
+    cpt_read_maps(); /* opens the maps file before the first cut */
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
         check(); /* first: a rollback resumes in the nap below */

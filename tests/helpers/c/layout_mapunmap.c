@@ -34,6 +34,7 @@ int main(int argc, char **argv) {
     if (argc != 2) return 2;
     base = cpt_hole(SLOTS * SPACING + SPACING);
     base = (base + SPACING - 1) / SPACING * SPACING;
+    cpt_read_maps(); /* opens the maps file before the first cut */
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
         check(); /* first: a rollback resumes in the nap below */

@@ -53,6 +53,7 @@ int main(int argc, char **argv) {
         if (p == MAP_FAILED) cpt_corrupt("mmap failed");
         for (int i = 0; i < 4; i++) cpt_stamp(p + i * PG, 1, (uint64_t)k * 10 + i);
     }
+    cpt_read_maps(); /* opens the maps file before the first cut */
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
         check(); /* first: a rollback resumes in the nap below */

@@ -51,6 +51,7 @@ int main(int argc, char **argv) {
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     if (m == MAP_FAILED) cpt_corrupt("mmap failed");
     cpt_stamp(m, 4, 77);
+    cpt_read_maps(); /* opens the maps file before the first cut */
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
         check(); /* first: a rollback resumes in the nap below */

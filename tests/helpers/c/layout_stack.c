@@ -32,6 +32,7 @@ static void dive(uint64_t depth, uint64_t want, uint64_t seed) {
 
 int main(int argc, char **argv) {
     if (argc != 2) return 2;
+    cpt_read_maps(); /* opens the maps file before the first cut */
     cpt_ready("%p", (void *)&run);
     for (uint64_t n = 1;; n++) {
         uint64_t want = (n / 100) % (run.poke ? 48 : 8);
