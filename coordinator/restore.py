@@ -147,6 +147,7 @@ def freeze_layouts(
                 ],
                 thread_start_times=[t.start_time for t in mm.threads],
                 kernel=kstate.to_proto(mm.kernel) if mm.kernel is not None else None,
+                layout=mapfacts.to_protos(mm.layout),
             )
         )
     return out

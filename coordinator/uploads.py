@@ -56,9 +56,10 @@ class MemberUpload:
     tracker: str
     full: bool
     threads: int
+    layout: tuple[mapfacts.MapFact, ...] = ()  # every mapping at the cut (whole memory)
 
     def member_map(self) -> MemberMap:
-        return MemberMap(self.member, self.regions)
+        return MemberMap(self.member, self.regions, layout=self.layout)
 
 
 class UploadAssembler:
@@ -100,6 +101,9 @@ class UploadAssembler:
         for r, facts in zip(regs, self.facts, strict=True):
             if facts and (why := mapfacts.check_facts(facts, r.start, r.end)):
                 raise InvalidArgument(f"region {r.name}: mappings at the cut: {why}")
+        self.layout = mapfacts.from_protos(header.layout)
+        if why := mapfacts.check_layout_facts(self.layout):
+            raise InvalidArgument(f"member {header.member}: layout at the cut: {why}")
         self.pages = self._runs(regs, "pages")  # delivered
         self.all_pages = self._runs(regs, "all_pages")  # present at the cut
         if header.full:  # an empty all_pages reads as `pages`
@@ -298,6 +302,7 @@ class UploadAssembler:
             tracker=h.tracker,
             full=h.full,
             threads=len(h.threads),
+            layout=self.layout,
         )
 
     def _delta(self) -> mt.Entries:

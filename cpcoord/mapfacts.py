@@ -40,6 +40,10 @@ class MapFact:
     # A tree group's shared object stored by this sibling member, not in this region
     # (docs/decisions.md, "Process trees"); empty: stored here. Never compared.
     owner: str = ""
+    # A file mapping of a member's whole layout (not of a region's facts): the file's
+    # size and mtime at the cut, what a restore re-maps it from (0/0: unknown, never).
+    file_size: int = 0
+    file_mtime_ns: int = 0
 
     @property
     def anonymous(self) -> bool:
@@ -73,6 +77,8 @@ class MapFact:
             return f"bad device {self.dev!r}"
         if not 0 <= self.inode < 1 << 64 or not 0 <= self.offset < 1 << 64:
             return "inode or offset out of range"
+        if not 0 <= self.file_size < 1 << 64:
+            return "file size out of range"
         if len(self.path) > MAX_PATH:
             return f"path longer than {MAX_PATH} characters"
         if self.owner and not _OWNER.fullmatch(self.owner):
@@ -89,11 +95,16 @@ class MapFact:
             offset=self.offset,
             path=self.path,
             owner=self.owner,
+            file_size=self.file_size,
+            file_mtime_ns=self.file_mtime_ns,
         )
 
     @classmethod
     def from_proto(cls, m: manifest_pb2.RegionMapping) -> MapFact:
-        return cls(m.start, m.end, m.perms, m.dev, m.inode, m.offset, m.path, m.owner)
+        return cls(
+            m.start, m.end, m.perms, m.dev, m.inode, m.offset, m.path,
+            owner=m.owner, file_size=m.file_size, file_mtime_ns=m.file_mtime_ns,
+        )  # fmt: skip
 
 
 class MapsLine(Protocol):
@@ -154,6 +165,19 @@ def check_facts(facts: Sequence[MapFact], start: int, end: int) -> str:
             return why
         if f.start < prev or f.end > end:
             return f"mapping 0x{f.start:x}-0x{f.end:x} is outside the region or out of order"
+        prev = f.end
+    return ""
+
+
+def check_layout_facts(facts: Sequence[MapFact]) -> str:
+    """Why `facts` cannot be a member's whole layout at the cut (empty: fine): each
+    valid, sorted and disjoint."""
+    prev = 0
+    for f in facts:
+        if why := f.problem():
+            return why
+        if f.start < prev:
+            return f"mapping 0x{f.start:x}-0x{f.end:x} overlaps another or is out of order"
         prev = f.end
     return ""
 

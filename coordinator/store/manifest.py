@@ -163,6 +163,9 @@ class MemberMap:
     # Whole-memory members: the kernel side at the cut (fds, offsets, pipe and socket
     # queues) that a restore in place compares with; None in older manifests.
     kernel: KernelState | None = None
+    # Every mapping of the member at the cut (whole memory; ManifestMember.layout):
+    # what a restore in place puts the layout back to. Empty: not recorded.
+    layout: tuple[MapFact, ...] = ()
 
     def region(self, name: str) -> RegionMap:
         """By name: one dict lookup (a member may have tens of thousands of regions)."""

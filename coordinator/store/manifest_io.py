@@ -69,7 +69,10 @@ def encode(m: Manifest) -> bytes:
     entries = pages = 0
     for mem in m.members:
         mf = pb.ManifestMember(
-            name=mem.name, region_count=len(mem.regions), thread_count=len(mem.threads)
+            name=mem.name,
+            region_count=len(mem.regions),
+            thread_count=len(mem.threads),
+            layout=mapfacts.to_protos(mem.layout),
         )
         if mem.kernel is not None:
             mf.kernel.CopyFrom(kstate.to_proto(mem.kernel))
@@ -202,7 +205,12 @@ def decode(data: bytes, where: str = "?") -> Manifest:
             kernel = kstate.of_message(mf)
         except InvalidArgument as e:
             raise rd.corrupt(f"member {mf.name}: {e}") from None
-        members.append(MemberMap(mf.name, tuple(regions), tuple(threads), kernel))
+        layout = mapfacts.from_protos(mf.layout)
+        if why := mapfacts.check_layout_facts(layout):
+            raise rd.corrupt(f"member {mf.name}: layout at the cut: {why}")
+        members.append(
+            MemberMap(mf.name, tuple(regions), tuple(threads), kernel=kernel, layout=layout)
+        )
     frames_before = rd.frames
     tr = rd.next("trailer").trailer
     if (tr.frame_count, tr.entry_count, tr.page_count) != (frames_before, entries, pages):

@@ -95,7 +95,8 @@ def layouts_of(f: agent_pb2.Freeze) -> Layouts:
                 for r in lay.regions
             )
             kernel = kstate.of_message(lay)
-            whole = MemberLayout(lay.member, regions, False, threads, kernel, f.force)
+            cut = mapfacts.from_protos(lay.layout)
+            whole = MemberLayout(lay.member, regions, False, threads, kernel, f.force, cut_maps=cut)
             out.append((lay.member, whole))
         except (ThreadStateInvalid, InvalidArgument) as e:
             out.append((lay.member, e))

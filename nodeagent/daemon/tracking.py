@@ -46,6 +46,7 @@ from nodeagent.proc.procfs import Mapping, check_alive
 from nodeagent.proc.reader import ReadvFn
 from nodeagent.proc.shared import SharedObjects
 from nodeagent.proc.staging import Staging
+from nodeagent.restore.layout import cut_layout
 from nodeagent.trackers import leftovers, registry
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.upload.stream import StagedMember
@@ -61,6 +62,7 @@ class Copied:
     base_generation: int  # the committed generation it is relative to; 0 when full
     plan: precopy.Plan | None = None  # pre-copied: `settle()` after the thaw
     precopy: precopy.Report | None = None
+    maps: tuple[Mapping, ...] = ()  # the cut's (a whole-memory member's layout is made of it)
 
     def settle(self) -> None:
         """After the thaw, before anything reads the staged rows."""
@@ -211,7 +213,8 @@ def capture_frozen(
     if live is not None:
         why = "" if plan is not None else "the cut did not fit the live copy (or lost track)"
         report = live.report(plan, why)
-    return Copied(res, full, tracker, 0 if full else m.committed, plan, report)
+    whole = tuple(maps) if m.regions is None else ()
+    return Copied(res, full, tracker, 0 if full else m.committed, plan, report, whole)
 
 
 def handoff(
@@ -260,4 +263,5 @@ def handoff(
         frozen_seconds=frozen_s,
         release=release,
         rows=c.result.rows,
+        layout=cut_layout(m.ident.pid, c.maps) if c.maps else (),
     )

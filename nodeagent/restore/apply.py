@@ -65,6 +65,8 @@ from nodeagent.proc.staging import Staging
 from nodeagent.proc.writer import WritevFn, sys_writev
 from nodeagent.restore import kernel_check
 from nodeagent.restore.fit import check_layout, fit_region
+from nodeagent.restore.layout import layout_applied
+from nodeagent.restore.layout import plan as plan_layout
 from nodeagent.restore.plan import build_plan
 from nodeagent.restore.undo import AllOrNothing
 from nodeagent.restore.values import (
@@ -99,8 +101,9 @@ U64 = npt.NDArray[np.uint64]
 # -- fit --------------------------------------------------------------------------------
 
 
-def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
-    """Check that the frozen process can take the layout's regions back; write nothing."""
+def check_fit(fp: FrozenProcess, layout: MemberLayout, parked: tuple[int, int] = (0, 0)) -> Fitted:
+    """Check that the frozen process can take the layout's regions back; write nothing.
+    `parked`: [start, length) of the area a layout change parks mappings in (ignored)."""
     check_layout(layout)
     try:
         maps = tuple(read_maps(fp.pid))
@@ -116,12 +119,19 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout) -> Fitted:
                 "every thread's registers saved at the cut, and the generation has none",
             )
         check_threads(layout.member, fp, layout.threads)
-    starts = [m.start for m in maps]
+    change = None
+    if parked[1]:
+        maps = tuple(m for m in maps if not parked[0] <= m.start < parked[0] + parked[1])
+    seen = maps
+    if not layout.explicit and layout.cut_maps:  # the layout goes back first (layout.py)
+        change = plan_layout(layout.member, fp.pid, layout.cut_maps, maps)
+        seen = change.expected
+    starts = [m.start for m in seen]
     for r in layout.regions:
-        fit_region(layout.member, r, maps, layout.explicit, starts)
+        fit_region(layout.member, r, seen, layout.explicit, starts)
     if not layout.explicit:  # last: memory that fits, with a kernel side that agrees
         kernel_check.check(layout.member, fp.pid, layout.kernel, layout.force)
-    return Fitted(fp, layout, maps)
+    return Fitted(fp, layout, maps, None if change is None or change.empty else change)
 
 
 # -- write ------------------------------------------------------------------------------
@@ -161,15 +171,30 @@ def write(
     writing anything; a failure part-way puts back every byte written (RestoreUndone;
     restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here)."""
     t0 = time.perf_counter()
+    regions = contents_for(fitted.layout, contents)  # ContentsInvalid before any change
+    with layout_applied(fitted.fp, fitted.change, fitted.layout.member) as txn:
+        return _write(fitted, regions, writev, staging, t0, txn.area if txn else (0, 0))
+
+
+def _write(
+    fitted: Fitted,
+    regions: list[RegionContents],
+    writev: WritevFn,
+    staging: Staging | None,
+    t0: float,
+    parked: tuple[int, int],
+) -> RestoreStats:
     fp, layout = fitted.fp, fitted.layout
-    regions = contents_for(layout, contents)
     try:
         maps = tuple(read_maps(fp.pid))
     except NoSuchProcess:
         raise ProcessExited(fp.pid, "restore") from None
-    if maps != fitted.maps:  # frozen, so only an exit or a stale Fitted gets here
-        fitted = check_fit(fp, layout)
-        maps = fitted.maps
+    if maps != fitted.maps:  # frozen: an exit, a stale Fitted, or the layout put back
+        fitted = check_fit(fp, layout, parked)
+        if fitted.change is not None:
+            left = fitted.change.summary()
+            why = f"its layout is not as at the cut after putting it back ({left})"
+            raise RestoreRefused(layout.member, why)
     order = sorted(range(len(regions)), key=lambda i: regions[i].start)
     ordered = [(regions[i], layout.regions[i].write_end) for i in order]
     with PagemapReader(fp.pid) as pm:

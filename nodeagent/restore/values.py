@@ -24,6 +24,7 @@ from nodeagent.capture.process import CapturedRegion
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.registers import ThreadStates
+from nodeagent.restore.layout_plan import LayoutChange
 
 U64 = npt.NDArray[np.uint64]
 
@@ -67,6 +68,9 @@ class MemberLayout:
     threads: ThreadStates | None = None
     kernel: KernelState | None = None
     force: bool = False
+    # Whole-memory members: every mapping at the cut (empty: not recorded; then a changed
+    # layout is a misfit). A restore puts the layout back to it (restore/layout.py).
+    cut_maps: tuple[MapFact, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class Fitted:
     fp: FrozenProcess
     layout: MemberLayout
     maps: tuple[Mapping, ...]
+    # What write() changes in the layout before the pages (None: nothing; layout.py).
+    change: LayoutChange | None = None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class StagedMember:
     # Every region's staged pages back to back, when staging holds them so (the
     # regions' `data` are views of it): the upload scans it for zero pages at once.
     rows: npt.NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
+    # A whole-memory member: every mapping at the cut (nodeagent/restore/layout.py).
+    layout: tuple[mapfacts.MapFact, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def pages(self) -> int:
@@ -112,6 +114,7 @@ def header(sm: StagedMember) -> agent_pb2.UploadRequest:
     h.page_size = PAGE_SIZE
     h.tracker, h.full, h.base_generation = sm.tracker, sm.full, sm.base_generation
     h.cut_unix_ns = sm.cut_unix_ns
+    h.layout.extend(mapfacts.to_protos(sm.layout))
     pr, pi = member_runs([r.pages for r in sm.regions])
     ar, ai = member_runs([r.all_pages for r in sm.regions])
     run = types_pb2.PageRun

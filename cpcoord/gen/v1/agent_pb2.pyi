@@ -270,18 +270,20 @@ class Freeze(_message.Message):
     def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., lease_ms: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., layouts: _Optional[_Iterable[_Union[RestoreLayout, _Mapping]]] = ..., precopy: _Optional[bool] = ..., precopy_ms: _Optional[int] = ..., full: _Optional[bool] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RestoreLayout(_message.Message):
-    __slots__ = ("member", "regions", "threads", "thread_start_times", "kernel")
+    __slots__ = ("member", "regions", "threads", "thread_start_times", "kernel", "layout")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     THREAD_START_TIMES_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     member: str
     regions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     threads: _containers.RepeatedCompositeFieldContainer[_common_pb2.ThreadRegisters]
     thread_start_times: _containers.RepeatedScalarFieldContainer[int]
     kernel: _manifest_pb2.KernelState
-    def __init__(self, member: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ..., kernel: _Optional[_Union[_manifest_pb2.KernelState, _Mapping]] = ...) -> None: ...
+    layout: _containers.RepeatedCompositeFieldContainer[_manifest_pb2.RegionMapping]
+    def __init__(self, member: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[_common_pb2.ThreadRegisters, _Mapping]]] = ..., thread_start_times: _Optional[_Iterable[int]] = ..., kernel: _Optional[_Union[_manifest_pb2.KernelState, _Mapping]] = ..., layout: _Optional[_Iterable[_Union[_manifest_pb2.RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class Capture(_message.Message):
     __slots__ = ("job", "generation", "full", "members")

@@ -136,7 +136,7 @@ class ThreadRegisters(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., arch: _Optional[str] = ..., regs: _Optional[bytes] = ..., fpregs: _Optional[bytes] = ...) -> None: ...
 
 class PagesHeader(_message.Message):
-    __slots__ = ("job", "generation", "member", "node", "page_size", "regions", "threads", "tracker", "full", "base_generation", "cut_unix_ns")
+    __slots__ = ("job", "generation", "member", "node", "page_size", "regions", "threads", "tracker", "full", "base_generation", "cut_unix_ns", "layout")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class PagesHeader(_message.Message):
     FULL_FIELD_NUMBER: _ClassVar[int]
     BASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     CUT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     member: str
@@ -159,7 +160,8 @@ class PagesHeader(_message.Message):
     full: bool
     base_generation: int
     cut_unix_ns: int
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., node: _Optional[str] = ..., page_size: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadRegisters, _Mapping]]] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., base_generation: _Optional[int] = ..., cut_unix_ns: _Optional[int] = ...) -> None: ...
+    layout: _containers.RepeatedCompositeFieldContainer[_manifest_pb2.RegionMapping]
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., node: _Optional[str] = ..., page_size: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadRegisters, _Mapping]]] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., base_generation: _Optional[int] = ..., cut_unix_ns: _Optional[int] = ..., layout: _Optional[_Iterable[_Union[_manifest_pb2.RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class ChunkData(_message.Message):
     __slots__ = ("ids", "methods", "raw_sizes", "stored_sizes", "data")

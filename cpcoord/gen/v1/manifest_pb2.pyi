@@ -27,16 +27,18 @@ class ManifestHeader(_message.Message):
     def __init__(self, format: _Optional[int] = ..., job: _Optional[str] = ..., generation: _Optional[int] = ..., parent: _Optional[int] = ..., time_ns: _Optional[int] = ..., page_size: _Optional[int] = ..., namespace: _Optional[str] = ..., member_count: _Optional[int] = ...) -> None: ...
 
 class ManifestMember(_message.Message):
-    __slots__ = ("name", "region_count", "thread_count", "kernel")
+    __slots__ = ("name", "region_count", "thread_count", "kernel", "layout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_COUNT_FIELD_NUMBER: _ClassVar[int]
     THREAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     KERNEL_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     region_count: int
     thread_count: int
     kernel: KernelState
-    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ..., thread_count: _Optional[int] = ..., kernel: _Optional[_Union[KernelState, _Mapping]] = ...) -> None: ...
+    layout: _containers.RepeatedCompositeFieldContainer[RegionMapping]
+    def __init__(self, name: _Optional[str] = ..., region_count: _Optional[int] = ..., thread_count: _Optional[int] = ..., kernel: _Optional[_Union[KernelState, _Mapping]] = ..., layout: _Optional[_Iterable[_Union[RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class KernelState(_message.Message):
     __slots__ = ("fds", "partial")
@@ -83,7 +85,7 @@ class ManifestRegion(_message.Message):
     def __init__(self, name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., entry_count: _Optional[int] = ..., mappings: _Optional[_Iterable[_Union[RegionMapping, _Mapping]]] = ...) -> None: ...
 
 class RegionMapping(_message.Message):
-    __slots__ = ("start", "end", "perms", "dev", "inode", "offset", "path", "owner")
+    __slots__ = ("start", "end", "perms", "dev", "inode", "offset", "path", "owner", "file_size", "file_mtime_ns")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PERMS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,8 @@ class RegionMapping(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILE_MTIME_NS_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     perms: str
@@ -100,7 +104,9 @@ class RegionMapping(_message.Message):
     offset: int
     path: str
     owner: str
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., dev: _Optional[str] = ..., inode: _Optional[int] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    file_size: int
+    file_mtime_ns: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., perms: _Optional[str] = ..., dev: _Optional[str] = ..., inode: _Optional[int] = ..., offset: _Optional[int] = ..., path: _Optional[str] = ..., owner: _Optional[str] = ..., file_size: _Optional[int] = ..., file_mtime_ns: _Optional[int] = ...) -> None: ...
 
 class PageEntries(_message.Message):
     __slots__ = ("page_offsets", "page_counts", "chunk_skips", "chunk_ids")
