@@ -125,6 +125,8 @@ class Flight:
         self.uploads: dict[str, MemberUpload] = {}
         # Registers at the cut of whole-memory members, from their Staged (agent_events.py)
         self.threads: dict[str, tuple[ThreadRegs, ...]] = {}
+        # restore: members whose agent kept the tracker armed and relative to its base
+        self.tracker_kept: set[str] = set()
         self.subscribers: list[Subscription] = []
         self.committing = False
         self.summary: Summary | None = None

@@ -1,2 +1,1 @@
-"""The local API (Unix socket) served to processes that register regions.
-"""
+"""The local API (Unix socket) served to processes that register regions."""

@@ -1,2 +1,1 @@
-"""Upload: chunking, the per-member plan, the page stream to the coordinator.
-"""
+"""Upload: chunking, the per-member plan, the page stream to the coordinator."""
