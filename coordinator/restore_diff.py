@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
+from coordinator.store.ids import zero_mask
 from coordinator.store.manifest import MemberMap, PageTable
 from cpcoord.gen.v1 import types_pb2
 from cpcoord.image import runs_of
@@ -29,6 +30,8 @@ def differing_pages(a: PageTable, b: PageTable) -> U64:
     """Page offsets (sorted) whose contents differ between two tables of one region."""
     pa, ea, wa = a.expand()
     pb, eb, wb = b.expand()
+    wa[zero_mask(a.ids)[ea]] = 0  # a zero page is a zero page, wherever in its run
+    wb[zero_mask(b.ids)[eb]] = 0
     common, ia, ib = np.intersect1d(pa, pb, assume_unique=True, return_indices=True)
     same_id = a.ids[ea[ia]] == b.ids[eb[ib]]
     changed = common[~(np.asarray(same_id, dtype=bool) & (wa[ia] == wb[ib]))]
@@ -82,4 +85,5 @@ def only_pages(t: PageTable, pages: U64) -> PageTable:
     brk = np.flatnonzero((np.diff(entry) != 0) | (np.diff(p.astype(np.int64)) != 1)) + 1
     first = np.concatenate(([0], brk))
     counts = np.diff(np.concatenate((first, [p.size])))
-    return PageTable.of(p[first], counts, t.ids[entry[first]], within[first])
+    ids = t.ids[entry[first]]
+    return PageTable.of(p[first], counts, ids, np.where(zero_mask(ids), 0, within[first]))
