@@ -32,11 +32,23 @@ def differing_pages(a: PageTable, b: PageTable) -> U64:
     pb, eb, wb = b.expand()
     wa[zero_mask(a.ids)[ea]] = 0  # a zero page is a zero page, wherever in its run
     wb[zero_mask(b.ids)[eb]] = 0
-    common, ia, ib = np.intersect1d(pa, pb, assume_unique=True, return_indices=True)
-    same_id = a.ids[ea[ia]] == b.ids[eb[ib]]
-    changed = common[~(np.asarray(same_id, dtype=bool) & (wa[ia] == wb[ib]))]
-    only = np.setxor1d(pa, pb, assume_unique=True)
-    return np.union1d(changed, only).astype(np.uint64)
+    in_b = _in_sorted(pa, pb)
+    ia = np.flatnonzero(in_b)
+    ib = np.searchsorted(pb, pa[ia])
+    same = np.asarray(a.ids[ea[ia]] == b.ids[eb[ib]], dtype=bool) & (wa[ia] == wb[ib])
+    differ = ~in_b
+    differ[ia[~same]] = True
+    only_b = pb[~_in_sorted(pb, pa)]
+    return np.union1d(pa[differ], only_b).astype(np.uint64)
+
+
+def _in_sorted(a: U64, b: U64) -> npt.NDArray[np.bool_]:
+    """Per element of `a`, whether it is in `b` (both sorted, unique), without a sort."""
+    if a.size == 0 or b.size == 0:
+        return np.zeros(a.size, dtype=np.bool_)
+    idx = np.searchsorted(b, a)
+    idx[idx == b.size] = b.size - 1
+    return np.asarray(b[idx] == a)
 
 
 def differing_regions(gen: MemberMap, base: MemberMap) -> list[types_pb2.Region]:
@@ -78,7 +90,7 @@ def only_pages(t: PageTable, pages: U64) -> PageTable:
     """The entries of `t` cut down to `pages` (sorted), adjacent pages of one entry kept
     as one entry."""
     p, entry, within = t.expand()
-    keep = np.isin(p, pages, assume_unique=True)
+    keep = _in_sorted(p, np.asarray(pages, dtype=np.uint64))
     p, entry, within = p[keep], entry[keep], within[keep]
     if p.size == 0:
         return PageTable.empty()

@@ -23,7 +23,9 @@ Restore takes them, an Abort drops them, or a newer session replaces them.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -36,12 +38,19 @@ from nodeagent.capture import copyout
 from nodeagent.capture.changeset import written_pages
 from nodeagent.capture.trackstate import tracked_mappings
 from nodeagent.daemon.membership import HeldMember
-from nodeagent.pages import PageNumbers, empty_pages, pages_from_runs, runs_from_pages
+from nodeagent.pages import (
+    PageNumbers,
+    empty_pages,
+    in_sorted,
+    pages_from_runs,
+    runs_from_pages,
+)
 from nodeagent.proc.procfs import read_maps
 from nodeagent.proc.shared import SharedObjects
 from nodeagent.restore.apply import RegionContents
 from nodeagent.trackers.base import ChangedSet
 
+log = logging.getLogger(__name__)
 U64 = npt.NDArray[np.uint64]
 Scope = dict[str, U64]  # region name -> page offsets (sorted) the restore writes
 Contents = tuple[RegionContents, ...]
@@ -99,6 +108,7 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     t = m.track
     if base == 0 or m.committed != base or not t.armed or t.tracker is None:
         return None
+    t0 = time.perf_counter()
     pid = m.ident.pid
     maps = read_maps(pid)
     specs = copyout.resolve(m.regions, maps)
@@ -108,12 +118,19 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     written = written_pages(t.tracker, pid, mine)
     if written is None:
         return None
+    t1 = time.perf_counter()
     with SharedObjects(pid) as objects:
         taken = copyout.select(pid, specs, maps, objects)
     now = np.concatenate(taken) if taken else empty_pages()
+    t2 = time.perf_counter()
     changed = t.changes(ChangedSet(written), now, maps, mine, m.pending_pages()).pages
-    gone = np.setdiff1d(t.taken, now)  # present at the base's capture, absent now
-    return np.union1d(changed, gone).astype(np.uint64)
+    gone = t.taken[~in_sorted(t.taken, now)]  # present at the base's capture, absent now
+    out = np.union1d(changed, gone).astype(np.uint64)
+    t3 = time.perf_counter()
+    ms = {"peek_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "mark_ms": (t3 - t2) * 1e3}
+    fields = {"member": m.name, "pages": int(out.size), **{k: round(v, 3) for k, v in ms.items()}}
+    log.info("written since base", extra={"fields": fields})
+    return out
 
 
 def _runs_pages(runs: Iterable[types_pb2.PageRun]) -> U64:
@@ -185,7 +202,8 @@ def top_up(
     extra: Scope = {}
     for name, (start, end) in bounds.items():
         have = scope.get(name, empty_pages())
-        more = np.setdiff1d(_in_region(dirty, start, end), have, assume_unique=True)
+        d = _in_region(dirty, start, end)
+        more = d[~in_sorted(d, have)]
         if more.size:
             extra[name] = more.astype(np.uint64)
     if not extra:

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import RegionMismatch
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.pages import runs_from_pages
+from nodeagent.pages import in_sorted, runs_from_pages
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.writer import ZERO_CHUNK, zero_source
 
@@ -79,7 +79,7 @@ def _region_runs(
     npages = (c.end - c.start) >> PAGE_SHIFT
     scope = getattr(c, "scope", None)
     if scope is not None:  # only the scope's pages: its unlisted ones are the gaps
-        gaps = runs_from_pages(np.setdiff1d(scope, c.pages, assume_unique=True)).astype(np.int64)
+        gaps = runs_from_pages(scope[~in_sorted(scope, c.pages)]).astype(np.int64)
         gap_lo, gap_hi = gaps[:, 0], gaps[:, 0] + gaps[:, 1]
     else:
         gap_lo = np.concatenate(([0], off + cnt))

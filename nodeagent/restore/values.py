@@ -20,6 +20,7 @@ from cpcoord.errors import ContentsInvalid
 from cpcoord.mapfacts import MapFact
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture.process import CapturedRegion
+from nodeagent.pages import in_sorted
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.registers import ThreadStates
@@ -120,7 +121,7 @@ class RegionContents:
                 np.any(np.diff(sc.astype(np.int64)) <= 0) or int(sc[-1]) >= self.size >> PAGE_SHIFT
             ):
                 raise bad("scope offsets must be sorted, unique and inside the region")
-            if not np.all(np.isin(p, sc, assume_unique=True)):
+            if not in_sorted(p, sc).all():
                 raise bad("a page to write lies outside the scope")
 
 
