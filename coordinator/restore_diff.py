@@ -39,7 +39,9 @@ def differing_pages(a: PageTable, b: PageTable) -> U64:
     differ = ~in_b
     differ[ia[~same]] = True
     only_b = pb[~_in_sorted(pb, pa)]
-    return np.union1d(pa[differ], only_b).astype(np.uint64)
+    out = np.concatenate((pa[differ], only_b))
+    out.sort(kind="stable")  # two sorted runs, disjoint: a merge (np.union1d hashes)
+    return out
 
 
 def _in_sorted(a: U64, b: U64) -> npt.NDArray[np.bool_]:
@@ -83,7 +85,8 @@ def pages_of_runs(runs: Iterable[types_pb2.PageRun]) -> U64:
     within = np.arange(int(cnt.sum()), dtype=np.uint64) - np.repeat(
         (np.cumsum(cnt) - cnt).astype(np.uint64), cnt
     )
-    return np.unique(first + within)
+    out = np.sort(first + within, kind="stable")
+    return out[np.concatenate(([True], np.diff(out) != 0))] if out.size else out
 
 
 def only_pages(t: PageTable, pages: U64) -> PageTable:

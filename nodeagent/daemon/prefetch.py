@@ -44,6 +44,7 @@ from nodeagent.pages import (
     in_sorted,
     pages_from_runs,
     runs_from_pages,
+    union_sorted,
 )
 from nodeagent.proc.procfs import read_maps
 from nodeagent.proc.shared import SharedObjects
@@ -125,7 +126,7 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     t2 = time.perf_counter()
     changed = t.changes(ChangedSet(written), now, maps, mine, m.pending_pages()).pages
     gone = t.taken[~in_sorted(t.taken, now)]  # present at the base's capture, absent now
-    out = np.union1d(changed, gone).astype(np.uint64)
+    out = union_sorted(changed, gone)
     t3 = time.perf_counter()
     ms = {"peek_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "mark_ms": (t3 - t2) * 1e3}
     fields = {"member": m.name, "pages": int(out.size), **{k: round(v, 3) for k, v in ms.items()}}
@@ -152,9 +153,7 @@ def scope_of(pm: agent_pb2.PrepareMember, dirty: PageNumbers | None) -> Scope | 
     if dirty is None or pm.base_generation == 0 or not pm.differs:
         return None
     return {
-        r.name: np.union1d(_runs_pages(r.pages), _in_region(dirty, r.start, r.end)).astype(
-            np.uint64
-        )
+        r.name: union_sorted(_runs_pages(r.pages), _in_region(dirty, r.start, r.end))
         for r in pm.differs
     }
 
@@ -210,9 +209,7 @@ def top_up(
         return contents, scope
     got = {c.name: c for c in fetch(extra)}
     out = tuple(_merge(c, got[c.name]) if c.name in got else c for c in contents)
-    grown = {
-        n: np.union1d(p, extra.get(n, empty_pages())).astype(np.uint64) for n, p in scope.items()
-    }
+    grown = {n: union_sorted(p, extra.get(n, empty_pages())) for n, p in scope.items()}
     for n in extra.keys() - grown.keys():
         grown[n] = extra[n]
     return out, grown
@@ -222,7 +219,7 @@ def after_partial(m: HeldMember, contents: Sequence[RegionContents]) -> int:
     """After a partial write: the pages written count as changed for the next capture
     (pending under the base, which stays); the tracker is left armed. Returns how many."""
     parts = [c.scope + np.uint64(c.start >> PAGE_SHIFT) for c in contents if c.scope is not None]
-    written = np.unique(np.concatenate(parts)).astype(np.uint64) if parts else empty_pages()
+    written = np.sort(np.concatenate(parts), kind="stable") if parts else empty_pages()
     old = m.pending.get(m.committed)
-    m.pending[m.committed] = written if old is None else np.union1d(old, written).astype(np.uint64)
+    m.pending[m.committed] = written if old is None else union_sorted(old, written)
     return int(written.size)
