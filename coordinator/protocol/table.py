@@ -3,7 +3,8 @@
 Owns the rules of DESIGN.md "The checkpoint protocol": the freeze barrier, early per-member
 thaw, deadlines and the abort rules, for a checkpoint and for the restore-in-place variant
 (prepare all: prefetch, then freeze all, write all, thaw all; the prepare phase's cells
-are coordinator/protocol/prepare.py, the helpers they share coordinator/protocol/cells.py). Events go in (`Generation.handle`), commands come out;
+are coordinator/protocol/prepare.py, the helpers they share coordinator/protocol/cells.py).
+Events go in (`Generation.handle`), commands come out;
 nothing here does I/O, reads a clock or knows gRPC. Time arrives as `Begin.now` and
 `Tick.now` (seconds of the driver's monotonic clock). States and values live in
 `coordinator.protocol.values`, events and commands in `coordinator.protocol.messages`;
