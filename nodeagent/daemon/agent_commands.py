@@ -161,6 +161,9 @@ class Commands:
                 reason = ops.R.ABORT_REASON_RESTORE_FAILED
                 self._emit(ops.failed(p.job, p.generation, pm.member, reason, err), s.epoch)
                 return
+            if s.closed.is_set():  # the stream ended meanwhile: nobody will Restore it
+                self.prefetches.drop(p.job, p.generation)
+                return
             size = sum(int(c.pages.size) for c in contents) * PAGE_SIZE
             base = pm.base_generation if scope is not None else 0
             self.prefetches.put(
