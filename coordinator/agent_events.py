@@ -20,6 +20,7 @@ from coordinator import members_ops, tree_members
 from coordinator.flight import Flight
 from coordinator.protocol.messages import (
     AgentFrozen,
+    AgentPrepared,
     Event,
     FreezeFailed,
     MemberFailed,
@@ -50,6 +51,8 @@ def stats_of(m: common_pb2.MemberStats, page_size: int) -> Stats:
         bytes_logical=int(m.bytes_logical) or pages * page_size,
         bytes_stored_new=int(m.bytes_stored_new),
         frozen_seconds=max(0.0, float(m.frozen_seconds)),
+        pages_written=int(m.pages_written),
+        bytes_prefetched=int(m.bytes_prefetched),
     )
 
 
@@ -153,6 +156,9 @@ def handle(engine: EngineView, s: AgentSession, msg: agent_pb2.AgentMessage) -> 
 
 def _event(engine: EngineView, f: Flight, node: str, kind: str, body: object) -> Event | None:
     ps = engine.opt.page_size
+    if kind == "prepared":
+        pr: agent_pb2.Prepared = body  # type: ignore[assignment]
+        return AgentPrepared(node, engine.clock(), tuple(pr.members))
     if kind == "frozen":
         fr: agent_pb2.Frozen = body  # type: ignore[assignment]
         return AgentFrozen(node, tuple(m.name for m in fr.members))
@@ -202,5 +208,7 @@ def _event(engine: EngineView, f: Flight, node: str, kind: str, body: object) ->
         return MemberFailed(node, fl.member, reason, detail)
     if kind == "restored":
         rs: agent_pb2.Restored = body  # type: ignore[assignment]
+        if rs.stats.tracker_kept and f.gen.snapshot.member(rs.member) is not None:
+            f.tracker_kept.add(rs.member)  # its next capture may stay incremental
         return MemberRestored(node, rs.member, stats_of(rs.stats, ps))
     raise InvalidArgument(f"unknown message {kind}")

@@ -283,6 +283,9 @@ class Engine:
                     restore.freeze_layouts(self, c.job, c.generation, o.message.members)
                 )
                 o.message.force = f.force
+            elif isinstance(o.message, agent_pb2.Prepare) and restore.is_restore(f):
+                # each member's tracker base and the pages that differ from it
+                restore.prepare_members(self, c.job, c.generation, o.message)
             s = self.agents.current(o.node)
             if s is not None:
                 s.send(**{o.field: o.message})

@@ -141,6 +141,8 @@ class Flight:
         # Their kernel side at the cut (fds, offsets, queues), from the same Staged
         self.kernel: dict[str, KernelState] = {}
         self.force = False  # a restore: roll back although the kernel side differs
+        # restore: members whose agent kept the tracker armed and relative to its base
+        self.tracker_kept: set[str] = set()
         self.subscribers: list[Subscription] = []
         self.committing = False
         self.summary: Summary | None = None

@@ -4,7 +4,8 @@ Pure translation (no I/O, no engine state): each command becomes the body field 
 CoordinatorMessage and its message. `required` says what a missing agent means: a
 Freeze, Capture or Restore that cannot be sent is the agent lost (the engine feeds
 AgentLost); an Abort, Committed or Thaw to an agent that is gone has nothing left to do.
-The restore Freeze's layouts come from the manifest; the engine adds them (restore.py).
+The restore Freeze's layouts and the restore Prepare's differing pages come from the
+manifests; the engine adds them (restore.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,24 @@ from coordinator.protocol.messages import (
     SendCapture,
     SendCommitted,
     SendFreeze,
+    SendPrepare,
     SendRestore,
     SendThaw,
 )
 from cpcoord.gen.v1 import agent_pb2
 
-SendCommand = SendFreeze | SendCapture | SendAbort | SendCommitted | SendRestore | SendThaw
-SEND_COMMANDS = (SendFreeze, SendCapture, SendAbort, SendCommitted, SendRestore, SendThaw)
+SendCommand = (
+    SendPrepare | SendFreeze | SendCapture | SendAbort | SendCommitted | SendRestore | SendThaw
+)
+SEND_COMMANDS = (
+    SendPrepare,
+    SendFreeze,
+    SendCapture,
+    SendAbort,
+    SendCommitted,
+    SendRestore,
+    SendThaw,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,14 @@ def outbound(c: SendCommand, full_nodes: frozenset[str], precopy_ms: int = 0) ->
     """The message for command `c`; `full_nodes` must capture in full (their trackers do
     not count from the parent); `precopy_ms` > 0: a checkpoint's Freeze asks for pre-copy
     of the members captured in full, bounded by that time."""
+    if isinstance(c, SendPrepare):
+        prep = agent_pb2.Prepare(
+            job=c.job,
+            generation=c.generation,
+            kind="OPERATION_KIND_" + c.kind.name,
+            members=[agent_pb2.PrepareMember(member=m) for m in c.members],
+        )
+        return Outbound(c.node, "prepare", prep, True)
     if isinstance(c, SendFreeze):
         freeze = agent_pb2.Freeze(
             job=c.job,

@@ -11,9 +11,12 @@ the manifest's packed columns: no Python object per page.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
+import numpy.typing as npt
 
+from coordinator import restore_diff
 from coordinator.store import Manifest, Repository
 from coordinator.store.ids import ID_DTYPE, IdArray, member_of, zero_mask
 from coordinator.store.manifest import PageTable, RegionMap
@@ -79,8 +82,10 @@ def stream(
     nodes: dict[str, str] | None = None,
     max_entries: int = 65536,
     target_bytes: int = TARGET_BYTES,
+    only: dict[str, npt.NDArray[np.uint64]] | None = None,
 ) -> Iterator[common_pb2.PageData]:
-    """PageData messages of the chosen members (all, in name order) and regions."""
+    """PageData messages of the chosen members (all, in name order) and regions;
+    `only`: region name -> the page offsets to send (a region not named: none)."""
     names = sorted(x.name for x in m.members) if not members else list(members)
     for name in names:
         try:
@@ -88,6 +93,12 @@ def stream(
         except KeyError:
             raise UnknownMember(m.job, name, f"in generation {m.generation}") from None
         chosen = [r for r in mm.regions if not regions or r.name in regions]
+        if only is not None:
+            empty = np.zeros(0, dtype=np.uint64)
+            chosen = [
+                replace(r, pages=restore_diff.only_pages(r.pages, only.get(r.name, empty)))
+                for r in chosen
+            ]
         yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
         sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
         for ri, r in enumerate(chosen):

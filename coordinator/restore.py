@@ -1,15 +1,21 @@
 """Restore, coordinator side: in place (a protocol generation of kind RESTORE) and into
 a new process (one RestoreInto command).
 
-In place: the chosen members (default: all of the job) are frozen like a checkpoint;
-each agent checks that its members' mappings still hold the generation's regions with
-the same sizes and answers Frozen or Failed(MISMATCH), so a member that does not fit
-aborts the restore before anything is written anywhere. After the barrier each agent
-gets Restore, downloads its members' pages (AgentControl.DownloadPages, every page of
-the complete manifest, zero pages as markers) and writes them, reports Restored per
-member, and when all are written every agent gets Thaw. The flight is the job's
-generation in flight (a checkpoint and a restore of one job exclude each other); its
-number is the generation written back, which stays committed whatever happens.
+In place: first a prepare phase, nothing frozen (protocol/prepare.py): each agent gets
+Prepare with, per member, its tracker base (the member's `committed` generation, which
+its tracker counts from) and the pages that differ between the generation and that base
+(`prepare_members`, from the manifests: restore_diff.py). The agent prefetches what it
+will write (AgentControl.DownloadPages with a page filter: the differing pages and the
+pages its tracker saw written since the base; or every page, for a member without such a
+tracker) and answers Prepared. Then the chosen members (default: all of the job) are
+frozen like a checkpoint; each agent checks that its members' mappings still hold the
+generation's regions with the same sizes and answers Frozen or Failed(MISMATCH), so a
+member that does not fit aborts the restore before anything is written anywhere. After
+the barrier each agent gets Restore, fetches the few pages written since its prefetch,
+writes, reports Restored per member, and when all are written every agent gets Thaw.
+The flight is the job's generation in flight (a checkpoint and a restore of one job
+exclude each other); its number is the generation written back, which stays committed
+whatever happens.
 
 The restore Freeze carries every member's regions with the mappings they lay in at the
 cut (`freeze_layouts`, from the manifest): the agent's fit check, before anything is
@@ -22,8 +28,9 @@ the agent, with the reason. Its kernel side at the cut (fds, offsets, pipe and s
 queues) travels the same way; the agent refuses a rollback that would leave memory and
 kernel disagreeing unless the restore is forced (`RestoreOptions.force`).
 
-A restored member's tracker state no longer describes its memory, so its next capture is
-full (its `committed` base is cleared).
+A restored member whose agent reports its tracker kept (armed, relative to the same
+base, the written pages counted as written) keeps its `committed` base: its next capture
+stays incremental. Any other restored member's next capture is full (base cleared).
 """
 
 from __future__ import annotations
@@ -33,13 +40,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from coordinator import generations, members_ops
+from coordinator import generations, members_ops, restore_diff
 from coordinator.flight import CheckpointOptions, Flight, Subscription, Summary
 from coordinator.protocol import Generation
 from coordinator.protocol.values import GenState, Kind, Spec
+from coordinator.store import Manifest
 from cpcoord import kstate, mapfacts
 from cpcoord.errors import (
     AgentUnavailable,
+    CpcoordError,
     InvalidArgument,
     UnknownJob,
     UnknownMember,
@@ -111,6 +120,7 @@ def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
             tuple((m.name, m.node) for m in chosen),
             kind=Kind.RESTORE,
             timing=timing,
+            prepare=True,
         )
         f = Flight(Generation(spec), None, frozenset(), started=engine.clock())
         f.force = opts.force
@@ -153,6 +163,29 @@ def freeze_layouts(
     return out
 
 
+def prepare_members(engine: EngineView, job: str, generation: int, msg: agent_pb2.Prepare) -> None:
+    """Fill a restore Prepare: each member's tracker base and the pages that differ
+    between the generation and it (none known: base 0, the agent writes every page)."""
+    manifest = engine.repo.manifest(job, generation)
+    bases: dict[int, Manifest] = {}
+    for pm in msg.members:
+        with engine.lock:
+            rec = engine.members.get(job, pm.member)
+        base = rec.committed if rec is not None else 0
+        try:
+            mm = manifest.member(pm.member)
+            if base and base not in bases:
+                bases[base] = engine.repo.manifest(job, base)
+            bm = bases[base].member(pm.member) if base else None
+        except (KeyError, CpcoordError) as e:
+            log_event(log, logging.INFO, "restore without base", member=pm.member, why=str(e))
+            continue
+        if bm is None:
+            continue
+        pm.base_generation = base
+        pm.differs.extend(restore_diff.differing_regions(mm, bm))
+
+
 def finish(engine: EngineView, f: Flight) -> Summary:
     """Under the lock, at a restore's end (COMMITTED or ABORTED; the engine has ended
     the flight): written members capture in full next; the generation keeps its own
@@ -161,7 +194,7 @@ def finish(engine: EngineView, f: Flight) -> Summary:
     if snap.state is GenState.COMMITTED:
         for name, _ in snap.spec.members:
             r = engine.members.get(f.job, name)
-            if r is not None and r.committed:
+            if r is not None and r.committed and name not in f.tracker_kept:
                 engine.members.update_all([replace(r, committed=0)])
     f.summary = generations.summarize(
         engine, f.job, f.number, info=engine.repo.catalog.get(f.job, f.number)

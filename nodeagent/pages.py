@@ -106,3 +106,28 @@ def runs_from_list(items: object) -> Runs:
 
 def count_pages(runs: Runs) -> int:
     return int(np.asarray(runs, dtype=np.uint64).reshape(-1, 2)[:, 1].sum())
+
+
+def in_sorted(a: PageNumbers, b: PageNumbers) -> npt.NDArray[np.bool_]:
+    """Per element of `a`, whether it is in `b` (both sorted, unique): one searchsorted,
+    no sort (np.isin and np.setdiff1d sort both sides)."""
+    if a.size == 0 or b.size == 0:
+        return np.zeros(a.size, dtype=np.bool_)
+    idx = np.searchsorted(b, a)
+    idx[idx == b.size] = b.size - 1
+    return np.asarray(b[idx] == a)
+
+
+def union_sorted(a: PageNumbers, b: PageNumbers) -> PageNumbers:
+    """The union of two sorted, unique page arrays, sorted: a merge (timsort of two
+    runs), never np.union1d/np.unique, which hash or sort from scratch (NumPy 2.3+:
+    ~0.5 s for 262 144 pages under load)."""
+    a = np.asarray(a, dtype=np.uint64)
+    b = np.asarray(b, dtype=np.uint64)
+    if a.size == 0:
+        return b
+    if b.size == 0:
+        return a
+    out = np.concatenate((a, b[~in_sorted(b, a)]))
+    out.sort(kind="stable")
+    return out

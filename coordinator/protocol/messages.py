@@ -46,6 +46,16 @@ class Begin(Event):
 
 
 @dataclass(frozen=True)
+class AgentPrepared(Event):
+    """An agent is ready for the Freeze (a restore: its members' pages are prefetched).
+    `now`: the driver's clock when it heard it (the Freeze's deadlines start there)."""
+
+    node: str
+    now: float
+    members: tuple[str, ...] = ()  # empty: every member of the job on this node
+
+
+@dataclass(frozen=True)
 class AgentFrozen(Event):
     node: str
     members: tuple[str, ...] = ()  # empty: every member of the job on this node
@@ -135,6 +145,7 @@ class Cancel(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     Begin,
+    AgentPrepared,
     AgentFrozen,
     FreezeFailed,
     MemberStaged,
@@ -156,6 +167,17 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 @dataclass(frozen=True)
 class Command:
     """Base of every command."""
+
+
+@dataclass(frozen=True)
+class SendPrepare(Command):
+    """Get ready before the Freeze, nothing frozen (a restore: prefetch the pages)."""
+
+    node: str
+    job: str
+    generation: int
+    kind: Kind
+    members: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Owns the rules of DESIGN.md "The checkpoint protocol": the freeze barrier, early per-member
 thaw, deadlines and the abort rules, for a checkpoint and for the restore-in-place variant
-(freeze all, write all, thaw all). Events go in (`Generation.handle`), commands come out;
+(prepare all: prefetch, then freeze all, write all, thaw all; the prepare phase's cells
+are coordinator/protocol/prepare.py, the helpers they share coordinator/protocol/cells.py).
+Events go in (`Generation.handle`), commands come out;
 nothing here does I/O, reads a clock or knows gRPC. Time arrives as `Begin.now` and
 `Tick.now` (seconds of the driver's monotonic clock). States and values live in
 `coordinator.protocol.values`, events and commands in `coordinator.protocol.messages`;
@@ -21,18 +23,33 @@ keeps its changed set as pending, which can only make the next capture larger).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
+from coordinator.protocol.cells import (
+    Cell,
+    Result,
+    abort,
+    act,
+    any_still_frozen,
+    freeze_all,
+    ignore,
+    live_nodes,
+    member,
+    progress,
+    refusal,
+    refuse,
+    set_members,
+    still_frozen,
+    targets,
+)
 from coordinator.protocol.messages import (
     AgentFrozen,
     AgentLost,
+    AgentPrepared,
     Begin,
     Cancel,
     Command,
     Commit,
-    DropGeneration,
-    EmitProgress,
     Event,
     FreezeFailed,
     MemberFailed,
@@ -40,20 +57,17 @@ from coordinator.protocol.messages import (
     MemberRestored,
     MemberStaged,
     MemberUploaded,
-    ProgressEvent,
-    SendAbort,
     SendCapture,
     SendCommitted,
-    SendFreeze,
     SendRestore,
     SendThaw,
     StoreCommitted,
     StoreFailed,
     Tick,
 )
+from coordinator.protocol.prepare import begin_prepare, prepare_tick, prepared
 from coordinator.protocol.values import (
     AbortReason,
-    Deadlines,
     GenState,
     Kind,
     MemberRecord,
@@ -62,152 +76,43 @@ from coordinator.protocol.values import (
     Snapshot,
     Spec,
 )
-from cpcoord.errors import CancelTooLate, ProtocolViolation, UnknownMember
+from cpcoord.errors import CancelTooLate
 
-Result = tuple[Snapshot, tuple[Command, ...]]
 Action = Callable[[Snapshot, Event], Result]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell of the table: what `event` does in `state`."""
-
-    action: Action
-    targets: frozenset[GenState]  # states it may lead to; empty for a refusal
-    rule: str  # the rule in words, rendered into docs/protocol.md
-    refuses: bool = False
-    ignores: bool = False
-
-
-# -- helpers -------------------------------------------------------------------------
-
-
-def _refuse(snap: Snapshot, event: Event, why: str) -> ProtocolViolation:
-    return ProtocolViolation(
-        type(event).__name__, snap.state.name, snap.spec.job, snap.spec.generation, why
-    )
-
-
-def _progress(
-    snap: Snapshot, kind: ProgressKind, m: MemberRecord | None = None, **kw: object
-) -> EmitProgress:
-    sp = snap.spec
-    done = snap.count(sp.done_state)
-    ev = ProgressEvent(kind, sp.job, sp.generation, done=done, total=len(snap.members))
-    if m is not None:
-        ev = dataclasses.replace(ev, member=m.name, node=m.node, stats=m.stats)
-    return EmitProgress(dataclasses.replace(ev, detail=snap.detail, **kw))  # type: ignore[arg-type]
-
-
-def _targets(snap: Snapshot, event: AgentFrozen | FreezeFailed | MemberFailed) -> list[str]:
-    """The members an event names; an empty name means all of the node's members."""
-    if event.node not in snap.spec.nodes:
-        raise _refuse(snap, event, f"node {event.node} holds no member of this generation")
-    names = list(event.members) if isinstance(event, AgentFrozen) else [event.member]
-    names = [n for n in names if n] or list(snap.spec.members_on(event.node))
-    return [_member(snap, event.node, n).name for n in names]
-
-
-def _member(snap: Snapshot, node: str, name: str) -> MemberRecord:
-    rec = snap.member(name)
-    if rec is None or rec.node != node:
-        where = f"on node {node!r} in generation {snap.spec.generation}"
-        raise UnknownMember(snap.spec.job, name, where)
-    return rec
-
-
-def _set(snap: Snapshot, recs: Iterable[MemberRecord]) -> Snapshot:
-    return snap.with_members(recs)
-
-
-def _live_nodes(snap: Snapshot) -> list[str]:
-    return [n for n in snap.spec.nodes if n not in snap.lost]
-
-
-def _abort(snap: Snapshot, reason: AbortReason, detail: str = "") -> Result:
-    """ABORTED: every reachable agent that got Freeze gets Abort (thaw, drop staging, keep
-    the changed set pending); the driver drops the generation's catalog entry."""
-    out: list[Command] = []
-    if snap.state is not GenState.NEW:
-        sp = snap.spec
-        out += [SendAbort(n, sp.job, sp.generation, reason, detail) for n in _live_nodes(snap)]
-    if snap.spec.kind is Kind.CHECKPOINT:
-        out.append(DropGeneration(snap.spec.job, snap.spec.generation, reason))
-    new = dataclasses.replace(snap, state=GenState.ABORTED, reason=reason, detail=detail)
-    out.append(_progress(new, ProgressKind.ABORTED, reason=reason))
-    return new, tuple(out)
-
-
-def _still_frozen(snap: Snapshot) -> list[MemberRecord]:
-    """Members the lease still covers: not yet thawed (restore thaws all at the end)."""
-    if snap.spec.kind is Kind.RESTORE:
-        return list(snap.members)
-    return [m for m in snap.members if m.state in (MemberState.PENDING, MemberState.FROZEN)]
-
-
-def _any_still_frozen(snap: Snapshot) -> bool:
-    """`bool(_still_frozen(snap))` without walking the members."""
-    if snap.spec.kind is Kind.RESTORE:
-        return bool(snap.members)
-    return snap.count(MemberState.PENDING) + snap.count(MemberState.FROZEN) > 0
-
-
-# -- actions -------------------------------------------------------------------------
-
-
-def _ignore(snap: Snapshot, event: Event) -> Result:
-    return snap, ()
-
-
-def _refuser(why: str) -> Action:
-    def act(snap: Snapshot, event: Event) -> Result:
-        raise _refuse(snap, event, why)
-
-    return act
 
 
 def _begin(snap: Snapshot, event: Event) -> Result:
     assert isinstance(event, Begin)
-    sp, t = snap.spec, snap.spec.timing
-    new = dataclasses.replace(
-        snap,
-        state=GenState.PREPARING,
-        deadlines=Deadlines(
-            event.now + t.freeze_timeout_s, event.now + t.lease_s, event.now + t.commit_timeout_s
-        ),
-    )
-    out: list[Command] = [
-        SendFreeze(n, sp.job, sp.generation, sp.kind, t.lease_s, sp.members_on(n)) for n in sp.nodes
-    ]
-    out.append(_progress(new, ProgressKind.FREEZE_SENT))
-    return new, tuple(out)
+    if snap.spec.prepare:
+        return begin_prepare(snap, event.now)
+    return freeze_all(snap, event.now)
 
 
 def _frozen(snap: Snapshot, event: Event) -> Result:
     assert isinstance(event, AgentFrozen)
-    recs = [_member(snap, event.node, n) for n in _targets(snap, event)]
+    recs = [member(snap, event.node, n) for n in targets(snap, event)]
     pending = [r for r in recs if r.state is MemberState.PENDING]
-    new = _set(snap, (dataclasses.replace(r, state=MemberState.FROZEN) for r in pending))
+    new = set_members(snap, (dataclasses.replace(r, state=MemberState.FROZEN) for r in pending))
     if new.count(MemberState.PENDING):
         return new, ()
     # The barrier: every member is frozen, the cut is taken.
     sp = new.spec
     new = dataclasses.replace(new, state=GenState.FROZEN)
     out: list[Command] = []
-    for n in _live_nodes(new):
+    for n in live_nodes(new):
         if sp.kind is Kind.CHECKPOINT:
             out.append(SendCapture(n, sp.job, sp.generation, sp.full, sp.members_on(n)))
         else:
             out.append(SendRestore(n, sp.job, sp.generation, sp.members_on(n)))
-    out.append(_progress(new, ProgressKind.BARRIER))
+    out.append(progress(new, ProgressKind.BARRIER))
     return new, tuple(out)
 
 
 def _member_failed(snap: Snapshot, event: Event) -> Result:
     assert isinstance(event, FreezeFailed | MemberFailed)
     reason = event.reason if isinstance(event, MemberFailed) else AbortReason.FREEZE_FAILED
-    if any(_needs_agent(snap, _member(snap, event.node, n)) for n in _targets(snap, event)):
-        return _abort(snap, reason, f"node {event.node}: {event.detail or reason.value}")
+    if any(_needs_agent(snap, member(snap, event.node, n)) for n in targets(snap, event)):
+        return abort(snap, reason, f"node {event.node}: {event.detail or reason.value}")
     return snap, ()
 
 
@@ -217,14 +122,14 @@ def _needs_agent(snap: Snapshot, m: MemberRecord) -> bool:
 
 def _gone(snap: Snapshot, event: Event) -> Result:
     assert isinstance(event, MemberGone)
-    m = _member(snap, event.node, event.member)
+    m = member(snap, event.node, event.member)
     still_needed = (
         m.state is not MemberState.RESTORED
         if snap.spec.kind is Kind.RESTORE
         else m.state in (MemberState.PENDING, MemberState.FROZEN)
     )
     if still_needed:
-        return _abort(snap, AbortReason.MEMBER_DIED, f"{event.member}: {event.detail}")
+        return abort(snap, AbortReason.MEMBER_DIED, f"{event.member}: {event.detail}")
     return snap, ()
 
 
@@ -233,14 +138,14 @@ def _lost(snap: Snapshot, event: Event) -> Result:
     if event.node not in snap.spec.nodes or event.node in snap.lost:
         return snap, ()
     new = dataclasses.replace(snap, lost=snap.lost | {event.node})
-    if snap.state in (GenState.NEW, GenState.PREPARING) or any(
+    if snap.state in (GenState.NEW, GenState.PRIMING, GenState.PREPARING) or any(
         _needs_agent(snap, m) for m in snap.members if m.node == event.node
     ):
-        return _abort(new, AbortReason.AGENT_LOST, f"node {event.node}: {event.detail}")
+        return abort(new, AbortReason.AGENT_LOST, f"node {event.node}: {event.detail}")
     return new, ()
 
 
-def _advance(kind: Kind, before: MemberState, after: MemberState, progress: ProgressKind) -> Action:
+def _advance(kind: Kind, before: MemberState, after: MemberState, pk: ProgressKind) -> Action:
     """A per-member report: `before` -> `after`; a repeat (already at or past `after`) is a
     harmless duplicate; a report about a member that is not yet `before` is refused."""
     order = list(MemberState)
@@ -248,26 +153,26 @@ def _advance(kind: Kind, before: MemberState, after: MemberState, progress: Prog
     def act(snap: Snapshot, event: Event) -> Result:
         assert isinstance(event, MemberStaged | MemberUploaded | MemberRestored)
         if snap.spec.kind is not kind:
-            raise _refuse(snap, event, f"only a {kind.value} generation has this event")
-        m = _member(snap, event.node, event.member)
+            raise refusal(snap, event, f"only a {kind.value} generation has this event")
+        m = member(snap, event.node, event.member)
         if order.index(m.state) >= order.index(after):
             return snap, ()
         if m.state is not before:
-            raise _refuse(snap, event, f"member {m.name} is {m.state.name}, not {before.name}")
+            raise refusal(snap, event, f"member {m.name} is {m.state.name}, not {before.name}")
         rec = dataclasses.replace(m, state=after, stats=m.stats.merge(event.stats))
-        new = _set(snap, [rec])
-        out: list[Command] = [_progress(new, progress, rec)]
+        new = set_members(snap, [rec])
+        out: list[Command] = [progress(new, pk, rec)]
         if new.count(after) != len(new.members) or after is MemberState.STAGED:
             return new, tuple(out)
         sp = new.spec
         if kind is Kind.RESTORE:  # written everywhere: thaw all at once
             new = dataclasses.replace(new, state=GenState.COMMITTED)
-            out += [SendThaw(n, sp.job, sp.generation) for n in _live_nodes(new)]
-            out.append(_progress(new, ProgressKind.COMMITTED))
+            out += [SendThaw(n, sp.job, sp.generation) for n in live_nodes(new)]
+            out.append(progress(new, ProgressKind.COMMITTED))
         else:  # uploaded everywhere: the driver writes the manifest and flips the catalog
             new = dataclasses.replace(new, state=GenState.CAPTURED)
             out.append(Commit(sp.job, sp.generation, tuple(m.name for m in new.members)))
-            out.append(_progress(new, ProgressKind.CAPTURED))
+            out.append(progress(new, ProgressKind.CAPTURED))
         return new, tuple(out)
 
     return act
@@ -278,40 +183,40 @@ def _tick(snap: Snapshot, event: Event) -> Result:
     d, now = snap.deadlines, event.now
     if snap.state is GenState.PREPARING and now >= d.freeze_at:
         pending = [m.name for m in snap.members if m.state is MemberState.PENDING]
-        return _abort(snap, AbortReason.FREEZE_TIMEOUT, "not frozen: " + ", ".join(pending))
-    if snap.state is GenState.FROZEN and now >= d.lease_at and _any_still_frozen(snap):
-        names = ", ".join(m.name for m in _still_frozen(snap))
-        return _abort(snap, AbortReason.LEASE_EXPIRED, "still frozen: " + names)
+        return abort(snap, AbortReason.FREEZE_TIMEOUT, "not frozen: " + ", ".join(pending))
+    if snap.state is GenState.FROZEN and now >= d.lease_at and any_still_frozen(snap):
+        names = ", ".join(m.name for m in still_frozen(snap))
+        return abort(snap, AbortReason.LEASE_EXPIRED, "still frozen: " + names)
     if now >= d.commit_at:
-        return _abort(snap, AbortReason.COMMIT_TIMEOUT, f"in state {snap.state.name}")
+        return abort(snap, AbortReason.COMMIT_TIMEOUT, f"in state {snap.state.name}")
     return snap, ()
 
 
 def _committed(snap: Snapshot, event: Event) -> Result:
     sp = snap.spec
     new = dataclasses.replace(snap, state=GenState.COMMITTED)
-    out: list[Command] = [SendCommitted(n, sp.job, sp.generation) for n in _live_nodes(new)]
-    out.append(_progress(new, ProgressKind.COMMITTED))
+    out: list[Command] = [SendCommitted(n, sp.job, sp.generation) for n in live_nodes(new)]
+    out.append(progress(new, ProgressKind.COMMITTED))
     return new, tuple(out)
 
 
 def _store_failed(snap: Snapshot, event: Event) -> Result:
     assert isinstance(event, StoreFailed)
-    return _abort(snap, AbortReason.STORE_ERROR, event.detail)
+    return abort(snap, AbortReason.STORE_ERROR, event.detail)
 
 
 def _cancel(snap: Snapshot, event: Event) -> Result:
     assert isinstance(event, Cancel)
     if snap.state in (GenState.CAPTURED, GenState.COMMITTED):
         raise CancelTooLate(snap.spec.generation, snap.spec.job, snap.state.name)
-    return _abort(snap, AbortReason.CANCELLED, event.detail)
+    return abort(snap, AbortReason.CANCELLED, event.detail)
 
 
 # -- the table -----------------------------------------------------------------------
 # One cell per (state, event type). act(action, targets, rule); refuse(why): raise,
 # change nothing; ignore(state, why): no commands, change nothing.
 
-N, P, F, C, OK, AB = list(GenState)
+N, PR, P, F, C, OK, AB = list(GenState)
 _STAGED = _advance(
     Kind.CHECKPOINT, MemberState.FROZEN, MemberState.STAGED, ProgressKind.MEMBER_STAGED
 )
@@ -323,26 +228,18 @@ _RESTORED = _advance(
 )
 
 
-def act(action: Action, targets: Iterable[GenState], rule: str) -> Cell:
-    return Cell(action, frozenset(targets), rule)
-
-
-def refuse(why: str, action: Action | None = None) -> Cell:
-    return Cell(action or _refuser(why), frozenset(), "refused: " + why, refuses=True)
-
-
-def ignore(state: GenState, why: str) -> Cell:
-    return Cell(_ignore, frozenset({state}), "ignored: " + why, ignores=True)
-
-
 _UNSENT = "nothing was sent yet"
 _EARLY = "before the barrier nothing is captured or written"
+_NO_FREEZE = "no Freeze was sent yet (the prepare phase)"
 _LATE = "a late or repeated report; the outcome is decided"
 _IF_NEEDED = "abort with its reason, unless every member it names is UPLOADED (RESTORED): ignored"
 
 # fmt: off
 TABLE: dict[tuple[GenState, type[Event]], Cell] = {
-    (N, Begin): act(_begin, [P], "set the deadlines; Freeze to every node; progress FREEZE_SENT"),
+    (N, Begin): act(_begin, [PR, P],
+        "set the deadlines; with a prepare phase (restore): Prepare to every node; else "
+        "Freeze to every node, progress FREEZE_SENT"),
+    (N, AgentPrepared): refuse(_UNSENT),
     (N, AgentFrozen): refuse(_UNSENT),
     (N, FreezeFailed): refuse(_UNSENT),
     (N, MemberStaged): refuse(_UNSENT),
@@ -355,7 +252,27 @@ TABLE: dict[tuple[GenState, type[Event]], Cell] = {
     (N, StoreCommitted): refuse("nothing to commit"),
     (N, StoreFailed): act(_store_failed, [AB], "abort store_error"),
     (N, Cancel): act(_cancel, [AB], "abort cancelled (nothing to send)"),
+    (PR, Begin): refuse("already begun"),
+    (PR, AgentPrepared): act(prepared, [PR, P],
+        "the node is prepared (repeats ignored); when every live node is: Freeze to every "
+        "node, the freeze, lease and commit deadlines from now, progress FREEZE_SENT"),
+    (PR, AgentFrozen): refuse(_NO_FREEZE),
+    (PR, FreezeFailed): refuse(_NO_FREEZE),
+    (PR, MemberStaged): refuse(_EARLY),
+    (PR, MemberUploaded): refuse(_EARLY),
+    (PR, MemberRestored): refuse(_EARLY),
+    (PR, MemberFailed): act(_member_failed, [AB],
+        "abort with its reason (Abort to every live node: they free what they prepared)"),
+    (PR, MemberGone): act(_gone, [AB], "abort member_died"),
+    (PR, AgentLost): act(_lost, [PR, AB], "a node of the job: abort agent_lost; others ignored"),
+    (PR, Tick): act(prepare_tick, [PR, AB],
+        "at the prepare deadline: abort prepare_timeout; at the commit deadline: abort "
+        "commit_timeout"),
+    (PR, StoreCommitted): refuse("nothing to commit"),
+    (PR, StoreFailed): act(_store_failed, [AB], "abort store_error"),
+    (PR, Cancel): act(_cancel, [AB], "abort cancelled"),
     (P, Begin): refuse("already begun"),
+    (P, AgentPrepared): ignore(P, "a repeat: the Freeze is out"),
     (P, AgentFrozen): act(_frozen, [P, F],
         "the named (empty: all the node's) members PENDING->FROZEN, repeats ignored; when "
         "none is PENDING: the barrier: Capture (Restore) to every node, progress BARRIER"),
@@ -371,6 +288,7 @@ TABLE: dict[tuple[GenState, type[Event]], Cell] = {
     (P, StoreFailed): act(_store_failed, [AB], "abort store_error"),
     (P, Cancel): act(_cancel, [AB], "abort cancelled"),
     (F, Begin): refuse("already begun"),
+    (F, AgentPrepared): ignore(F, _LATE),
     (F, AgentFrozen): ignore(F, "a repeat: every member is past the barrier"),
     (F, FreezeFailed): act(_member_failed, [F, AB], _IF_NEEDED),
     (F, MemberStaged): act(_STAGED, [F],
@@ -394,6 +312,7 @@ TABLE: dict[tuple[GenState, type[Event]], Cell] = {
     (F, StoreFailed): act(_store_failed, [AB], "abort store_error"),
     (F, Cancel): act(_cancel, [AB], "abort cancelled"),
     (C, Begin): refuse("already begun"),
+    (C, AgentPrepared): ignore(C, _LATE),
     (C, AgentFrozen): ignore(C, _LATE),
     (C, FreezeFailed): ignore(C, "every member is uploaded"),
     (C, MemberStaged): ignore(C, "a repeat: every member is uploaded"),
@@ -409,6 +328,7 @@ TABLE: dict[tuple[GenState, type[Event]], Cell] = {
     (C, StoreFailed): act(_store_failed, [AB], "abort store_error"),
     (C, Cancel): refuse("CancelTooLate, the store is committing", _cancel),
     (OK, Begin): refuse("already begun"),
+    (OK, AgentPrepared): ignore(OK, _LATE),
     (OK, AgentFrozen): ignore(OK, _LATE),
     (OK, FreezeFailed): ignore(OK, _LATE),
     (OK, MemberStaged): ignore(OK, _LATE),
@@ -422,6 +342,7 @@ TABLE: dict[tuple[GenState, type[Event]], Cell] = {
     (OK, StoreFailed): refuse("committed; a store failure now is a driver bug"),
     (OK, Cancel): refuse("CancelTooLate, committed", _cancel),
     (AB, Begin): refuse("already begun"),
+    (AB, AgentPrepared): ignore(AB, _LATE),
     (AB, AgentFrozen): ignore(AB, _LATE + " (Abort follows Freeze on the same stream)"),
     (AB, FreezeFailed): ignore(AB, _LATE),
     (AB, MemberStaged): ignore(AB, _LATE),
@@ -442,7 +363,7 @@ def step(snap: Snapshot, event: Event) -> Result:
     """The pure transition: the next snapshot and the commands, or an error (unchanged)."""
     cell = TABLE.get((snap.state, type(event)))
     if cell is None:
-        raise _refuse(snap, event, "not an event of the protocol")
+        raise refusal(snap, event, "not an event of the protocol")
     return cell.action(snap, event)
 
 
@@ -474,9 +395,11 @@ class Generation:
         s, d = self._snap, self._snap.deadlines
         if d is None or self.terminal:
             return None
+        if s.state is GenState.PRIMING:
+            return min(d.prepare_at, d.commit_at)
         if s.state is GenState.PREPARING:
             return d.freeze_at
-        if s.state is GenState.FROZEN and _any_still_frozen(s):
+        if s.state is GenState.FROZEN and any_still_frozen(s):
             return d.lease_at
         return d.commit_at
 

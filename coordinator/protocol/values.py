@@ -27,6 +27,7 @@ class Kind(StrEnum):
 
 class GenState(StrEnum):
     NEW = "new"  # built, nothing sent
+    PRIMING = "priming"  # Prepare sent (a spec with a prepare phase), nothing frozen yet
     PREPARING = "preparing"  # Freeze sent, waiting for every member to be frozen
     FROZEN = "frozen"  # the barrier passed: the cut is taken; capture (write) runs
     CAPTURED = "captured"  # every member uploaded; Commit issued, the store decides
@@ -56,6 +57,7 @@ class AbortReason(StrEnum):
     CANCELLED = "cancelled"
     MISMATCH = "mismatch"  # restore: a member's mappings no longer fit the generation
     RESTORE_FAILED = "restore_failed"
+    PREPARE_TIMEOUT = "prepare_timeout"  # not every agent was prepared by its deadline
 
 
 # Reasons a MemberFailed event may carry (the others belong to other events or to Tick).
@@ -95,11 +97,14 @@ def check_finite(what: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class Timing:
-    """Durations in seconds; 0 < freeze_timeout_s <= lease_s <= commit_timeout_s."""
+    """Durations in seconds; 0 < freeze_timeout_s <= lease_s <= commit_timeout_s and
+    0 < prepare_timeout_s. With a prepare phase the freeze, lease and commit deadlines
+    count from the Freeze (after every agent is prepared), not from Begin."""
 
     lease_s: float = 10.0  # the longest any member stays frozen (the agents enforce it too)
-    freeze_timeout_s: float = 5.0  # from Begin to the barrier
-    commit_timeout_s: float = 300.0  # from Begin to COMMITTED
+    freeze_timeout_s: float = 5.0  # from Begin (the Freeze) to the barrier
+    commit_timeout_s: float = 300.0  # from Begin (the Freeze) to COMMITTED
+    prepare_timeout_s: float = 600.0  # from Begin to every agent Prepared (downloads)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -109,6 +114,8 @@ class Timing:
                 "timing needs 0 < freeze_timeout_s <= lease_s <= commit_timeout_s, got "
                 f"{self.freeze_timeout_s}, {self.lease_s}, {self.commit_timeout_s}"
             )
+        if self.prepare_timeout_s <= 0:
+            raise InvalidArgument(f"prepare_timeout_s must be > 0, got {self.prepare_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class Deadlines:
     freeze_at: float
     lease_at: float
     commit_at: float
+    prepare_at: float = math.inf  # a prepare phase: every agent Prepared by then
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,8 @@ class Stats:
     bytes_logical: int = 0  # pages * page size
     bytes_stored_new: int = 0  # compressed bytes the store did not have before
     frozen_seconds: float = 0.0  # the member's downtime: freeze + barrier + own copy
+    pages_written: int = 0  # restore: pages written (the differing ones, or all)
+    bytes_prefetched: int = 0  # restore: page bytes downloaded before the freeze
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -148,6 +158,8 @@ class Stats:
             sum(s.bytes_logical for s in items),
             sum(s.bytes_stored_new for s in items),
             max((s.frozen_seconds for s in items), default=0.0),
+            sum(s.pages_written for s in items),
+            sum(s.bytes_prefetched for s in items),
         )
 
 
@@ -160,6 +172,9 @@ class Spec:
     members: tuple[tuple[str, str], ...]  # (member, node), in a stable order
     kind: Kind = Kind.CHECKPOINT
     full: bool = False  # checkpoint: capture every page, not only the changed ones
+    # A prepare phase before the Freeze (Prepare to every node, Freeze once all answered
+    # Prepared): a restore prefetches what it will write; a checkpoint could pre-copy.
+    prepare: bool = False
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
@@ -224,6 +239,7 @@ class Snapshot:
     state: GenState
     members: tuple[MemberRecord, ...]
     lost: frozenset[str] = frozenset()  # nodes whose control stream broke
+    prepared: frozenset[str] = frozenset()  # nodes that answered the Prepare
     deadlines: Deadlines | None = None
     reason: AbortReason | None = None
     detail: str = ""

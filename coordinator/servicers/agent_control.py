@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import generations, ingest, pagestream
+from coordinator import generations, ingest, pagestream, restore_diff
 from coordinator.engine import Engine
 from coordinator.servicers import convert
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -40,6 +40,9 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
         self, request: agent_pb2.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[common_pb2.PageData]:
         m, nodes = generations.manifest(self.engine, request.job, request.generation)
+        only = None
+        if request.page_filter:  # the restore's prefetch: only the pages it will write
+            only = {r.name: restore_diff.pages_of_runs(r.pages) for r in request.page_filter}
         yield from pagestream.stream(
             self.engine.repo,
             m,
@@ -47,4 +50,5 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
             list(request.regions),
             nodes,
             self.engine.opt.max_batch_entries,
+            only=only,
         )

@@ -45,6 +45,8 @@ def member_stats(s: Stats | None, **extra: object) -> common_pb2.MemberStats:
         bytes_logical=s.bytes_logical,
         bytes_stored_new=s.bytes_stored_new,
         frozen_seconds=s.frozen_seconds,
+        pages_written=s.pages_written,
+        bytes_prefetched=s.bytes_prefetched,
         **extra,  # type: ignore[arg-type]
     )
 

@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
                             "node": ev.node,
                             "pages": ev.stats.pages,
                             "bytes": ev.stats.bytes_logical,
+                            "frozen_seconds": round(ev.stats.frozen_seconds, 6),
+                            "pages_written": ev.stats.pages_written,
+                            "bytes_prefetched": ev.stats.bytes_prefetched,
                         }
                     )
                 events.event(ev)

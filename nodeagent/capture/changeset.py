@@ -153,3 +153,24 @@ def written_estimate(tracker: Tracker, pid: int, mine: Sequence[Mapping]) -> int
     except (OSError, TrackerFailed):
         return None
     return None
+
+
+def written_pages(tracker: Tracker, pid: int, mine: Sequence[Mapping]) -> PageNumbers | None:
+    """The pages written since the last collect, read without re-arming or clearing
+    anything (a restore's peek: the tracker stays as it is). None where only a full
+    read would tell (hash) or the read failed."""
+    try:
+        if tracker.name == "uffd-wp":
+            from nodeagent.trackers.uffd_scans import peek_written
+
+            return peek_written(pid, [(m.start, m.end) for m in mine])
+        if tracker.name == "soft-dirty":
+            from nodeagent.proc.pagemap import PagemapReader
+            from nodeagent.trackers import softdirty
+
+            lo, hi = softdirty.segments(mine)
+            with PagemapReader(pid) as pm:
+                return softdirty.read_soft_dirty(pm, lo, hi)
+    except (OSError, TrackerFailed):  # UffdScanFailed among them
+        return None
+    return None

@@ -274,6 +274,7 @@ class Agent:
         s.closed.set()
         self.connected.clear()
         self.uploader.cancel_all()
+        self.commands.prefetches.drop_stale(self._epoch)  # the restores it served are over
         self.worker.submit(DisconnectOp())
 
     # -- events up -------------------------------------------------------------------------

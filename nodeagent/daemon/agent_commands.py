@@ -1,12 +1,15 @@
 """Commands down the node agent's control stream, turned into work: ops for the ptrace
 thread (nodeagent/daemon/worker.py), cancels for the uploader, and restore downloads.
 
-Restore: a Freeze of kind RESTORE freezes and fits the members (Failed MISMATCH for one
-that cannot take the generation back, then no Frozen); a Restore downloads each
-member's pages on a thread of its own (`DownloadPages`, off the stream's reader thread)
-and the ptrace thread writes them while the member stays frozen (Restored); the Thaw
-thaws. RestoreInto downloads and writes into another process. Only members with
-explicit regions are restored.
+Restore: a Prepare (nothing frozen) prefetches on a thread of its own what each member
+will have written (nodeagent/daemon/prefetch.py: the ptrace thread peeks at the tracker,
+`DownloadPages` with a page filter, off the stream's reader thread) and answers
+Prepared, or Failed(RESTORE_FAILED); an Abort frees it. A Freeze of kind RESTORE
+freezes and fits the members (Failed MISMATCH for one that cannot take the generation
+back, then no Frozen); a Restore hands each member's prefetched pages (downloaded now
+when there are none, from an older coordinator) to the ptrace thread, which fetches the
+few pages written since, writes while the member stays frozen (Restored); the Thaw
+thaws. RestoreInto downloads and writes into another process.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import grpc
 from cpcoord import __version__, grpcutil
 from cpcoord.errors import CpcoordError, NotImplementedYet
 from cpcoord.gen.v1 import agent_pb2, common_pb2
-from nodeagent.daemon import restore_ops
+from cpcoord.ranges import PAGE_SIZE
+from nodeagent.daemon import prefetch, restore_ops
 from nodeagent.daemon import worker_ops as ops
 from nodeagent.daemon.agent_session import Session
 from nodeagent.daemon.membership import Members
 from nodeagent.daemon.worker import Worker
+from nodeagent.pages import PageNumbers
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.upload.pool import Uploader
 
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 PRECOPY_DEFAULT_MS = 2000
 Emit = Callable[[agent_pb2.AgentMessage, int], None]
 Contents = tuple[restore_ops.RegionContents, ...]
+PEEK_TIMEOUT_S = 60.0  # the ptrace thread busy that long: write every page instead
 
 
 class Commands:
@@ -47,6 +53,7 @@ class Commands:
         self.members = members
         self._emit = emit
         self._coordinator = coordinator  # for error messages
+        self.prefetches = prefetch.Prefetches()
 
     def handle(self, s: Session, msg: agent_pb2.CoordinatorMessage) -> None:
         body = msg.WhichOneof("body")
@@ -66,8 +73,12 @@ class Commands:
         elif body == "capture":
             c = msg.capture
             self.worker.submit(ops.CaptureOp(c.job, c.generation, c.full, tuple(c.members), e))
+        elif body == "prepare":
+            self.prefetches.drop_stale(e)
+            self._spawn("prepare", self._prepare, s, msg.prepare)
         elif body == "abort":
             a = msg.abort
+            self.prefetches.drop(a.job, a.generation)
             log.info(
                 "abort",
                 extra={"fields": {"job": a.job, "generation": a.generation, "detail": a.detail}},
@@ -104,19 +115,83 @@ class Commands:
         threading.Thread(target=target, args=args, name=f"cpcoord-{what}", daemon=True).start()
 
     def _download(
-        self, s: Session, job: str, gen: int, member: str
+        self, s: Session, job: str, gen: int, member: str, scope: prefetch.Scope | None = None
     ) -> tuple[Contents, CpcoordError | None]:
         try:
-            return restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s), None
+            only = prefetch.page_filter(scope) if scope is not None else None
+            got = restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s, only)
+            return got, None
         except grpc.RpcError as ex:
             return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator)
         except CpcoordError as ex:
             return (), ex
 
+    def _fetcher(self, s: Session, job: str, gen: int, member: str) -> prefetch.Fetch:
+        """A download for the ptrace thread (frozen: the pages written since the prefetch)."""
+
+        def fetch(scope: prefetch.Scope | None) -> Contents:
+            got, err = self._download(s, job, gen, member, scope)
+            if err is not None:
+                raise err
+            return got
+
+        return fetch
+
+    def _peek(self, job: str, member: str, base: int) -> PageNumbers | None:
+        """The pages of the member that may differ from `base`, asked of the ptrace thread
+        (the tracker is its own); None: unknown, every page is written."""
+        done = threading.Event()
+        box: list[PageNumbers | None] = [None]
+
+        def reply(pages: PageNumbers | None) -> None:
+            box[0] = pages
+            done.set()
+
+        self.worker.submit(ops.PeekOp(job, member, base, reply))
+        return box[0] if done.wait(PEEK_TIMEOUT_S) else None
+
+    def _prepare(self, s: Session, p: agent_pb2.Prepare) -> None:
+        """Prefetch every member's pages to write, then Prepared (or Failed)."""
+        names = []
+        for pm in p.members:
+            if s.closed.is_set():
+                return
+            dirty = self._peek(p.job, pm.member, pm.base_generation) if pm.base_generation else None
+            scope = prefetch.scope_of(pm, dirty)
+            contents, err = self._download(s, p.job, p.generation, pm.member, scope)
+            if err is not None:
+                fields = {"member": pm.member, "error": str(err)}
+                log.warning("restore prefetch failed", extra={"fields": fields})
+                self.prefetches.drop(p.job, p.generation)
+                reason = ops.R.ABORT_REASON_RESTORE_FAILED
+                self._emit(ops.failed(p.job, p.generation, pm.member, reason, err), s.epoch)
+                return
+            if s.closed.is_set():  # the stream ended meanwhile: nobody will Restore it
+                self.prefetches.drop(p.job, p.generation)
+                return
+            size = sum(int(c.pages.size) for c in contents) * PAGE_SIZE
+            base = pm.base_generation if scope is not None else 0
+            self.prefetches.put(
+                prefetch.Prefetched(
+                    p.job, p.generation, pm.member, s.epoch, contents, scope, base, size
+                )
+            )
+            names.append(pm.member)
+        ready = agent_pb2.Prepared(job=p.job, generation=p.generation, members=names)
+        self._emit(agent_pb2.AgentMessage(prepared=ready), s.epoch)
+
     def _restore(self, s: Session, job: str, gen: int, members: tuple[str, ...]) -> None:
         for member in members:
             if s.closed.is_set():
                 return
+            pf = self.prefetches.take(job, gen, member, s.epoch)
+            if pf is not None:
+                fetch = self._fetcher(s, job, gen, member) if pf.scope is not None else None
+                op = ops.RestoreOp(
+                    job, gen, member, pf.contents, None, s.epoch, pf.scope, pf.base, fetch, pf.bytes
+                )
+                self.worker.submit(op)
+                continue
             contents, err = self._download(s, job, gen, member)
             if err is not None:
                 log.warning(

@@ -42,7 +42,7 @@ from cpcoord.ranges import PAGE_SIZE, check_name, user_space_end
 from nodeagent.capture.precopy import LiveCopy
 from nodeagent.capture.regions import RegionSpec
 from nodeagent.capture.trackstate import MemberTracker
-from nodeagent.pages import PageNumbers, empty_pages
+from nodeagent.pages import PageNumbers, empty_pages, union_sorted
 from nodeagent.proc.procfs import Mapping, ProcessIdentity, live_tid, read_maps
 from nodeagent.proc.staging import Staging
 from nodeagent.trackers import registry
@@ -95,7 +95,10 @@ class HeldMember:
         """Every page delivered by a capture not known to be committed (sorted)."""
         if not self.pending:
             return empty_pages()
-        return np.unique(np.concatenate(list(self.pending.values()))).astype(np.uint64)
+        out = empty_pages()
+        for p in self.pending.values():  # sorted, unique each: merged, never re-sorted
+            out = union_sorted(out, p)
+        return out
 
     def record_capture(self, generation: int, delivered: PageNumbers, layout: Layout) -> None:
         """Remember what generation `generation` delivered, until it is committed."""

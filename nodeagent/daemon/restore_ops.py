@@ -35,7 +35,7 @@ from cpcoord.errors import (
     RestoreRefused,
     ThreadStateInvalid,
 )
-from cpcoord.gen.v1 import agent_pb2, common_pb2
+from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.pagedata import read_members
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.daemon.membership import HeldMember
@@ -140,10 +140,18 @@ def fit(m: HeldMember, fp: FrozenProcess, layouts: Layouts = ()) -> Fitted:
 
 
 def download(
-    stub: Any, job: str, generation: int, member: str, timeout_s: float
+    stub: Any,
+    job: str,
+    generation: int,
+    member: str,
+    timeout_s: float,
+    only: list[types_pb2.Region] | None = None,
 ) -> tuple[RegionContents, ...]:
-    """Every region of the member at `generation`, pages not listed (or ZERO) as zeros."""
-    req = agent_pb2.DownloadRequest(job=job, generation=generation, member=member)
+    """Every region of the member at `generation`, pages not listed (or ZERO) as zeros;
+    `only` (DownloadRequest.page_filter): just those pages of each region."""
+    req = agent_pb2.DownloadRequest(
+        job=job, generation=generation, member=member, page_filter=only or []
+    )
     got = list(read_members(stub.DownloadPages(req, timeout=timeout_s)))
     if len(got) != 1 or got[0].name != member:
         raise InvalidArgument(f"DownloadPages for {member!r} sent {len(got)} members")
@@ -157,13 +165,22 @@ def download(
 
 
 def restored(
-    job: str, generation: int, member: str, st: RestoreStats, frozen_s: float
+    job: str,
+    generation: int,
+    member: str,
+    st: RestoreStats,
+    frozen_s: float,
+    prefetched: int = 0,
+    tracker_kept: bool = False,
 ) -> agent_pb2.AgentMessage:
     stats = common_pb2.MemberStats(
         pages=st.data_pages,
         bytes_logical=st.bytes_written,
         frozen_seconds=frozen_s,
-        full=True,
+        full=not tracker_kept,
+        pages_written=(st.bytes_written + PAGE_SIZE - 1) // PAGE_SIZE,
+        bytes_prefetched=prefetched,
+        tracker_kept=tracker_kept,
     )
     r = agent_pb2.Restored(job=job, generation=generation, member=member, stats=stats)
     return agent_pb2.AgentMessage(restored=r)

@@ -46,7 +46,7 @@ from nodeagent.daemon.membership import (
 )
 from nodeagent.daemon.metrics import AgentMetrics, unserved
 from nodeagent.daemon.worker_capture import OnStaged, capture
-from nodeagent.daemon.worker_freeze import freeze, restore_into, restore_member
+from nodeagent.daemon.worker_freeze import freeze, peek, restore_into, restore_member
 from nodeagent.daemon.worker_state import Emit, WorkerState
 from nodeagent.proc import tracees
 from nodeagent.proc.reader import ReadvFn, sys_readv
@@ -185,6 +185,8 @@ class Worker:
             restore_member(st, op)
         elif isinstance(op, ops.RestoreIntoOp):
             restore_into(st, op)
+        elif isinstance(op, ops.PeekOp):
+            peek(st, op)
         elif isinstance(op, ops.DisconnectOp):
             st.thaw_all()
             st.forget_aborts()

@@ -28,11 +28,12 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.capture import copyout
-from nodeagent.daemon import restore_ops, tracking, tree
+from nodeagent.daemon import prefetch, restore_ops, tracking, tree
 from nodeagent.daemon.membership import HeldMember
 from nodeagent.daemon.worker_ops import (
     FreezeOp,
     FrozenEntry,
+    PeekOp,
     R,
     RestoreIntoOp,
     RestoreOp,
@@ -177,8 +178,11 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     # reads it) and prefaulted: it takes the backup of what the restore overwrites.
     backup = m.staging if m.staging is not None and not m.staging_busy else None
     timeout = st.config.freeze_timeout_s
+    contents, scope = op.contents, op.scope
     try:
-        written = restore.write(fitted, op.contents, staging=backup)
+        if scope is not None and op.fetch is not None:  # a partial write: top up, frozen
+            contents, scope = prefetch.top_up(m, op.base, contents, scope, op.fetch)
+        written = restore.write(fitted, prefetch.with_scope(contents, scope), staging=backup)
     except CpcoordError as e:
         if isinstance(e, STAGE_FAILED) or not m.ident.alive():
             st.mark_gone(m, op.epoch)
@@ -186,9 +190,29 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
             tracking.after_restore(m, fe.fp, timeout)
         st.fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, e, op.epoch)
         return
-    tracking.after_restore(m, fe.fp, timeout)
+    kept = scope is not None
+    if kept:  # the tracker stays armed, relative to its base; what was written counts
+        prefetch.after_partial(m, prefetch.with_scope(contents, scope))
+    else:
+        tracking.after_restore(m, fe.fp, timeout)
     frozen_s = time.monotonic() - fe.started
-    st.emit(restore_ops.restored(op.job, op.generation, op.member, written, frozen_s), op.epoch)
+    msg = restore_ops.restored(
+        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept
+    )
+    st.emit(msg, op.epoch)
+
+
+def peek(st: WorkerState, op: PeekOp) -> None:
+    """A restore's prefetch asks which pages may differ from the member's base."""
+    m = st.members.get(op.job, op.member)
+    got = None
+    if m is not None and m.alive:
+        try:
+            got = prefetch.written_since_base(m, op.base)
+        except (CpcoordError, OSError) as e:
+            fields = {"member": op.member, "error": str(e)}
+            log.info("restore peek failed: every page is written", extra={"fields": fields})
+    op.reply(got)
 
 
 def restore_into(st: WorkerState, op: RestoreIntoOp) -> None:

@@ -3,7 +3,11 @@ messages the worker sends back: frozen values and small builders, no behaviour."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
@@ -14,6 +18,9 @@ from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.restore.apply import Fitted, RegionContents
 from nodeagent.trackers import registry
+
+Scope = dict[str, npt.NDArray[np.uint64]]  # region name -> page offsets to write
+Fetch = Callable[[Scope | None], tuple[RegionContents, ...]]
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,24 @@ class RestoreOp:
     contents: tuple[RegionContents, ...]
     error: CpcoordError | None
     epoch: int
+    # Prefetched before the freeze (nodeagent/daemon/prefetch.py): the pages to write
+    # per region (None: every page), the base they are relative to, a download for the
+    # pages written since (frozen), and the bytes prefetched.
+    scope: Scope | None = None
+    base: int = 0
+    fetch: Fetch | None = None
+    prefetched: int = 0
+
+
+@dataclass(frozen=True)
+class PeekOp:
+    """A restore's prefetch: which pages of the member may differ from its tracker base
+    (prefetch.written_since_base, on the ptrace thread), answered through `reply`."""
+
+    job: str
+    member: str
+    base: int
+    reply: Callable[[npt.NDArray[np.uint64] | None], None]
 
 
 @dataclass(frozen=True)
@@ -137,6 +162,7 @@ Op = (
     | StopOp
     | RestoreOp
     | RestoreIntoOp
+    | PeekOp
 )
 
 

@@ -2,7 +2,8 @@
 
 Owns the arithmetic between "region contents" and "writes": per region, runs of data
 pages (each a contiguous block of rows of the contents' data) and the gaps between them
-(pages not captured); cut at each region's write end (a client region's exact length);
+(pages not captured; with a scope, only the scope's unlisted pages: a partial write);
+cut at each region's write end (a client region's exact length);
 split at mapping boundaries (a piece in a mapping the target cannot write goes through
 /proc/PID/mem, see writer.py). Gaps in private mappings are pages absent at the cut: they
 get zeros where a page is present (or swapped) now, since an absent private page already
@@ -27,7 +28,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import RegionMismatch
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.pages import runs_from_pages
+from nodeagent.pages import in_sorted, runs_from_pages
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.writer import ZERO_CHUNK, zero_source
 
@@ -76,10 +77,15 @@ def _region_runs(
     off, cnt = runs[:, 0], runs[:, 1]
     rows = np.cumsum(cnt) - cnt
     npages = (c.end - c.start) >> PAGE_SHIFT
-    gap_lo = np.concatenate(([0], off + cnt))
-    gap_hi = np.concatenate((off, [npages]))
-    has = gap_hi > gap_lo
-    gap_lo, gap_hi = gap_lo[has], gap_hi[has]
+    scope = getattr(c, "scope", None)
+    if scope is not None:  # only the scope's pages: its unlisted ones are the gaps
+        gaps = runs_from_pages(scope[~in_sorted(scope, c.pages)]).astype(np.int64)
+        gap_lo, gap_hi = gaps[:, 0], gaps[:, 0] + gaps[:, 1]
+    else:
+        gap_lo = np.concatenate(([0], off + cnt))
+        gap_hi = np.concatenate((off, [npages]))
+        has = gap_hi > gap_lo
+        gap_lo, gap_hi = gap_lo[has], gap_hi[has]
     start = np.concatenate((off, gap_lo)) * PAGE_SIZE + c.start
     end = np.concatenate((off + cnt, gap_hi)) * PAGE_SIZE + c.start
     local = np.concatenate((rows * PAGE_SIZE + int(data.ctypes.data), np.zeros_like(gap_lo)))

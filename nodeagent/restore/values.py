@@ -21,6 +21,7 @@ from cpcoord.kstate import KernelState
 from cpcoord.mapfacts import MapFact
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture.process import CapturedRegion
+from nodeagent.pages import in_sorted
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.registers import ThreadStates
@@ -84,6 +85,10 @@ class RegionContents:
     end: int
     pages: U64
     data: npt.NDArray[np.uint8]
+    # The pages to write (sorted offsets, `pages` among them): a page of the scope not
+    # listed is written as an absent one (zeros where present now), any other page is
+    # left alone (it already holds the generation's bytes). None: every page.
+    scope: U64 | None = None
 
     @property
     def size(self) -> int:
@@ -116,6 +121,16 @@ class RegionContents:
             np.any(np.diff(p.astype(np.int64)) <= 0) or int(p[-1]) >= self.size >> PAGE_SHIFT
         ):
             raise bad("page offsets must be sorted, unique and inside the region")
+        sc = self.scope
+        if sc is not None:
+            if sc.ndim != 1 or sc.dtype != np.uint64:
+                raise bad("scope must be a 1-D uint64 array")
+            if sc.size and (
+                np.any(np.diff(sc.astype(np.int64)) <= 0) or int(sc[-1]) >= self.size >> PAGE_SHIFT
+            ):
+                raise bad("scope offsets must be sorted, unique and inside the region")
+            if not in_sorted(p, sc).all():
+                raise bad("a page to write lies outside the scope")
 
 
 @dataclass(frozen=True)

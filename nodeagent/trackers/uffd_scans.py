@@ -1,16 +1,20 @@
 """The PAGEMAP_SCAN walks the uffd-wp tracker makes over its spans, in the agent.
 
 Owns: one scan with its error mapped (UffdScanFailed), the cheap probe of whether every
-VMA of a range is async-WP registered, the parts of spans that are not, and
-write-protecting every present or swapped page of spans. Registration and the written-page
+VMA of a range is async-WP registered, the parts of spans that are not,
+write-protecting every present or swapped page of spans, and the non-clearing peek at
+the pages written since the last protect (`peek_written`: a restore's prefetch; the
+protection stays as it is). Registration and the written-page
 collect that uses these are `uffdwp`'s business.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 from cpcoord.errors import UffdScanFailed
+from nodeagent.pages import PageNumbers, pages_of_ranges
 from nodeagent.proc import uffd
 from nodeagent.trackers.uffd_spans import Spans, clip
 
@@ -58,6 +62,29 @@ def unregistered(scanner: uffd.PagemapScanner, sp: Spans) -> list[tuple[int, int
         )
         out.extend(clip(regs[:, 0], regs[:, 1], lo, hi))
     return out
+
+
+def peek_written(pid: int, ranges: Sequence[tuple[int, int]]) -> PageNumbers:
+    """Present-or-swapped pages of `ranges` (sorted, disjoint) written since they were
+    last protected, without protecting anything again (no PM_SCAN_WP_MATCHING). A page
+    of a VMA that is not registered has no protection to lose: it reads as written."""
+    sc = uffd.PagemapScanner(pid)
+    try:
+        for lo, hi in ranges:
+            try:
+                sc.scan(
+                    lo,
+                    hi,
+                    mask=uffd.PAGE_IS_WRITTEN,
+                    anyof=uffd.PAGE_TAKEN,
+                    returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
+                )
+            except OSError as e:
+                raise UffdScanFailed(pid, f"0x{lo:x}-0x{hi:x}", e.strerror) from None
+        regs = sc.buf[: sc.used]
+        return pages_of_ranges(regs[:, 0], regs[:, 1])
+    finally:
+        sc.close()
 
 
 def protect(scanner: uffd.PagemapScanner, sp: Spans) -> None:

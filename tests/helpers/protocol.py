@@ -8,6 +8,7 @@ from __future__ import annotations
 from coordinator.protocol import Generation
 from coordinator.protocol.messages import (
     AgentFrozen,
+    AgentPrepared,
     Begin,
     Cancel,
     Command,
@@ -20,11 +21,11 @@ from coordinator.protocol.messages import (
 from coordinator.protocol.values import GenState, Kind, ProgressKind, Spec, Timing
 
 LAYOUT = {"a": "n1", "b": "n1", "c": "n2"}
-TIMING = Timing(lease_s=10.0, freeze_timeout_s=4.0, commit_timeout_s=60.0)
+TIMING = Timing(lease_s=10.0, freeze_timeout_s=4.0, commit_timeout_s=60.0, prepare_timeout_s=30.0)
 
 
-def spec(kind: Kind = Kind.CHECKPOINT, full: bool = False) -> Spec:
-    return Spec.of("train", 7, LAYOUT, kind=kind, full=full, timing=TIMING)
+def spec(kind: Kind = Kind.CHECKPOINT, full: bool = False, prepare: bool = False) -> Spec:
+    return Spec.of("train", 7, LAYOUT, kind=kind, full=full, timing=TIMING, prepare=prepare)
 
 
 def progress(cmds: list[Command]) -> list[ProgressKind]:
@@ -36,11 +37,17 @@ def without_progress(cmds: list[Command]) -> list[Command]:
 
 
 def to_state(state: GenState, kind: Kind = Kind.CHECKPOINT) -> Generation:
-    """A generation driven by legal events into `state`."""
-    g = Generation(spec(kind))
+    """A generation driven by legal events into `state`. A restore (and PRIMING of any
+    kind) goes through the prepare phase, as the coordinator's restores do."""
+    g = Generation(spec(kind, prepare=kind is Kind.RESTORE or state is GenState.PRIMING))
     if state is GenState.NEW:
         return g
     g.handle(Begin(100.0))
+    if state is GenState.PRIMING:
+        return g
+    if g.state is GenState.PRIMING:
+        g.handle(AgentPrepared("n1", 100.0))
+        g.handle(AgentPrepared("n2", 100.0))
     if state is GenState.PREPARING:
         return g
     g.handle(AgentFrozen("n1"))

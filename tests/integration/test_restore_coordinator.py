@@ -101,7 +101,14 @@ class RestoringAgent(FakeAgent):
     def take(self, msg: Any) -> bool:
         kind = msg.WhichOneof("body")
         body = getattr(msg, kind)
-        if kind == "freeze" and body.kind == common_pb2.OPERATION_KIND_RESTORE:
+        if kind == "prepare":  # nothing to prefetch: this agent downloads at Restore
+            self.events.append((kind, body))
+            self.log.append(("prepared", ""))
+            ready = agent_pb2.Prepared(
+                job=body.job, generation=body.generation, members=[m.member for m in body.members]
+            )
+            self.send(prepared=ready)
+        elif kind == "freeze" and body.kind == common_pb2.OPERATION_KIND_RESTORE:
             self.events.append((kind, body))
             self._freeze(body)
         elif kind in ("restore", "thaw", "abort"):

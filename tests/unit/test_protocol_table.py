@@ -13,6 +13,7 @@ from coordinator.protocol.messages import (
     EVENT_TYPES,
     AgentFrozen,
     AgentLost,
+    AgentPrepared,
     Begin,
     Cancel,
     Event,
@@ -37,6 +38,7 @@ def samples(event_type: type[Event]) -> list[Event]:
     """Well-formed instances of an event type, one per member/node where it names one."""
     make: dict[type[Event], Callable[[str, str], Event]] = {
         Begin: lambda m, n: Begin(100.0),
+        AgentPrepared: lambda m, n: AgentPrepared(n, 100.0, (m,)),
         AgentFrozen: lambda m, n: AgentFrozen(n, (m,)),
         FreezeFailed: lambda m, n: FreezeFailed(n, m, "EPERM"),
         MemberStaged: lambda m, n: MemberStaged(n, m, Stats(pages=3)),

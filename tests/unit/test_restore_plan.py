@@ -209,3 +209,48 @@ def test_absent_file_pages_present_now_get_the_file_back() -> None:
         [(c, c.end)], [file_map, anon], present_fn(present), file_bytes=lambda m, a, n: None
     )
     assert plan.zero_bytes == 4 * PAGE_SIZE
+
+
+def _apply(plan: Any, mem: np.ndarray) -> np.ndarray:
+    """Memory after the plan's writes, and which bytes they touched."""
+    written = np.zeros(mem.size, dtype=bool)
+    for (ra, rl), (la, ll) in zip(plan.remote.tolist(), plan.local.tolist(), strict=True):
+        off = ra - BASE
+        mem[off : off + rl] = np.frombuffer(ctypes.string_at(la, ll), np.uint8)
+        written[off : off + rl] = True
+    return written
+
+
+@settings(max_examples=150, deadline=None)
+@given(worlds(), st.integers(0, 2**32 - 1))
+def test_a_scoped_plan_writes_the_scope_and_ends_as_the_full_one(
+    world: tuple[Any, ...], seed2: int
+) -> None:
+    """A partial write (issue 15): memory that already holds the generation outside the
+    scope ends, after writing only the scope's pages (the listed ones among them, as
+    prefetched), exactly as after writing everything; nothing outside the scope is
+    touched."""
+    maps, regions, present, seed = world
+    rng = np.random.default_rng(seed2)
+    mem = np.random.default_rng(seed).integers(0, 255, size=PAGES * PAGE_SIZE, dtype=np.uint8)
+    full = build_plan(regions, maps, present_fn(present), "m")
+    want = mem.copy()
+    need = _apply(full, want)
+    scoped, in_scope = [], np.zeros(PAGES, dtype=bool)
+    for c, wend in regions:
+        n = c.size // PAGE_SIZE
+        scope = np.flatnonzero(rng.random(n) < rng.random()).astype(np.uint64)
+        keep = np.isin(c.pages, scope)
+        part = RegionContents(c.name, c.start, c.end, c.pages[keep], c.data[keep], scope=scope)
+        part.validate("m")
+        scoped.append((part, wend))
+        in_scope[(scope + np.uint64((c.start - BASE) // PAGE_SIZE)).astype(np.int64)] = True
+    byte_scope = np.repeat(in_scope, PAGE_SIZE)
+    # Memory now: the generation outside the scope, anything inside (written since).
+    mem = want.copy()
+    garble = need & byte_scope
+    mem[garble] = rng.integers(0, 255, size=int(garble.sum()), dtype=np.uint8)
+    plan = build_plan(scoped, maps, present_fn(present), "m")
+    written = _apply(plan, mem)
+    assert not (written & ~byte_scope).any(), "wrote outside the scope"
+    assert np.array_equal(mem, want), "a scoped write did not end as the full one"

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members")
+    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members", "prepared")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class AgentMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     TREE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     frozen: Frozen
     staged: Staged
@@ -31,7 +32,8 @@ class AgentMessage(_message.Message):
     heartbeat: Heartbeat
     result: CommandResult
     tree_members: TreeMembers
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ...) -> None: ...
+    prepared: Prepared
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ..., prepared: _Optional[_Union[Prepared, _Mapping]] = ...) -> None: ...
 
 class TrackerBackend(_message.Message):
     __slots__ = ("name", "available", "reason")
@@ -204,7 +206,7 @@ class CommandResult(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat")
+    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +219,7 @@ class CoordinatorMessage(_message.Message):
     DETACH_MEMBER_FIELD_NUMBER: _ClassVar[int]
     RESTORE_INTO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     welcome: Welcome
     freeze: Freeze
@@ -229,7 +232,8 @@ class CoordinatorMessage(_message.Message):
     detach_member: DetachMember
     restore_into: RestoreInto
     heartbeat: Heartbeat
-    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    prepare: Prepare
+    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries")
@@ -316,6 +320,38 @@ class Committed(_message.Message):
     job: str
     generation: int
     def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class Prepare(_message.Message):
+    __slots__ = ("job", "generation", "kind", "members")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    generation: int
+    kind: _common_pb2.OperationKind
+    members: _containers.RepeatedCompositeFieldContainer[PrepareMember]
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.OperationKind, str]] = ..., members: _Optional[_Iterable[_Union[PrepareMember, _Mapping]]] = ...) -> None: ...
+
+class PrepareMember(_message.Message):
+    __slots__ = ("member", "base_generation", "differs")
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    BASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DIFFERS_FIELD_NUMBER: _ClassVar[int]
+    member: str
+    base_generation: int
+    differs: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
+    def __init__(self, member: _Optional[str] = ..., base_generation: _Optional[int] = ..., differs: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ...) -> None: ...
+
+class Prepared(_message.Message):
+    __slots__ = ("job", "generation", "members")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    generation: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Restore(_message.Message):
     __slots__ = ("job", "generation", "members")
@@ -416,13 +452,15 @@ class UploadResponse(_message.Message):
     def __init__(self, pages: _Optional[int] = ..., entries: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_new: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("job", "generation", "member", "regions")
+    __slots__ = ("job", "generation", "member", "regions", "page_filter")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FILTER_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     member: str
     regions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_filter: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., page_filter: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ...) -> None: ...

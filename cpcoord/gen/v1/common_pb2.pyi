@@ -25,11 +25,13 @@ class AbortReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ABORT_REASON_CANCELLED: _ClassVar[AbortReason]
     ABORT_REASON_MISMATCH: _ClassVar[AbortReason]
     ABORT_REASON_RESTORE_FAILED: _ClassVar[AbortReason]
+    ABORT_REASON_PREPARE_TIMEOUT: _ClassVar[AbortReason]
 
 class GenerationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GENERATION_STATE_UNSPECIFIED: _ClassVar[GenerationState]
     GENERATION_STATE_NEW: _ClassVar[GenerationState]
+    GENERATION_STATE_PRIMING: _ClassVar[GenerationState]
     GENERATION_STATE_PREPARING: _ClassVar[GenerationState]
     GENERATION_STATE_FROZEN: _ClassVar[GenerationState]
     GENERATION_STATE_CAPTURED: _ClassVar[GenerationState]
@@ -67,8 +69,10 @@ ABORT_REASON_STORE_ERROR: AbortReason
 ABORT_REASON_CANCELLED: AbortReason
 ABORT_REASON_MISMATCH: AbortReason
 ABORT_REASON_RESTORE_FAILED: AbortReason
+ABORT_REASON_PREPARE_TIMEOUT: AbortReason
 GENERATION_STATE_UNSPECIFIED: GenerationState
 GENERATION_STATE_NEW: GenerationState
+GENERATION_STATE_PRIMING: GenerationState
 GENERATION_STATE_PREPARING: GenerationState
 GENERATION_STATE_FROZEN: GenerationState
 GENERATION_STATE_CAPTURED: GenerationState
@@ -88,7 +92,7 @@ PROGRESS_KIND_COMMITTED: ProgressKind
 PROGRESS_KIND_ABORTED: ProgressKind
 
 class MemberStats(_message.Message):
-    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages")
+    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOGICAL_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +103,9 @@ class MemberStats(_message.Message):
     PRECOPY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     PRECOPY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PRECOPY_FROZEN_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PREFETCHED_FIELD_NUMBER: _ClassVar[int]
+    TRACKER_KEPT_FIELD_NUMBER: _ClassVar[int]
     pages: int
     zero_pages: int
     bytes_logical: int
@@ -109,7 +116,10 @@ class MemberStats(_message.Message):
     precopy_rounds: int
     precopy_bytes: _containers.RepeatedScalarFieldContainer[int]
     precopy_frozen_pages: int
-    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ...) -> None: ...
+    pages_written: int
+    bytes_prefetched: int
+    tracker_kept: bool
+    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("status", "exit_code", "error", "message")
