@@ -27,7 +27,6 @@ from google.protobuf.message import DecodeError
 from coordinator.flight import Flight
 from coordinator.protocol.messages import MemberFailed, StoreFailed
 from coordinator.protocol.values import AbortReason
-from coordinator.store.ids import ID_SIZE, IdArray, as_id_array, member_of
 from coordinator.uploads import MemberUpload, UploadAssembler
 from cpcoord.errors import (
     AgentUnavailable,
@@ -43,6 +42,7 @@ from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
+from storecore.ids import ID_SIZE, IdArray, as_id_array, member_of
 
 if TYPE_CHECKING:
     from coordinator.engine_view import EngineView

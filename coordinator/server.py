@@ -27,9 +27,9 @@ from coordinator.auth import Security, check_transport
 from coordinator.engine import Engine, Options
 from coordinator.serving import Serving
 from coordinator.store.config import StoreConfig
-from coordinator.store.crypt import Sealer
 from coordinator.store.location import open_repository
 from cpcoord.log import log_event
+from storecore.crypt import Sealer
 
 log = logging.getLogger("cpcoord.coordinator")
 __all__ = [

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store.ids import ID_DTYPE, IdArray, digest
-from coordinator.store.packs import LOCATED_DTYPE, Entries, PackContents
 from cpcoord.errors import DataCorrupted
+from storecore.ids import ID_DTYPE, IdArray, digest
+from storecore.packs import LOCATED_DTYPE, Entries, PackContents
 
 LOC_DTYPE = np.dtype(
     [("pack", "<u4"), ("offset", "<u4"), ("stored", "<u4"), ("raw", "<u4"), ("method", "u1")]

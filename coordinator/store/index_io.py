@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from coordinator.store import packs
-from coordinator.store.backend import Kind
-from coordinator.store.ids import digest
 from coordinator.store.index import Index, decode_index, encode_index
 from cpcoord.errors import StoreError
 from cpcoord.log import log_event
+from storecore import packs
+from storecore.backend import Kind
+from storecore.ids import digest
 
 if TYPE_CHECKING:
     from coordinator.store.parts import StoreParts

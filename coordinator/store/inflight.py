@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordinator.store.ids import ID_DTYPE, IdArray
 from cpcoord.errors import GenerationStateError
+from storecore.ids import ID_DTYPE, IdArray
 
 
 @dataclass

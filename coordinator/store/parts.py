@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from coordinator.store.backend import Backend
 from coordinator.store.catalog import Catalog
 from coordinator.store.config import StoreConfig
 from coordinator.store.index import Index
 from coordinator.store.inflight import Registry
 from coordinator.store.manifest import Manifest
+from storecore.backend import Backend
 
 MAINTENANCE = threading.Lock()  # one gc (or verify) at a time per process
 

@@ -38,17 +38,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from coordinator.store import binding, index_io, manifest_io, packs, reader
-from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
+from coordinator.store import binding, index_io, manifest_io, reader
 from coordinator.store.catalog import Catalog, GenerationInfo, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
-from coordinator.store.crypt import open_manifest
 from coordinator.store.gc import GcReport, collect
-from coordinator.store.ids import (
-    IdArray,
-    as_id_array,
-    zero_mask,
-)
 from coordinator.store.index import Index
 from coordinator.store.inflight import InFlight, Registry
 from coordinator.store.manifest import Manifest
@@ -57,7 +50,6 @@ from coordinator.store.reader import PageRun
 from coordinator.store.rebuild import RebuildReport, rebuild_catalog
 from coordinator.store.references import check_references
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
-from coordinator.store.writer import PackSink
 from cpcoord.closing import Closing
 from cpcoord.errors import (
     ChunkMismatch,
@@ -68,6 +60,15 @@ from cpcoord.errors import (
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
+from storecore import packs
+from storecore.backend import Backend, Buffer, Kind, LocalBackend
+from storecore.crypt import open_manifest
+from storecore.ids import (
+    IdArray,
+    as_id_array,
+    zero_mask,
+)
+from storecore.writer import PackSink
 
 log = logging.getLogger("cpcoord.store")
 Latest = Literal["latest"]

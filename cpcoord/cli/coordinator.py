@@ -140,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from coordinator.engine import Options
     from coordinator.server import RPC_THREADS, ServeConfig, serve
-    from coordinator.store.crypt import load_key
+    from storecore.crypt import load_key
 
     if args.keep < 1:
         raise InvalidArgument(f"--keep must be at least 1, got {args.keep}")

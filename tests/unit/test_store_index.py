@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.store.ids import ID_DTYPE, as_id_array, ids_to_bytes
 from coordinator.store.index import (
     BYTES_PER_ENTRY,
     LOC_DTYPE,
@@ -18,8 +17,9 @@ from coordinator.store.index import (
     decode_index,
     encode_index,
 )
-from coordinator.store.packs import LOCATED_DTYPE, PackContents
 from cpcoord.errors import DataCorrupted
+from storecore.ids import ID_DTYPE, as_id_array, ids_to_bytes
+from storecore.packs import LOCATED_DTYPE, PackContents
 
 
 def locs_for(n: int, pack: int) -> np.ndarray:

@@ -41,8 +41,8 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from coordinator.store.backend import Buffer, Kind, ObjectInfo, check_name
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+from storecore.backend import Buffer, Kind, ObjectInfo, check_name
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}

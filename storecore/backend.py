@@ -42,8 +42,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from coordinator.store.directio import write_parts
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+from storecore.directio import write_parts
 
 Buffer = bytes | bytearray | memoryview
 

@@ -36,10 +36,10 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from coordinator.store.backend import Backend, Buffer, Kind
-from coordinator.store.crypt import Sealer
-from coordinator.store.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 from cpcoord.errors import DataCorrupted, InvalidArgument
+from storecore.backend import Backend, Buffer, Kind
+from storecore.crypt import Sealer
+from storecore.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 
 HEADER = b"CPPK\x01\x00\x00\x00"
 TAIL_MAGIC = b"CPPT"

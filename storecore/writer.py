@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store.backend import Backend, Buffer, Kind
-from coordinator.store.ids import IdArray, member_of
-from coordinator.store.packs import PackContents, PackWriter
 from cpcoord.errors import StoreError
+from storecore.backend import Backend, Buffer, Kind
+from storecore.ids import IdArray, member_of
+from storecore.packs import PackContents, PackWriter
 
 WRITERS = 2  # two puts in flight overlap one's write with the other's fsync (~1.8x here)
 MAX_IN_TRANSIT = 3
