@@ -75,6 +75,7 @@ def _write(engine: EngineView, f: Flight) -> bool:
         members=tuple(replace(u.member_map(), threads=threads.get(u.member, ())) for u in uploads),
     )
     engine.repo.commit(m)
+    engine.dataplane.record(uploads)
     return True
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +28,7 @@ from google.protobuf.message import DecodeError
 from coordinator.flight import Flight
 from coordinator.protocol.messages import MemberFailed, StoreFailed
 from coordinator.protocol.values import AbortReason
+from coordinator.store import nodepacks
 from coordinator.uploads import MemberUpload, UploadAssembler
 from cpcoord.errors import (
     AgentUnavailable,
@@ -84,10 +86,23 @@ def missing_chunks(engine: EngineView, req: agent_pb2.MissingChunksRequest) -> b
         raise InvalidArgument(f"ids: {len(req.ids)} bytes is not a multiple of {ID_SIZE}")
     if len(req.ids) // ID_SIZE > MAX_IDS:
         raise InvalidArgument(f"{len(req.ids) // ID_SIZE} ids: at most {MAX_IDS} per call")
-    flight_for(engine, req.job, req.generation, req.member)
+    f = flight_for(engine, req.job, req.generation, req.member)
+    rec = f.gen.snapshot.member(req.member)
     arr = as_id_array(req.ids)
-    missing = engine.repo.missing(req.job, req.generation, arr)
+    missing = engine.repo.missing(req.job, req.generation, arr, rec.node if rec else None)
+    blame(engine, f)
     return bitmap(member_of(arr, missing))
+
+
+def blame(engine: EngineView, f: Flight) -> None:
+    """Abort with bad_data for a node whose packs of this generation failed a check
+    while another node wanted their chunks (nodepacks.py)."""
+    try:
+        bad = engine.repo.bad_nodes(f.job, f.number)
+    except GenerationStateError:
+        return
+    for node, why in bad.items():
+        engine.feed(f, MemberFailed(node, "", AbortReason.BAD_DATA, why))
 
 
 def upload(engine: EngineView, requests: Iterator[agent_pb2.UploadRequest]) -> MemberUpload:
@@ -192,6 +207,8 @@ class Receiver:
         self.group_bytes = 0
         self.first = True
         self.t_check = self.t_store = 0.0  # where the stream's time goes (logged)
+        self.direct = False  # the agent reported packs it put itself (StoredPacks)
+        self.packs = 0
 
     @classmethod
     def open(cls, engine: EngineView, header: common_pb2.PagesHeader) -> Receiver:
@@ -245,10 +262,16 @@ class Receiver:
 
     def _add(self, reqs: list[agent_pb2.UploadRequest]) -> None:
         t1 = time.perf_counter()
+        batches = []
         for req in reqs:
-            if not req.HasField("batch"):
+            kind = req.WhichOneof("body")
+            if kind == "packs":
+                self._take_packs(req.packs)
+            elif kind == "batch":
+                batches.append(req.batch)
+            else:
                 raise InvalidArgument("an upload stream has exactly one header, first")
-        ids, chunks = self.asm.add_batches([req.batch for req in reqs])
+        ids, chunks = self.asm.add_batches(batches)
         t2 = time.perf_counter()
         if chunks:
             self.group_ids.append(ids)
@@ -265,6 +288,19 @@ class Receiver:
             self.pending = _store_pool().submit(self._store, *self._take_group())
         t3 = time.perf_counter()
         self.t_check, self.t_store = self.t_check + t2 - t1, self.t_store + t3 - t2
+
+    def _take_packs(self, msg: agent_pb2.StoredPacks) -> None:
+        """Packs the agent put itself (direct data path), checked and indexed."""
+        self.direct = True
+        if not msg.packs:
+            return
+        reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
+        chunks, nbytes = self.engine.repo.take_packs(
+            self.f.job, self.f.number, self.h.node, reports
+        )
+        self.stored[0] += chunks
+        self.stored[1] += nbytes
+        self.packs += len(reports)
 
     def end(self) -> MemberUpload:
         """The stream ended well: store the rest, complete the member's tables, keep the
@@ -301,8 +337,12 @@ class Receiver:
             with contextlib.suppress(KeyError):
                 pm = parent.member(self.asm.header.member)
         done = self.asm.finish(pm, chunks_new, bytes_new)
-        # Claim every chunk the tables name (kept from gc until commit) and check it is there.
-        lacking = engine.repo.missing(job, n, done.chunk_ids)
+        if self.direct:
+            done = replace(done, data_path="direct", packs=self.packs)
+        # Claim every chunk the tables name (kept from gc until commit) and check it is
+        # there for this node (another node's chunk counts once verified: nodepacks.py).
+        lacking = engine.repo.missing(job, n, done.chunk_ids, self.h.node)
+        blame(engine, f)
         if lacking.size:
             raise ChunkMissing(lacking.size, n, job, lacking[0].tobytes().hex())
         log_event(

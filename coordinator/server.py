@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -116,7 +116,8 @@ def serve(listen: str, store: Path | str, options: Options, config: ServeConfig)
     repo, rebuilt = open_repository(store, state_dir=state_dir, config=StoreConfig(sealer=sealer))
     if rebuilt is not None:
         log.warning("catalog rebuilt from the store", extra={"fields": {"report": str(rebuilt)}})
-    engine = Engine(repo, options)
+    # The store's data key goes down a control stream only when it is mTLS.
+    engine = Engine(repo, replace(options, send_store_key=security.tls is not None))
     deps = Deps(engine, security=security, max_workers=rpc_threads)
     try:
         server, port = create_server(listen, deps)

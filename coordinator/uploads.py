@@ -56,6 +56,8 @@ class MemberUpload:
     tracker: str
     full: bool
     threads: int
+    data_path: str = "coordinator"  # "direct": the agent put its packs itself
+    packs: int = 0  # packs it reported (direct data path)
 
     def member_map(self) -> MemberMap:
         return MemberMap(self.member, self.regions)

@@ -62,6 +62,7 @@ def generation_info(s: Summary) -> coordinator_pb2.GenerationInfo:
         seconds=s.run.seconds,
         full=s.run.full,
     )
+    out.data_paths.update(dict(s.run.data_paths))
     c = s.catalog
     if c is not None:
         z = c.sizes

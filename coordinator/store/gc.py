@@ -40,6 +40,7 @@ from cpcoord.log import log_event
 from storecore import packs
 from storecore.backend import Kind
 from storecore.ids import IdArray, PackId, member_of
+from storecore.names import pack_hex
 from storecore.writer import StoredPack
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ def _repack(
         info = repo.index.pack(no)
         try:
             data = repo.backend.get(Kind.PACKS, info.name)
-            if PackId.of(data).format() != info.name:
+            if PackId.of(data).format() != pack_hex(info.name):
                 raise DataCorrupted("pack", info.name, "content hash does not match its name")
             ids, locs = live[no]
             blobs = []

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     last = progress.outcome("Checkpoint", last, shown)
     out = clientconn.generation_dict(last.info)
     out["state"] = progress.kind(last)
+    out["data_paths"] = dict(last.info.data_paths)  # member -> "direct" | "coordinator"
     if args.json:
         print(json.dumps(out, indent=1))
     elif out["state"] == "committed":

@@ -120,8 +120,8 @@ def test_index_file_round_trip_and_damage() -> None:
     rows = decode_index(data, "f")
     assert len(rows) == 3
     ix2 = Index()
-    for pid, size, c in rows:
-        ix2.add_pack(pid, size, c)
+    for name, size, c in rows:
+        ix2.add_pack(bytes.fromhex(name), size, c, name)
     for ns in ("job:a", "shared"):
         a, _la = ix.chunks(ns).all()
         b, _lb = ix2.chunks(ns).all()
