@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+from cpcoord.faults import fault_point
 from storecore.directio import write_parts
 from storecore.names import NODES
 
@@ -177,6 +178,7 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            fault_point("store.put")  # tests: a put killed before its rename
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except OSError as e:

@@ -1,0 +1,185 @@
+"""The direct data path: the agent puts its packs into the store itself and reports them
+on its upload stream (StoredPacks); only ids and page tables go to the coordinator.
+
+Choosing the path (`choose`, at each Welcome), by `--data-path`:
+  coordinator  always through the coordinator (UploadPages carries the chunks);
+  direct       the announced store must open from here (a directory that exists, or an
+               S3 bucket with the endpoint and credentials of this agent's environment),
+               its config/store.json id must equal the announced one, and a sealed store
+               needs its key (from the mTLS stream, or --store-key-file /
+               $CPCOORD_STORE_KEY): otherwise DataPathUnavailable, and the agent stops;
+  auto         direct when all of that holds, else the coordinator path, logging why.
+The agent checks the id before it writes anything, so it never writes into another
+store that answers under the same name.
+
+Building packs (`PackBuilder`): exactly as the coordinator's store does (storecore): the
+chunks MissingChunks named missing are compressed (zstd, raw when it does not pay),
+sealed with the namespace's key when the store is encrypted, and added to a pack of the
+generation's namespace; full packs are put by writer threads as `nodes/NODE/ID`
+(atomic and durable on return: temp + fsync + rename, or one completed S3 upload), and
+each stored pack is reported once durable. A put that fails fails the upload; a pack
+put but never reported (the agent died) is garbage that gc removes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cpcoord.errors import CpcoordError, DataPathUnavailable, StoreInvalid
+from cpcoord.gen.v1 import agent_pb2
+from storecore import packs
+from storecore.backend import Backend, Buffer
+from storecore.crypt import Sealer, load_key
+from storecore.identity import read_store_id
+from storecore.ids import IdArray
+from storecore.location import open_backend
+from storecore.names import node_prefix
+from storecore.writer import PackSink, StoredPack
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "direct", "coordinator")
+SHARED_NAMESPACE = "shared"  # as coordinator/store/config.py names it
+
+
+@dataclass(frozen=True)
+class DirectStore:
+    """An opened store this agent may put packs into (one per Welcome)."""
+
+    backend: Backend
+    node: str
+    store_id: str
+    location: str
+    dedup: str  # "job" | "store"
+    pack_bytes: int
+    sealer: Sealer | None
+    level: int = 1  # zstd level, as the store's default
+
+    def namespace(self, job: str) -> str:
+        return SHARED_NAMESPACE if self.dedup == "store" else f"job:{job}"
+
+    def same(self, w: agent_pb2.Welcome) -> bool:
+        """Whether a new Welcome announces this very store (keep it open)."""
+        return (w.store_location, w.store_id, w.store_dedup, w.store_pack_bytes) == (
+            self.location, self.store_id, self.dedup, self.pack_bytes
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _open(w: agent_pb2.Welcome, node: str, key_file: Path | None) -> DirectStore:
+    if not w.store_location:
+        raise DataPathUnavailable(node, "the coordinator announces no store")
+    if w.store_dedup not in ("job", "store"):
+        raise DataPathUnavailable(node, f"unknown dedup rule {w.store_dedup!r}")
+    backend = open_backend(w.store_location, create=False)
+    try:
+        sid = read_store_id(backend)
+        if sid != w.store_id:
+            why = f"its id is {sid}, the coordinator's store is {w.store_id}"
+            raise StoreInvalid(w.store_location, why)
+        sealer = None
+        if w.store_encrypted:
+            sealer = Sealer(w.store_key) if w.store_key else load_key(key_file)
+            if sealer is None:
+                raise StoreInvalid(
+                    w.store_location,
+                    "it is encrypted and no key came (not over mTLS): give --store-key-file",
+                )
+        pack_bytes = w.store_pack_bytes or (16 << 20)
+        return DirectStore(
+            backend, node, sid, w.store_location, w.store_dedup, pack_bytes, sealer
+        )
+    except BaseException:
+        backend.close()
+        raise
+
+
+def choose(
+    w: agent_pb2.Welcome, node: str, mode: str, key_file: Path | None = None
+) -> DirectStore | None:
+    """The store to put packs into, or None for the coordinator path (module docstring)."""
+    if mode == "coordinator":
+        return None
+    try:
+        store = _open(w, node, key_file)
+    except CpcoordError as e:
+        if mode == "direct":
+            if isinstance(e, DataPathUnavailable):
+                raise
+            raise DataPathUnavailable(node, str(e)) from e
+        log.warning(
+            "direct data path unavailable: uploading through the coordinator",
+            extra={"fields": {"node": node, "store": w.store_location, "why": str(e)}},
+        )
+        return None
+    log.info(
+        "direct data path",
+        extra={"fields": {"node": node, "store": store.location, "sealed": bool(store.sealer)}},
+    )
+    return store
+
+
+class PackBuilder:
+    """One member upload's packs (module docstring). Not thread-safe: the upload's
+    request generator drives it."""
+
+    def __init__(self, store: DirectStore, job: str) -> None:
+        self.store = store
+        self.namespace = store.namespace(job)
+        self.sink = PackSink(store.backend, store.pack_bytes, node_prefix(store.node))
+        self.packs = 0
+        self.bytes = 0  # stored bytes put
+
+    def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
+        """Compress (and seal) chunks and add them to the open pack; full packs go to
+        the writer threads."""
+        if not chunks:
+            return
+        methods, blobs = packs.compress_batch(chunks, self.store.level, packs.default_threads())
+        if self.store.sealer is not None:
+            raw_ids = [x.tobytes() for x in ids]
+            blobs = list(self.store.sealer.seal_chunks(self.namespace, raw_ids, blobs))
+            methods |= packs.METHOD_SEALED
+        raws = np.array([len(c) for c in chunks], dtype=np.uint32)
+        self.sink.add(self.namespace, ids, methods, blobs, raws)
+
+    def _report(self, stored: list[StoredPack]) -> agent_pb2.UploadRequest | None:
+        if not stored:
+            return None
+        req = agent_pb2.UploadRequest()
+        for sp in stored:
+            ids = np.ascontiguousarray(sp.contents.entries["id"]).tobytes()
+            req.packs.packs.add(name=sp.name, size=sp.size, ids=ids)
+            self.packs += 1
+            self.bytes += sp.size
+        return req
+
+    def ready(self) -> agent_pb2.UploadRequest | None:
+        """A report of the packs stored since the last one (None when none); raises the
+        first failed put."""
+        stored, error = self.sink.reap(block=False)
+        if error is not None:
+            raise error
+        return self._report(stored)
+
+    def finish(self) -> agent_pb2.UploadRequest:
+        """Seal and put the rest, wait until every pack is durable: the last report
+        (always sent, even empty: it tells the coordinator which path this was)."""
+        stored, error = self.sink.flush()
+        if error is not None:
+            raise error
+        req = self._report(stored)
+        if req is None:
+            req = agent_pb2.UploadRequest()
+            req.packs.SetInParent()
+        return req
+
+    def close(self) -> None:
+        self.sink.close()
