@@ -18,6 +18,7 @@ import pytest
 from storecore.backend import Kind, LocalBackend
 from testbed.cluster import Cluster
 from testbed.driver import Target
+from testbed.seaweed import Seaweed
 from tests.helpers.e2e import attach, export, exported
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -110,3 +111,38 @@ def test_agent_killed_mid_put_leaves_no_partial_pack_and_the_next_generation_is_
     assert r2["state"] == "committed" and r2["data_paths"] == {"a": "direct"}, r2
     want = t.read("data")
     _check_exports(c, tmp_path, r2["generation"], {"a": want})
+
+
+def test_auto_falls_back_to_the_coordinator_when_the_store_is_unreachable(
+    cluster_factory: Callable[..., Cluster],
+    target_factory: Callable[..., Target],
+    tmp_path: Path,
+    seaweed: Seaweed,
+) -> None:
+    """node-b's S3 endpoint leads nowhere: in auto mode it says why and uploads through
+    the coordinator; node-a puts its own packs; the generation commits and exports
+    exactly. With --data-path direct the same agent refuses to run."""
+    env = {**seaweed.env(), "CPCOORD_STATE_DIR": str(tmp_path / "state")}
+    nowhere = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    c = cluster_factory(
+        nodes=("node-a", "node-b"),
+        store_url=seaweed.url(),
+        extra_env=env,
+        agent_env={"node-b": nowhere},
+    )
+    targets = {
+        "a": (target_factory(maps=["data:128:anon:random:11"]), "node-a"),
+        "b": (target_factory(maps=["data:128:anon:random:12"]), "node-b"),
+    }
+    for name, (t, node) in targets.items():
+        attach(c, "dp", name, t, node)
+    r = c.cli_json("checkpoint", "--job", "dp")
+    assert r["state"] == "committed", r
+    assert r["data_paths"] == {"a": "direct", "b": "coordinator"}, r
+    assert "direct data path unavailable" in c.agents["node-b"].tail(400)
+    _check_exports(c, tmp_path, 1, {n: t.read("data") for n, (t, _) in targets.items()})
+    c.agents["node-b"].kill()
+    d = c.start_agent("node-b", args=("--data-path", "direct"))
+    assert d.proc is not None
+    assert d.proc.wait(timeout=60) == 150, d.tail()  # DataPathUnavailable
+    assert "direct data path cannot be used on node node-b" in d.tail()
