@@ -31,6 +31,7 @@ from coordinator.protocol.values import AbortReason
 from coordinator.store import nodepacks
 from coordinator.uploads import MemberUpload, UploadAssembler
 from cpcoord.errors import (
+    AgentIdentityMismatch,
     AgentUnavailable,
     ChunkMismatch,
     ChunkMissing,
@@ -80,37 +81,49 @@ def flight_for(
     return f
 
 
-def missing_chunks(engine: EngineView, req: agent_pb2.MissingChunksRequest) -> bytes:
-    """The bitmap of ids the store lacks; the others are claimed for the generation."""
+def missing_chunks(
+    engine: EngineView, req: agent_pb2.MissingChunksRequest, caller: str = ""
+) -> bytes:
+    """The bitmap of ids the store lacks; the others are claimed for the generation.
+    `caller`: the node of the agent certificate that asks ("" without mTLS): it may ask
+    only for its own members."""
     if len(req.ids) % ID_SIZE:
         raise InvalidArgument(f"ids: {len(req.ids)} bytes is not a multiple of {ID_SIZE}")
     if len(req.ids) // ID_SIZE > MAX_IDS:
         raise InvalidArgument(f"{len(req.ids) // ID_SIZE} ids: at most {MAX_IDS} per call")
     f = flight_for(engine, req.job, req.generation, req.member)
     rec = f.gen.snapshot.member(req.member)
+    if caller and rec is not None and rec.node != caller:
+        raise AgentIdentityMismatch(caller, rec.node)
     arr = as_id_array(req.ids)
     missing = engine.repo.missing(req.job, req.generation, arr, rec.node if rec else None)
-    blame(engine, f)
+    if rec is not None:
+        blame(engine, f, rec.node, req.member)
     return bitmap(member_of(arr, missing))
 
 
-def blame(engine: EngineView, f: Flight) -> None:
-    """Abort with bad_data for a node whose packs of this generation failed a check
-    while another node wanted their chunks (nodepacks.py)."""
+def blame(engine: EngineView, f: Flight, node: str, member: str) -> None:
+    """Abort with bad_data when a node's packs of this generation failed a check while
+    `member` (on `node`, still uploading) wanted their chunks (nodepacks.py). The event
+    names the asking member, which the protocol still waits for (a member already
+    uploaded cannot abort its generation); the detail names the node that lied."""
     try:
         bad = engine.repo.bad_nodes(f.job, f.number)
     except GenerationStateError:
         return
-    for node, why in bad.items():
-        engine.feed(f, MemberFailed(node, "", AbortReason.BAD_DATA, why))
+    for liar, why in bad.items():
+        detail = f"node {liar} stored chunks that do not match their ids: {why}"
+        engine.feed(f, MemberFailed(node, member, AbortReason.BAD_DATA, detail))
 
 
-def upload(engine: EngineView, requests: Iterator[agent_pb2.UploadRequest]) -> MemberUpload:
+def upload(
+    engine: EngineView, requests: Iterator[agent_pb2.UploadRequest], caller: str = ""
+) -> MemberUpload:
     """One UploadPages stream, read to its end (the thread-pool way)."""
     first = next(requests, None)
     if first is None or not first.HasField("header"):
         raise InvalidArgument("an upload stream starts with a header")
-    r = Receiver.open(engine, first.header)
+    r = Receiver.open(engine, first.header, caller)
     while True:
         try:
             req = next(requests)
@@ -137,8 +150,9 @@ class Inbound:
     at a time (`take`, then `end`): the loop never spends longer on an upload than on
     reading its messages, however many regions or batches it has."""
 
-    def __init__(self, engine: EngineView) -> None:
+    def __init__(self, engine: EngineView, caller: str = "") -> None:
         self.engine = engine
+        self.caller = caller  # the agent certificate's node, "" without mTLS
         self.receiver: Receiver | None = None
 
     def take(self, raws: list[bytes]) -> None:
@@ -147,7 +161,7 @@ class Inbound:
             first = parse(raws[0])  # a bad header is refused; nothing to abort yet
             if not first.HasField("header"):
                 raise InvalidArgument("an upload stream starts with a header")
-            self.receiver = Receiver.open(self.engine, first.header)
+            self.receiver = Receiver.open(self.engine, first.header, self.caller)
             i = 1
         r = self.receiver
         try:
@@ -211,8 +225,14 @@ class Receiver:
         self.packs = 0
 
     @classmethod
-    def open(cls, engine: EngineView, header: common_pb2.PagesHeader) -> Receiver:
+    def open(
+        cls, engine: EngineView, header: common_pb2.PagesHeader, caller: str = ""
+    ) -> Receiver:
+        """`caller`: the agent certificate's node: an agent uploads (and reports packs
+        under a node's prefix) only as itself."""
         check_name(header.node)
+        if caller and header.node != caller:
+            raise AgentIdentityMismatch(caller, header.node)
         f = flight_for(engine, header.job, header.generation, header.member, header.node)
         return cls(engine, f, header)
 
@@ -342,7 +362,7 @@ class Receiver:
         # Claim every chunk the tables name (kept from gc until commit) and check it is
         # there for this node (another node's chunk counts once verified: nodepacks.py).
         lacking = engine.repo.missing(job, n, done.chunk_ids, self.h.node)
-        blame(engine, f)
+        blame(engine, f, self.h.node, self.h.member)
         if lacking.size:
             raise ChunkMissing(lacking.size, n, job, lacking[0].tobytes().hex())
         log_event(
