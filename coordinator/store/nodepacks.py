@@ -135,7 +135,11 @@ def _bad_rows(repo: StoreParts, name: str, rows: packs.Entries, ns: str) -> list
 def index_taken(repo: StoreParts, g: InFlight, taken: Sequence[Taken]) -> tuple[int, int]:
     """Index checked packs for generation `g` (caller holds the lock); (chunks, bytes)."""
     chunks = nbytes = 0
+    known = {t.name for t in g.packs}
     for t in taken:
+        if t.name in known:  # taken meanwhile from another member's stream
+            continue
+        known.add(t.name)
         if t.name in repo.trust.lying:
             raise InvalidArgument(f"pack {t.name} was found lying before")
         repo.index.add_pack(t.id, t.size, t.contents, t.name)

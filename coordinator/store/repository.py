@@ -253,7 +253,9 @@ class Repository(Closing):
         that does not hold is InvalidArgument or ChunkMismatch: bad data of that node."""
         with self.lock:
             g = self.inflight.get(job, generation, "take packs")
-        taken = [nodepacks.check(self, node, g.namespace, r) for r in reports]
+            known = {t.name for t in g.packs}  # several members' streams report one pack
+        fresh = {r.name: r for r in reports if r.name not in known}
+        taken = [nodepacks.check(self, node, g.namespace, r) for r in fresh.values()]
         with self.lock:
             return nodepacks.index_taken(self, g, taken)
 

@@ -12,9 +12,11 @@ Choosing the path (`choose`, at each Welcome), by `--data-path`:
 The agent checks the id before it writes anything, so it never writes into another
 store that answers under the same name.
 
-Building packs (`PackBuilder`): exactly as the coordinator's store does (storecore): the
-chunks MissingChunks named missing are compressed (zstd, raw when it does not pay),
-sealed with the namespace's key when the store is encrypted, and added to a pack of the
+Building packs (`GenerationPacks`, one per generation on this node, shared by its
+members' uploads, so a chunk two members hold is put once; `PackBuilder` is one
+upload's view of it): exactly as the coordinator's store does (storecore): the chunks
+MissingChunks named missing are compressed (zstd, raw when it does not pay), sealed with
+the namespace's key when the store is encrypted, and added to a pack of the
 generation's namespace; full packs are put by writer threads as `nodes/NODE/ID`
 (atomic and durable on return: temp + fsync + rename, or one completed S3 upload), and
 each stored pack is reported once durable. A put that fails fails the upload; a pack
@@ -24,11 +26,13 @@ put but never reported (the agent died) is garbage that gc removes.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from cpcoord.errors import CpcoordError, DataPathUnavailable, StoreInvalid
 from cpcoord.gen.v1 import agent_pb2
@@ -59,6 +63,8 @@ class DirectStore:
     pack_bytes: int
     sealer: Sealer | None
     level: int = 1  # zstd level, as the store's default
+    _gens: dict[tuple[str, int], GenerationPacks] = field(default_factory=dict, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     def namespace(self, job: str) -> str:
         return SHARED_NAMESPACE if self.dedup == "store" else f"job:{job}"
@@ -68,6 +74,26 @@ class DirectStore:
         return (w.store_location, w.store_id, w.store_dedup, w.store_pack_bytes) == (
             self.location, self.store_id, self.dedup, self.pack_bytes
         )  # fmt: skip
+
+    def generation(self, job: str, generation: int) -> GenerationPacks:
+        """The shared packs of (job, generation) on this node; `release` when done."""
+        with self._lock:
+            g = self._gens.get((job, generation))
+            if g is None:
+                g = self._gens[(job, generation)] = GenerationPacks(self, job)
+            g.users += 1
+            return g
+
+    def release(self, job: str, generation: int) -> None:
+        with self._lock:
+            g = self._gens.get((job, generation))
+            if g is None:
+                return
+            g.users -= 1
+            if g.users > 0:
+                return
+            del self._gens[(job, generation)]
+        g.sink.close()
 
     def close(self) -> None:
         self.backend.close()
@@ -126,37 +152,83 @@ def choose(
     return store
 
 
-class PackBuilder:
-    """One member upload's packs (module docstring). Not thread-safe: the upload's
-    request generator drives it."""
+class GenerationPacks:
+    """The packs of one generation on this node, shared by its members' uploads: a chunk
+    two members hold (ranks with the same weights) goes into one pack once. Thread-safe."""
 
     def __init__(self, store: DirectStore, job: str) -> None:
-        self.store = store
         self.namespace = store.namespace(job)
+        self.store = store
         self.sink = PackSink(store.backend, store.pack_bytes, node_prefix(store.node))
-        self.packs = 0
-        self.bytes = 0  # stored bytes put
+        self.stored: list[StoredPack] = []
+        self.users = 0
+        self._lock = threading.Lock()
+
+    def _new(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        _, first = np.unique(ids, return_index=True)
+        new = np.zeros(ids.size, dtype=bool)
+        new[first] = True
+        return new & ~self.sink.contains(self.namespace, ids)
 
     def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
-        """Compress (and seal) chunks and add them to the open pack; full packs go to
-        the writer threads."""
-        if not chunks:
+        with self._lock:
+            sel = np.flatnonzero(self._new(ids))
+        if not sel.size:
             return
+        ids, chunks = ids[sel], [chunks[int(i)] for i in sel]
+        # Compressed and sealed outside the lock: other members' uploads go on meanwhile.
         methods, blobs = packs.compress_batch(chunks, self.store.level, packs.default_threads())
         if self.store.sealer is not None:
             raw_ids = [x.tobytes() for x in ids]
             blobs = list(self.store.sealer.seal_chunks(self.namespace, raw_ids, blobs))
             methods |= packs.METHOD_SEALED
         raws = np.array([len(c) for c in chunks], dtype=np.uint32)
-        self.sink.add(self.namespace, ids, methods, blobs, raws)
+        with self._lock:
+            keep = np.flatnonzero(self._new(ids))  # another member's upload may have won
+            if keep.size:
+                kb = [blobs[int(i)] for i in keep]
+                self.sink.add(self.namespace, ids[keep], methods[keep], kb, raws[keep])
+
+    def reap(self, flush: bool) -> list[StoredPack]:
+        """Every pack stored so far (with flush: after sealing and storing the rest);
+        raises the first failed put."""
+        with self._lock:
+            stored, error = self.sink.flush() if flush else self.sink.reap(block=False)
+            self.stored += stored
+            if error is not None:
+                raise error
+            return list(self.stored)
+
+
+class PackBuilder:
+    """One member upload's view of its generation's packs (module docstring). Not
+    thread-safe: the upload's request generator drives it. A stream reports every pack
+    stored so far that it has not reported: a pack may hold other members' chunks and
+    be reported by several streams (the coordinator takes it once)."""
+
+    def __init__(self, store: DirectStore, job: str, generation: int) -> None:
+        self.store = store
+        self.shared = store.generation(job, generation)
+        self.key = (job, generation)
+        self.reported: set[str] = set()
+        self.packs = 0
+        self.bytes = 0  # stored bytes reported
+
+    def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
+        """Compress (and seal) chunks and add them to the open pack; full packs go to
+        the writer threads."""
+        if chunks:
+            self.shared.add(ids, chunks)
 
     def _report(self, stored: list[StoredPack]) -> agent_pb2.UploadRequest | None:
-        if not stored:
+        fresh = [sp for sp in stored if sp.name not in self.reported]
+        if not fresh:
             return None
         req = agent_pb2.UploadRequest()
-        for sp in stored:
+        for sp in fresh:
             ids = np.ascontiguousarray(sp.contents.entries["id"]).tobytes()
             req.packs.packs.add(name=sp.name, size=sp.size, ids=ids)
+            self.reported.add(sp.name)
             self.packs += 1
             self.bytes += sp.size
         return req
@@ -164,22 +236,16 @@ class PackBuilder:
     def ready(self) -> agent_pb2.UploadRequest | None:
         """A report of the packs stored since the last one (None when none); raises the
         first failed put."""
-        stored, error = self.sink.reap(block=False)
-        if error is not None:
-            raise error
-        return self._report(stored)
+        return self._report(self.shared.reap(flush=False))
 
     def finish(self) -> agent_pb2.UploadRequest:
         """Seal and put the rest, wait until every pack is durable: the last report
         (always sent, even empty: it tells the coordinator which path this was)."""
-        stored, error = self.sink.flush()
-        if error is not None:
-            raise error
-        req = self._report(stored)
+        req = self._report(self.shared.reap(flush=True))
         if req is None:
             req = agent_pb2.UploadRequest()
             req.packs.SetInParent()
         return req
 
     def close(self) -> None:
-        self.sink.close()
+        self.store.release(*self.key)

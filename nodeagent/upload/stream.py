@@ -186,7 +186,7 @@ class _Attempt:
         self.seen: set[bytes] = set()
         self.framed = _accepts_frames(stub)
         d = limits.direct
-        self.builder = PackBuilder(d, sm.job) if d is not None else None
+        self.builder = PackBuilder(d, sm.job, sm.generation) if d is not None else None
 
     def _missing(self, ids: list[bytes]) -> npt.NDArray[np.bool_]:
         req = agent_pb2.MissingChunksRequest(

@@ -146,3 +146,28 @@ def test_auto_falls_back_to_the_coordinator_when_the_store_is_unreachable(
     assert d.proc is not None
     assert d.proc.wait(timeout=60) == 150, d.tail()  # DataPathUnavailable
     assert "direct data path cannot be used on node node-b" in d.tail()
+
+
+def test_identical_members_store_once_per_node_and_dedup_across_nodes_once_verified(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """Two members with the same pages on one node: one copy (the node's uploads share
+    their packs). A third on another node, attached later: it stores nothing new, since
+    the coordinator reads node-a's chunks back and verifies them when node-b wants them."""
+    c = cluster_factory(nodes=("node-a", "node-b"))
+    pages = 1024
+    size = pages * 4096
+    t1 = target_factory(maps=[f"data:{pages}:anon:random:31"])
+    t2 = target_factory(maps=[f"data:{pages}:anon:random:31"])
+    attach(c, "dp", "a1", t1, "node-a")
+    attach(c, "dp", "a2", t2, "node-a")
+    r = c.cli_json("checkpoint", "--job", "dp")
+    assert r["state"] == "committed" and r["data_paths"] == {"a1": "direct", "a2": "direct"}
+    assert size <= r["bytes_stored_new"] < size * 1.02, r  # once, raw (random)
+    t3 = target_factory(maps=[f"data:{pages}:anon:random:31"])
+    attach(c, "dp", "b", t3, "node-b")
+    r2 = c.cli_json("checkpoint", "--job", "dp")
+    assert r2["state"] == "committed" and r2["data_paths"]["b"] == "direct", r2
+    assert r2["bytes_stored_new"] < size // 100, r2  # node-a's verified chunks serve b
+    want = {n: t.read("data") for n, t in (("a1", t1), ("a2", t2), ("b", t3))}
+    _check_exports(c, tmp_path, r2["generation"], want)
