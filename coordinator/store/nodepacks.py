@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import ChunkMismatch, InvalidArgument, StoreError
+from cpcoord.errors import ChunkMismatch, DataCorrupted, InvalidArgument, ObjectNotFound
 from cpcoord.log import log_event
 from storecore import packs
 from storecore.backend import Kind
@@ -98,7 +98,7 @@ def check(repo: StoreParts, node: str, namespace: str, r: Report) -> Taken:
     try:
         size = repo.backend.stat(Kind.PACKS, r.name).size
         contents = packs.read_contents(repo.backend, r.name, size)
-    except StoreError as e:
+    except (ObjectNotFound, DataCorrupted) as e:  # the agent's fault; other errors: ours
         raise InvalidArgument(f"reported pack {r.name} is not usable: {e}") from None
     if size != r.size:
         raise InvalidArgument(f"pack {r.name} has {size} bytes, reported {r.size}")
@@ -127,7 +127,7 @@ def _bad_rows(repo: StoreParts, name: str, rows: packs.Entries, ns: str) -> list
             packs.decode_chunk(
                 int(e["method"]), blob, int(e["raw"]), cid, name, repo.config.sealer, ns
             )
-        except StoreError:
+        except DataCorrupted:  # a store that fails to answer is a store error, raised
             bad.append(cid.hex())
     return bad
 
@@ -194,7 +194,7 @@ def verify(
                 int(e["method"]), blob, int(e["raw"]), cid, name, repo.config.sealer, namespace
             )
             good.append(cid)
-        except StoreError:
+        except (DataCorrupted, ObjectNotFound):  # gone or wrong: not to be served
             bad.setdefault(name, []).append(cid)
     return as_id_array(good), [(n, as_id_array(b)) for n, b in bad.items()]
 

@@ -42,6 +42,7 @@ from cpcoord.errors import (
     CpcoordError,
     DataPathUnavailable,
     NotLeader,
+    StoreError,
 )
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
@@ -334,11 +335,12 @@ class Agent:
         if res is None:  # cancelled: an Abort or a broken stream; nothing to say
             return
         if isinstance(res, CpcoordError):
-            reason = (
-                R.ABORT_REASON_BAD_DATA
-                if isinstance(res, ChunkMismatch)
-                else R.ABORT_REASON_UPLOAD_FAILED
-            )
+            if isinstance(res, ChunkMismatch):
+                reason = R.ABORT_REASON_BAD_DATA
+            elif isinstance(res, StoreError):  # its own put failed (direct data path)
+                reason = R.ABORT_REASON_STORE_ERROR
+            else:
+                reason = R.ABORT_REASON_UPLOAD_FAILED
             log.warning("upload failed", extra={"fields": {"member": sm.member, "error": str(res)}})
             self._emit(failed(sm.job, sm.generation, sm.member, reason, res), epoch)
             return
