@@ -132,6 +132,16 @@ def _bad_rows(repo: StoreParts, name: str, rows: packs.Entries, ns: str) -> list
     return bad
 
 
+def take(repo: StoreParts, g: InFlight, node: str, reports: Sequence[Report]) -> tuple[int, int]:
+    """Check reports (outside the lock) and index them for `g`; (chunks, bytes)."""
+    with repo.lock:
+        known = {t.name for t in g.packs}  # several members' streams report one pack
+    fresh = {r.name: r for r in reports if r.name not in known}
+    taken = [check(repo, node, g.namespace, r) for r in fresh.values()]
+    with repo.lock:
+        return index_taken(repo, g, taken)
+
+
 def index_taken(repo: StoreParts, g: InFlight, taken: Sequence[Taken]) -> tuple[int, int]:
     """Index checked packs for generation `g` (caller holds the lock); (chunks, bytes)."""
     chunks = nbytes = 0

@@ -242,22 +242,16 @@ class Repository(Closing):
     def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
         """Nodes whose packs for this generation failed verification: node -> why."""
         with self.lock:
-            g = self.inflight.get(job, generation, "check its nodes")
-            return dict(g.bad)
+            return dict(self.inflight.get(job, generation, "check its nodes").bad)
 
     def take_packs(
         self, job: str, generation: int, node: str, reports: Sequence[nodepacks.Report]
     ) -> tuple[int, int]:
-        """Packs `node` put itself for the generation (direct data path), checked against
-        the store and indexed (nodepacks.py); returns (chunks, stored bytes). A report
-        that does not hold is InvalidArgument or ChunkMismatch: bad data of that node."""
+        """Packs `node` put itself for the generation (direct data path): checked and
+        indexed, (chunks, stored bytes); bad data of that node otherwise (nodepacks.py)."""
         with self.lock:
             g = self.inflight.get(job, generation, "take packs")
-            known = {t.name for t in g.packs}  # several members' streams report one pack
-        fresh = {r.name: r for r in reports if r.name not in known}
-        taken = [nodepacks.check(self, node, g.namespace, r) for r in fresh.values()]
-        with self.lock:
-            return nodepacks.index_taken(self, g, taken)
+        return nodepacks.take(self, g, node, reports)
 
     def add_chunks(
         self, job: str, generation: int, ids: Any, chunks: Sequence[Buffer]
