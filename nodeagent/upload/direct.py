@@ -200,7 +200,7 @@ class GenerationPacks:
         with self._lock:
             stored, error = self.sink.flush() if flush else self.sink.reap(block=False)
             self.stored += stored
-            self._done += [np.ascontiguousarray(s.contents.entries["id"]) for s in stored]
+            self._done += [np.unique(s.contents.entries["id"]) for s in stored]  # sorted
             if error is not None:
                 raise error
             return list(self.stored)

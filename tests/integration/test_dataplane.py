@@ -163,9 +163,7 @@ def test_identical_members_store_once_per_node_and_dedup_across_nodes_once_verif
     attach(c, "dp", "a2", t2, "node-a")
     r = c.cli_json("checkpoint", "--job", "dp")
     assert r["state"] == "committed" and r["data_paths"] == {"a1": "direct", "a2": "direct"}
-    # Once, raw (random). Seen once at 1.08 under heavy load (5 chunks twice), not
-    # understood yet: see the report of this branch.
-    assert size <= r["bytes_stored_new"] < size * 1.1, r
+    assert size <= r["bytes_stored_new"] < size * 1.02, r  # once, raw (random)
     t3 = target_factory(maps=[f"data:{pages}:anon:random:31"])
     attach(c, "dp", "b", t3, "node-b")
     r2 = c.cli_json("checkpoint", "--job", "dp")
