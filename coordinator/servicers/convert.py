@@ -144,6 +144,7 @@ def upload_response(done: MemberUpload) -> agent_pb2.UploadResponse:
         chunks_new=done.chunks_new,
         bytes_received=done.bytes_received,
         bytes_stored_new=done.bytes_stored_new,
+        packs=done.packs,
     )
 
 
