@@ -1,6 +1,7 @@
 """A checkpoint through the whole system against this machine's raw rates.
 
     python -m bench.end_to_end [--size-mib 1024] [--dirty 0.01] [--reps 3] [--store-dir DIR]
+    python -m bench.end_to_end --direct    (the direct data path: bench/end_to_end_direct.py)
 
 One member of SIZE MiB of resident, incompressible (random) pages; a real coordinator and
 a real agent as separate processes on loopback (tests/helpers/cluster.py), the store on
@@ -42,10 +43,10 @@ import grpc
 import numpy as np
 
 from bench.common import Stats, gbps, raw_readv, repeat, results_dir, write_results
-from coordinator.store.backend import Kind, LocalBackend
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from cpcoord.grpcutil import channel_options, server_options
 from cpcoord.ranges import AddressRange
+from storecore.backend import Kind, LocalBackend
 from testbed.cluster import Cluster, attach_args
 from testbed.daemons import wait_for
 from testbed.driver import REPO, Target
@@ -216,10 +217,21 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the raw baselines")
     ap.add_argument("--store-dir", type=Path, default=None, help="parent dir of the store")
     ap.add_argument("--raw-server", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="two agents on the direct data path, directory and S3 store "
+        "(bench/end_to_end_direct.py; --size-mib per member, default 512)",
+    )
     args = ap.parse_args()
     if args.raw_server:
         raw_server(args.raw_server)
         return 0
+    if args.direct:
+        from bench import end_to_end_direct
+
+        size = 512 if "--size-mib" not in sys.argv else args.size_mib
+        return end_to_end_direct.run(size, args.reps, args.store_dir)
     size = args.size_mib << 20
     pages = size // 4096
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-e2e-", dir=args.store_dir))

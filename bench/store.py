@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository
-from coordinator.store.ids import chunk_ids_of, member_of
+from storecore.ids import chunk_ids_of, member_of
 
 BLOCK = 64 << 20  # data is generated and uploaded in blocks of this size
 PAGE = 4096

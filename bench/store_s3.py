@@ -32,9 +32,9 @@ import numpy as np
 
 from bench.common import Stats, write_results
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository
-from coordinator.store.backend import Backend, Kind, LocalBackend
-from coordinator.store.ids import chunk_ids_of, member_of
-from coordinator.store.s3 import S3Backend, S3Options
+from storecore.backend import Backend, Kind, LocalBackend
+from storecore.ids import chunk_ids_of, member_of
+from storecore.s3 import S3Backend, S3Options
 
 PAGE = 4096
 OBJ = 16 << 20

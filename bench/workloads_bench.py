@@ -39,12 +39,12 @@ import numpy as np
 from bench.common import Stats, gbps, raw_readv, write_results
 from bench.workloads import BY_NAME, WORKLOADS, Member, Workload, start, stop
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository
-from coordinator.store.ids import ID_DTYPE, digest_all, member_of
 from nodeagent.capture.process import Capture, capture
 from nodeagent.pages import runs_from_pages
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.proc.staging import Staging
 from nodeagent.upload.chunks import plan
+from storecore.ids import ID_DTYPE, digest_all, member_of
 
 PAGE = 4096
 BATCH = 1024  # chunks per add_chunks call (<= 64 MiB), as an upload message would carry

@@ -106,8 +106,9 @@ def required_role(method: str) -> frozenset[str] | None:
     return frozenset({"admin", "viewer"})  # read-only RPCs, reflection, anything else
 
 
-def cert_identity(context: grpc.ServicerContext) -> tuple[str, str] | None:
-    """(role, agent node or "") named by the verified client certificate."""
+def cert_identity(context: Any) -> tuple[str, str] | None:
+    """(role, agent node or "") named by the verified client certificate (a sync or
+    grpc.aio servicer context)."""
     for cn in context.auth_context().get("x509_common_name", ()):
         name = cn.decode(errors="replace") if isinstance(cn, bytes) else str(cn)
         if name == CN_ADMIN:

@@ -79,6 +79,7 @@ def _write(engine: EngineView, f: Flight) -> bool:
         ),
     )
     engine.repo.commit(m)
+    engine.dataplane.record(uploads)
     return True
 
 

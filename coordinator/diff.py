@@ -17,10 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.store import Manifest
-from coordinator.store.ids import zero_mask
 from coordinator.store.manifest import MemberMap, PageTable
 from cpcoord.errors import UnknownMember
 from cpcoord.image import runs_of
+from storecore.ids import zero_mask
 
 
 @dataclass(frozen=True)

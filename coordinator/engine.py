@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 from coordinator import commit, members_ops, restore
 from coordinator.agents import AgentSession, Registry
+from coordinator.dataplane import DataPlaneStats, announcement
 from coordinator.engine_view import Options
 from coordinator.events import EventBus
 from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
@@ -98,6 +99,7 @@ class Engine:
         self.flights: dict[str, Flight] = {}  # job -> its generation in flight
         self.attaching: set[tuple[str, str]] = set()  # (job, member) being attached
         self.recent: collections.OrderedDict[tuple[str, int], RunStats] = collections.OrderedDict()
+        self.dataplane = DataPlaneStats()
         self._queue: collections.deque[tuple[Flight, Event]] = collections.deque()
         self._draining = False
         self._stopping = False
@@ -131,12 +133,16 @@ class Engine:
     # -- agents ----------------------------------------------------------------------
 
     def welcome(self) -> agent_pb2.Welcome:
+        store = {}
+        if self.opt.direct_data_path:
+            store = announcement(self.repo, self.opt.send_store_key)
         return agent_pb2.Welcome(
             version=__version__,
             protocol_version=PROTOCOL_VERSION,
             heartbeat_interval_ms=int(self.opt.heartbeat_s * 1000),
             max_message_bytes=min(self.opt.agent_message_bytes, self.opt.max_message_bytes),
             max_batch_entries=self.opt.max_batch_entries,
+            **store,  # type: ignore[arg-type]
         )
 
     def connect(self, hello: agent_pb2.Hello, peer: str) -> AgentSession:

@@ -13,7 +13,7 @@ import collections
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from coordinator.agents import Registry
 from coordinator.events import EventBus
@@ -23,6 +23,9 @@ from coordinator.protocol.messages import Event
 from coordinator.store import Repository
 from cpcoord.grpcutil import MAX_MESSAGE_BYTES
 from cpcoord.ranges import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from coordinator.dataplane import DataPlaneStats
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class Options:
     # 3-4x per byte here; 4-16 MiB messages pipeline and reuse memory (8 MiB measured best).
     agent_message_bytes: int = 8 << 20
     max_batch_entries: int = 65536
+    # The data plane (coordinator/dataplane.py): announce the store to agents so they
+    # may put packs themselves; send its data key only over mTLS (serve sets it).
+    direct_data_path: bool = True
+    send_store_key: bool = False
 
 
 class EngineView(Protocol):
@@ -63,6 +70,8 @@ class EngineView(Protocol):
     def recent(self) -> collections.OrderedDict[tuple[str, int], RunStats]: ...
     @property
     def events(self) -> EventBus: ...
+    @property
+    def dataplane(self) -> DataPlaneStats: ...
 
     def feed(self, f: Flight, event: Event) -> None:
         """Queue an event for a flight and drain the queue (under the lock)."""

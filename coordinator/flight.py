@@ -60,6 +60,7 @@ class RunStats:
     seconds: float = 0.0
     full: bool = False
     tracker: str = ""
+    data_paths: tuple[tuple[str, str], ...] = ()  # (member, "direct" | "coordinator")
 
 
 @dataclass(frozen=True)
@@ -186,4 +187,5 @@ class Flight:
             full=snap.spec.full
             or (bool(self.uploads) and all(u.full for u in self.uploads.values())),
             tracker=",".join(sorted(trackers)),
+            data_paths=tuple(sorted((m, u.data_path) for m, u in self.uploads.items())),
         )

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,9 +28,10 @@ from google.protobuf.message import DecodeError
 from coordinator.flight import Flight
 from coordinator.protocol.messages import MemberFailed, StoreFailed
 from coordinator.protocol.values import AbortReason
-from coordinator.store.ids import ID_SIZE, IdArray, as_id_array, member_of
+from coordinator.store import nodepacks
 from coordinator.uploads import MemberUpload, UploadAssembler
 from cpcoord.errors import (
+    AgentIdentityMismatch,
     AgentUnavailable,
     ChunkMismatch,
     ChunkMissing,
@@ -43,6 +45,7 @@ from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
+from storecore.ids import ID_SIZE, IdArray, as_id_array, member_of
 
 if TYPE_CHECKING:
     from coordinator.engine_view import EngineView
@@ -78,24 +81,49 @@ def flight_for(
     return f
 
 
-def missing_chunks(engine: EngineView, req: agent_pb2.MissingChunksRequest) -> bytes:
-    """The bitmap of ids the store lacks; the others are claimed for the generation."""
+def missing_chunks(
+    engine: EngineView, req: agent_pb2.MissingChunksRequest, caller: str = ""
+) -> bytes:
+    """The bitmap of ids the store lacks; the others are claimed for the generation.
+    `caller`: the node of the agent certificate that asks ("" without mTLS): it may ask
+    only for its own members."""
     if len(req.ids) % ID_SIZE:
         raise InvalidArgument(f"ids: {len(req.ids)} bytes is not a multiple of {ID_SIZE}")
     if len(req.ids) // ID_SIZE > MAX_IDS:
         raise InvalidArgument(f"{len(req.ids) // ID_SIZE} ids: at most {MAX_IDS} per call")
-    flight_for(engine, req.job, req.generation, req.member)
+    f = flight_for(engine, req.job, req.generation, req.member)
+    rec = f.gen.snapshot.member(req.member)
+    if caller and rec is not None and rec.node != caller:
+        raise AgentIdentityMismatch(caller, rec.node)
     arr = as_id_array(req.ids)
-    missing = engine.repo.missing(req.job, req.generation, arr)
+    missing = engine.repo.missing(req.job, req.generation, arr, rec.node if rec else None)
+    if rec is not None:
+        blame(engine, f, rec.node, req.member)
     return bitmap(member_of(arr, missing))
 
 
-def upload(engine: EngineView, requests: Iterator[agent_pb2.UploadRequest]) -> MemberUpload:
+def blame(engine: EngineView, f: Flight, node: str, member: str) -> None:
+    """Abort with bad_data when a node's packs of this generation failed a check while
+    `member` (on `node`, still uploading) wanted their chunks (nodepacks.py). The event
+    names the asking member, which the protocol still waits for (a member already
+    uploaded cannot abort its generation); the detail names the node that lied."""
+    try:
+        bad = engine.repo.bad_nodes(f.job, f.number)
+    except GenerationStateError:
+        return
+    for liar, why in bad.items():
+        detail = f"node {liar} stored chunks that do not match their ids: {why}"
+        engine.feed(f, MemberFailed(node, member, AbortReason.BAD_DATA, detail))
+
+
+def upload(
+    engine: EngineView, requests: Iterator[agent_pb2.UploadRequest], caller: str = ""
+) -> MemberUpload:
     """One UploadPages stream, read to its end (the thread-pool way)."""
     first = next(requests, None)
     if first is None or not first.HasField("header"):
         raise InvalidArgument("an upload stream starts with a header")
-    r = Receiver.open(engine, first.header)
+    r = Receiver.open(engine, first.header, caller)
     while True:
         try:
             req = next(requests)
@@ -122,8 +150,9 @@ class Inbound:
     at a time (`take`, then `end`): the loop never spends longer on an upload than on
     reading its messages, however many regions or batches it has."""
 
-    def __init__(self, engine: EngineView) -> None:
+    def __init__(self, engine: EngineView, caller: str = "") -> None:
         self.engine = engine
+        self.caller = caller  # the agent certificate's node, "" without mTLS
         self.receiver: Receiver | None = None
 
     def take(self, raws: list[bytes]) -> None:
@@ -132,7 +161,7 @@ class Inbound:
             first = parse(raws[0])  # a bad header is refused; nothing to abort yet
             if not first.HasField("header"):
                 raise InvalidArgument("an upload stream starts with a header")
-            self.receiver = Receiver.open(self.engine, first.header)
+            self.receiver = Receiver.open(self.engine, first.header, self.caller)
             i = 1
         r = self.receiver
         try:
@@ -192,10 +221,18 @@ class Receiver:
         self.group_bytes = 0
         self.first = True
         self.t_check = self.t_store = 0.0  # where the stream's time goes (logged)
+        self.direct = False  # the agent reported packs it put itself (StoredPacks)
+        self.packs = 0
 
     @classmethod
-    def open(cls, engine: EngineView, header: common_pb2.PagesHeader) -> Receiver:
+    def open(
+        cls, engine: EngineView, header: common_pb2.PagesHeader, caller: str = ""
+    ) -> Receiver:
+        """`caller`: the agent certificate's node: an agent uploads (and reports packs
+        under a node's prefix) only as itself."""
         check_name(header.node)
+        if caller and header.node != caller:
+            raise AgentIdentityMismatch(caller, header.node)
         f = flight_for(engine, header.job, header.generation, header.member, header.node)
         return cls(engine, f, header)
 
@@ -245,10 +282,16 @@ class Receiver:
 
     def _add(self, reqs: list[agent_pb2.UploadRequest]) -> None:
         t1 = time.perf_counter()
+        batches = []
         for req in reqs:
-            if not req.HasField("batch"):
+            kind = req.WhichOneof("body")
+            if kind == "packs":
+                self._take_packs(req.packs)
+            elif kind == "batch":
+                batches.append(req.batch)
+            else:
                 raise InvalidArgument("an upload stream has exactly one header, first")
-        ids, chunks = self.asm.add_batches([req.batch for req in reqs])
+        ids, chunks = self.asm.add_batches(batches)
         t2 = time.perf_counter()
         if chunks:
             self.group_ids.append(ids)
@@ -265,6 +308,19 @@ class Receiver:
             self.pending = _store_pool().submit(self._store, *self._take_group())
         t3 = time.perf_counter()
         self.t_check, self.t_store = self.t_check + t2 - t1, self.t_store + t3 - t2
+
+    def _take_packs(self, msg: agent_pb2.StoredPacks) -> None:
+        """Packs the agent put itself (direct data path), checked and indexed."""
+        self.direct = True
+        if not msg.packs:
+            return
+        reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
+        chunks, nbytes = self.engine.repo.take_packs(
+            self.f.job, self.f.number, self.h.node, reports
+        )
+        self.stored[0] += chunks
+        self.stored[1] += nbytes
+        self.packs += len(reports)
 
     def end(self) -> MemberUpload:
         """The stream ended well: store the rest, complete the member's tables, keep the
@@ -301,8 +357,12 @@ class Receiver:
             with contextlib.suppress(KeyError):
                 pm = parent.member(self.asm.header.member)
         done = self.asm.finish(pm, chunks_new, bytes_new)
-        # Claim every chunk the tables name (kept from gc until commit) and check it is there.
-        lacking = engine.repo.missing(job, n, done.chunk_ids)
+        if self.direct:
+            done = replace(done, data_path="direct", packs=self.packs)
+        # Claim every chunk the tables name (kept from gc until commit) and check it is
+        # there for this node (another node's chunk counts once verified: nodepacks.py).
+        lacking = engine.repo.missing(job, n, done.chunk_ids, self.h.node)
+        blame(engine, f, self.h.node, self.h.member)
         if lacking.size:
             raise ChunkMissing(lacking.size, n, job, lacking[0].tobytes().hex())
         log_event(

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store.ids import IdArray, zero_mask
 from coordinator.store.manifest import PageTable, overlay
 from cpcoord.image import stored_offsets
+from storecore.ids import IdArray, zero_mask
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]

@@ -18,11 +18,11 @@ import numpy.typing as npt
 
 from coordinator import restore_diff
 from coordinator.store import Manifest, Repository
-from coordinator.store.ids import ID_DTYPE, IdArray, member_of, zero_mask
 from coordinator.store.manifest import PageTable, RegionMap
 from cpcoord.errors import UnknownMember
 from cpcoord.gen.v1 import common_pb2, manifest_pb2, types_pb2
 from cpcoord.image import runs_of
+from storecore.ids import ID_DTYPE, IdArray, member_of, zero_mask
 
 TARGET_BYTES = 4 << 20
 HARD_BYTES = 48 << 20  # a batch never carries more chunk bytes than this (limit 64 MiB)

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -27,9 +27,9 @@ from coordinator.auth import Security, check_transport
 from coordinator.engine import Engine, Options
 from coordinator.serving import Serving
 from coordinator.store.config import StoreConfig
-from coordinator.store.crypt import Sealer
 from coordinator.store.location import open_repository
 from cpcoord.log import log_event
+from storecore.crypt import Sealer
 
 log = logging.getLogger("cpcoord.coordinator")
 __all__ = [
@@ -116,7 +116,8 @@ def serve(listen: str, store: Path | str, options: Options, config: ServeConfig)
     repo, rebuilt = open_repository(store, state_dir=state_dir, config=StoreConfig(sealer=sealer))
     if rebuilt is not None:
         log.warning("catalog rebuilt from the store", extra={"fields": {"report": str(rebuilt)}})
-    engine = Engine(repo, options)
+    # The store's data key goes down a control stream only when it is mTLS.
+    engine = Engine(repo, replace(options, send_store_key=security.tls is not None))
     deps = Deps(engine, security=security, max_workers=rpc_threads)
     try:
         server, port = create_server(listen, deps)

@@ -26,12 +26,12 @@ import numpy as np
 import zstandard
 
 from coordinator import member_tables as mt
-from coordinator.store.ids import ID_DTYPE, ID_SIZE, IdArray, as_id_array, empty_ids, zero_mask
 from coordinator.store.manifest import MemberMap, PageTable, RegionMap
 from cpcoord import mapfacts
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import common_pb2
 from cpcoord.ranges import check_name
+from storecore.ids import ID_DTYPE, ID_SIZE, IdArray, as_id_array, empty_ids, zero_mask
 
 MAX_CHUNK = 4 << 20
 MAX_BATCH_ENTRIES = 65536
@@ -57,6 +57,8 @@ class MemberUpload:
     full: bool
     threads: int
     layout: tuple[mapfacts.MapFact, ...] = ()  # every mapping at the cut (whole memory)
+    data_path: str = "coordinator"  # "direct": the agent put its packs itself
+    packs: int = 0  # packs it reported (direct data path)
 
     def member_map(self) -> MemberMap:
         return MemberMap(self.member, self.regions, layout=self.layout)

@@ -9,7 +9,8 @@ Exit codes (also in docs/exit-codes.md):
   0 success, 1 unexpected error, 2 usage error (argparse),
   10-19 process and capture errors, 20-29 ranges and input, 30-39 files and images,
   40-49 trackers, 50-59 coordinator and protocol, 60-69 store,
-  70-79 coordinator service and clients, 140-144 coordinator replicas (high availability).
+  70-79 coordinator service and clients, 140-144 coordinator replicas (high availability),
+  150-154 the data plane (agents that put packs themselves).
 """
 
 from __future__ import annotations
@@ -750,3 +751,24 @@ class EtcdUnavailable(CpcoordError):
 
     exit_code = 142
     status = "UNAVAILABLE"
+
+
+# -- data plane: agents that put packs themselves (150-154) --------------------------------
+
+
+class DataPathUnavailable(CpcoordError):
+    """the direct data path cannot be used on node {}: {}"""
+
+    exit_code = 150
+    status = "FAILED_PRECONDITION"
+
+
+class NodeDataBad(StoreError):
+    """node {} stored data that does not match its chunk ids: {}"""
+
+    exit_code = 151
+    status = "INVALID_ARGUMENT"
+
+    @property
+    def node(self) -> str:
+        return str(self.args[0]) if self.args else ""

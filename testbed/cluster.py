@@ -92,6 +92,9 @@ class Cluster:
     store_url: str | None = None  # e.g. s3://bucket/prefix; default: a directory under root
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the AWS variables
     state_dir: Path | None = None  # the coordinator's --state-dir (catalog, lock)
+    # Each agent's environment: extra_env (an S3 store's variables: agents on the direct
+    # data path reach the store themselves), then its node's own (e.g. a bad endpoint).
+    agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def store(self) -> Path:
@@ -198,7 +201,8 @@ class Cluster:
             "--insecure",
             *self.agent_args.get(node, ()),
         ]
-        env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults)})
+        own = self.agent_env.get(node, {})
+        env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults), **self.extra_env, **own})
         if pause:
             env["CPCOORD_FAULT_PAUSE"] = ",".join(pause)
         if fail:  # failure points (cpcoord/faults.py): NAME[@K]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.store import Repository, StoreConfig
-from coordinator.store.s3 import S3Backend, S3Options
+from storecore.s3 import S3Backend, S3Options
 
 PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 BUCKET = "cpcoord-test"

@@ -16,7 +16,7 @@ from unittest import mock
 
 from coordinator.store import Kind, Repository, StoreConfig
 from coordinator.store.location import StoreLocation
-from coordinator.store.s3 import S3Backend
+from storecore.s3 import S3Backend
 
 StoreArgs = dict[str, Any]  # store_url / extra_env for Cluster and InProcessCoordinator
 

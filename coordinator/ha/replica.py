@@ -33,11 +33,11 @@ from coordinator.ha.election import Elector, Term
 from coordinator.serving import Serving
 from coordinator.store import Repository
 from coordinator.store.config import StoreConfig
-from coordinator.store.crypt import Sealer
 from coordinator.store.location import open_repository
 from coordinator.store.rebuild import rebuild_catalog
 from cpcoord.errors import CpcoordError, StoreLocked
 from cpcoord.log import log_event
+from storecore.crypt import Sealer
 
 log = logging.getLogger("cpcoord.coordinator.ha")
 LOCK_RETRY_S = 0.1

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from coordinator.store import State, StoreStats
@@ -115,6 +115,7 @@ class StateCollector(Collector):
             self._agents_and_jobs,
             self._last_generations,
             self._store,
+            self._dataplane,
         )
         for part in parts:
             try:
@@ -124,6 +125,33 @@ class StateCollector(Collector):
                 log_event(
                     log, logging.WARNING, "metrics part failed", part=part.__name__, error=str(e)
                 )
+
+    # -- data plane (coordinator/dataplane.py) ----------------------------------------
+
+    def _dataplane(self, v: _EngineView) -> Iterator[Metric]:
+        by_path, through = self.engine.dataplane.snapshot()
+        fam = CounterMetricFamily(
+            "cpcoord_data_path_bytes",
+            "stored bytes committed, by the data path they took and the node that sent them",
+            labels=["path", "node"],
+        )
+        for (path, node), n in sorted(by_path.items()):
+            fam.add_metric([path, node], n)
+        yield fam
+        yield CounterMetricFamily(
+            "cpcoord_coordinator_moved_bytes",
+            "page bytes of committed generations that passed through the coordinator",
+            value=through,
+        )
+        trust = self.engine.repo.trust
+        ver = CounterMetricFamily(
+            "cpcoord_chunks_verified_across_nodes",
+            "agents' chunks read back and checked before another node deduplicated on them",
+            labels=["outcome"],
+        )
+        ver.add_metric(["ok"], trust.checked - trust.failed)
+        ver.add_metric(["bad"], trust.failed)
+        yield ver
 
     # -- engine state ---------------------------------------------------------------
 

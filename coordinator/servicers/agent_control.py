@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import grpc
 
 from coordinator import generations, ingest, pagestream, restore_diff
+from coordinator.auth import cert_identity
 from coordinator.engine import Engine
 from coordinator.servicers import convert
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -26,13 +27,16 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
     def MissingChunks(
         self, request: agent_pb2.MissingChunksRequest, context: grpc.ServicerContext
     ) -> agent_pb2.MissingChunksResponse:
-        return agent_pb2.MissingChunksResponse(missing=ingest.missing_chunks(self.engine, request))
+        caller = (cert_identity(context) or ("", ""))[1]
+        missing = ingest.missing_chunks(self.engine, request, caller)
+        return agent_pb2.MissingChunksResponse(missing=missing)
 
     @rpc_errors
     def UploadPages(
         self, request_iterator: Iterator[agent_pb2.UploadRequest], context: grpc.ServicerContext
     ) -> agent_pb2.UploadResponse:
-        done = ingest.upload(self.engine, request_iterator)
+        caller = (cert_identity(context) or ("", ""))[1]  # an agent uploads as itself
+        done = ingest.upload(self.engine, request_iterator, caller)
         return convert.upload_response(done)
 
     @rpc_errors

@@ -64,6 +64,7 @@ def generation_info(s: Summary) -> coordinator_pb2.GenerationInfo:
         seconds=s.run.seconds,
         full=s.run.full,
     )
+    out.data_paths.update(dict(s.run.data_paths))
     c = s.catalog
     if c is not None:
         z = c.sizes
@@ -146,6 +147,7 @@ def upload_response(done: MemberUpload) -> agent_pb2.UploadResponse:
         chunks_new=done.chunks_new,
         bytes_received=done.bytes_received,
         bytes_stored_new=done.bytes_stored_new,
+        packs=done.packs,
     )
 
 

@@ -29,6 +29,7 @@ import grpc
 
 from coordinator import agent_events, ingest, members_ops, restore
 from coordinator.agents import AgentSession
+from coordinator.auth import cert_identity
 from coordinator.engine import Engine
 from coordinator.flight import CheckpointOptions, Progress, Subscription
 from coordinator.servicers import convert
@@ -159,7 +160,8 @@ class Streams:
         self, request: agent_pb2.MissingChunksRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.MissingChunksResponse:
         engine = self.serving.engine()
-        missing = await self.blocking(ingest.missing_chunks, engine, request)
+        caller = (cert_identity(context) or ("", ""))[1]
+        missing = await self.blocking(ingest.missing_chunks, engine, request, caller)
         return agent_pb2.MissingChunksResponse(missing=missing)
 
     @rpc_errors_async
@@ -170,7 +172,8 @@ class Streams:
         checked and stored on the pool (ingest.Inbound), whatever arrived meanwhile in
         one hop, so a member of 20 000 regions never holds the loop that reads every
         agent's heartbeats, and a small upload costs one hop."""
-        up = UploadPump(self.pool, ingest.Inbound(self.serving.engine()))
+        caller = (cert_identity(context) or ("", ""))[1]  # an agent uploads as itself
+        up = UploadPump(self.pool, ingest.Inbound(self.serving.engine(), caller))
         try:
             async for raw in request_iterator:
                 if up.failed is not None:

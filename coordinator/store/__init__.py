@@ -11,14 +11,14 @@ Layers, each a small module behind a narrow interface:
   repository the facade the coordinator uses; gc and verify hold the rest
 """
 
-from coordinator.store.backend import Backend, Kind, LocalBackend, ObjectInfo
 from coordinator.store.catalog import GenerationInfo, Sizes, State
 from coordinator.store.config import StoreConfig
 from coordinator.store.gc import GcReport
-from coordinator.store.ids import ZERO, ChunkId, PackId, chunk_ids_of
 from coordinator.store.manifest import Manifest, MemberMap, PageTable, RegionMap, overlay
 from coordinator.store.repository import AddResult, PageRun, Repository
 from coordinator.store.verify import Damage, StoreStats, VerifyReport
+from storecore.backend import Backend, Kind, LocalBackend, ObjectInfo
+from storecore.ids import ZERO, ChunkId, PackId, chunk_ids_of
 
 __all__ = [
     "ZERO",

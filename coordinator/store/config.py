@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from coordinator.store.backend import Backend, Kind
-from coordinator.store.crypt import Sealer
 from cpcoord.errors import InvalidArgument, ObjectNotFound, StoreInvalid
+from storecore.backend import Backend, Kind
+from storecore.crypt import Sealer
+from storecore.identity import CONFIG_NAME, STORE_FORMAT
 
-STORE_FORMAT = 1
-CONFIG_NAME = "store.json"
 SHARED_NAMESPACE = "shared"
 
 DedupScope = Literal["job", "store"]

@@ -31,15 +31,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.store import index_io, packs
-from coordinator.store.backend import Kind
+from coordinator.store import index_io
 from coordinator.store.catalog import State
-from coordinator.store.ids import IdArray, PackId, member_of
 from coordinator.store.index import PackInfo
 from coordinator.store.parts import MAINTENANCE
-from coordinator.store.writer import StoredPack
 from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
 from cpcoord.log import log_event
+from storecore import packs
+from storecore.backend import Kind
+from storecore.ids import IdArray, PackId, member_of
+from storecore.names import pack_hex
+from storecore.writer import StoredPack
 
 if TYPE_CHECKING:
     from coordinator.store.parts import StoreParts
@@ -225,7 +227,7 @@ def _repack(
         info = repo.index.pack(no)
         try:
             data = repo.backend.get(Kind.PACKS, info.name)
-            if PackId.of(data).format() != info.name:
+            if PackId.of(data).format() != pack_hex(info.name):
                 raise DataCorrupted("pack", info.name, "content hash does not match its name")
             ids, locs = live[no]
             blobs = []

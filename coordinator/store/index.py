@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store.ids import ID_DTYPE, IdArray, digest
-from coordinator.store.packs import LOCATED_DTYPE, Entries, PackContents
-from cpcoord.errors import DataCorrupted
+from cpcoord.errors import DataCorrupted, InvalidArgument
+from storecore.ids import ID_DTYPE, IdArray, digest
+from storecore.names import node_of, pack_id
+from storecore.packs import LOCATED_DTYPE, Entries, PackContents
 
 LOC_DTYPE = np.dtype(
     [("pack", "<u4"), ("offset", "<u4"), ("stored", "<u4"), ("raw", "<u4"), ("method", "u1")]
@@ -194,10 +195,16 @@ class PackInfo:
     size: int  # bytes of the pack object
     blob_bytes: int  # bytes of its blobs (size minus header and trailer)
     count: int  # entries in its trailer
+    object_name: str = ""  # "" = the id in hex; `nodes/NODE/ID` for an agent's pack
 
     @property
     def name(self) -> str:
-        return self.id.hex()
+        return self.object_name or self.id.hex()
+
+    @property
+    def node(self) -> str | None:
+        """The node that put it (direct data path), None for the coordinator's."""
+        return node_of(self.object_name) if self.object_name else None
 
 
 class Index:
@@ -206,7 +213,8 @@ class Index:
     def __init__(self) -> None:
         self.namespaces: dict[str, ChunkIndex] = {}
         self._packs: list[PackInfo | None] = []
-        self._by_id: dict[bytes, int] = {}
+        # By object name, not id: a node's pack named like another's is another pack.
+        self._by_id: dict[str, int] = {}
 
     def chunks(self, namespace: str) -> ChunkIndex:
         ci = self.namespaces.get(namespace)
@@ -219,24 +227,31 @@ class Index:
         assert p is not None, f"pack number {number} was removed"
         return p
 
-    def pack_number(self, pack_id: bytes) -> int | None:
-        return self._by_id.get(pack_id)
+    def pack_number(self, pack: bytes | str) -> int | None:
+        """The number of a pack by object name (or by id: a coordinator's pack)."""
+        return self._by_id.get(pack.hex() if isinstance(pack, bytes) else pack)
 
     def packs(self) -> dict[int, PackInfo]:
         return {i: p for i, p in enumerate(self._packs) if p is not None}
 
-    def add_pack(self, pack_id: bytes, size: int, contents: PackContents) -> int:
+    def add_pack(
+        self, pack_id: bytes, size: int, contents: PackContents, name: str = ""
+    ) -> int:
         """Register a pack and index its entries (ids already indexed keep their place).
         Returns the number of newly indexed chunks. A known pack is not registered twice,
         but its entries are offered again: a pack stored anew with the same bytes (the
         same chunks in the same order) must serve ids gc dropped meanwhile."""
         e = contents.entries
-        known = self._by_id.get(pack_id)
+        key = name or pack_id.hex()
+        known = self._by_id.get(key)
         if known is None:
             no = len(self._packs)
-            info = PackInfo(pack_id, contents.namespace, size, contents.blob_bytes, len(e))
+            object_name = "" if name in ("", pack_id.hex()) else name
+            info = PackInfo(
+                pack_id, contents.namespace, size, contents.blob_bytes, len(e), object_name
+            )
             self._packs.append(info)
-            self._by_id[pack_id] = no
+            self._by_id[key] = no
         else:
             no = known
         locs = np.zeros(len(e), dtype=LOC_DTYPE)
@@ -255,7 +270,7 @@ class Index:
         for n in numbers:
             p = self._packs[n]
             if p is not None:
-                del self._by_id[p.id]
+                del self._by_id[p.name]
                 self._packs[n] = None
         return removed
 
@@ -303,8 +318,9 @@ def encode_index(packs: list[tuple[PackInfo, Entries]]) -> bytes:
     return body + digest(body)
 
 
-def decode_index(data: bytes, where: str) -> list[tuple[bytes, int, PackContents]]:
-    """Parse an index file into (pack id, pack size, contents); DataCorrupted if damaged."""
+def decode_index(data: bytes, where: str) -> list[tuple[str, int, PackContents]]:
+    """Parse an index file into (pack object name, pack size, contents); DataCorrupted
+    if damaged."""
     bad = lambda why: DataCorrupted("index file", where, why)  # noqa: E731
     if len(data) < len(INDEX_MAGIC) + 4 + 32 or not data.startswith(INDEX_MAGIC):
         raise bad("not an index file")
@@ -315,17 +331,19 @@ def decode_index(data: bytes, where: str) -> list[tuple[bytes, int, PackContents
     pos = len(INDEX_MAGIC) + 4
     try:
         meta = json.loads(body[pos : pos + mlen])
-        rows = [(bytes.fromhex(h), str(ns), int(n), int(sz)) for h, ns, n, sz in meta["packs"]]
-    except (ValueError, KeyError, TypeError) as err:
+        rows = [(str(h), str(ns), int(n), int(sz)) for h, ns, n, sz in meta["packs"]]
+        for h, *_ in rows:
+            pack_id(h)  # a name ending in a pack id
+    except (ValueError, KeyError, TypeError, InvalidArgument) as err:
         raise bad(f"bad metadata: {err}") from None
     pos += mlen
     out = []
-    for pid, ns, n, size in rows:
+    for name, ns, n, size in rows:
         end = pos + n * LOCATED_DTYPE.itemsize
-        if len(pid) != 32 or n < 0 or end > len(body):
+        if n < 0 or end > len(body):
             raise bad("entries overrun the file")
         e = np.frombuffer(body, dtype=LOCATED_DTYPE, count=n, offset=pos).copy()
-        out.append((pid, size, PackContents(ns, e)))
+        out.append((name, size, PackContents(ns, e)))
         pos = end
     if pos != len(body):
         raise bad("trailing bytes after the entries")

@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from coordinator.store import packs
-from coordinator.store.backend import Kind
-from coordinator.store.ids import digest
 from coordinator.store.index import Index, decode_index, encode_index
-from cpcoord.errors import StoreError
+from cpcoord.errors import InvalidArgument, StoreError
 from cpcoord.log import log_event
+from storecore import packs
+from storecore.backend import Kind
+from storecore.ids import digest
+from storecore.names import node_of, pack_id
 
 if TYPE_CHECKING:
     from coordinator.store.parts import StoreParts
@@ -35,16 +36,18 @@ def load(repo: StoreParts, *, use_index_files: bool = True) -> None:
         except StoreError as e:
             log_event(log, logging.WARNING, "ignoring damaged index file", file=f.name, why=e)
             continue
-        for pid, size, contents in rows:
-            if stored.get(pid.hex()) == size:
-                repo.index.add_pack(pid, size, contents)
-    for name, size in stored.items():
+        # The coordinator's packs first: where a chunk is in several packs, the first
+        # indexed serves it, and one of ours needs no verification (nodepacks.py).
+        for name, size, contents in sorted(rows, key=lambda r: node_of(r[0]) is not None):
+            if stored.get(name) == size:
+                repo.index.add_pack(pack_id(name), size, contents, name)
+    for name, size in sorted(stored.items(), key=lambda kv: node_of(kv[0]) is not None):
         try:
-            pid = bytes.fromhex(name)
-        except ValueError:
+            pid = pack_id(name)
+        except InvalidArgument:
             repo.unreadable_packs[name] = "name is not a pack id"
             continue
-        if repo.index.pack_number(pid) is not None:
+        if repo.index.pack_number(name) is not None:
             continue
         try:
             contents = packs.read_contents(repo.backend, name, size)
@@ -52,8 +55,8 @@ def load(repo: StoreParts, *, use_index_files: bool = True) -> None:
             repo.unreadable_packs[name] = str(e)
             log_event(log, logging.WARNING, "unreadable pack trailer", pack=name, why=e)
             continue
-        repo.index.add_pack(pid, size, contents)
-        no = repo.index.pack_number(pid)
+        repo.index.add_pack(pid, size, contents, name)
+        no = repo.index.pack_number(name)
         assert no is not None
         repo.unindexed.append(no)
     if repo.unindexed:

@@ -3,15 +3,18 @@
 Between `begin` and `commit`/`abort`, a generation's future manifest may reference:
   1. chunks it uploaded (in packs no manifest references yet),
   2. chunks `missing()` told it the store already has (so it did not upload them), and
-  3. chunks of its parent generation (pages unchanged since, copied into the new,
+  3. chunks of packs agents put themselves and reported for it (nodepacks.py), and
+  4. chunks of its parent generation (pages unchanged since, copied into the new,
      complete manifest by the coordinator without asking `missing()`).
-GC keeps (1) and (2) alive by treating every id *claimed* by an in-flight generation as
-referenced, and (3) by never dropping the parent of an in-flight generation. The mark
+GC keeps (1), (2) and (3) alive by treating every id *claimed* by an in-flight generation as
+referenced, and (4) by never dropping the parent of an in-flight generation. The mark
 phase and the removal of dead ids from the index happen under the repository lock, the
 same lock under which `missing()` claims ids: so an id is either claimed before the mark
 (and kept) or looked up after the removal (and reported missing, so it is uploaded
-again). A crashed coordinator loses this state, and with it every in-flight generation:
-reopening the store aborts every PREPARING generation.
+again). A pack an agent put but has not reported yet is not in the index, and gc deletes
+only indexed packs (an agent's unfinished put only after NODE_TEMP_GRACE, backend.py):
+it is never removed under the agent's feet. A crashed coordinator loses this state, and
+with it every in-flight generation: reopening the store aborts every PREPARING generation.
 
 The registry is not thread-safe by itself; the repository calls it under its lock.
 Claims are kept as id arrays (32 bytes per id), never as Python objects per id.
@@ -21,11 +24,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.store.ids import ID_DTYPE, IdArray
 from cpcoord.errors import GenerationStateError
+from storecore.ids import ID_DTYPE, IdArray
+
+if TYPE_CHECKING:
+    from coordinator.store.nodepacks import Taken
 
 
 @dataclass
@@ -38,6 +45,8 @@ class InFlight:
     claims: list[IdArray] = field(default_factory=list)
     chunks_new: int = 0
     bytes_new: int = 0  # stored bytes of the chunks it added
+    packs: list[Taken] = field(default_factory=list)  # agents' packs it took (nodepacks.py)
+    bad: dict[str, str] = field(default_factory=dict)  # node -> why its data is bad
 
     def claim(self, ids: IdArray) -> None:
         if ids.size:

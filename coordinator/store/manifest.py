@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store.ids import ID_DTYPE, IdArray, as_id_array, zero_mask
 from cpcoord.errors import ManifestInvalid
 from cpcoord.kstate import KernelState
 from cpcoord.mapfacts import MapFact, check_facts
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, zero_mask
 
 FORMAT = 1
 MAX_NAME = 1024

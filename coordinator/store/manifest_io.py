@@ -25,7 +25,6 @@ import struct
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from coordinator.store.ids import ID_DTYPE, digest
 from coordinator.store.manifest import (
     FORMAT,
     Manifest,
@@ -37,6 +36,7 @@ from coordinator.store.manifest import (
 from cpcoord import kstate, mapfacts
 from cpcoord.errors import DataCorrupted, InvalidArgument, ManifestInvalid
 from cpcoord.gen.v1 import manifest_pb2 as pb
+from storecore.ids import ID_DTYPE, digest
 
 MAGIC = b"CPMANIF\x01"
 MAX_FRAME = 16 << 20

@@ -12,8 +12,8 @@ import os
 import socket
 from pathlib import Path
 
-from coordinator.store.backend import Backend, Kind
 from cpcoord.errors import StoreLocked
+from storecore.backend import Backend, Kind
 
 
 class Ownership:

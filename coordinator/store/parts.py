@@ -9,14 +9,17 @@ process-wide lock that lets one gc or verify run at a time (both walk every pack
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from coordinator.store.backend import Backend
 from coordinator.store.catalog import Catalog
 from coordinator.store.config import StoreConfig
 from coordinator.store.index import Index
 from coordinator.store.inflight import Registry
 from coordinator.store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from coordinator.store.nodepacks import Trust
+from storecore.backend import Backend
 
 MAINTENANCE = threading.Lock()  # one gc (or verify) at a time per process
 
@@ -34,6 +37,7 @@ class StoreParts(Protocol):
     unindexed: list[int]  # pack numbers not yet in an index file
     unreadable_packs: dict[str, str]  # name -> why (found at open)
     recent_puts: set[str]  # packs stored since gc's mark (gc must not delete)
+    trust: Trust  # agents' chunks checked across nodes (nodepacks.py)
 
     def step(self, name: str) -> None:
         """A commit or gc step is done (the fault hook of crash tests)."""

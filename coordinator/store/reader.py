@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from coordinator.store import packs
-from coordinator.store.backend import Kind
-from coordinator.store.ids import as_id_array, ids_to_bytes, zero_mask
 from cpcoord.errors import DataCorrupted, ObjectNotFound
+from storecore import packs
+from storecore.backend import Kind
+from storecore.ids import as_id_array, ids_to_bytes, zero_mask
 
 if TYPE_CHECKING:
     from coordinator.store.parts import StoreParts

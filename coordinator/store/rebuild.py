@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.store import manifest_io
-from coordinator.store.backend import Kind
 from coordinator.store.catalog import GenerationInfo, Sizes, State
-from coordinator.store.crypt import open_manifest
-from coordinator.store.ids import ID_DTYPE, IdArray, member_of
 from coordinator.store.manifest import Manifest
 from coordinator.store.parts import StoreParts
 from coordinator.store.references import sizes_of
 from cpcoord.errors import NoSuchGeneration, StoreError
 from cpcoord.log import log_event
+from storecore.backend import Kind
+from storecore.crypt import open_manifest
+from storecore.ids import ID_DTYPE, IdArray, member_of
 
 log = logging.getLogger("cpcoord.store")
 _NAME = re.compile(r"(?P<job>[^/]+)/(?P<number>[0-9]{10})")

@@ -38,17 +38,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from coordinator.store import binding, index_io, manifest_io, packs, reader
-from coordinator.store.backend import Backend, Buffer, Kind, LocalBackend
+from coordinator.store import binding, index_io, manifest_io, nodepacks, reader
 from coordinator.store.catalog import Catalog, GenerationInfo, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
-from coordinator.store.crypt import open_manifest
 from coordinator.store.gc import GcReport, collect
-from coordinator.store.ids import (
-    IdArray,
-    as_id_array,
-    zero_mask,
-)
 from coordinator.store.index import Index
 from coordinator.store.inflight import InFlight, Registry
 from coordinator.store.manifest import Manifest
@@ -57,17 +50,26 @@ from coordinator.store.reader import PageRun
 from coordinator.store.rebuild import RebuildReport, rebuild_catalog
 from coordinator.store.references import check_references
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
-from coordinator.store.writer import PackSink
 from cpcoord.closing import Closing
 from cpcoord.errors import (
     ChunkMismatch,
     GenerationStateError,
     InvalidArgument,
     ManifestInvalid,
+    NodeDataBad,
     StoreError,
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
+from storecore import packs
+from storecore.backend import Backend, Buffer, Kind, LocalBackend
+from storecore.crypt import open_manifest
+from storecore.ids import (
+    IdArray,
+    as_id_array,
+    zero_mask,
+)
+from storecore.writer import PackSink
 
 log = logging.getLogger("cpcoord.store")
 Latest = Literal["latest"]
@@ -100,6 +102,7 @@ class Repository(Closing):
         self._manifests: dict[str, Manifest] = {}  # small cache, names are immutable
         self.inflight = Registry()
         self.index = Index()
+        self.trust = nodepacks.Trust()
         self.unreadable_packs: dict[str, str] = {}  # name -> why (found at open)
         state = Path(state_dir)
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -165,9 +168,9 @@ class Repository(Closing):
         indexing the others."""
         stored, error = self._sink.reap(block)
         for sp in stored:
-            self.recent_puts.add(sp.id.hex())
-            self.index.add_pack(sp.id, sp.size, sp.contents)
-            no = self.index.pack_number(sp.id)
+            self.recent_puts.add(sp.name)
+            self.index.add_pack(sp.id, sp.size, sp.contents, sp.name)
+            no = self.index.pack_number(sp.name)
             assert no is not None
             self.unindexed.append(no)
         if error is not None:
@@ -211,18 +214,44 @@ class Repository(Closing):
         log_event(log, logging.INFO, "generation begun", job=job, generation=n, parent=parent)
         return n
 
-    def missing(self, job: str, generation: int, ids: Any) -> IdArray:
+    def missing(
+        self, job: str, generation: int, ids: Any, node: str | None = None
+    ) -> IdArray:
         """The ids (sorted, unique, ZERO excluded) the store lacks in the generation's
-        namespace. The ones it has are claimed for the generation (kept from gc)."""
+        namespace, for `node` (None: the coordinator): a chunk only another node's pack
+        holds counts once verified (nodepacks.py; verified here, the first time it is
+        wanted). The ones it has are claimed for the generation (kept from gc)."""
         arr = as_id_array(ids)
         arr = arr[~zero_mask(arr)]
         with self.lock:
             g = self.inflight.get(job, generation, "ask for missing chunks")
             self.integrate(block=False)
-            present = self.index.chunks(g.namespace).contains(arr)
-            present |= self._sink.contains(g.namespace, arr)
+            found, locs = self.index.chunks(g.namespace).lookup(arr)
+            check = nodepacks.foreign(self, g.namespace, arr, found, locs, node)
+        if check.any():  # read back outside the lock, then record and look again
+            good, bad = nodepacks.verify(self, g.namespace, arr[check], locs[check])
+            with self.lock:
+                nodepacks.settle(self, g.namespace, good, bad)
+                found, locs = self.index.chunks(g.namespace).lookup(arr)
+                found &= ~nodepacks.foreign(self, g.namespace, arr, found, locs, node)
+        with self.lock:
+            present = found | self._sink.contains(g.namespace, arr)
             g.claim(arr[present])
         return np.unique(arr[~present])
+
+    def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
+        """Nodes whose packs for this generation failed verification: node -> why."""
+        with self.lock:
+            return dict(self.inflight.get(job, generation, "check its nodes").bad)
+
+    def take_packs(
+        self, job: str, generation: int, node: str, reports: Sequence[nodepacks.Report]
+    ) -> tuple[int, int]:
+        """Packs `node` put itself for the generation (direct data path): checked and
+        indexed, (chunks, stored bytes); bad data of that node otherwise (nodepacks.py)."""
+        with self.lock:
+            g = self.inflight.get(job, generation, "take packs")
+        return nodepacks.take(self, g, node, reports)
 
     def add_chunks(
         self, job: str, generation: int, ids: Any, chunks: Sequence[Buffer]
@@ -294,6 +323,8 @@ class Repository(Closing):
                 raise ManifestInvalid(n, job, f"parent {manifest.parent}, begun with {g.parent}")
             m = replace(manifest, namespace=g.namespace)
             m.validate()
+            for who, why in g.bad.items():  # a node's packs failed verification meanwhile
+                raise NodeDataBad(who, why)
             self._sink.seal()
             self.integrate(block=True)
             self.step("packs")

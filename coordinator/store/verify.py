@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.store import manifest_io, packs
-from coordinator.store.backend import Kind
+from coordinator.store import manifest_io
 from coordinator.store.catalog import State
-from coordinator.store.crypt import open_manifest
-from coordinator.store.ids import IdArray, PackId, ids_to_bytes, member_of
 from coordinator.store.index import BYTES_PER_ENTRY
 from coordinator.store.manifest import Manifest
 from coordinator.store.parts import MAINTENANCE
 from cpcoord.errors import StoreError
+from storecore import packs
+from storecore.backend import Kind
+from storecore.crypt import open_manifest
+from storecore.ids import IdArray, PackId, ids_to_bytes, member_of
+from storecore.names import pack_hex
 
 if TYPE_CHECKING:
     from coordinator.store.parts import StoreParts
@@ -100,7 +102,7 @@ def _verify(repo: StoreParts) -> VerifyReport:
             continue
         nread += 1
         nbytes += len(data)
-        if PackId.of(data).format() != info.name:
+        if PackId.of(data).format() != pack_hex(info.name):
             damaged_packs.append((info.name, "content hash does not match its name"))
         for ns, ids, locs in wanted.get(no, []):
             for cid, loc in zip(ids_to_bytes(ids), locs, strict=True):

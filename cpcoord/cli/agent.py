@@ -73,6 +73,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="default tracker for members that name none: auto, uffd-wp, soft-dirty, hash, none",
     )
     p.add_argument(
+        "--data-path",
+        choices=("auto", "direct", "coordinator"),
+        default="auto",
+        help="how pages reach the store: direct (this agent puts packs into the store the "
+        "coordinator announces, S3 endpoint and credentials from this agent's environment), "
+        "coordinator (through the coordinator), auto (direct when the store opens from "
+        "here and its id matches, else the coordinator; default)",
+    )
+    p.add_argument(
+        "--store-key-file",
+        type=Path,
+        metavar="FILE",
+        help="an encrypted store's key for the direct data path when the coordinator does "
+        "not send it (it does only over mTLS); also $CPCOORD_STORE_KEY",
+    )
+    p.add_argument(
         "--compress",
         choices=("auto", "zstd", "none"),
         default="auto",
@@ -163,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         tracker=tracker,
         compress=args.compress,
         upload_threads=args.upload_threads,
+        data_path=args.data_path,
+        store_key_file=args.store_key_file,
     )
     scraped = CollectorRegistry(auto_describe=True)
     agent = Agent(config, channel_factory=factory, metrics=metrics.install(scraped, tracker))
@@ -180,11 +198,14 @@ def run(args: argparse.Namespace) -> int:
     server = None if args.no_socket else _local_api(args, agent, config.insecure)
     try:
         while not stopping.wait(0.5):
-            pass
+            if agent.fatal is not None:  # e.g. --data-path direct and no store from here
+                break
     finally:
         if server is not None:
             server.close()
         agent.stop()
+    if agent.fatal is not None:
+        raise agent.fatal
     return 0
 
 

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     out = clientconn.generation_dict(last.info)
     out["state"] = progress.kind(last)
     out["precopy"] = events.precopy
+    out["data_paths"] = dict(last.info.data_paths)  # member -> "direct" | "coordinator"
     if args.json:
         print(json.dumps(out, indent=1))
     elif out["state"] == "committed":

@@ -62,6 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus /metrics")
     p.add_argument(
+        "--no-direct-data-path",
+        action="store_true",
+        help="announce no store to agents: every page goes through the coordinator "
+        "(default: agents that can open the store put their packs themselves)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="allow plaintext gRPC without TLS (also CPCOORD_INSECURE=1); loopback only",
@@ -140,7 +146,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from coordinator.engine import Options
     from coordinator.server import RPC_THREADS, ServeConfig, serve
-    from coordinator.store.crypt import load_key
+    from storecore.crypt import load_key
 
     if args.keep < 1:
         raise InvalidArgument(f"--keep must be at least 1, got {args.keep}")
@@ -151,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
     threads = RPC_THREADS if args.rpc_threads is None else args.rpc_threads
     if not 16 <= threads <= 65536:
         raise InvalidArgument(f"--rpc-threads must be 16..65536, got {threads}")
-    opts = Options(keep=args.keep, heartbeat_s=args.heartbeat_ms / 1000)
+    opts = Options(
+        keep=args.keep,
+        heartbeat_s=args.heartbeat_ms / 1000,
+        direct_data_path=not args.no_direct_data_path,
+    )
     if args.advertise and not args.etcd:
         raise InvalidArgument("--advertise is for replicas: give --etcd too")
     config = ServeConfig(

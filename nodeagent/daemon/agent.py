@@ -40,7 +40,9 @@ from cpcoord.errors import (
     ChunkMismatch,
     CoordinatorUnavailable,
     CpcoordError,
+    DataPathUnavailable,
     NotLeader,
+    StoreError,
 )
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
@@ -51,6 +53,7 @@ from nodeagent.daemon.membership import Members
 from nodeagent.daemon.metrics import AgentMetrics, unserved
 from nodeagent.daemon.worker import Worker
 from nodeagent.daemon.worker_ops import DisconnectOp, Op, R, WorkerConfig, failed
+from nodeagent.upload.direct import DirectStore, choose
 from nodeagent.upload.pool import Uploader
 from nodeagent.upload.stream import Limits, StagedMember, UploadResult, enable_frames
 
@@ -78,6 +81,8 @@ class Agent:
         self._session: Session | None = None
         self._epoch = 0
         self._stop = threading.Event()
+        self.fatal: CpcoordError | None = None  # why the agent stopped by itself
+        self._direct: DirectStore | None = None  # the store it puts packs into
         self.connected = threading.Event()
         self.sessions = 0  # Welcomes received, for tests and metrics
         self.members = Members()
@@ -191,7 +196,8 @@ class Agent:
                         log.error("first message is not a Welcome: closing")
                         break
                     welcomed = True
-                    self._welcome(s, msg.welcome)
+                    if not self._welcome(s, msg.welcome):
+                        break
                     beat.start()
                     continue
                 self.commands.handle(s, msg)
@@ -217,11 +223,32 @@ class Agent:
         elif isinstance(err, NotLeader | CoordinatorUnavailable):
             self._endpoints.advance()
 
-    def _welcome(self, s: Session, w: agent_pb2.Welcome) -> None:
+    def _data_path(self, w: agent_pb2.Welcome) -> DirectStore | None:
+        """The store to put packs into for this Welcome (kept while it announces the
+        same one); DataPathUnavailable when --data-path direct cannot be had."""
+        old = self._direct
+        if old is not None and old.same(w) and self.config.data_path != "coordinator":
+            return old
+        cfg = self.config
+        self._direct = choose(w, cfg.node, cfg.data_path, cfg.store_key_file)
+        if old is not None:
+            old.close()
+        return self._direct
+
+    def _welcome(self, s: Session, w: agent_pb2.Welcome) -> bool:
+        """Take the Welcome; False when the agent must stop (direct path refused)."""
+        try:
+            direct = self._data_path(w)
+        except DataPathUnavailable as e:
+            log.error("stopping: %s", e, extra={"fields": {"node": self.config.node}})
+            self.fatal = e
+            self._stop.set()
+            return False
         s.limits = Limits(
             max_message_bytes=w.max_message_bytes or grpcutil.MAX_MESSAGE_BYTES,
             max_batch_entries=min(w.max_batch_entries or 65536, 65536),
             compress=self.config.compress_uploads(),
+            direct=direct,
         )
         s.interval = (w.heartbeat_interval_ms or 1000) / 1000
         self._quick = 0
@@ -237,9 +264,11 @@ class Agent:
                     "node": self.config.node,
                     "members": len(self.members.all()),
                     "epoch": s.epoch,
+                    "data_path": "direct" if direct is not None else "coordinator",
                 }
             },
         )
+        return True
 
     def _heartbeats(self, s: Session) -> None:
         seq = 0
@@ -307,11 +336,12 @@ class Agent:
         if res is None:  # cancelled: an Abort or a broken stream; nothing to say
             return
         if isinstance(res, CpcoordError):
-            reason = (
-                R.ABORT_REASON_BAD_DATA
-                if isinstance(res, ChunkMismatch)
-                else R.ABORT_REASON_UPLOAD_FAILED
-            )
+            if isinstance(res, ChunkMismatch):
+                reason = R.ABORT_REASON_BAD_DATA
+            elif isinstance(res, StoreError):  # its own put failed (direct data path)
+                reason = R.ABORT_REASON_STORE_ERROR
+            else:
+                reason = R.ABORT_REASON_UPLOAD_FAILED
             log.warning("upload failed", extra={"fields": {"member": sm.member, "error": str(res)}})
             self._emit(failed(sm.job, sm.generation, sm.member, reason, res), epoch)
             return

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -39,6 +40,8 @@ class AgentConfig:
     freeze_timeout_s: float = 5.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
+    data_path: str = "auto"  # auto | direct | coordinator (nodeagent/upload/direct.py)
+    store_key_file: Path | None = None  # a sealed store's key when not sent over mTLS
 
     def compress_uploads(self) -> bool:
         if self.compress == "auto":

@@ -46,7 +46,9 @@ from cpcoord.ranges import PAGE_SIZE
 from nodeagent.capture.copyout import StagedRegion
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.upload.chunks import ID_SIZE, MAX_IDS, chunk_parts, encode_batch
+from nodeagent.upload.direct import DirectStore, PackBuilder
 from nodeagent.upload.plan import Plan, member_runs, rounds
+from storecore.ids import as_id_array
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ class Limits:
     window_bytes: int = 64 << 20
     compress: bool = False
     timeout_s: float = 600.0
+    # The direct data path (direct.py): the store this agent puts its packs into, None
+    # for the coordinator path.
+    direct: DirectStore | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class UploadResult:
     bytes_stored_new: int
     seconds: float
     attempts: int
+    data_path: str = "coordinator"  # or "direct"
+    packs: int = 0  # packs put by the agent (direct)
 
 
 def header(sm: StagedMember) -> agent_pb2.UploadRequest:
@@ -136,6 +143,7 @@ class _Stream:
     done: threading.Event = field(default_factory=threading.Event)
     chunks_sent: int = 0
     bytes_sent: int = 0
+    packs: int = 0
 
 
 class _Cancelled(Exception):
@@ -180,6 +188,8 @@ class _Attempt:
         self.stub, self.sm, self.p, self.limits = stub, sm, p, limits
         self.seen: set[bytes] = set()
         self.framed = _accepts_frames(stub)
+        d = limits.direct
+        self.builder = PackBuilder(d, sm.job, sm.generation) if d is not None else None
 
     def _missing(self, ids: list[bytes]) -> npt.NDArray[np.bool_]:
         req = agent_pb2.MissingChunksRequest(
@@ -219,6 +229,12 @@ class _Attempt:
                     if first:
                         first = False
                         faults.fault_point("agent.upload")
+                    ready = self.builder.ready() if self.builder is not None else None
+                    if ready is not None:
+                        yield ready
+            if self.builder is not None:  # every pack durable before the stream ends
+                yield self.builder.finish()
+                st.packs = self.builder.packs
         except grpc.RpcError as e:
             st.error = rpc_to_error(e, "MissingChunks")
         except CpcoordError as e:
@@ -227,6 +243,8 @@ class _Attempt:
             pass
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if self.builder is not None:
+                self.builder.close()
         # Ending the generator would half-close the stream as if it were complete: on
         # an error, wait until the waiting thread has cancelled the call.
         if st.error is not None or st.cancel.is_set():
@@ -270,6 +288,12 @@ class _Attempt:
         if not send.size:
             return req
         chunks = [p.chunk(i) for i in send.tolist()]
+        if self.builder is not None:  # into our own packs; the batch names them only
+            views = [np.ascontiguousarray(c).reshape(-1).data for c in chunks]
+            self.builder.add(as_id_array(p.ids[send]), views)
+            st.chunks_sent += int(send.size)
+            st.bytes_sent += sum(v.nbytes for v in views)
+            return req
         head, parts, nbytes = chunk_parts(chunks, p.ids[send].tobytes(), self.limits.compress)
         st.chunks_sent += int(send.size)
         st.bytes_sent += nbytes
@@ -347,5 +371,7 @@ def upload(
             bytes_stored_new=resp.bytes_stored_new,
             seconds=time.perf_counter() - t0,
             attempts=attempt,
+            data_path="direct" if limits.direct is not None else "coordinator",
+            packs=st.packs,
         )
     raise AssertionError("unreachable")  # pragma: no cover

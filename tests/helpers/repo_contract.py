@@ -15,8 +15,6 @@ import numpy as np
 import pytest
 
 from coordinator.store import PageTable, Repository
-from coordinator.store.backend import Kind
-from coordinator.store.ids import as_id_array, digest, zero_mask
 from coordinator.store.manifest import MemberMap, RegionMap
 from cpcoord.errors import (
     ChunkMismatch,
@@ -27,6 +25,8 @@ from cpcoord.errors import (
     ManifestInvalid,
     NoSuchGeneration,
 )
+from storecore.backend import Kind
+from storecore.ids import as_id_array, digest, zero_mask
 from tests.helpers.store_support import PS, assert_restores, checkpoint, rand, upload
 
 

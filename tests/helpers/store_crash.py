@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.store import Repository, StoreConfig
-from coordinator.store.backend import Kind
 from coordinator.store.catalog import State
 from cpcoord.errors import GenerationStateError
+from storecore.backend import Kind
 from testbed.stores import StoreArgs, open_store
 from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository
-from coordinator.store.ids import chunk_ids_of, member_of
+from storecore.ids import chunk_ids_of, member_of
 
 PS = 4096
 Image = dict[str, dict[str, bytes]]  # member -> region -> bytes (multiple of PS)

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("cpcoord", "coordinator", "nodeagent")
+PACKAGES = ("cpcoord", "coordinator", "nodeagent", "storecore")
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess[str]:
@@ -48,8 +48,9 @@ def test_import_contracts_hold() -> None:
     ("module", "line", "contract"),
     [
         ("coordinator/__init__.py", "import nodeagent.proc.procfs", "independent"),
-        ("cpcoord/ranges.py", "import coordinator.store.ids", "only the CLI"),
+        ("cpcoord/ranges.py", "import coordinator.store.index", "only the CLI"),
         ("nodeagent/proc/procfs.py", "import nodeagent.capture.selection", "layers"),
+        ("storecore/packs.py", "import coordinator.store.index", "storecore"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(
@@ -66,7 +67,7 @@ def test_a_forbidden_import_breaks_a_contract(
 
 def _named(doc: str) -> set[str]:
     """Module paths the page names in backticks: a/b/c.py or a/b/ (packages)."""
-    tops = "cpcoord|coordinator|nodeagent|bench|tests|testbed"
+    tops = "cpcoord|coordinator|nodeagent|storecore|bench|tests|testbed"
     return set(re.findall(rf"`((?:{tops})/(?:[\w/]*(?:\.py|/))?)`", doc))
 
 

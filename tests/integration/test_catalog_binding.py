@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from coordinator.store import Repository, StoreConfig
-from coordinator.store.backend import Kind, LocalBackend
 from coordinator.store.binding import KEY_ENDPOINT, KEY_ID
 from coordinator.store.config import CONFIG_NAME
+from storecore.backend import Kind, LocalBackend
 from testbed.cluster import Cluster
 from testbed.daemons import wait_for
 from testbed.driver import Target

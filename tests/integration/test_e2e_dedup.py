@@ -1,7 +1,9 @@
 """Dedup and zero pages through the whole pipeline, with real
 daemons and real processes: two members on different nodes with identical memory store
-it once; an all-zero GiB (every page present, written with zeros) stores almost
-nothing; and `cpcoord checkpoint --json` reports both.
+it once through the coordinator (on the direct data path each node stores its own copy
+the first time: tests/integration/test_dataplane.py); an all-zero GiB (every page
+present, written with zeros) stores almost nothing; and `cpcoord checkpoint --json`
+reports both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_identical_members_store_once_and_zero_gib_stores_nothing(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    c = cluster_factory(nodes=("node-a", "node-b"))
+    coordinator_path = ("--data-path", "coordinator")
+    c = cluster_factory(
+        nodes=("node-a", "node-b"),
+        agent_args={"node-a": coordinator_path, "node-b": coordinator_path},
+    )
     pages = 2048  # 8 MiB of incompressible pages, the same in both
     ta = target_factory(maps=[f"data:{pages}:anon:random:7"])
     tb = target_factory(maps=[f"data:{pages}:anon:random:7"])

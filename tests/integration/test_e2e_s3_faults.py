@@ -91,7 +91,12 @@ def test_seaweed_killed_mid_upload_aborts_and_the_next_generation_commits(
     prefix = url.removeprefix(f"s3://{BUCKET}/")
     # Few attempts against a dead server, so the abort comes in seconds, not minutes.
     env = {**sw.env(), "CPCOORD_STATE_DIR": str(tmp_path / "state"), "AWS_MAX_ATTEMPTS": "3"}
-    c = cluster_factory(nodes=("node-a",), store_url=url, extra_env=env)
+    # The coordinator path: on the direct one the agent's cut-short uploads under
+    # packs/nodes/ wait NODE_TEMP_GRACE before gc may remove them (storecore/backend.py).
+    c = cluster_factory(
+        nodes=("node-a",), store_url=url, extra_env=env,
+        agent_args={"node-a": ("--data-path", "coordinator")},
+    )  # fmt: skip
     small = target_factory(maps=["data:64"])
     big = target_factory(maps=[f"data:{BIG_PAGES}:anon:random:7"])
 

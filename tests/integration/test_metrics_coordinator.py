@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator import metrics
-from coordinator.store.backend import LocalBackend
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
+from storecore.backend import LocalBackend
 from testbed.cluster import InProcessCoordinator
 from testbed.daemons import wait_for
 from tests.helpers.cluster import inproc  # noqa: F401

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store.backend import Backend, Kind, LocalBackend
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound
+from storecore.backend import Backend, Kind, LocalBackend
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from coordinator.store.config import StoreConfig
-from coordinator.store.crypt import ENV_KEY, Sealer
 from cpcoord.errors import DataCorrupted
 from cpcoord.image import load_image, region_bytes
+from storecore.crypt import ENV_KEY, Sealer
 from testbed.cluster import Cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

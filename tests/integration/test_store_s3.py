@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.store.backend import Kind
 from coordinator.store.location import open_backend, open_repository
-from coordinator.store.s3 import S3Backend, S3Options
 from cpcoord.errors import InvalidArgument, ObjectNotFound, StoreError
+from storecore.backend import Kind
+from storecore.s3 import S3Backend, S3Options
 from testbed.seaweed import BUCKET, Seaweed, free_ports
 from tests.helpers.store_support import assert_restores, checkpoint, rand
 

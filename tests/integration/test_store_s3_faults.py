@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from coordinator.store import Repository, StoreConfig, manifest_io
-from coordinator.store.backend import Kind
-from coordinator.store.ids import digest
 from cpcoord.errors import StoreError
+from storecore.backend import Kind
+from storecore.ids import digest
 from testbed.seaweed import Seaweed
 from tests.helpers.store_support import Image, assert_restores, checkpoint, rand, upload
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.store import Repository, StoreConfig
-from coordinator.store.backend import Backend, Kind, LocalBackend
 from coordinator.store.catalog import GenerationInfo
 from coordinator.store.location import open_repository
 from coordinator.store.rebuild import rebuild_catalog
+from storecore.backend import Backend, Kind, LocalBackend
 from testbed.seaweed import BUCKET, Seaweed
 from tests.helpers.store_support import assert_restores, checkpoint, rand, upload
 

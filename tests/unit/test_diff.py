@@ -7,9 +7,9 @@ import pytest
 
 from coordinator.diff import changed_pages, diff
 from coordinator.store import Manifest
-from coordinator.store.ids import ZERO_BYTES
 from coordinator.store.manifest import MemberMap, PageTable, RegionMap
 from cpcoord.errors import UnknownMember
+from storecore.ids import ZERO_BYTES
 
 
 def cid(n: int) -> bytes:

@@ -12,12 +12,12 @@ import pytest
 
 from coordinator.agent_events import threads_of
 from coordinator.store import manifest_io
-from coordinator.store.crypt import Sealer, open_manifest
-from coordinator.store.ids import digest
 from coordinator.store.manifest import Manifest, MemberMap, PageTable, RegionMap, ThreadRegs
 from cpcoord.errors import DataCorrupted, InvalidArgument, ManifestInvalid
 from cpcoord.gen.v1 import common_pb2
 from cpcoord.gen.v1 import manifest_pb2 as pb
+from storecore.crypt import Sealer, open_manifest
+from storecore.ids import digest
 
 PS = 4096
 SECRET = bytes.fromhex("23e1fec0e7122e5e")  # a register value that must never leak

@@ -265,6 +265,9 @@ def families(engine: Engine) -> list[Any]:
     engine.agents.add(AgentSession(hello("n1", {"hash": True}), "peer"))
     engine.members.add(MemberRec(job="a", name="m", node="n1", pid=1))
     engine.recent[("a", 1)] = RunStats(frozen_seconds=0.01)  # what Engine._finish keeps
+    engine.dataplane.record(
+        [SimpleNamespace(data_path="direct", node="n1", bytes_stored_new=1, bytes_received=0)]
+    )  # type: ignore[list-item]
     # Touch every labelled family once so it shows in a scrape.
     f = FakeFlight(
         "a", 1, {"m": FakeUpload("n1", "hash", True, 4), "m2": FakeUpload("n1", "hash", False, 1)}

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from coordinator.auth import Security, check_transport, is_loopback, required_role
-from coordinator.store.crypt import MANIFEST_MAGIC, Sealer, load_key, open_manifest
 from cpcoord.errors import (
     DataCorrupted,
     InsecureRefused,
@@ -19,6 +18,7 @@ from cpcoord.errors import (
 )
 from cpcoord.tls import TlsFiles, tls_files, token_digest
 from cpcoord.tokens import bearer, load_tokens, role_of
+from storecore.crypt import MANIFEST_MAGIC, Sealer, load_key, open_manifest
 
 
 def test_token_file_and_roles(tmp_path: Path) -> None:

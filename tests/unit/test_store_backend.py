@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store.backend import Kind, LocalBackend
 from cpcoord.errors import StoreError
+from storecore.backend import Kind, LocalBackend
 
 PACK = "ab" + "0" * 62
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.store import Repository
-from coordinator.store.backend import Kind
+from storecore.backend import Kind
 from tests.helpers.store_crash import (
     COMMIT_STEPS,
     CONFIG,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store import directio
+from storecore import directio
 
 SIZES = [0, 1, 4095, 4096, directio.DIRECT_MIN - 1, directio.DIRECT_MIN + 123,
          directio.BOUNCE + directio.ALIGN, 2 * directio.BOUNCE + 77]  # fmt: skip
@@ -73,9 +73,9 @@ def test_refused_first_direct_write_falls_back(
 def test_sealed_parts_equal_the_sealed_pack(tmp_path: Path, n: int) -> None:
     import numpy as np
 
-    from coordinator.store import packs
-    from coordinator.store.backend import Kind, LocalBackend
-    from coordinator.store.ids import digest_all
+    from storecore import packs
+    from storecore.backend import Kind, LocalBackend
+    from storecore.ids import digest_all
 
     chunks = [os.urandom(65536 - 7 * i) for i in range(n)]
     ids = digest_all(chunks)
@@ -98,7 +98,7 @@ def test_compress_batch_keeps_views_only_of_mostly_kept_messages() -> None:
     """Chunks that are read-only views of a received message are stored without a copy
     when they make up most of it; a few raw chunks must not pin a whole message, and a
     view of a mutable buffer is always copied."""
-    from coordinator.store import packs
+    from storecore import packs
 
     msg = os.urandom(1 << 20)
     views = [memoryview(msg)[i : i + 65536] for i in range(0, len(msg), 65536)]

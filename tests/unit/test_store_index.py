@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.store.ids import ID_DTYPE, as_id_array, ids_to_bytes
 from coordinator.store.index import (
     BYTES_PER_ENTRY,
     LOC_DTYPE,
@@ -18,8 +17,9 @@ from coordinator.store.index import (
     decode_index,
     encode_index,
 )
-from coordinator.store.packs import LOCATED_DTYPE, PackContents
 from cpcoord.errors import DataCorrupted
+from storecore.ids import ID_DTYPE, as_id_array, ids_to_bytes
+from storecore.packs import LOCATED_DTYPE, PackContents
 
 
 def locs_for(n: int, pack: int) -> np.ndarray:
@@ -120,8 +120,8 @@ def test_index_file_round_trip_and_damage() -> None:
     rows = decode_index(data, "f")
     assert len(rows) == 3
     ix2 = Index()
-    for pid, size, c in rows:
-        ix2.add_pack(pid, size, c)
+    for name, size, c in rows:
+        ix2.add_pack(bytes.fromhex(name), size, c, name)
     for ns in ("job:a", "shared"):
         a, _la = ix.chunks(ns).all()
         b, _lb = ix2.chunks(ns).all()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.store.backend import LocalBackend
 from coordinator.store.location import StoreLocation, open_backend, open_repository
 from cpcoord.errors import InvalidArgument
+from storecore.backend import LocalBackend
 from tests.helpers.store_support import checkpoint, rand
 
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator.store import manifest_io
-from coordinator.store.ids import ZERO_BYTES, as_id_array, ids_to_bytes
 from coordinator.store.manifest import Manifest, MemberMap, PageTable, RegionMap, overlay
 from cpcoord.errors import DataCorrupted, ManifestInvalid, StoreError
+from storecore.ids import ZERO_BYTES, as_id_array, ids_to_bytes
 
 PS = 4096
 IDS = [os.urandom(32) for _ in range(6)] + [ZERO_BYTES]

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.store import packs
-from coordinator.store.backend import Kind, LocalBackend
-from coordinator.store.ids import (
+from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
+from storecore import packs
+from storecore.backend import Kind, LocalBackend
+from storecore.ids import (
     ZERO,
     ChunkId,
     PackId,
@@ -22,7 +23,6 @@ from coordinator.store.ids import (
     ids_to_bytes,
     zero_mask,
 )
-from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
 
 chunk_st = st.one_of(
     st.binary(min_size=1, max_size=3000),  # random-ish: stored raw

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from coordinator.store import GcReport, Repository, StoreConfig
-from coordinator.store.backend import Kind
-from coordinator.store.ids import chunk_ids_of
 from cpcoord.errors import (
     StoreLocked,
 )
+from storecore.backend import Kind
+from storecore.ids import chunk_ids_of
 from tests.helpers.repo_contract import *  # noqa: F403 - the contract, on this `repo`
 from tests.helpers.store_support import PS, assert_restores, checkpoint, rand, upload
 

@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator import member_tables
-from coordinator.store.ids import ID_DTYPE, ZERO_BYTES
 from coordinator.store.manifest import MemberMap, PageTable, RegionMap, overlay
 from coordinator.uploads import UploadAssembler
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import common_pb2, types_pb2
 from cpcoord.image import runs_of, stored_offsets
+from storecore.ids import ID_DTYPE, ZERO_BYTES
 
 PAGE = 4096
 BASE = 0x7F0000000000

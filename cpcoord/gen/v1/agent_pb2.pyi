@@ -236,18 +236,30 @@ class CoordinatorMessage(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries")
+    __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STORE_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    STORE_DEDUP_FIELD_NUMBER: _ClassVar[int]
+    STORE_PACK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORE_ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
+    STORE_KEY_FIELD_NUMBER: _ClassVar[int]
     version: str
     protocol_version: int
     heartbeat_interval_ms: int
     max_message_bytes: int
     max_batch_entries: int
-    def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ...) -> None: ...
+    store_location: str
+    store_id: str
+    store_dedup: str
+    store_pack_bytes: int
+    store_encrypted: bool
+    store_key: bytes
+    def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ...) -> None: ...
 
 class Freeze(_message.Message):
     __slots__ = ("job", "generation", "kind", "lease_ms", "members", "layouts", "precopy", "precopy_ms", "full", "force")
@@ -428,28 +440,48 @@ class MissingChunksResponse(_message.Message):
     def __init__(self, missing: _Optional[bytes] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
-    __slots__ = ("header", "batch")
+    __slots__ = ("header", "batch", "packs")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
     header: _common_pb2.PagesHeader
     batch: _common_pb2.PageBatch
-    def __init__(self, header: _Optional[_Union[_common_pb2.PagesHeader, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.PageBatch, _Mapping]] = ...) -> None: ...
+    packs: StoredPacks
+    def __init__(self, header: _Optional[_Union[_common_pb2.PagesHeader, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.PageBatch, _Mapping]] = ..., packs: _Optional[_Union[StoredPacks, _Mapping]] = ...) -> None: ...
+
+class StoredPacks(_message.Message):
+    __slots__ = ("packs",)
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    packs: _containers.RepeatedCompositeFieldContainer[StoredPack]
+    def __init__(self, packs: _Optional[_Iterable[_Union[StoredPack, _Mapping]]] = ...) -> None: ...
+
+class StoredPack(_message.Message):
+    __slots__ = ("name", "size", "ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    ids: bytes
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., ids: _Optional[bytes] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
-    __slots__ = ("pages", "entries", "chunks", "chunks_new", "bytes_received", "bytes_stored_new")
+    __slots__ = ("pages", "entries", "chunks", "chunks_new", "bytes_received", "bytes_stored_new", "packs")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_NEW_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_STORED_NEW_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
     pages: int
     entries: int
     chunks: int
     chunks_new: int
     bytes_received: int
     bytes_stored_new: int
-    def __init__(self, pages: _Optional[int] = ..., entries: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_new: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ...) -> None: ...
+    packs: int
+    def __init__(self, pages: _Optional[int] = ..., entries: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_new: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., packs: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("job", "generation", "member", "regions", "page_filter")

@@ -173,7 +173,14 @@ class DetachMemberResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationInfo(_message.Message):
-    __slots__ = ("job", "number", "parent", "state", "reason", "detail", "started_unix_ms", "finished_unix_ms", "pinned", "members", "pages", "zero_pages", "bytes_logical", "bytes_stored", "bytes_new", "pages_captured", "frozen_seconds", "seconds", "full")
+    __slots__ = ("job", "number", "parent", "state", "reason", "detail", "started_unix_ms", "finished_unix_ms", "pinned", "members", "pages", "zero_pages", "bytes_logical", "bytes_stored", "bytes_new", "pages_captured", "frozen_seconds", "seconds", "full", "data_paths")
+    class DataPathsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +200,7 @@ class GenerationInfo(_message.Message):
     FROZEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
+    DATA_PATHS_FIELD_NUMBER: _ClassVar[int]
     job: str
     number: int
     parent: int
@@ -212,7 +220,8 @@ class GenerationInfo(_message.Message):
     frozen_seconds: float
     seconds: float
     full: bool
-    def __init__(self, job: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.GenerationState, str]] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., members: _Optional[int] = ..., pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_new: _Optional[int] = ..., pages_captured: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., full: _Optional[bool] = ...) -> None: ...
+    data_paths: _containers.ScalarMap[str, str]
+    def __init__(self, job: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.GenerationState, str]] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., members: _Optional[int] = ..., pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_new: _Optional[int] = ..., pages_captured: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., full: _Optional[bool] = ..., data_paths: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListGenerationsRequest(_message.Message):
     __slots__ = ("job", "include_aborted", "limit")

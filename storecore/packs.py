@@ -36,10 +36,10 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from coordinator.store.backend import Backend, Buffer, Kind
-from coordinator.store.crypt import Sealer
-from coordinator.store.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 from cpcoord.errors import DataCorrupted, InvalidArgument
+from storecore.backend import Backend, Buffer, Kind
+from storecore.crypt import Sealer
+from storecore.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 
 HEADER = b"CPPK\x01\x00\x00\x00"
 TAIL_MAGIC = b"CPPT"
@@ -356,7 +356,7 @@ def read_contents(backend: Backend, name: str, size: int | None = None) -> PackC
 def verify_pack(data: bytes, name: str, sealer: Sealer | None = None) -> PackContents:
     """Full check of a pack's bytes: hash equals its name, trailer parses, every chunk
     decodes to its id. Returns its contents; DataCorrupted on the first defect."""
-    if PackId.of(data).format() != name:
+    if PackId.of(data).format() != name.rsplit("/", 1)[-1]:
         raise DataCorrupted("pack", name, "content hash does not match its name")
     contents = parse_trailer(data, len(data), name)
     for chunk_id, blob, e in iter_blobs(data, contents.entries):

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from coordinator.store.backend import Backend, Buffer, Kind
-from coordinator.store.ids import IdArray, member_of
-from coordinator.store.packs import PackContents, PackWriter
 from cpcoord.errors import StoreError
+from storecore.backend import Backend, Buffer, Kind
+from storecore.ids import IdArray, member_of
+from storecore.packs import PackContents, PackWriter
 
 WRITERS = 2  # two puts in flight overlap one's write with the other's fsync (~1.8x here)
 MAX_IN_TRANSIT = 3
@@ -38,6 +38,11 @@ class StoredPack:
     id: bytes
     size: int
     contents: PackContents
+    name: str = ""  # its object name: the id in hex, under the sink's prefix
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.id.hex())
 
 
 class _Open:
@@ -67,8 +72,9 @@ class _Open:
 
 
 class PackSink:
-    def __init__(self, backend: Backend, pack_size: int) -> None:
+    def __init__(self, backend: Backend, pack_size: int, prefix: str = "") -> None:
         self._backend = backend
+        self._prefix = prefix  # agents: their node's prefix (storecore/names.py)
         self._pack_size = pack_size
         self._open: dict[str, _Open] = {}
         self._transit: list[tuple[_Open, Future[StoredPack]]] = []
@@ -114,11 +120,13 @@ class PackSink:
         put_parts = getattr(self._backend, "put_parts", None)
         if put_parts is not None:  # the local backend: no joined copy of the pack
             sp = w.seal_parts()
-            put_parts(Kind.PACKS, sp.id.format(), sp.parts)
-            return StoredPack(sp.id.digest, sp.size, sp.contents)
+            name = self._prefix + sp.id.format()
+            put_parts(Kind.PACKS, name, sp.parts)
+            return StoredPack(sp.id.digest, sp.size, sp.contents, name)
         sealed = w.seal()
-        self._backend.put(Kind.PACKS, sealed.id.format(), sealed.data)
-        return StoredPack(sealed.id.digest, len(sealed.data), sealed.contents)
+        name = self._prefix + sealed.id.format()
+        self._backend.put(Kind.PACKS, name, sealed.data)
+        return StoredPack(sealed.id.digest, len(sealed.data), sealed.contents, name)
 
     def reap(self, block: bool = False) -> tuple[list[StoredPack], StoreError | None]:
         """(packs stored since the last reap, oldest first; the first failure if any).

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from coordinator.store.backend import Buffer, Kind, ObjectInfo, check_name
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+from storecore.backend import NODE_TEMP_GRACE, Buffer, Kind, ObjectInfo, check_name
+from storecore.names import NODES
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -191,7 +193,7 @@ class S3Backend:
     def _key(self, kind: Kind, name: str) -> str:
         kind = Kind(kind)
         check_name(name)
-        if kind is Kind.PACKS:  # same fan-out as a local store (and spreads S3 partitions)
+        if kind is Kind.PACKS and "/" not in name:  # the fan-out of a local store
             return f"{self._root}{kind.value}/{name[:2]}/{name}"
         return f"{self._root}{kind.value}/{name}"
 
@@ -333,7 +335,9 @@ class S3Backend:
             for page in pages:
                 for obj in page.get("Contents", []):
                     rel = obj["Key"][len(base) :]
-                    name = rel.rsplit("/", 1)[-1] if kind is Kind.PACKS else rel
+                    name = rel
+                    if kind is Kind.PACKS and not rel.startswith(NODES + "/"):
+                        name = rel.rsplit("/", 1)[-1]
                     with contextlib.suppress(InvalidArgument):  # not ours (folder marker...)
                         yield ObjectInfo(kind, check_name(name), int(obj["Size"]))
         except (ClientError, BotoCoreError) as e:
@@ -352,13 +356,22 @@ class S3Backend:
 
     def incomplete_uploads(self) -> Sequence[tuple[str, str]]:
         """(key, upload id) of every unfinished multipart upload to a key of this store
-        (under PREFIX/KIND/ only: other tenants of the bucket are left alone)."""
+        (under PREFIX/KIND/ only: other tenants of the bucket are left alone). Uploads of
+        agents (under packs/nodes/) only when begun NODE_TEMP_GRACE ago or earlier: the
+        coordinator cannot see them in flight."""
         out: list[tuple[str, str]] = []
         paginator = self._s3.get_paginator("list_multipart_uploads")
+        nodes = f"{self._root}{Kind.PACKS.value}/{NODES}/"
+        old = time.time() - NODE_TEMP_GRACE
         try:
             for kind in Kind:
                 pages = paginator.paginate(Bucket=self.bucket, Prefix=f"{self._root}{kind.value}/")
-                out += [(u["Key"], u["UploadId"]) for p in pages for u in p.get("Uploads", [])]
+                out += [
+                    (u["Key"], u["UploadId"])
+                    for p in pages
+                    for u in p.get("Uploads", [])
+                    if not u["Key"].startswith(nodes) or u["Initiated"].timestamp() <= old
+                ]
         except (ClientError, BotoCoreError) as e:
             raise StoreError(f"cannot list uploads of {self.location}: {_why(e)}") from e
         return out

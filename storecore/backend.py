@@ -25,7 +25,8 @@ Error contract (every backend):
   Any other I/O failure -> StoreError naming the object and the cause.
 
 LocalBackend: one directory; packs fan out into 256 subdirectories by the first two hex
-digits. put writes a temp file (`.tmp-*`, owner-only 0600) in the target directory,
+digits, except packs named under a node's prefix (`nodes/NODE/ID`, names.py), which live
+at that path. put writes a temp file (`.tmp-*`, owner-only 0600) in the target directory,
 fsyncs it, renames it over the name, and fsyncs the directory; directories are 0700.
 """
 
@@ -36,19 +37,24 @@ import errno
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from coordinator.store.directio import write_parts
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+from cpcoord.faults import fault_point
+from storecore.directio import write_parts
+from storecore.names import NODES
 
 Buffer = bytes | bytearray | memoryview
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _TMP_PREFIX = ".tmp-"
+# An agent's put may be in flight whenever gc runs: its leftovers go only once this old.
+NODE_TEMP_GRACE = 3600.0
 
 
 class Kind(StrEnum):
@@ -142,7 +148,7 @@ class LocalBackend:
     def _path(self, kind: Kind, name: str) -> Path:
         kind = Kind(kind)
         check_name(name)
-        if kind is Kind.PACKS:
+        if kind is Kind.PACKS and "/" not in name:
             return self.root / kind.value / name[:2] / name
         return self.root / kind.value / name
 
@@ -172,6 +178,7 @@ class LocalBackend:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            fault_point("store.put")  # tests: a put killed before its rename
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except OSError as e:
@@ -238,7 +245,9 @@ class LocalBackend:
                 if fn.startswith("."):
                     continue
                 p = Path(dirpath) / fn
-                rel = fn if kind is Kind.PACKS else p.relative_to(base).as_posix()
+                rel = p.relative_to(base).as_posix()
+                if kind is Kind.PACKS and not rel.startswith(NODES + "/"):
+                    rel = fn
                 try:
                     size = p.stat().st_size
                 except FileNotFoundError:  # deleted while listing
@@ -254,12 +263,20 @@ class LocalBackend:
             raise StoreError(f"cannot delete {kind}/{name}: {_why(e)}") from e
 
     def discard_incomplete(self) -> int:
+        """Temp files of unfinished puts. Under `packs/nodes/` (agents' puts, which the
+        coordinator cannot see in flight) only those older than NODE_TEMP_GRACE."""
         n = 0
+        nodes = self.root / Kind.PACKS.value / NODES
+        old = time.time() - NODE_TEMP_GRACE
         for dirpath, _dirs, filenames in os.walk(self.root):
+            agents = Path(dirpath).is_relative_to(nodes)
             for fn in filenames:
                 if fn.startswith(_TMP_PREFIX):
+                    p = Path(dirpath) / fn
                     try:
-                        (Path(dirpath) / fn).unlink()
+                        if agents and p.stat().st_mtime > old:
+                            continue
+                        p.unlink()
                         n += 1
                     except FileNotFoundError:
                         pass

@@ -1,0 +1,184 @@
+"""The direct data path through the whole system (`python -m bench.end_to_end --direct`).
+
+    python -m bench.end_to_end --direct [--size-mib 512] [--reps 3] [--store-dir DIR]
+
+Two agents (separate processes), each holding one member of SIZE MiB of resident random
+pages, a real coordinator, one full checkpoint on each store: a directory under
+--store-dir, and a SeaweedFS S3 bucket (testbed/seaweed.py). Each agent puts its own
+packs (--data-path direct: it refuses rather than falling back). Measured per store:
+
+- call -> COMMITTED of the full checkpoint, and the CPU seconds of the coordinator
+  process during it, per GiB committed (goal: <= 0.1 s/GiB);
+- the raw durable write of the same bytes to the same place, best of --reps: the
+  directory: one file of 2 x SIZE written and fsynced; S3: the two members' bytes put
+  as two objects at once through the store's S3 backend (multipart, as packs go);
+  goal: call -> COMMITTED <= 1.3 x that;
+- every byte exact: `cpcoord export` of the generation equals each member's memory.
+Writes bench/results/end_to_end_direct.{json,md}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import Stats, gbps, repeat, results_dir, timed_write, write_results
+from bench.end_to_end import checkpoint, cpu_seconds
+from cpcoord.image import load_image, region_bytes
+from storecore.backend import Kind
+from testbed.cluster import Cluster, attach_args
+from testbed.driver import Target
+from testbed.seaweed import Seaweed, find_weed
+
+CPU_GOAL = 0.1  # coordinator CPU seconds per GiB committed
+RATIO_GOAL = 1.3  # call -> COMMITTED over the raw durable write of the same bytes
+NODES = ("node-a", "node-b")
+
+
+def raw_dir(directory: Path, data: list[bytes], reps: int) -> Stats:
+    joined = memoryview(b"".join(data))
+    return repeat(lambda: timed_write(directory, joined), reps)
+
+
+def raw_s3(server: Seaweed, data: list[bytes], reps: int) -> Stats:
+    backend = server.backend()
+
+    def once() -> None:
+        tag = time.monotonic_ns()
+        with ThreadPoolExecutor(len(data)) as pool:
+            list(pool.map(lambda i: backend.put(Kind.PACKS, f"{tag:032x}{i:032x}", data[i]),
+                          range(len(data))))  # fmt: skip
+
+    try:
+        return repeat(once, reps)
+    finally:
+        backend.close()
+
+
+def exact(cluster: Cluster, tmp: Path, gen: int, want: dict[str, bytes]) -> bool:
+    out = tmp / f"export-{gen}"
+    cluster.cli("export", "--job", "bench", "--generation", str(gen), "--out", str(out))
+    im = load_image(out)
+    ok = True
+    for member, data in want.items():
+        (reg,) = im.member(member).regions
+        ok &= bytes(np.asarray(region_bytes(im, member, reg.name)).reshape(-1)) == data
+    shutil.rmtree(out, ignore_errors=True)
+    return ok
+
+
+def one_store(
+    kind: str, tmp: Path, targets: dict[str, Target], size: int, env: dict[str, str],
+    store_url: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    root = tmp / f"cluster-{kind}"
+    root.mkdir()
+    cluster = Cluster(
+        root, nodes=NODES, heartbeat_ms=1000, store_url=store_url, extra_env=env,
+        agent_args={n: ("--data-path", "direct") for n in NODES},
+    )  # fmt: skip
+    try:
+        cluster.start()
+        for (member, t), node in zip(targets.items(), NODES, strict=True):
+            m = t.mapping("data")
+            cluster.cli(*attach_args("bench", member, t.pid, node, [(m.addr, m.end)]))
+        assert cluster.coordinator is not None
+        procs = {"coordinator": cluster.coordinator.pid}
+        procs.update({n: cluster.agents[n].pid for n in NODES})
+        cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
+        full = checkpoint(cluster.address, "bench")
+        cpu = {k: round(cpu_seconds(p) - cpu0[k], 3) for k, p in procs.items()}
+        want = {member: t.read("data").tobytes() for member, t in targets.items()}
+        gib = len(targets) * size / 2**30
+        return {
+            "commit_s": full["commit_s"],
+            "frozen_s": full["frozen_s"],
+            "bytes_new": full["bytes_new"],
+            "cpu_s": cpu,
+            "coordinator_cpu_s_per_gib": cpu["coordinator"] / gib,
+            "phases": full["phases"],
+            "exact": exact(cluster, tmp, full["generation"], want),
+        }
+    finally:
+        cluster.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
+    size = size_mib << 20
+    tmp = Path(tempfile.mkdtemp(prefix="cpcoord-e2e-direct-", dir=store_dir))
+    targets = {
+        f"m{i}": Target(maps=[f"data:{size // 4096}:anon:random:{21 + i}"], tmpdir=tmp, timeout=300)
+        for i in range(len(NODES))
+    }
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {"size_bytes_per_member": size, "members": len(NODES)}
+    server: Seaweed | None = None
+    total = size * len(NODES)
+    try:
+        data = [t.read("data").tobytes() for t in targets.values()]
+        weed = find_weed()
+        stores: list[tuple[str, dict[str, str], str | None, Any]] = [
+            ("directory", {}, None, lambda: raw_dir(tmp, data, reps)),  # the same bytes
+        ]
+        if weed is not None:
+            server = Seaweed(weed, tmp / "seaweed")
+            server.start()
+            env = {**server.env(), "CPCOORD_STATE_DIR": str(tmp / "state")}
+            s3 = server
+            stores.append(("SeaweedFS S3", env, s3.url(), lambda: raw_s3(s3, data, reps)))
+        for kind, env, url, raw in stores:
+            r = one_store(kind, tmp, targets, size, env, url)
+            raw_s = raw().min
+            r["raw_s"], r["ratio"] = raw_s, r["commit_s"] / raw_s
+            extra[kind] = r
+            rows.append({
+                "store": kind,
+                "commit s": r["commit_s"],
+                "commit GB/s": gbps(total, r["commit_s"]),
+                "raw durable write s (best)": raw_s,
+                "ratio": r["ratio"],
+                "coordinator CPU s/GiB": r["coordinator_cpu_s_per_gib"],
+                "exact": r["exact"],
+            })  # fmt: skip
+    finally:
+        for t in targets.values():
+            t.close()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    extra["load_average"] = os.getloadavg()
+    notes = [
+        f"Two agents x {size_mib} MiB incompressible, direct data path, one full checkpoint "
+        "per store; the coordinator moves ids, page tables and pack reports only.",
+        f"Goals: coordinator CPU <= {CPU_GOAL} s per GiB committed; call -> COMMITTED <= "
+        f"{RATIO_GOAL} x the raw durable write of the same bytes (best of {reps}).",
+        *(
+            f"{r['store']}: ratio {r['ratio']:.2f} ("
+            f"{'met' if r['ratio'] <= RATIO_GOAL else 'NOT met'}), coordinator "
+            f"{r['coordinator CPU s/GiB']:.3f} s/GiB "
+            f"({'met' if r['coordinator CPU s/GiB'] <= CPU_GOAL else 'NOT met'}), "
+            f"export exact: {r['exact']}."
+            for r in rows
+        ),
+        f"Load average during the run: {extra['load_average']} (a shared machine).",
+    ]
+    for p in write_results(
+        "end_to_end_direct",
+        "Checkpoint on the direct data path",
+        ["store", "commit s", "commit GB/s", "raw durable write s (best)", "ratio",
+         "coordinator CPU s/GiB", "exact"],
+        rows,
+        notes=notes,
+        extra=extra,
+    ):  # fmt: skip
+        print(p)
+    print((results_dir() / "end_to_end_direct.md").read_text())
+    return 0 if all(r["exact"] for r in rows) else 1

@@ -1,0 +1,67 @@
+"""The coordinator's side of the data plane: what it announces about its store to agents
+(Welcome) and what it counts about the bytes that moved.
+
+Announcement: the store's location (a directory as an absolute path, or s3://BUCKET/PREFIX
+without endpoint or credentials: each agent takes those from its own environment), its
+id (an agent writes nothing to a store with another id), the dedup rule and pack size
+(an agent's packs must be the store's), whether packs are sealed and, on an mTLS stream
+only, the data key itself (otherwise the agent reads it from its own key file). With
+`Options.direct_data_path` off nothing is announced and every agent uses the
+coordinator path.
+
+Counts (`DataPlaneStats`, exported by the metrics collector): committed bytes by data
+path and node, bytes that passed through the coordinator, chunks the coordinator read
+back and checked across nodes (and how many failed).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from storecore.backend import LocalBackend
+
+if TYPE_CHECKING:
+    from coordinator.store import Repository
+    from coordinator.uploads import MemberUpload
+
+
+def announcement(repo: Repository, send_key: bool) -> dict[str, object]:
+    """The Welcome fields that announce the store (empty strings: not offered)."""
+    b = repo.backend
+    where = os.path.realpath(b.root) if isinstance(b, LocalBackend) else b.location
+    sealer = repo.config.sealer
+    out: dict[str, object] = {
+        "store_location": where,
+        "store_id": str(repo.identity["id"]),
+        "store_dedup": repo.config.dedup,
+        "store_pack_bytes": repo.config.pack_size,
+        "store_encrypted": sealer is not None,
+    }
+    if sealer is not None and send_key:
+        out["store_key"] = sealer.master
+    return out
+
+
+@dataclass
+class DataPlaneStats:
+    """Counters since the coordinator started (thread-safe)."""
+
+    committed_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, node)
+    coordinator_bytes: int = 0  # page bytes received on UploadPages streams (committed)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, uploads: Iterable[MemberUpload]) -> None:
+        """A generation committed with these member uploads."""
+        with self._lock:
+            for u in uploads:
+                key = (u.data_path, u.node)
+                self.committed_bytes[key] = self.committed_bytes.get(key, 0) + u.bytes_stored_new
+                self.coordinator_bytes += u.bytes_received
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], int], int]:
+        with self._lock:
+            return dict(self.committed_bytes), self.coordinator_bytes

@@ -1,0 +1,238 @@
+"""Packs that agents put themselves (the direct data path), and the trust rule that keeps
+one node's bytes from serving another node until the coordinator has checked them.
+
+Taking a report (`take`): an agent says it put pack `nodes/NODE/ID` of `size` bytes with
+chunk ids `ids`. The coordinator accepts it only if the name is under the reporting
+node's prefix, the object exists with that size (durable: a put is atomic and durable
+on return, storecore/backend.py), its trailer parses and lists exactly those ids in the
+generation's namespace, and a sample of its chunks (SAMPLE per pack) decodes to their
+ids. Then the pack is indexed, its ids claimed for the generation (kept from gc), and
+remembered on the flight. Any refusal is bad data of that node (InvalidArgument or
+ChunkMismatch: the upload stream is refused and the generation aborts with bad_data).
+
+The trust rule (`resolve`): a chunk indexed only in a pack of node A counts as present
+for node B (or the coordinator) only once the coordinator has read it back and checked
+its BLAKE3 (`verified`), which it does the first time another node wants it, not for
+every upload. A chunk that fails is removed from the index (the generation asking
+uploads it again), its pack is remembered as lying, and a generation in flight that
+reported it is marked bad (its commit fails with NodeDataBad: bad_data of that node).
+Reads always re-hash (reader.py), so a lying pack can fail a read but never make one
+return wrong bytes; verification keeps node B's generations from depending on bytes
+only node A vouched for. Verified ids live in memory: after a restart they are checked
+again when wanted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import ChunkMismatch, DataCorrupted, InvalidArgument, ObjectNotFound
+from cpcoord.log import log_event
+from storecore import packs
+from storecore.backend import Kind
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of
+from storecore.names import node_of, node_prefix, pack_id
+
+if TYPE_CHECKING:
+    from coordinator.store.index import Locations
+    from coordinator.store.inflight import InFlight
+    from coordinator.store.parts import StoreParts
+
+log = logging.getLogger("cpcoord.store.nodepacks")
+SAMPLE = 2  # chunks per reported pack read back and checked at once
+
+
+@dataclass(frozen=True)
+class Report:
+    """One pack as an agent reported it."""
+
+    name: str
+    size: int
+    ids: bytes
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A checked report, ready to index."""
+
+    name: str
+    id: bytes
+    size: int
+    contents: packs.PackContents
+
+
+@dataclass
+class Trust:
+    """Ids of agents' chunks the coordinator has checked, per namespace, and packs found
+    lying. Guarded by the repository lock."""
+
+    verified: dict[str, list[IdArray]] = field(default_factory=dict)
+    lying: set[str] = field(default_factory=set)
+    checked: int = 0  # chunks read back and checked across nodes (metrics)
+    failed: int = 0
+
+    def sorted(self, namespace: str) -> IdArray:
+        parts = self.verified.get(namespace)
+        if not parts:
+            return np.zeros(0, ID_DTYPE)
+        if len(parts) > 1:
+            parts[:] = [np.unique(np.concatenate(parts))]
+        return parts[0]
+
+    def add(self, namespace: str, ids: IdArray) -> None:
+        if ids.size:
+            self.verified.setdefault(namespace, []).append(np.unique(ids))
+
+
+def check(repo: StoreParts, node: str, namespace: str, r: Report) -> Taken:
+    """Check one report against the store (see the module docstring); outside the lock."""
+    if not r.name.startswith(node_prefix(node)) or node_of(r.name) != node:
+        raise InvalidArgument(f"pack {r.name!r} is not under node {node}'s prefix")
+    pid = pack_id(r.name)
+    try:
+        size = repo.backend.stat(Kind.PACKS, r.name).size
+        contents = packs.read_contents(repo.backend, r.name, size)
+    except (ObjectNotFound, DataCorrupted) as e:  # the agent's fault; other errors: ours
+        raise InvalidArgument(f"reported pack {r.name} is not usable: {e}") from None
+    if size != r.size:
+        raise InvalidArgument(f"pack {r.name} has {size} bytes, reported {r.size}")
+    if contents.namespace != namespace:
+        raise InvalidArgument(f"pack {r.name} is of namespace {contents.namespace!r}")
+    ids = as_id_array(r.ids)
+    listed = np.ascontiguousarray(contents.entries["id"])
+    if ids.size != listed.size or not np.array_equal(np.sort(ids), np.sort(listed)):
+        raise InvalidArgument(f"pack {r.name} holds other chunks than reported")
+    n = len(contents.entries)
+    pick = np.random.default_rng().choice(n, size=min(SAMPLE, n), replace=False)
+    rows = contents.entries[np.sort(pick.astype(np.int64))]
+    bad = _bad_rows(repo, r.name, rows, namespace)
+    if bad:
+        raise ChunkMismatch(bad[0], "something else")
+    return Taken(r.name, pid, size, contents)
+
+
+def _bad_rows(repo: StoreParts, name: str, rows: packs.Entries, ns: str) -> list[str]:
+    """Read the given entries of a pack back and check them; the ids that fail (hex)."""
+    bad = []
+    for e in rows:
+        cid = e["id"].tobytes()
+        try:
+            blob = repo.backend.get_range(Kind.PACKS, name, int(e["offset"]), int(e["stored"]))
+            packs.decode_chunk(
+                int(e["method"]), blob, int(e["raw"]), cid, name, repo.config.sealer, ns
+            )
+        except DataCorrupted:  # a store that fails to answer is a store error, raised
+            bad.append(cid.hex())
+    return bad
+
+
+def take(repo: StoreParts, g: InFlight, node: str, reports: Sequence[Report]) -> tuple[int, int]:
+    """Check reports (outside the lock) and index them for `g`; (chunks, bytes)."""
+    with repo.lock:
+        known = {t.name for t in g.packs}  # several members' streams report one pack
+    fresh = {r.name: r for r in reports if r.name not in known}
+    taken = [check(repo, node, g.namespace, r) for r in fresh.values()]
+    with repo.lock:
+        return index_taken(repo, g, taken)
+
+
+def index_taken(repo: StoreParts, g: InFlight, taken: Sequence[Taken]) -> tuple[int, int]:
+    """Index checked packs for generation `g` (caller holds the lock); (chunks, bytes)."""
+    chunks = nbytes = 0
+    known = {t.name for t in g.packs}
+    for t in taken:
+        if t.name in known:  # taken meanwhile from another member's stream
+            continue
+        known.add(t.name)
+        if t.name in repo.trust.lying:
+            raise InvalidArgument(f"pack {t.name} was found lying before")
+        repo.index.add_pack(t.id, t.size, t.contents, t.name)
+        no = repo.index.pack_number(t.name)
+        assert no is not None
+        repo.unindexed.append(no)
+        repo.recent_puts.add(t.name)
+        g.claim(np.ascontiguousarray(t.contents.entries["id"]))
+        g.packs.append(t)
+        chunks += len(t.contents.entries)
+        nbytes += t.contents.blob_bytes
+    g.chunks_new += chunks
+    g.bytes_new += nbytes
+    return chunks, nbytes
+
+
+def foreign(
+    repo: StoreParts, namespace: str, ids: IdArray, found: npt.NDArray[np.bool_],
+    locs: Locations, node: str | None,
+) -> npt.NDArray[np.bool_]:  # fmt: skip
+    """Which found ids are served only by another node's pack and not verified yet
+    (`node` None: the coordinator's own view, every node's pack is foreign)."""
+    out = np.zeros(ids.size, dtype=bool)
+    if not found.any():
+        return out
+    pk = locs["pack"]
+    nos = np.unique(pk[found])
+    theirs = [int(n) for n in nos if repo.index.pack(int(n)).node not in (None, node)]
+    if not theirs:
+        return out
+    out = found & np.isin(pk, np.asarray(theirs, dtype=pk.dtype))
+    sel = np.flatnonzero(out)
+    out[sel[member_of(ids[sel], repo.trust.sorted(namespace))]] = False
+    return out
+
+
+def verify(
+    repo: StoreParts, namespace: str, ids: IdArray, locs: Locations
+) -> tuple[IdArray, list[tuple[str, IdArray]]]:
+    """Read back and check chunks at the given locations (outside the lock): (the good
+    ids, [(pack name, its bad ids)])."""
+    good: list[bytes] = []
+    bad: dict[str, list[bytes]] = {}
+    pk = locs["pack"]
+    with repo.lock:
+        names = {int(n): repo.index.pack(int(n)).name for n in np.unique(pk)}
+    for i in range(ids.size):  # one per chunk (up to 1024 pages), once per chunk ever
+        e, name, cid = locs[i], names[int(pk[i])], ids[i].tobytes()
+        try:
+            blob = repo.backend.get_range(Kind.PACKS, name, int(e["offset"]), int(e["stored"]))
+            packs.decode_chunk(
+                int(e["method"]), blob, int(e["raw"]), cid, name, repo.config.sealer, namespace
+            )
+            good.append(cid)
+        except (DataCorrupted, ObjectNotFound):  # gone or wrong: not to be served
+            bad.setdefault(name, []).append(cid)
+    return as_id_array(good), [(n, as_id_array(b)) for n, b in bad.items()]
+
+
+def settle(
+    repo: StoreParts, namespace: str, good: IdArray, bad: list[tuple[str, IdArray]]
+) -> None:
+    """Record a verification (caller holds the lock): good ids are trusted from now on;
+    bad ones leave the index (other copies in packs of generations in flight take
+    their place) and mark their pack lying and its generation in flight bad."""
+    repo.trust.add(namespace, good)
+    repo.trust.checked += int(good.size) + sum(int(b.size) for _, b in bad)
+    if not bad:
+        return
+    ci = repo.index.chunks(namespace)
+    for name, ids in bad:
+        repo.trust.failed += int(ids.size)
+        repo.trust.lying.add(name)
+        ci.remove(ids)
+        who = node_of(name) or "?"
+        log_event(
+            log, logging.WARNING, "a node's chunks do not match their ids", node=who, pack=name,
+            chunks=int(ids.size), first=ids[0].tobytes().hex(),
+        )  # fmt: skip
+        for g in repo.inflight.all():
+            if any(t.name == name for t in g.packs):
+                g.bad[who] = f"pack {name}: chunk {ids[0].tobytes().hex()} does not match"
+    for g in repo.inflight.all():  # honest copies of the removed ids serve again
+        for t in g.packs:
+            if t.name not in repo.trust.lying:
+                repo.index.add_pack(t.id, t.size, t.contents, t.name)

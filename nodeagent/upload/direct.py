@@ -1,0 +1,257 @@
+"""The direct data path: the agent puts its packs into the store itself and reports them
+on its upload stream (StoredPacks); only ids and page tables go to the coordinator.
+
+Choosing the path (`choose`, at each Welcome), by `--data-path`:
+  coordinator  always through the coordinator (UploadPages carries the chunks);
+  direct       the announced store must open from here (a directory that exists, or an
+               S3 bucket with the endpoint and credentials of this agent's environment),
+               its config/store.json id must equal the announced one, and a sealed store
+               needs its key (from the mTLS stream, or --store-key-file /
+               $CPCOORD_STORE_KEY): otherwise DataPathUnavailable, and the agent stops;
+  auto         direct when all of that holds, else the coordinator path, logging why.
+The agent checks the id before it writes anything, so it never writes into another
+store that answers under the same name.
+
+Building packs (`GenerationPacks`, one per generation on this node, shared by its
+members' uploads, so a chunk two members hold is put once; `PackBuilder` is one
+upload's view of it): exactly as the coordinator's store does (storecore): the chunks
+MissingChunks named missing are compressed (zstd, raw when it does not pay), sealed with
+the namespace's key when the store is encrypted, and added to a pack of the
+generation's namespace; full packs are put by writer threads as `nodes/NODE/ID`
+(atomic and durable on return: temp + fsync + rename, or one completed S3 upload), and
+each stored pack is reported once durable. A put that fails fails the upload; a pack
+put but never reported (the agent died) is garbage that gc removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord.errors import CpcoordError, DataPathUnavailable, StoreInvalid
+from cpcoord.gen.v1 import agent_pb2
+from storecore import packs
+from storecore.backend import Backend, Buffer
+from storecore.crypt import Sealer, load_key
+from storecore.identity import read_store_id
+from storecore.ids import IdArray, member_of
+from storecore.location import open_backend
+from storecore.names import node_prefix
+from storecore.writer import PackSink, StoredPack
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "direct", "coordinator")
+SHARED_NAMESPACE = "shared"  # as coordinator/store/config.py names it
+
+
+@dataclass(frozen=True)
+class DirectStore:
+    """An opened store this agent may put packs into (one per Welcome)."""
+
+    backend: Backend
+    node: str
+    store_id: str
+    location: str
+    dedup: str  # "job" | "store"
+    pack_bytes: int
+    sealer: Sealer | None
+    level: int = 1  # zstd level, as the store's default
+    _gens: dict[tuple[str, int], GenerationPacks] = field(default_factory=dict, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+
+    def namespace(self, job: str) -> str:
+        return SHARED_NAMESPACE if self.dedup == "store" else f"job:{job}"
+
+    def same(self, w: agent_pb2.Welcome) -> bool:
+        """Whether a new Welcome announces this very store (keep it open)."""
+        return (w.store_location, w.store_id, w.store_dedup, w.store_pack_bytes) == (
+            self.location, self.store_id, self.dedup, self.pack_bytes
+        )  # fmt: skip
+
+    def generation(self, job: str, generation: int) -> GenerationPacks:
+        """The shared packs of (job, generation) on this node; `release` when done."""
+        with self._lock:
+            g = self._gens.get((job, generation))
+            if g is None:
+                g = self._gens[(job, generation)] = GenerationPacks(self, job)
+            g.users += 1
+            return g
+
+    def release(self, job: str, generation: int) -> None:
+        with self._lock:
+            g = self._gens.get((job, generation))
+            if g is None:
+                return
+            g.users -= 1
+            if g.users > 0:
+                return
+            del self._gens[(job, generation)]
+        g.sink.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _open(w: agent_pb2.Welcome, node: str, key_file: Path | None) -> DirectStore:
+    if not w.store_location:
+        raise DataPathUnavailable(node, "the coordinator announces no store")
+    if w.store_dedup not in ("job", "store"):
+        raise DataPathUnavailable(node, f"unknown dedup rule {w.store_dedup!r}")
+    backend = open_backend(w.store_location, create=False)
+    try:
+        sid = read_store_id(backend)
+        if sid != w.store_id:
+            why = f"its id is {sid}, the coordinator's store is {w.store_id}"
+            raise StoreInvalid(w.store_location, why)
+        sealer = None
+        if w.store_encrypted:
+            sealer = Sealer(w.store_key) if w.store_key else load_key(key_file)
+            if sealer is None:
+                raise StoreInvalid(
+                    w.store_location,
+                    "it is encrypted and no key came (not over mTLS): give --store-key-file",
+                )
+        pack_bytes = w.store_pack_bytes or (16 << 20)
+        return DirectStore(
+            backend, node, sid, w.store_location, w.store_dedup, pack_bytes, sealer
+        )
+    except BaseException:
+        backend.close()
+        raise
+
+
+def choose(
+    w: agent_pb2.Welcome, node: str, mode: str, key_file: Path | None = None
+) -> DirectStore | None:
+    """The store to put packs into, or None for the coordinator path (module docstring)."""
+    if mode == "coordinator":
+        return None
+    try:
+        store = _open(w, node, key_file)
+    except CpcoordError as e:
+        if mode == "direct":
+            if isinstance(e, DataPathUnavailable):
+                raise
+            raise DataPathUnavailable(node, str(e)) from e
+        log.warning(
+            "direct data path unavailable: uploading through the coordinator",
+            extra={"fields": {"node": node, "store": w.store_location, "why": str(e)}},
+        )
+        return None
+    log.info(
+        "direct data path",
+        extra={"fields": {"node": node, "store": store.location, "sealed": bool(store.sealer)}},
+    )
+    return store
+
+
+class GenerationPacks:
+    """The packs of one generation on this node, shared by its members' uploads: a chunk
+    two members hold (ranks with the same weights) goes into one pack once. Thread-safe."""
+
+    def __init__(self, store: DirectStore, job: str) -> None:
+        self.namespace = store.namespace(job)
+        self.store = store
+        self.sink = PackSink(store.backend, store.pack_bytes, node_prefix(store.node))
+        self.stored: list[StoredPack] = []
+        self._done: list[IdArray] = []  # ids of stored packs (the sink forgets them)
+        self.users = 0
+        self._lock = threading.Lock()
+
+    def _new(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        """Ids neither repeated in `ids` nor added before (open, in transit or stored)."""
+        _, first = np.unique(ids, return_index=True)
+        new = np.zeros(ids.size, dtype=bool)
+        new[first] = True
+        if len(self._done) > 1:
+            self._done = [np.unique(np.concatenate(self._done))]
+        done = self._done[0] if self._done else np.zeros(0, ids.dtype)
+        return new & ~self.sink.contains(self.namespace, ids) & ~member_of(ids, done)
+
+    def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
+        with self._lock:
+            sel = np.flatnonzero(self._new(ids))
+        if not sel.size:
+            return
+        ids, chunks = ids[sel], [chunks[int(i)] for i in sel]
+        # Compressed and sealed outside the lock: other members' uploads go on meanwhile.
+        methods, blobs = packs.compress_batch(chunks, self.store.level, packs.default_threads())
+        if self.store.sealer is not None:
+            raw_ids = [x.tobytes() for x in ids]
+            blobs = list(self.store.sealer.seal_chunks(self.namespace, raw_ids, blobs))
+            methods |= packs.METHOD_SEALED
+        raws = np.array([len(c) for c in chunks], dtype=np.uint32)
+        with self._lock:
+            keep = np.flatnonzero(self._new(ids))  # another member's upload may have won
+            if keep.size:
+                kb = [blobs[int(i)] for i in keep]
+                self.sink.add(self.namespace, ids[keep], methods[keep], kb, raws[keep])
+
+    def reap(self, flush: bool) -> list[StoredPack]:
+        """Every pack stored so far (with flush: after sealing and storing the rest);
+        raises the first failed put."""
+        with self._lock:
+            stored, error = self.sink.flush() if flush else self.sink.reap(block=False)
+            self.stored += stored
+            self._done += [np.unique(s.contents.entries["id"]) for s in stored]  # sorted
+            if error is not None:
+                raise error
+            return list(self.stored)
+
+
+class PackBuilder:
+    """One member upload's view of its generation's packs (module docstring). Not
+    thread-safe: the upload's request generator drives it. A stream reports every pack
+    stored so far that it has not reported: a pack may hold other members' chunks and
+    be reported by several streams (the coordinator takes it once)."""
+
+    def __init__(self, store: DirectStore, job: str, generation: int) -> None:
+        self.store = store
+        self.shared = store.generation(job, generation)
+        self.key = (job, generation)
+        self.reported: set[str] = set()
+        self.packs = 0
+        self.bytes = 0  # stored bytes reported
+
+    def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
+        """Compress (and seal) chunks and add them to the open pack; full packs go to
+        the writer threads."""
+        if chunks:
+            self.shared.add(ids, chunks)
+
+    def _report(self, stored: list[StoredPack]) -> agent_pb2.UploadRequest | None:
+        fresh = [sp for sp in stored if sp.name not in self.reported]
+        if not fresh:
+            return None
+        req = agent_pb2.UploadRequest()
+        for sp in fresh:
+            ids = np.ascontiguousarray(sp.contents.entries["id"]).tobytes()
+            req.packs.packs.add(name=sp.name, size=sp.size, ids=ids)
+            self.reported.add(sp.name)
+            self.packs += 1
+            self.bytes += sp.size
+        return req
+
+    def ready(self) -> agent_pb2.UploadRequest | None:
+        """A report of the packs stored since the last one (None when none); raises the
+        first failed put."""
+        return self._report(self.shared.reap(flush=False))
+
+    def finish(self) -> agent_pb2.UploadRequest:
+        """Seal and put the rest, wait until every pack is durable: the last report
+        (always sent, even empty: it tells the coordinator which path this was)."""
+        req = self._report(self.shared.reap(flush=True))
+        if req is None:
+            req = agent_pb2.UploadRequest()
+            req.packs.SetInParent()
+        return req
+
+    def close(self) -> None:
+        self.store.release(*self.key)

@@ -1,0 +1,34 @@
+"""A store's identity file (`config/store.json`): its format and random id.
+
+The coordinator creates it (coordinator/store/config.py) and announces the id to its
+agents; an agent reads it from the store it opened and writes nothing there unless it
+matches: a store that answers under the same name but is another one (a new bucket of
+that name, another directory mounted there) is never written by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cpcoord.errors import ObjectNotFound, StoreInvalid
+from storecore.backend import Backend, Kind
+
+STORE_FORMAT = 1
+CONFIG_NAME = "store.json"
+
+
+def read_store_id(backend: Backend) -> str:
+    """The store's id; StoreInvalid when it has no readable identity of our format."""
+    try:
+        raw = backend.get(Kind.CONFIG, CONFIG_NAME)
+    except ObjectNotFound:
+        raise StoreInvalid(backend.location, f"no {CONFIG_NAME}: not a cpcoord store") from None
+    try:
+        ident = json.loads(raw)
+        fmt, sid = ident["format"], ident["id"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreInvalid(backend.location, f"unreadable {CONFIG_NAME}: {e}") from None
+    if fmt != STORE_FORMAT or not isinstance(sid, str) or not sid:
+        why = f"store format {fmt}, this version reads {STORE_FORMAT}"
+        raise StoreInvalid(backend.location, why)
+    return sid

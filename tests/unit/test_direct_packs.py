@@ -1,0 +1,35 @@
+"""The agent's packs on the direct data path (nodeagent/upload/direct.py): the member
+uploads of one generation on a node share their packs, so a chunk two members hold is
+put once, also after the first upload's packs are stored; every stream reports every
+pack it may need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nodeagent.upload.direct import DirectStore, PackBuilder
+from storecore.backend import Kind, LocalBackend
+from storecore.ids import digest_all
+
+
+def test_identical_members_on_one_node_put_their_chunks_once(tmp_path: Path) -> None:
+    store = DirectStore(LocalBackend(tmp_path), "n1", "id", "loc", "job", 16 << 20, None)
+    rng = np.random.default_rng(1)
+    chunks = [rng.bytes(65536) for _ in range(64)]
+    ids = digest_all(chunks)
+    a, b = PackBuilder(store, "j", 1), PackBuilder(store, "j", 1)
+    a.add(ids, chunks)
+    ra = a.finish()
+    b.add(ids, chunks)  # after a's pack is stored: the sink alone has forgotten its ids
+    rb = b.finish()
+    assert [p.name for p in ra.packs.packs] == [p.name for p in rb.packs.packs]
+    assert len(list(LocalBackend(tmp_path).list(Kind.PACKS))) == 1
+    assert all(p.name.startswith("nodes/n1/") for p in rb.packs.packs)
+    a.close()
+    b.close()
+    assert not store._gens  # released with its last user
+    c = PackBuilder(store, "j", 2)
+    assert not c.finish().packs.packs  # an empty last report still says "direct"
+    c.close()
