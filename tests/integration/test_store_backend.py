@@ -1,5 +1,5 @@
 """The shared Backend suite: every backend must pass it (the error contract in
-coordinator/store/backend.py). Add a backend by adding a param to the `backend` fixture;
+storecore/backend.py). Add a backend by adding a param to the `backend` fixture;
 the S3 one is a real SeaweedFS server. Tests of the local backend alone:
 tests/unit/test_store_backend.py."""
 

@@ -1,4 +1,4 @@
-"""Encryption at rest (coordinator/store/crypt.py) through real daemons: with a store key,
+"""Encryption at rest (storecore/crypt.py) through real daemons: with a store key,
 bytes of a member's memory appear nowhere in the store's files (packs, manifests, index,
 catalog), while export still returns them exactly and `verify` passes; without the key
 the same bytes are found (so the grep can find what it looks for); a wrong key refuses

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.restore_diff import differing_pages, only_pages
-from coordinator.store.ids import ID_DTYPE
+from storecore.ids import ID_DTYPE
 from coordinator.store.manifest import PageTable
 
 N = 64

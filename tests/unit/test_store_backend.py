@@ -1,4 +1,4 @@
-"""The local store backend alone (coordinator/store/backend.py): permissions, failed
+"""The local store backend alone (storecore/backend.py): permissions, failed
 writes, temporary files, pack fan-out. The contract every backend passes (local and S3):
 tests/integration/test_store_backend.py."""
 
