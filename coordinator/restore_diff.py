@@ -18,10 +18,10 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from storecore.ids import zero_mask
 from coordinator.store.manifest import MemberMap, PageTable
 from cpcoord.gen.v1 import types_pb2
 from cpcoord.image import runs_of
+from storecore.ids import zero_mask
 
 U64 = npt.NDArray[np.uint64]
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.restore_diff import differing_pages, only_pages
-from storecore.ids import ID_DTYPE
 from coordinator.store.manifest import PageTable
+from storecore.ids import ID_DTYPE
 
 N = 64
 
