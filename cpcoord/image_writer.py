@@ -146,6 +146,11 @@ class ImageWriter:
         self._tmpfs = memory_backed(self.out)  # in place; else O_DIRECT (tmpfs: a copy anyway)
         self.bytes_written = 0
 
+    @property
+    def memory_backed(self) -> bool:
+        """The output is on tmpfs: a full capture can copy straight into its files."""
+        return self._tmpfs
+
     def in_place(self, member: str) -> RegionFiles | None:
         """The member's region files to capture into directly, when the output is on tmpfs
         (else None: capture into staging and `add_region`). Record each region captured

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,3 +214,22 @@ def test_cli_precopy_needs_a_tracker_that_sees_writes(
     ok = _cli(["--pid", str(t.pid), "--out", str(out), "--tracker", tracker, "--json"])
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["precopy"] is None
+
+
+def test_cli_default_precopy_except_an_image_on_tmpfs(
+    target_factory: MakeTarget, tmp_path: Path
+) -> None:
+    """By default a full capture pre-copies, except into a tmpfs image (copied into in
+    place frozen, where a pre-copy would cost a second copy of everything)."""
+    _require("uffd-wp")
+    shm = Path(tempfile.mkdtemp(prefix=f"cpcoord-precopy-{os.getpid()}-", dir="/dev/shm"))
+    try:
+        for out, pre in ((tmp_path / "disk", True), (shm / "img", False)):
+            t = target_factory(maps=["a:64"])
+            res = _cli(["--pid", str(t.pid), "--out", str(out), "--json"])
+            assert res.returncode == 0, res.stderr
+            got = json.loads(res.stdout)["precopy"]
+            assert (got is not None) == pre, (out, got)
+            t.assert_running()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
