@@ -41,6 +41,7 @@ class Status:
     total: int = 0
     unit: str = "members"
     nbytes: int = 0
+    note: str = ""  # shown after the numbers (e.g. what pre-copy did)
 
 
 class Display(Protocol):
@@ -111,7 +112,8 @@ class Bar(_Shown):
         return cols or shutil.get_terminal_size().columns or 80
 
     def render(self, st: Status, elapsed: float) -> str:
-        return f"{self.title} {st.phase:<10} " + "  ".join(_numbers(st, elapsed, self.WIDTH))
+        note = f"  {st.note}" if st.note else ""
+        return f"{self.title} {st.phase:<10} " + "  ".join(_numbers(st, elapsed, self.WIDTH)) + note
 
     def _draw(self, st: Status) -> None:
         now = self.clock()
@@ -146,7 +148,10 @@ class Lines(_Shown):
 
     def _print(self, st: Status) -> None:
         elapsed = self.clock() - self.t0
-        self.out.write(f"{self.title}: {st.phase}, " + ", ".join(_numbers(st, elapsed)) + "\n")
+        note = f", {st.note}" if st.note else ""
+        self.out.write(
+            f"{self.title}: {st.phase}, " + ", ".join(_numbers(st, elapsed)) + note + "\n"
+        )
         self.out.flush()
         self.printed, self.printed_at = st, self.clock()
 
@@ -215,17 +220,18 @@ class EventProgress:
                     "bytes": list(ev.stats.precopy_bytes),
                     "frozen_pages": ev.stats.precopy_frozen_pages,
                 }
-        phase = PHASES.get(k, k)
+        note = ""
         if self.precopy:
             rounds = max(p["rounds"] for p in self.precopy.values())
-            phase = f"{phase} (pre-copied: {len(self.precopy)} members, <= {rounds} passes)"
+            note = f"pre-copied {len(self.precopy)} members in <= {rounds} passes"
         self.out.update(
             Status(
-                phase,
+                PHASES.get(k, k),
                 ev.members_done,
                 ev.members_total,
                 "members",
                 sum(self.member_bytes.values()),
+                note,
             )
         )
 

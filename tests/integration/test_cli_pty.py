@@ -138,11 +138,14 @@ def test_progress_on_a_terminal_and_plain_lines_through_pipes(
     r = run_pipe(cpcoord(c, "checkpoint", "--job", "tty", "--full"))
     check_plain(r, ["freezing", "committed"], "1/1 members", "generation 2 of tty committed")
 
-    # restore in place: every page written back, the member running again
+    # restore in place: every page rewritten since is written back (only those: the
+    # tracker knows what changed), the member running again
+    t.cmd("write", name="data", page=0, count=PAGES, counter=9)
     r = run_pty(cpcoord(c, "restore", "--job", "tty"))
     check_bar(r, ["freezing", "writing", "committed"], "1/1 members", size,
               "generation 2 of tty restored")  # fmt: skip
     t.assert_running()
+    t.cmd("write", name="data", page=0, count=PAGES, counter=10)
     r = run_pipe(cpcoord(c, "restore", "--job", "tty"))
     check_plain(r, ["freezing", "committed"], "1/1 members", "generation 2 of tty restored")
     t.assert_running()
