@@ -1,14 +1,8 @@
 """Opening the repository of a store location (the location itself, its grammar and
 its backend are storecore/location.py's).
 
-Grammar:
-    location = s3-url | file-url | path
-    s3-url   = "s3://" BUCKET [ "/" PREFIX ] [ "/" ]    BUCKET: S3 rules (3-63 of a-z0-9.-)
-                                                         PREFIX: store-name segments
-    file-url = "file://" ABSOLUTE-PATH
-    path     = any other non-empty text: a local directory
-Any other scheme, a query or fragment, and credentials in the URL are refused: endpoint
-and credentials come from the standard AWS variables and config files (s3.py).
+The grammar of a location (a directory, file://PATH or s3://BUCKET[/PREFIX]; endpoint
+and credentials from the standard AWS variables) is storecore/location.py's.
 
 A local store keeps its catalog and lock inside its directory. An S3 store keeps them
 in a local state directory (default: $CPCOORD_STATE_DIR, else /var/lib/cpcoord for root,
