@@ -120,6 +120,11 @@ class NetnsCluster(Cluster):
     made_ns: list[str] = field(default_factory=list)
     targets: list[NsTarget] = field(default_factory=list)
     lease_s: float = 10.0
+    # The store is a directory in the coordinator's namespace: the agents' namespaces see
+    # the same filesystem, but a real node would not, and these tests are about the
+    # network between them. So pages go over the links (the direct data path's own
+    # tests use a store every node reaches: tests/integration/test_dataplane.py).
+    data_path: str = "coordinator"
 
     @property
     def coord_ns(self) -> str:
@@ -237,7 +242,7 @@ class NetnsCluster(Cluster):
 
     def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",
-                "--lease", str(self.lease_s)]  # fmt: skip
+                "--lease", str(self.lease_s), "--data-path", self.data_path]  # fmt: skip
         d = self._daemon(f"agent-{node}", self.ns(node), argv,
                          self.root / f"agent-{node}.log", daemon_env(), pause, fail)  # fmt: skip
         self.agents[node] = d

@@ -61,6 +61,13 @@ def child_pid(d: Path, run: subprocess.Popen[str]) -> tuple[int, str, str]:
     return int(pid), job, member
 
 
+def go(d: Path, code: str) -> None:
+    """Tell the child its exit code: written aside and renamed, so it never reads an
+    empty file (it polls for the name)."""
+    (d / "go.tmp").write_text(code)
+    os.replace(d / "go.tmp", d / "go")
+
+
 def finish(run: subprocess.Popen[str]) -> int:
     try:
         run.wait(timeout=120)
@@ -86,7 +93,7 @@ def test_member_while_running_checkpointed_and_exit_code_passed(
         cp = sc.cluster.cli_json("checkpoint", "--job", "runjob")
         assert cp["state"] == "committed" and cp["members"] == 1, cp
         assert cp["pages"] > 16  # its 64 KiB buffer at least
-        (d / "go").write_text("3")
+        go(d, "3")
         assert finish(run) == 3, run.stderr.read() if run.stderr else ""
     finally:
         if run.poll() is None:
@@ -104,7 +111,7 @@ def test_exit_zero_and_signals(socket_cluster: SocketCluster, tmp_path: Path) ->
     d.mkdir()
     run = start_run(sc, d, "sigjob", "ok")
     child_pid(d, run)
-    (d / "go").write_text("0")
+    go(d, "0")
     assert finish(run) == 0
     # Killed by a signal: 128 + 9, and detached.
     d = tmp_path / "kill"
@@ -171,7 +178,7 @@ def test_errors_attach_nothing(socket_cluster: SocketCluster, tmp_path: Path) ->
         )
         assert r.returncode == 58, r.stderr  # DuplicateMember
         assert not marker.exists()
-        (d / "go").write_text("0")
+        go(d, "0")
         assert finish(run) == 0
     finally:
         if run.poll() is None:
