@@ -223,7 +223,9 @@ def init_dev_pki(out: Path, sans: Iterable[str] = (), agents: Iterable[str] = ()
         put(f"{stem}.key", key)
     lines = []
     for role in ("admin", "viewer"):
-        tok = secrets.token_urlsafe(32)
+        # Hex, not urlsafe base64: a token that starts with '-' cannot follow `--token`
+        # on a command line (argparse reads it as an option; CI met one).
+        tok = secrets.token_hex(32)
         put(f"{role}.token", (tok + "\n").encode())
         lines.append(f"{role} sha256:{token_digest(tok)}\n")
     put("tokens", ("# ROLE sha256:HEX (cpcoord coordinator --tokens)\n" + "".join(lines)).encode())

@@ -222,6 +222,10 @@ def test_packet_loss_during_checkpoint(scene: Scene, percent: int) -> None:
     else:
         assert r["_rc"] in clean, r
         scene.no_partial_generation(bad)
+    # The coordinator may still hold node-2's silent stream as connected and only declare
+    # it lost later (3 silent heartbeat intervals): let that pass before waiting for the
+    # agent, so the wait sees its new stream, not the old one about to be dropped.
+    time.sleep(3 * c.heartbeat_ms / 1000 + 0.5)
     c.wait_agents(["node-2"])
     scene.wait_ready()
     scene.next_exact(5)
