@@ -10,6 +10,7 @@ Exit codes (also in docs/exit-codes.md):
   10-19 process and capture errors, 20-29 ranges and input, 30-39 files and images,
   40-49 trackers, 50-59 coordinator and protocol, 60-69 store,
   70-79 coordinator service and clients, 140-144 coordinator replicas (high availability),
+  145-146 restore refused for the kernel side,
   150-154 the data plane (agents that put packs themselves).
 """
 
@@ -485,6 +486,17 @@ class KernelStateChanged(RestoreRefused):
     file offsets, pipe and socket queues): docs/restore.md says what it covers."""
 
     exit_code = 145
+    status = "FAILED_PRECONDITION"
+
+
+class RestoreRefusedKernelState(RestoreAborted):
+    """restore of generation {} of job {} refused: {}
+
+    The coordinator-driven form of KernelStateChanged: a member's agent found the kernel
+    side (fds, pipe and socket queues) changed since the cut and wrote nothing; `restore
+    --force` rolls back anyway."""
+
+    exit_code = 146
     status = "FAILED_PRECONDITION"
 
 

@@ -58,6 +58,7 @@ class AbortReason(StrEnum):
     MISMATCH = "mismatch"  # restore: a member's mappings no longer fit the generation
     RESTORE_FAILED = "restore_failed"
     PREPARE_TIMEOUT = "prepare_timeout"  # not every agent was prepared by its deadline
+    KERNEL_STATE = "kernel_state"  # restore: fds/queues changed since the cut (no --force)
 
 
 # Reasons a MemberFailed event may carry (the others belong to other events or to Tick).
@@ -69,6 +70,7 @@ AGENT_REASONS = frozenset(
         AbortReason.UPLOAD_FAILED,
         AbortReason.BAD_DATA,
         AbortReason.MISMATCH,
+        AbortReason.KERNEL_STATE,
         AbortReason.RESTORE_FAILED,
     }
 )

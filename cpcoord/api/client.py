@@ -30,7 +30,13 @@ from cpcoord.api import convert
 from cpcoord.api import values as v
 from cpcoord.api.watch import Watch
 from cpcoord.closing import Closing
-from cpcoord.errors import GenerationAborted, ImageInvalid, RestoreAborted, StreamIncomplete
+from cpcoord.errors import (
+    GenerationAborted,
+    ImageInvalid,
+    RestoreAborted,
+    RestoreRefusedKernelState,
+    StreamIncomplete,
+)
 from cpcoord.gen.v1 import coordinator_pb2, types_pb2
 from cpcoord.ranges import check_name
 
@@ -298,6 +304,8 @@ class Client(Closing):
             raise StreamIncomplete("Restore")
         last = evs[-1]
         ok = last.kind is v.ProgressKind.COMMITTED
+        if check and not ok and last.reason is v.AbortReason.KERNEL_STATE:
+            raise RestoreRefusedKernelState(last.generation, job, last.detail)
         if check and not ok:
             raise RestoreAborted(last.generation, job, last.reason.value, last.detail)
         done = tuple(e.member for e in evs if e.kind is v.ProgressKind.MEMBER_RESTORED)

@@ -60,6 +60,8 @@ class AbortReason(_Enum):
     CANCELLED = "cancelled"
     MISMATCH = "mismatch"
     RESTORE_FAILED = "restore_failed"
+    PREPARE_TIMEOUT = "prepare_timeout"
+    KERNEL_STATE = "kernel_state"
 
 
 class MemberHealth(_Enum):

@@ -9,7 +9,7 @@ from typing import Any
 
 from cpcoord import clientconn
 from cpcoord.cli import progress
-from cpcoord.errors import InvalidArgument, RestoreAborted
+from cpcoord.errors import InvalidArgument, RestoreAborted, RestoreRefusedKernelState
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, types_pb2
 from cpcoord.ranges import check_name
 
@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             f"generation {last.generation} of {args.job} restored{where}: "
             f"{len(restored)} members, {out['pages']} pages, {last.elapsed_seconds:.2f} s"
         )
+    if state == "aborted" and reason == "kernel_state":
+        raise RestoreRefusedKernelState(last.generation, args.job, last.detail)
     if state == "aborted":
         raise RestoreAborted(last.generation, args.job, reason, last.detail)
     return 0

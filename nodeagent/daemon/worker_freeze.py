@@ -22,6 +22,7 @@ from cpcoord import faults
 from cpcoord.errors import (
     CpcoordError,
     FreezeFailed,
+    KernelStateChanged,
     NotFrozen,
     RestoreRefused,
     UnknownMember,
@@ -156,6 +157,8 @@ def _fit(st: WorkerState, op: FreezeOp, m: HeldMember, fe: FrozenEntry) -> bool:
     except CpcoordError as e:
         mismatch = restore_ops.fit_error(e)
         reason = R.ABORT_REASON_MISMATCH if mismatch else R.ABORT_REASON_RESTORE_FAILED
+        if isinstance(e, KernelStateChanged):  # its own reason: the CLI exits 146 for it
+            reason = R.ABORT_REASON_KERNEL_STATE
         log.warning("restore refused", extra={"fields": {"member": m.name, "error": str(e)}})
         st.fail(op.job, op.generation, m.name, reason, e, op.epoch)
         return False
@@ -179,9 +182,12 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     backup = m.staging if m.staging is not None and not m.staging_busy else None
     timeout = st.config.freeze_timeout_s
     contents, scope = op.contents, op.scope
+    t_in = time.monotonic()  # the log splits the frozen time: before, top-up, write, after
+    t_top = t_in
     try:
         if scope is not None and op.fetch is not None:  # a partial write: top up, frozen
             contents, scope = prefetch.top_up(m, op.base, contents, scope, op.fetch)
+            t_top = time.monotonic()
         written = restore.write(fitted, prefetch.with_scope(contents, scope), staging=backup)
     except CpcoordError as e:
         if isinstance(e, STAGE_FAILED) or not m.ident.alive():
@@ -190,12 +196,26 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
             tracking.after_restore(m, fe.fp, timeout)
         st.fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, e, op.epoch)
         return
+    t_written = time.monotonic()
     kept = scope is not None
     if kept:  # the tracker stays armed, relative to its base; what was written counts
         prefetch.after_partial(m, prefetch.with_scope(contents, scope))
     else:
         tracking.after_restore(m, fe.fp, timeout)
-    frozen_s = time.monotonic() - fe.started
+    now = time.monotonic()
+    frozen_s = now - fe.started
+    phases = {
+        "member": m.name,
+        "generation": op.generation,
+        "frozen_ms": round(frozen_s * 1e3, 3),
+        "before_ms": round((t_in - fe.started) * 1e3, 3),  # freeze, fit, the round trip
+        "top_up_ms": round((t_top - t_in) * 1e3, 3),
+        "write_ms": round((t_written - t_top) * 1e3, 3),
+        "after_ms": round((now - t_written) * 1e3, 3),  # the tracker, re-armed or kept
+        "bytes": written.bytes_written,
+        "backup_bytes": written.backup_bytes,
+    }
+    log.info("restore written", extra={"fields": phases})
     msg = restore_ops.restored(
         op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept
     )

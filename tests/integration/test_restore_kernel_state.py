@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PIPE_TARGET = C_DIR / "pipe_target.c"
 N = 12
-MISMATCH_EXIT = 59  # RestoreAborted: the CLI's exit for a restore that aborted
+REFUSED_EXIT = 146  # RestoreRefusedKernelState: the agent refused for the kernel side
 
 
 class PipeTarget(CProcess):
@@ -87,7 +87,7 @@ def test_pipe_drained_since_the_cut_refused_unless_forced(
 
     assert target.send("drain") == "drained"
     r = c.cli("restore", "--job", "k", "--generation", str(g), check=False)
-    assert r.returncode == MISMATCH_EXIT, (r.returncode, r.stdout, r.stderr)
+    assert r.returncode == REFUSED_EXIT, (r.returncode, r.stdout, r.stderr)
     pipe = _pipe_ino(target.pid, target.rfd)
     want = f"fd {target.rfd} ({pipe}): {N} bytes unread at the cut, 0 now"
     assert want in r.stderr, r.stderr
@@ -117,7 +117,7 @@ def test_fd_opened_since_the_cut_refused(
     assert words[0] == "opened", words
     fd = int(words[1])
     r = c.cli("restore", "--job", "k", "--generation", str(g), check=False)
-    assert r.returncode == MISMATCH_EXIT, (r.returncode, r.stdout, r.stderr)
+    assert r.returncode == REFUSED_EXIT, (r.returncode, r.stdout, r.stderr)
     assert f"fd {fd} (/dev/null) was opened since the cut" in r.stderr, r.stderr
     target.running()
     assert target.send("check") == f"ok drained=0 unread={N}"

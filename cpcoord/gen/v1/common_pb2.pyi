@@ -26,6 +26,7 @@ class AbortReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ABORT_REASON_MISMATCH: _ClassVar[AbortReason]
     ABORT_REASON_RESTORE_FAILED: _ClassVar[AbortReason]
     ABORT_REASON_PREPARE_TIMEOUT: _ClassVar[AbortReason]
+    ABORT_REASON_KERNEL_STATE: _ClassVar[AbortReason]
 
 class GenerationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -70,6 +71,7 @@ ABORT_REASON_CANCELLED: AbortReason
 ABORT_REASON_MISMATCH: AbortReason
 ABORT_REASON_RESTORE_FAILED: AbortReason
 ABORT_REASON_PREPARE_TIMEOUT: AbortReason
+ABORT_REASON_KERNEL_STATE: AbortReason
 GENERATION_STATE_UNSPECIFIED: GenerationState
 GENERATION_STATE_NEW: GenerationState
 GENERATION_STATE_PRIMING: GenerationState
