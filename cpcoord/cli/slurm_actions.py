@@ -19,7 +19,13 @@ import time
 from typing import Any
 
 from cpcoord import clientconn
-from cpcoord.errors import CommandNotFound, CpcoordError, InvalidArgument, UnknownJob
+from cpcoord.errors import (
+    CommandNotFound,
+    CpcoordError,
+    InvalidArgument,
+    SlurmCommandFailed,
+    UnknownJob,
+)
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.ranges import check_name
 from cpcoord.slurm import SlurmEnv, job_name, member_name
@@ -200,6 +206,28 @@ def run_rank(args: argparse.Namespace) -> int:
 # -- release and name ----------------------------------------------------------------------
 
 
+def _settled_state(job_id: str, wait: float) -> str:
+    """The job's state once it has left the transient ones (or when `wait` runs out).
+
+    An epilog runs while the job is COMPLETING, a requeue's as well as the last one's:
+    only the state after that tells them apart. A controller busy with the very job that
+    is ending may fail a query (socket timeout): that is asked again until `wait` runs
+    out, as giving up would leave the job's generations behind for good."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            state = slurm_state(job_id)
+        except SlurmCommandFailed as e:
+            if time.monotonic() >= deadline:
+                raise
+            print(f"cpcoord slurm release: {e}: asking again", file=sys.stderr, flush=True)
+            time.sleep(2.0)
+            continue
+        if state not in TRANSIENT or time.monotonic() >= deadline:
+            return state
+        time.sleep(1.0)
+
+
 def release(args: argparse.Namespace) -> int:
     from cpcoord import slurm_batch as sb
 
@@ -212,14 +240,7 @@ def release(args: argparse.Namespace) -> int:
     job = args.job or job_name(s, env)
     check_name(job)
     if not args.force:
-        deadline = time.monotonic() + args.wait
-        while True:
-            # An epilog runs while the job is COMPLETING, a requeue's as well as the
-            # last one's: only the state after that tells them apart.
-            state = slurm_state(s.job_id)
-            if state not in TRANSIENT or time.monotonic() >= deadline:
-                break
-            time.sleep(1.0)
+        state = _settled_state(s.job_id, args.wait)
         if state and state not in ENDED:
             print(f"Slurm job {s.job_id} is {state}: generations of {job} kept")
             return 0

@@ -72,7 +72,8 @@ class Stack:
 
     def logs(self) -> str:
         out = [self.cluster.logs(), self.slurm.logs()]
-        for f in sorted(self.work.glob("*.out")) + sorted(self.work.glob("rank-*.log")):
+        said = sorted(self.work.glob("*.out")) + sorted(self.work.glob("rank-*.log"))
+        for f in [*said, *self.work.glob("epilog.log")]:
             out.append(f"== {f.name}\n" + "\n".join(f.read_text().splitlines()[-40:]))
         return "\n".join(out)
 
@@ -114,6 +115,7 @@ def install_epilog(slurm: Slurm, c: Cluster, work: Path) -> None:
         f"""#!/bin/sh
 export PATH={bin_dir}:$PATH PYTHONPATH={REPO} CPCOORD_CONFIG=/dev/null
 export SLURM_CONF={slurm.conf} CPCOORD_COORDINATOR={c.address} CPCOORD_INSECURE=1
+echo "epilog started for job $SLURM_JOB_ID" >> {work}/epilog.log
 exec {EPILOG}
 """
     )
@@ -349,6 +351,7 @@ def test_cancelled_job_generations_released_by_the_epilog(stack: Stack) -> None:
         )
     except BaseException:
         print(st.logs())
+        print(st.slurm.cmd("scontrol", "show", "job", "-o", job_id, check=False))
         raise
     said = epilog.read_text()
     m = re.search(rf"released (\d+) generations of {job}\b", said)
