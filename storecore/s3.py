@@ -43,6 +43,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
+from cpcoord.faults import fault_point
 from storecore.backend import NODE_TEMP_GRACE, Buffer, Kind, ObjectInfo, check_name
 from storecore.names import NODES
 
@@ -226,6 +227,7 @@ class S3Backend:
                     f.cancel()
                 wait(pending)
             parts = [f.result() for f in futures]
+            fault_point("store.put")  # tests: a put killed with its parts stored, not complete
             self._complete(key, upload, parts, size)
         except BaseException:
             # Parts already stored stay invisible; abort frees them. If the server is

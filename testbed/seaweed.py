@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,13 @@ class Seaweed:
     """One `weed server` process; start/kill/stop keep its data directory and ports, so a
     restarted server serves the same bucket contents at the same endpoint."""
 
-    def __init__(self, binary: Path, root: Path) -> None:
+    def __init__(self, binary: Path, root: Path, host: str = "127.0.0.1") -> None:
         self.binary = binary
         self.root = root
+        self.host = host  # the address it binds and serves S3 on
+        # How it is launched (e.g. `ip netns exec NS`) and what the child runs before exec.
+        self.wrap: list[str] = []
+        self.preexec: Callable[[], None] | None = None
         self.ports = dict(zip(PORTS, free_ports(len(PORTS)), strict=True))
         self.access_key = "cpcoord-" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(20)
@@ -80,7 +85,7 @@ class Seaweed:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.host}:{self.ports['s3']}"
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point a client at this server."""
@@ -102,7 +107,7 @@ class Seaweed:
         p = self.ports
         return [
             str(self.binary), "server",
-            f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-dir={self.root / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
@@ -132,26 +137,29 @@ class Seaweed:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=self.root, start_new_session=True,
+                [*self.wrap, *self.command()], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, cwd=self.root, start_new_session=True,
+                preexec_fn=self.preexec,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        probe = self.client(max_attempts=1, timeout=5)
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not self.running:
                 raise RuntimeError(f"weed server exited at start:\n{self.log_tail()}")
-            try:
-                with contextlib.suppress(probe.exceptions.BucketAlreadyOwnedByYou):
-                    probe.create_bucket(Bucket="cpcoord-probe")
-                probe.put_object(Bucket="cpcoord-probe", Key="ready", Body=b"ok")
-                if probe.get_object(Bucket="cpcoord-probe", Key="ready")["Body"].read() == b"ok":
-                    return
-            except Exception as e:  # not up yet: refused, 5xx, no writable volume yet
-                last = e
+            last = self.ready()
+            if last is None:
+                return
             time.sleep(0.3)
         self.kill()
         raise RuntimeError(f"SeaweedFS S3 not ready in {timeout}s ({last}):\n{self.log_tail()}")
+
+    def ready(self) -> Exception | None:
+        """None once S3 stores and returns an object, else why not (yet)."""
+        try:
+            probe(self.client(max_attempts=1, timeout=5))
+        except Exception as e:  # not up yet: refused, 5xx, no writable volume yet
+            return e
+        return None
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; the data directory stays."""
@@ -216,3 +224,12 @@ class Seaweed:
             access_key=self.access_key,
             secret_key=self.secret_key,
         )
+
+
+def probe(client: Any) -> None:
+    """Store and read back one object in a probe bucket; raises until the server can."""
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket="cpcoord-probe")
+    client.put_object(Bucket="cpcoord-probe", Key="ready", Body=b"ok")
+    if client.get_object(Bucket="cpcoord-probe", Key="ready")["Body"].read() != b"ok":
+        raise RuntimeError("the probe object came back different")

@@ -9,15 +9,21 @@
 
 Layout (names carry the test process's pid, so parallel runs never clash):
 
-    netns cpmn<pid>-c    bridge br0 10.213.0.1/24    cpcoord coordinator
-                          |   |   |
+    netns cpmn<pid>-c    c0 10.213.0.1/24 (cpcoord coordinator) = cbr -- bridge br0
+                                                                     |   |   |
     netns cpmn<pid>-n1   eth0 10.213.0.11/24  cpcoord agent --node node-1, its members
     netns cpmn<pid>-n2   eth0 10.213.0.12/24  ...
     netns cpmn<pid>-n3   eth0 10.213.0.13/24  ...
+    netns cpmn<pid>-s    eth0 10.213.0.2/24   a shared store's server (`add_host`), if any
 
-Both veth ends are created inside the coordinator's namespace and one end is moved: the
-test range never appears in the host's namespace, and every fault (link down, nftables
-drop rules, tc qdiscs) is applied inside a node namespace, so it touches only our links.
+The coordinator's own link is the veth pair c0 (its address) = cbr (its bridge port), so
+`throttle_coordinator` shapes both directions with tbf on egress: c0 (what it sends) and
+cbr (what the bridge delivers to it); traffic between the other hosts never crosses it.
+br0 itself has no address and answers no ARP, so nothing reaches the coordinator but
+through c0.
+The other veth pairs are created inside the coordinator's namespace and one end moved:
+the test range never appears in the host's namespace, and every fault (link down,
+nftables drop rules, tc qdiscs) is applied inside our namespaces, on our links only.
 The CLI runs inside the coordinator's namespace. Every child gets PR_SET_PDEATHSIG so a
 killed test run leaves no daemon behind; namespaces (and with them their nft tables and
 qdiscs) are deleted at teardown, and stale ones of dead test runs at the next setup.
@@ -51,6 +57,7 @@ from tests.helpers.e2e import attach
 
 SUBNET = "10.213.0"
 COORD_IP = f"{SUBNET}.1"
+STORE_IP = f"{SUBNET}.2"  # add_host("s", STORE_IP): a shared store's server
 PREFIX = "cpmn"
 NFT_TABLE = "cpmn_fault"
 
@@ -66,6 +73,18 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()}")
     return r
+
+
+def _tbf(ns: str, dev: str, rate: str) -> None:
+    sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "32kbit",
+       "latency", "400ms")  # fmt: skip
+
+
+def _tbf_stats(ns: str, dev: str) -> tuple[int, int]:
+    r = sh("tc", "-n", ns, "-s", "qdisc", "show", "dev", dev)
+    m = re.search(r"Sent (\d+) bytes .*overlimits (\d+)", r.stdout)
+    assert m and "tbf" in r.stdout, r.stdout
+    return int(m.group(1)), int(m.group(2))
 
 
 def tools_missing() -> list[str]:
@@ -120,10 +139,12 @@ class NetnsCluster(Cluster):
     made_ns: list[str] = field(default_factory=list)
     targets: list[NsTarget] = field(default_factory=list)
     lease_s: float = 10.0
-    # The store is a directory in the coordinator's namespace: the agents' namespaces see
-    # the same filesystem, but a real node would not, and these tests are about the
-    # network between them. So pages go over the links (the direct data path's own
-    # tests use a store every node reaches: tests/integration/test_dataplane.py).
+    on_close: list[Callable[[], None]] = field(default_factory=list)  # before the netns go
+    # By default the store is a directory in the coordinator's namespace: the agents'
+    # namespaces see the same filesystem, but a real node would not, and these tests are
+    # about the network between them. So pages go over the links. With a store every
+    # node reaches over the network (store_url, e.g. SeaweedFS S3 in a namespace of its
+    # own: tests/helpers/netns_s3.py) the agents can take the direct data path.
     data_path: str = "coordinator"
 
     @property
@@ -146,17 +167,34 @@ class NetnsCluster(Cluster):
         c = self.coord_ns
         self._netns(c)
         sh("ip", "-n", c, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", c, "addr", "add", f"{COORD_IP}/24", "dev", "br0")
+        # No ARP on br0: Linux answers ARP for any local address on any interface, so br0
+        # would answer for c0's and take the coordinator's traffic around its link.
+        sh("ip", "-n", c, "link", "set", "br0", "arp", "off")
         sh("ip", "-n", c, "link", "set", "br0", "up")
+        sh("ip", "-n", c, "link", "add", "c0", "type", "veth", "peer", "name", "cbr")
+        sh("ip", "-n", c, "link", "set", "cbr", "master", "br0")
+        sh("ip", "-n", c, "link", "set", "cbr", "up")
+        sh("ip", "-n", c, "addr", "add", f"{COORD_IP}/24", "dev", "c0")
+        sh("ip", "-n", c, "link", "set", "c0", "up")
         for i, node in enumerate(self.nodes, start=1):
-            ns, veth = self.ns(node), f"v{i}"
-            self._netns(ns)
-            sh("ip", "-n", c, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
-               "netns", ns)  # fmt: skip
-            sh("ip", "-n", c, "link", "set", veth, "master", "br0")
-            sh("ip", "-n", c, "link", "set", veth, "up")
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip(node)}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            self._attach(self.ns(node), f"v{i}", self.ip(node))
+
+    def add_host(self, suffix: str, ip: str) -> str:
+        """Another namespace on the bridge (e.g. a store's server), its link unshaped;
+        returns its name."""
+        ns = f"{self.tag}-{suffix}"
+        self._attach(ns, f"v{suffix}", ip)
+        return ns
+
+    def _attach(self, ns: str, veth: str, ip: str) -> None:
+        c = self.coord_ns
+        self._netns(ns)
+        sh("ip", "-n", c, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+           "netns", ns)  # fmt: skip
+        sh("ip", "-n", c, "link", "set", veth, "master", "br0")
+        sh("ip", "-n", c, "link", "set", veth, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
 
     def _netns(self, ns: str) -> None:
         sh("ip", "netns", "add", ns)
@@ -194,19 +232,29 @@ class NetnsCluster(Cluster):
 
     def throttle(self, node: str, rate: str) -> None:
         """Shape the node's uplink (its eth0 egress: the upload direction) with tbf."""
-        sh("tc", "-n", self.ns(node), "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
-           "burst", "32kbit", "latency", "400ms")  # fmt: skip
+        _tbf(self.ns(node), "eth0", rate)
 
     def shaped(self, node: str) -> tuple[int, int]:
         """(bytes sent, overlimits) of the node's tbf qdisc: overlimits > 0 means packets
         had to wait for tokens, i.e. the shaper was in effect."""
-        r = sh("tc", "-n", self.ns(node), "-s", "qdisc", "show", "dev", "eth0")
-        m = re.search(r"Sent (\d+) bytes .*overlimits (\d+)", r.stdout)
-        assert m and "tbf" in r.stdout, r.stdout
-        return int(m.group(1)), int(m.group(2))
+        return _tbf_stats(self.ns(node), "eth0")
 
     def unthrottle(self, node: str) -> None:
         sh("tc", "-n", self.ns(node), "qdisc", "del", "dev", "eth0", "root", check=False)
+
+    def throttle_coordinator(self, rate: str) -> None:
+        """Shape the coordinator's link both ways with tbf: c0 egress is what it sends,
+        cbr egress what the bridge delivers to it."""
+        for dev in ("c0", "cbr"):
+            _tbf(self.coord_ns, dev, rate)
+
+    def coordinator_shaped(self) -> dict[str, tuple[int, int]]:
+        """(bytes sent, overlimits) of the coordinator's two shapers, by direction."""
+        return {"out": _tbf_stats(self.coord_ns, "c0"), "in": _tbf_stats(self.coord_ns, "cbr")}
+
+    def unthrottle_coordinator(self) -> None:
+        for dev in ("c0", "cbr"):
+            sh("tc", "-n", self.coord_ns, "qdisc", "del", "dev", dev, "root", check=False)
 
     # -- processes ------------------------------------------------------------------
 
@@ -232,19 +280,22 @@ class NetnsCluster(Cluster):
         port_file = self.root / "coordinator.port"
         port_file.unlink(missing_ok=True)
         # The same port after a restart: agents redial it.
-        argv = ["coordinator", "--listen", self.address, "--store", str(self.store),
+        argv = ["coordinator", "--listen", self.address, "--store",
+                self.store_url or str(self.store),
                 "--keep", str(self.keep), "--port-file", str(port_file),
                 "--heartbeat-ms", str(self.heartbeat_ms), "--insecure",
                 "--insecure-bind-any"]  # fmt: skip
-        log, env = self.root / "coordinator.log", daemon_env()
+        log, env = self.root / "coordinator.log", daemon_env(self.extra_env)
         self.coordinator = self._daemon("coordinator", self.coord_ns, argv, log, env, pause)
         self.port = self.coordinator.wait_port(port_file)
 
     def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",
                 "--lease", str(self.lease_s), "--data-path", self.data_path]  # fmt: skip
+        # The store's endpoint and credentials reach each agent in its own environment.
+        env = daemon_env({**self.extra_env, **self.agent_env.get(node, {})})
         d = self._daemon(f"agent-{node}", self.ns(node), argv,
-                         self.root / f"agent-{node}.log", daemon_env(), pause, fail)  # fmt: skip
+                         self.root / f"agent-{node}.log", env, pause, fail)  # fmt: skip
         self.agents[node] = d
         return d
 
@@ -332,6 +383,10 @@ class NetnsCluster(Cluster):
             with contextlib.suppress(Exception):
                 t.close()
         super().close()
+        for stop in reversed(self.on_close):
+            with contextlib.suppress(Exception):
+                stop()
+        self.on_close.clear()
         for ns in reversed(self.made_ns):
             # Deleting a namespace removes its nft tables and qdiscs too; remove them
             # first anyway, so a namespace kept alive by a stray process is clean.
@@ -355,13 +410,16 @@ def netns_cluster(tmp_path: Path) -> Iterator[Callable[..., NetnsCluster]]:
     remove_stale_namespaces()
     made: list[NetnsCluster] = []
 
-    def make(**kw: Any) -> NetnsCluster:
+    def make(setup: Callable[[NetnsCluster], None] | None = None, **kw: Any) -> NetnsCluster:
+        """`setup(c)` runs once the network is built, before the daemons start."""
         kw.setdefault("nodes", ("node-1", "node-2", "node-3"))
         root = tmp_path / f"mn{len(made)}"
         root.mkdir(parents=True, exist_ok=True)
         c = NetnsCluster(root, tag=f"{PREFIX}{os.getpid()}x{len(made)}", **kw)
         made.append(c)
         c.build()
+        if setup is not None:
+            setup(c)
         c.start()
         return c
 

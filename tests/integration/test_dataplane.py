@@ -89,7 +89,7 @@ def test_agent_killed_mid_put_leaves_no_partial_pack_and_the_next_generation_is_
 ) -> None:
     c = cluster_factory(nodes=("node-a",))
     if c.on_s3:
-        pytest.skip("the store.put fault point is in the directory backend's put")
+        pytest.skip("on S3 (multipart puts): tests/integration/test_dataplane_s3.py")
     t = target_factory(maps=["data:512:anon:random:10"])
     c.agents["node-a"].kill()
     c.start_agent("node-a", pause=["store.put"])
