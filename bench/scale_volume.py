@@ -192,6 +192,14 @@ def plot(points: list[dict[str, Any]], mib: int) -> Any:
     return draw
 
 
+def keep_logs(tmp: Path) -> None:
+    """A failed run's daemon logs, kept (the store and the rest go)."""
+    keep = Path(tempfile.mkdtemp(prefix="cpcoord-volume-logs-"))
+    for log in tmp.glob("*/*.log"):
+        shutil.copy2(log, keep / f"{log.parent.name}-{log.name}")
+    print(f"logs of the failed run: {keep}", flush=True)
+
+
 def main(a: argparse.Namespace) -> int:
     """`bench/scale.py --volume` (its parsed options)."""
     mode, counts, reps = scale_plan(a, MODES)
@@ -214,6 +222,9 @@ def main(a: argparse.Namespace) -> int:
                 print(f"{n} x {size >> 20} MiB, {p['path']:11}: commit {r['commit s']:.2f} s "
                       f"(raw {raw:.2f} s), coordinator CPU {r['coordinator CPU s']:.3f} s, "
                       f"load {r['load 1m']:.2f}", flush=True)  # fmt: skip
+    except Exception:
+        keep_logs(tmp)
+        raise
     finally:
         for f in fleets.values():
             f.close()
