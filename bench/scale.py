@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "--volume",
         action="store_true",
         help="the data-volume axis instead (bench/scale_volume.py): 1, 2, 4 real agents x "
-        "--size-mib of random bytes, direct and coordinator data paths",
+        "--size-mib of random bytes, direct and coordinator data paths (with --quick: "
+        "1, 2 x 64 MiB; --tiny: 1, 2 x 8 MiB)",
     )
     ap.add_argument(
         "--size-mib", type=float, default=None, help="--volume: MiB per member (default 256)"
