@@ -85,7 +85,10 @@ def measure(fleet: Fleet, path: str, job: str, n: int, size: int) -> dict[str, A
     assert fleet.coordinator is not None
     coord, agents = fleet.coordinator.pid, [p.pid for _, p, _ in fleet.agents[:n]]
     c0, a0 = cpu_seconds(coord), sum(cpu_seconds(p) for p in agents)
-    cp = checkpoint(fleet, job)
+    try:
+        cp = checkpoint(fleet, job)
+    except RuntimeError as e:  # which fleet's: the message names only the job
+        raise RuntimeError(f"{path} data path: {e}") from e
     cpu = cpu_seconds(coord) - c0
     agents_cpu = sum(cpu_seconds(p) for p in agents) - a0
     info = cp["info"]
