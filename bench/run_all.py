@@ -145,6 +145,13 @@ def entries(p: Plan, out: Path) -> list[Entry]:
         ),
         # Control plane vs agents: 1-2,000 simulated agents (bench/agent_sim.py).
         Entry("scale", "scale", _scale_args(p), outputs=("scale.json", "scale.png")),
+        # Data volume: 1-4 real agents x 256 MiB (tiny: 1-2 x 8), direct vs coordinator path.
+        Entry(
+            "scale_volume",
+            "scale",
+            _scale_args(p, volume=True),
+            outputs=("scale_volume.json", "scale_volume.png"),
+        ),
         # The same with 1-64 real agent processes, 2 MiB members (full suite only).
         *([_SCALE_REAL] if p.mode == "full" else []),
     ]
@@ -158,8 +165,10 @@ _SCALE_REAL = Entry(
 )
 
 
-def _scale_args(p: Plan) -> tuple[str, ...]:
+def _scale_args(p: Plan, volume: bool = False) -> tuple[str, ...]:
     mode = () if p.mode == "full" else (f"--{p.mode}",)  # agents 1,100,1000,2000 / 1,10,100 / 1,2
+    if volume:  # agents 1,2,4 x 256 MiB, 2 checkpoints / 1,2 x 64 MiB / 1,2 x 8 MiB, 1 each
+        return ("--volume", *mode)
     return (*mode, "--reps", str(3 if p.mode == "full" else 2))
 
 

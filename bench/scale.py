@@ -19,11 +19,15 @@ memory, the time to connect and attach N agents, and a Health.Check round trip w
 agents attached. The stored bytes of the first and last member of the last checkpoint
 are read back (ReadGeneration) and checked. Writes bench/results/scale.{json,md,png}.
 (bench/scale_real.py is the same question with real agent processes, up to 64.)
+
+    python -m bench.scale --volume [--agents 1,2,4] [--size-mib 256] [--quick] [--tiny]
+
+is the other axis, data volume: a few real agents with hundreds of MiB each, on the direct
+and the coordinator data path (bench/scale_volume.py, bench/results/scale_volume.*).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -258,8 +262,21 @@ def plot(points: list[dict[str, Any]], raw: dict[str, Any]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = scale_parser(__doc__, "scale", MODES, "1,100,1000,2000")
     ap.add_argument("--pages", type=int, default=2, help="pages per member (default 2)")
-    ap.add_argument("--size-mib", type=float, default=None, help=argparse.SUPPRESS)  # suite
+    ap.add_argument(
+        "--volume",
+        action="store_true",
+        help="the data-volume axis instead (bench/scale_volume.py): 1, 2, 4 real agents x "
+        "--size-mib of random bytes, direct and coordinator data paths (with --quick: "
+        "1, 2 x 64 MiB; --tiny: 1, 2 x 8 MiB)",
+    )
+    ap.add_argument(
+        "--size-mib", type=float, default=None, help="--volume: MiB per member (default 256)"
+    )
     a = ap.parse_args(argv)
+    if a.volume:
+        from bench import scale_volume
+
+        return scale_volume.main(a)
     mode, counts, reps = scale_plan(a, MODES)
     if not counts or counts[0] < 1 or reps < 1 or a.pages < 1:
         raise SystemExit("--agents must be >= 1, --reps >= 1, --pages >= 1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,13 +45,22 @@ n = int(sys.argv[1])
 m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 def fill(seed):
-    m[:] = random.Random(seed).randbytes(n)
+    r = random.Random(seed)
+    for off in range(0, n, 1 << 24):
+        m[off:off + (1 << 24)] = r.randbytes(min(1 << 24, n - off))
 fill(int(sys.argv[2]))
 print(addr, flush=True)
 for line in sys.stdin:
     fill(int(line))
     print("ok", flush=True)
 """
+
+
+def seeded_bytes(seed: int, n: int) -> bytes:
+    """The bytes a target of `n` bytes holds after filling from `seed` (the same stream as
+    one `randbytes(n)`, drawn in 16 MiB pieces: one call cannot draw 256 MiB or more)."""
+    r = random.Random(seed)
+    return b"".join(r.randbytes(min(1 << 24, n - off)) for off in range(0, n, 1 << 24))
 
 
 def _pdeathsig(argv: Sequence[str]) -> list[str]:
@@ -159,6 +169,7 @@ class Fleet:
     agents: list[tuple[str, subprocess.Popen[bytes], int]] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     channel: grpc.Channel | None = None
+    agent_args: tuple[str, ...] = ()  # more `cpcoord agent` options, e.g. --data-path
 
     @property
     def address(self) -> str:
@@ -201,6 +212,7 @@ class Fleet:
                 argv += ["--coordinator", self.address, "--node", node, "--insecure"]
                 argv += ["--metrics-port", str(mport), "--lease", str(self.lease_s)]
                 argv += ["--upload-threads", "1", "--no-socket"]  # no shared default socket
+                argv += self.agent_args
                 self.agents.append((node, spawn(argv, self.agent_log(node)), mport))
                 batch.append(node)
             self.wait_connected(batch, 60 + timeout_per_agent * len(batch))

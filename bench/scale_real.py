@@ -30,7 +30,6 @@ Writes bench/results/scale_real.{json,md,png}.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -48,7 +47,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import Stats, load_note, publish, repeat
 from bench.end_to_end import RAW_METHOD, raw_grpc
-from bench.scale_fleet import REPO, Fleet, log_fields, run_extra, scale_parser, scale_plan, scrape
+from bench.scale_fleet import (
+    REPO,
+    Fleet,
+    log_fields,
+    run_extra,
+    scale_parser,
+    scale_plan,
+    scrape,
+    seeded_bytes,
+)
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.grpcutil import channel_options
 from cpcoord.pagedata import read_members
@@ -150,7 +158,7 @@ def verify(fleet: Fleet, job: str, gen: int, size: int, seeds: dict[int, int]) -
     got = 0
     for mp in read_members(fleet.stub.ReadGeneration(req, timeout=300)):
         (r,) = mp.regions
-        want = np.frombuffer(random.Random(names[mp.header.member]).randbytes(size), np.uint8)
+        want = np.frombuffer(seeded_bytes(names[mp.header.member], size), np.uint8)
         if len(r.pages) != size // 4096 or not np.array_equal(r.data.reshape(-1), want):
             raise RuntimeError(f"{job} generation {gen}: {mp.header.member} stored wrong bytes")
         got += 1

@@ -117,6 +117,27 @@ def test_quick_tiny_suite(tmp_path: Path) -> None:
             assert pt["verified_members"] == len({0, pt["agents"] - 1}), pt
         assert any(r["benchmark"] == "scale" for r in summary["rows"]), summary["rows"]
 
+    # The data-volume axis (bench/scale.py --volume): 1 and 2 real agents x 8 MiB, each
+    # count on both data paths, every checkpoint committed with all its bytes new, every
+    # member read back exact, the raw durable write of the same bytes beside it.
+    if landed("scale"):
+        _png(out / "scale_volume.png")
+        vol = json.loads((out / "scale_volume.json").read_text())
+        pts = vol["extra"]["points"]
+        assert [(pt["agents"], pt["path"]) for pt in pts] == [
+            (n, path) for n in (1, 2) for path in ("direct", "coordinator")
+        ]
+        size = vol["extra"]["size_bytes"]
+        for pt in pts:
+            assert pt["verified_members"] == pt["agents"], pt
+            assert pt["bytes_committed"] >= 0.95 * pt["agents"] * size, pt
+            assert 0 < pt["raw_write"]["min"] <= pt["raw_write"]["max"], pt
+            for smp in pt["samples"]:
+                assert 0 < smp["frozen_s"] < smp["commit_s"] < 120, smp
+                assert smp["coordinator_cpu_s"] >= 0 and smp["agents_cpu_s"] > 0, smp
+        assert all(r["exact"] for r in vol["rows"]), vol["rows"]
+        assert any(r["benchmark"] == "scale_volume" for r in summary["rows"]), summary["rows"]
+
     # A redirected run never overwrites the committed results (the files it wrote).
     after = _snapshot(RESULTS)
     written = {p.name for p in out.glob("*")}
