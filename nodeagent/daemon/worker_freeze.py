@@ -197,7 +197,7 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
         tracking.after_restore(m, fe.fp, timeout)
     frozen_s = time.monotonic() - fe.started
     msg = restore_ops.restored(
-        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept
+        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept, op.read_path
     )
     st.emit(msg, op.epoch)
 

@@ -26,33 +26,35 @@ from cpcoord.gen.v1 import manifest_pb2 as cpcoord_dot_v1_dot_manifest__pb2
 from cpcoord.gen.v1 import types_pb2 as cpcoord_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63pcoord/v1/common.proto\x12\ncpcoord.v1\x1a\x19\x63pcoord/v1/manifest.proto\x1a\x16\x63pcoord/v1/types.proto\"\xac\x02\n\x0bMemberStats\x12\r\n\x05pages\x18\x01 \x01(\x04\x12\x12\n\nzero_pages\x18\x02 \x01(\x04\x12\x15\n\rbytes_logical\x18\x03 \x01(\x04\x12\x18\n\x10\x62ytes_stored_new\x18\x04 \x01(\x04\x12\x16\n\x0e\x66rozen_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07tracker\x18\x06 \x01(\t\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x16\n\x0eprecopy_rounds\x18\x08 \x01(\r\x12\x15\n\rprecopy_bytes\x18\t \x03(\x04\x12\x1c\n\x14precopy_frozen_pages\x18\n \x01(\x04\x12\x15\n\rpages_written\x18\x0b \x01(\x04\x12\x18\n\x10\x62ytes_prefetched\x18\x0c \x01(\x04\x12\x14\n\x0ctracker_kept\x18\r \x01(\x08\"P\n\x0b\x45rrorDetail\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"J\n\x0fThreadRegisters\x12\x0b\n\x03tid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0c\n\x04regs\x18\x03 \x01(\x0c\x12\x0e\n\x06\x66pregs\x18\x04 \x01(\x0c\"\xaa\x02\n\x0bPagesHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12#\n\x07regions\x18\x06 \x03(\x0b\x32\x12.cpcoord.v1.Region\x12,\n\x07threads\x18\x07 \x03(\x0b\x32\x1b.cpcoord.v1.ThreadRegisters\x12\x0f\n\x07tracker\x18\x08 \x01(\t\x12\x0c\n\x04\x66ull\x18\t \x01(\x08\x12\x17\n\x0f\x62\x61se_generation\x18\n \x01(\x04\x12\x13\n\x0b\x63ut_unix_ns\x18\x0b \x01(\x04\x12)\n\x06layout\x18\x0c \x03(\x0b\x32\x19.cpcoord.v1.RegionMapping\"`\n\tChunkData\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x0f\n\x07methods\x18\x02 \x01(\x0c\x12\x11\n\traw_sizes\x18\x03 \x01(\x0c\x12\x14\n\x0cstored_sizes\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"l\n\tPageBatch\x12\x0e\n\x06region\x18\x01 \x01(\r\x12(\n\x07\x65ntries\x18\x02 \x01(\x0b\x32\x17.cpcoord.v1.PageEntries\x12%\n\x06\x63hunks\x18\x03 \x01(\x0b\x32\x15.cpcoord.v1.ChunkData\"e\n\x08PageData\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.cpcoord.v1.PagesHeaderH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.cpcoord.v1.PageBatchH\x00\x42\x06\n\x04\x62ody*\xdc\x03\n\x0b\x41\x62ortReason\x12\x1c\n\x18\x41\x42ORT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41\x42ORT_REASON_AGENT_LOST\x10\x01\x12\x1c\n\x18\x41\x42ORT_REASON_MEMBER_DIED\x10\x02\x12\x1e\n\x1a\x41\x42ORT_REASON_FREEZE_FAILED\x10\x03\x12\x1f\n\x1b\x41\x42ORT_REASON_FREEZE_TIMEOUT\x10\x04\x12\x1e\n\x1a\x41\x42ORT_REASON_LEASE_EXPIRED\x10\x05\x12\x1f\n\x1b\x41\x42ORT_REASON_COMMIT_TIMEOUT\x10\x06\x12\x1f\n\x1b\x41\x42ORT_REASON_CAPTURE_FAILED\x10\x07\x12\x1e\n\x1a\x41\x42ORT_REASON_UPLOAD_FAILED\x10\x08\x12\x19\n\x15\x41\x42ORT_REASON_BAD_DATA\x10\t\x12\x1c\n\x18\x41\x42ORT_REASON_STORE_ERROR\x10\n\x12\x1a\n\x16\x41\x42ORT_REASON_CANCELLED\x10\x0b\x12\x19\n\x15\x41\x42ORT_REASON_MISMATCH\x10\x0c\x12\x1f\n\x1b\x41\x42ORT_REASON_RESTORE_FAILED\x10\r\x12 \n\x1c\x41\x42ORT_REASON_PREPARE_TIMEOUT\x10\x0e*\x85\x02\n\x0fGenerationState\x12 \n\x1cGENERATION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATION_STATE_NEW\x10\x01\x12\x1c\n\x18GENERATION_STATE_PRIMING\x10\x07\x12\x1e\n\x1aGENERATION_STATE_PREPARING\x10\x02\x12\x1b\n\x17GENERATION_STATE_FROZEN\x10\x03\x12\x1d\n\x19GENERATION_STATE_CAPTURED\x10\x04\x12\x1e\n\x1aGENERATION_STATE_COMMITTED\x10\x05\x12\x1c\n\x18GENERATION_STATE_ABORTED\x10\x06*j\n\rOperationKind\x12\x1e\n\x1aOPERATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19OPERATION_KIND_CHECKPOINT\x10\x01\x12\x1a\n\x16OPERATION_KIND_RESTORE\x10\x02*\xa2\x02\n\x0cProgressKind\x12\x1d\n\x19PROGRESS_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROGRESS_KIND_FREEZE_SENT\x10\x01\x12\x19\n\x15PROGRESS_KIND_BARRIER\x10\x02\x12\x1f\n\x1bPROGRESS_KIND_MEMBER_STAGED\x10\x03\x12!\n\x1dPROGRESS_KIND_MEMBER_UPLOADED\x10\x04\x12!\n\x1dPROGRESS_KIND_MEMBER_RESTORED\x10\x05\x12\x1a\n\x16PROGRESS_KIND_CAPTURED\x10\x06\x12\x1b\n\x17PROGRESS_KIND_COMMITTED\x10\x07\x12\x19\n\x15PROGRESS_KIND_ABORTED\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63pcoord/v1/common.proto\x12\ncpcoord.v1\x1a\x19\x63pcoord/v1/manifest.proto\x1a\x16\x63pcoord/v1/types.proto\"\xbf\x02\n\x0bMemberStats\x12\r\n\x05pages\x18\x01 \x01(\x04\x12\x12\n\nzero_pages\x18\x02 \x01(\x04\x12\x15\n\rbytes_logical\x18\x03 \x01(\x04\x12\x18\n\x10\x62ytes_stored_new\x18\x04 \x01(\x04\x12\x16\n\x0e\x66rozen_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07tracker\x18\x06 \x01(\t\x12\x0c\n\x04\x66ull\x18\x07 \x01(\x08\x12\x16\n\x0eprecopy_rounds\x18\x08 \x01(\r\x12\x15\n\rprecopy_bytes\x18\t \x03(\x04\x12\x1c\n\x14precopy_frozen_pages\x18\n \x01(\x04\x12\x15\n\rpages_written\x18\x0b \x01(\x04\x12\x18\n\x10\x62ytes_prefetched\x18\x0c \x01(\x04\x12\x14\n\x0ctracker_kept\x18\r \x01(\x08\x12\x11\n\tread_path\x18\x14 \x01(\t\"P\n\x0b\x45rrorDetail\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\r\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"J\n\x0fThreadRegisters\x12\x0b\n\x03tid\x18\x01 \x01(\x05\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0c\n\x04regs\x18\x03 \x01(\x0c\x12\x0e\n\x06\x66pregs\x18\x04 \x01(\x0c\"\xaa\x02\n\x0bPagesHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12#\n\x07regions\x18\x06 \x03(\x0b\x32\x12.cpcoord.v1.Region\x12,\n\x07threads\x18\x07 \x03(\x0b\x32\x1b.cpcoord.v1.ThreadRegisters\x12\x0f\n\x07tracker\x18\x08 \x01(\t\x12\x0c\n\x04\x66ull\x18\t \x01(\x08\x12\x17\n\x0f\x62\x61se_generation\x18\n \x01(\x04\x12\x13\n\x0b\x63ut_unix_ns\x18\x0b \x01(\x04\x12)\n\x06layout\x18\x0c \x03(\x0b\x32\x19.cpcoord.v1.RegionMapping\"`\n\tChunkData\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12\x0f\n\x07methods\x18\x02 \x01(\x0c\x12\x11\n\traw_sizes\x18\x03 \x01(\x0c\x12\x14\n\x0cstored_sizes\x18\x04 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x9b\x01\n\tPageBatch\x12\x0e\n\x06region\x18\x01 \x01(\r\x12(\n\x07\x65ntries\x18\x02 \x01(\x0b\x32\x17.cpcoord.v1.PageEntries\x12%\n\x06\x63hunks\x18\x03 \x01(\x0b\x32\x15.cpcoord.v1.ChunkData\x12-\n\tlocations\x18\x14 \x01(\x0b\x32\x1a.cpcoord.v1.ChunkLocations\"\x9e\x01\n\x0e\x43hunkLocations\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05packs\x18\x02 \x03(\t\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x12\n\npack_index\x18\x04 \x01(\x0c\x12\x0f\n\x07offsets\x18\x05 \x01(\x0c\x12\x14\n\x0cstored_sizes\x18\x06 \x01(\x0c\x12\x11\n\traw_sizes\x18\x07 \x01(\x0c\x12\x0f\n\x07methods\x18\x08 \x01(\x0c\"e\n\x08PageData\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.cpcoord.v1.PagesHeaderH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.cpcoord.v1.PageBatchH\x00\x42\x06\n\x04\x62ody*\xdc\x03\n\x0b\x41\x62ortReason\x12\x1c\n\x18\x41\x42ORT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41\x42ORT_REASON_AGENT_LOST\x10\x01\x12\x1c\n\x18\x41\x42ORT_REASON_MEMBER_DIED\x10\x02\x12\x1e\n\x1a\x41\x42ORT_REASON_FREEZE_FAILED\x10\x03\x12\x1f\n\x1b\x41\x42ORT_REASON_FREEZE_TIMEOUT\x10\x04\x12\x1e\n\x1a\x41\x42ORT_REASON_LEASE_EXPIRED\x10\x05\x12\x1f\n\x1b\x41\x42ORT_REASON_COMMIT_TIMEOUT\x10\x06\x12\x1f\n\x1b\x41\x42ORT_REASON_CAPTURE_FAILED\x10\x07\x12\x1e\n\x1a\x41\x42ORT_REASON_UPLOAD_FAILED\x10\x08\x12\x19\n\x15\x41\x42ORT_REASON_BAD_DATA\x10\t\x12\x1c\n\x18\x41\x42ORT_REASON_STORE_ERROR\x10\n\x12\x1a\n\x16\x41\x42ORT_REASON_CANCELLED\x10\x0b\x12\x19\n\x15\x41\x42ORT_REASON_MISMATCH\x10\x0c\x12\x1f\n\x1b\x41\x42ORT_REASON_RESTORE_FAILED\x10\r\x12 \n\x1c\x41\x42ORT_REASON_PREPARE_TIMEOUT\x10\x0e*\x85\x02\n\x0fGenerationState\x12 \n\x1cGENERATION_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATION_STATE_NEW\x10\x01\x12\x1c\n\x18GENERATION_STATE_PRIMING\x10\x07\x12\x1e\n\x1aGENERATION_STATE_PREPARING\x10\x02\x12\x1b\n\x17GENERATION_STATE_FROZEN\x10\x03\x12\x1d\n\x19GENERATION_STATE_CAPTURED\x10\x04\x12\x1e\n\x1aGENERATION_STATE_COMMITTED\x10\x05\x12\x1c\n\x18GENERATION_STATE_ABORTED\x10\x06*j\n\rOperationKind\x12\x1e\n\x1aOPERATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19OPERATION_KIND_CHECKPOINT\x10\x01\x12\x1a\n\x16OPERATION_KIND_RESTORE\x10\x02*\xa2\x02\n\x0cProgressKind\x12\x1d\n\x19PROGRESS_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROGRESS_KIND_FREEZE_SENT\x10\x01\x12\x19\n\x15PROGRESS_KIND_BARRIER\x10\x02\x12\x1f\n\x1bPROGRESS_KIND_MEMBER_STAGED\x10\x03\x12!\n\x1dPROGRESS_KIND_MEMBER_UPLOADED\x10\x04\x12!\n\x1dPROGRESS_KIND_MEMBER_RESTORED\x10\x05\x12\x1a\n\x16PROGRESS_KIND_CAPTURED\x10\x06\x12\x1b\n\x17PROGRESS_KIND_COMMITTED\x10\x07\x12\x19\n\x15PROGRESS_KIND_ABORTED\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cpcoord.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ABORTREASON']._serialized_start=1164
-  _globals['_ABORTREASON']._serialized_end=1640
-  _globals['_GENERATIONSTATE']._serialized_start=1643
-  _globals['_GENERATIONSTATE']._serialized_end=1904
-  _globals['_OPERATIONKIND']._serialized_start=1906
-  _globals['_OPERATIONKIND']._serialized_end=2012
-  _globals['_PROGRESSKIND']._serialized_start=2015
-  _globals['_PROGRESSKIND']._serialized_end=2305
+  _globals['_ABORTREASON']._serialized_start=1392
+  _globals['_ABORTREASON']._serialized_end=1868
+  _globals['_GENERATIONSTATE']._serialized_start=1871
+  _globals['_GENERATIONSTATE']._serialized_end=2132
+  _globals['_OPERATIONKIND']._serialized_start=2134
+  _globals['_OPERATIONKIND']._serialized_end=2240
+  _globals['_PROGRESSKIND']._serialized_start=2243
+  _globals['_PROGRESSKIND']._serialized_end=2533
   _globals['_MEMBERSTATS']._serialized_start=91
-  _globals['_MEMBERSTATS']._serialized_end=391
-  _globals['_ERRORDETAIL']._serialized_start=393
-  _globals['_ERRORDETAIL']._serialized_end=473
-  _globals['_THREADREGISTERS']._serialized_start=475
-  _globals['_THREADREGISTERS']._serialized_end=549
-  _globals['_PAGESHEADER']._serialized_start=552
-  _globals['_PAGESHEADER']._serialized_end=850
-  _globals['_CHUNKDATA']._serialized_start=852
-  _globals['_CHUNKDATA']._serialized_end=948
-  _globals['_PAGEBATCH']._serialized_start=950
-  _globals['_PAGEBATCH']._serialized_end=1058
-  _globals['_PAGEDATA']._serialized_start=1060
-  _globals['_PAGEDATA']._serialized_end=1161
+  _globals['_MEMBERSTATS']._serialized_end=410
+  _globals['_ERRORDETAIL']._serialized_start=412
+  _globals['_ERRORDETAIL']._serialized_end=492
+  _globals['_THREADREGISTERS']._serialized_start=494
+  _globals['_THREADREGISTERS']._serialized_end=568
+  _globals['_PAGESHEADER']._serialized_start=571
+  _globals['_PAGESHEADER']._serialized_end=869
+  _globals['_CHUNKDATA']._serialized_start=871
+  _globals['_CHUNKDATA']._serialized_end=967
+  _globals['_PAGEBATCH']._serialized_start=970
+  _globals['_PAGEBATCH']._serialized_end=1125
+  _globals['_CHUNKLOCATIONS']._serialized_start=1128
+  _globals['_CHUNKLOCATIONS']._serialized_end=1286
+  _globals['_PAGEDATA']._serialized_start=1288
+  _globals['_PAGEDATA']._serialized_end=1389
 # @@protoc_insertion_point(module_scope)
