@@ -5,7 +5,7 @@ sends no chunk byte (its cpcoord_data_path_read_bytes metric). A chunk damaged i
 store is found before the freeze: the restore fails, the process was never stopped and
 its memory is untouched. An agent on `--data-path coordinator` restores through the
 coordinator as before. On a directory store by default, on SeaweedFS S3 with
-CPCOORD_TEST_STORE=s3 (the damage test needs the directory).
+CPCOORD_TEST_STORE=s3.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from storecore.backend import Kind
 from testbed.cluster import Cluster
 from testbed.driver import Target
+from testbed.stores import store_backend
 from tests.helpers.e2e import attach, export, exported
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,16 +93,16 @@ def test_a_damaged_chunk_fails_the_restore_before_the_freeze(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target]
 ) -> None:
     c, _ = _cluster(cluster_factory)
-    if c.on_s3:
-        pytest.skip("the damage is done to a pack file of the directory store")
     t = target_factory(maps=[f"data:{PAGES}:anon:random:42"])
     gen = _checkpoint_then_scribble(c, t)
-    (pack,) = [p for p in (c.store / "packs" / "nodes" / "node-a").rglob("*") if p.is_file()]
-    with open(pack, "r+b") as f:  # one byte in the middle of the blobs (random: raw)
-        f.seek(pack.stat().st_size // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0x40]))
+    backend = store_backend(c.store, c.store_url, c.extra_env)
+    try:
+        (pack,) = [o.name for o in backend.list(Kind.PACKS) if o.name.startswith("nodes/")]
+        data = bytearray(backend.get(Kind.PACKS, pack))
+        data[len(data) // 2] ^= 0x40  # one byte in the middle of the blobs (random: raw)
+        backend.put(Kind.PACKS, pack, bytes(data))
+    finally:
+        backend.close()
     before = t.read("data")
     r = c.cli("restore", "--job", "rd", "--generation", str(gen), check=False)
     out = r.stdout + r.stderr
