@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import DataCorrupted, InvalidArgument
+from cpcoord import faults
+from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
 from cpcoord.gen.v1 import common_pb2
 from storecore import packs
 from storecore.backend import Backend, Kind
@@ -33,6 +34,7 @@ from storecore.crypt import Sealer
 GAP_BYTES = 256 << 10  # read over a gap this small rather than issue another read
 SPAN_BYTES = 32 << 20  # one ranged read at most this long
 READ_THREADS = 4
+FAIL_POINT = "agent.restore.direct_read"  # cpcoord/faults.py: fails like a lost store
 ID = 32
 # Per batch with locations: its chunks' ids and plain bytes, checked; None for a batch
 # without locations (a coordinator that sent the bytes: checked as usual).
@@ -126,6 +128,8 @@ def fetch(
     """Read and check every chunk the batches locate; per batch (in order) its chunks'
     ids and plain bytes, None for a batch without locations. Raises DataCorrupted,
     ObjectNotFound or the backend's error; nothing is returned half checked."""
+    if faults.fail_point(FAIL_POINT):
+        raise StoreError(f"fault point {FAIL_POINT}")
     c = _columns(batches)
     n = c.batch.size
     chunks: list[bytes] = [b""] * n

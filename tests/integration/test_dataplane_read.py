@@ -116,6 +116,24 @@ def test_a_damaged_chunk_fails_the_restore_before_the_freeze(
     assert log.count("msg=frozen") == 1, log  # the checkpoint's freeze, never the restore's
 
 
+def test_a_failed_direct_read_restores_through_the_coordinator(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    c, port = _cluster(cluster_factory)
+    c.restart_agent("node-a", fail=["agent.restore.direct_read"])
+    c.wait_agents(["node-a"])
+    t = target_factory(maps=[f"data:{PAGES}:anon:random:44"])
+    gen = _checkpoint_then_scribble(c, t)
+    r = c.cli_json("restore", "--job", "rd", "--generation", str(gen))
+    assert r["state"] == "restored", r
+    log = c.agents["node-a"].tail(400)
+    assert "direct read failed: reading through the coordinator" in log, log
+    assert "fault point agent.restore.direct_read" in log, log
+    moved = _read_bytes(port)
+    assert moved.get("coordinator", 0) >= PAGES * 4096, moved
+    _equals_export(c, t, gen, tmp_path / "g")
+
+
 def test_coordinator_data_path_agent_restores_through_the_coordinator(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
