@@ -10,6 +10,11 @@ back, then no Frozen); a Restore hands each member's prefetched pages (downloade
 when there are none, from an older coordinator) to the ptrace thread, which fetches the
 few pages written since, writes while the member stays frozen (Restored); the Thaw
 thaws. RestoreInto downloads and writes into another process.
+
+On the direct data path (the store opened at the Welcome) every download asks the
+coordinator only where the chunks lie and reads the packs itself
+(nodeagent/restore/direct_read.py); when that read fails it logs why and downloads
+through the coordinator, which checks every chunk again.
 """
 
 from __future__ import annotations
@@ -135,14 +140,16 @@ class Commands:
         only = prefetch.page_filter(scope) if scope is not None else None
         store = s.limits.direct
         if store is not None:
-            got, err = self._download_by(s, job, gen, member, only, store)
+            got, err, rpc_failed = self._download_by(s, job, gen, member, only, store)
             if err is None:
                 return got, None, "direct"
+            if rpc_failed:  # the coordinator did not answer: asking it again cannot help
+                return (), err, "direct"
             fields = {"member": member, "store": store.location, "why": str(err)}
             log.warning(
                 "direct read failed: reading through the coordinator", extra={"fields": fields}
             )
-        got, err = self._download_by(s, job, gen, member, only, None)
+        got, err, _ = self._download_by(s, job, gen, member, only, None)
         return got, err, "coordinator"
 
     def _download_by(
@@ -153,7 +160,8 @@ class Commands:
         member: str,
         only: list[types_pb2.Region] | None,
         store: DirectStore | None,
-    ) -> tuple[Contents, CpcoordError | None]:
+    ) -> tuple[Contents, CpcoordError | None, bool]:
+        """The download by one path: (contents, error, whether DownloadPages failed)."""
         path = "direct" if store is not None else "coordinator"
         try:
             got = restore_ops.download(
@@ -161,18 +169,18 @@ class Commands:
                 lambda n: self._on_read(path, n),
             )  # fmt: skip
         except grpc.RpcError as ex:
-            return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator)
+            return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator), True
         except CpcoordError as ex:
-            return (), ex
+            return (), ex, False
         except Exception as ex:
             if store is None:
                 raise
             # Any failure of the agent's own read (a backend error outside the hierarchy
             # included) only sends it through the coordinator.
-            return (), StoreError(f"reading {store.location}: {ex!r}")
+            return (), StoreError(f"reading {store.location}: {ex!r}"), False
         if store is None:
             self._on_read(path, sum(int(c.pages.size) for c in got) * PAGE_SIZE)
-        return got, None
+        return got, None, False
 
     def _fetcher(self, s: Session, job: str, gen: int, member: str) -> prefetch.Fetch:
         """A download for the ptrace thread (frozen: the pages written since the prefetch)."""
