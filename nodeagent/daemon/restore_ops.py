@@ -198,7 +198,7 @@ def restored(
         pages_written=(st.bytes_written + PAGE_SIZE - 1) // PAGE_SIZE,
         bytes_prefetched=prefetched,
         tracker_kept=tracker_kept,
-        read_path=read_path,
+        read_direct=read_path == "direct",
     )
     r = agent_pb2.Restored(job=job, generation=generation, member=member, stats=stats)
     return agent_pb2.AgentMessage(restored=r)

@@ -77,6 +77,7 @@ def test_direct_restore_reads_the_store_itself_and_is_exact(
     before = _read_bytes(port)
     r = c.cli_json("restore", "--job", "rd", "--generation", str(gen))
     assert r["state"] == "restored", r
+    assert [m["read_path"] for m in r["members"]] == ["direct"], r
     t.assert_running()
     after = _read_bytes(port)
     moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("direct", "coordinator")}
@@ -126,6 +127,7 @@ def test_a_failed_direct_read_restores_through_the_coordinator(
     gen = _checkpoint_then_scribble(c, t)
     r = c.cli_json("restore", "--job", "rd", "--generation", str(gen))
     assert r["state"] == "restored", r
+    assert [m["read_path"] for m in r["members"]] == ["coordinator"], r
     log = c.agents["node-a"].tail(400)
     assert "direct read failed: reading through the coordinator" in log, log
     assert "fault point agent.restore.direct_read" in log, log
@@ -142,6 +144,7 @@ def test_coordinator_data_path_agent_restores_through_the_coordinator(
     gen = _checkpoint_then_scribble(c, t)
     r = c.cli_json("restore", "--job", "rd", "--generation", str(gen))
     assert r["state"] == "restored", r
+    assert [m["read_path"] for m in r["members"]] == ["coordinator"], r
     moved = _read_bytes(port)
     assert moved.get("coordinator", 0) >= PAGES * 4096 and not moved.get("direct"), moved
     _equals_export(c, t, gen, tmp_path / "g")

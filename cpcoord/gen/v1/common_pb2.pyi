@@ -92,7 +92,7 @@ PROGRESS_KIND_COMMITTED: ProgressKind
 PROGRESS_KIND_ABORTED: ProgressKind
 
 class MemberStats(_message.Message):
-    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept", "read_path")
+    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept", "read_direct")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOGICAL_FIELD_NUMBER: _ClassVar[int]
@@ -106,7 +106,7 @@ class MemberStats(_message.Message):
     PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     BYTES_PREFETCHED_FIELD_NUMBER: _ClassVar[int]
     TRACKER_KEPT_FIELD_NUMBER: _ClassVar[int]
-    READ_PATH_FIELD_NUMBER: _ClassVar[int]
+    READ_DIRECT_FIELD_NUMBER: _ClassVar[int]
     pages: int
     zero_pages: int
     bytes_logical: int
@@ -120,8 +120,8 @@ class MemberStats(_message.Message):
     pages_written: int
     bytes_prefetched: int
     tracker_kept: bool
-    read_path: str
-    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ..., read_path: _Optional[str] = ...) -> None: ...
+    read_direct: bool
+    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ..., read_direct: _Optional[bool] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("status", "exit_code", "error", "message")
