@@ -53,6 +53,7 @@ def stats_of(m: common_pb2.MemberStats, page_size: int) -> Stats:
         frozen_seconds=max(0.0, float(m.frozen_seconds)),
         pages_written=int(m.pages_written),
         bytes_prefetched=int(m.bytes_prefetched),
+        read_direct=int(m.read_direct),
     )
 
 

@@ -11,7 +11,9 @@ coordinator path.
 
 Counts (`DataPlaneStats`, exported by the metrics collector): committed bytes by data
 path and node, bytes that passed through the coordinator, chunks the coordinator read
-back and checked across nodes (and how many failed).
+back and checked across nodes (and how many failed); and for restore reads
+(DownloadPages) the bytes by read path and node: chunk bytes the coordinator sent, or
+the stored bytes of the chunks it located for an agent to read from the store itself.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DataPlaneStats:
 
     committed_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, node)
     coordinator_bytes: int = 0  # page bytes received on UploadPages streams (committed)
+    read_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (path, node)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, uploads: Iterable[MemberUpload]) -> None:
@@ -62,6 +65,18 @@ class DataPlaneStats:
                 self.committed_bytes[key] = self.committed_bytes.get(key, 0) + u.bytes_stored_new
                 self.coordinator_bytes += u.bytes_received
 
+    def record_read(self, node: str, sent: int, located: int) -> None:
+        """A restore download of a member captured on `node`: chunk bytes sent through
+        the coordinator, stored bytes located for the agent's own read."""
+        with self._lock:
+            for path, n in (("coordinator", sent), ("direct", located)):
+                if n:
+                    self.read_bytes[(path, node)] = self.read_bytes.get((path, node), 0) + n
+
     def snapshot(self) -> tuple[dict[tuple[str, str], int], int]:
         with self._lock:
             return dict(self.committed_bytes), self.coordinator_bytes
+
+    def read_snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self.read_bytes)

@@ -6,12 +6,17 @@ Batches hold at most `max_entries` entries and about `target_bytes` of chunk dat
 chunk goes once per stream, with the first batch that names it. Chunks are read through
 the store's verified read path (re-hashed against their ids). Entries are sliced from
 the manifest's packed columns: no Python object per page.
+
+With `locate` (the direct read path) a batch names where its new chunks lie in the store
+(ChunkLocations, from the index alone) instead of carrying them: no page byte is read or
+sent, and batches are bigger (LOCATE_TARGET_BYTES of pages each), the message holding
+only ~100 bytes per entry. `Moved` counts what each stream sent, for the metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +31,16 @@ from storecore.ids import ID_DTYPE, IdArray, member_of, zero_mask
 
 TARGET_BYTES = 4 << 20
 HARD_BYTES = 48 << 20  # a batch never carries more chunk bytes than this (limit 64 MiB)
+LOCATE_TARGET_BYTES = 64 << 20  # pages per batch with locations: <= 16384 entries
+
+
+@dataclass
+class Moved:
+    """What a stream sent: chunk bytes (the coordinator read path), or the stored bytes
+    of the chunks it located for the agent to read itself."""
+
+    sent: int = 0
+    located: int = 0
 
 
 def region_runs(t: PageTable) -> list[types_pb2.PageRun]:
@@ -83,9 +98,15 @@ def stream(
     max_entries: int = 65536,
     target_bytes: int = TARGET_BYTES,
     only: dict[str, npt.NDArray[np.uint64]] | None = None,
+    locate: bool = False,
+    moved: Moved | None = None,
 ) -> Iterator[common_pb2.PageData]:
     """PageData messages of the chosen members (all, in name order) and regions;
-    `only`: region name -> the page offsets to send (a region not named: none)."""
+    `only`: region name -> the page offsets to send (a region not named: none);
+    `locate`: chunk locations instead of chunk bytes (module docstring)."""
+    moved = moved if moved is not None else Moved()
+    if locate:
+        target_bytes = max(target_bytes, LOCATE_TARGET_BYTES)
     names = sorted(x.name for x in m.members) if not members else list(members)
     for name in names:
         try:
@@ -102,13 +123,37 @@ def stream(
         yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
         sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
         for ri, r in enumerate(chosen):
-            for batch in _batches(repo, m, r.pages, sent, max_entries, target_bytes):
+            for batch in _batches(repo, m, r.pages, sent, max_entries, target_bytes, locate):
                 batch.region = ri
+                moved.sent += len(batch.chunks.data)
+                if locate:
+                    st = np.frombuffer(batch.locations.stored_sizes, dtype="<u4")
+                    moved.located += int(st.sum(dtype=np.uint64))
                 yield common_pb2.PageData(batch=batch)
 
 
+def _locations(repo: Repository, namespace: str, ids: IdArray) -> common_pb2.ChunkLocations:
+    at = repo.locate_chunks(namespace, ids)
+    return common_pb2.ChunkLocations(
+        namespace=namespace,
+        packs=at.packs,
+        ids=np.ascontiguousarray(ids).tobytes(),
+        pack_index=at.pack_index.astype("<u4").tobytes(),
+        offsets=at.locs["offset"].astype("<u8").tobytes(),
+        stored_sizes=at.locs["stored"].astype("<u4").tobytes(),
+        raw_sizes=at.locs["raw"].astype("<u4").tobytes(),
+        methods=at.locs["method"].astype(np.uint8).tobytes(),
+    )
+
+
 def _batches(
-    repo: Repository, m: Manifest, t: PageTable, sent: list[IdArray], max_entries: int, target: int
+    repo: Repository,
+    m: Manifest,
+    t: PageTable,
+    sent: list[IdArray],
+    max_entries: int,
+    target: int,
+    locate: bool = False,
 ) -> Iterator[common_pb2.PageBatch]:
     ps = m.page_size
     cost = np.where(zero_mask(t.ids), 0, t.counts.astype(np.int64) * ps)
@@ -122,6 +167,8 @@ def _batches(
             ids = t.ids[lo:hi]
             new = np.unique(ids[~zero_mask(ids)])
             new = new[~member_of(new, sent[0])]
+            if locate:
+                break
             data = repo.read_chunks(m.namespace, new) if new.size else []
             if hi - lo == 1 or sum(len(d) for d in data) <= HARD_BYTES:
                 break
@@ -129,5 +176,9 @@ def _batches(
             hi = lo + max(1, (hi - lo) // 4)
         if new.size:
             sent[0] = np.union1d(sent[0], new)
-        yield common_pb2.PageBatch(entries=_entries(t, lo, hi), chunks=_chunk_data(new, data))
+        if locate:
+            where = _locations(repo, m.namespace, new) if new.size else None
+            yield common_pb2.PageBatch(entries=_entries(t, lo, hi), locations=where)
+        else:
+            yield common_pb2.PageBatch(entries=_entries(t, lo, hi), chunks=_chunk_data(new, data))
         lo = hi

@@ -10,7 +10,7 @@ region, no Python loop per page.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -122,9 +122,19 @@ def _finish(acc: _Acc) -> MemberPages:
     return MemberPages(acc.header, tuple(regions))
 
 
-def read_members(messages: Iterable[common_pb2.PageData]) -> Iterator[MemberPages]:
-    """Assemble the stream member by member (a member ends at the next header)."""
+# Per batch of a stream (in order): its chunks' ids and plain bytes, already checked
+# against their ids by whoever read them (the direct read path); None: the batch's own
+# ChunkData, checked here.
+Checked = Sequence[tuple[list[bytes], list[bytes]] | None]
+
+
+def read_members(
+    messages: Iterable[common_pb2.PageData], checked: Checked | None = None
+) -> Iterator[MemberPages]:
+    """Assemble the stream member by member (a member ends at the next header);
+    `checked`: the chunks of each batch, read and checked elsewhere (Checked)."""
     acc: _Acc | None = None
+    nbatch = 0
     for msg in messages:
         kind = msg.WhichOneof("body")
         if kind == "header":
@@ -141,6 +151,12 @@ def read_members(messages: Iterable[common_pb2.PageData]) -> Iterator[MemberPage
             acc.cols.setdefault(b.region, []).append(
                 (e.page_offsets, e.page_counts, e.chunk_skips, e.chunk_ids)
             )
-            _check_chunks(b.chunks, acc)
+            got = checked[nbatch] if checked is not None else None
+            nbatch += 1
+            if got is None:
+                _check_chunks(b.chunks, acc)
+            else:
+                acc.ids += got[0]
+                acc.blobs += got[1]
     if acc is not None:
         yield _finish(acc)

@@ -95,6 +95,7 @@ class Cluster:
     # Each agent's environment: extra_env (an S3 store's variables: agents on the direct
     # data path reach the store themselves), then its node's own (e.g. a bad endpoint).
     agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    coordinator_args: tuple[str, ...] = ()  # more `cpcoord coordinator` flags (--metrics-port)
 
     @property
     def store(self) -> Path:
@@ -163,6 +164,7 @@ class Cluster:
             str(self.heartbeat_ms),
             "--insecure",
             *(["--state-dir", str(self.state_dir)] if self.state_dir is not None else []),
+            *self.coordinator_args,
         ]
         env = daemon_env({"CPCOORD_FAULT_DIR": str(self.faults), **self.extra_env})
         if pause:

@@ -16,6 +16,7 @@ from unittest import mock
 
 from coordinator.store import Kind, Repository, StoreConfig
 from coordinator.store.location import StoreLocation
+from storecore.backend import Backend, LocalBackend
 from storecore.s3 import S3Backend
 
 StoreArgs = dict[str, Any]  # store_url / extra_env for Cluster and InProcessCoordinator
@@ -59,6 +60,15 @@ def open_store(
     except BaseException:
         backend.close()
         raise
+
+
+def store_backend(
+    directory: Path, store_url: str | None = None, env: dict[str, str] | None = None
+) -> Backend:
+    """The backend of a test's store (a directory, or S3 with the daemons' variables)."""
+    if store_url is None or not store_url.startswith("s3://"):
+        return LocalBackend(Path(store_url) if store_url else directory, create=False)
+    return _s3_backend(store_url, env or {})
 
 
 def store_objects(

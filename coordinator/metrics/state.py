@@ -143,6 +143,15 @@ class StateCollector(Collector):
             "page bytes of committed generations that passed through the coordinator",
             value=through,
         )
+        reads = CounterMetricFamily(
+            "cpcoord_data_path_read_bytes",
+            "restore reads: chunk bytes sent by the coordinator (path coordinator), or stored "
+            "bytes of chunks it located for the agent to read from the store (path direct)",
+            labels=["path", "node"],
+        )
+        for (path, node), n in sorted(self.engine.dataplane.read_snapshot().items()):
+            reads.add_metric([path, node], n)
+        yield reads
         trust = self.engine.repo.trust
         ver = CounterMetricFamily(
             "cpcoord_chunks_verified_across_nodes",

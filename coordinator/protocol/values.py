@@ -140,6 +140,7 @@ class Stats:
     frozen_seconds: float = 0.0  # the member's downtime: freeze + barrier + own copy
     pages_written: int = 0  # restore: pages written (the differing ones, or all)
     bytes_prefetched: int = 0  # restore: page bytes downloaded before the freeze
+    read_direct: int = 0  # restore: 1 when the agent read the packs itself (total: members)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -162,6 +163,7 @@ class Stats:
             max((s.frozen_seconds for s in items), default=0.0),
             sum(s.pages_written for s in items),
             sum(s.bytes_prefetched for s in items),
+            sum(s.read_direct for s in items),
         )
 
 

@@ -47,12 +47,19 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
         only = None
         if request.page_filter:  # the restore's prefetch: only the pages it will write
             only = {r.name: restore_diff.pages_of_runs(r.pages) for r in request.page_filter}
-        yield from pagestream.stream(
-            self.engine.repo,
-            m,
-            [request.member],
-            list(request.regions),
-            nodes,
-            self.engine.opt.max_batch_entries,
-            only=only,
-        )
+        moved = pagestream.Moved()
+        try:
+            yield from pagestream.stream(
+                self.engine.repo,
+                m,
+                [request.member],
+                list(request.regions),
+                nodes,
+                self.engine.opt.max_batch_entries,
+                only=only,
+                locate=request.chunk_locations,
+                moved=moved,
+            )
+        finally:  # a stream cut short still moved what it sent
+            node = nodes.get(request.member, "")
+            self.engine.dataplane.record_read(node, moved.sent, moved.located)

@@ -47,6 +47,7 @@ def member_stats(s: Stats | None, **extra: object) -> common_pb2.MemberStats:
         frozen_seconds=s.frozen_seconds,
         pages_written=s.pages_written,
         bytes_prefetched=s.bytes_prefetched,
+        read_direct=bool(s.read_direct),
         **extra,  # type: ignore[arg-type]
     )
 

@@ -90,6 +90,32 @@ def read_chunks(repo: StoreParts, namespace: str, ids: Any) -> list[bytes]:
     return out
 
 
+@dataclass(frozen=True)
+class Located:
+    """Where chunks lie (the direct read path): per chunk an index into `packs` and its
+    index entry (offset, stored and plain size, method); no byte of a chunk is read."""
+
+    packs: list[str]
+    pack_index: np.ndarray  # uint32 per chunk
+    locs: np.ndarray  # index.LOC_DTYPE per chunk
+
+
+def locate_chunks(repo: StoreParts, namespace: str, ids: Any) -> Located:
+    """The pack and blob of each chunk, from the index alone; DataCorrupted for one the
+    store lacks (a committed manifest needs it). The pack may be repacked by gc before
+    the reader gets there: it then reads through the coordinator instead."""
+    arr = as_id_array(ids)
+    with repo.lock:
+        found, locs = repo.index.chunks(namespace).lookup(arr)
+        numbers, index = np.unique(locs["pack"][found], return_inverse=True)
+        names = [repo.index.pack(int(p)).name for p in numbers.tolist()]
+    if not found.all():
+        lost = arr[~found]
+        why = f"missing from the store ({lost.size} chunk(s) of namespace {namespace})"
+        raise DataCorrupted("chunk", lost[0].tobytes().hex(), why)
+    return Located(names, index.astype(np.uint32), locs)
+
+
 def _read_again(repo: StoreParts, namespace: str, one: Any, cid: bytes, old_pack: str) -> bytes:
     with repo.lock:
         found, loc = repo.index.chunks(namespace).lookup(one)

@@ -382,6 +382,10 @@ class Repository(Closing):
         """Plain bytes of each chunk, each re-hashed against its id (DataCorrupted)."""
         return reader.read_chunks(self, namespace, ids)
 
+    def locate_chunks(self, namespace: str, ids: Any) -> reader.Located:
+        """Where each chunk lies (pack, offset, sizes, method): ids in, locations out."""
+        return reader.locate_chunks(self, namespace, ids)
+
     def iter_pages(
         self, job: str, generation: int, member: str | None = None, region: str | None = None
     ) -> Iterator[PageRun]:

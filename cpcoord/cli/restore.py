@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
                             "frozen_seconds": round(ev.stats.frozen_seconds, 6),
                             "pages_written": ev.stats.pages_written,
                             "bytes_prefetched": ev.stats.bytes_prefetched,
+                            "read_path": "direct" if ev.stats.read_direct else "coordinator",
                         }
                     )
                 events.event(ev)

@@ -98,7 +98,12 @@ class Agent:
         )
         self.metrics.observe(self)
         self.commands = Commands(
-            self.worker, self.uploader, self.members, self._emit, config.coordinator
+            self.worker,
+            self.uploader,
+            self.members,
+            self._emit,
+            config.coordinator,
+            lambda path, n: self.metrics.restore_read_bytes.labels(path).inc(n),
         )
         self._thread = threading.Thread(target=self.run, name="cpcoord-agent", daemon=True)
 

@@ -10,6 +10,11 @@ back, then no Frozen); a Restore hands each member's prefetched pages (downloade
 when there are none, from an older coordinator) to the ptrace thread, which fetches the
 few pages written since, writes while the member stays frozen (Restored); the Thaw
 thaws. RestoreInto downloads and writes into another process.
+
+On the direct data path (the store opened at the Welcome) every download asks the
+coordinator only where the chunks lie and reads the packs itself
+(nodeagent/restore/direct_read.py); when that read fails it logs why and downloads
+through the coordinator, which checks every chunk again.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from collections.abc import Callable
 import grpc
 
 from cpcoord import __version__, grpcutil
-from cpcoord.errors import CpcoordError, NotImplementedYet
-from cpcoord.gen.v1 import agent_pb2, common_pb2
+from cpcoord.errors import CpcoordError, NotImplementedYet, StoreError
+from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.daemon import prefetch, restore_ops
 from nodeagent.daemon import worker_ops as ops
@@ -31,6 +36,7 @@ from nodeagent.daemon.membership import Members
 from nodeagent.daemon.worker import Worker
 from nodeagent.pages import PageNumbers
 from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.upload.direct import DirectStore
 from nodeagent.upload.pool import Uploader
 
 log = logging.getLogger(__name__)
@@ -46,7 +52,13 @@ class Commands:
     reader thread: it never blocks)."""
 
     def __init__(
-        self, worker: Worker, uploader: Uploader, members: Members, emit: Emit, coordinator: str
+        self,
+        worker: Worker,
+        uploader: Uploader,
+        members: Members,
+        emit: Emit,
+        coordinator: str,
+        on_read: Callable[[str, int], None] | None = None,
     ) -> None:
         self.worker = worker
         self.uploader = uploader
@@ -54,6 +66,11 @@ class Commands:
         self._emit = emit
         self._coordinator = coordinator  # for error messages
         self.prefetches = prefetch.Prefetches()
+        self._read_bytes = on_read  # (path, bytes): restore reads, for the metrics
+
+    def _on_read(self, path: str, n: int) -> None:
+        if self._read_bytes is not None and n:
+            self._read_bytes(path, n)
 
     def handle(self, s: Session, msg: agent_pb2.CoordinatorMessage) -> None:
         body = msg.WhichOneof("body")
@@ -116,21 +133,60 @@ class Commands:
 
     def _download(
         self, s: Session, job: str, gen: int, member: str, scope: prefetch.Scope | None = None
-    ) -> tuple[Contents, CpcoordError | None]:
+    ) -> tuple[Contents, CpcoordError | None, str]:
+        """The member's pages (or the scope's), and the path they came by: "direct"
+        (the store this agent opened at the Welcome; nodeagent/restore/direct_read.py)
+        when it has one, else, or when that read fails (logged with why), "coordinator"."""
+        only = prefetch.page_filter(scope) if scope is not None else None
+        store = s.limits.direct
+        if store is not None:
+            got, err, rpc_failed = self._download_by(s, job, gen, member, only, store)
+            if err is None:
+                return got, None, "direct"
+            if rpc_failed:  # the coordinator did not answer: asking it again cannot help
+                return (), err, "direct"
+            fields = {"member": member, "store": store.location, "why": str(err)}
+            log.warning(
+                "direct read failed: reading through the coordinator", extra={"fields": fields}
+            )
+        got, err, _ = self._download_by(s, job, gen, member, only, None)
+        return got, err, "coordinator"
+
+    def _download_by(
+        self,
+        s: Session,
+        job: str,
+        gen: int,
+        member: str,
+        only: list[types_pb2.Region] | None,
+        store: DirectStore | None,
+    ) -> tuple[Contents, CpcoordError | None, bool]:
+        """The download by one path: (contents, error, whether DownloadPages failed)."""
+        path = "direct" if store is not None else "coordinator"
         try:
-            only = prefetch.page_filter(scope) if scope is not None else None
-            got = restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s, only)
-            return got, None
+            got = restore_ops.download(
+                s.stub, job, gen, member, s.limits.timeout_s, only, store,
+                lambda n: self._on_read(path, n),
+            )  # fmt: skip
         except grpc.RpcError as ex:
-            return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator)
+            return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator), True
         except CpcoordError as ex:
-            return (), ex
+            return (), ex, False
+        except Exception as ex:
+            if store is None:
+                raise
+            # Any failure of the agent's own read (a backend error outside the hierarchy
+            # included) only sends it through the coordinator.
+            return (), StoreError(f"reading {store.location}: {ex!r}"), False
+        if store is None:
+            self._on_read(path, sum(int(c.pages.size) for c in got) * PAGE_SIZE)
+        return got, None, False
 
     def _fetcher(self, s: Session, job: str, gen: int, member: str) -> prefetch.Fetch:
         """A download for the ptrace thread (frozen: the pages written since the prefetch)."""
 
         def fetch(scope: prefetch.Scope | None) -> Contents:
-            got, err = self._download(s, job, gen, member, scope)
+            got, err, _ = self._download(s, job, gen, member, scope)
             if err is not None:
                 raise err
             return got
@@ -158,7 +214,7 @@ class Commands:
                 return
             dirty = self._peek(p.job, pm.member, pm.base_generation) if pm.base_generation else None
             scope = prefetch.scope_of(pm, dirty)
-            contents, err = self._download(s, p.job, p.generation, pm.member, scope)
+            contents, err, path = self._download(s, p.job, p.generation, pm.member, scope)
             if err is not None:
                 fields = {"member": pm.member, "error": str(err)}
                 log.warning("restore prefetch failed", extra={"fields": fields})
@@ -173,7 +229,7 @@ class Commands:
             base = pm.base_generation if scope is not None else 0
             self.prefetches.put(
                 prefetch.Prefetched(
-                    p.job, p.generation, pm.member, s.epoch, contents, scope, base, size
+                    p.job, p.generation, pm.member, s.epoch, contents, scope, base, size, path
                 )
             )
             names.append(pm.member)
@@ -188,20 +244,22 @@ class Commands:
             if pf is not None:
                 fetch = self._fetcher(s, job, gen, member) if pf.scope is not None else None
                 op = ops.RestoreOp(
-                    job, gen, member, pf.contents, None, s.epoch, pf.scope, pf.base, fetch, pf.bytes
-                )
+                    job, gen, member, pf.contents, None, s.epoch, pf.scope, pf.base, fetch,
+                    pf.bytes, pf.read_path,
+                )  # fmt: skip
                 self.worker.submit(op)
                 continue
-            contents, err = self._download(s, job, gen, member)
+            contents, err, path = self._download(s, job, gen, member)
             if err is not None:
                 log.warning(
                     "restore download failed",
                     extra={"fields": {"member": member, "error": str(err)}},
                 )
-            self.worker.submit(ops.RestoreOp(job, gen, member, contents, err, s.epoch))
+            op = ops.RestoreOp(job, gen, member, contents, err, s.epoch, read_path=path)
+            self.worker.submit(op)
 
     def _restore_into(self, s: Session, command_id: int, ri: agent_pb2.RestoreInto) -> None:
-        contents, err = self._download(s, ri.job, ri.generation, ri.member)
+        contents, err, _ = self._download(s, ri.job, ri.generation, ri.member)
         target: ProcessIdentity | int = ri.target.pid
         if ri.target.start_time:
             target = ProcessIdentity(ri.target.pid, ri.target.start_time)

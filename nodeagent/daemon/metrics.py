@@ -108,6 +108,12 @@ class AgentMetrics:
             "Chunks of uploads, by whether they were sent or the store had them",
             ["outcome"],
         )
+        self.restore_read_bytes = counter(
+            "restore_read_bytes_total",
+            "Restore reads by data path: stored bytes read from the store (direct), page "
+            "bytes received from the coordinator (coordinator)",
+            ["path"],
+        )
         self.zero_pages = counter("zero_pages_total", "Captured pages that were all zeros")
         self.failures = counter("failures_total", "Failed reports sent, by reason", ["reason"])
         self.members_gone = counter("members_gone_total", "Members whose process exited")

@@ -69,6 +69,7 @@ class Prefetched:
     scope: Scope | None  # None: every page (no usable tracker)
     base: int  # the tracker base the scope is relative to (0 with scope None)
     bytes: int  # page bytes downloaded
+    read_path: str = "coordinator"  # or "direct" (the agent read the store itself)
 
 
 class Prefetches:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from cpcoord.ranges import PAGE_SIZE
 from nodeagent.daemon.membership import HeldMember
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.registers import ARCH, ThreadState, ThreadStates, save_thread_state
+from nodeagent.restore import direct_read
 from nodeagent.restore.apply import (
     Fitted,
     MemberLayout,
@@ -49,6 +50,7 @@ from nodeagent.restore.apply import (
     RestoreStats,
     check_fit,
 )
+from nodeagent.upload.direct import DirectStore
 
 log = logging.getLogger(__name__)
 # Registers per Staged at most (Welcome.max_message_bytes is 8 MiB; ~3 KiB per thread)
@@ -146,13 +148,27 @@ def download(
     member: str,
     timeout_s: float,
     only: list[types_pb2.Region] | None = None,
+    store: DirectStore | None = None,
+    on_read: Callable[[int], None] | None = None,
 ) -> tuple[RegionContents, ...]:
     """Every region of the member at `generation`, pages not listed (or ZERO) as zeros;
-    `only` (DownloadRequest.page_filter): just those pages of each region."""
+    `only` (DownloadRequest.page_filter): just those pages of each region. With `store`
+    (the direct read path): the coordinator names where the chunks lie and they are
+    read from the store here (nodeagent/restore/direct_read.py), `on_read` told of
+    each ranged read's bytes."""
     req = agent_pb2.DownloadRequest(
-        job=job, generation=generation, member=member, page_filter=only or []
+        job=job,
+        generation=generation,
+        member=member,
+        page_filter=only or [],
+        chunk_locations=store is not None,
     )
-    got = list(read_members(stub.DownloadPages(req, timeout=timeout_s)))
+    msgs = list(stub.DownloadPages(req, timeout=timeout_s))  # ids and locations: small
+    checked = None
+    if store is not None:
+        batches = [m.batch for m in msgs if m.WhichOneof("body") == "batch"]
+        checked = direct_read.fetch(store.backend, store.sealer, batches, on_read)
+    got = list(read_members(msgs, checked))
     if len(got) != 1 or got[0].name != member:
         raise InvalidArgument(f"DownloadPages for {member!r} sent {len(got)} members")
     mp = got[0]
@@ -172,6 +188,7 @@ def restored(
     frozen_s: float,
     prefetched: int = 0,
     tracker_kept: bool = False,
+    read_path: str = "",
 ) -> agent_pb2.AgentMessage:
     stats = common_pb2.MemberStats(
         pages=st.data_pages,
@@ -181,6 +198,7 @@ def restored(
         pages_written=(st.bytes_written + PAGE_SIZE - 1) // PAGE_SIZE,
         bytes_prefetched=prefetched,
         tracker_kept=tracker_kept,
+        read_direct=read_path == "direct",
     )
     r = agent_pb2.Restored(job=job, generation=generation, member=member, stats=stats)
     return agent_pb2.AgentMessage(restored=r)

@@ -217,7 +217,7 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     }
     log.info("restore written", extra={"fields": phases})
     msg = restore_ops.restored(
-        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept
+        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept, op.read_path
     )
     st.emit(msg, op.epoch)
 

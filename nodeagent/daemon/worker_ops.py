@@ -71,6 +71,7 @@ class RestoreOp:
     base: int = 0
     fetch: Fetch | None = None
     prefetched: int = 0
+    read_path: str = ""  # "direct" | "coordinator": how the pages came (Restored)
 
 
 @dataclass(frozen=True)

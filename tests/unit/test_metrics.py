@@ -268,6 +268,7 @@ def families(engine: Engine) -> list[Any]:
     engine.dataplane.record(
         [SimpleNamespace(data_path="direct", node="n1", bytes_stored_new=1, bytes_received=0)]
     )  # type: ignore[list-item]
+    engine.dataplane.record_read("n1", 0, 4096)
     # Touch every labelled family once so it shows in a scrape.
     f = FakeFlight(
         "a", 1, {"m": FakeUpload("n1", "hash", True, 4), "m2": FakeUpload("n1", "hash", False, 1)}
@@ -286,6 +287,7 @@ def families(engine: Engine) -> list[Any]:
     am.upload_chunks.labels("sent").inc()
     am.failures.labels("capture_failed").inc()
     am.captures.labels("hash", "full").inc()
+    am.restore_read_bytes.labels("direct").inc()
     # A replica's own families (coordinator/ha/metrics.py), leading with this engine.
     hreg = CollectorRegistry()
     replica = SimpleNamespace(engine=engine, term=7, failovers=2, lost={"lease_lapsed": 1})

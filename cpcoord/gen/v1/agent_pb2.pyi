@@ -484,15 +484,17 @@ class UploadResponse(_message.Message):
     def __init__(self, pages: _Optional[int] = ..., entries: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_new: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., packs: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("job", "generation", "member", "regions", "page_filter")
+    __slots__ = ("job", "generation", "member", "regions", "page_filter", "chunk_locations")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     PAGE_FILTER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     member: str
     regions: _containers.RepeatedScalarFieldContainer[str]
     page_filter: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., page_filter: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ...) -> None: ...
+    chunk_locations: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., page_filter: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., chunk_locations: _Optional[bool] = ...) -> None: ...

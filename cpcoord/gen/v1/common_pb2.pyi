@@ -94,7 +94,7 @@ PROGRESS_KIND_COMMITTED: ProgressKind
 PROGRESS_KIND_ABORTED: ProgressKind
 
 class MemberStats(_message.Message):
-    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept")
+    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept", "read_direct")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOGICAL_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class MemberStats(_message.Message):
     PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     BYTES_PREFETCHED_FIELD_NUMBER: _ClassVar[int]
     TRACKER_KEPT_FIELD_NUMBER: _ClassVar[int]
+    READ_DIRECT_FIELD_NUMBER: _ClassVar[int]
     pages: int
     zero_pages: int
     bytes_logical: int
@@ -121,7 +122,8 @@ class MemberStats(_message.Message):
     pages_written: int
     bytes_prefetched: int
     tracker_kept: bool
-    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ...) -> None: ...
+    read_direct: bool
+    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ..., read_direct: _Optional[bool] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("status", "exit_code", "error", "message")
@@ -190,14 +192,36 @@ class ChunkData(_message.Message):
     def __init__(self, ids: _Optional[bytes] = ..., methods: _Optional[bytes] = ..., raw_sizes: _Optional[bytes] = ..., stored_sizes: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("region", "entries", "chunks")
+    __slots__ = ("region", "entries", "chunks", "locations")
     REGION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     region: int
     entries: _manifest_pb2.PageEntries
     chunks: ChunkData
-    def __init__(self, region: _Optional[int] = ..., entries: _Optional[_Union[_manifest_pb2.PageEntries, _Mapping]] = ..., chunks: _Optional[_Union[ChunkData, _Mapping]] = ...) -> None: ...
+    locations: ChunkLocations
+    def __init__(self, region: _Optional[int] = ..., entries: _Optional[_Union[_manifest_pb2.PageEntries, _Mapping]] = ..., chunks: _Optional[_Union[ChunkData, _Mapping]] = ..., locations: _Optional[_Union[ChunkLocations, _Mapping]] = ...) -> None: ...
+
+class ChunkLocations(_message.Message):
+    __slots__ = ("namespace", "packs", "ids", "pack_index", "offsets", "stored_sizes", "raw_sizes", "methods")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PACK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    STORED_SIZES_FIELD_NUMBER: _ClassVar[int]
+    RAW_SIZES_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    ids: bytes
+    pack_index: bytes
+    offsets: bytes
+    stored_sizes: bytes
+    raw_sizes: bytes
+    methods: bytes
+    def __init__(self, namespace: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., ids: _Optional[bytes] = ..., pack_index: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., stored_sizes: _Optional[bytes] = ..., raw_sizes: _Optional[bytes] = ..., methods: _Optional[bytes] = ...) -> None: ...
 
 class PageData(_message.Message):
     __slots__ = ("header", "batch")

@@ -1,0 +1,166 @@
+"""The direct read path of a restore: the coordinator names where each chunk lies
+(DownloadRequest.chunk_locations: pack, offset, sizes, method; no page byte), this
+agent reads the packs from the store it opened at the Welcome (directory or S3) and
+checks every chunk before anything uses it.
+
+Reads are batched: the chunks of a whole download are sorted by (pack, offset) and
+adjacent blobs of a pack (gaps up to GAP_BYTES, spans up to SPAN_BYTES) come with one
+ranged read, a few spans at a time (READ_THREADS; S3 latency). Each chunk is then
+opened (sealed: the store's key, AES-GCM), decompressed and its BLAKE3 compared with
+its id (storecore.packs.decode_chunk); a mismatch is DataCorrupted naming the chunk and
+the pack, and nothing of the download is used. The caller (nodeagent/daemon/
+agent_commands.py) then reads through the coordinator, logging why: the coordinator
+re-reads and re-checks the same chunks, so a chunk that is damaged in the store fails
+the restore before the freeze, and one the agent saw wrongly (a stale mount) restores.
+Per chunk, never per page: the pages are assembled by cpcoord.pagedata in NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from cpcoord import faults
+from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
+from cpcoord.gen.v1 import common_pb2
+from storecore import packs
+from storecore.backend import Backend, Kind
+from storecore.crypt import Sealer
+
+GAP_BYTES = 256 << 10  # read over a gap this small rather than issue another read
+SPAN_BYTES = 32 << 20  # one ranged read at most this long
+READ_THREADS = 4
+FAIL_POINT = "agent.restore.direct_read"  # cpcoord/faults.py: fails like a lost store
+ID = 32
+# Per batch with locations: its chunks' ids and plain bytes, checked; None for a batch
+# without locations (a coordinator that sent the bytes: checked as usual).
+Filled = list[tuple[list[bytes], list[bytes]] | None]
+
+
+@dataclass(frozen=True)
+class _Cols:
+    """Every located chunk of a download, as columns (one row per chunk)."""
+
+    batch: npt.NDArray[np.int64]
+    ids: bytes
+    pack: list[str]  # per chunk's pack index, the name
+    pack_no: npt.NDArray[np.int64]
+    offset: npt.NDArray[np.int64]
+    stored: npt.NDArray[np.int64]
+    raw: npt.NDArray[np.int64]
+    method: npt.NDArray[np.uint8]
+    namespace: list[str]  # per chunk's batch
+
+
+def _columns(batches: Sequence[common_pb2.PageBatch]) -> _Cols:
+    names: dict[str, int] = {}
+    batch, ids, pno, off, st, raw, meth, ns = [], [], [], [], [], [], [], []
+    for bi, b in enumerate(batches):
+        loc = b.locations
+        i = loc.ids
+        n = len(i) // ID
+        if not n:
+            continue
+        if (
+            len(i) % ID or len(loc.pack_index) != 4 * n or len(loc.offsets) != 8 * n
+            or len(loc.stored_sizes) != 4 * n or len(loc.raw_sizes) != 4 * n
+            or len(loc.methods) != n
+        ):  # fmt: skip
+            raise InvalidArgument("page stream: chunk location columns disagree")
+        local = np.frombuffer(loc.pack_index, dtype="<u4").astype(np.int64)
+        if local.size and int(local.max()) >= len(loc.packs):
+            raise InvalidArgument("page stream: a chunk location names no pack")
+        glob = np.array([names.setdefault(p, len(names)) for p in loc.packs], dtype=np.int64)
+        batch.append(np.full(n, bi, dtype=np.int64))
+        ids.append(i)
+        pno.append(glob[local])
+        off.append(np.frombuffer(loc.offsets, dtype="<u8").astype(np.int64))
+        st.append(np.frombuffer(loc.stored_sizes, dtype="<u4").astype(np.int64))
+        raw.append(np.frombuffer(loc.raw_sizes, dtype="<u4").astype(np.int64))
+        meth.append(np.frombuffer(loc.methods, dtype=np.uint8))
+        ns.append(loc.namespace)
+    return _Cols(
+        _cat(batch), b"".join(ids), list(names), _cat(pno), _cat(off), _cat(st), _cat(raw),
+        np.concatenate(meth) if meth else np.zeros(0, dtype=np.uint8),
+        [x for b, n in zip(batch, ns, strict=True) for x in [n] * b.size],
+    )  # fmt: skip
+
+
+def _cat(xs: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
+    return np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+
+
+def _spans(c: _Cols) -> list[tuple[int, int, int, npt.NDArray[np.int64]]]:
+    """(pack number, offset, length, chunk rows) per ranged read."""
+    order = np.lexsort((c.offset, c.pack_no))
+    if not order.size:
+        return []
+    p, o = c.pack_no[order], c.offset[order]
+    e = o + c.stored[order]
+    # A new span where the pack changes or the gap from the furthest end so far is big.
+    reach = np.maximum.accumulate(e)  # within one pack, since packs sort first
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = (p[1:] != p[:-1]) | (o[1:] - reach[:-1] > GAP_BYTES)
+    out = []
+    for grp in np.split(np.arange(order.size), np.flatnonzero(new)[1:]):
+        # Cut a long group into reads of at most SPAN_BYTES (a blob is never split).
+        start = 0
+        while start < grp.size:
+            lo = int(o[grp[start]])
+            ends = e[grp[start:]]
+            k = max(1, int(np.searchsorted(ends - lo, SPAN_BYTES, side="right")))
+            rows = grp[start : start + k]
+            out.append((int(p[rows[0]]), lo, int(e[rows].max()) - lo, order[rows]))
+            start += k
+    return out
+
+
+def fetch(
+    backend: Backend,
+    sealer: Sealer | None,
+    batches: Sequence[common_pb2.PageBatch],
+    on_read: Callable[[int], None] | None = None,
+) -> Filled:
+    """Read and check every chunk the batches locate; per batch (in order) its chunks'
+    ids and plain bytes, None for a batch without locations. Raises DataCorrupted,
+    ObjectNotFound or the backend's error; nothing is returned half checked."""
+    if faults.fail_point(FAIL_POINT):
+        raise StoreError(f"fault point {FAIL_POINT}")
+    c = _columns(batches)
+    n = c.batch.size
+    chunks: list[bytes] = [b""] * n
+    spans = _spans(c)
+
+    def one(span: tuple[int, int, int, npt.NDArray[np.int64]]) -> int:
+        pno, lo, length, rows = span
+        pack = c.pack[pno]
+        data = backend.get_range(Kind.PACKS, pack, lo, length)
+        if len(data) != length:
+            raise DataCorrupted("pack", pack, f"{len(data)} bytes at {lo}, {length} wanted")
+        for r in rows.tolist():  # per chunk, not per page
+            a = int(c.offset[r]) - lo
+            chunks[r] = packs.decode_chunk(
+                int(c.method[r]), data[a : a + int(c.stored[r])], int(c.raw[r]),
+                c.ids[r * ID : (r + 1) * ID], pack, sealer, c.namespace[r],
+            )  # fmt: skip
+        return length
+
+    if spans:
+        with ThreadPoolExecutor(min(READ_THREADS, len(spans))) as pool:
+            for got in pool.map(one, spans):
+                if on_read is not None:
+                    on_read(got)
+    out: Filled = [None] * len(batches)
+    for bi in range(len(batches)):
+        if batches[bi].HasField("locations") or not batches[bi].HasField("chunks"):
+            out[bi] = ([], [])
+    for r, bi in enumerate(c.batch.tolist()):  # rows are in batch order already
+        into = out[bi]
+        assert into is not None
+        into[0].append(c.ids[r * ID : (r + 1) * ID])
+        into[1].append(chunks[r])
+    return out

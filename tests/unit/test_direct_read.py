@@ -1,0 +1,120 @@
+"""The direct read path's fetch (nodeagent/restore/direct_read.py) against real packs in
+a directory store: chunks come back exact and in their batches, adjacent blobs of a
+pack come with one ranged read, sealed and compressed chunks open, and one damaged byte
+is DataCorrupted naming the chunk (nothing returned)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpcoord.errors import DataCorrupted
+from cpcoord.gen.v1 import common_pb2
+from nodeagent.restore import direct_read
+from storecore import packs
+from storecore.backend import Kind, LocalBackend
+from storecore.crypt import Sealer
+from storecore.ids import digest_all
+
+NS = "job:j"
+
+
+class CountingBackend(LocalBackend):
+    reads: list[tuple[str, int, int]]
+
+    def get_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
+        self.reads.append((name, offset, length))
+        return super().get_range(kind, name, offset, length)
+
+
+def _store(tmp: Path, chunks: list[bytes], sealer: Sealer | None = None) -> tuple[
+    CountingBackend, str, np.ndarray
+]:  # fmt: skip
+    b = CountingBackend(tmp / "store")
+    b.reads = []
+    ids = digest_all(chunks)
+    methods, blobs = packs.compress_batch(chunks)
+    if sealer is not None:
+        blobs = list(sealer.seal_chunks(NS, [x.tobytes() for x in ids], blobs))
+        methods |= packs.METHOD_SEALED
+    w = packs.PackWriter(NS)
+    w.add(ids, methods, blobs, np.array([len(c) for c in chunks], dtype=np.uint32))
+    sp = w.seal()
+    name = f"nodes/n/{sp.id.format()}"
+    b.put(Kind.PACKS, name, sp.data)
+    return b, name, sp.contents.entries
+
+
+def _batch(name: str, e: np.ndarray) -> common_pb2.PageBatch:
+    loc = common_pb2.ChunkLocations(
+        namespace=NS,
+        packs=[name],
+        ids=np.ascontiguousarray(e["id"]).tobytes(),
+        pack_index=np.zeros(len(e), "<u4").tobytes(),
+        offsets=e["offset"].astype("<u8").tobytes(),
+        stored_sizes=e["stored"].astype("<u4").tobytes(),
+        raw_sizes=e["raw"].astype("<u4").tobytes(),
+        methods=e["method"].astype(np.uint8).tobytes(),
+    )
+    return common_pb2.PageBatch(locations=loc)
+
+
+def _chunks(n: int) -> list[bytes]:
+    out = [os.urandom(4096 * (1 + i % 3)) for i in range(n)]
+    out[1] = bytes(8192)  # compresses: a zstd blob among raw ones
+    return out
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_fetch_is_exact_per_batch_with_one_read_per_span(tmp_path: Path, sealed: bool) -> None:
+    chunks = _chunks(40)
+    sealer = Sealer(os.urandom(32)) if sealed else None
+    b, name, e = _store(tmp_path, chunks, sealer)
+    # Two batches, the second's chunks in reverse order; an empty batch between.
+    batches = [_batch(name, e[:25]), common_pb2.PageBatch(), _batch(name, e[25:][::-1])]
+    got = direct_read.fetch(b, sealer, batches)
+    assert got[1] == ([], [])
+    assert got[0] is not None and got[2] is not None
+    assert got[0][1] == chunks[:25]
+    assert got[2][1] == chunks[25:][::-1]
+    assert got[2][0] == [x.tobytes() for x in e["id"][25:][::-1]]
+    assert len(b.reads) == 1, b.reads  # adjacent blobs: one ranged read
+
+
+def test_a_batch_with_chunk_bytes_is_left_to_the_stream(tmp_path: Path) -> None:
+    b, name, e = _store(tmp_path, _chunks(3))
+    plain = common_pb2.PageBatch(chunks=common_pb2.ChunkData(ids=bytes(32)))
+    assert direct_read.fetch(b, None, [plain, _batch(name, e)])[0] is None
+
+
+def test_spans_split_at_big_gaps_and_at_the_span_limit(tmp_path: Path) -> None:
+    chunks = [os.urandom(1 << 20) for _ in range(6)]
+    b, name, e = _store(tmp_path, chunks)
+    keep = e[[0, 1, 4]]  # a 2 MiB gap between 1 and 4
+    direct_read.fetch(b, None, [_batch(name, keep)])
+    assert [r[1:] for r in b.reads] == [
+        (int(e["offset"][0]), 2 << 20),
+        (int(e["offset"][4]), 1 << 20),
+    ]
+    b.reads.clear()
+    limit = direct_read.SPAN_BYTES
+    direct_read.SPAN_BYTES = 3 << 20
+    try:
+        direct_read.fetch(b, None, [_batch(name, e)])
+    finally:
+        direct_read.SPAN_BYTES = limit
+    assert [r[2] for r in sorted(b.reads, key=lambda r: r[1])] == [3 << 20, 3 << 20]
+
+
+def test_a_damaged_byte_is_data_corrupted(tmp_path: Path) -> None:
+    chunks = [os.urandom(4096) for _ in range(8)]
+    b, name, e = _store(tmp_path, chunks)
+    path = b._path(Kind.PACKS, name)
+    data = bytearray(path.read_bytes())
+    data[int(e["offset"][5]) + 17] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataCorrupted, match=e["id"][5].tobytes().hex()):
+        direct_read.fetch(b, None, [_batch(name, e)])
