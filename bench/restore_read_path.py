@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import write_results
 from bench.restore_cluster import rollback
 from testbed.cluster import Cluster, attach_args
 from testbed.driver import Target
+from testbed.scrape import free_port, read_bytes_by_path
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -39,25 +36,8 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _read_bytes(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "cpcoord_data_path_read_bytes_total":
-                out[s.labels["path"]] = out.get(s.labels["path"], 0.0) + s.value
-    return out
-
-
 def _one_path(tmp: Path, path: str, pages: int, reps: int) -> list[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     t = Target(maps=[f"data:{pages}:anon:random:11"], tmpdir=tmp, timeout=600)
     c = Cluster(
         tmp / f"cluster-{path}",
@@ -78,9 +58,9 @@ def _one_path(tmp: Path, path: str, pages: int, reps: int) -> list[dict[str, Any
         coord, agent = c.coordinator.pid, c.agents["node-a"].pid
         for k in range(reps):
             t.cmd("write", name="data", page=0, count=pages, counter=100 + k)
-            b0, c0, a0 = _read_bytes(port), _cpu_s(coord), _cpu_s(agent)
+            b0, c0, a0 = read_bytes_by_path(port), _cpu_s(coord), _cpu_s(agent)
             got = rollback(c.address, "bench", gen)
-            b1, c1, a1 = _read_bytes(port), _cpu_s(coord), _cpu_s(agent)
+            b1, c1, a1 = read_bytes_by_path(port), _cpu_s(coord), _cpu_s(agent)
             assert got["ok"], got
             sent = b1.get("coordinator", 0) - b0.get("coordinator", 0)
             located = b1.get("direct", 0) - b0.get("direct", 0)

@@ -10,18 +10,16 @@ CPCOORD_TEST_STORE=s3.
 
 from __future__ import annotations
 
-import socket
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from storecore.backend import Kind
 from testbed.cluster import Cluster
 from testbed.driver import Target
+from testbed.scrape import free_port, read_bytes_by_path
 from testbed.stores import store_backend
 from tests.helpers.e2e import attach, export, exported
 
@@ -29,28 +27,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PAGES = 2048  # 8 MiB
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cluster(make: Callable[..., Cluster], **kw: object) -> tuple[Cluster, int]:
-    port = _free_port()
+    port = free_port()
     return make(nodes=("node-a",), coordinator_args=("--metrics-port", str(port)), **kw), port
-
-
-def _read_bytes(port: int) -> dict[str, float]:
-    """cpcoord_data_path_read_bytes by path (summed over nodes)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "cpcoord_data_path_read_bytes_total":
-                path = s.labels["path"]
-                out[path] = out.get(path, 0.0) + s.value
-    return out
 
 
 def _checkpoint_then_scribble(c: Cluster, t: Target) -> int:
@@ -74,12 +53,12 @@ def test_direct_restore_reads_the_store_itself_and_is_exact(
     c, port = _cluster(cluster_factory)
     t = target_factory(maps=[f"data:{PAGES}:anon:random:41"])
     gen = _checkpoint_then_scribble(c, t)
-    before = _read_bytes(port)
+    before = read_bytes_by_path(port)
     r = c.cli_json("restore", "--job", "rd", "--generation", str(gen))
     assert r["state"] == "restored", r
     assert [m["read_path"] for m in r["members"]] == ["direct"], r
     t.assert_running()
-    after = _read_bytes(port)
+    after = read_bytes_by_path(port)
     moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("direct", "coordinator")}
     # The agent read every chunk from the store (random pages: stored raw) ...
     assert moved["direct"] >= PAGES * 4096, moved
@@ -131,7 +110,7 @@ def test_a_failed_direct_read_restores_through_the_coordinator(
     log = c.agents["node-a"].tail(400)
     assert "direct read failed: reading through the coordinator" in log, log
     assert "fault point agent.restore.direct_read" in log, log
-    moved = _read_bytes(port)
+    moved = read_bytes_by_path(port)
     assert moved.get("coordinator", 0) >= PAGES * 4096, moved
     _equals_export(c, t, gen, tmp_path / "g")
 
@@ -145,6 +124,6 @@ def test_coordinator_data_path_agent_restores_through_the_coordinator(
     r = c.cli_json("restore", "--job", "rd", "--generation", str(gen))
     assert r["state"] == "restored", r
     assert [m["read_path"] for m in r["members"]] == ["coordinator"], r
-    moved = _read_bytes(port)
+    moved = read_bytes_by_path(port)
     assert moved.get("coordinator", 0) >= PAGES * 4096 and not moved.get("direct"), moved
     _equals_export(c, t, gen, tmp_path / "g")
