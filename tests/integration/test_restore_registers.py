@@ -70,12 +70,18 @@ def counters_at_cut(t: SpinTarget, contents: list[RegionContents]) -> dict[str, 
 
 
 def wait_progress(t: SpinTarget, floor: dict[str, float], seconds: float = 0.5) -> dict[str, float]:
+    """After at least `seconds`, wait (up to 30 s: a loaded machine may not run the
+    threads for a while) until every counter is past `floor`."""
     time.sleep(seconds)
-    assert t.proc.poll() is None, f"target exited {t.proc.returncode}: {t.stderr()}"
-    now = t.counters()
-    for k in ("main", "fp_n", "naps", "waits"):
-        assert now[k] > floor[k], f"{k} did not move on from {floor[k]}: {now}"
-    return now
+    deadline = time.monotonic() + 30
+    while True:
+        assert t.proc.poll() is None, f"target exited {t.proc.returncode}: {t.stderr()}"
+        now = t.counters()
+        behind = [k for k in ("main", "fp_n", "naps", "waits") if now[k] <= floor[k]]
+        if not behind:
+            return now
+        assert time.monotonic() < deadline, f"{behind} did not move on from {floor}: {now}"
+        time.sleep(0.05)
 
 
 def test_whole_memory_restore_with_registers_keeps_threads_running(c_exe: Path) -> None:
@@ -103,12 +109,15 @@ def test_thread_state_round_trips_and_registers_alone_are_caught(c_exe: Path) ->
         ident = ProcessIdentity.of(t.pid)
         with frozen(ident) as fp:
             saved = save_thread_state(fp)
+            at_save = t.counters()
         assert ThreadStates.from_bytes(saved.to_bytes()) == saved
         from_proto = ThreadStates.from_proto(saved.to_proto())
         assert [(s.tid, s.regs, s.fpregs) for s in from_proto.threads] == [
             (s.tid, s.regs, s.fpregs) for s in saved.threads
         ]
-        time.sleep(0.3)
+        # Every thread past the save (not a fixed sleep: under load they may not have
+        # moved, and old registers over unmoved memory are consistent: unnoticed).
+        wait_progress(t, at_save, 0.3)
         with frozen(ident) as fp:
             assert restore_thread_state(fp, saved) == 4
             for s in saved.threads:
@@ -128,7 +137,7 @@ def test_thread_state_round_trips_and_registers_alone_are_caught(c_exe: Path) ->
                 assert buf.raw[: iov.len] == s.fpregs, f"thread {s.tid}: FP state differs"
         # Registers of the past over the memory of now: the program notices and stops,
         # or a thread crashes first (a stack that no longer matches its frame pointer).
-        code = t.wait_exit(5)
+        code = t.wait_exit(10)
         assert code in NOTICED, f"old registers over new memory went unnoticed ({code})"
         if code == 3:
             assert "corrupt" in t.stderr()
