@@ -119,7 +119,7 @@ class Commands:
     ) -> tuple[Contents, CpcoordError | None]:
         try:
             only = prefetch.page_filter(scope) if scope is not None else None
-            got = restore_ops.download(s.stub, job, gen, member, s.limits.timeout_s, only)
+            got = restore_ops.download(s.bulk, job, gen, member, s.limits.timeout_s, only)
             return got, None
         except grpc.RpcError as ex:
             return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator)
