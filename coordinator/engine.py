@@ -166,6 +166,14 @@ class Engine:
         self._emit_watch("agent_connected", node=hello.node)
         return s
 
+    def heard_from(self, node: str) -> None:
+        """A message of `node`'s arrived off its control stream (a batch of one of its
+        uploads): it is alive, as if a heartbeat had come. Without the lock (a dict
+        lookup and a float), as the loop calls it for every message it reads."""
+        s = self.agents.current(node)
+        if s is not None:
+            s.heard()
+
     def disconnect(self, s: AgentSession, detail: str) -> None:
         """The stream is over (broken, ended, or silent): every generation in flight
         hears AgentLost; the node's pending work is forgotten."""

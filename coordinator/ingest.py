@@ -172,6 +172,13 @@ class Inbound:
         if reqs:
             r.add_many(reqs)
 
+    @property
+    def node(self) -> str:
+        """The uploading node once its header was accepted (it names a member of that
+        node in a generation in flight, and under mTLS the node is the caller), else ""."""
+        r = self.receiver
+        return r.h.node if r is not None else ""
+
     def end(self, raws: list[bytes]) -> MemberUpload:
         """The stream ended well after `raws`: the member's upload, complete."""
         if raws:

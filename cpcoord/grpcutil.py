@@ -59,8 +59,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
     """Client channel options: explicit message limits, keepalive so a dead peer is
-    noticed in seconds (agents hold one stream for days)."""
+    noticed in seconds (agents hold one stream for days), and a connection per channel:
+    gRPC otherwise shares one TCP connection between channels of equal options, and an
+    agent opens a second channel precisely so that its pages do not share its control
+    stream's connection (nodeagent/daemon/agent_session.py, Session)."""
     return [
+        ("grpc.use_local_subchannel_pool", 1),
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.keepalive_time_ms", 10_000),

@@ -173,11 +173,16 @@ class Streams:
         one hop, so a member of 20 000 regions never holds the loop that reads every
         agent's heartbeats, and a small upload costs one hop."""
         caller = (cert_identity(context) or ("", ""))[1]  # an agent uploads as itself
-        up = UploadPump(self.pool, ingest.Inbound(self.serving.engine(), caller))
+        engine = self.serving.engine()
+        up = UploadPump(self.pool, ingest.Inbound(engine, caller))
         try:
             async for raw in request_iterator:
                 if up.failed is not None:
                     break
+                # Pages arriving from a node prove it alive as well as its heartbeats
+                # do (docs/decisions.md, "Liveness is what arrives").
+                if node := up.inbound.node:
+                    engine.heard_from(node)
                 up.arrived(raw)
                 await up.room()
             done = await up.end()

@@ -170,13 +170,13 @@ class Agent:
         return self.local_commands.wait(cid, timeout)
 
     def control_stub(self) -> tuple[agent_pb2_grpc.AgentControlStub, float]:
-        """The welcomed control stream's stub and call timeout (the local API downloads
-        with it); AgentUnavailable while the agent is not connected."""
+        """The welcomed session's stub for pages (its bulk connection) and call timeout
+        (the local API downloads with it); AgentUnavailable while not connected."""
         with self._lock:
             s = self._session
         if s is None or s.closed.is_set() or not self.connected.is_set():
             raise AgentUnavailable(self.config.node)
-        return s.stub, s.limits.timeout_s
+        return s.bulk, s.limits.timeout_s
 
     # -- one session -----------------------------------------------------------------------
 
@@ -184,10 +184,14 @@ class Agent:
         """One control stream, from dial to break. True if it got as far as a Welcome."""
         addr = self._endpoints.current
         channel = self._channel_factory(addr, self.config.insecure)
-        stub = enable_frames(agent_pb2_grpc.AgentControlStub(channel), channel)
+        stub = agent_pb2_grpc.AgentControlStub(channel)
+        # Pages go over a connection of their own (every channel is one: grpcutil), so
+        # the control stream's heartbeats never queue behind them (Session).
+        bulk_channel = self._channel_factory(addr, self.config.insecure)
+        bulk = enable_frames(agent_pb2_grpc.AgentControlStub(bulk_channel), bulk_channel)
         with self._lock:
             self._epoch += 1
-            s = Session(self._epoch, stub)
+            s = Session(self._epoch, stub, bulk)
             self._session = s
         welcomed = False
         beat = threading.Thread(target=self._heartbeats, args=(s,), daemon=True)
@@ -216,6 +220,7 @@ class Agent:
         finally:
             self._broken(s)
             channel.close()
+            bulk_channel.close()
         return welcomed
 
     def _next_address(self, err: CpcoordError) -> None:
@@ -333,7 +338,7 @@ class Agent:
             if s is None or s.epoch != epoch:
                 sm.release()
                 continue
-            self.uploader.submit(s.stub, sm, s.limits, epoch)
+            self.uploader.submit(s.bulk, sm, s.limits, epoch)
 
     def _uploaded(
         self, sm: StagedMember, res: UploadResult | CpcoordError | None, epoch: int

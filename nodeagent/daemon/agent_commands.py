@@ -165,7 +165,7 @@ class Commands:
         path = "direct" if store is not None else "coordinator"
         try:
             got = restore_ops.download(
-                s.stub, job, gen, member, s.limits.timeout_s, only, store,
+                s.bulk, job, gen, member, s.limits.timeout_s, only, store,
                 lambda n: self._on_read(path, n),
             )  # fmt: skip
         except grpc.RpcError as ex:

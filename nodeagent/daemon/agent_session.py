@@ -82,11 +82,23 @@ def hello(node: str, members: Members) -> agent_pb2.Hello:
 
 
 class Session:
-    """One control stream: its epoch, outbound queue, stub and liveness."""
+    """One control stream: its epoch, outbound queue, stubs and liveness.
 
-    def __init__(self, epoch: int, stub: agent_pb2_grpc.AgentControlStub) -> None:
+    `stub` carries the control stream; `bulk` (a stub on a channel of its own, i.e. a
+    TCP connection of its own) carries the pages: uploads, their MissingChunks and
+    downloads. On one connection a heartbeat waits behind every byte of page data
+    already handed to gRPC and the kernel (seconds on a slow link), so the coordinator
+    would count a busy agent silent (docs/decisions.md, "Liveness is what arrives")."""
+
+    def __init__(
+        self,
+        epoch: int,
+        stub: agent_pb2_grpc.AgentControlStub,
+        bulk: agent_pb2_grpc.AgentControlStub | None = None,
+    ) -> None:
         self.epoch = epoch
         self.stub = stub
+        self.bulk = stub if bulk is None else bulk
         self.out: queue.Queue[agent_pb2.AgentMessage] = queue.Queue()
         self.closed = threading.Event()
         self.last_heard = time.monotonic()

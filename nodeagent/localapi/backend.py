@@ -88,8 +88,8 @@ class LocalAgent(Protocol):
     def node(self) -> str: ...
 
     def control_stub(self) -> tuple[agent_pb2_grpc.AgentControlStub, float]:
-        """The welcomed control stream's stub and call timeout (AgentUnavailable while
-        not connected)."""
+        """The welcomed session's stub for pages (on its bulk connection, not the
+        control stream's) and call timeout (AgentUnavailable while not connected)."""
         ...
 
     def run_local(self, make: Callable[[int], Op], timeout: float) -> agent_pb2.CommandResult:

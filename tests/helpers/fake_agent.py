@@ -14,8 +14,9 @@ amounts to), Abort and Committed, and sends heartbeats. `faults` bends it for ba
 tests: "bad_chunk" (a chunk's bytes do not match its id), "skip_chunk" (an entry names
 a chunk never sent), "no_freeze" (never answers Freeze), "uploaded_early" (Uploaded
 without an upload), "hold_upload" (after the first batch of an upload, the stream
-stays open, nothing more sent, until `release_upload` is set; `upload_held` tells when).
-Page size 4096, one chunk per page.
+stays open, nothing more sent, until `release_upload` is set; `upload_held` tells when),
+"slow_upload" (`batch_gap_s` between an upload's messages: a slow link). Heartbeats stop
+while `mute` is set. Page size 4096, one chunk per page.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class FakeAgent:
         self._stop = threading.Event()
         self.upload_held = threading.Event()
         self.release_upload = threading.Event()
+        self.mute = threading.Event()  # set: no heartbeats
+        self.batch_gap_s = 0.3  # "slow_upload"
         self._call: Any = None
         if connect:
             self.connect()
@@ -146,6 +149,8 @@ class FakeAgent:
     def _beat(self) -> None:
         seq = 0
         while not self._stop.wait(0.3):
+            if self.mute.is_set():
+                continue
             seq += 1
             self.send(heartbeat=agent_pb2.Heartbeat(sequence=seq))
 
@@ -260,6 +265,8 @@ class FakeAgent:
 
         def stream() -> Iterator[agent_pb2.UploadRequest]:
             for i, req in enumerate(reqs):
+                if i and "slow_upload" in self.faults:
+                    time.sleep(self.batch_gap_s)
                 yield req
                 if i == 1 and "hold_upload" in self.faults:
                     self.upload_held.set()

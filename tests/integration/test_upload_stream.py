@@ -61,3 +61,36 @@ def test_a_batch_is_stored_when_it_arrives_not_when_the_next_comes(
     finally:
         a.release_upload.set()
         a.close()
+
+
+def test_an_agent_heard_only_through_its_upload_is_alive_until_it_stops(
+    inproc: InProcessCoordinator,
+) -> None:
+    """Pages arriving prove an agent alive as its heartbeats do: with its heartbeats
+    muted (as when they wait behind page data on a slow link), an upload whose batches
+    keep coming for 3x the silence limit commits; once nothing at all arrives, the
+    agent is still declared lost in bounded time."""
+    hb = inproc.options.heartbeat_s
+    a = FakeAgent(inproc.address, "node-a", faults={"slow_upload"})
+    try:
+        a.wait_welcome()
+        wait_for(lambda: all(s.ready for s in inproc.engine.agents.connected()), what="ready")
+        rng = np.random.default_rng(6)
+        regions = {f"r{i}": bytearray(rng.integers(0, 256, PAGE, np.uint8).tobytes())
+                   for i in range(15)}  # fmt: skip
+        a.batch_gap_s = 3 * 3 * hb / len(regions)  # one batch a region: 3 silence limits
+        a.hold("j", "m", regions, start=0x10000000)
+        inproc.stub.AttachMember(
+            C.AttachMemberRequest(
+                job="j", member="m", node="node-a", process=types_pb2.ProcessIdentity(pid=7)
+            )
+        )
+        a.mute.set()
+        events = list(inproc.stub.Checkpoint(C.CheckpointRequest(job="j"), timeout=60))
+        assert events[-1].kind == common_pb2.PROGRESS_KIND_COMMITTED, events[-1]
+        assert inproc.engine.agents.current("node-a") is not None
+        # Bounded: the limit is 3 intervals; 20 of them is generous under load.
+        gone = lambda: inproc.engine.agents.current("node-a") is None  # noqa: E731
+        wait_for(gone, 20 * hb, "the silent agent declared lost")
+    finally:
+        a.close()
