@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,24 @@ from testbed.seaweed import Seaweed, find_weed
 CPU_GOAL = 0.1  # coordinator CPU seconds per GiB committed
 RATIO_GOAL = 1.3  # call -> COMMITTED over the raw durable write of the same bytes
 NODES = ("node-a", "node-b")
+
+
+def _profile(procs: dict[str, int], kind: str) -> list[subprocess.Popen[bytes]]:
+    """With $CPCOORD_BENCH_PYSPY=DIR: py-spy records each process during the checkpoint
+    (collapsed stacks of busy threads, DIR/<store>-<process>.txt), to see where the CPU
+    goes. Not for the numbers: the sampling costs CPU of its own."""
+    out = os.environ.get("CPCOORD_BENCH_PYSPY")
+    if not out or shutil.which("py-spy") is None:
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tag = kind.split()[-1].lower()
+    spies = []
+    for name, pid in procs.items():
+        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--threads"]
+        cmd += ["--format", "raw", "-o", f"{out}/{tag}-{name}.txt"]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # py-spy attaches
+    return spies
 
 
 def raw_dir(directory: Path, data: list[bytes], reps: int) -> Stats:
@@ -92,8 +112,12 @@ def one_store(
         assert cluster.coordinator is not None
         procs = {"coordinator": cluster.coordinator.pid}
         procs.update({n: cluster.agents[n].pid for n in NODES})
+        spies = _profile(procs, kind)
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         full = checkpoint(cluster.address, "bench")
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         cpu = {k: round(cpu_seconds(p) - cpu0[k], 3) for k, p in procs.items()}
         want = {member: t.read("data").tobytes() for member, t in targets.items()}
         gib = len(targets) * size / 2**30
@@ -128,7 +152,8 @@ def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
         stores: list[tuple[str, dict[str, str], str | None, Any]] = [
             ("directory", {}, None, lambda: raw_dir(tmp, data, reps)),  # the same bytes
         ]
-        if weed is not None:
+        # $CPCOORD_BENCH_STORES=directory: the directory store only (a quicker run)
+        if weed is not None and os.environ.get("CPCOORD_BENCH_STORES", "all") != "directory":
             server = Seaweed(weed, tmp / "seaweed")
             server.start()
             env = {**server.env(), "CPCOORD_STATE_DIR": str(tmp / "state")}
