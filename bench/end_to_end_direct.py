@@ -62,6 +62,27 @@ def _profile(procs: dict[str, int], kind: str) -> list[subprocess.Popen[bytes]]:
     return spies
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (threads of one name summed)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _busiest(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where the coordinator's CPU went during the checkpoint, by thread name (threads
+    that ended meanwhile are missed)."""
+    d = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in d.items() if v > 0), key=lambda kv: -kv[1]))
+
+
 def raw_dir(directory: Path, data: list[bytes], reps: int) -> Stats:
     joined = memoryview(b"".join(data))
     return repeat(lambda: timed_write(directory, joined), reps)
@@ -113,8 +134,10 @@ def one_store(
         procs = {"coordinator": cluster.coordinator.pid}
         procs.update({n: cluster.agents[n].pid for n in NODES})
         spies = _profile(procs, kind)
+        threads0 = thread_cpu(procs["coordinator"])
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         full = checkpoint(cluster.address, "bench")
+        threads1 = thread_cpu(procs["coordinator"])
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -128,6 +151,7 @@ def one_store(
             "cpu_s": cpu,
             "coordinator_cpu_s_per_gib": cpu["coordinator"] / gib,
             "phases": full["phases"],
+            "coordinator_threads_cpu_s": _busiest(threads0, threads1),
             "exact": exact(cluster, tmp, full["generation"], want),
         }
     finally:

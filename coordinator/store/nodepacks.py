@@ -25,7 +25,9 @@ again when wanted.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -153,13 +155,31 @@ def _ends(rows: packs.Entries) -> npt.NDArray[np.uint64]:
 
 
 def take(repo: StoreParts, g: InFlight, node: str, reports: Sequence[Report]) -> tuple[int, int]:
-    """Check reports (outside the lock) and index them for `g`; (chunks, bytes)."""
+    """Check reports (outside the lock, several packs at once) and index them for `g`;
+    (chunks, bytes)."""
     with repo.lock:
         known = {t.name for t in g.packs}  # several members' streams report one pack
-    fresh = {r.name: r for r in reports if r.name not in known}
-    taken = [check(repo, node, g.namespace, r) for r in fresh.values()]
+    fresh = [r for r in {r.name: r for r in reports}.values() if r.name not in known]
+    if len(fresh) > 1:  # the reads of several packs overlap (a stream's last report)
+        taken = list(_pool().map(lambda r: check(repo, node, g.namespace, r), fresh))
+    else:
+        taken = [check(repo, node, g.namespace, r) for r in fresh]
     with repo.lock:
         return index_taken(repo, g, taken)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+CHECK_THREADS = 4
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that check one report's packs at once (shared by every stream)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="packcheck")
+        return _POOL
 
 
 def index_taken(repo: StoreParts, g: InFlight, taken: Sequence[Taken]) -> tuple[int, int]:
