@@ -76,6 +76,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def user_sys(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def _busiest(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Where the coordinator's CPU went during the checkpoint, by thread name (threads
     that ended meanwhile are missed)."""
@@ -135,9 +142,11 @@ def one_store(
         procs.update({n: cluster.agents[n].pid for n in NODES})
         spies = _profile(procs, kind)
         threads0 = thread_cpu(procs["coordinator"])
+        us0 = user_sys(procs["coordinator"])
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         full = checkpoint(cluster.address, "bench")
         threads1 = thread_cpu(procs["coordinator"])
+        us1 = user_sys(procs["coordinator"])
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
@@ -152,6 +161,7 @@ def one_store(
             "coordinator_cpu_s_per_gib": cpu["coordinator"] / gib,
             "phases": full["phases"],
             "coordinator_threads_cpu_s": _busiest(threads0, threads1),
+            "coordinator_user_sys_s": [round(b - a, 3) for a, b in zip(us0, us1, strict=True)],
             "exact": exact(cluster, tmp, full["generation"], want),
         }
     finally:
