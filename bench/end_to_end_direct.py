@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,52 @@ from testbed.seaweed import Seaweed, find_weed
 CPU_GOAL = 0.1  # coordinator CPU seconds per GiB committed
 RATIO_GOAL = 1.3  # call -> COMMITTED over the raw durable write of the same bytes
 NODES = ("node-a", "node-b")
+
+
+def _profile(procs: dict[str, int], kind: str) -> list[subprocess.Popen[bytes]]:
+    """With $CPCOORD_BENCH_PYSPY=DIR: py-spy records each process during the checkpoint
+    (collapsed stacks of busy threads, DIR/<store>-<process>.txt), to see where the CPU
+    goes. Not for the numbers: the sampling costs CPU of its own."""
+    out = os.environ.get("CPCOORD_BENCH_PYSPY")
+    if not out or shutil.which("py-spy") is None:
+        return []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tag = kind.split()[-1].lower()
+    spies = []
+    for name, pid in procs.items():
+        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--threads"]
+        cmd += ["--format", "raw", "-o", f"{out}/{tag}-{name}.txt"]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # py-spy attaches
+    return spies
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (threads of one name summed)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def user_sys(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _busiest(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where the coordinator's CPU went during the checkpoint, by thread name (threads
+    that ended meanwhile are missed)."""
+    d = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in d.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 def raw_dir(directory: Path, data: list[bytes], reps: int) -> Stats:
@@ -92,8 +140,16 @@ def one_store(
         assert cluster.coordinator is not None
         procs = {"coordinator": cluster.coordinator.pid}
         procs.update({n: cluster.agents[n].pid for n in NODES})
+        spies = _profile(procs, kind)
+        threads0 = thread_cpu(procs["coordinator"])
+        us0 = user_sys(procs["coordinator"])
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
         full = checkpoint(cluster.address, "bench")
+        threads1 = thread_cpu(procs["coordinator"])
+        us1 = user_sys(procs["coordinator"])
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         cpu = {k: round(cpu_seconds(p) - cpu0[k], 3) for k, p in procs.items()}
         want = {member: t.read("data").tobytes() for member, t in targets.items()}
         gib = len(targets) * size / 2**30
@@ -104,6 +160,8 @@ def one_store(
             "cpu_s": cpu,
             "coordinator_cpu_s_per_gib": cpu["coordinator"] / gib,
             "phases": full["phases"],
+            "coordinator_threads_cpu_s": _busiest(threads0, threads1),
+            "coordinator_user_sys_s": [round(b - a, 3) for a, b in zip(us0, us1, strict=True)],
             "exact": exact(cluster, tmp, full["generation"], want),
         }
     finally:
@@ -128,7 +186,8 @@ def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
         stores: list[tuple[str, dict[str, str], str | None, Any]] = [
             ("directory", {}, None, lambda: raw_dir(tmp, data, reps)),  # the same bytes
         ]
-        if weed is not None:
+        # $CPCOORD_BENCH_STORES=directory: the directory store only (a quicker run)
+        if weed is not None and os.environ.get("CPCOORD_BENCH_STORES", "all") != "directory":
             server = Seaweed(weed, tmp / "seaweed")
             server.start()
             env = {**server.env(), "CPCOORD_STATE_DIR": str(tmp / "state")}

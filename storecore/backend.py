@@ -222,6 +222,30 @@ class LocalBackend:
         finally:
             os.close(fd)
 
+    def get_tail(self, kind: Kind, name: str, length: int) -> tuple[int, bytes]:
+        """(object size, its last `length` bytes or all of it): one open."""
+        path = self._path(kind, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFound(kind, name) from None
+        except OSError as e:
+            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+        try:
+            size = os.fstat(fd).st_size
+            want = min(size, length)
+            data = os.pread(fd, want, size - want)
+            while len(data) < want:  # short reads: a regular file gives them rarely
+                more = os.pread(fd, want - len(data), size - want + len(data))
+                if not more:
+                    raise DataCorrupted("object", f"{kind}/{name}", f"ends before {size} bytes")
+                data += more
+            return size, data
+        except OSError as e:
+            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+        finally:
+            os.close(fd)
+
     def stat(self, kind: Kind, name: str) -> ObjectInfo:
         try:
             st = self._path(kind, name).stat()

@@ -339,12 +339,31 @@ def parse_trailer(tail: bytes, total_size: int, where: str) -> PackContents:
     return PackContents(namespace, _locate(entries))
 
 
-def read_contents(backend: Backend, name: str, size: int | None = None) -> PackContents:
-    """Read only the trailer of a stored pack (one or two ranged reads)."""
+TAIL_READ = 64 << 10  # bytes read from a pack's end for its trailer (one read, usually)
+
+
+def read_sized_contents(backend: Backend, name: str) -> tuple[int, PackContents]:
+    """(size, trailer) of a stored pack: with a backend's `get_tail`, size and the last
+    TAIL_READ bytes come from one request (S3: no HEAD before the ranged GET)."""
+    get_tail = getattr(backend, "get_tail", None)
+    if get_tail is None:
+        size = backend.stat(Kind.PACKS, name).size
+        return size, read_contents(backend, name, size)
+    size, tail = get_tail(Kind.PACKS, name, TAIL_READ)
+    return size, read_contents(backend, name, size, tail)
+
+
+def read_contents(
+    backend: Backend, name: str, size: int | None = None, tail: bytes | None = None
+) -> PackContents:
+    """Read only the trailer of a stored pack (one or two ranged reads; `tail`: its last
+    bytes, already read)."""
     if size is None:
         size = backend.stat(Kind.PACKS, name).size
-    want = min(size, 64 << 10)
-    tail = backend.get_range(Kind.PACKS, name, size - want, want)
+    if tail is None:
+        want = min(size, TAIL_READ)
+        tail = backend.get_range(Kind.PACKS, name, size - want, want)
+    want = len(tail)
     if len(tail) >= _TAIL.size:
         tlen, _ = _TAIL.unpack_from(tail, len(tail) - _TAIL.size)
         need = tlen + _TAIL.size

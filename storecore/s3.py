@@ -266,7 +266,9 @@ class S3Backend:
                 return None
             raise
 
-    def _read(self, kind: Kind, name: str, key: str, rng: str | None) -> tuple[bytes, int]:
+    def _read(
+        self, kind: Kind, name: str, key: str, rng: str | None, info: dict[str, Any] | None = None
+    ) -> tuple[bytes, int]:
         """(body, HTTP status) of a GET. botocore retries the request but not a body cut
         off mid-stream, so that is fetched again here (bounded)."""
         kw: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -285,7 +287,10 @@ class S3Backend:
             except BotoCoreError as e:
                 raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
             try:
-                return r["Body"].read(), int(r["ResponseMetadata"]["HTTPStatusCode"])
+                body = r["Body"].read()
+                if info is not None:
+                    info["ContentRange"] = r.get("ContentRange")
+                return body, int(r["ResponseMetadata"]["HTTPStatusCode"])
             except BotoCoreError as e:  # the body broke off (checked against its length)
                 if attempt == 2:
                     raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
@@ -307,6 +312,24 @@ class S3Backend:
         if len(body) != length:
             raise DataCorrupted("object", f"{kind}/{name}", f"ends before {offset + length} bytes")
         return body
+
+    def get_tail(self, kind: Kind, name: str, length: int) -> tuple[int, bytes]:
+        """(object size, its last `length` bytes or all of it): one suffix-range GET,
+        the size from its Content-Range (no HEAD first)."""
+        if length <= 0:
+            return self.stat(kind, name).size, b""
+        info: dict[str, Any] = {}
+        body, status = self._read(kind, name, self._key(kind, name), f"bytes=-{length}", info)
+        crange = info.get("ContentRange") or ""
+        if status == 200 or "/" not in crange:  # the whole object came
+            return len(body), body[-length:]
+        try:
+            size = int(crange.rsplit("/", 1)[1])
+        except ValueError:
+            raise DataCorrupted("object", f"{kind}/{name}", f"Content-Range {crange!r}") from None
+        if len(body) != min(size, length):
+            raise DataCorrupted("object", f"{kind}/{name}", f"ends before {size} bytes")
+        return size, body
 
     def stat(self, kind: Kind, name: str) -> ObjectInfo:
         key = self._key(kind, name)

@@ -25,7 +25,9 @@ again when wanted.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -96,8 +98,7 @@ def check(repo: StoreParts, node: str, namespace: str, r: Report) -> Taken:
         raise InvalidArgument(f"pack {r.name!r} is not under node {node}'s prefix")
     pid = pack_id(r.name)
     try:
-        size = repo.backend.stat(Kind.PACKS, r.name).size
-        contents = packs.read_contents(repo.backend, r.name, size)
+        size, contents = packs.read_sized_contents(repo.backend, r.name)
     except (ObjectNotFound, DataCorrupted) as e:  # the agent's fault; other errors: ours
         raise InvalidArgument(f"reported pack {r.name} is not usable: {e}") from None
     if size != r.size:
@@ -108,38 +109,77 @@ def check(repo: StoreParts, node: str, namespace: str, r: Report) -> Taken:
     listed = np.ascontiguousarray(contents.entries["id"])
     if ids.size != listed.size or not np.array_equal(np.sort(ids), np.sort(listed)):
         raise InvalidArgument(f"pack {r.name} holds other chunks than reported")
-    n = len(contents.entries)
-    pick = np.random.default_rng().choice(n, size=min(SAMPLE, n), replace=False)
-    rows = contents.entries[np.sort(pick.astype(np.int64))]
-    bad = _bad_rows(repo, r.name, rows, namespace)
+    bad = _bad_rows(repo, r.name, contents.entries[sample(len(contents.entries))], namespace)
     if bad:
         raise ChunkMismatch(bad[0], "something else")
     return Taken(r.name, pid, size, contents)
 
 
+def sample(n: int) -> npt.NDArray[np.int64]:
+    """Indices of the entries to read back: SAMPLE consecutive ones from a uniformly
+    random start, wrapping around (every entry is picked with probability SAMPLE/n, as
+    with independent picks), so that they are usually one ranged read, not SAMPLE."""
+    if n <= SAMPLE:
+        return np.arange(n, dtype=np.int64)
+    k = int(np.random.default_rng().integers(n))
+    return np.sort((k + np.arange(SAMPLE, dtype=np.int64)) % n)
+
+
 def _bad_rows(repo: StoreParts, name: str, rows: packs.Entries, ns: str) -> list[str]:
-    """Read the given entries of a pack back and check them; the ids that fail (hex)."""
+    """Read the given entries of a pack back and check them; the ids that fail (hex).
+    Adjacent entries (offsets are cumulative, packs._locate) are read at once."""
     bad = []
-    for e in rows:
-        cid = e["id"].tobytes()
+    for run in np.split(rows, np.flatnonzero(rows["offset"][1:] != _ends(rows)[:-1]) + 1):
+        if not len(run):
+            continue
+        start = int(run["offset"][0])
         try:
-            blob = repo.backend.get_range(Kind.PACKS, name, int(e["offset"]), int(e["stored"]))
-            packs.decode_chunk(
-                int(e["method"]), blob, int(e["raw"]), cid, name, repo.config.sealer, ns
-            )
+            data = repo.backend.get_range(Kind.PACKS, name, start, int(_ends(run)[-1]) - start)
         except DataCorrupted:  # a store that fails to answer is a store error, raised
-            bad.append(cid.hex())
+            bad.append(run["id"][0].tobytes().hex())
+            continue
+        for e in run:
+            cid, at = e["id"].tobytes(), int(e["offset"]) - start
+            try:
+                blob = data[at : at + int(e["stored"])]
+                packs.decode_chunk(
+                    int(e["method"]), blob, int(e["raw"]), cid, name, repo.config.sealer, ns
+                )
+            except DataCorrupted:
+                bad.append(cid.hex())
     return bad
 
 
+def _ends(rows: packs.Entries) -> npt.NDArray[np.uint64]:
+    return rows["offset"].astype(np.uint64) + rows["stored"].astype(np.uint64)
+
+
 def take(repo: StoreParts, g: InFlight, node: str, reports: Sequence[Report]) -> tuple[int, int]:
-    """Check reports (outside the lock) and index them for `g`; (chunks, bytes)."""
+    """Check reports (outside the lock, several packs at once) and index them for `g`;
+    (chunks, bytes)."""
     with repo.lock:
         known = {t.name for t in g.packs}  # several members' streams report one pack
-    fresh = {r.name: r for r in reports if r.name not in known}
-    taken = [check(repo, node, g.namespace, r) for r in fresh.values()]
+    fresh = [r for r in {r.name: r for r in reports}.values() if r.name not in known]
+    if len(fresh) > 1:  # the reads of several packs overlap (a stream's last report)
+        taken = list(_pool().map(lambda r: check(repo, node, g.namespace, r), fresh))
+    else:
+        taken = [check(repo, node, g.namespace, r) for r in fresh]
     with repo.lock:
         return index_taken(repo, g, taken)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+CHECK_THREADS = 4
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that check one report's packs at once (shared by every stream)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="packcheck")
+        return _POOL
 
 
 def index_taken(repo: StoreParts, g: InFlight, taken: Sequence[Taken]) -> tuple[int, int]:

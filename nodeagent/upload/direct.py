@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "direct", "coordinator")
 SHARED_NAMESPACE = "shared"  # as coordinator/store/config.py names it
+PIECE = 4 << 20  # chunk bytes compressed and added to the open pack at once
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,22 @@ class GenerationPacks:
         return new & ~self.sink.contains(self.namespace, ids) & ~member_of(ids, done)
 
     def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
+        """Add chunks in pieces of about PIECE bytes (at most a pack): a round's batch
+        (up to 64 MiB) still makes packs of about the store's pack size, and the writer
+        threads start on the first pack while the rest is compressed."""
+        n = len(chunks)
+        cum = np.cumsum(np.fromiter((len(c) for c in chunks), dtype=np.int64, count=n))
+        if not n:
+            return
+        piece = min(PIECE, self.store.pack_bytes)
+        cuts = np.searchsorted(cum, np.arange(piece, int(cum[-1]), piece)) + 1
+        a = 0
+        for b in [*np.unique(np.minimum(cuts, n)).tolist(), n]:
+            if b > a:
+                self._add(ids[a:b], chunks[a:b])
+                a = b
+
+    def _add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
         with self._lock:
             sel = np.flatnonzero(self._new(ids))
         if not sel.size:

@@ -227,3 +227,22 @@ def test_absent_objects_on_s3(seaweed: Seaweed) -> None:
     b.put(Kind.PACKS, PACK, b"abc")
     assert b.get_range(Kind.PACKS, PACK, 3, 0) == b""
     b.close()
+
+
+def test_a_tail_and_the_size_come_from_one_get(
+    seaweed: Seaweed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_tail: one suffix-range GET gives the last bytes and the object's size (the
+    coordinator checks an agent's pack with it, no HEAD first)."""
+    b = seaweed.backend()
+    name = "cd" + "0" * 62
+    with pytest.raises(ObjectNotFound):
+        b.get_tail(Kind.PACKS, name, 100)
+    data = os.urandom(300_000)
+    b.put(Kind.PACKS, name, data)
+    heads: list[str] = []
+    monkeypatch.setattr(b, "_head_size", lambda key: heads.append(key))
+    assert b.get_tail(Kind.PACKS, name, 1000) == (len(data), data[-1000:])
+    assert b.get_tail(Kind.PACKS, name, 10**6) == (len(data), data)
+    assert heads == []
+    b.close()

@@ -33,3 +33,19 @@ def test_identical_members_on_one_node_put_their_chunks_once(tmp_path: Path) -> 
     c = PackBuilder(store, "j", 2)
     assert not c.finish().packs.packs  # an empty last report still says "direct"
     c.close()
+
+
+def test_a_whole_round_added_at_once_still_makes_packs_of_the_stores_size(
+    tmp_path: Path,
+) -> None:
+    """A direct batch is a whole MissingChunks round (up to 64 MiB): its chunks go into
+    packs in pieces, so packs keep about the store's size, not one pack per round."""
+    pack = 1 << 20
+    store = DirectStore(LocalBackend(tmp_path), "n1", "id", "loc", "job", pack, None)
+    rng = np.random.default_rng(2)
+    chunks = [rng.bytes(65536) for _ in range(160)]  # 10 MiB at once
+    b = PackBuilder(store, "j", 1)
+    b.add(digest_all(chunks), chunks)
+    sizes = [p.size for p in b.finish().packs.packs]
+    b.close()
+    assert len(sizes) >= 5 and max(sizes) < 2 * pack + (64 << 10), sizes

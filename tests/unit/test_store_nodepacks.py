@@ -101,3 +101,60 @@ def test_a_lie_found_by_another_node_drops_the_chunks_and_marks_the_liar(
 
     with pytest.raises(NodeDataBad):
         repo.commit(Manifest("j", n, None, 1, PAGE, ()))
+
+
+def test_the_sample_is_consecutive_entries_each_as_likely() -> None:
+    from coordinator.store.nodepacks import SAMPLE, sample
+
+    n, draws = 5, 4000
+    seen = np.zeros(n, int)
+    for _ in range(draws):
+        s = sample(n)
+        assert len(s) == SAMPLE and len(set(s.tolist())) == SAMPLE
+        assert sorted(((s - s[0]) % n).tolist()) in ([0, 1], [0, n - 1])  # neighbours, mod n
+        seen[s] += 1
+    share = seen / (draws * SAMPLE / n)  # 1.0: as likely as independent picks
+    assert np.all((share > 0.85) & (share < 1.15)), share
+    assert sample(1).tolist() == [0] and sample(0).size == 0
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [0, 5], [2, 3]])
+def test_sampled_rows_read_at_once_still_check_each_chunk(
+    repo: Repository, rows: list[int]
+) -> None:
+    """Adjacent entries are one ranged read, sliced back into chunks: an honest pack
+    passes whole, and one lying chunk among honest neighbours is named."""
+    from coordinator.store import nodepacks
+    from storecore.packs import read_contents
+
+    chunks = pages(6, 7)
+    rep, ids = put_pack(repo, "n1", chunks)
+    e = read_contents(repo.backend, rep.name).entries
+    assert nodepacks._bad_rows(repo, rep.name, e[rows], "job:j") == []
+    # the same chunks, one of them (the last sampled) replaced by other bytes
+    ids = [digest(c) for c in chunks]
+    blobs = list(chunks)
+    blobs[rows[-1]] = os.urandom(PAGE)
+    w = PackWriter("job:j")
+    w.add(as_id_array(ids), np.zeros(6, np.uint8), blobs, np.full(6, PAGE, np.uint32))
+    sp = w.seal()
+    name = node_prefix("n1") + sp.id.format()
+    repo.backend.put(Kind.PACKS, name, sp.data)
+    e = read_contents(repo.backend, name).entries
+    assert nodepacks._bad_rows(repo, name, e[rows], "job:j") == [ids[rows[-1]].hex()]
+
+
+def test_a_packs_size_and_trailer_come_from_one_read(repo: Repository) -> None:
+    from storecore.packs import read_contents, read_sized_contents
+
+    rep, _ = put_pack(repo, "n1", pages(20, 8))
+    size, contents = read_sized_contents(repo.backend, rep.name)
+    assert size == rep.size
+    assert np.array_equal(contents.entries, read_contents(repo.backend, rep.name).entries)
+    data = repo.backend.get(Kind.PACKS, rep.name)
+    assert repo.backend.get_tail(Kind.PACKS, rep.name, 100) == (len(data), data[-100:])
+    assert repo.backend.get_tail(Kind.PACKS, rep.name, 10**9) == (len(data), data)
+    from cpcoord.errors import ObjectNotFound
+
+    with pytest.raises(ObjectNotFound):
+        repo.backend.get_tail(Kind.PACKS, node_prefix("n1") + "ab" * 32, 100)
