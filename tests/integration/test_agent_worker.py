@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ from nodeagent.daemon.worker_ops import (
 from nodeagent.trackers import registry
 from nodeagent.upload.stream import StagedMember
 from testbed import patterns
+from testbed.daemons import daemon_env
 from testbed.driver import PAGE, Target, task_states
 from tests.conftest import require
 
@@ -411,21 +414,23 @@ def test_tracer_death_after_uffd_arm_leaves_the_member_alive(target_factory: Any
     (nodeagent/proc/inject.py, Injector._park)."""
     require(registry.availability("uffd-wp").available, "uffd-wp on this kernel")
     t = target_factory()
-    child = os.fork()
-    if child == 0:  # the "agent": freeze, arm, die while the member is still frozen
-        code = 1
-        try:
-            from nodeagent.proc.freeze import freeze
-            from nodeagent.proc.procfs import ProcessIdentity, read_maps
-            from nodeagent.trackers.uffdwp import UffdWpTracker
-
-            fp = freeze(ProcessIdentity.of(t.pid))
-            UffdWpTracker().arm(fp, read_maps(t.pid))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(child, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    # The "agent": a process of its own (not a fork of this threaded one) that freezes,
+    # arms and dies while the member is still frozen.
+    agent = (
+        "import os, sys\n"
+        "from nodeagent.proc.freeze import freeze\n"
+        "from nodeagent.proc.procfs import ProcessIdentity, read_maps\n"
+        "from nodeagent.trackers.uffdwp import UffdWpTracker\n"
+        "pid = int(sys.argv[1])\n"
+        "fp = freeze(ProcessIdentity.of(pid))\n"
+        "UffdWpTracker().arm(fp, read_maps(pid))\n"
+        "os._exit(0)  # dies as a killed agent would: nothing cleaned up\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", agent, str(t.pid)],
+        capture_output=True, text=True, timeout=120, env=daemon_env(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
     for _ in range(3):  # system calls return, the trap flag is off
         t.assert_running()
     assert t.proc.poll() is None

@@ -25,6 +25,7 @@ from nodeagent.capture.process import capture
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import Mapping, ProcessIdentity, read_stat
 from nodeagent.trackers.base import ChangedSet
+from testbed.daemons import daemon_env
 from testbed.driver import REPO, Target, proc_state
 from tests.conftest import require
 
@@ -141,33 +142,36 @@ def test_permission_denied_when_already_traced(target_factory: MakeTarget, tmp_p
     t.assert_running()
 
 
-def _cli_as_nobody(argv: list[str]) -> tuple[int, str]:
-    """Run the CLI entry point in a child that dropped root (to user nobody, no
-    capabilities): forked, not exec'd, because the interpreter lives where nobody
-    cannot read it. Returns (exit code, stderr)."""
-    from cpcoord import cli as cli_mod
+# Runs in a fresh interpreter started as root: everything the CLI needs is imported (the
+# interpreter lives where nobody cannot read it), then root is dropped (user nobody, no
+# groups, no capabilities) and the CLI runs.
+_AS_NOBODY = """
+import importlib, os, pkgutil, sys
+from cpcoord import cli
+cli.build_parser()
+for top in ("cpcoord", "nodeagent", "storecore"):  # every module, as a parent had them
+    for m in pkgutil.walk_packages(importlib.import_module(top).__path__, top + "."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+os.setgroups([])
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
-    cli_mod.build_parser()  # import every subcommand while we may still read them
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(r)
-            sys.stderr = open(w, "w")  # noqa: SIM115 (pytest replaced the real one)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            code = cli_mod.main(argv)
-        except BaseException:
-            code = 99
-        finally:
-            sys.stderr.flush()
-        os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        err = f.read()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), err
+
+def _cli_as_nobody(argv: list[str]) -> tuple[int, str]:
+    """Run the CLI as user nobody. Returns (exit code, stderr). A fresh interpreter, not
+    a fork of this one: forking a process with threads (grpc's, pools of earlier tests)
+    can leave the child spinning on a lock another thread held."""
+    r = subprocess.run(
+        [sys.executable, "-c", _AS_NOBODY, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=daemon_env(),
+    )
+    return r.returncode, r.stderr
 
 
 def test_permission_denied_for_unprivileged_user(target_factory: MakeTarget) -> None:
