@@ -45,7 +45,10 @@ from nodeagent.proc.staging import MADV_HUGEPAGE, Staging
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 MEM_GAP = 16  # pages: readv-able gaps this short between /proc/PID/mem pages go with them
-WINDOW_GAP = 4096  # pages: pagemap is read in windows over gaps up to this
+# Pages: pagemap is read in windows over gaps up to this. A word costs the kernel a
+# look at its page (exclusive or not), a read ~3 us: for 1% of 1 GiB scattered, 256
+# measured 18.4 ms for the whole write against 20.0 with 4096 and 22.2 with 32.
+WINDOW_GAP = 256
 ZERO, READV, MEM = 0, 1, 2
 
 
