@@ -118,6 +118,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pread_all(fd: int, offset: int, length: int, what: str) -> bytes:
+    """Exactly `length` bytes at `offset` (short reads continued); DataCorrupted if the
+    object ends first."""
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        b = os.pread(fd, length - got, offset + got)
+        if not b:
+            raise DataCorrupted("object", what, f"ends before {offset + length} bytes")
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
 def _why(e: OSError) -> str:
     return e.strerror or errno.errorcode.get(e.errno or 0, str(e))
 
@@ -198,25 +212,9 @@ class LocalBackend:
     def get_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"bad range {offset}+{length} of {kind}/{name}")
-        path = self._path(kind, name)
+        fd = self._open_read(kind, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ObjectNotFound(kind, name) from None
-        except OSError as e:
-            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
-        try:
-            parts: list[bytes] = []
-            got = 0
-            while got < length:
-                b = os.pread(fd, length - got, offset + got)
-                if not b:
-                    raise DataCorrupted(
-                        "object", f"{kind}/{name}", f"ends before {offset + length} bytes"
-                    )
-                parts.append(b)
-                got += len(b)
-            return b"".join(parts)
+            return _pread_all(fd, offset, length, f"{kind}/{name}")
         except OSError as e:
             raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
         finally:
@@ -224,27 +222,24 @@ class LocalBackend:
 
     def get_tail(self, kind: Kind, name: str, length: int) -> tuple[int, bytes]:
         """(object size, its last `length` bytes or all of it): one open."""
-        path = self._path(kind, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ObjectNotFound(kind, name) from None
-        except OSError as e:
-            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
+        fd = self._open_read(kind, name)
         try:
             size = os.fstat(fd).st_size
             want = min(size, length)
-            data = os.pread(fd, want, size - want)
-            while len(data) < want:  # short reads: a regular file gives them rarely
-                more = os.pread(fd, want - len(data), size - want + len(data))
-                if not more:
-                    raise DataCorrupted("object", f"{kind}/{name}", f"ends before {size} bytes")
-                data += more
-            return size, data
+            return size, _pread_all(fd, size - want, want, f"{kind}/{name}")
         except OSError as e:
             raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
         finally:
             os.close(fd)
+
+    def _open_read(self, kind: Kind, name: str) -> int:
+        """An fd of the object, for reading: ObjectNotFound, or StoreError naming why."""
+        try:
+            return os.open(self._path(kind, name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFound(kind, name) from None
+        except OSError as e:
+            raise StoreError(f"cannot read {kind}/{name}: {_why(e)}") from e
 
     def stat(self, kind: Kind, name: str) -> ObjectInfo:
         try:
