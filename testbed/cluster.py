@@ -255,9 +255,9 @@ class Cluster:
         self, *args: str, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "cpcoord", *args, "--coordinator", self.address]
-        r = subprocess.run(
-            argv, cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=timeout
-        )
+        # extra_env: an S3 store's variables, so `export` can read the store itself.
+        env = daemon_env(self.extra_env)
+        r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(
                 f"cpcoord {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 import grpc
 
 from coordinator import diff, generations, members_ops, pagestream, restore
+from coordinator.dataplane import announcement
 from coordinator.engine import Engine
 from coordinator.servicers import convert, watch
 from coordinator.store import GcReport
-from cpcoord.errors import InvalidArgument, UnknownJob
+from cpcoord.errors import DataPathUnavailable, InvalidArgument, UnknownJob
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from cpcoord.grpcutil import rpc_errors
 from cpcoord.ranges import check_name
@@ -184,14 +185,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         m, nodes = generations.manifest(self.engine, request.job, request.generation)
         for name in request.members:
             check_name(name)
-        yield from pagestream.stream(
-            self.engine.repo,
-            m,
-            list(request.members),
-            list(request.regions),
-            nodes,
-            self.engine.opt.max_batch_entries,
-        )
+        if request.chunk_locations and not self.engine.opt.direct_data_path:
+            raise DataPathUnavailable("(export)", "the coordinator offers no direct data path")
+        moved = pagestream.Moved()
+        try:
+            yield from pagestream.stream(
+                self.engine.repo,
+                m,
+                list(request.members),
+                list(request.regions),
+                nodes,
+                self.engine.opt.max_batch_entries,
+                locate=request.chunk_locations,
+                moved=moved,
+            )
+        finally:  # export reads count like restore reads, under node "export"
+            self.engine.dataplane.record_read("export", moved.sent, moved.located)
 
     # -- store upkeep ----------------------------------------------------------------
 
@@ -233,7 +242,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def StoreStats(
         self, request: coordinator_pb2.StoreStatsRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.StoreStatsResponse:
-        return convert.store_stats(generations.stats(self.engine))
+        out = convert.store_stats(generations.stats(self.engine))
+        if self.engine.opt.direct_data_path:  # where clients may read packs themselves
+            a = announcement(self.engine.repo, send_key=False)
+            out.store_location = str(a["store_location"])
+            out.store_id = str(a["store_id"])
+            out.store_encrypted = bool(a["store_encrypted"])
+        return out
 
     @rpc_errors
     def Diff(

@@ -2,8 +2,10 @@
 
 The image format is that of `cpcoord capture` (cpcoord/image.py), with full pages,
 flattened: every page the generation holds for a member, whichever generation captured
-it, so the directory stands alone (no parent, no all_pages). Pages come from the
-coordinator's ReadGeneration stream and are re-hashed against their ids on arrival.
+it, so the directory stands alone (no parent, no all_pages). Pages are read from the
+store here when it opens here (`--data-path`, cpcoord/cli/export_read.py), else come
+with the coordinator's ReadGeneration stream; either way every chunk is re-hashed
+against its id before it is written.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import json
 from pathlib import Path
 
 from cpcoord import clientconn
-from cpcoord.cli import progress
+from cpcoord.cli import export_read, progress
 from cpcoord.errors import ImageInvalid
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.image_writer import ImageWriter
-from cpcoord.pagedata import read_members
 from cpcoord.ranges import PAGE_SIZE, check_name
 
 NAME = "export"
@@ -25,7 +26,8 @@ HELP = "write a committed generation as an image directory"
 EPILOG = """\
 examples:
   cpcoord export --job train-42 --out /tmp/train-42-latest
-  cpcoord export --job train-42 --generation 7 --member rank-0 --out /tmp/g7-rank0"""
+  cpcoord export --job train-42 --generation 7 --member rank-0 --out /tmp/g7-rank0
+  cpcoord export --job train-42 --data-path direct --store-key-file key --out /tmp/t42"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new or empty directory")
     p.add_argument("--json", action="store_true", help="print a summary as JSON")
+    export_read.add_arguments(p)
     clientconn.add_arguments(p)
 
 
@@ -58,11 +61,13 @@ def run(args: argparse.Namespace) -> int:
         total = len(args.members) or gen.info.members
         shown = progress.display(f"export {args.job}", enabled=not args.json)
         shown.start(progress.Status("reading", 0, total))
+        store = export_read.choose(c, args.data_path, args.store_key_file)
+        reads = export_read.Reads()
         try:
             req = coordinator_pb2.ReadGenerationRequest(
                 job=args.job, generation=n, members=args.members
             )
-            for mp in read_members(c.stream("ReadGeneration", req)):
+            for mp in export_read.members(c, req, store, args.data_path, reads):
                 if mp.header.page_size != PAGE_SIZE:
                     raise ImageInvalid(args.out, f"page size {mp.header.page_size} differs")
                 pid, start = procs.get(mp.name, (0, 0))
@@ -82,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         finally:
             shown.close()
+            if store is not None:
+                store.close()
     out = {
         "job": args.job,
         "generation": n,
@@ -89,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         "pages": pages,
         "out": str(image.path),
         "bytes_written": writer.bytes_written,
+        # Members read from the store here / through the coordinator (--data-path).
+        "read_path": {"direct": reads.direct, "coordinator": reads.coordinator},
+        "bytes_read_direct": reads.direct_bytes,
     }
     if args.json:
         print(json.dumps(out, indent=1))

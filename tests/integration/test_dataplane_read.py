@@ -10,6 +10,7 @@ CPCOORD_TEST_STORE=s3.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,3 +128,81 @@ def test_coordinator_data_path_agent_restores_through_the_coordinator(
     moved = read_bytes_by_path(port)
     assert moved.get("coordinator", 0) >= PAGES * 4096 and not moved.get("direct"), moved
     _equals_export(c, t, gen, tmp_path / "g")
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def _export_json(c: Cluster, gen: int, out: Path, *extra: str) -> dict[str, object]:
+    r = c.cli_json("export", "--job", "rd", "--generation", str(gen), "--out", str(out), *extra)
+    assert isinstance(r, dict), r
+    return r
+
+
+def test_export_reads_the_store_itself_and_is_exact(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    c, port = _cluster(cluster_factory)
+    t = target_factory(maps=[f"data:{PAGES}:anon:random:45"])
+    attach(c, "rd", "m", t, "node-a")
+    gen = int(c.cli_json("checkpoint", "--job", "rd")["generation"])
+    want = t.read("data")
+    before = read_bytes_by_path(port)
+    r = _export_json(c, gen, tmp_path / "d", "--data-path", "direct")
+    assert r["read_path"] == {"direct": 1, "coordinator": 0}, r
+    assert int(r["bytes_read_direct"]) >= PAGES * 4096, r  # type: ignore[call-overload]
+    after = read_bytes_by_path(port)
+    moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("direct", "coordinator")}
+    # The coordinator only located the chunks; it sent none of them.
+    assert moved["direct"] >= PAGES * 4096 and moved["coordinator"] == 0, moved
+    got, _ = exported(tmp_path / "d", "m")
+    assert np.array_equal(got, want)
+    # The same bytes through the coordinator (and now it is the one that sent them).
+    r = _export_json(c, gen, tmp_path / "c", "--data-path", "coordinator")
+    assert r["read_path"] == {"direct": 0, "coordinator": 1}, r
+    got, _ = exported(tmp_path / "c", "m")
+    assert np.array_equal(got, want)
+    assert read_bytes_by_path(port).get("coordinator", 0) - after.get("coordinator", 0) >= (
+        PAGES * 4096
+    )
+
+
+def test_export_falls_back_to_the_coordinator_when_its_own_read_fails(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    c, _ = _cluster(cluster_factory)
+    t = target_factory(maps=[f"data:{PAGES}:anon:random:46"])
+    attach(c, "rd", "m", t, "node-a")
+    gen = int(c.cli_json("checkpoint", "--job", "rd")["generation"])
+    want = t.read("data")
+    c.extra_env["CPCOORD_FAULT_FAIL"] = "agent.restore.direct_read"
+    try:
+        args = ("export", "--job", "rd", "--generation", str(gen), "--json")
+        r = c.cli(*args, "--out", str(tmp_path / "a"))
+        assert json.loads(r.stdout)["read_path"] == {"direct": 0, "coordinator": 1}, r.stdout
+        assert "member m: direct read failed, reading through the coordinator" in r.stderr
+        got, _ = exported(tmp_path / "a", "m")
+        assert np.array_equal(got, want)
+        # --data-path direct fails instead, with the reason, and leaves no image behind.
+        r = c.cli(*args, "--out", str(tmp_path / "b"), "--data-path", "direct", check=False)
+        assert r.returncode != 0 and "fault point agent.restore.direct_read" in r.stderr, r
+        assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    finally:
+        del c.extra_env["CPCOORD_FAULT_FAIL"]
+
+
+def test_export_reads_through_a_coordinator_that_offers_no_direct_path(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    c = cluster_factory(nodes=("node-a",), coordinator_args=("--no-direct-data-path",))
+    t = target_factory(maps=[f"data:{PAGES}:anon:random:47"])
+    attach(c, "rd", "m", t, "node-a")
+    gen = int(c.cli_json("checkpoint", "--job", "rd")["generation"])
+    args = ("export", "--job", "rd", "--generation", str(gen), "--json")
+    r = c.cli(*args, "--out", str(tmp_path / "a"))
+    assert json.loads(r.stdout)["read_path"] == {"direct": 0, "coordinator": 1}, r.stdout
+    assert "reading through the coordinator: the direct data path cannot be used" in r.stderr
+    got, _ = exported(tmp_path / "a", "m")
+    assert np.array_equal(got, t.read("data"))
+    r = c.cli(*args, "--out", str(tmp_path / "b"), "--data-path", "direct", check=False)
+    assert r.returncode == 150 and "offers no direct data path" in r.stderr, r

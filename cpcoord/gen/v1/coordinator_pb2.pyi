@@ -432,16 +432,18 @@ class DiffResponse(_message.Message):
     def __init__(self, member: _Optional[str] = ..., region: _Optional[str] = ..., added: _Optional[bool] = ..., removed: _Optional[bool] = ..., changed: _Optional[_Iterable[_Union[_types_pb2.PageRun, _Mapping]]] = ..., pages_changed: _Optional[int] = ..., bytes_changed: _Optional[int] = ...) -> None: ...
 
 class ReadGenerationRequest(_message.Message):
-    __slots__ = ("job", "generation", "members", "regions")
+    __slots__ = ("job", "generation", "members", "regions", "chunk_locations")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     members: _containers.RepeatedScalarFieldContainer[str]
     regions: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[str]] = ...) -> None: ...
+    chunk_locations: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[str]] = ..., chunk_locations: _Optional[bool] = ...) -> None: ...
 
 class GarbageCollectRequest(_message.Message):
     __slots__ = ("keep", "dry_run")
@@ -530,7 +532,7 @@ class StoreStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StoreStatsResponse(_message.Message):
-    __slots__ = ("chunks", "packs", "pack_bytes", "chunk_bytes", "stored_chunk_bytes", "generations", "logical_bytes", "index_memory_bytes", "dedup_ratio", "compression_ratio")
+    __slots__ = ("chunks", "packs", "pack_bytes", "chunk_bytes", "stored_chunk_bytes", "generations", "logical_bytes", "index_memory_bytes", "dedup_ratio", "compression_ratio", "store_location", "store_id", "store_encrypted")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PACKS_FIELD_NUMBER: _ClassVar[int]
     PACK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -541,6 +543,9 @@ class StoreStatsResponse(_message.Message):
     INDEX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEDUP_RATIO_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    STORE_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    STORE_ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     chunks: int
     packs: int
     pack_bytes: int
@@ -551,7 +556,10 @@ class StoreStatsResponse(_message.Message):
     index_memory_bytes: int
     dedup_ratio: float
     compression_ratio: float
-    def __init__(self, chunks: _Optional[int] = ..., packs: _Optional[int] = ..., pack_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., stored_chunk_bytes: _Optional[int] = ..., generations: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., index_memory_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., compression_ratio: _Optional[float] = ...) -> None: ...
+    store_location: str
+    store_id: str
+    store_encrypted: bool
+    def __init__(self, chunks: _Optional[int] = ..., packs: _Optional[int] = ..., pack_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., stored_chunk_bytes: _Optional[int] = ..., generations: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., index_memory_bytes: _Optional[int] = ..., dedup_ratio: _Optional[float] = ..., compression_ratio: _Optional[float] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_encrypted: _Optional[bool] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("jobs", "include_progress")
