@@ -115,8 +115,9 @@ def attach(engine: EngineView, req: AttachRequest) -> tuple[MemberRec, types_pb2
 
 
 def detach(engine: EngineView, job: str, member: str) -> MemberRec:
-    """Forget a member (its committed generations stay). Refused while the job has a
-    generation in flight."""
+    """Forget a member (its committed generations stay); the root of a tree takes its
+    whole group with it, root first so that its agent stops finding descendants.
+    Refused while the job has a generation in flight."""
     check_name(job)
     check_name(member)
     with engine.lock:
@@ -125,27 +126,44 @@ def detach(engine: EngineView, job: str, member: str) -> MemberRec:
         if busy is not None:
             raise JobBusy(job, busy.number)
         s = engine.agents.current(rec.node)
-        engine.members.remove(job, member)
-    if s is not None:
-        try:
-            s.ask(
-                "DetachMember",
-                engine.opt.command_timeout_s,
-                detach_member=agent_pb2.DetachMember(job=job, member=member),
+        group = [rec]
+        if rec.group == rec.name:  # a root: its descendants go too
+            group += sorted(
+                (
+                    r
+                    for r in engine.members.of_job(job)
+                    if r.group == rec.name and r.name != rec.name
+                ),
+                key=lambda r: r.name,
             )
-        except CpcoordError as e:  # it is detached here; the agent forgets it at reconnect
-            log_event(
-                log,
-                logging.WARNING,
-                "agent did not detach",
-                job=job,
-                member=member,
-                node=rec.node,
-                why=str(e),
-            )
-    log_event(log, logging.INFO, "member detached", job=job, member=member)
-    engine.events.publish("member_detached", job=job, member=member, node=rec.node)
+        for r in group:
+            engine.members.remove(job, r.name)
+    for r in group:
+        _detach_on_agent(engine, s if r.node == rec.node else engine.agents.current(r.node), r)
+        log_event(log, logging.INFO, "member detached", job=job, member=r.name)
+        engine.events.publish("member_detached", job=job, member=r.name, node=r.node)
     return rec
+
+
+def _detach_on_agent(engine: EngineView, s: AgentSession | None, rec: MemberRec) -> None:
+    if s is None:
+        return
+    try:
+        s.ask(
+            "DetachMember",
+            engine.opt.command_timeout_s,
+            detach_member=agent_pb2.DetachMember(job=rec.job, member=rec.name),
+        )
+    except CpcoordError as e:  # it is detached here; the agent forgets it at reconnect
+        log_event(
+            log,
+            logging.WARNING,
+            "agent did not detach",
+            job=rec.job,
+            member=rec.name,
+            node=rec.node,
+            why=str(e),
+        )
 
 
 def mark_gone(engine: EngineView, job: str, member: str, detail: str) -> MemberRec | None:

@@ -1,4 +1,5 @@
-"""`cpcoord detach`: remove a member from a job (its generations stay)."""
+"""`cpcoord detach`: remove a member from a job (its generations stay); the root of a
+tree (`attach --tree`) takes its descendants with it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.ranges import check_name
 
 NAME = "detach"
-HELP = "remove a member from a job"
+HELP = "remove a member (a tree's root: the whole tree) from a job"
 EPILOG = """\
 example:
   cpcoord detach --job train-42 --member rank-3"""

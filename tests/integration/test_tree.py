@@ -30,6 +30,7 @@ from coordinator.store import manifest_io
 from coordinator.store.manifest import Manifest, MemberMap, RegionMap
 from testbed.cluster import Cluster, attach_args
 from tests.helpers.restore_c import C_DIR, CProcess, build_c
+from tests.helpers.traceless import userfaultfds
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -263,3 +264,24 @@ def test_owner_moves_when_the_root_unmaps(
     r2 = cluster.cli_json("restore", "--job", "j", "--generation", str(g2))
     assert r2["state"] == "restored", r2
     assert t.send("check") == "ok 2"
+
+
+def test_detaching_the_root_detaches_the_tree(
+    cluster: Cluster, spawn: Callable[[str], TreeTarget]
+) -> None:
+    """`cpcoord detach` of a root takes its group with it: no member is left in the job,
+    no process of the tree holds the tracker's userfaultfd, and both keep working."""
+    t = spawn("anon")
+    child = f"t.{t.kids[0]}"
+    cluster.cli(*attach_args("j", "t", t.pid, "node-a"), "--tree")
+    _checkpoint(cluster, "j")
+    _checkpoint(cluster, "j")  # incremental: the uffd-wp tracker is armed in both
+    assert set(_members(cluster, "j")) == {"t", child}
+    armed = [p for p in (t.pid, t.kids[0]) if userfaultfds(p)]
+    cluster.cli("detach", "--job", "j", "--member", "t")
+    jobs = cluster.cli_json("jobs", "--job", "j")["jobs"]
+    assert all(not j["members"] for j in jobs), jobs
+    for pid in armed:
+        assert userfaultfds(pid) == [], f"pid {pid} still holds the tracker's uffd"
+    assert t.send("write 5") == "ok"
+    assert t.send("check") == "ok 5"
