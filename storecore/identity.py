@@ -32,3 +32,20 @@ def read_store_id(backend: Backend) -> str:
         why = f"store format {fmt}, this version reads {STORE_FORMAT}"
         raise StoreInvalid(backend.location, why)
     return sid
+
+
+def open_announced(location: str, store_id: str) -> Backend:
+    """The existing store at `location` (never created), checked to be the one whose id
+    a coordinator announced (StoreInvalid naming both otherwise); the caller closes it."""
+    from storecore.location import open_backend  # location's backends import nothing here
+
+    backend = open_backend(location, create=False)
+    try:
+        sid = read_store_id(backend)
+        if sid != store_id:
+            why = f"its id is {sid}, the coordinator's store is {store_id}"
+            raise StoreInvalid(location, why)
+    except BaseException:
+        backend.close()
+        raise
+    return backend

@@ -31,8 +31,7 @@ from cpcoord.pagedata import MemberPages, read_members
 from nodeagent.restore import direct_read
 from storecore.backend import Backend
 from storecore.crypt import Sealer, load_key
-from storecore.identity import read_store_id
-from storecore.location import open_backend
+from storecore.identity import open_announced
 
 MODES = ("auto", "direct", "coordinator")
 WHO = "(export)"  # DataPathUnavailable names a node; this reader is no node
@@ -70,12 +69,8 @@ class DirectStore:
 def _open(stats: coordinator_pb2.StoreStatsResponse, key_file: Path | None) -> DirectStore:
     if not stats.store_location:
         raise DataPathUnavailable(WHO, "the coordinator offers no direct data path")
-    backend = open_backend(stats.store_location, create=False)
+    backend = open_announced(stats.store_location, stats.store_id)
     try:
-        sid = read_store_id(backend)
-        if sid != stats.store_id:
-            why = f"its id is {sid}, the coordinator's store is {stats.store_id}"
-            raise StoreInvalid(stats.store_location, why)
         sealer = load_key(key_file) if stats.store_encrypted else None
         if stats.store_encrypted and sealer is None:
             raise StoreInvalid(

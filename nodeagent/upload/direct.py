@@ -39,9 +39,8 @@ from cpcoord.gen.v1 import agent_pb2
 from storecore import packs
 from storecore.backend import Backend, Buffer
 from storecore.crypt import Sealer, load_key
-from storecore.identity import read_store_id
+from storecore.identity import open_announced
 from storecore.ids import IdArray, member_of
-from storecore.location import open_backend
 from storecore.names import node_prefix
 from storecore.writer import PackSink, StoredPack
 
@@ -105,12 +104,9 @@ def _open(w: agent_pb2.Welcome, node: str, key_file: Path | None) -> DirectStore
         raise DataPathUnavailable(node, "the coordinator announces no store")
     if w.store_dedup not in ("job", "store"):
         raise DataPathUnavailable(node, f"unknown dedup rule {w.store_dedup!r}")
-    backend = open_backend(w.store_location, create=False)
+    backend = open_announced(w.store_location, w.store_id)
+    sid = w.store_id
     try:
-        sid = read_store_id(backend)
-        if sid != w.store_id:
-            why = f"its id is {sid}, the coordinator's store is {w.store_id}"
-            raise StoreInvalid(w.store_location, why)
         sealer = None
         if w.store_encrypted:
             sealer = Sealer(w.store_key) if w.store_key else load_key(key_file)
