@@ -21,11 +21,12 @@ until closed. Results are frozen dataclasses (cpcoord/api/values.py).
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cpcoord import clientconn, pagedata
+from cpcoord import clientconn, readpath
 from cpcoord.api import convert
 from cpcoord.api import values as v
 from cpcoord.api.watch import Watch
@@ -42,6 +43,8 @@ from cpcoord.ranges import check_name
 
 RegionSpec = tuple[str, int, int]  # (name, start, end); name may be "" for "r0", "r1", ...
 OnEvent = Callable[[v.ProgressEvent], None]
+
+log = logging.getLogger("cpcoord.api")
 
 
 class Client(Closing):
@@ -327,17 +330,34 @@ class Client(Closing):
         *,
         members: Sequence[str] = (),
         regions: Sequence[str] = (),
+        data_path: str = "auto",
+        store_key_file: Path | None = None,
     ) -> Iterator[v.MemberPages]:
         """The pages of a committed generation (0 = latest), member by member, each chunk
-        re-hashed against its id on arrival."""
+        re-hashed against its id; `data_path` auto|direct|coordinator: read the packs
+        from the store here when it opens here (cpcoord/readpath.py; a fallback is
+        logged), or through the coordinator."""
         req = coordinator_pb2.ReadGenerationRequest(
             job=job, generation=generation, members=list(members), regions=list(regions)
         )
-        for mp in pagedata.read_members(self._stream("ReadGeneration", req)):
-            yield convert.member_pages(job, mp)
+        store = readpath.choose(self._call, data_path, store_key_file, _warn)
+        try:
+            reads = readpath.Reads()
+            for mp in readpath.members(self._stream, req, store, data_path, reads, _warn):
+                yield convert.member_pages(job, mp)
+        finally:
+            if store is not None:
+                store.close()
 
     def export(
-        self, job: str, out: Path | str, generation: int = 0, *, members: Sequence[str] = ()
+        self,
+        job: str,
+        out: Path | str,
+        generation: int = 0,
+        *,
+        members: Sequence[str] = (),
+        data_path: str = "auto",
+        store_key_file: Path | None = None,
     ) -> Path:
         """Write a committed generation as an image directory (as `cpcoord export`)."""
         from cpcoord.image_writer import ImageWriter
@@ -348,7 +368,10 @@ class Client(Closing):
         procs = {m.name: (m.pid, m.start_time) for j in self.jobs(job) for m in j.members}
         writer = ImageWriter(Path(out), job=job, generation=n)
         try:
-            for mp in self.read_generation(job, n, members=members):
+            pages = self.read_generation(
+                job, n, members=members, data_path=data_path, store_key_file=store_key_file
+            )
+            for mp in pages:
                 if mp.page_size != PAGE_SIZE:
                     raise ImageInvalid(str(out), f"page size {mp.page_size} differs")
                 pid, start = procs.get(mp.member, (0, 0))
@@ -412,3 +435,7 @@ class Client(Closing):
             return w
 
         return self._conn.with_failover(start)
+
+
+def _warn(text: str) -> None:
+    log.warning(text)

@@ -3,7 +3,7 @@
 The image format is that of `cpcoord capture` (cpcoord/image.py), with full pages,
 flattened: every page the generation holds for a member, whichever generation captured
 it, so the directory stands alone (no parent, no all_pages). Pages are read from the
-store here when it opens here (`--data-path`, cpcoord/cli/export_read.py), else come
+store here when it opens here (`--data-path`, cpcoord/readpath.py), else come
 with the coordinator's ReadGeneration stream; either way every chunk is re-hashed
 against its id before it is written.
 """
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from cpcoord import clientconn
-from cpcoord.cli import export_read, progress
+from cpcoord import clientconn, readpath
+from cpcoord.cli import progress
 from cpcoord.errors import ImageInvalid
 from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.image_writer import ImageWriter
@@ -38,7 +39,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new or empty directory")
     p.add_argument("--json", action="store_true", help="print a summary as JSON")
-    export_read.add_arguments(p)
+    p.add_argument(
+        "--data-path",
+        choices=readpath.MODES,
+        default="auto",
+        help="read packs from the store here (direct), through the coordinator, or direct "
+        "when the store opens here (auto, default)",
+    )
+    p.add_argument(
+        "--store-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the store's data key, for a direct read of a sealed store "
+        "(default: $CPCOORD_STORE_KEY)",
+    )
     clientconn.add_arguments(p)
 
 
@@ -61,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
         total = len(args.members) or gen.info.members
         shown = progress.display(f"export {args.job}", enabled=not args.json)
         shown.start(progress.Status("reading", 0, total))
-        store = export_read.choose(c, args.data_path, args.store_key_file)
-        reads = export_read.Reads()
+        store = readpath.choose(c.call, args.data_path, args.store_key_file, _warn)
+        reads = readpath.Reads()
         try:
             req = coordinator_pb2.ReadGenerationRequest(
                 job=args.job, generation=n, members=args.members
             )
-            for mp in export_read.members(c, req, store, args.data_path, reads):
+            for mp in readpath.members(c.stream, req, store, args.data_path, reads, _warn):
                 if mp.header.page_size != PAGE_SIZE:
                     raise ImageInvalid(args.out, f"page size {mp.header.page_size} differs")
                 pid, start = procs.get(mp.name, (0, 0))
@@ -108,3 +123,7 @@ def run(args: argparse.Namespace) -> int:
             f"-> {image.path}"
         )
     return 0
+
+
+def _warn(text: str) -> None:
+    print(f"cpcoord export: {text}", file=sys.stderr)

@@ -13,7 +13,7 @@ thaws. RestoreInto downloads and writes into another process.
 
 On the direct data path (the store opened at the Welcome) every download asks the
 coordinator only where the chunks lie and reads the packs itself
-(nodeagent/restore/direct_read.py); when that read fails it logs why and downloads
+(cpcoord/packread.py); when that read fails it logs why and downloads
 through the coordinator, which checks every chunk again.
 """
 
@@ -135,7 +135,7 @@ class Commands:
         self, s: Session, job: str, gen: int, member: str, scope: prefetch.Scope | None = None
     ) -> tuple[Contents, CpcoordError | None, str]:
         """The member's pages (or the scope's), and the path they came by: "direct"
-        (the store this agent opened at the Welcome; nodeagent/restore/direct_read.py)
+        (the store this agent opened at the Welcome; cpcoord/packread.py)
         when it has one, else, or when that read fails (logged with why), "coordinator"."""
         only = prefetch.page_filter(scope) if scope is not None else None
         store = s.limits.direct

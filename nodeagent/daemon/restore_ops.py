@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cpcoord import kstate, mapfacts
+from cpcoord import kstate, mapfacts, packread
 from cpcoord.errors import (
     CpcoordError,
     InvalidArgument,
@@ -41,7 +41,6 @@ from cpcoord.ranges import PAGE_SIZE
 from nodeagent.daemon.membership import HeldMember
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.registers import ARCH, ThreadState, ThreadStates, save_thread_state
-from nodeagent.restore import direct_read
 from nodeagent.restore.apply import (
     Fitted,
     MemberLayout,
@@ -154,7 +153,7 @@ def download(
     """Every region of the member at `generation`, pages not listed (or ZERO) as zeros;
     `only` (DownloadRequest.page_filter): just those pages of each region. With `store`
     (the direct read path): the coordinator names where the chunks lie and they are
-    read from the store here (nodeagent/restore/direct_read.py), `on_read` told of
+    read from the store here (cpcoord/packread.py), `on_read` told of
     each ranged read's bytes."""
     req = agent_pb2.DownloadRequest(
         job=job,
@@ -167,7 +166,7 @@ def download(
     checked = None
     if store is not None:
         batches = [m.batch for m in msgs if m.WhichOneof("body") == "batch"]
-        checked = direct_read.fetch(store.backend, store.sealer, batches, on_read)
+        checked = packread.fetch(store.backend, store.sealer, batches, on_read)
     got = list(read_members(msgs, checked))
     if len(got) != 1 or got[0].name != member:
         raise InvalidArgument(f"DownloadPages for {member!r} sent {len(got)} members")

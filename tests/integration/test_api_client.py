@@ -136,9 +136,14 @@ def assert_progress(evs: list[ProgressEvent], members: set[str]) -> None:
 
 
 def test_whole_flow_through_the_client(
-    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+    cluster_factory: Callable[..., Cluster],
+    target_factory: Callable[..., Target],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cl = cluster_factory(nodes=("node-a", "node-b"), keep=5)
+    for k, val in cl.extra_env.items():  # an S3 store's variables: the client reads it too
+        monkeypatch.setenv(k, val)
     ta = target_factory(maps=["data:64"])
     tb = target_factory(maps=["data:32:anon:random:5"])
     with Client(cl.address, insecure=True, timeout=60) as c:
@@ -198,9 +203,13 @@ def test_whole_flow_through_the_client(
         assert diff[("a", "data")].changed == ((5, 3),) and diff[("a", "data")].pages_changed == 3
         assert sum(d.pages_changed for d in diff.values()) == 3
 
-        out = c.export("train", tmp_path / "export-2", 2)
-        im = load_image(out)
-        assert np.array_equal(np.array(region_bytes(im, "a", "data")), cut2["a"])
+        # Both read paths (the packs read here, or through the coordinator) agree.
+        for path in ("direct", "coordinator"):
+            out = c.export("train", tmp_path / f"export-2-{path}", 2, data_path=path)
+            im = load_image(out)
+            assert np.array_equal(np.array(region_bytes(im, "a", "data")), cut2["a"])
+        with pytest.raises(InvalidArgument, match="data path 'nearest'"):
+            c.export("train", tmp_path / "export-x", 2, data_path="nearest")
 
         # pin, then in-place restore of generation 1 after scribbling over a
         assert c.pin("train", 1).pinned

@@ -1,17 +1,19 @@
-"""The direct read path of a restore: the coordinator names where each chunk lies
-(DownloadRequest.chunk_locations: pack, offset, sizes, method; no page byte), this
-agent reads the packs from the store it opened at the Welcome (directory or S3) and
-checks every chunk before anything uses it.
+"""The direct read path: the coordinator names where each chunk lies (PageBatch.locations:
+pack, offset, sizes, method; no page byte) and the reader reads the packs from the store
+itself (directory or S3) and checks every chunk before anything uses it. Readers: an
+agent restoring (DownloadRequest.chunk_locations, the store it opened at the Welcome;
+nodeagent/daemon/restore_ops.py) and a client exporting (ReadGenerationRequest.
+chunk_locations, the store StoreStats names; cpcoord/readpath.py).
 
 Reads are batched: the chunks of a whole download are sorted by (pack, offset) and
 adjacent blobs of a pack (gaps up to GAP_BYTES, spans up to SPAN_BYTES) come with one
 ranged read, a few spans at a time (READ_THREADS; S3 latency). Each chunk is then
 opened (sealed: the store's key, AES-GCM), decompressed and its BLAKE3 compared with
 its id (storecore.packs.decode_chunk); a mismatch is DataCorrupted naming the chunk and
-the pack, and nothing of the download is used. The caller (nodeagent/daemon/
-agent_commands.py) then reads through the coordinator, logging why: the coordinator
-re-reads and re-checks the same chunks, so a chunk that is damaged in the store fails
-the restore before the freeze, and one the agent saw wrongly (a stale mount) restores.
+the pack, and nothing of the download is used. The caller then reads through the
+coordinator, saying why: the coordinator re-reads and re-checks the same chunks, so a
+chunk that is damaged in the store still fails (a restore before the freeze), and one
+the reader saw wrongly (a stale mount) is read right.
 Per chunk, never per page: the pages are assembled by cpcoord.pagedata in NumPy.
 """
 

@@ -1,4 +1,4 @@
-"""The direct read path's fetch (nodeagent/restore/direct_read.py) against real packs in
+"""The direct read path's fetch (cpcoord/packread.py) against real packs in
 a directory store: chunks come back exact and in their batches, adjacent blobs of a
 pack come with one ranged read, sealed and compressed chunks open, and one damaged byte
 is DataCorrupted naming the chunk (nothing returned)."""
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cpcoord import packread
 from cpcoord.errors import DataCorrupted
 from cpcoord.gen.v1 import common_pb2
-from nodeagent.restore import direct_read
 from storecore import packs
 from storecore.backend import Kind, LocalBackend
 from storecore.crypt import Sealer
@@ -75,7 +75,7 @@ def test_fetch_is_exact_per_batch_with_one_read_per_span(tmp_path: Path, sealed:
     b, name, e = _store(tmp_path, chunks, sealer)
     # Two batches, the second's chunks in reverse order; an empty batch between.
     batches = [_batch(name, e[:25]), common_pb2.PageBatch(), _batch(name, e[25:][::-1])]
-    got = direct_read.fetch(b, sealer, batches)
+    got = packread.fetch(b, sealer, batches)
     assert got[1] == ([], [])
     assert got[0] is not None and got[2] is not None
     assert got[0][1] == chunks[:25]
@@ -87,25 +87,25 @@ def test_fetch_is_exact_per_batch_with_one_read_per_span(tmp_path: Path, sealed:
 def test_a_batch_with_chunk_bytes_is_left_to_the_stream(tmp_path: Path) -> None:
     b, name, e = _store(tmp_path, _chunks(3))
     plain = common_pb2.PageBatch(chunks=common_pb2.ChunkData(ids=bytes(32)))
-    assert direct_read.fetch(b, None, [plain, _batch(name, e)])[0] is None
+    assert packread.fetch(b, None, [plain, _batch(name, e)])[0] is None
 
 
 def test_spans_split_at_big_gaps_and_at_the_span_limit(tmp_path: Path) -> None:
     chunks = [os.urandom(1 << 20) for _ in range(6)]
     b, name, e = _store(tmp_path, chunks)
     keep = e[[0, 1, 4]]  # a 2 MiB gap between 1 and 4
-    direct_read.fetch(b, None, [_batch(name, keep)])
+    packread.fetch(b, None, [_batch(name, keep)])
     assert [r[1:] for r in b.reads] == [
         (int(e["offset"][0]), 2 << 20),
         (int(e["offset"][4]), 1 << 20),
     ]
     b.reads.clear()
-    limit = direct_read.SPAN_BYTES
-    direct_read.SPAN_BYTES = 3 << 20
+    limit = packread.SPAN_BYTES
+    packread.SPAN_BYTES = 3 << 20
     try:
-        direct_read.fetch(b, None, [_batch(name, e)])
+        packread.fetch(b, None, [_batch(name, e)])
     finally:
-        direct_read.SPAN_BYTES = limit
+        packread.SPAN_BYTES = limit
     assert [r[2] for r in sorted(b.reads, key=lambda r: r[1])] == [3 << 20, 3 << 20]
 
 
@@ -117,4 +117,4 @@ def test_a_damaged_byte_is_data_corrupted(tmp_path: Path) -> None:
     data[int(e["offset"][5]) + 17] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(DataCorrupted, match=e["id"][5].tobytes().hex()):
-        direct_read.fetch(b, None, [_batch(name, e)])
+        packread.fetch(b, None, [_batch(name, e)])
