@@ -321,7 +321,7 @@ class Receiver:
         self.direct = True
         if not msg.packs:
             return
-        reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
+        reports = [nodepacks.Report(p.name, p.size, p.ids, p.cached) for p in msg.packs]
         chunks, nbytes = self.engine.repo.take_packs(
             self.f.job, self.f.number, self.h.node, reports
         )

@@ -227,7 +227,20 @@ def generation_dict(info: Any) -> dict[str, Any]:
         "frozen_seconds": info.frozen_seconds,
         "seconds": info.seconds,
         "full": info.full,
+        "level": level_name(info.level),
     }
+
+
+def level_name(n: int) -> str:
+    """A DurabilityLevel as printed: local, partner, store (UNSPECIFIED: an older
+    coordinator, whose generations are all in the store)."""
+    from cpcoord.gen.v1 import common_pb2
+
+    try:
+        name = common_pb2.DurabilityLevel.Name(n).removeprefix("DURABILITY_LEVEL_").lower()
+    except ValueError:
+        return "store"
+    return "store" if name == "unspecified" else name
 
 
 def human_bytes(n: float) -> str:
