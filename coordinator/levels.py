@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from coordinator.generations import summarize
 from coordinator.store import nodepacks
 from cpcoord.errors import CpcoordError
+from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
 from cpcoord.log import log_event
 
@@ -66,6 +67,7 @@ def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None
 
 
 def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
+    fault_point("coordinator.drain")  # tests: killed with drained packs not yet taken
     reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
     nbytes = sum(r.size for r in reports)
     try:

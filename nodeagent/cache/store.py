@@ -129,6 +129,19 @@ class NodeCache:
                 if self._ledger[(job, g)].get("drained"):
                     self._forget((job, g))
 
+    def sweep(self, owed: set[str]) -> int:
+        """At a Welcome (a new stream: what was in flight on the old one was aborted, and
+        its Abort may never have come): drop packs neither the ledger lists nor the
+        coordinator says are owed to the store (`owed`); returns how many."""
+        with self._lock:
+            self._pending.clear()
+            gone = [n for n in self._sizes if n not in owed and not self._listed(n)]
+            self._delete(gone)
+        if gone:
+            log.info("node cache: dropped packs of aborted generations",
+                     extra={"fields": {"packs": len(gone)}})  # fmt: skip
+        return len(gone)
+
     def has(self, name: str) -> bool:
         with self._lock:
             return name in self._sizes

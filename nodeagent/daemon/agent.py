@@ -308,7 +308,8 @@ class Agent:
             direct=direct,
         )
         s.interval = (w.heartbeat_interval_ms or 1000) / 1000
-        if self.drainer is not None:
+        if self.drainer is not None and self.cache is not None:
+            self.cache.sweep({name for item in w.drain for name in item.packs})
             self.drainer.set_store(direct.backend if direct is not None else None)
             self.drainer.welcome(w.drain)
         self._quick = 0
