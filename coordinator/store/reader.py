@@ -47,7 +47,7 @@ def read_chunks(repo: StoreParts, namespace: str, ids: Any) -> list[bytes]:
             for f, p in zip(found, locs["pack"], strict=True)
         ]
     if not found.all():  # a committed manifest needs it: data loss, or not drained yet
-        raise _lost(repo, namespace, arr[~found])
+        raise lost(repo, namespace, arr[~found])
     cids = ids_to_bytes(arr)
     out: list[bytes] = [b""] * arr.size
     # One ranged read per span of adjacent blobs of a pack (up to SPAN_BYTES), not per chunk.
@@ -108,7 +108,7 @@ def locate_chunks(repo: StoreParts, namespace: str, ids: Any) -> Located:
         numbers, index = np.unique(locs["pack"][found], return_inverse=True)
         names = [repo.index.pack(int(p)).name for p in numbers.tolist()]
     if not found.all():
-        raise _lost(repo, namespace, arr[~found])
+        raise lost(repo, namespace, arr[~found])
     return Located(names, index.astype(np.uint32), locs)
 
 
@@ -166,7 +166,7 @@ def read_region(repo: StoreParts, job: str, generation: int, member: str, region
     return buf
 
 
-def _lost(repo: StoreParts, namespace: str, lost: IdArray) -> CpcoordError:
+def lost(repo: StoreParts, namespace: str, lost: IdArray) -> CpcoordError:
     """Chunks a committed manifest names that the store lacks: still in a node cache (a
     generation at level `local`, docs/multilevel.md), else data loss."""
     with repo.lock:

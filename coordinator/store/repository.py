@@ -58,6 +58,7 @@ from cpcoord.errors import (
     InvalidArgument,
     ManifestInvalid,
     NodeDataBad,
+    NotDrained,
     StoreError,
 )
 from cpcoord.log import log_event
@@ -404,6 +405,15 @@ class Repository(Closing):
     def read_chunks(self, namespace: str, ids: Any) -> list[bytes]:
         """Plain bytes of each chunk, each re-hashed against its id (DataCorrupted)."""
         return reader.read_chunks(self, namespace, ids)
+
+    def ensure_in_store(self, namespace: str, ids: IdArray) -> None:
+        """NotDrained when some of these chunks are still only in node caches."""
+        with self.lock:
+            found, _ = self.index.chunks(namespace).lookup(ids)
+        if not found.all():
+            err = reader.lost(self, namespace, ids[~found])
+            if isinstance(err, NotDrained):
+                raise err
 
     def locate_chunks(self, namespace: str, ids: Any) -> reader.Located:
         """Where each chunk lies (pack, offset, sizes, method): ids in, locations out."""
