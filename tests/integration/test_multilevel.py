@@ -185,3 +185,31 @@ def test_api_client_waits_per_level_and_watch_sees_the_rise(
         rises = [e for e in seen if e.kind is WatchKind.GENERATION_LEVEL]
         assert all(e.info is not None and e.info.level is Level.STORE for e in rises), rises
         w.close()
+
+
+def test_restore_by_default_takes_the_newest_generation_in_the_store_and_says_so(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """Generation 2 is still `local` (the coordinator holds its drain reports: the third
+    Drained, after generation 1's two): `restore` without --generation rolls the members
+    back to generation 1, the newest in the store, and says why."""
+    c, _ = _cached_cluster(cluster_factory, tmp_path)
+    assert c.coordinator is not None
+    c.coordinator.kill()
+    c.start_coordinator(pause=["coordinator.drain@3"])
+    c.wait_agents(NODES)
+    targets = _targets(c, target_factory, 128)
+    r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
+    assert r1["level"] == "store", r1
+    want1 = {n: t.read("data") for n, t in targets.items()}
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=64, counter=90 + i)
+    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    c.wait_fault("coordinator.drain")
+    r = c.cli("restore", "--job", "ml", "--json")
+    assert "generation 2 of ml is at level local" in r.stderr, r.stderr
+    assert _generation(c, "ml", 2)["level"] == "local"
+    assert '"generation": 1' in r.stdout, r.stdout
+    for name, t in targets.items():
+        assert np.array_equal(t.read("data"), want1[name]), name
