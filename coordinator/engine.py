@@ -161,6 +161,7 @@ class Engine:
             if old is not None:
                 raise DuplicateAgent(hello.node, f"connected from {old.peer}")
             s = AgentSession(hello, peer, self.clock)
+            levels.connected(self, hello)  # before the Welcome lists what it owes
             s.send(welcome=self.welcome(hello.node))
             self.agents.add(s)
         log_event(log, logging.INFO, "agent connected", node=hello.node, peer=peer)

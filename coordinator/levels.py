@@ -61,6 +61,18 @@ def drain_items(engine: EngineView, node: str) -> list[agent_pb2.DrainItem]:
     return [agent_pb2.DrainItem(job=j, generation=g, packs=names) for j, g, names in items]
 
 
+def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
+    """An agent said hello: if its node cache is not the one that holds its undrained
+    packs, those are lost, and so is every generation that needed them (never `store`;
+    restore takes an older one). Before its Welcome and before any of its uploads, so
+    no new generation counts a lost chunk as present."""
+    for job, gen in engine.repo.cache_seen(hello.node, hello.cache_id):
+        log_event(
+            log, logging.WARNING, "generation lost with a node cache", node=hello.node,
+            job=job, generation=gen,
+        )  # fmt: skip
+
+
 def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
     """An agent's Drained report: checked and answered on the drain thread."""
     _POOL.submit(_take, engine, s, msg)

@@ -241,6 +241,12 @@ class Streams:
                 info = await self.blocking(engine.repo.catalog.get, ev.job, ev.generation)
             except NoSuchGeneration:
                 return ev
+            lost = engine.repo.cached.lost.get((ev.job, ev.generation))
+            if lost is not None:  # it can never reach the store: say why and end
+                out = coordinator_pb2.CheckpointEvent()
+                out.CopyFrom(ev)
+                out.detail = f"generation {ev.generation} never reaches the store: {lost}"
+                return out
             if info.level is Level.STORE:
                 s = await self.blocking(
                     summarize, engine, ev.job, ev.generation, "", None, None, info

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,13 +36,20 @@ CREATE TABLE IF NOT EXISTS cached_packs (
     ids BLOB NOT NULL,
     job TEXT NOT NULL,
     generation INTEGER NOT NULL,
-    drained INTEGER NOT NULL DEFAULT 0
+    drained INTEGER NOT NULL DEFAULT 0,
+    cache_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS generation_packs (
     job TEXT NOT NULL,
     generation INTEGER NOT NULL,
     pack TEXT NOT NULL,
     PRIMARY KEY (job, generation, pack)
+);
+CREATE TABLE IF NOT EXISTS lost_generations (
+    job TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job, generation)
 );
 """
 
@@ -59,6 +66,7 @@ class CachedPack:
     job: str
     generation: int
     drained: bool = False
+    cache_id: str = ""  # the node cache that holds it (Hello.cache_id)
 
 
 class CachedPacks:
@@ -70,14 +78,19 @@ class CachedPacks:
             for stmt in _statements():  # not executescript: it would end the transaction
                 db.execute(stmt)
             rows = db.execute(
-                "SELECT name, node, namespace, size, ids, job, generation, drained "
+                "SELECT name, node, namespace, size, ids, job, generation, drained, cache_id "
                 "FROM cached_packs ORDER BY rowid"
             ).fetchall()
             deps = db.execute("SELECT job, generation, pack FROM generation_packs").fetchall()
+            lost = db.execute("SELECT job, generation, reason FROM lost_generations").fetchall()
         self.packs: dict[str, CachedPack] = {
-            r[0]: CachedPack(r[0], r[1], r[2], int(r[3]), bytes(r[4]), r[5], int(r[6]), bool(r[7]))
+            r[0]: CachedPack(
+                r[0], r[1], r[2], int(r[3]), bytes(r[4]), r[5], int(r[6]), bool(r[7]), r[8]
+            )
             for r in rows
         }
+        # Generations that depended on packs of a lost cache: never in the store.
+        self.lost: dict[GenKey, str] = {(j, int(g)): why for j, g, why in lost}
         self.deps: dict[GenKey, set[str]] = {}
         for job, gen, pack in deps:
             self.deps.setdefault((job, int(gen)), set()).add(pack)
@@ -126,8 +139,11 @@ class CachedPacks:
         def write(db: sqlite3.Connection) -> None:
             db.executemany(
                 "INSERT OR IGNORE INTO cached_packs (name, node, namespace, size, ids, job, "
-                "generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(p.name, p.node, p.namespace, p.size, p.ids, job, generation) for p in own],
+                "generation, cache_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (p.name, p.node, p.namespace, p.size, p.ids, job, generation, p.cache_id)
+                    for p in own
+                ],
             )
             db.executemany(
                 "INSERT OR IGNORE INTO generation_packs (job, generation, pack) VALUES (?, ?, ?)",
@@ -182,9 +198,7 @@ class CachedPacks:
         for n in drained:
             p = self.packs.get(n)
             if p is not None:
-                self.packs[n] = CachedPack(
-                    p.name, p.node, p.namespace, p.size, p.ids, p.job, p.generation, True
-                )
+                self.packs[n] = replace(p, drained=True)
         for k in raised:
             self.deps.pop(k, None)
         live = set().union(*self.deps.values()) if self.deps else set()
@@ -205,6 +219,36 @@ class CachedPacks:
         for n in [n for n in self.packs if n not in live]:
             del self.packs[n]
         self._ids.clear()
+
+    def lose(self, db: sqlite3.Connection, node: str, cache_id: str) -> list[GenKey]:
+        """`node` came back with another cache (Hello.cache_id): its undrained packs of
+        the old one are gone. They stop counting as present, and the generations that
+        depended on them can never reach the store: recorded as lost. Returns those."""
+        gone = {
+            n for n, p in self.packs.items()
+            if p.node == node and not p.drained and p.cache_id != cache_id
+        }  # fmt: skip
+        if not gone:
+            return []
+        keys = sorted(k for k, names in self.deps.items() if names & gone)
+        why = f"the node cache of {node} was lost before these packs drained"
+        db.executemany("DELETE FROM cached_packs WHERE name = ?", [(n,) for n in gone])
+        for job, gen in keys:
+            db.execute(
+                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO lost_generations (job, generation, reason) "
+                "VALUES (?, ?, ?)",
+                (job, gen, why),
+            )
+        for n in gone:
+            del self.packs[n]
+        for k in keys:
+            self.deps.pop(k, None)
+            self.lost[k] = why
+        self._ids.clear()
+        return keys
 
     def names(self) -> set[str]:
         """Every pack named here (gc keeps such objects in the store: docs/multilevel.md)."""

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpcoord.store.drain")
 
 
-def take_cached(g: InFlight, node: str, reports: Sequence[nodepacks.Report]) -> tuple[int, int]:
+def take_cached(
+    g: InFlight, node: str, reports: Sequence[nodepacks.Report], cache_id: str = ""
+) -> tuple[int, int]:
     """Record cached packs for generation `g` (caller holds the lock); (chunks, bytes)."""
     known = {p.name for p in g.cached}
     chunks = nbytes = 0
@@ -51,7 +53,10 @@ def take_cached(g: InFlight, node: str, reports: Sequence[nodepacks.Report]) -> 
         if r.name in known:
             continue
         known.add(r.name)
-        g.cached.append(CachedPack(r.name, node, g.namespace, r.size, r.ids, g.job, g.generation))
+        g.cached.append(
+            CachedPack(r.name, node, g.namespace, r.size, r.ids, g.job, g.generation,
+                       cache_id=cache_id)
+        )  # fmt: skip
         g.cached_nodes.add(node)
         chunks += len(r.ids) // 32
         nbytes += r.size

@@ -250,14 +250,16 @@ class Repository(Closing):
             return dict(self.inflight.get(job, generation, "check its nodes").bad)
 
     def take_packs(
-        self, job: str, generation: int, node: str, reports: Sequence[nodepacks.Report]
-    ) -> tuple[int, int]:
+        self, job: str, generation: int, node: str, reports: Sequence[nodepacks.Report],
+        cache_id: str = "",
+    ) -> tuple[int, int]:  # fmt: skip
         """Packs `node` put itself for the generation (direct data path): checked and
-        indexed, (chunks, stored bytes); bad data of that node otherwise (nodepacks.py)."""
+        indexed, (chunks, stored bytes); bad data of that node otherwise (nodepacks.py).
+        Packs in its node cache (`cached`) are recorded with the cache's id (drain.py)."""
         with self.lock:
             g = self.inflight.get(job, generation, "take packs")
             cached = [r for r in reports if r.cached]
-            got = drain.take_cached(g, node, cached) if cached else (0, 0)
+            got = drain.take_cached(g, node, cached, cache_id) if cached else (0, 0)
         if len(cached) == len(reports):
             return got
         c, b = nodepacks.take(self, g, node, [r for r in reports if not r.cached])
@@ -405,6 +407,15 @@ class Repository(Closing):
     def read_chunks(self, namespace: str, ids: Any) -> list[bytes]:
         """Plain bytes of each chunk, each re-hashed against its id (DataCorrupted)."""
         return reader.read_chunks(self, namespace, ids)
+
+    def cache_seen(self, node: str, cache_id: str) -> list[tuple[str, int]]:
+        """An agent connected with this node cache id: packs of another cache of that
+        node that never drained are lost (cached.py); the generations that needed them."""
+        with self.lock:
+            if not self.cached.packs:
+                return []
+            with self.catalog.tx() as db:
+                return self.cached.lose(db, node, cache_id)
 
     def ensure_in_store(self, namespace: str, ids: IdArray) -> None:
         """NotDrained when some of these chunks are still only in node caches."""

@@ -67,6 +67,7 @@ class Drainer:
         self._cond = threading.Condition()
         self._results: dict[GenKey, agent_pb2.DrainResult] = {}
         self._stop = False
+        self._streams = 0  # set_store calls: a new or broken stream ends a wait for a result
         self.drained_bytes = 0
         self._thread = threading.Thread(target=self._run, name="cache-drain", daemon=True)
 
@@ -83,6 +84,7 @@ class Drainer:
     def set_store(self, store: Backend | None) -> None:
         with self._cond:
             self.store = store
+            self._streams += 1
             self._cond.notify_all()
 
     def want(self, job: str, generation: int, names: Sequence[str]) -> None:
@@ -157,10 +159,14 @@ class Drainer:
                 self.on_bytes(len(data))
         with self._cond:
             self._results.pop(k, None)
+            stream = self._streams
         if not self.send(agent_pb2.AgentMessage(drained=msg)):
             return None  # no stream: the next Welcome says what is still owed
-        with self._cond:
-            self._cond.wait_for(lambda: k in self._results or self._stop, RESULT_TIMEOUT_S)
+        with self._cond:  # the answer, or the stream's end (the next Welcome re-asks)
+            self._cond.wait_for(
+                lambda: k in self._results or self._stop or self._streams != stream,
+                RESULT_TIMEOUT_S,
+            )
             r = self._results.pop(k, None)
         if r is None:
             return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ class NodeCache:
         self._lock = threading.Lock()
         self._ledger_dir = self.root / "ledger"
         self._ledger_dir.mkdir(mode=0o700, exist_ok=True)
+        self.id = _cache_id(self.root)
         self._sizes: dict[str, int] = {o.name: o.size for o in self.backend.list(Kind.PACKS)}
         self._pending: dict[GenKey, list[str]] = {}  # generations in flight: cached packs
         self._ledger: dict[GenKey, dict[str, object]] = dict(self._read_ledger())
@@ -250,3 +252,18 @@ def read_cached(cache: NodeCache, name: str) -> bytes:
     if not cache.has(name):
         raise ObjectNotFound("packs", name)
     return cache.backend.get(Kind.PACKS, name)
+
+
+def _cache_id(root: Path) -> str:
+    """The cache's id, made with it (DIR/cache-id): a cache deleted or on a rebooted
+    tmpfs comes back with another, and the coordinator knows its packs are gone."""
+    path = root / "cache-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    new = secrets.token_hex(16)
+    tmp = root / ".cache-id.tmp"
+    tmp.write_text(new + "\n")
+    os.replace(tmp, path)
+    return new

@@ -240,7 +240,8 @@ class Agent:
         welcomed = False
         beat = threading.Thread(target=self._heartbeats, args=(s,), daemon=True)
         try:
-            call = stub.Attach(s.requests(hello(self.config.node, self.members)))
+            cache_id = self.cache.id if self.cache is not None else ""
+            call = stub.Attach(s.requests(hello(self.config.node, self.members, cache_id)))
             s.call = call
             for msg in call:
                 s.last_heard = time.monotonic()

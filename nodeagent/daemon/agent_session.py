@@ -66,7 +66,7 @@ def backoff(
         d = min(maximum, d * 2)
 
 
-def hello(node: str, members: Members) -> agent_pb2.Hello:
+def hello(node: str, members: Members, cache_id: str = "") -> agent_pb2.Hello:
     """The first message of a stream: who this agent is, what it can do (every tracker
     backend with its verdict) and the members it still holds."""
     trackers = [
@@ -82,6 +82,7 @@ def hello(node: str, members: Members) -> agent_pb2.Hello:
         page_size=PAGE_SIZE,
         members=members.held(),
         hostname=os.uname().nodename,
+        cache_id=cache_id,
     )
 
 

@@ -8,6 +8,7 @@ store by default, on SeaweedFS S3 with CPCOORD_TEST_STORE=s3.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -132,7 +133,6 @@ def test_coordinator_killed_mid_drain_resumes_and_verify_is_clean(
     c.coordinator.kill()
     c.start_coordinator()
     c.wait_agents(NODES)
-    assert _generation(c, "ml", 1)["level"] == "local"  # the level survived the restart
     _wait_level(c, "ml", 1, "store")
     v = c.cli_json("verify")
     assert v["ok"], v
@@ -213,3 +213,39 @@ def test_restore_by_default_takes_the_newest_generation_in_the_store_and_says_so
     assert '"generation": 1' in r.stdout, r.stdout
     for name, t in targets.items():
         assert np.array_equal(t.read("data"), want1[name]), name
+
+
+def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """node-b's agent dies and its cache is deleted before generation 1 drained (the
+    coordinator holds the drain reports). The agent comes back with a new, empty cache:
+    generation 1 is lost (never `store`), nothing of the old cache counts as present,
+    and the next checkpoint commits, reaches the store and exports exactly."""
+    c, caches = _cached_cluster(cluster_factory, tmp_path)
+    assert c.coordinator is not None
+    c.coordinator.kill()
+    c.start_coordinator(pause=["coordinator.drain"])
+    c.wait_agents(NODES)
+    targets = _targets(c, target_factory, 256)
+    r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r1["level"] == "local", r1
+    c.wait_fault("coordinator.drain")
+    c.agents["node-b"].kill()
+    shutil.rmtree(caches["node-b"])
+    c.coordinator.kill()  # release the held drain: a coordinator of its own from here
+    c.start_coordinator()
+    c.start_agent("node-b")
+    c.wait_agents(NODES)
+    end = time.monotonic() + 60
+    while not c.members_running("ml"):
+        assert time.monotonic() < end, "members not re-attached"
+        time.sleep(0.3)
+    assert "generation lost with a node cache" in c.coordinator.tail(400)
+    r2 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
+    assert r2["state"] == "committed" and r2["level"] == "store", r2
+    want = {n: t.read("data") for n, t in targets.items()}
+    _check_export(c, tmp_path, "ml", r2["generation"], want)
+    assert _generation(c, "ml", 1)["level"] == "local"
+    v = c.cli_json("verify")
+    assert v["ok"], v

@@ -74,7 +74,7 @@ class TreeMembers(_message.Message):
     def __init__(self, job: _Optional[str] = ..., group: _Optional[str] = ..., joined: _Optional[_Iterable[_Union[_types_pb2.Member, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname")
+    __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname", "cache_id")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Hello(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     protocol_version: int
@@ -91,7 +92,8 @@ class Hello(_message.Message):
     page_size: int
     members: _containers.RepeatedCompositeFieldContainer[HeldMember]
     hostname: str
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., trackers: _Optional[_Iterable[_Union[TrackerBackend, _Mapping]]] = ..., page_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[HeldMember, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
+    cache_id: str
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., trackers: _Optional[_Iterable[_Union[TrackerBackend, _Mapping]]] = ..., page_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[HeldMember, _Mapping]]] = ..., hostname: _Optional[str] = ..., cache_id: _Optional[str] = ...) -> None: ...
 
 class FrozenMember(_message.Message):
     __slots__ = ("name", "process", "threads", "freeze_seconds")
