@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from coordinator import members_ops, tree_members
+from coordinator import levels, members_ops, tree_members
 from coordinator.flight import Flight
 from coordinator.protocol.messages import (
     AgentFrozen,
@@ -114,6 +114,9 @@ def handle(engine: EngineView, s: AgentSession, msg: agent_pb2.AgentMessage) -> 
         raise ProtocolViolation("Hello", "attached", "-", 0, "a second Hello on one stream")
     if kind == "tree_members":
         tree_members.joined(engine, s, msg.tree_members)
+        return
+    if kind == "drained":
+        levels.drained(engine, s, msg.drained)
         return
     if kind == "member_gone":
         g = msg.member_gone

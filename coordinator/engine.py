@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import commit, members_ops, restore
+from coordinator import commit, levels, members_ops, restore
 from coordinator.agents import AgentSession, Registry
 from coordinator.dataplane import DataPlaneStats, announcement
 from coordinator.engine_view import Options
@@ -132,10 +132,11 @@ class Engine:
 
     # -- agents ----------------------------------------------------------------------
 
-    def welcome(self) -> agent_pb2.Welcome:
-        store = {}
+    def welcome(self, node: str = "") -> agent_pb2.Welcome:
+        store: dict[str, object] = {}
         if self.opt.direct_data_path:
             store = announcement(self.repo, self.opt.send_store_key)
+            store["drain"] = levels.drain_items(self, node) if node else []
         return agent_pb2.Welcome(
             version=__version__,
             protocol_version=PROTOCOL_VERSION,
@@ -160,7 +161,8 @@ class Engine:
             if old is not None:
                 raise DuplicateAgent(hello.node, f"connected from {old.peer}")
             s = AgentSession(hello, peer, self.clock)
-            s.send(welcome=self.welcome())
+            levels.connected(self, hello)  # before the Welcome lists what it owes
+            s.send(welcome=self.welcome(hello.node))
             self.agents.add(s)
         log_event(log, logging.INFO, "agent connected", node=hello.node, peer=peer)
         self._emit_watch("agent_connected", node=hello.node)

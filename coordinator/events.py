@@ -39,6 +39,7 @@ KINDS = frozenset(
         "generation_committed",
         "generation_aborted",
         "generation_deleted",
+        "generation_level",
         "gc_ran",
         "checkpoint_progress",
         "restore_started",

@@ -8,18 +8,22 @@ full (engine.checkpoint compares each member's `committed` with the parent).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coordinator.flight import RunStats, Summary
 from coordinator.protocol.values import AbortReason, Snapshot
 from coordinator.store import GcReport, Manifest, State, StoreStats, VerifyReport
-from coordinator.store.catalog import GenerationInfo
+from coordinator.store.catalog import GenerationInfo, Level
 from cpcoord.errors import GenerationStateError, InvalidArgument, NoSuchGeneration, UnknownJob
+from cpcoord.log import log_event
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:
     from coordinator.engine_view import EngineView
+
+log = logging.getLogger("cpcoord.coordinator.generations")
 
 
 def summarize(
@@ -72,18 +76,36 @@ def _job(engine: EngineView, job: str) -> None:
         raise UnknownJob(job)
 
 
-def committed(engine: EngineView, job: str, n: int) -> GenerationInfo:
-    """Generation n of job if committed; n = 0: the newest committed one."""
+def committed(engine: EngineView, job: str, n: int, readable: bool = False) -> GenerationInfo:
+    """Generation n of job if committed; n = 0: the newest committed one (`readable`:
+    the newest whose pages are all in the store, for restore: a generation at level
+    local is read from node caches, which is not built yet; docs/multilevel.md)."""
     _job(engine, job)
     if n == 0:
         gens = engine.repo.generations(job)
         if not gens:
             raise NoSuchGeneration("(latest committed)", job)
+        if readable:
+            return _newest_in_store(job, gens)
         return gens[-1]
     info = engine.repo.catalog.get(job, n)
     if info.state is not State.COMMITTED:
         raise GenerationStateError(n, job, "read it", f"it is {info.state.value.lower()}")
     return info
+
+
+def _newest_in_store(job: str, gens: list[GenerationInfo]) -> GenerationInfo:
+    stored = [g for g in gens if g.level is Level.STORE]
+    if not stored:
+        why = f"generation {gens[-1].number} is at level {gens[-1].level.value}, none in the store"
+        raise GenerationStateError("(latest in the store)", job, "restore it", why)
+    if stored[-1] is not gens[-1]:
+        log_event(
+            log, logging.WARNING, "newest generation not in the store: taking an older one",
+            job=job, newest=gens[-1].number, newest_level=gens[-1].level.value,
+            taken=stored[-1].number,
+        )  # fmt: skip
+    return stored[-1]
 
 
 def list_generations(

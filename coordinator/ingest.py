@@ -321,9 +321,11 @@ class Receiver:
         self.direct = True
         if not msg.packs:
             return
-        reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
+        reports = [nodepacks.Report(p.name, p.size, p.ids, p.cached) for p in msg.packs]
+        s = self.engine.agents.current(self.h.node)
+        cache_id = s.hello.cache_id if s is not None else ""
         chunks, nbytes = self.engine.repo.take_packs(
-            self.f.job, self.f.number, self.h.node, reports
+            self.f.job, self.f.number, self.h.node, reports, cache_id
         )
         self.stored[0] += chunks
         self.stored[1] += nbytes

@@ -108,6 +108,11 @@ def stream(
     if locate:
         target_bytes = max(target_bytes, LOCATE_TARGET_BYTES)
     names = sorted(x.name for x in m.members) if not members else list(members)
+    if repo.cached.packs:  # level local: refuse before the first message (not mid-stream)
+        want = set(names)
+        parts = [r.pages.ids[~r.pages.zero] for mem, r in m.tables() if mem in want]
+        if parts:
+            repo.ensure_in_store(m.namespace, np.unique(np.concatenate(parts)))
     for name in names:
         try:
             mm = m.member(name)

@@ -98,7 +98,7 @@ def begin(engine: EngineView, opts: RestoreOptions) -> Subscription:
     timing = CheckpointOptions(
         opts.job, lease_ms=opts.lease_ms, freeze_timeout_ms=opts.freeze_timeout_ms
     ).timing()
-    info = generations.committed(engine, opts.job, opts.generation)
+    info = generations.committed(engine, opts.job, opts.generation, readable=True)
     manifest = engine.repo.manifest(opts.job, info.number)
     in_gen = {m.name for m in manifest.members}
     with engine.lock:
@@ -220,7 +220,7 @@ def into(engine: EngineView, opts: IntoOptions) -> tuple[int, common_pb2.MemberS
     check_name(opts.member)
     if opts.pid < 1:
         raise InvalidArgument(f"pid must be >= 1, got {opts.pid}")
-    info = generations.committed(engine, opts.job, opts.generation)
+    info = generations.committed(engine, opts.job, opts.generation, readable=True)
     m = engine.repo.manifest(opts.job, info.number)
     try:
         mm = m.member(opts.member)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -227,7 +228,20 @@ def generation_dict(info: Any) -> dict[str, Any]:
         "frozen_seconds": info.frozen_seconds,
         "seconds": info.seconds,
         "full": info.full,
+        "level": level_name(info.level),
     }
+
+
+def level_name(n: int) -> str:
+    """A DurabilityLevel as printed: local, partner, store (UNSPECIFIED: an older
+    coordinator, whose generations are all in the store)."""
+    from cpcoord.gen.v1 import common_pb2
+
+    try:
+        name = common_pb2.DurabilityLevel.Name(n).removeprefix("DURABILITY_LEVEL_").lower()
+    except ValueError:
+        return "store"
+    return "store" if name == "unspecified" else name
 
 
 def human_bytes(n: float) -> str:
@@ -236,3 +250,25 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def default_generation(c: Any, job: str, verb: str) -> int:
+    """The generation a command without --generation takes: the newest committed one
+    whose pages are all in the store (a newer one at level local is in node caches,
+    which restore and export cannot read yet: docs/multilevel.md). Says on stderr when
+    it is not the newest; 0 (the coordinator decides and explains) when none is."""
+    from cpcoord.gen.v1 import common_pb2, coordinator_pb2
+
+    resp = c.call("ListGenerations", coordinator_pb2.ListGenerationsRequest(job=job))
+    rows = [g for g in resp.generations if g.state == common_pb2.GENERATION_STATE_COMMITTED]
+    for g in rows:  # newest first
+        if level_name(g.level) == "store":
+            if g is not rows[0]:
+                print(
+                    f"generation {rows[0].number} of {job} is at level "
+                    f"{level_name(rows[0].level)} (in node caches, not drained yet): {verb} "
+                    f"generation {g.number}, the newest in the store",
+                    file=sys.stderr,
+                )
+            return int(g.number)
+    return 0

@@ -784,3 +784,12 @@ class NodeDataBad(StoreError):
     @property
     def node(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class NotDrained(StoreError):
+    """{} chunk(s) of this generation are not in the store yet: they are in the node cache
+    of {} (level local); read it after the drain (cpcoord checkpoint --wait store waits for
+    it)"""
+
+    exit_code = 155
+    status = "FAILED_PRECONDITION"

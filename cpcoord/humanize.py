@@ -19,3 +19,16 @@ def format_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.2f} s"
     return f"{int(s // 60)} min {s % 60:.0f} s"
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """`512M`, `1.5G`, `4096`, `2GiB` -> bytes (binary units; ValueError otherwise)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS and not t[-1:].isdigit() else ""
+    number = float(t[: len(t) - len(unit)])
+    if number < 0:
+        raise ValueError(f"negative size {text!r}")
+    return int(number * _UNITS[unit])

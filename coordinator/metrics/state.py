@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator import levels
 from coordinator.store import State, StoreStats
+from coordinator.store.catalog import Level
 from coordinator.store.index import BYTES_PER_ENTRY
 from cpcoord.log import log_event
 
@@ -116,6 +118,7 @@ class StateCollector(Collector):
             self._last_generations,
             self._store,
             self._dataplane,
+            self._levels,
         )
         for part in parts:
             try:
@@ -161,6 +164,36 @@ class StateCollector(Collector):
         ver.add_metric(["ok"], trust.checked - trust.failed)
         ver.add_metric(["bad"], trust.failed)
         yield ver
+
+    # -- durability levels (coordinator/levels.py, docs/multilevel.md) ---------------
+
+    def _levels(self, v: _EngineView) -> Iterator[Metric]:
+        by = GaugeMetricFamily(
+            "cpcoord_generations_by_level",
+            "Committed generations by durability level (local: in node caches only)",
+            labels=["level"],
+        )
+        counts = {lv.value: 0 for lv in Level}
+        for g in self.engine.repo.catalog.generations(state=State.COMMITTED):
+            counts[g.level.value] += 1
+        for lv, n in counts.items():
+            by.add_metric([lv], n)
+        yield by
+        drained, failed = levels.STATS.snapshot()
+        fam = CounterMetricFamily(
+            "cpcoord_drain_bytes",
+            "stored bytes of drained cached packs the coordinator checked and took, by node",
+            labels=["node"],
+        )
+        for node, n in sorted(drained.items()):
+            fam.add_metric([node], n)
+        yield fam
+        bad = CounterMetricFamily(
+            "cpcoord_drain_failures", "drain reports refused (bad data), by node", labels=["node"]
+        )
+        for node, n in sorted(failed.items()):
+            bad.add_metric([node], n)
+        yield bad
 
     # -- engine state ---------------------------------------------------------------
 

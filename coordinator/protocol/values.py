@@ -85,6 +85,9 @@ class ProgressKind(StrEnum):
     CAPTURED = "captured"  # every member uploaded, committing
     COMMITTED = "committed"
     ABORTED = "aborted"
+    # Never emitted by the core: the Checkpoint servicer's step for a generation
+    # committed at level local while the request waits for the store (docs/multilevel.md).
+    COMMITTED_LOCAL = "committed_local"
 
 
 def check_name(what: str, value: str) -> None:

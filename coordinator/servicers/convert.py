@@ -37,6 +37,11 @@ def reason(value: str) -> str:
     return name if name in _REASONS else "ABORT_REASON_STORE_ERROR"
 
 
+def level(value: str) -> common_pb2.DurabilityLevel:
+    """The DurabilityLevel of a catalog level (local, partner, store)."""
+    return common_pb2.DurabilityLevel.Value("DURABILITY_LEVEL_" + value.upper())  # type: ignore[return-value]
+
+
 def member_stats(s: Stats | None, **extra: object) -> common_pb2.MemberStats:
     if s is None:
         return common_pb2.MemberStats(**extra)  # type: ignore[arg-type]
@@ -72,6 +77,8 @@ def generation_info(s: Summary) -> coordinator_pb2.GenerationInfo:
         out.started_unix_ms = int(c.started * 1000)
         out.finished_unix_ms = int((c.finished or 0) * 1000)
         out.pinned = c.pinned
+        if s.state == "committed":
+            out.level = level(c.level.value)
         out.members, out.pages, out.zero_pages = z.members, z.pages, z.zero_pages
         out.bytes_logical, out.bytes_stored, out.bytes_new = (
             z.bytes_logical,

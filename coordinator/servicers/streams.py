@@ -32,13 +32,15 @@ from coordinator.agents import AgentSession
 from coordinator.auth import cert_identity
 from coordinator.engine import Engine
 from coordinator.flight import CheckpointOptions, Progress, Subscription
+from coordinator.generations import summarize
 from coordinator.servicers import convert
 from coordinator.servicers.coordinator_api import restore_into_events
 from coordinator.servicers.upload_pump import UploadPump
 from coordinator.servicers.watch import META_SUBSCRIBED, watch_event
 from coordinator.serving import Serving
-from cpcoord.errors import CoordinatorStopping, CpcoordError, InvalidArgument
-from cpcoord.gen.v1 import agent_pb2, coordinator_pb2
+from coordinator.store.catalog import Level
+from cpcoord.errors import CoordinatorStopping, CpcoordError, InvalidArgument, NoSuchGeneration
+from cpcoord.gen.v1 import agent_pb2, common_pb2, coordinator_pb2
 from cpcoord.grpcutil import Malformed, rpc_errors_async
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
@@ -218,7 +220,42 @@ class Streams:
                 ev.stats.precopy_rounds = pre.precopy_rounds
                 ev.stats.precopy_bytes.extend(pre.precopy_bytes)
                 ev.stats.precopy_frozen_pages = pre.precopy_frozen_pages
+            if _waits_for_drain(ev, request.wait):
+                local = coordinator_pb2.CheckpointEvent()
+                local.CopyFrom(ev)
+                local.kind = common_pb2.PROGRESS_KIND_COMMITTED_LOCAL
+                yield local
+                ev = await self._until_store(engine, ev)
             yield ev
+
+    async def _until_store(
+        self, engine: Engine, ev: coordinator_pb2.CheckpointEvent
+    ) -> coordinator_pb2.CheckpointEvent:
+        """The COMMITTED event again once the generation is in the store (its level
+        rose: docs/multilevel.md), or as it was if the generation was deleted."""
+        delay = 0.05
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            try:
+                info = await self.blocking(engine.repo.catalog.get, ev.job, ev.generation)
+            except NoSuchGeneration:
+                return ev
+            lost = engine.repo.cached.lost.get((ev.job, ev.generation))
+            if lost is not None:  # it can never reach the store: say why and end
+                out = coordinator_pb2.CheckpointEvent()
+                out.CopyFrom(ev)
+                out.detail = f"generation {ev.generation} never reaches the store: {lost}"
+                return out
+            if info.level is Level.STORE:
+                s = await self.blocking(
+                    summarize, engine, ev.job, ev.generation, "", None, None, info
+                )
+                out = coordinator_pb2.CheckpointEvent()
+                out.CopyFrom(ev)
+                out.info.CopyFrom(convert.generation_info(s))
+                out.info.data_paths.update(dict(ev.info.data_paths))
+                return out
 
     @rpc_errors_async
     async def Restore(
@@ -328,3 +365,13 @@ def _handle_batch(engine: Engine, s: AgentSession, msgs: list[agent_pb2.AgentMes
             log.exception("agent message handler failed")
             engine.disconnect(s, f"handler failed: {type(e).__name__}")
             return
+
+
+def _waits_for_drain(ev: coordinator_pb2.CheckpointEvent, wait: int) -> bool:
+    """A generation committed at `local` by a request that waits for more (STORE, or
+    UNSPECIFIED: the meaning of a checkpoint before levels)."""
+    return (
+        ev.kind == common_pb2.PROGRESS_KIND_COMMITTED
+        and ev.info.level == common_pb2.DURABILITY_LEVEL_LOCAL
+        and wait != common_pb2.DURABILITY_LEVEL_LOCAL
+    )

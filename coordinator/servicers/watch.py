@@ -7,7 +7,7 @@ tells the client it is subscribed.
 from __future__ import annotations
 
 from coordinator.events import JobEvent
-from coordinator.flight import Progress
+from coordinator.flight import Progress, Summary
 from coordinator.servicers import convert
 from coordinator.store import GcReport
 from cpcoord.gen.v1 import coordinator_pb2
@@ -51,4 +51,6 @@ def watch_event(ev: JobEvent) -> coordinator_pb2.WatchEvent:
             out.info.CopyFrom(convert.generation_info(p.summary))
     elif isinstance(p, GcReport):
         out.gc.CopyFrom(gc_event(p))
+    elif isinstance(p, Summary):  # generation_level: the generation at its new level
+        out.info.CopyFrom(convert.generation_info(p))
     return out

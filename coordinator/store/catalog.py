@@ -11,10 +11,11 @@ Thread-safe: one connection, every call under one lock, each mutation one transa
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS generations (
     bytes_stored INTEGER NOT NULL DEFAULT 0,
     bytes_new INTEGER NOT NULL DEFAULT 0,
     pinned INTEGER NOT NULL DEFAULT 0,
+    level TEXT NOT NULL DEFAULT 'store',
     PRIMARY KEY (job_id, number)
 );
 CREATE INDEX IF NOT EXISTS generations_by_state ON generations (state);
@@ -65,6 +67,21 @@ class State(StrEnum):
     PREPARING = "PREPARING"
     COMMITTED = "COMMITTED"
     ABORTED = "ABORTED"
+
+
+class Level(StrEnum):
+    """A committed generation's durability level (docs/multilevel.md); only rises."""
+
+    LOCAL = "local"
+    PARTNER = "partner"
+    STORE = "store"
+
+    @property
+    def rank(self) -> int:
+        return _LEVEL_RANK[self]
+
+
+_LEVEL_RANK = {Level.LOCAL: 0, Level.PARTNER: 1, Level.STORE: 2}
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,7 @@ class GenerationInfo:
     namespace: str
     pinned: bool
     sizes: Sizes
+    level: Level = Level.STORE
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,7 @@ class MemberInfo:
 _GEN_COLS = (
     "j.name, g.number, g.parent, g.state, g.reason, g.started, g.finished, g.manifest, "
     "g.namespace, g.pinned, g.members, g.pages, g.zero_pages, g.bytes_logical, "
-    "g.bytes_stored, g.bytes_new"
+    "g.bytes_stored, g.bytes_new, g.level"
 )
 
 
@@ -120,6 +138,7 @@ def _gen(row: tuple) -> GenerationInfo:
         namespace=row[8],
         pinned=bool(row[9]),
         sizes=Sizes(*row[10:16]),
+        level=Level(row[16]),
     )
 
 
@@ -138,6 +157,11 @@ class Catalog:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(generations)")}
+            if "level" not in cols:  # a catalog older than levels: all of it is in the store
+                self._db.execute(
+                    "ALTER TABLE generations ADD COLUMN level TEXT NOT NULL DEFAULT 'store'"
+                )
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
@@ -309,17 +333,27 @@ class Catalog:
             (*args, number, job),
         )
 
-    def commit(self, job: str, number: int, manifest: str, sizes: Sizes) -> None:
-        """PREPARING -> COMMITTED with its manifest name and sizes, in one transaction."""
+    def commit(
+        self, job: str, number: int, manifest: str, sizes: Sizes,
+        level: Level = Level.STORE, also: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:  # fmt: skip
+        """PREPARING -> COMMITTED with its manifest name, sizes and level, in one
+        transaction (with `also`'s writes: the cached packs of a local generation)."""
         with self._tx() as db:
             self._set_state(
                 db, job, number,
                 "state='COMMITTED', finished=?, manifest=?, members=?, pages=?, zero_pages=?, "
-                "bytes_logical=?, bytes_stored=?, bytes_new=?",
+                "bytes_logical=?, bytes_stored=?, bytes_new=?, level=?",
                 (time.time(), manifest, sizes.members, sizes.pages, sizes.zero_pages,
-                 sizes.bytes_logical, sizes.bytes_stored, sizes.bytes_new),
+                 sizes.bytes_logical, sizes.bytes_stored, sizes.bytes_new, level.value),
                 "commit",
             )  # fmt: skip
+            if also is not None:
+                also(db)
+
+    def tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One transaction (for the catalog's satellite tables, coordinator/levels.py)."""
+        return self._tx()
 
     def abort(self, job: str, number: int, reason: str) -> None:
         with self._tx() as db:

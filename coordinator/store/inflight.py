@@ -32,6 +32,7 @@ from cpcoord.errors import GenerationStateError
 from storecore.ids import ID_DTYPE, IdArray
 
 if TYPE_CHECKING:
+    from coordinator.store.cached import CachedPack
     from coordinator.store.nodepacks import Taken
 
 
@@ -47,6 +48,10 @@ class InFlight:
     bytes_new: int = 0  # stored bytes of the chunks it added
     packs: list[Taken] = field(default_factory=list)  # agents' packs it took (nodepacks.py)
     bad: dict[str, str] = field(default_factory=dict)  # node -> why its data is bad
+    # Level `local` (cached.py): packs agents put into their node caches for it, and the
+    # nodes for which MissingChunks counted a cached chunk as present.
+    cached: list[CachedPack] = field(default_factory=list)
+    cached_nodes: set[str] = field(default_factory=set)
 
     def claim(self, ids: IdArray) -> None:
         if ids.size:

@@ -57,6 +57,7 @@ class Report:
     name: str
     size: int
     ids: bytes
+    cached: bool = False  # in the agent's node cache, not the store (drain.py)
 
 
 @dataclass(frozen=True)

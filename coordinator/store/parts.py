@@ -18,6 +18,7 @@ from coordinator.store.inflight import Registry
 from coordinator.store.manifest import Manifest
 
 if TYPE_CHECKING:
+    from coordinator.store.cached import CachedPacks
     from coordinator.store.nodepacks import Trust
 from storecore.backend import Backend
 
@@ -38,6 +39,7 @@ class StoreParts(Protocol):
     unreadable_packs: dict[str, str]  # name -> why (found at open)
     recent_puts: set[str]  # packs stored since gc's mark (gc must not delete)
     trust: Trust  # agents' chunks checked across nodes (nodepacks.py)
+    cached: CachedPacks  # packs in agents' node caches, level local (cached.py)
 
     def step(self, name: str) -> None:
         """A commit or gc step is done (the fault hook of crash tests)."""

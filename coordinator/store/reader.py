@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cpcoord.errors import DataCorrupted, ObjectNotFound
+from cpcoord.errors import CpcoordError, DataCorrupted, NotDrained, ObjectNotFound
 from storecore import packs
 from storecore.backend import Kind
-from storecore.ids import as_id_array, ids_to_bytes, zero_mask
+from storecore.ids import IdArray, as_id_array, ids_to_bytes, member_of, zero_mask
 
 if TYPE_CHECKING:
     from coordinator.store.parts import StoreParts
@@ -46,10 +46,8 @@ def read_chunks(repo: StoreParts, namespace: str, ids: Any) -> list[bytes]:
             repo.index.pack(int(p)).name if f else ""
             for f, p in zip(found, locs["pack"], strict=True)
         ]
-    if not found.all():  # a committed manifest needs it: that is data loss
-        lost = arr[~found]
-        why = f"missing from the store ({lost.size} chunk(s) of namespace {namespace})"
-        raise DataCorrupted("chunk", lost[0].tobytes().hex(), why)
+    if not found.all():  # a committed manifest needs it: data loss, or not drained yet
+        raise lost(repo, namespace, arr[~found])
     cids = ids_to_bytes(arr)
     out: list[bytes] = [b""] * arr.size
     # One ranged read per span of adjacent blobs of a pack (up to SPAN_BYTES), not per chunk.
@@ -110,9 +108,7 @@ def locate_chunks(repo: StoreParts, namespace: str, ids: Any) -> Located:
         numbers, index = np.unique(locs["pack"][found], return_inverse=True)
         names = [repo.index.pack(int(p)).name for p in numbers.tolist()]
     if not found.all():
-        lost = arr[~found]
-        why = f"missing from the store ({lost.size} chunk(s) of namespace {namespace})"
-        raise DataCorrupted("chunk", lost[0].tobytes().hex(), why)
+        raise lost(repo, namespace, arr[~found])
     return Located(names, index.astype(np.uint32), locs)
 
 
@@ -168,3 +164,19 @@ def read_region(repo: StoreParts, job: str, generation: int, member: str, region
         if run.data is not None:
             buf[run.offset * ps : (run.offset + run.count) * ps] = run.data
     return buf
+
+
+def lost(repo: StoreParts, namespace: str, lost: IdArray) -> CpcoordError:
+    """Chunks a committed manifest names that the store lacks: still in a node cache (a
+    generation at level `local`, docs/multilevel.md), else data loss."""
+    with repo.lock:
+        where = {
+            p.node
+            for p in repo.cached.packs.values()
+            if not p.drained and p.namespace == namespace
+            and member_of(lost, np.unique(as_id_array(p.ids))).any()
+        }  # fmt: skip
+    if where:
+        return NotDrained(lost.size, ", ".join(sorted(set(where))))
+    why = f"missing from the store ({lost.size} chunk(s) of namespace {namespace})"
+    return DataCorrupted("chunk", lost[0].tobytes().hex(), why)

@@ -12,29 +12,37 @@ from coordinator.store.catalog import Sizes
 from coordinator.store.index import Index
 from coordinator.store.manifest import Manifest
 from cpcoord.errors import ChunkMissing, ManifestInvalid
+from storecore.ids import IdArray, member_of
 
 
-def check_references(m: Manifest, index: Index, bytes_new: int) -> Sizes:
+def check_references(
+    m: Manifest, index: Index, bytes_new: int, cached: IdArray | None = None
+) -> Sizes:
     """Raise ChunkMissing or ManifestInvalid, else the sizes (`bytes_new`: what the
-    generation stored itself)."""
+    generation stored itself). `cached`: sorted ids that may be absent from the store
+    because they are in agents' node caches (a commit at level `local`: their extent is
+    checked when they are drained, cached.py)."""
     ids = m.chunk_ids()
     found, locs = index.chunks(m.namespace).lookup(ids)
-    if not found.all():
-        lost = ids[~found]
+    ok = found if cached is None or not cached.size else found | member_of(ids, cached)
+    if not ok.all():
+        lost = ids[~ok]
         raise ChunkMissing(lost.size, m.generation, m.job, lost[0].tobytes().hex())
     ps = m.page_size
     for member, r in m.tables():
         t = r.pages
         nz = ~t.zero
-        raw = locs["raw"][np.searchsorted(ids, t.ids[nz])].astype(np.uint64)
+        at = np.searchsorted(ids, t.ids[nz])
+        have = found[at]
+        raw = locs["raw"][at].astype(np.uint64)
         need = (t.skips[nz].astype(np.uint64) + t.counts[nz]) * np.uint64(ps)
-        if np.any(need > raw):
+        if np.any((need > raw) & have):
             raise ManifestInvalid(
                 m.generation,
                 m.job,
                 f"member {member} region {r.name}: an entry reads past its chunk",
             )
-    return sizes_of(m, locs, bytes_new)
+    return sizes_of(m, locs[found], bytes_new)
 
 
 def sizes_of(m: Manifest, locs: np.ndarray, bytes_new: int) -> Sizes:

@@ -38,8 +38,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from coordinator.store import binding, index_io, manifest_io, nodepacks, reader
-from coordinator.store.catalog import Catalog, GenerationInfo, State
+from coordinator.store import binding, drain, index_io, manifest_io, nodepacks, reader
+from coordinator.store.cached import CachedPacks
+from coordinator.store.catalog import Catalog, GenerationInfo, Level, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
 from coordinator.store.gc import GcReport, collect
 from coordinator.store.index import Index
@@ -57,6 +58,7 @@ from cpcoord.errors import (
     InvalidArgument,
     ManifestInvalid,
     NodeDataBad,
+    NotDrained,
     StoreError,
 )
 from cpcoord.log import log_event
@@ -138,6 +140,7 @@ class Repository(Closing):
         for job, n in aborted:
             log_event(log, logging.WARNING, "aborted interrupted generation", job=job, generation=n)
         index_io.load(self)
+        self.cached = CachedPacks(self.catalog)
         self.rebuilt: RebuildReport | None = None
         if self.rebound is not None:
             self.rebuilt = rebuild_catalog(self)
@@ -237,6 +240,8 @@ class Repository(Closing):
         with self.lock:
             present = found | self._sink.contains(g.namespace, arr)
             g.claim(arr[present])
+            if node is not None and (g.cached or self.cached.packs):  # level local
+                present |= drain.cached_present(self.cached, g, node, arr)
         return np.unique(arr[~present])
 
     def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
@@ -245,13 +250,27 @@ class Repository(Closing):
             return dict(self.inflight.get(job, generation, "check its nodes").bad)
 
     def take_packs(
-        self, job: str, generation: int, node: str, reports: Sequence[nodepacks.Report]
-    ) -> tuple[int, int]:
+        self, job: str, generation: int, node: str, reports: Sequence[nodepacks.Report],
+        cache_id: str = "",
+    ) -> tuple[int, int]:  # fmt: skip
         """Packs `node` put itself for the generation (direct data path): checked and
-        indexed, (chunks, stored bytes); bad data of that node otherwise (nodepacks.py)."""
+        indexed, (chunks, stored bytes); bad data of that node otherwise (nodepacks.py).
+        Packs in its node cache (`cached`) are recorded with the cache's id (drain.py)."""
         with self.lock:
             g = self.inflight.get(job, generation, "take packs")
-        return nodepacks.take(self, g, node, reports)
+            cached = [r for r in reports if r.cached]
+            got = drain.take_cached(g, node, cached, cache_id) if cached else (0, 0)
+        if len(cached) == len(reports):
+            return got
+        c, b = nodepacks.take(self, g, node, [r for r in reports if not r.cached])
+        return c + got[0], b + got[1]
+
+    def take_drained(
+        self, node: str, reports: Sequence[nodepacks.Report]
+    ) -> list[GenerationInfo]:
+        """Cached packs `node` drained into the store: checked and indexed; the
+        generations that rose to `store` (drain.py)."""
+        return drain.take_drained(self, self.cached, node, reports)
 
     def add_chunks(
         self, job: str, generation: int, ids: Any, chunks: Sequence[Buffer]
@@ -328,7 +347,8 @@ class Repository(Closing):
             self._sink.seal()
             self.integrate(block=True)
             self.step("packs")
-            sizes = check_references(m, self.index, g.bytes_new)
+            may_lack, deps = drain.commit_plan(self.cached, g)
+            sizes = check_references(m, self.index, g.bytes_new, may_lack)
             index_io.persist_new(self)
             self.step("index")
             name = f"{job}/{n:010d}"
@@ -341,7 +361,13 @@ class Repository(Closing):
             self.step("manifest")
             if self.fence is not None:
                 self.fence("catalog")
-            self.catalog.commit(job, n, name, sizes)
+            if deps:
+                own = g.cached
+                record = self.cached.recorder(job, n, own, deps)
+                self.catalog.commit(job, n, name, sizes, Level.LOCAL, also=record)
+                self.cached.committed(job, n, own, deps)
+            else:
+                self.catalog.commit(job, n, name, sizes)
             self.inflight.remove(job, n)
             self.step("catalog")
         log_event(
@@ -381,6 +407,24 @@ class Repository(Closing):
     def read_chunks(self, namespace: str, ids: Any) -> list[bytes]:
         """Plain bytes of each chunk, each re-hashed against its id (DataCorrupted)."""
         return reader.read_chunks(self, namespace, ids)
+
+    def cache_seen(self, node: str, cache_id: str) -> list[tuple[str, int]]:
+        """An agent connected with this node cache id: packs of another cache of that
+        node that never drained are lost (cached.py); the generations that needed them."""
+        with self.lock:
+            if not self.cached.packs:
+                return []
+            with self.catalog.tx() as db:
+                return self.cached.lose(db, node, cache_id)
+
+    def ensure_in_store(self, namespace: str, ids: IdArray) -> None:
+        """NotDrained when some of these chunks are still only in node caches."""
+        with self.lock:
+            found, _ = self.index.chunks(namespace).lookup(ids)
+        if not found.all():
+            err = reader.lost(self, namespace, ids[~found])
+            if isinstance(err, NotDrained):
+                raise err
 
     def locate_chunks(self, namespace: str, ids: Any) -> reader.Located:
         """Where each chunk lies (pack, offset, sizes, method): ids in, locations out."""

@@ -149,10 +149,13 @@ class Client(Closing):
         freeze_timeout_ms: int = 0,
         commit_timeout_ms: int = 0,
         pin: bool = False,
+        wait: v.Level = v.Level.STORE,
     ) -> Iterator[v.ProgressEvent]:
         """The steps of one checkpoint, ending with one COMMITTED or ABORTED event (with
         `info`). Leaving the loop early cancels the call: before CAPTURED that aborts the
-        generation (reason CANCELLED)."""
+        generation (reason CANCELLED). `wait`: the stream ends once the generation
+        reaches that durability level (docs/multilevel.md); a generation committed at
+        `local` while waiting for `store` first yields COMMITTED_LOCAL."""
         req = coordinator_pb2.CheckpointRequest(
             job=job,
             full=full,
@@ -160,6 +163,7 @@ class Client(Closing):
             freeze_timeout_ms=freeze_timeout_ms,
             commit_timeout_ms=commit_timeout_ms,
             pin=pin,
+            wait=convert.level_name(wait),
         )
         for msg in self._stream("Checkpoint", req):
             yield convert.progress(msg)
@@ -175,6 +179,7 @@ class Client(Closing):
         pin: bool = False,
         on_event: OnEvent | None = None,
         check: bool = True,
+        wait: v.Level = v.Level.STORE,
     ) -> v.Generation:
         """Take one checkpoint and return the generation as recorded. An aborted one
         raises GenerationAborted (with `check=False` it is returned, state ABORTED)."""
@@ -186,6 +191,7 @@ class Client(Closing):
             freeze_timeout_ms=freeze_timeout_ms,
             commit_timeout_ms=commit_timeout_ms,
             pin=pin,
+            wait=wait,
         ):
             if on_event is not None:
                 on_event(ev)

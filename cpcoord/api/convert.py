@@ -35,6 +35,17 @@ def reason(n: int) -> v.AbortReason:
     return v.AbortReason(_name(common_pb2.AbortReason, n, "ABORT_REASON_"))
 
 
+def level(n: int) -> v.Level:
+    """A DurabilityLevel; UNSPECIFIED (an older coordinator) is STORE."""
+    name = _name(common_pb2.DurabilityLevel, n, "DURABILITY_LEVEL_")
+    return v.Level.STORE if name == "unspecified" else v.Level(name)
+
+
+def level_name(lv: v.Level) -> str:
+    """The DurabilityLevel name (protobuf constructors take enum values by name)."""
+    return "DURABILITY_LEVEL_" + lv.name
+
+
 def health(n: int) -> v.MemberHealth:
     return v.MemberHealth(_name(coordinator_pb2.MemberHealth, n, "MEMBER_HEALTH_"))
 
@@ -85,6 +96,7 @@ def generation(g: coordinator_pb2.GenerationInfo) -> v.Generation:
         frozen_seconds=g.frozen_seconds,
         seconds=g.seconds,
         full=g.full,
+        level=level(g.level),
     )
 
 

@@ -33,6 +33,7 @@ class ProgressKind(_Enum):
     CAPTURED = "captured"  # every member uploaded; committing
     COMMITTED = "committed"  # terminal
     ABORTED = "aborted"  # terminal, see reason
+    COMMITTED_LOCAL = "committed_local"  # committed at level local; waiting for store
 
 
 class GenerationState(_Enum):
@@ -88,6 +89,15 @@ class WatchKind(_Enum):
     GC_RAN = "gc_ran"
     RESTORE_STARTED = "restore_started"
     RESTORE_ENDED = "restore_ended"
+    GENERATION_LEVEL = "generation_level"
+
+
+class Level(_Enum):
+    """A committed generation's durability level (docs/multilevel.md)."""
+
+    LOCAL = "local"
+    PARTNER = "partner"
+    STORE = "store"
 
 
 # -- jobs, members, agents ------------------------------------------------------------
@@ -143,6 +153,7 @@ class Generation:
     frozen_seconds: float = 0.0
     seconds: float = 0.0
     full: bool = False
+    level: Level = Level.STORE
 
     @property
     def committed(self) -> bool:

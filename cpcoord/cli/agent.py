@@ -12,6 +12,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from cpcoord.errors import InvalidArgument
+from cpcoord.humanize import parse_bytes
 from cpcoord.ranges import check_name
 
 if TYPE_CHECKING:  # imported in `run`: `cpcoord --help` must not pay for them
@@ -87,6 +88,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="an encrypted store's key for the direct data path when the coordinator does "
         "not send it (it does only over mTLS); also $CPCOORD_STORE_KEY",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="node cache (tmpfs or local NVMe): checkpoints commit once packs are durable "
+        "here (level local) and drain to the store in the background (docs/multilevel.md); "
+        "needs the direct data path",
+    )
+    p.add_argument(
+        "--cache-size",
+        type=_size,
+        default=0,
+        metavar="BYTES",
+        help="bound of the cache (e.g. 8G; default: the file system's free space); when a "
+        "pack does not fit it goes to the store directly",
+    )
+    p.add_argument(
+        "--cache-keep",
+        type=int,
+        default=2,
+        metavar="K",
+        help="drained generations kept in the cache per job (default 2)",
+    )
+    p.add_argument(
+        "--drain-rate",
+        type=_size,
+        default=0,
+        metavar="BYTES/s",
+        help="bound of the drain to the store (e.g. 200M; default unlimited)",
     )
     p.add_argument(
         "--compress",
@@ -167,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--upload-threads must be 1..64, got {args.upload_threads}")
     if args.metrics_port is not None and not 0 < args.metrics_port < 65536:
         raise InvalidArgument(f"--metrics-port must be 1..65535, got {args.metrics_port}")
+    if args.cache is not None and args.data_path == "coordinator":
+        raise InvalidArgument("--cache needs the direct data path (not --data-path coordinator)")
+    if not 1 <= args.cache_keep <= 1000:
+        raise InvalidArgument(f"--cache-keep must be 1..1000, got {args.cache_keep}")
     tracker = registry.canonical(args.tracker)
     if tracker != registry.AUTO:
         registry.choose(tracker)  # TrackerUnavailable now, not at the first capture
@@ -181,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
         upload_threads=args.upload_threads,
         data_path=args.data_path,
         store_key_file=args.store_key_file,
+        cache_dir=args.cache,
+        cache_size=args.cache_size,
+        cache_keep=args.cache_keep,
+        drain_rate=float(args.drain_rate),
     )
     scraped = CollectorRegistry(auto_describe=True)
     agent = Agent(config, channel_factory=factory, metrics=metrics.install(scraped, tracker))
@@ -243,3 +282,10 @@ def _local_api(args: argparse.Namespace, agent: Agent, insecure: bool) -> Any:
         return None
     print(f"cpcoord agent: local API on {server.path}", file=sys.stderr)
     return server
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 8G)") from None

@@ -49,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="copy members captured in full while they run, then freeze them only to copy "
         "what they wrote since (default: on; members with the hash or no tracker never are)",
     )
+    p.add_argument(
+        "--wait",
+        choices=("local", "store"),
+        default="store",
+        help="return once the generation reaches this durability level: local (every "
+        "member's packs in its node's cache, agents with --cache) or store (in the shared "
+        "store; the default, what a checkpoint always meant)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     clientconn.add_arguments(p)
 
@@ -61,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         lease_ms=args.lease_ms,
         pin=args.pin,
         no_precopy=not args.precopy,
+        wait="DURABILITY_LEVEL_" + args.wait.upper(),
     )
     shown = progress.display(f"checkpoint {args.job}", enabled=not args.json)
     events = progress.EventProgress(shown)
@@ -85,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
             f"{out['pages_captured']} pages captured, "
             f"{clientconn.human_bytes(out['bytes_logical'])} logical, "
             f"{clientconn.human_bytes(out['bytes_stored_new'])} new on disk, "
-            f"frozen {out['frozen_seconds'] * 1000:.1f} ms, {out['seconds']:.2f} s"
+            f"frozen {out['frozen_seconds'] * 1000:.1f} ms, {out['seconds']:.2f} s, "
+            f"level {out['level']}"
         )
     if out["state"] == "aborted":
         reason = common_pb2.AbortReason.Name(last.reason).removeprefix("ABORT_REASON_").lower()

@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     for m in args.members:
         check_name(m)
     with clientconn.connect(args) as c:
+        number = args.generation or clientconn.default_generation(c, args.job, "exporting")
         gen = c.call(
             "GetGeneration",
-            coordinator_pb2.GetGenerationRequest(job=args.job, generation=args.generation),
+            coordinator_pb2.GetGenerationRequest(job=args.job, generation=number),
         )
         n = gen.info.number
         jobs = c.call("ListJobs", coordinator_pb2.ListJobsRequest(job=args.job))

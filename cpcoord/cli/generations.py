@@ -69,10 +69,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"job": args.job, "generations": rows}, indent=1))
         return 0
-    print(f"{'GEN':>5} {'PARENT':>6} {'STATE':<10} {'PAGES':>10} {'LOGICAL':>11} {'NEW':>11} PIN")
+    print(
+        f"{'GEN':>5} {'PARENT':>6} {'STATE':<10} {'LEVEL':<7} {'PAGES':>10} {'LOGICAL':>11} "
+        f"{'NEW':>11} PIN"
+    )
     for r in rows:
+        level = r["level"] if r["state"] == "committed" else "-"
         print(
-            f"{r['generation']:>5} {r['parent'] or '-':>6} {r['state']:<10} {r['pages']:>10} "
+            f"{r['generation']:>5} {r['parent'] or '-':>6} {r['state']:<10} {level:<7} "
+            f"{r['pages']:>10} "
             f"{clientconn.human_bytes(r['bytes_logical']):>11} "
             f"{clientconn.human_bytes(r['bytes_stored_new']):>11} "
             f"{'yes' if r['pinned'] else ''} {r['reason']}"

@@ -195,6 +195,7 @@ PHASES = {
     "captured": "committing",
     "committed": "committed",
     "aborted": "aborted",
+    "committed_local": "draining",
 }
 
 

@@ -123,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     restored: list[dict[str, Any]] = []
     try:
         with clientconn.connect(args) as c:
+            if not req.generation:
+                req.generation = clientconn.default_generation(c, args.job, "restoring")
             for ev in c.stream("Restore", req):
                 last = ev
                 if progress.kind(ev) == "member_restored":

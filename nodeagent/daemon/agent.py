@@ -26,6 +26,7 @@ as an `AgentState` (nodeagent/daemon/metrics.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -46,6 +47,8 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from cpcoord.ranges import PAGE_SIZE
+from nodeagent.cache.drain import Drainer
+from nodeagent.cache.store import NodeCache
 from nodeagent.daemon.agent_commands import Commands
 from nodeagent.daemon.agent_session import AgentConfig, Session, backoff, hello
 from nodeagent.daemon.local_commands import LocalCommands
@@ -83,6 +86,11 @@ class Agent:
         self._stop = threading.Event()
         self.fatal: CpcoordError | None = None  # why the agent stopped by itself
         self._direct: DirectStore | None = None  # the store it puts packs into
+        self.cache: NodeCache | None = None
+        self.drainer: Drainer | None = None
+        if config.cache_dir is not None:  # level local (docs/multilevel.md)
+            self.cache = NodeCache(config.cache_dir, config.cache_size, config.cache_keep)
+            self.drainer = Drainer(self.cache, config.drain_rate, self._send_now)
         self.connected = threading.Event()
         self.sessions = 0  # Welcomes received, for tests and metrics
         self.members = Members()
@@ -116,6 +124,8 @@ class Agent:
     def run(self) -> None:
         """Connect, serve, reconnect with backoff, until `stop`."""
         self.worker.start()
+        if self.drainer is not None:
+            self.drainer.start()
         delays = backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         while not self._stop.is_set():
             welcomed = self._serve_once()
@@ -133,6 +143,8 @@ class Agent:
     def stop(self, timeout: float = 30.0) -> None:
         """Thaw everything, disarm trackers, close the stream."""
         self._stop.set()
+        if self.drainer is not None:
+            self.drainer.stop()
         with self._lock:
             s = self._session
         if s is not None and s.call is not None:
@@ -153,6 +165,38 @@ class Agent:
 
     def members_frozen(self) -> int:
         return self.worker.members_frozen()
+
+    def cache_stats(self) -> tuple[int, int, int, int] | None:
+        """(cache bytes, packs to drain, bytes drained, packs the full cache refused)."""
+        if self.cache is None or self.drainer is None:
+            return None
+        d = self.drainer
+        return self.cache.bytes, d.pending, d.drained_bytes, self.cache.full
+
+    def _send_now(self, msg: agent_pb2.AgentMessage) -> bool:
+        """Queue a message on the current stream, if one is up (the drain's reports)."""
+        with self._lock:
+            s = self._session
+            if s is None or s.closed.is_set():
+                return False
+            s.out.put(msg)
+            return True
+
+    def _levels(self, msg: agent_pb2.CoordinatorMessage) -> bool:
+        """The node cache's share of a command (committed, abort) and the drain's
+        answers; True when the message is consumed here."""
+        body = msg.WhichOneof("body")
+        if body == "drain_result":
+            if self.drainer is not None:
+                self.drainer.result(msg.drain_result)
+            return True
+        if self.cache is not None and self.drainer is not None:
+            if body == "committed":
+                c = msg.committed
+                self.drainer.want(c.job, c.generation, self.cache.committed(c.job, c.generation))
+            elif body == "abort":
+                self.cache.aborted(msg.abort.job, msg.abort.generation)
+        return False
 
     def _current_epoch(self) -> int:
         with self._lock:
@@ -196,7 +240,8 @@ class Agent:
         welcomed = False
         beat = threading.Thread(target=self._heartbeats, args=(s,), daemon=True)
         try:
-            call = stub.Attach(s.requests(hello(self.config.node, self.members)))
+            cache_id = self.cache.id if self.cache is not None else ""
+            call = stub.Attach(s.requests(hello(self.config.node, self.members, cache_id)))
             s.call = call
             for msg in call:
                 s.last_heard = time.monotonic()
@@ -209,7 +254,8 @@ class Agent:
                         break
                     beat.start()
                     continue
-                self.commands.handle(s, msg)
+                if not self._levels(msg):
+                    self.commands.handle(s, msg)
         except grpc.RpcError as e:
             err = grpcutil.rpc_to_error(e, "Attach", addr)
             (log.info if self._stop.is_set() else log.warning)(
@@ -241,6 +287,8 @@ class Agent:
             return old
         cfg = self.config
         self._direct = choose(w, cfg.node, cfg.data_path, cfg.store_key_file)
+        if self._direct is not None and self.cache is not None:
+            self._direct = dataclasses.replace(self._direct, cache=self.cache)
         if old is not None:
             old.close()
         return self._direct
@@ -261,6 +309,10 @@ class Agent:
             direct=direct,
         )
         s.interval = (w.heartbeat_interval_ms or 1000) / 1000
+        if self.drainer is not None and self.cache is not None:
+            self.cache.sweep({name for item in w.drain for name in item.packs})
+            self.drainer.set_store(direct.backend if direct is not None else None)
+            self.drainer.welcome(w.drain)
         self._quick = 0
         if self.sessions:
             self.metrics.reconnects.inc()
@@ -312,6 +364,8 @@ class Agent:
             self._epoch += 1
         s.closed.set()
         self.connected.clear()
+        if self.drainer is not None:
+            self.drainer.set_store(None)
         self.uploader.cancel_all()
         self.commands.prefetches.drop_stale(self._epoch)  # the restores it served are over
         self.worker.submit(DisconnectOp())

@@ -42,6 +42,10 @@ class AgentConfig:
     backoff_max_s: float = 5.0
     data_path: str = "auto"  # auto | direct | coordinator (nodeagent/upload/direct.py)
     store_key_file: Path | None = None  # a sealed store's key when not sent over mTLS
+    cache_dir: Path | None = None  # --cache: the node cache (docs/multilevel.md)
+    cache_size: int = 0  # bytes; 0 = the file system's free space
+    cache_keep: int = 2  # drained generations kept per job
+    drain_rate: float = 0.0  # bytes/s; 0 = unlimited
 
     def compress_uploads(self) -> bool:
         if self.compress == "auto":
@@ -62,7 +66,7 @@ def backoff(
         d = min(maximum, d * 2)
 
 
-def hello(node: str, members: Members) -> agent_pb2.Hello:
+def hello(node: str, members: Members, cache_id: str = "") -> agent_pb2.Hello:
     """The first message of a stream: who this agent is, what it can do (every tracker
     backend with its verdict) and the members it still holds."""
     trackers = [
@@ -78,6 +82,7 @@ def hello(node: str, members: Members) -> agent_pb2.Hello:
         page_size=PAGE_SIZE,
         members=members.held(),
         hostname=os.uname().nodename,
+        cache_id=cache_id,
     )
 
 

@@ -27,7 +27,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -65,6 +65,24 @@ class StateCollector(Collector):
             ("cpcoord_agent_frozen_members", "Members frozen right now", _frozen(s)),
         ):
             yield GaugeMetricFamily(name, doc, value=float(value))
+        cache = getattr(s, "cache_stats", None)
+        got = cache() if cache is not None else None
+        if got is not None:  # --cache (docs/multilevel.md)
+            size, pending, drained, full = got
+            yield GaugeMetricFamily(
+                "cpcoord_agent_cache_bytes", "Bytes of packs in the node cache", value=size
+            )
+            yield GaugeMetricFamily(
+                "cpcoord_agent_drain_pending_packs", "Cached packs still to drain", value=pending
+            )
+            yield CounterMetricFamily(
+                "cpcoord_agent_drain_bytes", "Bytes of cached packs put into the store",
+                value=drained,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "cpcoord_agent_cache_full", "Packs written to the store directly: cache full",
+                value=full,
+            )  # fmt: skip
 
 
 def _connected(s: AgentState | None) -> int:

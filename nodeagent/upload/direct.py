@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import CpcoordError, DataPathUnavailable, StoreInvalid
 from cpcoord.gen.v1 import agent_pb2
+from nodeagent.cache.store import NodeCache, TieredBackend
 from storecore import packs
 from storecore.backend import Backend, Buffer
 from storecore.crypt import Sealer, load_key
@@ -63,6 +64,7 @@ class DirectStore:
     pack_bytes: int
     sealer: Sealer | None
     level: int = 1  # zstd level, as the store's default
+    cache: NodeCache | None = None  # --cache: packs go to the node cache first
     _gens: dict[tuple[str, int], GenerationPacks] = field(default_factory=dict, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
@@ -80,7 +82,7 @@ class DirectStore:
         with self._lock:
             g = self._gens.get((job, generation))
             if g is None:
-                g = self._gens[(job, generation)] = GenerationPacks(self, job)
+                g = self._gens[(job, generation)] = GenerationPacks(self, job, generation)
             g.users += 1
             return g
 
@@ -153,10 +155,13 @@ class GenerationPacks:
     """The packs of one generation on this node, shared by its members' uploads: a chunk
     two members hold (ranks with the same weights) goes into one pack once. Thread-safe."""
 
-    def __init__(self, store: DirectStore, job: str) -> None:
+    def __init__(self, store: DirectStore, job: str, generation: int) -> None:
         self.namespace = store.namespace(job)
         self.store = store
-        self.sink = PackSink(store.backend, store.pack_bytes, node_prefix(store.node))
+        backend: Backend = store.backend
+        if store.cache is not None:  # level local (docs/multilevel.md)
+            backend = TieredBackend(store.cache, store.backend, job, generation)
+        self.sink = PackSink(backend, store.pack_bytes, node_prefix(store.node))
         self.stored: list[StoredPack] = []
         self._done: list[IdArray] = []  # ids of stored packs (the sink forgets them)
         self.users = 0
@@ -244,9 +249,11 @@ class PackBuilder:
         if not fresh:
             return None
         req = agent_pb2.UploadRequest()
+        cache = self.store.cache
+        cached = set(cache.cached(*self.key)) if cache is not None else set()
         for sp in fresh:
             ids = np.ascontiguousarray(sp.contents.entries["id"]).tobytes()
-            req.packs.packs.add(name=sp.name, size=sp.size, ids=ids)
+            req.packs.packs.add(name=sp.name, size=sp.size, ids=ids, cached=sp.name in cached)
             self.reported.add(sp.name)
             self.packs += 1
             self.bytes += sp.size

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from coordinator import levels
 from coordinator.agents import AgentSession
 from coordinator.engine import Engine
 from coordinator.flight import Progress, RunStats, Summary
@@ -288,6 +289,13 @@ def families(engine: Engine) -> list[Any]:
     am.failures.labels("capture_failed").inc()
     am.captures.labels("hash", "full").inc()
     am.restore_read_bytes.labels("direct").inc()
+    am.observe(  # an agent with --cache: its cache gauges and drain counters
+        SimpleNamespace(  # type: ignore[arg-type]
+            is_connected=lambda: True, members_held=lambda: 0, members_frozen=lambda: 0,
+            cache_stats=lambda: (4096, 1, 8192, 0),
+        )
+    )
+    levels.STATS.add("n1", 4096, True)  # the coordinator's drain counters, labelled by node
     # A replica's own families (coordinator/ha/metrics.py), leading with this engine.
     hreg = CollectorRegistry()
     replica = SimpleNamespace(engine=engine, term=7, failovers=2, lost={"lease_lapsed": 1})

@@ -111,3 +111,28 @@ def test_reopen_keeps_state(tmp_path: Path) -> None:
     c.close()
     c2 = Catalog(tmp_path / "c.sqlite")
     assert c2.get("j", 1).sizes.pages == 3 and c2.get("j", 1).namespace == "ns"
+
+
+def test_level_defaults_to_store_and_old_catalogs_read_as_store(tmp_path: Path) -> None:
+    """A catalog written before levels has no `level` column: opening it adds one, and
+    every generation it holds reads as `store` (it was in the store when it committed)."""
+    import sqlite3
+
+    from coordinator.store.catalog import Level
+
+    path = tmp_path / "old.sqlite"
+    cat = Catalog(path)
+    cat.allocate("j", None, "job:j")
+    cat.commit("j", 1, "j/0000000001", Sizes(members=1))
+    cat.allocate("j", 1, "job:j")
+    cat.commit("j", 2, "j/0000000002", Sizes(members=1), level=Level.LOCAL)
+    assert [g.level for g in cat.generations("j")] == [Level.STORE, Level.LOCAL]
+    cat.close()
+    db = sqlite3.connect(path)  # make it an older catalog: drop the column
+    db.execute("ALTER TABLE generations DROP COLUMN level")
+    db.commit()
+    db.close()
+    again = Catalog(path)
+    assert [g.level for g in again.generations("j")] == [Level.STORE, Level.STORE]
+    assert again.get("j", 2).state is State.COMMITTED
+    again.close()

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members", "prepared")
+    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members", "prepared", "drained")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class AgentMessage(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     TREE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     PREPARED_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     frozen: Frozen
     staged: Staged
@@ -33,7 +34,8 @@ class AgentMessage(_message.Message):
     result: CommandResult
     tree_members: TreeMembers
     prepared: Prepared
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ..., prepared: _Optional[_Union[Prepared, _Mapping]] = ...) -> None: ...
+    drained: Drained
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ..., prepared: _Optional[_Union[Prepared, _Mapping]] = ..., drained: _Optional[_Union[Drained, _Mapping]] = ...) -> None: ...
 
 class TrackerBackend(_message.Message):
     __slots__ = ("name", "available", "reason")
@@ -72,7 +74,7 @@ class TreeMembers(_message.Message):
     def __init__(self, job: _Optional[str] = ..., group: _Optional[str] = ..., joined: _Optional[_Iterable[_Union[_types_pb2.Member, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname")
+    __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname", "cache_id")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +83,7 @@ class Hello(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ID_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     protocol_version: int
@@ -89,7 +92,8 @@ class Hello(_message.Message):
     page_size: int
     members: _containers.RepeatedCompositeFieldContainer[HeldMember]
     hostname: str
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., trackers: _Optional[_Iterable[_Union[TrackerBackend, _Mapping]]] = ..., page_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[HeldMember, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
+    cache_id: str
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., trackers: _Optional[_Iterable[_Union[TrackerBackend, _Mapping]]] = ..., page_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[HeldMember, _Mapping]]] = ..., hostname: _Optional[str] = ..., cache_id: _Optional[str] = ...) -> None: ...
 
 class FrozenMember(_message.Message):
     __slots__ = ("name", "process", "threads", "freeze_seconds")
@@ -206,7 +210,7 @@ class CommandResult(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare")
+    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +224,7 @@ class CoordinatorMessage(_message.Message):
     RESTORE_INTO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     PREPARE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     welcome: Welcome
     freeze: Freeze
@@ -233,10 +238,11 @@ class CoordinatorMessage(_message.Message):
     restore_into: RestoreInto
     heartbeat: Heartbeat
     prepare: Prepare
-    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ...) -> None: ...
+    drain_result: DrainResult
+    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key")
+    __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key", "drain")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +254,7 @@ class Welcome(_message.Message):
     STORE_PACK_BYTES_FIELD_NUMBER: _ClassVar[int]
     STORE_ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     STORE_KEY_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     version: str
     protocol_version: int
     heartbeat_interval_ms: int
@@ -259,7 +266,42 @@ class Welcome(_message.Message):
     store_pack_bytes: int
     store_encrypted: bool
     store_key: bytes
-    def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ...) -> None: ...
+    drain: _containers.RepeatedCompositeFieldContainer[DrainItem]
+    def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ..., drain: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ...) -> None: ...
+
+class DrainItem(_message.Message):
+    __slots__ = ("job", "generation", "packs")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    generation: int
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., packs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Drained(_message.Message):
+    __slots__ = ("job", "generation", "packs", "missing")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    generation: int
+    packs: _containers.RepeatedCompositeFieldContainer[StoredPack]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., packs: _Optional[_Iterable[_Union[StoredPack, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DrainResult(_message.Message):
+    __slots__ = ("job", "generation", "ok", "detail")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    generation: int
+    ok: bool
+    detail: str
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Freeze(_message.Message):
     __slots__ = ("job", "generation", "kind", "lease_ms", "members", "layouts", "precopy", "precopy_ms", "full", "force")
@@ -456,14 +498,16 @@ class StoredPacks(_message.Message):
     def __init__(self, packs: _Optional[_Iterable[_Union[StoredPack, _Mapping]]] = ...) -> None: ...
 
 class StoredPack(_message.Message):
-    __slots__ = ("name", "size", "ids")
+    __slots__ = ("name", "size", "ids", "cached")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     ids: bytes
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., ids: _Optional[bytes] = ...) -> None: ...
+    cached: bool
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., ids: _Optional[bytes] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class UploadResponse(_message.Message):
     __slots__ = ("pages", "entries", "chunks", "chunks_new", "bytes_received", "bytes_stored_new", "packs")

@@ -56,6 +56,14 @@ class ProgressKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROGRESS_KIND_CAPTURED: _ClassVar[ProgressKind]
     PROGRESS_KIND_COMMITTED: _ClassVar[ProgressKind]
     PROGRESS_KIND_ABORTED: _ClassVar[ProgressKind]
+    PROGRESS_KIND_COMMITTED_LOCAL: _ClassVar[ProgressKind]
+
+class DurabilityLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DURABILITY_LEVEL_UNSPECIFIED: _ClassVar[DurabilityLevel]
+    DURABILITY_LEVEL_LOCAL: _ClassVar[DurabilityLevel]
+    DURABILITY_LEVEL_PARTNER: _ClassVar[DurabilityLevel]
+    DURABILITY_LEVEL_STORE: _ClassVar[DurabilityLevel]
 ABORT_REASON_UNSPECIFIED: AbortReason
 ABORT_REASON_AGENT_LOST: AbortReason
 ABORT_REASON_MEMBER_DIED: AbortReason
@@ -92,6 +100,11 @@ PROGRESS_KIND_MEMBER_RESTORED: ProgressKind
 PROGRESS_KIND_CAPTURED: ProgressKind
 PROGRESS_KIND_COMMITTED: ProgressKind
 PROGRESS_KIND_ABORTED: ProgressKind
+PROGRESS_KIND_COMMITTED_LOCAL: ProgressKind
+DURABILITY_LEVEL_UNSPECIFIED: DurabilityLevel
+DURABILITY_LEVEL_LOCAL: DurabilityLevel
+DURABILITY_LEVEL_PARTNER: DurabilityLevel
+DURABILITY_LEVEL_STORE: DurabilityLevel
 
 class MemberStats(_message.Message):
     __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept", "read_direct")

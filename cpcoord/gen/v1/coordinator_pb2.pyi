@@ -35,6 +35,7 @@ class WatchEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WATCH_EVENT_KIND_GC_RAN: _ClassVar[WatchEventKind]
     WATCH_EVENT_KIND_RESTORE_STARTED: _ClassVar[WatchEventKind]
     WATCH_EVENT_KIND_RESTORE_ENDED: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_GENERATION_LEVEL: _ClassVar[WatchEventKind]
 MEMBER_HEALTH_UNSPECIFIED: MemberHealth
 MEMBER_HEALTH_RUNNING: MemberHealth
 MEMBER_HEALTH_GONE: MemberHealth
@@ -55,6 +56,7 @@ WATCH_EVENT_KIND_GENERATION_FROZEN: WatchEventKind
 WATCH_EVENT_KIND_GC_RAN: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_STARTED: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_ENDED: WatchEventKind
+WATCH_EVENT_KIND_GENERATION_LEVEL: WatchEventKind
 
 class MemberInfo(_message.Message):
     __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail", "group")
@@ -173,7 +175,7 @@ class DetachMemberResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationInfo(_message.Message):
-    __slots__ = ("job", "number", "parent", "state", "reason", "detail", "started_unix_ms", "finished_unix_ms", "pinned", "members", "pages", "zero_pages", "bytes_logical", "bytes_stored", "bytes_new", "pages_captured", "frozen_seconds", "seconds", "full", "data_paths")
+    __slots__ = ("job", "number", "parent", "state", "reason", "detail", "started_unix_ms", "finished_unix_ms", "pinned", "members", "pages", "zero_pages", "bytes_logical", "bytes_stored", "bytes_new", "pages_captured", "frozen_seconds", "seconds", "full", "data_paths", "level")
     class DataPathsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +203,7 @@ class GenerationInfo(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     DATA_PATHS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
     job: str
     number: int
     parent: int
@@ -221,7 +224,8 @@ class GenerationInfo(_message.Message):
     seconds: float
     full: bool
     data_paths: _containers.ScalarMap[str, str]
-    def __init__(self, job: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.GenerationState, str]] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., members: _Optional[int] = ..., pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_new: _Optional[int] = ..., pages_captured: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., full: _Optional[bool] = ..., data_paths: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    level: _common_pb2.DurabilityLevel
+    def __init__(self, job: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.GenerationState, str]] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., members: _Optional[int] = ..., pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_new: _Optional[int] = ..., pages_captured: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., full: _Optional[bool] = ..., data_paths: _Optional[_Mapping[str, str]] = ..., level: _Optional[_Union[_common_pb2.DurabilityLevel, str]] = ...) -> None: ...
 
 class ListGenerationsRequest(_message.Message):
     __slots__ = ("job", "include_aborted", "limit")
@@ -300,7 +304,7 @@ class PinGenerationResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[GenerationInfo, _Mapping]] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("job", "full", "lease_ms", "freeze_timeout_ms", "commit_timeout_ms", "pin", "no_precopy")
+    __slots__ = ("job", "full", "lease_ms", "freeze_timeout_ms", "commit_timeout_ms", "pin", "no_precopy", "wait")
     JOB_FIELD_NUMBER: _ClassVar[int]
     FULL_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +312,7 @@ class CheckpointRequest(_message.Message):
     COMMIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     PIN_FIELD_NUMBER: _ClassVar[int]
     NO_PRECOPY_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     job: str
     full: bool
     lease_ms: int
@@ -315,7 +320,8 @@ class CheckpointRequest(_message.Message):
     commit_timeout_ms: int
     pin: bool
     no_precopy: bool
-    def __init__(self, job: _Optional[str] = ..., full: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., freeze_timeout_ms: _Optional[int] = ..., commit_timeout_ms: _Optional[int] = ..., pin: _Optional[bool] = ..., no_precopy: _Optional[bool] = ...) -> None: ...
+    wait: _common_pb2.DurabilityLevel
+    def __init__(self, job: _Optional[str] = ..., full: _Optional[bool] = ..., lease_ms: _Optional[int] = ..., freeze_timeout_ms: _Optional[int] = ..., commit_timeout_ms: _Optional[int] = ..., pin: _Optional[bool] = ..., no_precopy: _Optional[bool] = ..., wait: _Optional[_Union[_common_pb2.DurabilityLevel, str]] = ...) -> None: ...
 
 class CheckpointEvent(_message.Message):
     __slots__ = ("kind", "job", "generation", "member", "node", "stats", "members_done", "members_total", "reason", "detail", "elapsed_seconds", "info")

@@ -1,0 +1,114 @@
+"""The engine's side of durability levels (docs/multilevel.md): what a node must still
+drain (told at every Welcome), the agents' Drained reports (checked off the stream's
+handler thread, answered with DrainResult), and what a rise to `store` publishes
+(Watch `generation_level`, metrics).
+
+A Drained report reads packs back from the store (nodepacks.check), so it runs on a
+thread of its own, one at a time: the agent's other messages (Frozen, Uploaded) never
+wait behind a drain check, and the drain is a background activity anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from coordinator.generations import summarize
+from coordinator.store import nodepacks
+from cpcoord.errors import CpcoordError
+from cpcoord.faults import fault_point
+from cpcoord.gen.v1 import agent_pb2
+from cpcoord.log import log_event
+
+if TYPE_CHECKING:
+    from coordinator.agents import AgentSession
+    from coordinator.engine_view import EngineView
+
+log = logging.getLogger("cpcoord.levels")
+_POOL = ThreadPoolExecutor(1, thread_name_prefix="drain-check")
+
+
+@dataclass
+class DrainStats:
+    """Counters since the coordinator started (thread-safe): stored bytes of drained
+    packs taken, and drain reports refused, per node."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, node: str, nbytes: int, failed: bool) -> None:
+        with self._lock:
+            self.bytes[node] = self.bytes.get(node, 0) + nbytes
+            if failed:
+                self.failures[node] = self.failures.get(node, 0) + 1
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self._lock:
+            return dict(self.bytes), dict(self.failures)
+
+
+STATS = DrainStats()
+
+
+def drain_items(engine: EngineView, node: str) -> list[agent_pb2.DrainItem]:
+    """The node's cached packs the store still lacks, oldest generation first."""
+    with engine.repo.lock:
+        items = engine.repo.cached.drain_items(node)
+    return [agent_pb2.DrainItem(job=j, generation=g, packs=names) for j, g, names in items]
+
+
+def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
+    """An agent said hello: if its node cache is not the one that holds its undrained
+    packs, those are lost, and so is every generation that needed them (never `store`;
+    restore takes an older one). Before its Welcome and before any of its uploads, so
+    no new generation counts a lost chunk as present."""
+    for job, gen in engine.repo.cache_seen(hello.node, hello.cache_id):
+        log_event(
+            log, logging.WARNING, "generation lost with a node cache", node=hello.node,
+            job=job, generation=gen,
+        )  # fmt: skip
+
+
+def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
+    """An agent's Drained report: checked and answered on the drain thread."""
+    _POOL.submit(_take, engine, s, msg)
+
+
+def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
+    fault_point("coordinator.drain")  # tests: killed with drained packs not yet taken
+    reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
+    nbytes = sum(r.size for r in reports)
+    try:
+        if msg.missing:
+            log_event(
+                log, logging.WARNING, "a node lost cached packs", node=s.node, job=msg.job,
+                generation=msg.generation, packs=len(msg.missing),
+            )  # fmt: skip
+        raised = engine.repo.take_drained(s.node, reports)
+    except CpcoordError as e:
+        STATS.add(s.node, 0, True)
+        log_event(
+            log, logging.WARNING, "drained packs refused", node=s.node, job=msg.job,
+            generation=msg.generation, why=str(e),
+        )  # fmt: skip
+        s.send(drain_result=agent_pb2.DrainResult(
+            job=msg.job, generation=msg.generation, ok=False, detail=str(e)
+        ))  # fmt: skip
+        return
+    except Exception as e:  # a bug must not kill the drain thread; the agent retries later
+        log.exception("drain check failed")
+        s.send(drain_result=agent_pb2.DrainResult(
+            job=msg.job, generation=msg.generation, ok=False, detail=f"internal: {e}"
+        ))  # fmt: skip
+        return
+    STATS.add(s.node, nbytes, False)
+    s.send(drain_result=agent_pb2.DrainResult(job=msg.job, generation=msg.generation, ok=True))
+    for info in raised:
+        engine.events.publish(
+            "generation_level", job=info.job, generation=info.number,
+            payload=summarize(engine, info.job, info.number, info=info),
+        )  # fmt: skip

@@ -1,0 +1,259 @@
+"""Packs held in agents' node caches, not (yet) in the store: the ledger behind the
+durability level `local` and its drain (docs/multilevel.md).
+
+A generation commits at `local` when some of the chunks its manifest names are in packs
+an agent put into its node's cache (`StoredPack.cached`). The coordinator cannot read
+them, so at commit it records them (`cached_packs`: name, node, namespace, size, ids,
+the generation that reported it, drained) and which of them the generation depends on
+(`generation_packs`): its own cached packs, plus every undrained cached pack of a node
+whose MissingChunks answer counted a cached chunk as present (conservative: a node's
+cached packs drain oldest first, so depending on all of them costs nothing). Both go in
+the transaction that flips the row to COMMITTED. The pack checks of the direct path
+happen when a pack is drained (drain.py); a generation rises to `store` once every pack
+it depends on is drained, and its rows then leave these tables.
+
+In memory: every row, loaded at open; the ids of a node's undrained packs per namespace
+are what MissingChunks counts as present for that node. Guarded by the repository lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from coordinator.store.catalog import Catalog, Level
+from storecore.ids import ID_DTYPE, IdArray, as_id_array
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cached_packs (
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    job TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    drained INTEGER NOT NULL DEFAULT 0,
+    cache_id TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS generation_packs (
+    job TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    pack TEXT NOT NULL,
+    PRIMARY KEY (job, generation, pack)
+);
+CREATE TABLE IF NOT EXISTS lost_generations (
+    job TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job, generation)
+);
+"""
+
+GenKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class CachedPack:
+    name: str
+    node: str
+    namespace: str
+    size: int
+    ids: bytes  # n * 32-byte chunk ids as reported
+    job: str
+    generation: int
+    drained: bool = False
+    cache_id: str = ""  # the node cache that holds it (Hello.cache_id)
+
+
+class CachedPacks:
+    """The ledger (module docstring). Not thread-safe: callers hold the repository lock."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        with catalog.tx() as db:
+            for stmt in _statements():  # not executescript: it would end the transaction
+                db.execute(stmt)
+            rows = db.execute(
+                "SELECT name, node, namespace, size, ids, job, generation, drained, cache_id "
+                "FROM cached_packs ORDER BY rowid"
+            ).fetchall()
+            deps = db.execute("SELECT job, generation, pack FROM generation_packs").fetchall()
+            lost = db.execute("SELECT job, generation, reason FROM lost_generations").fetchall()
+        self.packs: dict[str, CachedPack] = {
+            r[0]: CachedPack(
+                r[0], r[1], r[2], int(r[3]), bytes(r[4]), r[5], int(r[6]), bool(r[7]), r[8]
+            )
+            for r in rows
+        }
+        # Generations that depended on packs of a lost cache: never in the store.
+        self.lost: dict[GenKey, str] = {(j, int(g)): why for j, g, why in lost}
+        self.deps: dict[GenKey, set[str]] = {}
+        for job, gen, pack in deps:
+            self.deps.setdefault((job, int(gen)), set()).add(pack)
+        self._ids: dict[tuple[str, str], IdArray] = {}
+
+    # -- what counts as present -------------------------------------------------------
+
+    def pending_ids(self, node: str, namespace: str) -> IdArray:
+        """Sorted unique ids of `node`'s undrained cached packs of a namespace."""
+        key = (node, namespace)
+        got = self._ids.get(key)
+        if got is None:
+            parts = [
+                as_id_array(p.ids)
+                for p in self.packs.values()
+                if p.node == node and p.namespace == namespace and not p.drained
+            ]
+            got = np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+            self._ids[key] = got
+        return got
+
+    def pending_in(self, namespace: str) -> IdArray:
+        """Sorted unique ids of every node's undrained cached packs of a namespace."""
+        parts = [
+            as_id_array(p.ids)
+            for p in self.packs.values()
+            if p.namespace == namespace and not p.drained
+        ]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+
+    def undrained(self, nodes: Iterable[str], namespace: str) -> set[str]:
+        want = set(nodes)
+        return {
+            p.name
+            for p in self.packs.values()
+            if p.node in want and p.namespace == namespace and not p.drained
+        }
+
+    # -- commit ------------------------------------------------------------------------
+
+    def recorder(
+        self, job: str, generation: int, own: list[CachedPack], deps: set[str]
+    ) -> Callable[[sqlite3.Connection], None]:
+        """The writes of a local commit (run inside the catalog's commit transaction)."""
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT OR IGNORE INTO cached_packs (name, node, namespace, size, ids, job, "
+                "generation, cache_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (p.name, p.node, p.namespace, p.size, p.ids, job, generation, p.cache_id)
+                    for p in own
+                ],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO generation_packs (job, generation, pack) VALUES (?, ?, ?)",
+                [(job, generation, name) for name in sorted(deps)],
+            )
+
+        return write
+
+    def committed(self, job: str, generation: int, own: list[CachedPack], deps: set[str]) -> None:
+        """After the commit transaction: the same rows in memory."""
+        for p in own:
+            self.packs.setdefault(p.name, p)
+        self.deps[(job, generation)] = set(deps)
+        self._ids.clear()
+
+    # -- drain -------------------------------------------------------------------------
+
+    def drain_items(self, node: str) -> list[tuple[str, int, list[str]]]:
+        """(job, generation, pack names) of `node`'s undrained packs, oldest first."""
+        out: dict[GenKey, list[str]] = {}
+        for p in self.packs.values():  # insertion order: commit order
+            if p.node == node and not p.drained:
+                out.setdefault((p.job, p.generation), []).append(p.name)
+        return [(job, gen, names) for (job, gen), names in out.items()]
+
+    def ready(self, drained: set[str]) -> list[GenKey]:
+        """Generations every pack of which is drained once `drained` are too."""
+        done = {n for n, p in self.packs.items() if p.drained} | drained
+        return sorted(k for k, names in self.deps.items() if names <= done)
+
+    def apply(self, db: sqlite3.Connection, drained: set[str], raised: list[GenKey]) -> None:
+        """Within one transaction: mark packs drained, raise generations to `store`, and
+        drop the rows nothing depends on any more."""
+        db.executemany(
+            "UPDATE cached_packs SET drained = 1 WHERE name = ?", [(n,) for n in drained]
+        )
+        for job, gen in raised:
+            db.execute(
+                "UPDATE generations SET level = ? WHERE number = ? AND level != ? AND "
+                "job_id = (SELECT id FROM jobs WHERE name = ?)",
+                (Level.STORE.value, gen, Level.STORE.value, job),
+            )
+            db.execute(
+                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
+            )
+        db.execute(
+            "DELETE FROM cached_packs WHERE drained = 1 AND name NOT IN "
+            "(SELECT pack FROM generation_packs)"
+        )
+
+    def applied(self, drained: set[str], raised: list[GenKey]) -> None:
+        for n in drained:
+            p = self.packs.get(n)
+            if p is not None:
+                self.packs[n] = replace(p, drained=True)
+        for k in raised:
+            self.deps.pop(k, None)
+        live = set().union(*self.deps.values()) if self.deps else set()
+        for n in [n for n, p in self.packs.items() if p.drained and n not in live]:
+            del self.packs[n]
+        self._ids.clear()
+
+    def forget(self, db: sqlite3.Connection, job: str, generations: list[int]) -> None:
+        """Generations deleted (retention): they depend on nothing any more; undrained
+        packs nothing else depends on need no drain."""
+        for gen in generations:
+            db.execute(
+                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
+            )
+            self.deps.pop((job, gen), None)
+        db.execute("DELETE FROM cached_packs WHERE name NOT IN (SELECT pack FROM generation_packs)")
+        live = set().union(*self.deps.values()) if self.deps else set()
+        for n in [n for n in self.packs if n not in live]:
+            del self.packs[n]
+        self._ids.clear()
+
+    def lose(self, db: sqlite3.Connection, node: str, cache_id: str) -> list[GenKey]:
+        """`node` came back with another cache (Hello.cache_id): its undrained packs of
+        the old one are gone. They stop counting as present, and the generations that
+        depended on them can never reach the store: recorded as lost. Returns those."""
+        gone = {
+            n for n, p in self.packs.items()
+            if p.node == node and not p.drained and p.cache_id != cache_id
+        }  # fmt: skip
+        if not gone:
+            return []
+        keys = sorted(k for k, names in self.deps.items() if names & gone)
+        why = f"the node cache of {node} was lost before these packs drained"
+        db.executemany("DELETE FROM cached_packs WHERE name = ?", [(n,) for n in gone])
+        for job, gen in keys:
+            db.execute(
+                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO lost_generations (job, generation, reason) "
+                "VALUES (?, ?, ?)",
+                (job, gen, why),
+            )
+        for n in gone:
+            del self.packs[n]
+        for k in keys:
+            self.deps.pop(k, None)
+            self.lost[k] = why
+        self._ids.clear()
+        return keys
+
+    def names(self) -> set[str]:
+        """Every pack named here (gc keeps such objects in the store: docs/multilevel.md)."""
+        return set(self.packs)
+
+
+def _statements() -> list[str]:
+    return [s.strip() for s in _SCHEMA.split(";") if s.strip()]

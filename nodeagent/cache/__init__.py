@@ -1,0 +1,1 @@
+"""The node cache and its drain to the store (docs/multilevel.md)."""
