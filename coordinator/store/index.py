@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import DataCorrupted, InvalidArgument
-from storecore.ids import ID_DTYPE, IdArray, digest
+from storecore.ids import ID_DTYPE, IdArray, digest, first_of, unique_ids
 from storecore.names import node_of, pack_id
 from storecore.packs import LOCATED_DTYPE, Entries, PackContents
 
@@ -80,7 +80,7 @@ class _Run:
         lo = np.searchsorted(self.keys, keys, "left")
         hi = np.searchsorted(self.keys, keys, "right")
         one = np.flatnonzero(hi - lo == 1)
-        hit = one[self.tails[lo[one]] == tails[one]]
+        hit = one[np.take(self.tails, np.take(lo, one)) == np.take(tails, one)]
         rows[hit] = lo[hit]
         for i in np.flatnonzero(hi - lo > 1):  # 64-bit prefix collision: compare tails
             for r in range(int(lo[i]), int(hi[i])):
@@ -147,12 +147,10 @@ class ChunkIndex:
     def add(self, ids: IdArray, locs: Locations) -> npt.NDArray[np.bool_]:
         """Add entries whose id is not indexed yet (first copy wins, also within `ids`);
         return which of them were new."""
-        _, first = np.unique(ids, return_index=True)
-        new = np.zeros(ids.size, dtype=bool)
-        new[first] = True
-        new[new] = ~self.contains(ids[new])
+        new = first_of(ids)
+        new[new] = ~self.contains(np.compress(new, ids))
         if new.any():
-            keys, tails = split_ids(ids[new])
+            keys, tails = split_ids(np.compress(new, ids))
             self._runs.append(_sorted_run(keys, tails, locs[new]))
             while len(self._runs) > 1 and len(self._runs[-2]) < _MERGE_RATIO * len(self._runs[-1]):
                 b = self._runs.pop()
@@ -172,7 +170,7 @@ class ChunkIndex:
 
     def remove(self, ids: IdArray) -> int:
         """Remove the given ids (absent ones are ignored); returns how many were there."""
-        which, rows = self._find(np.unique(ids))
+        which, rows = self._find(unique_ids(ids))
         for ri, run in enumerate(self._runs):
             keep = np.ones(len(run), dtype=bool)
             keep[rows[which == ri]] = False

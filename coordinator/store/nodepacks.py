@@ -38,7 +38,7 @@ from cpcoord.errors import ChunkMismatch, DataCorrupted, InvalidArgument, Object
 from cpcoord.log import log_event
 from storecore import packs
 from storecore.backend import Kind
-from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of, sort_ids, unique_ids
 from storecore.names import node_of, node_prefix, pack_id
 
 if TYPE_CHECKING:
@@ -84,12 +84,12 @@ class Trust:
         if not parts:
             return np.zeros(0, ID_DTYPE)
         if len(parts) > 1:
-            parts[:] = [np.unique(np.concatenate(parts))]
+            parts[:] = [unique_ids(np.concatenate(parts))]
         return parts[0]
 
     def add(self, namespace: str, ids: IdArray) -> None:
         if ids.size:
-            self.verified.setdefault(namespace, []).append(np.unique(ids))
+            self.verified.setdefault(namespace, []).append(unique_ids(ids))
 
 
 def check(repo: StoreParts, node: str, namespace: str, r: Report) -> Taken:
@@ -107,7 +107,7 @@ def check(repo: StoreParts, node: str, namespace: str, r: Report) -> Taken:
         raise InvalidArgument(f"pack {r.name} is of namespace {contents.namespace!r}")
     ids = as_id_array(r.ids)
     listed = np.ascontiguousarray(contents.entries["id"])
-    if ids.size != listed.size or not np.array_equal(np.sort(ids), np.sort(listed)):
+    if ids.size != listed.size or not np.array_equal(sort_ids(ids), sort_ids(listed)):
         raise InvalidArgument(f"pack {r.name} holds other chunks than reported")
     bad = _bad_rows(repo, r.name, contents.entries[sample(len(contents.entries))], namespace)
     if bad:

@@ -67,6 +67,8 @@ from storecore.crypt import open_manifest
 from storecore.ids import (
     IdArray,
     as_id_array,
+    first_of,
+    unique_ids,
     zero_mask,
 )
 from storecore.writer import PackSink
@@ -237,7 +239,7 @@ class Repository(Closing):
         with self.lock:
             present = found | self._sink.contains(g.namespace, arr)
             g.claim(arr[present])
-        return np.unique(arr[~present])
+        return unique_ids(np.compress(~present, arr))
 
     def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
         """Nodes whose packs for this generation failed verification: node -> why."""
@@ -297,9 +299,7 @@ class Repository(Closing):
 
     def _new_ids(self, namespace: str, arr: IdArray) -> np.ndarray:
         """Mask of ids neither indexed nor pending nor repeated earlier in `arr`."""
-        _, first = np.unique(arr, return_index=True)
-        new = np.zeros(arr.size, dtype=bool)
-        new[first] = True
+        new = first_of(arr)
         new &= ~self.index.chunks(namespace).contains(arr)
         new &= ~self._sink.contains(namespace, arr)
         return new
