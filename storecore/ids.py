@@ -212,13 +212,25 @@ def unique_ids(ids: IdArray) -> IdArray:
 
 def member_of(needles: IdArray, sorted_hay: IdArray) -> npt.NDArray[np.bool_]:
     """For each needle, whether it occurs in `sorted_hay` (sorted IdArray). O(n log m);
-    np.isin on V32 sorts both sides, which is several times slower. The search runs on
-    the ids' first 8 bytes as integers (_keys) unless the hay is much longer than the
-    needles (then extracting its keys costs more than comparing V32 a few times each)."""
+    np.isin on V32 sorts both sides, which is several times slower (search_ids)."""
     m = sorted_hay.size
     if m == 0 or needles.size == 0:
         return np.zeros(needles.shape, dtype=bool)
     needles = np.ascontiguousarray(needles)
+    pos = search_ids(sorted_hay, needles)
+    # np.take: indexing a V32 array with an index array is ~15x slower (NumPy 2.x)
+    return np.asarray(np.take(sorted_hay, np.minimum(pos, m - 1)) == needles)
+
+
+def search_ids(sorted_hay: IdArray, needles: IdArray) -> npt.NDArray[np.int64]:
+    """Where each needle is in `sorted_hay` (np.searchsorted's left position for the
+    needles it holds; for the others a position, maybe `len(sorted_hay)`, whose id is
+    not theirs). The search runs on
+    the ids' first 8 bytes as integers (_keys) unless the hay is much longer than the
+    needles (then extracting its keys costs more than comparing V32 a few times each)."""
+    m = sorted_hay.size
+    if m == 0:
+        return np.zeros(needles.size, dtype=np.int64)
     if m > 64 * needles.size:
         pos = np.searchsorted(sorted_hay, needles)
     else:
@@ -231,8 +243,7 @@ def member_of(needles: IdArray, sorted_hay: IdArray) -> npt.NDArray[np.bool_]:
         )
         if multi.size:
             pos[multi] = np.searchsorted(sorted_hay, np.take(needles, multi))
-    # np.take: indexing a V32 array with an index array is ~15x slower (NumPy 2.x)
-    return np.asarray(np.take(sorted_hay, np.minimum(pos, m - 1)) == needles)
+    return np.asarray(pos, dtype=np.int64)
 
 
 def chunk_ids_of(data: Buffer, chunk_bytes: int) -> tuple[IdArray, list[memoryview]]:

@@ -12,6 +12,7 @@ from coordinator.store.catalog import Sizes
 from coordinator.store.index import Index
 from coordinator.store.manifest import Manifest
 from cpcoord.errors import ChunkMissing, ManifestInvalid
+from storecore.ids import search_ids
 
 
 def check_references(m: Manifest, index: Index, bytes_new: int) -> Sizes:
@@ -26,7 +27,7 @@ def check_references(m: Manifest, index: Index, bytes_new: int) -> Sizes:
     for member, r in m.tables():
         t = r.pages
         nz = ~t.zero
-        raw = locs["raw"][np.searchsorted(ids, t.ids[nz])].astype(np.uint64)
+        raw = locs["raw"][search_ids(ids, np.compress(nz, t.ids))].astype(np.uint64)
         need = (t.skips[nz].astype(np.uint64) + t.counts[nz]) * np.uint64(ps)
         if np.any(need > raw):
             raise ManifestInvalid(
