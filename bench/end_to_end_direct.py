@@ -45,19 +45,9 @@ NODES = ("node-a", "node-b")
 
 
 def _profile(procs: dict[str, int], kind: str) -> list[subprocess.Popen[bytes]]:
-    """With $CPCOORD_BENCH_PERF=DIR: `perf record -g` of the coordinator
-    (DIR/<store>-coordinator.data). With $CPCOORD_BENCH_PYSPY=DIR: py-spy records each process during the checkpoint
+    """With $CPCOORD_BENCH_PYSPY=DIR: py-spy records each process during the checkpoint
     (collapsed stacks of busy threads, DIR/<store>-<process>.txt), to see where the CPU
     goes. Not for the numbers: the sampling costs CPU of its own."""
-    perf = os.environ.get("CPCOORD_BENCH_PERF")
-    if perf and shutil.which("perf") is not None:  # native stacks and the kernel's share
-        Path(perf).mkdir(parents=True, exist_ok=True)
-        tag = kind.split()[-1].lower()
-        cmd = ["perf", "record", "-F", "999", "-g", "-p", str(procs["coordinator"])]
-        cmd += ["-o", f"{perf}/{tag}-coordinator.data"]
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        return [spy]
     out = os.environ.get("CPCOORD_BENCH_PYSPY")
     if not out or shutil.which("py-spy") is None:
         return []
@@ -65,8 +55,7 @@ def _profile(procs: dict[str, int], kind: str) -> list[subprocess.Popen[bytes]]:
     tag = kind.split()[-1].lower()
     spies = []
     for name, pid in procs.items():
-        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", os.environ.get("CPCOORD_BENCH_PYSPY_RATE", "200"), "--threads"]
-        cmd += ["--gil"] if os.environ.get("CPCOORD_BENCH_PYSPY_GIL") else []
+        cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--threads"]
         cmd += ["--format", "raw", "-o", f"{out}/{tag}-{name}.txt"]
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches
@@ -155,13 +144,7 @@ def one_store(
         threads0 = thread_cpu(procs["coordinator"])
         us0 = user_sys(procs["coordinator"])
         cpu0 = {k: cpu_seconds(p) for k, p in procs.items()}
-        if os.environ.get("DPCPU_PROF"):
-            time.sleep(0.7)
-            shutil.copy(f"{os.environ['DPCPU_PROF']}/coord-{procs['coordinator']}.json", f"{os.environ['DPCPU_PROF']}/before.json")
         full = checkpoint(cluster.address, "bench")
-        if os.environ.get("DPCPU_PROF"):
-            time.sleep(0.7)
-            shutil.copy(f"{os.environ['DPCPU_PROF']}/coord-{procs['coordinator']}.json", f"{os.environ['DPCPU_PROF']}/after.json")
         threads1 = thread_cpu(procs["coordinator"])
         us1 = user_sys(procs["coordinator"])
         for spy in spies:

@@ -4,10 +4,10 @@
 Announcement: the store's location (a directory as an absolute path, or s3://BUCKET/PREFIX
 without endpoint or credentials: each agent takes those from its own environment), its
 id (an agent writes nothing to a store with another id), the dedup rule, the size at
-which agents seal their packs (DIRECT_PACK_BYTES, the same format as the store's), whether packs are sealed and, on an mTLS stream
-only, the data key itself (otherwise the agent reads it from its own key file). With
-`Options.direct_data_path` off nothing is announced and every agent uses the
-coordinator path.
+which agents seal their packs (DIRECT_PACK_BYTES, the same format as the store's),
+whether packs are sealed and, on an mTLS stream only, the data key itself (otherwise
+the agent reads it from its own key file). With `Options.direct_data_path` off nothing
+is announced and every agent uses the coordinator path.
 
 Counts (`DataPlaneStats`, exported by the metrics collector): committed bytes by data
 path and node, bytes that passed through the coordinator, chunks the coordinator read

@@ -48,7 +48,7 @@ def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condit
 
 def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # CPCOORD_CONFIG=/dev/null: a developer's own config file never leaks into a cluster.
-    env = dict(os.environ, PYTHONPATH=os.environ.get("DPCPU_EXTRA_PATH", "") + str(REPO), PYTHONUNBUFFERED="1", CPCOORD_CONFIG="/dev/null")
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", CPCOORD_CONFIG="/dev/null")
     for k in ("CPCOORD_FAULT_PAUSE", "CPCOORD_FAULT_HOLD", "CPCOORD_COORDINATOR"):
         env.pop(k, None)
     env.update(extra or {})

@@ -256,15 +256,15 @@ class Index:
         """`add_pack` of several packs (in order: an id in two of them is indexed in
         the first) with one index insert per namespace, not one per pack."""
         parts: dict[str, tuple[list[IdArray], list[Locations]]] = {}
-        for pack_id, size, contents, name in items:
+        for pid, size, contents, name in items:
             e = contents.entries
-            key = name or pack_id.hex()
+            key = name or pid.hex()
             known = self._by_id.get(key)
             if known is None:
                 no = len(self._packs)
-                object_name = "" if name in ("", pack_id.hex()) else name
+                object_name = "" if name in ("", pid.hex()) else name
                 info = PackInfo(
-                    pack_id, contents.namespace, size, contents.blob_bytes, len(e), object_name
+                    pid, contents.namespace, size, contents.blob_bytes, len(e), object_name
                 )
                 self._packs.append(info)
                 self._by_id[key] = no
