@@ -230,15 +230,24 @@ class Repository(Closing):
             self.integrate(block=False)
             found, locs = self.index.chunks(g.namespace).lookup(arr)
             check = nodepacks.foreign(self, g.namespace, arr, found, locs, node)
-        if check.any():  # read back outside the lock, then record and look again
-            good, bad = nodepacks.verify(self, g.namespace, arr[check], locs[check])
-            with self.lock:
-                nodepacks.settle(self, g.namespace, good, bad)
-                found, locs = self.index.chunks(g.namespace).lookup(arr)
-                found &= ~nodepacks.foreign(self, g.namespace, arr, found, locs, node)
+            if not check.any():
+                return self._claim_present(g, arr, found)
+        # Read back outside the lock, then record and look again. The index and the
+        # writer's packs are looked up under one hold of the lock: between two, another
+        # call may index a pack the writer held, and its chunks would be in neither.
+        good, bad = nodepacks.verify(self, g.namespace, arr[check], locs[check])
         with self.lock:
-            present = found | self._sink.contains(g.namespace, arr)
-            g.claim(arr[present])
+            nodepacks.settle(self, g.namespace, good, bad)
+            self.integrate(block=False)
+            found, locs = self.index.chunks(g.namespace).lookup(arr)
+            found &= ~nodepacks.foreign(self, g.namespace, arr, found, locs, node)
+            return self._claim_present(g, arr, found)
+
+    def _claim_present(self, g: InFlight, arr: IdArray, found: np.ndarray) -> IdArray:
+        """(Under the lock, with `found` from the index under the same hold.) Claim the
+        ids present (indexed, or in a pack the writer holds); the others, sorted."""
+        present = found | self._sink.contains(g.namespace, arr)
+        g.claim(arr[present])
         return unique_ids(np.compress(~present, arr))
 
     def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
