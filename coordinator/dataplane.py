@@ -3,11 +3,11 @@
 
 Announcement: the store's location (a directory as an absolute path, or s3://BUCKET/PREFIX
 without endpoint or credentials: each agent takes those from its own environment), its
-id (an agent writes nothing to a store with another id), the dedup rule and pack size
-(an agent's packs must be the store's), whether packs are sealed and, on an mTLS stream
-only, the data key itself (otherwise the agent reads it from its own key file). With
-`Options.direct_data_path` off nothing is announced and every agent uses the
-coordinator path.
+id (an agent writes nothing to a store with another id), the dedup rule, the size at
+which agents seal their packs (DIRECT_PACK_BYTES, the same format as the store's),
+whether packs are sealed and, on an mTLS stream only, the data key itself (otherwise
+the agent reads it from its own key file). With `Options.direct_data_path` off nothing
+is announced and every agent uses the coordinator path.
 
 Counts (`DataPlaneStats`, exported by the metrics collector): committed bytes by data
 path and node, bytes that passed through the coordinator, chunks the coordinator read
@@ -26,6 +26,12 @@ from typing import TYPE_CHECKING
 
 from storecore.backend import LocalBackend
 
+# Agents seal their packs at this size (or the store's, if larger). Each reported pack
+# costs the coordinator a check (trailer, sampled chunks) and an index insert, and the
+# agent an fsync and a directory fsync (or an S3 upload): 16 packs per GiB instead of
+# the store's 64. The price is agent memory: up to 4 packs in building or in transit.
+DIRECT_PACK_BYTES = 64 << 20
+
 if TYPE_CHECKING:
     from coordinator.store import Repository
     from coordinator.uploads import MemberUpload
@@ -40,7 +46,7 @@ def announcement(repo: Repository, send_key: bool) -> dict[str, object]:
         "store_location": where,
         "store_id": str(repo.identity["id"]),
         "store_dedup": repo.config.dedup,
-        "store_pack_bytes": repo.config.pack_size,
+        "store_pack_bytes": max(repo.config.pack_size, DIRECT_PACK_BYTES),
         "store_encrypted": sealer is not None,
     }
     if sealer is not None and send_key:

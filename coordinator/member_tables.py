@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from coordinator.store.manifest import PageTable, overlay
 from cpcoord.image import stored_offsets
-from storecore.ids import IdArray, zero_mask
+from storecore.ids import IdArray, unique_ids, zero_mask
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -243,4 +243,4 @@ def _groups(sizes: U64, weight: U64) -> list[tuple[int, int]]:
 def nonzero_ids(tables: Sequence[PageTable]) -> IdArray:
     """Sorted unique non-zero ids of the tables."""
     ids = [t.ids[~zero_mask(t.ids)] for t in tables]
-    return np.unique(np.concatenate(ids))
+    return unique_ids(np.concatenate(ids))

@@ -146,14 +146,104 @@ def digest_all(chunks: Sequence[Buffer]) -> IdArray:
     return np.frombuffer(b"".join([digest(c) for c in chunks]), dtype=ID_DTYPE).copy()
 
 
+def _keys(ids: IdArray) -> npt.NDArray[np.uint64]:
+    """The first 8 bytes of each id as a big-endian integer: their order is the ids'
+    memcmp order, except among ids that share those 8 bytes."""
+    return np.ascontiguousarray(ids).view(">u8")[::4].astype(np.uint64)
+
+
+def _rows(ids: IdArray) -> npt.NDArray[np.uint64]:
+    return np.ascontiguousarray(ids).view(np.uint64).reshape(-1, ID_SIZE // 8)
+
+
+def sort_ids(ids: IdArray, unique: bool = False) -> IdArray:
+    """`np.sort(ids)` (with unique: `np.unique(ids)`), the same memcmp order, ~10x faster:
+    NumPy sorts V32 by a generic compare call per pair (NumPy 2.x), so this sorts by the
+    first 8 bytes as an integer and falls back to the V32 sort only when two different
+    ids share them (never by chance for BLAKE3 ids; an agent may craft such ids, which
+    costs time, never correctness)."""
+    ids = np.ascontiguousarray(ids)
+    if ids.size < 2:
+        return ids.copy()
+    keys = _keys(ids)
+    order = np.argsort(keys)
+    out = np.take(ids, order)  # indexing V32 with an array is ~15x slower than take
+    sk = np.take(keys, order)
+    same_key = sk[1:] == sk[:-1]
+    if same_key.any():
+        rows = _rows(out)
+        same = same_key & (rows[1:] == rows[:-1]).all(axis=1)
+        if (same_key & ~same).any():  # ids that differ after 8 equal bytes
+            return np.unique(ids) if unique else np.sort(ids)
+        if unique:
+            return np.compress(np.concatenate(([True], ~same)), out)
+    return out
+
+
+def first_of(ids: IdArray) -> npt.NDArray[np.bool_]:
+    """True at the first occurrence of each id (`np.unique(ids, return_index=True)`'s
+    indices as a mask), by the integer sort of sort_ids."""
+    ids = np.ascontiguousarray(ids)
+    first = np.ones(ids.size, dtype=bool)
+    if ids.size < 2:
+        return first
+    keys = _keys(ids)
+    order = np.argsort(keys, kind="stable")  # equal ids keep their order: the first wins
+    sk = np.take(keys, order)
+    same_key = sk[1:] == sk[:-1]
+    if not same_key.any():
+        return first
+    rows = _rows(np.take(ids, order))
+    same = same_key & (rows[1:] == rows[:-1]).all(axis=1)
+    if (same_key & ~same).any():  # different ids with 8 equal bytes: the V32 way
+        first[:] = False
+        first[np.unique(ids, return_index=True)[1]] = True
+        return first
+    # Equal ids are adjacent in `order` only if no other id with their key sits between,
+    # which `same_key & ~same` excluded.
+    first[order[1:][same]] = False
+    return first
+
+
+def unique_ids(ids: IdArray) -> IdArray:
+    """`np.unique(ids)` of an IdArray (sorted, unique), fast (sort_ids)."""
+    return sort_ids(ids, unique=True)
+
+
 def member_of(needles: IdArray, sorted_hay: IdArray) -> npt.NDArray[np.bool_]:
     """For each needle, whether it occurs in `sorted_hay` (sorted IdArray). O(n log m);
-    np.isin on V32 sorts both sides, which is several times slower."""
-    if sorted_hay.size == 0 or needles.size == 0:
+    np.isin on V32 sorts both sides, which is several times slower (search_ids)."""
+    m = sorted_hay.size
+    if m == 0 or needles.size == 0:
         return np.zeros(needles.shape, dtype=bool)
-    pos = np.searchsorted(sorted_hay, needles)
-    pos = np.minimum(pos, sorted_hay.size - 1)
-    return np.asarray(sorted_hay[pos] == needles)
+    needles = np.ascontiguousarray(needles)
+    pos = search_ids(sorted_hay, needles)
+    # np.take: indexing a V32 array with an index array is ~15x slower (NumPy 2.x)
+    return np.asarray(np.take(sorted_hay, np.minimum(pos, m - 1)) == needles)
+
+
+def search_ids(sorted_hay: IdArray, needles: IdArray) -> npt.NDArray[np.int64]:
+    """Where each needle is in `sorted_hay` (np.searchsorted's left position for the
+    needles it holds; for the others a position, maybe `len(sorted_hay)`, whose id is
+    not theirs). The search runs on
+    the ids' first 8 bytes as integers (_keys) unless the hay is much longer than the
+    needles (then extracting its keys costs more than comparing V32 a few times each)."""
+    m = sorted_hay.size
+    if m == 0:
+        return np.zeros(needles.size, dtype=np.int64)
+    if m > 64 * needles.size:
+        pos = np.searchsorted(sorted_hay, needles)
+    else:
+        hk, nk = _keys(sorted_hay), _keys(needles)
+        pos = np.searchsorted(hk, nk)
+        # Where two hay ids share the needle's key, the V32 search decides.
+        nxt = np.minimum(pos + 1, m - 1)
+        multi = np.flatnonzero(
+            (pos + 1 < m) & (np.take(hk, np.minimum(pos, m - 1)) == nk) & (np.take(hk, nxt) == nk)
+        )
+        if multi.size:
+            pos[multi] = np.searchsorted(sorted_hay, np.take(needles, multi))
+    return np.asarray(pos, dtype=np.int64)
 
 
 def chunk_ids_of(data: Buffer, chunk_bytes: int) -> tuple[IdArray, list[memoryview]]:

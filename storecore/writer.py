@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from cpcoord.errors import StoreError
 from storecore.backend import Backend, Buffer, Kind
-from storecore.ids import IdArray, member_of
+from storecore.ids import IdArray, member_of, unique_ids
 from storecore.packs import PackContents, PackWriter
 
 WRITERS = 2  # two puts in flight overlap one's write with the other's fsync (~1.8x here)
@@ -57,7 +57,7 @@ class _Open:
         if not self.ids:
             return np.zeros(ids.size, dtype=bool)
         if self._sorted is None:
-            self._sorted = np.unique(np.concatenate(self.ids))
+            self._sorted = unique_ids(np.concatenate(self.ids))
         return member_of(ids, self._sorted)
 
     def note(self, ids: IdArray) -> None:
@@ -66,7 +66,7 @@ class _Open:
         every lookup sort everything added so far."""
         self.ids.append(ids)
         if self._sorted is not None:
-            new = np.unique(ids)
+            new = unique_ids(ids)
             new = new[~member_of(new, self._sorted)]
             self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
 

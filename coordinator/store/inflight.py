@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cpcoord.errors import GenerationStateError
-from storecore.ids import ID_DTYPE, IdArray
+from storecore.ids import ID_DTYPE, IdArray, unique_ids
 
 if TYPE_CHECKING:
     from coordinator.store.cached import CachedPack
@@ -57,10 +57,10 @@ class InFlight:
         if ids.size:
             self.claims.append(ids)
             if len(self.claims) > 64:  # keep the list short: fold into one sorted array
-                self.claims = [np.unique(np.concatenate(self.claims))]
+                self.claims = [unique_ids(np.concatenate(self.claims))]
 
     def claimed(self) -> IdArray:
-        return np.unique(np.concatenate(self.claims)) if self.claims else np.zeros(0, ID_DTYPE)
+        return unique_ids(np.concatenate(self.claims)) if self.claims else np.zeros(0, ID_DTYPE)
 
 
 class Registry:
@@ -88,7 +88,7 @@ class Registry:
     def protected_ids(self, namespace: str) -> IdArray:
         """Sorted unique ids claimed by in-flight generations of a namespace."""
         parts = [g.claimed() for g in self._gens.values() if g.namespace == namespace]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+        return unique_ids(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
 
     def protected_parents(self, job: str) -> set[int]:
         return {g.parent for g in self._gens.values() if g.job == job and g.parent is not None}

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from cpcoord.errors import ManifestInvalid
 from cpcoord.kstate import KernelState
 from cpcoord.mapfacts import MapFact, check_facts
-from storecore.ids import ID_DTYPE, IdArray, as_id_array, zero_mask
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, unique_ids, zero_mask
 
 FORMAT = 1
 MAX_NAME = 1024
@@ -219,7 +219,7 @@ class Manifest:
         parts = [
             r.pages.ids[~r.pages.zero] for m, r in self.tables() if member is None or m == member
         ]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+        return unique_ids(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
 
     def validate(self) -> None:
         """Raise ManifestInvalid naming the first problem found."""

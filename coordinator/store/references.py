@@ -12,7 +12,7 @@ from coordinator.store.catalog import Sizes
 from coordinator.store.index import Index
 from coordinator.store.manifest import Manifest
 from cpcoord.errors import ChunkMissing, ManifestInvalid
-from storecore.ids import IdArray, member_of
+from storecore.ids import IdArray, member_of, search_ids
 
 
 def check_references(
@@ -32,7 +32,7 @@ def check_references(
     for member, r in m.tables():
         t = r.pages
         nz = ~t.zero
-        at = np.searchsorted(ids, t.ids[nz])
+        at = search_ids(ids, np.compress(nz, t.ids))
         have = found[at]
         raw = locs["raw"][at].astype(np.uint64)
         need = (t.skips[nz].astype(np.uint64) + t.counts[nz]) * np.uint64(ps)

@@ -69,6 +69,8 @@ from storecore.crypt import open_manifest
 from storecore.ids import (
     IdArray,
     as_id_array,
+    first_of,
+    unique_ids,
     zero_mask,
 )
 from storecore.writer import PackSink
@@ -231,18 +233,30 @@ class Repository(Closing):
             self.integrate(block=False)
             found, locs = self.index.chunks(g.namespace).lookup(arr)
             check = nodepacks.foreign(self, g.namespace, arr, found, locs, node)
-        if check.any():  # read back outside the lock, then record and look again
-            good, bad = nodepacks.verify(self, g.namespace, arr[check], locs[check])
-            with self.lock:
-                nodepacks.settle(self, g.namespace, good, bad)
-                found, locs = self.index.chunks(g.namespace).lookup(arr)
-                found &= ~nodepacks.foreign(self, g.namespace, arr, found, locs, node)
+            if not check.any():
+                return self._claim_present(g, arr, found, node)
+        # Read back outside the lock, then record and look again. The index and the
+        # writer's packs are looked up under one hold of the lock: between two, another
+        # call may index a pack the writer held, and its chunks would be in neither.
+        good, bad = nodepacks.verify(self, g.namespace, arr[check], locs[check])
         with self.lock:
-            present = found | self._sink.contains(g.namespace, arr)
-            g.claim(arr[present])
-            if node is not None and (g.cached or self.cached.packs):  # level local
-                present |= drain.cached_present(self.cached, g, node, arr)
-        return np.unique(arr[~present])
+            nodepacks.settle(self, g.namespace, good, bad)
+            self.integrate(block=False)
+            found, locs = self.index.chunks(g.namespace).lookup(arr)
+            found &= ~nodepacks.foreign(self, g.namespace, arr, found, locs, node)
+            return self._claim_present(g, arr, found, node)
+
+    def _claim_present(
+        self, g: InFlight, arr: IdArray, found: np.ndarray, node: str | None
+    ) -> IdArray:
+        """(Under the lock, with `found` from the index under the same hold.) Claim the
+        ids present (indexed, or in a pack the writer holds); the others, sorted, less
+        those in `node`'s cache that this generation may use (level local)."""
+        present = found | self._sink.contains(g.namespace, arr)
+        g.claim(arr[present])
+        if node is not None and (g.cached or self.cached.packs):  # level local
+            present |= drain.cached_present(self.cached, g, node, arr)
+        return unique_ids(np.compress(~present, arr))
 
     def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
         """Nodes whose packs for this generation failed verification: node -> why."""
@@ -316,9 +330,7 @@ class Repository(Closing):
 
     def _new_ids(self, namespace: str, arr: IdArray) -> np.ndarray:
         """Mask of ids neither indexed nor pending nor repeated earlier in `arr`."""
-        _, first = np.unique(arr, return_index=True)
-        new = np.zeros(arr.size, dtype=bool)
-        new[first] = True
+        new = first_of(arr)
         new &= ~self.index.chunks(namespace).contains(arr)
         new &= ~self._sink.contains(namespace, arr)
         return new

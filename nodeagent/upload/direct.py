@@ -41,7 +41,7 @@ from storecore import packs
 from storecore.backend import Backend, Buffer
 from storecore.crypt import Sealer, load_key
 from storecore.identity import open_announced
-from storecore.ids import IdArray, member_of
+from storecore.ids import IdArray, first_of, member_of, unique_ids
 from storecore.names import node_prefix
 from storecore.writer import PackSink, StoredPack
 
@@ -169,11 +169,9 @@ class GenerationPacks:
 
     def _new(self, ids: IdArray) -> npt.NDArray[np.bool_]:
         """Ids neither repeated in `ids` nor added before (open, in transit or stored)."""
-        _, first = np.unique(ids, return_index=True)
-        new = np.zeros(ids.size, dtype=bool)
-        new[first] = True
+        new = first_of(ids)
         if len(self._done) > 1:
-            self._done = [np.unique(np.concatenate(self._done))]
+            self._done = [unique_ids(np.concatenate(self._done))]
         done = self._done[0] if self._done else np.zeros(0, ids.dtype)
         return new & ~self.sink.contains(self.namespace, ids) & ~member_of(ids, done)
 
@@ -218,7 +216,7 @@ class GenerationPacks:
         with self._lock:
             stored, error = self.sink.flush() if flush else self.sink.reap(block=False)
             self.stored += stored
-            self._done += [np.unique(s.contents.entries["id"]) for s in stored]  # sorted
+            self._done += [unique_ids(s.contents.entries["id"]) for s in stored]  # sorted
             if error is not None:
                 raise error
             return list(self.stored)

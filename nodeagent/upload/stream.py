@@ -45,7 +45,14 @@ from cpcoord.grpcutil import rpc_to_error
 from cpcoord.ranges import PAGE_SIZE
 from nodeagent.capture.copyout import StagedRegion
 from nodeagent.proc.procfs import ProcessIdentity
-from nodeagent.upload.chunks import ID_SIZE, MAX_IDS, chunk_parts, encode_batch
+from nodeagent.upload.chunks import (
+    ENTRY_BYTES,
+    ID_SIZE,
+    MAX_IDS,
+    MESSAGE_MARGIN,
+    chunk_parts,
+    encode_batch,
+)
 from nodeagent.upload.direct import DirectStore, PackBuilder
 from nodeagent.upload.plan import Plan, member_runs, rounds
 from storecore.ids import as_id_array
@@ -205,11 +212,16 @@ class _Attempt:
         """Batches (entry ranges within one region), grouped into rounds of up to
         `window_bytes` of chunk data: one MissingChunks per round."""
         lim = self.limits
-        # Direct: a batch carries entries only (its chunks go into our packs), so one
-        # message per round, not per 4 MiB of chunks: 16x fewer messages for the
-        # coordinator to receive, parse and check (its CPU per GiB).
-        size = lim.window_bytes if self.builder is not None else lim.batch_bytes
-        bs = self.p.batches(min(lim.max_message_bytes, size), lim.max_batch_entries)
+        if self.builder is None:
+            bs = self.p.batches(min(lim.max_message_bytes, lim.batch_bytes), lim.max_batch_entries)
+        else:
+            # Direct: a batch carries entries only (its chunks go into our packs), so
+            # it is cut by the window (one message per round per region), not by the
+            # message size its chunks would need: each message costs the coordinator
+            # a receive, a parse and a check. Its entries alone must fit a message.
+            fit = (lim.max_message_bytes - MESSAGE_MARGIN) // ENTRY_BYTES
+            entries = max(1, min(lim.max_batch_entries, fit))
+            bs = self.p.batches(lim.window_bytes + MESSAGE_MARGIN, entries)
         return rounds(bs, self.p.chunk_bytes(), lim.window_bytes)
 
     def requests(self, st: _Stream) -> Iterator[agent_pb2.UploadRequest | bytes]:

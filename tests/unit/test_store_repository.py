@@ -3,9 +3,12 @@ input, gc (also with a checkpoint in flight), verify and stats."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from coordinator.store import GcReport, Repository, StoreConfig
@@ -164,3 +167,59 @@ def test_read_survives_a_repack_between_lookup_and_read(
         monkeypatch.setattr(repo.backend, "get_range", racing_get_range)
         assert repo.read_region("j", g2, "m", "a") == shared
         assert calls[0].packs_repacked == 1
+
+
+class _HookedLock:
+    """The repository's lock, running `hook` once when it is next released outermost:
+    what another thread could do in the gap between two locked sections."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock, self.depth, self.hook = lock, 0, None
+
+    def __enter__(self) -> None:
+        self.lock.__enter__()
+        self.depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        outer = self.depth == 0
+        self.lock.__exit__(*exc)
+        if outer and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+
+
+def test_missing_sees_a_pack_indexed_while_it_asks(tmp_path: Path) -> None:
+    """A chunk in a pack the writer is storing counts as present, even when another
+    upload's call indexes that pack while `missing` runs (it looked the index up and
+    the writer's packs up under two holds of the lock: a pack moved between them in
+    the gap was in neither, and 4 concurrent uploads failed with ChunkMissing)."""
+    repo = Repository.open_local(tmp_path / "store", StoreConfig(pack_size=1 << 16))
+    try:
+        gate = threading.Event()
+        put_parts = repo.backend.put_parts  # type: ignore[attr-defined]
+
+        def slow_put(*a: Any, **k: Any) -> Any:
+            gate.wait(10)
+            return put_parts(*a, **k)
+
+        repo.backend.put_parts = slow_put  # type: ignore[attr-defined]
+        n = repo.begin("j")
+        chunks = [rand(16, seed=i) for i in range(8)]  # 64 KiB each: a pack each
+        ids = np.concatenate([chunk_ids_of(c, PS * 16)[0] for c in chunks])
+        repo.add_chunks("j", n, ids, chunks)
+        lock = repo.lock
+        hooked = _HookedLock(lock)
+
+        def other_upload() -> None:  # the puts end and another call indexes the packs
+            gate.set()
+            with lock:
+                repo.integrate(block=True)
+
+        hooked.hook = other_upload
+        repo.lock = hooked  # type: ignore[assignment]
+        assert repo.missing("j", n, ids).size == 0
+        repo.lock = lock
+        gate.set()
+    finally:
+        repo.close()
