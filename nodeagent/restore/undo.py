@@ -40,6 +40,7 @@ from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.staging import Staging
 from nodeagent.proc.writer import ZERO_CHUNK, MemoryWriter, WriteStats, WritevFn, zero_source
 from nodeagent.restore.backup import Backed, Backup, BackupStore
+from nodeagent.restore.livebackup import LiveBackup
 from nodeagent.restore.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Written:
     stats: WriteStats
     backed_up: int  # bytes read into the backup
     fresh: int  # of those, into memory mapped while frozen (no buffer was big enough)
+    live: int = 0  # bytes of the backup taken from the live backup instead (not read frozen)
 
 
 class _Pipeline:
@@ -156,17 +158,23 @@ class AllOrNothing(Closing):
         *,
         writev: WritevFn,
         staging: Staging | None = None,
+        live: LiveBackup | None = None,
     ) -> None:
         self.pid, self.member, self._writev = pid, member, writev
         self.steps = split(plan)
-        self._store = BackupStore(staging)
-        self._backup = Backup(pid, maps, self._store)
+        # With a live backup, what is read frozen goes on after it in its store (the
+        # live copy's owner closes that store).
+        self._own = live is None
+        self._store = BackupStore(staging) if live is None else live.store
+        self._fresh0 = self._store.fresh
+        self._backup = Backup(pid, maps, self._store, live)
         self._pipe = _Pipeline(self._backup, self.steps)
 
     def close(self) -> None:
         self._pipe.stop()
         self._backup.close()
-        self._store.close()
+        if self._own:
+            self._store.close()
 
     def write(self) -> Written:
         steps, pipe, pid = self.steps, self._pipe, self.pid
@@ -195,7 +203,9 @@ class AllOrNothing(Closing):
                 vbytes += st.writev_bytes
                 mbytes += st.mem_bytes
         read = sum(d.read_bytes for d in pipe.done)
-        return Written(WriteStats(calls, vbytes, mbytes), read, self._store.fresh)
+        live = sum(d.live_bytes for d in pipe.done)
+        fresh = self._store.fresh - self._fresh0
+        return Written(WriteStats(calls, vbytes, mbytes), read, fresh, live)
 
     def undo(self, cause: CpcoordError) -> NoReturn:
         """Put back everything `write()` wrote; always raises."""

@@ -158,6 +158,7 @@ class RestoreStats:
     seconds: float
     backup_bytes: int = 0  # read from the process first, to put back on a failure
     backup_fresh_bytes: int = 0  # of those, kept in memory mapped while frozen
+    backup_live_bytes: int = 0  # backed up before the freeze instead (restore/livebackup.py)
 
 
 def contents_for(
