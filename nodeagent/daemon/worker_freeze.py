@@ -114,6 +114,7 @@ def _live_backups(
             continue
         if live is not None:
             out[m.name] = live
+            faults.fault_point("agent.restore.live")  # tests write into it here
     return out
 
 
