@@ -116,13 +116,9 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     return since_base(m, base)[0]
 
 
-Seen = tuple[PageNumbers, PageNumbers]  # the tracker's own report, the pages taken now
-
-
-def since_base(m: HeldMember, base: int) -> tuple[PageNumbers | None, Seen | None]:
-    """`written_since_base`, with what it was made of: the tracker's own report (the
-    pages written since its last collect) and the pages present now; None, None when
-    the tracker cannot tell."""
+def since_base(m: HeldMember, base: int) -> tuple[PageNumbers | None, PageNumbers | None]:
+    """`written_since_base`, and the tracker's own report in it (the pages written since
+    its last collect); None, None when the tracker cannot tell."""
     t = m.track
     if base == 0 or m.committed != base or not t.armed or t.tracker is None:
         return None, None
@@ -151,7 +147,7 @@ def since_base(m: HeldMember, base: int) -> tuple[PageNumbers | None, Seen | Non
     ms = {"peek_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "mark_ms": (t3 - t2) * 1e3}
     fields = {"member": m.name, "pages": int(out.size), **{k: round(v, 3) for k, v in ms.items()}}
     log.info("written since base", extra={"fields": fields})
-    return out, (written, now)
+    return out, written
 
 
 def _runs_pages(runs: Iterable[types_pb2.PageRun]) -> U64:
@@ -215,11 +211,11 @@ def top_up(
     contents: Contents,
     scope: Scope,
     fetch: Fetch,
-    seen: list[Seen | None] | None = None,
+    seen: list[PageNumbers | None] | None = None,
 ) -> tuple[Contents, Scope | None]:
     """Frozen: add the pages written since the prefetch (fetched now; normally few).
     Without the tracker's answer now, every page is fetched (scope None). `seen`, when
-    given, gets what the answer was made of (`since_base`; None: no answer)."""
+    given, gets the tracker's own report in the answer (`since_base`; None: no answer)."""
     dirty, raw = since_base(m, base)
     if seen is not None:
         seen.append(raw)

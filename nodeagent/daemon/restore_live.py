@@ -23,12 +23,11 @@ import numpy as np
 
 from cpcoord.errors import CpcoordError
 from nodeagent.capture import copyout, precopy
-from nodeagent.capture.changeset import mark_runs, ranges_runs
+from nodeagent.capture.changeset import ranges_runs
 from nodeagent.capture.trackstate import tracked_mappings
 from nodeagent.daemon.membership import HeldMember
-from nodeagent.daemon.prefetch import Seen
-from nodeagent.pages import PageNumbers, runs_from_pages, union_sorted
-from nodeagent.proc.freeze import frozen
+from nodeagent.pages import PageNumbers, union_sorted
+from nodeagent.proc.freeze import FrozenProcess, frozen
 from nodeagent.proc.procfs import read_maps
 from nodeagent.restore import livebackup
 from nodeagent.restore.backup import BackupStore
@@ -80,24 +79,17 @@ def before_freeze(
     return live
 
 
-def mark_stale(m: HeldMember, live: LiveBackup | None, seen: Seen | None) -> bool:
-    """Frozen, after the top-up peeked (`seen`: the tracker's report since the collect,
-    the pages present now): mark stale the pages written since, those in ranges the
-    tracker could not register and those no longer present (dropped, e.g. MADV_DONTNEED:
-    they read as zeros now). False when there is no live backup or the tracker could not
-    say (it must not be used then)."""
-    if live is None or seen is None or m.track.tracker is None or not m.track.armed:
+def mark_stale(
+    m: HeldMember, fp: FrozenProcess, live: LiveBackup | None, written: PageNumbers | None
+) -> bool:
+    """Frozen, after the top-up peeked (`written`: the tracker's report since the
+    collect): mark stale what changed since the live read (LiveBackup.mark). False when
+    there is no live backup or the tracker could not say (it must not be used then)."""
+    if live is None or written is None or m.track.tracker is None or not m.track.armed:
         return False
-    written, now = seen
-    live.stale(written)
-    mask = np.zeros(live.pages.size, dtype=np.bool_)
-    mark_runs(live.pages, runs_from_pages(now), mask)
-    live.stale_where(~mask)  # not present now
     untracked = getattr(m.track.tracker, "untracked", None) or {}
-    if untracked:
-        mask[:] = False
-        mark_runs(live.pages, ranges_runs(list(untracked)), mask)
-        live.stale_where(mask)
+    own = livebackup.own_pages(fp.pid, live.pages)
+    live.mark(written, own, ranges_runs(list(untracked)))
     return True
 
 

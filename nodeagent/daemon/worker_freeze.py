@@ -43,6 +43,7 @@ from nodeagent.daemon.worker_ops import (
     result,
 )
 from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
+from nodeagent.pages import PageNumbers
 from nodeagent.proc.freeze import freeze as freeze_process
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.restore import apply as restore
@@ -230,10 +231,10 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     live, fe.live = fe.live, None  # freed below, whatever happens
     try:
         if scope is not None and op.fetch is not None:  # a partial write: top up, frozen
-            seen: list[prefetch.Seen | None] = []
+            seen: list[PageNumbers | None] = []
             contents, scope = prefetch.top_up(m, op.base, contents, scope, op.fetch, seen)
             t_live = time.monotonic()
-            usable = scope is not None and restore_live.mark_stale(m, live, seen[0])
+            usable = scope is not None and restore_live.mark_stale(m, fe.fp, live, seen[0])
             if live is not None and not usable:
                 restore_live.close(live)
                 live = None

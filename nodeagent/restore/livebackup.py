@@ -30,7 +30,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.pages import PageNumbers, empty_pages, in_sorted
+from nodeagent.capture.changeset import mark_runs
+from nodeagent.pages import PageNumbers, Runs, empty_pages, empty_runs, in_sorted
+from nodeagent.proc import uffd
 from nodeagent.proc.iovec import READ, transfer
 from nodeagent.proc.pagemap import PM_EXCLUSIVE, PM_PRESENT, PM_SWAPPED, PagemapReader
 from nodeagent.proc.procfs import Mapping
@@ -91,9 +93,22 @@ class LiveBackup:
         if pages.size and self.pages.size:
             self.ok &= ~in_sorted(self.pages, pages)
 
-    def stale_where(self, mask: npt.NDArray[np.bool_]) -> None:
-        """The pages where `mask` (per page of `pages`) are stale."""
-        self.ok &= ~mask
+    def mark(self, written: PageNumbers, own: Runs, untracked: Runs) -> None:
+        """Frozen: `written` (sorted), the pages the tracker reports written since the
+        live read; `own` (`own_pages`), runs `[first, count]` of pages present now with a
+        page of their own; `untracked`, runs the tracker cannot see. Stale: pages
+        written, untracked, or without their own page now (dropped, e.g. MADV_DONTNEED,
+        which no tracker reports: absent, or the zero page after a read)."""
+        self.stale(written)
+        if not self.pages.size:
+            return
+        mask = np.zeros(self.pages.size, dtype=np.bool_)
+        mark_runs(self.pages, own, mask)  # few runs: no search per page
+        self.ok &= mask
+        if untracked.size:
+            mask[:] = False
+            mark_runs(self.pages, untracked, mask)
+            self.ok &= ~mask
 
     def holds_with(self, maps: Sequence[Mapping]) -> bool:
         """Whether the mappings the live pages lay in are the same now (frozen)."""
@@ -113,6 +128,27 @@ class LiveBackup:
 
     def close(self) -> None:
         self.store.close()
+
+
+def own_pages(pid: int, pages: PageNumbers) -> Runs:
+    """Runs `[first, count]` of the span of sorted `pages` that are present now with a
+    page of their own (not the shared zero page): one PAGEMAP_SCAN walk (frozen)."""
+    if not pages.size:
+        return empty_runs()
+    sc = uffd.PagemapScanner(pid)
+    try:
+        got = sc.scan(
+            int(pages[0]) << PAGE_SHIFT,
+            (int(pages[-1]) + 1) << PAGE_SHIFT,
+            mask=uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_PFNZERO,
+            inverted=uffd.PAGE_IS_PFNZERO,
+            returns=uffd.PAGE_IS_PRESENT,
+        )
+        first = got[:, 0] >> np.uint64(PAGE_SHIFT)
+        count = (got[:, 1] - got[:, 0]) >> np.uint64(PAGE_SHIFT)
+        return np.stack((first, count), axis=1).astype(np.uint64)
+    finally:
+        sc.close()
 
 
 def take(
