@@ -6,7 +6,8 @@ will be captured in full are pre-copied when the Freeze asks (tracking.precopy_m
 all of them within its `precopy_ms`, so the coordinator's freeze deadline holds), then
 the members are frozen one after the other; a Freeze whose generation is aborted
 meanwhile stops.
-A restore Freeze copies nothing out: it checks each member fits the generation (Failed
+A restore Freeze copies nothing out: a member with a large prefetched scope is first
+backed up live (restore_live.py), then it checks each member fits the generation (Failed
 MISMATCH for one that cannot take it back, then no Frozen) and keeps it frozen for the
 Restore, which writes the downloaded pages (the member's idle capture staging takes the
 backup of what is overwritten) and does not thaw. RestoreInto writes into a process

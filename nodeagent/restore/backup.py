@@ -9,6 +9,8 @@ What a step overwrites is read as the kernel shows it, per page (pagemap):
 - anything else (a copy-on-write page shared with another process, swapped, absent in a
   file or shared mapping): `/proc/PID/mem`, which does not pin, so reading never breaks
   copy-on-write sharing. Short gaps between such pages go the same way (fewer calls).
+- a page whose copy was taken live before the freeze and still holds (livebackup.py):
+  nothing read, no pagemap word; the run points into the live copy.
 A byte that cannot be read stops the restore before the step that holds it is written.
 The backup lands in a caller's prefaulted buffer (the agent passes the member's idle
 capture staging, which holds about as many bytes as the member has present pages), else

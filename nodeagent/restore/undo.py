@@ -6,7 +6,9 @@ Owns the write step of restore (restore.write uses `AllOrNothing`):
   i + 1 (and on) while the caller's thread writes step i, so the backup costs little
   frozen time beyond the writes themselves (bench/restore.py measures both).
 - What a step overwrites is backed up by `restore_backup.Backup` (read as the kernel
-  shows it, never breaking copy-on-write sharing), into a caller's prefaulted buffer.
+  shows it, never breaking copy-on-write sharing), into a caller's prefaulted buffer;
+  with a live backup (restore/livebackup.py) only the pages whose live copy does not
+  hold are read, after it in its store.
 - Writing goes through MemoryWriter, whose `written` says exactly how far a failed
   step got. On a failure (a write refused, the fault point `agent.restore.write`), the
   bytes written so far are written back from the backup (zeros from the zero source),
