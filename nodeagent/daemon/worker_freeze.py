@@ -278,8 +278,9 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     }
     log.info("restore written", extra={"fields": phases})
     msg = restore_ops.restored(
-        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept, op.read_path
-    )
+        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept, op.read_path,
+        fitted.kernel_warnings,
+    )  # fmt: skip
     st.emit(msg, op.epoch)
 
 

@@ -130,9 +130,12 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout, parked: tuple[int, int] =
     starts = [m.start for m in seen]
     for r in layout.regions:
         fit_region(layout.member, r, seen, layout.explicit, starts)
+    warnings: tuple[str, ...] = ()
     if not layout.explicit:  # last: memory that fits, with a kernel side that agrees
-        kernel_check.check(layout.member, fp.pid, layout.kernel, layout.force)
-    return Fitted(fp, layout, maps, None if change is None or change.empty else change)
+        v = kernel_check.check(layout.member, fp.pid, layout.kernel, layout.force)
+        warnings = (*v.refusals, *v.warnings)  # refusals left only when forced
+    change = None if change is None or change.empty else change
+    return Fitted(fp, layout, maps, change, warnings)
 
 
 # -- write ------------------------------------------------------------------------------

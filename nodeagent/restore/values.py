@@ -142,6 +142,9 @@ class Fitted:
     maps: tuple[Mapping, ...]
     # What write() changes in the layout before the pages (None: nothing; layout.py).
     change: LayoutChange | None = None
+    # How the kernel side differs from the cut without refusing (kernel_check.py): output
+    # already made, state not compared, refusals --force overrode. Shown by the CLI.
+    kernel_warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
