@@ -201,7 +201,7 @@ class Commands:
         """A restore Freeze: the prefetched scopes large enough to back up live first
         (nodeagent/daemon/restore_live.py)."""
         out = []
-        for name in members:
+        for name in members or self.prefetches.members(job, gen):
             pf = self.prefetches.peek(job, gen, name, epoch)
             if pf is None or pf.scope is None:
                 continue

@@ -94,6 +94,10 @@ class Prefetches:
             p = self._items.get((job, generation, member))
         return p if p is not None and p.epoch == epoch else None
 
+    def members(self, job: str, generation: int) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(k[2] for k in self._items if k[:2] == (job, generation))
+
     def drop(self, job: str, generation: int) -> None:
         with self._lock:
             for k in [k for k in self._items if k[:2] == (job, generation)]:

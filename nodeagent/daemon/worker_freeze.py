@@ -111,7 +111,7 @@ def _live_backups(
             continue
         try:
             live = restore_live.before_freeze(m, pages, left, st.config.freeze_timeout_s)
-        except CpcoordError as e:  # the freeze that follows meets it again, or not
+        except (CpcoordError, OSError) as e:  # the freeze that follows meets it again, or not
             log.info("live backup skipped", extra={"fields": {"member": m.name, "error": str(e)}})
             continue
         if live is not None:
@@ -230,6 +230,7 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     t_in = time.monotonic()  # the log splits the frozen time: before, top-up, write, after
     t_top = t_live = t_in
     live, fe.live = fe.live, None  # freed below, whatever happens
+    had_live = live is not None  # its collect write-protected the scope again
     try:
         if scope is not None and op.fetch is not None:  # a partial write: top up, frozen
             seen: list[PageNumbers | None] = []
@@ -243,9 +244,15 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
         elif live is not None:
             restore_live.close(live)
             live = None
-        written = restore.write(
-            fitted, prefetch.with_scope(contents, scope), staging=backup, live=live
-        )
+        unprotect = restore_live.Unprotect(m, fe.fp) if had_live else None
+        try:
+            written = restore.write(
+                fitted, prefetch.with_scope(contents, scope), staging=backup, live=live,
+                ahead=unprotect,
+            )  # fmt: skip
+        finally:
+            if unprotect is not None:
+                unprotect.close()
     except CpcoordError as e:
         if isinstance(e, STAGE_FAILED) or not m.ident.alive():
             st.mark_gone(m, op.epoch)

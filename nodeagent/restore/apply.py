@@ -69,7 +69,7 @@ from nodeagent.restore.layout import layout_applied
 from nodeagent.restore.layout import plan as plan_layout
 from nodeagent.restore.livebackup import LiveBackup
 from nodeagent.restore.plan import build_plan
-from nodeagent.restore.undo import AllOrNothing
+from nodeagent.restore.undo import Ahead, AllOrNothing
 from nodeagent.restore.values import (
     Fitted,
     MemberLayout,
@@ -170,6 +170,7 @@ def write(
     writev: WritevFn = sys_writev,
     staging: Staging | None = None,
     live: LiveBackup | None = None,
+    ahead: Ahead | None = None,
 ) -> RestoreStats:
     """Write a fitted member's regions (and registers, default set), all or nothing.
     Call on the thread that froze it, before the thaw. Raises ContentsInvalid before
@@ -177,7 +178,8 @@ def write(
     restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here).
     `live`: what was backed up before the freeze, its stale pages marked
     (restore/livebackup.py); used only when no layout change comes first and the
-    mappings it lay in are the same now."""
+    mappings it lay in are the same now. `ahead`: called on the backup thread with each
+    step's pieces before they are written (restore_live.Unprotect)."""
     t0 = time.perf_counter()
     regions = contents_for(fitted.layout, contents)  # ContentsInvalid before any change
     if live is not None and (fitted.change is not None or not live.holds_with(fitted.maps)):
@@ -186,7 +188,7 @@ def write(
         live = None
     with layout_applied(fitted.fp, fitted.change, fitted.layout.member) as txn:
         area = txn.area if txn else (0, 0)
-        return _write(fitted, regions, writev, staging, t0, area, live)
+        return _write(fitted, regions, writev, staging, t0, area, live, ahead)
 
 
 def _write(
@@ -197,6 +199,7 @@ def _write(
     t0: float,
     parked: tuple[int, int],
     live: LiveBackup | None = None,
+    ahead: Ahead | None = None,
 ) -> RestoreStats:
     fp, layout = fitted.fp, fitted.layout
     try:
@@ -225,7 +228,7 @@ def _write(
     before = save_thread_state(fp) if whole else None
     threads = 0
     with AllOrNothing(
-        fp.pid, layout.member, plan, maps, writev=writev, staging=staging, live=live
+        fp.pid, layout.member, plan, maps, writev=writev, staging=staging, live=live, ahead=ahead
     ) as tx:
         got = tx.write()
         if whole:

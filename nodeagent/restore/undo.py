@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -94,11 +94,15 @@ class Written:
     live: int = 0  # bytes of the backup taken from the live backup instead (not read frozen)
 
 
-class _Pipeline:
-    """The backup thread: backs up steps in order, ahead of the writer."""
+Ahead = Callable[[U64], None]  # called with a step's pieces once backed up, before written
 
-    def __init__(self, backup: Backup, steps: Steps) -> None:
-        self.backup, self.steps = backup, steps
+
+class _Pipeline:
+    """The backup thread: backs up steps in order, ahead of the writer (and calls
+    `ahead` with each step's pieces once backed up)."""
+
+    def __init__(self, backup: Backup, steps: Steps, ahead: Ahead | None = None) -> None:
+        self.backup, self.steps, self.ahead = backup, steps, ahead
         self.done: list[Backed] = []
         self.error: BaseException | None = None
         self._cv = threading.Condition()
@@ -107,7 +111,10 @@ class _Pipeline:
 
     def _one(self, i: int) -> Backed:
         a, b = self.steps.bounds[i], self.steps.bounds[i + 1]
-        return self.backup.step(self.steps.remote[a:b], self.steps.forced[a:b])
+        got = self.backup.step(self.steps.remote[a:b], self.steps.forced[a:b])
+        if self.ahead is not None:
+            self.ahead(self.steps.remote[a:b])
+        return got
 
     def _run(self) -> None:
         try:
@@ -161,6 +168,7 @@ class AllOrNothing(Closing):
         writev: WritevFn,
         staging: Staging | None = None,
         live: LiveBackup | None = None,
+        ahead: Ahead | None = None,
     ) -> None:
         self.pid, self.member, self._writev = pid, member, writev
         self.steps = split(plan)
@@ -170,7 +178,7 @@ class AllOrNothing(Closing):
         self._store = BackupStore(staging) if live is None else live.store
         self._fresh0 = self._store.fresh
         self._backup = Backup(pid, maps, self._store, live)
-        self._pipe = _Pipeline(self._backup, self.steps)
+        self._pipe = _Pipeline(self._backup, self.steps, ahead)
 
     def close(self) -> None:
         self._pipe.stop()
