@@ -9,7 +9,10 @@ Owns the two ends around nodeagent/restore/livebackup.py (ptrace thread):
   `written_since_base` and the next capture still count it), and from then on it
   reports every write. Then the scope's pages are read live.
 - `mark_stale` (frozen, after the top-up): the pages the tracker reports written since
-  that collect, and those in ranges it could not register, are read frozen again.
+  that collect, those in ranges it could not register and those dropped since are read
+  frozen again (LiveBackup.mark).
+- `Unprotect` (frozen, the write's backup thread): the write protection the collect put
+  back on the scope is dropped a step ahead of the writes (a fault per page otherwise).
 Smaller scopes keep the frozen backup alone: the collect's short freeze would cost more
 than the few pages save (the 1% rollback of a GiB backs up 10 MiB in ~3 ms).
 """
