@@ -10,6 +10,8 @@ three idle threads). Captured once; then:
 - restore in place: freeze + fit check + write + thaw (= the time the target is stopped),
   and the write alone (nodeagent.restore.apply.write: maps, plan, backup, writev), with the
   backup in a prefaulted buffer (as the agent does) and in fresh memory;
+- the same with the backup taken live right before the freeze (restore/livebackup.py, as
+  the agent does for large rollbacks): frozen time, and the live read itself;
 - restore in place of a generation where half the pages were zero at the cut (zeros
   come from the zero source) - the same bytes written, half of them zeros;
 - the read-only path: the mapping made read-only, every byte through /proc/PID/mem;
@@ -29,13 +31,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from bench.common import Stats, gbps, rate_row, raw_readv, raw_writev, write_results
 from cpcoord.ranges import PAGE_SIZE, AddressRange
 from nodeagent.capture.process import capture
+from nodeagent.pages import empty_pages, empty_runs
 from nodeagent.proc.freeze import frozen
-from nodeagent.proc.procfs import ProcessIdentity
+from nodeagent.proc.procfs import ProcessIdentity, read_maps
 from nodeagent.proc.staging import Staging
+from nodeagent.restore import livebackup
 from nodeagent.restore.apply import (
     MemberLayout,
     RegionContents,
@@ -45,6 +50,7 @@ from nodeagent.restore.apply import (
     restore_into,
     write,
 )
+from nodeagent.restore.backup import BackupStore
 from testbed.driver import Target
 
 
@@ -54,24 +60,40 @@ def _in_place(
     reps: int,
     raw: Callable[[], float] | None = None,
     backup: Staging | None = None,
+    live_pages: npt.NDArray[np.uint64] | None = None,
+    live_s: list[float] | None = None,
 ) -> tuple[Stats, Stats, RestoreStats, Stats | None]:
     """(frozen time, write time, last stats, raw times) over `reps` restores in place;
     with `raw`, one raw write runs before each restore, so both see the same load.
     `backup`: the prefaulted buffer the backup of what is overwritten goes to (the
-    agent passes the member's idle capture staging), else memory mapped while frozen."""
+    agent passes the member's idle capture staging), else memory mapped while frozen.
+    `live_pages`: back them up live before each freeze (restore/livebackup.py; nothing
+    writes in between here, so nothing is stale), its seconds appended to `live_s`."""
     layout = MemberLayout("bench", (RegionLayout(contents.name, contents.start, contents.end),))
     total, wr, raws = [], [], []
     stats: RestoreStats | None = None
     for i in range(reps + 1):  # one warm-up
         if raw is not None:
             raws.append(raw())
+        live = None
+        if live_pages is not None:
+            tl = time.perf_counter()
+            store = BackupStore(backup)
+            maps = read_maps(ident.pid)
+            live = livebackup.take(ident.pid, live_pages, maps, store, time.monotonic() + 60)
+            if i and live_s is not None:
+                live_s.append(time.perf_counter() - tl)
         t0 = time.perf_counter()
         with frozen(ident) as fp:
             fitted = check_fit(fp, layout)
             t1 = time.perf_counter()
-            stats = write(fitted, [contents], staging=backup)
+            if live is not None:  # as the agent marks what changed since (here: nothing)
+                live.mark(empty_pages(), livebackup.own_pages(fp.pid, live.pages), empty_runs())
+            stats = write(fitted, [contents], staging=backup, live=live)
             t2 = time.perf_counter()
         t3 = time.perf_counter()
+        if live is not None:
+            live.close()
         if i:
             total.append(t3 - t0)
             wr.append(t2 - t1)
@@ -122,6 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         extra["in_place"] = {"frozen": fz.as_dict(), "write": wr.as_dict()}
         rows.append(row("restore in place: freeze + fit + backup + write + thaw (= frozen)", fz))
         rows.append(row("restore in place: backup + write alone (frozen)", wr))
+        assert np.array_equal(target.read("data", 0, 64), full.data[:64])
+
+        live_s: list[float] = []
+        allp = np.arange(m.addr // PAGE_SIZE, m.end // PAGE_SIZE, dtype=np.uint64)
+        fzl, wrl, stl, raw_l = _in_place(ident, full, args.reps, raw_once, backup, allp, live_s)
+        assert raw_l is not None and stl.backup_live_bytes == size and stl.backup_bytes == 0
+        extra["in_place_live_backup"] = {
+            "frozen": fzl.as_dict(),
+            "write": wrl.as_dict(),
+            "live_backup": Stats.of(live_s).as_dict(),
+            "raw_writev": raw_l.as_dict(),
+        }
+        rows.append(row("restore in place, backup taken live before: frozen", fzl))
+        rows.append(row("the live backup itself (member running, not frozen)", Stats.of(live_s)))
         assert np.array_equal(target.read("data", 0, 64), full.data[:64])
 
         fzf, wrf, stf, _ = _in_place(ident, full, max(2, args.reps // 2))
@@ -183,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         "Read-only row: the same bytes through pwritev on /proc/PID/mem (FOLL_FORCE).",
         "Fresh-memory row: restore_into a new never-touched mapping of the same process; "
         "the kernel allocates and zeroes every page while we write it.",
+        f"Live-backup rows: the backup read while the target runs (restore/livebackup.py), "
+        f"right before the freeze; frozen {fzl.median:.3f} s median, "
+        f"{fzl.median / raw_l.median:.2f}x the raw writev interleaved with those runs "
+        f"({raw_l.median:.3f} s). Nothing writes in between here; in the agent the tracker "
+        "says what did, and those pages are read frozen (bench.restore_cluster).",
         f"{args.reps} repetitions after one warm-up; 4 KiB pages; raw baseline = one "
         f"{args.size_mib} MiB iovec (the same run restore writes) from a prefaulted buffer, "
         "each raw repetition run right before a restore so both see the same load.",

@@ -29,7 +29,7 @@ from coordinator.protocol.messages import (
     MemberStaged,
     MemberUploaded,
 )
-from coordinator.protocol.values import AGENT_REASONS, AbortReason, Stats
+from coordinator.protocol.values import AGENT_REASONS, MAX_WARNING, MAX_WARNINGS, AbortReason, Stats
 from coordinator.store.manifest import ThreadRegs
 from cpcoord import kstate
 from cpcoord.errors import CpcoordError, InvalidArgument, ProtocolViolation
@@ -54,6 +54,8 @@ def stats_of(m: common_pb2.MemberStats, page_size: int) -> Stats:
         pages_written=int(m.pages_written),
         bytes_prefetched=int(m.bytes_prefetched),
         read_direct=int(m.read_direct),
+        # (capped: a member with many fds must not get its report refused)
+        kernel_warnings=tuple(w[:MAX_WARNING] for w in m.kernel_warnings[:MAX_WARNINGS]),
     )
 
 

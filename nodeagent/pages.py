@@ -113,6 +113,8 @@ def in_sorted(a: PageNumbers, b: PageNumbers) -> npt.NDArray[np.bool_]:
     no sort (np.isin and np.setdiff1d sort both sides)."""
     if a.size == 0 or b.size == 0:
         return np.zeros(a.size, dtype=np.bool_)
+    if a.size == b.size and np.array_equal(a, b):  # e.g. every page (~0.3 ms per GiB)
+        return np.ones(a.size, dtype=np.bool_)
     idx = np.searchsorted(b, a)
     idx[idx == b.size] = b.size - 1
     return np.asarray(b[idx] == a)

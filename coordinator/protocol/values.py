@@ -133,6 +133,10 @@ class Deadlines:
     prepare_at: float = math.inf  # a prepare phase: every agent Prepared by then
 
 
+MAX_WARNINGS = 64  # kernel_warnings per member report, at most
+MAX_WARNING = 1000  # characters of one
+
+
 @dataclass(frozen=True)
 class Stats:
     """What an agent reports for a member; each report fills the fields it knows."""
@@ -144,16 +148,34 @@ class Stats:
     pages_written: int = 0  # restore: pages written (the differing ones, or all)
     bytes_prefetched: int = 0  # restore: page bytes downloaded before the freeze
     read_direct: int = 0  # restore: 1 when the agent read the packs itself (total: members)
+    # restore in place: how the kernel side differs from the cut without refusing
+    # (nodeagent/restore/kernel_check.py), as the agent words it; shown by the CLI
+    kernel_warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "kernel_warnings":
+                ok = isinstance(v, tuple) and len(v) <= MAX_WARNINGS
+                if not ok or not all(isinstance(w, str) and len(w) <= MAX_WARNING for w in v):
+                    raise InvalidArgument(
+                        f"stats field {f.name}: at most {MAX_WARNINGS} strings of at most "
+                        f"{MAX_WARNING} characters"
+                    )
+                continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
                 raise InvalidArgument(f"stats field {f.name} must be >= 0, got {v!r}")
 
     def merge(self, other: Stats) -> Stats:
-        """Field-wise maximum: a later report never shrinks what an earlier one said."""
-        return Stats(*(max(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)))
+        """Field-wise maximum: a later report never shrinks what an earlier one said
+        (warnings: both, each once)."""
+        nums = {
+            f.name: max(getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if f.name != "kernel_warnings"
+        }
+        seen = dict.fromkeys((*self.kernel_warnings, *other.kernel_warnings))
+        return replace(Stats(**nums), kernel_warnings=tuple(seen)[:MAX_WARNINGS])
 
     @staticmethod
     def total(stats: Iterable[Stats]) -> Stats:
@@ -167,7 +189,7 @@ class Stats:
             sum(s.pages_written for s in items),
             sum(s.bytes_prefetched for s in items),
             sum(s.read_direct for s in items),
-        )
+        )  # warnings are per member: not totalled
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def member_stats(s: Stats | None, **extra: object) -> common_pb2.MemberStats:
         pages_written=s.pages_written,
         bytes_prefetched=s.bytes_prefetched,
         read_direct=bool(s.read_direct),
+        kernel_warnings=list(s.kernel_warnings),
         **extra,  # type: ignore[arg-type]
     )
 

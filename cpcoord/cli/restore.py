@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                             "pages_written": ev.stats.pages_written,
                             "bytes_prefetched": ev.stats.bytes_prefetched,
                             "read_path": "direct" if ev.stats.read_direct else "coordinator",
+                            "kernel_warnings": list(ev.stats.kernel_warnings),
                         }
                     )
                 events.event(ev)
@@ -165,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
             f"generation {last.generation} of {args.job} restored{where}: "
             f"{len(restored)} members, {out['pages']} pages, {last.elapsed_seconds:.2f} s"
         )
+        for m in restored:  # what the rollback could not take back (docs/restore.md)
+            for w in m["kernel_warnings"]:
+                print(f"warning: member {m['member']}: kernel side differs from the cut: {w}")
     if state == "aborted" and reason == "kernel_state":
         raise RestoreRefusedKernelState(last.generation, args.job, last.detail)
     if state == "aborted":

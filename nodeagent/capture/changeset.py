@@ -26,6 +26,9 @@ def mark_pages(taken: PageNumbers, pages: PageNumbers, mask: npt.NDArray[np.bool
     """Set mask[i] where taken[i] is in `pages` (both sorted, unique); return how many."""
     if taken.size == 0 or pages.size == 0:
         return 0
+    if taken.size == pages.size and np.array_equal(taken, pages):  # every page: no search
+        mask[:] = True
+        return int(taken.size)
     idx = np.searchsorted(taken, pages)
     ok = idx < taken.size
     ok[ok] = taken[idx[ok]] == pages[ok]

@@ -29,7 +29,7 @@ from cpcoord import __version__, grpcutil
 from cpcoord.errors import CpcoordError, NotImplementedYet, StoreError
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.daemon import prefetch, restore_ops
+from nodeagent.daemon import prefetch, restore_live, restore_ops
 from nodeagent.daemon import worker_ops as ops
 from nodeagent.daemon.agent_session import Session
 from nodeagent.daemon.membership import Members
@@ -83,9 +83,11 @@ class Commands:
             layouts = restore_ops.layouts_of(f) if restoring else ()
             members = tuple(f.members)
             pre_s = (f.precopy_ms or PRECOPY_DEFAULT_MS) / 1000 if f.precopy else 0.0
+            live = self._live_scopes(f.job, f.generation, members, e) if restoring else ()
             op = ops.FreezeOp(
-                f.job, f.generation, f.lease_ms, members, e, restoring, layouts, pre_s, f.full
-            )
+                f.job, f.generation, f.lease_ms, members, e, restoring, layouts, pre_s, f.full,
+                live,
+            )  # fmt: skip
             self.worker.submit(op)
         elif body == "capture":
             c = msg.capture
@@ -192,6 +194,21 @@ class Commands:
             return got
 
         return fetch
+
+    def _live_scopes(
+        self, job: str, gen: int, members: tuple[str, ...], epoch: int
+    ) -> tuple[tuple[str, PageNumbers], ...]:
+        """A restore Freeze: the prefetched scopes large enough to back up live first
+        (nodeagent/daemon/restore_live.py)."""
+        out = []
+        for name in members or self.prefetches.members(job, gen):
+            pf = self.prefetches.peek(job, gen, name, epoch)
+            if pf is None or pf.scope is None:
+                continue
+            pages = prefetch.absolute(pf.contents, pf.scope)
+            if restore_live.wanted(pages):
+                out.append((name, pages))
+        return tuple(out)
 
     def _peek(self, job: str, member: str, base: int) -> PageNumbers | None:
         """The pages of the member that may differ from `base`, asked of the ptrace thread

@@ -88,6 +88,16 @@ class Prefetches:
             p = self._items.pop((job, generation, member), None)
         return p if p is not None and p.epoch == epoch else None
 
+    def peek(self, job: str, generation: int, member: str, epoch: int) -> Prefetched | None:
+        """What `take` would return, left in place."""
+        with self._lock:
+            p = self._items.get((job, generation, member))
+        return p if p is not None and p.epoch == epoch else None
+
+    def members(self, job: str, generation: int) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(k[2] for k in self._items if k[:2] == (job, generation))
+
     def drop(self, job: str, generation: int) -> None:
         with self._lock:
             for k in [k for k in self._items if k[:2] == (job, generation)]:
@@ -107,19 +117,25 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     """Absolute page numbers of the member's regions that may differ from generation
     `base` now; None when the tracker cannot tell. On the ptrace thread (the member
     running or frozen); nothing in the target or the tracker changes."""
+    return since_base(m, base)[0]
+
+
+def since_base(m: HeldMember, base: int) -> tuple[PageNumbers | None, PageNumbers | None]:
+    """`written_since_base`, and the tracker's own report in it (the pages written since
+    its last collect); None, None when the tracker cannot tell."""
     t = m.track
     if base == 0 or m.committed != base or not t.armed or t.tracker is None:
-        return None
+        return None, None
     t0 = time.perf_counter()
     pid = m.ident.pid
     maps = read_maps(pid)
     specs = copyout.resolve(m.regions, maps)
     if m.unstable(specs, {s.name: (s.start, s.end) for s in specs}).any():
-        return None
+        return None, None
     mine = tracked_mappings(specs, maps)
     written = written_pages(t.tracker, pid, mine)
     if written is None:
-        return None
+        return None, None
     t1 = time.perf_counter()
     with SharedObjects(pid) as objects:
         taken = copyout.select(pid, specs, maps, objects)
@@ -135,7 +151,7 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     ms = {"peek_ms": (t1 - t0) * 1e3, "select_ms": (t2 - t1) * 1e3, "mark_ms": (t3 - t2) * 1e3}
     fields = {"member": m.name, "pages": int(out.size), **{k: round(v, 3) for k, v in ms.items()}}
     log.info("written since base", extra={"fields": fields})
-    return out
+    return out, written
 
 
 def _runs_pages(runs: Iterable[types_pb2.PageRun]) -> U64:
@@ -194,11 +210,19 @@ def _merge(a: RegionContents, b: RegionContents) -> RegionContents:
 
 
 def top_up(
-    m: HeldMember, base: int, contents: Contents, scope: Scope, fetch: Fetch
+    m: HeldMember,
+    base: int,
+    contents: Contents,
+    scope: Scope,
+    fetch: Fetch,
+    seen: list[PageNumbers | None] | None = None,
 ) -> tuple[Contents, Scope | None]:
     """Frozen: add the pages written since the prefetch (fetched now; normally few).
-    Without the tracker's answer now, every page is fetched (scope None)."""
-    dirty = written_since_base(m, base)
+    Without the tracker's answer now, every page is fetched (scope None). `seen`, when
+    given, gets the tracker's own report in the answer (`since_base`; None: no answer)."""
+    dirty, raw = since_base(m, base)
+    if seen is not None:
+        seen.append(raw)
     if dirty is None:
         return fetch(None), None
     bounds = {c.name: (c.start, c.end) for c in contents}
@@ -217,6 +241,12 @@ def top_up(
     for n in extra.keys() - grown.keys():
         grown[n] = extra[n]
     return out, grown
+
+
+def absolute(contents: Contents, scope: Scope) -> PageNumbers:
+    """The scope as absolute page numbers (sorted)."""
+    parts = [scope[c.name] + np.uint64(c.start >> PAGE_SHIFT) for c in contents if c.name in scope]
+    return np.sort(np.concatenate(parts)) if parts else empty_pages()
 
 
 def after_partial(m: HeldMember, contents: Sequence[RegionContents]) -> int:

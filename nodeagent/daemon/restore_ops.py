@@ -188,6 +188,7 @@ def restored(
     prefetched: int = 0,
     tracker_kept: bool = False,
     read_path: str = "",
+    kernel_warnings: tuple[str, ...] = (),
 ) -> agent_pb2.AgentMessage:
     stats = common_pb2.MemberStats(
         pages=st.data_pages,
@@ -198,6 +199,7 @@ def restored(
         bytes_prefetched=prefetched,
         tracker_kept=tracker_kept,
         read_direct=read_path == "direct",
+        kernel_warnings=kernel_warnings,
     )
     r = agent_pb2.Restored(job=job, generation=generation, member=member, stats=stats)
     return agent_pb2.AgentMessage(restored=r)

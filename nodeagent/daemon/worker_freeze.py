@@ -6,7 +6,8 @@ will be captured in full are pre-copied when the Freeze asks (tracking.precopy_m
 all of them within its `precopy_ms`, so the coordinator's freeze deadline holds), then
 the members are frozen one after the other; a Freeze whose generation is aborted
 meanwhile stops.
-A restore Freeze copies nothing out: it checks each member fits the generation (Failed
+A restore Freeze copies nothing out: a member with a large prefetched scope is first
+backed up live (restore_live.py), then it checks each member fits the generation (Failed
 MISMATCH for one that cannot take it back, then no Frozen) and keeps it frozen for the
 Restore, which writes the downloaded pages (the member's idle capture staging takes the
 backup of what is overwritten) and does not thaw. RestoreInto writes into a process
@@ -29,7 +30,7 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.capture import copyout
-from nodeagent.daemon import prefetch, restore_ops, tracking, tree
+from nodeagent.daemon import prefetch, restore_live, restore_ops, tracking, tree
 from nodeagent.daemon.membership import HeldMember
 from nodeagent.daemon.worker_ops import (
     FreezeOp,
@@ -43,9 +44,11 @@ from nodeagent.daemon.worker_ops import (
     result,
 )
 from nodeagent.daemon.worker_state import STAGE_FAILED, WorkerState
+from nodeagent.pages import PageNumbers
 from nodeagent.proc.freeze import freeze as freeze_process
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.restore import apply as restore
+from nodeagent.restore.livebackup import LiveBackup
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
     tree.rescan(st, op.job, op.epoch)  # new descendants: members from the next generation
     # Size and prefault staging while everything still runs.
     ready: list[HeldMember] = []
+    lives = _live_backups(st, op, targets, lease_s) if op.restore else {}
     for m in targets:
         if op.restore:  # nothing is copied out: no staging
             ready.append(m)
@@ -85,6 +89,46 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
             st.mark_gone(m, op.epoch)
         except CpcoordError as e:
             st.fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
+    try:
+        _freeze_ready(st, op, ready, targets, lives, lease_s, t_op)
+    finally:
+        for live in lives.values():  # not handed to a frozen member
+            restore_live.close(live)
+
+
+def _live_backups(
+    st: WorkerState, op: FreezeOp, targets: list[HeldMember], lease_s: float
+) -> dict[str, LiveBackup]:
+    """A restore Freeze: back up live what large rollbacks will overwrite (restore_live),
+    within a quarter of the lease in all (the freeze deadline is half of it)."""
+    out: dict[str, LiveBackup] = {}
+    want = dict(op.live)
+    t_end = time.monotonic() + lease_s / 4
+    for m in targets:
+        pages = want.get(m.name)
+        left = t_end - time.monotonic()
+        if pages is None or left <= 0:
+            continue
+        try:
+            live = restore_live.before_freeze(m, pages, left, st.config.freeze_timeout_s)
+        except (CpcoordError, OSError) as e:  # the freeze that follows meets it again, or not
+            log.info("live backup skipped", extra={"fields": {"member": m.name, "error": str(e)}})
+            continue
+        if live is not None:
+            out[m.name] = live
+            faults.fault_point("agent.restore.live")  # tests write into it here
+    return out
+
+
+def _freeze_ready(
+    st: WorkerState,
+    op: FreezeOp,
+    ready: list[HeldMember],
+    targets: list[HeldMember],
+    lives: dict[str, LiveBackup],
+    lease_s: float,
+    t_op: float,
+) -> None:
     done: list[agent_pb2.FrozenMember] = []
     misfit = False  # restore: a member that cannot take the generation back
     lease_ms = int(lease_s * 1000)
@@ -106,6 +150,7 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
             st.fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
             continue
         fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)
+        fe.live = lives.pop(m.name, None)  # the entry owns it from here (thaw frees it)
         st.frozen[m.key] = fe
         if op.restore and not _fit(st, op, m, fe):
             misfit = True
@@ -183,12 +228,31 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
     timeout = st.config.freeze_timeout_s
     contents, scope = op.contents, op.scope
     t_in = time.monotonic()  # the log splits the frozen time: before, top-up, write, after
-    t_top = t_in
+    t_top = t_live = t_in
+    live, fe.live = fe.live, None  # freed below, whatever happens
+    had_live = live is not None  # its collect write-protected the scope again
     try:
         if scope is not None and op.fetch is not None:  # a partial write: top up, frozen
-            contents, scope = prefetch.top_up(m, op.base, contents, scope, op.fetch)
+            seen: list[PageNumbers | None] = []
+            contents, scope = prefetch.top_up(m, op.base, contents, scope, op.fetch, seen)
+            t_live = time.monotonic()
+            usable = scope is not None and restore_live.mark_stale(m, fe.fp, live, seen[0])
+            if live is not None and not usable:
+                restore_live.close(live)
+                live = None
             t_top = time.monotonic()
-        written = restore.write(fitted, prefetch.with_scope(contents, scope), staging=backup)
+        elif live is not None:
+            restore_live.close(live)
+            live = None
+        unprotect = restore_live.Unprotect(m, fe.fp) if had_live else None
+        try:
+            written = restore.write(
+                fitted, prefetch.with_scope(contents, scope), staging=backup, live=live,
+                ahead=unprotect,
+            )  # fmt: skip
+        finally:
+            if unprotect is not None:
+                unprotect.close()
     except CpcoordError as e:
         if isinstance(e, STAGE_FAILED) or not m.ident.alive():
             st.mark_gone(m, op.epoch)
@@ -196,6 +260,8 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
             tracking.after_restore(m, fe.fp, timeout)
         st.fail(op.job, op.generation, op.member, R.ABORT_REASON_RESTORE_FAILED, e, op.epoch)
         return
+    finally:
+        restore_live.close(live)
     t_written = time.monotonic()
     kept = scope is not None
     if kept:  # the tracker stays armed, relative to its base; what was written counts
@@ -210,15 +276,18 @@ def restore_member(st: WorkerState, op: RestoreOp) -> None:
         "frozen_ms": round(frozen_s * 1e3, 3),
         "before_ms": round((t_in - fe.started) * 1e3, 3),  # freeze, fit, the round trip
         "top_up_ms": round((t_top - t_in) * 1e3, 3),
+        "live_ms": round((t_top - t_live) * 1e3, 3),  # of which: the live backup's checks
         "write_ms": round((t_written - t_top) * 1e3, 3),
         "after_ms": round((now - t_written) * 1e3, 3),  # the tracker, re-armed or kept
         "bytes": written.bytes_written,
         "backup_bytes": written.backup_bytes,
+        "backup_live_bytes": written.backup_live_bytes,
     }
     log.info("restore written", extra={"fields": phases})
     msg = restore_ops.restored(
-        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept, op.read_path
-    )
+        op.job, op.generation, op.member, written, frozen_s, op.prefetched, kept, op.read_path,
+        fitted.kernel_warnings,
+    )  # fmt: skip
     st.emit(msg, op.epoch)
 
 

@@ -17,6 +17,7 @@ from nodeagent.daemon.restore_ops import Layouts
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.procfs import ProcessIdentity
 from nodeagent.restore.apply import Fitted, RegionContents
+from nodeagent.restore.livebackup import LiveBackup
 from nodeagent.trackers import registry
 
 Scope = dict[str, npt.NDArray[np.uint64]]  # region name -> page offsets to write
@@ -42,6 +43,8 @@ class FreezeOp:
     layouts: Layouts = ()  # restore: whole-memory members' regions and registers at the cut
     precopy_s: float = 0.0  # > 0: pre-copy members captured in full, for at most this long
     full: bool = False  # every member will be captured in full (pre-copy them all)
+    # restore: per member, the prefetch's scope (absolute pages) to back up live first
+    live: tuple[tuple[str, npt.NDArray[np.uint64]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class FrozenEntry:
     lease_ms: int
     epoch: int
     fitted: Fitted | None = None  # a restore Freeze's member that fits the generation
+    live: LiveBackup | None = None  # what its restore overwrites, backed up before the freeze
 
 
 # -- messages ------------------------------------------------------------------------------

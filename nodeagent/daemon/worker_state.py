@@ -87,6 +87,9 @@ class WorkerState:
         fe = self.frozen.pop(key, None)
         if fe is not None:
             thaw(fe.fp)
+            live, fe.live = fe.live, None
+            if live is not None:
+                live.close()
         return fe
 
     def thaw_all(self) -> None:

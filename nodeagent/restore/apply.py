@@ -67,8 +67,9 @@ from nodeagent.restore import kernel_check
 from nodeagent.restore.fit import check_layout, fit_region
 from nodeagent.restore.layout import layout_applied
 from nodeagent.restore.layout import plan as plan_layout
+from nodeagent.restore.livebackup import LiveBackup
 from nodeagent.restore.plan import build_plan
-from nodeagent.restore.undo import AllOrNothing
+from nodeagent.restore.undo import Ahead, AllOrNothing
 from nodeagent.restore.values import (
     Fitted,
     MemberLayout,
@@ -129,9 +130,12 @@ def check_fit(fp: FrozenProcess, layout: MemberLayout, parked: tuple[int, int] =
     starts = [m.start for m in seen]
     for r in layout.regions:
         fit_region(layout.member, r, seen, layout.explicit, starts)
+    warnings: tuple[str, ...] = ()
     if not layout.explicit:  # last: memory that fits, with a kernel side that agrees
-        kernel_check.check(layout.member, fp.pid, layout.kernel, layout.force)
-    return Fitted(fp, layout, maps, None if change is None or change.empty else change)
+        v = kernel_check.check(layout.member, fp.pid, layout.kernel, layout.force)
+        warnings = (*v.refusals, *v.warnings)  # refusals left only when forced
+    change = None if change is None or change.empty else change
+    return Fitted(fp, layout, maps, change, warnings)
 
 
 # -- write ------------------------------------------------------------------------------
@@ -165,15 +169,26 @@ def write(
     *,
     writev: WritevFn = sys_writev,
     staging: Staging | None = None,
+    live: LiveBackup | None = None,
+    ahead: Ahead | None = None,
 ) -> RestoreStats:
     """Write a fitted member's regions (and registers, default set), all or nothing.
     Call on the thread that froze it, before the thaw. Raises ContentsInvalid before
     writing anything; a failure part-way puts back every byte written (RestoreUndone;
-    restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here)."""
+    restore_undo.py). `staging`: a prefaulted buffer for the backup (else mapped here).
+    `live`: what was backed up before the freeze, its stale pages marked
+    (restore/livebackup.py); used only when no layout change comes first and the
+    mappings it lay in are the same now. `ahead`: called on the backup thread with each
+    step's pieces before they are written (restore_live.Unprotect)."""
     t0 = time.perf_counter()
     regions = contents_for(fitted.layout, contents)  # ContentsInvalid before any change
+    if live is not None and (fitted.change is not None or not live.holds_with(fitted.maps)):
+        fields = {"member": fitted.layout.member}
+        log.info("live backup unused: the layout changed", extra={"fields": fields})
+        live = None
     with layout_applied(fitted.fp, fitted.change, fitted.layout.member) as txn:
-        return _write(fitted, regions, writev, staging, t0, txn.area if txn else (0, 0))
+        area = txn.area if txn else (0, 0)
+        return _write(fitted, regions, writev, staging, t0, area, live, ahead)
 
 
 def _write(
@@ -183,6 +198,8 @@ def _write(
     staging: Staging | None,
     t0: float,
     parked: tuple[int, int],
+    live: LiveBackup | None = None,
+    ahead: Ahead | None = None,
 ) -> RestoreStats:
     fp, layout = fitted.fp, fitted.layout
     try:
@@ -190,6 +207,7 @@ def _write(
     except NoSuchProcess:
         raise ProcessExited(fp.pid, "restore") from None
     if maps != fitted.maps:  # frozen: an exit, a stale Fitted, or the layout put back
+        live = None
         fitted = check_fit(fp, layout, parked)
         if fitted.change is not None:
             left = fitted.change.summary()
@@ -209,7 +227,9 @@ def _write(
     whole = not layout.explicit and layout.threads is not None
     before = save_thread_state(fp) if whole else None
     threads = 0
-    with AllOrNothing(fp.pid, layout.member, plan, maps, writev=writev, staging=staging) as tx:
+    with AllOrNothing(
+        fp.pid, layout.member, plan, maps, writev=writev, staging=staging, live=live, ahead=ahead
+    ) as tx:
         got = tx.write()
         if whole:
             assert layout.threads is not None and before is not None
@@ -234,6 +254,7 @@ def _write(
         seconds=time.perf_counter() - t0,
         backup_bytes=got.backed_up,
         backup_fresh_bytes=got.fresh,
+        backup_live_bytes=got.live,
     )
     log.info(
         "restored",
@@ -247,6 +268,7 @@ def _write(
                 "mem_bytes": result.mem_bytes,
                 "backup_bytes": result.backup_bytes,
                 "backup_fresh_bytes": result.backup_fresh_bytes,
+                "backup_live_bytes": result.backup_live_bytes,
                 "threads": threads,
                 "ms": round(result.seconds * 1e3, 3),
             }

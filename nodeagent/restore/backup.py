@@ -9,6 +9,8 @@ What a step overwrites is read as the kernel shows it, per page (pagemap):
 - anything else (a copy-on-write page shared with another process, swapped, absent in a
   file or shared mapping): `/proc/PID/mem`, which does not pin, so reading never breaks
   copy-on-write sharing. Short gaps between such pages go the same way (fewer calls).
+- a page whose copy was taken live before the freeze and still holds (livebackup.py):
+  nothing read, no pagemap word; the run points into the live copy.
 A byte that cannot be read stops the restore before the step that holds it is written.
 The backup lands in a caller's prefaulted buffer (the agent passes the member's idle
 capture staging, which holds about as many bytes as the member has present pages), else
@@ -25,6 +27,7 @@ import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +45,9 @@ from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.reader import sys_readv
 from nodeagent.proc.staging import MADV_HUGEPAGE, Staging
 
+if TYPE_CHECKING:
+    from nodeagent.restore.livebackup import LiveBackup
+
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 MEM_GAP = 16  # pages: readv-able gaps this short between /proc/PID/mem pages go with them
@@ -49,7 +55,7 @@ MEM_GAP = 16  # pages: readv-able gaps this short between /proc/PID/mem pages go
 # look at its page (exclusive or not), a read ~3 us: for 1% of 1 GiB scattered, 256
 # measured 18.4 ms for the whole write against 20.0 with 4096 and 22.2 with 32.
 WINDOW_GAP = 256
-ZERO, READV, MEM = 0, 1, 2
+ZERO, READV, MEM, LIVE = 0, 1, 2, 3  # LIVE: read before the freeze (livebackup.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Backed:
     addr: U64  # (k,)
     forced: npt.NDArray[np.bool_]
     read_bytes: int
+    live_bytes: int = 0  # of its runs' bytes, taken from the live backup (not read now)
 
 
 class BackupStore:
@@ -95,9 +102,16 @@ class BackupStore:
 class Backup:
     """Reads steps of the target into the store (see the module header)."""
 
-    def __init__(self, pid: int, maps: Sequence[Mapping], store: BackupStore) -> None:
+    def __init__(
+        self,
+        pid: int,
+        maps: Sequence[Mapping],
+        store: BackupStore,
+        live: LiveBackup | None = None,
+    ) -> None:
         self.pid = pid
         self.store = store
+        self.live = live
         maps = [m for m in maps if m.end < 1 << 62]
         self._ms = np.array([m.start for m in maps], dtype=np.int64)
         self._me = np.array([m.end for m in maps], dtype=np.int64)
@@ -138,27 +152,41 @@ class Backup:
         n = p1 - p0
         piece = np.repeat(np.arange(s.size), n)
         page = p0[piece] + (np.arange(piece.size) - (np.cumsum(n) - n)[piece])
-        w = self._words(page.astype(np.uint64))
+        src = np.zeros(page.size, dtype=np.int64)
+        if self.live is not None:
+            # Pages whose live copy holds (livebackup.py; frozen, every page written since
+            # or no longer present was marked stale): no pagemap word, nothing read.
+            src = self.live.lookup(page).astype(np.int64)
+        need = src == 0
+        if need.all():
+            w = self._words(page.astype(np.uint64))
+        else:
+            w = np.zeros(page.size, dtype=np.uint64)
+            w[need] = self._words(page[need].astype(np.uint64))
         taken = (w & (PM_PRESENT | PM_SWAPPED)) != 0
         pinnable = ((w & PM_PRESENT) != 0) & ((w & (PM_EXCLUSIVE | PM_FILE_SHARED)) != 0)
         kind = np.where(pinnable, READV, MEM)
         kind[~taken & self._private_anon(s)[piece]] = ZERO
+        kind[~need] = LIVE
         _close_gaps(kind, piece)
-        # Runs of one kind within one piece.
-        brk = np.flatnonzero((np.diff(kind) != 0) | (np.diff(piece) != 0)) + 1
+        # Runs of one kind within one piece (live runs: contiguous in the live copy too).
+        cut = (np.diff(kind) != 0) | (np.diff(piece) != 0)
+        cut |= (kind[1:] == LIVE) & (np.diff(src) != PAGE_SIZE)
+        brk = np.flatnonzero(cut) + 1
         first = np.concatenate(([0], brk)).astype(np.int64)
         last = np.concatenate((brk, [page.size])).astype(np.int64) - 1
         rk, rp = kind[first], piece[first]
         rs = np.maximum(page[first] << PAGE_SHIFT, s[rp])
         re = np.minimum((page[last] + 1) << PAGE_SHIFT, e[rp])
         npages = last - first + 1
-        keep = rk != ZERO
+        keep = (rk == READV) | (rk == MEM)
         nbytes = int(npages[keep].sum()) * PAGE_SIZE
         base = self.store.take(nbytes) if nbytes else 0
         addr = np.zeros(rk.size, dtype=np.int64)
         off = np.cumsum(np.where(keep, npages, 0)) - np.where(keep, npages, 0)
         # A run's bytes are kept from its first page's start (rs is page-aligned).
         addr[keep] = base + off[keep] * PAGE_SIZE
+        addr[rk == LIVE] = src[first[rk == LIVE]]
         self._read(rs[rk == READV], npages[rk == READV], addr[rk == READV], viamem=False)
         self._read(rs[rk == MEM], npages[rk == MEM], addr[rk == MEM], viamem=True)
         return Backed(
@@ -166,6 +194,7 @@ class Backup:
             addr.astype(np.uint64),
             forced[rp],
             nbytes,
+            int(npages[rk == LIVE].sum()) * PAGE_SIZE,
         )
 
     def _read(self, start: I64, npages: I64, dest: I64, viamem: bool) -> None:

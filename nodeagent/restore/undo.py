@@ -6,7 +6,9 @@ Owns the write step of restore (restore.write uses `AllOrNothing`):
   i + 1 (and on) while the caller's thread writes step i, so the backup costs little
   frozen time beyond the writes themselves (bench/restore.py measures both).
 - What a step overwrites is backed up by `restore_backup.Backup` (read as the kernel
-  shows it, never breaking copy-on-write sharing), into a caller's prefaulted buffer.
+  shows it, never breaking copy-on-write sharing), into a caller's prefaulted buffer;
+  with a live backup (restore/livebackup.py) only the pages whose live copy does not
+  hold are read, after it in its store.
 - Writing goes through MemoryWriter, whose `written` says exactly how far a failed
   step got. On a failure (a write refused, the fault point `agent.restore.write`), the
   bytes written so far are written back from the backup (zeros from the zero source),
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -40,6 +42,7 @@ from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.staging import Staging
 from nodeagent.proc.writer import ZERO_CHUNK, MemoryWriter, WriteStats, WritevFn, zero_source
 from nodeagent.restore.backup import Backed, Backup, BackupStore
+from nodeagent.restore.livebackup import LiveBackup
 from nodeagent.restore.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -88,13 +91,18 @@ class Written:
     stats: WriteStats
     backed_up: int  # bytes read into the backup
     fresh: int  # of those, into memory mapped while frozen (no buffer was big enough)
+    live: int = 0  # bytes of the backup taken from the live backup instead (not read frozen)
+
+
+Ahead = Callable[[U64], None]  # called with a step's pieces once backed up, before written
 
 
 class _Pipeline:
-    """The backup thread: backs up steps in order, ahead of the writer."""
+    """The backup thread: backs up steps in order, ahead of the writer (and calls
+    `ahead` with each step's pieces once backed up)."""
 
-    def __init__(self, backup: Backup, steps: Steps) -> None:
-        self.backup, self.steps = backup, steps
+    def __init__(self, backup: Backup, steps: Steps, ahead: Ahead | None = None) -> None:
+        self.backup, self.steps, self.ahead = backup, steps, ahead
         self.done: list[Backed] = []
         self.error: BaseException | None = None
         self._cv = threading.Condition()
@@ -103,7 +111,10 @@ class _Pipeline:
 
     def _one(self, i: int) -> Backed:
         a, b = self.steps.bounds[i], self.steps.bounds[i + 1]
-        return self.backup.step(self.steps.remote[a:b], self.steps.forced[a:b])
+        got = self.backup.step(self.steps.remote[a:b], self.steps.forced[a:b])
+        if self.ahead is not None:
+            self.ahead(self.steps.remote[a:b])
+        return got
 
     def _run(self) -> None:
         try:
@@ -156,17 +167,24 @@ class AllOrNothing(Closing):
         *,
         writev: WritevFn,
         staging: Staging | None = None,
+        live: LiveBackup | None = None,
+        ahead: Ahead | None = None,
     ) -> None:
         self.pid, self.member, self._writev = pid, member, writev
         self.steps = split(plan)
-        self._store = BackupStore(staging)
-        self._backup = Backup(pid, maps, self._store)
-        self._pipe = _Pipeline(self._backup, self.steps)
+        # With a live backup, what is read frozen goes on after it in its store (the
+        # live copy's owner closes that store).
+        self._own = live is None
+        self._store = BackupStore(staging) if live is None else live.store
+        self._fresh0 = self._store.fresh
+        self._backup = Backup(pid, maps, self._store, live)
+        self._pipe = _Pipeline(self._backup, self.steps, ahead)
 
     def close(self) -> None:
         self._pipe.stop()
         self._backup.close()
-        self._store.close()
+        if self._own:
+            self._store.close()
 
     def write(self) -> Written:
         steps, pipe, pid = self.steps, self._pipe, self.pid
@@ -195,7 +213,9 @@ class AllOrNothing(Closing):
                 vbytes += st.writev_bytes
                 mbytes += st.mem_bytes
         read = sum(d.read_bytes for d in pipe.done)
-        return Written(WriteStats(calls, vbytes, mbytes), read, self._store.fresh)
+        live = sum(d.live_bytes for d in pipe.done)
+        fresh = self._store.fresh - self._fresh0
+        return Written(WriteStats(calls, vbytes, mbytes), read, fresh, live)
 
     def undo(self, cause: CpcoordError) -> NoReturn:
         """Put back everything `write()` wrote; always raises."""

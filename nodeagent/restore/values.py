@@ -142,6 +142,9 @@ class Fitted:
     maps: tuple[Mapping, ...]
     # What write() changes in the layout before the pages (None: nothing; layout.py).
     change: LayoutChange | None = None
+    # How the kernel side differs from the cut without refusing (kernel_check.py): output
+    # already made, state not compared, refusals --force overrode. Shown by the CLI.
+    kernel_warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class RestoreStats:
     seconds: float
     backup_bytes: int = 0  # read from the process first, to put back on a failure
     backup_fresh_bytes: int = 0  # of those, kept in memory mapped while frozen
+    backup_live_bytes: int = 0  # backed up before the freeze instead (restore/livebackup.py)
 
 
 def contents_for(

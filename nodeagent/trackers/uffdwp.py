@@ -359,6 +359,20 @@ class UffdWpTracker:
         self._ident, self._fd, self._inode = ident, fd, inode
         self._scanner = uffd.PagemapScanner(ident.pid)
 
+    # -- writing tracked pages ----------------------------------------------------
+
+    def writer_handle(self, fp: FrozenProcess) -> RemoteUffd | None:
+        """The target's uffd, for a caller about to write tracked pages itself (a
+        restore): `unprotect(lo, hi)` drops their write protection in one call per range
+        instead of a fault per page (the next collect reports them written, as the write
+        would). None when it cannot (the pages then fault as they are written)."""
+        if self.registration != "inject" or self._ident != fp.ident:
+            return None
+        try:
+            return RemoteUffd(fp.pid, self._fd, self._inode)
+        except (CpcoordError, OSError):
+            return None
+
     # -- forget ------------------------------------------------------------------
 
     def forget(self, fp: FrozenProcess | None) -> None:

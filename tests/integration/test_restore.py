@@ -22,9 +22,11 @@ import pytest
 from cpcoord.errors import ContentsInvalid, RegionMismatch, RestoreUndone
 from cpcoord.ranges import PAGE_SIZE, AddressRange
 from nodeagent.capture.process import capture
+from nodeagent.pages import empty_runs
 from nodeagent.proc.freeze import frozen
 from nodeagent.proc.iovec import vm_syscall
 from nodeagent.proc.procfs import ProcessIdentity, read_maps
+from nodeagent.restore import livebackup
 from nodeagent.restore.apply import (
     MemberLayout,
     RegionContents,
@@ -34,6 +36,8 @@ from nodeagent.restore.apply import (
     restore_members,
     write,
 )
+from nodeagent.restore.backup import BackupStore
+from nodeagent.restore.livebackup import LiveBackup
 from nodeagent.restore.undo import STEP
 from testbed import patterns
 from testbed.driver import Target
@@ -424,3 +428,66 @@ def test_backing_up_never_breaks_copy_on_write_sharing(
             os.kill(child, 9)  # the parent's child: reaped by init once the parent is gone
         p.kill()
         p.wait()
+
+
+def test_a_live_backup_puts_back_what_the_process_held_at_the_freeze(
+    target_factory: MakeTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """restore/livebackup.py: the pages a rollback overwrites are read while the process
+    runs; then some are written (the tracker reports them), some dropped (MADV_DONTNEED:
+    zeros now), some absent at the live read are written. The write fails in its third
+    step: every byte goes back as the process held it at the freeze, not as the live
+    read saw it. Then a restore with a live backup succeeds, exactly, reading nothing
+    frozen but what changed."""
+    pages = 3 * STEP // PAGE_SIZE
+    t = target_factory(maps=[f"d:{pages}:anon:random:4"])
+    cut = snapshot(t, ["d"])
+    t.cmd("write", name="d", page=0, count=pages, counter=9)
+    t.cmd("dontneed", name="d", page=100, count=50)  # absent at the live read
+    first = t.mapping("d").addr // PAGE_SIZE
+    allp = np.arange(first, first + pages, dtype=np.uint64)
+    ident = ProcessIdentity.of(t.pid)
+
+    def take() -> LiveBackup:
+        store = BackupStore(None)
+        return livebackup.take(t.pid, allp, read_maps(t.pid), store, time.monotonic() + 60)
+
+    def mark(live: LiveBackup, written: np.ndarray) -> None:  # as the agent does, frozen
+        live.mark(allp[written], livebackup.own_pages(t.pid, live.pages), empty_runs())
+
+    live = take()
+    assert live.nbytes == (pages - 50) * PAGE_SIZE
+    t.cmd("write", name="d", page=10, count=20, counter=11)  # written since: reported
+    t.cmd("write", name="d", page=110, count=5, counter=12)  # absent then, written now
+    t.cmd("dontneed", name="d", page=5000, count=30)  # dropped since: zeros now
+    before = t.read("d").copy()
+    mark(live, np.r_[10:30, 110:115])
+    real = vm_syscall("process_vm_writev")
+    calls: list[int] = []
+
+    def writev(pid: int, local: int, nl: int, remote: int, nr: int) -> int:
+        calls.append(nr)
+        return 0 if len(calls) == 3 else real(pid, local, nl, remote, nr)
+
+    def no_pwritev(fd: int, bufs: object, offset: int) -> int:
+        raise OSError(errno.EIO, "refused by the test")
+
+    with monkeypatch.context() as mp:
+        mp.setattr("nodeagent.proc.writer.os.pwritev", no_pwritev)
+        with frozen(ident) as fp, pytest.raises(RestoreUndone):
+            write(check_fit(fp, layout("m", cut)), cut, writev=writev, live=live)
+    live.close()
+    diff = np.flatnonzero((t.read("d").reshape(pages, -1) != before.reshape(pages, -1)).any(axis=1))
+    assert not diff.size, f"the undo put back what the live read saw: pages {diff[:20]} {diff.size}"
+    t.assert_running()
+    # Success: exact, and only what changed since the live read is read frozen.
+    live = take()
+    t.cmd("write", name="d", page=7, count=3, counter=13)
+    mark(live, np.r_[7:10])
+    with frozen(ident) as fp:
+        st = write(check_fit(fp, layout("m", cut)), cut, live=live)
+    live.close()
+    assert np.array_equal(t.read("d").reshape(pages, PAGE_SIZE), expected(cut[0]))
+    assert st.backup_bytes == 3 * PAGE_SIZE, st
+    assert st.backup_live_bytes == (pages - 3) * PAGE_SIZE, st
+    t.assert_running()

@@ -98,9 +98,16 @@ def test_pipe_drained_since_the_cut_refused_unless_forced(
 
     # Forced, the rollback happens: memory is back at the cut (not drained), and the
     # kernel still holds the drained pipe, which is the disagreement the refusal named.
-    c.cli("restore", "--job", "k", "--generation", str(g), "--force")
+    r = c.cli("restore", "--job", "k", "--generation", str(g), "--force")
     target.running()
     assert target.send("check") == "disagree drained=0 unread=0"
+    # The CLI names what the forced rollback left disagreeing (text and --json).
+    assert f"warning: member p: kernel side differs from the cut: {want}" in r.stdout, r.stdout
+    j = c.cli_json("restore", "--job", "k", "--generation", str(g), "--force")
+    assert j["state"] == "restored", j
+    (m,) = j["members"]
+    assert want in m["kernel_warnings"], m
+    target.running()
     assert target.proc.stdin is not None
     target.proc.stdin.write(b"quit\n")
     target.proc.stdin.flush()

@@ -11,6 +11,8 @@ cannot tell (hash) still restores exactly, writing every page.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cpcoord import faults
+from nodeagent.daemon.restore_live import LIVE_MIN_PAGES
 from testbed.cluster import Cluster, attach_args
 from testbed.driver import Target
 from tests.helpers.e2e import export, exported
@@ -119,3 +123,42 @@ def test_hash_tracker_member_restores_exactly_writing_every_page(
     g3 = _checkpoint(c)
     assert g3["full"], g3  # its tracker's view was reset: full, and exact
     _equals_export(c, t, g3["generation"], tmp_path / "g3")
+
+
+def test_a_large_rollback_aborted_after_its_live_backup_keeps_the_next_incremental_exact(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """A large rollback collects the tracker before its live backup
+    (nodeagent/daemon/restore_live.py): what it had seen since the base must still reach
+    the next incremental capture when the rollback then never happens (here: held past
+    its freeze deadline, so it is aborted)."""
+    c = cluster_factory(nodes=("node-a",))
+    c.agent_env["node-a"] = {"CPCOORD_FAULT_HOLD": "agent.restore.live"}
+    c.restart_agent("node-a")
+    c.wait_agents(["node-a"])
+    n = 2 * LIVE_MIN_PAGES
+    t = target_factory(maps=[f"data:{n}"])
+    _attach(c, t)
+    g1 = _checkpoint(c)["generation"]
+    t.cmd("write", name="data", page=0, count=n, counter=3)  # the tracker sees them all
+    got: list[int] = []
+
+    def restore() -> None:
+        r = c.cli("restore", "--job", "job", "--generation", str(g1), "--lease-ms", "1000",
+                  check=False)  # fmt: skip
+        got.append(r.returncode)
+
+    th = threading.Thread(target=restore)
+    th.start()
+    try:
+        c.wait_fault("agent.restore.live")
+        time.sleep(1.5)  # past the restore's freeze deadline (half its lease)
+    finally:
+        faults.release_file("agent.restore.live", c.faults).touch()
+        th.join(120)
+    assert got and got[0] != 0, "the held rollback was not aborted"
+    t.assert_running()
+    assert "restore live backup taken" in (c.root / "agent-node-a.log").read_text()
+    g2 = _checkpoint(c)
+    assert not g2["full"] and g2["pages_captured"] >= n, g2
+    _equals_export(c, t, g2["generation"], tmp_path / "g2")

@@ -20,11 +20,13 @@ the program passes its check, the CLI says the restore was undone; the next rest
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from cpcoord import faults
 from nodeagent.restore.undo import STEP
 from testbed.cluster import Cluster
 from tests.helpers.restore_c import REMAP_TARGET, RemapTarget, build_c
@@ -129,6 +131,46 @@ def test_a_restore_that_fails_part_way_puts_every_byte_back(
     t.check()  # the program agrees: its memory is as it left it
     # The failure point fails once: the next restore writes the generation, exactly.
     code, out = _restore(c, "undo", gen)
+    assert code == 0, out
+    assert t.digest() == at_cut
+    assert t.quit() == 0
+
+
+def test_pages_written_after_the_live_backup_are_put_back_as_they_are_now(
+    cluster_factory: Callable[..., Cluster], spawn: Callable[..., RemapTarget]
+) -> None:
+    """A large rollback backs up live, before the freeze (nodeagent/daemon/restore_live.py).
+    The program rewrites every page after that backup and before the freeze; the write
+    then fails part-way: what is put back must be the bytes of that last rewrite, not the
+    live copy's (the tracker reports them written since, so they are read frozen)."""
+    c = cluster_factory(nodes=("node-a",))
+    c.agent_env["node-a"] = {"CPCOORD_FAULT_HOLD": "agent.restore.live"}
+    c.restart_agent("node-a", fail=["agent.restore.write@3"])
+    c.wait_agents(["node-a"])
+    pages = 3 * STEP // PAGE  # three steps: the third one fails
+    t = spawn(pages, files=False)
+    gen = _setup(c, "live", t)
+    at_cut = t.digest()
+    t.send("fill 2")  # every page written since the cut: a scope for the live backup
+    got: list[tuple[int, str]] = []
+    th = threading.Thread(target=lambda: got.append(_restore(c, "live", gen)))
+    th.start()
+    try:
+        c.wait_fault("agent.restore.live")
+        t.send("fill 3")  # after the live backup (which read fill 2), before the freeze
+        now = t.digest()
+    finally:
+        faults.release_file("agent.restore.live", c.faults).touch()
+        th.join(120)
+    code, out = got[0]
+    assert code == ABORTED, f"the restore did not fail:\n{out}"
+    assert f"failed and was undone ({2 * STEP} bytes written were put back)" in out, out
+    assert t.digest() == now, "the undo put back bytes older than the process's own"
+    t.check()  # the program agrees: its memory is what it last put there (fill 3)
+    log = (c.root / "agent-node-a.log").read_text()
+    assert "restore live backup taken" in log, "the live backup was not used"
+    # The failure point fails once: the next restore writes the generation, exactly.
+    code, out = _restore(c, "live", gen)
     assert code == 0, out
     assert t.digest() == at_cut
     assert t.quit() == 0

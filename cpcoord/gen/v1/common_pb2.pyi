@@ -107,7 +107,7 @@ DURABILITY_LEVEL_PARTNER: DurabilityLevel
 DURABILITY_LEVEL_STORE: DurabilityLevel
 
 class MemberStats(_message.Message):
-    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept", "read_direct")
+    __slots__ = ("pages", "zero_pages", "bytes_logical", "bytes_stored_new", "frozen_seconds", "tracker", "full", "precopy_rounds", "precopy_bytes", "precopy_frozen_pages", "pages_written", "bytes_prefetched", "tracker_kept", "read_direct", "kernel_warnings")
     PAGES_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGES_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOGICAL_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class MemberStats(_message.Message):
     BYTES_PREFETCHED_FIELD_NUMBER: _ClassVar[int]
     TRACKER_KEPT_FIELD_NUMBER: _ClassVar[int]
     READ_DIRECT_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_WARNINGS_FIELD_NUMBER: _ClassVar[int]
     pages: int
     zero_pages: int
     bytes_logical: int
@@ -136,7 +137,8 @@ class MemberStats(_message.Message):
     bytes_prefetched: int
     tracker_kept: bool
     read_direct: bool
-    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ..., read_direct: _Optional[bool] = ...) -> None: ...
+    kernel_warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., tracker: _Optional[str] = ..., full: _Optional[bool] = ..., precopy_rounds: _Optional[int] = ..., precopy_bytes: _Optional[_Iterable[int]] = ..., precopy_frozen_pages: _Optional[int] = ..., pages_written: _Optional[int] = ..., bytes_prefetched: _Optional[int] = ..., tracker_kept: _Optional[bool] = ..., read_direct: _Optional[bool] = ..., kernel_warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
     __slots__ = ("status", "exit_code", "error", "message")
