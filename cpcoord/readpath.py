@@ -10,7 +10,9 @@ $CPCOORD_STORE_KEY): the coordinator sends its key to agents on mTLS streams onl
 to a client.
 
 `auto` (the default) reads directly when the store opens here with the announced id and
-falls back to the coordinator otherwise, saying why (`warn`); a member whose direct read
+falls back to the coordinator otherwise, saying why (`note`: a log line at info level and
+`export --json`'s `direct_unavailable`, not a warning: a client without the store's
+credentials is a normal case, e.g. a scheduler host); a member whose direct read
 fails (a damaged or missing pack, a stale mount) is read again through the coordinator,
 which re-reads and re-checks the same chunks, so damage in the store still fails. `direct`
 fails instead of falling back; `coordinator` is the page stream as before.
@@ -80,8 +82,9 @@ def _open(stats: coordinator_pb2.StoreStatsResponse, key_file: Path | None) -> D
         raise
 
 
-def choose(call: Call, mode: str, key_file: Path | None, warn: Warn) -> DirectStore | None:
-    """The store to read from, or None for the coordinator path (module docstring)."""
+def choose(call: Call, mode: str, key_file: Path | None, note: Warn) -> DirectStore | None:
+    """The store to read from, or None for the coordinator path (module docstring);
+    `note` is told why auto does not read directly."""
     if check_mode(mode) == "coordinator":
         return None
     try:
@@ -91,7 +94,7 @@ def choose(call: Call, mode: str, key_file: Path | None, warn: Warn) -> DirectSt
             if isinstance(e, DataPathUnavailable):
                 raise
             raise DataPathUnavailable(WHO, e.message()) from e
-        warn(f"reading through the coordinator: {e.message()}")
+        note(f"reading through the coordinator: {e.message()}")
         return None
 
 

@@ -346,7 +346,7 @@ class Client(Closing):
         req = coordinator_pb2.ReadGenerationRequest(
             job=job, generation=generation, members=list(members), regions=list(regions)
         )
-        store = readpath.choose(self._call, data_path, store_key_file, _warn)
+        store = readpath.choose(self._call, data_path, store_key_file, log.info)
         try:
             reads = readpath.Reads()
             for mp in readpath.members(self._stream, req, store, data_path, reads, _warn):

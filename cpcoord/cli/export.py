@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cpcoord.gen.v1 import coordinator_pb2
 from cpcoord.image_writer import ImageWriter
 from cpcoord.ranges import PAGE_SIZE, check_name
 
+log = logging.getLogger("cpcoord.cli.export")
 NAME = "export"
 HELP = "write a committed generation as an image directory"
 EPILOG = """\
@@ -73,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
             m.name: (m.process.pid, m.process.start_time) for j in jobs.jobs for m in j.members
         }
         # Where to read from before the image directory exists: a refusal leaves nothing.
-        store = readpath.choose(c.call, args.data_path, args.store_key_file, _warn)
+        unavailable: list[str] = []  # why auto reads through the coordinator
+
+        def note(text: str) -> None:
+            log.info(text)
+            unavailable.append(text)
+
+        store = readpath.choose(c.call, args.data_path, args.store_key_file, note)
         try:
             writer = ImageWriter(args.out, job=args.job, generation=n)
         except BaseException:
@@ -122,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         "read_path": {"direct": reads.direct, "coordinator": reads.coordinator},
         "bytes_read_direct": reads.direct_bytes,
     }
+    if unavailable:
+        out["direct_unavailable"] = unavailable[0]
     if args.json:
         print(json.dumps(out, indent=1))
     else:
