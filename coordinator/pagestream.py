@@ -100,10 +100,13 @@ def stream(
     only: dict[str, npt.NDArray[np.uint64]] | None = None,
     locate: bool = False,
     moved: Moved | None = None,
+    cache_node: str = "",
 ) -> Iterator[common_pb2.PageData]:
     """PageData messages of the chosen members (all, in name order) and regions;
     `only`: region name -> the page offsets to send (a region not named: none);
-    `locate`: chunk locations instead of chunk bytes (module docstring)."""
+    `locate`: chunk locations instead of chunk bytes (module docstring); `cache_node`
+    (with `locate`): the reader reads that node's cache, so chunks only there are
+    named by their cached packs."""
     moved = moved if moved is not None else Moved()
     if locate:
         target_bytes = max(target_bytes, LOCATE_TARGET_BYTES)
@@ -112,7 +115,7 @@ def stream(
         want = set(names)
         parts = [r.pages.ids[~r.pages.zero] for mem, r in m.tables() if mem in want]
         if parts:
-            repo.ensure_in_store(m.namespace, np.unique(np.concatenate(parts)))
+            repo.ensure_in_store(m.namespace, np.unique(np.concatenate(parts)), cache_node)
     for name in names:
         try:
             mm = m.member(name)
@@ -128,7 +131,9 @@ def stream(
         yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
         sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
         for ri, r in enumerate(chosen):
-            for batch in _batches(repo, m, r.pages, sent, max_entries, target_bytes, locate):
+            for batch in _batches(
+                repo, m, r.pages, sent, max_entries, target_bytes, locate, cache_node
+            ):
                 batch.region = ri
                 moved.sent += len(batch.chunks.data)
                 if locate:
@@ -137,8 +142,10 @@ def stream(
                 yield common_pb2.PageData(batch=batch)
 
 
-def _locations(repo: Repository, namespace: str, ids: IdArray) -> common_pb2.ChunkLocations:
-    at = repo.locate_chunks(namespace, ids)
+def _locations(
+    repo: Repository, namespace: str, ids: IdArray, cache_node: str = ""
+) -> common_pb2.ChunkLocations:
+    at = repo.locate_chunks(namespace, ids, cache_node)
     return common_pb2.ChunkLocations(
         namespace=namespace,
         packs=at.packs,
@@ -148,6 +155,7 @@ def _locations(repo: Repository, namespace: str, ids: IdArray) -> common_pb2.Chu
         stored_sizes=at.locs["stored"].astype("<u4").tobytes(),
         raw_sizes=at.locs["raw"].astype("<u4").tobytes(),
         methods=at.locs["method"].astype(np.uint8).tobytes(),
+        cached=bytes(at.cached) if any(at.cached) else b"",
     )
 
 
@@ -159,6 +167,7 @@ def _batches(
     max_entries: int,
     target: int,
     locate: bool = False,
+    cache_node: str = "",
 ) -> Iterator[common_pb2.PageBatch]:
     ps = m.page_size
     cost = np.where(zero_mask(t.ids), 0, t.counts.astype(np.int64) * ps)
@@ -182,7 +191,7 @@ def _batches(
         if new.size:
             sent[0] = np.union1d(sent[0], new)
         if locate:
-            where = _locations(repo, m.namespace, new) if new.size else None
+            where = _locations(repo, m.namespace, new, cache_node) if new.size else None
             yield common_pb2.PageBatch(entries=_entries(t, lo, hi), locations=where)
         else:
             yield common_pb2.PageBatch(entries=_entries(t, lo, hi), chunks=_chunk_data(new, data))

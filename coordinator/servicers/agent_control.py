@@ -48,6 +48,9 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
         if request.page_filter:  # the restore's prefetch: only the pages it will write
             only = {r.name: restore_diff.pages_of_runs(r.pages) for r in request.page_filter}
         moved = pagestream.Moved()
+        cache_node = ""
+        if request.chunk_locations and request.read_cache:  # it reads its own node cache
+            cache_node = (cert_identity(context) or ("", ""))[1] or nodes.get(request.member, "")
         try:
             yield from pagestream.stream(
                 self.engine.repo,
@@ -59,6 +62,7 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
                 only=only,
                 locate=request.chunk_locations,
                 moved=moved,
+                cache_node=cache_node,
             )
         finally:  # a stream cut short still moved what it sent
             node = nodes.get(request.member, "")

@@ -249,3 +249,29 @@ def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
     assert _generation(c, "ml", 1)["level"] == "local"
     v = c.cli_json("verify")
     assert v["ok"], v
+
+
+def test_a_local_generation_restores_in_place_from_the_node_caches_before_its_drain(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """At 1 byte/s the drain never puts a pack: generation 1 is only in the two node
+    caches. Restoring it in place reads each member's chunks from its own node's cache
+    (the agent's direct read, every chunk checked against its id), byte for byte, and
+    nothing reaches the store meanwhile."""
+    c, _ = _cached_cluster(cluster_factory, tmp_path, rate="1")
+    targets = _targets(c, target_factory, 128)
+    r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r1["level"] == "local", r1
+    want = {n: t.read("data") for n, t in targets.items()}
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=128, counter=70 + i)
+    r = c.cli_json("restore", "--job", "ml", "--generation", "1")
+    assert r["state"] == "restored", r
+    assert [m["read_path"] for m in r["members"]] == ["direct", "direct"], r
+    for name, t in targets.items():
+        t.assert_running()
+        assert np.array_equal(t.read("data"), want[name]), name
+    assert not _store_node_packs(c)  # read from the caches: nothing drained
+    assert _generation(c, "ml", 1)["level"] == "local"
+    for node in NODES:
+        assert "direct read failed" not in c.agents[node].tail(400), node
