@@ -15,6 +15,11 @@ coordinator, saying why: the coordinator re-reads and re-checks the same chunks,
 chunk that is damaged in the store still fails (a restore before the freeze), and one
 the reader saw wrongly (a stale mount) is read right.
 Per chunk, never per page: the pages are assembled by cpcoord.pagedata in NumPy.
+
+Cached packs (ChunkLocations.cached; a generation at level local, docs/multilevel.md):
+an agent reads them from its own node cache. The coordinator never read such a pack, so
+it names only the pack; the reader takes each chunk's offset, sizes and method from the
+pack's trailer (one read per pack) and then reads and checks it like any other.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import generations, ingest, pagestream, restore_diff
+from coordinator import cacheread, generations, ingest, pagestream, restore_diff
 from coordinator.auth import cert_identity
 from coordinator.engine import Engine
 from coordinator.servicers import convert
@@ -63,7 +63,16 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
                 locate=request.chunk_locations,
                 moved=moved,
                 cache_node=cache_node,
+                relay=cacheread.Relay(self.engine),
             )
         finally:  # a stream cut short still moved what it sent
             node = nodes.get(request.member, "")
             self.engine.dataplane.record_read(node, moved.sent, moved.located)
+
+    @rpc_errors
+    def SendCached(
+        self, request_iterator: Iterator[agent_pb2.CachedChunks], context: grpc.ServicerContext
+    ) -> agent_pb2.SendCachedResponse:
+        caller = (cert_identity(context) or ("", ""))[1]  # under mTLS: the node asked
+        self.engine.cache_reads.deliver(caller, request_iterator)
+        return agent_pb2.SendCachedResponse()

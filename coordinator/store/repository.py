@@ -430,15 +430,19 @@ class Repository(Closing):
             with self.catalog.tx() as db:
                 return self.cached.lose(db, node, cache_id)
 
-    def ensure_in_store(self, namespace: str, ids: IdArray, cache_node: str = "") -> None:
-        """NotDrained when some of these chunks are still only in node caches (other
-        than `cache_node`'s, whose reader reads its own cache)."""
+    def not_in_store(self, namespace: str, ids: IdArray, cache_node: str = "") -> IdArray:
+        """The ids the store lacks, less those in `cache_node`'s undrained cached packs."""
         with self.lock:
-            found, _ = self.index.chunks(namespace).lookup(ids)
-            missing = ids[~found]
+            missing = ids[~self.index.chunks(namespace).contains(ids)]
             if missing.size and cache_node:
                 mine = self.cached.pending_ids(cache_node, namespace)
                 missing = missing[~member_of(missing, mine)]
+        return missing
+
+    def ensure_in_store(self, namespace: str, ids: IdArray, cache_node: str = "") -> None:
+        """NotDrained when some of these chunks are still only in node caches (other
+        than `cache_node`'s, whose reader reads its own cache)."""
+        missing = self.not_in_store(namespace, ids, cache_node)
         if missing.size:
             err = reader.lost(self, namespace, missing)
             if isinstance(err, NotDrained):

@@ -86,11 +86,10 @@ def test_wait_local_commits_in_the_caches_then_drains_to_store_exactly(
     for node in NODES:  # durable in each node's cache ...
         assert _cache_packs(caches[node]), node
     # Before the drain the store lacks those chunks: verify does not count them as lost,
-    # and an export says why it cannot read them yet (reading caches is not built).
+    # and an export reads them from the caching agents, exactly.
     v = c.cli_json("verify")
     assert v["ok"], v
-    early = c.cli("export", "--job", "ml", "--out", str(tmp_path / "early"), check=False)
-    assert early.returncode == 155 and "not in the store yet" in early.stderr, early.stderr
+    _check_export(c, tmp_path, "ml", 1, want1)
     gc = c.cli_json("gc")  # sweeps nothing a local generation needs (drained later)
     assert _generation(c, "ml", 1)["level"] == "local", gc
     _wait_level(c, "ml", 1, "store")  # ... and in the store after the drain
@@ -251,18 +250,26 @@ def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
     assert v["ok"], v
 
 
-def test_a_local_generation_restores_in_place_from_the_node_caches_before_its_drain(
+def test_a_local_generation_exports_and_restores_in_place_exactly_before_its_drain(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
     """At 1 byte/s the drain never puts a pack: generation 1 is only in the two node
-    caches. Restoring it in place reads each member's chunks from its own node's cache
-    (the agent's direct read, every chunk checked against its id), byte for byte, and
-    nothing reaches the store meanwhile."""
+    caches. Its export is exact on both read paths (the chunks come from the caching
+    agents through the coordinator, checked there and here); restoring it in place reads
+    each member's chunks from its own node's cache (the agent's direct read, every chunk
+    checked against its id), byte for byte; nothing reaches the store meanwhile."""
     c, _ = _cached_cluster(cluster_factory, tmp_path, rate="1")
     targets = _targets(c, target_factory, 128)
     r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r1["level"] == "local", r1
     want = {n: t.read("data") for n, t in targets.items()}
+    _check_export(c, tmp_path, "ml", 1, want)  # auto: store chunks direct, cached relayed
+    out = tmp_path / "export-coordinator"
+    c.cli("export", "--job", "ml", "--generation", "1", "--data-path", "coordinator",
+          "--out", str(out))  # fmt: skip
+    for name, data in want.items():
+        got, offsets = exported(out, name)
+        assert np.array_equal(got[offsets], data[offsets]), name
     for i, t in enumerate(targets.values()):
         t.cmd("write", name="data", page=0, count=128, counter=70 + i)
     r = c.cli_json("restore", "--job", "ml", "--generation", "1")
@@ -274,4 +281,26 @@ def test_a_local_generation_restores_in_place_from_the_node_caches_before_its_dr
     assert not _store_node_packs(c)  # read from the caches: nothing drained
     assert _generation(c, "ml", 1)["level"] == "local"
     for node in NODES:
-        assert "direct read failed" not in c.agents[node].tail(400), node
+        log = c.agents[node].tail(400)
+        assert "direct read failed" not in log and "cached chunks not sent" not in log, node
+
+
+def test_an_export_of_a_local_generation_whose_caching_agent_is_gone_says_so(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """node-b's agent is stopped before generation 1 drained: its chunks cannot be read
+    from anywhere now. The export fails before writing a member (CacheUnreachable, 156,
+    naming node-b), never with damage; generation 1 stays local."""
+    c, _ = _cached_cluster(cluster_factory, tmp_path, rate="1")
+    _targets(c, target_factory, 64)
+    r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r1["level"] == "local", r1
+    c.agents["node-b"].kill()
+    end = time.monotonic() + 30
+    while c.agents_json().get("node-b", True):
+        assert time.monotonic() < end, "node-b still connected"
+        time.sleep(0.2)
+    out = tmp_path / "gone"
+    r = c.cli("export", "--job", "ml", "--generation", "1", "--out", str(out), check=False)
+    assert r.returncode == 156 and "node-b" in r.stderr, r.stderr
+    assert _generation(c, "ml", 1)["level"] == "local"

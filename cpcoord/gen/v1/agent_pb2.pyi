@@ -308,14 +308,12 @@ class ReadCached(_message.Message):
     def __init__(self, token: _Optional[str] = ..., namespace: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., ids: _Optional[bytes] = ..., pack_index: _Optional[bytes] = ...) -> None: ...
 
 class CachedChunks(_message.Message):
-    __slots__ = ("token", "chunks", "error")
+    __slots__ = ("token", "chunks")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     token: str
     chunks: _common_pb2.ChunkData
-    error: str
-    def __init__(self, token: _Optional[str] = ..., chunks: _Optional[_Union[_common_pb2.ChunkData, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, token: _Optional[str] = ..., chunks: _Optional[_Union[_common_pb2.ChunkData, _Mapping]] = ...) -> None: ...
 
 class SendCachedResponse(_message.Message):
     __slots__ = ()
