@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from cpcoord.errors import CacheUnreachable, InvalidArgument
+from cpcoord.errors import CacheUnreachable, GenerationStateError, InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.log import log_event
 from storecore import packs
@@ -120,10 +120,18 @@ class Relay:
         with repo.lock:
             return repo.cached.locate(ids, namespace)
 
-    def check(self, namespace: str, ids: IdArray) -> None:
-        """CacheUnreachable when a node caching some of these has no connected agent.
-        (Chunks no cache lists are left to the read, which names them as lost.)"""
+    def check(self, namespace: str, ids: IdArray, job: str, generation: int) -> None:
+        """Before a read: GenerationStateError when some of these are in no cache and the
+        generation is recorded lost (its node cache was), CacheUnreachable when a node
+        caching some of them has no connected agent. (Other chunks no cache lists are
+        left to the read, which reports them as damage.)"""
         _, nodes, where = self._holders(namespace, ids)
+        if np.any(where < 0):
+            repo = self.engine.repo
+            with repo.lock:
+                lost = repo.cached.lost.get((job, generation), "")
+            if lost:
+                raise GenerationStateError(generation, job, "read it", f"it is lost: {lost}")
         held = where[where >= 0]
         need = sorted({nodes[int(i)] for i in np.unique(held).tolist()})
         with self.engine.lock:

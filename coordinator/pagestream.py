@@ -39,7 +39,7 @@ class Relay(Protocol):
     """Reads chunks the store lacks from the agents whose node caches hold them
     (coordinator/cacheread.py)."""
 
-    def check(self, namespace: str, ids: IdArray) -> None: ...
+    def check(self, namespace: str, ids: IdArray, job: str, generation: int) -> None: ...
     def read(self, namespace: str, ids: IdArray) -> list[bytes]: ...
 
 
@@ -132,7 +132,7 @@ def stream(
             else:
                 far = repo.not_in_store(m.namespace, ids, cache_node)
                 if far.size:
-                    relay.check(m.namespace, far)
+                    relay.check(m.namespace, far, m.job, m.generation)
     relay = relay if repo.cached.packs else None
     for name in names:
         try:

@@ -274,6 +274,11 @@ class CachedPacks:
         self._ids.clear()
         return keys
 
+    def nodes_of(self, job: str, generation: int) -> list[str]:
+        """The nodes whose caches hold undrained packs the generation needs."""
+        names = self.deps.get((job, generation), set())
+        return sorted({p.node for n in names if (p := self.packs.get(n)) and not p.drained})
+
     def names(self) -> set[str]:
         """Every pack named here (gc keeps such objects in the store: docs/multilevel.md)."""
         return set(self.packs)

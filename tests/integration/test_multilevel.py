@@ -186,12 +186,12 @@ def test_api_client_waits_per_level_and_watch_sees_the_rise(
         w.close()
 
 
-def test_restore_by_default_takes_the_newest_generation_in_the_store_and_says_so(
+def test_restore_by_default_takes_the_newest_generation_even_at_level_local(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
     """Generation 2 is still `local` (the coordinator holds its drain reports: the third
-    Drained, after generation 1's two): `restore` without --generation rolls the members
-    back to generation 1, the newest in the store, and says why."""
+    Drained, after generation 1's two), its caches' agents connected: `restore` without
+    --generation rolls the members back to it, read from the node caches, exactly."""
     c, _ = _cached_cluster(cluster_factory, tmp_path)
     assert c.coordinator is not None
     c.coordinator.kill()
@@ -200,18 +200,87 @@ def test_restore_by_default_takes_the_newest_generation_in_the_store_and_says_so
     targets = _targets(c, target_factory, 128)
     r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
     assert r1["level"] == "store", r1
-    want1 = {n: t.read("data") for n, t in targets.items()}
     for i, t in enumerate(targets.values()):
         t.cmd("write", name="data", page=0, count=64, counter=90 + i)
     r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r2["level"] == "local" and r2["generation"] == 2, r2
+    want2 = {n: t.read("data") for n, t in targets.items()}
     c.wait_fault("coordinator.drain")
+    g2 = _generation(c, "ml", 2)
+    assert g2["level"] == "local" and g2["lost"] == "" and g2["cache_nodes"], g2
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=10, count=20, counter=40 + i)
     r = c.cli("restore", "--job", "ml", "--json")
-    assert "generation 2 of ml is at level local" in r.stderr, r.stderr
-    assert _generation(c, "ml", 2)["level"] == "local"
+    assert '"generation": 2' in r.stdout and "restoring generation" not in r.stderr, r
+    for name, t in targets.items():
+        assert np.array_equal(t.read("data"), want2[name]), name
+
+
+def test_a_lost_generation_is_listed_watched_and_skipped_by_restore(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """node-b's agent drains nothing of generation 2 (1 byte/s); then it dies and its
+    cache is deleted. Generation 2 is lost: `generations` (text and JSON) and Watch say
+    so and why; `restore` without --generation skips it, says which it took and why, and
+    restores generation 1 exactly; asking for generation 2 by number is refused."""
+    import threading
+
+    from cpcoord.api import Client
+    from cpcoord.api.values import WatchEvent, WatchKind
+
+    c, caches = _cached_cluster(cluster_factory, tmp_path)
+    targets = _targets(c, target_factory, 64)
+    r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
+    assert r1["level"] == "store", r1
+    want1 = {n: t.read("data") for n, t in targets.items()}
+
+    def restart_b(*extra: str) -> None:
+        c.agents["node-b"].kill()
+        args = ("--cache", str(caches["node-b"]), *extra)
+        c.start_agent("node-b", args=args)
+        c.wait_agents(NODES)
+        end = time.monotonic() + 60
+        while not c.members_running("ml"):
+            assert time.monotonic() < end, "members not re-attached"
+            time.sleep(0.3)
+
+    restart_b("--drain-rate", "1")
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=64, counter=30 + i)
+    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    with Client(c.address, insecure=True, timeout=60) as api:
+        seen: list[WatchEvent] = []
+        w = api.watch(["ml"])
+        threading.Thread(target=lambda: seen.extend(w), daemon=True).start()
+        time.sleep(0.5)  # the watch is registered
+        c.agents["node-b"].kill()
+        shutil.rmtree(caches["node-b"])
+        restart_b()
+        end = time.monotonic() + 30
+        while not [e for e in seen if e.kind is WatchKind.GENERATION_LOST]:
+            assert time.monotonic() < end, [e.kind for e in seen]
+            time.sleep(0.2)
+        w.close()
+    (ev,) = [e for e in seen if e.kind is WatchKind.GENERATION_LOST]
+    assert ev.generation == 2 and ev.info is not None and "node-b" in ev.info.lost, ev
+    g2 = _generation(c, "ml", 2)
+    assert "node cache of node-b" in g2["lost"] and not g2["cache_nodes"], g2
+    text = c.cli("generations", "--job", "ml").stdout
+    (line,) = [x for x in text.splitlines() if x.split()[0] == "2"]
+    assert " lost " in line and "node-b" in line, text
+    r = c.cli("restore", "--job", "ml", "--json")
+    assert "generation 2 of ml is lost" in r.stderr, r.stderr
+    assert "restoring generation 1 (store)" in r.stderr, r.stderr
     assert '"generation": 1' in r.stdout, r.stdout
     for name, t in targets.items():
         assert np.array_equal(t.read("data"), want1[name]), name
+    by_number = c.cli("restore", "--job", "ml", "--generation", "2", check=False)
+    assert by_number.returncode != 0 and "lost" in by_number.stderr, by_number.stderr
+    out = tmp_path / "lost-export"
+    export_2 = c.cli("export", "--job", "ml", "--generation", "2", "--out", str(out), check=False)
+    assert export_2.returncode != 0 and "it is lost" in export_2.stderr, export_2.stderr
+    _check_export(c, tmp_path, "ml", 1, want1)
 
 
 def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
