@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from coordinator.store import reader
 from cpcoord.errors import CacheUnreachable, GenerationStateError, InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, common_pb2
 from cpcoord.log import log_event
@@ -144,10 +145,7 @@ class Relay:
         """Plain bytes of each chunk (in order), each checked against its id here."""
         names, nodes, where = self._holders(namespace, ids)
         if np.any(where < 0):
-            repo = self.engine.repo
-            from coordinator.store import reader
-
-            raise reader.lost(repo, namespace, ids[where < 0])
+            raise reader.lost(self.engine.repo, namespace, ids[where < 0])
         out: list[bytes] = [b""] * ids.size
         for node in sorted(set(nodes)):
             mine = [i for i, x in enumerate(nodes) if x == node]
