@@ -223,16 +223,25 @@ class Cluster:
         self.start_agent(node, pause, fail)
 
     def wait_agents(self, nodes: Sequence[str], timeout: float = 30) -> None:
+        """Until each node's agent is connected and reconciled: a connected agent whose
+        members are still being re-attached shows them `agent_disconnected`, and a
+        checkpoint then would be refused (AgentUnavailable)."""
+
         def up() -> bool:
             try:
                 got = self.cli_json("jobs")  # cheap liveness of the coordinator
             except AssertionError:
                 return False
-            del got
             agents = self.agents_json()
-            return all(a.get(n, False) for n in nodes for a in [agents])
+            if not all(agents.get(n, False) for n in nodes):
+                return False
+            return not any(
+                m.get("node") in nodes and m.get("health") == "agent_disconnected"
+                for j in got["jobs"]
+                for m in j["members"]
+            )
 
-        wait_for(up, timeout, f"agents {list(nodes)} connected")
+        wait_for(up, timeout, f"agents {list(nodes)} connected and reconciled")
 
     def agents_json(self) -> dict[str, bool]:
         from cpcoord.gen.v1 import coordinator_pb2

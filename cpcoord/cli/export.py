@@ -72,12 +72,18 @@ def run(args: argparse.Namespace) -> int:
         procs = {
             m.name: (m.process.pid, m.process.start_time) for j in jobs.jobs for m in j.members
         }
-        writer = ImageWriter(args.out, job=args.job, generation=n)
+        # Where to read from before the image directory exists: a refusal leaves nothing.
+        store = readpath.choose(c.call, args.data_path, args.store_key_file, _warn)
+        try:
+            writer = ImageWriter(args.out, job=args.job, generation=n)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         pages = members = 0
         total = len(args.members) or gen.info.members
         shown = progress.display(f"export {args.job}", enabled=not args.json)
         shown.start(progress.Status("reading", 0, total))
-        store = readpath.choose(c.call, args.data_path, args.store_key_file, _warn)
         reads = readpath.Reads()
         try:
             req = coordinator_pb2.ReadGenerationRequest(

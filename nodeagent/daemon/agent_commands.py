@@ -29,7 +29,7 @@ from cpcoord import __version__, grpcutil
 from cpcoord.errors import CpcoordError, NotImplementedYet, StoreError
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.cache import relay
+from nodeagent.daemon import cache_relay as relay
 from nodeagent.daemon import prefetch, restore_live, restore_ops
 from nodeagent.daemon import worker_ops as ops
 from nodeagent.daemon.agent_session import Session
@@ -279,7 +279,7 @@ class Commands:
             self.worker.submit(op)
 
     def _read_cached(self, s: Session, command_id: int, rc: agent_pb2.ReadCached) -> None:
-        """Send the coordinator chunks of this node's cache (nodeagent/cache/relay.py),
+        """Send the coordinator chunks of this node's cache (nodeagent/daemon/cache_relay.py),
         then answer the command."""
         err: CpcoordError | None = None
         try:

@@ -50,6 +50,9 @@ def capture(st: WorkerState, op: CaptureOp, readv: ReadvFn, on_staged: OnStaged)
             fe = st.frozen.get(m.key)
             if fe is not None and (fe.job, fe.generation) == (op.job, op.generation):
                 st.thaw(m.key)
+        for key, fe in list(st.frozen.items()):  # descendants frozen with their group
+            if fe.passenger and (fe.job, fe.generation) == (op.job, op.generation):
+                st.thaw(key)
     if staged:
         on_staged(staged, op.epoch)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from cpcoord import faults
 from cpcoord.errors import (
@@ -68,7 +69,11 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
                 log.warning("thawed a stale freeze", extra={"fields": {"member": m.name}})
             targets.append(m)
     targets = _whole_groups(st, op, targets)
-    tree.rescan(st, op.job, op.epoch)  # new descendants: members from the next generation
+    # New descendants are members from the next generation; those of a group frozen now
+    # are frozen with it (passengers), so that no process of the group runs while its
+    # shared memory is copied or written back.
+    groups = {m.group for m in targets if m.group}
+    passengers = [m for m in tree.rescan(st, op.job, op.epoch) if m.group in groups]
     # Size and prefault staging while everything still runs.
     ready: list[HeldMember] = []
     lives = _live_backups(st, op, targets, lease_s) if op.restore else {}
@@ -90,7 +95,7 @@ def freeze(st: WorkerState, op: FreezeOp) -> None:
         except CpcoordError as e:
             st.fail(op.job, op.generation, m.name, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
     try:
-        _freeze_ready(st, op, ready, targets, lives, lease_s, t_op)
+        _freeze_ready(st, op, ready, targets, lives, lease_s, t_op, passengers)
     finally:
         for live in lives.values():  # not handed to a frozen member
             restore_live.close(live)
@@ -128,6 +133,7 @@ def _freeze_ready(
     lives: dict[str, LiveBackup],
     lease_s: float,
     t_op: float,
+    passengers: list[HeldMember],
 ) -> None:
     done: list[agent_pb2.FrozenMember] = []
     misfit = False  # restore: a member that cannot take the generation back
@@ -164,6 +170,10 @@ def _freeze_ready(
         )
     if not done or misfit:  # a misfit: Failed instead, all stay frozen until the Abort
         return
+    for m in passengers:
+        if aborted():
+            return
+        _freeze_passenger(st, op, m, lease_s, aborted)
     if len(done) == len(targets):
         faults.fault_point("agent.freeze")
     log.info(
@@ -179,6 +189,30 @@ def _freeze_ready(
     )
     frozen_msg = agent_pb2.Frozen(job=op.job, generation=op.generation, members=done)
     st.emit(agent_pb2.AgentMessage(frozen=frozen_msg), op.epoch)
+
+
+def _freeze_passenger(
+    st: WorkerState, op: FreezeOp, m: HeldMember, lease_s: float, aborted: Callable[[], bool]
+) -> None:
+    """Freeze a descendant found at this Freeze with its group (not in the generation;
+    thawed with the group's members). One that cannot be frozen would run under its
+    group's cut: the group's generation fails (through its root) instead."""
+    t0 = time.monotonic()
+    try:
+        fp = freeze_process(m.ident, min(st.config.freeze_timeout_s, lease_s), aborted)
+    except STAGE_FAILED:
+        st.mark_gone(m, op.epoch)  # exited: nothing of it runs
+        return
+    except CpcoordError as e:
+        fields = {"member": m.name, "error": str(e)}
+        log.warning("passenger freeze failed", extra={"fields": fields})
+        st.fail(op.job, op.generation, m.group, R.ABORT_REASON_FREEZE_FAILED, e, op.epoch)
+        return
+    lease_ms = int(lease_s * 1000)
+    fe = FrozenEntry(op.job, op.generation, fp, t0, t0 + lease_s, lease_ms, op.epoch)
+    fe.passenger = True
+    st.frozen[m.key] = fe
+    log.info("passenger frozen", extra={"fields": {"member": m.name, "group": m.group}})
 
 
 def _whole_groups(st: WorkerState, op: FreezeOp, targets: list[HeldMember]) -> list[HeldMember]:

@@ -183,6 +183,9 @@ class FrozenEntry:
     epoch: int
     fitted: Fitted | None = None  # a restore Freeze's member that fits the generation
     live: LiveBackup | None = None  # what its restore overwrites, backed up before the freeze
+    # A descendant found at this Freeze: not in the generation, frozen with its tree group
+    # so that nothing of the group runs under the cut; thawed with the group.
+    passenger: bool = False
 
 
 # -- messages ------------------------------------------------------------------------------

@@ -206,3 +206,4 @@ def test_export_reads_through_a_coordinator_that_offers_no_direct_path(
     assert np.array_equal(got, t.read("data"))
     r = c.cli(*args, "--out", str(tmp_path / "b"), "--data-path", "direct", check=False)
     assert r.returncode == 150 and "offers no direct data path" in r.stderr, r
+    assert not (tmp_path / "b").exists()  # refused before the image directory was made

@@ -11,7 +11,8 @@ command. Attached with `--tree` (the parent as member `t`, the child as `t.<pid>
   keep running (their own check, then more work); the restore wrote the shared object
   once (the child's member wrote none of it);
 - a child forked after a checkpoint is a member after the next one and captured from
-  then on; an exited child is dropped and checkpoints go on;
+  then on, and frozen with the tree at that next one already; an exited child is dropped
+  and checkpoints go on;
 - a restore of part of the group is refused (the group is frozen whole or not at all).
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +32,7 @@ import pytest
 from coordinator.store import manifest_io
 from coordinator.store.manifest import Manifest, MemberMap, RegionMap
 from testbed.cluster import Cluster, attach_args
+from testbed.daemons import REPO, daemon_env
 from tests.helpers.restore_c import C_DIR, CProcess, build_c
 from tests.helpers.traceless import userfaultfds
 
@@ -285,3 +289,52 @@ def test_detaching_the_root_detaches_the_tree(
         assert userfaultfds(pid) == [], f"pid {pid} still holds the tracker's uffd"
     assert t.send("write 5") == "ok"
     assert t.send("check") == "ok 5"
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("State:"))
+
+
+def test_a_child_found_at_a_freeze_is_frozen_with_its_tree(
+    cluster: Cluster, spawn: Callable[[str], TreeTarget]
+) -> None:
+    """A child forked since the last generation is not in the next one, but it shares
+    memory with the tree: it is frozen with the group (so nothing of the group writes
+    while the group is copied) and thawed with it, and it is a member from then on."""
+    t = spawn("anon")
+    first = f"t.{t.kids[0]}"
+    cluster.cli(*attach_args("j", "t", t.pid, "node-a"), "--tree")
+    _checkpoint(cluster, "j")
+    # The agent will pause once every member of the next Freeze is frozen.
+    cluster.restart_agent("node-a", pause=["agent.freeze"])
+    cluster.wait_agents(["node-a"])
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not cluster.members_running("j"):
+        time.sleep(0.1)
+    got = t.send("fork").split()  # after the re-attach: found at the Freeze's rescan
+    assert got[0] == "child", got
+    kid = int(got[1])
+    t.kids.append(kid)
+    argv = [sys.executable, "-m", "cpcoord", "checkpoint", "--job", "j", "--json",
+            "--coordinator", cluster.address]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=daemon_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        cluster.wait_fault("agent.freeze")
+        states = {p: _state(p) for p in (t.pid, t.kids[0], kid)}
+        assert all(s.startswith("t") for s in states.values()), states
+    finally:
+        cluster.agents["node-a"].kill()  # its tracees are let go
+        proc.communicate(timeout=60)
+    cluster.start_agent("node-a")
+    cluster.wait_agents(["node-a"])
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not cluster.members_running("j"):
+        time.sleep(0.1)
+    assert _members(cluster, "j") == {"t": t.pid, first: t.kids[0], f"t.{kid}": kid}
+    assert t.send("write 3") == "ok"
+    assert t.send("check") == "ok 3"
+    g = _checkpoint(cluster, "j")
+    assert {m.name for m in _manifest(cluster, "j", g).members} == {"t", first, f"t.{kid}"}
