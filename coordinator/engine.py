@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 from coordinator import commit, levels, members_ops, restore
 from coordinator.agents import AgentSession, Registry
+from coordinator.cacheread import CacheReads
 from coordinator.dataplane import DataPlaneStats, announcement
 from coordinator.engine_view import Options
 from coordinator.events import EventBus
@@ -100,6 +101,7 @@ class Engine:
         self.attaching: set[tuple[str, str]] = set()  # (job, member) being attached
         self.recent: collections.OrderedDict[tuple[str, int], RunStats] = collections.OrderedDict()
         self.dataplane = DataPlaneStats()
+        self.cache_reads = CacheReads()  # reads of chunks in node caches (cacheread.py)
         self._queue: collections.deque[tuple[Flight, Event]] = collections.deque()
         self._draining = False
         self._stopping = False

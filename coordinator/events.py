@@ -40,6 +40,7 @@ KINDS = frozenset(
         "generation_aborted",
         "generation_deleted",
         "generation_level",
+        "generation_lost",
         "gc_ran",
         "checkpoint_progress",
         "restore_started",

@@ -75,6 +75,8 @@ class Summary:
     reason: str = ""  # AbortReason value
     detail: str = ""
     run: RunStats = field(default_factory=RunStats)
+    lost: str = ""  # committed but unrestorable: why (a node cache lost; cached.py)
+    cache_nodes: tuple[str, ...] = ()  # level local: the nodes whose caches it needs
 
 
 @dataclass(frozen=True)

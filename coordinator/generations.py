@@ -49,6 +49,11 @@ def summarize(
     elif info is not None and info.state is State.ABORTED:
         reason, detail = _reason_of(info.reason)
     st = state or (info.state.value.lower() if info is not None else "aborted")
+    lost, cache_nodes = "", ()  # type: tuple[str, tuple[str, ...]]
+    if info is not None and info.state is State.COMMITTED and info.level is not Level.STORE:
+        with engine.repo.lock:
+            lost = engine.repo.cached.lost.get((job, number), "")
+            cache_nodes = () if lost else tuple(engine.repo.cached.nodes_of(job, number))
     return Summary(
         catalog=info,
         job=job,
@@ -58,6 +63,8 @@ def summarize(
         reason=reason,
         detail=detail,
         run=run or engine.recent.get((job, number), RunStats()),
+        lost=lost,
+        cache_nodes=cache_nodes,
     )
 
 
@@ -78,34 +85,56 @@ def _job(engine: EngineView, job: str) -> None:
 
 def committed(engine: EngineView, job: str, n: int, readable: bool = False) -> GenerationInfo:
     """Generation n of job if committed; n = 0: the newest committed one (`readable`:
-    the newest whose pages are all in the store, for restore: a generation at level
-    local is read from node caches, which is not built yet; docs/multilevel.md)."""
+    the newest that can be read now, for restore: not lost, and in the store or in node
+    caches whose agents are connected; docs/multilevel.md)."""
     _job(engine, job)
     if n == 0:
         gens = engine.repo.generations(job)
         if not gens:
             raise NoSuchGeneration("(latest committed)", job)
         if readable:
-            return _newest_in_store(job, gens)
+            return _newest_readable(engine, job, gens)
         return gens[-1]
     info = engine.repo.catalog.get(job, n)
     if info.state is not State.COMMITTED:
         raise GenerationStateError(n, job, "read it", f"it is {info.state.value.lower()}")
+    if readable:
+        with engine.repo.lock:
+            lost = engine.repo.cached.lost.get((job, n), "")
+        if lost:  # never a silent fallback to another generation
+            raise GenerationStateError(n, job, "restore it", f"it is lost: {lost}")
     return info
 
 
-def _newest_in_store(job: str, gens: list[GenerationInfo]) -> GenerationInfo:
-    stored = [g for g in gens if g.level is Level.STORE]
-    if not stored:
-        why = f"generation {gens[-1].number} is at level {gens[-1].level.value}, none in the store"
-        raise GenerationStateError("(latest in the store)", job, "restore it", why)
-    if stored[-1] is not gens[-1]:
-        log_event(
-            log, logging.WARNING, "newest generation not in the store: taking an older one",
-            job=job, newest=gens[-1].number, newest_level=gens[-1].level.value,
-            taken=stored[-1].number,
-        )  # fmt: skip
-    return stored[-1]
+def unreadable(engine: EngineView, job: str, g: GenerationInfo) -> str:
+    """Why a committed generation cannot be read now ("" when it can)."""
+    if g.level is Level.STORE:
+        return ""
+    with engine.repo.lock:
+        lost = engine.repo.cached.lost.get((job, g.number), "")
+        nodes = engine.repo.cached.nodes_of(job, g.number)
+    if lost:
+        return f"lost: {lost}"
+    with engine.lock:
+        away = [n for n in nodes if engine.agents.current(n) is None]
+    return f"in the cache of {', '.join(away)}, not connected" if away else ""
+
+
+def _newest_readable(engine: EngineView, job: str, gens: list[GenerationInfo]) -> GenerationInfo:
+    skipped: list[str] = []
+    for g in reversed(gens):
+        why = unreadable(engine, job, g)
+        if not why:
+            if skipped:
+                log_event(
+                    log, logging.WARNING, "newest generation unreadable: taking an older one",
+                    job=job, skipped="; ".join(skipped), taken=g.number,
+                )  # fmt: skip
+            return g
+        skipped.append(f"generation {g.number}: {why}")
+    raise GenerationStateError(
+        "(latest readable)", job, "restore it", f"none can be read: {'; '.join(skipped)}"
+    )
 
 
 def list_generations(

@@ -71,6 +71,11 @@ def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
             log, logging.WARNING, "generation lost with a node cache", node=hello.node,
             job=job, generation=gen,
         )  # fmt: skip
+        s = summarize(engine, job, gen)
+        engine.events.publish(
+            "generation_lost", job=job, generation=gen, node=hello.node, detail=s.lost,
+            payload=s,
+        )  # fmt: skip
 
 
 def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:

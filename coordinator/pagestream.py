@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,14 @@ from storecore.ids import ID_DTYPE, IdArray, member_of, zero_mask
 TARGET_BYTES = 4 << 20
 HARD_BYTES = 48 << 20  # a batch never carries more chunk bytes than this (limit 64 MiB)
 LOCATE_TARGET_BYTES = 64 << 20  # pages per batch with locations: <= 16384 entries
+
+
+class Relay(Protocol):
+    """Reads chunks the store lacks from the agents whose node caches hold them
+    (coordinator/cacheread.py)."""
+
+    def check(self, namespace: str, ids: IdArray, job: str, generation: int) -> None: ...
+    def read(self, namespace: str, ids: IdArray) -> list[bytes]: ...
 
 
 @dataclass
@@ -100,10 +109,15 @@ def stream(
     only: dict[str, npt.NDArray[np.uint64]] | None = None,
     locate: bool = False,
     moved: Moved | None = None,
+    cache_node: str = "",
+    relay: Relay | None = None,
 ) -> Iterator[common_pb2.PageData]:
     """PageData messages of the chosen members (all, in name order) and regions;
     `only`: region name -> the page offsets to send (a region not named: none);
-    `locate`: chunk locations instead of chunk bytes (module docstring)."""
+    `locate`: chunk locations instead of chunk bytes (module docstring); `cache_node`
+    (with `locate`): the reader reads that node's cache, so chunks only there are
+    named by their cached packs; `relay`: chunks the store lacks (else) come from the
+    agents caching them, as chunk bytes (without it: NotDrained)."""
     moved = moved if moved is not None else Moved()
     if locate:
         target_bytes = max(target_bytes, LOCATE_TARGET_BYTES)
@@ -112,7 +126,14 @@ def stream(
         want = set(names)
         parts = [r.pages.ids[~r.pages.zero] for mem, r in m.tables() if mem in want]
         if parts:
-            repo.ensure_in_store(m.namespace, np.unique(np.concatenate(parts)))
+            ids = np.unique(np.concatenate(parts))
+            if relay is None:
+                repo.ensure_in_store(m.namespace, ids, cache_node)
+            else:
+                far = repo.not_in_store(m.namespace, ids, cache_node)
+                if far.size:
+                    relay.check(m.namespace, far, m.job, m.generation)
+    relay = relay if repo.cached.packs else None
     for name in names:
         try:
             mm = m.member(name)
@@ -128,7 +149,9 @@ def stream(
         yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
         sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
         for ri, r in enumerate(chosen):
-            for batch in _batches(repo, m, r.pages, sent, max_entries, target_bytes, locate):
+            for batch in _batches(
+                repo, m, r.pages, sent, max_entries, target_bytes, locate, cache_node, relay
+            ):
                 batch.region = ri
                 moved.sent += len(batch.chunks.data)
                 if locate:
@@ -137,8 +160,10 @@ def stream(
                 yield common_pb2.PageData(batch=batch)
 
 
-def _locations(repo: Repository, namespace: str, ids: IdArray) -> common_pb2.ChunkLocations:
-    at = repo.locate_chunks(namespace, ids)
+def _locations(
+    repo: Repository, namespace: str, ids: IdArray, cache_node: str = ""
+) -> common_pb2.ChunkLocations:
+    at = repo.locate_chunks(namespace, ids, cache_node)
     return common_pb2.ChunkLocations(
         namespace=namespace,
         packs=at.packs,
@@ -148,6 +173,7 @@ def _locations(repo: Repository, namespace: str, ids: IdArray) -> common_pb2.Chu
         stored_sizes=at.locs["stored"].astype("<u4").tobytes(),
         raw_sizes=at.locs["raw"].astype("<u4").tobytes(),
         methods=at.locs["method"].astype(np.uint8).tobytes(),
+        cached=bytes(at.cached) if any(at.cached) else b"",
     )
 
 
@@ -159,6 +185,8 @@ def _batches(
     max_entries: int,
     target: int,
     locate: bool = False,
+    cache_node: str = "",
+    relay: Relay | None = None,
 ) -> Iterator[common_pb2.PageBatch]:
     ps = m.page_size
     cost = np.where(zero_mask(t.ids), 0, t.counts.astype(np.int64) * ps)
@@ -174,7 +202,7 @@ def _batches(
             new = new[~member_of(new, sent[0])]
             if locate:
                 break
-            data = repo.read_chunks(m.namespace, new) if new.size else []
+            data = _read(repo, m.namespace, new, relay) if new.size else []
             if hi - lo == 1 or sum(len(d) for d in data) <= HARD_BYTES:
                 break
             # Entries naming small parts of big chunks: fewer entries per batch.
@@ -182,8 +210,44 @@ def _batches(
         if new.size:
             sent[0] = np.union1d(sent[0], new)
         if locate:
-            where = _locations(repo, m.namespace, new) if new.size else None
+            if relay is not None and new.size:  # chunks only in other node caches: bytes
+                far = member_of(new, repo.not_in_store(m.namespace, new, cache_node))
+                if far.any():
+                    yield from _relayed(relay, m.namespace, new[far])
+                    new = new[~far]
+            where = _locations(repo, m.namespace, new, cache_node) if new.size else None
             yield common_pb2.PageBatch(entries=_entries(t, lo, hi), locations=where)
         else:
             yield common_pb2.PageBatch(entries=_entries(t, lo, hi), chunks=_chunk_data(new, data))
+        lo = hi
+
+
+def _read(repo: Repository, namespace: str, ids: IdArray, relay: Relay | None) -> list[bytes]:
+    """Chunk bytes from the store, and through the relay those only in node caches."""
+    if relay is None:
+        return repo.read_chunks(namespace, ids)
+    far = member_of(ids, repo.not_in_store(namespace, ids))
+    if not far.any():
+        return repo.read_chunks(namespace, ids)
+    out: list[bytes] = [b""] * ids.size
+    for rows, got in (
+        (np.flatnonzero(~far), repo.read_chunks(namespace, ids[~far]) if (~far).any() else []),
+        (np.flatnonzero(far), relay.read(namespace, ids[far])),
+    ):
+        for r, d in zip(rows.tolist(), got, strict=True):
+            out[r] = d
+    return out
+
+
+def _relayed(relay: Relay, namespace: str, ids: IdArray) -> Iterator[common_pb2.PageBatch]:
+    """Batches of no entry carrying chunks read through the relay (before the located
+    batch that names them; a reader keeps a member's chunks across its batches)."""
+    data = relay.read(namespace, ids)
+    lo = 0
+    while lo < ids.size:
+        hi, size = lo, 0
+        while hi < ids.size and (hi == lo or size + len(data[hi]) <= TARGET_BYTES):
+            size += len(data[hi])
+            hi += 1
+        yield common_pb2.PageBatch(chunks=_chunk_data(ids[lo:hi], data[lo:hi]))
         lo = hi

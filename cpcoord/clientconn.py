@@ -229,6 +229,8 @@ def generation_dict(info: Any) -> dict[str, Any]:
         "seconds": info.seconds,
         "full": info.full,
         "level": level_name(info.level),
+        "lost": info.lost,
+        "cache_nodes": list(info.cache_nodes),
     }
 
 
@@ -254,21 +256,33 @@ def human_bytes(n: float) -> str:
 
 def default_generation(c: Any, job: str, verb: str) -> int:
     """The generation a command without --generation takes: the newest committed one
-    whose pages are all in the store (a newer one at level local is in node caches,
-    which restore and export cannot read yet: docs/multilevel.md). Says on stderr when
-    it is not the newest; 0 (the coordinator decides and explains) when none is."""
+    that can be read now: not lost, and in the store or (level local) in node caches
+    whose agents are connected (docs/multilevel.md). Says on stderr which it took and
+    why when it is not the newest; 0 (the coordinator decides and explains) when none is."""
     from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 
     resp = c.call("ListGenerations", coordinator_pb2.ListGenerationsRequest(job=job))
     rows = [g for g in resp.generations if g.state == common_pb2.GENERATION_STATE_COMMITTED]
+    up: set[str] | None = None
+    skipped: list[str] = []
     for g in rows:  # newest first
-        if level_name(g.level) == "store":
-            if g is not rows[0]:
-                print(
-                    f"generation {rows[0].number} of {job} is at level "
-                    f"{level_name(rows[0].level)} (in node caches, not drained yet): {verb} "
-                    f"generation {g.number}, the newest in the store",
-                    file=sys.stderr,
-                )
-            return int(g.number)
+        why = ""
+        if g.lost:
+            why = f"lost ({g.lost})"
+        elif g.cache_nodes:
+            if up is None:
+                agents = c.call("ListAgents", coordinator_pb2.ListAgentsRequest()).agents
+                up = {a.node for a in agents if a.connected}
+            away = [n for n in g.cache_nodes if n not in up]
+            if away:
+                why = f"at level local in the cache of {', '.join(away)}, not connected"
+        if why:
+            skipped.append(f"generation {g.number} of {job} is {why}")
+            continue
+        if skipped:
+            print(
+                f"{'; '.join(skipped)}: {verb} generation {g.number} ({level_name(g.level)})",
+                file=sys.stderr,
+            )
+        return int(g.number)
     return 0

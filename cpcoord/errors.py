@@ -793,3 +793,12 @@ class NotDrained(StoreError):
 
     exit_code = 155
     status = "FAILED_PRECONDITION"
+
+
+class CacheUnreachable(NotDrained):
+    """{} chunk(s) of this generation are only in the cache of node {}, not connected now
+
+    Level local: read it when that agent is back, or after the drain."""
+
+    exit_code = 156
+    status = "UNAVAILABLE"

@@ -15,6 +15,11 @@ coordinator, saying why: the coordinator re-reads and re-checks the same chunks,
 chunk that is damaged in the store still fails (a restore before the freeze), and one
 the reader saw wrongly (a stale mount) is read right.
 Per chunk, never per page: the pages are assembled by cpcoord.pagedata in NumPy.
+
+Cached packs (ChunkLocations.cached; a generation at level local, docs/multilevel.md):
+an agent reads them from its own node cache. The coordinator never read such a pack, so
+it names only the pack; the reader takes each chunk's offset, sizes and method from the
+pack's trailer (one read per pack) and then reads and checks it like any other.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from cpcoord.gen.v1 import common_pb2
 from storecore import packs
 from storecore.backend import Backend, Kind
 from storecore.crypt import Sealer
+from storecore.ids import search_ids
 
 GAP_BYTES = 256 << 10  # read over a gap this small rather than issue another read
 SPAN_BYTES = 32 << 20  # one ranged read at most this long
@@ -56,10 +62,12 @@ class _Cols:
     raw: npt.NDArray[np.int64]
     method: npt.NDArray[np.uint8]
     namespace: list[str]  # per chunk's batch
+    cached: set[int]  # pack numbers in the reader's node cache (ChunkLocations.cached)
 
 
 def _columns(batches: Sequence[common_pb2.PageBatch]) -> _Cols:
     names: dict[str, int] = {}
+    cached: set[int] = set()
     batch, ids, pno, off, st, raw, meth, ns = [], [], [], [], [], [], [], []
     for bi, b in enumerate(batches):
         loc = b.locations
@@ -77,6 +85,10 @@ def _columns(batches: Sequence[common_pb2.PageBatch]) -> _Cols:
         if local.size and int(local.max()) >= len(loc.packs):
             raise InvalidArgument("page stream: a chunk location names no pack")
         glob = np.array([names.setdefault(p, len(names)) for p in loc.packs], dtype=np.int64)
+        if loc.cached:
+            if len(loc.cached) != len(loc.packs):
+                raise InvalidArgument("page stream: cached flags disagree with the packs")
+            cached.update(int(glob[i]) for i, f in enumerate(loc.cached) if f)
         batch.append(np.full(n, bi, dtype=np.int64))
         ids.append(i)
         pno.append(glob[local])
@@ -88,7 +100,7 @@ def _columns(batches: Sequence[common_pb2.PageBatch]) -> _Cols:
     return _Cols(
         _cat(batch), b"".join(ids), list(names), _cat(pno), _cat(off), _cat(st), _cat(raw),
         np.concatenate(meth) if meth else np.zeros(0, dtype=np.uint8),
-        [x for b, n in zip(batch, ns, strict=True) for x in [n] * b.size],
+        [x for b, n in zip(batch, ns, strict=True) for x in [n] * b.size], cached,
     )  # fmt: skip
 
 
@@ -121,18 +133,52 @@ def _spans(c: _Cols) -> list[tuple[int, int, int, npt.NDArray[np.int64]]]:
     return out
 
 
+def _resolve_cached(c: _Cols, cache: Backend | None) -> None:
+    """Fill in the entries of chunks in cached packs from the packs' trailers, read from
+    the node cache (the coordinator never read them: it names the pack only)."""
+    if not c.cached:
+        return
+    if cache is None:
+        raise InvalidArgument("page stream: names cached packs, and this reader has no cache")
+    want = np.frombuffer(c.ids, dtype=packs.ENTRY_DTYPE["id"])
+    for pno in sorted(c.cached):
+        rows = np.flatnonzero(c.pack_no == pno)
+        if not rows.size:
+            continue
+        name = c.pack[pno]
+        contents = packs.read_contents(cache, name)  # DataCorrupted if bad
+        if any(c.namespace[r] != contents.namespace for r in rows.tolist()):
+            raise DataCorrupted("pack", name, f"of namespace {contents.namespace!r}")
+        e = contents.entries
+        order = np.argsort(e["id"], kind="stable")
+        hay = np.take(e["id"], order)
+        ids = np.take(want, rows)
+        pos = np.minimum(search_ids(hay, ids), max(hay.size - 1, 0))
+        if not hay.size or np.any(np.take(hay, pos) != ids):
+            raise DataCorrupted("pack", name, "lacks a chunk the coordinator names in it")
+        got = np.take(e, np.take(order, pos))
+        c.offset[rows] = got["offset"]
+        c.stored[rows] = got["stored"]
+        c.raw[rows] = got["raw"]
+        c.method[rows] = got["method"]
+
+
 def fetch(
     backend: Backend,
     sealer: Sealer | None,
     batches: Sequence[common_pb2.PageBatch],
     on_read: Callable[[int], None] | None = None,
+    cache: Backend | None = None,
 ) -> Filled:
     """Read and check every chunk the batches locate; per batch (in order) its chunks'
-    ids and plain bytes, None for a batch without locations. Raises DataCorrupted,
-    ObjectNotFound or the backend's error; nothing is returned half checked."""
+    ids and plain bytes, None for a batch without locations. Chunks of cached packs are
+    read from `cache` (this node's cache: level local), located by the packs' trailers.
+    Raises DataCorrupted, ObjectNotFound or the backend's error; nothing is returned
+    half checked."""
     if faults.fail_point(FAIL_POINT):
         raise StoreError(f"fault point {FAIL_POINT}")
     c = _columns(batches)
+    _resolve_cached(c, cache)
     n = c.batch.size
     chunks: list[bytes] = [b""] * n
     spans = _spans(c)
@@ -140,7 +186,8 @@ def fetch(
     def one(span: tuple[int, int, int, npt.NDArray[np.int64]]) -> int:
         pno, lo, length, rows = span
         pack = c.pack[pno]
-        data = backend.get_range(Kind.PACKS, pack, lo, length)
+        src = cache if pno in c.cached and cache is not None else backend
+        data = src.get_range(Kind.PACKS, pack, lo, length)
         if len(data) != length:
             raise DataCorrupted("pack", pack, f"{len(data)} bytes at {lo}, {length} wanted")
         for r in rows.tolist():  # per chunk, not per page

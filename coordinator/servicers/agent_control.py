@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import generations, ingest, pagestream, restore_diff
+from coordinator import cacheread, generations, ingest, pagestream, restore_diff
 from coordinator.auth import cert_identity
 from coordinator.engine import Engine
 from coordinator.servicers import convert
@@ -48,6 +48,9 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
         if request.page_filter:  # the restore's prefetch: only the pages it will write
             only = {r.name: restore_diff.pages_of_runs(r.pages) for r in request.page_filter}
         moved = pagestream.Moved()
+        cache_node = ""
+        if request.chunk_locations and request.read_cache:  # it reads its own node cache
+            cache_node = (cert_identity(context) or ("", ""))[1] or nodes.get(request.member, "")
         try:
             yield from pagestream.stream(
                 self.engine.repo,
@@ -59,7 +62,17 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
                 only=only,
                 locate=request.chunk_locations,
                 moved=moved,
+                cache_node=cache_node,
+                relay=cacheread.Relay(self.engine),
             )
         finally:  # a stream cut short still moved what it sent
             node = nodes.get(request.member, "")
             self.engine.dataplane.record_read(node, moved.sent, moved.located)
+
+    @rpc_errors
+    def SendCached(
+        self, request_iterator: Iterator[agent_pb2.CachedChunks], context: grpc.ServicerContext
+    ) -> agent_pb2.SendCachedResponse:
+        caller = (cert_identity(context) or ("", ""))[1]  # under mTLS: the node asked
+        self.engine.cache_reads.deliver(caller, request_iterator)
+        return agent_pb2.SendCachedResponse()

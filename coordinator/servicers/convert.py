@@ -80,6 +80,8 @@ def generation_info(s: Summary) -> coordinator_pb2.GenerationInfo:
         out.pinned = c.pinned
         if s.state == "committed":
             out.level = level(c.level.value)
+            out.lost = s.lost
+            out.cache_nodes.extend(s.cache_nodes)
         out.members, out.pages, out.zero_pages = z.members, z.pages, z.zero_pages
         out.bytes_logical, out.bytes_stored, out.bytes_new = (
             z.bytes_logical,

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import diff, generations, members_ops, pagestream, restore
+from coordinator import cacheread, diff, generations, members_ops, pagestream, restore
 from coordinator.dataplane import announcement
 from coordinator.engine import Engine
 from coordinator.servicers import convert, watch
@@ -198,6 +198,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 self.engine.opt.max_batch_entries,
                 locate=request.chunk_locations,
                 moved=moved,
+                relay=cacheread.Relay(self.engine),
             )
         finally:  # export reads count like restore reads, under node "export"
             self.engine.dataplane.record_read("export", moved.sent, moved.located)

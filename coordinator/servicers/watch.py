@@ -51,6 +51,6 @@ def watch_event(ev: JobEvent) -> coordinator_pb2.WatchEvent:
             out.info.CopyFrom(convert.generation_info(p.summary))
     elif isinstance(p, GcReport):
         out.gc.CopyFrom(gc_event(p))
-    elif isinstance(p, Summary):  # generation_level: the generation at its new level
+    elif isinstance(p, Summary):  # generation_level/lost: the generation as it is now
         out.info.CopyFrom(convert.generation_info(p))
     return out

@@ -23,9 +23,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from coordinator.store.catalog import Catalog, Level
-from storecore.ids import ID_DTYPE, IdArray, as_id_array
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, search_ids
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cached_packs (
@@ -120,6 +121,29 @@ class CachedPacks:
             if p.namespace == namespace and not p.drained
         ]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+
+    def locate(
+        self, ids: IdArray, namespace: str, node: str = ""
+    ) -> tuple[list[str], list[str], npt.NDArray[np.int64]]:
+        """Where chunks lie in node caches (a read of a generation at level local): the
+        undrained cached packs of `namespace` (of `node` only, when given) as (names,
+        their nodes) and per id an index into them, -1 for an id none lists."""
+        chosen = [
+            p for p in self.packs.values()
+            if p.namespace == namespace and not p.drained and (not node or p.node == node)
+        ]  # fmt: skip
+        where = np.full(ids.size, -1, dtype=np.int64)
+        if not chosen or not ids.size:
+            return [], [], where
+        hay = [as_id_array(p.ids) for p in chosen]
+        owner = np.concatenate([np.full(h.size, i, dtype=np.int64) for i, h in enumerate(hay)])
+        flat = np.concatenate(hay)
+        order = np.argsort(flat, kind="stable")
+        flat, owner = np.take(flat, order), np.take(owner, order)
+        pos = np.minimum(search_ids(flat, ids), flat.size - 1)
+        hit = np.asarray(np.take(flat, pos) == ids)
+        where[hit] = np.take(owner, pos[hit])
+        return [p.name for p in chosen], [p.node for p in chosen], where
 
     def undrained(self, nodes: Iterable[str], namespace: str) -> set[str]:
         want = set(nodes)
@@ -249,6 +273,11 @@ class CachedPacks:
             self.lost[k] = why
         self._ids.clear()
         return keys
+
+    def nodes_of(self, job: str, generation: int) -> list[str]:
+        """The nodes whose caches hold undrained packs the generation needs."""
+        names = self.deps.get((job, generation), set())
+        return sorted({p.node for n in names if (p := self.packs.get(n)) and not p.drained})
 
     def names(self) -> set[str]:
         """Every pack named here (gc keeps such objects in the store: docs/multilevel.md)."""

@@ -10,7 +10,7 @@ read is looked up once more.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -91,25 +91,44 @@ def read_chunks(repo: StoreParts, namespace: str, ids: Any) -> list[bytes]:
 @dataclass(frozen=True)
 class Located:
     """Where chunks lie (the direct read path): per chunk an index into `packs` and its
-    index entry (offset, stored and plain size, method); no byte of a chunk is read."""
+    index entry (offset, stored and plain size, method); no byte of a chunk is read.
+    `cached`: per pack, whether it is a pack in the reader's node cache (not in the
+    store, level local): its chunks' entries are zero, the reader finds them in the
+    pack's trailer (docs/multilevel.md, "Reading")."""
 
     packs: list[str]
     pack_index: np.ndarray  # uint32 per chunk
     locs: np.ndarray  # index.LOC_DTYPE per chunk
+    cached: list[bool] = field(default_factory=list)
 
 
-def locate_chunks(repo: StoreParts, namespace: str, ids: Any) -> Located:
-    """The pack and blob of each chunk, from the index alone; DataCorrupted for one the
-    store lacks (a committed manifest needs it). The pack may be repacked by gc before
-    the reader gets there: it then reads through the coordinator instead."""
+def locate_chunks(repo: StoreParts, namespace: str, ids: Any, cache_node: str = "") -> Located:
+    """The pack and blob of each chunk, from the index alone; for a chunk the store
+    lacks, the undrained cached pack of `cache_node` that lists it (when given);
+    NotDrained or DataCorrupted for one neither has (a committed manifest needs it).
+    The pack may be repacked by gc before the reader gets there: it then reads through
+    the coordinator instead."""
     arr = as_id_array(ids)
     with repo.lock:
         found, locs = repo.index.chunks(namespace).lookup(arr)
         numbers, index = np.unique(locs["pack"][found], return_inverse=True)
         names = [repo.index.pack(int(p)).name for p in numbers.tolist()]
+        pack_index = np.zeros(arr.size, dtype=np.uint32)
+        pack_index[found] = index.astype(np.uint32)
+        cached = [False] * len(names)
+        if not found.all() and cache_node:
+            cnames, _, where = repo.cached.locate(arr[~found], namespace, cache_node)
+            hit = where >= 0
+            rows = np.flatnonzero(~found)[hit]
+            used, inv = np.unique(where[hit], return_inverse=True)
+            pack_index[rows] = (len(names) + inv).astype(np.uint32)
+            names += [cnames[int(i)] for i in used.tolist()]
+            cached += [True] * used.size
+            found = found.copy()
+            found[rows] = True
     if not found.all():
         raise lost(repo, namespace, arr[~found])
-    return Located(names, index.astype(np.uint32), locs)
+    return Located(names, pack_index, locs, cached)
 
 
 def _read_again(repo: StoreParts, namespace: str, one: Any, cid: bytes, old_pack: str) -> bytes:

@@ -70,6 +70,7 @@ from storecore.ids import (
     IdArray,
     as_id_array,
     first_of,
+    member_of,
     unique_ids,
     zero_mask,
 )
@@ -429,18 +430,28 @@ class Repository(Closing):
             with self.catalog.tx() as db:
                 return self.cached.lose(db, node, cache_id)
 
-    def ensure_in_store(self, namespace: str, ids: IdArray) -> None:
-        """NotDrained when some of these chunks are still only in node caches."""
+    def not_in_store(self, namespace: str, ids: IdArray, cache_node: str = "") -> IdArray:
+        """The ids the store lacks, less those in `cache_node`'s undrained cached packs."""
         with self.lock:
-            found, _ = self.index.chunks(namespace).lookup(ids)
-        if not found.all():
-            err = reader.lost(self, namespace, ids[~found])
+            missing = ids[~self.index.chunks(namespace).contains(ids)]
+            if missing.size and cache_node:
+                mine = self.cached.pending_ids(cache_node, namespace)
+                missing = missing[~member_of(missing, mine)]
+        return missing
+
+    def ensure_in_store(self, namespace: str, ids: IdArray, cache_node: str = "") -> None:
+        """NotDrained when some of these chunks are still only in node caches (other
+        than `cache_node`'s, whose reader reads its own cache)."""
+        missing = self.not_in_store(namespace, ids, cache_node)
+        if missing.size:
+            err = reader.lost(self, namespace, missing)
             if isinstance(err, NotDrained):
                 raise err
 
-    def locate_chunks(self, namespace: str, ids: Any) -> reader.Located:
-        """Where each chunk lies (pack, offset, sizes, method): ids in, locations out."""
-        return reader.locate_chunks(self, namespace, ids)
+    def locate_chunks(self, namespace: str, ids: Any, cache_node: str = "") -> reader.Located:
+        """Where each chunk lies (pack, offset, sizes, method): ids in, locations out;
+        chunks only in `cache_node`'s cache as its cached packs (reader.Located)."""
+        return reader.locate_chunks(self, namespace, ids, cache_node)
 
     def iter_pages(
         self, job: str, generation: int, member: str | None = None, region: str | None = None

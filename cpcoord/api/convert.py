@@ -97,6 +97,8 @@ def generation(g: coordinator_pb2.GenerationInfo) -> v.Generation:
         seconds=g.seconds,
         full=g.full,
         level=level(g.level),
+        lost=g.lost,
+        cache_nodes=tuple(g.cache_nodes),
     )
 
 

@@ -90,6 +90,7 @@ class WatchKind(_Enum):
     RESTORE_STARTED = "restore_started"
     RESTORE_ENDED = "restore_ended"
     GENERATION_LEVEL = "generation_level"
+    GENERATION_LOST = "generation_lost"
 
 
 class Level(_Enum):
@@ -154,6 +155,8 @@ class Generation:
     seconds: float = 0.0
     full: bool = False
     level: Level = Level.STORE
+    lost: str = ""  # committed but unrestorable: why (a node cache lost); "" = not lost
+    cache_nodes: tuple[str, ...] = ()  # level local: nodes whose caches it still needs
 
     @property
     def committed(self) -> bool:

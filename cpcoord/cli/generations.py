@@ -75,11 +75,13 @@ def run(args: argparse.Namespace) -> int:
     )
     for r in rows:
         level = r["level"] if r["state"] == "committed" else "-"
+        level = "lost" if r["lost"] else level
+        why = f"lost: {r['lost']}" if r["lost"] else r["reason"]
         print(
             f"{r['generation']:>5} {r['parent'] or '-':>6} {r['state']:<10} {level:<7} "
             f"{r['pages']:>10} "
             f"{clientconn.human_bytes(r['bytes_logical']):>11} "
             f"{clientconn.human_bytes(r['bytes_stored_new']):>11} "
-            f"{'yes' if r['pinned'] else ''} {r['reason']}"
+            f"{'yes' if r['pinned'] else ''} {why}"
         )
     return 0

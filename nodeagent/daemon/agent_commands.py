@@ -29,6 +29,7 @@ from cpcoord import __version__, grpcutil
 from cpcoord.errors import CpcoordError, NotImplementedYet, StoreError
 from cpcoord.gen.v1 import agent_pb2, common_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE
+from nodeagent.daemon import cache_relay as relay
 from nodeagent.daemon import prefetch, restore_live, restore_ops
 from nodeagent.daemon import worker_ops as ops
 from nodeagent.daemon.agent_session import Session
@@ -120,6 +121,8 @@ class Commands:
             self.worker.submit(ops.DetachOp(msg.command_id, d.job, d.member, e))
         elif body == "restore_into":
             self._spawn("restore-into", self._restore_into, s, msg.command_id, msg.restore_into)
+        elif body == "read_cached":
+            self._spawn("read-cached", self._read_cached, s, msg.command_id, msg.read_cached)
         elif body == "welcome":
             log.warning("a second Welcome ignored")
         else:  # a command newer than this agent
@@ -274,6 +277,23 @@ class Commands:
                 )
             op = ops.RestoreOp(job, gen, member, contents, err, s.epoch, read_path=path)
             self.worker.submit(op)
+
+    def _read_cached(self, s: Session, command_id: int, rc: agent_pb2.ReadCached) -> None:
+        """Send the coordinator chunks of this node's cache (nodeagent/daemon/cache_relay.py),
+        then answer the command."""
+        err: CpcoordError | None = None
+        try:
+            ids, data = relay.read(s.limits.direct, rc)
+            s.bulk.SendCached(relay.messages(rc.token, ids, data), timeout=s.limits.timeout_s)
+        except grpc.RpcError as ex:
+            err = grpcutil.rpc_to_error(ex, "SendCached", self._coordinator)
+        except CpcoordError as ex:
+            err = ex
+        except Exception as ex:  # a cache read outside the hierarchy: the read fails
+            err = StoreError(f"reading the node cache: {ex!r}")
+        if err is not None:
+            log.warning("cached chunks not sent", extra={"fields": {"error": str(err)}})
+        self._emit(ops.result(command_id, err=err), s.epoch)
 
     def _restore_into(self, s: Session, command_id: int, ri: agent_pb2.RestoreInto) -> None:
         contents, err, _ = self._download(s, ri.job, ri.generation, ri.member)

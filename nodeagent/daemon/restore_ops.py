@@ -153,20 +153,22 @@ def download(
     """Every region of the member at `generation`, pages not listed (or ZERO) as zeros;
     `only` (DownloadRequest.page_filter): just those pages of each region. With `store`
     (the direct read path): the coordinator names where the chunks lie and they are
-    read from the store here (cpcoord/packread.py), `on_read` told of
-    each ranged read's bytes."""
+    read from the store here (cpcoord/packread.py), or from this node's cache for a
+    generation not drained yet (level local), `on_read` told of each ranged read's bytes."""
     req = agent_pb2.DownloadRequest(
         job=job,
         generation=generation,
         member=member,
         page_filter=only or [],
         chunk_locations=store is not None,
+        read_cache=store is not None and store.cache is not None,
     )
     msgs = list(stub.DownloadPages(req, timeout=timeout_s))  # ids and locations: small
     checked = None
     if store is not None:
         batches = [m.batch for m in msgs if m.WhichOneof("body") == "batch"]
-        checked = packread.fetch(store.backend, store.sealer, batches, on_read)
+        cache = store.cache.backend if store.cache is not None else None
+        checked = packread.fetch(store.backend, store.sealer, batches, on_read, cache)
     got = list(read_members(msgs, checked))
     if len(got) != 1 or got[0].name != member:
         raise InvalidArgument(f"DownloadPages for {member!r} sent {len(got)} members")

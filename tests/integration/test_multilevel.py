@@ -86,11 +86,10 @@ def test_wait_local_commits_in_the_caches_then_drains_to_store_exactly(
     for node in NODES:  # durable in each node's cache ...
         assert _cache_packs(caches[node]), node
     # Before the drain the store lacks those chunks: verify does not count them as lost,
-    # and an export says why it cannot read them yet (reading caches is not built).
+    # and an export reads them from the caching agents, exactly.
     v = c.cli_json("verify")
     assert v["ok"], v
-    early = c.cli("export", "--job", "ml", "--out", str(tmp_path / "early"), check=False)
-    assert early.returncode == 155 and "not in the store yet" in early.stderr, early.stderr
+    _check_export(c, tmp_path, "ml", 1, want1)
     gc = c.cli_json("gc")  # sweeps nothing a local generation needs (drained later)
     assert _generation(c, "ml", 1)["level"] == "local", gc
     _wait_level(c, "ml", 1, "store")  # ... and in the store after the drain
@@ -187,12 +186,12 @@ def test_api_client_waits_per_level_and_watch_sees_the_rise(
         w.close()
 
 
-def test_restore_by_default_takes_the_newest_generation_in_the_store_and_says_so(
+def test_restore_by_default_takes_the_newest_generation_even_at_level_local(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
     """Generation 2 is still `local` (the coordinator holds its drain reports: the third
-    Drained, after generation 1's two): `restore` without --generation rolls the members
-    back to generation 1, the newest in the store, and says why."""
+    Drained, after generation 1's two), its caches' agents connected: `restore` without
+    --generation rolls the members back to it, read from the node caches, exactly."""
     c, _ = _cached_cluster(cluster_factory, tmp_path)
     assert c.coordinator is not None
     c.coordinator.kill()
@@ -201,18 +200,87 @@ def test_restore_by_default_takes_the_newest_generation_in_the_store_and_says_so
     targets = _targets(c, target_factory, 128)
     r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
     assert r1["level"] == "store", r1
-    want1 = {n: t.read("data") for n, t in targets.items()}
     for i, t in enumerate(targets.values()):
         t.cmd("write", name="data", page=0, count=64, counter=90 + i)
     r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r2["level"] == "local" and r2["generation"] == 2, r2
+    want2 = {n: t.read("data") for n, t in targets.items()}
     c.wait_fault("coordinator.drain")
+    g2 = _generation(c, "ml", 2)
+    assert g2["level"] == "local" and g2["lost"] == "" and g2["cache_nodes"], g2
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=10, count=20, counter=40 + i)
     r = c.cli("restore", "--job", "ml", "--json")
-    assert "generation 2 of ml is at level local" in r.stderr, r.stderr
-    assert _generation(c, "ml", 2)["level"] == "local"
+    assert '"generation": 2' in r.stdout and "restoring generation" not in r.stderr, r
+    for name, t in targets.items():
+        assert np.array_equal(t.read("data"), want2[name]), name
+
+
+def test_a_lost_generation_is_listed_watched_and_skipped_by_restore(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """node-b's agent drains nothing of generation 2 (1 byte/s); then it dies and its
+    cache is deleted. Generation 2 is lost: `generations` (text and JSON) and Watch say
+    so and why; `restore` without --generation skips it, says which it took and why, and
+    restores generation 1 exactly; asking for generation 2 by number is refused."""
+    import threading
+
+    from cpcoord.api import Client
+    from cpcoord.api.values import WatchEvent, WatchKind
+
+    c, caches = _cached_cluster(cluster_factory, tmp_path)
+    targets = _targets(c, target_factory, 64)
+    r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
+    assert r1["level"] == "store", r1
+    want1 = {n: t.read("data") for n, t in targets.items()}
+
+    def restart_b(*extra: str) -> None:
+        c.agents["node-b"].kill()
+        args = ("--cache", str(caches["node-b"]), *extra)
+        c.start_agent("node-b", args=args)
+        c.wait_agents(NODES)
+        end = time.monotonic() + 60
+        while not c.members_running("ml"):
+            assert time.monotonic() < end, "members not re-attached"
+            time.sleep(0.3)
+
+    restart_b("--drain-rate", "1")
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=64, counter=30 + i)
+    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    with Client(c.address, insecure=True, timeout=60) as api:
+        seen: list[WatchEvent] = []
+        w = api.watch(["ml"])
+        threading.Thread(target=lambda: seen.extend(w), daemon=True).start()
+        time.sleep(0.5)  # the watch is registered
+        c.agents["node-b"].kill()
+        shutil.rmtree(caches["node-b"])
+        restart_b()
+        end = time.monotonic() + 30
+        while not [e for e in seen if e.kind is WatchKind.GENERATION_LOST]:
+            assert time.monotonic() < end, [e.kind for e in seen]
+            time.sleep(0.2)
+        w.close()
+    (ev,) = [e for e in seen if e.kind is WatchKind.GENERATION_LOST]
+    assert ev.generation == 2 and ev.info is not None and "node-b" in ev.info.lost, ev
+    g2 = _generation(c, "ml", 2)
+    assert "node cache of node-b" in g2["lost"] and not g2["cache_nodes"], g2
+    text = c.cli("generations", "--job", "ml").stdout
+    (line,) = [x for x in text.splitlines() if x.split()[0] == "2"]
+    assert " lost " in line and "node-b" in line, text
+    r = c.cli("restore", "--job", "ml", "--json")
+    assert "generation 2 of ml is lost" in r.stderr, r.stderr
+    assert "restoring generation 1 (store)" in r.stderr, r.stderr
     assert '"generation": 1' in r.stdout, r.stdout
     for name, t in targets.items():
         assert np.array_equal(t.read("data"), want1[name]), name
+    by_number = c.cli("restore", "--job", "ml", "--generation", "2", check=False)
+    assert by_number.returncode != 0 and "lost" in by_number.stderr, by_number.stderr
+    out = tmp_path / "lost-export"
+    export_2 = c.cli("export", "--job", "ml", "--generation", "2", "--out", str(out), check=False)
+    assert export_2.returncode != 0 and "it is lost" in export_2.stderr, export_2.stderr
+    _check_export(c, tmp_path, "ml", 1, want1)
 
 
 def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
@@ -249,3 +317,59 @@ def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
     assert _generation(c, "ml", 1)["level"] == "local"
     v = c.cli_json("verify")
     assert v["ok"], v
+
+
+def test_a_local_generation_exports_and_restores_in_place_exactly_before_its_drain(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """At 1 byte/s the drain never puts a pack: generation 1 is only in the two node
+    caches. Its export is exact on both read paths (the chunks come from the caching
+    agents through the coordinator, checked there and here); restoring it in place reads
+    each member's chunks from its own node's cache (the agent's direct read, every chunk
+    checked against its id), byte for byte; nothing reaches the store meanwhile."""
+    c, _ = _cached_cluster(cluster_factory, tmp_path, rate="1")
+    targets = _targets(c, target_factory, 128)
+    r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r1["level"] == "local", r1
+    want = {n: t.read("data") for n, t in targets.items()}
+    _check_export(c, tmp_path, "ml", 1, want)  # auto: store chunks direct, cached relayed
+    out = tmp_path / "export-coordinator"
+    c.cli("export", "--job", "ml", "--generation", "1", "--data-path", "coordinator",
+          "--out", str(out))  # fmt: skip
+    for name, data in want.items():
+        got, offsets = exported(out, name)
+        assert np.array_equal(got[offsets], data[offsets]), name
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=128, counter=70 + i)
+    r = c.cli_json("restore", "--job", "ml", "--generation", "1")
+    assert r["state"] == "restored", r
+    assert [m["read_path"] for m in r["members"]] == ["direct", "direct"], r
+    for name, t in targets.items():
+        t.assert_running()
+        assert np.array_equal(t.read("data"), want[name]), name
+    assert not _store_node_packs(c)  # read from the caches: nothing drained
+    assert _generation(c, "ml", 1)["level"] == "local"
+    for node in NODES:
+        log = c.agents[node].tail(400)
+        assert "direct read failed" not in log and "cached chunks not sent" not in log, node
+
+
+def test_an_export_of_a_local_generation_whose_caching_agent_is_gone_says_so(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """node-b's agent is stopped before generation 1 drained: its chunks cannot be read
+    from anywhere now. The export fails before writing a member (CacheUnreachable, 156,
+    naming node-b), never with damage; generation 1 stays local."""
+    c, _ = _cached_cluster(cluster_factory, tmp_path, rate="1")
+    _targets(c, target_factory, 64)
+    r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r1["level"] == "local", r1
+    c.agents["node-b"].kill()
+    end = time.monotonic() + 30
+    while c.agents_json().get("node-b", True):
+        assert time.monotonic() < end, "node-b still connected"
+        time.sleep(0.2)
+    out = tmp_path / "gone"
+    r = c.cli("export", "--job", "ml", "--generation", "1", "--out", str(out), check=False)
+    assert r.returncode == 156 and "node-b" in r.stderr, r.stderr
+    assert _generation(c, "ml", 1)["level"] == "local"

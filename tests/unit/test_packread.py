@@ -118,3 +118,48 @@ def test_a_damaged_byte_is_data_corrupted(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(DataCorrupted, match=e["id"][5].tobytes().hex()):
         packread.fetch(b, None, [_batch(name, e)])
+
+
+def _cached_batch(name: str, e: np.ndarray) -> common_pb2.PageBatch:
+    """As the coordinator names chunks of a cached pack: the pack only, entries zero."""
+    n = len(e)
+    loc = common_pb2.ChunkLocations(
+        namespace=NS, packs=[name], ids=np.ascontiguousarray(e["id"]).tobytes(),
+        pack_index=np.zeros(n, "<u4").tobytes(), offsets=bytes(8 * n),
+        stored_sizes=bytes(4 * n), raw_sizes=bytes(4 * n), methods=bytes(n), cached=b"\x01",
+    )  # fmt: skip
+    return common_pb2.PageBatch(locations=loc)
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_cached_packs_are_read_from_the_cache_located_by_their_trailers(
+    tmp_path: Path, sealed: bool
+) -> None:
+    chunks = _chunks(30)
+    sealer = Sealer(os.urandom(32)) if sealed else None
+    cache, name, e = _store(tmp_path, chunks, sealer)
+    store = CountingBackend(tmp_path / "other")
+    store.reads = []
+    order = np.arange(len(e))[::-1]  # any order: found by id
+    got = packread.fetch(store, sealer, [_cached_batch(name, e[order])], cache=cache)
+    assert got[0] is not None
+    want = [chunks[i] for i in order.tolist()]
+    assert got[0][1] == want
+    assert not store.reads and cache.reads  # the cache, never the store
+    # Without a cache the stream is refused; a chunk the pack lacks is DataCorrupted.
+    with pytest.raises(Exception, match="no cache"):
+        packread.fetch(store, sealer, [_cached_batch(name, e)])
+    bad = e.copy()
+    bad["id"][3] = bytes(32 - 1) + b"\x01"
+    with pytest.raises(DataCorrupted, match="lacks a chunk"):
+        packread.fetch(store, sealer, [_cached_batch(name, bad)], cache=cache)
+
+
+def test_a_damaged_byte_in_a_cached_pack_is_data_corrupted(tmp_path: Path) -> None:
+    cache, name, e = _store(tmp_path, _chunks(10))
+    path = next((tmp_path / "store").rglob(name.rsplit("/", 1)[-1]))
+    data = bytearray(path.read_bytes())
+    data[int(e["offset"][4]) + 7] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataCorrupted, match="does not match"):
+        packread.fetch(cache, None, [_cached_batch(name, e)], cache=cache)

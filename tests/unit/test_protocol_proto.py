@@ -76,6 +76,7 @@ def test_agent_service_shapes() -> None:
         "MissingChunks": (False, False, "MissingChunksRequest", "MissingChunksResponse"),
         "UploadPages": (True, False, "UploadRequest", "UploadResponse"),
         "DownloadPages": (False, True, "DownloadRequest", "PageData"),
+        "SendCached": (True, False, "CachedChunks", "SendCachedResponse"),
     }
 
 

@@ -210,7 +210,7 @@ class CommandResult(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result")
+    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result", "read_cached")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class CoordinatorMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
+    READ_CACHED_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     welcome: Welcome
     freeze: Freeze
@@ -239,7 +240,8 @@ class CoordinatorMessage(_message.Message):
     heartbeat: Heartbeat
     prepare: Prepare
     drain_result: DrainResult
-    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ...) -> None: ...
+    read_cached: ReadCached
+    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., read_cached: _Optional[_Union[ReadCached, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key", "drain")
@@ -290,6 +292,32 @@ class Drained(_message.Message):
     packs: _containers.RepeatedCompositeFieldContainer[StoredPack]
     missing: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., packs: _Optional[_Iterable[_Union[StoredPack, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadCached(_message.Message):
+    __slots__ = ("token", "namespace", "packs", "ids", "pack_index")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PACK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    namespace: str
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    ids: bytes
+    pack_index: bytes
+    def __init__(self, token: _Optional[str] = ..., namespace: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., ids: _Optional[bytes] = ..., pack_index: _Optional[bytes] = ...) -> None: ...
+
+class CachedChunks(_message.Message):
+    __slots__ = ("token", "chunks")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    chunks: _common_pb2.ChunkData
+    def __init__(self, token: _Optional[str] = ..., chunks: _Optional[_Union[_common_pb2.ChunkData, _Mapping]] = ...) -> None: ...
+
+class SendCachedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class DrainResult(_message.Message):
     __slots__ = ("job", "generation", "ok", "detail")
@@ -528,17 +556,19 @@ class UploadResponse(_message.Message):
     def __init__(self, pages: _Optional[int] = ..., entries: _Optional[int] = ..., chunks: _Optional[int] = ..., chunks_new: _Optional[int] = ..., bytes_received: _Optional[int] = ..., bytes_stored_new: _Optional[int] = ..., packs: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("job", "generation", "member", "regions", "page_filter", "chunk_locations")
+    __slots__ = ("job", "generation", "member", "regions", "page_filter", "chunk_locations", "read_cache")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     PAGE_FILTER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    READ_CACHE_FIELD_NUMBER: _ClassVar[int]
     job: str
     generation: int
     member: str
     regions: _containers.RepeatedScalarFieldContainer[str]
     page_filter: _containers.RepeatedCompositeFieldContainer[_types_pb2.Region]
     chunk_locations: bool
-    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., page_filter: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., chunk_locations: _Optional[bool] = ...) -> None: ...
+    read_cache: bool
+    def __init__(self, job: _Optional[str] = ..., generation: _Optional[int] = ..., member: _Optional[str] = ..., regions: _Optional[_Iterable[str]] = ..., page_filter: _Optional[_Iterable[_Union[_types_pb2.Region, _Mapping]]] = ..., chunk_locations: _Optional[bool] = ..., read_cache: _Optional[bool] = ...) -> None: ...

@@ -55,6 +55,11 @@ class AgentControlStub:
                 request_serializer=cpcoord_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=cpcoord_dot_v1_dot_common__pb2.PageData.FromString,
                 _registered_method=True)
+        self.SendCached = channel.stream_unary(
+                '/cpcoord.v1.AgentControl/SendCached',
+                request_serializer=cpcoord_dot_v1_dot_agent__pb2.CachedChunks.SerializeToString,
+                response_deserializer=cpcoord_dot_v1_dot_agent__pb2.SendCachedResponse.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -101,6 +106,15 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendCached(self, request_iterator, context):
+        """The answer to a ReadCached command: the stored blobs of the chunks it named, read
+        from this agent's node cache (docs/multilevel.md, "Reading"). The first message
+        names the command's token; the coordinator checks every chunk against its id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +137,11 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.DownloadPages,
                     request_deserializer=cpcoord_dot_v1_dot_agent__pb2.DownloadRequest.FromString,
                     response_serializer=cpcoord_dot_v1_dot_common__pb2.PageData.SerializeToString,
+            ),
+            'SendCached': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendCached,
+                    request_deserializer=cpcoord_dot_v1_dot_agent__pb2.CachedChunks.FromString,
+                    response_serializer=cpcoord_dot_v1_dot_agent__pb2.SendCachedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,6 +252,33 @@ class AgentControl:
             '/cpcoord.v1.AgentControl/DownloadPages',
             cpcoord_dot_v1_dot_agent__pb2.DownloadRequest.SerializeToString,
             cpcoord_dot_v1_dot_common__pb2.PageData.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendCached(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cpcoord.v1.AgentControl/SendCached',
+            cpcoord_dot_v1_dot_agent__pb2.CachedChunks.SerializeToString,
+            cpcoord_dot_v1_dot_agent__pb2.SendCachedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -219,7 +219,7 @@ class PageBatch(_message.Message):
     def __init__(self, region: _Optional[int] = ..., entries: _Optional[_Union[_manifest_pb2.PageEntries, _Mapping]] = ..., chunks: _Optional[_Union[ChunkData, _Mapping]] = ..., locations: _Optional[_Union[ChunkLocations, _Mapping]] = ...) -> None: ...
 
 class ChunkLocations(_message.Message):
-    __slots__ = ("namespace", "packs", "ids", "pack_index", "offsets", "stored_sizes", "raw_sizes", "methods")
+    __slots__ = ("namespace", "packs", "ids", "pack_index", "offsets", "stored_sizes", "raw_sizes", "methods", "cached")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PACKS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class ChunkLocations(_message.Message):
     STORED_SIZES_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZES_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     packs: _containers.RepeatedScalarFieldContainer[str]
     ids: bytes
@@ -236,7 +237,8 @@ class ChunkLocations(_message.Message):
     stored_sizes: bytes
     raw_sizes: bytes
     methods: bytes
-    def __init__(self, namespace: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., ids: _Optional[bytes] = ..., pack_index: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., stored_sizes: _Optional[bytes] = ..., raw_sizes: _Optional[bytes] = ..., methods: _Optional[bytes] = ...) -> None: ...
+    cached: bytes
+    def __init__(self, namespace: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ..., ids: _Optional[bytes] = ..., pack_index: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., stored_sizes: _Optional[bytes] = ..., raw_sizes: _Optional[bytes] = ..., methods: _Optional[bytes] = ..., cached: _Optional[bytes] = ...) -> None: ...
 
 class PageData(_message.Message):
     __slots__ = ("header", "batch")

@@ -36,6 +36,7 @@ class WatchEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WATCH_EVENT_KIND_RESTORE_STARTED: _ClassVar[WatchEventKind]
     WATCH_EVENT_KIND_RESTORE_ENDED: _ClassVar[WatchEventKind]
     WATCH_EVENT_KIND_GENERATION_LEVEL: _ClassVar[WatchEventKind]
+    WATCH_EVENT_KIND_GENERATION_LOST: _ClassVar[WatchEventKind]
 MEMBER_HEALTH_UNSPECIFIED: MemberHealth
 MEMBER_HEALTH_RUNNING: MemberHealth
 MEMBER_HEALTH_GONE: MemberHealth
@@ -57,6 +58,7 @@ WATCH_EVENT_KIND_GC_RAN: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_STARTED: WatchEventKind
 WATCH_EVENT_KIND_RESTORE_ENDED: WatchEventKind
 WATCH_EVENT_KIND_GENERATION_LEVEL: WatchEventKind
+WATCH_EVENT_KIND_GENERATION_LOST: WatchEventKind
 
 class MemberInfo(_message.Message):
     __slots__ = ("job", "name", "node", "process", "regions", "health", "tracker", "attached_unix_ms", "detail", "group")
@@ -175,7 +177,7 @@ class DetachMemberResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GenerationInfo(_message.Message):
-    __slots__ = ("job", "number", "parent", "state", "reason", "detail", "started_unix_ms", "finished_unix_ms", "pinned", "members", "pages", "zero_pages", "bytes_logical", "bytes_stored", "bytes_new", "pages_captured", "frozen_seconds", "seconds", "full", "data_paths", "level")
+    __slots__ = ("job", "number", "parent", "state", "reason", "detail", "started_unix_ms", "finished_unix_ms", "pinned", "members", "pages", "zero_pages", "bytes_logical", "bytes_stored", "bytes_new", "pages_captured", "frozen_seconds", "seconds", "full", "data_paths", "level", "lost", "cache_nodes")
     class DataPathsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +206,8 @@ class GenerationInfo(_message.Message):
     FULL_FIELD_NUMBER: _ClassVar[int]
     DATA_PATHS_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    CACHE_NODES_FIELD_NUMBER: _ClassVar[int]
     job: str
     number: int
     parent: int
@@ -225,7 +229,9 @@ class GenerationInfo(_message.Message):
     full: bool
     data_paths: _containers.ScalarMap[str, str]
     level: _common_pb2.DurabilityLevel
-    def __init__(self, job: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.GenerationState, str]] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., members: _Optional[int] = ..., pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_new: _Optional[int] = ..., pages_captured: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., full: _Optional[bool] = ..., data_paths: _Optional[_Mapping[str, str]] = ..., level: _Optional[_Union[_common_pb2.DurabilityLevel, str]] = ...) -> None: ...
+    lost: str
+    cache_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job: _Optional[str] = ..., number: _Optional[int] = ..., parent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.GenerationState, str]] = ..., reason: _Optional[_Union[_common_pb2.AbortReason, str]] = ..., detail: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., pinned: _Optional[bool] = ..., members: _Optional[int] = ..., pages: _Optional[int] = ..., zero_pages: _Optional[int] = ..., bytes_logical: _Optional[int] = ..., bytes_stored: _Optional[int] = ..., bytes_new: _Optional[int] = ..., pages_captured: _Optional[int] = ..., frozen_seconds: _Optional[float] = ..., seconds: _Optional[float] = ..., full: _Optional[bool] = ..., data_paths: _Optional[_Mapping[str, str]] = ..., level: _Optional[_Union[_common_pb2.DurabilityLevel, str]] = ..., lost: _Optional[str] = ..., cache_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListGenerationsRequest(_message.Message):
     __slots__ = ("job", "include_aborted", "limit")
