@@ -243,6 +243,7 @@ class SimAgent:
                 chunks=chunk_data([ids[i] for i in send], blobs),
             )
             reqs.append(agent_pb2.UploadRequest(batch=batch))
+        reqs.append(agent_pb2.UploadRequest(end=agent_pb2.UploadEnd()))
         call = self.stub.UploadPages(iter(reqs))
         await call
 

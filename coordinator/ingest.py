@@ -7,7 +7,9 @@ another node) change nothing. Once a stream is identified as a member's upload, 
 in it (a malformed batch, a chunk that does not hash to its id, entries that do not
 cover what the header announced, chunks named but never sent) refuses the stream *and*
 aborts the generation with BAD_DATA, as docs/protocol.md says: the agent that sent it
-cannot be trusted with this cut. The finished upload is kept on the flight until the
+cannot be trusted with this cut. Only a stream that ends with its end message is
+complete: one cut short (the agent died, or gave up) is refused without a verdict on
+the data. The finished upload is kept on the flight until the
 agent reports Uploaded; the engine builds the manifest from it at commit.
 """
 
@@ -40,6 +42,7 @@ from cpcoord.errors import (
     ManifestInvalid,
     StoreError,
     UnknownMember,
+    UploadFailed,
 )
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2, common_pb2
@@ -229,6 +232,7 @@ class Receiver:
         self.first = True
         self.t_check = self.t_store = 0.0  # where the stream's time goes (logged)
         self.direct = False  # the agent reported packs it put itself (StoredPacks)
+        self.ended = False  # the agent's end message arrived: the stream is complete
         self.packs = 0
 
     @classmethod
@@ -292,7 +296,11 @@ class Receiver:
         batches = []
         for req in reqs:
             kind = req.WhichOneof("body")
-            if kind == "packs":
+            if self.ended:
+                raise InvalidArgument("an upload stream ends with its end message, last")
+            if kind == "end":
+                self.ended = True
+            elif kind == "packs":
                 self._take_packs(req.packs)
             elif kind == "batch":
                 batches.append(req.batch)
@@ -353,6 +361,12 @@ class Receiver:
 
     def _end(self) -> MemberUpload:
         t0 = time.perf_counter()
+        if not self.ended:
+            # gRPC shows a dead client's stream as ended, like a half-close: only the
+            # end message says the agent meant it complete. Cut short is not bad data:
+            # the agent's loss (agent_lost) or its own report ends the generation.
+            h = self.h
+            raise UploadFailed(h.member, h.job, h.generation, "the stream was cut short")
         if self.pending is not None:
             self.pending.result()
         self.pending = None

@@ -119,6 +119,9 @@ class UploadResult:
     packs: int = 0  # packs put by the agent (direct)
 
 
+END = agent_pb2.UploadRequest(end=agent_pb2.UploadEnd())
+
+
 def header(sm: StagedMember) -> agent_pb2.UploadRequest:
     """The stream's first message: every region with its delivered and present runs
     (computed for all regions at once; one Region message each)."""
@@ -251,6 +254,7 @@ class _Attempt:
             if self.builder is not None:  # every pack durable before the stream ends
                 yield self.builder.finish()
                 st.packs = self.builder.packs
+            yield END  # only this says the stream is complete (a dead agent's ends too)
         except grpc.RpcError as e:
             st.error = rpc_to_error(e, "MissingChunks")
         except CpcoordError as e:

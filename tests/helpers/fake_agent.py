@@ -15,7 +15,8 @@ tests: "bad_chunk" (a chunk's bytes do not match its id), "skip_chunk" (an entry
 a chunk never sent), "no_freeze" (never answers Freeze), "uploaded_early" (Uploaded
 without an upload), "hold_upload" (after the first batch of an upload, the stream
 stays open, nothing more sent, until `release_upload` is set; `upload_held` tells when),
-"slow_upload" (`batch_gap_s` between an upload's messages: a slow link). Heartbeats stop
+"slow_upload" (`batch_gap_s` between an upload's messages: a slow link), "cut_upload"
+(the stream ends without its end message, as a dead agent's does on the server). Heartbeats stop
 while `mute` is set. Page size 4096, one chunk per page.
 """
 
@@ -262,6 +263,8 @@ class FakeAgent:
         header = pages_header(job, gen, h.name, self.node, regions, full)
         reqs = [agent_pb2.UploadRequest(header=header)]
         reqs += [agent_pb2.UploadRequest(batch=b) for b in batches]
+        if "cut_upload" not in self.faults:
+            reqs.append(agent_pb2.UploadRequest(end=agent_pb2.UploadEnd()))
 
         def stream() -> Iterator[agent_pb2.UploadRequest]:
             for i, req in enumerate(reqs):

@@ -283,6 +283,25 @@ def test_agent_api_refusals(world: dict[str, Any]) -> None:
     )
 
 
+def test_a_stream_cut_short_is_not_bad_data(world: dict[str, Any]) -> None:
+    """gRPC shows the stream of an agent killed mid-upload as ended, like a half-close
+    (CI once aborted such a generation with bad_data, not agent_lost). A stream without
+    its end message is refused as cut short, and the generation ends the way the
+    agent's own report (or its loss) says, not with BAD_DATA."""
+    c: InProcessCoordinator = world["c"]
+    a: FakeAgent = world["a"]
+    a.memory("m1")["r0"][0:PAGE] = bytes(range(256)) * 16
+    a.faults.add("cut_upload")
+    events = list(c.stub.Checkpoint(C.CheckpointRequest(job="j")))
+    a.faults.discard("cut_upload")
+    assert events[-1].kind == common_pb2.PROGRESS_KIND_ABORTED
+    assert events[-1].reason == common_pb2.ABORT_REASON_UPLOAD_FAILED, events[-1]
+    (err,) = a.seen("upload_error")
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "cut short" in err.details()
+    events = list(c.stub.Checkpoint(C.CheckpointRequest(job="j")))
+    assert events[-1].kind == common_pb2.PROGRESS_KIND_COMMITTED, events[-1]
+
+
 @pytest.mark.parametrize("fault", ["bad_chunk", "skip_chunk", "uploaded_early"])
 def test_bad_upload_aborts_and_keeps_nothing(world: dict[str, Any], fault: str) -> None:
     """A chunk whose bytes do not match its id (or entries naming chunks never sent, or

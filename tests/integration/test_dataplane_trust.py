@@ -112,6 +112,7 @@ class DirectAgent(FakeAgent):
         reqs = [agent_pb2.UploadRequest(header=header)]
         reqs += [agent_pb2.UploadRequest(batch=b) for b in batches]
         reqs.append(agent_pb2.UploadRequest(packs=report))
+        reqs.append(agent_pb2.UploadRequest(end=agent_pb2.UploadEnd()))
         return self.stub.UploadPages(iter(reqs))
 
 

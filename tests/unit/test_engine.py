@@ -110,6 +110,7 @@ def upload(engine: Engine, job: str, n: int, name: str, node: str, data: bytes) 
             [
                 agent_pb2.UploadRequest(header=header),
                 agent_pb2.UploadRequest(batch=common_pb2.PageBatch(entries=entries, chunks=chunks)),
+                agent_pb2.UploadRequest(end=agent_pb2.UploadEnd()),
             ]
         ),
     )

@@ -131,7 +131,8 @@ class _Stub:
                                                    m.SerializeToString()) for m in it]  # fmt: skip
         self.messages = len(reqs)
         self.asm = UploadAssembler(reqs[0].header, PAGE)
-        batch_list = [r.batch for r in reqs[1:]]
+        assert reqs[-1].WhichOneof("body") == "end", "the stream ends with its end message"
+        batch_list = [r.batch for r in reqs[1:-1]]
         for k in range(0, len(batch_list), self.group):  # as a pool hop takes them
             self.asm.add_batches(batch_list[k : k + self.group])
         done = self.asm.finish(None)

@@ -510,14 +510,20 @@ class MissingChunksResponse(_message.Message):
     def __init__(self, missing: _Optional[bytes] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
-    __slots__ = ("header", "batch", "packs")
+    __slots__ = ("header", "batch", "packs", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     PACKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: _common_pb2.PagesHeader
     batch: _common_pb2.PageBatch
     packs: StoredPacks
-    def __init__(self, header: _Optional[_Union[_common_pb2.PagesHeader, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.PageBatch, _Mapping]] = ..., packs: _Optional[_Union[StoredPacks, _Mapping]] = ...) -> None: ...
+    end: UploadEnd
+    def __init__(self, header: _Optional[_Union[_common_pb2.PagesHeader, _Mapping]] = ..., batch: _Optional[_Union[_common_pb2.PageBatch, _Mapping]] = ..., packs: _Optional[_Union[StoredPacks, _Mapping]] = ..., end: _Optional[_Union[UploadEnd, _Mapping]] = ...) -> None: ...
+
+class UploadEnd(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StoredPacks(_message.Message):
     __slots__ = ("packs",)
