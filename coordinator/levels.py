@@ -1,7 +1,8 @@
 """The engine's side of durability levels (docs/multilevel.md): what a node must still
 drain (told at every Welcome), the agents' Drained reports (checked off the stream's
-handler thread, answered with DrainResult), and what a rise to `store` publishes
-(Watch `generation_level`, metrics).
+handler thread, answered with DrainResult), what a rise to `store` publishes
+(Watch `generation_level`, metrics), and node caches lost (a new cache id at connect,
+or an operator's `forget NODE`).
 
 A Drained report reads packs back from the store (nodepacks.check), so it runs on a
 thread of its own, one at a time: the agent's other messages (Frozen, Uploaded) never
@@ -16,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from coordinator.flight import Summary
 from coordinator.generations import summarize
 from coordinator.store import nodepacks
-from cpcoord.errors import CpcoordError
+from cpcoord.errors import CpcoordError, NodeConnected
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
 from cpcoord.log import log_event
@@ -66,16 +68,35 @@ def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
     packs, those are lost, and so is every generation that needed them (never `store`;
     restore takes an older one). Before its Welcome and before any of its uploads, so
     no new generation counts a lost chunk as present."""
-    for job, gen in engine.repo.cache_seen(hello.node, hello.cache_id):
+    _published(engine, hello.node, engine.repo.cache_seen(hello.node, hello.cache_id))
+
+
+def forget(engine: EngineView, node: str) -> tuple[list[Summary], int]:
+    """An operator's `cpcoord forget NODE`: the node is gone for good, with its cache.
+    Its undrained packs are lost and so is every generation that needed them, as when
+    it comes back with another cache; refused while its agent is connected (it would
+    drain them). Returns the lost generations and the number of packs."""
+    if engine.agents.current(node) is not None:
+        raise NodeConnected(node)
+    keys, packs = engine.repo.forget_node(node)
+    log_event(log, logging.WARNING, "node forgotten", node=node, packs=packs, lost=len(keys))
+    return _published(engine, node, keys), packs
+
+
+def _published(engine: EngineView, node: str, keys: list[tuple[str, int]]) -> list[Summary]:
+    """Log and publish (Watch `generation_lost`) each generation lost with `node`'s cache."""
+    out = []
+    for job, gen in keys:
         log_event(
-            log, logging.WARNING, "generation lost with a node cache", node=hello.node,
+            log, logging.WARNING, "generation lost with a node cache", node=node,
             job=job, generation=gen,
         )  # fmt: skip
         s = summarize(engine, job, gen)
         engine.events.publish(
-            "generation_lost", job=job, generation=gen, node=hello.node, detail=s.lost,
-            payload=s,
+            "generation_lost", job=job, generation=gen, node=node, detail=s.lost, payload=s
         )  # fmt: skip
+        out.append(s)
+    return out
 
 
 def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:

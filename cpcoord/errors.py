@@ -293,7 +293,7 @@ class StoreInvalid(StoreError):
 
 
 # -- coordinator and protocol (50-59) -------------------------------------------------
-# 55 and 59 are free. An unknown generation is the store's NoSuchGeneration (66).
+# An unknown generation is the store's NoSuchGeneration (66).
 
 
 class ProtocolViolation(CpcoordError):
@@ -342,6 +342,14 @@ class JobBusy(CpcoordError):
     """job {} is busy: generation {} is in flight"""
 
     exit_code = 56
+    status = "FAILED_PRECONDITION"
+
+
+class NodeConnected(CpcoordError):
+    """node {!r} has a connected agent: only a node whose agent is gone can be forgotten
+    (stop its agent first)"""
+
+    exit_code = 55
     status = "FAILED_PRECONDITION"
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import cacheread, diff, generations, members_ops, pagestream, restore
+from coordinator import cacheread, diff, generations, levels, members_ops, pagestream, restore
 from coordinator.dataplane import announcement
 from coordinator.engine import Engine
 from coordinator.servicers import convert, watch
@@ -202,6 +202,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         finally:  # export reads count like restore reads, under node "export"
             self.engine.dataplane.record_read("export", moved.sent, moved.located)
+
+    @rpc_errors
+    def ForgetNode(
+        self, request: coordinator_pb2.ForgetNodeRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ForgetNodeResponse:
+        check_name(request.node)
+        lost, packs = levels.forget(self.engine, request.node)
+        with self.engine.lock:
+            members = [f"{m.job}/{m.name}" for m in self.engine.members.on_node(request.node)]
+        return coordinator_pb2.ForgetNodeResponse(
+            lost=[convert.generation_info(s) for s in lost], packs=packs, members=members
+        )
 
     # -- store upkeep ----------------------------------------------------------------
 

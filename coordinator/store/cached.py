@@ -244,18 +244,22 @@ class CachedPacks:
             del self.packs[n]
         self._ids.clear()
 
-    def lose(self, db: sqlite3.Connection, node: str, cache_id: str) -> list[GenKey]:
-        """`node` came back with another cache (Hello.cache_id): its undrained packs of
-        the old one are gone. They stop counting as present, and the generations that
-        depended on them can never reach the store: recorded as lost. Returns those."""
+    def lose(
+        self, db: sqlite3.Connection, node: str, cache_id: str | None, why: str = ""
+    ) -> tuple[list[GenKey], int]:
+        """`node` came back with another cache (Hello.cache_id), or an operator forgot
+        the node (`cache_id` None: every cache of it): its undrained packs of those
+        caches are gone. They stop counting as present, and the generations that
+        depended on them can never reach the store: recorded as lost, with `why`.
+        Returns those generations and how many packs were lost."""
         gone = {
             n for n, p in self.packs.items()
-            if p.node == node and not p.drained and p.cache_id != cache_id
+            if p.node == node and not p.drained and (cache_id is None or p.cache_id != cache_id)
         }  # fmt: skip
         if not gone:
-            return []
+            return [], 0
         keys = sorted(k for k, names in self.deps.items() if names & gone)
-        why = f"the node cache of {node} was lost before these packs drained"
+        why = why or f"the node cache of {node} was lost before these packs drained"
         db.executemany("DELETE FROM cached_packs WHERE name = ?", [(n,) for n in gone])
         for job, gen in keys:
             db.execute(
@@ -272,7 +276,7 @@ class CachedPacks:
             self.deps.pop(k, None)
             self.lost[k] = why
         self._ids.clear()
-        return keys
+        return keys, len(gone)
 
     def nodes_of(self, job: str, generation: int) -> list[str]:
         """The nodes whose caches hold undrained packs the generation needs."""

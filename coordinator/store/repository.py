@@ -428,7 +428,18 @@ class Repository(Closing):
             if not self.cached.packs:
                 return []
             with self.catalog.tx() as db:
-                return self.cached.lose(db, node, cache_id)
+                return self.cached.lose(db, node, cache_id)[0]
+
+    def forget_node(self, node: str) -> tuple[list[tuple[str, int]], int]:
+        """An operator says `node` is gone for good: every undrained pack in its caches
+        is lost (cached.py), and so is each generation that needed one. Returns those
+        generations and the number of packs."""
+        why = f"node {node} was forgotten (cpcoord forget) before these packs drained"
+        with self.lock:
+            if not self.cached.packs:
+                return [], 0
+            with self.catalog.tx() as db:
+                return self.cached.lose(db, node, None, why)
 
     def not_in_store(self, namespace: str, ids: IdArray, cache_node: str = "") -> IdArray:
         """The ids the store lacks, less those in `cache_node`'s undrained cached packs."""

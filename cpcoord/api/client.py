@@ -233,6 +233,12 @@ class Client(Closing):
         req = coordinator_pb2.PinGenerationRequest(job=job, generation=number, pinned=pinned)
         return convert.generation(self._call("PinGeneration", req).info)
 
+    def forget_node(self, node: str) -> v.ForgottenNode:
+        """The node is gone for good, with its cache: its undrained generations become
+        lost (docs/multilevel.md). NodeConnected while its agent is connected."""
+        r = self._call("ForgetNode", coordinator_pb2.ForgetNodeRequest(node=node))
+        return convert.forgotten(node, r)
+
     # -- restore ---------------------------------------------------------------------
 
     def restore_events(

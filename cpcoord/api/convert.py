@@ -161,6 +161,15 @@ def member_generation(m: coordinator_pb2.MemberGeneration) -> v.MemberGeneration
     )
 
 
+def forgotten(node: str, r: coordinator_pb2.ForgetNodeResponse) -> v.ForgottenNode:
+    return v.ForgottenNode(
+        node=node,
+        lost=tuple(generation(g) for g in r.lost),
+        packs=r.packs,
+        members=tuple(r.members),
+    )
+
+
 def gc_report(e: coordinator_pb2.GarbageCollectEvent) -> v.GcReport:
     return v.GcReport(
         dropped=tuple((d.job, d.generation) for d in e.dropped),

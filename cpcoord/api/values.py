@@ -327,6 +327,18 @@ class GcReport:
 
 
 @dataclass(frozen=True)
+class ForgottenNode:
+    """What `Client.forget_node` gave up: generations lost with the node's cache (each
+    with its `lost` reason), its undrained packs, and the members ("job/member") still
+    attached there (their jobs' checkpoints need the node until they are detached)."""
+
+    node: str
+    lost: tuple[Generation, ...] = ()
+    packs: int = 0
+    members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Damage:
     job: str
     generation: int

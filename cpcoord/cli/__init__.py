@@ -39,6 +39,7 @@ SUBCOMMANDS = [
     "restore",
     "verify",
     "gc",
+    "forget",
     "certs",
     "completion",
 ]

@@ -373,3 +373,53 @@ def test_an_export_of_a_local_generation_whose_caching_agent_is_gone_says_so(
     r = c.cli("export", "--job", "ml", "--generation", "1", "--out", str(out), check=False)
     assert r.returncode == 156 and "node-b" in r.stderr, r.stderr
     assert _generation(c, "ml", 1)["level"] == "local"
+
+
+def test_forget_node_loses_its_local_generations_and_checkpoints_go_on(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """An operator's `cpcoord forget NODE`: refused while the node's agent is connected
+    (nothing lost); once it is gone, generation 2 (level local, node-b's packs never
+    drained) is lost, said in the command's output and by `generations`; the node's
+    member is named as still attached. When node-b's agent comes back with the very same
+    cache the forgotten packs stay forgotten: the next checkpoint commits, reaches the
+    store and exports exactly, and verify is clean."""
+    c, caches = _cached_cluster(cluster_factory, tmp_path)
+    targets = _targets(c, target_factory, 64)
+    assert c.cli_json("checkpoint", "--job", "ml")["level"] == "store"
+    c.agents["node-b"].kill()
+    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--drain-rate", "1"))
+    c.wait_agents(NODES)
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=64, counter=50 + i)
+    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    refused = c.cli("forget", "node-b", check=False)
+    assert refused.returncode == 55 and "connected agent" in refused.stderr, refused
+    assert not _generation(c, "ml", 2)["lost"]
+    c.agents["node-b"].kill()
+    out = c.cli_json("forget", "node-b")
+    assert out["node"] == "node-b" and out["packs"] > 0, out
+    assert [g["generation"] for g in out["lost"]] == [2], out
+    assert "forgotten" in out["lost"][0]["lost"], out
+    assert out["members"] == ["ml/m1"], out
+    g2 = _generation(c, "ml", 2)
+    assert "forgotten" in g2["lost"] and not g2["cache_nodes"], g2
+    from cpcoord.api import Client, ForgottenNode
+
+    with Client(c.address, insecure=True, timeout=60) as api:  # the same through the API
+        again = api.forget_node("node-b")  # nothing left to lose, nothing changes
+    assert again == ForgottenNode("node-b", (), 0, ("ml/m1",)), again
+    c.start_agent("node-b", args=("--cache", str(caches["node-b"])))
+    c.wait_agents(NODES)
+    end = time.monotonic() + 60
+    while not c.members_running("ml"):
+        assert time.monotonic() < end, "members not re-attached"
+        time.sleep(0.3)
+    r3 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
+    assert r3["state"] == "committed" and r3["level"] == "store", r3
+    want = {n: t.read("data") for n, t in targets.items()}
+    _check_export(c, tmp_path, "ml", r3["generation"], want)
+    assert _generation(c, "ml", 2)["lost"], "a forgotten generation stays lost"
+    v = c.cli_json("verify")
+    assert v["ok"], v

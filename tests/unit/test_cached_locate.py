@@ -41,3 +41,29 @@ def test_locate_names_the_listing_pack_per_node_and_nodes_of_a_generation(
     )
     assert ledger.nodes_of("j", 1) == ["a", "b"]  # undrained packs only (p1, p2)
     assert ledger.nodes_of("j", 2) == []
+
+
+def test_lose_by_cache_id_spares_the_new_cache_and_forget_loses_every_cache(
+    tmp_path: Path,
+) -> None:
+    """Hello with another cache id loses only the packs of the node's other caches; an
+    operator's forget (cache id None) loses those of every cache of the node. Either
+    way drained packs and other nodes' packs stay, and each generation that needed a
+    lost pack is lost with the reason given."""
+    catalog = Catalog(tmp_path / "c.sqlite")
+    ledger = CachedPacks(catalog)
+    old = CachedPack("nodes/b/p1", "b", "job:j", 1, _ids(2).tobytes(), "j", 1, cache_id="c1")
+    new = CachedPack("nodes/b/p2", "b", "job:j", 1, _ids(2).tobytes(), "j", 2, cache_id="c2")
+    gone = CachedPack("nodes/b/p3", "b", "job:j", 1, _ids(1).tobytes(), "j", 1, True, "c1")
+    other = CachedPack("nodes/a/p4", "a", "job:j", 1, _ids(1).tobytes(), "j", 3, cache_id="c1")
+    ledger.committed("j", 1, [old, gone], {old.name, gone.name})
+    ledger.committed("j", 2, [new], {new.name})
+    ledger.committed("j", 3, [other], {other.name})
+    with catalog.tx() as db:
+        assert ledger.lose(db, "b", "c2") == ([("j", 1)], 1)
+    assert "cache of b" in ledger.lost[("j", 1)] and ("j", 2) not in ledger.lost
+    with catalog.tx() as db:
+        assert ledger.lose(db, "b", None, "forgotten") == ([("j", 2)], 1)
+        assert ledger.lose(db, "b", None, "forgotten") == ([], 0)  # nothing left
+    assert ledger.lost[("j", 2)] == "forgotten" and ("j", 3) not in ledger.lost
+    assert set(ledger.packs) == {gone.name, other.name}

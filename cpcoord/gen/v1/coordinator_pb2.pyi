@@ -293,6 +293,22 @@ class DeleteGenerationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ForgetNodeRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class ForgetNodeResponse(_message.Message):
+    __slots__ = ("lost", "packs", "members")
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    lost: _containers.RepeatedCompositeFieldContainer[GenerationInfo]
+    packs: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lost: _Optional[_Iterable[_Union[GenerationInfo, _Mapping]]] = ..., packs: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class PinGenerationRequest(_message.Message):
     __slots__ = ("job", "generation", "pinned")
     JOB_FIELD_NUMBER: _ClassVar[int]

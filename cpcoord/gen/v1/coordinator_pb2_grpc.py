@@ -110,6 +110,11 @@ class CoordinatorStub:
                 request_serializer=cpcoord_dot_v1_dot_coordinator__pb2.StoreStatsRequest.SerializeToString,
                 response_deserializer=cpcoord_dot_v1_dot_coordinator__pb2.StoreStatsResponse.FromString,
                 _registered_method=True)
+        self.ForgetNode = channel.unary_unary(
+                '/cpcoord.v1.Coordinator/ForgetNode',
+                request_serializer=cpcoord_dot_v1_dot_coordinator__pb2.ForgetNodeRequest.SerializeToString,
+                response_deserializer=cpcoord_dot_v1_dot_coordinator__pb2.ForgetNodeResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/cpcoord.v1.Coordinator/Watch',
                 request_serializer=cpcoord_dot_v1_dot_coordinator__pb2.WatchRequest.SerializeToString,
@@ -239,6 +244,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetNode(self, request, context):
+        """An operator says a node is gone for good, with its cache (docs/multilevel.md, "Node
+        loss"): its packs not yet in the store are lost, and so is every generation that
+        needed one (GENERATION_LOST on Watch). Refused with FAILED_PRECONDITION
+        (NodeConnected) while the node's agent is connected. Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Job events as they happen, for dashboards. The stream starts with the events after
         the call; it never ends by itself. A watcher that reads too slowly loses the oldest
@@ -325,6 +340,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.StoreStats,
                     request_deserializer=cpcoord_dot_v1_dot_coordinator__pb2.StoreStatsRequest.FromString,
                     response_serializer=cpcoord_dot_v1_dot_coordinator__pb2.StoreStatsResponse.SerializeToString,
+            ),
+            'ForgetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetNode,
+                    request_deserializer=cpcoord_dot_v1_dot_coordinator__pb2.ForgetNodeRequest.FromString,
+                    response_serializer=cpcoord_dot_v1_dot_coordinator__pb2.ForgetNodeResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -737,6 +757,33 @@ class Coordinator:
             '/cpcoord.v1.Coordinator/StoreStats',
             cpcoord_dot_v1_dot_coordinator__pb2.StoreStatsRequest.SerializeToString,
             cpcoord_dot_v1_dot_coordinator__pb2.StoreStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cpcoord.v1.Coordinator/ForgetNode',
+            cpcoord_dot_v1_dot_coordinator__pb2.ForgetNodeRequest.SerializeToString,
+            cpcoord_dot_v1_dot_coordinator__pb2.ForgetNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
