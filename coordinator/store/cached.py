@@ -96,6 +96,9 @@ class CachedPacks:
         for job, gen, pack in deps:
             self.deps.setdefault((job, int(gen)), set()).add(pack)
         self._ids: dict[tuple[str, str], IdArray] = {}
+        # Undrained packs of deleted generations (forget): a late drain report of one is
+        # not a lie. In memory only: after a restart such a report is refused, harmlessly.
+        self.retired: set[str] = set()
 
     # -- what counts as present -------------------------------------------------------
 
@@ -231,16 +234,21 @@ class CachedPacks:
         self._ids.clear()
 
     def forget(self, db: sqlite3.Connection, job: str, generations: list[int]) -> None:
-        """Generations deleted (retention): they depend on nothing any more; undrained
-        packs nothing else depends on need no drain."""
+        """Generations deleted (retention, DeleteGeneration), in the transaction that
+        deletes their rows: they depend on nothing any more, are no longer lost, and
+        undrained packs nothing else depends on need no drain. Those are `retired`: a
+        drain report of one that was already under way is taken as a no-op (drain.py),
+        and the node's next drain list no longer names it."""
         for gen in generations:
-            db.execute(
-                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
-            )
+            for table in ("generation_packs", "lost_generations"):
+                db.execute(f"DELETE FROM {table} WHERE job = ? AND generation = ?", (job, gen))
             self.deps.pop((job, gen), None)
+            self.lost.pop((job, gen), None)
         db.execute("DELETE FROM cached_packs WHERE name NOT IN (SELECT pack FROM generation_packs)")
         live = set().union(*self.deps.values()) if self.deps else set()
         for n in [n for n in self.packs if n not in live]:
+            if not self.packs[n].drained:
+                self.retired.add(n)
             del self.packs[n]
         self._ids.clear()
 

@@ -390,8 +390,14 @@ class Catalog:
             if cur.rowcount != 1:
                 raise NoSuchGeneration(number, job)
 
-    def delete(self, job: str, numbers: list[int]) -> None:
-        """Delete committed or aborted generation rows (retention); one transaction."""
+    def delete(
+        self,
+        job: str,
+        numbers: list[int],
+        also: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """Delete committed or aborted generation rows (retention); one transaction,
+        with `also` (the satellite tables' rows of those generations: cached.py)."""
         with self._tx() as db:
             for n in numbers:
                 db.execute(
@@ -399,6 +405,8 @@ class Catalog:
                     "job_id = (SELECT id FROM jobs WHERE name = ?)",
                     (n, job),
                 )
+            if also is not None:
+                also(db)
 
     def restore_committed(self, info: GenerationInfo) -> bool:
         """Insert a COMMITTED row rebuilt from its manifest (rebuild.py). False, changing

@@ -103,6 +103,8 @@ def take_drained(
             if p is None or p.node != node:
                 if p is None and repo.index.pack_number(r.name) is not None:
                     continue  # drained and settled before (a report sent again)
+                if p is None and r.name in cached.retired:
+                    continue  # its generations were deleted while it drained
                 raise InvalidArgument(f"pack {r.name!r} is not a cached pack of node {node}")
             if p.drained or r.name in repo.trust.lying:
                 continue

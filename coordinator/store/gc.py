@@ -25,7 +25,9 @@ trailers at open, orphan manifests and dead chunks go at the next gc.
 
 from __future__ import annotations
 
+import functools
 import logging
+import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -83,13 +85,19 @@ def _retention(repo: StoreParts, keep: int) -> list[tuple[str, int, str]]:
                 if oldest is not None and g.number < oldest
             ]
             if drop or old_aborted:
-                repo.catalog.delete(job, [g.number for g in drop] + old_aborted)
+                nums = [g.number for g in drop] + old_aborted
+                forget = functools.partial(_forget_cached, repo, job, nums)
+                repo.catalog.delete(job, nums, forget)
             dropped += [(job, g.number, g.manifest or "") for g in drop]
     for _, _, name in dropped:
         repo.forget_manifest(name)
         if name:
             repo.backend.delete(Kind.MANIFESTS, name)
     return dropped
+
+
+def _forget_cached(repo: StoreParts, job: str, nums: list[int], db: sqlite3.Connection) -> None:
+    repo.cached.forget(db, job, nums)  # in the transaction that deletes the rows
 
 
 def _references(repo: StoreParts, names: set[str], known: dict[str, tuple[str, IdArray]]) -> None:

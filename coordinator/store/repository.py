@@ -489,7 +489,8 @@ class Repository(Closing):
             if generation in self.inflight.protected_parents(job):
                 why = "it is the parent of a generation in flight"
                 raise GenerationStateError(generation, job, "delete it", why)
-            self.catalog.delete(job, [generation])
+            gone = [generation]
+            self.catalog.delete(job, gone, lambda db: self.cached.forget(db, job, gone))
             self._manifests.pop(info.manifest or "", None)
         if info.manifest:
             self.backend.delete(Kind.MANIFESTS, info.manifest)

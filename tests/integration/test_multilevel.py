@@ -423,3 +423,46 @@ def test_forget_node_loses_its_local_generations_and_checkpoints_go_on(
     assert _generation(c, "ml", 2)["lost"], "a forgotten generation stays lost"
     v = c.cli_json("verify")
     assert v["ok"], v
+
+
+def test_a_local_generation_deleted_before_its_drain_is_never_drained(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """Generation 2 at level local (node-b drains at 1 byte/s) is deleted: its cached
+    packs leave the ledger with it. node-b's agent, back at full drain rate, is no longer
+    told to drain them (they never reach the store) and nothing it reports is refused;
+    the next checkpoint re-sends what it needs, reaches the store, exports exactly, and
+    verify is clean."""
+    c, caches = _cached_cluster(cluster_factory, tmp_path)
+    targets = _targets(c, target_factory, 64)
+    assert c.cli_json("checkpoint", "--job", "ml")["level"] == "store"
+    c.agents["node-b"].kill()
+    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--drain-rate", "1"))
+    c.wait_agents(NODES)
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=64, counter=70 + i)
+    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    c.agents["node-b"].kill()  # its drain of generation 2 never finishes
+    stored = {n.rsplit("/", 1)[-1] for n in _store_node_packs(c)}
+    held = {p.name for p in _cache_packs(caches["node-b"])} - stored
+    assert held, "generation 2's packs are in node-b's cache only"
+    c.cli("generations", "--job", "ml", "--delete", "2")
+    c.start_agent("node-b", args=("--cache", str(caches["node-b"])))
+    c.wait_agents(NODES)
+    end = time.monotonic() + 60
+    while not c.members_running("ml"):
+        assert time.monotonic() < end, "members not re-attached"
+        time.sleep(0.3)
+    for i, t in enumerate(targets.values()):  # else generation 3 makes the same packs
+        t.cmd("write", name="data", page=0, count=64, counter=90 + i)
+    r3 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store (drain oldest first)
+    assert r3["state"] == "committed" and r3["level"] == "store", r3
+    drained = held & {n.rsplit("/", 1)[-1] for n in _store_node_packs(c)}
+    assert not drained, "packs of a deleted generation were drained into the store"
+    assert c.coordinator is not None
+    assert "drained packs refused" not in c.coordinator.tail(400)
+    want = {n: t.read("data") for n, t in targets.items()}
+    _check_export(c, tmp_path, "ml", r3["generation"], want)
+    v = c.cli_json("verify")
+    assert v["ok"], v

@@ -67,3 +67,27 @@ def test_lose_by_cache_id_spares_the_new_cache_and_forget_loses_every_cache(
         assert ledger.lose(db, "b", None, "forgotten") == ([], 0)  # nothing left
     assert ledger.lost[("j", 2)] == "forgotten" and ("j", 3) not in ledger.lost
     assert set(ledger.packs) == {gone.name, other.name}
+
+
+def test_forget_of_deleted_generations_retires_only_packs_nothing_else_needs(
+    tmp_path: Path,
+) -> None:
+    """Deleting generations drops their dependencies and lost marks; an undrained pack
+    no kept generation needs is retired (a late drain report of it is no lie), one that
+    a kept generation still needs stays, drained packs are never retired."""
+    catalog = Catalog(tmp_path / "c.sqlite")
+    ledger = CachedPacks(catalog)
+    p1 = CachedPack("nodes/b/p1", "b", "job:j", 1, _ids(2).tobytes(), "j", 1)
+    p2 = CachedPack("nodes/b/p2", "b", "job:j", 1, _ids(2).tobytes(), "j", 2)
+    p3 = CachedPack("nodes/b/p3", "b", "job:j", 1, _ids(1).tobytes(), "j", 1, drained=True)
+    ledger.committed("j", 1, [p1, p3], {p1.name, p3.name})
+    ledger.committed("j", 2, [p2], {p1.name, p2.name})  # 2 depends on 1's pack too
+    with catalog.tx() as db:
+        ledger.lose(db, "x", None)  # another node: nothing
+        ledger.forget(db, "j", [1])
+    assert ledger.retired == set() and set(ledger.packs) == {p1.name, p2.name}
+    with catalog.tx() as db:
+        ledger.forget(db, "j", [2])
+    assert ledger.retired == {p1.name, p2.name} and not ledger.packs and not ledger.deps
+    reopened = CachedPacks(catalog)  # the rows went in the same transactions
+    assert not reopened.packs and not reopened.deps and not reopened.lost
