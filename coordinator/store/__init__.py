@@ -14,8 +14,9 @@ Layers, each a small module behind a narrow interface:
 from coordinator.store.catalog import GenerationInfo, Sizes, State
 from coordinator.store.config import StoreConfig
 from coordinator.store.gc import GcReport
+from coordinator.store.ingest import AddResult
 from coordinator.store.manifest import Manifest, MemberMap, PageTable, RegionMap, overlay
-from coordinator.store.repository import AddResult, PageRun, Repository
+from coordinator.store.repository import PageRun, Repository
 from coordinator.store.verify import Damage, StoreStats, VerifyReport
 from storecore.backend import Backend, Kind, LocalBackend, ObjectInfo
 from storecore.ids import ZERO, ChunkId, PackId, chunk_ids_of
