@@ -6,7 +6,7 @@ Layers, each a small module behind a narrow interface:
   packs      append-only packs of zstd-compressed chunks with a trailer index
   index      chunk id -> pack location, per dedup namespace, 49 bytes per chunk
   manifest   a generation's complete map (model); manifest_io: its framed-protobuf file
-  catalog    jobs, members, generations in SQLite
+  catalog    jobs, members, generations in SQLite (catalog_rows: schema, row values)
   inflight   generations in flight and what they protect from gc
   repository the facade the coordinator uses; gc and verify hold the rest
 """
