@@ -10,12 +10,13 @@ the manifest's packed columns: no Python object per page.
 With `locate` (the direct read path) a batch names where its new chunks lie in the store
 (ChunkLocations, from the index alone) instead of carrying them: no page byte is read or
 sent, and batches are bigger (LOCATE_TARGET_BYTES of pages each), the message holding
-only ~100 bytes per entry. `Moved` counts what each stream sent, for the metrics.
+only ~100 bytes per entry. `Moved` counts what each stream sent, for the metrics (told
+to `record` when the stream ends).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -108,7 +109,7 @@ def stream(
     target_bytes: int = TARGET_BYTES,
     only: dict[str, npt.NDArray[np.uint64]] | None = None,
     locate: bool = False,
-    moved: Moved | None = None,
+    record: Callable[[int, int], None] | None = None,
     cache_node: str = "",
     relay: Relay | None = None,
 ) -> Iterator[common_pb2.PageData]:
@@ -117,8 +118,9 @@ def stream(
     `locate`: chunk locations instead of chunk bytes (module docstring); `cache_node`
     (with `locate`): the reader reads that node's cache, so chunks only there are
     named by their cached packs; `relay`: chunks the store lacks (else) come from the
-    agents caching them, as chunk bytes (without it: NotDrained)."""
-    moved = moved if moved is not None else Moved()
+    agents caching them, as chunk bytes (without it: NotDrained); `record(sent, located)`
+    is told what the stream moved (`Moved`) when it ends, also cut short or failed."""
+    moved = Moved()
     if locate:
         target_bytes = max(target_bytes, LOCATE_TARGET_BYTES)
     names = sorted(x.name for x in m.members) if not members else list(members)
@@ -134,30 +136,34 @@ def stream(
                 if far.size:
                     relay.check(m.namespace, far, m.job, m.generation)
     relay = relay if repo.cached.packs else None
-    for name in names:
-        try:
-            mm = m.member(name)
-        except KeyError:
-            raise UnknownMember(m.job, name, f"in generation {m.generation}") from None
-        chosen = [r for r in mm.regions if not regions or r.name in regions]
-        if only is not None:
-            empty = np.zeros(0, dtype=np.uint64)
-            chosen = [
-                replace(r, pages=restore_diff.only_pages(r.pages, only.get(r.name, empty)))
-                for r in chosen
-            ]
-        yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
-        sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
-        for ri, r in enumerate(chosen):
-            for batch in _batches(
-                repo, m, r.pages, sent, max_entries, target_bytes, locate, cache_node, relay
-            ):
-                batch.region = ri
-                moved.sent += len(batch.chunks.data)
-                if locate:
-                    st = np.frombuffer(batch.locations.stored_sizes, dtype="<u4")
-                    moved.located += int(st.sum(dtype=np.uint64))
-                yield common_pb2.PageData(batch=batch)
+    try:
+        for name in names:
+            try:
+                mm = m.member(name)
+            except KeyError:
+                raise UnknownMember(m.job, name, f"in generation {m.generation}") from None
+            chosen = [r for r in mm.regions if not regions or r.name in regions]
+            if only is not None:
+                empty = np.zeros(0, dtype=np.uint64)
+                chosen = [
+                    replace(r, pages=restore_diff.only_pages(r.pages, only.get(r.name, empty)))
+                    for r in chosen
+                ]
+            yield common_pb2.PageData(header=header(m, name, (nodes or {}).get(name, ""), chosen))
+            sent = [np.zeros(0, dtype=ID_DTYPE)]  # chunks this member's stream has carried
+            for ri, r in enumerate(chosen):
+                for batch in _batches(
+                    repo, m, r.pages, sent, max_entries, target_bytes, locate, cache_node, relay
+                ):
+                    batch.region = ri
+                    moved.sent += len(batch.chunks.data)
+                    if locate:
+                        st = np.frombuffer(batch.locations.stored_sizes, dtype="<u4")
+                        moved.located += int(st.sum(dtype=np.uint64))
+                    yield common_pb2.PageData(batch=batch)
+    finally:
+        if record is not None:
+            record(moved.sent, moved.located)
 
 
 def _locations(

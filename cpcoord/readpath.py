@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from cpcoord import packread
-from cpcoord.errors import CpcoordError, DataPathUnavailable, InvalidArgument, StoreInvalid
+from cpcoord.errors import CpcoordError, DataPathUnavailable, InvalidArgument
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
 from cpcoord.pagedata import MemberPages, read_members
 from storecore.backend import Backend
-from storecore.crypt import Sealer, load_key
-from storecore.identity import open_announced
+from storecore.crypt import Sealer
+from storecore.identity import open_sealed
 
 MODES = ("auto", "direct", "coordinator")
 WHO = "(client)"  # DataPathUnavailable names a node; this reader is none
@@ -69,17 +69,14 @@ def check_mode(mode: str) -> str:
 def _open(stats: coordinator_pb2.StoreStatsResponse, key_file: Path | None) -> DirectStore:
     if not stats.store_location:
         raise DataPathUnavailable(WHO, "the coordinator offers no direct data path")
-    backend = open_announced(stats.store_location, stats.store_id)
-    try:
-        sealer = load_key(key_file) if stats.store_encrypted else None
-        if stats.store_encrypted and sealer is None:
-            raise StoreInvalid(
-                stats.store_location, "it is encrypted: give its key file to read it here"
-            )
-        return DirectStore(backend, sealer)
-    except BaseException:
-        backend.close()
-        raise
+    backend, sealer = open_sealed(
+        stats.store_location,
+        stats.store_id,
+        stats.store_encrypted,
+        key_file,
+        "it is encrypted: give its key file to read it here",
+    )
+    return DirectStore(backend, sealer)
 
 
 def choose(call: Call, mode: str, key_file: Path | None, note: Warn) -> DirectStore | None:

@@ -3,15 +3,19 @@
 The coordinator creates it (coordinator/store/config.py) and announces the id to its
 agents; an agent reads it from the store it opened and writes nothing there unless it
 matches: a store that answers under the same name but is another one (a new bucket of
-that name, another directory mounted there) is never written by mistake.
+that name, another directory mounted there) is never written by mistake. `open_sealed`
+opens such an announced store with its key when it is encrypted (the agent's direct data
+path and a client's direct read share it).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from cpcoord.errors import ObjectNotFound, StoreInvalid
 from storecore.backend import Backend, Kind
+from storecore.crypt import Sealer, load_key
 
 STORE_FORMAT = 1
 CONFIG_NAME = "store.json"
@@ -49,3 +53,27 @@ def open_announced(location: str, store_id: str) -> Backend:
         backend.close()
         raise
     return backend
+
+
+def open_sealed(
+    location: str,
+    store_id: str,
+    encrypted: bool,
+    key_file: Path | None,
+    no_key: str,
+    key: bytes = b"",
+) -> tuple[Backend, Sealer | None]:
+    """The announced store (`open_announced`) and, when it is encrypted, its Sealer: from
+    `key` (the coordinator's, sent over mTLS), else the key file or $CPCOORD_STORE_KEY;
+    StoreInvalid(location, `no_key`) when there is none. The caller closes the backend."""
+    backend = open_announced(location, store_id)
+    try:
+        sealer = None
+        if encrypted:
+            sealer = Sealer(key) if key else load_key(key_file)
+            if sealer is None:
+                raise StoreInvalid(location, no_key)
+    except BaseException:
+        backend.close()
+        raise
+    return backend, sealer

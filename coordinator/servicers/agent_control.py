@@ -47,27 +47,23 @@ class AgentControl(agent_pb2_grpc.AgentControlServicer):
         only = None
         if request.page_filter:  # the restore's prefetch: only the pages it will write
             only = {r.name: restore_diff.pages_of_runs(r.pages) for r in request.page_filter}
-        moved = pagestream.Moved()
         cache_node = ""
         if request.chunk_locations and request.read_cache:  # it reads its own node cache
             cache_node = (cert_identity(context) or ("", ""))[1] or nodes.get(request.member, "")
-        try:
-            yield from pagestream.stream(
-                self.engine.repo,
-                m,
-                [request.member],
-                list(request.regions),
-                nodes,
-                self.engine.opt.max_batch_entries,
-                only=only,
-                locate=request.chunk_locations,
-                moved=moved,
-                cache_node=cache_node,
-                relay=cacheread.Relay(self.engine),
-            )
-        finally:  # a stream cut short still moved what it sent
-            node = nodes.get(request.member, "")
-            self.engine.dataplane.record_read(node, moved.sent, moved.located)
+        node, dp = nodes.get(request.member, ""), self.engine.dataplane
+        yield from pagestream.stream(
+            self.engine.repo,
+            m,
+            [request.member],
+            list(request.regions),
+            nodes,
+            self.engine.opt.max_batch_entries,
+            only=only,
+            locate=request.chunk_locations,
+            record=lambda sent, located: dp.record_read(node, sent, located),
+            cache_node=cache_node,
+            relay=cacheread.Relay(self.engine),
+        )
 
     @rpc_errors
     def SendCached(

@@ -187,21 +187,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             check_name(name)
         if request.chunk_locations and not self.engine.opt.direct_data_path:
             raise DataPathUnavailable("(export)", "the coordinator offers no direct data path")
-        moved = pagestream.Moved()
-        try:
-            yield from pagestream.stream(
-                self.engine.repo,
-                m,
-                list(request.members),
-                list(request.regions),
-                nodes,
-                self.engine.opt.max_batch_entries,
-                locate=request.chunk_locations,
-                moved=moved,
-                relay=cacheread.Relay(self.engine),
-            )
-        finally:  # export reads count like restore reads, under node "export"
-            self.engine.dataplane.record_read("export", moved.sent, moved.located)
+        # Export reads count like restore reads, under node "export".
+        dp = self.engine.dataplane
+        yield from pagestream.stream(
+            self.engine.repo,
+            m,
+            list(request.members),
+            list(request.regions),
+            nodes,
+            self.engine.opt.max_batch_entries,
+            locate=request.chunk_locations,
+            record=lambda sent, located: dp.record_read("export", sent, located),
+            relay=cacheread.Relay(self.engine),
+        )
 
     @rpc_errors
     def ForgetNode(

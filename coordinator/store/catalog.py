@@ -7,6 +7,7 @@ COMMITTED | ABORTED (with a reason). Rows of generations dropped by retention ar
 deleted; generation numbers come from a per-job counter and are never reused.
 
 Thread-safe: one connection, every call under one lock, each mutation one transaction.
+The schema and the row values are in catalog_rows.py.
 """
 
 from __future__ import annotations
@@ -17,130 +18,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
+from coordinator.store.catalog_rows import (
+    GEN_COLS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    GenerationInfo,
+    Level,
+    MemberInfo,
+    Sizes,
+    State,
+    generation_of,
+)
 from cpcoord.errors import GenerationStateError, NoSuchGeneration, StoreError, StoreInvalid
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL,
-    next_generation INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS members (
-    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    created REAL NOT NULL,
-    info TEXT NOT NULL DEFAULT '{}',
-    PRIMARY KEY (job_id, name)
-);
-CREATE TABLE IF NOT EXISTS generations (
-    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    number INTEGER NOT NULL,
-    parent INTEGER,
-    state TEXT NOT NULL CHECK (state IN ('PREPARING', 'COMMITTED', 'ABORTED')),
-    reason TEXT NOT NULL DEFAULT '',
-    started REAL NOT NULL,
-    finished REAL,
-    manifest TEXT,
-    namespace TEXT NOT NULL DEFAULT '',
-    members INTEGER NOT NULL DEFAULT 0,
-    pages INTEGER NOT NULL DEFAULT 0,
-    zero_pages INTEGER NOT NULL DEFAULT 0,
-    bytes_logical INTEGER NOT NULL DEFAULT 0,
-    bytes_stored INTEGER NOT NULL DEFAULT 0,
-    bytes_new INTEGER NOT NULL DEFAULT 0,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    level TEXT NOT NULL DEFAULT 'store',
-    PRIMARY KEY (job_id, number)
-);
-CREATE INDEX IF NOT EXISTS generations_by_state ON generations (state);
-"""
-
-
-class State(StrEnum):
-    PREPARING = "PREPARING"
-    COMMITTED = "COMMITTED"
-    ABORTED = "ABORTED"
-
-
-class Level(StrEnum):
-    """A committed generation's durability level (docs/multilevel.md); only rises."""
-
-    LOCAL = "local"
-    PARTNER = "partner"
-    STORE = "store"
-
-    @property
-    def rank(self) -> int:
-        return _LEVEL_RANK[self]
-
-
-_LEVEL_RANK = {Level.LOCAL: 0, Level.PARTNER: 1, Level.STORE: 2}
-
-
-@dataclass(frozen=True)
-class Sizes:
-    members: int = 0
-    pages: int = 0  # pages in the manifest, zero pages included
-    zero_pages: int = 0
-    bytes_logical: int = 0  # pages * page size
-    bytes_stored: int = 0  # stored bytes of the distinct chunks it references
-    bytes_new: int = 0  # stored bytes of chunks this generation added
-
-
-@dataclass(frozen=True)
-class GenerationInfo:
-    job: str
-    number: int
-    parent: int | None
-    state: State
-    reason: str
-    started: float
-    finished: float | None
-    manifest: str | None
-    namespace: str
-    pinned: bool
-    sizes: Sizes
-    level: Level = Level.STORE
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    job: str
-    name: str
-    created: float
-    info: str  # JSON, owned by the coordinator
-
-
-_GEN_COLS = (
-    "j.name, g.number, g.parent, g.state, g.reason, g.started, g.finished, g.manifest, "
-    "g.namespace, g.pinned, g.members, g.pages, g.zero_pages, g.bytes_logical, "
-    "g.bytes_stored, g.bytes_new, g.level"
-)
-
-
-def _gen(row: tuple) -> GenerationInfo:
-    return GenerationInfo(
-        job=row[0],
-        number=row[1],
-        parent=row[2],
-        state=State(row[3]),
-        reason=row[4],
-        started=row[5],
-        finished=row[6],
-        manifest=row[7],
-        namespace=row[8],
-        pinned=bool(row[9]),
-        sizes=Sizes(*row[10:16]),
-        level=Level(row[16]),
-    )
-
+__all__ = ["Catalog", "GenerationInfo", "Level", "MemberInfo", "Sizes", "State"]
 
 class Catalog:
     """SQLite catalog (see the module docstring)."""
@@ -156,7 +49,7 @@ class Catalog:
             # FULL: the commit flip must survive power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(SCHEMA)
             cols = {r[1] for r in self._db.execute("PRAGMA table_info(generations)")}
             if "level" not in cols:  # a catalog older than levels: all of it is in the store
                 self._db.execute(
@@ -292,13 +185,13 @@ class Catalog:
 
     def get(self, job: str, number: int) -> GenerationInfo:
         rows = self._query(
-            f"SELECT {_GEN_COLS} FROM generations g JOIN jobs j ON j.id = g.job_id "
+            f"SELECT {GEN_COLS} FROM generations g JOIN jobs j ON j.id = g.job_id "
             "WHERE j.name = ? AND g.number = ?",
             (job, number),
         )
         if not rows:
             raise NoSuchGeneration(number, job)
-        return _gen(rows[0])
+        return generation_of(rows[0])
 
     def generations(
         self, job: str | None = None, state: State | None = None
@@ -310,10 +203,11 @@ class Catalog:
         if state is not None:
             where.append("g.state = ?")
             args.append(state.value)
-        sql = f"SELECT {_GEN_COLS} FROM generations g JOIN jobs j ON j.id = g.job_id"
+        sql = f"SELECT {GEN_COLS} FROM generations g JOIN jobs j ON j.id = g.job_id"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [_gen(r) for r in self._query(sql + " ORDER BY j.name, g.number", tuple(args))]
+        rows = self._query(sql + " ORDER BY j.name, g.number", tuple(args))
+        return [generation_of(r) for r in rows]
 
     def _set_state(
         self, db: sqlite3.Connection, job: str, number: int, sql: str, args: tuple, verb: str

@@ -24,6 +24,7 @@ rebuilt from the store's manifests (`rebound`, `rebuilt` say so).
 One process owns a store at a time (ownership.py: an exclusive flock on `lock` beside
 the catalog); within it, one RLock guards the index, open packs, in-flight registry and
 catalog steps. Hashing and compression run outside the lock, so uploads of several members overlap.
+Storing chunks and the commit are in ingest.py.
 """
 
 from __future__ import annotations
@@ -32,59 +33,40 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from coordinator.store import binding, drain, index_io, manifest_io, nodepacks, reader
+from coordinator.store import binding, drain, index_io, ingest, manifest_io, nodepacks, reader
 from coordinator.store.cached import CachedPacks
-from coordinator.store.catalog import Catalog, GenerationInfo, Level, State
+from coordinator.store.catalog import Catalog, GenerationInfo, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
 from coordinator.store.gc import GcReport, collect
 from coordinator.store.index import Index
 from coordinator.store.inflight import InFlight, Registry
+from coordinator.store.ingest import AddResult
 from coordinator.store.manifest import Manifest
 from coordinator.store.ownership import Ownership
 from coordinator.store.reader import PageRun
 from coordinator.store.rebuild import RebuildReport, rebuild_catalog
-from coordinator.store.references import check_references
 from coordinator.store.verify import StoreStats, VerifyReport, stats, verify
 from cpcoord.closing import Closing
 from cpcoord.errors import (
-    ChunkMismatch,
     GenerationStateError,
-    InvalidArgument,
-    ManifestInvalid,
-    NodeDataBad,
     NotDrained,
     StoreError,
 )
 from cpcoord.log import log_event
 from cpcoord.ranges import check_name
-from storecore import packs
 from storecore.backend import Backend, Buffer, Kind, LocalBackend
 from storecore.crypt import open_manifest
 from storecore.ids import (
     IdArray,
-    as_id_array,
-    first_of,
     member_of,
-    unique_ids,
-    zero_mask,
 )
 from storecore.writer import PackSink
 
 log = logging.getLogger("cpcoord.store")
 Latest = Literal["latest"]
-
-
-@dataclass(frozen=True)
-class AddResult:
-    received: int
-    stored: int  # chunks newly stored (the rest were already present or repeated)
-    bytes_stored: int  # stored (compressed) bytes of those
 
 
 class Repository(Closing):
@@ -101,7 +83,7 @@ class Repository(Closing):
         # written and "catalog" before the flip; raising fails the commit, nothing flips.
         self.fence: Callable[[str], None] | None = None
         self.lock = threading.RLock()
-        self._sink = PackSink(backend, self.config.pack_size)
+        self.sink = PackSink(backend, self.config.pack_size)
         self.unindexed: list[int] = []  # pack numbers not yet in an index file
         self.recent_puts: set[str] = set()  # packs stored since gc's mark (gc must not delete)
         self._manifests: dict[str, Manifest] = {}  # small cache, names are immutable
@@ -152,7 +134,7 @@ class Repository(Closing):
         with self.lock:
             if not self._owner.held:
                 return
-            self._sink.close()
+            self.sink.close()
             self._owner.withdraw(self.backend)
             self.catalog.close()
             self.backend.close()
@@ -172,7 +154,7 @@ class Repository(Closing):
     def integrate(self, block: bool) -> None:
         """Index the packs the writer has stored; raise its first failure (if any) after
         indexing the others."""
-        stored, error = self._sink.reap(block)
+        stored, error = self.sink.reap(block)
         for sp in stored:
             self.recent_puts.add(sp.name)
             self.index.add_pack(sp.id, sp.size, sp.contents, sp.name)
@@ -197,7 +179,7 @@ class Repository(Closing):
     def flush(self) -> None:
         """Seal every open pack and wait until all are stored and indexed."""
         with self.lock:
-            self._sink.seal()
+            self.sink.seal()
             self.integrate(block=True)
 
     # -- ingest --------------------------------------------------------------------
@@ -224,40 +206,9 @@ class Repository(Closing):
         self, job: str, generation: int, ids: Any, node: str | None = None
     ) -> IdArray:
         """The ids (sorted, unique, ZERO excluded) the store lacks in the generation's
-        namespace, for `node` (None: the coordinator): a chunk only another node's pack
-        holds counts once verified (nodepacks.py; verified here, the first time it is
-        wanted). The ones it has are claimed for the generation (kept from gc)."""
-        arr = as_id_array(ids)
-        arr = arr[~zero_mask(arr)]
-        with self.lock:
-            g = self.inflight.get(job, generation, "ask for missing chunks")
-            self.integrate(block=False)
-            found, locs = self.index.chunks(g.namespace).lookup(arr)
-            check = nodepacks.foreign(self, g.namespace, arr, found, locs, node)
-            if not check.any():
-                return self._claim_present(g, arr, found, node)
-        # Read back outside the lock, then record and look again. The index and the
-        # writer's packs are looked up under one hold of the lock: between two, another
-        # call may index a pack the writer held, and its chunks would be in neither.
-        good, bad = nodepacks.verify(self, g.namespace, arr[check], locs[check])
-        with self.lock:
-            nodepacks.settle(self, g.namespace, good, bad)
-            self.integrate(block=False)
-            found, locs = self.index.chunks(g.namespace).lookup(arr)
-            found &= ~nodepacks.foreign(self, g.namespace, arr, found, locs, node)
-            return self._claim_present(g, arr, found, node)
-
-    def _claim_present(
-        self, g: InFlight, arr: IdArray, found: np.ndarray, node: str | None
-    ) -> IdArray:
-        """(Under the lock, with `found` from the index under the same hold.) Claim the
-        ids present (indexed, or in a pack the writer holds); the others, sorted, less
-        those in `node`'s cache that this generation may use (level local)."""
-        present = found | self._sink.contains(g.namespace, arr)
-        g.claim(arr[present])
-        if node is not None and (g.cached or self.cached.packs):  # level local
-            present |= drain.cached_present(self.cached, g, node, arr)
-        return unique_ids(np.compress(~present, arr))
+        namespace, for `node` (None: the coordinator); the ones it has are claimed for
+        the generation (ingest.py)."""
+        return ingest.missing(self, job, generation, ids, node)
 
     def bad_nodes(self, job: str, generation: int) -> dict[str, str]:
         """Nodes whose packs for this generation failed verification: node -> why."""
@@ -291,50 +242,8 @@ class Repository(Closing):
         self, job: str, generation: int, ids: Any, chunks: Sequence[Buffer]
     ) -> AddResult:
         """Store chunks whose BLAKE3 equals their claimed id. Any mismatch (or a ZERO
-        id, or a bad size) refuses the whole batch: nothing of it is stored."""
-        arr = as_id_array(ids)
-        if arr.size != len(chunks):
-            raise InvalidArgument(f"{arr.size} chunk ids for {len(chunks)} chunks")
-        if zero_mask(arr).any():
-            raise InvalidArgument("the ZERO marker names all-zero pages and is never stored")
-        with self.lock:
-            g = self.inflight.get(job, generation, "accept chunks")
-        actual = packs.check_chunks(arr, chunks)
-        bad = np.flatnonzero(actual != arr)
-        if bad.size:
-            i = int(bad[0])
-            raise ChunkMismatch(arr[i].tobytes().hex(), actual[i].tobytes().hex())
-        with self.lock:
-            new = self._new_ids(g.namespace, arr)
-        sel = np.flatnonzero(new)
-        todo = [chunks[int(i)] for i in sel]
-        threads = self.config.threads or packs.default_threads()
-        methods, blobs = packs.compress_batch(todo, self.config.compression_level, threads)
-        if self.config.sealer is not None and sel.size:
-            sel_ids = [x.tobytes() for x in arr[sel]]
-            blobs = list(self.config.sealer.seal_chunks(g.namespace, sel_ids, blobs))
-            methods |= packs.METHOD_SEALED
-        raws = np.array([len(c) for c in todo], dtype=np.uint32)
-        stored = 0
-        with self.lock:
-            g.claim(arr)
-            still = self._new_ids(g.namespace, arr[sel])  # another upload may have won
-            keep = np.flatnonzero(still)
-            if keep.size:
-                kb = [blobs[i] for i in keep]
-                self._sink.add(g.namespace, arr[sel][keep], methods[keep], kb, raws[keep])
-                stored = sum(len(b) for b in kb)
-                g.chunks_new += int(keep.size)
-                g.bytes_new += stored
-            self.integrate(block=False)
-        return AddResult(len(chunks), int(keep.size), stored)
-
-    def _new_ids(self, namespace: str, arr: IdArray) -> np.ndarray:
-        """Mask of ids neither indexed nor pending nor repeated earlier in `arr`."""
-        new = first_of(arr)
-        new &= ~self.index.chunks(namespace).contains(arr)
-        new &= ~self._sink.contains(namespace, arr)
-        return new
+        id, or a bad size) refuses the whole batch: nothing of it is stored (ingest.py)."""
+        return ingest.add_chunks(self, job, generation, ids, chunks)
 
     def abort(self, job: str, generation: int, reason: str) -> None:
         with self.lock:
@@ -347,47 +256,9 @@ class Repository(Closing):
     # -- commit --------------------------------------------------------------------
 
     def commit(self, manifest: Manifest) -> GenerationInfo:
-        """Make a generation durable and visible (order in the module docstring)."""
-        job, n = manifest.job, manifest.generation
-        with self.lock:
-            g = self.inflight.get(job, n, "commit")
-            if manifest.parent != g.parent:
-                raise ManifestInvalid(n, job, f"parent {manifest.parent}, begun with {g.parent}")
-            m = replace(manifest, namespace=g.namespace)
-            m.validate()
-            for who, why in g.bad.items():  # a node's packs failed verification meanwhile
-                raise NodeDataBad(who, why)
-            self._sink.seal()
-            self.integrate(block=True)
-            self.step("packs")
-            may_lack, deps = drain.commit_plan(self.cached, g)
-            sizes = check_references(m, self.index, g.bytes_new, may_lack)
-            index_io.persist_new(self)
-            self.step("index")
-            name = f"{job}/{n:010d}"
-            data = manifest_io.encode(m)
-            if self.config.sealer is not None:
-                data = self.config.sealer.seal_manifest(name, data)
-            if self.fence is not None:
-                self.fence("manifest")
-            self.backend.put(Kind.MANIFESTS, name, data)
-            self.step("manifest")
-            if self.fence is not None:
-                self.fence("catalog")
-            if deps:
-                own = g.cached
-                record = self.cached.recorder(job, n, own, deps)
-                self.catalog.commit(job, n, name, sizes, Level.LOCAL, also=record)
-                self.cached.committed(job, n, own, deps)
-            else:
-                self.catalog.commit(job, n, name, sizes)
-            self.inflight.remove(job, n)
-            self.step("catalog")
-        log_event(
-            log, logging.INFO, "generation committed", job=job, generation=n,
-            pages=sizes.pages, bytes_logical=sizes.bytes_logical, bytes_new=sizes.bytes_new,
-        )  # fmt: skip
-        return self.catalog.get(job, n)
+        """Make a generation durable and visible (order in the module docstring;
+        ingest.py)."""
+        return ingest.commit(self, manifest)
 
     # -- reading -------------------------------------------------------------------
 

@@ -27,19 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from cpcoord import clientconn, readpath
-from cpcoord.api import convert
+from cpcoord.api import convert, export, results
 from cpcoord.api import values as v
 from cpcoord.api.watch import Watch
 from cpcoord.closing import Closing
-from cpcoord.errors import (
-    GenerationAborted,
-    ImageInvalid,
-    RestoreAborted,
-    RestoreRefusedKernelState,
-    StreamIncomplete,
-)
 from cpcoord.gen.v1 import coordinator_pb2, types_pb2
-from cpcoord.ranges import check_name
 
 RegionSpec = tuple[str, int, int]  # (name, start, end); name may be "" for "r0", "r1", ...
 OnEvent = Callable[[v.ProgressEvent], None]
@@ -196,15 +188,7 @@ class Client(Closing):
             if on_event is not None:
                 on_event(ev)
             last = ev
-        if last is None or not last.final:
-            raise StreamIncomplete("Checkpoint")
-        committed = last.kind is v.ProgressKind.COMMITTED
-        if check and not committed:
-            raise GenerationAborted(last.generation, job, last.reason.value, last.detail)
-        if last.info is not None:
-            return last.info
-        st = v.GenerationState.COMMITTED if committed else v.GenerationState.ABORTED
-        return v.Generation(job, last.generation, None, st, last.reason, last.detail)
+        return results.checkpoint(job, last, check)
 
     # -- generations -----------------------------------------------------------------
 
@@ -285,7 +269,7 @@ class Client(Closing):
             freeze_timeout_ms=freeze_timeout_ms,
             force=force,
         )
-        return self._restore_result(job, list(evs), check)
+        return results.restore(job, list(evs), check)
 
     def restore_into(
         self,
@@ -311,20 +295,7 @@ class Client(Closing):
             ),
         )
         evs = [convert.progress(m) for m in self._stream("Restore", req)]
-        return self._restore_result(job, evs, True)
-
-    @staticmethod
-    def _restore_result(job: str, evs: list[v.ProgressEvent], check: bool) -> v.RestoreResult:
-        if not evs or not evs[-1].final:
-            raise StreamIncomplete("Restore")
-        last = evs[-1]
-        ok = last.kind is v.ProgressKind.COMMITTED
-        if check and not ok and last.reason is v.AbortReason.KERNEL_STATE:
-            raise RestoreRefusedKernelState(last.generation, job, last.detail)
-        if check and not ok:
-            raise RestoreAborted(last.generation, job, last.reason.value, last.detail)
-        done = tuple(e.member for e in evs if e.kind is v.ProgressKind.MEMBER_RESTORED)
-        return v.RestoreResult(job, last.generation, ok, last.reason, last.detail, done, tuple(evs))
+        return results.restore(job, evs, True)
 
     # -- diff and pages --------------------------------------------------------------
 
@@ -372,60 +343,19 @@ class Client(Closing):
         store_key_file: Path | None = None,
     ) -> Path:
         """Write a committed generation as an image directory (as `cpcoord export`)."""
-        from cpcoord.image_writer import ImageWriter
-        from cpcoord.ranges import PAGE_SIZE
-
-        check_name(job)
-        n = self.generation(job, generation).info.number
-        procs = {m.name: (m.pid, m.start_time) for j in self.jobs(job) for m in j.members}
-        writer = ImageWriter(Path(out), job=job, generation=n)
-        try:
-            pages = self.read_generation(
-                job, n, members=members, data_path=data_path, store_key_file=store_key_file
-            )
-            for mp in pages:
-                if mp.page_size != PAGE_SIZE:
-                    raise ImageInvalid(str(out), f"page size {mp.page_size} differs")
-                pid, start = procs.get(mp.member, (0, 0))
-                writer.add_member(mp.member, pid, start)
-                for r in mp.regions:
-                    writer.add_region(
-                        mp.member, pid, start, r.name, r.start, r.end, r.pages, r.data, r.zero
-                    )
-            return Path(writer.commit().path)
-        except BaseException:
-            writer.abort()
-            raise
+        return export.export(self, job, out, generation, members, data_path, store_key_file)
 
     # -- store upkeep ----------------------------------------------------------------
 
     def gc(self, *, keep: int = 0, dry_run: bool = False) -> v.GcReport:
         """Apply retention (keep N per job, 0 = the coordinator's) and drop chunks."""
         req = coordinator_pb2.GarbageCollectRequest(keep=keep, dry_run=dry_run)
-        final = None
-        for e in self._stream("GarbageCollect", req):
-            if e.phase == "done":
-                final = e
-        if final is None:
-            raise StreamIncomplete("GarbageCollect")
-        return convert.gc_report(final)
+        return results.gc(self._stream("GarbageCollect", req))
 
     def verify(self, job: str = "", generation: int = 0) -> v.VerifyReport:
         """Re-read and re-hash every chunk (of `job`, of one `generation`)."""
         req = coordinator_pb2.VerifyRequest(job=job, generation=generation)
-        damage: list[v.Damage] = []
-        for e in self._stream("Verify", req):
-            damage += [convert.damage(d) for d in e.damage]
-            if e.final:
-                return v.VerifyReport(
-                    e.ok,
-                    e.chunks_checked,
-                    e.bytes_read,
-                    e.generations,
-                    tuple(damage),
-                    tuple(e.damaged_packs),
-                )
-        raise StreamIncomplete("Verify")
+        return results.verify(self._stream("Verify", req))
 
     def store_stats(self) -> v.StoreStats:
         return convert.store_stats(self._call("StoreStats", coordinator_pb2.StoreStatsRequest()))

@@ -25,7 +25,7 @@ from nodeagent.proc.procfs import Mapping, ProcessIdentity
 from nodeagent.proc.staging import Staging
 
 if TYPE_CHECKING:
-    from nodeagent.capture.precopy import Report as PrecopyReport
+    from nodeagent.capture.livecopy import Report as PrecopyReport
 
 
 @dataclass(frozen=True)

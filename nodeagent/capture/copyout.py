@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from cpcoord.mapfacts import MapFact, facts_for
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
-from nodeagent.capture.precopy import Plan
+from nodeagent.capture.livecopy import Plan
 from nodeagent.capture.process import SLACK_FRACTION, SLACK_MIN, select_pages
 from nodeagent.capture.regions import RegionSpec, default_regions
 from nodeagent.pages import PageNumbers, empty_pages

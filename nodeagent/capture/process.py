@@ -38,7 +38,7 @@ from nodeagent.capture.captured import CaptureTimings, build_regions, concat_par
 from nodeagent.capture.captured import zero_rows as zero_rows
 from nodeagent.capture.changeset import pick
 from nodeagent.capture.inplace import Destination as Destination  # re-exported
-from nodeagent.capture.precopy import LiveCopy, Plan
+from nodeagent.capture.livecopy import LiveCopy, Plan
 from nodeagent.capture.regions import resolve_regions
 from nodeagent.capture.selection import select_pages as select_pages  # re-exported (copyout, tests)
 from nodeagent.pages import PageNumbers

@@ -18,10 +18,12 @@ full jitter (`backoff_initial_s` doubling to `backoff_max_s`, each wait uniform 
 dials the leader a follower named in its NotLeader answer at once, else the next address
 (cpcoord/endpoints.py).
 
-The session's parts (configuration, Hello, backoff) are nodeagent/daemon/agent_session.py;
-commands down the stream become work in nodeagent/daemon/agent_commands.py. The local API
-backend sees the agent as a `LocalAgent` (nodeagent/localapi/backend.py), the metrics
-as an `AgentState` (nodeagent/daemon/metrics.py).
+The session's parts (configuration, Hello, backoff, heartbeats) are
+nodeagent/daemon/agent_session.py; what an upload's end reports is
+nodeagent/daemon/agent_reports.py; commands down the stream become work in
+nodeagent/daemon/agent_commands.py. The local API backend sees the agent as a
+`LocalAgent` (nodeagent/localapi/backend.py), the metrics as an `AgentState`
+(nodeagent/daemon/metrics.py).
 """
 
 from __future__ import annotations
@@ -38,31 +40,28 @@ from cpcoord import grpcutil
 from cpcoord.endpoints import Endpoints
 from cpcoord.errors import (
     AgentUnavailable,
-    ChunkMismatch,
     CoordinatorUnavailable,
     CpcoordError,
     DataPathUnavailable,
     NotLeader,
-    StoreError,
 )
-from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from cpcoord.ranges import PAGE_SIZE
+from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from nodeagent.cache.drain import Drainer
 from nodeagent.cache.store import NodeCache
 from nodeagent.daemon.agent_commands import Commands
+from nodeagent.daemon.agent_reports import upload_report
 from nodeagent.daemon.agent_session import AgentConfig, Session, backoff, hello
 from nodeagent.daemon.local_commands import LocalCommands
 from nodeagent.daemon.membership import Members
 from nodeagent.daemon.metrics import AgentMetrics, unserved
 from nodeagent.daemon.worker import Worker
-from nodeagent.daemon.worker_ops import DisconnectOp, Op, R, WorkerConfig, failed
+from nodeagent.daemon.worker_ops import DisconnectOp, Op, WorkerConfig
 from nodeagent.upload.direct import DirectStore, choose
 from nodeagent.upload.pool import Uploader
 from nodeagent.upload.stream import Limits, StagedMember, UploadResult, enable_frames
 
 __all__ = ["Agent", "AgentConfig", "backoff"]
 log = logging.getLogger(__name__)
-SILENT_INTERVALS = 3
 
 
 class Agent:
@@ -238,7 +237,7 @@ class Agent:
             s = Session(self._epoch, stub, bulk)
             self._session = s
         welcomed = False
-        beat = threading.Thread(target=self._heartbeats, args=(s,), daemon=True)
+        beat = threading.Thread(target=s.heartbeats, args=(self._emit,), daemon=True)
         try:
             cache_id = self.cache.id if self.cache is not None else ""
             call = stub.Attach(s.requests(hello(self.config.node, self.members, cache_id)))
@@ -332,29 +331,6 @@ class Agent:
         )
         return True
 
-    def _heartbeats(self, s: Session) -> None:
-        seq = 0
-        interval = s.interval
-        # Silence counts from when this thread could listen: after a stall of the agent
-        # itself (starved of CPU), the coordinator is not blamed for that time.
-        listening_since = last = time.monotonic()
-        while not s.closed.wait(interval):
-            now = time.monotonic()
-            if now - last > 2 * interval:
-                listening_since = now - interval
-            last = now
-            seq += 1
-            hb = agent_pb2.Heartbeat(sequence=seq, sent_unix_ms=int(time.time() * 1000))
-            self._emit(agent_pb2.AgentMessage(heartbeat=hb), s.epoch)
-            silent = time.monotonic() - max(s.last_heard, listening_since)
-            if s.heard_heartbeat and silent > SILENT_INTERVALS * interval and s.call is not None:
-                log.warning(
-                    "coordinator silent: dropping the stream",
-                    extra={"fields": {"silent_s": round(silent, 2)}},
-                )
-                s.call.cancel()
-                return
-
     def _broken(self, s: Session) -> None:
         """The stream is over: nothing of it is reported any more; thaw, cancel, keep
         the pending sets."""
@@ -397,32 +373,6 @@ class Agent:
     def _uploaded(
         self, sm: StagedMember, res: UploadResult | CpcoordError | None, epoch: int
     ) -> None:
-        if res is None:  # cancelled: an Abort or a broken stream; nothing to say
-            return
-        if isinstance(res, CpcoordError):
-            if isinstance(res, ChunkMismatch):
-                reason = R.ABORT_REASON_BAD_DATA
-            elif isinstance(res, StoreError):  # its own put failed (direct data path)
-                reason = R.ABORT_REASON_STORE_ERROR
-            else:
-                reason = R.ABORT_REASON_UPLOAD_FAILED
-            log.warning("upload failed", extra={"fields": {"member": sm.member, "error": str(res)}})
-            self._emit(failed(sm.job, sm.generation, sm.member, reason, res), epoch)
-            return
-        m = self.metrics
-        m.upload_seconds.observe(res.seconds)
-        m.upload_bytes.inc(res.bytes_sent)
-        m.upload_chunks.labels("sent").inc(res.chunks_sent)
-        m.upload_chunks.labels("present").inc(res.chunks - res.chunks_sent)
-        m.zero_pages.inc(res.zero_pages)
-        stats = common_pb2.MemberStats(
-            pages=res.pages,
-            zero_pages=res.zero_pages,
-            bytes_logical=res.pages * PAGE_SIZE,
-            bytes_stored_new=res.bytes_stored_new,
-            frozen_seconds=sm.frozen_seconds,
-            tracker=sm.tracker,
-            full=sm.full,
-        )
-        up = agent_pb2.Uploaded(job=sm.job, generation=sm.generation, member=sm.member, stats=stats)
-        self._emit(agent_pb2.AgentMessage(uploaded=up), epoch)
+        msg = upload_report(sm, res, self.metrics)
+        if msg is not None:
+            self._emit(msg, epoch)

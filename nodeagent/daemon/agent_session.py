@@ -1,10 +1,11 @@
 """What one control stream of the node agent is made of: the agent's configuration, the
-Hello it opens with, the session (epoch, outbound queue, stub, liveness) and the waits
-between redials. The stream itself is driven by nodeagent/daemon/agent.py.
+Hello it opens with, the session (epoch, outbound queue, stub, liveness, heartbeats) and
+the waits between redials. The stream itself is driven by nodeagent/daemon/agent.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import random
@@ -24,6 +25,8 @@ from nodeagent.trackers import registry
 from nodeagent.upload.stream import Limits
 
 PROTOCOL_VERSION = 1
+SILENT_INTERVALS = 3  # heartbeat intervals of silence that break the stream
+log = logging.getLogger("nodeagent.daemon.agent")  # the agent's records keep its name
 CAPABILITIES = ("zstd", "restore-in-place", "restore-into")
 LOOPBACK = ("localhost", "127.", "[::1]", "::1", "ip6-localhost")
 
@@ -120,3 +123,30 @@ class Session:
                 yield self.out.get(timeout=0.25)
             except queue.Empty:
                 continue
+
+    def heartbeats(self, emit: Callable[[agent_pb2.AgentMessage, int], None]) -> None:
+        """Send a heartbeat every interval until closed; cancel the call when the
+        coordinator, once it showed it sends heartbeats, is silent SILENT_INTERVALS
+        intervals (runs in a thread of its own)."""
+        seq = 0
+        interval = self.interval
+        # Silence counts from when this thread could listen: after a stall of the agent
+        # itself (starved of CPU), the coordinator is not blamed for that time.
+        listening_since = last = time.monotonic()
+        while not self.closed.wait(interval):
+            now = time.monotonic()
+            if now - last > 2 * interval:
+                listening_since = now - interval
+            last = now
+            seq += 1
+            hb = agent_pb2.Heartbeat(sequence=seq, sent_unix_ms=int(time.time() * 1000))
+            emit(agent_pb2.AgentMessage(heartbeat=hb), self.epoch)
+            silent = time.monotonic() - max(self.last_heard, listening_since)
+            quiet = self.heard_heartbeat and silent > SILENT_INTERVALS * interval
+            if quiet and self.call is not None:
+                log.warning(
+                    "coordinator silent: dropping the stream",
+                    extra={"fields": {"silent_s": round(silent, 2)}},
+                )
+                self.call.cancel()
+                return

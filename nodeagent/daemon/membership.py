@@ -39,7 +39,7 @@ from cpcoord.errors import (
 )
 from cpcoord.gen.v1 import agent_pb2, types_pb2
 from cpcoord.ranges import PAGE_SIZE, check_name, user_space_end
-from nodeagent.capture.precopy import LiveCopy
+from nodeagent.capture.livecopy import LiveCopy
 from nodeagent.capture.regions import RegionSpec
 from nodeagent.capture.trackstate import MemberTracker
 from nodeagent.pages import PageNumbers, empty_pages, union_sorted

@@ -32,7 +32,7 @@ import numpy as np
 
 from cpcoord.errors import CpcoordError, TrackerFailed
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.capture import copyout, precopy
+from nodeagent.capture import copyout, livecopy, precopy
 from nodeagent.capture.changeset import pick
 from nodeagent.capture.copyout import CopyResult
 from nodeagent.capture.regions import RegionSpec
@@ -60,8 +60,8 @@ class Copied:
     full: bool
     tracker: str  # tracker that produced the delivered set; "none" when full
     base_generation: int  # the committed generation it is relative to; 0 when full
-    plan: precopy.Plan | None = None  # pre-copied: `settle()` after the thaw
-    precopy: precopy.Report | None = None
+    plan: livecopy.Plan | None = None  # pre-copied: `settle()` after the thaw
+    precopy: livecopy.Report | None = None
     maps: tuple[Mapping, ...] = ()  # the cut's (a whole-memory member's layout is made of it)
 
     def settle(self) -> None:
@@ -81,7 +81,7 @@ def precopy_member(
     staging: Staging,
     seconds: float,
     freeze_timeout: float,
-) -> precopy.Report | None:
+) -> livecopy.Report | None:
     """The live passes for the member's next Capture, when it will be full (module
     docstring); the member runs. None when pre-copy does not apply here."""
     m.precopied = None

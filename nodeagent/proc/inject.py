@@ -33,8 +33,8 @@ call restarts (or returns EINTR) exactly as after the freeze alone. A thread ins
 rseq critical section is never chosen. Every call must come from the thread that froze
 the process.
 
-The chosen thread's signal and stop state is handled in `inject_thread`, where the
-`syscall` instruction is found in `inject_site`.
+Which thread is chosen, and its signal and stop state, is `inject_thread`'s business;
+where the `syscall` instruction is found, `inject_site`'s.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.inject_thread import (
     ALL_SIGNALS,
     HeldSignal,
+    choose_thread,
     get_sigmask,
-    in_rseq_cs,
     requeue,
     seccomp_mode,
     set_sigmask,
@@ -92,7 +92,6 @@ log = logging.getLogger(__name__)
 
 SEIZE_OPTIONS = 0
 SYSCALL_STOP = signal.SIGTRAP | 0x80
-USER_CS_64 = 0x33  # the 64-bit user code segment; 0x23 is a 32-bit (compat) task
 
 
 class Injector:
@@ -144,7 +143,7 @@ class Injector:
         except (FileNotFoundError, ProcessLookupError):
             raise ProcessExited(self.pid, "syscall injection") from None
         try:
-            self._pick_thread()
+            self.tid, self.saved = choose_thread(self.fp, self._want_tid, self.read)
             self._open = True
             self._set_options()
             self._block_signals()
@@ -157,30 +156,6 @@ class Injector:
         except BaseException:
             self.close()
             raise
-
-    def _pick_thread(self) -> None:
-        tids = list(self.fp.tids)
-        if self._want_tid is not None:
-            tids = [self._want_tid]
-        usable: list[tuple[tuple[bool, bool, bool], int, user_regs_struct]] = []
-        for tid in tids:
-            try:
-                regs = get_regs(tid)
-            except PtraceError as e:
-                if e.errno == errno.ESRCH:
-                    continue  # exited while frozen
-                raise InjectionFailed(self.pid, "PTRACE_GETREGS", str(e)) from None
-            if regs.cs != USER_CS_64:
-                raise TrackerUnavailable("uffd-wp", f"pid {self.pid} is not a 64-bit process")
-            if in_rseq_cs(tid, int(regs.rip), self.read):
-                continue  # our rip would make the kernel drop its rseq critical section
-            # Best first: a thread whose mask can be blocked at once, stopped without a
-            # signal of its own, the leader.
-            key = (swaps_mask(regs), tid in self.fp.pending_signals, tid != self.pid)
-            usable.append((key, tid, regs))
-        if not usable:
-            raise InjectionFailed(self.pid, "setup", "no thread is usable (exited or inside rseq)")
-        _, self.tid, self.saved = min(usable, key=lambda u: u[0])
 
     def _set_options(self) -> None:
         """TRACESYSGOOD, so a syscall-stop never looks like a SIGTRAP; and, under seccomp

@@ -1,16 +1,18 @@
-"""The signal and stop state of one ptrace-stopped thread, as an injection session saves,
-blocks and puts it back (x86-64).
+"""The thread an injection session runs on, and its signal and stop state as the session
+saves, blocks and puts it back (x86-64).
 
-Owns: a thread's blocked-signal mask and the siginfo of its stop, which interrupted calls
-swap the mask (so it can be blocked only after the first injected call), its seccomp mode,
-whether an address lies in its rseq critical section, queueing a held signal again, and
-waiting for its next ptrace stop under a deadline. `inject.Injector` composes these; see
-its header for why every signal is blocked for a session.
+Owns: which thread of a frozen process a session runs on; a thread's blocked-signal
+mask and the siginfo of its stop, which interrupted calls swap the mask (so it can be
+blocked only after the first injected call), its seccomp mode, whether an address lies
+in its rseq critical section, queueing a held signal again, and waiting for its next
+ptrace stop under a deadline. `inject.Injector` composes these; see its header for why
+every signal is blocked for a session.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import struct
@@ -22,7 +24,8 @@ from ptrace.binding.func import ptrace
 from ptrace.binding.linux_struct import user_regs_struct
 from ptrace.error import PtraceError
 
-from cpcoord.errors import InjectionFailed, ProcessExited
+from cpcoord.errors import InjectionFailed, ProcessExited, TrackerUnavailable
+from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.ptrace_abi import (
     PTRACE_GET_RSEQ_CONFIGURATION,
     PTRACE_GETSIGINFO,
@@ -31,10 +34,12 @@ from nodeagent.proc.ptrace_abi import (
     PTRACE_SETSIGMASK,
     U64,
     WALL,
+    get_regs,
 )
 
 log = logging.getLogger("nodeagent.proc.inject")
 
+USER_CS_64 = 0x33  # the 64-bit user code segment; 0x23 is a 32-bit (compat) task
 NR_RT_TGSIGQUEUEINFO = 297
 NR_TGKILL = 234
 # Calls that install a temporary signal mask and leave TIF_RESTORE_SIGMASK set when
@@ -60,6 +65,36 @@ _libc.syscall.restype = ctypes.c_long
 class HeldSignal:
     sig: int
     info: bytes  # the 128-byte siginfo the kernel had for it
+
+
+def choose_thread(
+    fp: FrozenProcess, want: int | None, read: Callable[[int, int], bytes]
+) -> tuple[int, user_regs_struct]:
+    """The thread (tid, its saved registers) a session runs on: `want` if given, else
+    the best of the frozen process's threads; none inside its rseq critical section.
+    `read(addr, n)` reads the target's memory."""
+    pid = fp.pid
+    tids = [want] if want is not None else list(fp.tids)
+    usable: list[tuple[tuple[bool, bool, bool], int, user_regs_struct]] = []
+    for tid in tids:
+        try:
+            regs = get_regs(tid)
+        except PtraceError as e:
+            if e.errno == errno.ESRCH:
+                continue  # exited while frozen
+            raise InjectionFailed(pid, "PTRACE_GETREGS", str(e)) from None
+        if regs.cs != USER_CS_64:
+            raise TrackerUnavailable("uffd-wp", f"pid {pid} is not a 64-bit process")
+        if in_rseq_cs(tid, int(regs.rip), read):
+            continue  # our rip would make the kernel drop its rseq critical section
+        # Best first: a thread whose mask can be blocked at once, stopped without a
+        # signal of its own, the leader.
+        key = (swaps_mask(regs), tid in fp.pending_signals, tid != pid)
+        usable.append((key, tid, regs))
+    if not usable:
+        raise InjectionFailed(pid, "setup", "no thread is usable (exited or inside rseq)")
+    _, tid, regs = min(usable, key=lambda u: u[0])
+    return tid, regs
 
 
 def get_sigmask(tid: int) -> int:

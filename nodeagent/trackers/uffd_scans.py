@@ -4,8 +4,8 @@ Owns: one scan with its error mapped (UffdScanFailed), the cheap probe of whethe
 VMA of a range is async-WP registered, the parts of spans that are not,
 write-protecting every present or swapped page of spans, and the non-clearing peek at
 the pages written since the last protect (`peek_written`: a restore's prefetch; the
-protection stays as it is). Registration and the written-page
-collect that uses these are `uffdwp`'s business.
+protection stays as it is), and the collect's walk of the written pages (`written`).
+Registration and the sequence of a collect are `uffdwp`'s business.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 
+import numpy as np
+
 from cpcoord.errors import UffdScanFailed
 from nodeagent.pages import PageNumbers, pages_of_ranges
 from nodeagent.proc import uffd
+from nodeagent.proc.procfs import Mapping
 from nodeagent.trackers.uffd_spans import Spans, clip
 
 
@@ -92,3 +95,30 @@ def protect(scanner: uffd.PagemapScanner, sp: Spans) -> None:
     flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
     for lo, hi in sp.pairs():
         scan(scanner, lo, hi, flags=flags, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+
+
+def written(
+    scanner: uffd.PagemapScanner, pairs: Sequence[tuple[int, int]], always: Sequence[Mapping]
+) -> PageNumbers:
+    """The pages written in the spans `pairs` since the last protect (protected again in
+    the same walk), plus every present page of the `always` mappings (untracked, counted
+    as changed); sorted. Every scan appends to the scanner's buffer (growing it keeps
+    what is there): the changed regions are one slice of it, with no copy per span."""
+    lo_row = scanner.used
+    flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
+    for s, e in pairs:
+        scan(
+            scanner,
+            s,
+            e,
+            flags=flags,
+            mask=uffd.PAGE_IS_WRITTEN,
+            anyof=uffd.PAGE_TAKEN,
+            returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
+        )
+    for m in always:
+        scan(scanner, m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
+    regions = scanner.buf[lo_row : scanner.used]
+    if always:  # they interleave with the spans
+        regions = regions[np.argsort(regions[:, 0], kind="stable")]
+    return pages_of_ranges(regions[:, 0], regions[:, 1])

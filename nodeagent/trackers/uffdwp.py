@@ -24,7 +24,7 @@ nothing is ever injected. What the target sees, limits and costs: docs/uffd-wp.m
 
 This module owns the sequence; its parts: opening the uffd in the target (uffd_open),
 spans (uffd_spans), registering them and the untracked record (uffd_register), the scans
-(uffd_scans), whether the kernel can do it at all (uffd_avail).
+(uffd_scans, the written pages of a collect too), whether the kernel can do it at all (uffd_avail).
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from cpcoord.errors import (
     CpcoordError,
     InjectionFailed,
@@ -48,7 +46,6 @@ from cpcoord.errors import (
     UffdLost,
 )
 from cpcoord.ranges import AddressRange
-from nodeagent.pages import pages_of_ranges
 from nodeagent.proc import uffd
 from nodeagent.proc.freeze import FrozenProcess
 from nodeagent.proc.inject import Injector
@@ -58,7 +55,7 @@ from nodeagent.trackers import uffd_avail
 from nodeagent.trackers.base import ChangedSet
 from nodeagent.trackers.uffd_open import open_uffd
 from nodeagent.trackers.uffd_register import Misses, key_of, register, unregistered_mappings
-from nodeagent.trackers.uffd_scans import all_registered, protect, scan, unregistered
+from nodeagent.trackers.uffd_scans import all_registered, protect, unregistered, written
 from nodeagent.trackers.uffd_spans import (
     Inside,
     RemoteUffd,
@@ -275,28 +272,9 @@ class UffdWpTracker:
             # the probe cannot see) is untracked, before any WP scan could fail half-way.
             sp = self._verify(self._spans(layout, tracked), inside, layout, tracked)
         t2 = time.perf_counter()
-        # Every scan below appends to the scanner's buffer (growing it keeps what is
-        # there): the changed regions are one slice of it, with no copy per span.
-        lo_row = self._scanner.used
-        flags = uffd.PM_SCAN_WP_MATCHING | uffd.PM_SCAN_CHECK_WPASYNC
-        for s, e in sp.pairs():
-            scan(
-                self._sc(),
-                s,
-                e,
-                flags=flags,
-                mask=uffd.PAGE_IS_WRITTEN,
-                anyof=uffd.PAGE_TAKEN,
-                returns=uffd.PAGE_IS_WRITTEN | uffd.PAGE_TAKEN,
-            )
         miss = self._miss.untracked
         always = [m for m in tracked if key_of(m) in miss] if miss else []
-        for m in always if self.untracked_as_changed else ():
-            scan(self._sc(), m.start, m.end, anyof=uffd.PAGE_TAKEN, returns=uffd.PAGE_TAKEN)
-        regions = self._scanner.buf[lo_row : self._scanner.used]
-        if always and self.untracked_as_changed:  # they interleave with the spans
-            regions = regions[np.argsort(regions[:, 0], kind="stable")]
-        pages = pages_of_ranges(regions[:, 0], regions[:, 1])
+        pages = written(self._sc(), sp.pairs(), always if self.untracked_as_changed else ())
         t3 = time.perf_counter()
         self.last = CollectStats(
             t3 - t0,

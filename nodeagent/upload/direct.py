@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import CpcoordError, DataPathUnavailable, StoreInvalid
+from cpcoord.errors import CpcoordError, DataPathUnavailable
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.cache.store import NodeCache, TieredBackend
 from storecore import packs
 from storecore.backend import Backend, Buffer
-from storecore.crypt import Sealer, load_key
-from storecore.identity import open_announced
+from storecore.crypt import Sealer
+from storecore.identity import open_sealed
 from storecore.ids import IdArray, first_of, member_of, unique_ids
 from storecore.names import node_prefix
 from storecore.writer import PackSink, StoredPack
@@ -106,24 +106,18 @@ def _open(w: agent_pb2.Welcome, node: str, key_file: Path | None) -> DirectStore
         raise DataPathUnavailable(node, "the coordinator announces no store")
     if w.store_dedup not in ("job", "store"):
         raise DataPathUnavailable(node, f"unknown dedup rule {w.store_dedup!r}")
-    backend = open_announced(w.store_location, w.store_id)
-    sid = w.store_id
-    try:
-        sealer = None
-        if w.store_encrypted:
-            sealer = Sealer(w.store_key) if w.store_key else load_key(key_file)
-            if sealer is None:
-                raise StoreInvalid(
-                    w.store_location,
-                    "it is encrypted and no key came (not over mTLS): give --store-key-file",
-                )
-        pack_bytes = w.store_pack_bytes or (16 << 20)
-        return DirectStore(
-            backend, node, sid, w.store_location, w.store_dedup, pack_bytes, sealer
-        )
-    except BaseException:
-        backend.close()
-        raise
+    backend, sealer = open_sealed(
+        w.store_location,
+        w.store_id,
+        w.store_encrypted,
+        key_file,
+        "it is encrypted and no key came (not over mTLS): give --store-key-file",
+        w.store_key,
+    )
+    pack_bytes = w.store_pack_bytes or (16 << 20)
+    return DirectStore(
+        backend, node, w.store_id, w.store_location, w.store_dedup, pack_bytes, sealer
+    )
 
 
 def choose(

@@ -33,13 +33,24 @@ def _cluster(make: Callable[..., Cluster], **kw: object) -> tuple[Cluster, int]:
     return make(nodes=("node-a",), coordinator_args=("--metrics-port", str(port)), **kw), port
 
 
-def _checkpoint_then_scribble(c: Cluster, t: Target) -> int:
+def _checkpoint(c: Cluster, t: Target) -> int:
+    """Attach `t` as member m of job rd on node-a and checkpoint it; the generation."""
     attach(c, "rd", "m", t, "node-a")
     r = c.cli_json("checkpoint", "--job", "rd")
     assert r["state"] == "committed", r
+    return int(r["generation"])
+
+
+def _checkpoint_then_scribble(c: Cluster, t: Target) -> int:
+    gen = _checkpoint(c, t)
     # Every page changes: the restore must bring all of them back.
     t.cmd("write", name="data", page=0, count=PAGES, counter=5)
-    return int(r["generation"])
+    return gen
+
+
+def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Read bytes per path between two scrapes."""
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("direct", "coordinator")}
 
 
 def _equals_export(c: Cluster, t: Target, gen: int, out: Path) -> None:
@@ -60,7 +71,7 @@ def test_direct_restore_reads_the_store_itself_and_is_exact(
     assert [m["read_path"] for m in r["members"]] == ["direct"], r
     t.assert_running()
     after = read_bytes_by_path(port)
-    moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("direct", "coordinator")}
+    moved = _moved(before, after)
     # The agent read every chunk from the store (random pages: stored raw) ...
     assert moved["direct"] >= PAGES * 4096, moved
     # ... and the coordinator sent none of them.
@@ -144,15 +155,14 @@ def test_export_reads_the_store_itself_and_is_exact(
 ) -> None:
     c, port = _cluster(cluster_factory)
     t = target_factory(maps=[f"data:{PAGES}:anon:random:45"])
-    attach(c, "rd", "m", t, "node-a")
-    gen = int(c.cli_json("checkpoint", "--job", "rd")["generation"])
+    gen = _checkpoint(c, t)
     want = t.read("data")
     before = read_bytes_by_path(port)
     r = _export_json(c, gen, tmp_path / "d", "--data-path", "direct")
     assert r["read_path"] == {"direct": 1, "coordinator": 0}, r
     assert int(r["bytes_read_direct"]) >= PAGES * 4096, r  # type: ignore[call-overload]
     after = read_bytes_by_path(port)
-    moved = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("direct", "coordinator")}
+    moved = _moved(before, after)
     # The coordinator only located the chunks; it sent none of them.
     assert moved["direct"] >= PAGES * 4096 and moved["coordinator"] == 0, moved
     got, _ = exported(tmp_path / "d", "m")
@@ -172,8 +182,7 @@ def test_export_falls_back_to_the_coordinator_when_its_own_read_fails(
 ) -> None:
     c, _ = _cluster(cluster_factory)
     t = target_factory(maps=[f"data:{PAGES}:anon:random:46"])
-    attach(c, "rd", "m", t, "node-a")
-    gen = int(c.cli_json("checkpoint", "--job", "rd")["generation"])
+    gen = _checkpoint(c, t)
     want = t.read("data")
     c.extra_env["CPCOORD_FAULT_FAIL"] = "agent.restore.direct_read"
     try:
@@ -196,8 +205,7 @@ def test_export_reads_through_a_coordinator_that_offers_no_direct_path(
 ) -> None:
     c = cluster_factory(nodes=("node-a",), coordinator_args=("--no-direct-data-path",))
     t = target_factory(maps=[f"data:{PAGES}:anon:random:47"])
-    attach(c, "rd", "m", t, "node-a")
-    gen = int(c.cli_json("checkpoint", "--job", "rd")["generation"])
+    gen = _checkpoint(c, t)
     args = ("export", "--job", "rd", "--generation", str(gen), "--json")
     r = c.cli(*args, "--out", str(tmp_path / "a"))
     out = json.loads(r.stdout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,25 @@ def _check_export(c: Cluster, tmp: Path, job: str, n: int, want: dict[str, np.nd
         assert np.array_equal(got[offsets], data[offsets]), f"generation {n}, member {name}"
 
 
+def _restart_coordinator(c: Cluster, pause: Sequence[str] = ()) -> None:
+    """A coordinator of its own (held at the `pause` fault points), the agents back."""
+    assert c.coordinator is not None
+    c.coordinator.kill()
+    c.start_coordinator(pause=pause)
+    c.wait_agents(NODES)
+
+
+def _wait_members(c: Cluster, job: str = "ml") -> None:
+    end = time.monotonic() + 60
+    while not c.members_running(job):
+        assert time.monotonic() < end, "members not re-attached"
+        time.sleep(0.3)
+
+
+def _memory(targets: dict[str, Target]) -> dict[str, np.ndarray]:
+    return {n: t.read("data") for n, t in targets.items()}
+
+
 def _targets(c: Cluster, factory: Callable[..., Target], pages: int) -> dict[str, Target]:
     out = {}
     for i, node in enumerate(NODES):
@@ -81,7 +100,7 @@ def test_wait_local_commits_in_the_caches_then_drains_to_store_exactly(
     targets = _targets(c, target_factory, 256)
     r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r1["state"] == "committed" and r1["level"] == "local", r1
-    want1 = {n: t.read("data") for n, t in targets.items()}
+    want1 = _memory(targets)
     assert _generation(c, "ml", 1)["level"] == "local"
     for node in NODES:  # durable in each node's cache ...
         assert _cache_packs(caches[node]), node
@@ -102,7 +121,7 @@ def test_wait_local_commits_in_the_caches_then_drains_to_store_exactly(
     targets["m1"].cmd("write", name="data", page=100, count=2, counter=22)
     r2 = c.cli_json("checkpoint", "--job", "ml")
     assert r2["state"] == "committed" and r2["level"] == "store" and r2["parent"] == 1, r2
-    want2 = {n: t.read("data") for n, t in targets.items()}
+    want2 = _memory(targets)
     _check_export(c, tmp_path, "ml", 2, want2)
     _check_export(c, tmp_path, "ml", 1, want1)
     v = c.cli_json("verify")
@@ -118,20 +137,15 @@ def test_coordinator_killed_mid_drain_resumes_and_verify_is_clean(
     taken. After the restart (which re-indexes them as unknown packs) the agent is told
     again what it owes, drains it again and the level reaches `store`."""
     c, _ = _cached_cluster(cluster_factory, tmp_path)
-    assert c.coordinator is not None
-    c.coordinator.kill()
-    c.start_coordinator(pause=["coordinator.drain"])
-    c.wait_agents(NODES)
+    _restart_coordinator(c, pause=["coordinator.drain"])
     targets = _targets(c, target_factory, 512)
     r = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r["state"] == "committed" and r["level"] == "local", r
-    want = {n: t.read("data") for n, t in targets.items()}
+    want = _memory(targets)
     c.wait_fault("coordinator.drain")
     assert _store_node_packs(c)  # drained into the store, not taken
     assert _generation(c, "ml", 1)["level"] == "local"
-    c.coordinator.kill()
-    c.start_coordinator()
-    c.wait_agents(NODES)
+    _restart_coordinator(c)
     _wait_level(c, "ml", 1, "store")
     v = c.cli_json("verify")
     assert v["ok"], v
@@ -151,7 +165,7 @@ def test_a_cache_too_small_writes_the_store_directly_never_fails(
     for node in NODES:
         assert not _cache_packs(caches[node]), node
         assert "node cache full: writing the store directly" in c.agents[node].tail(400)
-    _check_export(c, tmp_path, "ml", 1, {n: t.read("data") for n, t in targets.items()})
+    _check_export(c, tmp_path, "ml", 1, _memory(targets))
 
 
 def test_api_client_waits_per_level_and_watch_sees_the_rise(
@@ -193,10 +207,7 @@ def test_restore_by_default_takes_the_newest_generation_even_at_level_local(
     Drained, after generation 1's two), its caches' agents connected: `restore` without
     --generation rolls the members back to it, read from the node caches, exactly."""
     c, _ = _cached_cluster(cluster_factory, tmp_path)
-    assert c.coordinator is not None
-    c.coordinator.kill()
-    c.start_coordinator(pause=["coordinator.drain@3"])
-    c.wait_agents(NODES)
+    _restart_coordinator(c, pause=["coordinator.drain@3"])
     targets = _targets(c, target_factory, 128)
     r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
     assert r1["level"] == "store", r1
@@ -204,7 +215,7 @@ def test_restore_by_default_takes_the_newest_generation_even_at_level_local(
         t.cmd("write", name="data", page=0, count=64, counter=90 + i)
     r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r2["level"] == "local" and r2["generation"] == 2, r2
-    want2 = {n: t.read("data") for n, t in targets.items()}
+    want2 = _memory(targets)
     c.wait_fault("coordinator.drain")
     g2 = _generation(c, "ml", 2)
     assert g2["level"] == "local" and g2["lost"] == "" and g2["cache_nodes"], g2
@@ -232,17 +243,14 @@ def test_a_lost_generation_is_listed_watched_and_skipped_by_restore(
     targets = _targets(c, target_factory, 64)
     r1 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
     assert r1["level"] == "store", r1
-    want1 = {n: t.read("data") for n, t in targets.items()}
+    want1 = _memory(targets)
 
     def restart_b(*extra: str) -> None:
         c.agents["node-b"].kill()
         args = ("--cache", str(caches["node-b"]), *extra)
         c.start_agent("node-b", args=args)
         c.wait_agents(NODES)
-        end = time.monotonic() + 60
-        while not c.members_running("ml"):
-            assert time.monotonic() < end, "members not re-attached"
-            time.sleep(0.3)
+        _wait_members(c)
 
     restart_b("--drain-rate", "1")
     for i, t in enumerate(targets.values()):
@@ -291,10 +299,7 @@ def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
     generation 1 is lost (never `store`), nothing of the old cache counts as present,
     and the next checkpoint commits, reaches the store and exports exactly."""
     c, caches = _cached_cluster(cluster_factory, tmp_path)
-    assert c.coordinator is not None
-    c.coordinator.kill()
-    c.start_coordinator(pause=["coordinator.drain"])
-    c.wait_agents(NODES)
+    _restart_coordinator(c, pause=["coordinator.drain"])
     targets = _targets(c, target_factory, 256)
     r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r1["level"] == "local", r1
@@ -305,14 +310,11 @@ def test_a_lost_cache_loses_only_its_local_generations_and_checkpoints_go_on(
     c.start_coordinator()
     c.start_agent("node-b")
     c.wait_agents(NODES)
-    end = time.monotonic() + 60
-    while not c.members_running("ml"):
-        assert time.monotonic() < end, "members not re-attached"
-        time.sleep(0.3)
+    _wait_members(c)
     assert "generation lost with a node cache" in c.coordinator.tail(400)
     r2 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
     assert r2["state"] == "committed" and r2["level"] == "store", r2
-    want = {n: t.read("data") for n, t in targets.items()}
+    want = _memory(targets)
     _check_export(c, tmp_path, "ml", r2["generation"], want)
     assert _generation(c, "ml", 1)["level"] == "local"
     v = c.cli_json("verify")
@@ -331,7 +333,7 @@ def test_a_local_generation_exports_and_restores_in_place_exactly_before_its_dra
     targets = _targets(c, target_factory, 128)
     r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r1["level"] == "local", r1
-    want = {n: t.read("data") for n, t in targets.items()}
+    want = _memory(targets)
     _check_export(c, tmp_path, "ml", 1, want)  # auto: store chunks direct, cached relayed
     out = tmp_path / "export-coordinator"
     c.cli("export", "--job", "ml", "--generation", "1", "--data-path", "coordinator",

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcoord.ranges import PAGE_SIZE
-from nodeagent.capture.precopy import LiveCopy
+from nodeagent.capture.livecopy import LiveCopy
 from nodeagent.proc.staging import Staging
 
 FROZEN = 1 << 40
