@@ -178,6 +178,10 @@ def _collect(repo: StoreParts, keep: int) -> GcReport:
         # output equal to a crashed gc's leftover): such a pack is live, keep it.
         repo.integrate(block=True)
         keep_names = repo.recent_puts | {s.id.hex() for s in written}
+        # A pack the cached-pack ledger names may be needed by a generation at level
+        # local whatever the index says (drained, its report not taken: re-indexed at
+        # open): never swept while the ledger names it (docs/multilevel.md).
+        keep_names |= repo.cached.names()
         gone = [n for n in doomed + repacked if repo.index.pack(n).name not in keep_names]
         infos = [repo.index.pack(n) for n in gone]
         freed = sum(p.size for p in infos) - sum(s.size for s in written)

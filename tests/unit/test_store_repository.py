@@ -223,3 +223,27 @@ def test_missing_sees_a_pack_indexed_while_it_asks(tmp_path: Path) -> None:
         gate.set()
     finally:
         repo.close()
+
+
+def test_gc_never_deletes_a_pack_the_cached_ledger_names(tmp_path: Path) -> None:
+    """A pack object that the ledger of node caches names (a local generation's pack,
+    drained but its report not taken) outlives gc even when no kept manifest
+    references its chunks; once the ledger lets it go, gc removes it."""
+    from coordinator.store.cached import CachedPack
+
+    def objects() -> set[str]:
+        return {o.name for o in repo.backend.list(Kind.PACKS)}
+
+    with Repository.open_local(tmp_path / "s", StoreConfig(pack_size=1 << 22)) as repo:
+        checkpoint(repo, "j", {"m": {"a": rand(16, 1)}})
+        (name,) = objects()  # generation 1's pack, unreferenced once 1 is dropped
+        g2 = checkpoint(repo, "j", {"m": {"a": rand(16, 2)}})
+        held = CachedPack(name, "b", "job:j", 1, b"", "j", g2, drained=True)
+        repo.cached.committed("j", g2, [held], {name})  # generation 2 depends on it
+        rep = repo.gc(keep=1)
+        assert rep.dropped == (("j", 1),) and rep.packs_deleted == 0, rep
+        assert name in objects()
+        del repo.cached.packs[name], repo.cached.deps[("j", g2)]
+        assert repo.gc(keep=1).packs_deleted == 1
+        assert name not in objects()
+        assert_restores(repo, "j", g2, {"m": {"a": rand(16, 2)}})
