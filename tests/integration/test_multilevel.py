@@ -377,6 +377,23 @@ def test_an_export_of_a_local_generation_whose_caching_agent_is_gone_says_so(
     assert _generation(c, "ml", 1)["level"] == "local"
 
 
+def _local_on_b(
+    c: Cluster, caches: dict[str, Path], factory: Callable[..., Target]
+) -> dict[str, Target]:
+    """Generation 1 in the store; generation 2 at level local, node-b's agent draining
+    at 1 byte/s (its packs of 2 stay in its cache only)."""
+    targets = _targets(c, factory, 64)
+    assert c.cli_json("checkpoint", "--job", "ml")["level"] == "store"
+    c.agents["node-b"].kill()
+    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--drain-rate", "1"))
+    c.wait_agents(NODES)
+    for i, t in enumerate(targets.values()):
+        t.cmd("write", name="data", page=0, count=64, counter=50 + i)
+    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
+    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    return targets
+
+
 def test_forget_node_loses_its_local_generations_and_checkpoints_go_on(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
@@ -387,15 +404,7 @@ def test_forget_node_loses_its_local_generations_and_checkpoints_go_on(
     cache the forgotten packs stay forgotten: the next checkpoint commits, reaches the
     store and exports exactly, and verify is clean."""
     c, caches = _cached_cluster(cluster_factory, tmp_path)
-    targets = _targets(c, target_factory, 64)
-    assert c.cli_json("checkpoint", "--job", "ml")["level"] == "store"
-    c.agents["node-b"].kill()
-    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--drain-rate", "1"))
-    c.wait_agents(NODES)
-    for i, t in enumerate(targets.values()):
-        t.cmd("write", name="data", page=0, count=64, counter=50 + i)
-    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
-    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    targets = _local_on_b(c, caches, target_factory)
     refused = c.cli("forget", "node-b", check=False)
     assert refused.returncode == 55 and "connected agent" in refused.stderr, refused
     assert not _generation(c, "ml", 2)["lost"]
@@ -414,13 +423,10 @@ def test_forget_node_loses_its_local_generations_and_checkpoints_go_on(
     assert again == ForgottenNode("node-b", (), 0, ("ml/m1",)), again
     c.start_agent("node-b", args=("--cache", str(caches["node-b"])))
     c.wait_agents(NODES)
-    end = time.monotonic() + 60
-    while not c.members_running("ml"):
-        assert time.monotonic() < end, "members not re-attached"
-        time.sleep(0.3)
+    _wait_members(c)
     r3 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store
     assert r3["state"] == "committed" and r3["level"] == "store", r3
-    want = {n: t.read("data") for n, t in targets.items()}
+    want = _memory(targets)
     _check_export(c, tmp_path, "ml", r3["generation"], want)
     assert _generation(c, "ml", 2)["lost"], "a forgotten generation stays lost"
     v = c.cli_json("verify")
@@ -436,15 +442,7 @@ def test_a_local_generation_deleted_before_its_drain_is_never_drained(
     the next checkpoint re-sends what it needs, reaches the store, exports exactly, and
     verify is clean."""
     c, caches = _cached_cluster(cluster_factory, tmp_path)
-    targets = _targets(c, target_factory, 64)
-    assert c.cli_json("checkpoint", "--job", "ml")["level"] == "store"
-    c.agents["node-b"].kill()
-    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--drain-rate", "1"))
-    c.wait_agents(NODES)
-    for i, t in enumerate(targets.values()):
-        t.cmd("write", name="data", page=0, count=64, counter=70 + i)
-    r2 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
-    assert r2["level"] == "local" and r2["generation"] == 2, r2
+    targets = _local_on_b(c, caches, target_factory)
     c.agents["node-b"].kill()  # its drain of generation 2 never finishes
     stored = {n.rsplit("/", 1)[-1] for n in _store_node_packs(c)}
     held = {p.name for p in _cache_packs(caches["node-b"])} - stored
@@ -452,10 +450,7 @@ def test_a_local_generation_deleted_before_its_drain_is_never_drained(
     c.cli("generations", "--job", "ml", "--delete", "2")
     c.start_agent("node-b", args=("--cache", str(caches["node-b"])))
     c.wait_agents(NODES)
-    end = time.monotonic() + 60
-    while not c.members_running("ml"):
-        assert time.monotonic() < end, "members not re-attached"
-        time.sleep(0.3)
+    _wait_members(c)
     for i, t in enumerate(targets.values()):  # else generation 3 makes the same packs
         t.cmd("write", name="data", page=0, count=64, counter=90 + i)
     r3 = c.cli_json("checkpoint", "--job", "ml")  # waits for the store (drain oldest first)
@@ -464,7 +459,7 @@ def test_a_local_generation_deleted_before_its_drain_is_never_drained(
     assert not drained, "packs of a deleted generation were drained into the store"
     assert c.coordinator is not None
     assert "drained packs refused" not in c.coordinator.tail(400)
-    want = {n: t.read("data") for n, t in targets.items()}
+    want = _memory(targets)
     _check_export(c, tmp_path, "ml", r3["generation"], want)
     v = c.cli_json("verify")
     assert v["ok"], v
