@@ -189,6 +189,21 @@ class ChunkIndex:
         self._runs = [r for r in self._runs if len(r)]
         return int((which >= 0).sum())
 
+    def in_packs(self, want: npt.NDArray[np.bool_]) -> tuple[IdArray, Locations]:
+        """Every (id, location) in a pack flagged in `want` (by pack number), in no
+        particular order. Only the selected ids are joined: a commit's new packs cost a
+        scan of the pack column, not a copy of every id in the namespace."""
+        ids, locs = [], []
+        for r in self._runs:
+            pk = r.locs["pack"]
+            sel = np.flatnonzero(want[np.minimum(pk, want.size - 1)] & (pk < want.size))
+            if sel.size:
+                ids.append(join_ids(np.take(r.keys, sel), np.take(r.tails, sel)))
+                locs.append(np.take(r.locs, sel))  # take: records index slowly
+        if not ids:
+            return np.zeros(0, ID_DTYPE), np.zeros(0, LOC_DTYPE)
+        return np.concatenate(ids), np.concatenate(locs)
+
     def all(self) -> tuple[IdArray, Locations]:
         """Every (id, location), in no particular order."""
         if not self._runs:
@@ -305,15 +320,14 @@ class Index:
         want[numbers] = True
         groups: dict[int, list[Entries]] = {n: [] for n in numbers}
         for ci in self.namespaces.values():
-            ids, locs = ci.all()
-            sel = np.flatnonzero(want[locs["pack"]])
-            if not sel.size:
+            ids, locs = ci.in_packs(want)
+            if not ids.size:
                 continue
-            e = np.zeros(sel.size, dtype=LOCATED_DTYPE)
-            e["id"] = np.take(ids, sel)  # indexing V32 with an array is ~15x slower
+            e = np.zeros(ids.size, dtype=LOCATED_DTYPE)
+            e["id"] = ids
             for f in ("method", "stored", "raw", "offset"):
-                e[f] = locs[f][sel]
-            pk = locs["pack"][sel]
+                e[f] = locs[f]
+            pk = locs["pack"]
             order = np.argsort(pk, kind="stable")
             for part in np.split(order, np.flatnonzero(np.diff(pk[order])) + 1):
                 groups[int(pk[part[0]])].append(e[part])

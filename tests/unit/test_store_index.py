@@ -134,3 +134,31 @@ def test_index_file_round_trip_and_damage() -> None:
         bad[pos] ^= 0x10
         with pytest.raises(DataCorrupted):
             decode_index(bytes(bad), "f")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.sampled_from(["job:a", "job:b"])), min_size=1,
+                max_size=12), st.data())  # fmt: skip
+def test_pack_entries_of_some_packs_equal_a_scan_of_every_entry(
+    packs: list[tuple[int, str]], data: st.DataObject
+) -> None:
+    """pack_entries joins only the ids of the packs asked for (ChunkIndex.in_packs);
+    it lists exactly what a scan of every entry of every namespace lists for them,
+    sorted by offset, whatever the runs merged into and after packs are removed."""
+    ix = Index()
+    for n, ns in packs:
+        pid, c = contents(n, ns)
+        ix.add_pack(pid, 2000, c)
+    known = sorted(ix.packs())
+    if len(known) > 2:
+        ix.remove_packs([data.draw(st.sampled_from(known))])
+        known = sorted(ix.packs())
+    asked = data.draw(st.lists(st.sampled_from(known), unique=True, min_size=1))
+    for no, (info, e) in zip(asked, ix.pack_entries(asked), strict=True):
+        assert info == ix.pack(no)
+        want = []
+        for ci in ix.namespaces.values():
+            ids, locs = ci.all()
+            sel = locs["pack"] == no
+            want += sorted(zip(locs["offset"][sel].tolist(), ids_to_bytes(ids[sel]), strict=True))
+        assert list(zip(e["offset"].tolist(), ids_to_bytes(e["id"]), strict=True)) == sorted(want)
