@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -76,6 +77,11 @@ def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
             "generation_lost", job=job, generation=gen, node=hello.node, detail=s.lost,
             payload=s,
         )  # fmt: skip
+
+
+def submit(fn: Callable[..., None], *args: object) -> None:
+    """Run on the drain-check thread (partner reports share it: partners.py)."""
+    _POOL.submit(fn, *args)
 
 
 def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cpcoord.errors import InvalidArgument, ObjectNotFound, PartnerFull
 from storecore import packs
-from storecore.backend import Kind, LocalBackend, ObjectInfo
+from storecore.backend import Buffer, Kind, LocalBackend, ObjectInfo
 from storecore.crypt import Sealer
 from storecore.names import node_of, node_prefix
 
@@ -140,3 +140,15 @@ class CacheView:
 
     def list(self, kind: Kind) -> Iterator[ObjectInfo]:
         return self.own.list(kind)
+
+    def put(self, kind: Kind, name: str, data: Buffer) -> None:
+        raise InvalidArgument("the node cache's read view takes no puts")
+
+    def delete(self, kind: Kind, name: str) -> None:
+        raise InvalidArgument("the node cache's read view deletes nothing")
+
+    def discard_incomplete(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

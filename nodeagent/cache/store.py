@@ -37,6 +37,9 @@ class NodeCache:
     def __init__(self, root: Path, size: int = 0, keep: int = 2) -> None:
         self.root = Path(root)
         self.backend = LocalBackend(self.root)
+        # What reads of cached packs see: the cache, and partner copies when this node
+        # holds some (nodeagent/cache/partner.py, CacheView).
+        self.reader: Backend = self.backend
         self.size = size
         self.keep = max(1, keep)
         self.full = 0  # packs that went to the store because the cache was full

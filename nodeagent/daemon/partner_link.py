@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from cpcoord.gen.v1 import agent_pb2
-from nodeagent.cache.partner import PartnerStore
+from nodeagent.cache.partner import CacheView, PartnerStore
 from nodeagent.cache.store import NodeCache
 from nodeagent.daemon.agent_session import AgentConfig
 from nodeagent.daemon.partner_send import PartnerSender
@@ -34,6 +34,7 @@ class PartnerLink:
         self.sender = PartnerSender(config.node, cache, config.tls)
         if config.partner_listen:
             self.store = PartnerStore(cache.root, lambda: cache.bytes, cache.size)
+            cache.reader = CacheView(cache.backend, self.store)
 
             def report(p: agent_pb2.Partnered) -> None:
                 send(agent_pb2.AgentMessage(partnered=p))
