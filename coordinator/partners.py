@@ -84,12 +84,15 @@ def partnered(engine: EngineView, s: AgentSession, msg: agent_pb2.Partnered) -> 
 
 def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Partnered) -> None:
     try:
-        changed = store_partners.take_partnered(
+        changed, took = store_partners.take_partnered(
             engine.repo, s.node, s.hello.cache_id, msg.sender, msg.packs
         )
     except Exception:  # a bug must not kill the thread; the sender sends again later
         log.exception("partner report failed")
         return
+    needless = sorted(set(msg.packs) - set(took))  # drained (or forgotten) meanwhile
+    if needless:
+        s.send(partner_release=agent_pb2.PartnerRelease(packs=needless))
     publish(engine, changed)
 
 

@@ -29,16 +29,17 @@ log = logging.getLogger("cpcoord.store.partners")
 
 def take_partnered(
     repo: Repository, holder: str, cache_id: str, sender: str, names: Iterable[str]
-) -> list[GenerationInfo]:
+) -> tuple[list[GenerationInfo], list[str]]:
     """Record `holder`'s checked copies of `sender`'s packs; returns the generations whose
-    level changed (at their new level)."""
+    level changed (at their new level) and the copies recorded (the others are of packs
+    drained or forgotten meanwhile: the holder may delete them)."""
     cached = repo.cached
     with repo.lock, repo.catalog.tx() as db:
         took = cached.add_copies(db, holder, cache_id, [n for n in names if node_of(n) == sender])
-        touched = {n for n in took}
+        touched = set(took)
         keys = [k for k, deps in cached.deps.items() if deps & touched]
         changed = relevel(db, cached, keys)
-    return _infos(repo, changed)
+    return _infos(repo, changed), took
 
 
 def relevel_all(repo: Repository) -> list[GenerationInfo]:

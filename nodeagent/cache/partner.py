@@ -92,10 +92,9 @@ class PartnerStore:
 
     def delete(self, name: str) -> None:
         sender = node_of(name)
-        if sender is None:
-            return
         with self._lock:
-            self._sizes.pop(name, None)
+            if sender is None or self._sizes.pop(name, None) is None:
+                return
         self.backend(sender).delete(Kind.PACKS, name)
 
 

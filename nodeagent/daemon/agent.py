@@ -198,6 +198,9 @@ class Agent:
         if body == "partner_changed":
             self.partners.changed(msg.partner_changed)
             return True
+        if body == "partner_release":
+            self.partners.release(msg.partner_release.packs)
+            return True
         if self.cache is not None and self.drainer is not None:
             if body == "committed":
                 c = msg.committed

@@ -63,6 +63,12 @@ class PartnerLink:
         if self.sender is not None:
             self.sender.set_partner(pc)
 
+    def release(self, names: Sequence[str]) -> None:
+        """Copies of packs now in the store: delete them (they count against the cache)."""
+        if self.store is not None:
+            for n in names:
+                self.store.delete(n)
+
     def committed(self, job: str, generation: int, names: Sequence[str]) -> None:
         if self.sender is not None:
             self.sender.want(job, generation, names)

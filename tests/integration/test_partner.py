@@ -141,3 +141,38 @@ def test_a_lost_node_is_restored_elsewhere_from_the_partner_copy_and_checkpoints
     for name, data in want2.items():
         got, offsets = exported(out2, name)
         assert np.array_equal(got[offsets], data[offsets]), name
+
+
+def test_api_waits_for_partner_watch_sees_both_rises_and_drained_copies_go(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """cpcoord.api.Client `wait=PARTNER` returns at `partner` (or above); Watch publishes
+    GENERATION_LEVEL at `partner` and at `store`; once drained, the holders are told and
+    delete their copies (they count against their caches)."""
+    import threading
+
+    from cpcoord.api import Client
+    from cpcoord.api.values import Level, WatchEvent, WatchKind
+
+    c, caches = _cluster(cluster_factory, tmp_path, rate="256K")
+    _targets(c, target_factory, 256)
+    with Client(c.address, insecure=True, timeout=120) as api:
+        seen: list[WatchEvent] = []
+        w = api.watch(["pj"])
+        threading.Thread(target=lambda: seen.extend(w), daemon=True).start()
+        time.sleep(0.5)  # the watch is registered
+        g1 = api.checkpoint("pj", wait=Level.PARTNER)
+        assert g1.level in (Level.PARTNER, Level.STORE), g1
+        end = time.monotonic() + 90
+        while True:
+            rises = [e.info.level for e in seen if e.kind is WatchKind.GENERATION_LEVEL and e.info]
+            if Level.STORE in rises:
+                break
+            assert time.monotonic() < end, rises
+            time.sleep(0.2)
+        w.close()
+    assert rises[0] is Level.PARTNER, rises
+    end = time.monotonic() + 30
+    while any(_partner_packs(caches[n], s) for n in NODES for s in NODES):
+        assert time.monotonic() < end, "partner copies of drained packs were kept"
+        time.sleep(0.2)
