@@ -151,15 +151,12 @@ class CachedPacks:
         for p in self.packs.values():
             if p.namespace != namespace or p.drained:
                 continue
-            holders = sorted(self.copies.get(p.name, {}))
-            own = p.cache_id != OWNER_LOST
             if node:
-                if (own and p.node == node) or node in holders:
+                own = p.cache_id != OWNER_LOST
+                if (own and p.node == node) or node in self.copies.get(p.name, {}):
                     chosen.append((p, node))
                 continue
-            ok = reachable or (lambda _n: True)
-            pick = p.node if own and ok(p.node) else next((h for h in holders if ok(h)), "")
-            chosen.append((p, pick or (p.node if own or not holders else holders[0])))
+            chosen.append((p, self.source(p, reachable)))
         where = np.full(ids.size, -1, dtype=np.int64)
         if not chosen or not ids.size:
             return [], [], where
@@ -377,10 +374,26 @@ class CachedPacks:
         for n in [n for n in self.copies if n not in self.packs]:
             del self.copies[n]
 
-    def nodes_of(self, job: str, generation: int) -> list[str]:
-        """The nodes whose caches hold undrained packs the generation needs."""
+    def source(self, p: CachedPack, reachable: Callable[[str], bool] | None = None) -> str:
+        """The node to read an undrained cached pack from: its owner while it has the
+        pack and is `reachable`, else a reachable holder of a copy, else the owner (or,
+        when the owner lost it, a holder): who is then unreachable."""
+        holders = sorted(self.copies.get(p.name, {}))
+        own = p.cache_id != OWNER_LOST
+        ok = reachable or (lambda _n: True)
+        if own and ok(p.node):
+            return p.node
+        return next((h for h in holders if ok(h)), p.node if own or not holders else holders[0])
+
+    def nodes_of(
+        self, job: str, generation: int, reachable: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """The nodes whose caches a read of the generation needs now (`source` of each
+        undrained pack it depends on)."""
         names = self.deps.get((job, generation), set())
-        return sorted({p.node for n in names if (p := self.packs.get(n)) and not p.drained})
+        return sorted(
+            {self.source(p, reachable) for n in names if (p := self.packs.get(n)) and not p.drained}
+        )
 
     def names(self) -> set[str]:
         """Every pack named here (gc keeps such objects in the store: docs/multilevel.md)."""

@@ -71,10 +71,11 @@ class PartnerStore:
         DataCorrupted for a bad pack, ResourceExhausted when it does not fit."""
         check_pack_name(sender, name)
         packs.verify_pack(data, name, sealer)
+        used = self._used()  # before our lock: the cache's lock is never taken inside it
         with self._lock:
             if name in self._sizes:
                 return
-            if self.size and self._used() + sum(self._sizes.values()) + len(data) > self.size:
+            if self.size and used + sum(self._sizes.values()) + len(data) > self.size:
                 raise PartnerFull(name, len(data))
             self._sizes[name] = len(data)
         try:

@@ -40,6 +40,7 @@ class NodeCache:
         # What reads of cached packs see: the cache, and partner copies when this node
         # holds some (nodeagent/cache/partner.py, CacheView).
         self.reader: Backend = self.backend
+        self.others: Callable[[], int] = lambda: 0  # bytes of partner copies kept in DIR
         self.size = size
         self.keep = max(1, keep)
         self.full = 0  # packs that went to the store because the cache was full
@@ -79,7 +80,7 @@ class NodeCache:
         return False
 
     def _fits(self, n: int) -> bool:
-        used = sum(self._sizes.values())
+        used = sum(self._sizes.values()) + self.others()
         if self.size:
             return used + n <= self.size
         st = os.statvfs(self.root)

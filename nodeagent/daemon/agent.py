@@ -178,6 +178,10 @@ class Agent:
         d = self.drainer
         return self.cache.bytes, d.pending, d.drained_bytes, self.cache.full
 
+    def partner_stats(self) -> tuple[int, int, int] | None:
+        """(bytes held as partner copies, bytes sent to the partner, refused full)."""
+        return self.partners.stats()
+
     def _send_now(self, msg: agent_pb2.AgentMessage) -> bool:
         """Queue a message on the current stream, if one is up (the drain's reports)."""
         with self._lock:

@@ -33,8 +33,9 @@ class PartnerLink:
             return
         self.sender = PartnerSender(config.node, cache, config.tls)
         if config.partner_listen:
-            self.store = PartnerStore(cache.root, lambda: cache.bytes, cache.size)
+            self.store = store = PartnerStore(cache.root, lambda: cache.bytes, cache.size)
             cache.reader = CacheView(cache.backend, self.store)
+            cache.others = lambda: store.held_bytes
 
             def report(p: agent_pb2.Partnered) -> None:
                 send(agent_pb2.AgentMessage(partnered=p))
@@ -46,6 +47,13 @@ class PartnerLink:
     def address(self) -> str:
         """Where the listener is (Hello.partner_address); "" without one."""
         return self.server.address if self.server is not None else ""
+
+    def stats(self) -> tuple[int, int, int] | None:
+        """(bytes held for others, bytes sent to the partner, generations refused full)."""
+        if self.sender is None:
+            return None
+        held = self.store.held_bytes if self.store is not None else 0
+        return held, self.sender.sent_bytes, self.sender.full
 
     def start(self) -> None:
         if self.server is not None:

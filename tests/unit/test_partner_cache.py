@@ -168,3 +168,20 @@ def test_the_sender_sends_what_the_partner_lacks(tmp_path: Path) -> None:
     finally:
         h.close()
     assert os.path.isdir(tmp_path / "holder" / "partner" / "node-a")
+
+
+def test_partner_copies_and_the_own_cache_share_one_bound(tmp_path: Path) -> None:
+    from cpcoord.errors import PartnerFull
+
+    a, b = _pack(7), _pack(8)
+    size = len(a.data) + len(b.data) // 2
+    cache = NodeCache(tmp_path / "cache", size=size)
+    store = PartnerStore(cache.root, lambda: cache.bytes, cache.size)
+    cache.others = lambda: store.held_bytes
+    store.put("node-a", _name("node-a", a), a.data, None)
+    with pytest.raises(PartnerFull):  # the copies alone would pass the bound
+        store.put("node-a", _name("node-a", b), b.data, None)
+    assert not store.has(_name("node-a", b))
+    # The node's own cache sees the copies' bytes: a pack that would fit alone does not.
+    assert not cache.reserve("j", 1, _name("node-z", b), len(b.data))
+    assert cache.reserve("j", 1, _name("node-z", b), size - len(a.data))

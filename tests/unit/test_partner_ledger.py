@@ -113,6 +113,7 @@ def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
     names, nodes, where = ledger.locate(want, "job:j", reachable=up)  # b's agent is gone
     assert [nodes[i] for i in where.tolist()] == ["a", "c", "c"]
     assert [names[i] for i in where.tolist()] == ["nodes/a/p1", "nodes/b/p2", "nodes/b/p2"]
+    assert ledger.nodes_of("j", 1) == ["a", "b"] and ledger.nodes_of("j", 1, up) == ["a", "c"]
     names, nodes, where = ledger.locate(want, "job:j", reachable={"a"}.__contains__)
     assert [nodes[i] for i in where.tolist()] == ["a", "b", "b"]  # nobody: the owner named
     names, _, where = ledger.locate(want, "job:j", "c")  # c's own view: its copies
