@@ -9,6 +9,10 @@ fresh store and caches: dedup must not make a later run cheaper), one full check
 
 - `--wait local`: call -> COMMITTED at level local; then the drain: COMMITTED -> level
   store, and its throughput (bytes stored / seconds);
+- `--wait partner`: the agents also listen for partner copies (`--partner-listen`, each
+  the other's partner) and the drain is held (`--drain-rate 1`: unheld, the drain to a
+  local disk finishes first and the call returns at `store`): call -> COMMITTED at
+  level partner (every pack copied to the other node and checked there in full);
 - `--wait store` with the same caches: call -> COMMITTED at level store (local commit
   plus the drain);
 - no cache (today's direct data path) for reference;
@@ -46,20 +50,25 @@ def one_mode(
     args = {n: ("--data-path", "direct") for n in NODES}
     if mode != "no cache":
         args = {n: (*args[n], "--cache", str(caches[n])) for n in NODES}
+    if mode == "--wait partner":
+        partner = ("--partner-listen", "127.0.0.1:0", "--drain-rate", "1")
+        args = {n: (*args[n], *partner) for n in NODES}
     cluster = Cluster(root, nodes=NODES, heartbeat_ms=1000, agent_args=args)
     try:
         cluster.start()
         for (member, t), node in zip(targets.items(), NODES, strict=True):
             m = t.mapping("data")
             cluster.cli(*attach_args("bench", member, t.pid, node, [(m.addr, m.end)]))
-        wait = Level.LOCAL if mode == "--wait local" else Level.STORE
+        wait = {"--wait local": Level.LOCAL, "--wait partner": Level.PARTNER}.get(
+            mode, Level.STORE
+        )
         with Client(cluster.address, insecure=True, timeout=900) as api:
             t0 = time.perf_counter()
             g = api.checkpoint("bench", wait=wait)
             commit_s = time.perf_counter() - t0
             level = g.level.value
             drain_s = 0.0
-            if g.level is not Level.STORE:
+            if g.level is Level.LOCAL:
                 while api.generation("bench", g.number).info.level is not Level.STORE:
                     time.sleep(0.02)
                 drain_s = time.perf_counter() - t0 - commit_s
@@ -96,7 +105,7 @@ def run(size_mib: int, reps: int, store_dir: Path | None, cache_dir: Path) -> in
         raw_disk = repeat(lambda: timed_write(tmp, joined), reps).min
 
         extra["raw_tmpfs_s"], extra["raw_disk_s"] = raw_tmpfs, raw_disk
-        for mode in ("--wait local", "--wait store", "no cache"):
+        for mode in ("--wait local", "--wait partner", "--wait store", "no cache"):
             r = one_mode(mode, tmp, cache_root, targets, want)
             extra[mode] = r
             rows.append({
@@ -128,6 +137,9 @@ def run(size_mib: int, reps: int, store_dir: Path | None, cache_dir: Path) -> in
         f"tmpfs (best of {reps}): {local:.2f} ({'met' if local <= RATIO_GOAL else 'NOT met'}).",
         "Drain: COMMITTED at local -> level store (both agents draining at once, unlimited "
         "rate), beside the raw durable write of the same bytes to the store's disk.",
+        "--wait partner: each agent also copies its packs to the other's partner listener, "
+        "which checks every chunk before it holds the copy; the drain is held (1 byte/s) "
+        "so the call returns at level partner, not at store.",
         f"Load average during the run: {extra['load_average']} (a shared machine).",
     ]
     for p in write_results(

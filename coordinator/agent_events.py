@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from coordinator import levels, members_ops, tree_members
+from coordinator import levels, members_ops, partners, tree_members
 from coordinator.flight import Flight
 from coordinator.protocol.messages import (
     AgentFrozen,
@@ -119,6 +119,9 @@ def handle(engine: EngineView, s: AgentSession, msg: agent_pb2.AgentMessage) -> 
         return
     if kind == "drained":
         levels.drained(engine, s, msg.drained)
+        return
+    if kind == "partnered":
+        partners.partnered(engine, s, msg.partnered)
         return
     if kind == "member_gone":
         g = msg.member_gone

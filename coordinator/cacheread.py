@@ -118,8 +118,10 @@ class Relay:
 
     def _holders(self, namespace: str, ids: IdArray) -> tuple[list[str], list[str], np.ndarray]:
         repo = self.engine.repo
+        with self.engine.lock:  # an owner gone: a partner copy's holder serves its packs
+            up = {s.node for s in self.engine.agents.connected()}
         with repo.lock:
-            return repo.cached.locate(ids, namespace)
+            return repo.cached.locate(ids, namespace, reachable=up.__contains__)
 
     def check(self, namespace: str, ids: IdArray, job: str, generation: int) -> None:
         """Before a read: GenerationStateError when some of these are in no cache and the

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import commit, levels, members_ops, restore
+from coordinator import commit, levels, members_ops, partners, restore
 from coordinator.agents import AgentSession, Registry
 from coordinator.cacheread import CacheReads
 from coordinator.dataplane import DataPlaneStats, announcement
@@ -134,11 +134,12 @@ class Engine:
 
     # -- agents ----------------------------------------------------------------------
 
-    def welcome(self, node: str = "") -> agent_pb2.Welcome:
+    def welcome(self, node: str = "", partner: tuple[str, str] = ("", "")) -> agent_pb2.Welcome:
         store: dict[str, object] = {}
         if self.opt.direct_data_path:
             store = announcement(self.repo, self.opt.send_store_key)
             store["drain"] = levels.drain_items(self, node) if node else []
+            store["partner"] = partners.changed_for(self, node, partner)
         return agent_pb2.Welcome(
             version=__version__,
             protocol_version=PROTOCOL_VERSION,
@@ -164,8 +165,11 @@ class Engine:
                 raise DuplicateAgent(hello.node, f"connected from {old.peer}")
             s = AgentSession(hello, peer, self.clock)
             levels.connected(self, hello)  # before the Welcome lists what it owes
-            s.send(welcome=self.welcome(hello.node))
+            partners.copies_lost(self)  # a holder back with another cache: levels fall
+            s.partner = partners.for_welcome(self, hello)
+            s.send(welcome=self.welcome(hello.node, s.partner))
             self.agents.add(s)
+            partners.rering(self)
         log_event(log, logging.INFO, "agent connected", node=hello.node, peer=peer)
         self._emit_watch("agent_connected", node=hello.node)
         return s
@@ -185,6 +189,7 @@ class Engine:
             s.close(detail)
             if not self.agents.drop(s):
                 return
+            partners.rering(self)
             # Watchers hear the cause before its effects (the aborts it brings).
             self._emit_watch("agent_disconnected", node=s.node, detail=detail)
             for f in list(self.flights.values()):

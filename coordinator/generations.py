@@ -9,6 +9,7 @@ full (engine.checkpoint compares each member's `committed` with the parent).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,8 @@ def summarize(
     if info is not None and info.state is State.COMMITTED and info.level is not Level.STORE:
         with engine.repo.lock:
             lost = engine.repo.cached.lost.get((job, number), "")
-            cache_nodes = () if lost else tuple(engine.repo.cached.nodes_of(job, number))
+            up = _reachable(engine)
+            cache_nodes = () if lost else tuple(engine.repo.cached.nodes_of(job, number, up))
     return Summary(
         catalog=info,
         job=job,
@@ -106,13 +108,19 @@ def committed(engine: EngineView, job: str, n: int, readable: bool = False) -> G
     return info
 
 
+def _reachable(engine: EngineView) -> Callable[[str], bool]:
+    """Whether a node's agent is connected (a dict lookup: no engine lock needed, so it
+    may be asked under the repository's lock)."""
+    return lambda node: engine.agents.current(node) is not None
+
+
 def unreadable(engine: EngineView, job: str, g: GenerationInfo) -> str:
     """Why a committed generation cannot be read now ("" when it can)."""
     if g.level is Level.STORE:
         return ""
     with engine.repo.lock:
         lost = engine.repo.cached.lost.get((job, g.number), "")
-        nodes = engine.repo.cached.nodes_of(job, g.number)
+        nodes = engine.repo.cached.nodes_of(job, g.number, _reachable(engine))
     if lost:
         return f"lost: {lost}"
     with engine.lock:

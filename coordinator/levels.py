@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -99,6 +100,24 @@ def _published(engine: EngineView, node: str, keys: list[tuple[str, int]]) -> li
     return out
 
 
+def _release(engine: EngineView, held: dict[str, list[str]]) -> None:
+    """Tell the holders of partner copies of drained packs that they may delete them."""
+    by_holder: dict[str, list[str]] = {}
+    for name, holders in held.items():
+        for h in holders:
+            by_holder.setdefault(h, []).append(name)
+    for node, names in sorted(by_holder.items()):
+        with engine.lock:
+            holder = engine.agents.current(node)
+        if holder is not None:
+            holder.send(partner_release=agent_pb2.PartnerRelease(packs=names))
+
+
+def submit(fn: Callable[..., None], *args: object) -> None:
+    """Run on the drain-check thread (partner reports share it: partners.py)."""
+    _POOL.submit(fn, *args)
+
+
 def drained(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
     """An agent's Drained report: checked and answered on the drain thread."""
     _POOL.submit(_take, engine, s, msg)
@@ -108,6 +127,9 @@ def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
     fault_point("coordinator.drain")  # tests: killed with drained packs not yet taken
     reports = [nodepacks.Report(p.name, p.size, p.ids) for p in msg.packs]
     nbytes = sum(r.size for r in reports)
+    with engine.repo.lock:  # partner copies of these packs may go once they are taken
+        copies = engine.repo.cached.copies
+        held = {r.name: list(copies.get(r.name, {})) for r in reports}
     try:
         if msg.missing:
             log_event(
@@ -133,6 +155,7 @@ def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
         return
     STATS.add(s.node, nbytes, False)
     s.send(drain_result=agent_pb2.DrainResult(job=msg.job, generation=msg.generation, ok=True))
+    _release(engine, held)
     for info in raised:
         engine.events.publish(
             "generation_level", job=info.job, generation=info.number,

@@ -810,3 +810,17 @@ class CacheUnreachable(NotDrained):
 
     exit_code = 156
     status = "UNAVAILABLE"
+
+
+class PartnerFull(StoreError):
+    """partner copy of {} ({} bytes) does not fit this node's cache"""
+
+    exit_code = 157
+    status = "RESOURCE_EXHAUSTED"
+
+
+class PartnerIdentityMismatch(CpcoordError):
+    """partner copy refused: the caller's certificate is for node {!r}, not the sender {!r}"""
+
+    exit_code = 158
+    status = "PERMISSION_DENIED"

@@ -108,16 +108,21 @@ def make_channel(
     *,
     tls: Any = None,
     token: str | None = None,
+    server_name: str | None = None,
 ) -> grpc.Channel:
     """A channel to `address` (HOST:PORT): mTLS when `tls` (a cpcoord.tls.TlsFiles) is
-    given, verifying the server against its CA; plaintext otherwise. A bearer `token`
+    given, verifying the server against its CA (and its certificate against
+    `server_name` when given, not the address); plaintext otherwise. A bearer `token`
     rides on every call as `authorization` metadata."""
     del insecure  # plaintext is the fallback; only the coordinator refuses to start without
     if tls is not None:
         from cpcoord.tls import channel_credentials
 
         creds = channel_credentials(tls)
-        ch = grpc.secure_channel(address, creds, options=channel_options(max_bytes))
+        opts = channel_options(max_bytes)
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        ch = grpc.secure_channel(address, creds, options=opts)
     else:
         ch = grpc.insecure_channel(address, options=channel_options(max_bytes))
     if token:

@@ -71,6 +71,24 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+def agent_server_name(node: str) -> str:
+    """The DNS name an agent's certificate carries for its partner listener
+    (`cpcoord agent --partner-listen`): a partner is dialled by address and verified by
+    this name, so a copy goes only to the node the coordinator chose."""
+    return f"{node.replace('_', '-').lower()}.agent.cpcoord"
+
+
+def peer_agent(context: object) -> str | None:
+    """The agent node named by a verified client certificate (CN cpcoord-agent:NODE) of
+    a sync servicer context; None when the peer is no agent or presented nothing."""
+    auth = getattr(context, "auth_context", None)
+    for cn in (auth() if auth is not None else {}).get("x509_common_name", ()):
+        name = cn.decode(errors="replace") if isinstance(cn, bytes) else str(cn)
+        if name.startswith(CN_AGENT_PREFIX):
+            return name[len(CN_AGENT_PREFIX) :]
+    return None
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """Client side of mTLS: verify the server against the CA, present our certificate."""
     cert, key, ca = files.read()
@@ -158,7 +176,10 @@ def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
 def _issue(ca: Ca, cn: str, *, server: bool, sans: Iterable[str] = ()) -> tuple[bytes, bytes]:
     key = _key()
     now = dt.datetime.now(dt.UTC)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+    if cn.startswith(CN_AGENT_PREFIX):  # an agent also serves partner copies
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        server, sans = True, [agent_server_name(cn[len(CN_AGENT_PREFIX) :])]
     b = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -168,7 +189,7 @@ def _issue(ca: Ca, cn: str, *, server: bool, sans: Iterable[str] = ()) -> tuple[
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     )
     if server:
         b = b.add_extension(_san(sans), critical=False)

@@ -13,7 +13,16 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator import cacheread, diff, generations, levels, members_ops, pagestream, restore
+from coordinator import (
+    cacheread,
+    diff,
+    generations,
+    levels,
+    members_ops,
+    pagestream,
+    partners,
+    restore,
+)
 from coordinator.dataplane import announcement
 from coordinator.engine import Engine
 from coordinator.servicers import convert, watch
@@ -207,6 +216,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.ForgetNodeResponse:
         check_name(request.node)
         lost, packs = levels.forget(self.engine, request.node)
+        partners.copies_lost(self.engine)  # copies it held are gone: levels may fall
         with self.engine.lock:
             members = [f"{m.job}/{m.name}" for m in self.engine.members.on_node(request.node)]
         return coordinator_pb2.ForgetNodeResponse(

@@ -225,14 +225,15 @@ class Streams:
                 local.CopyFrom(ev)
                 local.kind = common_pb2.PROGRESS_KIND_COMMITTED_LOCAL
                 yield local
-                ev = await self._until_store(engine, ev)
+                want = Level.PARTNER if request.wait == _PARTNER else Level.STORE
+                ev = await self._until_level(engine, ev, want)
             yield ev
 
-    async def _until_store(
-        self, engine: Engine, ev: coordinator_pb2.CheckpointEvent
+    async def _until_level(
+        self, engine: Engine, ev: coordinator_pb2.CheckpointEvent, want: Level
     ) -> coordinator_pb2.CheckpointEvent:
-        """The COMMITTED event again once the generation is in the store (its level
-        rose: docs/multilevel.md), or as it was if the generation was deleted."""
+        """The COMMITTED event again once the generation reached `want` or above (its
+        level rose: docs/multilevel.md), or as it was if the generation was deleted."""
         delay = 0.05
         while True:
             await asyncio.sleep(delay)
@@ -245,9 +246,9 @@ class Streams:
             if lost is not None:  # it can never reach the store: say why and end
                 out = coordinator_pb2.CheckpointEvent()
                 out.CopyFrom(ev)
-                out.detail = f"generation {ev.generation} never reaches the store: {lost}"
+                out.detail = f"generation {ev.generation} never reaches the {want}: {lost}"
                 return out
-            if info.level is Level.STORE:
+            if info.level.rank >= want.rank:
                 s = await self.blocking(
                     summarize, engine, ev.job, ev.generation, "", None, None, info
                 )
@@ -365,6 +366,9 @@ def _handle_batch(engine: Engine, s: AgentSession, msgs: list[agent_pb2.AgentMes
             log.exception("agent message handler failed")
             engine.disconnect(s, f"handler failed: {type(e).__name__}")
             return
+
+
+_PARTNER = common_pb2.DURABILITY_LEVEL_PARTNER
 
 
 def _waits_for_drain(ev: coordinator_pb2.CheckpointEvent, wait: int) -> bool:

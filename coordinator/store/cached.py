@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS generation_packs (
     pack TEXT NOT NULL,
     PRIMARY KEY (job, generation, pack)
 );
+CREATE TABLE IF NOT EXISTS partner_copies (
+    pack TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    cache_id TEXT NOT NULL,
+    PRIMARY KEY (pack, holder)
+);
 CREATE TABLE IF NOT EXISTS lost_generations (
     job TEXT NOT NULL,
     generation INTEGER NOT NULL,
@@ -55,6 +61,9 @@ CREATE TABLE IF NOT EXISTS lost_generations (
 """
 
 GenKey = tuple[str, int]
+# cached_packs.cache_id of a pack whose owner lost its cache while a partner copy lived
+# on: the pack stays in the ledger (the copy serves reads), the owner no longer has it.
+OWNER_LOST = "-"
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class CachedPacks:
             ).fetchall()
             deps = db.execute("SELECT job, generation, pack FROM generation_packs").fetchall()
             lost = db.execute("SELECT job, generation, reason FROM lost_generations").fetchall()
+            copies = db.execute("SELECT pack, holder, cache_id FROM partner_copies").fetchall()
         self.packs: dict[str, CachedPack] = {
             r[0]: CachedPack(
                 r[0], r[1], r[2], int(r[3]), bytes(r[4]), r[5], int(r[6]), bool(r[7]), r[8]
@@ -99,6 +109,10 @@ class CachedPacks:
         # Undrained packs of deleted generations (forget): a late drain report of one is
         # not a lie. In memory only: after a restart such a report is refused, harmlessly.
         self.retired: set[str] = set()
+        # Checked partner copies (partners.py): pack -> holder node -> its cache id.
+        self.copies: dict[str, dict[str, str]] = {}
+        for pack, holder, cid in copies:
+            self.copies.setdefault(pack, {})[holder] = cid
 
     # -- what counts as present -------------------------------------------------------
 
@@ -111,6 +125,7 @@ class CachedPacks:
                 as_id_array(p.ids)
                 for p in self.packs.values()
                 if p.node == node and p.namespace == namespace and not p.drained
+                and p.cache_id != OWNER_LOST
             ]
             got = np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
             self._ids[key] = got
@@ -126,19 +141,29 @@ class CachedPacks:
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
 
     def locate(
-        self, ids: IdArray, namespace: str, node: str = ""
-    ) -> tuple[list[str], list[str], npt.NDArray[np.int64]]:
-        """Where chunks lie in node caches (a read of a generation at level local): the
-        undrained cached packs of `namespace` (of `node` only, when given) as (names,
-        their nodes) and per id an index into them, -1 for an id none lists."""
-        chosen = [
-            p for p in self.packs.values()
-            if p.namespace == namespace and not p.drained and (not node or p.node == node)
-        ]  # fmt: skip
+        self, ids: IdArray, namespace: str, node: str = "",
+        reachable: Callable[[str], bool] | None = None,
+    ) -> tuple[list[str], list[str], npt.NDArray[np.int64]]:  # fmt: skip
+        """Where chunks lie in node caches (a read of a generation not yet in the store):
+        the undrained cached packs of `namespace` as (names, the node to read each from)
+        and per id an index into them, -1 for an id none lists. With `node`: only packs
+        that node holds (its own, or partner copies it holds). Else each pack is read from
+        its owner while the owner has it and is `reachable`, else from a reachable
+        holder of a partner copy, else named with its owner (who is then unreachable)."""
+        chosen: list[tuple[CachedPack, str]] = []
+        for p in self.packs.values():
+            if p.namespace != namespace or p.drained:
+                continue
+            if node:
+                own = p.cache_id != OWNER_LOST
+                if (own and p.node == node) or node in self.copies.get(p.name, {}):
+                    chosen.append((p, node))
+                continue
+            chosen.append((p, self.source(p, reachable)))
         where = np.full(ids.size, -1, dtype=np.int64)
         if not chosen or not ids.size:
             return [], [], where
-        hay = [as_id_array(p.ids) for p in chosen]
+        hay = [as_id_array(p.ids) for p, _ in chosen]
         owner = np.concatenate([np.full(h.size, i, dtype=np.int64) for i, h in enumerate(hay)])
         flat = np.concatenate(hay)
         order = np.argsort(flat, kind="stable")
@@ -146,7 +171,7 @@ class CachedPacks:
         pos = np.minimum(search_ids(flat, ids), flat.size - 1)
         hit = np.asarray(np.take(flat, pos) == ids)
         where[hit] = np.take(owner, pos[hit])
-        return [p.name for p in chosen], [p.node for p in chosen], where
+        return [p.name for p, _ in chosen], [n for _, n in chosen], where
 
     def undrained(self, nodes: Iterable[str], namespace: str) -> set[str]:
         want = set(nodes)
@@ -154,6 +179,7 @@ class CachedPacks:
             p.name
             for p in self.packs.values()
             if p.node in want and p.namespace == namespace and not p.drained
+            and p.cache_id != OWNER_LOST
         }
 
     # -- commit ------------------------------------------------------------------------
@@ -192,7 +218,7 @@ class CachedPacks:
         """(job, generation, pack names) of `node`'s undrained packs, oldest first."""
         out: dict[GenKey, list[str]] = {}
         for p in self.packs.values():  # insertion order: commit order
-            if p.node == node and not p.drained:
+            if p.node == node and not p.drained and p.cache_id != OWNER_LOST:
                 out.setdefault((p.job, p.generation), []).append(p.name)
         return [(job, gen, names) for (job, gen), names in out.items()]
 
@@ -220,6 +246,7 @@ class CachedPacks:
             "DELETE FROM cached_packs WHERE drained = 1 AND name NOT IN "
             "(SELECT pack FROM generation_packs)"
         )
+        db.execute("DELETE FROM partner_copies WHERE pack NOT IN (SELECT name FROM cached_packs)")
 
     def applied(self, drained: set[str], raised: list[GenKey]) -> None:
         for n in drained:
@@ -231,6 +258,8 @@ class CachedPacks:
         live = set().union(*self.deps.values()) if self.deps else set()
         for n in [n for n, p in self.packs.items() if p.drained and n not in live]:
             del self.packs[n]
+        for n in [n for n in self.copies if n not in self.packs]:
+            del self.copies[n]
         self._ids.clear()
 
     def forget(self, db: sqlite3.Connection, job: str, generations: list[int]) -> None:
@@ -250,20 +279,47 @@ class CachedPacks:
             if not self.packs[n].drained:
                 self.retired.add(n)
             del self.packs[n]
+        self._prune_copies(db)
         self._ids.clear()
 
     def lose(
         self, db: sqlite3.Connection, node: str, cache_id: str | None, why: str = ""
     ) -> tuple[list[GenKey], int]:
         """`node` came back with another cache (Hello.cache_id), or an operator forgot
-        the node (`cache_id` None: every cache of it): its undrained packs of those
-        caches are gone. They stop counting as present, and the generations that
-        depended on them can never reach the store: recorded as lost, with `why`.
-        Returns those generations and how many packs were lost."""
-        gone = {
+        the node (`cache_id` None: every cache of it): what those caches held is gone.
+        Partner copies it held are dropped (`copies`; the level rule may lower
+        generations: partners.py). Its own undrained packs that have a copy on another
+        node stay in the ledger, marked OWNER_LOST (read from the copy); the others stop
+        counting as present, and the generations that depended on them can never reach
+        the store: recorded as lost, with `why`. Returns those and how many packs went."""
+        dropped = [
+            (n, h) for n, hs in self.copies.items() for h, cid in hs.items()
+            if h == node and (cache_id is None or cid != cache_id)
+        ]  # fmt: skip
+        db.executemany(
+            "DELETE FROM partner_copies WHERE pack = ? AND holder = ?", dropped
+        )
+        for n, h in dropped:
+            self.copies[n].pop(h, None)
+            if not self.copies[n]:
+                del self.copies[n]
+        mine = {
             n for n, p in self.packs.items()
-            if p.node == node and not p.drained and (cache_id is None or p.cache_id != cache_id)
+            if p.node == node and not p.drained and p.cache_id not in (cache_id, OWNER_LOST)
         }  # fmt: skip
+        kept = {n for n in mine if self.copies.get(n)}
+        orphans = {  # the owner lost them before, and now their last copy is gone
+            n for n, p in self.packs.items()
+            if p.cache_id == OWNER_LOST and not p.drained and not self.copies.get(n)
+        }  # fmt: skip
+        db.executemany(
+            "UPDATE cached_packs SET cache_id = ? WHERE name = ?",
+            [(OWNER_LOST, n) for n in kept],
+        )
+        for n in kept:
+            self.packs[n] = replace(self.packs[n], cache_id=OWNER_LOST)
+        gone = (mine - kept) | orphans
+        self._ids.clear()
         if not gone:
             return [], 0
         keys = sorted(k for k, names in self.deps.items() if names & gone)
@@ -283,13 +339,72 @@ class CachedPacks:
         for k in keys:
             self.deps.pop(k, None)
             self.lost[k] = why
-        self._ids.clear()
         return keys, len(gone)
 
-    def nodes_of(self, job: str, generation: int) -> list[str]:
-        """The nodes whose caches hold undrained packs the generation needs."""
+    # -- partner copies ----------------------------------------------------------------
+
+    def add_copies(
+        self, db: sqlite3.Connection, holder: str, cache_id: str, names: Iterable[str]
+    ) -> list[str]:
+        """Record checked copies of undrained cached packs held by `holder` (not their
+        owner); returns the names recorded. Unknown or drained packs are skipped."""
+        took = [
+            n for n in names
+            if (p := self.packs.get(n)) is not None and not p.drained and p.node != holder
+        ]  # fmt: skip
+        db.executemany(
+            "INSERT OR REPLACE INTO partner_copies (pack, holder, cache_id) VALUES (?, ?, ?)",
+            [(n, holder, cache_id) for n in took],
+        )
+        for n in took:
+            self.copies.setdefault(n, {})[holder] = cache_id
+        return took
+
+    def covered(self, key: GenKey) -> bool:
+        """Every undrained pack the generation depends on has a checked copy on a node
+        other than its owner (the level rule for `partner`)."""
+        names = self.deps.get(key)
+        if not names or key in self.lost:
+            return False
+        undrained = [n for n in names if (p := self.packs.get(n)) and not p.drained]
+        return bool(undrained) and all(
+            any(h != self.packs[n].node for h in self.copies.get(n, {})) for n in undrained
+        )
+
+    def owed_to_partner(self, node: str) -> list[tuple[str, int, list[str]]]:
+        """`node`'s undrained packs without a copy elsewhere, per generation, oldest
+        first: what it must send its partner."""
+        return [
+            (job, gen, todo)
+            for job, gen, names in self.drain_items(node)
+            if (todo := [n for n in names if not self.copies.get(n)])
+        ]
+
+    def _prune_copies(self, db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM partner_copies WHERE pack NOT IN (SELECT name FROM cached_packs)")
+        for n in [n for n in self.copies if n not in self.packs]:
+            del self.copies[n]
+
+    def source(self, p: CachedPack, reachable: Callable[[str], bool] | None = None) -> str:
+        """The node to read an undrained cached pack from: its owner while it has the
+        pack and is `reachable`, else a reachable holder of a copy, else the owner (or,
+        when the owner lost it, a holder): who is then unreachable."""
+        holders = sorted(self.copies.get(p.name, {}))
+        own = p.cache_id != OWNER_LOST
+        ok = reachable or (lambda _n: True)
+        if own and ok(p.node):
+            return p.node
+        return next((h for h in holders if ok(h)), p.node if own or not holders else holders[0])
+
+    def nodes_of(
+        self, job: str, generation: int, reachable: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """The nodes whose caches a read of the generation needs now (`source` of each
+        undrained pack it depends on)."""
         names = self.deps.get((job, generation), set())
-        return sorted({p.node for n in names if (p := self.packs.get(n)) and not p.drained})
+        return sorted(
+            {self.source(p, reachable) for n in names if (p := self.packs.get(n)) and not p.drained}
+        )
 
     def names(self) -> set[str]:
         """Every pack named here (gc keeps such objects in the store: docs/multilevel.md)."""

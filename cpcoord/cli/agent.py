@@ -120,6 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bound of the drain to the store (e.g. 200M; default unlimited)",
     )
     p.add_argument(
+        "--partner-listen",
+        metavar="HOST:PORT",
+        help="take partner copies of other nodes' cached packs here (level partner, "
+        "docs/multilevel.md; mTLS with this agent's certificate; port 0: any free port; "
+        "needs --cache)",
+    )
+    p.add_argument(
         "--compress",
         choices=("auto", "zstd", "none"),
         default="auto",
@@ -181,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `cpcoord --help` must not pay for NumPy and gRPC.
     from prometheus_client import CollectorRegistry
 
-    from cpcoord import grpcutil
+    from cpcoord import clientconn, grpcutil
     from nodeagent.daemon import metrics
     from nodeagent.daemon.agent import Agent, AgentConfig
     from nodeagent.trackers import registry
@@ -202,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument("--cache needs the direct data path (not --data-path coordinator)")
     if not 1 <= args.cache_keep <= 1000:
         raise InvalidArgument(f"--cache-keep must be 1..1000, got {args.cache_keep}")
+    if args.partner_listen is not None:
+        if args.cache is None:
+            raise InvalidArgument("--partner-listen needs --cache (copies are kept there)")
+        host, _, port = args.partner_listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise InvalidArgument(f"--partner-listen must be HOST:PORT: {args.partner_listen!r}")
     tracker = registry.canonical(args.tracker)
     if tracker != registry.AUTO:
         registry.choose(tracker)  # TrackerUnavailable now, not at the first capture
@@ -220,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         cache_keep=args.cache_keep,
         drain_rate=float(args.drain_rate),
+        partner_listen=args.partner_listen,
+        tls=clientconn.tls_from_args(args),
     )
     scraped = CollectorRegistry(auto_describe=True)
     agent = Agent(config, channel_factory=factory, metrics=metrics.install(scraped, tracker))

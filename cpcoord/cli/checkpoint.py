@@ -51,10 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--wait",
-        choices=("local", "store"),
+        choices=("local", "partner", "store"),
         default="store",
         help="return once the generation reaches this durability level: local (every "
-        "member's packs in its node's cache, agents with --cache) or store (in the shared "
+        "member's packs in its node's cache, agents with --cache), partner (also a checked "
+        "copy on another node: agents with --partner-listen) or store (in the shared "
         "store; the default, what a checkpoint always meant)",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -37,6 +37,10 @@ class NodeCache:
     def __init__(self, root: Path, size: int = 0, keep: int = 2) -> None:
         self.root = Path(root)
         self.backend = LocalBackend(self.root)
+        # What reads of cached packs see: the cache, and partner copies when this node
+        # holds some (nodeagent/cache/partner.py, CacheView).
+        self.reader: Backend = self.backend
+        self.others: Callable[[], int] = lambda: 0  # bytes of partner copies kept in DIR
         self.size = size
         self.keep = max(1, keep)
         self.full = 0  # packs that went to the store because the cache was full
@@ -76,7 +80,7 @@ class NodeCache:
         return False
 
     def _fits(self, n: int) -> bool:
-        used = sum(self._sizes.values())
+        used = sum(self._sizes.values()) + self.others()
         if self.size:
             return used + n <= self.size
         st = os.statvfs(self.root)

@@ -54,11 +54,13 @@ from nodeagent.daemon.agent_session import AgentConfig, Session, backoff, hello
 from nodeagent.daemon.local_commands import LocalCommands
 from nodeagent.daemon.membership import Members
 from nodeagent.daemon.metrics import AgentMetrics, unserved
+from nodeagent.daemon.partner_link import PartnerLink
 from nodeagent.daemon.worker import Worker
 from nodeagent.daemon.worker_ops import DisconnectOp, Op, WorkerConfig
 from nodeagent.upload.direct import DirectStore, choose
 from nodeagent.upload.pool import Uploader
 from nodeagent.upload.stream import Limits, StagedMember, UploadResult, enable_frames
+from storecore.crypt import Sealer
 
 __all__ = ["Agent", "AgentConfig", "backoff"]
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class Agent:
         if config.cache_dir is not None:  # level local (docs/multilevel.md)
             self.cache = NodeCache(config.cache_dir, config.cache_size, config.cache_keep)
             self.drainer = Drainer(self.cache, config.drain_rate, self._send_now)
+        self.partners = PartnerLink(config, self.cache, self._send_now, self._sealer)
         self.connected = threading.Event()
         self.sessions = 0  # Welcomes received, for tests and metrics
         self.members = Members()
@@ -125,6 +128,7 @@ class Agent:
         self.worker.start()
         if self.drainer is not None:
             self.drainer.start()
+        self.partners.start()
         delays = backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         while not self._stop.is_set():
             welcomed = self._serve_once()
@@ -144,6 +148,7 @@ class Agent:
         self._stop.set()
         if self.drainer is not None:
             self.drainer.stop()
+        self.partners.stop()
         with self._lock:
             s = self._session
         if s is not None and s.call is not None:
@@ -172,6 +177,10 @@ class Agent:
         d = self.drainer
         return self.cache.bytes, d.pending, d.drained_bytes, self.cache.full
 
+    def partner_stats(self) -> tuple[int, int, int] | None:
+        """(bytes held as partner copies, bytes sent to the partner, refused full)."""
+        return self.partners.stats()
+
     def _send_now(self, msg: agent_pb2.AgentMessage) -> bool:
         """Queue a message on the current stream, if one is up (the drain's reports)."""
         with self._lock:
@@ -189,13 +198,26 @@ class Agent:
             if self.drainer is not None:
                 self.drainer.result(msg.drain_result)
             return True
+        if body == "partner_changed":
+            self.partners.changed(msg.partner_changed)
+            return True
+        if body == "partner_release":
+            self.partners.release(msg.partner_release.packs)
+            return True
         if self.cache is not None and self.drainer is not None:
             if body == "committed":
                 c = msg.committed
-                self.drainer.want(c.job, c.generation, self.cache.committed(c.job, c.generation))
+                names = self.cache.committed(c.job, c.generation)
+                self.drainer.want(c.job, c.generation, names)
+                self.partners.committed(c.job, c.generation, names)
             elif body == "abort":
                 self.cache.aborted(msg.abort.job, msg.abort.generation)
         return False
+
+    def _sealer(self) -> Sealer | None:
+        """The store key the direct data path has now (a partner checks sealed packs)."""
+        d = self._direct
+        return d.sealer if d is not None else None
 
     def _current_epoch(self) -> int:
         with self._lock:
@@ -240,7 +262,8 @@ class Agent:
         beat = threading.Thread(target=s.heartbeats, args=(self._emit,), daemon=True)
         try:
             cache_id = self.cache.id if self.cache is not None else ""
-            call = stub.Attach(s.requests(hello(self.config.node, self.members, cache_id)))
+            first = hello(self.config.node, self.members, cache_id, self.partners.address)
+            call = stub.Attach(s.requests(first))
             s.call = call
             for msg in call:
                 s.last_heard = time.monotonic()
@@ -312,6 +335,7 @@ class Agent:
             self.cache.sweep({name for item in w.drain for name in item.packs})
             self.drainer.set_store(direct.backend if direct is not None else None)
             self.drainer.welcome(w.drain)
+        self.partners.changed(w.partner)
         self._quick = 0
         if self.sessions:
             self.metrics.reconnects.inc()

@@ -20,6 +20,7 @@ import grpc
 from cpcoord import __version__
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.ranges import PAGE_SIZE
+from cpcoord.tls import TlsFiles
 from nodeagent.daemon.membership import Members
 from nodeagent.trackers import registry
 from nodeagent.upload.stream import Limits
@@ -49,6 +50,8 @@ class AgentConfig:
     cache_size: int = 0  # bytes; 0 = the file system's free space
     cache_keep: int = 2  # drained generations kept per job
     drain_rate: float = 0.0  # bytes/s; 0 = unlimited
+    partner_listen: str | None = None  # --partner-listen HOST:PORT: take partner copies
+    tls: TlsFiles | None = None  # the agent's own certificate (mTLS), for partner copies
 
     def compress_uploads(self) -> bool:
         if self.compress == "auto":
@@ -69,7 +72,9 @@ def backoff(
         d = min(maximum, d * 2)
 
 
-def hello(node: str, members: Members, cache_id: str = "") -> agent_pb2.Hello:
+def hello(
+    node: str, members: Members, cache_id: str = "", partner_address: str = ""
+) -> agent_pb2.Hello:
     """The first message of a stream: who this agent is, what it can do (every tracker
     backend with its verdict) and the members it still holds."""
     trackers = [
@@ -86,6 +91,7 @@ def hello(node: str, members: Members, cache_id: str = "") -> agent_pb2.Hello:
         members=members.held(),
         hostname=os.uname().nodename,
         cache_id=cache_id,
+        partner_address=partner_address,
     )
 
 

@@ -40,7 +40,7 @@ def read(store: DirectStore | None, rc: agent_pb2.ReadCached) -> tuple[list[byte
     """(ids, plain bytes) of the chunks the command names, read from the cache, checked."""
     if store is None or store.cache is None:
         raise NotDrained(len(rc.ids) // ID, "this node (its agent has no cache now)")
-    got = packread.fetch(store.backend, store.sealer, [_batch(rc)], cache=store.cache.backend)
+    got = packread.fetch(store.backend, store.sealer, [_batch(rc)], cache=store.cache.reader)
     assert got[0] is not None
     return got[0]
 

@@ -83,6 +83,22 @@ class StateCollector(Collector):
                 "cpcoord_agent_cache_full", "Packs written to the store directly: cache full",
                 value=full,
             )  # fmt: skip
+        partner = getattr(s, "partner_stats", None)
+        got_p = partner() if partner is not None else None
+        if got_p is not None:  # partner copies (docs/multilevel.md)
+            held, sent, pfull = got_p
+            yield GaugeMetricFamily(
+                "cpcoord_agent_partner_held_bytes",
+                "Bytes of other nodes' packs held here as partner copies", value=held,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "cpcoord_agent_partner_sent_bytes", "Bytes of packs copied to the partner",
+                value=sent,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "cpcoord_agent_partner_full",
+                "Generations the partner refused: its cache was full", value=pfull,
+            )  # fmt: skip
 
 
 def _connected(s: AgentState | None) -> int:

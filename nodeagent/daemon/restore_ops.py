@@ -167,7 +167,7 @@ def download(
     checked = None
     if store is not None:
         batches = [m.batch for m in msgs if m.WhichOneof("body") == "batch"]
-        cache = store.cache.backend if store.cache is not None else None
+        cache = store.cache.reader if store.cache is not None else None
         checked = packread.fetch(store.backend, store.sealer, batches, on_read, cache)
     got = list(read_members(msgs, checked))
     if len(got) != 1 or got[0].name != member:

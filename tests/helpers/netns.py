@@ -292,6 +292,7 @@ class NetnsCluster(Cluster):
     def start_agent(self, node: str, pause: Sequence[str] = (), fail: Sequence[str] = ()) -> Daemon:
         argv = ["agent", "--coordinator", self.address, "--node", node, "--insecure",
                 "--lease", str(self.lease_s), "--data-path", self.data_path]  # fmt: skip
+        argv += self.agent_args.get(node, ())  # e.g. --cache, --partner-listen
         # The store's endpoint and credentials reach each agent in its own environment.
         env = daemon_env({**self.extra_env, **self.agent_env.get(node, {})})
         d = self._daemon(f"agent-{node}", self.ns(node), argv,

@@ -9,8 +9,58 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LacksRequest(_message.Message):
+    __slots__ = ("sender", "packs")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sender: _Optional[str] = ..., packs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LacksResponse(_message.Message):
+    __slots__ = ("packs",)
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, packs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PartnerGeneration(_message.Message):
+    __slots__ = ("sender", "job", "generation", "packs")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    job: str
+    generation: int
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sender: _Optional[str] = ..., job: _Optional[str] = ..., generation: _Optional[int] = ..., packs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PartnerPack(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class PartnerPut(_message.Message):
+    __slots__ = ("generation", "pack", "data")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PACK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    generation: PartnerGeneration
+    pack: PartnerPack
+    data: bytes
+    def __init__(self, generation: _Optional[_Union[PartnerGeneration, _Mapping]] = ..., pack: _Optional[_Union[PartnerPack, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PartnerPutResponse(_message.Message):
+    __slots__ = ("packs",)
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, packs: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members", "prepared", "drained")
+    __slots__ = ("hello", "frozen", "staged", "uploaded", "restored", "failed", "member_gone", "heartbeat", "result", "tree_members", "prepared", "drained", "partnered")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +73,7 @@ class AgentMessage(_message.Message):
     TREE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     PREPARED_FIELD_NUMBER: _ClassVar[int]
     DRAINED_FIELD_NUMBER: _ClassVar[int]
+    PARTNERED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     frozen: Frozen
     staged: Staged
@@ -35,7 +86,8 @@ class AgentMessage(_message.Message):
     tree_members: TreeMembers
     prepared: Prepared
     drained: Drained
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ..., prepared: _Optional[_Union[Prepared, _Mapping]] = ..., drained: _Optional[_Union[Drained, _Mapping]] = ...) -> None: ...
+    partnered: Partnered
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., frozen: _Optional[_Union[Frozen, _Mapping]] = ..., staged: _Optional[_Union[Staged, _Mapping]] = ..., uploaded: _Optional[_Union[Uploaded, _Mapping]] = ..., restored: _Optional[_Union[Restored, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., member_gone: _Optional[_Union[MemberGone, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[CommandResult, _Mapping]] = ..., tree_members: _Optional[_Union[TreeMembers, _Mapping]] = ..., prepared: _Optional[_Union[Prepared, _Mapping]] = ..., drained: _Optional[_Union[Drained, _Mapping]] = ..., partnered: _Optional[_Union[Partnered, _Mapping]] = ...) -> None: ...
 
 class TrackerBackend(_message.Message):
     __slots__ = ("name", "available", "reason")
@@ -74,7 +126,7 @@ class TreeMembers(_message.Message):
     def __init__(self, job: _Optional[str] = ..., group: _Optional[str] = ..., joined: _Optional[_Iterable[_Union[_types_pb2.Member, _Mapping]]] = ..., tracker: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname", "cache_id")
+    __slots__ = ("node", "version", "protocol_version", "capabilities", "trackers", "page_size", "members", "hostname", "cache_id", "partner_address")
     NODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +136,7 @@ class Hello(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     CACHE_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node: str
     version: str
     protocol_version: int
@@ -93,7 +146,8 @@ class Hello(_message.Message):
     members: _containers.RepeatedCompositeFieldContainer[HeldMember]
     hostname: str
     cache_id: str
-    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., trackers: _Optional[_Iterable[_Union[TrackerBackend, _Mapping]]] = ..., page_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[HeldMember, _Mapping]]] = ..., hostname: _Optional[str] = ..., cache_id: _Optional[str] = ...) -> None: ...
+    partner_address: str
+    def __init__(self, node: _Optional[str] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., trackers: _Optional[_Iterable[_Union[TrackerBackend, _Mapping]]] = ..., page_size: _Optional[int] = ..., members: _Optional[_Iterable[_Union[HeldMember, _Mapping]]] = ..., hostname: _Optional[str] = ..., cache_id: _Optional[str] = ..., partner_address: _Optional[str] = ...) -> None: ...
 
 class FrozenMember(_message.Message):
     __slots__ = ("name", "process", "threads", "freeze_seconds")
@@ -210,7 +264,7 @@ class CommandResult(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result", "read_cached")
+    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result", "read_cached", "partner_changed", "partner_release")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +280,8 @@ class CoordinatorMessage(_message.Message):
     PREPARE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     READ_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_RELEASE_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     welcome: Welcome
     freeze: Freeze
@@ -241,10 +297,12 @@ class CoordinatorMessage(_message.Message):
     prepare: Prepare
     drain_result: DrainResult
     read_cached: ReadCached
-    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., read_cached: _Optional[_Union[ReadCached, _Mapping]] = ...) -> None: ...
+    partner_changed: PartnerChanged
+    partner_release: PartnerRelease
+    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., read_cached: _Optional[_Union[ReadCached, _Mapping]] = ..., partner_changed: _Optional[_Union[PartnerChanged, _Mapping]] = ..., partner_release: _Optional[_Union[PartnerRelease, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key", "drain")
+    __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key", "drain", "partner")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +315,7 @@ class Welcome(_message.Message):
     STORE_ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
     STORE_KEY_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    PARTNER_FIELD_NUMBER: _ClassVar[int]
     version: str
     protocol_version: int
     heartbeat_interval_ms: int
@@ -269,7 +328,36 @@ class Welcome(_message.Message):
     store_encrypted: bool
     store_key: bytes
     drain: _containers.RepeatedCompositeFieldContainer[DrainItem]
-    def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ..., drain: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ...) -> None: ...
+    partner: PartnerChanged
+    def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ..., drain: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ..., partner: _Optional[_Union[PartnerChanged, _Mapping]] = ...) -> None: ...
+
+class PartnerChanged(_message.Message):
+    __slots__ = ("node", "address", "owed")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OWED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    owed: _containers.RepeatedCompositeFieldContainer[DrainItem]
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., owed: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ...) -> None: ...
+
+class PartnerRelease(_message.Message):
+    __slots__ = ("packs",)
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, packs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Partnered(_message.Message):
+    __slots__ = ("sender", "job", "generation", "packs")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PACKS_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    job: str
+    generation: int
+    packs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sender: _Optional[str] = ..., job: _Optional[str] = ..., generation: _Optional[int] = ..., packs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DrainItem(_message.Message):
     __slots__ = ("job", "generation", "packs")

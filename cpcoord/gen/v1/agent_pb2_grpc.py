@@ -288,3 +288,133 @@ class AgentControl:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PartnerCacheStub:
+    """Served by an agent started with --partner-listen (docs/multilevel.md, "Partner
+    copies"): other agents put copies of their cached packs here. Under mTLS the caller's
+    certificate must name the sender (PERMISSION_DENIED otherwise).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Lacks = channel.unary_unary(
+                '/cpcoord.v1.PartnerCache/Lacks',
+                request_serializer=cpcoord_dot_v1_dot_agent__pb2.LacksRequest.SerializeToString,
+                response_deserializer=cpcoord_dot_v1_dot_agent__pb2.LacksResponse.FromString,
+                _registered_method=True)
+        self.Put = channel.stream_unary(
+                '/cpcoord.v1.PartnerCache/Put',
+                request_serializer=cpcoord_dot_v1_dot_agent__pb2.PartnerPut.SerializeToString,
+                response_deserializer=cpcoord_dot_v1_dot_agent__pb2.PartnerPutResponse.FromString,
+                _registered_method=True)
+
+
+class PartnerCacheServicer:
+    """Served by an agent started with --partner-listen (docs/multilevel.md, "Partner
+    copies"): other agents put copies of their cached packs here. Under mTLS the caller's
+    certificate must name the sender (PERMISSION_DENIED otherwise).
+    """
+
+    def Lacks(self, request, context):
+        """Which of these packs of the sender this node does not hold yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Put(self, request_iterator, context):
+        """Copies of one generation's packs: a PartnerGeneration first, then per pack a
+        PartnerPack header followed by its bytes in pieces. Each pack is written durably
+        and checked in full; then the holder reports Partnered to the coordinator.
+        INVALID_ARGUMENT for a malformed stream or a pack that fails its check,
+        RESOURCE_EXHAUSTED when it does not fit the holder's cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PartnerCacheServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Lacks': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lacks,
+                    request_deserializer=cpcoord_dot_v1_dot_agent__pb2.LacksRequest.FromString,
+                    response_serializer=cpcoord_dot_v1_dot_agent__pb2.LacksResponse.SerializeToString,
+            ),
+            'Put': grpc.stream_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=cpcoord_dot_v1_dot_agent__pb2.PartnerPut.FromString,
+                    response_serializer=cpcoord_dot_v1_dot_agent__pb2.PartnerPutResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cpcoord.v1.PartnerCache', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cpcoord.v1.PartnerCache', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PartnerCache:
+    """Served by an agent started with --partner-listen (docs/multilevel.md, "Partner
+    copies"): other agents put copies of their cached packs here. Under mTLS the caller's
+    certificate must name the sender (PERMISSION_DENIED otherwise).
+    """
+
+    @staticmethod
+    def Lacks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cpcoord.v1.PartnerCache/Lacks',
+            cpcoord_dot_v1_dot_agent__pb2.LacksRequest.SerializeToString,
+            cpcoord_dot_v1_dot_agent__pb2.LacksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cpcoord.v1.PartnerCache/Put',
+            cpcoord_dot_v1_dot_agent__pb2.PartnerPut.SerializeToString,
+            cpcoord_dot_v1_dot_agent__pb2.PartnerPutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

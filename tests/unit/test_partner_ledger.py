@@ -1,0 +1,127 @@
+"""Partner copies in the coordinator (coordinator/partners.py, coordinator/store/
+cached.py): the ring of partners (joins, leaves, one node, agents without a cache or a
+listener), the level rule over checked copies (covered, lost copies, a lost owner), what
+a node owes its partner, and where a read finds a chunk whose owner is gone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.partners import ring
+from coordinator.store.cached import OWNER_LOST, CachedPack, CachedPacks
+from coordinator.store.catalog import Catalog
+from cpcoord.gen.v1 import agent_pb2
+from storecore.ids import digest_all
+
+
+def _hello(node: str, cache: bool = True, listen: bool = True) -> agent_pb2.Hello:
+    return agent_pb2.Hello(
+        node=node, cache_id="c-" + node if cache else "",
+        partner_address=f"127.0.0.1:{len(node)}" if listen else "",
+    )  # fmt: skip
+
+
+def test_ring_pairs_each_node_with_the_next_by_name_never_itself() -> None:
+    assert ring([_hello("b"), _hello("c"), _hello("a")]) == {
+        "a": ("b", "127.0.0.1:1"), "b": ("c", "127.0.0.1:1"), "c": ("a", "127.0.0.1:1"),
+    }  # fmt: skip
+    assert ring([_hello("a")]) == {}  # one node: no partner
+    assert ring([]) == {}
+    two = ring([_hello("x"), _hello("y")])
+    assert two["x"][0] == "y" and two["y"][0] == "x"
+    # Without a cache or a listener an agent is never in the ring (neither way).
+    got = ring([_hello("a"), _hello("b", listen=False), _hello("c", cache=False), _hello("d")])
+    assert {k: v[0] for k, v in got.items()} == {"a": "d", "d": "a"}
+    # A node leaves: its predecessor's partner becomes its successor.
+    assert ring([_hello("a"), _hello("c")])["a"][0] == "c"
+
+
+def _ids(n: int) -> np.ndarray:
+    return digest_all([os.urandom(64) for _ in range(n)])
+
+
+def _ledger(tmp: Path) -> tuple[CachedPacks, list[CachedPack], np.ndarray, np.ndarray]:
+    ledger = CachedPacks(Catalog(tmp / "c.sqlite"))
+    a, b = _ids(4), _ids(3)
+    packs = [
+        CachedPack("nodes/a/p1", "a", "job:j", 1, a.tobytes(), "j", 1, cache_id="ca"),
+        CachedPack("nodes/b/p2", "b", "job:j", 1, b.tobytes(), "j", 1, cache_id="cb"),
+    ]
+    with ledger.catalog.tx() as db:
+        ledger.recorder("j", 1, packs, {p.name for p in packs})(db)
+    ledger.committed("j", 1, packs, {p.name for p in packs})
+    return ledger, packs, a, b
+
+
+def test_a_generation_is_covered_once_every_pack_has_a_copy_on_another_node(
+    tmp_path: Path,
+) -> None:
+    ledger, _, _, _ = _ledger(tmp_path)
+    assert not ledger.covered(("j", 1))
+    assert [i[:2] for i in ledger.owed_to_partner("a")] == [("j", 1)]
+    with ledger.catalog.tx() as db:
+        assert ledger.add_copies(db, "b", "cb", ["nodes/a/p1"]) == ["nodes/a/p1"]
+        assert ledger.add_copies(db, "b", "cb", ["nodes/b/p2"]) == []  # its own: no copy
+        assert ledger.add_copies(db, "c", "cc", ["nodes/x/unknown"]) == []
+    assert not ledger.covered(("j", 1)) and ledger.owed_to_partner("a") == []
+    with ledger.catalog.tx() as db:
+        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
+    assert ledger.covered(("j", 1))
+    again = CachedPacks(ledger.catalog)  # persisted: a restarted coordinator agrees
+    assert again.covered(("j", 1)) and again.copies == ledger.copies
+
+
+def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
+    tmp_path: Path,
+) -> None:
+    ledger, _, _, _ = _ledger(tmp_path)
+    with ledger.catalog.tx() as db:
+        ledger.add_copies(db, "b", "cb", ["nodes/a/p1"])
+        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
+        assert ledger.lose(db, "b", "cb") == []  # the same cache: nothing happens
+    assert ledger.covered(("j", 1))
+    with ledger.catalog.tx() as db:
+        # b's cache was replaced: its copy of a's pack and its own p2 are gone from b,
+        # but p2 has a copy on a: kept (read from there), only a's copy on b is lost.
+        assert ledger.lose(db, "b", "cb-new") == []
+    assert not ledger.covered(("j", 1))  # p1 has no copy elsewhere any more
+    assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
+    assert "nodes/a/p1" not in ledger.copies and ledger.copies["nodes/b/p2"] == {"a": "ca"}
+    assert ledger.owed_to_partner("b") == []  # b cannot send what it lost
+    assert ledger.drain_items("b") == []
+    # a sends p1 to its new partner: covered again.
+    with ledger.catalog.tx() as db:
+        ledger.add_copies(db, "c", "cc", ["nodes/a/p1"])
+    assert ledger.covered(("j", 1))
+    # Now a's cache is lost too: p2's last copy is gone -> the generation is lost.
+    with ledger.catalog.tx() as db:
+        assert ledger.lose(db, "a", "ca-new") == [("j", 1)]
+    assert ("j", 1) in ledger.lost and not ledger.covered(("j", 1))
+
+
+def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
+    ledger, _, a, b = _ledger(tmp_path)
+    with ledger.catalog.tx() as db:
+        ledger.add_copies(db, "c", "cc", ["nodes/b/p2"])
+    want = np.concatenate([a[:1], b[:2]])
+    names, nodes, where = ledger.locate(want, "job:j")
+    assert [nodes[i] for i in where.tolist()] == ["a", "b", "b"]  # owners first
+    up = {"a", "c"}.__contains__
+    names, nodes, where = ledger.locate(want, "job:j", reachable=up)  # b's agent is gone
+    assert [nodes[i] for i in where.tolist()] == ["a", "c", "c"]
+    assert [names[i] for i in where.tolist()] == ["nodes/a/p1", "nodes/b/p2", "nodes/b/p2"]
+    assert ledger.nodes_of("j", 1) == ["a", "b"] and ledger.nodes_of("j", 1, up) == ["a", "c"]
+    names, nodes, where = ledger.locate(want, "job:j", reachable={"a"}.__contains__)
+    assert [nodes[i] for i in where.tolist()] == ["a", "b", "b"]  # nobody: the owner named
+    names, _, where = ledger.locate(want, "job:j", "c")  # c's own view: its copies
+    assert [names[i] if i >= 0 else None for i in where.tolist()] == [None] + ["nodes/b/p2"] * 2
+    with ledger.catalog.tx() as db:
+        ledger.lose(db, "b", "cb-new")
+    names, nodes, where = ledger.locate(want, "job:j")
+    assert [nodes[i] for i in where.tolist()] == ["a", "c", "c"]  # the owner lost it
+    names, _, where = ledger.locate(want, "job:j", "b")
+    assert (where < 0).all()
+    assert ledger.pending_ids("b", "job:j").size == 0  # never dedup against a lost pack
