@@ -81,12 +81,12 @@ def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
     with ledger.catalog.tx() as db:
         ledger.add_copies(db, "b", "cb", ["nodes/a/p1"])
         ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
-        assert ledger.lose(db, "b", "cb") == []  # the same cache: nothing happens
+        assert ledger.lose(db, "b", "cb")[0] == []  # the same cache: nothing happens
     assert ledger.covered(("j", 1))
     with ledger.catalog.tx() as db:
         # b's cache was replaced: its copy of a's pack and its own p2 are gone from b,
         # but p2 has a copy on a: kept (read from there), only a's copy on b is lost.
-        assert ledger.lose(db, "b", "cb-new") == []
+        assert ledger.lose(db, "b", "cb-new")[0] == []
     assert not ledger.covered(("j", 1))  # p1 has no copy elsewhere any more
     assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
     assert "nodes/a/p1" not in ledger.copies and ledger.copies["nodes/b/p2"] == {"a": "ca"}
@@ -98,7 +98,7 @@ def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
     assert ledger.covered(("j", 1))
     # Now a's cache is lost too: p2's last copy is gone -> the generation is lost.
     with ledger.catalog.tx() as db:
-        assert ledger.lose(db, "a", "ca-new") == [("j", 1)]
+        assert ledger.lose(db, "a", "ca-new")[0] == [("j", 1)]
     assert ("j", 1) in ledger.lost and not ledger.covered(("j", 1))
 
 
@@ -125,3 +125,21 @@ def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
     names, _, where = ledger.locate(want, "job:j", "b")
     assert (where < 0).all()
     assert ledger.pending_ids("b", "job:j").size == 0  # never dedup against a lost pack
+
+
+def test_forgetting_a_node_keeps_what_has_copies_and_drops_what_it_held(
+    tmp_path: Path,
+) -> None:
+    """`cpcoord forget b` (lose with no cache id): b's own pack with a copy on a stays,
+    read from the copy (OWNER_LOST); b's copy of a's pack is gone, so the generation is
+    no longer covered but not lost; forgetting a too then loses it."""
+    ledger, _, _, _ = _ledger(tmp_path)
+    with ledger.catalog.tx() as db:
+        ledger.add_copies(db, "b", "cb", ["nodes/a/p1"])
+        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
+        assert ledger.lose(db, "b", None, "forgotten") == ([], 0)
+    assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
+    assert "nodes/a/p1" not in ledger.copies and not ledger.covered(("j", 1))
+    with ledger.catalog.tx() as db:
+        assert ledger.lose(db, "a", None, "forgotten") == ([("j", 1)], 2)
+    assert ledger.lost[("j", 1)] == "forgotten"
