@@ -58,8 +58,24 @@ STATS = DrainStats()
 def drain_items(engine: EngineView, node: str) -> list[agent_pb2.DrainItem]:
     """The node's cached packs the store still lacks, oldest generation first."""
     with engine.repo.lock:
-        items = engine.repo.cached.drain_items(node)
+        items = engine.repo.cached.drain_items(node, taken_over=True)
     return [agent_pb2.DrainItem(job=j, generation=g, packs=names) for j, g, names in items]
+
+
+def take_over(engine: EngineView) -> None:
+    """After an owner's cache was found lost (under the engine's lock): the connected
+    holders that now drain its copied packs are told at once."""
+    for s in engine.agents.connected():
+        with engine.repo.lock:
+            cached = engine.repo.cached
+            items = [
+                (j, g, todo) for j, g, names in cached.drain_items(s.node, taken_over=True)
+                if (todo := [n for n in names if cached.drains_for(cached.packs[n], s.node)])
+            ]  # fmt: skip
+        if items:
+            s.send(take_over_drain=agent_pb2.TakeOverDrain(items=[
+                agent_pb2.DrainItem(job=j, generation=g, packs=n) for j, g, n in items
+            ]))  # fmt: skip
 
 
 def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
@@ -67,7 +83,9 @@ def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
     packs, those are lost, and so is every generation that needed them (never `store`;
     restore takes an older one). Before its Welcome and before any of its uploads, so
     no new generation counts a lost chunk as present."""
-    for job, gen in engine.repo.cache_seen(hello.node, hello.cache_id):
+    lost = engine.repo.cache_seen(hello.node, hello.cache_id)
+    take_over(engine)
+    for job, gen in lost:
         log_event(
             log, logging.WARNING, "generation lost with a node cache", node=hello.node,
             job=job, generation=gen,

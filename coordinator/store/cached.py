@@ -211,13 +211,23 @@ class CachedPacks:
 
     # -- drain -------------------------------------------------------------------------
 
-    def drain_items(self, node: str) -> list[tuple[str, int, list[str]]]:
-        """(job, generation, pack names) of `node`'s undrained packs, oldest first."""
+    def drain_items(
+        self, node: str, taken_over: bool = False
+    ) -> list[tuple[str, int, list[str]]]:
+        """(job, generation, pack names) of `node`'s undrained packs, oldest first; with
+        `taken_over`, also the packs of owners that lost them whose copy `node` drains."""
         out: dict[GenKey, list[str]] = {}
         for p in self.packs.values():  # insertion order: commit order
-            if p.node == node and not p.drained and p.cache_id != OWNER_LOST:
+            mine = p.node == node and p.cache_id != OWNER_LOST
+            if not p.drained and (mine or (taken_over and self.drains_for(p, node))):
                 out.setdefault((p.job, p.generation), []).append(p.name)
         return [(job, gen, names) for (job, gen), names in out.items()]
+
+    def drains_for(self, p: CachedPack, node: str) -> bool:
+        """`node` drains `p` in its owner's place: the owner lost it, and `node` is the
+        first holder of a copy (one holder, so no pack is drained twice)."""
+        holders = sorted(self.copies.get(p.name, {}))
+        return p.cache_id == OWNER_LOST and bool(holders) and holders[0] == node
 
     def ready(self, drained: set[str]) -> list[GenKey]:
         """Generations every pack of which is drained once `drained` are too."""

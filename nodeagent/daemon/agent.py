@@ -205,6 +205,10 @@ class Agent:
         if body == "partner_release":
             self.partners.release(msg.partner_release.packs)
             return True
+        if body == "take_over_drain" and self.drainer is not None:
+            for i in msg.take_over_drain.items:
+                self.drainer.want(i.job, i.generation, list(i.packs))
+            return True
         if self.cache is not None and self.drainer is not None:
             if body == "committed":
                 c = msg.committed
