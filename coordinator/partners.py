@@ -52,7 +52,7 @@ def changed_for(
     pc = agent_pb2.PartnerChanged(node=partner[0], address=partner[1])
     if partner[0]:
         with engine.repo.lock:
-            owed = engine.repo.cached.owed_to_partner(node)
+            owed = store_partners.owed_to_partner(engine.repo.cached, node)
         pc.owed.extend(agent_pb2.DrainItem(job=j, generation=g, packs=n) for j, g, n in owed)
     return pc
 

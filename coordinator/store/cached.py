@@ -342,43 +342,6 @@ class CachedPacks:
 
     # -- partner copies ----------------------------------------------------------------
 
-    def add_copies(
-        self, db: sqlite3.Connection, holder: str, cache_id: str, names: Iterable[str]
-    ) -> list[str]:
-        """Record checked copies of undrained cached packs held by `holder` (not their
-        owner); returns the names recorded. Unknown or drained packs are skipped."""
-        took = [
-            n for n in names
-            if (p := self.packs.get(n)) is not None and not p.drained and p.node != holder
-        ]  # fmt: skip
-        db.executemany(
-            "INSERT OR REPLACE INTO partner_copies (pack, holder, cache_id) VALUES (?, ?, ?)",
-            [(n, holder, cache_id) for n in took],
-        )
-        for n in took:
-            self.copies.setdefault(n, {})[holder] = cache_id
-        return took
-
-    def covered(self, key: GenKey) -> bool:
-        """Every undrained pack the generation depends on has a checked copy on a node
-        other than its owner (the level rule for `partner`)."""
-        names = self.deps.get(key)
-        if not names or key in self.lost:
-            return False
-        undrained = [n for n in names if (p := self.packs.get(n)) and not p.drained]
-        return bool(undrained) and all(
-            any(h != self.packs[n].node for h in self.copies.get(n, {})) for n in undrained
-        )
-
-    def owed_to_partner(self, node: str) -> list[tuple[str, int, list[str]]]:
-        """`node`'s undrained packs without a copy elsewhere, per generation, oldest
-        first: what it must send its partner."""
-        return [
-            (job, gen, todo)
-            for job, gen, names in self.drain_items(node)
-            if (todo := [n for n in names if not self.copies.get(n)])
-        ]
-
     def _prune_copies(self, db: sqlite3.Connection) -> None:
         db.execute("DELETE FROM partner_copies WHERE pack NOT IN (SELECT name FROM cached_packs)")
         for n in [n for n in self.copies if n not in self.packs]:

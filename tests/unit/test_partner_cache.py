@@ -185,3 +185,25 @@ def test_partner_copies_and_the_own_cache_share_one_bound(tmp_path: Path) -> Non
     # The node's own cache sees the copies' bytes: a pack that would fit alone does not.
     assert not cache.reserve("j", 1, _name("node-z", b), len(b.data))
     assert cache.reserve("j", 1, _name("node-z", b), size - len(a.data))
+
+
+def test_a_full_partner_is_counted_and_the_generation_given_up_not_retried(
+    tmp_path: Path,
+) -> None:
+    a = _pack(9)
+    name = _name("node-a", a)
+    h = _Holder(tmp_path / "holder")
+    h.store.size = len(a.data) - 1  # nothing fits there
+    cache = NodeCache(tmp_path / "sender")
+    try:
+        assert cache.reserve("j", 3, name, len(a.data))
+        cache.backend.put(Kind.PACKS, name, a.data)
+        s = PartnerSender("node-a", cache, None)
+        assert s._send(("j", 3), [name], ("node-b", h.server.address))  # done with it
+        assert s.full == 1 and not h.store.has(name) and not h.reports
+        h.close()  # a partner that is down: not done, retried later
+        assert not s._send(("j", 3), [name], ("node-b", h.server.address))
+        assert s.full == 1
+        s.stop()
+    finally:
+        h.close()

@@ -13,6 +13,7 @@ import numpy as np
 from coordinator.partners import ring
 from coordinator.store.cached import OWNER_LOST, CachedPack, CachedPacks
 from coordinator.store.catalog import Catalog
+from coordinator.store.partners import add_copies, covered, owed_to_partner
 from cpcoord.gen.v1 import agent_pb2
 from storecore.ids import digest_all
 
@@ -60,18 +61,18 @@ def test_a_generation_is_covered_once_every_pack_has_a_copy_on_another_node(
     tmp_path: Path,
 ) -> None:
     ledger, _, _, _ = _ledger(tmp_path)
-    assert not ledger.covered(("j", 1))
-    assert [i[:2] for i in ledger.owed_to_partner("a")] == [("j", 1)]
+    assert not covered(ledger, ("j", 1))
+    assert [i[:2] for i in owed_to_partner(ledger, "a")] == [("j", 1)]
     with ledger.catalog.tx() as db:
-        assert ledger.add_copies(db, "b", "cb", ["nodes/a/p1"]) == ["nodes/a/p1"]
-        assert ledger.add_copies(db, "b", "cb", ["nodes/b/p2"]) == []  # its own: no copy
-        assert ledger.add_copies(db, "c", "cc", ["nodes/x/unknown"]) == []
-    assert not ledger.covered(("j", 1)) and ledger.owed_to_partner("a") == []
+        assert add_copies(ledger, db, "b", "cb", ["nodes/a/p1"]) == ["nodes/a/p1"]
+        assert add_copies(ledger, db, "b", "cb", ["nodes/b/p2"]) == []  # its own: no copy
+        assert add_copies(ledger, db, "c", "cc", ["nodes/x/unknown"]) == []
+    assert not covered(ledger, ("j", 1)) and owed_to_partner(ledger, "a") == []
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
-    assert ledger.covered(("j", 1))
+        add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
+    assert covered(ledger, ("j", 1))
     again = CachedPacks(ledger.catalog)  # persisted: a restarted coordinator agrees
-    assert again.covered(("j", 1)) and again.copies == ledger.copies
+    assert covered(again, ("j", 1)) and again.copies == ledger.copies
 
 
 def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
@@ -79,33 +80,33 @@ def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
 ) -> None:
     ledger, _, _, _ = _ledger(tmp_path)
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "b", "cb", ["nodes/a/p1"])
-        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
+        add_copies(ledger, db, "b", "cb", ["nodes/a/p1"])
+        add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
         assert ledger.lose(db, "b", "cb") == []  # the same cache: nothing happens
-    assert ledger.covered(("j", 1))
+    assert covered(ledger, ("j", 1))
     with ledger.catalog.tx() as db:
         # b's cache was replaced: its copy of a's pack and its own p2 are gone from b,
         # but p2 has a copy on a: kept (read from there), only a's copy on b is lost.
         assert ledger.lose(db, "b", "cb-new") == []
-    assert not ledger.covered(("j", 1))  # p1 has no copy elsewhere any more
+    assert not covered(ledger, ("j", 1))  # p1 has no copy elsewhere any more
     assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
     assert "nodes/a/p1" not in ledger.copies and ledger.copies["nodes/b/p2"] == {"a": "ca"}
-    assert ledger.owed_to_partner("b") == []  # b cannot send what it lost
+    assert owed_to_partner(ledger, "b") == []  # b cannot send what it lost
     assert ledger.drain_items("b") == []
     # a sends p1 to its new partner: covered again.
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "c", "cc", ["nodes/a/p1"])
-    assert ledger.covered(("j", 1))
+        add_copies(ledger, db, "c", "cc", ["nodes/a/p1"])
+    assert covered(ledger, ("j", 1))
     # Now a's cache is lost too: p2's last copy is gone -> the generation is lost.
     with ledger.catalog.tx() as db:
         assert ledger.lose(db, "a", "ca-new") == [("j", 1)]
-    assert ("j", 1) in ledger.lost and not ledger.covered(("j", 1))
+    assert ("j", 1) in ledger.lost and not covered(ledger, ("j", 1))
 
 
 def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
     ledger, _, a, b = _ledger(tmp_path)
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "c", "cc", ["nodes/b/p2"])
+        add_copies(ledger, db, "c", "cc", ["nodes/b/p2"])
     want = np.concatenate([a[:1], b[:2]])
     names, nodes, where = ledger.locate(want, "job:j")
     assert [nodes[i] for i in where.tolist()] == ["a", "b", "b"]  # owners first
