@@ -83,6 +83,18 @@ def owed_to_partner(cached: CachedPacks, node: str) -> list[tuple[str, int, list
     ]
 
 
+def committed(repo: Repository, job: str, generation: int) -> list[GenerationInfo]:
+    """Right after a commit at `local`: a generation whose packs all have copies already
+    (it cached nothing of its own and depends on copied packs) is `partner` at once."""
+    cached = repo.cached
+    with repo.lock:
+        if (job, generation) not in cached.deps:
+            return []
+        with repo.catalog.tx() as db:
+            changed = relevel(db, cached, [(job, generation)])
+    return _infos(repo, changed)
+
+
 def relevel_all(repo: Repository) -> list[GenerationInfo]:
     """After copies were lost (a holder back with another cache): every generation's
     level by the rule again."""

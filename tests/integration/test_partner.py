@@ -85,6 +85,10 @@ def test_wait_partner_returns_once_every_pack_has_a_checked_copy_on_the_next_nod
         assert np.array_equal(got[offsets], data[offsets]), name
     for node in NODES:
         assert "partner copies held" in c.agents[node].tail(400), node
+    # Nothing changed: generation 2 caches nothing new and depends only on packs that
+    # have copies already, so it is `partner` as it commits.
+    r2 = c.cli_json("checkpoint", "--job", "pj", "--wait", "local")
+    assert r2["generation"] == 2 and r2["level"] == "partner", r2
 
 
 def _wait_gone(c: Cluster, node: str) -> None:
