@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from coordinator.generations import summarize
 from coordinator.store import nodepacks
+from coordinator.store import partners as store_partners
 from cpcoord.errors import CpcoordError
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
@@ -153,6 +154,8 @@ def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
     STATS.add(s.node, nbytes, False)
     s.send(drain_result=agent_pb2.DrainResult(job=msg.job, generation=msg.generation, ok=True))
     _release(engine, held)
+    # A pack drained needs no copy: a generation may be covered now (level `partner`).
+    raised = raised + store_partners.relevel_all(engine.repo)
     for info in raised:
         engine.events.publish(
             "generation_level", job=info.job, generation=info.number,

@@ -34,9 +34,10 @@ def take_partnered(
     level changed (at their new level) and the copies recorded (the others are of packs
     drained or forgotten meanwhile: the holder may delete them)."""
     cached = repo.cached
+    names = list(names)
     with repo.lock, repo.catalog.tx() as db:
         took = add_copies(cached, db, holder, cache_id, [n for n in names if node_of(n) == sender])
-        touched = set(took)
+        touched = set(names)  # also packs drained meanwhile: the rule may hold now
         keys = [k for k, deps in cached.deps.items() if deps & touched]
         changed = relevel(db, cached, keys)
     return _infos(repo, changed), took

@@ -47,6 +47,8 @@ class _Holder:
             assert pki is not None
             files = tls_files(pki / "agent-node-b.pem", pki / "agent-node-b.key", pki / "ca.pem")
         servicer = PartnerServicer(self.store, lambda: None, self.reports.append, tls)
+        servicer.allowed = frozenset({"node-a"})  # as the coordinator says
+        self.servicer = servicer
         self.server = PartnerServer("127.0.0.1:0", servicer, files)
         self.server.start()
 
@@ -117,6 +119,10 @@ def test_a_bad_pack_or_a_foreign_name_is_refused_and_nothing_is_written(tmp_path
         with pytest.raises(grpc.RpcError) as e:  # another node's prefix
             _put(stub, "node-a", [(_name("node-c", a), a.data)])
         assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:  # a sender the coordinator did not name
+            _put(stub, "node-c", [(_name("node-c", a), a.data)])
+        assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "not a sender" in (e.value.details() or "")
         assert not h.store.has(na) and not h.reports
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     finally:

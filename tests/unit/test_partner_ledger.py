@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.partners import ring
+from coordinator.partners import ring, senders
 from coordinator.store.cached import OWNER_LOST, CachedPack, CachedPacks
 from coordinator.store.catalog import Catalog
 from coordinator.store.partners import add_copies, covered, owed_to_partner
@@ -38,6 +38,8 @@ def test_ring_pairs_each_node_with_the_next_by_name_never_itself() -> None:
     assert {k: v[0] for k, v in got.items()} == {"a": "d", "d": "a"}
     # A node leaves: its predecessor's partner becomes its successor.
     assert ring([_hello("a"), _hello("c")])["a"][0] == "c"
+    now = ring([_hello("a"), _hello("b"), _hello("c")])
+    assert [senders(now, n) for n in "abcd"] == [("c",), ("a",), ("b",), ()]
 
 
 def _ids(n: int) -> np.ndarray:
@@ -126,3 +128,30 @@ def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
     names, _, where = ledger.locate(want, "job:j", "b")
     assert (where < 0).all()
     assert ledger.pending_ids("b", "job:j").size == 0  # never dedup against a lost pack
+
+
+def test_the_level_follows_copies_and_drains_whatever_comes_first(tmp_path: Path) -> None:
+    """The rule is evaluated where copies or drains change: node a's pack drains before
+    anyone reports a copy of it, node b's pack has a copy: `partner` then, not `local`
+    forever (a race met under load); a lost copy lowers it again."""
+    from coordinator.store.catalog import Level, Sizes
+    from coordinator.store.partners import relevel
+
+    ledger, _, _, _ = _ledger(tmp_path)
+    cat = ledger.catalog
+    cat.ensure_job("j")
+    n = cat.allocate("j", None, "job:j")
+    assert n == 1
+    cat.commit("j", 1, "j/1", Sizes(), Level.LOCAL)
+    with cat.tx() as db:
+        add_copies(ledger, db, "c", "cc", ["nodes/b/p2"])
+        assert relevel(db, ledger, [("j", 1)]) == []  # a's pack has no copy yet
+        ledger.apply(db, {"nodes/a/p1"}, [])  # a's pack drained: needs no copy
+    ledger.applied({"nodes/a/p1"}, [])
+    with cat.tx() as db:
+        assert relevel(db, ledger, [("j", 1)]) == [("j", 1)]
+    assert cat.get("j", 1).level is Level.PARTNER
+    with cat.tx() as db:
+        ledger.lose(db, "c", "cc-new")  # the holder's cache is gone: the copy too
+        assert relevel(db, ledger, [("j", 1)]) == [("j", 1)]
+    assert cat.get("j", 1).level is Level.LOCAL

@@ -334,14 +334,16 @@ class Welcome(_message.Message):
     def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ..., drain: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ..., partner: _Optional[_Union[PartnerChanged, _Mapping]] = ...) -> None: ...
 
 class PartnerChanged(_message.Message):
-    __slots__ = ("node", "address", "owed")
+    __slots__ = ("node", "address", "owed", "senders")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     OWED_FIELD_NUMBER: _ClassVar[int]
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     owed: _containers.RepeatedCompositeFieldContainer[DrainItem]
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., owed: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ...) -> None: ...
+    senders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., owed: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ..., senders: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TakeOverDrain(_message.Message):
     __slots__ = ("items",)
