@@ -45,6 +45,7 @@ class AgentSession:
         self.alive = True
         self.ready = False  # its members are reconciled (re-attached after a restart)
         self.partner: tuple[str, str] = ("", "")  # (node, address) it was last told
+        self.senders: tuple[str, ...] = ()  # the nodes it was last told to take copies of
         self.closed_detail = ""
         self._out: queue.SimpleQueue[agent_pb2.CoordinatorMessage | None] = queue.SimpleQueue()
         self._ids = itertools.count(1)

@@ -30,6 +30,7 @@ from coordinator.flight import Flight, Summary
 from coordinator.protocol.messages import Event, StoreCommitted, StoreFailed
 from coordinator.protocol.values import AbortReason, GenState
 from coordinator.store import Manifest, State
+from coordinator.store import partners as store_partners
 from cpcoord.errors import CpcoordError, GenerationStateError
 from cpcoord.log import log_event
 
@@ -79,6 +80,7 @@ def _write(engine: EngineView, f: Flight) -> bool:
         ),
     )
     engine.repo.commit(m)
+    store_partners.committed(engine.repo, f.job, f.number)  # copied already: `partner`
     engine.dataplane.record(uploads)
     return True
 

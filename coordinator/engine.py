@@ -134,12 +134,14 @@ class Engine:
 
     # -- agents ----------------------------------------------------------------------
 
-    def welcome(self, node: str = "", partner: tuple[str, str] = ("", "")) -> agent_pb2.Welcome:
+    def welcome(
+        self, node: str = "", partner: tuple[str, str] = ("", ""), takes: tuple[str, ...] = ()
+    ) -> agent_pb2.Welcome:
         store: dict[str, object] = {}
         if self.opt.direct_data_path:
             store = announcement(self.repo, self.opt.send_store_key)
             store["drain"] = levels.drain_items(self, node) if node else []
-            store["partner"] = partners.changed_for(self, node, partner)
+            store["partner"] = partners.changed_for(self, node, partner, takes)
         return agent_pb2.Welcome(
             version=__version__,
             protocol_version=PROTOCOL_VERSION,
@@ -166,8 +168,8 @@ class Engine:
             s = AgentSession(hello, peer, self.clock)
             levels.connected(self, hello)  # before the Welcome lists what it owes
             partners.copies_lost(self)  # a holder back with another cache: levels fall
-            s.partner = partners.for_welcome(self, hello)
-            s.send(welcome=self.welcome(hello.node, s.partner))
+            s.partner, s.senders = partners.for_welcome(self, hello)
+            s.send(welcome=self.welcome(hello.node, s.partner, s.senders))
             self.agents.add(s)
             partners.rering(self)
         log_event(log, logging.INFO, "agent connected", node=hello.node, peer=peer)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from coordinator.flight import Summary
 from coordinator.generations import summarize
 from coordinator.store import nodepacks
+from coordinator.store import partners as store_partners
 from cpcoord.errors import CpcoordError, NodeConnected
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
@@ -60,8 +61,24 @@ STATS = DrainStats()
 def drain_items(engine: EngineView, node: str) -> list[agent_pb2.DrainItem]:
     """The node's cached packs the store still lacks, oldest generation first."""
     with engine.repo.lock:
-        items = engine.repo.cached.drain_items(node)
+        items = engine.repo.cached.drain_items(node, taken_over=True)
     return [agent_pb2.DrainItem(job=j, generation=g, packs=names) for j, g, names in items]
+
+
+def take_over(engine: EngineView) -> None:
+    """After an owner's cache was found lost (under the engine's lock): the connected
+    holders that now drain its copied packs are told at once."""
+    for s in engine.agents.connected():
+        with engine.repo.lock:
+            cached = engine.repo.cached
+            items = [
+                (j, g, todo) for j, g, names in cached.drain_items(s.node, taken_over=True)
+                if (todo := [n for n in names if cached.drains_for(cached.packs[n], s.node)])
+            ]  # fmt: skip
+        if items:
+            s.send(take_over_drain=agent_pb2.TakeOverDrain(items=[
+                agent_pb2.DrainItem(job=j, generation=g, packs=n) for j, g, n in items
+            ]))  # fmt: skip
 
 
 def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
@@ -69,18 +86,22 @@ def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
     packs, those are lost, and so is every generation that needed them (never `store`;
     restore takes an older one). Before its Welcome and before any of its uploads, so
     no new generation counts a lost chunk as present."""
-    _published(engine, hello.node, engine.repo.cache_seen(hello.node, hello.cache_id))
+    lost = engine.repo.cache_seen(hello.node, hello.cache_id)
+    take_over(engine)
+    _published(engine, hello.node, lost)
 
 
 def forget(engine: EngineView, node: str) -> tuple[list[Summary], int]:
     """An operator's `cpcoord forget NODE`: the node is gone for good, with its cache.
     Its undrained packs are lost and so is every generation that needed them, as when
-    it comes back with another cache; refused while its agent is connected (it would
+    it comes back with another cache, but packs with a partner copy stay and their
+    holders drain them (take_over); refused while its agent is connected (it would
     drain them). Returns the lost generations and the number of packs."""
     if engine.agents.current(node) is not None:
         raise NodeConnected(node)
     keys, packs = engine.repo.forget_node(node)
     log_event(log, logging.WARNING, "node forgotten", node=node, packs=packs, lost=len(keys))
+    take_over(engine)
     return _published(engine, node, keys), packs
 
 
@@ -156,6 +177,8 @@ def _take(engine: EngineView, s: AgentSession, msg: agent_pb2.Drained) -> None:
     STATS.add(s.node, nbytes, False)
     s.send(drain_result=agent_pb2.DrainResult(job=msg.job, generation=msg.generation, ok=True))
     _release(engine, held)
+    # A pack drained needs no copy: a generation may be covered now (level `partner`).
+    raised = raised + store_partners.relevel_all(engine.repo)
     for info in raised:
         engine.events.publish(
             "generation_level", job=info.job, generation=info.number,

@@ -45,22 +45,32 @@ def ring(hellos: Iterable[agent_pb2.Hello]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def senders(now: dict[str, tuple[str, str]], node: str) -> tuple[str, ...]:
+    """The nodes whose partner `node` is (its predecessor round the ring)."""
+    return tuple(sorted(n for n, (p, _) in now.items() if p == node))
+
+
 def changed_for(
-    engine: EngineView, node: str, partner: tuple[str, str]
+    engine: EngineView, node: str, partner: tuple[str, str], takes: tuple[str, ...] = ()
 ) -> agent_pb2.PartnerChanged:
-    """The PartnerChanged for `node`: its partner and what it owes it (none without)."""
-    pc = agent_pb2.PartnerChanged(node=partner[0], address=partner[1])
+    """The PartnerChanged for `node`: its partner and what it owes it (none without),
+    and whose copies it takes."""
+    pc = agent_pb2.PartnerChanged(node=partner[0], address=partner[1], senders=takes)
     if partner[0]:
         with engine.repo.lock:
-            owed = engine.repo.cached.owed_to_partner(node)
+            owed = store_partners.owed_to_partner(engine.repo.cached, node)
         pc.owed.extend(agent_pb2.DrainItem(job=j, generation=g, packs=n) for j, g, n in owed)
     return pc
 
 
-def for_welcome(engine: EngineView, hello: agent_pb2.Hello) -> tuple[str, str]:
-    """The new agent's partner, in the ring with it (under the engine's lock)."""
+def for_welcome(
+    engine: EngineView, hello: agent_pb2.Hello
+) -> tuple[tuple[str, str], tuple[str, ...]]:
+    """The new agent's partner and senders, in the ring with it (under the engine's
+    lock)."""
     hellos = [s.hello for s in engine.agents.connected() if s.node != hello.node]
-    return ring([*hellos, hello]).get(hello.node, NoPartner)
+    now = ring([*hellos, hello])
+    return now.get(hello.node, NoPartner), senders(now, hello.node)
 
 
 def rering(engine: EngineView) -> None:
@@ -69,11 +79,11 @@ def rering(engine: EngineView) -> None:
     sessions = engine.agents.connected()
     now = ring(s.hello for s in sessions)
     for s in sessions:
-        want = now.get(s.node, NoPartner)
-        if s.partner == want or not s.hello.cache_id:
+        want, takes = now.get(s.node, NoPartner), senders(now, s.node)
+        if (s.partner, s.senders) == (want, takes) or not s.hello.cache_id:
             continue
-        s.partner = want
-        s.send(partner_changed=changed_for(engine, s.node, want))
+        s.partner, s.senders = want, takes
+        s.send(partner_changed=changed_for(engine, s.node, want, takes))
         log_event(log, logging.INFO, "partner changed", node=s.node, partner=want[0] or "none")
 
 

@@ -824,3 +824,10 @@ class PartnerIdentityMismatch(CpcoordError):
 
     exit_code = 158
     status = "PERMISSION_DENIED"
+
+
+class PartnerNotAllowed(CpcoordError):
+    """partner copy refused: node {!r} is not a sender this node takes copies from now"""
+
+    exit_code = 159
+    status = "PERMISSION_DENIED"

@@ -214,13 +214,23 @@ class CachedPacks:
 
     # -- drain -------------------------------------------------------------------------
 
-    def drain_items(self, node: str) -> list[tuple[str, int, list[str]]]:
-        """(job, generation, pack names) of `node`'s undrained packs, oldest first."""
+    def drain_items(
+        self, node: str, taken_over: bool = False
+    ) -> list[tuple[str, int, list[str]]]:
+        """(job, generation, pack names) of `node`'s undrained packs, oldest first; with
+        `taken_over`, also the packs of owners that lost them whose copy `node` drains."""
         out: dict[GenKey, list[str]] = {}
         for p in self.packs.values():  # insertion order: commit order
-            if p.node == node and not p.drained and p.cache_id != OWNER_LOST:
+            mine = p.node == node and p.cache_id != OWNER_LOST
+            if not p.drained and (mine or (taken_over and self.drains_for(p, node))):
                 out.setdefault((p.job, p.generation), []).append(p.name)
         return [(job, gen, names) for (job, gen), names in out.items()]
+
+    def drains_for(self, p: CachedPack, node: str) -> bool:
+        """`node` drains `p` in its owner's place: the owner lost it, and `node` is the
+        first holder of a copy (one holder, so no pack is drained twice)."""
+        holders = sorted(self.copies.get(p.name, {}))
+        return p.cache_id == OWNER_LOST and bool(holders) and holders[0] == node
 
     def ready(self, drained: set[str]) -> list[GenKey]:
         """Generations every pack of which is drained once `drained` are too."""
@@ -342,43 +352,6 @@ class CachedPacks:
         return keys, len(gone)
 
     # -- partner copies ----------------------------------------------------------------
-
-    def add_copies(
-        self, db: sqlite3.Connection, holder: str, cache_id: str, names: Iterable[str]
-    ) -> list[str]:
-        """Record checked copies of undrained cached packs held by `holder` (not their
-        owner); returns the names recorded. Unknown or drained packs are skipped."""
-        took = [
-            n for n in names
-            if (p := self.packs.get(n)) is not None and not p.drained and p.node != holder
-        ]  # fmt: skip
-        db.executemany(
-            "INSERT OR REPLACE INTO partner_copies (pack, holder, cache_id) VALUES (?, ?, ?)",
-            [(n, holder, cache_id) for n in took],
-        )
-        for n in took:
-            self.copies.setdefault(n, {})[holder] = cache_id
-        return took
-
-    def covered(self, key: GenKey) -> bool:
-        """Every undrained pack the generation depends on has a checked copy on a node
-        other than its owner (the level rule for `partner`)."""
-        names = self.deps.get(key)
-        if not names or key in self.lost:
-            return False
-        undrained = [n for n in names if (p := self.packs.get(n)) and not p.drained]
-        return bool(undrained) and all(
-            any(h != self.packs[n].node for h in self.copies.get(n, {})) for n in undrained
-        )
-
-    def owed_to_partner(self, node: str) -> list[tuple[str, int, list[str]]]:
-        """`node`'s undrained packs without a copy elsewhere, per generation, oldest
-        first: what it must send its partner."""
-        return [
-            (job, gen, todo)
-            for job, gen, names in self.drain_items(node)
-            if (todo := [n for n in names if not self.copies.get(n)])
-        ]
 
     def _prune_copies(self, db: sqlite3.Connection) -> None:
         db.execute("DELETE FROM partner_copies WHERE pack NOT IN (SELECT name FROM cached_packs)")

@@ -97,10 +97,10 @@ def take_drained(
     store; returns them (at their new level). Bad data raises (InvalidArgument,
     ChunkMismatch): the pack is lying and nothing of it counts."""
     with repo.lock:
-        todo: list[tuple[nodepacks.Report, str]] = []
+        todo: list[tuple[nodepacks.Report, str, str]] = []
         for r in reports:
             p = cached.packs.get(r.name)
-            if p is None or p.node != node:
+            if p is None or (p.node != node and not cached.drains_for(p, node)):
                 if p is None and repo.index.pack_number(r.name) is not None:
                     continue  # drained and settled before (a report sent again)
                 if p is None and r.name in cached.retired:
@@ -110,11 +110,11 @@ def take_drained(
                 continue
             if (r.size, r.ids) != (p.size, p.ids):
                 raise InvalidArgument(f"pack {r.name} is not the pack reported at commit")
-            todo.append((r, p.namespace))
+            todo.append((r, p.namespace, p.node))
     taken = []
-    for r, ns in todo:
+    for r, ns, owner in todo:  # a holder drains an owner's pack under the owner's prefix
         try:
-            taken.append(nodepacks.check(repo, node, ns, r))
+            taken.append(nodepacks.check(repo, owner, ns, r))
         except CpcoordError:
             with repo.lock:
                 repo.trust.lying.add(r.name)

@@ -34,12 +34,66 @@ def take_partnered(
     level changed (at their new level) and the copies recorded (the others are of packs
     drained or forgotten meanwhile: the holder may delete them)."""
     cached = repo.cached
+    names = list(names)
     with repo.lock, repo.catalog.tx() as db:
-        took = cached.add_copies(db, holder, cache_id, [n for n in names if node_of(n) == sender])
-        touched = set(took)
+        took = add_copies(cached, db, holder, cache_id, [n for n in names if node_of(n) == sender])
+        touched = set(names)  # also packs drained meanwhile: the rule may hold now
         keys = [k for k, deps in cached.deps.items() if deps & touched]
         changed = relevel(db, cached, keys)
     return _infos(repo, changed), took
+
+
+def add_copies(
+    cached: CachedPacks, db: sqlite3.Connection, holder: str, cache_id: str,
+    names: Iterable[str],
+) -> list[str]:  # fmt: skip
+    """Record checked copies of undrained cached packs held by `holder` (not their
+    owner); returns the names recorded. Unknown or drained packs are skipped."""
+    took = [
+        n for n in names
+        if (p := cached.packs.get(n)) is not None and not p.drained and p.node != holder
+    ]  # fmt: skip
+    db.executemany(
+        "INSERT OR REPLACE INTO partner_copies (pack, holder, cache_id) VALUES (?, ?, ?)",
+        [(n, holder, cache_id) for n in took],
+    )
+    for n in took:
+        cached.copies.setdefault(n, {})[holder] = cache_id
+    return took
+
+
+def covered(cached: CachedPacks, key: GenKey) -> bool:
+    """Every undrained pack the generation depends on has a checked copy on a node other
+    than its owner (the level rule for `partner`)."""
+    names = cached.deps.get(key)
+    if not names or key in cached.lost:
+        return False
+    undrained = [n for n in names if (p := cached.packs.get(n)) and not p.drained]
+    return bool(undrained) and all(
+        any(h != cached.packs[n].node for h in cached.copies.get(n, {})) for n in undrained
+    )
+
+
+def owed_to_partner(cached: CachedPacks, node: str) -> list[tuple[str, int, list[str]]]:
+    """`node`'s undrained packs without a copy elsewhere, per generation, oldest first:
+    what it must send its partner."""
+    return [
+        (job, gen, todo)
+        for job, gen, names in cached.drain_items(node)
+        if (todo := [n for n in names if not cached.copies.get(n)])
+    ]
+
+
+def committed(repo: Repository, job: str, generation: int) -> list[GenerationInfo]:
+    """Right after a commit at `local`: a generation whose packs all have copies already
+    (it cached nothing of its own and depends on copied packs) is `partner` at once."""
+    cached = repo.cached
+    with repo.lock:
+        if (job, generation) not in cached.deps:
+            return []
+        with repo.catalog.tx() as db:
+            changed = relevel(db, cached, [(job, generation)])
+    return _infos(repo, changed)
 
 
 def relevel_all(repo: Repository) -> list[GenerationInfo]:
@@ -60,7 +114,7 @@ def relevel(db: sqlite3.Connection, cached: CachedPacks, keys: Iterable[GenKey])
     out = []
     for key in sorted(set(keys)):
         job, gen = key
-        frm, to = (Level.LOCAL, Level.PARTNER) if cached.covered(key) else (
+        frm, to = (Level.LOCAL, Level.PARTNER) if covered(cached, key) else (
             Level.PARTNER, Level.LOCAL)  # fmt: skip
         cur = db.execute(
             "UPDATE generations SET level = ? WHERE number = ? AND level = ? AND "

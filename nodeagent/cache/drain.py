@@ -26,7 +26,7 @@ import numpy as np
 
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import agent_pb2
-from nodeagent.cache.store import GenKey, NodeCache, read_cached
+from nodeagent.cache.store import GenKey, NodeCache
 from storecore import packs
 from storecore.backend import Backend, Kind
 
@@ -90,8 +90,9 @@ class Drainer:
     def want(self, job: str, generation: int, names: Sequence[str]) -> None:
         if not names:
             return
-        with self._cond:
-            self._todo.setdefault((job, generation), list(names))
+        with self._cond:  # merged: a holder's taken-over packs join its own
+            cur = self._todo.setdefault((job, generation), [])
+            cur.extend(n for n in names if n not in cur)
             self._cond.notify_all()
 
     def welcome(self, items: Sequence[agent_pb2.DrainItem]) -> None:
@@ -117,7 +118,7 @@ class Drainer:
             if self._stop or self.store is None:
                 return None
             k, names = next(iter(self._todo.items()))
-            return k, names, self.store
+            return k, list(names), self.store  # a copy: `want` may extend the item
 
     def _run(self) -> None:
         while True:
@@ -142,16 +143,17 @@ class Drainer:
 
     def _drain(self, k: GenKey, names: list[str], store: Backend) -> bool | None:
         msg = agent_pb2.Drained(job=k[0], generation=k[1])
+        view = self.cache.reader  # the cache, and partner copies of owners that lost them
         for name in names:
-            if not self.cache.has(name):
+            if not self.cache.has(name) and not view.exists(Kind.PACKS, name):
                 msg.missing.append(name)
                 continue
-            data = read_cached(self.cache, name)
+            data = view.get(Kind.PACKS, name)
             wait = self.bucket.delay(len(data))
             if wait:
                 time.sleep(wait)
             store.put(Kind.PACKS, name, data)
-            _, contents = packs.read_sized_contents(self.cache.backend, name)
+            _, contents = packs.read_sized_contents(view, name)
             ids = np.ascontiguousarray(contents.entries["id"]).tobytes()
             msg.packs.add(name=name, size=len(data), ids=ids)
             self.drained_bytes += len(data)
@@ -174,7 +176,7 @@ class Drainer:
             log.warning("drain refused", extra={"fields": {
                 "job": k[0], "generation": k[1], "detail": r.detail}})  # fmt: skip
             return False
-        self.cache.drained(k[0], k[1], [p.name for p in msg.packs])
+        self.cache.drained(k[0], k[1], [p.name for p in msg.packs if self.cache.has(p.name)])
         log.info("generation drained", extra={"fields": {
             "job": k[0], "generation": k[1], "packs": len(msg.packs)}})  # fmt: skip
         return True

@@ -48,6 +48,7 @@ from cpcoord.errors import (
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from nodeagent.cache.drain import Drainer
 from nodeagent.cache.store import NodeCache
+from nodeagent.daemon import cache_commands
 from nodeagent.daemon.agent_commands import Commands
 from nodeagent.daemon.agent_reports import upload_report
 from nodeagent.daemon.agent_session import AgentConfig, Session, backoff, hello
@@ -190,30 +191,6 @@ class Agent:
             s.out.put(msg)
             return True
 
-    def _levels(self, msg: agent_pb2.CoordinatorMessage) -> bool:
-        """The node cache's share of a command (committed, abort) and the drain's
-        answers; True when the message is consumed here."""
-        body = msg.WhichOneof("body")
-        if body == "drain_result":
-            if self.drainer is not None:
-                self.drainer.result(msg.drain_result)
-            return True
-        if body == "partner_changed":
-            self.partners.changed(msg.partner_changed)
-            return True
-        if body == "partner_release":
-            self.partners.release(msg.partner_release.packs)
-            return True
-        if self.cache is not None and self.drainer is not None:
-            if body == "committed":
-                c = msg.committed
-                names = self.cache.committed(c.job, c.generation)
-                self.drainer.want(c.job, c.generation, names)
-                self.partners.committed(c.job, c.generation, names)
-            elif body == "abort":
-                self.cache.aborted(msg.abort.job, msg.abort.generation)
-        return False
-
     def _sealer(self) -> Sealer | None:
         """The store key the direct data path has now (a partner checks sealed packs)."""
         d = self._direct
@@ -276,7 +253,7 @@ class Agent:
                         break
                     beat.start()
                     continue
-                if not self._levels(msg):
+                if not cache_commands.handle(msg, self.cache, self.drainer, self.partners):
                     self.commands.handle(s, msg)
         except grpc.RpcError as e:
             err = grpcutil.rpc_to_error(e, "Attach", addr)

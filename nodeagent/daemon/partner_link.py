@@ -29,6 +29,7 @@ class PartnerLink:
         self.store: PartnerStore | None = None
         self.server: PartnerServer | None = None
         self.sender: PartnerSender | None = None
+        self.servicer: PartnerServicer | None = None
         if cache is None:
             return
         self.sender = PartnerSender(config.node, cache, config.tls)
@@ -41,6 +42,7 @@ class PartnerLink:
                 send(agent_pb2.AgentMessage(partnered=p))
 
             servicer = PartnerServicer(self.store, sealer, report, config.tls is not None)
+            self.servicer = servicer
             self.server = PartnerServer(config.partner_listen, servicer, config.tls)
 
     @property
@@ -68,6 +70,8 @@ class PartnerLink:
             self.server.stop()
 
     def changed(self, pc: agent_pb2.PartnerChanged) -> None:
+        if self.servicer is not None:
+            self.servicer.allowed = frozenset(pc.senders)
         if self.sender is not None:
             self.sender.set_partner(pc)
 

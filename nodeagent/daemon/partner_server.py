@@ -20,7 +20,7 @@ from concurrent import futures
 import grpc
 
 from cpcoord import grpcutil
-from cpcoord.errors import InvalidArgument, PartnerIdentityMismatch
+from cpcoord.errors import InvalidArgument, PartnerIdentityMismatch, PartnerNotAllowed
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.tls import TlsFiles, peer_agent, server_credentials
 from nodeagent.cache.partner import PartnerStore, check_pack_name
@@ -42,8 +42,12 @@ class PartnerServicer(agent_pb2_grpc.PartnerCacheServicer):
         self.sealer = sealer
         self.report = report
         self.tls = tls
+        # The senders the coordinator names (PartnerChanged.senders); none until told.
+        self.allowed: frozenset[str] = frozenset()
 
     def _check_peer(self, context: grpc.ServicerContext, sender: str) -> None:
+        if sender not in self.allowed:
+            raise PartnerNotAllowed(sender)
         if not self.tls:
             return  # the insecure test mode, as for the rest of the agent
         peer = peer_agent(context)

@@ -85,6 +85,10 @@ def test_wait_partner_returns_once_every_pack_has_a_checked_copy_on_the_next_nod
         assert np.array_equal(got[offsets], data[offsets]), name
     for node in NODES:
         assert "partner copies held" in c.agents[node].tail(400), node
+    # Nothing changed: generation 2 caches nothing new and depends only on packs that
+    # have copies already, so it is `partner` as it commits.
+    r2 = c.cli_json("checkpoint", "--job", "pj", "--wait", "local")
+    assert r2["generation"] == 2 and r2["level"] == "partner", r2
 
 
 def _wait_gone(c: Cluster, node: str) -> None:
@@ -179,3 +183,42 @@ def test_api_waits_for_partner_watch_sees_both_rises_and_drained_copies_go(
     while any(_partner_packs(caches[n], s) for n in NODES for s in NODES):
         assert time.monotonic() < end, "partner copies of drained packs were kept"
         time.sleep(0.2)
+
+
+def test_the_holder_drains_in_place_of_an_owner_back_with_another_cache(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """node-b drains nothing (1 byte/s); the others drain at once. Generation 1 reaches
+    `partner`, not `store`. node-b's agent dies and comes back with a new, empty cache:
+    generation 1 is not lost (node-c holds node-b's packs), node-c drains them in node-b's
+    place, the generation reaches `store`, verify is clean and the export exact."""
+    caches = {n: tmp_path / f"cache-{n}" for n in NODES}
+    args = {
+        n: ("--cache", str(caches[n]), "--drain-rate", "1" if n == "node-b" else "0",
+            "--partner-listen", "127.0.0.1:0")
+        for n in NODES
+    }  # fmt: skip
+    c = cluster_factory(nodes=NODES, agent_args=args)
+    targets = _targets(c, target_factory, 128)
+    r = c.cli_json("checkpoint", "--job", "pj", "--wait", "partner")
+    assert r["level"] == "partner", r
+    want = {n: t.read("data") for n, t in targets.items()}
+    c.agents["node-b"].kill()
+    shutil.rmtree(caches["node-b"])
+    _wait_gone(c, "node-b")
+    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--partner-listen",
+                                  "127.0.0.1:0"))  # fmt: skip
+    c.wait_agents(NODES)
+    end = time.monotonic() + 60
+    while (g := _generation(c, "pj", 1))["level"] != "store":
+        assert not g["lost"], g
+        assert time.monotonic() < end, g
+        time.sleep(0.3)
+    assert "generation lost with a node cache" not in c.coordinator.tail(400)
+    v = c.cli_json("verify")
+    assert v["ok"], v
+    out = tmp_path / "export-drained"
+    export(c, "pj", 1, out)
+    for name, data in want.items():
+        got, offsets = exported(out, name)
+        assert np.array_equal(got[offsets], data[offsets]), name

@@ -47,6 +47,8 @@ class _Holder:
             assert pki is not None
             files = tls_files(pki / "agent-node-b.pem", pki / "agent-node-b.key", pki / "ca.pem")
         servicer = PartnerServicer(self.store, lambda: None, self.reports.append, tls)
+        servicer.allowed = frozenset({"node-a"})  # as the coordinator says
+        self.servicer = servicer
         self.server = PartnerServer("127.0.0.1:0", servicer, files)
         self.server.start()
 
@@ -117,6 +119,10 @@ def test_a_bad_pack_or_a_foreign_name_is_refused_and_nothing_is_written(tmp_path
         with pytest.raises(grpc.RpcError) as e:  # another node's prefix
             _put(stub, "node-a", [(_name("node-c", a), a.data)])
         assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:  # a sender the coordinator did not name
+            _put(stub, "node-c", [(_name("node-c", a), a.data)])
+        assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "not a sender" in (e.value.details() or "")
         assert not h.store.has(na) and not h.reports
         assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     finally:
@@ -185,3 +191,25 @@ def test_partner_copies_and_the_own_cache_share_one_bound(tmp_path: Path) -> Non
     # The node's own cache sees the copies' bytes: a pack that would fit alone does not.
     assert not cache.reserve("j", 1, _name("node-z", b), len(b.data))
     assert cache.reserve("j", 1, _name("node-z", b), size - len(a.data))
+
+
+def test_a_full_partner_is_counted_and_the_generation_given_up_not_retried(
+    tmp_path: Path,
+) -> None:
+    a = _pack(9)
+    name = _name("node-a", a)
+    h = _Holder(tmp_path / "holder")
+    h.store.size = len(a.data) - 1  # nothing fits there
+    cache = NodeCache(tmp_path / "sender")
+    try:
+        assert cache.reserve("j", 3, name, len(a.data))
+        cache.backend.put(Kind.PACKS, name, a.data)
+        s = PartnerSender("node-a", cache, None)
+        assert s._send(("j", 3), [name], ("node-b", h.server.address))  # done with it
+        assert s.full == 1 and not h.store.has(name) and not h.reports
+        h.close()  # a partner that is down: not done, retried later
+        assert not s._send(("j", 3), [name], ("node-b", h.server.address))
+        assert s.full == 1
+        s.stop()
+    finally:
+        h.close()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.partners import ring
+from coordinator.partners import ring, senders
 from coordinator.store.cached import OWNER_LOST, CachedPack, CachedPacks
 from coordinator.store.catalog import Catalog
+from coordinator.store.partners import add_copies, covered, owed_to_partner
 from cpcoord.gen.v1 import agent_pb2
 from storecore.ids import digest_all
 
@@ -37,6 +38,8 @@ def test_ring_pairs_each_node_with_the_next_by_name_never_itself() -> None:
     assert {k: v[0] for k, v in got.items()} == {"a": "d", "d": "a"}
     # A node leaves: its predecessor's partner becomes its successor.
     assert ring([_hello("a"), _hello("c")])["a"][0] == "c"
+    now = ring([_hello("a"), _hello("b"), _hello("c")])
+    assert [senders(now, n) for n in "abcd"] == [("c",), ("a",), ("b",), ()]
 
 
 def _ids(n: int) -> np.ndarray:
@@ -60,18 +63,18 @@ def test_a_generation_is_covered_once_every_pack_has_a_copy_on_another_node(
     tmp_path: Path,
 ) -> None:
     ledger, _, _, _ = _ledger(tmp_path)
-    assert not ledger.covered(("j", 1))
-    assert [i[:2] for i in ledger.owed_to_partner("a")] == [("j", 1)]
+    assert not covered(ledger, ("j", 1))
+    assert [i[:2] for i in owed_to_partner(ledger, "a")] == [("j", 1)]
     with ledger.catalog.tx() as db:
-        assert ledger.add_copies(db, "b", "cb", ["nodes/a/p1"]) == ["nodes/a/p1"]
-        assert ledger.add_copies(db, "b", "cb", ["nodes/b/p2"]) == []  # its own: no copy
-        assert ledger.add_copies(db, "c", "cc", ["nodes/x/unknown"]) == []
-    assert not ledger.covered(("j", 1)) and ledger.owed_to_partner("a") == []
+        assert add_copies(ledger, db, "b", "cb", ["nodes/a/p1"]) == ["nodes/a/p1"]
+        assert add_copies(ledger, db, "b", "cb", ["nodes/b/p2"]) == []  # its own: no copy
+        assert add_copies(ledger, db, "c", "cc", ["nodes/x/unknown"]) == []
+    assert not covered(ledger, ("j", 1)) and owed_to_partner(ledger, "a") == []
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
-    assert ledger.covered(("j", 1))
+        add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
+    assert covered(ledger, ("j", 1))
     again = CachedPacks(ledger.catalog)  # persisted: a restarted coordinator agrees
-    assert again.covered(("j", 1)) and again.copies == ledger.copies
+    assert covered(again, ("j", 1)) and again.copies == ledger.copies
 
 
 def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
@@ -79,33 +82,33 @@ def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
 ) -> None:
     ledger, _, _, _ = _ledger(tmp_path)
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "b", "cb", ["nodes/a/p1"])
-        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
+        add_copies(ledger, db, "b", "cb", ["nodes/a/p1"])
+        add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
         assert ledger.lose(db, "b", "cb")[0] == []  # the same cache: nothing happens
-    assert ledger.covered(("j", 1))
+    assert covered(ledger, ("j", 1))
     with ledger.catalog.tx() as db:
         # b's cache was replaced: its copy of a's pack and its own p2 are gone from b,
         # but p2 has a copy on a: kept (read from there), only a's copy on b is lost.
         assert ledger.lose(db, "b", "cb-new")[0] == []
-    assert not ledger.covered(("j", 1))  # p1 has no copy elsewhere any more
+    assert not covered(ledger, ("j", 1))  # p1 has no copy elsewhere any more
     assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
     assert "nodes/a/p1" not in ledger.copies and ledger.copies["nodes/b/p2"] == {"a": "ca"}
-    assert ledger.owed_to_partner("b") == []  # b cannot send what it lost
+    assert owed_to_partner(ledger, "b") == []  # b cannot send what it lost
     assert ledger.drain_items("b") == []
     # a sends p1 to its new partner: covered again.
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "c", "cc", ["nodes/a/p1"])
-    assert ledger.covered(("j", 1))
+        add_copies(ledger, db, "c", "cc", ["nodes/a/p1"])
+    assert covered(ledger, ("j", 1))
     # Now a's cache is lost too: p2's last copy is gone -> the generation is lost.
     with ledger.catalog.tx() as db:
         assert ledger.lose(db, "a", "ca-new")[0] == [("j", 1)]
-    assert ("j", 1) in ledger.lost and not ledger.covered(("j", 1))
+    assert ("j", 1) in ledger.lost and not covered(ledger, ("j", 1))
 
 
 def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
     ledger, _, a, b = _ledger(tmp_path)
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "c", "cc", ["nodes/b/p2"])
+        add_copies(ledger, db, "c", "cc", ["nodes/b/p2"])
     want = np.concatenate([a[:1], b[:2]])
     names, nodes, where = ledger.locate(want, "job:j")
     assert [nodes[i] for i in where.tolist()] == ["a", "b", "b"]  # owners first
@@ -127,6 +130,33 @@ def test_a_read_takes_the_owner_else_a_reachable_holder(tmp_path: Path) -> None:
     assert ledger.pending_ids("b", "job:j").size == 0  # never dedup against a lost pack
 
 
+def test_the_level_follows_copies_and_drains_whatever_comes_first(tmp_path: Path) -> None:
+    """The rule is evaluated where copies or drains change: node a's pack drains before
+    anyone reports a copy of it, node b's pack has a copy: `partner` then, not `local`
+    forever (a race met under load); a lost copy lowers it again."""
+    from coordinator.store.catalog import Level, Sizes
+    from coordinator.store.partners import relevel
+
+    ledger, _, _, _ = _ledger(tmp_path)
+    cat = ledger.catalog
+    cat.ensure_job("j")
+    n = cat.allocate("j", None, "job:j")
+    assert n == 1
+    cat.commit("j", 1, "j/1", Sizes(), Level.LOCAL)
+    with cat.tx() as db:
+        add_copies(ledger, db, "c", "cc", ["nodes/b/p2"])
+        assert relevel(db, ledger, [("j", 1)]) == []  # a's pack has no copy yet
+        ledger.apply(db, {"nodes/a/p1"}, [])  # a's pack drained: needs no copy
+    ledger.applied({"nodes/a/p1"}, [])
+    with cat.tx() as db:
+        assert relevel(db, ledger, [("j", 1)]) == [("j", 1)]
+    assert cat.get("j", 1).level is Level.PARTNER
+    with cat.tx() as db:
+        ledger.lose(db, "c", "cc-new")  # the holder's cache is gone: the copy too
+        assert relevel(db, ledger, [("j", 1)]) == [("j", 1)]
+    assert cat.get("j", 1).level is Level.LOCAL
+
+
 def test_forgetting_a_node_keeps_what_has_copies_and_drops_what_it_held(
     tmp_path: Path,
 ) -> None:
@@ -135,11 +165,11 @@ def test_forgetting_a_node_keeps_what_has_copies_and_drops_what_it_held(
     no longer covered but not lost; forgetting a too then loses it."""
     ledger, _, _, _ = _ledger(tmp_path)
     with ledger.catalog.tx() as db:
-        ledger.add_copies(db, "b", "cb", ["nodes/a/p1"])
-        ledger.add_copies(db, "a", "ca", ["nodes/b/p2"])
+        add_copies(ledger, db, "b", "cb", ["nodes/a/p1"])
+        add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
         assert ledger.lose(db, "b", None, "forgotten") == ([], 0)
     assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
-    assert "nodes/a/p1" not in ledger.copies and not ledger.covered(("j", 1))
+    assert "nodes/a/p1" not in ledger.copies and not covered(ledger, ("j", 1))
     with ledger.catalog.tx() as db:
         assert ledger.lose(db, "a", None, "forgotten") == ([("j", 1)], 2)
     assert ledger.lost[("j", 1)] == "forgotten"

@@ -264,7 +264,7 @@ class CommandResult(_message.Message):
     def __init__(self, command_id: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ..., member: _Optional[_Union[_types_pb2.Member, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.MemberStats, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result", "read_cached", "partner_changed", "partner_release")
+    __slots__ = ("command_id", "welcome", "freeze", "capture", "abort", "committed", "restore", "thaw", "attach_member", "detach_member", "restore_into", "heartbeat", "prepare", "drain_result", "read_cached", "partner_changed", "partner_release", "take_over_drain")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FREEZE_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +282,7 @@ class CoordinatorMessage(_message.Message):
     READ_CACHED_FIELD_NUMBER: _ClassVar[int]
     PARTNER_CHANGED_FIELD_NUMBER: _ClassVar[int]
     PARTNER_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    TAKE_OVER_DRAIN_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     welcome: Welcome
     freeze: Freeze
@@ -299,7 +300,8 @@ class CoordinatorMessage(_message.Message):
     read_cached: ReadCached
     partner_changed: PartnerChanged
     partner_release: PartnerRelease
-    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., read_cached: _Optional[_Union[ReadCached, _Mapping]] = ..., partner_changed: _Optional[_Union[PartnerChanged, _Mapping]] = ..., partner_release: _Optional[_Union[PartnerRelease, _Mapping]] = ...) -> None: ...
+    take_over_drain: TakeOverDrain
+    def __init__(self, command_id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., freeze: _Optional[_Union[Freeze, _Mapping]] = ..., capture: _Optional[_Union[Capture, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., committed: _Optional[_Union[Committed, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ..., thaw: _Optional[_Union[Thaw, _Mapping]] = ..., attach_member: _Optional[_Union[AttachMember, _Mapping]] = ..., detach_member: _Optional[_Union[DetachMember, _Mapping]] = ..., restore_into: _Optional[_Union[RestoreInto, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., prepare: _Optional[_Union[Prepare, _Mapping]] = ..., drain_result: _Optional[_Union[DrainResult, _Mapping]] = ..., read_cached: _Optional[_Union[ReadCached, _Mapping]] = ..., partner_changed: _Optional[_Union[PartnerChanged, _Mapping]] = ..., partner_release: _Optional[_Union[PartnerRelease, _Mapping]] = ..., take_over_drain: _Optional[_Union[TakeOverDrain, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("version", "protocol_version", "heartbeat_interval_ms", "max_message_bytes", "max_batch_entries", "store_location", "store_id", "store_dedup", "store_pack_bytes", "store_encrypted", "store_key", "drain", "partner")
@@ -332,14 +334,22 @@ class Welcome(_message.Message):
     def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_entries: _Optional[int] = ..., store_location: _Optional[str] = ..., store_id: _Optional[str] = ..., store_dedup: _Optional[str] = ..., store_pack_bytes: _Optional[int] = ..., store_encrypted: _Optional[bool] = ..., store_key: _Optional[bytes] = ..., drain: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ..., partner: _Optional[_Union[PartnerChanged, _Mapping]] = ...) -> None: ...
 
 class PartnerChanged(_message.Message):
-    __slots__ = ("node", "address", "owed")
+    __slots__ = ("node", "address", "owed", "senders")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     OWED_FIELD_NUMBER: _ClassVar[int]
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
     node: str
     address: str
     owed: _containers.RepeatedCompositeFieldContainer[DrainItem]
-    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., owed: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ...) -> None: ...
+    senders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., owed: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ..., senders: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TakeOverDrain(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[DrainItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[DrainItem, _Mapping]]] = ...) -> None: ...
 
 class PartnerRelease(_message.Message):
     __slots__ = ("packs",)
