@@ -1,25 +1,23 @@
 """The drain: cached packs of committed generations go to the store in the background,
 oldest generation first, rate-limited, and are reported (docs/multilevel.md).
 
-One thread. Work comes from two places: a generation this agent saw commit with cached
-packs (`want`, after Committed), and the coordinator's list of what this node still
-owes the store (`Welcome.drain`, at every (re)connect: the authority, so a coordinator
-or agent restart resumes where it stopped). Per generation: each pack is read from the
-cache, put into the store under the same name (atomic and durable there), then one
-Drained report goes on the control stream and the thread waits for the DrainResult.
-Packs the cache no longer has are reported `missing`. A refused report is logged and
-not retried until the next Welcome names the generation again.
+One thread (nodeagent/cache/worklist.py). Work comes from two places: a generation this
+agent saw commit with cached packs (`want`, after Committed), and the coordinator's list
+of what this node still owes the store (`Welcome.drain`, at every (re)connect: the
+authority, so a coordinator or agent restart resumes where it stopped). Per generation:
+each pack is read from the cache, put into the store under the same name (atomic and
+durable there), then one Drained report goes on the control stream and the thread waits
+for the DrainResult. Packs the cache no longer has are reported `missing`. A refused
+report is logged and not retried until the next Welcome names the generation again.
 
-Rate: a token bucket of `rate` bytes/s (0: unlimited) with one second of burst, so
-the drain leaves the node's links to the application.
+Rate: a token bucket of `rate` bytes/s (0: unlimited) with one second of burst, so the
+drain leaves the node's links to the application.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -27,6 +25,7 @@ import numpy as np
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.cache.store import GenKey, NodeCache
+from nodeagent.cache.worklist import Worklist
 from storecore import packs
 from storecore.backend import Backend, Kind
 
@@ -53,39 +52,31 @@ class Bucket:
         return max(0.0, -self.tokens / self.rate)
 
 
-class Drainer:
+class Drainer(Worklist[Backend]):
+    """The drain thread (module docstring); its target is the store (None while the
+    agent has no direct data path or no control stream)."""
+
     def __init__(
         self, cache: NodeCache, rate: float, send: Callable[[agent_pb2.AgentMessage], bool],
         on_bytes: Callable[[int], None] | None = None,
     ) -> None:  # fmt: skip
+        super().__init__("cache-drain")
         self.cache = cache
         self.bucket = Bucket(rate)
         self.send = send
         self.on_bytes = on_bytes
-        self.store: Backend | None = None
-        self._todo: OrderedDict[GenKey, list[str]] = OrderedDict()
-        self._cond = threading.Condition()
         self._results: dict[GenKey, agent_pb2.DrainResult] = {}
-        self._stop = False
         self._streams = 0  # set_store calls: a new or broken stream ends a wait for a result
         self.drained_bytes = 0
-        self._thread = threading.Thread(target=self._run, name="cache-drain", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+    @property
+    def store(self) -> Backend | None:
+        return self.target
 
     def set_store(self, store: Backend | None) -> None:
         with self._cond:
-            self.store = store
             self._streams += 1
-            self._cond.notify_all()
+        self.set_target(store)
 
     def want(self, job: str, generation: int, names: Sequence[str]) -> None:
         if not names:
@@ -97,49 +88,21 @@ class Drainer:
 
     def welcome(self, items: Sequence[agent_pb2.DrainItem]) -> None:
         """The coordinator's list: exactly what this node owes, oldest first."""
-        with self._cond:
-            self._todo = OrderedDict(((i.job, i.generation), list(i.packs)) for i in items)
-            self._cond.notify_all()
+        self.replace((i.job, i.generation, i.packs) for i in items)
 
     def result(self, r: agent_pb2.DrainResult) -> None:
         with self._cond:
             self._results[(r.job, r.generation)] = r
             self._cond.notify_all()
 
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return sum(len(v) for v in self._todo.values())
-
-    def _next(self) -> tuple[GenKey, list[str], Backend] | None:
-        with self._cond:
-            while not self._stop and (not self._todo or self.store is None):
-                self._cond.wait(1.0)
-            if self._stop or self.store is None:
-                return None
-            k, names = next(iter(self._todo.items()))
-            return k, list(names), self.store  # a copy: `want` may extend the item
-
-    def _run(self) -> None:
-        while True:
-            got = self._next()
-            if got is None:
-                return
-            k, names, store = got
-            try:
-                ok = self._drain(k, names, store)
-            except CpcoordError as e:
-                log.warning("drain failed", extra={"fields": {
-                    "job": k[0], "generation": k[1], "error": str(e)}})  # fmt: skip
-                ok = None
-            with self._cond:
-                if ok is not None or self._stop:
-                    if self._todo.get(k) == names:
-                        self._todo.pop(k, None)
-                else:  # a store error: try again later, after the others
-                    if k in self._todo:
-                        self._todo.move_to_end(k)
-                    self._cond.wait(1.0)
+    def work(self, k: GenKey, names: list[str], target: Backend) -> bool:
+        """Done with the generation unless a store error says: try again later."""
+        try:
+            return self._drain(k, names, target) is not None
+        except CpcoordError as e:
+            log.warning("drain failed", extra={"fields": {
+                "job": k[0], "generation": k[1], "error": str(e)}})  # fmt: skip
+            return False
 
     def _drain(self, k: GenKey, names: list[str], store: Backend) -> bool | None:
         msg = agent_pb2.Drained(job=k[0], generation=k[1])

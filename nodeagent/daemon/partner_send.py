@@ -1,23 +1,21 @@
-"""Copies of this node's cached packs to its partner (docs/multilevel.md, "Partner
-copies"; the listener that takes them is nodeagent/daemon/partner_server.py).
+"""Copies of this node's cached packs to its partner (docs/multilevel.md, "Partner copies";
+the listener that takes them is nodeagent/daemon/partner_server.py).
 
-One thread. The coordinator names the partner (Welcome.partner, PartnerChanged) and,
-with it, what this node owes it: its undrained cached packs without a checked copy on
-another node, oldest generation first (the authority, as Welcome.drain is for the
-drain). A generation this agent sees commit with cached packs is added (`want`). Per
-generation: `Lacks` asks which packs the partner does not hold, `Put` sends those
-whole (named as in the cache: the coordinator's records name them), and the partner
-reports the copies itself. A failure is retried after the others; a partner whose cache
-is full is warned about once per generation and counted (`full`): the generation stays
-`local` and drains as usual, never a failed checkpoint.
+One thread (nodeagent/cache/worklist.py). The coordinator names the partner
+(Welcome.partner, PartnerChanged) and, with it, what this node owes it: its undrained
+cached packs without a checked copy on another node, oldest generation first (the
+authority, as Welcome.drain is for the drain). A generation this agent sees commit with
+cached packs is added (`want`). Per generation: `Lacks` asks which packs the partner
+does not hold, `Put` sends those whole (named as in the cache: the coordinator's records
+name them), and the partner reports the copies itself. A failure is retried after the
+others; a partner whose cache is full is warned about once per generation and counted
+(`full`): the generation stays `local` and drains as usual, never a failed checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import grpc
 
@@ -25,81 +23,43 @@ from cpcoord import grpcutil
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.tls import TlsFiles, agent_server_name
 from nodeagent.cache.store import GenKey, NodeCache, read_cached
+from nodeagent.cache.worklist import Worklist
 
 log = logging.getLogger(__name__)
 PIECE_BYTES = 1 << 20
 CALL_TIMEOUT_S = 300.0
 
 
-class PartnerSender:
+class PartnerSender(Worklist[tuple[str, str]]):
+    """The copy thread (module docstring); its target is the partner (node, address)."""
+
     def __init__(self, node: str, cache: NodeCache, tls: TlsFiles | None) -> None:
+        super().__init__("partner-send")
         self.node = node
         self.cache = cache
         self.tls = tls
-        self.partner: tuple[str, str] | None = None  # (node, address)
         self.full = 0  # generations a partner's full cache refused
         self.sent_bytes = 0
-        self._todo: OrderedDict[GenKey, list[str]] = OrderedDict()
-        self._cond = threading.Condition()
-        self._stop = False
         self._channel: tuple[str, grpc.Channel] | None = None
-        self._thread = threading.Thread(target=self._run, name="partner-send", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def partner(self) -> tuple[str, str] | None:
+        return self.target
 
     def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        super().stop()
         self._close()
 
     def set_partner(self, pc: agent_pb2.PartnerChanged) -> None:
         """The coordinator's word: the partner now and exactly what it is owed."""
-        with self._cond:
-            self.partner = (pc.node, pc.address) if pc.node and pc.address else None
-            self._todo = OrderedDict(((i.job, i.generation), list(i.packs)) for i in pc.owed)
-            self._cond.notify_all()
+        with self._cond:  # one step: never the new partner with the old list
+            self.set_target((pc.node, pc.address) if pc.node and pc.address else None)
+            self.replace((i.job, i.generation, i.packs) for i in pc.owed)
         log.info("partner", extra={"fields": {
             "partner": pc.node or "none", "owed_generations": len(pc.owed)}})  # fmt: skip
 
-    def want(self, job: str, generation: int, names: Sequence[str]) -> None:
-        if not names:
-            return
-        with self._cond:
-            self._todo.setdefault((job, generation), list(names))
-            self._cond.notify_all()
-
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return sum(len(v) for v in self._todo.values())
-
-    def _next(self) -> tuple[GenKey, list[str], tuple[str, str]] | None:
-        with self._cond:
-            while not self._stop and (not self._todo or self.partner is None):
-                self._cond.wait(1.0)
-            if self._stop or self.partner is None:
-                return None
-            k, names = next(iter(self._todo.items()))
-            return k, names, self.partner
-
-    def _run(self) -> None:
-        while True:
-            got = self._next()
-            if got is None:
-                return
-            k, names, partner = got
-            done = self._send(k, names, partner)
-            with self._cond:
-                if done:
-                    if self._todo.get(k) == names:
-                        self._todo.pop(k, None)
-                elif k in self._todo:  # try again later, after the others
-                    self._todo.move_to_end(k)
-                    self._cond.wait(1.0)
+    def work(self, k: GenKey, names: list[str], target: tuple[str, str]) -> bool:
+        return self._send(k, names, target)
 
     def _stub(self, node: str, address: str) -> agent_pb2_grpc.PartnerCacheStub:
         if self._channel is None or self._channel[0] != address:
