@@ -185,13 +185,18 @@ def test_api_waits_for_partner_watch_sees_both_rises_and_drained_copies_go(
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("how", ["new_cache", "forget"])
 def test_the_holder_drains_in_place_of_an_owner_back_with_another_cache(
-    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+    cluster_factory: Callable[..., Cluster],
+    target_factory: Callable[..., Target],
+    tmp_path: Path,
+    how: str,
 ) -> None:
     """node-b drains nothing (1 byte/s); the others drain at once. Generation 1 reaches
-    `partner`, not `store`. node-b's agent dies and comes back with a new, empty cache:
-    generation 1 is not lost (node-c holds node-b's packs), node-c drains them in node-b's
-    place, the generation reaches `store`, verify is clean and the export exact."""
+    `partner`, not `store`. node-b's agent dies and comes back with a new, empty cache
+    (or never comes back, and an operator runs `cpcoord forget node-b`): generation 1 is
+    not lost (node-c holds node-b's packs), node-c drains them in node-b's place, the
+    generation reaches `store`, verify is clean and the export exact."""
     caches = {n: tmp_path / f"cache-{n}" for n in NODES}
     args = {
         n: ("--cache", str(caches[n]), "--drain-rate", "1" if n == "node-b" else "0",
@@ -206,9 +211,13 @@ def test_the_holder_drains_in_place_of_an_owner_back_with_another_cache(
     c.agents["node-b"].kill()
     shutil.rmtree(caches["node-b"])
     _wait_gone(c, "node-b")
-    c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--partner-listen",
-                                  "127.0.0.1:0"))  # fmt: skip
-    c.wait_agents(NODES)
+    if how == "forget":
+        out = c.cli_json("forget", "node-b")
+        assert out["lost"] == [] and out["members"] == ["pj/m1"], out
+    else:
+        c.start_agent("node-b", args=("--cache", str(caches["node-b"]), "--partner-listen",
+                                      "127.0.0.1:0"))  # fmt: skip
+        c.wait_agents(NODES)
     end = time.monotonic() + 60
     while (g := _generation(c, "pj", 1))["level"] != "store":
         assert not g["lost"], g
