@@ -29,7 +29,7 @@ from coordinator.store.manifest import PageTable, RegionMap
 from cpcoord.errors import UnknownMember
 from cpcoord.gen.v1 import common_pb2, manifest_pb2, types_pb2
 from cpcoord.image import runs_of
-from storecore.ids import ID_DTYPE, IdArray, member_of, zero_mask
+from storecore.ids import ID_DTYPE, IdArray, member_of, unique_ids, zero_mask
 
 TARGET_BYTES = 4 << 20
 HARD_BYTES = 48 << 20  # a batch never carries more chunk bytes than this (limit 64 MiB)
@@ -128,7 +128,7 @@ def stream(
         want = set(names)
         parts = [r.pages.ids[~r.pages.zero] for mem, r in m.tables() if mem in want]
         if parts:
-            ids = np.unique(np.concatenate(parts))
+            ids = unique_ids(np.concatenate(parts))
             if relay is None:
                 repo.ensure_in_store(m.namespace, ids, cache_node)
             else:
@@ -204,7 +204,7 @@ def _batches(
         hi = min(max(hi, lo + 1), lo + max_entries, len(t))
         while True:
             ids = t.ids[lo:hi]
-            new = np.unique(ids[~zero_mask(ids)])
+            new = unique_ids(ids[~zero_mask(ids)])
             new = new[~member_of(new, sent[0])]
             if locate:
                 break

@@ -25,7 +25,6 @@ pack in memory (up to the target size) and seals it into bytes for one whole-obj
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -37,18 +36,17 @@ import numpy.typing as npt
 import zstandard
 
 from cpcoord.errors import DataCorrupted, InvalidArgument
+from storecore.arena import Arena
 from storecore.backend import Backend, Buffer, Kind
+from storecore.compress import METHOD_RAW, METHOD_ZSTD, immutable
 from storecore.crypt import Sealer
 from storecore.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 
 HEADER = b"CPPK\x01\x00\x00\x00"
 TAIL_MAGIC = b"CPPT"
-METHOD_RAW = 0
-METHOD_ZSTD = 1
 METHOD_SEALED = 0x80  # flag: the blob is AES-GCM sealed (crypt.py) around method & 0x7f
 SEAL_OVERHEAD = 28  # nonce + tag
 MAX_CHUNK_BYTES = 4 << 20  # a run of up to 1024 pages; bounds memory per chunk
-SAMPLE_MIN = 16 << 10  # chunks this big are sampled before a full compression attempt
 MAX_NAMESPACE = 255
 # Packed on disk (no alignment): 41 bytes per entry.
 ENTRY_DTYPE = np.dtype([("id", ID_DTYPE), ("method", "u1"), ("stored", "<u4"), ("raw", "<u4")])
@@ -95,90 +93,11 @@ class SealedParts:
 _local = threading.local()
 
 
-def _cctx(level: int) -> zstandard.ZstdCompressor:
-    # zstd contexts are not thread-safe: one reused context per thread and level.
-    key = f"c{level}"
-    c = getattr(_local, key, None)
-    if c is None:
-        c = zstandard.ZstdCompressor(level=level, write_checksum=False)
-        setattr(_local, key, c)
-    return c
-
-
 def _dctx() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "d", None)
     if d is None:
         d = _local.d = zstandard.ZstdDecompressor()
     return d
-
-
-def _worth_trying(chunks: Sequence[Buffer], level: int, threads: int) -> npt.NDArray[np.bool_]:
-    """Which chunks may compress: for chunks of 16 KiB and more, zstd first sees a 4 KiB
-    sample (8 slices of 512 bytes spread over the chunk) and only a sample that shrinks
-    by 1/16 earns the whole chunk a try. Random data thus costs ~1/16 of a full attempt;
-    a chunk that is random exactly where sampled and compressible elsewhere is stored raw
-    (space, never correctness). Smaller chunks are always tried."""
-    n = len(chunks)
-    big = [i for i in range(n) if len(chunks[i]) >= SAMPLE_MIN]
-    worth = np.ones(n, dtype=bool)
-    if not big:
-        return worth
-    samples: list[Buffer] = []
-    for i in big:
-        mv = memoryview(chunks[i]).cast("B")
-        step = (len(mv) - 512) // 7
-        samples.append(b"".join([mv[k * step : k * step + 512] for k in range(8)]))
-    # One thread: the samples are 4 KiB each, starting zstd's workers would cost more.
-    out = _cctx(level).multi_compress_to_buffer(samples, threads=1)
-    for j, i in enumerate(big):
-        worth[i] = len(out[j]) < 4096 - 256
-    return worth
-
-
-def _immutable(c: Buffer) -> bool:
-    return isinstance(c, bytes) or (
-        isinstance(c, memoryview) and c.readonly and isinstance(c.obj, bytes)
-    )
-
-
-def compress_batch(
-    chunks: Sequence[Buffer], level: int = 1, threads: int = 0
-) -> tuple[npt.NDArray[np.uint8], list[Buffer]]:
-    """Compress a batch in one call (zstd's C threads, GIL released); return (methods,
-    blobs), choosing raw where zstd saves less than 1/32 (or a sample says it would)."""
-    n = len(chunks)
-    methods = np.full(n, METHOD_RAW, dtype=np.uint8)
-    # Own the bytes: the caller may reuse its buffers once add_chunks returns. A
-    # read-only view of a `bytes` object (an upload's chunks, sliced from the message)
-    # cannot change and keeps its object alive: copying it would cost a pass over the
-    # data (and fresh pages to fault in) for nothing.
-    blobs: list[Buffer] = [c if _immutable(c) else bytes(c) for c in chunks]
-    tries = np.flatnonzero(_worth_trying(chunks, level, threads)) if n else np.zeros(0, int)
-    if tries.size:
-        out = _cctx(level).multi_compress_to_buffer(
-            [chunks[int(i)] for i in tries], threads=threads or 1
-        )
-        for j, i in enumerate(tries.tolist()):
-            c, raw_len = out[j], len(chunks[i])
-            if len(c) + (raw_len >> 5) < raw_len:
-                methods[i] = METHOD_ZSTD
-                blobs[i] = c.tobytes()
-    _unpin(blobs)
-    return methods, blobs
-
-
-def _unpin(blobs: list[Buffer]) -> None:
-    """A view kept in an open pack pins its whole message until the pack is written.
-    Keep views only where they hold at least half of their message (the usual case: an
-    upload carries only missing chunks); copy the others, so a message whose chunks were
-    mostly compressed or already stored is not held for a few raw chunks."""
-    kept: dict[int, int] = {}
-    for b in blobs:
-        if isinstance(b, memoryview):
-            kept[id(b.obj)] = kept.get(id(b.obj), 0) + b.nbytes
-    for i, b in enumerate(blobs):
-        if isinstance(b, memoryview) and 2 * kept[id(b.obj)] < memoryview(b.obj).nbytes:
-            blobs[i] = bytes(b)
 
 
 def decode_chunk(
@@ -224,11 +143,12 @@ def decode_chunk(
 class PackWriter:
     """Accumulates chunks of one namespace; `seal()` returns the finished pack."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, arena: Arena | None = None) -> None:
         ns = namespace.encode()
         if len(ns) > MAX_NAMESPACE:
             raise InvalidArgument(f"namespace {namespace!r} is longer than {MAX_NAMESPACE}")
         self.namespace = namespace
+        self.arena = arena  # where chunks that could change are copied (storecore/arena.py)
         self._blobs: list[Buffer] = [HEADER]
         self._entries: list[Entries] = []
         self._size = len(HEADER)
@@ -254,8 +174,17 @@ class PackWriter:
         e["stored"] = [len(b) for b in blobs]
         e["raw"] = raw_sizes
         self._entries.append(e)
-        self._blobs.extend(blobs)
+        # Own the bytes: the caller may reuse its buffers once this returns.
+        self._blobs.extend([b if immutable(b) else self._own(b) for b in blobs])
         self._size += int(e["stored"].sum(dtype=np.uint64))
+
+    def _own(self, b: Buffer) -> Buffer:
+        v = self.arena.take(b) if self.arena is not None else None
+        return bytes(b) if v is None else v
+
+    def release(self) -> None:
+        """Drop the blobs (after the pack is stored): its arena may then be reused."""
+        self._blobs = []
 
     def seal(self) -> SealedPack:
         parts = self.seal_parts()
@@ -401,10 +330,3 @@ def check_chunks(ids: IdArray, chunks: Sequence[Buffer]) -> IdArray:
     if too_big:
         raise InvalidArgument(f"chunk of {too_big[0]} bytes: sizes must be 1..{MAX_CHUNK_BYTES}")
     return digest_all(chunks)
-
-
-_THREADS = max(1, min(4, os.cpu_count() or 1))  # os.cpu_count reads /sys: once
-
-
-def default_threads() -> int:
-    return _THREADS

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.errors import StoreError
+from storecore.arena import Arena, ArenaPool
 from storecore.backend import Backend, Buffer, Kind
 from storecore.ids import IdArray, member_of, unique_ids
 from storecore.packs import PackContents, PackWriter
@@ -48,8 +49,8 @@ class StoredPack:
 class _Open:
     """One namespace's open pack and the ids in it."""
 
-    def __init__(self, namespace: str) -> None:
-        self.writer = PackWriter(namespace)
+    def __init__(self, namespace: str, arena: Arena | None = None) -> None:
+        self.writer = PackWriter(namespace, arena)
         self.ids: list[IdArray] = []
         self._sorted: IdArray | None = None
 
@@ -72,8 +73,11 @@ class _Open:
 
 
 class PackSink:
-    def __init__(self, backend: Backend, pack_size: int, prefix: str = "") -> None:
+    def __init__(
+        self, backend: Backend, pack_size: int, prefix: str = "", arenas: ArenaPool | None = None
+    ) -> None:
         self._backend = backend
+        self._arenas = arenas  # open packs copy mutable chunks into these (arena.py)
         self._prefix = prefix  # agents: their node's prefix (storecore/names.py)
         self._pack_size = pack_size
         self._open: dict[str, _Open] = {}
@@ -98,7 +102,8 @@ class PackSink:
     ) -> None:
         o = self._open.get(namespace)
         if o is None:
-            o = self._open[namespace] = _Open(namespace)
+            arena = self._arenas.get() if self._arenas is not None else None
+            o = self._open[namespace] = _Open(namespace, arena)
         o.writer.add(ids, methods, blobs, raw_sizes)
         o.note(ids)
         if o.writer.size >= self._pack_size:
@@ -117,6 +122,14 @@ class PackSink:
             self._transit.append((o, self._pool.submit(self._store, o.writer)))
 
     def _store(self, w: PackWriter) -> StoredPack:
+        try:
+            return self._put(w)
+        finally:
+            w.release()
+            if w.arena is not None and self._arenas is not None:
+                self._arenas.put(w.arena)
+
+    def _put(self, w: PackWriter) -> StoredPack:
         put_parts = getattr(self._backend, "put_parts", None)
         if put_parts is not None:  # the local backend: no joined copy of the pack
             sp = w.seal_parts()
@@ -153,3 +166,8 @@ class PackSink:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for o in self._open.values():  # never stored (an aborted upload): free the arenas
+            o.writer.release()
+            if o.writer.arena is not None and self._arenas is not None:
+                self._arenas.put(o.writer.arena)
+        self._open.clear()

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from coordinator.store.catalog import Catalog, Level
-from storecore.ids import ID_DTYPE, IdArray, as_id_array, search_ids
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, search_ids, unique_ids
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cached_packs (
@@ -127,7 +127,7 @@ class CachedPacks:
                 if p.node == node and p.namespace == namespace and not p.drained
                 and p.cache_id != OWNER_LOST
             ]
-            got = np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+            got = unique_ids(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
             self._ids[key] = got
         return got
 
@@ -138,7 +138,7 @@ class CachedPacks:
             for p in self.packs.values()
             if p.namespace == namespace and not p.drained
         ]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+        return unique_ids(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
 
     def locate(
         self, ids: IdArray, namespace: str, node: str = "",

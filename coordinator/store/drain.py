@@ -29,7 +29,7 @@ from coordinator.store.catalog import GenerationInfo, State
 from coordinator.store.references import check_references
 from cpcoord.errors import CpcoordError, InvalidArgument, NoSuchGeneration
 from cpcoord.log import log_event
-from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of
+from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of, unique_ids
 from storecore.names import node_of, node_prefix
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def cached_present(
     generation, or undrained ones of earlier generations); marks the node a dependency."""
     mine = [as_id_array(p.ids) for p in g.cached if p.node == node]
     mine.append(cached.pending_ids(node, g.namespace))
-    have = np.unique(np.concatenate(mine)) if mine else np.zeros(0, ID_DTYPE)
+    have = unique_ids(np.concatenate(mine)) if mine else np.zeros(0, ID_DTYPE)
     out = member_of(ids, have) if have.size else np.zeros(ids.size, dtype=bool)
     if out.any():
         g.cached_nodes.add(node)
@@ -87,7 +87,7 @@ def commit_plan(cached: CachedPacks, g: InFlight) -> tuple[IdArray | None, set[s
     deps = {p.name for p in g.cached} | cached.undrained(g.cached_nodes, g.namespace)
     parts = [as_id_array(p.ids) for p in g.cached]
     parts += [cached.pending_ids(n, g.namespace) for n in g.cached_nodes]
-    return np.unique(np.concatenate(parts)), deps
+    return unique_ids(np.concatenate(parts)), deps
 
 
 def take_drained(

@@ -20,7 +20,7 @@ from coordinator.store.manifest import Manifest
 from coordinator.store.references import check_references
 from cpcoord.errors import ChunkMismatch, InvalidArgument, ManifestInvalid, NodeDataBad
 from cpcoord.log import log_event
-from storecore import packs
+from storecore import compress, packs
 from storecore.backend import Buffer, Kind
 from storecore.ids import IdArray, as_id_array, first_of, unique_ids, zero_mask
 from storecore.writer import PackSink
@@ -108,8 +108,8 @@ def add_chunks(
         new = new_ids(repo, g.namespace, arr)
     sel = np.flatnonzero(new)
     todo = [chunks[int(i)] for i in sel]
-    threads = repo.config.threads or packs.default_threads()
-    methods, blobs = packs.compress_batch(todo, repo.config.compression_level, threads)
+    threads = repo.config.threads or compress.default_threads()
+    methods, blobs = compress.compress_batch(todo, repo.config.compression_level, threads)
     if repo.config.sealer is not None and sel.size:
         sel_ids = [x.tobytes() for x in arr[sel]]
         blobs = list(repo.config.sealer.seal_chunks(g.namespace, sel_ids, blobs))

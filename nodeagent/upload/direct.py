@@ -37,7 +37,8 @@ import numpy.typing as npt
 from cpcoord.errors import CpcoordError, DataPathUnavailable
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.cache.store import NodeCache, TieredBackend
-from storecore import packs
+from storecore import compress, packs
+from storecore.arena import shared_pool
 from storecore.backend import Backend, Buffer
 from storecore.crypt import Sealer
 from storecore.identity import open_sealed
@@ -155,7 +156,8 @@ class GenerationPacks:
         backend: Backend = store.backend
         if store.cache is not None:  # level local (docs/multilevel.md)
             backend = TieredBackend(store.cache, store.backend, job, generation)
-        self.sink = PackSink(backend, store.pack_bytes, node_prefix(store.node))
+        arenas = shared_pool(store.pack_bytes)  # chunks land on warm pages (arena.py)
+        self.sink = PackSink(backend, store.pack_bytes, node_prefix(store.node), arenas)
         self.stored: list[StoredPack] = []
         self._done: list[IdArray] = []  # ids of stored packs (the sink forgets them)
         self.users = 0
@@ -192,7 +194,8 @@ class GenerationPacks:
             return
         ids, chunks = ids[sel], [chunks[int(i)] for i in sel]
         # Compressed and sealed outside the lock: other members' uploads go on meanwhile.
-        methods, blobs = packs.compress_batch(chunks, self.store.level, packs.default_threads())
+        threads = compress.default_threads()
+        methods, blobs = compress.compress_batch(chunks, self.store.level, threads)
         if self.store.sealer is not None:
             raw_ids = [x.tobytes() for x in ids]
             blobs = list(self.store.sealer.seal_chunks(self.namespace, raw_ids, blobs))

@@ -14,7 +14,7 @@ import pytest
 from cpcoord import packread
 from cpcoord.errors import DataCorrupted
 from cpcoord.gen.v1 import common_pb2
-from storecore import packs
+from storecore import compress, packs
 from storecore.backend import Kind, LocalBackend
 from storecore.crypt import Sealer
 from storecore.ids import digest_all
@@ -36,7 +36,7 @@ def _store(tmp: Path, chunks: list[bytes], sealer: Sealer | None = None) -> tupl
     b = CountingBackend(tmp / "store")
     b.reads = []
     ids = digest_all(chunks)
-    methods, blobs = packs.compress_batch(chunks)
+    methods, blobs = compress.compress_batch(chunks)
     if sealer is not None:
         blobs = list(sealer.seal_chunks(NS, [x.tobytes() for x in ids], blobs))
         methods |= packs.METHOD_SEALED

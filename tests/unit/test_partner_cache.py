@@ -19,7 +19,7 @@ from nodeagent.cache.partner import CacheView, PartnerStore
 from nodeagent.cache.store import NodeCache
 from nodeagent.daemon.partner_send import PartnerSender
 from nodeagent.daemon.partner_server import PartnerServer, PartnerServicer
-from storecore import packs
+from storecore import compress, packs
 from storecore.backend import Kind
 from storecore.ids import as_id_array, digest
 
@@ -28,7 +28,7 @@ def _pack(seed: int, n: int = 8) -> packs.SealedPack:
     rng = np.random.default_rng(seed)
     chunks = [rng.bytes(4096) for _ in range(n)]
     ids = as_id_array([digest(c) for c in chunks])
-    methods, blobs = packs.compress_batch(chunks, level=1, threads=1)
+    methods, blobs = compress.compress_batch(chunks, level=1, threads=1)
     w = packs.PackWriter("job:t")
     w.add(ids, methods, blobs, np.array([len(c) for c in chunks]))
     return w.seal()

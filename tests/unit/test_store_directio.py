@@ -10,6 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from storecore import directio
@@ -98,14 +99,27 @@ def test_compress_batch_keeps_views_only_of_mostly_kept_messages() -> None:
     """Chunks that are read-only views of a received message are stored without a copy
     when they make up most of it; a few raw chunks must not pin a whole message, and a
     view of a mutable buffer is always copied."""
-    from storecore import packs
+    from storecore import compress, packs
 
     msg = os.urandom(1 << 20)
     views = [memoryview(msg)[i : i + 65536] for i in range(0, len(msg), 65536)]
-    _, blobs = packs.compress_batch(views)
+    _, blobs = compress.compress_batch(views)
     assert all(isinstance(b, memoryview) and b.obj is msg for b in blobs)
-    _, blobs = packs.compress_batch(views[:3])
+    _, blobs = compress.compress_batch(views[:3])
     assert all(isinstance(b, bytes) for b in blobs)
-    buf = bytearray(os.urandom(65536))
-    _, blobs = packs.compress_batch([memoryview(buf)])
-    assert isinstance(blobs[0], bytes) and blobs[0] == bytes(buf)
+    # A view of a mutable buffer is the pack writer's to copy: into bytes, or into its
+    # arena when it has one; either way a later change of the buffer cannot reach it.
+    from storecore.arena import Arena
+    from storecore.ids import digest_all
+
+    for arena in (None, Arena(1 << 20)):
+        buf = bytearray(os.urandom(65536))
+        want = bytes(buf)
+        methods, blobs = compress.compress_batch([memoryview(buf)])
+        w = packs.PackWriter("ns", arena)
+        w.add(digest_all([want]), methods, blobs, np.array([len(want)], dtype=np.uint32))
+        buf[:] = bytes(len(buf))
+        data = w.seal().data
+        assert want in data
+        if arena is not None:
+            assert arena.pos == len(want)

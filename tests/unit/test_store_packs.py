@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
-from storecore import packs
+from storecore import compress, packs
 from storecore.backend import Kind, LocalBackend
 from storecore.ids import (
     ZERO,
@@ -32,7 +32,7 @@ chunk_st = st.one_of(
 
 def make_pack(chunks: list[bytes], ns: str = "job:t") -> packs.SealedPack:
     ids = as_id_array([digest(c) for c in chunks])
-    methods, blobs = packs.compress_batch(chunks, level=1, threads=1)
+    methods, blobs = compress.compress_batch(chunks, level=1, threads=1)
     w = packs.PackWriter(ns)
     w.add(ids, methods, blobs, np.array([len(c) for c in chunks]))
     return w.seal()
@@ -86,7 +86,7 @@ def test_raw_when_compression_does_not_help() -> None:
     rnd, text = os.urandom(65536), b"abcd" * 16384
     half = os.urandom(32768) + bytes(32768)  # the sample sees both halves
     small = os.urandom(4096)  # below the sampling size: tried in full
-    methods, blobs = packs.compress_batch([rnd, text, half, small], level=1, threads=2)
+    methods, blobs = compress.compress_batch([rnd, text, half, small], level=1, threads=2)
     assert list(methods) == [packs.METHOD_RAW, packs.METHOD_ZSTD, packs.METHOD_ZSTD, 0]
     assert blobs[0] == rnd and blobs[3] == small
     assert len(blobs[1]) < 1000 and len(blobs[2]) < 34000
