@@ -17,7 +17,8 @@ fresh store and caches: dedup must not make a later run cheaper), one full check
   plus the drain);
 - no cache (today's direct data path) for reference;
 - raw: the same bytes written and fsynced into one file on the cache's tmpfs, and on the
-  store's disk (best of --reps). Goal: `--wait local` <= 1.3 x the raw tmpfs write.
+  store's disk (best of --reps). Goal: `--wait local` (best of --reps, each on a fresh
+  cluster) <= 1.3 x the raw tmpfs write.
 Every mode's export is checked byte for byte. Writes bench/results/multilevel.{json,md}.
 """
 
@@ -106,7 +107,13 @@ def run(size_mib: int, reps: int, store_dir: Path | None, cache_dir: Path) -> in
 
         extra["raw_tmpfs_s"], extra["raw_disk_s"] = raw_tmpfs, raw_disk
         for mode in ("--wait local", "--wait partner", "--wait store", "no cache"):
-            r = one_mode(mode, tmp, cache_root, targets, want)
+            # The goal's mode is timed best of `reps` (fresh clusters), as the raw write
+            # it is held against; the others once.
+            runs = [one_mode(mode, tmp, cache_root, targets, want)
+                    for _ in range(reps if mode == "--wait local" else 1)]  # fmt: skip
+            r = min(runs, key=lambda x: x["commit_s"])
+            r["all_commit_s"] = [x["commit_s"] for x in runs]
+            r["exact"] = all(x["exact"] for x in runs)
             extra[mode] = r
             rows.append({
                 "mode": mode,
@@ -134,7 +141,9 @@ def run(size_mib: int, reps: int, store_dir: Path | None, cache_dir: Path) -> in
         f"on a fresh cluster (store on disk under {store_dir or tempfile.gettempdir()}, "
         f"caches on {cache_dir}).",
         f"Goal: --wait local <= {RATIO_GOAL} x the raw write of the same bytes to the same "
-        f"tmpfs (best of {reps}): {local:.2f} ({'met' if local <= RATIO_GOAL else 'NOT met'}).",
+        f"tmpfs (both best of {reps}): {local:.2f} "
+        f"({'met' if local <= RATIO_GOAL else 'NOT met'}); --wait local runs: "
+        + ", ".join(f"{x:.2f} s" for x in extra["--wait local"]["all_commit_s"]) + ".",
         "Drain: COMMITTED at local -> level store (both agents draining at once, unlimited "
         "rate), beside the raw durable write of the same bytes to the store's disk.",
         "--wait partner: each agent also copies its packs to the other's partner listener, "
