@@ -66,8 +66,9 @@ def drain_items(engine: EngineView, node: str) -> list[agent_pb2.DrainItem]:
 
 
 def take_over(engine: EngineView) -> None:
-    """After an owner's cache was found lost (under the engine's lock): the connected
-    holders that now drain its copied packs are told at once."""
+    """After an owner's cache was found lost with packs a holder now drains in its
+    place (Lost.handed; under the engine's lock): the connected holders that drain
+    them are told at once."""
     for s in engine.agents.connected():
         with engine.repo.lock:
             cached = engine.repo.cached
@@ -79,6 +80,8 @@ def take_over(engine: EngineView) -> None:
             s.send(take_over_drain=agent_pb2.TakeOverDrain(items=[
                 agent_pb2.DrainItem(job=j, generation=g, packs=n) for j, g, n in items
             ]))  # fmt: skip
+            packs = sum(len(n) for _, _, n in items)
+            log_event(log, logging.INFO, "drain taken over", node=s.node, packs=packs)
 
 
 def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
@@ -87,8 +90,9 @@ def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
     restore takes an older one). Before its Welcome and before any of its uploads, so
     no new generation counts a lost chunk as present."""
     lost = engine.repo.cache_seen(hello.node, hello.cache_id)
-    take_over(engine)
-    _published(engine, hello.node, lost)
+    if lost.handed:
+        take_over(engine)
+    _published(engine, hello.node, lost.keys)
 
 
 def forget(engine: EngineView, node: str) -> tuple[list[Summary], int]:
@@ -99,10 +103,14 @@ def forget(engine: EngineView, node: str) -> tuple[list[Summary], int]:
     drain them). Returns the lost generations and the number of packs."""
     if engine.agents.current(node) is not None:
         raise NodeConnected(node)
-    keys, packs = engine.repo.forget_node(node)
-    log_event(log, logging.WARNING, "node forgotten", node=node, packs=packs, lost=len(keys))
-    take_over(engine)
-    return _published(engine, node, keys), packs
+    lost = engine.repo.forget_node(node)
+    log_event(
+        log, logging.WARNING, "node forgotten", node=node, packs=lost.packs,
+        lost=len(lost.keys), handed=lost.handed,
+    )  # fmt: skip
+    if lost.handed:
+        take_over(engine)
+    return _published(engine, node, lost.keys), lost.packs
 
 
 def _published(engine: EngineView, node: str, keys: list[tuple[str, int]]) -> list[Summary]:
