@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import commit, levels, members_ops, partners, restore
+from coordinator import commit, levels, members_ops, nodeloss, partners, restore
 from coordinator.agents import AgentSession, Registry
 from coordinator.cacheread import CacheReads
 from coordinator.dataplane import DataPlaneStats, announcement
@@ -166,8 +166,7 @@ class Engine:
             if old is not None:
                 raise DuplicateAgent(hello.node, f"connected from {old.peer}")
             s = AgentSession(hello, peer, self.clock)
-            levels.connected(self, hello)  # before the Welcome lists what it owes
-            partners.copies_lost(self)  # a holder back with another cache: levels fall
+            nodeloss.connected(self, hello)  # before the Welcome lists what it owes
             s.partner, s.senders = partners.for_welcome(self, hello)
             s.send(welcome=self.welcome(hello.node, s.partner, s.senders))
             self.agents.add(s)
