@@ -19,7 +19,7 @@ import pytest
 
 from testbed.cluster import Cluster
 from testbed.driver import Target
-from tests.helpers.e2e import attach, export, exported
+from tests.helpers.e2e import attach, attach_random, export, exported
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NODES = ("node-a", "node-b", "node-c")
@@ -56,12 +56,7 @@ def _partner_packs(cache: Path, sender: str) -> list[str]:
 
 
 def _targets(c: Cluster, factory: Callable[..., Target], pages: int) -> dict[str, Target]:
-    out = {}
-    for i, node in enumerate(NODES):
-        t = factory(maps=[f"data:{pages}:anon:random:{51 + i}"])
-        attach(c, "pj", f"m{i}", t, node)
-        out[f"m{i}"] = t
-    return out
+    return attach_random(c, factory, "pj", NODES, pages, seed=51)
 
 
 def test_wait_partner_returns_once_every_pack_has_a_checked_copy_on_the_next_node(
