@@ -5,7 +5,8 @@ Owns: the agent sessions (by control stream: a broken stream is AgentLost for ev
 generation in flight), the generations in flight (one per job, numbers allocated by the
 store), their timers (`next_deadline()`; one timer thread, which also sends heartbeats
 and counts silent agents lost), and the dispatch of the core's commands. Helpers, each
-a module taking an `EngineView` (engine_view.py): membership and reconciliation
+a module taking an `EngineView` (engine_view.py): an agent's connect, Welcome and
+disconnect (agent_connect.py), membership and reconciliation
 (members_ops.py, membership.py), the agents' messages (agent_events.py), the page path
 into the store (ingest.py, uploads.py), the commit, aborts, a checkpoint's end and
 retention (commit.py), restore (restore.py), reading generations (generations.py,
@@ -27,10 +28,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import commit, levels, members_ops, partners, restore
+from coordinator import agent_connect, commit, members_ops, restore
+from coordinator.agent_connect import PROTOCOL_VERSION as PROTOCOL_VERSION
 from coordinator.agents import AgentSession, Registry
 from coordinator.cacheread import CacheReads
-from coordinator.dataplane import DataPlaneStats, announcement
+from coordinator.dataplane import DataPlaneStats
 from coordinator.engine_view import Options
 from coordinator.events import EventBus
 from coordinator.flight import (  # CheckpointOptions: re-exported for the servicers
@@ -62,13 +64,9 @@ from coordinator.protocol.values import (
     Spec,
 )
 from coordinator.store import Repository
-from cpcoord import __version__
 from cpcoord.errors import (
-    AgentUnavailable,
     CancelTooLate,
     CpcoordError,
-    DuplicateAgent,
-    IncompatibleAgent,
     InvalidArgument,
     UnknownJob,
 )
@@ -79,7 +77,6 @@ from cpcoord.ranges import check_name
 
 log = logging.getLogger("cpcoord.coordinator")
 
-PROTOCOL_VERSION = 1
 _STORE_FAULTS = {"packs": "coordinator.commit.packs", "manifest": "coordinator.commit.manifest"}
 
 
@@ -137,44 +134,11 @@ class Engine:
     def welcome(
         self, node: str = "", partner: tuple[str, str] = ("", ""), takes: tuple[str, ...] = ()
     ) -> agent_pb2.Welcome:
-        store: dict[str, object] = {}
-        if self.opt.direct_data_path:
-            store = announcement(self.repo, self.opt.send_store_key)
-            store["drain"] = levels.drain_items(self, node) if node else []
-            store["partner"] = partners.changed_for(self, node, partner, takes)
-        return agent_pb2.Welcome(
-            version=__version__,
-            protocol_version=PROTOCOL_VERSION,
-            heartbeat_interval_ms=int(self.opt.heartbeat_s * 1000),
-            max_message_bytes=min(self.opt.agent_message_bytes, self.opt.max_message_bytes),
-            max_batch_entries=self.opt.max_batch_entries,
-            **store,  # type: ignore[arg-type]
-        )
+        return agent_connect.welcome(self, node, partner, takes)
 
     def connect(self, hello: agent_pb2.Hello, peer: str) -> AgentSession:
-        """Register a new control stream (its Welcome is queued first)."""
-        check_name(hello.node)
-        if hello.protocol_version < 1:
-            raise IncompatibleAgent(hello.node, f"protocol version {hello.protocol_version}")
-        if hello.page_size and hello.page_size != self.opt.page_size:
-            why = f"page size {hello.page_size}, the coordinator uses {self.opt.page_size}"
-            raise IncompatibleAgent(hello.node, why)
-        with self.lock:
-            if self._stopping:
-                raise AgentUnavailable(hello.node)
-            old = self.agents.current(hello.node)
-            if old is not None:
-                raise DuplicateAgent(hello.node, f"connected from {old.peer}")
-            s = AgentSession(hello, peer, self.clock)
-            levels.connected(self, hello)  # before the Welcome lists what it owes
-            partners.copies_lost(self)  # a holder back with another cache: levels fall
-            s.partner, s.senders = partners.for_welcome(self, hello)
-            s.send(welcome=self.welcome(hello.node, s.partner, s.senders))
-            self.agents.add(s)
-            partners.rering(self)
-        log_event(log, logging.INFO, "agent connected", node=hello.node, peer=peer)
-        self._emit_watch("agent_connected", node=hello.node)
-        return s
+        """Register a new control stream (agent_connect.py; its Welcome is queued first)."""
+        return agent_connect.connect(self, hello, peer)
 
     def heard_from(self, node: str) -> None:
         """A message of `node`'s arrived off its control stream (a batch of one of its
@@ -185,18 +149,13 @@ class Engine:
             s.heard()
 
     def disconnect(self, s: AgentSession, detail: str) -> None:
-        """The stream is over (broken, ended, or silent): every generation in flight
-        hears AgentLost; the node's pending work is forgotten."""
-        with self.lock:
-            s.close(detail)
-            if not self.agents.drop(s):
-                return
-            partners.rering(self)
-            # Watchers hear the cause before its effects (the aborts it brings).
-            self._emit_watch("agent_disconnected", node=s.node, detail=detail)
-            for f in list(self.flights.values()):
-                self.feed(f, AgentLost(s.node, detail or "stream ended"))
-        log_event(log, logging.WARNING, "agent disconnected", node=s.node, detail=detail)
+        """The stream is over: every generation in flight hears AgentLost (agent_connect.py)."""
+        agent_connect.disconnect(self, s, detail)
+
+    @property
+    def stopping(self) -> bool:
+        """close() was called: no agent may connect any more."""
+        return self._stopping
 
     # -- checkpoint ------------------------------------------------------------------
 
@@ -399,9 +358,3 @@ class Engine:
                 deadlines = [d for f in self.flights.values() if (d := f.gen.next_deadline())]
                 until = min([next_hb, *deadlines])
                 self._wake.wait(timeout=max(0.0, until - self.clock()) + 0.001)
-
-    # -- watch ----------------------------------------------------------------------------
-
-    def _emit_watch(self, kind: str, **fields: object) -> None:
-        log_event(log, logging.DEBUG, "watch", kind=kind, **fields)
-        self.events.publish(kind, **fields)

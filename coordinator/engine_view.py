@@ -72,6 +72,8 @@ class EngineView(Protocol):
     def events(self) -> EventBus: ...
     @property
     def dataplane(self) -> DataPlaneStats: ...
+    @property
+    def stopping(self) -> bool: ...  # close() was called: no agent may connect
 
     def feed(self, f: Flight, event: Event) -> None:
         """Queue an event for a flight and drain the queue (under the lock)."""

@@ -1,8 +1,9 @@
 """The engine's side of durability levels (docs/multilevel.md): what a node must still
 drain (told at every Welcome), the agents' Drained reports (checked off the stream's
 handler thread, answered with DrainResult), what a rise to `store` publishes
-(Watch `generation_level`, metrics), and node caches lost (a new cache id at connect,
-or an operator's `forget NODE`).
+(Watch `generation_level`, metrics), and its share of a node cache lost (holders told
+to take over its drain, lost generations published: the whole step, at connect or at
+`forget NODE`, is coordinator/nodeloss.py).
 
 A Drained report reads packs back from the store (nodepacks.check), so it runs on a
 thread of its own, one at a time: the agent's other messages (Frozen, Uploaded) never
@@ -22,7 +23,7 @@ from coordinator.flight import Summary
 from coordinator.generations import summarize
 from coordinator.store import nodepacks
 from coordinator.store import partners as store_partners
-from cpcoord.errors import CpcoordError, NodeConnected
+from cpcoord.errors import CpcoordError
 from cpcoord.faults import fault_point
 from cpcoord.gen.v1 import agent_pb2
 from cpcoord.log import log_event
@@ -66,8 +67,9 @@ def drain_items(engine: EngineView, node: str) -> list[agent_pb2.DrainItem]:
 
 
 def take_over(engine: EngineView) -> None:
-    """After an owner's cache was found lost (under the engine's lock): the connected
-    holders that now drain its copied packs are told at once."""
+    """After an owner's cache was found lost with packs a holder now drains in its
+    place (Lost.handed; under the engine's lock): the connected holders that drain
+    them are told at once."""
     for s in engine.agents.connected():
         with engine.repo.lock:
             cached = engine.repo.cached
@@ -79,33 +81,11 @@ def take_over(engine: EngineView) -> None:
             s.send(take_over_drain=agent_pb2.TakeOverDrain(items=[
                 agent_pb2.DrainItem(job=j, generation=g, packs=n) for j, g, n in items
             ]))  # fmt: skip
+            packs = sum(len(n) for _, _, n in items)
+            log_event(log, logging.INFO, "drain taken over", node=s.node, packs=packs)
 
 
-def connected(engine: EngineView, hello: agent_pb2.Hello) -> None:
-    """An agent said hello: if its node cache is not the one that holds its undrained
-    packs, those are lost, and so is every generation that needed them (never `store`;
-    restore takes an older one). Before its Welcome and before any of its uploads, so
-    no new generation counts a lost chunk as present."""
-    lost = engine.repo.cache_seen(hello.node, hello.cache_id)
-    take_over(engine)
-    _published(engine, hello.node, lost)
-
-
-def forget(engine: EngineView, node: str) -> tuple[list[Summary], int]:
-    """An operator's `cpcoord forget NODE`: the node is gone for good, with its cache.
-    Its undrained packs are lost and so is every generation that needed them, as when
-    it comes back with another cache, but packs with a partner copy stay and their
-    holders drain them (take_over); refused while its agent is connected (it would
-    drain them). Returns the lost generations and the number of packs."""
-    if engine.agents.current(node) is not None:
-        raise NodeConnected(node)
-    keys, packs = engine.repo.forget_node(node)
-    log_event(log, logging.WARNING, "node forgotten", node=node, packs=packs, lost=len(keys))
-    take_over(engine)
-    return _published(engine, node, keys), packs
-
-
-def _published(engine: EngineView, node: str, keys: list[tuple[str, int]]) -> list[Summary]:
+def published(engine: EngineView, node: str, keys: list[tuple[str, int]]) -> list[Summary]:
     """Log and publish (Watch `generation_lost`) each generation lost with `node`'s cache."""
     out = []
     for job, gen in keys:

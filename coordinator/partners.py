@@ -115,6 +115,6 @@ def publish(engine: EngineView, changed: list[GenerationInfo]) -> None:
 
 
 def copies_lost(engine: EngineView) -> None:
-    """After a node's cache was found replaced (levels.connected): partner copies it held
-    are gone; generations no longer covered fall back to `local`."""
+    """After a node's cache was found lost (nodeloss.py): partner copies it held are
+    gone; generations no longer covered fall back to `local`."""
     publish(engine, store_partners.relevel_all(engine.repo))

@@ -27,7 +27,8 @@ from typing import Literal
 
 from cpcoord.errors import InvalidArgument
 from storecore.backend import Backend, LocalBackend
-from storecore.s3 import S3Backend, S3Options, check_bucket, check_prefix
+from storecore.s3 import S3Backend
+from storecore.s3_options import S3Options, check_bucket, check_prefix
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
 

@@ -267,9 +267,10 @@ class Cluster:
         # extra_env: an S3 store's variables, so `export` can read the store itself.
         env = daemon_env(self.extra_env)
         r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-        if check and r.returncode != 0:
+        if check and r.returncode != 0:  # what the daemons said: an agent's error is there
             raise AssertionError(
-                f"cpcoord {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+                f"cpcoord {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}\n"
+                f"{self.logs()}"
             )
         return r
 
@@ -293,6 +294,8 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.coordinator.kill()
 
-    def logs(self) -> str:
-        parts = [f"== {d.name}\n{d.tail()}" for d in [self.coordinator, *self.agents.values()] if d]
-        return "\n".join(parts)
+    def logs(self, n: int = 40) -> str:
+        """The last `n` lines of the coordinator's log and of every agent's, each under
+        its name: for the message of a failed CLI call or assertion."""
+        daemons = [self.coordinator, *self.agents.values()]
+        return "\n".join(f"== {d.name}\n{d.tail(n)}" for d in daemons if d)

@@ -17,10 +17,9 @@ from coordinator import (
     cacheread,
     diff,
     generations,
-    levels,
     members_ops,
+    nodeloss,
     pagestream,
-    partners,
     restore,
 )
 from coordinator.dataplane import announcement
@@ -215,8 +214,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.ForgetNodeRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ForgetNodeResponse:
         check_name(request.node)
-        lost, packs = levels.forget(self.engine, request.node)
-        partners.copies_lost(self.engine)  # copies it held are gone: levels may fall
+        lost, packs = nodeloss.forget(self.engine, request.node)
         with self.engine.lock:
             members = [f"{m.job}/{m.name}" for m in self.engine.members.on_node(request.node)]
         return coordinator_pb2.ForgetNodeResponse(

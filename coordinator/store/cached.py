@@ -79,6 +79,18 @@ class CachedPack:
     cache_id: str = ""  # the node cache that holds it (Hello.cache_id)
 
 
+@dataclass(frozen=True)
+class Lost:
+    """What `CachedPacks.lose` did: the generations lost, how many packs went, and how
+    many undrained packs a holder of a copy now drains in a new owner's place (marked
+    OWNER_LOST now, or already so and their first holder's copy dropped): only then
+    has a holder anything new to take over (levels.take_over)."""
+
+    keys: list[GenKey]
+    packs: int = 0
+    handed: int = 0
+
+
 class CachedPacks:
     """The ledger (module docstring). Not thread-safe: callers hold the repository lock."""
 
@@ -294,18 +306,23 @@ class CachedPacks:
 
     def lose(
         self, db: sqlite3.Connection, node: str, cache_id: str | None, why: str = ""
-    ) -> tuple[list[GenKey], int]:
+    ) -> Lost:
         """`node` came back with another cache (Hello.cache_id), or an operator forgot
         the node (`cache_id` None: every cache of it): what those caches held is gone.
         Partner copies it held are dropped (`copies`; the level rule may lower
         generations: partners.py). Its own undrained packs that have a copy on another
         node stay in the ledger, marked OWNER_LOST (read from the copy); the others stop
         counting as present, and the generations that depended on them can never reach
-        the store: recorded as lost, with `why`. Returns those and how many packs went."""
+        the store: recorded as lost, with `why`."""
         dropped = [
             (n, h) for n, hs in self.copies.items() for h, cid in hs.items()
             if h == node and (cache_id is None or cid != cache_id)
         ]  # fmt: skip
+        rehomed = {  # owner-lost packs whose draining holder (drains_for) is dropped
+            n for n, h in dropped
+            if (p := self.packs.get(n)) and not p.drained and self.drains_for(p, h)
+            and len(self.copies[n]) > 1
+        }  # fmt: skip
         db.executemany(
             "DELETE FROM partner_copies WHERE pack = ? AND holder = ?", dropped
         )
@@ -330,8 +347,9 @@ class CachedPacks:
             self.packs[n] = replace(self.packs[n], cache_id=OWNER_LOST)
         gone = (mine - kept) | orphans
         self._ids.clear()
+        handed = len(kept) + len(rehomed)
         if not gone:
-            return [], 0
+            return Lost([], 0, handed)
         keys = sorted(k for k, names in self.deps.items() if names & gone)
         why = why or f"the node cache of {node} was lost before these packs drained"
         db.executemany("DELETE FROM cached_packs WHERE name = ?", [(n,) for n in gone])
@@ -349,7 +367,7 @@ class CachedPacks:
         for k in keys:
             self.deps.pop(k, None)
             self.lost[k] = why
-        return keys, len(gone)
+        return Lost(keys, len(gone), handed)
 
     # -- partner copies ----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from coordinator.store.config import StoreConfig
 from coordinator.store.rebuild import RebuildReport, rebuild_if_new
 from coordinator.store.repository import Repository
 from storecore.location import StoreLocation, as_location, open_backend
-from storecore.s3 import S3Options
+from storecore.s3_options import S3Options
 
 __all__ = ["StoreLocation", "as_location", "open_backend", "open_repository"]
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from coordinator.store import binding, drain, index_io, ingest, manifest_io, nodepacks, reader
-from coordinator.store.cached import CachedPacks
+from coordinator.store.cached import CachedPacks, Lost
 from coordinator.store.catalog import Catalog, GenerationInfo, State
 from coordinator.store.config import StoreConfig, load_or_init_identity
 from coordinator.store.gc import GcReport, collect
@@ -292,23 +292,23 @@ class Repository(Closing):
         """Plain bytes of each chunk, each re-hashed against its id (DataCorrupted)."""
         return reader.read_chunks(self, namespace, ids)
 
-    def cache_seen(self, node: str, cache_id: str) -> list[tuple[str, int]]:
+    def cache_seen(self, node: str, cache_id: str) -> Lost:
         """An agent connected with this node cache id: packs of another cache of that
-        node that never drained are lost (cached.py); the generations that needed them."""
+        node that never drained are lost (cached.py): the generations that needed them,
+        and what holders of copies now drain in its place."""
         with self.lock:
             if not self.cached.packs:
-                return []
+                return Lost([])
             with self.catalog.tx() as db:
-                return self.cached.lose(db, node, cache_id)[0]
+                return self.cached.lose(db, node, cache_id)
 
-    def forget_node(self, node: str) -> tuple[list[tuple[str, int]], int]:
+    def forget_node(self, node: str) -> Lost:
         """An operator says `node` is gone for good: every undrained pack in its caches
-        is lost (cached.py), and so is each generation that needed one. Returns those
-        generations and the number of packs."""
+        is lost (cached.py), and so is each generation that needed one."""
         why = f"node {node} was forgotten (cpcoord forget) before these packs drained"
         with self.lock:
             if not self.cached.packs:
-                return [], 0
+                return Lost([])
             with self.catalog.tx() as db:
                 return self.cached.lose(db, node, None, why)
 

@@ -1,5 +1,6 @@
 """What end-to-end tests do to a cluster through the `cpcoord` CLI: attach a member
-(`attach`, for a target's mappings; testbed.cluster.attach_args for any pid and ranges), export a
+(`attach`, for a target's mappings; testbed.cluster.attach_args for any pid and ranges), a
+target of random memory per node attached as one member each (`attach_random`), export a
 generation and read a member's region back from the export.
 
 `c` is anything with `cli(*args)` that runs the CLI against its coordinator:
@@ -9,7 +10,7 @@ testbed.cluster.Cluster, tests.helpers.netns.NetCluster.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +32,24 @@ def attach(
     names = [maps] if isinstance(maps, str) else list(maps)
     ranges = [(t.mapping(m).addr, t.mapping(m).end) for m in names]
     c.cli(*attach_args(job, member, t.pid, node, ranges))
+
+
+def attach_random(
+    c: RunsCli,
+    factory: Callable[..., Target],
+    job: str,
+    nodes: Sequence[str],
+    pages: int,
+    seed: int,
+) -> dict[str, Target]:
+    """One target per node of `nodes`, its mapping `data` of `pages` random pages (seed
+    `seed + i`), attached as member `m{i}` of `job` on the i-th node: member -> target."""
+    out = {}
+    for i, node in enumerate(nodes):
+        t = factory(maps=[f"data:{pages}:anon:random:{seed + i}"])
+        attach(c, job, f"m{i}", t, node)
+        out[f"m{i}"] = t
+    return out
 
 
 def export(c: RunsCli, job: str, n: int, out: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from testbed.cluster import Cluster
 from testbed.driver import Target
-from tests.helpers.e2e import attach, export, exported
+from tests.helpers.e2e import attach_random, export, exported
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NODES = ("node-a", "node-b")
@@ -84,12 +84,7 @@ def _memory(targets: dict[str, Target]) -> dict[str, np.ndarray]:
 
 
 def _targets(c: Cluster, factory: Callable[..., Target], pages: int) -> dict[str, Target]:
-    out = {}
-    for i, node in enumerate(NODES):
-        t = factory(maps=[f"data:{pages}:anon:random:{41 + i}"])
-        attach(c, "ml", f"m{i}", t, node)
-        out[f"m{i}"] = t
-    return out
+    return attach_random(c, factory, "ml", NODES, pages, seed=41)
 
 
 def test_wait_local_commits_in_the_caches_then_drains_to_store_exactly(

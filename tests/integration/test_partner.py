@@ -19,7 +19,7 @@ import pytest
 
 from testbed.cluster import Cluster
 from testbed.driver import Target
-from tests.helpers.e2e import attach, export, exported
+from tests.helpers.e2e import attach, attach_random, export, exported
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NODES = ("node-a", "node-b", "node-c")
@@ -56,12 +56,7 @@ def _partner_packs(cache: Path, sender: str) -> list[str]:
 
 
 def _targets(c: Cluster, factory: Callable[..., Target], pages: int) -> dict[str, Target]:
-    out = {}
-    for i, node in enumerate(NODES):
-        t = factory(maps=[f"data:{pages}:anon:random:{51 + i}"])
-        attach(c, "pj", f"m{i}", t, node)
-        out[f"m{i}"] = t
-    return out
+    return attach_random(c, factory, "pj", NODES, pages, seed=51)
 
 
 def test_wait_partner_returns_once_every_pack_has_a_checked_copy_on_the_next_node(
@@ -231,3 +226,37 @@ def test_the_holder_drains_in_place_of_an_owner_back_with_another_cache(
     for name, data in want.items():
         got, offsets = exported(out, name)
         assert np.array_equal(got[offsets], data[offsets]), name
+
+
+def test_a_holder_is_told_to_take_over_a_drain_only_when_an_owner_lost_something(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """Nothing drains (1 byte/s). node-b comes back with a new cache: node-c, holder of
+    its copies, is told once to drain them (TakeOverDrain, logged "drain taken over").
+    node-a then reconnects with the cache it had, and an operator forgets a node that
+    never held anything: nothing was lost either time, so nobody is told again."""
+    c, caches = _cluster(cluster_factory, tmp_path)
+    _targets(c, target_factory, 64)
+    r = c.cli_json("checkpoint", "--job", "pj", "--wait", "partner")
+    assert r["level"] == "partner", r
+
+    def restart(node: str, drop_cache: bool) -> None:
+        c.agents[node].kill()
+        if drop_cache:
+            shutil.rmtree(caches[node])
+        _wait_gone(c, node)
+        c.start_agent(node, args=("--cache", str(caches[node]), "--drain-rate", "1",
+                                  "--partner-listen", "127.0.0.1:0"))  # fmt: skip
+        c.wait_agents(NODES)
+
+    def told() -> list[str]:
+        lines = c.coordinator.tail(100000).splitlines()
+        return [ln for ln in lines if "drain taken over" in ln]
+
+    restart("node-b", drop_cache=True)
+    assert len(told()) == 1 and "node-c" in told()[0], told()
+    restart("node-a", drop_cache=False)
+    out = c.cli_json("forget", "node-z")
+    assert out["lost"] == [] and out["packs"] == 0, out
+    assert len(told()) == 1, told()
+    assert _generation(c, "pj", 1)["level"] == "partner"

@@ -92,7 +92,7 @@ def spawn(exes: dict[str, Path], tmp_path: Path) -> Iterator[Callable[..., Layou
 
 def _checkpoint(c: Cluster, job: str) -> int:
     r = c.cli_json("checkpoint", "--job", job)
-    assert r["state"] == "committed", r
+    assert r["state"] == "committed", f"{r}\n{c.logs(80)}"
     return int(r["generation"])
 
 
@@ -103,7 +103,7 @@ def _restore(c: Cluster, job: str, gen: int) -> tuple[int, str]:
 
 def _rolled_back_and_running(c: Cluster, t: LayoutTarget, gen: int) -> None:
     code, out = _restore(c, "lay", gen)
-    assert code == 0, f"the restore failed:\n{out}\n{t.stderr()}"
+    assert code == 0, f"the restore failed:\n{out}\n{t.stderr()}\n{c.logs(80)}"
     t.alive()
     assert t.word(2) == 0, "the memory was not rolled back (poke survived)"
     steps = t.word(0)
@@ -173,7 +173,7 @@ def test_a_changed_file_is_refused_and_the_process_left_alone(
     with data.open("ab") as f:  # the file changes: size and mtime
         f.write(b"x" * 4096)
     code, out = _restore(c, "lay", gen)
-    assert code == ABORTED, f"the restore was not refused:\n{out}"
+    assert code == ABORTED, f"the restore was not refused:\n{out}\n{c.logs(80)}"
     assert "member m" in out and str(data) in out and "changed since the cut" in out, out
     assert t.word(2) == 1 and t.word(1) == 1, "a refused restore changed the process"
     t.wait(0, t.word(0) + 300)
@@ -207,7 +207,7 @@ def test_a_restore_that_fails_after_the_layout_changed_puts_the_layout_back(
         (tmp_path / "go").unlink()
     t.wait(0, t.word(0) + 200)
     code, out = _restore(c, "lay", gen)
-    assert code == ABORTED, f"the restore did not fail:\n{out}"
+    assert code == ABORTED, f"the restore did not fail:\n{out}\n{c.logs(80)}"
     assert "fault point agent.restore.write" in out and "undone" in out, out
     assert t.word(2) == 1, "a failed restore left the memory rolled back"
     t.wait(0, t.word(0) + 300)  # it goes on, passing its checks

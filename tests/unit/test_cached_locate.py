@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.store.cached import CachedPack, CachedPacks
+from coordinator.store.cached import CachedPack, CachedPacks, Lost
 from coordinator.store.catalog import Catalog
 from storecore.ids import digest_all
 
@@ -60,11 +60,11 @@ def test_lose_by_cache_id_spares_the_new_cache_and_forget_loses_every_cache(
     ledger.committed("j", 2, [new], {new.name})
     ledger.committed("j", 3, [other], {other.name})
     with catalog.tx() as db:
-        assert ledger.lose(db, "b", "c2") == ([("j", 1)], 1)
+        assert ledger.lose(db, "b", "c2") == Lost([("j", 1)], 1)
     assert "cache of b" in ledger.lost[("j", 1)] and ("j", 2) not in ledger.lost
     with catalog.tx() as db:
-        assert ledger.lose(db, "b", None, "forgotten") == ([("j", 2)], 1)
-        assert ledger.lose(db, "b", None, "forgotten") == ([], 0)  # nothing left
+        assert ledger.lose(db, "b", None, "forgotten") == Lost([("j", 2)], 1)
+        assert ledger.lose(db, "b", None, "forgotten") == Lost([])  # nothing left
     assert ledger.lost[("j", 2)] == "forgotten" and ("j", 3) not in ledger.lost
     assert set(ledger.packs) == {gone.name, other.name}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.partners import ring, senders
-from coordinator.store.cached import OWNER_LOST, CachedPack, CachedPacks
+from coordinator.store.cached import OWNER_LOST, CachedPack, CachedPacks, Lost
 from coordinator.store.catalog import Catalog
 from coordinator.store.partners import add_copies, covered, owed_to_partner
 from cpcoord.gen.v1 import agent_pb2
@@ -84,12 +84,12 @@ def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
     with ledger.catalog.tx() as db:
         add_copies(ledger, db, "b", "cb", ["nodes/a/p1"])
         add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
-        assert ledger.lose(db, "b", "cb")[0] == []  # the same cache: nothing happens
+        assert ledger.lose(db, "b", "cb") == Lost([])  # the same cache: nothing happens
     assert covered(ledger, ("j", 1))
     with ledger.catalog.tx() as db:
         # b's cache was replaced: its copy of a's pack and its own p2 are gone from b,
         # but p2 has a copy on a: kept (read from there), only a's copy on b is lost.
-        assert ledger.lose(db, "b", "cb-new")[0] == []
+        assert ledger.lose(db, "b", "cb-new") == Lost([], 0, handed=1)  # a drains p2
     assert not covered(ledger, ("j", 1))  # p1 has no copy elsewhere any more
     assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
     assert "nodes/a/p1" not in ledger.copies and ledger.copies["nodes/b/p2"] == {"a": "ca"}
@@ -101,7 +101,7 @@ def test_a_holder_back_with_another_cache_loses_its_copies_the_rule_falls(
     assert covered(ledger, ("j", 1))
     # Now a's cache is lost too: p2's last copy is gone -> the generation is lost.
     with ledger.catalog.tx() as db:
-        assert ledger.lose(db, "a", "ca-new")[0] == [("j", 1)]
+        assert ledger.lose(db, "a", "ca-new") == Lost([("j", 1)], 1, handed=1)  # p1 on c
     assert ("j", 1) in ledger.lost and not covered(ledger, ("j", 1))
 
 
@@ -167,9 +167,32 @@ def test_forgetting_a_node_keeps_what_has_copies_and_drops_what_it_held(
     with ledger.catalog.tx() as db:
         add_copies(ledger, db, "b", "cb", ["nodes/a/p1"])
         add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
-        assert ledger.lose(db, "b", None, "forgotten") == ([], 0)
+        assert ledger.lose(db, "b", None, "forgotten") == Lost([], 0, handed=1)
     assert ledger.packs["nodes/b/p2"].cache_id == OWNER_LOST
     assert "nodes/a/p1" not in ledger.copies and not covered(ledger, ("j", 1))
     with ledger.catalog.tx() as db:
-        assert ledger.lose(db, "a", None, "forgotten") == ([("j", 1)], 2)
+        assert ledger.lose(db, "a", None, "forgotten") == Lost([("j", 1)], 2)
     assert ledger.lost[("j", 1)] == "forgotten"
+
+
+def test_lose_hands_packs_to_a_holder_only_when_one_must_drain_them_anew(
+    tmp_path: Path,
+) -> None:
+    """`Lost.handed` counts the packs a holder drains in a new owner's place: marked
+    OWNER_LOST now, or owner-lost already and their draining holder's copy dropped (the
+    next holder drains); nothing else (the caller tells holders only then)."""
+    ledger, _, _, _ = _ledger(tmp_path)
+    with ledger.catalog.tx() as db:
+        add_copies(ledger, db, "a", "ca", ["nodes/b/p2"])
+        add_copies(ledger, db, "c", "cc", ["nodes/b/p2"])
+        assert ledger.lose(db, "b", "cb").handed == 0  # same cache
+        assert ledger.lose(db, "b", "cb-new").handed == 1  # p2: a drains it now
+        owed = ledger.drain_items("a", taken_over=True)
+        assert owed == [("j", 1, ["nodes/a/p1", "nodes/b/p2"])]
+        assert ledger.lose(db, "b", "cb-newer").handed == 0  # nothing more of b's
+        assert ledger.lose(db, "c", "cc-new") == Lost([])  # c was not draining p2
+        add_copies(ledger, db, "c", "cc-new", ["nodes/b/p2"])
+        # a loses its cache: its own p1 has no copy (lost), p2 goes to c to drain
+        got = ledger.lose(db, "a", "ca-new")
+    assert got == Lost([("j", 1)], 1, handed=1)
+    assert ledger.drain_items("c", taken_over=True) == [("j", 1, ["nodes/b/p2"])]
