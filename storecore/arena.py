@@ -20,8 +20,6 @@ import contextlib
 import mmap
 import threading
 
-import numpy as np
-
 from storecore.backend import Buffer
 
 SLACK = 8 << 20  # a pack overshoots its target by at most one add (a few MiB)
@@ -74,18 +72,6 @@ class ArenaPool:
                 return self._free.pop()
             self.created += 1
         return Arena(self.size)
-
-    def prepare(self, n: int) -> None:
-        """Have `n` arenas ready, faulted in (one write per page): an agent calls it in
-        the background when it opens a store, so its first checkpoint's packs do not
-        pay for fresh pages either."""
-        with self._lock:
-            more = max(0, min(n, self.keep) - len(self._free))
-            self.created += more
-        for _ in range(more):
-            a = Arena(self.size)
-            np.frombuffer(a._mm, dtype=np.uint8)[:: mmap.PAGESIZE] = 0
-            self.put(a)
 
     def put(self, arena: Arena) -> None:
         arena.reset()

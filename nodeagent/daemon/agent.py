@@ -61,9 +61,7 @@ from nodeagent.daemon.worker_ops import DisconnectOp, Op, WorkerConfig
 from nodeagent.upload.direct import DirectStore, choose
 from nodeagent.upload.pool import Uploader
 from nodeagent.upload.stream import Limits, StagedMember, UploadResult, enable_frames
-from storecore.arena import shared_pool
 from storecore.crypt import Sealer
-from storecore.writer import WRITERS
 
 __all__ = ["Agent", "AgentConfig", "backoff"]
 log = logging.getLogger(__name__)
@@ -290,11 +288,6 @@ class Agent:
         self._direct = choose(w, cfg.node, cfg.data_path, cfg.store_key_file)
         if self._direct is not None and self.cache is not None:
             self._direct = dataclasses.replace(self._direct, cache=self.cache)
-        if self._direct is not None:  # pack buffers faulted in before the first checkpoint
-            pool = shared_pool(self._direct.pack_bytes)
-            threading.Thread(
-                target=pool.prepare, args=(WRITERS + 2,), name="arena-prepare", daemon=True
-            ).start()
         if old is not None:
             old.close()
         return self._direct

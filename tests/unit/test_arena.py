@@ -26,15 +26,14 @@ def test_take_copies_and_refuses_what_does_not_fit() -> None:
 
 def test_pool_reuses_up_to_keep() -> None:
     p = ArenaPool(1 << 16, keep=2)
-    p.prepare(5)
-    assert p.created == 2
     got = [p.get() for _ in range(3)]
-    assert p.created == 3  # the third is new
+    assert p.created == 3
     for a in got:
         a.take(b"x")
-        p.put(a)
-    again = p.get()
-    assert again.pos == 0 and again in got  # reset and reused
+        p.put(a)  # the third is closed: only `keep` are kept
+    again = [p.get(), p.get()]
+    assert all(a.pos == 0 and a in got for a in again)  # reset and reused
+    assert p.get() not in got and p.created == 4
     p.close()
 
 
