@@ -34,7 +34,8 @@ def _lost(engine: EngineView, node: str, lost: Lost) -> list[Summary]:
     if lost.handed:
         levels.take_over(engine)
     out = levels.published(engine, node, lost.keys)
-    partners.copies_lost(engine)
+    if lost.copies or lost.handed or lost.keys:  # else no generation's level can move
+        partners.copies_lost(engine)
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -89,6 +89,9 @@ class Lost:
     keys: list[GenKey]
     packs: int = 0
     handed: int = 0
+    # Partner copies it held that were dropped: with `handed` and `keys`, whether any
+    # generation's level may have changed (partners.copies_lost re-levels only then).
+    copies: int = field(default=0, compare=False)
 
 
 class CachedPacks:
@@ -346,10 +349,11 @@ class CachedPacks:
         for n in kept:
             self.packs[n] = replace(self.packs[n], cache_id=OWNER_LOST)
         gone = (mine - kept) | orphans
-        self._ids.clear()
+        if dropped or mine or orphans:  # the ids present per node may have changed
+            self._ids.clear()
         handed = len(kept) + len(rehomed)
         if not gone:
-            return Lost([], 0, handed)
+            return Lost([], 0, handed, len(dropped))
         keys = sorted(k for k, names in self.deps.items() if names & gone)
         why = why or f"the node cache of {node} was lost before these packs drained"
         db.executemany("DELETE FROM cached_packs WHERE name = ?", [(n,) for n in gone])
@@ -367,7 +371,7 @@ class CachedPacks:
         for k in keys:
             self.deps.pop(k, None)
             self.lost[k] = why
-        return Lost(keys, len(gone), handed)
+        return Lost(keys, len(gone), handed, len(dropped))
 
     # -- partner copies ----------------------------------------------------------------
 

@@ -91,3 +91,21 @@ def test_forget_of_deleted_generations_retires_only_packs_nothing_else_needs(
     assert ledger.retired == {p1.name, p2.name} and not ledger.packs and not ledger.deps
     reopened = CachedPacks(catalog)  # the rows went in the same transactions
     assert not reopened.packs and not reopened.deps and not reopened.lost
+
+
+def test_lose_counts_the_partner_copies_it_drops(tmp_path: Path) -> None:
+    """Lost.copies says how many partner copies the node held and lost with its cache:
+    with handed and keys it tells whether any level may move (nodeloss.py re-levels
+    only then); a node that lost nothing reports nothing."""
+    catalog = Catalog(tmp_path / "c.sqlite")
+    ledger = CachedPacks(catalog)
+    p = CachedPack("nodes/a/p1", "a", "job:j", 1, _ids(2).tobytes(), "j", 1, cache_id="ca")
+    ledger.committed("j", 1, [p], {p.name})
+    ledger.copies[p.name] = {"b": "cb1"}
+    with catalog.tx() as db:
+        nothing = ledger.lose(db, "c", "cc1")
+        assert (nothing.keys, nothing.packs, nothing.handed, nothing.copies) == ([], 0, 0, 0)
+        same = ledger.lose(db, "b", "cb1")  # b back with the cache that holds the copy
+        assert same.copies == 0 and p.name in ledger.copies
+        lost = ledger.lose(db, "b", "cb2")
+        assert lost.copies == 1 and p.name not in ledger.copies
