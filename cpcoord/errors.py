@@ -74,11 +74,41 @@ class FreezeFailed(CpcoordError):
     status = "FAILED_PRECONDITION"
 
 
+_OURS = {
+    "cpcoord",
+    "nodeagent",
+    "storecore",
+    "coordinator",
+    "capture",
+    "restore",
+    "daemon",
+    "proc",
+    "trackers",
+    "upload",
+    "cache",
+    "store",
+    "protocol",
+}
+
+
 class AgentStepFailed(CpcoordError):
     """the agent could not {}: an unexpected {} (the agent log has the details)"""
 
     exit_code = 16
     status = "INTERNAL"
+
+    @classmethod
+    def of(cls, what: str, e: BaseException) -> AgentStepFailed:
+        """For a bug: the exception's type and the line it was raised at (a file and a
+        line number, never a value), so a report names where without the agent's log."""
+        at = ""
+        tb = e.__traceback__
+        while tb is not None:  # the innermost frame of this project's code
+            parts = tb.tb_frame.f_code.co_filename.replace("\\", "/").split("/")
+            if (len(parts) > 1 and parts[-2] in _OURS) or at == "":
+                at = f" at {'/'.join(parts[-2:])}:{tb.tb_lineno}"
+            tb = tb.tb_next
+        return cls(what, f"{type(e).__name__}{at}")
 
 
 class ReadFailed(CpcoordError):

@@ -16,6 +16,10 @@ chunk that is damaged in the store still fails (a restore before the freeze), an
 the reader saw wrongly (a stale mount) is read right.
 Per chunk, never per page: the pages are assembled by cpcoord.pagedata in NumPy.
 
+Chunks the reader holds already (`LocalChunks`: an agent's staging still holds the
+chunks of its member's last upload, nodeagent/upload/recent.py) are taken from there
+when their bytes hash to their ids, and not read; any other bytes are read as above.
+
 Cached packs (ChunkLocations.cached; a generation at level local, docs/multilevel.md):
 an agent reads them from its own node cache. The coordinator never read such a pack, so
 it names only the pack; the reader takes each chunk's offset, sizes and method from the
@@ -24,9 +28,11 @@ pack's trailer (one read per pack) and then reads and checks it like any other.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -37,8 +43,9 @@ from cpcoord.gen.v1 import common_pb2
 from storecore import packs
 from storecore.backend import Backend, Kind
 from storecore.crypt import Sealer
-from storecore.ids import search_ids
+from storecore.ids import ID_DTYPE, IdArray, digest, search_ids
 
+log = logging.getLogger(__name__)
 GAP_BYTES = 256 << 10  # read over a gap this small rather than issue another read
 SPAN_BYTES = 32 << 20  # one ranged read at most this long
 READ_THREADS = 4
@@ -47,6 +54,14 @@ ID = 32
 # Per batch with locations: its chunks' ids and plain bytes, checked; None for a batch
 # without locations (a coordinator that sent the bytes: checked as usual).
 Filled = list[tuple[list[bytes], list[bytes]] | None]
+
+
+class LocalChunks(Protocol):
+    """Bytes a reader may hold already (nodeagent/upload/recent.py), never trusted."""
+
+    def get(self, want: IdArray) -> list[bytes | None]:
+        """Per wanted id (V32 array): candidate bytes, or None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -108,9 +123,14 @@ def _cat(xs: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.int64]:
     return np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
 
 
-def _spans(c: _Cols) -> list[tuple[int, int, int, npt.NDArray[np.int64]]]:
-    """(pack number, offset, length, chunk rows) per ranged read."""
+def _spans(
+    c: _Cols, need: npt.NDArray[np.bool_] | None = None
+) -> list[tuple[int, int, int, npt.NDArray[np.int64]]]:
+    """(pack number, offset, length, chunk rows) per ranged read (of the rows `need`
+    marks; default all)."""
     order = np.lexsort((c.offset, c.pack_no))
+    if need is not None:
+        order = order[need[order]]
     if not order.size:
         return []
     p, o = c.pack_no[order], c.offset[order]
@@ -133,16 +153,19 @@ def _spans(c: _Cols) -> list[tuple[int, int, int, npt.NDArray[np.int64]]]:
     return out
 
 
-def _resolve_cached(c: _Cols, cache: Backend | None) -> None:
+def _resolve_cached(
+    c: _Cols, cache: Backend | None, need: npt.NDArray[np.bool_] | None = None
+) -> None:
     """Fill in the entries of chunks in cached packs from the packs' trailers, read from
-    the node cache (the coordinator never read them: it names the pack only)."""
+    the node cache (the coordinator never read them: it names the pack only); only
+    for the rows `need` marks (default all)."""
     if not c.cached:
         return
     if cache is None:
         raise InvalidArgument("page stream: names cached packs, and this reader has no cache")
     want = np.frombuffer(c.ids, dtype=packs.ENTRY_DTYPE["id"])
     for pno in sorted(c.cached):
-        rows = np.flatnonzero(c.pack_no == pno)
+        rows = np.flatnonzero((c.pack_no == pno) & (need if need is not None else True))
         if not rows.size:
             continue
         name = c.pack[pno]
@@ -163,25 +186,52 @@ def _resolve_cached(c: _Cols, cache: Backend | None) -> None:
         c.method[rows] = got["method"]
 
 
+def _from_local(c: _Cols, local: LocalChunks, chunks: list[bytes]) -> npt.NDArray[np.bool_]:
+    """Fill the chunks whose bytes `local` holds and hash to their ids; the rows still
+    to read from packs."""
+    need = np.ones(c.batch.size, dtype=bool)
+    if not need.size:
+        return need
+    want = np.frombuffer(c.ids, dtype=ID_DTYPE)
+    used = stale = 0
+    for r, got in enumerate(local.get(want)):  # per chunk, not per page
+        if got is None:
+            continue
+        if digest(got) == c.ids[r * ID : (r + 1) * ID]:
+            chunks[r] = got
+            need[r] = False
+            used += len(got)
+        else:
+            stale += 1
+    if used or stale:
+        fields = {"chunks": int(need.size - need.sum()), "bytes": used, "stale": stale}
+        log.info("chunks read from memory", extra={"fields": fields})
+    return need
+
+
 def fetch(
     backend: Backend,
     sealer: Sealer | None,
     batches: Sequence[common_pb2.PageBatch],
     on_read: Callable[[int], None] | None = None,
     cache: Backend | None = None,
+    local: LocalChunks | None = None,
 ) -> Filled:
     """Read and check every chunk the batches locate; per batch (in order) its chunks'
     ids and plain bytes, None for a batch without locations. Chunks of cached packs are
     read from `cache` (this node's cache: level local), located by the packs' trailers.
+    `local`: bytes the reader may already hold (an agent's staging after its last
+    upload); each is used only when its BLAKE3 is the chunk's id, the others are read.
     Raises DataCorrupted, ObjectNotFound or the backend's error; nothing is returned
     half checked."""
     if faults.fail_point(FAIL_POINT):
         raise StoreError(f"fault point {FAIL_POINT}")
     c = _columns(batches)
-    _resolve_cached(c, cache)
     n = c.batch.size
     chunks: list[bytes] = [b""] * n
-    spans = _spans(c)
+    need = _from_local(c, local, chunks) if local is not None else None
+    _resolve_cached(c, cache, need)
+    spans = _spans(c, need)
 
     def one(span: tuple[int, int, int, npt.NDArray[np.int64]]) -> int:
         pno, lo, length, rows = span

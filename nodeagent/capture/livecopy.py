@@ -178,7 +178,7 @@ class LiveCopy:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 p, r = pages[a : a + CHUNK_PAGES], rows[a : a + CHUNK_PAGES]
-                stats = reader.read_pages(p, self.staging.address, r)
+                stats = reader.read_pages(p, self.staging.rewrite(), r)
                 good = p if not stats.unreadable.size else np.setdiff1d(p, stats.unreadable)
                 i = np.searchsorted(self.pages, good)
                 self.ok[i] = True

@@ -199,9 +199,9 @@ def capture(
                 reader = MemoryReader(pid, readv, objects=objects, maps=maps)
                 try:
                     if plan is not None:
-                        stats = reader.read_pages(plan.read, staging.address, plan.read_rows)
+                        stats = reader.read_pages(plan.read, staging.rewrite(), plan.read_rows)
                     elif into is None:
-                        stats = reader.read_pages(allp, staging.address)
+                        stats = reader.read_pages(allp, staging.rewrite())
                     else:
                         stats = reader.read_pages(allp, 0, inplace.local_rows(specs, copied, into))
                 finally:

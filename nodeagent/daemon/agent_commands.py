@@ -168,10 +168,12 @@ class Commands:
     ) -> tuple[Contents, CpcoordError | None, bool]:
         """The download by one path: (contents, error, whether DownloadPages failed)."""
         path = "direct" if store is not None else "coordinator"
+        held = self.members.get(job, member)
+        local = held.recent if held is not None else None  # its last upload, in staging
         try:
             got = restore_ops.download(
                 s.bulk, job, gen, member, s.limits.timeout_s, only, store,
-                lambda n: self._on_read(path, n),
+                lambda n: self._on_read(path, n), local,
             )  # fmt: skip
         except grpc.RpcError as ex:
             return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator), True

@@ -46,6 +46,7 @@ from nodeagent.pages import PageNumbers, empty_pages, union_sorted
 from nodeagent.proc.procfs import Mapping, ProcessIdentity, live_tid, read_maps
 from nodeagent.proc.staging import Staging
 from nodeagent.trackers import registry
+from nodeagent.upload.recent import RecentChunks
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class HeldMember:
     # (generation, live copy): pre-copied at that generation's Freeze, for its Capture
     precopied: tuple[int, LiveCopy] | None = None
     group: str = ""  # tree group (the root member's name; nodeagent/daemon/tree.py); "": none
+    # The chunks of its last upload that its staging holds (a restore reads them there;
+    # set on the upload's thread, read on a download's: one reference, swapped whole).
+    recent: RecentChunks | None = None
 
     def __post_init__(self) -> None:
         self.track = MemberTracker(self.tracker_pref, {"job": self.job, "member": self.name})

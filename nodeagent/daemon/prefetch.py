@@ -120,9 +120,12 @@ def written_since_base(m: HeldMember, base: int) -> PageNumbers | None:
     return since_base(m, base)[0]
 
 
-def since_base(m: HeldMember, base: int) -> tuple[PageNumbers | None, PageNumbers | None]:
+def since_base(
+    m: HeldMember, base: int, report_only: bool = False
+) -> tuple[PageNumbers | None, PageNumbers | None]:
     """`written_since_base`, and the tracker's own report in it (the pages written since
-    its last collect); None, None when the tracker cannot tell."""
+    its last collect); None, None when the tracker cannot tell. `report_only`: the
+    caller's scope holds every page already; the first is then empty (not computed)."""
     t = m.track
     if base == 0 or m.committed != base or not t.armed or t.tracker is None:
         return None, None
@@ -136,6 +139,8 @@ def since_base(m: HeldMember, base: int) -> tuple[PageNumbers | None, PageNumber
     written = written_pages(t.tracker, pid, mine)
     if written is None:
         return None, None
+    if report_only:
+        return empty_pages(), written
     t1 = time.perf_counter()
     with SharedObjects(pid) as objects:
         taken = copyout.select(pid, specs, maps, objects)
@@ -220,7 +225,13 @@ def top_up(
     """Frozen: add the pages written since the prefetch (fetched now; normally few).
     Without the tracker's answer now, every page is fetched (scope None). `seen`, when
     given, gets the tracker's own report in the answer (`since_base`; None: no answer)."""
-    dirty, raw = since_base(m, base)
+    # A scope of every page (a full rewrite since) cannot grow: only the tracker's own
+    # report is wanted (the live backup's stale pages), not the pages present now.
+    whole = all(
+        scope.get(c.name, empty_pages()).size == (c.end - c.start) >> PAGE_SHIFT
+        for c in contents
+    )
+    dirty, raw = since_base(m, base, report_only=whole)
     if seen is not None:
         seen.append(raw)
     if dirty is None:

@@ -149,12 +149,15 @@ def download(
     only: list[types_pb2.Region] | None = None,
     store: DirectStore | None = None,
     on_read: Callable[[int], None] | None = None,
+    local: packread.LocalChunks | None = None,
 ) -> tuple[RegionContents, ...]:
     """Every region of the member at `generation`, pages not listed (or ZERO) as zeros;
     `only` (DownloadRequest.page_filter): just those pages of each region. With `store`
     (the direct read path): the coordinator names where the chunks lie and they are
     read from the store here (cpcoord/packread.py), or from this node's cache for a
-    generation not drained yet (level local), `on_read` told of each ranged read's bytes."""
+    generation not drained yet (level local), `on_read` told of each ranged read's bytes;
+    chunks that `local` holds (the member's staging after its last upload) are taken
+    from there when their bytes hash to their ids."""
     req = agent_pb2.DownloadRequest(
         job=job,
         generation=generation,
@@ -168,7 +171,7 @@ def download(
     if store is not None:
         batches = [m.batch for m in msgs if m.WhichOneof("body") == "batch"]
         cache = store.cache.reader if store.cache is not None else None
-        checked = packread.fetch(store.backend, store.sealer, batches, on_read, cache)
+        checked = packread.fetch(store.backend, store.sealer, batches, on_read, cache, local)
     got = list(read_members(msgs, checked))
     if len(got) != 1 or got[0].name != member:
         raise InvalidArgument(f"DownloadPages for {member!r} sent {len(got)} members")

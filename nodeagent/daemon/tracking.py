@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from cpcoord.errors import CpcoordError, TrackerFailed
 from cpcoord.ranges import PAGE_SIZE
@@ -49,9 +50,11 @@ from nodeagent.proc.staging import Staging
 from nodeagent.restore.layout import cut_layout
 from nodeagent.trackers import leftovers, registry
 from nodeagent.trackers.base import ChangedSet
+from nodeagent.upload.recent import RecentChunks
 from nodeagent.upload.stream import StagedMember
 
 log = logging.getLogger(__name__)
+I64 = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,17 @@ def capture_frozen(
     return Copied(res, full, tracker, 0 if full else m.committed, plan, report, whole)
 
 
+def _row_in(staging: Staging, rows: npt.NDArray[np.uint8] | None) -> int | None:
+    """The staging row where `rows` starts; None when they are not staging's memory
+    (an in-place capture) or not all of it."""
+    if rows is None or not staging.capacity:
+        return None
+    off = int(rows.ctypes.data) - staging.address
+    if off < 0 or off % PAGE_SIZE or off + rows.nbytes > staging.capacity:
+        return None
+    return off // PAGE_SIZE
+
+
 def handoff(
     m: HeldMember,
     staging: Staging,
@@ -249,6 +263,13 @@ def handoff(
         if m.staging is staging:
             m.staging_busy = False
 
+    version = staging.version  # what the capture wrote: the upload's chunks
+    row0 = _row_in(staging, c.result.rows)
+
+    def uploaded(ids: npt.NDArray[np.uint8], rows: I64, counts: I64) -> None:
+        if row0 is not None and m.staging is staging:
+            m.recent = RecentChunks.of(staging, version, ids, rows + row0, counts)
+
     return StagedMember(
         job=job,
         generation=generation,
@@ -263,5 +284,6 @@ def handoff(
         frozen_seconds=frozen_s,
         release=release,
         rows=c.result.rows,
+        uploaded=uploaded,
         layout=cut_layout(m.ident.pid, c.maps) if c.maps else (),
     )

@@ -154,7 +154,7 @@ class Worker:
         failed = ops.R.ABORT_REASON_CAPTURE_FAILED
         if isinstance(op, ops.RestoreOp):
             failed = ops.R.ABORT_REASON_RESTORE_FAILED
-        err = AgentStepFailed(f"{what[type(op)]} generation {op.generation}", type(e).__name__)
+        err = AgentStepFailed.of(f"{what[type(op)]} generation {op.generation}", e)
         for _job, member in mine:
             st.fail(op.job, op.generation, member, failed, err, op.epoch)
 

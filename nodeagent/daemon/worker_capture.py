@@ -116,7 +116,7 @@ def _capture_member(
         return None
     except Exception as e:  # a bug: this member fails, the others are still captured
         log.exception("capture step failed", extra={"fields": {"member": m.name}})
-        err = AgentStepFailed(f"capture {m.name}", type(e).__name__)
+        err = AgentStepFailed.of(f"capture {m.name}", e)
         st.fail(op.job, op.generation, m.name, R.ABORT_REASON_CAPTURE_FAILED, err, op.epoch)
         return None
     frozen_s = time.monotonic() - fe.started

@@ -91,6 +91,13 @@ class Staging:
 
     Views handed out (`pages`) alias this memory: the next capture that reuses the same
     Staging overwrites them. `reserve` before freezing; it is cheap when big enough.
+
+    What the contents are, for readers that keep them past the capture (the chunks of
+    the last upload, nodeagent/upload/recent.py): `version` changes whenever a capture
+    writes (it takes `rewrite()`, not `address`) or the memory is replaced; `clobbered`
+    is how many leading bytes a borrower (a restore's backup, `lend`/`clobber`) wrote
+    since. Those readers check every chunk's bytes against its id anyway: the two only
+    spare them hashing bytes that are known to have changed.
     """
 
     def __init__(self, nbytes: int = 0) -> None:
@@ -98,6 +105,8 @@ class Staging:
         self._arr: npt.NDArray[np.uint8] = np.zeros(0, dtype=np.uint8)
         self.capacity = 0
         self.allocations = 0
+        self.version = 0
+        self.clobbered = 0
         if nbytes:
             self.reserve(nbytes)
 
@@ -124,17 +133,35 @@ class Staging:
         self._arr = arr
         self.capacity = size
         self.allocations += 1
+        self.version += 1
         return True
 
     @property
     def address(self) -> int:
         return int(self._arr.ctypes.data)
 
+    def rewrite(self) -> int:
+        """The address, for a capture about to write its pages here: what was held
+        before is not any more (`version`)."""
+        self.version += 1
+        self.clobbered = 0
+        return self.address
+
+    def clobber(self, upto: int) -> None:
+        """A borrower wrote bytes [0, upto) (restore backups fill staging from the start)."""
+        self.clobbered = max(self.clobbered, upto)
+
+    def array(self) -> npt.NDArray[np.uint8]:
+        """The whole buffer as bytes; a reader on another thread holds it while it reads
+        (the memory then outlives a `close`)."""
+        return self._arr
+
     def pages(self, first: int, count: int) -> npt.NDArray[np.uint8]:
         """Rows `[first, first + count)` of the buffer as a `(count, PAGE_SIZE)` view."""
         return self._arr[first * PAGE_SIZE : (first + count) * PAGE_SIZE].reshape(count, PAGE_SIZE)
 
     def close(self) -> None:
+        self.version += 1
         self._arr = np.zeros(0, dtype=np.uint8)
         if self._mm is not None:
             # Views of it may still be alive (results of an earlier capture): then the

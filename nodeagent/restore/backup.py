@@ -74,8 +74,9 @@ class BackupStore:
     """Where backed-up bytes go: a caller's prefaulted buffer first, then fresh memory."""
 
     def __init__(self, staging: Staging | None) -> None:
-        self._base = staging.address if staging is not None and staging.capacity else 0
-        self._left = staging.capacity if staging is not None else 0
+        self._staging = staging if staging is not None and staging.capacity else None
+        self._base = self._start = self._staging.address if self._staging is not None else 0
+        self._left = self._staging.capacity if self._staging is not None else 0
         self._maps: list[mmap.mmap] = []
         self.fresh = 0
 
@@ -84,6 +85,8 @@ class BackupStore:
             addr = self._base
             self._base += nbytes
             self._left -= nbytes
+            if self._staging is not None:  # what staging held there is gone
+                self._staging.clobber(self._base - self._start)
             return addr
         mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         with contextlib.suppress(OSError):  # 512x fewer page faults while frozen

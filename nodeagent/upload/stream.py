@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 ATTEMPTS = 3
 
 
+Uploaded = Callable[[npt.NDArray[np.uint8], npt.NDArray[np.int64], npt.NDArray[np.int64]], None]
+
+
 @dataclass(frozen=True)
 class StagedMember:
     """A member's copy at the cut, thawed, waiting for upload (views of its staging)."""
@@ -83,6 +86,9 @@ class StagedMember:
     rows: npt.NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
     # A whole-memory member: every mapping at the cut (nodeagent/restore/layout.py).
     layout: tuple[mapfacts.MapFact, ...] = field(default=(), repr=False, compare=False)
+    # Told after a successful upload of `rows`: each chunk's id, first row (of `rows`)
+    # and page count (nodeagent/upload/recent.py).
+    uploaded: Uploaded = field(default=lambda ids, rows, counts: None, compare=False)
 
     @property
     def pages(self) -> int:
@@ -381,6 +387,9 @@ def upload(
                 f"sent {sm.pages} / {n_entries}"
             )
             raise UploadFailed(sm.member, sm.job, sm.generation, why)
+        if p.rows is not None:  # staging holds these chunks until it is written again
+            sel = ~p.e.zero & p.hashed
+            sm.uploaded(p.ids[sel], p.e.rows[sel], p.e.counts[sel])
         return UploadResult(
             pages=sm.pages,
             zero_pages=zero_pages,

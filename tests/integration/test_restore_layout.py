@@ -208,7 +208,7 @@ def test_a_restore_that_fails_after_the_layout_changed_puts_the_layout_back(
     t.wait(0, t.word(0) + 200)
     code, out = _restore(c, "lay", gen)
     assert code == ABORTED, f"the restore did not fail:\n{out}\n{c.logs(80)}"
-    assert "fault point agent.restore.write" in out and "undone" in out, out
+    assert "fault point agent.restore.write" in out and "undone" in out, f"{out}\n{c.logs(80)}"
     assert t.word(2) == 1, "a failed restore left the memory rolled back"
     t.wait(0, t.word(0) + 300)  # it goes on, passing its checks
     _rolled_back_and_running(c, t, gen)  # the point fails once: this one works

@@ -162,3 +162,35 @@ def test_a_large_rollback_aborted_after_its_live_backup_keeps_the_next_increment
     g2 = _checkpoint(c)
     assert not g2["full"] and g2["pages_captured"] >= n, g2
     _equals_export(c, t, g2["generation"], tmp_path / "g2")
+
+
+def _memory_reads(c: Cluster) -> list[str]:
+    return [
+        line
+        for line in c.agents["node-a"].log.read_text(errors="replace").splitlines()
+        if "chunks read from memory" in line
+    ]
+
+
+def test_a_rollback_to_the_generation_just_taken_reads_its_chunks_from_memory(
+    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+) -> None:
+    """Right after a checkpoint the member's staging holds the chunks its upload sent:
+    the rollback takes them from there (the agent logs how many), and the memory equals
+    the generation. A second rollback, after the first one's backup wrote over the start
+    of staging, takes those chunks from the store again and is exact too."""
+    c = cluster_factory(nodes=("node-a",))
+    t = target_factory(maps=[f"data:{PAGES}"])
+    _attach(c, t)
+    t.cmd("write", name="data", page=0, count=PAGES, counter=1)
+    g1 = _checkpoint(c)["generation"]
+    t.cmd("write", name="data", page=0, count=PAGES, counter=2)
+    m = _restore(c, g1)
+    _equals_export(c, t, g1, tmp_path / "a")
+    assert m["pages_written"] == PAGES, m
+    first = _memory_reads(c)
+    assert len(first) == 1 and f"chunks={PAGES // 16} " in first[0], first
+    t.cmd("write", name="data", page=0, count=PAGES, counter=3)
+    _restore(c, g1)
+    _equals_export(c, t, g1, tmp_path / "b")
+    t.assert_running()

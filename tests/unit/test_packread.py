@@ -163,3 +163,38 @@ def test_a_damaged_byte_in_a_cached_pack_is_data_corrupted(tmp_path: Path) -> No
     path.write_bytes(bytes(data))
     with pytest.raises(DataCorrupted, match="does not match"):
         packread.fetch(cache, None, [_cached_batch(name, e)], cache=cache)
+
+
+class _Local:
+    """Candidate bytes by id; `wrong` ids get bytes that are not theirs."""
+
+    def __init__(self, chunks: dict[bytes, bytes], wrong: set[bytes]) -> None:
+        self.chunks, self.wrong = chunks, wrong
+
+    def get(self, want: np.ndarray) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for i in want.tolist():
+            got = self.chunks.get(bytes(i))
+            out.append(None if got is None else (b"x" + got[1:]) if bytes(i) in self.wrong else got)
+        return out
+
+
+def test_chunks_held_locally_are_used_only_when_they_hash_to_their_ids(tmp_path: Path) -> None:
+    """Held chunks whose bytes are theirs are not read; held bytes that are not (staging
+    written since) are read from the pack instead; every chunk comes back exact."""
+    chunks = [os.urandom(64 << 10) for _ in range(40)]  # gaps of held ones: never read over
+    b, name, e = _store(tmp_path, chunks)
+    ids = [bytes(x) for x in np.ascontiguousarray(e["id"]).tolist()]
+    by_id = {bytes(x): c for x, c in zip(digest_all(chunks).tolist(), chunks, strict=True)}
+    held = {i: by_id[i] for i in ids[:30]}  # the first 30 (pack order) held
+    local = _Local(held, wrong=set(ids[:3]))  # of which 3 changed since
+    got = packread.fetch(b, None, [_batch(name, e)], local=local)
+    assert got[0] is not None
+    assert got[0][0] == ids and got[0][1] == [by_id[i] for i in ids]
+    read = {(o, n) for _, o, n in b.reads}
+    offs = e["offset"].astype(int).tolist()
+    ends = (e["offset"] + e["stored"]).astype(int).tolist()
+    for k in range(3, 30):  # used from memory: no read covers them
+        assert not any(o <= offs[k] and ends[k] <= o + n for o, n in read), k
+    for k in [*range(3), *range(30, 40)]:
+        assert any(o <= offs[k] and ends[k] <= o + n for o, n in read), k
