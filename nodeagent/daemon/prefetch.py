@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cpcoord.gen.v1 import agent_pb2, types_pb2
-from cpcoord.ranges import PAGE_SHIFT
+from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.capture import copyout
 from nodeagent.capture.changeset import written_pages
 from nodeagent.capture.trackstate import tracked_mappings
@@ -205,12 +205,19 @@ def with_scope(contents: Contents, scope: Scope | None) -> Contents:
     return tuple(replace(c, scope=scope.get(c.name, empty)) for c in contents)
 
 
-def _merge(a: RegionContents, b: RegionContents) -> RegionContents:
+def merge(a: RegionContents, b: RegionContents) -> RegionContents:
+    """One region's pages of `a` and of `b` (pages fetched later, for the same region),
+    sorted; where both hold a page, `a`'s copy (they are the same generation's).
+    Either may hold no page: a region the generation has nothing of, or pages written
+    since that the generation does not list (absent at the cut)."""
+    if not b.pages.size:
+        return a
     pages = np.concatenate((a.pages, b.pages))
     order = np.argsort(pages, kind="stable")
-    data = np.concatenate((a.data, b.data))[order]
+    data = np.concatenate((a.data.reshape(-1, PAGE_SIZE), b.data.reshape(-1, PAGE_SIZE)))[order]
     pages = pages[order]
-    keep = np.concatenate(([True], np.diff(pages) != 0))  # b's copy of a page: dropped
+    keep = np.ones(pages.size, dtype=bool)
+    keep[1:] = np.diff(pages) != 0  # b's copy of a page: dropped
     return replace(a, pages=pages[keep], data=data[keep])
 
 
@@ -228,8 +235,7 @@ def top_up(
     # A scope of every page (a full rewrite since) cannot grow: only the tracker's own
     # report is wanted (the live backup's stale pages), not the pages present now.
     whole = all(
-        scope.get(c.name, empty_pages()).size == (c.end - c.start) >> PAGE_SHIFT
-        for c in contents
+        scope.get(c.name, empty_pages()).size == (c.end - c.start) >> PAGE_SHIFT for c in contents
     )
     dirty, raw = since_base(m, base, report_only=whole)
     if seen is not None:
@@ -247,7 +253,7 @@ def top_up(
     if not extra:
         return contents, scope
     got = {c.name: c for c in fetch(extra)}
-    out = tuple(_merge(c, got[c.name]) if c.name in got else c for c in contents)
+    out = tuple(merge(c, got[c.name]) if c.name in got else c for c in contents)
     grown = {n: union_sorted(p, extra.get(n, empty_pages())) for n, p in scope.items()}
     for n in extra.keys() - grown.keys():
         grown[n] = extra[n]
