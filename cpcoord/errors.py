@@ -74,21 +74,7 @@ class FreezeFailed(CpcoordError):
     status = "FAILED_PRECONDITION"
 
 
-_OURS = {
-    "cpcoord",
-    "nodeagent",
-    "storecore",
-    "coordinator",
-    "capture",
-    "restore",
-    "daemon",
-    "proc",
-    "trackers",
-    "upload",
-    "cache",
-    "store",
-    "protocol",
-}
+_OURS = frozenset({"cpcoord", "nodeagent", "storecore", "coordinator"})  # our packages
 
 
 class AgentStepFailed(CpcoordError):
@@ -105,7 +91,7 @@ class AgentStepFailed(CpcoordError):
         tb = e.__traceback__
         while tb is not None:  # the innermost frame of this project's code
             parts = tb.tb_frame.f_code.co_filename.replace("\\", "/").split("/")
-            if (len(parts) > 1 and parts[-2] in _OURS) or at == "":
+            if at == "" or not _OURS.isdisjoint(parts[:-1]):
                 at = f" at {'/'.join(parts[-2:])}:{tb.tb_lineno}"
             tb = tb.tb_next
         return cls(what, f"{type(e).__name__}{at}")

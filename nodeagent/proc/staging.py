@@ -95,7 +95,7 @@ class Staging:
     What the contents are, for readers that keep them past the capture (the chunks of
     the last upload, nodeagent/upload/recent.py): `version` changes whenever a capture
     writes (it takes `rewrite()`, not `address`) or the memory is replaced; `clobbered`
-    is how many leading bytes a borrower (a restore's backup, `lend`/`clobber`) wrote
+    is how many leading bytes a borrower (a restore's backup, `clobber`) wrote
     since. Those readers check every chunk's bytes against its id anyway: the two only
     spare them hashing bytes that are known to have changed.
     """

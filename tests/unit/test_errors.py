@@ -32,3 +32,17 @@ def test_exit_codes_doc_lists_every_error() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "exit-codes.md").read_text()
     for c in _all(errors.CpcoordError):
         assert f"| {c.exit_code} | `{c.__name__}`" in doc, f"docs/exit-codes.md lacks {c.__name__}"
+
+
+def test_an_agent_bug_is_reported_with_the_line_of_our_code_it_was_raised_at() -> None:
+    from cpcoord.errors import AgentStepFailed
+    from nodeagent.daemon import prefetch
+
+    try:
+        prefetch.merge(None, None)  # type: ignore[arg-type]  # raises inside prefetch.py
+    except AttributeError as e:
+        err = AgentStepFailed.of("restore generation 1", e)
+    msg = str(err)
+    assert msg.startswith("the agent could not restore generation 1: an unexpected ")
+    assert "AttributeError at daemon/prefetch.py:" in msg, msg
+    assert "None" not in msg  # a place, never a value
