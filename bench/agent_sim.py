@@ -43,7 +43,7 @@ import grpc
 import numpy as np
 
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from testbed.agent_pages import (
     PAGE,
     changed_pages,

@@ -44,7 +44,7 @@ import numpy as np
 
 from bench.common import Stats, gbps, raw_readv, repeat, results_dir, write_results
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options, server_options
+from cpcoord.grpcopts import channel_options, server_options
 from cpcoord.ranges import AddressRange
 from storecore.backend import Kind, LocalBackend
 from testbed.cluster import Cluster, attach_args

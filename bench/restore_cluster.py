@@ -31,7 +31,7 @@ import numpy as np
 from bench.common import raw_writev, write_results
 from bench.end_to_end import checkpoint, dirty
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from nodeagent.proc.staging import Staging
 from testbed.cluster import Cluster, attach_args
 from testbed.driver import Target

@@ -34,7 +34,7 @@ from typing import IO, Any
 import grpc
 
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc, types_pb2
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8  # agents started at once: 2 cores, each import of grpc costs ~1 s of CPU

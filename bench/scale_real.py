@@ -58,7 +58,7 @@ from bench.scale_fleet import (
     seeded_bytes,
 )
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from cpcoord.pagedata import read_members
 
 MIB = 1 << 20

@@ -34,7 +34,8 @@ from bench.common import Stats, write_results
 from coordinator.store import Manifest, MemberMap, PageTable, RegionMap, Repository
 from storecore.backend import Backend, Kind, LocalBackend
 from storecore.ids import chunk_ids_of, member_of
-from storecore.s3 import S3Backend, S3Options
+from storecore.s3 import S3Backend
+from storecore.s3_options import S3Options
 
 PAGE = 4096
 OBJ = 16 << 20

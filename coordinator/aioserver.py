@@ -35,7 +35,8 @@ from coordinator.servicers.streams import Streams
 from coordinator.serving import Serving
 from cpcoord.errors import InvalidArgument
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import MAX_MESSAGE_BYTES, register_handlers, server_options
+from cpcoord.grpcopts import MAX_MESSAGE_BYTES, server_options
+from cpcoord.grpcutil import register_handlers
 from cpcoord.log import log_event
 
 log = logging.getLogger("cpcoord.coordinator")

@@ -21,7 +21,7 @@ from coordinator.flight import Flight, RunStats, Subscription
 from coordinator.membership import Membership
 from coordinator.protocol.messages import Event
 from coordinator.store import Repository
-from cpcoord.grpcutil import MAX_MESSAGE_BYTES
+from cpcoord.grpcopts import MAX_MESSAGE_BYTES
 from cpcoord.ranges import PAGE_SIZE
 
 if TYPE_CHECKING:

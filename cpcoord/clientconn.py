@@ -27,7 +27,8 @@ from cpcoord.closing import Closing
 from cpcoord.endpoints import Endpoints, Failover
 from cpcoord.errors import CpcoordError, NoCoordinatorAddress
 from cpcoord.gen.v1 import coordinator_pb2_grpc
-from cpcoord.grpcutil import insecure_requested, make_channel, rpc_to_error
+from cpcoord.grpcopts import insecure_requested, make_channel
+from cpcoord.grpcutil import rpc_to_error
 
 T = TypeVar("T")
 

@@ -12,8 +12,8 @@ with the server's message, so `cpcoord` exits with the code the error would have
 locally. Statuses without the metadata (the transport's own: UNAVAILABLE, RESOURCE_
 EXHAUSTED for an oversized message, UNIMPLEMENTED, ...) map to classes of 70-79.
 
-The channel and server options every peer uses, and `make_channel`, are
-cpcoord/grpcopts.py (named here too, for existing callers).
+The channel and server options every peer uses, and `make_channel`, are in
+cpcoord/grpcopts.py.
 """
 
 from __future__ import annotations
@@ -38,15 +38,6 @@ from cpcoord.errors import (
     NotLeader,
     RemoteError,
 )
-
-# The options and channels of every peer (grpcopts.py), named here too for callers:
-from cpcoord.grpcopts import ENV_INSECURE as ENV_INSECURE
-from cpcoord.grpcopts import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
-from cpcoord.grpcopts import MAX_PENDING_CALLS as MAX_PENDING_CALLS
-from cpcoord.grpcopts import channel_options as channel_options
-from cpcoord.grpcopts import insecure_requested as insecure_requested
-from cpcoord.grpcopts import make_channel as make_channel
-from cpcoord.grpcopts import server_options as server_options
 from cpcoord.log import log_event
 
 log = logging.getLogger("cpcoord.grpc")

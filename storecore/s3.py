@@ -44,11 +44,7 @@ from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, Store
 from cpcoord.faults import fault_point
 from storecore.backend import NODE_TEMP_GRACE, Buffer, Kind, ObjectInfo, check_name
 from storecore.names import NODES
-
-# The options and names of an S3 store (s3_options.py, no boto3), named here too:
-from storecore.s3_options import MAX_PARTS, check_bucket, check_prefix
-from storecore.s3_options import MIN_PART as MIN_PART
-from storecore.s3_options import S3Options as S3Options
+from storecore.s3_options import MAX_PARTS, S3Options, check_bucket, check_prefix
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 

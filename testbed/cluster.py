@@ -30,7 +30,7 @@ from coordinator.engine import Engine, Options
 from coordinator.server import Deps, create_server
 from coordinator.store import Repository, StoreConfig
 from cpcoord.gen.v1 import coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from testbed.stores import open_store, state_dir, store_objects
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.store import Repository, StoreConfig
-from storecore.s3 import S3Backend, S3Options
+from storecore.s3 import S3Backend
+from storecore.s3_options import S3Options
 
 PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 BUCKET = "cpcoord-test"

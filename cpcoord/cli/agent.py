@@ -168,16 +168,16 @@ def _add_security_arguments(p: argparse.ArgumentParser) -> None:
 def _channel_factory(args: argparse.Namespace) -> Callable[[str, bool], Any]:
     """mTLS (verifying the coordinator against --tls-ca) unless --insecure; refuses to
     run with neither, so an agent never obeys a coordinator it cannot authenticate."""
-    from cpcoord import grpcutil
+    from cpcoord import grpcopts
     from cpcoord.clientconn import tls_from_args
     from cpcoord.errors import InsecureRefused
     from cpcoord.tokens import client_token
 
     tls = tls_from_args(args)
-    if tls is None and not grpcutil.insecure_requested(args.insecure):
+    if tls is None and not grpcopts.insecure_requested(args.insecure):
         raise InsecureRefused()
     token = client_token(None, args.token_file) if args.token_file is not None else None
-    return lambda addr, insecure: grpcutil.make_channel(addr, insecure, tls=tls, token=token)
+    return lambda addr, insecure: grpcopts.make_channel(addr, insecure, tls=tls, token=token)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `cpcoord --help` must not pay for NumPy and gRPC.
     from prometheus_client import CollectorRegistry
 
-    from cpcoord import clientconn, grpcutil
+    from cpcoord import clientconn, grpcopts
     from nodeagent.daemon import metrics
     from nodeagent.daemon.agent import Agent, AgentConfig
     from nodeagent.trackers import registry
@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     config = AgentConfig(
         coordinator=args.coordinator,
         node=args.node,
-        insecure=grpcutil.insecure_requested(args.insecure),
+        insecure=grpcopts.insecure_requested(args.insecure),
         lease_s=args.lease,
         tracker=tracker,
         compress=args.compress,

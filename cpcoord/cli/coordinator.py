@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 def security(args: argparse.Namespace) -> Security:
     from coordinator.auth import Security
     from cpcoord.clientconn import tls_from_args
-    from cpcoord.grpcutil import insecure_requested
+    from cpcoord.grpcopts import insecure_requested
     from cpcoord.tokens import load_tokens
 
     return Security(

@@ -116,7 +116,7 @@ class Demo:
         import grpc
 
         from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
-        from cpcoord.grpcutil import channel_options
+        from cpcoord.grpcopts import channel_options
 
         with grpc.insecure_channel(self.address, options=channel_options()) as ch:
             stub = coordinator_pb2_grpc.CoordinatorStub(ch)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import grpc
 
-from cpcoord import grpcutil
+from cpcoord import grpcopts, grpcutil
 from cpcoord.endpoints import Endpoints
 from cpcoord.errors import (
     AgentUnavailable,
@@ -77,7 +77,7 @@ class Agent:
         self.config = config
         self.metrics = metrics or unserved()
         self._channel_factory = channel_factory or (
-            lambda addr, insecure: grpcutil.make_channel(addr, insecure)
+            lambda addr, insecure: grpcopts.make_channel(addr, insecure)
         )
         self._lock = threading.Lock()
         self._endpoints = Endpoints(config.coordinator)
@@ -302,7 +302,7 @@ class Agent:
             self._stop.set()
             return False
         s.limits = Limits(
-            max_message_bytes=w.max_message_bytes or grpcutil.MAX_MESSAGE_BYTES,
+            max_message_bytes=w.max_message_bytes or grpcopts.MAX_MESSAGE_BYTES,
             max_batch_entries=min(w.max_batch_entries or 65536, 65536),
             compress=self.config.compress_uploads(),
             direct=direct,

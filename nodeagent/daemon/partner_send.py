@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from cpcoord import grpcutil
+from cpcoord import grpcopts, grpcutil
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.tls import TlsFiles, agent_server_name
 from nodeagent.cache.store import GenKey, NodeCache, read_cached
@@ -64,7 +64,7 @@ class PartnerSender(Worklist[tuple[str, str]]):
     def _stub(self, node: str, address: str) -> agent_pb2_grpc.PartnerCacheStub:
         if self._channel is None or self._channel[0] != address:
             self._close()
-            ch = grpcutil.make_channel(
+            ch = grpcopts.make_channel(
                 address, tls=self.tls, server_name=agent_server_name(node) if self.tls else None
             )
             self._channel = (address, ch)

@@ -19,7 +19,7 @@ from concurrent import futures
 
 import grpc
 
-from cpcoord import grpcutil
+from cpcoord import grpcopts, grpcutil
 from cpcoord.errors import InvalidArgument, PartnerIdentityMismatch, PartnerNotAllowed
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.tls import TlsFiles, peer_agent, server_credentials
@@ -113,7 +113,7 @@ class PartnerServer:
     def __init__(self, listen: str, servicer: PartnerServicer, tls: TlsFiles | None) -> None:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(4, thread_name_prefix="partner"),
-            options=grpcutil.server_options(),
+            options=grpcopts.server_options(),
         )
         add = agent_pb2_grpc.add_PartnerCacheServicer_to_server
         grpcutil.add_servicer(add, servicer, self.server)

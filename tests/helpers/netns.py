@@ -334,7 +334,7 @@ class NetnsCluster(Cluster):
         code = (
             "import json, grpc\n"
             "from cpcoord.gen.v1 import coordinator_pb2 as p, coordinator_pb2_grpc as g\n"
-            "from cpcoord.grpcutil import channel_options\n"
+            "from cpcoord.grpcopts import channel_options\n"
             f"ch = grpc.insecure_channel('{self.address}', options=channel_options())\n"
             "r = g.CoordinatorStub(ch).ListAgents(p.ListAgentsRequest(), timeout=5)\n"
             "print(json.dumps({a.node: a.connected for a in r.agents}))\n"

@@ -27,7 +27,7 @@ from coordinator.ha.etcd import EtcdClient
 from cpcoord.clientconn import Client
 from cpcoord.errors import CpcoordError
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from testbed.cluster import Cluster
 from testbed.daemons import Daemon, daemon_env, wait_for
 

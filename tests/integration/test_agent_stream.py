@@ -23,7 +23,8 @@ import zstandard
 
 from cpcoord.errors import ChunkMismatch
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, types_pb2
-from cpcoord.grpcutil import abort_with, server_options
+from cpcoord.grpcopts import server_options
+from cpcoord.grpcutil import abort_with
 from nodeagent.daemon.agent import Agent, AgentConfig
 from nodeagent.pages import pages_from_runs
 from nodeagent.trackers import registry

@@ -24,7 +24,7 @@ from coordinator.server import Deps, create_server
 from coordinator.store import Repository, nodepacks
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2_grpc, types_pb2
 from cpcoord.gen.v1 import coordinator_pb2 as C
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from cpcoord.tls import TlsFiles, channel_credentials, init_dev_pki
 from storecore.backend import Kind
 from storecore.ids import as_id_array

@@ -16,14 +16,8 @@ import pytest
 
 from cpcoord import errors
 from cpcoord.errors import CpcoordError
-from cpcoord.grpcutil import (
-    META_ERROR,
-    META_EXIT,
-    channel_options,
-    rpc_errors,
-    rpc_to_error,
-    server_options,
-)
+from cpcoord.grpcopts import channel_options, server_options
+from cpcoord.grpcutil import META_ERROR, META_EXIT, rpc_errors, rpc_to_error
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,8 @@ from coordinator.store import Repository
 from cpcoord.clientconn import Client
 from cpcoord.errors import NotLeader
 from cpcoord.gen.v1 import coordinator_pb2
-from cpcoord.grpcutil import channel_options, rpc_to_error
+from cpcoord.grpcopts import channel_options
+from cpcoord.grpcutil import rpc_to_error
 from testbed.daemons import REPO, Daemon, daemon_env, wait_for
 from tests.helpers.etcd import EtcdServer, free_port
 from tests.helpers.store_support import assert_restores, checkpoint, rand

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from testbed.cluster import Cluster
 from testbed.driver import Target
 from tests.helpers.e2e import attach

@@ -35,7 +35,7 @@ from ptrace.binding.func import ptrace
 
 from coordinator.store import manifest_io
 from cpcoord.gen.v1 import coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from nodeagent.proc.freeze import frozen
 from nodeagent.proc.procfs import ProcessIdentity

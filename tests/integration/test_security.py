@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from cpcoord.gen.v1 import agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import make_channel
+from cpcoord.grpcopts import make_channel
 from cpcoord.image import load_image, region_bytes
 from cpcoord.tls import TlsFiles, init_dev_pki
 from testbed.cluster import Cluster

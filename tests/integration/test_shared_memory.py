@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from cpcoord.gen.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from cpcoord.grpcutil import channel_options
+from cpcoord.grpcopts import channel_options
 from cpcoord.image import load_image, region_bytes, stored_offsets
 from cpcoord.ranges import AddressRange
 from nodeagent.capture.process import capture

@@ -16,7 +16,8 @@ import pytest
 from coordinator.store.location import open_backend, open_repository
 from cpcoord.errors import InvalidArgument, ObjectNotFound, StoreError
 from storecore.backend import Kind
-from storecore.s3 import S3Backend, S3Options
+from storecore.s3 import S3Backend
+from storecore.s3_options import S3Options
 from testbed.seaweed import BUCKET, Seaweed, free_ports
 from tests.helpers.store_support import assert_restores, checkpoint, rand
 

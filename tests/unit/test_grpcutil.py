@@ -8,13 +8,8 @@ from __future__ import annotations
 import pytest
 
 from cpcoord import errors
-from cpcoord.grpcutil import (
-    MAX_MESSAGE_BYTES,
-    channel_options,
-    from_error_detail,
-    insecure_requested,
-    server_options,
-)
+from cpcoord.grpcopts import MAX_MESSAGE_BYTES, channel_options, insecure_requested, server_options
+from cpcoord.grpcutil import from_error_detail
 
 
 def test_error_details_from_agents() -> None:

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cpcoord import grpcutil
+from cpcoord import grpcopts
 from cpcoord.gen.v1 import agent_pb2, agent_pb2_grpc
 from cpcoord.tls import agent_server_name, init_dev_pki, tls_files
 from nodeagent.cache.partner import CacheView, PartnerStore
@@ -53,7 +53,7 @@ class _Holder:
         self.server.start()
 
     def stub(self, **kw: object) -> agent_pb2_grpc.PartnerCacheStub:
-        ch = grpcutil.make_channel(self.server.address, **kw)  # type: ignore[arg-type]
+        ch = grpcopts.make_channel(self.server.address, **kw)  # type: ignore[arg-type]
         return agent_pb2_grpc.PartnerCacheStub(ch)
 
     def close(self) -> None:
