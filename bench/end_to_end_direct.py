@@ -3,7 +3,8 @@
     python -m bench.end_to_end --direct [--size-mib 512] [--reps 3] [--store-dir DIR]
 
 Two agents (separate processes), each holding one member of SIZE MiB of resident random
-pages, a real coordinator, one full checkpoint on each store: a directory under
+pages, a real coordinator, a full checkpoint on each store, best of --reps fresh
+clusters (as the raw write is best of --reps): a directory under
 --store-dir, and a SeaweedFS S3 bucket (testbed/seaweed.py). Each agent puts its own
 packs (--data-path direct: it refuses rather than falling back). Measured per store:
 
@@ -129,6 +130,8 @@ def one_store(
 ) -> dict[str, Any]:  # fmt: skip
     root = tmp / f"cluster-{kind}"
     root.mkdir()
+    if "CPCOORD_STATE_DIR" in env:  # a fresh catalog with each fresh S3 prefix
+        env = {**env, "CPCOORD_STATE_DIR": str(root / "state")}
     cluster = Cluster(
         root, nodes=NODES, heartbeat_ms=1000, store_url=store_url, extra_env=env,
         agent_args={n: ("--data-path", "direct") for n in NODES},
@@ -170,6 +173,15 @@ def one_store(
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _fresh(url: str | None, server: Seaweed | None) -> str | None:
+    """The store URL of one run: a fresh S3 prefix per run (`s3`), else the cluster's
+    own directory (None)."""
+    if url is None:
+        return None
+    assert server is not None
+    return server.url()
+
+
 def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
     size = size_mib << 20
     tmp = Path(tempfile.mkdtemp(prefix="cpcoord-e2e-direct-", dir=store_dir))
@@ -193,9 +205,19 @@ def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
             server.start()
             env = {**server.env(), "CPCOORD_STATE_DIR": str(tmp / "state")}
             s3 = server
-            stores.append(("SeaweedFS S3", env, s3.url(), lambda: raw_s3(s3, data, reps)))
+            stores.append(("SeaweedFS S3", env, "s3", lambda: raw_s3(s3, data, reps)))
         for kind, env, url, raw in stores:
-            r = one_store(kind, tmp, targets, size, env, url)
+            # Best of `reps` full checkpoints, each on a fresh cluster and store (dedup
+            # must not make a later one cheaper), as the raw write is best of `reps`:
+            # first touches of fresh memory in this VM move one run by 2x.
+            runs = [
+                one_store(kind, tmp, targets, size, env, _fresh(url, server))
+                for _ in range(reps)
+            ]
+            r = min(runs, key=lambda x: x["commit_s"])
+            r["all_commit_s"] = [x["commit_s"] for x in runs]
+            r["all_coordinator_cpu_s_per_gib"] = [x["coordinator_cpu_s_per_gib"] for x in runs]
+            r["exact"] = all(x["exact"] for x in runs)
             raw_s = raw().min
             r["raw_s"], r["ratio"] = raw_s, r["commit_s"] / raw_s
             extra[kind] = r
@@ -216,8 +238,17 @@ def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     extra["load_average"] = os.getloadavg()
     notes = [
-        f"Two agents x {size_mib} MiB incompressible, direct data path, one full checkpoint "
-        "per store; the coordinator moves ids, page tables and pack reports only.",
+        f"Two agents x {size_mib} MiB incompressible, direct data path, a full checkpoint "
+        f"per store on each of {reps} fresh clusters (the best shown); the coordinator "
+        "moves ids, page tables and pack reports only.",
+        *(
+            f"{k}: every call -> COMMITTED "
+            + ", ".join(f"{x:.2f}" for x in extra[k]["all_commit_s"])
+            + " s; coordinator CPU s/GiB "
+            + ", ".join(f"{x:.3f}" for x in extra[k]["all_coordinator_cpu_s_per_gib"])
+            + "."
+            for k in (r["store"] for r in rows)
+        ),
         f"Goals: coordinator CPU <= {CPU_GOAL} s per GiB committed; call -> COMMITTED <= "
         f"{RATIO_GOAL} x the raw durable write of the same bytes (best of {reps}).",
         *(

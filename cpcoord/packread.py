@@ -186,9 +186,11 @@ def _resolve_cached(
         c.method[rows] = got["method"]
 
 
-def _from_local(c: _Cols, local: LocalChunks, chunks: list[bytes]) -> npt.NDArray[np.bool_]:
-    """Fill the chunks whose bytes `local` holds and hash to their ids; the rows still
-    to read from packs."""
+def _from_local(
+    c: _Cols, local: LocalChunks, chunks: list[bytes], on_local: Callable[[int], None] | None
+) -> npt.NDArray[np.bool_]:
+    """Fill the chunks whose bytes `local` holds and hash to their ids (`on_local` told
+    of their bytes); the rows still to read from packs."""
     need = np.ones(c.batch.size, dtype=bool)
     if not need.size:
         return need
@@ -206,6 +208,8 @@ def _from_local(c: _Cols, local: LocalChunks, chunks: list[bytes]) -> npt.NDArra
     if used or stale:
         fields = {"chunks": int(need.size - need.sum()), "bytes": used, "stale": stale}
         log.info("chunks read from memory", extra={"fields": fields})
+    if used and on_local is not None:
+        on_local(used)
     return need
 
 
@@ -216,12 +220,14 @@ def fetch(
     on_read: Callable[[int], None] | None = None,
     cache: Backend | None = None,
     local: LocalChunks | None = None,
+    on_local: Callable[[int], None] | None = None,
 ) -> Filled:
     """Read and check every chunk the batches locate; per batch (in order) its chunks'
     ids and plain bytes, None for a batch without locations. Chunks of cached packs are
     read from `cache` (this node's cache: level local), located by the packs' trailers.
     `local`: bytes the reader may already hold (an agent's staging after its last
-    upload); each is used only when its BLAKE3 is the chunk's id, the others are read.
+    upload); each is used only when its BLAKE3 is the chunk's id (`on_local` told of
+    the bytes so used), the others are read.
     Raises DataCorrupted, ObjectNotFound or the backend's error; nothing is returned
     half checked."""
     if faults.fail_point(FAIL_POINT):
@@ -229,7 +235,7 @@ def fetch(
     c = _columns(batches)
     n = c.batch.size
     chunks: list[bytes] = [b""] * n
-    need = _from_local(c, local, chunks) if local is not None else None
+    need = _from_local(c, local, chunks, on_local) if local is not None else None
     _resolve_cached(c, cache, need)
     spans = _spans(c, need)
 

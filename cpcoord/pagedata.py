@@ -10,8 +10,6 @@ region, no Python loop per page.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from cpcoord.anonmem import huge_map
 from cpcoord.errors import DataCorrupted, InvalidArgument
 from cpcoord.gen.v1 import common_pb2
 
@@ -90,10 +89,9 @@ def _pages(n: int, ps: int) -> npt.NDArray[np.uint8]:
     nbytes = n * ps
     if nbytes < HUGE_MIN:
         return np.zeros((n, ps), dtype=np.uint8)
-    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError, AttributeError):
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(mm, dtype=np.uint8).reshape(n, ps)  # freed with the last view
+    return np.frombuffer(huge_map(nbytes), dtype=np.uint8).reshape(
+        n, ps
+    )  # freed with the last view
 
 
 def _copy_entries(

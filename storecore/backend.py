@@ -9,6 +9,8 @@ Error contract (every backend):
   put(kind, name, data)   Atomic and durable on return: a reader sees the old object, or
                           no object, or all of `data`, never a part. Replaces an existing
                           object of that name. I/O failure -> StoreError (nothing visible).
+                          `data` is only read during the call: the caller may reuse its
+                          buffer once put returns (pack arenas do).
   get(kind, name)         The whole object. Absent -> ObjectNotFound.
   get_range(k, n, off, l) Exactly `l` bytes at `off`. Absent -> ObjectNotFound; object
                           shorter than off+l -> DataCorrupted (a truncated object).

@@ -148,10 +148,13 @@ class PackWriter:
         if len(ns) > MAX_NAMESPACE:
             raise InvalidArgument(f"namespace {namespace!r} is longer than {MAX_NAMESPACE}")
         self.namespace = namespace
-        self.arena = arena  # where chunks that could change are copied (storecore/arena.py)
+        self.arena = arena  # where the pack is laid out (storecore/arena.py)
         self._blobs: list[Buffer] = [HEADER]
         self._entries: list[Entries] = []
         self._size = len(HEADER)
+        # Whether the pack so far lies whole in the arena, back to back from its start:
+        # then the sealed pack is one page-aligned buffer (`seal_parts`).
+        self._flat = arena is not None and arena.pos == 0 and arena.take(HEADER) is not None
 
     @property
     def size(self) -> int:
@@ -175,12 +178,19 @@ class PackWriter:
         e["raw"] = raw_sizes
         self._entries.append(e)
         # Own the bytes: the caller may reuse its buffers once this returns.
-        self._blobs.extend([b if immutable(b) else self._own(b) for b in blobs])
+        self._blobs.extend([self._own(b) for b in blobs])
         self._size += int(e["stored"].sum(dtype=np.uint64))
 
     def _own(self, b: Buffer) -> Buffer:
-        v = self.arena.take(b) if self.arena is not None else None
-        return bytes(b) if v is None else v
+        """`b`, or a copy of it where it could change. While the pack lies flat in the
+        arena every blob is copied there, immutable ones too (they are the few that
+        compressed: a small copy, and it spares the write a bounce copy of the whole)."""
+        if self.arena is not None and (self._flat or not immutable(b)):
+            v = self.arena.take(b)
+            if v is not None:
+                return v
+            self._flat = False
+        return b if immutable(b) else bytes(b)
 
     def release(self) -> None:
         """Drop the blobs (after the pack is stored): its arena may then be reused."""
@@ -202,13 +212,28 @@ class PackWriter:
         )
         trailer = body + digest(body)
         parts = [*self._blobs, trailer, _TAIL.pack(len(trailer), TAIL_MAGIC)]
+        size = self._size + len(trailer) + _TAIL.size
+        if self._flat and self._flatten(parts[-2:]):
+            parts = [self._arena().span(0, size)]
         h = blake3.blake3()
         for p in parts:
             h.update(p)
         return SealedParts(
-            PackId(h.digest()), parts, self._size + len(trailer) + _TAIL.size,
-            PackContents(self.namespace, _locate(entries)),
-        )  # fmt: skip
+            PackId(h.digest()), parts, size, PackContents(self.namespace, _locate(entries))
+        )
+
+    def _arena(self) -> Arena:
+        assert self.arena is not None
+        return self.arena
+
+    def _flatten(self, tail: list[Buffer]) -> bool:
+        """Append the trailer and tail to the flat arena (once: a second seal finds
+        them there); False when they do not fit."""
+        a = self._arena()
+        if a.pos == self._size and any(a.take(t) is None for t in tail):
+            self._flat = False
+            return False
+        return a.pos == self._size + sum(len(t) for t in tail)
 
 
 def _locate(entries: Entries) -> Entries:

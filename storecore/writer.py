@@ -130,16 +130,16 @@ class PackSink:
                 self._arenas.put(w.arena)
 
     def _put(self, w: PackWriter) -> StoredPack:
+        sp = w.seal_parts()
+        name = self._prefix + sp.id.format()
         put_parts = getattr(self._backend, "put_parts", None)
         if put_parts is not None:  # the local backend: no joined copy of the pack
-            sp = w.seal_parts()
-            name = self._prefix + sp.id.format()
             put_parts(Kind.PACKS, name, sp.parts)
-            return StoredPack(sp.id.digest, sp.size, sp.contents, name)
-        sealed = w.seal()
-        name = self._prefix + sealed.id.format()
-        self._backend.put(Kind.PACKS, name, sealed.data)
-        return StoredPack(sealed.id.digest, len(sealed.data), sealed.contents, name)
+        elif len(sp.parts) == 1:  # laid out flat in its arena: put from there (S3)
+            self._backend.put(Kind.PACKS, name, sp.parts[0])
+        else:
+            self._backend.put(Kind.PACKS, name, b"".join(sp.parts))
+        return StoredPack(sp.id.digest, sp.size, sp.contents, name)
 
     def reap(self, block: bool = False) -> tuple[list[StoredPack], StoreError | None]:
         """(packs stored since the last reap, oldest first; the first failure if any).

@@ -106,6 +106,7 @@ class Agent:
             WorkerConfig(config.node, config.lease_s, config.freeze_timeout_s, config.tracker),
             epoch=self._current_epoch,
             metrics=self.metrics,
+            on_prepared=self._prepared,
         )
         self.metrics.observe(self)
         self.commands = Commands(
@@ -277,6 +278,11 @@ class Agent:
             self._quick += 1
         elif isinstance(err, NotLeader | CoordinatorUnavailable):
             self._endpoints.advance()
+
+    def _prepared(self, nbytes: int) -> None:
+        d = self._direct
+        if d is not None:  # its packs' arenas faulted in before the first checkpoint
+            d.prepare(nbytes)
 
     def _data_path(self, w: agent_pb2.Welcome) -> DirectStore | None:
         """The store to put packs into for this Welcome (kept while it announces the

@@ -173,7 +173,7 @@ class Commands:
         try:
             got = restore_ops.download(
                 s.bulk, job, gen, member, s.limits.timeout_s, only, store,
-                lambda n: self._on_read(path, n), local,
+                lambda n: self._on_read(path, n), local, lambda n: self._on_read("memory", n),
             )  # fmt: skip
         except grpc.RpcError as ex:
             return (), grpcutil.rpc_to_error(ex, "DownloadPages", self._coordinator), True

@@ -145,7 +145,8 @@ class AgentMetrics:
         self.restore_read_bytes = counter(
             "restore_read_bytes_total",
             "Restore reads by data path: stored bytes read from the store (direct), page "
-            "bytes received from the coordinator (coordinator)",
+            "bytes received from the coordinator (coordinator), chunk bytes of the last "
+            "upload taken from the agent's own staging (memory)",
             ["path"],
         )
         self.zero_pages = counter("zero_pages_total", "Captured pages that were all zeros")

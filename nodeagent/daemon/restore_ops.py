@@ -150,6 +150,7 @@ def download(
     store: DirectStore | None = None,
     on_read: Callable[[int], None] | None = None,
     local: packread.LocalChunks | None = None,
+    on_local: Callable[[int], None] | None = None,
 ) -> tuple[RegionContents, ...]:
     """Every region of the member at `generation`, pages not listed (or ZERO) as zeros;
     `only` (DownloadRequest.page_filter): just those pages of each region. With `store`
@@ -157,7 +158,7 @@ def download(
     read from the store here (cpcoord/packread.py), or from this node's cache for a
     generation not drained yet (level local), `on_read` told of each ranged read's bytes;
     chunks that `local` holds (the member's staging after its last upload) are taken
-    from there when their bytes hash to their ids."""
+    from there when their bytes hash to their ids (`on_local` told of their bytes)."""
     req = agent_pb2.DownloadRequest(
         job=job,
         generation=generation,
@@ -171,7 +172,9 @@ def download(
     if store is not None:
         batches = [m.batch for m in msgs if m.WhichOneof("body") == "batch"]
         cache = store.cache.reader if store.cache is not None else None
-        checked = packread.fetch(store.backend, store.sealer, batches, on_read, cache, local)
+        checked = packread.fetch(
+            store.backend, store.sealer, batches, on_read, cache, local, on_local
+        )
     got = list(read_members(msgs, checked))
     if len(got) != 1 or got[0].name != member:
         raise InvalidArgument(f"DownloadPages for {member!r} sent {len(got)} members")

@@ -70,8 +70,10 @@ class Worker:
         epoch: Callable[[], int] = lambda: 0,
         readv: ReadvFn | None = None,
         metrics: AgentMetrics | None = None,
+        on_prepared: Callable[[int], None] | None = None,
     ) -> None:
         self.members = members
+        self._on_prepared = on_prepared  # (staging bytes): a member may be captured soon
         self.config = config or ops.WorkerConfig()
         self.metrics = metrics or unserved()
         self._on_staged = on_staged
@@ -233,6 +235,8 @@ class Worker:
         ms = round((time.perf_counter() - t0) * 1e3, 3)
         fields = {"member": m.name, "bytes": staging.capacity, "ms": ms}
         log.info("staging prepared", extra={"fields": fields})
+        if self._on_prepared is not None:
+            self._on_prepared(staging.capacity)
 
     def _detach(self, op: ops.DetachOp) -> None:
         st = self._st

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from cpcoord.anonmem import huge_map
 from cpcoord.ranges import PAGE_SHIFT, PAGE_SIZE
 from nodeagent.proc.iovec import READ, mem_all, transfer
 from nodeagent.proc.pagemap import (
@@ -43,7 +44,7 @@ from nodeagent.proc.pagemap import (
 )
 from nodeagent.proc.procfs import Mapping
 from nodeagent.proc.reader import sys_readv
-from nodeagent.proc.staging import MADV_HUGEPAGE, Staging
+from nodeagent.proc.staging import Staging
 
 if TYPE_CHECKING:
     from nodeagent.restore.livebackup import LiveBackup
@@ -88,9 +89,7 @@ class BackupStore:
             if self._staging is not None:  # what staging held there is gone
                 self._staging.clobber(self._base - self._start)
             return addr
-        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        with contextlib.suppress(OSError):  # 512x fewer page faults while frozen
-            mm.madvise(MADV_HUGEPAGE)
+        mm = huge_map(nbytes)  # huge pages: 512x fewer page faults while frozen
         self._maps.append(mm)
         self.fresh += nbytes
         return ctypes.addressof(ctypes.c_char.from_buffer(mm))

@@ -69,6 +69,14 @@ class DirectStore:
     _gens: dict[tuple[str, int], GenerationPacks] = field(default_factory=dict, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
+    def prepare(self, member_bytes: int) -> None:
+        """A member of `member_bytes` may be checkpointed soon: fault in, on a thread of
+        its own, the pack arenas its pages fill (storecore/arena.py, `warm`)."""
+        n = member_bytes // self.pack_bytes
+        if n > 0:
+            pool = shared_pool(self.pack_bytes)
+            threading.Thread(target=pool.warm, args=(n,), name="arena-warm", daemon=True).start()
+
     def namespace(self, job: str) -> str:
         return SHARED_NAMESPACE if self.dedup == "store" else f"job:{job}"
 

@@ -7,10 +7,12 @@ the store arguments (`store_url`, `extra_env`) of Cluster and InProcessCoordinat
 (testbed/cluster.py) for either; testbed/stores.py reaches a store the way its
 coordinator does, whatever it is.
 
-Every test that uses `store_select` (directly or through `inproc` / `cluster_factory`)
-gets the `store` marker: scripts/test.sh runs `-m store` a second time with
-CPCOORD_TEST_STORE=s3. Tests that start their own SeaweedFS (`seaweed`,
-`seaweed_private` fixtures) are on S3 already and are left out of that pass.
+Every test that uses `store_select` (directly or through `inproc` / `cluster_factory`),
+unless marked `not_about_store` (slow tests whose subject is not the store: they would
+add minutes to CI and nothing about S3), gets the `store` marker: scripts/test.sh runs
+`-m store` a second time with CPCOORD_TEST_STORE=s3. Tests that start their own
+SeaweedFS (`seaweed`, `seaweed_private` fixtures) are on S3 already and are left out of
+that pass.
 """
 
 from __future__ import annotations
@@ -41,13 +43,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"store: starts a coordinator on a store (rerun with {STORE_ENV}=s3)"
     )
+    config.addinivalue_line(
+        "markers",
+        "not_about_store: uses a store, but its subject is elsewhere (the mappings, the "
+        "freeze): not rerun by the S3 pass",
+    )
     store_kind()  # a typo in the variable fails the session at once
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
-        if "store_select" in names and not names & _OWN_S3:
+        about_store = item.get_closest_marker("not_about_store") is None
+        if "store_select" in names and not names & _OWN_S3 and about_store:
             item.add_marker(pytest.mark.store)
 
 

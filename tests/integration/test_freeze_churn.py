@@ -39,7 +39,8 @@ from testbed.daemons import REPO, daemon_env, wait_for
 from tests.conftest import require
 from tests.helpers.freeze_c import FreezeTarget, build_freeze_target, states
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Its subject is the process, not the store: the S3 pass does not rerun it (stores.py).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.not_about_store]
 LEASE_MS = 2000  # the agent's freeze gives up after min(5 s, lease): 2 s
 BUDGET_S = 30.0  # the loop stops starting operations after this long
 JOB = "stress"

@@ -24,7 +24,8 @@ from cpcoord.image import load_image, region_bytes, stored_offsets
 from testbed.cluster import Cluster
 from tests.helpers.restore_c import C_DIR, build_c, read_mem
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# Its subject is the process, not the store: the S3 pass does not rerun it (stores.py).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.not_about_store]
 
 N = 20_000
 PAGE = 4096

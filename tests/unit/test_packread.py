@@ -188,9 +188,11 @@ def test_chunks_held_locally_are_used_only_when_they_hash_to_their_ids(tmp_path:
     by_id = {bytes(x): c for x, c in zip(digest_all(chunks).tolist(), chunks, strict=True)}
     held = {i: by_id[i] for i in ids[:30]}  # the first 30 (pack order) held
     local = _Local(held, wrong=set(ids[:3]))  # of which 3 changed since
-    got = packread.fetch(b, None, [_batch(name, e)], local=local)
+    from_memory: list[int] = []
+    got = packread.fetch(b, None, [_batch(name, e)], local=local, on_local=from_memory.append)
     assert got[0] is not None
     assert got[0][0] == ids and got[0][1] == [by_id[i] for i in ids]
+    assert from_memory == [27 * (64 << 10)]  # the metric's `memory` bytes: 27 held and right
     read = {(o, n) for _, o, n in b.reads}
     offs = e["offset"].astype(int).tolist()
     ends = (e["offset"] + e["stored"]).astype(int).tolist()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from storecore import directio
+from storecore.backend import Kind
 
 SIZES = [0, 1, 4095, 4096, directio.DIRECT_MIN - 1, directio.DIRECT_MIN + 123,
          directio.BOUNCE + directio.ALIGN, 2 * directio.BOUNCE + 77]  # fmt: skip
@@ -122,4 +123,52 @@ def test_compress_batch_keeps_views_only_of_mostly_kept_messages() -> None:
         data = w.seal().data
         assert want in data
         if arena is not None:
-            assert arena.pos == len(want)
+            assert arena.pos == len(data)  # the whole pack, laid out flat
+
+
+@pytest.mark.parametrize("arena_size", [4 << 20, 300_000, 100_000])
+def test_a_pack_lies_flat_in_its_arena_when_it_fits(tmp_path: Path, arena_size: int) -> None:
+    """With room for all of it, the sealed pack is one page-aligned view of the arena,
+    compressed (immutable) blobs copied in too; with too little room it falls back to
+    parts, and either way the bytes, the id and a second seal are the same, and the
+    local backend writes exactly those bytes (the O_DIRECT path without a bounce)."""
+    from storecore import compress, packs
+    from storecore.arena import Arena
+    from storecore.backend import LocalBackend
+    from storecore.ids import digest_all
+
+    chunks = [os.urandom(65536), bytes(65536), os.urandom(65536), b"x" * 65536, os.urandom(65536)]
+    stage = bytearray(b"".join(chunks))
+    views = [memoryview(stage)[i : i + 65536] for i in range(0, len(stage), 65536)]
+    methods, blobs = compress.compress_batch(views)
+    assert set(methods.tolist()) == {packs.METHOD_RAW, packs.METHOD_ZSTD}
+    plain = packs.PackWriter("ns")
+    plain.add(digest_all(chunks), methods, blobs, np.full(5, 65536, dtype=np.uint32))
+    want = plain.seal()
+
+    arena = Arena(arena_size)
+    w = packs.PackWriter("ns", arena)
+    ids = digest_all(chunks)
+    w.add(ids[:2], methods[:2], blobs[:2], np.full(2, 65536, dtype=np.uint32))
+    w.add(ids[2:], methods[2:], blobs[2:], np.full(3, 65536, dtype=np.uint32))
+    stage[:] = bytes(len(stage))  # the caller reuses its buffer
+    sp = w.seal_parts()
+    flat = len(want.data) <= arena_size
+    assert (len(sp.parts) == 1) is flat
+    if flat:
+        assert int(np.frombuffer(sp.parts[0], np.uint8).ctypes.data) % 4096 == 0
+    assert b"".join(sp.parts) == want.data and sp.id == want.id and sp.size == len(want.data)
+    again = w.seal_parts()
+    assert b"".join(again.parts) == want.data and again.id == want.id
+
+    big = Arena(8 << 20)  # past DIRECT_MIN, so the write takes the O_DIRECT path
+    w = packs.PackWriter("ns", big)
+    many = [os.urandom(65536) for _ in range(40)]
+    w.add(digest_all(many), np.zeros(40, np.uint8), many, np.full(40, 65536, dtype=np.uint32))
+    sp = w.seal_parts()
+    assert len(sp.parts) == 1 and sp.size > (1 << 20)
+    be = LocalBackend(tmp_path)
+    be.put_parts(Kind.PACKS, sp.id.format(), sp.parts)
+    got = be.get(Kind.PACKS, sp.id.format())
+    assert got == bytes(sp.parts[0])
+    packs.verify_pack(got, sp.id.format())
