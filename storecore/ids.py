@@ -79,7 +79,9 @@ ZERO = ChunkId(ZERO_BYTES)
 
 @dataclass(frozen=True, order=True)
 class PackId:
-    """BLAKE3-256 of a whole pack file; also its object name (hex)."""
+    """A pack's id, also its object name (hex): BLAKE3-256 of the pack's bytes but its
+    blobs (version 2), or of the whole file (version 1): `packs.pack_id_of`. `of`
+    hashes the bytes given, whole."""
 
     digest: bytes
 

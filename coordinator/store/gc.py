@@ -41,7 +41,7 @@ from cpcoord.errors import DataCorrupted, InvalidArgument, StoreError
 from cpcoord.log import log_event
 from storecore import packs
 from storecore.backend import Kind
-from storecore.ids import IdArray, PackId, member_of
+from storecore.ids import IdArray, member_of
 from storecore.names import pack_hex
 from storecore.writer import StoredPack
 
@@ -239,7 +239,7 @@ def _repack(
         info = repo.index.pack(no)
         try:
             data = repo.backend.get(Kind.PACKS, info.name)
-            if PackId.of(data).format() != pack_hex(info.name):
+            if packs.pack_id_of(data).format() != pack_hex(info.name):
                 raise DataCorrupted("pack", info.name, "content hash does not match its name")
             ids, locs = live[no]
             blobs = []

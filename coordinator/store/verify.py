@@ -27,7 +27,7 @@ from cpcoord.errors import StoreError
 from storecore import packs
 from storecore.backend import Kind
 from storecore.crypt import open_manifest
-from storecore.ids import IdArray, PackId, ids_to_bytes, member_of
+from storecore.ids import IdArray, ids_to_bytes, member_of
 from storecore.names import pack_hex
 
 if TYPE_CHECKING:
@@ -107,7 +107,8 @@ def _verify(repo: StoreParts) -> VerifyReport:
             continue
         nread += 1
         nbytes += len(data)
-        if PackId.of(data).format() != pack_hex(info.name):
+        damaged = packs.pack_id_of(data).format() != pack_hex(info.name)
+        if damaged:
             damaged_packs.append((info.name, "content hash does not match its name"))
         for ns, ids, locs in wanted.get(no, []):
             for cid, loc in zip(ids_to_bytes(ids), locs, strict=True):
@@ -124,6 +125,9 @@ def _verify(repo: StoreParts) -> VerifyReport:
                     )
                 except StoreError as e:
                     bad[ns][cid] = str(e)
+                    if not damaged:  # a raw blob is outside the id (pack version 2)
+                        damaged = True
+                        damaged_packs.append((info.name, f"a chunk is damaged: {e}"))
 
     for job, number, m in loaded:
         sorted_bad = np.unique(np.frombuffer(b"".join(bad.get(m.namespace, {})), dtype="V32"))

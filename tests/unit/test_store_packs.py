@@ -70,7 +70,7 @@ def test_chunk_ids_of_marks_zero_chunks_without_hashing() -> None:
 @given(st.lists(chunk_st, min_size=1, max_size=20))
 def test_pack_round_trip(chunks: list[bytes]) -> None:
     sealed = make_pack(chunks)
-    assert sealed.id == PackId.of(sealed.data)
+    assert sealed.id == packs.pack_id_of(sealed.data)
     contents = packs.verify_pack(sealed.data, sealed.id.format())
     assert contents.namespace == "job:t"
     got = [
@@ -152,3 +152,30 @@ def test_decode_errors_are_store_errors() -> None:
     with pytest.raises(StoreError):
         packs.decode_chunk(7, b"a" * 100, 100, cid, "p")
     assert packs.decode_chunk(packs.METHOD_RAW, b"a" * 100, 100, cid, "p") == b"a" * 100
+
+
+def test_version_2_ids_skip_raw_blobs_and_version_1_packs_still_verify() -> None:
+    """A version-2 pack's id is the hash of all its bytes but its raw blobs: the same
+    pack with other raw bytes (of the same size) has the same id, and is caught by its
+    chunk ids instead; a compressed blob is in the id. A version-1 pack (named by the
+    hash of the whole file) still verifies under its name, and not under another."""
+    raw_chunk, text = os.urandom(8192), b"abc" * 4000
+    sealed = make_pack([raw_chunk, text])
+    contents = packs.verify_pack(sealed.data, sealed.id.format())
+    methods = contents.entries["method"].tolist()
+    assert methods == [packs.METHOD_RAW, packs.METHOD_ZSTD]
+    assert sealed.data[:8] == packs.HEADER == b"CPPK\x02\x00\x00\x00"
+    o_raw, o_z = (int(x) for x in contents.entries["offset"])
+    other = bytearray(sealed.data)
+    other[o_raw] ^= 1  # a raw blob: not in the id, found by its chunk id
+    assert packs.pack_id_of(bytes(other)) == sealed.id
+    with pytest.raises(DataCorrupted, match="does not match"):
+        packs.verify_pack(bytes(other), sealed.id.format())
+    other = bytearray(sealed.data)
+    other[o_z + 5] ^= 1  # a compressed blob: in the id
+    assert packs.pack_id_of(bytes(other)) != sealed.id
+    v1 = packs.HEADER_V1 + sealed.data[8:]
+    name = PackId.of(v1).format()
+    assert packs.verify_pack(v1, name).namespace == contents.namespace
+    with pytest.raises(DataCorrupted, match="content hash"):
+        packs.verify_pack(v1, sealed.id.format())
