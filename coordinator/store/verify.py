@@ -125,7 +125,7 @@ def _verify(repo: StoreParts) -> VerifyReport:
                     )
                 except StoreError as e:
                     bad[ns][cid] = str(e)
-                    if not damaged:  # a raw blob is outside the id (pack version 2)
+                    if not damaged:  # named for its chunk, whatever its id says
                         damaged = True
                         damaged_packs.append((info.name, f"a chunk is damaged: {e}"))
 

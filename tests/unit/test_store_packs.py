@@ -155,10 +155,10 @@ def test_decode_errors_are_store_errors() -> None:
 
 
 def test_version_2_ids_skip_raw_blobs_and_version_1_packs_still_verify() -> None:
-    """A version-2 pack's id is the hash of all its bytes but its raw blobs: the same
-    pack with other raw bytes (of the same size) has the same id, and is caught by its
-    chunk ids instead; a compressed blob is in the id. A version-1 pack (named by the
-    hash of the whole file) still verifies under its name, and not under another."""
+    """A version-2 pack's id takes its raw blobs through XXH3, the rest through BLAKE3:
+    a flip in either changes it (and the raw one fails its chunk id too). A version-1
+    pack (named by the hash of the whole file) still verifies under its name, and not
+    under another."""
     raw_chunk, text = os.urandom(8192), b"abc" * 4000
     sealed = make_pack([raw_chunk, text])
     contents = packs.verify_pack(sealed.data, sealed.id.format())
@@ -167,10 +167,10 @@ def test_version_2_ids_skip_raw_blobs_and_version_1_packs_still_verify() -> None
     assert sealed.data[:8] == packs.HEADER == b"CPPK\x02\x00\x00\x00"
     o_raw, o_z = (int(x) for x in contents.entries["offset"])
     other = bytearray(sealed.data)
-    other[o_raw] ^= 1  # a raw blob: not in the id, found by its chunk id
-    assert packs.pack_id_of(bytes(other)) == sealed.id
+    other[o_raw] ^= 1  # a raw blob: in the id through XXH3, and its chunk id fails
+    assert packs.pack_id_of(bytes(other)) != sealed.id
     with pytest.raises(DataCorrupted, match="does not match"):
-        packs.verify_pack(bytes(other), sealed.id.format())
+        packs.verify_pack(bytes(other), packs.pack_id_of(bytes(other)).format())
     other = bytearray(sealed.data)
     other[o_z + 5] ^= 1  # a compressed blob: in the id
     assert packs.pack_id_of(bytes(other)) != sealed.id
