@@ -30,6 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cpcoord.anonmem import huge_map
+
 ALIGN = 4096  # covers 512- and 4096-byte logical blocks
 DIRECT_MIN = 1 << 20  # smaller objects (index, manifests, config) stay buffered
 BOUNCE = 8 << 20
@@ -41,7 +43,7 @@ def _bounce() -> mmap.mmap:
     # Anonymous mmaps are page-aligned; one per writer thread, reused for every pack.
     b = getattr(_local, "buf", None)
     if b is None:
-        b = _local.buf = mmap.mmap(-1, BOUNCE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        b = _local.buf = huge_map(BOUNCE)
     return b
 
 
