@@ -32,11 +32,16 @@ def huge_map(nbytes: int, noreserve: bool = False) -> mmap.mmap:
     return mm
 
 
+def populate_range(addr: int, size: int) -> bool:
+    """Fault `[addr, addr + size)` in, writable (the kernel zeroes the pages), through
+    ctypes, which lets go of the GIL (mmap.madvise holds it): several threads may
+    populate slices at once. False when the kernel lacks MADV_POPULATE_WRITE."""
+    return int(_libc.madvise(addr, size, MADV_POPULATE_WRITE)) == 0
+
+
 def populate(mm: mmap.mmap) -> None:
     """Fault every page of `mm` in now, so that the first write into it later (inside a
     checkpoint) takes no faults: fresh memory is slow to touch for the first time in a
-    VM. Through ctypes, which lets go of the GIL (mmap.madvise holds it). A kernel
-    without MADV_POPULATE_WRITE gets one byte per page written instead."""
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    if _libc.madvise(addr, len(mm), MADV_POPULATE_WRITE) != 0:
+    VM. A kernel without MADV_POPULATE_WRITE gets one byte per page written instead."""
+    if not populate_range(ctypes.addressof(ctypes.c_char.from_buffer(mm)), len(mm)):
         np.frombuffer(mm, dtype=np.uint8)[:: mmap.PAGESIZE] = 0  # old kernels

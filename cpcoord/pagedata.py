@@ -89,9 +89,8 @@ def _pages(n: int, ps: int) -> npt.NDArray[np.uint8]:
     nbytes = n * ps
     if nbytes < HUGE_MIN:
         return np.zeros((n, ps), dtype=np.uint8)
-    return np.frombuffer(huge_map(nbytes), dtype=np.uint8).reshape(
-        n, ps
-    )  # freed with the last view
+    mm = huge_map(nbytes)  # freed with the last view of it
+    return np.frombuffer(mm, dtype=np.uint8).reshape(n, ps)
 
 
 def _copy_entries(

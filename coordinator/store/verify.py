@@ -107,8 +107,7 @@ def _verify(repo: StoreParts) -> VerifyReport:
             continue
         nread += 1
         nbytes += len(data)
-        damaged = packs.pack_id_of(data).format() != pack_hex(info.name)
-        if damaged:
+        if packs.pack_id_of(data).format() != pack_hex(info.name):
             damaged_packs.append((info.name, "content hash does not match its name"))
         for ns, ids, locs in wanted.get(no, []):
             for cid, loc in zip(ids_to_bytes(ids), locs, strict=True):
@@ -125,9 +124,6 @@ def _verify(repo: StoreParts) -> VerifyReport:
                     )
                 except StoreError as e:
                     bad[ns][cid] = str(e)
-                    if not damaged:  # named for its chunk, whatever its id says
-                        damaged = True
-                        damaged_packs.append((info.name, f"a chunk is damaged: {e}"))
 
     for job, number, m in loaded:
         sorted_bad = np.unique(np.frombuffer(b"".join(bad.get(m.namespace, {})), dtype="V32"))

@@ -9,7 +9,6 @@ shared out to, started before the freeze. Reading into it is `reader`'s business
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
 import threading
@@ -18,14 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.anonmem import huge_map
+from cpcoord.anonmem import huge_map, populate_range
 from cpcoord.ranges import PAGE_SIZE
 
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14; faults pages in writable without touching them
 HUGE = 2 << 20
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 POPULATE_SLICE = 64 << 20  # below this, one thread populates
 
 # A copy at least this big is shared out to COPY_THREADS threads, in pieces of at most
@@ -71,9 +67,8 @@ def _populate(addr: int, size: int) -> bool:
     zeroes the pages; ctypes drops the GIL, so slices zero in parallel). False when the
     kernel lacks MADV_POPULATE_WRITE."""
 
-    def one(off: int) -> int:
-        n = min(POPULATE_SLICE, size - off)
-        return int(_libc.madvise(addr + off, n, MADV_POPULATE_WRITE))
+    def one(off: int) -> bool:
+        return populate_range(addr + off, min(POPULATE_SLICE, size - off))
 
     offsets = range(0, size, POPULATE_SLICE)
     workers = min(4, os.cpu_count() or 1, len(offsets))
@@ -82,7 +77,7 @@ def _populate(addr: int, size: int) -> bool:
     else:
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(one, offsets))
-    return all(r == 0 for r in results)
+    return all(results)
 
 
 class Staging:

@@ -154,7 +154,7 @@ def test_decode_errors_are_store_errors() -> None:
     assert packs.decode_chunk(packs.METHOD_RAW, b"a" * 100, 100, cid, "p") == b"a" * 100
 
 
-def test_version_2_ids_skip_raw_blobs_and_version_1_packs_still_verify() -> None:
+def test_version_2_ids_take_raw_blobs_through_xxh3_and_version_1_packs_still_verify() -> None:
     """A version-2 pack's id takes its raw blobs through XXH3, the rest through BLAKE3:
     a flip in either changes it (and the raw one fails its chunk id too). A version-1
     pack (named by the hash of the whole file) still verifies under its name, and not
