@@ -141,6 +141,7 @@ def one_store(
         for (member, t), node in zip(targets.items(), NODES, strict=True):
             m = t.mapping("data")
             cluster.cli(*attach_args("bench", member, t.pid, node, [(m.addr, m.end)]))
+        prepared_s = cluster.wait_prepared(NODES)
         assert cluster.coordinator is not None
         procs = {"coordinator": cluster.coordinator.pid}
         procs.update({n: cluster.agents[n].pid for n in NODES})
@@ -167,6 +168,7 @@ def one_store(
             "coordinator_threads_cpu_s": _busiest(threads0, threads1),
             "coordinator_user_sys_s": [round(b - a, 3) for a, b in zip(us0, us1, strict=True)],
             "exact": exact(cluster, tmp, full["generation"], want),
+            "prepared_s": prepared_s,
         }
     finally:
         cluster.close()

@@ -64,6 +64,7 @@ def one_mode(
         for (member, t), node in zip(targets.items(), NODES, strict=True):
             m = t.mapping("data")
             cluster.cli(*attach_args("bench", member, t.pid, node, [(m.addr, m.end)]))
+        prepared_s = cluster.wait_prepared(NODES)
         wait = {"--wait local": Level.LOCAL, "--wait partner": Level.PARTNER}.get(mode, Level.STORE)
         with Client(cluster.address, insecure=True, timeout=900) as api:
             t0 = time.perf_counter()
@@ -81,6 +82,7 @@ def one_mode(
             "drain_s": drain_s,
             "bytes_new": g.bytes_new,
             "frozen_s": g.frozen_seconds,
+            "prepared_s": prepared_s,
             "exact": exact(cluster, tmp, g.number, want),
         }
     finally:

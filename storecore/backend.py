@@ -30,6 +30,11 @@ LocalBackend: one directory; packs fan out into 256 subdirectories by the first 
 digits, except packs named under a node's prefix (`nodes/NODE/ID`, names.py), which live
 at that path. put writes a temp file (`.tmp-*`, owner-only 0600) in the target directory,
 fsyncs it, renames it over the name, and fsyncs the directory; directories are 0700.
+Its `gathers` is True when the directory is in memory (tmpfs: a node cache): put_parts
+then writes the parts as they are (writev), so a writer may hand it views of its own
+buffers rather than copy them first (storecore/writer.py, borrowed blobs). Its optional
+`spares` hands put_parts a preallocated file to write a pack over (a node cache on
+tmpfs: nodeagent/cache/spares.py); the file is cut to the pack's size before its fsync.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from typing import Protocol
 
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
 from cpcoord.faults import fault_point
-from storecore.directio import write_parts
+from storecore.directio import in_memory, write_parts
 from storecore.names import NODES
 
 Buffer = bytes | bytearray | memoryview
@@ -138,6 +143,12 @@ def _why(e: OSError) -> str:
     return e.strerror or errno.errorcode.get(e.errno or 0, str(e))
 
 
+class SpareFiles(Protocol):
+    def take(self, dst: Path) -> bool:
+        """Rename a preallocated file to `dst`; False when there is none."""
+        ...
+
+
 class LocalBackend:
     """A directory on a local file system (see the module docstring)."""
 
@@ -152,6 +163,8 @@ class LocalBackend:
             os.chmod(self.root, 0o700)
         except OSError as e:
             raise StoreError(f"cannot open {self.root}: {_why(e)}") from e
+        self.gathers = in_memory(self.root)  # module docstring
+        self.spares: SpareFiles | None = None
 
     @property
     def location(self) -> str:
@@ -188,9 +201,13 @@ class LocalBackend:
         tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
         try:
             self._mkdirs(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            spare = kind is Kind.PACKS and self.spares is not None and self.spares.take(tmp)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if spare else os.O_CREAT | os.O_EXCL)
+            fd = os.open(tmp, flags, 0o600)
             try:
-                write_parts(fd, parts)  # O_DIRECT for big objects (directio.py)
+                write_parts(fd, parts, self.gathers)  # O_DIRECT for big objects on disk
+                if spare:  # written over from its start: cut what the pack did not fill
+                    os.ftruncate(fd, sum(memoryview(p).nbytes for p in parts))
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -17,16 +17,25 @@ The caller still fsyncs: that flushes the tail and the file's metadata.
 Where O_DIRECT is refused (tmpfs before Linux 6.6, some network filesystems: EINVAL on
 fcntl or on the first write) it falls back to plain writes, silently: the result is the
 same bytes, only slower.
+
+A file in memory (tmpfs, ramfs: `in_memory`, a node cache) has no disk to spare a copy
+to: every write is the kernel's one copy into its pages. There `write_parts(...,
+gather=True)` hands the parts to writev as they are, with neither O_DIRECT nor the
+bounce: a pack whose blobs are views of an agent's staging lands in the cache with that
+one copy (storecore/writer.py, borrowed blobs).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import mmap
 import os
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +46,24 @@ DIRECT_MIN = 1 << 20  # smaller objects (index, manifests, config) stay buffered
 BOUNCE = 8 << 20
 
 _local = threading.local()
+# statfs(2) f_type of file systems whose files are memory (linux/magic.h).
+MEMORY_FS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
+IOV_MAX = 1024
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs on 64-bit Linux: f_type first; the rest only sized generously.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+
+def in_memory(path: Path | str) -> bool:
+    """Whether files under `path` (an existing directory) live in memory (tmpfs,
+    ramfs); False when that cannot be told."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = _Statfs()
+    if libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) in MEMORY_FS
 
 
 def _bounce() -> mmap.mmap:
@@ -96,12 +123,31 @@ def _aligned(v: memoryview) -> bool:
     return int(np.frombuffer(v, dtype=np.uint8).ctypes.data) % ALIGN == 0
 
 
-def write_parts(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+def _writev(fd: int, views: list[memoryview]) -> None:
+    """All of `views`, back to back, IOV_MAX at a time (short writes continued)."""
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + IOV_MAX])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
+
+
+def write_parts(
+    fd: int, parts: Sequence[bytes | bytearray | memoryview], gather: bool = False
+) -> None:
     """Write the parts back to back at the file position of `fd` (a new file opened for
     writing, positioned at 0); O_DIRECT for the bulk of big objects (module docstring).
     The parts are gathered straight into the bounce buffer: a pack need not be joined
-    into one `bytes` first (a pass over fresh memory that faults in every page)."""
+    into one `bytes` first (a pass over fresh memory that faults in every page). With
+    `gather` (a file in memory) writev takes the parts as they are."""
     views = [memoryview(p).cast("B") for p in parts]
+    if gather:
+        _writev(fd, views)
+        return
     if sum(len(v) for v in views) < DIRECT_MIN:
         for v in views:
             _write_plain(fd, v)

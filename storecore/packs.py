@@ -157,12 +157,13 @@ def decode_chunk(
 class PackWriter:
     """Accumulates chunks of one namespace; `seal()` returns the finished pack."""
 
-    def __init__(self, namespace: str, arena: Arena | None = None) -> None:
+    def __init__(self, namespace: str, arena: Arena | None = None, borrow: bool = False) -> None:
         ns = namespace.encode()
         if len(ns) > MAX_NAMESPACE:
             raise InvalidArgument(f"namespace {namespace!r} is longer than {MAX_NAMESPACE}")
         self.namespace = namespace
         self.arena = arena  # where the pack is laid out (storecore/arena.py)
+        self.borrow = borrow  # blobs kept as given (writer.py, "Borrowed blobs")
         self._blobs: list[Buffer] = [HEADER]
         self._entries: list[Entries] = []
         self._size = len(HEADER)
@@ -199,6 +200,8 @@ class PackWriter:
         """`b`, or a copy of it where it could change. While the pack lies flat in the
         arena every blob is copied there, immutable ones too (they are the few that
         compressed: a small copy, and it spares the write a bounce copy of the whole)."""
+        if self.borrow:
+            return b
         if self.arena is not None and (self._flat or not immutable(b)):
             v = self.arena.take(b)
             if v is not None:

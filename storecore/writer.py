@@ -13,6 +13,14 @@ are collected with `reap()` (non-blocking) or `flush()` (barrier: every pack add
 far is durable); both return the first failed put as a StoreError after forgetting that
 pack's ids (so they are reported missing and uploaded again, and a commit that needs
 them fails with ChunkMissing instead of referencing data that is not there).
+
+Borrowed blobs (`borrow=True`): a pack owns its bytes by copying each chunk into its
+arena (arena.py), because the caller reuses its buffers. When the backend's put_parts
+writes the parts as they are (`gathers`: a node cache on tmpfs) that copy is the whole
+difference, so a borrowing sink keeps the caller's buffers instead. The caller then
+promises they stay unchanged until every pack holding them is stored or dropped:
+`flush()` returned, or `close()` (an agent holds its staging until then:
+nodeagent/upload/direct.py, `PackBuilder.settle`).
 """
 
 from __future__ import annotations
@@ -49,8 +57,8 @@ class StoredPack:
 class _Open:
     """One namespace's open pack and the ids in it."""
 
-    def __init__(self, namespace: str, arena: Arena | None = None) -> None:
-        self.writer = PackWriter(namespace, arena)
+    def __init__(self, namespace: str, arena: Arena | None = None, borrow: bool = False) -> None:
+        self.writer = PackWriter(namespace, arena, borrow)
         self.ids: list[IdArray] = []
         self._sorted: IdArray | None = None
 
@@ -74,15 +82,26 @@ class _Open:
 
 class PackSink:
     def __init__(
-        self, backend: Backend, pack_size: int, prefix: str = "", arenas: ArenaPool | None = None
+        self,
+        backend: Backend,
+        pack_size: int,
+        prefix: str = "",
+        arenas: ArenaPool | None = None,
+        borrow: bool = False,
     ) -> None:
         self._backend = backend
-        self._arenas = arenas  # open packs copy mutable chunks into these (arena.py)
+        self._borrow = borrow  # module docstring: keep the caller's buffers
+        # Open packs copy mutable chunks into these (arena.py), unless they borrow.
+        self._arenas = None if borrow else arenas
         self._prefix = prefix  # agents: their node's prefix (storecore/names.py)
         self._pack_size = pack_size
         self._open: dict[str, _Open] = {}
         self._transit: list[tuple[_Open, Future[StoredPack]]] = []
         self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pack-writer")
+
+    @property
+    def borrows(self) -> bool:
+        return self._borrow
 
     def contains(self, namespace: str, ids: IdArray) -> npt.NDArray[np.bool_]:
         """Ids held by an open or in-transit pack of the namespace."""
@@ -103,7 +122,7 @@ class PackSink:
         o = self._open.get(namespace)
         if o is None:
             arena = self._arenas.get() if self._arenas is not None else None
-            o = self._open[namespace] = _Open(namespace, arena)
+            o = self._open[namespace] = _Open(namespace, arena, self._borrow)
         o.writer.add(ids, methods, blobs, raw_sizes)
         o.note(ids)
         if o.writer.size >= self._pack_size:

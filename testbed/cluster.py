@@ -19,6 +19,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,22 @@ class Cluster:
                 self.coordinator.stop()
             with contextlib.suppress(Exception):
                 self.coordinator.kill()
+
+    def wait_prepared(self, nodes: Sequence[str], timeout: float = 120) -> float:
+        """Wait until every agent of `nodes` has prepared what its member's next
+        checkpoint writes into, as an agent does after each attach: the member's
+        staging, then its pack space (arenas, or the cache's spare files; one member per
+        agent). Benchmarks time the checkpoint of an attached member, not the attach.
+        Returns the seconds waited."""
+        t0 = time.monotonic()
+
+        def ready(node: str) -> bool:
+            text = self.agents[node].log.read_text(errors="replace")
+            space = "cache spares ready" in text or "pack arenas ready" in text
+            return "staging prepared" in text and space
+
+        wait_for(lambda: all(ready(n) for n in nodes), timeout, f"agents {list(nodes)} prepared")
+        return time.monotonic() - t0
 
     def logs(self, n: int = 40) -> str:
         """The last `n` lines of the coordinator's log and of every agent's, each under

@@ -13,6 +13,10 @@ oldest drained ones) goes to the store directly (TieredBackend), with a warning 
 generation and `full` counted: never a failed checkpoint. A generation not yet drained
 is never evicted, nor a pack another kept generation lists.
 
+Spare files (DIR/spare, nodeagent/cache/spares.py) hold tmpfs pages allocated before a
+checkpoint for its packs to be written over; they count as space in use, less the one a
+pack about to be put would take.
+
 Thread-safe (one lock); pack I/O happens outside it.
 """
 
@@ -27,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cpcoord.errors import ObjectNotFound
+from nodeagent.cache.spares import Spares
 from storecore.backend import Backend, Buffer, Kind, LocalBackend, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,9 @@ class NodeCache:
         self._pending: dict[GenKey, list[str]] = {}  # generations in flight: cached packs
         self._ledger: dict[GenKey, dict[str, object]] = dict(self._read_ledger())
         self._warned: set[GenKey] = set()
+        self.spares = Spares(self.root, self._room)
+        if self.backend.gathers:  # only tmpfs pages are worth allocating ahead
+            self.backend.spares = self.spares
 
     # -- space ----------------------------------------------------------------------
 
@@ -79,12 +87,25 @@ class NodeCache:
             )  # fmt: skip
         return False
 
-    def _fits(self, n: int) -> bool:
-        used = sum(self._sizes.values()) + self.others()
+    def prepare(self, spare_bytes: int, member_bytes: int) -> None:
+        """A member of `member_bytes` may be checkpointed soon into packs of up to
+        `spare_bytes`: allocate spare files for them (on tmpfs only)."""
+        if self.backend.spares is not None:
+            self.spares.request(spare_bytes, member_bytes)
+
+    def _room(self, n: int) -> bool:
+        """Whether a spare of `n` bytes fits beside what the cache holds."""
+        with self._lock:
+            return self._fits(n, spare=False)
+
+    def _fits(self, n: int, spare: bool = True) -> bool:
+        """(lock held) With `spare`, a pack that will take a spare file (if any)."""
+        reuse = self.spares.size if spare and self.spares.count else 0
+        used = sum(self._sizes.values()) + self.others() + self.spares.bytes - reuse
         if self.size:
             return used + n <= self.size
         st = os.statvfs(self.root)
-        return n <= st.f_bavail * st.f_frsize
+        return n <= st.f_bavail * st.f_frsize + reuse
 
     def _evict(self, n: int) -> bool:
         """Drop drained generations, oldest first, until `n` more bytes fit (lock held)."""
@@ -114,7 +135,8 @@ class NodeCache:
             if names:
                 self._ledger[(job, generation)] = {"packs": names, "drained": False}
                 self._write((job, generation))
-            return names
+        self.spares.refill()  # for the next checkpoint, now that this one is over
+        return names
 
     def aborted(self, job: str, generation: int) -> None:
         """Its cached packs are garbage, unless a kept generation lists one."""
@@ -122,6 +144,7 @@ class NodeCache:
             names = self._pending.pop((job, generation), [])
             self._warned.discard((job, generation))
             self._delete([n for n in names if not self._listed(n)])
+        self.spares.refill()
 
     def drained(self, job: str, generation: int, names: Sequence[str]) -> None:
         """Every pack of the generation is in the store and the coordinator took them:
@@ -201,6 +224,13 @@ class TieredBackend:
     @property
     def location(self) -> str:
         return self.store.location
+
+    @property
+    def gathers(self) -> bool:
+        """Packs go to the cache first, so whether its put_parts writes the parts as
+        they are (storecore/backend.py): a full cache sends them to the store, which
+        copies them if it must."""
+        return bool(getattr(self.cache.backend, "gathers", False))
 
     @property
     def source(self) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from cpcoord.errors import CpcoordError, DataPathUnavailable
+from cpcoord.errors import CpcoordError, DataPathUnavailable, UploadFailed
 from cpcoord.gen.v1 import agent_pb2
 from nodeagent.cache.store import NodeCache, TieredBackend
 from storecore import compress, packs
@@ -69,13 +70,24 @@ class DirectStore:
     _gens: dict[tuple[str, int], GenerationPacks] = field(default_factory=dict, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
+    @property
+    def borrows(self) -> bool:
+        """Whether packs keep views of the members' staging rather than copies: where
+        they are put as they are (a node cache on tmpfs, storecore/writer.py)."""
+        first = self.cache.backend if self.cache is not None else self.backend
+        return bool(getattr(first, "gathers", False))
+
     def prepare(self, member_bytes: int) -> None:
         """A member of `member_bytes` may be checkpointed soon: fault in, on a thread of
-        its own, the pack arenas its pages fill (storecore/arena.py, `warm`)."""
+        its own, the pack arenas its pages fill (storecore/arena.py, `warm`); when packs
+        borrow the staging instead, allocate the cache's spare files for them (a pack
+        overshoots its size by at most one PIECE and its trailer)."""
+        if self.borrows:
+            if self.cache is not None:
+                self.cache.prepare(self.pack_bytes + PIECE + (1 << 20), member_bytes)
+            return
         n = member_bytes // self.pack_bytes
-        if n > 0:
-            pool = shared_pool(self.pack_bytes)
-            threading.Thread(target=pool.warm, args=(n,), name="arena-warm", daemon=True).start()
+        threading.Thread(target=_warm, args=(self.pack_bytes, n), daemon=True).start()
 
     def namespace(self, job: str) -> str:
         return SHARED_NAMESPACE if self.dedup == "store" else f"job:{job}"
@@ -108,6 +120,13 @@ class DirectStore:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _warm(pack_bytes: int, n: int) -> None:
+    t0 = time.perf_counter()
+    shared_pool(pack_bytes).warm(n)
+    ms = round((time.perf_counter() - t0) * 1e3, 3)
+    log.info("pack arenas ready", extra={"fields": {"arenas": n, "ms": ms}})
 
 
 def _open(w: agent_pb2.Welcome, node: str, key_file: Path | None) -> DirectStore:
@@ -165,7 +184,8 @@ class GenerationPacks:
         if store.cache is not None:  # level local (docs/multilevel.md)
             backend = TieredBackend(store.cache, store.backend, job, generation)
         arenas = shared_pool(store.pack_bytes)  # chunks land on warm pages (arena.py)
-        self.sink = PackSink(backend, store.pack_bytes, node_prefix(store.node), arenas)
+        prefix = node_prefix(store.node)
+        self.sink = PackSink(backend, store.pack_bytes, prefix, arenas, store.borrows)
         self.stored: list[StoredPack] = []
         self._done: list[IdArray] = []  # ids of stored packs (the sink forgets them)
         self.users = 0
@@ -228,23 +248,39 @@ class GenerationPacks:
 
 
 class PackBuilder:
-    """One member upload's view of its generation's packs (module docstring). Not
-    thread-safe: the upload's request generator drives it. A stream reports every pack
-    stored so far that it has not reported: a pack may hold other members' chunks and
-    be reported by several streams (the coordinator takes it once)."""
+    """One member upload's view of its generation's packs (module docstring). The
+    upload's request generator drives it; `close` may come from the thread waiting for
+    the call. A stream reports every pack stored so far that it has not reported: a
+    pack may hold other members' chunks and be reported by several streams (the
+    coordinator takes it once).
 
-    def __init__(self, store: DirectStore, job: str, generation: int) -> None:
+    Chunks are views of the member's staging. Where packs borrow them (`borrows`: a
+    node cache on tmpfs, no copy into an arena) they must not outlive the upload:
+    `close` refuses later adds and, unless `finish` stored every pack, seals and
+    stores the generation's open packs before it returns, so the caller may release
+    the staging after it (an aborted generation's packs are garbage for gc)."""
+
+    def __init__(self, store: DirectStore, job: str, generation: int, member: str = "") -> None:
         self.store = store
         self.shared = store.generation(job, generation)
         self.key = (job, generation)
+        self.member = member
         self.reported: set[str] = set()
         self.packs = 0
         self.bytes = 0  # stored bytes reported
+        self._lock = threading.Lock()  # add/finish against close
+        self._closed = False
+        self._finished = False  # every chunk added is in a stored pack
 
     def add(self, ids: IdArray, chunks: Sequence[Buffer]) -> None:
         """Compress (and seal) chunks and add them to the open pack; full packs go to
-        the writer threads."""
-        if chunks:
+        the writer threads. UploadFailed after `close`."""
+        if not chunks:
+            return
+        with self._lock:
+            if self._closed:
+                raise UploadFailed(self.member, *self.key, "the upload is over")
+            self._finished = False
             self.shared.add(ids, chunks)
 
     def _report(self, stored: list[StoredPack]) -> agent_pb2.UploadRequest | None:
@@ -270,11 +306,27 @@ class PackBuilder:
     def finish(self) -> agent_pb2.UploadRequest:
         """Seal and put the rest, wait until every pack is durable: the last report
         (always sent, even empty: it tells the coordinator which path this was)."""
-        req = self._report(self.shared.reap(flush=True))
+        with self._lock:
+            req = self._report(self.shared.reap(flush=True))
+            self._finished = True
         if req is None:
             req = agent_pb2.UploadRequest()
             req.packs.SetInParent()
         return req
 
     def close(self) -> None:
-        self.store.release(*self.key)
+        """The upload is over (class docstring); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if not self._finished and self.shared.sink.borrows:
+                    self.shared.reap(flush=True)
+            except CpcoordError as e:  # the upload has failed already: say why, go on
+                log.warning(
+                    "packs of a failed upload not stored",
+                    extra={"fields": {"member": self.member, "error": str(e)}},
+                )
+            finally:
+                self.store.release(*self.key)

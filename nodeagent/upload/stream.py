@@ -205,7 +205,7 @@ class _Attempt:
         self.seen: set[bytes] = set()
         self.framed = _accepts_frames(stub)
         d = limits.direct
-        self.builder = PackBuilder(d, sm.job, sm.generation) if d is not None else None
+        self.builder = PackBuilder(d, sm.job, sm.generation, sm.member) if d is not None else None
 
     def _missing(self, ids: list[bytes]) -> npt.NDArray[np.bool_]:
         req = agent_pb2.MissingChunksRequest(
@@ -269,8 +269,6 @@ class _Attempt:
             pass
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            if self.builder is not None:
-                self.builder.close()
         # Ending the generator would half-close the stream as if it were complete: on
         # an error, wait until the waiting thread has cancelled the call.
         if st.error is not None or st.cancel.is_set():
@@ -331,8 +329,8 @@ class _Attempt:
 
     def run(self, cancel: threading.Event) -> tuple[agent_pb2.UploadResponse, _Stream]:
         st = _Stream(cancel)
-        fut = self.stub.UploadPages.future(self.requests(st), timeout=self.limits.timeout_s)
         try:
+            fut = self.stub.UploadPages.future(self.requests(st), timeout=self.limits.timeout_s)
             while True:
                 try:
                     resp = fut.result(timeout=0.2)
@@ -346,6 +344,8 @@ class _Attempt:
                     ) from None
         finally:
             st.done.set()
+            if self.builder is not None:  # before the caller releases the staging
+                self.builder.close()
         if st.error is not None:
             raise st.error
         return resp, st

@@ -9,8 +9,9 @@ store by default, on SeaweedFS S3 with CPCOORD_TEST_STORE=s3.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ NODES = ("node-a", "node-b")
 
 
 def _cached_cluster(
-    factory: Callable[..., Cluster], tmp: Path, rate: str = "0", size: str = "0"
-) -> tuple[Cluster, dict[str, Path]]:
-    caches = {n: tmp / f"cache-{n}" for n in NODES}
+    factory: Callable[..., Cluster], tmp: Path, rate: str = "0", size: str = "0",
+    cache_root: Path | None = None,
+) -> tuple[Cluster, dict[str, Path]]:  # fmt: skip
+    caches = {n: (cache_root or tmp) / f"cache-{n}" for n in NODES}
     args = {
         n: ("--cache", str(caches[n]), "--drain-rate", rate, "--cache-size", size) for n in NODES
     }
@@ -87,12 +89,33 @@ def _targets(c: Cluster, factory: Callable[..., Target], pages: int) -> dict[str
     return attach_random(c, factory, "ml", NODES, pages, seed=41)
 
 
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="cpcoord-ml-", dir="/dev/shm"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
 def test_wait_local_commits_in_the_caches_then_drains_to_store_exactly(
-    cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
+    cluster_factory: Callable[..., Cluster],
+    target_factory: Callable[..., Target],
+    tmp_path: Path,
+    shm_dir: Path,
+    where: str,
 ) -> None:
+    """On tmpfs the packs borrow the members' staging and are written over the cache's
+    spare files (storecore/writer.py, nodeagent/cache/spares.py); on disk they are
+    copied into arenas. Both commit, drain and export exactly."""
     # 1 MiB per member at 64 KiB/s: the drain takes ~15 s, so `local` is observable.
-    c, caches = _cached_cluster(cluster_factory, tmp_path, rate="64K")
+    root = shm_dir if where == "tmpfs" else None
+    c, caches = _cached_cluster(cluster_factory, tmp_path, rate="64K", cache_root=root)
     targets = _targets(c, target_factory, 256)
+    if where == "tmpfs":
+        c.wait_prepared(NODES)  # spares made before the checkpoint, which writes over them
+        assert all(list((caches[n] / "spare").iterdir()) for n in NODES)
     r1 = c.cli_json("checkpoint", "--job", "ml", "--wait", "local")
     assert r1["state"] == "committed" and r1["level"] == "local", r1
     want1 = _memory(targets)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from cpcoord.image import load_image, region_bytes
 from cpcoord.image_chain import materialize
-from nodeagent.capture import precopy
+from nodeagent.capture import copyout, precopy
 from nodeagent.capture.incremental import TrackedCapture
 from nodeagent.capture.process import Capture, capture
 from nodeagent.proc.freeze import frozen
@@ -233,3 +233,26 @@ def test_cli_default_precopy_except_an_image_on_tmpfs(
             t.assert_running()
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_staging_prepared_at_attach_is_not_grown_by_the_precopy(
+    target_factory: MakeTarget,
+) -> None:
+    """The agent sizes and faults in a member's staging when it attaches
+    (copyout.prepare); the pre-copy of its first checkpoint keeps it rather than map
+    and fault in a bigger one inside the checkpoint (it did: its row slack was bigger
+    than the estimate's), and the capture is still exact."""
+    _require("uffd-wp")
+    t = target_factory(maps=["a:8192:anon:random:5"])
+    ident = ProcessIdentity.of(t.pid)
+    tc = TrackedCapture(ident, None, "uffd-wp")
+    copyout.prepare(tc.staging, t.pid, None)
+    assert tc.staging.allocations == 1
+    live = tc.precopy(precopy.Limits(rounds=1))
+    assert live is not None
+    assert tc.staging.allocations == 1, "the pre-copy grew staging prepared at attach"
+    with frozen(ident) as fp:
+        res = tc.capture(fp=fp)
+        ref = capture(ident, None, fp=fp)
+    assert_equal_captures(res.capture, ref, "prepared staging")
+    tc.forget()
