@@ -192,16 +192,14 @@ class PackWriter:
         e["stored"] = [len(b) for b in blobs]
         e["raw"] = raw_sizes
         self._entries.append(e)
-        # Own the bytes: the caller may reuse its buffers once this returns.
-        self._blobs.extend([self._own(b) for b in blobs])
+        # Own the bytes, the caller may reuse its buffers (unless the writer borrows).
+        self._blobs.extend(blobs if self.borrow else [self._own(b) for b in blobs])
         self._size += int(e["stored"].sum(dtype=np.uint64))
 
     def _own(self, b: Buffer) -> Buffer:
         """`b`, or a copy of it where it could change. While the pack lies flat in the
         arena every blob is copied there, immutable ones too (they are the few that
         compressed: a small copy, and it spares the write a bounce copy of the whole)."""
-        if self.borrow:
-            return b
         if self.arena is not None and (self._flat or not immutable(b)):
             v = self.arena.take(b)
             if v is not None:

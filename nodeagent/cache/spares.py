@@ -10,7 +10,8 @@ writes over it and cuts it to size (storecore/backend.py, `LocalBackend.spares`)
 
 How many: enough for the biggest member prepared on this node (`want`), filled when a
 member is prepared and again after each generation ends, never past the room the cache
-gives (`room`: its size less what it holds). Spare bytes count as cache bytes in use.
+gives (`room`: its size less what it holds), at the lowest CPU priority. Spare bytes
+count as cache bytes in use.
 Spares left by an earlier agent are deleted at start (their size may be another's).
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DIR = "spare"
+NICE = 19  # the fill thread's priority (`_fill`)
 
 
 class Spares:
@@ -88,6 +90,10 @@ class Spares:
         return self._want - len(self._ready) * self._size  # lock held
 
     def _fill(self) -> None:
+        # Only idle CPU: a refill starts when a generation ends, while partner copies
+        # and the drain of that generation may still run (Linux nice is per thread).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         t0, made = time.perf_counter(), 0
         try:
             while True:
