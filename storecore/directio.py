@@ -28,7 +28,6 @@ one copy (storecore/writer.py, borrowed blobs).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -56,12 +55,14 @@ class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)  # this process's C library
+
+
 def in_memory(path: Path | str) -> bool:
     """Whether files under `path` (an existing directory) live in memory (tmpfs,
     ramfs); False when that cannot be told."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buf = _Statfs()
-    if libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
+    if _libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
         return False
     return (buf.f_type & 0xFFFFFFFF) in MEMORY_FS
 

@@ -20,7 +20,7 @@ writes the parts as they are (`gathers`: a node cache on tmpfs) that copy is the
 difference, so a borrowing sink keeps the caller's buffers instead. The caller then
 promises they stay unchanged until every pack holding them is stored or dropped:
 `flush()` returned, or `close()` (an agent holds its staging until then:
-nodeagent/upload/direct.py, `PackBuilder.settle`).
+nodeagent/upload/direct.py, `PackBuilder.close`).
 """
 
 from __future__ import annotations
