@@ -141,10 +141,3 @@ class Spares:
                 path.unlink()
             return False
         return True
-
-    def close(self) -> None:
-        with self._lock:
-            ready, self._ready, self._want = self._ready, [], 0
-        for p in ready:
-            with contextlib.suppress(OSError):
-                p.unlink()

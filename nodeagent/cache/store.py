@@ -226,13 +226,6 @@ class TieredBackend:
         return self.store.location
 
     @property
-    def gathers(self) -> bool:
-        """Packs go to the cache first, so whether its put_parts writes the parts as
-        they are (storecore/backend.py): a full cache sends them to the store, which
-        copies them if it must."""
-        return bool(getattr(self.cache.backend, "gathers", False))
-
-    @property
     def source(self) -> str:
         return self.store.source
 
