@@ -99,10 +99,6 @@ class PackSink:
         self._transit: list[tuple[_Open, Future[StoredPack]]] = []
         self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="pack-writer")
 
-    @property
-    def borrows(self) -> bool:
-        return self._borrow
-
     def contains(self, namespace: str, ids: IdArray) -> npt.NDArray[np.bool_]:
         """Ids held by an open or in-transit pack of the namespace."""
         mask = np.zeros(ids.size, dtype=bool)

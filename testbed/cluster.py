@@ -298,14 +298,15 @@ class Cluster:
     def wait_prepared(self, nodes: Sequence[str], timeout: float = 120) -> float:
         """Wait until every agent of `nodes` has prepared what its member's next
         checkpoint writes into, as an agent does after each attach: the member's
-        staging, then its pack space (arenas, or the cache's spare files; one member per
-        agent). Benchmarks time the checkpoint of an attached member, not the attach.
-        Returns the seconds waited."""
+        staging, then its pack space (arenas, the cache's spare files, or none for a
+        store on tmpfs; one member per agent). Benchmarks time the checkpoint of an
+        attached member, not the attach. Returns the seconds waited."""
         t0 = time.monotonic()
 
         def ready(node: str) -> bool:
             text = self.agents[node].log.read_text(errors="replace")
-            space = "cache spares ready" in text or "pack arenas ready" in text
+            space = any(w in text for w in ("cache spares ready", "pack arenas ready",
+                                            "pack space ready"))  # fmt: skip
             return "staging prepared" in text and space
 
         wait_for(lambda: all(ready(n) for n in nodes), timeout, f"agents {list(nodes)} prepared")

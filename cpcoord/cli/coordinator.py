@@ -144,6 +144,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # numpy.ma: the first np.unique imports it (~8 ms), inside the first checkpoint.
+    import numpy.ma  # noqa: F401
+
     from coordinator.engine import Options
     from coordinator.server import RPC_THREADS, ServeConfig, serve
     from storecore.crypt import load_key

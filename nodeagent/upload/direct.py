@@ -85,6 +85,8 @@ class DirectStore:
         if self.borrows:
             if self.cache is not None:
                 self.cache.prepare(self.pack_bytes + PIECE + (1 << 20), member_bytes)
+            else:  # a store on tmpfs: nothing to allocate ahead (no spares outside a cache)
+                log.info("pack space ready", extra={"fields": {"borrows": True}})
             return
         n = member_bytes // self.pack_bytes
         threading.Thread(target=_warm, args=(self.pack_bytes, n), daemon=True).start()
@@ -124,9 +126,9 @@ class DirectStore:
 
 def _warm(pack_bytes: int, n: int) -> None:
     t0 = time.perf_counter()
-    shared_pool(pack_bytes).warm(n)
+    held = shared_pool(pack_bytes).warm(n)
     ms = round((time.perf_counter() - t0) * 1e3, 3)
-    log.info("pack arenas ready", extra={"fields": {"arenas": n, "ms": ms}})
+    log.info("pack arenas ready", extra={"fields": {"arenas": held, "asked": n, "ms": ms}})
 
 
 def _open(w: agent_pb2.Welcome, node: str, key_file: Path | None) -> DirectStore:
@@ -321,7 +323,7 @@ class PackBuilder:
                 return
             self._closed = True
             try:
-                if not self._finished and self.shared.sink.borrows:
+                if not self._finished and self.store.borrows:
                     self.shared.reap(flush=True)
             except CpcoordError as e:  # the upload has failed already: say why, go on
                 log.warning(

@@ -102,6 +102,7 @@ def test_a_disk_cache_keeps_no_spares(tmp_path: Path) -> None:
     cache = NodeCache(tmp_path / "cache")
     cache.prepare(4 << 20, 8 << 20)
     assert cache.backend.spares is None and cache.spares.count == 0
+    assert not (tmp_path / "cache" / "spare").exists(), "an empty spare directory on disk"
 
 
 def test_a_failed_uploads_borrowed_chunks_are_stored_before_its_staging_is_reused(
