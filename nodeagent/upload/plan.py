@@ -147,20 +147,40 @@ class Plan:
 
 
 def rounds(
-    bs: list[tuple[int, int]], chunk_cum: I64, window_bytes: int
+    bs: list[tuple[int, int]], chunk_cum: I64, window_bytes: int, first_bytes: int = 0
 ) -> list[list[tuple[int, int]]]:
     """Consecutive batches grouped up to `window_bytes` of chunk data (a batch alone may
     reach it): the unit of one MissingChunks round trip. A member of 20 000 one-page
-    regions asks a few times, not 20 000 times."""
+    regions asks a few times, not 20 000 times. With `first_bytes` the window starts
+    there and doubles each round up to `window_bytes`: the first round, hashed before
+    anything else can start, stays short, and a big member still makes few rounds."""
     out: list[list[tuple[int, int]]] = []
-    size = window_bytes + 1
+    window = min(first_bytes, window_bytes) if first_bytes > 0 else window_bytes
+    size = window + 1
     cum = chunk_cum.tolist()
     for a, b in bs:
         nbytes = cum[b] - cum[a]
-        if size + nbytes <= window_bytes:
+        if size + nbytes <= window:
             out[-1].append((a, b))
             size += nbytes
         else:
+            if out:
+                window = min(2 * window, window_bytes)
             out.append([(a, b)])
             size = nbytes
+    return out
+
+
+def merge(
+    rnd: list[tuple[int, int]], rid: npt.NDArray[np.int64], max_entries: int
+) -> list[tuple[int, int]]:
+    """A round's consecutive batches of one region joined, up to `max_entries` entries
+    each (`rid`: each entry's region): one message instead of several, where a batch
+    carries entries only (the direct data path)."""
+    out: list[tuple[int, int]] = []
+    for a, b in rnd:
+        if out and out[-1][1] == a and rid[a] == rid[a - 1] and b - out[-1][0] <= max_entries:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
     return out

@@ -10,7 +10,9 @@ the delivered runs and `all_pages` = every page present at the cut, so the coord
 drops pages that vanished), then batches of one region's entries, ascending. Batches aim
 at a few MiB of chunk data (gRPC Python moves MiB messages several times faster than tens
 of MiB) and never exceed `max_message_bytes` or `max_batch_entries`. Consecutive batches,
-of any regions, are grouped into *rounds* of up to 64 MiB: one `MissingChunks` per round
+of any regions, are grouped into *rounds* (16 MiB, then doubling up to 256 MiB: the
+first is hashed before anything else starts, the rest keep the calls few; on the direct
+path a round's batches of one region are one message): one `MissingChunks` per round
 asks about its new ids (not yet seen in this stream), and only missing chunks travel,
 raw on loopback (the store compresses anyway) or as zstd frames when compression is on
 and saves >= 1/32: a member with tens of thousands of small regions makes a few round
@@ -54,7 +56,7 @@ from nodeagent.upload.chunks import (
     encode_batch,
 )
 from nodeagent.upload.direct import DirectStore, PackBuilder
-from nodeagent.upload.plan import Plan, member_runs, rounds
+from nodeagent.upload.plan import Plan, member_runs, merge, rounds
 from storecore.ids import as_id_array
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,11 @@ class Limits:
     # gRPC Python moves ~1 MiB messages 3-8x faster than tens of MiB: batches aim at
     # this, while MissingChunks is asked once per window of batches.
     batch_bytes: int = 4 << 20
-    window_bytes: int = 64 << 20
+    # Rounds start at first_window_bytes and double up to window_bytes (plan.rounds):
+    # each round costs the coordinator a MissingChunks call and, on the direct path, a
+    # batch message per region; 64 MiB rounds were 8 of each per 512 MiB member.
+    first_window_bytes: int = 16 << 20
+    window_bytes: int = 256 << 20
     compress: bool = False
     timeout_s: float = 600.0
     # The direct data path (direct.py): the store this agent puts its packs into, None
@@ -221,17 +227,19 @@ class _Attempt:
         """Batches (entry ranges within one region), grouped into rounds of up to
         `window_bytes` of chunk data: one MissingChunks per round."""
         lim = self.limits
+        first = lim.first_window_bytes
         if self.builder is None:
             bs = self.p.batches(min(lim.max_message_bytes, lim.batch_bytes), lim.max_batch_entries)
-        else:
-            # Direct: a batch carries entries only (its chunks go into our packs), so
-            # it is cut by the window (one message per round per region), not by the
-            # message size its chunks would need: each message costs the coordinator
-            # a receive, a parse and a check. Its entries alone must fit a message.
-            fit = (lim.max_message_bytes - MESSAGE_MARGIN) // ENTRY_BYTES
-            entries = max(1, min(lim.max_batch_entries, fit))
-            bs = self.p.batches(lim.window_bytes + MESSAGE_MARGIN, entries)
-        return rounds(bs, self.p.chunk_bytes(), lim.window_bytes)
+            return rounds(bs, self.p.chunk_bytes(), lim.window_bytes, first)
+        # Direct: a batch carries entries only (its chunks go into our packs), so it is
+        # cut by the round (one message per round per region), not by the message size
+        # its chunks would need: each message costs the coordinator a receive, a parse
+        # and a check. Its entries alone must fit a message.
+        fit = (lim.max_message_bytes - MESSAGE_MARGIN) // ENTRY_BYTES
+        entries = max(1, min(lim.max_batch_entries, fit))
+        bs = self.p.batches(min(first, lim.window_bytes) + MESSAGE_MARGIN, entries)
+        rnds = rounds(bs, self.p.chunk_bytes(), lim.window_bytes, first)
+        return [merge(r, self.p.rid, entries) for r in rnds]
 
     def requests(self, st: _Stream) -> Iterator[agent_pb2.UploadRequest | bytes]:
         # The next round is hashed on a helper thread while gRPC sends this one.

@@ -18,8 +18,8 @@ from cpcoord.gen.v1 import agent_pb2
 from nodeagent.capture.copyout import StagedRegion
 from nodeagent.capture.process import zero_rows
 from nodeagent.pages import runs_from_pages
-from nodeagent.upload.chunks import MESSAGE_MARGIN, batches, plan
-from nodeagent.upload.plan import Plan, member_runs, rounds
+from nodeagent.upload.chunks import ENTRY_BYTES, MESSAGE_MARGIN, batches, plan
+from nodeagent.upload.plan import Plan, member_runs, merge, rounds
 from nodeagent.upload.stream import Limits, StagedMember, header, upload
 
 PAGE = 4096
@@ -107,6 +107,26 @@ def test_rounds_group_batches_for_one_missing_chunks_call() -> None:
     zero = StagedRegion("z", 0, 4096 * PAGE, pages, pages, np.zeros((4096, PAGE), np.uint8))
     pz = Plan((zero,))  # zero entries cost nothing
     assert len(rounds(pz.batches(1 << 20, 65536), pz.chunk_bytes(), 1)) == 1
+
+
+def test_rounds_start_small_and_double_and_direct_batches_merge() -> None:
+    pages = np.arange(65536, dtype=np.uint64)  # 256 MiB: 4096 chunks of 64 KiB
+    rows = np.ones((65536, PAGE), np.uint8)
+    region = StagedRegion("r", 0, 65536 * PAGE, pages, pages, rows)
+    p = Plan((region,))
+    bs = p.batches(MESSAGE_MARGIN + (16 << 20) + 256 * ENTRY_BYTES, 65536)  # 16 MiB each
+    rs = rounds(bs, p.chunk_bytes(), 64 << 20, 16 << 20)
+    assert [b for r in rs for b in r] == bs
+    sizes = [sum(int(p.e.counts[a:b].sum()) for a, b in r) * PAGE >> 20 for r in rs]
+    assert sizes == [16, 32, 64, 64, 64, 16]
+    merged = [merge(r, p.rid, 65536) for r in rs]
+    assert [len(m) for m in merged] == [1] * len(rs)  # one message per round
+    assert [m[0] for m in merged] == [(r[0][0], r[-1][1]) for r in rs]
+    assert merge(rs[2], p.rid, 256) == rs[2]  # 256 entries each: none joins another
+    # batches of two regions never merge
+    two = Plan((region, StagedRegion("s", 1 << 40, 65536 * PAGE, pages, pages, rows)))
+    b2 = two.batches(MESSAGE_MARGIN + (512 << 20), 65536)  # one batch per region
+    assert len(b2) == 2 and merge(b2, two.rid, 65536) == b2
 
 
 class _Stub:
