@@ -40,7 +40,7 @@ from cpcoord.gen.v1 import agent_pb2
 from nodeagent.cache.store import NodeCache, TieredBackend
 from storecore import compress, packs
 from storecore.arena import shared_pool
-from storecore.backend import Backend, Buffer
+from storecore.backend import Backend, Buffer, LocalBackend
 from storecore.crypt import Sealer
 from storecore.identity import open_sealed
 from storecore.ids import IdArray, first_of, member_of, unique_ids
@@ -75,7 +75,7 @@ class DirectStore:
         """Whether packs keep views of the members' staging rather than copies: where
         they are put as they are (a node cache on tmpfs, storecore/writer.py)."""
         first = self.cache.backend if self.cache is not None else self.backend
-        return bool(getattr(first, "gathers", False))
+        return isinstance(first, LocalBackend) and first.gathers
 
     def prepare(self, member_bytes: int) -> None:
         """A member of `member_bytes` may be checkpointed soon: fault in, on a thread of

@@ -224,8 +224,9 @@ class _Attempt:
         return bits[: len(ids)].astype(np.bool_)
 
     def _rounds(self) -> list[list[tuple[int, int]]]:
-        """Batches (entry ranges within one region), grouped into rounds of up to
-        `window_bytes` of chunk data: one MissingChunks per round."""
+        """Batches (entry ranges within one region), grouped into rounds of chunk data
+        that start at `first_window_bytes` and double up to `window_bytes` (plan.rounds):
+        one MissingChunks per round."""
         lim = self.limits
         first = lim.first_window_bytes
         if self.builder is None:

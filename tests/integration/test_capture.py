@@ -68,6 +68,22 @@ def offsets_in(r: CapturedRegion, addr: int, count: int) -> list[int]:
     return (sel - np.uint64(base)).astype(int).tolist()
 
 
+def wait_writers_past(pid: int, addr: int, steps: list[int], timeout: float = 30) -> None:
+    """Wait until each writer (64 pages each at addr) has finished a step past `steps`, so
+    the next capture must show a higher one. Polls the running target's memory through
+    /proc/PID/mem (a fixed sleep is not enough under CI load: a writer may not run)."""
+    deadline = time.monotonic() + timeout
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        while True:
+            raw = os.pread(f.fileno(), 64 * len(steps) * PAGE_SIZE, addr)
+            counters = np.frombuffer(raw, np.uint64).reshape(len(steps), -1)[:, 1::2]
+            # The highest counter is the step in flight: one past it is complete.
+            if all(int(c.max()) >= s + 2 for c, s in zip(counters, steps, strict=True)):
+                return
+            assert time.monotonic() < deadline, f"writers stuck at {steps}"
+            time.sleep(0.01)
+
+
 def test_writers_captured_at_one_instant(target_factory: MakeTarget) -> None:
     t = target_factory(maps=["hot:256", "cold:64"], writers=["hot:4"])
     ident = ProcessIdentity.of(t.pid)
@@ -85,7 +101,7 @@ def test_writers_captured_at_one_instant(target_factory: MakeTarget) -> None:
         assert np.array_equal(captured_pages(cap, cold.addr, 64), t.expected("cold", 0, 64))
         assert len(cap.regions) > 5  # the default set: heap, stacks, libraries' data, ...
         t.assert_running()
-        time.sleep(0.05)  # let every writer run between captures
+        wait_writers_past(t.pid, hot.addr, steps)
     # The writers ran between (and during) captures: their steps moved on each time.
     for w in range(4):
         assert all(a[w] < b[w] for a, b in itertools.pairwise(steps_seen))
