@@ -164,7 +164,7 @@ def test_version_2_ids_take_raw_blobs_through_xxh3_and_version_1_packs_still_ver
     contents = packs.verify_pack(sealed.data, sealed.id.format())
     methods = contents.entries["method"].tolist()
     assert methods == [packs.METHOD_RAW, packs.METHOD_ZSTD]
-    assert sealed.data[:8] == packs.HEADER == b"CPPK\x02\x00\x00\x00"
+    assert sealed.data[:4096] == packs.HEADER == b"CPPK\x03\x00\x00\x00" + bytes(4088)
     o_raw, o_z = (int(x) for x in contents.entries["offset"])
     other = bytearray(sealed.data)
     other[o_raw] ^= 1  # a raw blob: in the id through XXH3, and its chunk id fails
@@ -174,8 +174,36 @@ def test_version_2_ids_take_raw_blobs_through_xxh3_and_version_1_packs_still_ver
     other = bytearray(sealed.data)
     other[o_z + 5] ^= 1  # a compressed blob: in the id
     assert packs.pack_id_of(bytes(other)) != sealed.id
-    v1 = packs.HEADER_V1 + sealed.data[8:]
+    v1 = packs.HEADER_V1 + sealed.data[packs.HEADER_BYTES :]
     name = PackId.of(v1).format()
     assert packs.verify_pack(v1, name).namespace == contents.namespace
     with pytest.raises(DataCorrupted, match="content hash"):
         packs.verify_pack(v1, sealed.id.format())
+
+
+def test_version_3_blobs_are_page_aligned_and_version_2_packs_still_verify() -> None:
+    """Version 3's header is one page, so raw chunks of whole pages start on page
+    boundaries (packs.py, "Why a header of one page"). A version-2 pack (8-byte header)
+    is located and verified by its own rule; a version-3 header over blobs laid out for
+    version 2 names no version-2 pack."""
+    pages = [os.urandom(4096 * k) for k in (1, 16, 3)]
+    sealed = make_pack(pages)
+    contents = packs.verify_pack(sealed.data, sealed.id.format())
+    assert contents.entries["offset"].tolist() == [4096, 8192, 8192 + 16 * 4096]
+    assert (contents.entries["method"] == packs.METHOD_RAW).all()
+    v2 = packs.HEADER_V2 + sealed.data[packs.HEADER_BYTES :]
+    name = packs.pack_id_of(v2).format()
+    assert name != PackId.of(v2).format()  # the version-2 rule, not the whole-file hash
+    c2 = packs.verify_pack(v2, name)
+    assert c2.entries["offset"].tolist() == [8, 8 + 4096, 8 + 17 * 4096]
+    assert packs.parse_trailer(v2[-5000:], len(v2), "p").entries["offset"][0] == 8
+    # A version-3 header over a version-2 layout (a raw blob of zeros completes the
+    # page): no version's id, only the whole-file hash, which no written pack is named by.
+    z = bytes(8192)
+    w = packs.PackWriter("job:t")
+    w.add(as_id_array([digest(z)]), np.array([packs.METHOD_RAW], np.uint8), [z], np.array([8192]))
+    forged = packs.HEADER[: packs.MIN_HEADER] + w.seal().data[packs.HEADER_BYTES :]
+    assert forged[: packs.HEADER_BYTES] == packs.HEADER
+    assert packs.pack_id_of(forged) == PackId.of(forged)
+    with pytest.raises(DataCorrupted):
+        packs.parse_trailer(v2[-5000:], len(v2) + 1, "p")
