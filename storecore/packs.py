@@ -49,6 +49,7 @@ pack in memory (up to the target size) and seals it into bytes for one whole-obj
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 from collections.abc import Sequence
@@ -72,6 +73,18 @@ HEADER = b"CPPK\x03\x00\x00\x00".ljust(HEADER_BYTES, b"\x00")  # what PackWriter
 HEADER_V2 = b"CPPK\x02\x00\x00\x00"
 HEADER_V1 = b"CPPK\x01\x00\x00\x00"
 MIN_HEADER = len(HEADER_V2)  # the shortest header a readable pack has (versions 1, 2)
+
+
+def _header_page() -> memoryview:
+    """HEADER in a page of its own: a borrowed pack's parts are then whole pages where
+    they lie up to the first compressed blob, and go to disk with O_DIRECT as they are
+    (storecore/directio.py)."""
+    page = mmap.mmap(-1, HEADER_BYTES)
+    page[:] = HEADER
+    return memoryview(page).toreadonly()
+
+
+HEADER_PAGE = _header_page()
 TAIL_MAGIC = b"CPPT"
 METHOD_SEALED = 0x80  # flag: the blob is AES-GCM sealed (crypt.py) around method & 0x7f
 SEAL_OVERHEAD = 28  # nonce + tag
@@ -179,7 +192,7 @@ class PackWriter:
         self.namespace = namespace
         self.arena = arena  # where the pack is laid out (storecore/arena.py)
         self.borrow = borrow  # blobs kept as given (writer.py, "Borrowed blobs")
-        self._blobs: list[Buffer] = [HEADER]
+        self._blobs: list[Buffer] = [HEADER_PAGE]
         self._entries: list[Entries] = []
         self._size = len(HEADER)
         # Whether the pack so far lies whole in the arena, back to back from its start:

@@ -16,8 +16,9 @@ them fails with ChunkMissing instead of referencing data that is not there).
 
 Borrowed blobs (`borrow=True`): a pack owns its bytes by copying each chunk into its
 arena (arena.py), because the caller reuses its buffers. When the backend's put_parts
-writes the parts as they are (`gathers`: a node cache on tmpfs) that copy is the whole
-difference, so a borrowing sink keeps the caller's buffers instead. The caller then
+writes the parts as they are (a directory: writev into tmpfs pages, or O_DIRECT from
+where they lie on disk, directio.py) that copy is the whole difference, so a borrowing
+sink keeps the caller's buffers instead. The caller then
 promises they stay unchanged until every pack holding them is stored or dropped:
 `flush()` returned, or `close()` (an agent holds its staging until then:
 nodeagent/upload/direct.py, `PackBuilder.close`).

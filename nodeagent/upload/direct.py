@@ -73,9 +73,12 @@ class DirectStore:
     @property
     def borrows(self) -> bool:
         """Whether packs keep views of the members' staging rather than copies: where
-        they are put as they are (a node cache on tmpfs, storecore/writer.py)."""
+        they are put as they are (storecore/writer.py), which a directory does: on
+        tmpfs (a node cache) writev copies them into the file's pages, on disk O_DIRECT
+        takes them straight from the staging (storecore/directio.py). S3 copies them
+        into its parts: they go through arenas."""
         first = self.cache.backend if self.cache is not None else self.backend
-        return isinstance(first, LocalBackend) and first.gathers
+        return isinstance(first, LocalBackend)
 
     def prepare(self, member_bytes: int) -> None:
         """A member of `member_bytes` may be checkpointed soon: fault in, on a thread of
@@ -85,7 +88,7 @@ class DirectStore:
         if self.borrows:
             if self.cache is not None:
                 self.cache.prepare(self.pack_bytes + PIECE + (1 << 20), member_bytes)
-            else:  # a store on tmpfs: nothing to allocate ahead (no spares outside a cache)
+            else:  # a store directory: nothing to allocate ahead (no spares outside a cache)
                 log.info("pack space ready", extra={"fields": {"borrows": True}})
             return
         n = member_bytes // self.pack_bytes
@@ -257,7 +260,7 @@ class PackBuilder:
     coordinator takes it once).
 
     Chunks are views of the member's staging. Where packs borrow them (`borrows`: a
-    node cache on tmpfs, no copy into an arena) they must not outlive the upload:
+    directory store or node cache, no copy into an arena) they must not outlive the upload:
     `close` refuses later adds and, unless `finish` stored every pack, seals and
     stores the generation's open packs before it returns, so the caller may release
     the staging after it (an aborted generation's packs are garbage for gc)."""
