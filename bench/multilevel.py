@@ -131,6 +131,13 @@ def run(size_mib: int, reps: int, store_dir: Path | None, cache_dir: Path) -> in
                 "drain GB/s": gbps(total, r["drain_s"]) if r["drain_s"] else None,
                 "exact": r["exact"],
             })  # fmt: skip
+        # The raw write into fresh tmpfs pages varies most (first touch in this VM): it
+        # is measured again after the modes, and the best of both sets is the baseline,
+        # so that a slow start never flatters the ratio.
+        raw_tmpfs = min(raw_tmpfs, repeat(lambda: timed_write(cache_root, joined), reps).min)
+        extra["raw_tmpfs_s"] = raw_tmpfs
+        for r in rows:
+            r["x raw tmpfs write"] = r["commit s"] / raw_tmpfs
         rows.append({"mode": "raw write, tmpfs (cache)", "commit s": raw_tmpfs,
                      "x raw tmpfs write": 1.0})  # fmt: skip
         rows.append({"mode": "floor: copy out + chunk ids + tmpfs write, per agent at once",
@@ -150,15 +157,19 @@ def run(size_mib: int, reps: int, store_dir: Path | None, cache_dir: Path) -> in
         f"on a fresh cluster (store on disk under {store_dir or tempfile.gettempdir()}, "
         f"caches on {cache_dir}).",
         f"Goal: --wait local <= {RATIO_GOAL} x the raw write of the same bytes to the same "
-        f"tmpfs (both best of {reps}): {local:.2f} "
+        f"tmpfs (best of {reps}; the raw write best of {reps} before the modes and "
+        f"{reps} after): {local:.2f} "
         f"({'met' if local <= RATIO_GOAL else 'NOT met'}); --wait local runs: "
         + ", ".join(f"{x:.2f} s" for x in extra["--wait local"]["all_commit_s"])
         + ".",
         f"Floor (bench/floor.py): each member in its own process at once does only what "
         f"any checkpoint with chunk ids before the commit must: process_vm_readv into a "
         f"prefaulted buffer, one BLAKE3 pass (64 KiB chunks), the write + fsync into the "
-        f"same tmpfs; best of {reps}: {floor:.3f} s = {floor / raw_tmpfs:.2f} x the raw write, "
-        f"so the goal is within reach of the design; --wait local is "
+        f"same tmpfs; best of {reps}: {floor:.3f} s = {floor / raw_tmpfs:.2f} x the raw write"
+        + (", so the goal is within reach of the design"
+           if floor / raw_tmpfs <= RATIO_GOAL
+           else " (above the goal in this run: its write into fresh tmpfs pages varies most)")
+        + f"; --wait local is "
         f"{extra['--wait local']['commit_s'] / floor:.2f} x this floor.",
         "Drain: COMMITTED at local -> level store (both agents draining at once, unlimited "
         "rate), beside the raw durable write of the same bytes to the store's disk.",

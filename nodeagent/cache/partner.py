@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from cpcoord.errors import InvalidArgument, ObjectNotFound, PartnerFull
@@ -131,6 +132,9 @@ class CacheView:
 
     def get_range(self, kind: Kind, name: str, offset: int, length: int) -> bytes:
         return self._pick(name).get_range(kind, name, offset, length)
+
+    def mapped(self, kind: Kind, name: str) -> AbstractContextManager[memoryview]:
+        return self._pick(name).mapped(kind, name)
 
     def stat(self, kind: Kind, name: str) -> ObjectInfo:
         return self._pick(name).stat(kind, name)

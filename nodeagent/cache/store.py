@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cpcoord.errors import ObjectNotFound
 from nodeagent.cache.spares import Spares
-from storecore.backend import Backend, Buffer, Kind, LocalBackend, ObjectInfo
+from storecore.backend import Backend, Buffer, Kind, LocalBackend, MappedBackend, ObjectInfo
 
 log = logging.getLogger(__name__)
 GenKey = tuple[str, int]
@@ -44,7 +44,7 @@ class NodeCache:
         self.backend = LocalBackend(self.root)
         # What reads of cached packs see: the cache, and partner copies when this node
         # holds some (nodeagent/cache/partner.py, CacheView).
-        self.reader: Backend = self.backend
+        self.reader: MappedBackend = self.backend
         self.others: Callable[[], int] = lambda: 0  # bytes of partner copies kept in DIR
         self.size = size
         self.keep = max(1, keep)

@@ -7,6 +7,7 @@ reused, so a later write into the staging cannot change a stored pack. Real file
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpcoord.errors import UploadFailed
+from cpcoord.errors import ObjectNotFound, UploadFailed
 from nodeagent.cache.store import NodeCache, TieredBackend
 from nodeagent.upload.direct import DirectStore, PackBuilder
 from storecore import directio, packs
@@ -132,3 +133,40 @@ def test_a_failed_uploads_borrowed_chunks_are_stored_before_its_staging_is_reuse
     assert len(names) == 2
     for name in names:
         packs.verify_pack(cache.backend.get(Kind.PACKS, name), name)
+
+
+def test_a_mapped_cache_pack_goes_to_a_disk_store_with_o_direct_from_its_pages(
+    shm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain maps a cached pack (LocalBackend.mapped) instead of reading it into
+    fresh memory: a store on disk writes the mapping's pages with O_DIRECT as they lie,
+    no bounce copy. The bytes land exact; the mapping outlives the file's deletion; a
+    missing object is ObjectNotFound; an empty one maps to no bytes."""
+    if directio.in_memory(tmp_path):
+        pytest.fail("tmp_path is on tmpfs here: the disk case cannot be told")
+    cache, store = LocalBackend(shm / "cache"), LocalBackend(tmp_path / "store")
+    data = np.random.default_rng(3).bytes(3 * directio.BOUNCE + 5000)
+    cache.put(Kind.PACKS, "p1", data)
+    direct: list[tuple[int, int]] = []  # (address, length) of each O_DIRECT write
+    real = os.write
+
+    def write(fd: int, buf: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct.append((np.frombuffer(buf, np.uint8).ctypes.data, len(buf)))
+        return real(fd, buf)
+
+    monkeypatch.setattr(directio.os, "write", write)
+    with cache.mapped(Kind.PACKS, "p1") as view:
+        cache.delete(Kind.PACKS, "p1")  # eviction meanwhile: the pages stay mapped
+        start = np.frombuffer(view, np.uint8).ctypes.data
+        store.put(Kind.PACKS, "p1", view)
+    assert store.get(Kind.PACKS, "p1") == data
+    # Every O_DIRECT write came from the mapping itself (no bounce buffer), all of it
+    # but the last partial block.
+    assert sum(n for _, n in direct) == len(data) // directio.ALIGN * directio.ALIGN
+    assert all(start <= a and a + n <= start + len(data) for a, n in direct)
+    with pytest.raises(ObjectNotFound), cache.mapped(Kind.PACKS, "gone"):
+        pass
+    cache.put(Kind.PACKS, "empty", b"")
+    with cache.mapped(Kind.PACKS, "empty") as view:
+        assert len(view) == 0
