@@ -215,8 +215,7 @@ def run(size_mib: int, reps: int, store_dir: Path | None) -> int:
             # must not make a later one cheaper), as the raw write is best of `reps`:
             # first touches of fresh memory in this VM move one run by 2x.
             runs = [
-                one_store(kind, tmp, targets, size, env, _fresh(url, server))
-                for _ in range(reps)
+                one_store(kind, tmp, targets, size, env, _fresh(url, server)) for _ in range(reps)
             ]
             r = min(runs, key=lambda x: x["commit_s"])
             r["all_commit_s"] = [x["commit_s"] for x in runs]

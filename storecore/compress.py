@@ -4,6 +4,10 @@ byte of a pack entry, storecore/packs.py), decided cheaply for random data.
 A chunk is stored raw when zstd saves less than 1/32 of its size, or when a 4 KiB
 sample of it does not compress (`_worth_trying`): random data then costs neither a full
 compression attempt on ingest nor decompression on read.
+
+`decode_chunk` turns a stored blob back into the chunk: it opens a sealed blob (an
+encrypted store), decompresses, and checks the bytes against the chunk's id, on every
+read.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from cpcoord.errors import DataCorrupted
 from storecore.backend import Buffer
+from storecore.crypt import Sealer
+from storecore.ids import digest
 
 METHOD_RAW = 0
 METHOD_ZSTD = 1
+METHOD_SEALED = 0x80  # flag: the blob is AES-GCM sealed (crypt.py) around method & 0x7f
 SAMPLE_MIN = 16 << 10  # chunks this big are sampled before a full compression attempt
 SCOUT_STRIDE = 8  # in a batch of many big chunks, every 8th is sampled first
 
@@ -130,3 +138,50 @@ _THREADS = max(1, min(4, os.cpu_count() or 1))  # os.cpu_count reads /sys: once
 
 def default_threads() -> int:
     return _THREADS
+
+
+# -- decoding -------------------------------------------------------------------------
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def decode_chunk(
+    method: int,
+    blob: bytes,
+    raw_len: int,
+    chunk_id: bytes,
+    where: str,
+    sealer: Sealer | None = None,
+    namespace: str = "",
+) -> bytes:
+    """Decrypt (sealed blobs), decompress a blob and check its BLAKE3 against its id;
+    DataCorrupted otherwise."""
+    if method & METHOD_SEALED:
+        if sealer is None:
+            raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: encrypted, no store key")
+        blob = sealer.open_chunk(namespace, chunk_id, blob, where)
+        method &= ~METHOD_SEALED
+    if method == METHOD_RAW:
+        data = blob
+    elif method == METHOD_ZSTD:
+        try:
+            # A damaged frame header can declare any size, and decompress() allocates
+            # what the frame declares before max_output_size applies: check it first.
+            declared = zstandard.frame_content_size(blob)
+            if declared not in (-1, raw_len):
+                raise DataCorrupted(
+                    "chunk", chunk_id.hex(), f"in {where}: frame declares {declared} bytes"
+                )
+            data = _dctx().decompress(blob, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: {e}") from None
+    else:
+        raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: unknown method {method}")
+    if len(data) != raw_len or digest(data) != chunk_id:
+        raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: content does not match id")
+    return data

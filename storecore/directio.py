@@ -38,8 +38,9 @@ import fcntl
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -53,6 +54,7 @@ _local = threading.local()
 # statfs(2) f_type of file systems whose files are memory (linux/magic.h).
 MEMORY_FS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
 IOV_MAX = 1024
+_B = TypeVar("_B", memoryview, list[memoryview])
 
 
 class _Statfs(ctypes.Structure):
@@ -104,27 +106,31 @@ class _Out:
             self.direct = False
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
 
+    def _direct(self, call: Callable[[int, _B], int], data: _B) -> int | None:
+        """Bytes one O_DIRECT `call(fd, data)` (os.write, os.writev) wrote, or None when
+        the filesystem refused it before anything was written (then on plain)."""
+        try:
+            n = call(self.fd, data)
+        except OSError as e:
+            if e.errno != errno.EINVAL or self.written:
+                raise
+            self.plain()  # refused before anything was written: fall back
+            return None
+        self.written += n
+        if self.written % ALIGN:  # a short write off a block boundary: go on buffered
+            self.plain()
+        return n
+
     def writev(self, views: list[memoryview]) -> None:
         """Write `views` (each whole blocks where it lies: `_block_aligned`) with
         O_DIRECT while that works, the rest plain."""
         views = [v for v in views if len(v)]
         i = 0
         while i < len(views) and self.direct:
-            try:
-                n = os.writev(self.fd, views[i : i + IOV_MAX])
-            except OSError as e:
-                if e.errno != errno.EINVAL or self.written:
-                    raise
-                self.plain()  # refused before anything was written: fall back
+            n = self._direct(os.writev, views[i : i + IOV_MAX])
+            if n is None:
                 break
-            self.written += n
-            while i < len(views) and n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            if n:
-                views[i] = views[i][n:]
-            if self.written % ALIGN:  # a short write off a block boundary: go on buffered
-                self.plain()
+            i = _advance(views, i, n)
         if i < len(views):
             self.plain()
             rest = views[i:]
@@ -134,18 +140,10 @@ class _Out:
     def write(self, view: memoryview) -> None:
         """Write `view` (page-aligned start: the bounce buffer, or a whole pack's arena)."""
         while view and self.direct and len(view) >= ALIGN:
-            n = len(view) // ALIGN * ALIGN
-            try:
-                w = os.write(self.fd, view[:n])
-            except OSError as e:
-                if e.errno != errno.EINVAL or self.written:
-                    raise
-                self.plain()  # refused before anything was written: fall back
+            n = self._direct(os.write, view[: len(view) // ALIGN * ALIGN])
+            if n is None:
                 break
-            view = view[w:]
-            self.written += w
-            if w % ALIGN:  # a short write off a block boundary: go on buffered
-                self.plain()
+            view = view[n:]
         if view:
             self.plain()
             _write_plain(self.fd, view)
@@ -169,12 +167,18 @@ def _writev(fd: int, views: list[memoryview]) -> None:
     views = [v for v in views if len(v)]
     i = 0
     while i < len(views):
-        n = os.writev(fd, views[i : i + IOV_MAX])
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
+        i = _advance(views, i, os.writev(fd, views[i : i + IOV_MAX]))
+
+
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """After `n` bytes of `views[i:]` were written: the index of the first view not yet
+    written whole (that view trimmed to what is left of it)."""
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    if n:
+        views[i] = views[i][n:]
+    return i
 
 
 def write_parts(

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,12 +58,11 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 import xxhash
-import zstandard
 
 from cpcoord.errors import DataCorrupted, InvalidArgument
 from storecore.arena import Arena
 from storecore.backend import Backend, Buffer, Kind
-from storecore.compress import METHOD_RAW, METHOD_ZSTD, immutable
+from storecore.compress import METHOD_RAW, METHOD_SEALED, METHOD_ZSTD, decode_chunk, immutable
 from storecore.crypt import Sealer
 from storecore.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 
@@ -86,7 +84,6 @@ def _header_page() -> memoryview:
 
 HEADER_PAGE = _header_page()
 TAIL_MAGIC = b"CPPT"
-METHOD_SEALED = 0x80  # flag: the blob is AES-GCM sealed (crypt.py) around method & 0x7f
 SEAL_OVERHEAD = 28  # nonce + tag
 MAX_CHUNK_BYTES = 4 << 20  # a run of up to 1024 pages; bounds memory per chunk
 MAX_NAMESPACE = 255
@@ -128,55 +125,6 @@ class SealedParts:
     parts: list[Buffer]
     size: int
     contents: PackContents
-
-
-# -- compression ----------------------------------------------------------------------
-
-_local = threading.local()
-
-
-def _dctx() -> zstandard.ZstdDecompressor:
-    d = getattr(_local, "d", None)
-    if d is None:
-        d = _local.d = zstandard.ZstdDecompressor()
-    return d
-
-
-def decode_chunk(
-    method: int,
-    blob: bytes,
-    raw_len: int,
-    chunk_id: bytes,
-    where: str,
-    sealer: Sealer | None = None,
-    namespace: str = "",
-) -> bytes:
-    """Decrypt (sealed blobs), decompress a blob and check its BLAKE3 against its id;
-    DataCorrupted otherwise."""
-    if method & METHOD_SEALED:
-        if sealer is None:
-            raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: encrypted, no store key")
-        blob = sealer.open_chunk(namespace, chunk_id, blob, where)
-        method &= ~METHOD_SEALED
-    if method == METHOD_RAW:
-        data = blob
-    elif method == METHOD_ZSTD:
-        try:
-            # A damaged frame header can declare any size, and decompress() allocates
-            # what the frame declares before max_output_size applies: check it first.
-            declared = zstandard.frame_content_size(blob)
-            if declared not in (-1, raw_len):
-                raise DataCorrupted(
-                    "chunk", chunk_id.hex(), f"in {where}: frame declares {declared} bytes"
-                )
-            data = _dctx().decompress(blob, max_output_size=raw_len)
-        except zstandard.ZstdError as e:
-            raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: {e}") from None
-    else:
-        raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: unknown method {method}")
-    if len(data) != raw_len or digest(data) != chunk_id:
-        raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: content does not match id")
-    return data
 
 
 # -- writing --------------------------------------------------------------------------
@@ -293,6 +241,22 @@ def _locate(entries: Entries, header_len: int) -> Entries:
 def parse_trailer(tail: bytes, total_size: int, where: str) -> PackContents:
     """Parse a pack's trailer from the last `len(tail)` bytes of a `total_size`-byte pack.
     Raises DataCorrupted on any inconsistency."""
+    return _parse_trailer(tail, total_size, where)[0]
+
+
+def trailer_of(data: Buffer, where: str) -> PackContents:
+    """The trailer of a whole pack's bytes (a mapped file, say): only the trailer is
+    copied out of them."""
+    view = memoryview(data).cast("B")
+    n = view.nbytes
+    if n < _TAIL.size:
+        raise DataCorrupted("pack", where, "too short to be a pack")
+    tlen, _ = _TAIL.unpack_from(view, n - _TAIL.size)
+    return parse_trailer(bytes(view[max(0, n - _TAIL.size - tlen) :]), n, where)
+
+
+def _parse_trailer(tail: bytes, total_size: int, where: str) -> tuple[PackContents, int]:
+    """parse_trailer, and the length of the header that the pack's size leaves."""
     bad = lambda why: DataCorrupted("pack", where, why)  # noqa: E731
     if len(tail) < _TAIL.size or total_size < MIN_HEADER + _TAIL.size:
         raise bad("too short to be a pack")
@@ -331,7 +295,7 @@ def parse_trailer(tail: bytes, total_size: int, where: str) -> PackContents:
     header_len = total_size - int(entries["stored"].sum(dtype=np.uint64)) - tlen - _TAIL.size
     if header_len not in (MIN_HEADER, len(HEADER)):
         raise bad("blob sizes do not add up to the pack size")
-    return PackContents(namespace, _locate(entries, header_len))
+    return PackContents(namespace, _locate(entries, header_len)), header_len
 
 
 TAIL_READ = 64 << 10  # bytes read from a pack's end for its trailer (one read, usually)
@@ -396,11 +360,12 @@ def pack_id_of(data: Buffer) -> PackId:
     try:
         if start < len(header):
             raise DataCorrupted("pack", "pack", "trailer length does not fit")
-        entries = parse_trailer(bytes(view[start:]), n, "pack").entries
+        contents, header_len = _parse_trailer(bytes(view[start:]), n, "pack")
     except DataCorrupted:
         return PackId.of(view)
-    if start - int(entries["stored"].sum(dtype=np.uint64)) != len(header):
+    if header_len != len(header):
         return PackId.of(view)  # a header of one version, blobs laid out for another
+    entries = contents.entries
     offsets, stored = entries["offset"].tolist(), entries["stored"].tolist()
     blobs = [view[o : o + s] for o, s in zip(offsets, stored, strict=True)]
     return _v2_id(header, blobs, entries["method"].tolist(), [view[start:]])

@@ -119,7 +119,7 @@ class Drainer(Worklist[Backend]):
                 if wait:
                     time.sleep(wait)
                 store.put(Kind.PACKS, name, data)
-            _, contents = packs.read_sized_contents(view, name)
+                contents = packs.trailer_of(data, name)
             ids = np.ascontiguousarray(contents.entries["id"]).tobytes()
             msg.packs.add(name=name, size=size, ids=ids)
             self.drained_bytes += size

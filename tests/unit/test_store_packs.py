@@ -138,6 +138,20 @@ def test_many_entries_trailer_longer_than_first_read(tmp_path: Path) -> None:
     assert packs.read_contents(b, sealed.id.format()).entries.size == 3000
 
 
+def test_trailer_of_a_whole_pack_in_memory_copies_out_only_the_trailer() -> None:
+    for chunks in (
+        [os.urandom(70000), b"x" * 9000],
+        [i.to_bytes(4, "little") * 3 for i in range(3000)],
+    ):
+        sealed = make_pack(chunks)  # the second: a trailer longer than TAIL_READ
+        got = packs.trailer_of(memoryview(sealed.data), "p")
+        assert got.namespace == sealed.contents.namespace
+        assert np.array_equal(got.entries, sealed.contents.entries)
+    for bad in (b"", b"CPPT", sealed.data[:-1], sealed.data[1:]):
+        with pytest.raises(DataCorrupted):
+            packs.trailer_of(bad, "p")
+
+
 def test_check_chunks_bounds() -> None:
     with pytest.raises(InvalidArgument):
         packs.check_chunks(as_id_array([bytes(32)]), [b""])
