@@ -108,6 +108,11 @@ class PackSink:
                 mask |= o.contains(ids)
         return mask
 
+    def open_bytes(self, namespace: str) -> int:
+        """Bytes in the namespace's open pack (0: none open)."""
+        o = self._open.get(namespace)
+        return o.writer.size if o is not None else 0
+
     def add(
         self,
         namespace: str,
