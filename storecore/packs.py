@@ -247,12 +247,16 @@ def parse_trailer(tail: bytes, total_size: int, where: str) -> PackContents:
 def trailer_of(data: Buffer, where: str) -> PackContents:
     """The trailer of a whole pack's bytes (a mapped file, say): only the trailer is
     copied out of them."""
-    view = memoryview(data).cast("B")
+    return _trailer_of(memoryview(data).cast("B"), where)[0]
+
+
+def _trailer_of(view: memoryview, where: str) -> tuple[PackContents, int]:
+    """trailer_of, and the length of the header that the pack's size leaves."""
     n = view.nbytes
     if n < _TAIL.size:
         raise DataCorrupted("pack", where, "too short to be a pack")
     tlen, _ = _TAIL.unpack_from(view, n - _TAIL.size)
-    return parse_trailer(bytes(view[max(0, n - _TAIL.size - tlen) :]), n, where)
+    return _parse_trailer(bytes(view[max(0, n - _TAIL.size - tlen) :]), n, where)
 
 
 def _parse_trailer(tail: bytes, total_size: int, where: str) -> tuple[PackContents, int]:
@@ -355,17 +359,14 @@ def pack_id_of(data: Buffer) -> PackId:
     header = HEADER if head == HEADER else HEADER_V2 if head[:MIN_HEADER] == HEADER_V2 else None
     if header is None or n < len(header) + _TAIL.size:
         return PackId.of(view)
-    tlen, _ = _TAIL.unpack_from(view, n - _TAIL.size)
-    start = n - _TAIL.size - tlen  # the trailer's first byte, if the tail is right
     try:
-        if start < len(header):
-            raise DataCorrupted("pack", "pack", "trailer length does not fit")
-        contents, header_len = _parse_trailer(bytes(view[start:]), n, "pack")
+        contents, header_len = _trailer_of(view, "pack")
     except DataCorrupted:
         return PackId.of(view)
     if header_len != len(header):
         return PackId.of(view)  # a header of one version, blobs laid out for another
     entries = contents.entries
+    start = header_len + contents.blob_bytes  # the trailer's first byte
     offsets, stored = entries["offset"].tolist(), entries["stored"].tolist()
     blobs = [view[o : o + s] for o, s in zip(offsets, stored, strict=True)]
     return _v2_id(header, blobs, entries["method"].tolist(), [view[start:]])

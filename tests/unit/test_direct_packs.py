@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from nodeagent.upload.direct import DirectStore, PackBuilder
+from storecore import packs
 from storecore.backend import Kind, LocalBackend
 from storecore.ids import digest_all
 
@@ -49,3 +50,25 @@ def test_a_whole_round_added_at_once_still_makes_packs_of_the_stores_size(
     sizes = [p.size for p in b.finish().packs.packs]
     b.close()
     assert len(sizes) >= 5 and max(sizes) < 2 * pack + (64 << 10), sizes
+
+
+def test_pieces_end_where_the_open_pack_fills_so_packs_overshoot_by_less_than_a_chunk(
+    tmp_path: Path,
+) -> None:
+    """GenerationPacks.add cuts a batch into pieces at the chunk that fills the open
+    pack: every pack but the last holds at least the pack size of blobs and less than
+    that plus its last chunk, whatever the pieces' limit (PIECE) is."""
+    pack = 1 << 20
+    store = DirectStore(LocalBackend(tmp_path), "n1", "id", "loc", "job", pack, None)
+    rng = np.random.default_rng(4)
+    sizes = (rng.integers(1, 65, size=300) * 4096).tolist()  # 4-256 KiB, ~38 MiB
+    chunks = [rng.bytes(n) for n in sizes]
+    b = PackBuilder(store, "j", 1)
+    b.add(digest_all(chunks), chunks)
+    names = [p.name for p in b.finish().packs.packs]
+    b.close()
+    backend = LocalBackend(tmp_path)
+    blob_bytes = sorted((packs.read_contents(backend, n).blob_bytes for n in names), reverse=True)
+    assert sum(blob_bytes) == sum(sizes)
+    for got in blob_bytes[:-1]:  # the last holds what was left
+        assert pack - packs.HEADER_BYTES <= got < pack + max(sizes), blob_bytes
