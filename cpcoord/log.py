@@ -36,8 +36,25 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted. A handler bound to
+    the stream of the moment outlived it when a CLI command ran in-process (tests, an
+    embedding program): a daemon thread that logged later hit a closed file."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:  # setStream and StreamHandler's own __init__
+        pass
+
+
 def setup(level: str = "warning") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
