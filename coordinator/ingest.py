@@ -236,9 +236,7 @@ class Receiver:
         self.packs = 0
 
     @classmethod
-    def open(
-        cls, engine: EngineView, header: common_pb2.PagesHeader, caller: str = ""
-    ) -> Receiver:
+    def open(cls, engine: EngineView, header: common_pb2.PagesHeader, caller: str = "") -> Receiver:
         """`caller`: the agent certificate's node: an agent uploads (and reports packs
         under a node's prefix) only as itself."""
         check_name(header.node)

@@ -55,7 +55,6 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-
 @dataclass
 class Daemon:
     name: str

@@ -139,7 +139,9 @@ class CachedPacks:
             parts = [
                 as_id_array(p.ids)
                 for p in self.packs.values()
-                if p.node == node and p.namespace == namespace and not p.drained
+                if p.node == node
+                and p.namespace == namespace
+                and not p.drained
                 and p.cache_id != OWNER_LOST
             ]
             got = unique_ids(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
@@ -193,7 +195,9 @@ class CachedPacks:
         return {
             p.name
             for p in self.packs.values()
-            if p.node in want and p.namespace == namespace and not p.drained
+            if p.node in want
+            and p.namespace == namespace
+            and not p.drained
             and p.cache_id != OWNER_LOST
         }
 
@@ -229,9 +233,7 @@ class CachedPacks:
 
     # -- drain -------------------------------------------------------------------------
 
-    def drain_items(
-        self, node: str, taken_over: bool = False
-    ) -> list[tuple[str, int, list[str]]]:
+    def drain_items(self, node: str, taken_over: bool = False) -> list[tuple[str, int, list[str]]]:
         """(job, generation, pack names) of `node`'s undrained packs, oldest first; with
         `taken_over`, also the packs of owners that lost them whose copy `node` drains."""
         out: dict[GenKey, list[str]] = {}
@@ -264,9 +266,7 @@ class CachedPacks:
                 "job_id = (SELECT id FROM jobs WHERE name = ?)",
                 (Level.STORE.value, gen, Level.STORE.value, job),
             )
-            db.execute(
-                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
-            )
+            db.execute("DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen))
         db.execute(
             "DELETE FROM cached_packs WHERE drained = 1 AND name NOT IN "
             "(SELECT pack FROM generation_packs)"
@@ -307,9 +307,7 @@ class CachedPacks:
         self._prune_copies(db)
         self._ids.clear()
 
-    def lose(
-        self, db: sqlite3.Connection, node: str, cache_id: str | None, why: str = ""
-    ) -> Lost:
+    def lose(self, db: sqlite3.Connection, node: str, cache_id: str | None, why: str = "") -> Lost:
         """`node` came back with another cache (Hello.cache_id), or an operator forgot
         the node (`cache_id` None: every cache of it): what those caches held is gone.
         Partner copies it held are dropped (`copies`; the level rule may lower
@@ -326,9 +324,7 @@ class CachedPacks:
             if (p := self.packs.get(n)) and not p.drained and self.drains_for(p, h)
             and len(self.copies[n]) > 1
         }  # fmt: skip
-        db.executemany(
-            "DELETE FROM partner_copies WHERE pack = ? AND holder = ?", dropped
-        )
+        db.executemany("DELETE FROM partner_copies WHERE pack = ? AND holder = ?", dropped)
         for n, h in dropped:
             self.copies[n].pop(h, None)
             if not self.copies[n]:
@@ -358,9 +354,7 @@ class CachedPacks:
         why = why or f"the node cache of {node} was lost before these packs drained"
         db.executemany("DELETE FROM cached_packs WHERE name = ?", [(n,) for n in gone])
         for job, gen in keys:
-            db.execute(
-                "DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen)
-            )
+            db.execute("DELETE FROM generation_packs WHERE job = ? AND generation = ?", (job, gen))
             db.execute(
                 "INSERT OR REPLACE INTO lost_generations (job, generation, reason) "
                 "VALUES (?, ?, ?)",

@@ -35,6 +35,7 @@ from cpcoord.errors import GenerationStateError, NoSuchGeneration, StoreError, S
 
 __all__ = ["Catalog", "GenerationInfo", "Level", "MemberInfo", "Sizes", "State"]
 
+
 class Catalog:
     """SQLite catalog (see the module docstring)."""
 

@@ -65,9 +65,7 @@ def take_cached(
     return chunks, nbytes
 
 
-def cached_present(
-    cached: CachedPacks, g: InFlight, node: str, ids: IdArray
-) -> np.ndarray:
+def cached_present(cached: CachedPacks, g: InFlight, node: str, ids: IdArray) -> np.ndarray:
     """Which ids `node` holds in its cache for `g` (its own cached packs of this
     generation, or undrained ones of earlier generations); marks the node a dependency."""
     mine = [as_id_array(p.ids) for p in g.cached if p.node == node]

@@ -258,9 +258,7 @@ class Index:
     def packs(self) -> dict[int, PackInfo]:
         return {i: p for i, p in enumerate(self._packs) if p is not None}
 
-    def add_pack(
-        self, pack_id: bytes, size: int, contents: PackContents, name: str = ""
-    ) -> int:
+    def add_pack(self, pack_id: bytes, size: int, contents: PackContents, name: str = "") -> int:
         """Register a pack and index its entries (ids already indexed keep their place).
         Returns the number of newly indexed chunks. A known pack is not registered twice,
         but its entries are offered again: a pack stored anew with the same bytes (the

@@ -258,9 +258,7 @@ def verify(
     return as_id_array(good), [(n, as_id_array(b)) for n, b in bad.items()]
 
 
-def settle(
-    repo: StoreParts, namespace: str, good: IdArray, bad: list[tuple[str, IdArray]]
-) -> None:
+def settle(repo: StoreParts, namespace: str, good: IdArray, bad: list[tuple[str, IdArray]]) -> None:
     """Record a verification (caller holds the lock): good ids are trusted from now on;
     bad ones leave the index (other copies in packs of generations in flight take
     their place) and mark their pack lying and its generation in flight bad."""

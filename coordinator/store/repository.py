@@ -202,9 +202,7 @@ class Repository(Closing):
         log_event(log, logging.INFO, "generation begun", job=job, generation=n, parent=parent)
         return n
 
-    def missing(
-        self, job: str, generation: int, ids: Any, node: str | None = None
-    ) -> IdArray:
+    def missing(self, job: str, generation: int, ids: Any, node: str | None = None) -> IdArray:
         """The ids (sorted, unique, ZERO excluded) the store lacks in the generation's
         namespace, for `node` (None: the coordinator); the ones it has are claimed for
         the generation (ingest.py)."""
@@ -231,9 +229,7 @@ class Repository(Closing):
         c, b = nodepacks.take(self, g, node, [r for r in reports if not r.cached])
         return c + got[0], b + got[1]
 
-    def take_drained(
-        self, node: str, reports: Sequence[nodepacks.Report]
-    ) -> list[GenerationInfo]:
+    def take_drained(self, node: str, reports: Sequence[nodepacks.Report]) -> list[GenerationInfo]:
         """Cached packs `node` drained into the store: checked and indexed; the
         generations that rose to `store` (drain.py)."""
         return drain.take_drained(self, self.cached, node, reports)

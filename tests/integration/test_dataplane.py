@@ -72,9 +72,7 @@ def test_direct_path_puts_packs_under_each_node_and_exports_exactly(
 def test_coordinator_path_still_commits_exactly(
     cluster_factory: Callable[..., Cluster], target_factory: Callable[..., Target], tmp_path: Path
 ) -> None:
-    c = cluster_factory(
-        nodes=("node-a",), agent_args={"node-a": ("--data-path", "coordinator")}
-    )
+    c = cluster_factory(nodes=("node-a",), agent_args={"node-a": ("--data-path", "coordinator")})
     t = target_factory(maps=["data:128:anon:random:9"])
     attach(c, "dp", "a", t, "node-a")
     r = c.cli_json("checkpoint", "--job", "dp")

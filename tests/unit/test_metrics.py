@@ -291,8 +291,11 @@ def families(engine: Engine) -> list[Any]:
     am.restore_read_bytes.labels("direct").inc()
     am.observe(  # an agent with --cache: its cache gauges and drain counters
         SimpleNamespace(  # type: ignore[arg-type]
-            is_connected=lambda: True, members_held=lambda: 0, members_frozen=lambda: 0,
-            cache_stats=lambda: (4096, 1, 8192, 0), partner_stats=lambda: (2048, 4096, 1),
+            is_connected=lambda: True,
+            members_held=lambda: 0,
+            members_frozen=lambda: 0,
+            cache_stats=lambda: (4096, 1, 8192, 0),
+            partner_stats=lambda: (2048, 4096, 1),
         )
     )
     levels.STATS.add("n1", 4096, True)  # the coordinator's drain counters, labelled by node
