@@ -12,8 +12,8 @@ Held against the raw write of the same bytes (one writer), it says how close to 
 write any checkpoint with chunk ids computed before the commit can come on this machine.
 
 In a directory in memory (tmpfs: a node cache) each file is written full of zeros before
-the start and then written over, as the cache's spare files are (nodeagent/cache/
-spares.py): the first touch of fresh memory in this VM is slow and varies (a floor of
+the start, by the cache's own `spares.touch`, and then written over, as the cache's
+spare files are: the first touch of fresh memory in this VM is slow and varies (a floor of
 fresh pages ranged 0.42-0.75 s between runs), and the cache does not pay it either.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Stats, vm_copy
+from nodeagent.cache import spares
 from nodeagent.proc.staging import Staging
 from storecore.directio import in_memory
 from storecore.ids import digest_all
@@ -41,10 +42,12 @@ def _one(
 ) -> None:  # fmt: skip
     buf = Staging(size)
     spare = in_memory(path.parent)
-    if spare:  # pages allocated before the start, as the cache's spares (docstring)
-        with open(path, "wb") as f:
-            for _ in range(0, size, 1 << 20):
-                f.write(bytes(1 << 20))
+    if spare:  # pages written before the start, as the cache writes its spares
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            spares.touch(fd, size)
+        finally:
+            os.close(fd)
     ready.put(os.getpid())
     go.wait()
     vm_copy("process_vm_readv", pid, np.array([[addr, size]], dtype=np.uint64), buf.address)

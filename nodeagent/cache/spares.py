@@ -14,7 +14,7 @@ yet (or took back after the guest freed it) costs a host fault at its first touc
 put's copy then ran at ~0.35 GB/s instead of ~2.5 (0.19 against 0.03 CPU s per 64 MiB
 pack, on whichever agent drew such pages: one of two agents, in most runs), and
 `--wait local` took 1.1-1.8 s instead of 0.75-0.96. Zeros cost ~40 ms of kernel copy per
-spare (written twice: `_touch`), at the fill thread's priority.
+spare (written twice: `touch`), at the fill thread's priority.
 
 How many: enough for the biggest member prepared on this node (`want`), filled when a
 member is prepared and again after each generation ends, never past the room the cache
@@ -119,7 +119,7 @@ class Spares:
                     return
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 try:
-                    _touch(fd, size)
+                    touch(fd, size)
                 finally:
                     os.close(fd)
                 with self._lock:
@@ -155,7 +155,7 @@ class Spares:
 _ZERO = bytes(1 << 20)
 
 
-def _touch(fd: int, size: int) -> None:
+def touch(fd: int, size: int) -> None:
     """Write `size` zero bytes at the start of `fd`, twice: every page allocated and
     touched (module docstring: not posix_fallocate), then written again, which moves it
     to the kernel's active list. A tmpfs page written once is marked referenced, and the
