@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +23,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cpcoord.errors import DataCorrupted, InvalidArgument
+
+if TYPE_CHECKING:
+    from storecore.backend import Buffer
 
 ENV_KEY = "CPCOORD_STORE_KEY"
 NONCE = 12
@@ -63,7 +67,7 @@ class Sealer:
             out.append(nonce + aes.encrypt(nonce, bytes(blob), ad + cid))
         return out
 
-    def open_chunk(self, namespace: str, chunk_id: bytes, blob: bytes, where: str) -> bytes:
+    def open_chunk(self, namespace: str, chunk_id: bytes, blob: Buffer, where: str) -> bytes:
         aes = self._key("cpcoord chunks " + namespace)
         try:
             b = bytes(blob)

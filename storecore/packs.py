@@ -62,7 +62,14 @@ import xxhash
 from cpcoord.errors import DataCorrupted, InvalidArgument
 from storecore.arena import Arena
 from storecore.backend import Backend, Buffer, Kind
-from storecore.compress import METHOD_RAW, METHOD_SEALED, METHOD_ZSTD, decode_chunk, immutable
+from storecore.compress import (
+    METHOD_RAW,
+    METHOD_SEALED,
+    METHOD_ZSTD,
+    check_chunk,
+    immutable,
+)
+from storecore.compress import decode_chunk as decode_chunk  # callers read it from here
 from storecore.crypt import Sealer
 from storecore.ids import ID_DTYPE, IdArray, PackId, digest, digest_all
 
@@ -372,26 +379,28 @@ def pack_id_of(data: Buffer) -> PackId:
     return _v2_id(header, blobs, entries["method"].tolist(), [view[start:]])
 
 
-def verify_pack(data: bytes, name: str, sealer: Sealer | None = None) -> PackContents:
+def verify_pack(data: Buffer, name: str, sealer: Sealer | None = None) -> PackContents:
     """Full check of a pack's bytes: its id equals its name, trailer parses, every chunk
     decodes to its id. Returns its contents; DataCorrupted on the first defect."""
     if pack_id_of(data).format() != name.rsplit("/", 1)[-1]:
         raise DataCorrupted("pack", name, "content hash does not match its name")
-    contents = parse_trailer(data, len(data), name)
+    contents = trailer_of(data, name)
     for chunk_id, blob, e in iter_blobs(data, contents.entries):
-        decode_chunk(
+        check_chunk(
             int(e["method"]), blob, int(e["raw"]), chunk_id, name, sealer, contents.namespace
         )
     return contents
 
 
-def iter_blobs(data: bytes, entries: Entries) -> list[tuple[bytes, bytes, np.void]]:
-    """(id, stored bytes, entry) of each entry, sliced from a whole pack's bytes."""
+def iter_blobs(data: Buffer, entries: Entries) -> list[tuple[bytes, memoryview, np.void]]:
+    """(id, stored bytes, entry) of each entry: views of a whole pack's bytes (a slice
+    of `bytes` is a copy, the whole pack again)."""
+    view = memoryview(data).cast("B")
     raw_ids = np.ascontiguousarray(entries["id"]).tobytes()
     out = []
     for i, e in enumerate(entries):
         off, st = int(e["offset"]), int(e["stored"])
-        out.append((raw_ids[32 * i : 32 * i + 32], data[off : off + st], e))
+        out.append((raw_ids[32 * i : 32 * i + 32], view[off : off + st], e))
     return out
 
 

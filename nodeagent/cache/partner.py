@@ -67,18 +67,19 @@ class PartnerStore:
         with self._lock:
             return [n for n in names if n not in self._sizes]
 
-    def put(self, sender: str, name: str, data: bytes, sealer: Sealer | None) -> None:
+    def put(self, sender: str, name: str, data: Buffer, sealer: Sealer | None) -> None:
         """Check a pack in full, then write it durably; InvalidArgument or
         DataCorrupted for a bad pack, ResourceExhausted when it does not fit."""
         check_pack_name(sender, name)
+        nbytes = memoryview(data).nbytes
         packs.verify_pack(data, name, sealer)
         used = self._used()  # before our lock: the cache's lock is never taken inside it
         with self._lock:
             if name in self._sizes:
                 return
-            if self.size and used + sum(self._sizes.values()) + len(data) > self.size:
-                raise PartnerFull(name, len(data))
-            self._sizes[name] = len(data)
+            if self.size and used + sum(self._sizes.values()) + nbytes > self.size:
+                raise PartnerFull(name, nbytes)
+            self._sizes[name] = nbytes
         try:
             self.backend(sender).put(Kind.PACKS, name, data)
         except BaseException:

@@ -28,6 +28,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from cpcoord.errors import ObjectNotFound
@@ -274,11 +275,12 @@ class TieredBackend:
         pass
 
 
-def read_cached(cache: NodeCache, name: str) -> bytes:
-    """A cached pack's bytes (ObjectNotFound when the cache lost it)."""
+def mapped_cached(cache: NodeCache, name: str) -> AbstractContextManager[memoryview]:
+    """A cached pack's bytes, mapped (ObjectNotFound when the cache lost it; the mapping
+    keeps its pages if it is evicted meanwhile)."""
     if not cache.has(name):
         raise ObjectNotFound("packs", name)
-    return cache.backend.get(Kind.PACKS, name)
+    return cache.backend.mapped(Kind.PACKS, name)
 
 
 def _cache_id(root: Path) -> str:

@@ -74,27 +74,36 @@ class PartnerServicer(agent_pb2_grpc.PartnerCacheServicer):
         for name in g.packs:
             check_pack_name(g.sender, name)
         want = set(g.packs)
-        name, size, buf = "", 0, bytearray()
+        # A pack's pieces are copied into one buffer, reused for the call's packs (a
+        # bytearray grown piece by piece was reallocated and copied again and again,
+        # and fresh pages are zeroed by the kernel first); the check and the write read
+        # it in place, and the write returns before the next pack's pieces arrive.
+        name, size, got, room = "", 0, 0, bytearray()
+        buf = memoryview(room)
         for msg in it:
             body = msg.WhichOneof("body")
             if body == "pack":
                 if name:
-                    raise InvalidArgument(f"Put: pack {name} ended after {len(buf)} bytes")
+                    raise InvalidArgument(f"Put: pack {name} ended after {got} bytes")
                 name, size = msg.pack.name, msg.pack.size
                 if name not in want or not 0 < size <= MAX_PACK_BYTES:
                     raise InvalidArgument(f"Put: pack {name!r} of {size} bytes not expected")
-                buf = bytearray()
+                if size > len(room):
+                    room = bytearray(size)
+                got, buf = 0, memoryview(room)[:size]
             elif body == "data":
-                if not name or len(buf) + len(msg.data) > size:
+                piece = msg.data
+                if not name or got + len(piece) > size:
                     raise InvalidArgument("Put: bytes outside a pack")
-                buf += msg.data
+                buf[got : got + len(piece)] = piece
+                got += len(piece)
             else:
                 raise InvalidArgument("Put: a second PartnerGeneration")
-            if name and len(buf) == size:
-                self.store.put(g.sender, name, bytes(buf), self.sealer())
-                name, buf = "", bytearray()
+            if name and got == size:
+                self.store.put(g.sender, name, buf, self.sealer())
+                name, got = "", 0
         if name:
-            raise InvalidArgument(f"Put: pack {name} ended after {len(buf)} bytes")
+            raise InvalidArgument(f"Put: pack {name} ended after {got} bytes")
         held = [n for n in g.packs if self.store.has(n)]
         if held:
             self.report(

@@ -105,6 +105,35 @@ def test_lacks_put_checks_writes_durably_and_reports(tmp_path: Path) -> None:
         h.close()
 
 
+def test_packs_of_one_put_each_arrive_whole_whatever_their_sizes_and_order(
+    tmp_path: Path,
+) -> None:
+    """The holder reuses one receive buffer for a call's packs: a smaller pack after a
+    bigger one must be checked and written at its own size, not with the bigger one's
+    tail, and a damaged pack after good ones is refused while the good ones stay."""
+    h = _Holder(tmp_path / "cache")
+    try:
+        stub = h.stub()
+        big, small, mid = _pack(11, n=24), _pack(12, n=3), _pack(13, n=9)
+        assert len(big.data) > len(mid.data) > len(small.data)
+        items = [(_name("node-a", p), p.data) for p in (big, small, mid)]
+        r = _put(stub, "node-a", items)
+        assert list(r.packs) == [n for n, _ in items]
+        for n, data in items:
+            assert h.store.backend("node-a").get(Kind.PACKS, n) == data
+        late, bad_one = _pack(14, n=2), _pack(15, n=2)
+        damaged = bytearray(bad_one.data)
+        damaged[-200] ^= 1
+        nl, nbad = _name("node-a", late), _name("node-a", bad_one)
+        with pytest.raises(grpc.RpcError) as e:
+            _put(stub, "node-a", [(nl, late.data), (nbad, bytes(damaged))])
+        assert e.value.code() is grpc.StatusCode.DATA_LOSS, e.value
+        assert h.store.backend("node-a").get(Kind.PACKS, nl) == late.data
+        assert not h.store.has(nbad)
+    finally:
+        h.close()
+
+
 def test_a_bad_pack_or_a_foreign_name_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     h = _Holder(tmp_path / "cache")
     try:
