@@ -38,7 +38,7 @@ import numpy.typing as npt
 from cpcoord.errors import ChunkMismatch, DataCorrupted, InvalidArgument, ObjectNotFound
 from cpcoord.log import log_event
 from storecore import packs
-from storecore.backend import Kind
+from storecore.backend import Kind, LocalBackend
 from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of, sort_ids, unique_ids
 from storecore.names import node_of, node_prefix, pack_id
 
@@ -157,12 +157,17 @@ def _ends(rows: packs.Entries) -> npt.NDArray[np.uint64]:
 
 
 def take(repo: StoreParts, g: InFlight, node: str, reports: Sequence[Report]) -> tuple[int, int]:
-    """Check reports (outside the lock, several packs at once) and index them for `g`;
-    (chunks, bytes)."""
+    """Check reports (outside the lock; on a remote store several packs at once) and
+    index them for `g`; (chunks, bytes)."""
     with repo.lock:
         known = {t.name for t in g.packs}  # several members' streams report one pack
     fresh = [r for r in {r.name: r for r in reports}.values() if r.name not in known]
-    if len(fresh) > 1:  # the reads of several packs overlap (a stream's last report)
+    # On S3 the reads of several packs overlap (a stream's last report) on the pool. A
+    # directory's reads take well under a millisecond, and handing them to threads cost
+    # more CPU than it saved: the coordinator's threads took 0.092-0.104 CPU s per full
+    # checkpoint of 1 GiB inline against 0.106-0.115 with the pool (4 interleaved pairs of
+    # runs, every pair lower inline; 15-40% fewer context switches).
+    if len(fresh) > 1 and not isinstance(repo.backend, LocalBackend):
         taken = list(_pool().map(lambda r: check(repo, node, g.namespace, r), fresh))
     else:
         taken = [check(repo, node, g.namespace, r) for r in fresh]
