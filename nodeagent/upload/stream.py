@@ -10,7 +10,7 @@ the delivered runs and `all_pages` = every page present at the cut, so the coord
 drops pages that vanished), then batches of one region's entries, ascending. Batches aim
 at a few MiB of chunk data (gRPC Python moves MiB messages several times faster than tens
 of MiB) and never exceed `max_message_bytes` or `max_batch_entries`. Consecutive batches,
-of any regions, are grouped into *rounds* (16 MiB, then doubling up to 256 MiB: the
+of any regions, are grouped into *rounds* (16 MiB, then four times the last up to 256 MiB: the
 first is hashed before anything else starts, the rest keep the calls few; on the direct
 path a round's batches of one region are one message): one `MissingChunks` per round
 asks about its new ids (not yet seen in this stream), and only missing chunks travel,
@@ -104,7 +104,7 @@ class Limits:
     # gRPC Python moves ~1 MiB messages 3-8x faster than tens of MiB: batches aim at
     # this, while MissingChunks is asked once per window of batches.
     batch_bytes: int = 4 << 20
-    # Rounds start at first_window_bytes and double up to window_bytes (plan.rounds):
+    # Rounds start at first_window_bytes and grow up to window_bytes (plan.rounds):
     # each round costs the coordinator a MissingChunks call and, on the direct path, a
     # batch message per region; 64 MiB rounds were 8 of each per 512 MiB member.
     first_window_bytes: int = 16 << 20
@@ -225,7 +225,7 @@ class _Attempt:
 
     def _rounds(self) -> list[list[tuple[int, int]]]:
         """Batches (entry ranges within one region), grouped into rounds of chunk data
-        that start at `first_window_bytes` and double up to `window_bytes` (plan.rounds):
+        that start at `first_window_bytes` and grow up to `window_bytes` (plan.rounds):
         one MissingChunks per round."""
         lim = self.limits
         first = lim.first_window_bytes

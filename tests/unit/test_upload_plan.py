@@ -109,16 +109,16 @@ def test_rounds_group_batches_for_one_missing_chunks_call() -> None:
     assert len(rounds(pz.batches(1 << 20, 65536), pz.chunk_bytes(), 1)) == 1
 
 
-def test_rounds_start_small_and_double_and_direct_batches_merge() -> None:
+def test_rounds_start_small_and_grow_and_direct_batches_merge() -> None:
     pages = np.arange(65536, dtype=np.uint64)  # 256 MiB: 4096 chunks of 64 KiB
     rows = np.ones((65536, PAGE), np.uint8)
     region = StagedRegion("r", 0, 65536 * PAGE, pages, pages, rows)
     p = Plan((region,))
     bs = p.batches(MESSAGE_MARGIN + (16 << 20) + 256 * ENTRY_BYTES, 65536)  # 16 MiB each
-    rs = rounds(bs, p.chunk_bytes(), 64 << 20, 16 << 20)
+    rs = rounds(bs, p.chunk_bytes(), 128 << 20, 16 << 20)
     assert [b for r in rs for b in r] == bs
     sizes = [sum(int(p.e.counts[a:b].sum()) for a, b in r) * PAGE >> 20 for r in rs]
-    assert sizes == [16, 32, 64, 64, 64, 16]
+    assert sizes == [16, 64, 128, 48]  # 16 MiB, four times that, then the cap
     merged = [merge(r, p.rid, 65536) for r in rs]
     assert [len(m) for m in merged] == [1] * len(rs)  # one message per round
     assert [m[0] for m in merged] == [(r[0][0], r[-1][1]) for r in rs]
