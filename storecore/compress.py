@@ -161,7 +161,7 @@ def decode_chunk(
 ) -> bytes:
     """Decrypt (sealed blobs), decompress a blob and check its BLAKE3 against its id;
     DataCorrupted otherwise."""
-    data = _decoded(method, blob, raw_len, chunk_id, where, sealer, namespace)
+    data = check_chunk(method, blob, raw_len, chunk_id, where, sealer, namespace)
     return data if isinstance(data, bytes) else bytes(data)
 
 
@@ -173,21 +173,9 @@ def check_chunk(
     where: str,
     sealer: Sealer | None = None,
     namespace: str = "",
-) -> None:
-    """decode_chunk's check, of a blob that may be a view (a whole pack's checker slices
-    no copies)."""
-    _decoded(method, blob, raw_len, chunk_id, where, sealer, namespace)
-
-
-def _decoded(
-    method: int,
-    blob: Buffer,
-    raw_len: int,
-    chunk_id: bytes,
-    where: str,
-    sealer: Sealer | None,
-    namespace: str,
 ) -> Buffer:
+    """decode_chunk of a blob that may be a view, whose plain bytes come back as they
+    are (a raw blob: the view itself), so that a whole pack's check slices no copies."""
     if method & METHOD_SEALED:
         if sealer is None:
             raise DataCorrupted("chunk", chunk_id.hex(), f"in {where}: encrypted, no store key")

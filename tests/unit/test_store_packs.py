@@ -122,6 +122,39 @@ def test_any_bit_flip_or_truncation_is_detected(chunks: list[bytes], data: st.Da
     assert all(g is None or g == c for g, c in zip(got, chunks, strict=True))
 
 
+@pytest.mark.parametrize("sealed", [False, True])
+def test_verify_pack_checks_a_view_into_a_bigger_buffer_as_it_checks_bytes(sealed: bool) -> None:
+    """A partner holder checks each pack as a view of a receive buffer reused for bigger
+    packs (nodeagent/daemon/partner_server.py): raw, zstd and sealed chunks are checked
+    in place, and a flipped bit in the view is found as in bytes."""
+    from storecore.crypt import Sealer
+
+    rng = np.random.default_rng(5)
+    chunks = [rng.bytes(8192), b"abcd" * 3000, rng.bytes(4096)]  # raw, zstd, raw
+    ids = as_id_array([digest(c) for c in chunks])
+    methods, blobs = compress.compress_batch(chunks, level=1, threads=1)
+    assert sorted(set(methods.tolist())) == [compress.METHOD_RAW, compress.METHOD_ZSTD]
+    sealer = Sealer(os.urandom(32)) if sealed else None
+    if sealer is not None:
+        blobs = sealer.seal_chunks("job:t", [bytes(i) for i in ids], blobs)
+        methods = methods | np.uint8(compress.METHOD_SEALED)
+    w = packs.PackWriter("job:t")
+    w.add(ids, methods, blobs, np.array([len(c) for c in chunks]))
+    sp = w.seal()
+    room = bytearray(len(sp.data) + 5000)  # a bigger pack's buffer, reused
+    room[: len(sp.data)] = sp.data
+    view = memoryview(room)[: len(sp.data)]
+    contents = packs.verify_pack(view, sp.id.format(), sealer)
+    assert contents.entries["id"].tobytes() == ids.tobytes()
+    with pytest.raises(DataCorrupted):  # the tail beyond the view is no part of it
+        packs.verify_pack(memoryview(room), sp.id.format(), sealer)
+    for at in (packs.HEADER_BYTES + 100, packs.HEADER_BYTES + 8192 + 10, len(sp.data) - 300):
+        room[at] ^= 1
+        with pytest.raises(DataCorrupted):
+            packs.verify_pack(view, sp.id.format(), sealer)
+        room[at] ^= 1
+
+
 def test_trailer_from_backend_reads_only_the_tail(tmp_path: Path) -> None:
     sealed = make_pack([os.urandom(70000), b"x" * 9000])
     b = LocalBackend(tmp_path)
