@@ -30,11 +30,13 @@ LocalBackend: one directory; packs fan out into 256 subdirectories by the first 
 digits, except packs named under a node's prefix (`nodes/NODE/ID`, names.py), which live
 at that path. put writes a temp file (`.tmp-*`, owner-only 0600) in the target directory,
 fsyncs it, renames it over the name, and fsyncs the directory; directories are 0700.
-Its `gathers` is True when the directory is in memory (tmpfs: a node cache): put_parts
-then writes the parts as they are (writev), so a writer may hand it views of its own
-buffers rather than copy them first (storecore/writer.py, borrowed blobs). Its optional
-`spares` hands put_parts a preallocated file to write a pack over (a node cache on
-tmpfs: nodeagent/cache/spares.py); the file is cut to the pack's size before its fsync.
+Its `remote` is True on a shared file system (NFS, CephFS, Lustre, ...: directio.py's
+NETWORK_FS), as S3's always is. Its `gathers` is True when the directory is in memory
+(tmpfs: a node cache): put_parts then writes the parts as they are (writev), so a writer
+may hand it views of its own buffers rather than copy them first (storecore/writer.py,
+borrowed blobs). Its optional `spares` hands put_parts a preallocated file to write a
+pack over (a node cache on tmpfs: nodeagent/cache/spares.py); the file is cut to the
+pack's size before its fsync.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from typing import Protocol
 
 from cpcoord.errors import DataCorrupted, InvalidArgument, ObjectNotFound, StoreError
 from cpcoord.faults import fault_point
-from storecore.directio import in_memory, write_parts
+from storecore.directio import in_memory, on_network, write_parts
 from storecore.names import NODES
 
 Buffer = bytes | bytearray | memoryview
@@ -118,6 +120,13 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    @property
+    def remote(self) -> bool:
+        """Whether a read waits on a network (S3, a shared file system): callers with
+        several reads to make overlap them on threads; on a local disk the hand-offs
+        cost more CPU than the overlap saves (coordinator/store/nodepacks.py)."""
+        ...
+
 
 class MappedBackend(Backend, Protocol):
     """A backend whose objects are files that can be mapped (a directory)."""
@@ -175,6 +184,7 @@ class LocalBackend:
         except OSError as e:
             raise StoreError(f"cannot open {self.root}: {_why(e)}") from e
         self.gathers = in_memory(self.root)  # module docstring
+        self.remote = on_network(self.root)
         self.spares: SpareFiles | None = None
 
     @property

@@ -53,6 +53,13 @@ BOUNCE = 8 << 20
 _local = threading.local()
 # statfs(2) f_type of file systems whose files are memory (linux/magic.h).
 MEMORY_FS = frozenset({0x01021994, 0x858458F6})  # TMPFS_MAGIC, RAMFS_MAGIC
+# statfs f_type of file systems whose reads cross a network (linux/magic.h and the file
+# systems' own sources): NFS, SMB2, CIFS, CephFS, Lustre, GPFS, BeeGFS, AFS, 9p, FUSE
+# (sshfs, s3fs and the like; a local FUSE file system is taken as remote too).
+NETWORK_FS = frozenset({
+    0x6969, 0xFE534D42, 0xFF534D42, 0x00C36400, 0x0BD00BD0, 0x47504653, 0x19830326,
+    0x6B414653, 0x01021997, 0x65735546,
+})  # fmt: skip
 IOV_MAX = 1024
 _B = TypeVar("_B", memoryview, list[memoryview])
 
@@ -72,6 +79,15 @@ def in_memory(path: Path | str) -> bool:
     if _libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
         return False
     return (buf.f_type & 0xFFFFFFFF) in MEMORY_FS
+
+
+def on_network(path: Path | str) -> bool:
+    """Whether files under `path` (an existing directory) are read over a network (a
+    shared file system: NETWORK_FS); False when that cannot be told."""
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) in NETWORK_FS
 
 
 def _bounce() -> mmap.mmap:

@@ -65,6 +65,8 @@ def _why(e: Exception) -> str:
 class S3Backend:
     """Objects in an S3 bucket under a key prefix (see the module docstring)."""
 
+    remote = True  # every request crosses the network (Backend.remote)
+
     def __init__(
         self,
         bucket: str,

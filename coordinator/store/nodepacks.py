@@ -38,7 +38,7 @@ import numpy.typing as npt
 from cpcoord.errors import ChunkMismatch, DataCorrupted, InvalidArgument, ObjectNotFound
 from cpcoord.log import log_event
 from storecore import packs
-from storecore.backend import Kind, LocalBackend
+from storecore.backend import Kind
 from storecore.ids import ID_DTYPE, IdArray, as_id_array, member_of, sort_ids, unique_ids
 from storecore.names import node_of, node_prefix, pack_id
 
@@ -162,12 +162,12 @@ def take(repo: StoreParts, g: InFlight, node: str, reports: Sequence[Report]) ->
     with repo.lock:
         known = {t.name for t in g.packs}  # several members' streams report one pack
     fresh = [r for r in {r.name: r for r in reports}.values() if r.name not in known]
-    # On S3 the reads of several packs overlap (a stream's last report) on the pool. A
-    # directory's reads take well under a millisecond, and handing them to threads cost
-    # more CPU than it saved: the coordinator's threads took 0.092-0.104 CPU s per full
-    # checkpoint of 1 GiB inline against 0.106-0.115 with the pool (4 interleaved pairs of
-    # runs, every pair lower inline; 15-40% fewer context switches).
-    if len(fresh) > 1 and not isinstance(repo.backend, LocalBackend):
+    # Where reads cross a network (S3, a shared file system) the reads of several packs
+    # overlap (a stream's last report) on the pool. On a local directory handing them to
+    # threads cost more CPU than it saved: the coordinator's threads took 0.092-0.104 CPU
+    # s per full checkpoint of 1 GiB inline against 0.106-0.115 with the pool (4
+    # interleaved pairs of runs, every pair lower inline; 15-40% fewer context switches).
+    if len(fresh) > 1 and repo.backend.remote:
         taken = list(_pool().map(lambda r: check(repo, node, g.namespace, r), fresh))
     else:
         taken = [check(repo, node, g.namespace, r) for r in fresh]

@@ -128,6 +128,10 @@ class CacheView:
     def source(self) -> str:
         return self.own.source
 
+    @property
+    def remote(self) -> bool:
+        return self.own.remote  # the partner copies are on the same file system
+
     def get(self, kind: Kind, name: str) -> bytes:
         return self._pick(name).get(kind, name)
 

@@ -230,6 +230,10 @@ class TieredBackend:
     def source(self) -> str:
         return self.store.source
 
+    @property
+    def remote(self) -> bool:
+        return self.store.remote
+
     def put_parts(self, kind: Kind, name: str, parts: Sequence[Buffer]) -> None:
         n = sum(len(p) for p in parts)
         if kind is Kind.PACKS and self.cache.reserve(self.job, self.generation, name, n):

@@ -222,3 +222,24 @@ def test_whole_page_parts_go_to_disk_with_o_direct_as_they_lie(
     packs.verify_pack(got, sealed.id.format())
     whole = len(chunks) if compressed_at is None else compressed_at  # blobs before it
     assert sum(direct) == packs.HEADER_BYTES + whole * 65536
+
+
+def test_a_directory_is_remote_only_on_a_shared_file_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`remote` (reads worth overlapping on threads: coordinator/store/nodepacks.py) comes
+    from the file system's statfs type: a local disk or tmpfs is not remote; a type in
+    NETWORK_FS is (shown by putting this directory's own type there: no NFS server)."""
+    import ctypes
+
+    from storecore.backend import LocalBackend
+    from storecore.s3 import S3Backend
+
+    assert not directio.on_network(tmp_path) and not LocalBackend(tmp_path / "a").remote
+    assert not directio.on_network("/dev/shm")
+    assert not directio.on_network(tmp_path / "does-not-exist")
+    buf = directio._Statfs()
+    assert directio._libc.statfs(os.fsencode(str(tmp_path)), ctypes.byref(buf)) == 0
+    monkeypatch.setattr(directio, "NETWORK_FS", frozenset({buf.f_type & 0xFFFFFFFF}))
+    assert directio.on_network(tmp_path) and LocalBackend(tmp_path / "b").remote
+    assert S3Backend.remote  # every S3 request crosses the network
