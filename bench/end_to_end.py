@@ -126,6 +126,9 @@ def raw_disk(total: int, reps: int, tmp: Path) -> Stats:
         shutil.rmtree(tmp / "raw-disk", ignore_errors=True)
 
 
+_CPUCLOCK_SCHED = 2  # include/linux/posix-timers.h: the scheduler's runtime, in ns
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU seconds a process has used so far, all its threads (ended ones too), to the
     nanosecond: its process CPU clock (clock_getcpuclockid(3): CPUCLOCK_SCHED of the
@@ -137,9 +140,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:  # a kernel without per-process CPU clocks, or the process ended
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-_CPUCLOCK_SCHED = 2  # include/linux/posix-timers.h: the scheduler's runtime, in ns
 
 
 # -- cpcoord ------------------------------------------------------------------------------

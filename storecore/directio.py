@@ -72,22 +72,25 @@ class _Statfs(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)  # this process's C library
 
 
+def fs_type(path: Path | str) -> int | None:
+    """statfs(2) f_type of the file system holding `path`, None when that cannot be
+    told (no such path)."""
+    buf = _Statfs()
+    if _libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
 def in_memory(path: Path | str) -> bool:
     """Whether files under `path` (an existing directory) live in memory (tmpfs,
     ramfs); False when that cannot be told."""
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
-        return False
-    return (buf.f_type & 0xFFFFFFFF) in MEMORY_FS
+    return fs_type(path) in MEMORY_FS
 
 
 def on_network(path: Path | str) -> bool:
     """Whether files under `path` (an existing directory) are read over a network (a
     shared file system: NETWORK_FS); False when that cannot be told."""
-    buf = _Statfs()
-    if _libc.statfs(os.fsencode(str(path)), ctypes.byref(buf)) != 0:
-        return False
-    return (buf.f_type & 0xFFFFFFFF) in NETWORK_FS
+    return fs_type(path) in NETWORK_FS
 
 
 def _bounce() -> mmap.mmap:

@@ -130,7 +130,7 @@ class CacheView:
 
     @property
     def remote(self) -> bool:
-        return self.own.remote  # the partner copies are on the same file system
+        return self.own.remote  # the partner copies are under the same cache root
 
     def get(self, kind: Kind, name: str) -> bytes:
         return self._pick(name).get(kind, name)

@@ -230,16 +230,14 @@ def test_a_directory_is_remote_only_on_a_shared_file_system(
     """`remote` (reads worth overlapping on threads: coordinator/store/nodepacks.py) comes
     from the file system's statfs type: a local disk or tmpfs is not remote; a type in
     NETWORK_FS is (shown by putting this directory's own type there: no NFS server)."""
-    import ctypes
-
     from storecore.backend import LocalBackend
     from storecore.s3 import S3Backend
 
     assert not directio.on_network(tmp_path) and not LocalBackend(tmp_path / "a").remote
     assert not directio.on_network("/dev/shm")
     assert not directio.on_network(tmp_path / "does-not-exist")
-    buf = directio._Statfs()
-    assert directio._libc.statfs(os.fsencode(str(tmp_path)), ctypes.byref(buf)) == 0
-    monkeypatch.setattr(directio, "NETWORK_FS", frozenset({buf.f_type & 0xFFFFFFFF}))
+    here = directio.fs_type(tmp_path)
+    assert here is not None and directio.fs_type(tmp_path / "does-not-exist") is None
+    monkeypatch.setattr(directio, "NETWORK_FS", frozenset({here}))
     assert directio.on_network(tmp_path) and LocalBackend(tmp_path / "b").remote
     assert S3Backend.remote  # every S3 request crosses the network
